@@ -1,0 +1,38 @@
+# vbd: two entry points, both self-contained on a fresh Debian machine (run as root).
+#   make serve   install packages, build, create ./vbd-data with a 20G volume "vm0", serve NBD on 127.0.0.1:10809
+#   make test    install packages, build, run unit + simulation + real-client integration tests
+STORE ?= $(CURDIR)/vbd-data
+SWIFT_BUILD_FLAGS ?=
+.PHONY: setup build release serve test unit integration sim bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	swift build $(SWIFT_BUILD_FLAGS)
+
+release: setup
+	swift build -c release $(SWIFT_BUILD_FLAGS)
+
+serve: release
+	@test -e "$(STORE)/superblock" || .build/release/vbdtool init --store "$(STORE)"
+	@.build/release/vbdtool info vm0 --store "$(STORE)" >/dev/null 2>&1 || .build/release/vbdtool create vm0 --size 20G --store "$(STORE)"
+	.build/release/vbdtool serve --store "$(STORE)" --listen 127.0.0.1:10809
+
+unit: build
+	swift test $(SWIFT_BUILD_FLAGS)
+
+integration: build
+	bash IntegrationTests/run-all.sh
+
+test: setup
+	bash scripts/test.sh
+
+sim: release
+	.build/release/vbd-sim --seeds 1000
+
+bench: setup
+	cd Benchmarks && swift package --allow-writing-to-package-directory benchmark
+
+clean:
+	rm -rf .build

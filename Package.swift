@@ -1,0 +1,96 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// Dependency direction (no cycles):
+//   VBDCore  <-  VBDCache, VBDStore  <-  VBDSimulation
+//   NBDProtocol (NIOCore + VBDCore)  <-  NBDServer (NIOPosix, NIOSSL)  <-  VBDControl  <-  vbdtool
+let package = Package(
+    name: "vbd",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "vbdtool", targets: ["vbdtool"]),
+        .executable(name: "vbd-sim", targets: ["vbd-sim"]),
+        .library(name: "VBDStore", targets: ["VBDStore"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-atomics.git", from: "1.3.0"),
+    ],
+    targets: [
+        .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
+        .systemLibrary(name: "CXXHash", pkgConfig: "libxxhash", providers: [.apt(["libxxhash-dev"])]),
+        .target(
+            name: "VBDCore",
+            dependencies: ["CLZ4", "CXXHash"]
+        ),
+        .target(
+            name: "VBDCache",
+            dependencies: ["VBDCore", .product(name: "Atomics", package: "swift-atomics")]
+        ),
+        .target(
+            name: "VBDStore",
+            dependencies: ["VBDCore", "VBDCache"]
+        ),
+        .target(
+            name: "VBDSimulation",
+            dependencies: ["VBDCore", "VBDStore"]
+        ),
+        .target(
+            name: "NBDProtocol",
+            dependencies: ["VBDCore", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+        .target(
+            name: "NBDServer",
+            dependencies: [
+                "VBDCore", "NBDProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "VBDControl",
+            dependencies: [
+                "VBDCore", "VBDStore", "VBDCache", "NBDServer",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "vbdtool",
+            dependencies: [
+                "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "vbd-sim",
+            dependencies: [
+                "VBDSimulation",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "VBDCoreTests", dependencies: ["VBDCore"]),
+        .testTarget(name: "VBDCacheTests", dependencies: ["VBDCache", "VBDCore"], resources: [.copy("Traces")]),
+        .testTarget(name: "VBDStoreTests", dependencies: ["VBDStore", "VBDCore", "VBDSimulation"]),
+        .testTarget(name: "VBDSimulationTests", dependencies: ["VBDSimulation", "VBDStore"]),
+        .testTarget(
+            name: "NBDProtocolTests",
+            dependencies: ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio"),
+                           .product(name: "NIOEmbedded", package: "swift-nio")]
+        ),
+        .testTarget(
+            name: "NBDServerTests",
+            dependencies: ["NBDServer", "NBDProtocol", "VBDCore", .product(name: "NIOCore", package: "swift-nio"),
+                           .product(name: "NIOPosix", package: "swift-nio"),
+                           .product(name: "NIOEmbedded", package: "swift-nio")]
+        ),
+    ]
+)

@@ -1,0 +1,1 @@
+// Module NBDProtocol: see docs/ARCHITECTURE.md.

@@ -1,0 +1,1 @@
+// Module NBDServer: see docs/ARCHITECTURE.md.

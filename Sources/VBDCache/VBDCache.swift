@@ -1,0 +1,1 @@
+// Module VBDCache: see docs/ARCHITECTURE.md.

@@ -1,0 +1,1 @@
+// Module VBDControl: see docs/ARCHITECTURE.md.

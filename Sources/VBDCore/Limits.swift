@@ -1,0 +1,40 @@
+/// Every limit in one place, each with its reason (TigerBeetle's constants.zig, sqliteLimit.h).
+public enum Limits {
+    // MARK: Blocks and volumes
+
+    /// Smallest block size: one 512-byte sector, what every client can address.
+    public static let blockBytesMin = 512
+    /// Default block size: the guest page and filesystem block size, so most I/O needs no read-modify-write.
+    public static let blockBytesDefault = 4096
+    /// Largest block size: keeps one block's compression and verification under a millisecond.
+    public static let blockBytesMax = 1 << 20
+    /// Largest volume: 2^50 bytes (1 PiB) keeps block indexes in 40 bits for every block size.
+    public static let volumeBytesMax: UInt64 = 1 << 50
+    /// Longest volume or snapshot name: fits NBD export names and file system paths comfortably.
+    public static let nameBytesMax = 200
+
+    // MARK: Store
+
+    /// Data file allocation unit: compressed blocks are packed at this granularity.
+    public static let sectorBytes = 512
+    /// Unflushed journal records held in memory before an implicit flush (bounded memory).
+    public static let pendingJournalBytesMax = 4 << 20
+    /// Journal size at which the store writes a checkpoint and starts a new journal (bounds recovery time).
+    public static let journalBytesCheckpoint: UInt64 = 256 << 20
+
+    // MARK: NBD (doc/proto.md; nbdkit's limits where the spec leaves it open)
+
+    /// Largest READ/WRITE payload: 32 MiB, as nbdkit and qemu-nbd accept; the spec's advised maximum.
+    public static let nbdRequestBytesMax = 32 << 20
+    /// Requests in flight on one connection: enough for QD64 clients; bounds per-connection memory
+    /// to about `nbdInFlightRequestsMax * nbdRequestBytesMax` in the worst case.
+    public static let nbdInFlightRequestsMax = 64
+    /// Concurrent client connections per server.
+    public static let nbdConnectionsMax = 256
+    /// Options accepted during one handshake (nbdkit allows 32).
+    public static let nbdHandshakeOptionsMax = 32
+    /// Largest option payload: export names are at most 4 KiB by spec, and no option needs more.
+    public static let nbdOptionBytesMax = 64 << 10
+    /// Extents in one BLOCK_STATUS reply: bounds reply size for a huge range.
+    public static let nbdExtentsPerReplyMax = 128 << 10
+}

@@ -1,0 +1,1 @@
+// Module VBDSimulation: see docs/ARCHITECTURE.md.

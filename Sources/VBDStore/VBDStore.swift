@@ -1,0 +1,1 @@
+// Module VBDStore: see docs/ARCHITECTURE.md.

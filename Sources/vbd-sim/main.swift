@@ -1,0 +1,1 @@
+print("vbd-sim: not yet")
