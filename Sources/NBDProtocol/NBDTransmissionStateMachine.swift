@@ -62,6 +62,13 @@ public struct NBDRequestRejection: Error, Sendable, Equatable {
     public var command: NBDCommand?
     public var error: NBDError
     public var message: String
+
+    public init(handle: UInt64, command: NBDCommand?, error: NBDError, message: String) {
+        self.handle = handle
+        self.command = command
+        self.error = error
+        self.message = message
+    }
 }
 
 /// Validates requests and tracks in-flight work for one connection in the transmission phase.
@@ -117,15 +124,26 @@ public struct NBDTransmissionStateMachine: Sendable {
         case .failure(let rejection):
             return .replyError(rejection)
         case .success(nil):
+            return disconnectRequested()
+        case .success(let operation?):
+            inFlight += 1
+            return .execute(operation)
+        }
+    }
+
+    /// NBD_CMD_DISC, or the server shutting down: take no new requests, close once the ones in
+    /// flight have been answered (proto.md, "Terminating the transmission phase").
+    public mutating func disconnectRequested() -> Action {
+        switch state {
+        case .accepting, .draining:
             if inFlight == 0 {
                 state = .closed
                 return .close
             }
             state = .draining
             return .closeWhenIdle
-        case .success(let operation?):
-            inFlight += 1
-            return .execute(operation)
+        case .closed:
+            return .none
         }
     }
 
