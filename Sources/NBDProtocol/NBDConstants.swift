@@ -64,10 +64,12 @@ public enum NBDOptionCode {
     public static let info: UInt32 = 6
     public static let go: UInt32 = 7
     public static let structuredReply: UInt32 = 8
-    public static let listMetaContext: UInt32 = 10
-    public static let setMetaContext: UInt32 = 11
+    /// 9 and 10 as in the current proto.md, libnbd and qemu (an older revision of proto.md listed
+    /// 9 as the withdrawn NBD_OPT_BLOCK_SIZE and 10/11 for the meta context options).
+    public static let listMetaContext: UInt32 = 9
+    public static let setMetaContext: UInt32 = 10
     /// `NBD_OPT_EXTENDED_HEADERS`: not supported (see docs/NBD.md); answered with ERR_UNSUP.
-    public static let extendedHeaders: UInt32 = 12
+    public static let extendedHeaders: UInt32 = 11
 }
 
 /// Option reply types (proto.md, "Option reply types"). Errors have bit 31 set.

@@ -9,9 +9,11 @@ import NIOCore
 //
 // 1. An option whose announced length exceeds `optionBytesMax` is a protocol error (the connection
 //    ends) before a single payload byte is buffered.
-// 2. A WRITE whose announced length exceeds `requestBytesMax` is delivered at once as a request with
-//    `payloadDiscarded`, and its payload is then skipped as it arrives: the connection survives and
-//    the client gets EINVAL, but memory never grows with the announced length.
+// 2. A WRITE whose announced length exceeds `requestBytesMax` has its payload skipped as it arrives
+//    and is delivered, flagged `payloadDiscarded`, once the last payload byte is gone: the connection
+//    survives and the client gets EINVAL, but memory never grows with the announced length. The
+//    request is held back until then because clients (libnbd) only match a reply to a request they
+//    have finished sending: an early reply reads as a reply to an unknown handle.
 // 3. Any other message has a fixed size (4, 16 or 28 bytes).
 //
 //   awaitingClientFlags --4 bytes--> awaitingOptionHeader <--+
@@ -31,7 +33,7 @@ public struct NBDMessageParser: Sendable {
         case awaitingOptionPayload(code: UInt32, length: Int)
         case awaitingRequestHeader
         case awaitingWritePayload(NBDRequest)
-        case discardingPayload(remaining: UInt64)
+        case discardingPayload(NBDRequest, remaining: UInt64)
     }
 
     private var state: State = .awaitingClientFlags
@@ -110,10 +112,10 @@ public struct NBDMessageParser: Sendable {
                 // Only WRITE carries a payload (proto.md, "Request message").
                 guard request.command == .write, request.length > 0 else { return .request(request) }
                 if UInt64(request.length) > UInt64(requestBytesMax) {
-                    state = .discardingPayload(remaining: UInt64(request.length))
                     var discarded = request
                     discarded.payloadDiscarded = true
-                    return .request(discarded)
+                    state = .discardingPayload(discarded, remaining: UInt64(request.length))
+                    continue
                 }
                 state = .awaitingWritePayload(request)
 
@@ -123,15 +125,16 @@ public struct NBDMessageParser: Sendable {
                 state = .awaitingRequestHeader
                 return .request(request)
 
-            case .discardingPayload(let remaining):
+            case .discardingPayload(let request, let remaining):
                 let skip = Int(min(remaining, UInt64(buffer.readableBytes)))
                 buffer.moveReaderIndex(forwardBy: skip)
                 let left = remaining - UInt64(skip)
                 if left > 0 {
-                    state = .discardingPayload(remaining: left)
+                    state = .discardingPayload(request, remaining: left)
                     return nil
                 }
                 state = .awaitingRequestHeader
+                return .request(request)
             }
         }
     }
