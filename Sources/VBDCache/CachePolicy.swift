@@ -18,6 +18,9 @@ public protocol CachePolicy<Value> {
     /// counted, and is returned as nil.
     mutating func lookup<Result>(_ key: UInt64, _ body: (inout Value) -> Result?) -> Result?
 
+    /// Hands the value held for `key` to `body` without counting an access.
+    func peek<Result>(_ key: UInt64, _ body: (Value) -> Result) -> Result?
+
     /// True if `key` is held. Not an access.
     func contains(_ key: UInt64) -> Bool
 

@@ -19,6 +19,11 @@ public struct FIFOPolicy<Value>: CachePolicy {
 
     public func contains(_ key: UInt64) -> Bool { index[key] != nil }
 
+    public func peek<Result>(_ key: UInt64, _ body: (Value) -> Result) -> Result? {
+        guard let slot = index[key] else { return nil }
+        return body(slab[slot].value)
+    }
+
     public mutating func lookup<Result>(_ key: UInt64, _ body: (inout Value) -> Result?) -> Result? {
         guard let slot = index[key] else { return nil }
         return body(&slab[slot].value)
@@ -54,3 +59,4 @@ public struct FIFOPolicy<Value>: CachePolicy {
         return entry.value
     }
 }
+extension FIFOPolicy: Sendable where Value: Sendable {}

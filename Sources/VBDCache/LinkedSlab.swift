@@ -78,3 +78,6 @@ struct LinkedSlab<Payload> {
         precondition(list.count >= 0)
     }
 }
+
+extension LinkedSlab: Sendable where Payload: Sendable {}
+extension LinkedSlab.Node: Sendable where Payload: Sendable {}

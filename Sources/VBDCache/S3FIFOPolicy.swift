@@ -92,6 +92,11 @@ public struct S3FIFOPolicy<Value>: CachePolicy {
 
     public func contains(_ key: UInt64) -> Bool { index[key] != nil }
 
+    public func peek<Result>(_ key: UInt64, _ body: (Value) -> Result) -> Result? {
+        guard let slot = index[key] else { return nil }
+        return body(slab[slot].value)
+    }
+
     public mutating func lookup<Result>(_ key: UInt64, _ body: (inout Value) -> Result?) -> Result? {
         guard let slot = index[key] else { return nil }
         guard let result = body(&slab[slot].value) else { return nil }
@@ -317,3 +322,7 @@ struct GhostQueue {
         return nil
     }
 }
+
+extension S3FIFOPolicy: Sendable where Value: Sendable {}
+extension S3FIFOPolicy.Entry: Sendable where Value: Sendable {}
+extension GhostQueue: Sendable {}
