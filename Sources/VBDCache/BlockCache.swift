@@ -196,6 +196,6 @@ extension BlockCache {
 
     /// Memory of one ghost key (ring slot plus dictionary entry at 3/4 load). The ghost holds at most
     /// one key per 4 KiB of main capacity, so it adds at most `capacityBytes * ghostEntryBytes / 4096`
-    /// (about 1.3%) outside the byte budget.
+    /// (about 1.6%) outside the byte budget.
     public static var ghostEntryBytes: Int { 24 + (8 + 24) * 4 / 3 }
 }

@@ -92,6 +92,9 @@ public struct S3FIFOPolicy<Value>: CachePolicy {
 
     public func contains(_ key: UInt64) -> Bool { index[key] != nil }
 
+    /// True if `key` is remembered in the ghost queue (evicted from S recently, unread).
+    public func ghostContains(_ key: UInt64) -> Bool { ghost.contains(key) }
+
     public func peek<Result>(_ key: UInt64, _ body: (Value) -> Result) -> Result? {
         guard let slot = index[key] else { return nil }
         return body(slab[slot].value)
