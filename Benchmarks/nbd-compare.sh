@@ -26,6 +26,9 @@
 # JOBS (fio job names, default all in a fixed order), OUT (results dir, default a new
 # Benchmarks/results/nbd-compare-<UTC time>), DATASET, VBDTOOL, KEEP=1 keeps the work dir.
 # Output: the table on stdout and in $OUT/table.md, raw fio JSON in $OUT/<server>/<job>.json.
+# Columns: IOPS, p99 latency (submission to completion) and the server's CPU time per I/O (user +
+# system, all threads, over the measured window; for a mixed job counted per read or write alike)
+# per server, then vbd's IOPS divided by each peer's.
 # Bounded: each fio run is killed after runtime+ramp+60 s; every server is stopped on exit.
 set -euo pipefail
 
@@ -77,6 +80,11 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# server_cpu_ticks: user+system clock ticks the server process has used so far (all threads).
+server_cpu_ticks() {
+    awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$server_pid/stat" 2>/dev/null || echo 0
+}
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -167,12 +175,22 @@ for server in $SERVERS; do
         printf '   %-20s' "$job" >&2
         NBD_URI="$uri" FIO_RUNTIME="$FIO_RUNTIME" FIO_RAMP="$FIO_RAMP" \
             timeout $((FIO_RUNTIME + FIO_RAMP + 60)) \
-            fio --output-format=json --output="$OUT/$server/$job.json" "$here/fio/$job.fio" >/dev/null
-        $PY - "$OUT/$server/$job.json" >&2 <<'EOF'
+            fio --output-format=json --output="$OUT/$server/$job.json" "$here/fio/$job.fio" >/dev/null &
+        fio_pid=$!
+        # Server CPU time over the measured window (after the ramp): CPU per I/O is far less
+        # sensitive than IOPS to other load on a shared 2-core machine.
+        sleep "$FIO_RAMP"
+        cpu_start=$(server_cpu_ticks)
+        wait "$fio_pid"
+        cpu_end=$(server_cpu_ticks)
+        echo "$((cpu_end - cpu_start))" > "$OUT/$server/$job.cpu-ticks"
+        $PY - "$OUT/$server/$job.json" "$((cpu_end - cpu_start))" "$(getconf CLK_TCK)" >&2 <<'EOF'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
+ios = sum(j[d]["total_ios"] for d in ("read", "write"))
+cpu_us = int(sys.argv[2]) * 1e6 / int(sys.argv[3]) / ios if ios else 0
 print(" ".join(f"{d} {j[d]['iops']:9.0f} IOPS p99 {j[d]['lat_ns']['percentile']['99.000000'] / 1000:8.0f} us"
-               for d in ("read", "write") if j[d]["io_bytes"] > 0))
+               for d in ("read", "write") if j[d]["io_bytes"] > 0), f"server CPU {cpu_us:6.1f} us/IO")
 EOF
     done
     stop_server
@@ -191,7 +209,12 @@ def result(server, job, direction):
     j = json.load(open(path))["jobs"][0][direction]
     if j["io_bytes"] == 0:
         return None
-    return j["iops"], j["lat_ns"]["percentile"]["99.000000"] / 1000.0, j["bw_bytes"] / (1 << 20)
+    both = json.load(open(path))["jobs"][0]
+    ios = sum(both[d]["total_ios"] for d in ("read", "write"))
+    ticks_path = os.path.join(out, server, job + ".cpu-ticks")
+    ticks = int(open(ticks_path).read()) if os.path.exists(ticks_path) else 0
+    cpu_us = ticks * 1e6 / os.sysconf("SC_CLK_TCK") / ios if ios else 0.0
+    return j["iops"], j["lat_ns"]["percentile"]["99.000000"] / 1000.0, j["bw_bytes"] / (1 << 20), cpu_us
 
 rows = []
 for job in jobs:
@@ -202,7 +225,8 @@ for job in jobs:
         rows.append((f"{job} {direction}", cells))
 
 peers = [s for s in servers if s != "vbd"]
-head = ["workload"] + [f"{s} IOPS" for s in servers] + [f"{s} p99 us" for s in servers]
+head = (["workload"] + [f"{s} IOPS" for s in servers] + [f"{s} p99 us" for s in servers]
+        + [f"{s} CPU us/IO" for s in servers])
 if "vbd" in servers:
     head += [f"vbd/{p} IOPS" for p in peers]
 print("| " + " | ".join(head) + " |")
@@ -215,6 +239,9 @@ for name, cells in rows:
     for s in servers:
         c = cells[s]
         line.append("-" if c is None else f"{c[1]:.0f}")
+    for s in servers:
+        c = cells[s]
+        line.append("-" if c is None else f"{c[3]:.1f}")
     if "vbd" in servers:
         v = cells["vbd"]
         for p in peers:
