@@ -7,10 +7,12 @@
 #   scripts/make-dataset.sh small      # only the small one
 #
 # File selection is deterministic for a given machine: for each source tree, in a fixed order, the
-# regular files smaller than 16 MiB are sorted by path (LC_ALL=C) and taken in that order until the
-# tree's byte budget is spent. The chosen list is written next to the image (*.manifest, with
+# regular files smaller than 16 MiB are sorted by path (LC_ALL=C) and taken first-fit in that order
+# within the tree's byte budget (each tree of a group gets the group's budget). Inode times are
+# pinned, so the same files give a byte-identical image. The chosen list is written next to the image (*.manifest, with
 # sizes) and its SHA-256 printed, so two runs can be compared. mkfs.ext4 gets a fixed UUID, hash
-# seed and time (E2FSPROGS_FAKE_TIME), so the same files give the same image layout.
+# seed and time (E2FSPROGS_FAKE_TIME). Another machine has other files in /usr, so other images:
+# compare data sets by their dataset-stats numbers, not by bytes.
 #
 # The mix is what a VM root disk holds: shared libraries and compiler runtimes (compressible,
 # ~2:1), documentation and scripts (text, highly compressible), already-compressed man pages and
@@ -25,7 +27,7 @@ work="$(mktemp -d /tmp/vbd-dataset.XXXXXX)"
 cleanup() { rm -rf "$work"; }
 trap cleanup EXIT
 
-# select_files BUDGET_BYTES ROOT... -> appends "size path" lines to $work/list
+# select_files BUDGET_BYTES ROOT... -> appends "size path" lines to $work/list, BUDGET per ROOT
 select_files() {
     local budget=$1; shift
     local root
@@ -38,7 +40,8 @@ select_files() {
     done
 }
 
-# build NAME IMAGE_BYTES then (budget, roots) pairs as "BUDGET:ROOT1,ROOT2"
+# build NAME IMAGE_BYTES OUT_DIR "BUDGET:ROOT1,ROOT2"...: the budget applies to each root on its own
+# (first fit in path order: a file that does not fit is skipped, later smaller ones may still fit).
 build() {
     local name=$1 image_bytes=$2 out_dir=$3; shift 3
     : > "$work/list"

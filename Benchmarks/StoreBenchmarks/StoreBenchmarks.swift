@@ -4,7 +4,7 @@
 //   cd Benchmarks && swift package --allow-writing-to-package-directory benchmark --target StoreBenchmarks
 //
 // Codec level (VBDCore only): the per-block costs every write and every uncached read pays.
-// Store level (VBDStore): see StoreBenchmarks+Store.swift once the engine has landed.
+// Store level (VBDStore): added once the engine lands on main.
 
 import Benchmark
 import VBDCore
