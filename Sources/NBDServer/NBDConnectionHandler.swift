@@ -296,8 +296,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 let context = loopBoundContext.value
                 self.awaitingHandshakeResult = false
                 guard case .handshake(var machine) = self.phase else { return }
-                let list = (try? result.get()) ?? []
-                let action = machine.exportListReceived(list.map { ($0.name, $0.description) })
+                let action: NBDHandshakeStateMachine.Action
+                switch result {
+                case .success(let list):
+                    action = machine.exportListReceived(list.map { ($0.name, $0.description) })
+                case .failure(let error):
+                    action = machine.exportListFailed(NBDExportLookupError(
+                        replyType: NBDOptionReplyType.errShutdown, message: "server is shutting down: \(error)"))
+                }
                 self.phase = .handshake(machine)
                 self.perform(action, context: context)
                 self.resumeIfPossible(context: context)
