@@ -270,7 +270,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     device = box.device
                     lookup = .success(NBDExportDescription(
                         name: box.device.name, description: box.device.deviceDescription, size: box.device.size,
-                        isReadOnly: box.device.isReadOnly, preferredBlockSize: UInt32(box.device.blockSize)))
+                        isReadOnly: box.device.isReadOnly,
+                        preferredBlockSize: Self.preferredBlockSize(box.device.blockSize,
+                                                                    max: self.environment.limits.requestBytesMax)))
                 case .success(.failure(let error)):
                     lookup = .failure(NBDExportLookupError(error))
                 case .failure(let error):
@@ -338,6 +340,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .enterTransmission:
             preconditionFailure("transmission starts only from an export lookup")
         }
+    }
+
+    /// proto.md, "Block size constraints": the preferred size is a power of two between 512 and the
+    /// maximum; anything else the device reports is replaced by 4 KiB rather than sent as is.
+    static func preferredBlockSize(_ blockSize: Int, max maximum: Int) -> UInt32 {
+        guard blockSize >= 512, blockSize <= maximum, blockSize & (blockSize - 1) == 0 else { return 4096 }
+        return UInt32(blockSize)
     }
 
     private func tlsHandshakeCompleted(context: ChannelHandlerContext) {
