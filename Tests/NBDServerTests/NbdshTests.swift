@@ -283,8 +283,8 @@ h.shutdown()
         }
     }
 
-    @Test func tlsRequiredRefusesPlainClientsAndServesTLSClients() async throws {
-        guard Tool.exists("openssl") else { return }
+    @Test(.enabled(if: Tool.exists("openssl")))
+    func tlsRequiredRefusesPlainClientsAndServesTLSClients() async throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vbd-tls-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }

@@ -17,6 +17,19 @@ enum Tool {
         names.allSatisfy { path($0) != nil }
     }
 
+    /// True when fio was built with its nbd engine (decided once, before any test runs).
+    static let fioHasNBDEngine: Bool = {
+        guard let fio = path("fio") else { return false }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: fio)
+        process.arguments = ["--enghelp=nbd"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        guard (try? process.run()) != nil else { return false }
+        process.waitUntilExit()
+        return process.terminationStatus == 0
+    }()
+
     /// nbdsh runs `python3 -m nbd`: it needs the system python that has the libnbd bindings.
     static var hasNBDPython: Bool {
         guard path("nbdsh") != nil else { return false }
