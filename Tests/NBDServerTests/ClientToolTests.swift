@@ -30,6 +30,20 @@ struct ClientToolTests {
     }
 
     @Test(.enabled(if: Tool.exists("nbdinfo")))
+    func tcpListenerOnAnEphemeralPortServesClients() async throws {
+        try await withServer(tcp: true) { fixture in
+            let port = try #require(fixture.server.tcpPort)
+            #expect(port > 0)
+            let result = try await runTool("nbdinfo", ["--json", "nbd://127.0.0.1:\(port)/vol@snap"])
+            try #require(result.status == 0, "\(result)")
+            let json = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any])
+            let export = try #require((json["exports"] as? [[String: Any]])?.first)
+            #expect(export["export-name"] as? String == "vol@snap")
+            #expect(export["is_read_only"] as? Bool == true)
+        }
+    }
+
+    @Test(.enabled(if: Tool.exists("nbdinfo")))
     func nbdinfoMapShowsDataHolesAndSharing() async throws {
         try await withServer { fixture in
             let device = fixture.provider.device("vol")

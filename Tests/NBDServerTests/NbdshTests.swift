@@ -237,6 +237,11 @@ b2 = connect(os.environ["URI_BAD"], structured=False)
 expect_error(errno.EIO, b2.pread, 4096, 3 * 4096)
 assert b2.pread(4096, 4 * 4096) == b"\0" * 4096
 """#, fixture: fixture)
+            // The observer saw the failures with the errors the clients got.
+            let records = fixture.sink.all
+            #expect(records.contains { $0.exportName == "vol@snap" && $0.command == .write && $0.errorNumber == 1 })
+            #expect(records.contains { $0.exportName == "bad" && $0.command == .read && $0.errorNumber == 5 && $0.bytes == 4096 })
+            #expect(records.contains { $0.exportName == "vol" && $0.command == .read && $0.errorNumber == nil })
         }
     }
 
