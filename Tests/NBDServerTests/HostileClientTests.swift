@@ -166,6 +166,24 @@ struct HostileClientTests {
         }
     }
 
+    @Test func aClientThatNeverFinishesTheHandshakeIsDisconnected() async throws {
+        var limits = NBDServer.ServerLimits()
+        limits.handshakeTimeout = .milliseconds(300)
+        try await withServer(limits: limits) { fixture in
+            let idle = try RawClient(socketPath: fixture.socketPath)
+            idle.greet()
+            let started = ContinuousClock.now
+            #expect(idle.waitForClose())
+            #expect(ContinuousClock.now - started < .seconds(5))
+            // A client that completed its handshake is not subject to the timeout.
+            let busy = try RawClient(socketPath: fixture.socketPath)
+            #expect(busy.enterTransmission(export: "vol") != nil)
+            try await Task.sleep(for: .milliseconds(600))
+            busy.sendRequest(NBDCommand.read.rawValue, handle: 1, offset: 0, length: 512)
+            #expect(busy.receiveSimpleReply()?.error == 0)
+        }
+    }
+
     @Test func connectionsBeyondTheLimitAreRefused() async throws {
         var limits = NBDServer.ServerLimits()
         limits.connectionsMax = 2
