@@ -82,7 +82,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         NBDHandshakeStateMachine.greeting(into: &greeting)
         context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
         let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
-        handshakeTimeout = context.eventLoop.assumeIsolated().scheduleTask(in: environment.limits.handshakeTimeout) {
+        handshakeTimeout = context.eventLoop.assumeIsolated().scheduleTask(in: TimeAmount(environment.limits.handshakeTimeout)) {
             [self] in
             if case .handshake = self.phase {
                 self.logger.info("handshake timed out")

@@ -147,7 +147,7 @@ public final class NBDServer: Sendable {
         for connection in connections {
             connection.pipeline.fireUserInboundEventTriggered(NBDConnectionEvent.shutdown)
         }
-        let grace = configuration.limits.shutdownGracePeriod
+        let grace = TimeAmount(configuration.limits.shutdownGracePeriod)
         for connection in connections {
             let closed = connection.closeFuture
             let timeout = connection.eventLoop.scheduleTask(in: grace) { connection.close(promise: nil) }
