@@ -76,4 +76,24 @@ assert h.pread(4096, 0) == b"w" * 4096
         #expect(client.waitForClose())
         #expect(try fixture.provider.device("slow").readArray(offset: 0, count: 4) == [9, 9, 9, 9])
     }
+
+    @Test func runServesUntilItsTaskIsCancelled() async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vbd-run-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let socketPath = directory.appendingPathComponent("s").path
+        let provider = MemoryExportProvider([MemoryBlockDevice(name: "vol", size: 1 << 20)])
+        let server = NBDServer(configuration: .init(exports: provider, unixSocketPath: socketPath))
+        let running = Task { try await server.run() }
+        let deadline = ContinuousClock.now + .seconds(10)
+        while server.localAddresses.isEmpty && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        let client = try RawClient(socketPath: socketPath)
+        #expect(client.enterTransmission(export: "vol")?.size == 1 << 20)
+        running.cancel()
+        try await running.value
+        #expect(client.waitForClose())
+        #expect(server.localAddresses.isEmpty)
+    }
 }
