@@ -1,9 +1,15 @@
 import Foundation
+import Testing
 import Logging
 import NBDServer
 import NIOCore
 import Synchronization
 import VBDCore
+
+/// Every test that runs a server and real clients, one at a time: they measure this process's
+/// resident memory, and a concurrent 256 MiB nbdcopy would blur that; running them serially also
+/// keeps the 2-core machine responsive.
+@Suite(.serialized) struct RealServerTests {}
 
 /// Locates real NBD clients; a test needing a missing one is skipped, not failed.
 enum Tool {
