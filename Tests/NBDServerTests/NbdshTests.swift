@@ -330,5 +330,56 @@ extension RealServerTests {
                 #expect(plain.status != 0)
             }
         }
+    
+        @Test(.enabled(if: Tool.exists("openssl")))
+        func tlsWithAClientCAAcceptsOnlyClientsWithACertificate() async throws {
+            let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vbd-mtls-\(UUID().uuidString.prefix(8))")
+            let withCert = directory.appendingPathComponent("client"), withoutCert = directory.appendingPathComponent("anon")
+            try FileManager.default.createDirectory(at: withCert, withIntermediateDirectories: true)
+            try FileManager.default.createDirectory(at: withoutCert, withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(at: directory) }
+            func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
+            for arguments in [
+                ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=vbd-test-ca",
+                 "-keyout", path("ca-key.pem"), "-out", path("ca-cert.pem")],
+                ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", path("server-key.pem"),
+                 "-out", path("server.csr")],
+                ["x509", "-req", "-in", path("server.csr"), "-CA", path("ca-cert.pem"), "-CAkey", path("ca-key.pem"),
+                 "-CAcreateserial", "-days", "1", "-out", path("server-cert.pem")],
+                ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=client", "-keyout", withCert.appendingPathComponent("client-key.pem").path,
+                 "-out", path("client.csr")],
+                ["x509", "-req", "-in", path("client.csr"), "-CA", path("ca-cert.pem"), "-CAkey", path("ca-key.pem"),
+                 "-CAcreateserial", "-days", "1", "-out", withCert.appendingPathComponent("client-cert.pem").path],
+            ] {
+                let made = try await runTool("openssl", arguments)
+                try #require(made.status == 0, "\(made)")
+            }
+            for target in [withCert, withoutCert] {
+                try FileManager.default.copyItem(atPath: path("ca-cert.pem"), toPath: target.appendingPathComponent("ca-cert.pem").path)
+            }
+            try await withServer(tls: .required(certificatePath: path("server-cert.pem"), keyPath: path("server-key.pem"),
+                                                caPath: path("ca-cert.pem"))) { fixture in
+                try await runNbdsh("""
+def tls_client(certificates):
+    t = nbd.NBD()
+    t.set_tls(nbd.TLS_REQUIRE)
+    t.set_tls_certificates(certificates)
+    t.set_tls_verify_peer(False)
+    t.set_export_name("vol")
+    t.connect_unix("\(fixture.socketPath)")
+    return t
+t = tls_client("\(withCert.path)")
+assert t.get_tls_negotiated()
+t.pwrite(b"\\x24" * 4096, 0)
+assert t.pread(4096, 0) == b"\\x24" * 4096
+t.shutdown()
+try:
+    tls_client("\(withoutCert.path)")
+    raise AssertionError("a client without a certificate was served")
+except nbd.Error:
+    pass
+""", fixture: fixture)
+            }
+        }
     }
 }
