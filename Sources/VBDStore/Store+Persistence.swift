@@ -392,7 +392,6 @@ extension Store {
             }
         }
         // Replay the journal's valid prefix.
-        journalFile.close()
         journalFile = try directory.openFile("journal-\(generation)", create: true)
         let journalBytes = try journalFile.readAll()
         let (payloads, valid) = JournalFrame.decodeValidPrefix(journalBytes, generation: generation)

@@ -28,7 +28,14 @@ struct VBDSim: ParsableCommand {
     @Option(help: "Operations per seed.")
     var steps: Int = 300
 
+    @Option(help: ArgumentHelp("Child of the SIGKILL test: write numbered blocks to the store at this path until killed.", visibility: .hidden))
+    var crashWriter: String?
+
+    @Option(help: ArgumentHelp("First sequence number for --crash-writer.", visibility: .hidden))
+    var firstSequence: UInt64 = 0
+
     mutating func run() throws {
+        if let crashWriter { try CrashWriter.run(storePath: crashWriter, firstSequence: firstSequence) }
         let list: [UInt64] = seed.map { [$0] } ?? (0..<seeds).map { firstSeed + UInt64($0) }
         var failures = 0
         var crashes = 0
