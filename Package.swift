@@ -41,13 +41,17 @@ let package = Package(
             dependencies: ["VBDCore", "VBDStore"]
         ),
         .target(
+            name: "VBDAccounting",
+            dependencies: ["VBDCore"]
+        ),
+        .target(
             name: "NBDProtocol",
             dependencies: ["VBDCore", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .target(
             name: "NBDServer",
             dependencies: [
-                "VBDCore", "NBDProtocol",
+                "VBDCore", "NBDProtocol", "VBDAccounting",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -81,6 +85,7 @@ let package = Package(
         .testTarget(name: "VBDCoreTests", dependencies: ["VBDCore"]),
         .testTarget(name: "VBDCacheTests", dependencies: ["VBDCache", "VBDCore"], resources: [.copy("Traces")]),
         .testTarget(name: "VBDStoreTests", dependencies: ["VBDStore", "VBDCore", "VBDSimulation"]),
+        .testTarget(name: "VBDAccountingTests", dependencies: ["VBDAccounting", "VBDCore"]),
         .testTarget(name: "VBDSimulationTests", dependencies: ["VBDSimulation", "VBDStore"]),
         .testTarget(
             name: "NBDProtocolTests",

@@ -1,0 +1,249 @@
+// MARK: - Notes on the design
+//
+// mClock (Gulati, Merchant, Varman, OSDI 2010), Algorithm 1, with three documented changes.
+//
+// Every request of domain i gets tags when it arrives at time t, spaced by its cost c in I/O units:
+//   R = max(R_prev + c / r_i, t)                    reservation tag
+//   P = max(P_prev + c / w_i, t - sigma_i / w_i)     proportional (weight) tag; sigma = burst credit
+// Dispatch at time t:
+//   1. Constraint-based phase: among queue heads with R <= t, serve the smallest R.
+//   2. Weight-based phase: otherwise, among heads whose domain is under its limit (and not
+//      restricted to its reservation), serve the smallest P; then subtract c / r_i from the R tags
+//      of that domain's remaining requests, so service beyond the reservation is not counted
+//      against it (the paper's "R tag adjustment").
+// When a domain goes from idle to active, the P tags of all active domains are shifted so that the
+// smallest equals t (the paper's idle-domain adjustment): a domain returning from idle neither
+// starves the others with stale small tags nor is starved by their tags running ahead of real time.
+//
+// Changes, and why:
+// a. The limit is a token bucket evaluated at dispatch (`limitReadyAt`), not an L tag set at
+//    arrival. With arrival tags a domain whose backlog waited behind others could later be served
+//    in a burst far above its cap; at dispatch the cap holds over every window:
+//    units served in [a, b] <= limit * (b - a) + limitBurstUnits + one request's cost.
+// b. The limit gates both phases. mClock lets reservations ignore L; here reservation <= limit is
+//    required, so gating costs a reserved request at most one request's c / limit of delay, and the
+//    cap becomes a hard guarantee the hostile-tenant story can rely on.
+// d. Service in the constraint phase also gives back its P-tag spacing (the mirror image of the
+//    paper's R-tag adjustment), so weights split the capacity *left after reservations*, as the
+//    issue asks ("weight: share of the rest"); in the paper, weights split the total and
+//    reservations act only as a floor.
+// c. `reservationOnly` removes a domain from the weight phase: congestion pricing uses it for a
+//    domain that has overdrawn its credit (served only within its reservation).
+//
+// Invariants:
+// 1. Each domain's queue holds at most `queueCapacity` requests; at most `domainsMax` domains.
+// 2. Within a domain requests are served in arrival order (tags are monotone in a queue).
+// 3. The scheduler never reads a clock: `now` is passed in (seconds on any monotone clock).
+
+/// Per-domain scheduling parameters. Rates are in I/O units per second (see ``IOCost``).
+public struct SchedulingPolicy: Sendable, Equatable, Codable {
+    /// Guaranteed rate; 0 for none.
+    public var reservation: Double
+    /// Cap on the rate; nil for none.
+    public var limit: Double?
+    /// Share of the capacity left after reservations, relative to other domains' weights.
+    public var weight: Double
+    /// Idle credit (the paper's sigma): after idling, a domain may get up to this many units
+    /// ahead of its proportional share.
+    public var burstUnits: Double
+    /// Units a domain below its limit may take at once beyond `limit * time` (token-bucket depth).
+    public var limitBurstUnits: Double
+    /// Requests waiting per domain; beyond it enqueue fails.
+    public var queueCapacity: Int
+
+    public init(reservation: Double = 0, limit: Double? = nil, weight: Double = 1, burstUnits: Double = 8,
+                limitBurstUnits: Double = 8, queueCapacity: Int = 256) {
+        self.reservation = reservation
+        self.limit = limit
+        self.weight = weight
+        self.burstUnits = burstUnits
+        self.limitBurstUnits = limitBurstUnits
+        self.queueCapacity = queueCapacity
+    }
+
+    /// Programmer errors in a configuration (STYLE.md 5): checked when a policy is installed.
+    public func validate() {
+        precondition(reservation >= 0 && reservation.isFinite, "reservation must be a finite rate >= 0")
+        precondition(weight > 0 && weight.isFinite, "weight must be > 0")
+        if let limit { precondition(limit > 0 && limit >= reservation, "limit must be > 0 and >= reservation") }
+        precondition(burstUnits >= 0 && limitBurstUnits >= 0)
+        precondition(queueCapacity > 0)
+    }
+}
+
+public enum SchedulerError: Error, Equatable, Sendable {
+    case queueFull(DomainID)
+    case tooManyDomains
+}
+
+/// The mClock dispatcher: queues requests per domain and says which to start next.
+public struct MClockScheduler<Item> {
+    public enum Phase: Sendable, Equatable {
+        case reservation
+        case weight
+    }
+
+    public struct Dispatch {
+        public var item: Item
+        public var domain: DomainID
+        public var cost: Double
+        public var phase: Phase
+    }
+
+    private struct Tagged {
+        var item: Item
+        var cost: Double
+        var reservationTag: Double
+        var proportionTag: Double
+    }
+
+    private struct DomainState {
+        var policy: SchedulingPolicy
+        var queue: BoundedQueue<Tagged>
+        var lastReservationTag = -Double.infinity
+        var lastProportionTag = -Double.infinity
+        /// Earliest time the limit admits the next request (token bucket as a virtual clock).
+        var limitReadyAt = -Double.infinity
+        var reservationOnly = false
+    }
+
+    private var domains: [DomainID: DomainState] = [:]
+    public private(set) var defaultPolicy: SchedulingPolicy
+    public let domainsMax: Int
+    public private(set) var queuedCount = 0
+
+    public init(defaultPolicy: SchedulingPolicy = .init(), policies: [DomainID: SchedulingPolicy] = [:],
+                domainsMax: Int = 1024) {
+        defaultPolicy.validate()
+        self.defaultPolicy = defaultPolicy
+        self.domainsMax = domainsMax
+        for (domain, policy) in policies { setPolicy(policy, for: domain) }
+    }
+
+    /// Installs or changes a domain's policy; queued requests keep their tags.
+    public mutating func setPolicy(_ policy: SchedulingPolicy, for domain: DomainID) {
+        policy.validate()
+        if var state = domains[domain] {
+            var queue = BoundedQueue<Tagged>(capacity: policy.queueCapacity)
+            while let element = state.queue.removeFirst() {
+                if !queue.append(element) { preconditionFailure("shrinking a queue below its backlog") }
+            }
+            state.queue = queue
+            state.policy = policy
+            domains[domain] = state
+        } else {
+            domains[domain] = DomainState(policy: policy, queue: BoundedQueue(capacity: policy.queueCapacity))
+        }
+    }
+
+    public func policy(for domain: DomainID) -> SchedulingPolicy { domains[domain]?.policy ?? defaultPolicy }
+
+    /// Overdrawn domains are served only within their reservation (congestion pricing).
+    public mutating func setReservationOnly(_ restricted: Bool, for domain: DomainID) {
+        if domains[domain] == nil {
+            guard domains.count < domainsMax else { return }
+            setPolicy(defaultPolicy, for: domain)
+        }
+        domains[domain]!.reservationOnly = restricted
+    }
+
+    public func isReservationOnly(_ domain: DomainID) -> Bool { domains[domain]?.reservationOnly ?? false }
+
+    public func queuedCount(of domain: DomainID) -> Int { domains[domain]?.queue.count ?? 0 }
+
+    /// Queues a request of `cost` I/O units that arrived at `now`.
+    public mutating func enqueue(_ item: Item, domain: DomainID, cost: Double, now: Double) throws(SchedulerError) {
+        precondition(cost > 0 && cost.isFinite)
+        if domains[domain] == nil {
+            guard domains.count < domainsMax else { throw .tooManyDomains }
+            setPolicy(defaultPolicy, for: domain)
+        }
+        guard !domains[domain]!.queue.isFull else { throw .queueFull(domain) }
+        if domains[domain]!.queue.isEmpty { adjustProportionTagsForActivation(now: now, excluding: domain) }
+        var state = domains[domain]!
+        let policy = state.policy
+        let reservationTag = policy.reservation > 0
+            ? max(state.lastReservationTag + cost / policy.reservation, now) : Double.infinity
+        let proportionTag = max(state.lastProportionTag + cost / policy.weight, now - policy.burstUnits / policy.weight)
+        state.lastReservationTag = reservationTag
+        state.lastProportionTag = proportionTag
+        let appended = state.queue.append(Tagged(item: item, cost: cost, reservationTag: reservationTag,
+                                                 proportionTag: proportionTag))
+        precondition(appended)
+        domains[domain] = state
+        queuedCount += 1
+    }
+
+    /// Picks the next request to start at `now`, or nil when none is eligible yet (all queues empty,
+    /// or every waiting domain is at its limit or restricted and ahead of its reservation).
+    public mutating func dequeue(now: Double) -> Dispatch? {
+        var bestReservation: (domain: DomainID, tag: Double)?
+        var bestProportion: (domain: DomainID, tag: Double)?
+        for (domain, state) in domains {
+            guard let head = state.queue.first, state.limitReadyAt <= now else { continue }
+            if head.reservationTag <= now, head.reservationTag < (bestReservation?.tag ?? .infinity) {
+                bestReservation = (domain, head.reservationTag)
+            }
+            if !state.reservationOnly, head.proportionTag < (bestProportion?.tag ?? .infinity) {
+                bestProportion = (domain, head.proportionTag)
+            }
+        }
+        if let chosen = bestReservation {
+            return take(from: chosen.domain, now: now, phase: .reservation)
+        }
+        if let chosen = bestProportion {
+            return take(from: chosen.domain, now: now, phase: .weight)
+        }
+        return nil
+    }
+
+    /// When `dequeue` returns nil with requests waiting: the earliest time one may become eligible.
+    public func nextEligibleTime() -> Double? {
+        var earliest: Double?
+        for state in domains.values {
+            guard let head = state.queue.first else { continue }
+            let ready = state.reservationOnly
+                ? max(state.limitReadyAt, head.reservationTag) : state.limitReadyAt
+            // +infinity: restricted to a reservation of 0, never eligible until the restriction lifts.
+            if ready < .infinity { earliest = min(earliest ?? ready, ready) }
+        }
+        return earliest
+    }
+
+    private mutating func take(from domain: DomainID, now: Double, phase: Phase) -> Dispatch {
+        var state = domains[domain]!
+        guard let request = state.queue.removeFirst() else { preconditionFailure("chosen domain has no request") }
+        queuedCount -= 1
+        if let limit = state.policy.limit {
+            let earliestStart = now - state.policy.limitBurstUnits / limit
+            state.limitReadyAt = max(state.limitReadyAt, earliestStart) + request.cost / limit
+        }
+        if phase == .weight, state.policy.reservation > 0 {
+            let credit = request.cost / state.policy.reservation
+            state.queue.updateEach { $0.reservationTag -= credit }
+            state.lastReservationTag -= credit
+        }
+        if phase == .reservation {
+            // Change d: reserved service does not use up the domain's weight share.
+            let credit = request.cost / state.policy.weight
+            state.queue.updateEach { $0.proportionTag -= credit }
+            state.lastProportionTag -= credit
+        }
+        domains[domain] = state
+        return Dispatch(item: request.item, domain: domain, cost: request.cost, phase: phase)
+    }
+
+    private mutating func adjustProportionTagsForActivation(now: Double, excluding newcomer: DomainID) {
+        var smallest = Double.infinity
+        for (domain, state) in domains where domain != newcomer {
+            if let head = state.queue.first { smallest = min(smallest, head.proportionTag) }
+        }
+        guard smallest.isFinite else { return }
+        let shift = smallest - now
+        for domain in Array(domains.keys) where domain != newcomer {
+            guard !domains[domain]!.queue.isEmpty else { continue }
+            domains[domain]!.queue.updateEach { $0.proportionTag -= shift }
+            domains[domain]!.lastProportionTag -= shift
+        }
+    }
+}

@@ -1,0 +1,351 @@
+import Foundation
+import Synchronization
+
+/// Everything the server and the control interface share about tenants: who a connection belongs
+/// to, what each domain used and was charged, its credit, its scheduling policy, its leases, and the
+/// audit log of every change. The pure values (``Ledger``, ``CreditBook``, ``LeaseTable``,
+/// ``AuditLog``) live behind one lock here.
+///
+/// ### Concurrency
+/// All methods may be called from any thread. Lease-end observers are called after the lock is
+/// released, on the caller's thread.
+///
+/// ### Persistence
+/// Balances, charges, usage, leases, policies and bindings are written to ``StateStorage`` by
+/// ``persist()`` (the server calls it periodically and on stop) and after every control change.
+public final class TenancyService: Sendable {
+    public struct Configuration: Sendable {
+        public var resolver: DomainResolver
+        public var defaultPolicy: SchedulingPolicy
+        public var policies: [DomainID: SchedulingPolicy]
+        public var credits: CreditBook
+        /// When true, a domain may open a volume only while it holds a lease on it.
+        public var leasesEnforced: Bool
+        /// Dispatch slots of the device (for utilisation).
+        public var deviceParallelism: Int
+
+        public init(resolver: DomainResolver = .init(), defaultPolicy: SchedulingPolicy = .init(),
+                    policies: [DomainID: SchedulingPolicy] = [:], credits: CreditBook = .init(),
+                    leasesEnforced: Bool = false, deviceParallelism: Int = 4) {
+            self.resolver = resolver
+            self.defaultPolicy = defaultPolicy
+            self.policies = policies
+            self.credits = credits
+            self.leasesEnforced = leasesEnforced
+            self.deviceParallelism = deviceParallelism
+        }
+    }
+
+    /// What is persisted.
+    struct PersistentState: Codable {
+        var version = 1
+        var bindings: [String: DomainID]
+        var policies: [DomainID: SchedulingPolicy]
+        var credits: CreditBook
+        var leases: LeaseTable
+        var ledger: Ledger
+    }
+
+    /// A consistent copy of the figures, for `vbdtool stats` and the metrics endpoint.
+    public struct Snapshot: Sendable {
+        public var ledger: Ledger
+        public var credits: CreditBook
+        public var leases: LeaseTable
+        public var policies: [DomainID: SchedulingPolicy]
+        public var defaultPolicy: SchedulingPolicy
+        public var bindings: [String: DomainID]
+        public var utilisation: Double
+        public var price: Double
+    }
+
+    private struct State {
+        var resolver: DomainResolver
+        var defaultPolicy: SchedulingPolicy
+        var policies: [DomainID: SchedulingPolicy]
+        var credits: CreditBook
+        var leases: LeaseTable
+        var ledger: Ledger
+        var meter: UtilisationMeter
+        var audit: AuditLog?
+        var leasesEnforced: Bool
+        var observers: [@Sendable (Lease, LeaseEnd) -> Void] = []
+    }
+
+    private let state: Mutex<State>
+    private let stateStorage: (any StateStorage)?
+    private let clock: @Sendable () -> WallTime
+    private let monotonic: @Sendable () -> Duration
+    public let leasesEnforced: Bool
+
+    /// - Parameters:
+    ///   - clock: wall time for leases and audit records (injected for tests).
+    ///   - monotonic: time since any fixed origin, for the utilisation meter.
+    public init(configuration: Configuration, stateStorage: (any StateStorage)? = nil,
+                auditStorage: (any AuditStorage)? = nil,
+                clock: @escaping @Sendable () -> WallTime = { WallTime.now() },
+                monotonic: @escaping @Sendable () -> Duration = {
+                    ContinuousClock.now - ContinuousClock.Instant.processStart
+                }) throws {
+        configuration.defaultPolicy.validate()
+        var resolver = configuration.resolver
+        var policies = configuration.policies
+        var credits = configuration.credits
+        var leases = LeaseTable()
+        var ledger = Ledger()
+        if let stateStorage, let bytes = try stateStorage.read() {
+            let saved = try JSONDecoder().decode(PersistentState.self, from: Data(bytes))
+            resolver.bindings.merge(saved.bindings) { configured, _ in configured }
+            policies.merge(saved.policies) { configured, _ in configured }
+            credits = saved.credits
+            leases = saved.leases
+            ledger = saved.ledger
+        }
+        let audit = try auditStorage.map { storage throws(AuditLogError) in try AuditLog(storage: storage) }
+        self.state = Mutex(State(resolver: resolver, defaultPolicy: configuration.defaultPolicy, policies: policies,
+                                 credits: credits, leases: leases, ledger: ledger,
+                                 meter: UtilisationMeter(parallelism: configuration.deviceParallelism,
+                                                         start: monotonic()),
+                                 audit: audit, leasesEnforced: configuration.leasesEnforced))
+        self.stateStorage = stateStorage
+        self.clock = clock
+        self.monotonic = monotonic
+        self.leasesEnforced = configuration.leasesEnforced
+    }
+
+    // MARK: Requests
+
+    public func domain(exportName: String, certificateSubject: String?) -> DomainID {
+        state.withLock { $0.resolver.domain(exportName: exportName, certificateSubject: certificateSubject) }
+    }
+
+    /// Whether `domain` may open `volume` now (always true when leases are not enforced).
+    public func admits(volume: String, domain: DomainID, write: Bool) -> Bool {
+        let now = clock()
+        return state.withLock { state in
+            !state.leasesEnforced || state.leases.permits(volume: volume, domain: domain, write: write, now: now)
+        }
+    }
+
+    public func policy(for domain: DomainID) -> SchedulingPolicy {
+        state.withLock { $0.policies[domain] ?? $0.defaultPolicy }
+    }
+
+    public func isOverdrawn(_ domain: DomainID) -> Bool {
+        state.withLock { $0.credits.account(domain).isOverdrawn }
+    }
+
+    /// Charges and counts one completed request; returns the charge.
+    @discardableResult
+    public func requestCompleted(domain: DomainID, kind: IOKind, bytes: UInt64, deviceTime: Duration,
+                                 failed: Bool) -> Charge {
+        let now = monotonic()
+        return state.withLock { state in
+            state.meter.record(busy: deviceTime, now: now)
+            let units = IOCost.units(kind: kind, bytes: bytes)
+            let charge = state.credits.charge(domain, units: units, utilisation: state.meter.utilisation)
+            state.ledger.record(UsageRecord(domain: domain, kind: kind, bytes: bytes, deviceTime: deviceTime,
+                                            failed: failed, ioUnits: units, charge: charge.amount))
+            return charge
+        }
+    }
+
+    /// Hook for the cache layer.
+    public func cacheHit(domain: DomainID, lastChance: Bool) {
+        state.withLock { $0.ledger.recordCacheHit(domain: domain, lastChance: lastChance) }
+    }
+
+    public func snapshot() -> Snapshot {
+        let now = monotonic()
+        return state.withLock { state in
+            state.meter.advance(to: now)
+            return Snapshot(ledger: state.ledger, credits: state.credits, leases: state.leases,
+                            policies: state.policies, defaultPolicy: state.defaultPolicy,
+                            bindings: state.resolver.bindings, utilisation: state.meter.utilisation,
+                            price: state.credits.priceFunction.price(utilisation: state.meter.utilisation))
+        }
+    }
+
+    // MARK: Leases
+
+    /// Called with every lease that ends (expired, revoked, released), to close its connections.
+    public func addLeaseEndObserver(_ observer: @escaping @Sendable (Lease, LeaseEnd) -> Void) {
+        state.withLock { $0.observers.append(observer) }
+    }
+
+    @discardableResult
+    public func grantLease(volume: String, domain: DomainID, mode: LeaseMode, duration: Duration,
+                           actor: String) throws -> Lease {
+        let now = clock()
+        let (lease, ended, observers) = try state.withLock { state throws -> (Lease, [Lease], [@Sendable (Lease, LeaseEnd) -> Void]) in
+            let expired = try Self.expireLocked(&state, now: now)
+            let lease = try state.leases.grant(volume: volume, domain: domain, mode: mode, duration: duration, now: now)
+            try Self.auditLocked(&state, actor: actor, operation: AuditOperation.leaseGrant, target: volume,
+                                 details: Self.details(lease), time: now)
+            return (lease, expired, state.observers)
+        }
+        notify(observers, ended, .expired)
+        try persist()
+        return lease
+    }
+
+    @discardableResult
+    public func renewLease(volume: String, domain: DomainID, duration: Duration, actor: String) throws -> Lease {
+        let now = clock()
+        let (lease, ended, observers) = try state.withLock { state throws -> (Lease, [Lease], [@Sendable (Lease, LeaseEnd) -> Void]) in
+            let expired = try Self.expireLocked(&state, now: now)
+            let lease = try state.leases.renew(volume: volume, domain: domain, duration: duration, now: now)
+            try Self.auditLocked(&state, actor: actor, operation: AuditOperation.leaseRenew, target: volume,
+                                 details: Self.details(lease), time: now)
+            return (lease, expired, state.observers)
+        }
+        notify(observers, ended, .expired)
+        try persist()
+        return lease
+    }
+
+    /// Ends a lease now; `release` is the holder giving it up, otherwise an operator revoke.
+    @discardableResult
+    public func revokeLease(volume: String, domain: DomainID, actor: String, release: Bool = false) throws -> Lease {
+        let now = clock()
+        let (lease, observers) = try state.withLock { state throws -> (Lease, [@Sendable (Lease, LeaseEnd) -> Void]) in
+            let lease = try state.leases.revoke(volume: volume, domain: domain)
+            var details = Self.details(lease)
+            details["expiresAt"] = String(now.nanoseconds)
+            try Self.auditLocked(&state, actor: actor,
+                                 operation: release ? AuditOperation.leaseRelease : AuditOperation.leaseRevoke,
+                                 target: volume, details: details, time: now)
+            return (lease, state.observers)
+        }
+        notify(observers, [lease], release ? .released : .revoked)
+        try persist()
+        return lease
+    }
+
+    /// Ends every lease past its expiry (the server calls this on a timer); returns them.
+    @discardableResult
+    public func expireLeases() throws -> [Lease] {
+        let now = clock()
+        let (ended, observers) = try state.withLock { state throws -> ([Lease], [@Sendable (Lease, LeaseEnd) -> Void]) in
+            (try Self.expireLocked(&state, now: now), state.observers)
+        }
+        notify(observers, ended, .expired)
+        if !ended.isEmpty { try persist() }
+        return ended
+    }
+
+    public var nextLeaseExpiry: WallTime? { state.withLock { $0.leases.nextExpiry } }
+
+    // MARK: Policy and credit (control operations, all audited)
+
+    public func setPolicy(_ policy: SchedulingPolicy, for domain: DomainID, actor: String) throws {
+        policy.validate()
+        let now = clock()
+        try state.withLock { state throws in
+            state.policies[domain] = policy
+            try Self.auditLocked(&state, actor: actor, operation: AuditOperation.policySet, target: domain.name, details: [
+                "reservation": "\(policy.reservation)", "limit": policy.limit.map { "\($0)" } ?? "none",
+                "weight": "\(policy.weight)", "burstUnits": "\(policy.burstUnits)",
+            ], time: now)
+        }
+        try persist()
+    }
+
+    public func bind(export: String, to domain: DomainID, actor: String) throws {
+        let now = clock()
+        try state.withLock { state throws in
+            state.resolver.bindings[export] = domain
+            try Self.auditLocked(&state, actor: actor, operation: "binding.set", target: export,
+                                 details: ["domain": domain.name], time: now)
+        }
+        try persist()
+    }
+
+    public func topUp(_ domain: DomainID, amount: Double, actor: String) throws {
+        let now = clock()
+        try state.withLock { state throws in
+            state.credits.topUp(domain, amount: amount)
+            try Self.auditLocked(&state, actor: actor, operation: AuditOperation.creditTopUp, target: domain.name,
+                                 details: ["amount": "\(amount)",
+                                           "balance": "\(state.credits.account(domain).balance)"], time: now)
+        }
+        try persist()
+    }
+
+    public func setOverdraftLimit(_ domain: DomainID, limit: Double, actor: String) throws {
+        let now = clock()
+        try state.withLock { state throws in
+            state.credits.setOverdraftLimit(domain, limit: limit)
+            try Self.auditLocked(&state, actor: actor, operation: AuditOperation.overdraftSet, target: domain.name,
+                                 details: ["limit": "\(limit)"], time: now)
+        }
+        try persist()
+    }
+
+    // MARK: Audit
+
+    /// Appends a record for a control operation done elsewhere (create, snapshot, share, delete,
+    /// resize, gc). A no-op without an audit log.
+    @discardableResult
+    public func audit(actor: String, operation: String, target: String,
+                      details: [String: String] = [:]) throws -> AuditRecord? {
+        let now = clock()
+        return try state.withLock { state throws in
+            try Self.auditLocked(&state, actor: actor, operation: operation, target: target, details: details,
+                                 time: now)
+        }
+    }
+
+    public func auditRecords() throws -> [AuditRecord] {
+        try state.withLock { state throws in try state.audit?.records() ?? [] }
+    }
+
+    public func verifyAudit(anchor: AuditAnchor? = nil) throws -> AuditVerification? {
+        try state.withLock { state throws in try state.audit?.verify(anchor: anchor) }
+    }
+
+    // MARK: Persistence
+
+    public func persist() throws {
+        guard let stateStorage else { return }
+        let saved = state.withLock { state in
+            PersistentState(bindings: state.resolver.bindings, policies: state.policies, credits: state.credits,
+                            leases: state.leases, ledger: state.ledger)
+        }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+        try stateStorage.replace(with: Array(try encoder.encode(saved)))
+    }
+
+    // MARK: Private
+
+    private static func expireLocked(_ state: inout State, now: WallTime) throws -> [Lease] {
+        let expired = state.leases.expire(now: now)
+        for lease in expired {
+            try auditLocked(&state, actor: "server", operation: AuditOperation.leaseExpire, target: lease.volume,
+                            details: details(lease), time: now)
+        }
+        return expired
+    }
+
+    @discardableResult
+    private static func auditLocked(_ state: inout State, actor: String, operation: String, target: String,
+                                    details: [String: String], time: WallTime) throws -> AuditRecord? {
+        guard state.audit != nil else { return nil }
+        return try state.audit!.append(actor: actor, operation: operation, target: target, details: details, time: time)
+    }
+
+    private static func details(_ lease: Lease) -> [String: String] {
+        ["domain": lease.domain.name, "mode": lease.mode.rawValue, "expiresAt": String(lease.expiresAt.nanoseconds)]
+    }
+
+    private func notify(_ observers: [@Sendable (Lease, LeaseEnd) -> Void], _ leases: [Lease], _ end: LeaseEnd) {
+        for lease in leases {
+            for observer in observers { observer(lease, end) }
+        }
+    }
+}
+
+extension ContinuousClock.Instant {
+    /// A fixed origin for turning instants into durations (the first use in this process).
+    public static let processStart = ContinuousClock.now
+}
