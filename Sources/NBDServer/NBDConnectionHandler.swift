@@ -3,6 +3,7 @@ import NBDProtocol
 import NIOCore
 import NIOPosix
 import NIOSSL
+import VBDAccounting
 import VBDCore
 
 // MARK: - Notes on the design
@@ -27,6 +28,8 @@ import VBDCore
 enum NBDConnectionEvent: Sendable {
     /// The server is stopping: take no new requests, finish the ones in flight, close.
     case shutdown
+    /// A lease ended: connections of that domain to that volume finish in-flight requests and close.
+    case leaseEnded(volume: String, domain: DomainID)
 }
 
 final class NBDConnectionHandler: ChannelDuplexHandler {
@@ -43,6 +46,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         var readPool: NIOThreadPool
         var writePool: NIOThreadPool
         var observer: NBDRequestObserver?
+        var tenancy: TenancyService?
+        var scheduler: NBDIOScheduler?
+    }
+
+    /// Who this connection is charged to and which volume it serves (set when an export opens).
+    struct Session: Sendable, Equatable {
+        var domain: DomainID
+        var volume: String
     }
 
     private enum Phase {
@@ -63,6 +74,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var inFlightBytes = 0
     private var shuttingDown = false
     private var handshakeTimeout: Scheduled<Void>?
+    /// Set once an export is opened under tenancy; nil without tenancy.
+    private var session: Session?
 
     init(environment: Environment, logger: Logger) {
         self.environment = environment
@@ -124,8 +137,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let event = event as? NBDConnectionEvent, case .shutdown = event {
-            beginShutdown(context: context)
+        if let event = event as? NBDConnectionEvent {
+            switch event {
+            case .shutdown:
+                beginShutdown(context: context)
+            case .leaseEnded(let volume, let domain):
+                if session == Session(domain: domain, volume: volume) {
+                    logger.info("lease of \(domain) on \(volume) ended: closing after in-flight requests")
+                    beginShutdown(context: context)
+                }
+            }
             return
         }
         context.fireUserInboundEventTriggered(event)
@@ -204,6 +225,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             let action = machine.requestReceived(request)
             phase = .transmission(machine, device)
             switch action {
+            case .execute(let operation)
+                where !leasePermits(operation.command):
+                let rejection = NBDRequestRejection(handle: operation.handle, command: operation.command,
+                                                    error: .notPermitted,
+                                                    message: "no write lease on \(machine.export.export.name)")
+                var buffer = context.channel.allocator.buffer(capacity: 64 + rejection.message.utf8.count)
+                NBDReplyEncoder.writeError(rejection, structured: machine.export.structuredReplies, into: &buffer)
+                context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+                charge(operation.command, bytes: 0, deviceTime: .zero, failed: true)
+                let completion = machine.requestCompleted()
+                phase = .transmission(machine, device)
+                if case .close = completion { close(context: context) }
             case .execute(let operation):
                 execute(operation, payload: request.payload, device: device, machine: machine,
                         receivedAt: receivedAt, context: context)
@@ -213,6 +246,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 NBDReplyEncoder.writeError(rejection, structured: machine.export.structuredReplies, into: &buffer)
                 context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
                 if let command = rejection.command {
+                    charge(command, bytes: 0, deviceTime: .zero, failed: true)
                     environment.observer?(NBDRequestRecord(
                         exportName: machine.export.export.name, command: command, bytes: UInt64(request.length),
                         duration: ContinuousClock.now - receivedAt, errorNumber: rejection.error.rawValue))
@@ -266,6 +300,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 let lookup: Result<NBDExportDescription, NBDExportLookupError>
                 var device: (any BlockDevice)?
                 switch result {
+                case .success(.success(let box)) where !self.admitted(box.device, context: context):
+                    lookup = .failure(NBDExportLookupError(
+                        replyType: NBDOptionReplyType.errPolicy,
+                        message: "\(self.session?.domain.name ?? "") holds no lease on \(box.device.name)"))
+                    self.session = nil
                 case .success(.success(let box)):
                     device = box.device
                     lookup = .success(NBDExportDescription(
@@ -342,6 +381,35 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
+    /// Resolves the connection's domain and checks its lease (always admitted without tenancy).
+    private func admitted(_ device: any BlockDevice, context: ChannelHandlerContext) -> Bool {
+        guard let tenancy = environment.tenancy else { return true }
+        let domain = tenancy.domain(exportName: device.name, certificateSubject: Self.peerSubject(context: context))
+        session = Session(domain: domain, volume: device.name)
+        return tenancy.admits(volume: device.name, domain: domain, write: false)
+    }
+
+    /// The verified TLS client certificate's subject as "CN=...,O=...", nil on plain connections.
+    static func peerSubject(context: ChannelHandlerContext) -> String? {
+        guard let certificate = try? context.pipeline.syncOperations.nioSSL_peerCertificate() else { return nil }
+        let names = certificate.subjectName.map { name -> String in
+            let key: String
+            switch name.type {
+            case .commonName: key = "CN"
+            case .organization: key = "O"
+            case .organizationalUnit: key = "OU"
+            case .country: key = "C"
+            case .state: key = "ST"
+            case .city: key = "L"
+            case .emailAddress: key = "emailAddress"
+            case .userId: key = "UID"
+            default: key = "?"
+            }
+            return "\(key)=\(name.value)"
+        }
+        return names.isEmpty ? nil : names.joined(separator: ",")
+    }
+
     /// proto.md, "Block size constraints": the preferred size is a power of two between 512 and the
     /// maximum; anything else the device reports is replaced by 4 KiB rather than sent as is.
     static func preferredBlockSize(_ blockSize: Int, max maximum: Int) -> UInt32 {
@@ -405,21 +473,56 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .read, .cache, .blockStatus: pool = environment.readPool
         case .write, .flush, .trim, .writeZeroes: pool = environment.writePool
         }
-        let future = pool.runIfActive(eventLoop: context.eventLoop) { job.run() }
+        let promise = context.eventLoop.makePromise(of: MeasuredOutcome.self)
+        let run: @Sendable () -> MeasuredOutcome = {
+            let started = ContinuousClock.now
+            let outcome = job.run()
+            return MeasuredOutcome(outcome: outcome, deviceTime: ContinuousClock.now - started)
+        }
+        let eventLoop = context.eventLoop
+        if let scheduler = environment.scheduler, let session {
+            let work = NBDIOScheduler.Job { finished in
+                pool.runIfActive(eventLoop: eventLoop) { () -> MeasuredOutcome in
+                    defer { finished() }
+                    return run()
+                }.whenComplete { result in
+                    if case .failure = result { finished() }  // the closure never ran: free its slot
+                    promise.completeWith(result)
+                }
+            }
+            let cost = IOCost.units(kind: IOKind(operation.command) ?? .flush, bytes: operation.rangeBytes)
+            do {
+                try scheduler.submit(work, domain: session.domain, cost: cost)
+            } catch {
+                // Every queue is bounded: a domain with more requests waiting than its queue holds
+                // gets ENOMEM for the excess instead of growing server memory.
+                promise.succeed(MeasuredOutcome(
+                    outcome: NBDOperationJob.failure(operation, .noMemory, "\(session.domain) has too many requests queued",
+                                                     structured: job.structured, allocator: job.allocator),
+                    deviceTime: .zero))
+            }
+        } else {
+            pool.runIfActive(eventLoop: eventLoop, run).cascade(to: promise)
+        }
+        let future = promise.futureResult
         let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
         let exportName = machine.export.export.name
         let observer = environment.observer
         future.assumeIsolated().whenComplete { result in
             let context = loopBoundContext.value
             let outcome: NBDOperationJob.Outcome
+            var deviceTime = Duration.zero
             switch result {
             case .success(let value):
-                outcome = value
+                outcome = value.outcome
+                deviceTime = value.deviceTime
             case .failure:
                 // The pool is shutting down: answer ESHUTDOWN as the spec suggests.
                 outcome = NBDOperationJob.failure(operation, .shutdown, "server is shutting down",
                                                   structured: job.structured, allocator: job.allocator)
             }
+            self.charge(operation.command, bytes: operation.rangeBytes, deviceTime: deviceTime,
+                        failed: outcome.error != nil)
             observer?(NBDRequestRecord(exportName: exportName, command: operation.command,
                                        bytes: operation.rangeBytes, duration: ContinuousClock.now - receivedAt,
                                        errorNumber: outcome.error?.rawValue))
@@ -432,6 +535,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 self.requestFinished(payloadBytes: budgetBytes, context: loopBoundContext.value)
             }
         }
+    }
+
+    /// Whether the connection's lease allows `command` (always, without enforced leases).
+    private func leasePermits(_ command: NBDCommand) -> Bool {
+        guard let tenancy = environment.tenancy, tenancy.leasesEnforced, let session,
+              let kind = IOKind(command) else { return true }
+        return tenancy.admits(volume: session.volume, domain: session.domain, write: kind.modifies)
+    }
+
+    private func charge(_ command: NBDCommand, bytes: UInt64, deviceTime: Duration, failed: Bool) {
+        guard let tenancy = environment.tenancy, let session, let kind = IOKind(command) else { return }
+        tenancy.requestCompleted(domain: session.domain, kind: kind, bytes: bytes, deviceTime: deviceTime,
+                                 failed: failed)
     }
 
     private func requestFinished(payloadBytes: Int, context: ChannelHandlerContext) {
@@ -470,6 +586,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         inbound = nil
         context.close(promise: nil)
     }
+}
+
+/// A job's outcome and the time its device call took (charged to the domain).
+struct MeasuredOutcome: Sendable {
+    var outcome: NBDOperationJob.Outcome
+    var deviceTime: Duration
 }
 
 /// Carries a device out of the thread pool (existentials of a Sendable protocol are Sendable, but

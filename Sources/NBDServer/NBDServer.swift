@@ -4,6 +4,7 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import Synchronization
+import VBDAccounting
 import VBDCore
 
 /// Serves ``VBDCore/ExportProvider`` exports over the NBD protocol (fixed newstyle), on TCP and/or a
@@ -40,6 +41,8 @@ public final class NBDServer: Sendable {
         var readPool: NIOThreadPool
         var writePool: NIOThreadPool
         var listeners: [Channel]
+        /// Lease expiry and state persistence timers (tenancy only).
+        var timers: [RepeatedTask] = []
     }
 
     private struct State {
@@ -99,9 +102,19 @@ public final class NBDServer: Sendable {
         case .optional: tlsPolicy = .optional
         case .required: tlsPolicy = .required
         }
+        var scheduler: NBDIOScheduler?
+        if let tenancy = configuration.tenancy {
+            if tenancy.scheduling {
+                scheduler = NBDIOScheduler(tenancy: tenancy.service,
+                                           deviceSlots: tenancy.deviceSlots ?? max(1, configuration.ioThreadsPerPool),
+                                           timerLoop: group.next())
+            }
+            startTenancyTimers(tenancy, loop: group.next())
+        }
         let environment = NBDConnectionHandler.Environment(
             exports: configuration.exports, limits: configuration.limits, tlsPolicy: tlsPolicy,
-            sslContext: sslContext, readPool: readPool, writePool: writePool, observer: configuration.observer)
+            sslContext: sslContext, readPool: readPool, writePool: writePool, observer: configuration.observer,
+            tenancy: configuration.tenancy?.service, scheduler: scheduler)
 
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
@@ -131,6 +144,30 @@ public final class NBDServer: Sendable {
         }
     }
 
+    /// Lease expiry closes connections; balances and charges are persisted periodically.
+    private func startTenancyTimers(_ tenancy: Tenancy, loop: any EventLoop) {
+        let service = tenancy.service
+        let logger = configuration.logger
+        service.addLeaseEndObserver { [weak self] lease, end in
+            guard let self else { return }
+            logger.info("lease \(end.rawValue)", metadata: ["volume": "\(lease.volume)", "domain": "\(lease.domain)"])
+            let connections = self.state.withLock { Array($0.connections.values) }
+            for connection in connections {
+                connection.pipeline.fireUserInboundEventTriggered(
+                    NBDConnectionEvent.leaseEnded(volume: lease.volume, domain: lease.domain))
+            }
+        }
+        let expiry = loop.scheduleRepeatedTask(initialDelay: TimeAmount(tenancy.leaseCheckInterval),
+                                               delay: TimeAmount(tenancy.leaseCheckInterval)) { _ in
+            do { try service.expireLeases() } catch { logger.error("lease expiry failed: \(error)") }
+        }
+        let persistence = loop.scheduleRepeatedTask(initialDelay: TimeAmount(tenancy.persistInterval),
+                                                    delay: TimeAmount(tenancy.persistInterval)) { _ in
+            do { try service.persist() } catch { logger.error("cannot persist accounting state: \(error)") }
+        }
+        state.withLock { $0.running?.timers += [expiry, persistence] }
+    }
+
     /// Starts the server and serves until the calling task is cancelled (for example by the CLI's
     /// SIGINT/SIGTERM handler), then stops gracefully. For `vbdtool serve`.
     public func run() async throws {
@@ -151,6 +188,7 @@ public final class NBDServer: Sendable {
             return (running, Array(state.connections.values))
         }
         guard let running else { return }
+        for timer in running.timers { timer.cancel() }
         for listener in running.listeners {
             try? await listener.close()
         }
@@ -167,6 +205,11 @@ public final class NBDServer: Sendable {
         try? await running.readPool.shutdownGracefully()
         try? await running.writePool.shutdownGracefully()
         try? await running.group.shutdownGracefully()
+        if let tenancy = configuration.tenancy {
+            do { try tenancy.service.persist() } catch {
+                configuration.logger.error("cannot persist accounting state: \(error)")
+            }
+        }
         configuration.logger.info("NBD server stopped")
     }
 

@@ -1,6 +1,7 @@
 import Logging
 import NBDProtocol
 import NIOCore
+import VBDAccounting
 import VBDCore
 
 /// One completed transmission-phase request, reported to ``NBDServer/Configuration/observer``.
@@ -87,11 +88,13 @@ extension NBDServer {
         /// Event-loop threads.
         public var eventLoopThreads: Int
         public var observer: NBDRequestObserver?
+        /// Accounting, scheduling and leases; nil serves every client alike, uncharged and unscheduled.
+        public var tenancy: Tenancy?
 
         public init(exports: any ExportProvider, tcp: (host: String, port: Int)? = nil, unixSocketPath: String? = nil,
                     tls: TLSMode = .off, logger: Logger = Logger(label: "vbd.nbd"), limits: ServerLimits = .init(),
                     ioThreadsPerPool: Int = 8, eventLoopThreads: Int = System.coreCount,
-                    observer: NBDRequestObserver? = nil) {
+                    observer: NBDRequestObserver? = nil, tenancy: Tenancy? = nil) {
             self.exports = exports
             self.tcp = tcp
             self.unixSocketPath = unixSocketPath
@@ -101,6 +104,32 @@ extension NBDServer {
             self.ioThreadsPerPool = ioThreadsPerPool
             self.eventLoopThreads = eventLoopThreads
             self.observer = observer
+            self.tenancy = tenancy
+        }
+    }
+
+    /// How the server charges, schedules and admits tenants (docs/ACCOUNTING.md).
+    public struct Tenancy: Sendable {
+        /// Domains, ledger, credit, policies, leases and audit log; shared with the control interface.
+        public var service: TenancyService
+        /// Put the mClock scheduler in front of the I/O pools. Without it requests are still
+        /// charged and leases still enforced, but run in arrival order.
+        public var scheduling: Bool
+        /// Requests on the device at once when scheduling. Fewer slots give the scheduler more say
+        /// (and the device less parallelism); the default matches the read pool.
+        public var deviceSlots: Int?
+        /// How often the server looks for expired leases.
+        public var leaseCheckInterval: Duration
+        /// How often balances, charges and usage are written to the state file.
+        public var persistInterval: Duration
+
+        public init(service: TenancyService, scheduling: Bool = true, deviceSlots: Int? = nil,
+                    leaseCheckInterval: Duration = .milliseconds(200), persistInterval: Duration = .seconds(5)) {
+            self.service = service
+            self.scheduling = scheduling
+            self.deviceSlots = deviceSlots
+            self.leaseCheckInterval = leaseCheckInterval
+            self.persistInterval = persistInterval
         }
     }
 }

@@ -3,11 +3,12 @@
 public enum IOKind: String, CaseIterable, Sendable, Codable, Hashable {
     case read, write, flush, trim, writeZeroes, cache, blockStatus
 
-    /// Whether the request changes the volume (needs a write lease, counts as written bytes).
+    /// Whether the request changes the volume's contents (needs a write lease). FLUSH does not:
+    /// it only makes earlier writes durable, and a read-lease holder may send it harmlessly.
     public var modifies: Bool {
         switch self {
-        case .write, .trim, .writeZeroes, .flush: return true
-        case .read, .cache, .blockStatus: return false
+        case .write, .trim, .writeZeroes: return true
+        case .read, .cache, .blockStatus, .flush: return false
         }
     }
 }

@@ -1,0 +1,116 @@
+import NBDProtocol
+import NIOCore
+import Synchronization
+import VBDAccounting
+
+/// Puts an mClock scheduler between the connections and the I/O thread pools.
+///
+/// Requests of all connections wait in per-domain queues (bounded by each domain's
+/// ``VBDAccounting/SchedulingPolicy/queueCapacity``); at most `deviceSlots` run on the device at
+/// once, and whenever a slot frees the scheduler picks the next request in mClock order at the
+/// real (monotone) time. Without the slot limit every request would go straight to the pools'
+/// own FIFO queues and the order would be arrival order again.
+///
+/// ### Concurrency
+/// `submit` and completions may come from any event loop or pool thread; state is behind one lock,
+/// and jobs are started outside it.
+final class NBDIOScheduler: Sendable {
+    /// Starts a request's work; must call `finished` exactly once when the device call is done.
+    struct Job: Sendable {
+        var start: @Sendable (_ finished: @escaping @Sendable () -> Void) -> Void
+    }
+
+    private struct State {
+        var scheduler: MClockScheduler<Job>
+        var running = 0
+        var timerArmed = false
+    }
+
+    private let state: Mutex<State>
+    private let tenancy: TenancyService
+    let deviceSlots: Int
+    /// Where eligibility timers run (requests held back by a limit wake up here).
+    private let timerLoop: any EventLoop
+    private let origin = ContinuousClock.now
+
+    init(tenancy: TenancyService, deviceSlots: Int, timerLoop: any EventLoop) {
+        precondition(deviceSlots > 0)
+        self.tenancy = tenancy
+        self.deviceSlots = deviceSlots
+        self.timerLoop = timerLoop
+        self.state = Mutex(State(scheduler: MClockScheduler(defaultPolicy: tenancy.policy(for: .anonymous))))
+    }
+
+    private var now: Double {
+        let elapsed = ContinuousClock.now - origin
+        return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+    }
+
+    /// Queues a request; throws when the domain's queue is full.
+    func submit(_ job: Job, domain: DomainID, cost: Double) throws(SchedulerError) {
+        let policy = tenancy.policy(for: domain)
+        let overdrawn = tenancy.isOverdrawn(domain)
+        let time = now
+        try state.withLock { state throws(SchedulerError) in
+            // Policies change through the control interface; pick changes up as requests arrive.
+            if state.scheduler.policy(for: domain) != policy,
+               state.scheduler.queuedCount(of: domain) <= policy.queueCapacity {
+                state.scheduler.setPolicy(policy, for: domain)
+            }
+            if state.scheduler.isReservationOnly(domain) != overdrawn {
+                state.scheduler.setReservationOnly(overdrawn, for: domain)
+            }
+            try state.scheduler.enqueue(job, domain: domain, cost: cost, now: time)
+        }
+        pump()
+    }
+
+    var queuedCount: Int { state.withLock { $0.scheduler.queuedCount } }
+
+    private func pump() {
+        let time = now
+        let (jobs, wakeAt) = state.withLock { state -> ([Job], Double?) in
+            var jobs: [Job] = []
+            while state.running < deviceSlots, let dispatch = state.scheduler.dequeue(now: time) {
+                state.running += 1
+                jobs.append(dispatch.item)
+            }
+            var wakeAt: Double?
+            if state.running < deviceSlots, state.scheduler.queuedCount > 0, !state.timerArmed,
+               let next = state.scheduler.nextEligibleTime() {
+                state.timerArmed = true
+                wakeAt = next
+            }
+            return (jobs, wakeAt)
+        }
+        for job in jobs {
+            job.start { [self] in
+                state.withLock { $0.running -= 1 }
+                pump()
+            }
+        }
+        if let wakeAt {
+            let delay = max(0, wakeAt - time)
+            timerLoop.scheduleTask(in: .nanoseconds(Int64(delay * 1e9) + 1)) { [self] in
+                state.withLock { $0.timerArmed = false }
+                pump()
+            }
+        }
+    }
+}
+
+extension IOKind {
+    /// The ledger's name for an NBD command; nil for DISC, which is not a request to charge.
+    init?(_ command: NBDCommand) {
+        switch command {
+        case .read: self = .read
+        case .write: self = .write
+        case .flush: self = .flush
+        case .trim: self = .trim
+        case .cache: self = .cache
+        case .writeZeroes: self = .writeZeroes
+        case .blockStatus: self = .blockStatus
+        case .disconnect: return nil
+        }
+    }
+}

@@ -1,0 +1,122 @@
+import Foundation
+import Logging
+import NBDServer
+import Synchronization
+import VBDAccounting
+import VBDCore
+
+/// A device with a fixed cost per request, to make device time visible and requests overlap:
+/// every call holds one of `channels` device channels for `perRequest + bytes / bytesPerSecond`.
+/// Models a device with internal parallelism (an SSD's channels), so contention is real.
+final class TimedDevice: BlockDevice, @unchecked Sendable {
+    // @unchecked: `inner` is Sendable-safe (its own lock); `channels` is a semaphore.
+    let inner: MemoryBlockDevice
+    let perRequest: Duration
+    let bytesPerSecond: Double
+    private let channels: DispatchSemaphore
+
+    init(_ inner: MemoryBlockDevice, perRequest: Duration, bytesPerSecond: Double, channels: Int) {
+        self.inner = inner
+        self.perRequest = perRequest
+        self.bytesPerSecond = bytesPerSecond
+        self.channels = DispatchSemaphore(value: channels)
+    }
+
+    var name: String { inner.name }
+    var deviceDescription: String { inner.deviceDescription }
+    var size: UInt64 { inner.size }
+    var blockSize: Int { inner.blockSize }
+    var isReadOnly: Bool { inner.isReadOnly }
+
+    private func occupy(bytes: Int) {
+        channels.wait()
+        defer { channels.signal() }
+        let seconds = Double(perRequest.components.attoseconds) * 1e-18 + Double(perRequest.components.seconds)
+            + Double(bytes) / bytesPerSecond
+        // Busy-wait below 200 µs: nanosleep's slack (~60 µs) would swamp small service times.
+        let deadline = ContinuousClock.now + .nanoseconds(Int64(seconds * 1e9))
+        if seconds > 200e-6 {
+            var request = timespec(tv_sec: 0, tv_nsec: Int((seconds - 100e-6) * 1e9))
+            nanosleep(&request, nil)
+        }
+        while ContinuousClock.now < deadline {}
+    }
+
+    func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(BlockDeviceError) {
+        occupy(bytes: buffer.count)
+        try inner.read(offset: offset, into: buffer)
+    }
+
+    func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
+        occupy(bytes: data.count)
+        try inner.write(offset: offset, data: data, fua: fua)
+    }
+
+    func trim(offset: UInt64, length: UInt64, fua: Bool) throws(BlockDeviceError) {
+        occupy(bytes: 0)
+        try inner.trim(offset: offset, length: length, fua: fua)
+    }
+
+    func writeZeroes(offset: UInt64, length: UInt64, mayTrim: Bool, fastOnly: Bool, fua: Bool) throws(BlockDeviceError) {
+        occupy(bytes: 0)
+        try inner.writeZeroes(offset: offset, length: length, mayTrim: mayTrim, fastOnly: fastOnly, fua: fua)
+    }
+
+    func flush() throws(BlockDeviceError) {
+        occupy(bytes: 0)
+        try inner.flush()
+    }
+
+    func prefetch(offset: UInt64, length: UInt64) throws(BlockDeviceError) { try inner.prefetch(offset: offset, length: length) }
+
+    func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockDeviceError) -> [Extent] {
+        try inner.extents(offset: offset, length: length, maxExtents: maxExtents)
+    }
+}
+
+/// Serves fixed devices by name (any BlockDevice, unlike MemoryExportProvider).
+final class FixedExportProvider: ExportProvider, Sendable {
+    private let devices: [String: any BlockDevice]
+
+    init(_ devices: [any BlockDevice]) {
+        self.devices = Dictionary(uniqueKeysWithValues: devices.map { ($0.name, $0) })
+    }
+
+    func exportList() -> [ExportSummary] {
+        devices.values.map { ExportSummary(name: $0.name, description: $0.deviceDescription) }.sorted { $0.name < $1.name }
+    }
+
+    func openExport(named name: String) throws(BlockDeviceError) -> any BlockDevice {
+        guard let device = devices[name] else { throw .invalid("no export \(name)") }
+        return device
+    }
+}
+
+/// A server on a unix socket with a tenancy configuration.
+final class TenancyServer: @unchecked Sendable {
+    // @unchecked: set once in init, read afterwards.
+    let directory: URL
+    let socketPath: String
+    let server: NBDServer
+    let service: TenancyService?
+
+    init(devices: [any BlockDevice], tenancy: NBDServer.Tenancy?, ioThreadsPerPool: Int = 4) async throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("vbd-acct-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        socketPath = directory.appendingPathComponent("nbd.sock").path
+        var logger = Logger(label: "vbd.nbd.tenancy-test")
+        logger.logLevel = ProcessInfo.processInfo.environment["VBD_NBD_TEST_LOG"] == nil ? .warning : .trace
+        service = tenancy?.service
+        server = NBDServer(configuration: .init(
+            exports: FixedExportProvider(devices), unixSocketPath: socketPath, logger: logger,
+            ioThreadsPerPool: ioThreadsPerPool, eventLoopThreads: 2, tenancy: tenancy))
+        try await server.start()
+    }
+
+    func uri(_ export: String) -> String { "nbd+unix:///\(export)?socket=\(socketPath)" }
+
+    func stop() async {
+        await server.stop()
+        try? FileManager.default.removeItem(at: directory)
+    }
+}

@@ -1,0 +1,157 @@
+import Foundation
+import NBDProtocol
+import NBDServer
+import NIOCore
+import Testing
+import VBDAccounting
+import VBDCore
+
+extension RealServerTests {
+    @Suite("Accounting, scheduling and leases through the real server", .serialized)
+    struct TenancyServerTests {
+        /// NBD_OPT_GO for `export`: the reply type of the first reply (ACK/INFO on success).
+        func optionGoReplyType(_ socketPath: String, export: String) -> UInt32? {
+            guard let client = try? RawClient(socketPath: socketPath) else { return nil }
+            guard client.greet() != nil else { return nil }
+            client.sendOption(NBDOptionCode.go, payload: NBDClientEncoder.exportQueryPayload(name: export))
+            return client.receiveOptionReply()?.type
+        }
+
+        func request(_ client: RawClient, _ command: NBDCommand, handle: UInt64, offset: UInt64 = 0,
+                     length: UInt32 = 4096) -> UInt32? {
+            let payload = command == .write ? [UInt8](repeating: 0x5A, count: Int(length)) : []
+            client.sendRequest(command.rawValue, handle: handle, offset: offset, length: length, payload: payload)
+            guard let reply = client.receiveSimpleReply(), reply.handle == handle else { return nil }
+            if command == .read && reply.error == 0 { _ = client.receive(Int(length)) }
+            return reply.error
+        }
+
+        @Test func leasesGateTheHandshakeAndWritesAndEndingOneClosesTheConnectionAfterInFlightRequests() async throws {
+            let audit = MemoryAuditStorage()
+            let service = try TenancyService(
+                configuration: .init(resolver: DomainResolver(bindings: ["vol": "alice"]), leasesEnforced: true),
+                auditStorage: audit)
+            // Writes take 300 ms so that one is surely in flight when the lease is revoked.
+            let device = TimedDevice(MemoryBlockDevice(name: "vol", size: 16 << 20), perRequest: .zero,
+                                     bytesPerSecond: 4096 / 0.3, channels: 4)
+            let fixture = try await TenancyServer(
+                devices: [device], tenancy: .init(service: service, leaseCheckInterval: .milliseconds(50)))
+            defer { Task { await fixture.stop() } }
+
+            // No lease: the export is refused at the handshake, by policy.
+            #expect(optionGoReplyType(fixture.socketPath, export: "vol") == NBDOptionReplyType.errPolicy)
+
+            // A read lease admits the connection and reads; writes get EPERM.
+            try service.grantLease(volume: "vol", domain: "alice", mode: .read, duration: .seconds(60), actor: "test")
+            #expect(optionGoReplyType(fixture.socketPath, export: "vol") == NBDOptionReplyType.info)  // INFO replies precede the ACK
+            let client = try RawClient(socketPath: fixture.socketPath)
+            #expect(client.enterTransmission(export: "vol") != nil)
+            #expect(request(client, .read, handle: 1) == 0)
+            #expect(request(client, .write, handle: 2, length: 512) == NBDError.notPermitted.rawValue)
+
+            // Upgraded to a write lease: writes go through; another domain cannot get one meanwhile.
+            try service.grantLease(volume: "vol", domain: "alice", mode: .write, duration: .seconds(60), actor: "test")
+            #expect(request(client, .write, handle: 3, length: 512) == 0)
+            #expect(throws: LeaseError.conflict(volume: "vol", holder: "alice", mode: .write)) {
+                try service.grantLease(volume: "vol", domain: "bob", mode: .write, duration: .seconds(60), actor: "test")
+            }
+
+            // Revoke while a write is in flight: the write completes and is answered, then the server closes.
+            let payload = [UInt8](repeating: 0x77, count: 4096)
+            client.sendRequest(NBDCommand.write.rawValue, handle: 4, offset: 8192, length: 4096, payload: payload)
+            try await Task.sleep(for: .milliseconds(100))
+            try service.revokeLease(volume: "vol", domain: "alice", actor: "operator")
+            let reply = client.receiveSimpleReply()
+            #expect(reply?.handle == 4 && reply?.error == 0, "in-flight write answered before close")
+            #expect(client.waitForClose())
+            #expect(try device.inner.readArray(offset: 8192, count: 4096) == payload)
+            // New connections are refused; the volume can now be leased to another domain.
+            #expect(optionGoReplyType(fixture.socketPath, export: "vol") == NBDOptionReplyType.errPolicy)
+            try service.bind(export: "vol", to: "bob", actor: "operator")
+            try service.grantLease(volume: "vol", domain: "bob", mode: .write, duration: .milliseconds(500), actor: "operator")
+            let second = try RawClient(socketPath: fixture.socketPath)
+            #expect(second.enterTransmission(export: "vol") != nil)
+            #expect(request(second, .read, handle: 5) == 0)
+            // Expiry closes it without anyone acting (the server's lease timer).
+            let started = ContinuousClock.now
+            #expect(second.waitForClose())
+            #expect(ContinuousClock.now - started < .seconds(3))
+
+            // The audit log tells the story, intact, and forensics reconstructs the holders.
+            let records = try service.auditRecords()
+            #expect(records.map(\.operation) == ["lease.grant", "lease.grant", "lease.revoke", "binding.set",
+                                                 "lease.grant", "lease.expire"])
+            #expect(try service.verifyAudit()?.isIntact == true)
+            let holdings = LeaseHistory.holdings(of: "vol", in: records)
+            #expect(holdings.map(\.domain) == ["alice", "alice", "bob"])
+            #expect(holdings.map(\.end) == [.released, .revoked, .expired])
+            // The refused write and the accepted requests were all charged to their domains.
+            let ledger = service.snapshot().ledger
+            #expect(ledger.usage(of: "alice").operations[.write] == 3)
+            #expect(ledger.usage(of: "alice").failedOperations == 1)
+            #expect(ledger.usage(of: "alice").bytesWritten == 512 + 4096)
+            #expect(ledger.usage(of: "bob").operations[.read] == 1)
+        }
+
+        @Test(.enabled(if: Tool.fioHasNBDEngine))
+        func everyRequestFioMakesIsChargedToItsDomain() async throws {
+            let state = MemoryStateStorage()
+            let service = try TenancyService(
+                configuration: .init(resolver: DomainResolver(bindings: ["a": "alice", "b": "bob"]),
+                                     credits: CreditBook(defaultAccount: .init(balance: 1e9, overdraftLimit: 0))),
+                stateStorage: state)
+            let devices: [any BlockDevice] = [MemoryBlockDevice(name: "a", size: 16 << 20),
+                                              MemoryBlockDevice(name: "b", size: 16 << 20)]
+            let fixture = try await TenancyServer(devices: devices, tenancy: .init(service: service))
+            defer { Task { await fixture.stop() } }
+            async let writer = runTool("fio", [
+                "--name=w", "--ioengine=nbd", "--uri=\(fixture.uri("a"))", "--rw=randwrite", "--bs=4k", "--size=8M",
+                "--iodepth=16", "--number_ios=1500", "--randrepeat=1", "--output-format=json"])
+            async let reader = runTool("fio", [
+                "--name=r", "--ioengine=nbd", "--uri=\(fixture.uri("b"))", "--rw=randread", "--bs=64k", "--size=8M",
+                "--iodepth=4", "--number_ios=300", "--randrepeat=1", "--output-format=json"])
+            let (w, r) = try await (writer, reader)
+            #expect(w.status == 0 && r.status == 0, "\(w)\n\(r)")
+            let writes = try FioResult(w.stdout), reads = try FioResult(r.stdout)
+            let snapshot = service.snapshot()
+            let alice = snapshot.ledger.usage(of: "alice"), bob = snapshot.ledger.usage(of: "bob")
+            #expect(alice.operations[.write] == UInt64(writes.writeIOs))
+            #expect(alice.bytesWritten == UInt64(writes.writeIOs) * 4096)
+            #expect(alice.operations[.read, default: 0] == 0)
+            #expect(bob.operations[.read] == UInt64(reads.readIOs))
+            #expect(bob.bytesRead == UInt64(reads.readIOs) * 65536)
+            #expect(alice.deviceTime > .zero && bob.deviceTime > .zero)
+            // Charges: the book's total is the sum of per-domain charges recorded in the ledger.
+            let charged = snapshot.ledger.total.creditsCharged
+            #expect(abs(snapshot.credits.totalCharged - charged) <= 1e-9 * charged)
+            #expect(abs(snapshot.credits.account("alice").balance - (1e9 - alice.creditsCharged)) < 1e-3)
+            // And persisted on stop.
+            await fixture.server.stop()
+            let reloaded = try TenancyService(configuration: .init(), stateStorage: state)
+            #expect(reloaded.snapshot().ledger.usage(of: "alice") == alice)
+        }
+    }
+}
+
+/// The few fields of fio's JSON output the tests use.
+struct FioResult {
+    var readIOs = 0, writeIOs = 0
+    var readLatencyPercentiles: [String: Double] = [:]   // "50.000000" -> microseconds
+    var readIOPS = 0.0, writeIOPS = 0.0
+
+    init(_ json: String) throws {
+        // fio may print warnings before the JSON object.
+        guard let start = json.firstIndex(of: "{") else { throw ToolError.missing("fio JSON") }
+        let object = try JSONSerialization.jsonObject(with: Data(json[start...].utf8)) as? [String: Any]
+        for job in object?["jobs"] as? [[String: Any]] ?? [] {
+            let read = job["read"] as? [String: Any] ?? [:], write = job["write"] as? [String: Any] ?? [:]
+            readIOs += read["total_ios"] as? Int ?? 0
+            writeIOs += write["total_ios"] as? Int ?? 0
+            readIOPS += read["iops"] as? Double ?? 0
+            writeIOPS += write["iops"] as? Double ?? 0
+            if let clat = read["clat_ns"] as? [String: Any], let percentiles = clat["percentile"] as? [String: Any] {
+                for (key, value) in percentiles { readLatencyPercentiles[key] = ((value as? Double) ?? Double(value as? Int ?? 0)) / 1000 }
+            }
+        }
+    }
+}
