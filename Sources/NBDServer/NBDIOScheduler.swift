@@ -11,6 +11,13 @@ import VBDAccounting
 /// real (monotone) time. Without the slot limit every request would go straight to the pools'
 /// own FIFO queues and the order would be arrival order again.
 ///
+/// `reservedSlots` of the slots are kept for reservation-phase requests: weight-phase requests
+/// (service beyond reservations) occupy at most `deviceSlots - reservedSlots` at once. A device
+/// request cannot be preempted, so without this a tenant whose reservation is due waits for a
+/// slot behind, say, a 1 MiB write of a tenant served by weight; with it, it waits only for other
+/// reservation-phase requests (docs/ACCOUNTING.md, "hostile workload"). The price is that
+/// weight-only load uses one slot less.
+///
 /// ### Concurrency
 /// `submit` and completions may come from any event loop or pool thread; state is behind one lock,
 /// and jobs are started outside it.
@@ -23,20 +30,24 @@ final class NBDIOScheduler: Sendable {
     private struct State {
         var scheduler: MClockScheduler<Job>
         var running = 0
+        var runningByWeight = 0
         var timerArmed = false
     }
 
     private let state: Mutex<State>
     private let tenancy: TenancyService
     let deviceSlots: Int
+    let reservedSlots: Int
     /// Where eligibility timers run (requests held back by a limit wake up here).
     private let timerLoop: any EventLoop
     private let origin = ContinuousClock.now
 
-    init(tenancy: TenancyService, deviceSlots: Int, timerLoop: any EventLoop) {
-        precondition(deviceSlots > 0)
+    init(tenancy: TenancyService, deviceSlots: Int, reservedSlots: Int, timerLoop: any EventLoop) {
+        precondition(deviceSlots > 0 && reservedSlots >= 0 && reservedSlots < deviceSlots,
+                     "at least one slot must remain for weight-phase service")
         self.tenancy = tenancy
         self.deviceSlots = deviceSlots
+        self.reservedSlots = reservedSlots
         self.timerLoop = timerLoop
         self.state = Mutex(State(scheduler: MClockScheduler(defaultPolicy: tenancy.policy(for: .anonymous))))
     }
@@ -69,23 +80,30 @@ final class NBDIOScheduler: Sendable {
 
     private func pump() {
         let time = now
-        let (jobs, wakeAt) = state.withLock { state -> ([Job], Double?) in
-            var jobs: [Job] = []
-            while state.running < deviceSlots, let dispatch = state.scheduler.dequeue(now: time) {
+        let weightSlots = deviceSlots - reservedSlots
+        let (jobs, wakeAt) = state.withLock { state -> ([(Job, MClockScheduler<Job>.Phase)], Double?) in
+            var jobs: [(Job, MClockScheduler<Job>.Phase)] = []
+            while state.running < deviceSlots,
+                  let dispatch = state.scheduler.dequeue(now: time,
+                                                         weightPhaseAllowed: state.runningByWeight < weightSlots) {
                 state.running += 1
-                jobs.append(dispatch.item)
+                if dispatch.phase == .weight { state.runningByWeight += 1 }
+                jobs.append((dispatch.item, dispatch.phase))
             }
             var wakeAt: Double?
             if state.running < deviceSlots, state.scheduler.queuedCount > 0, !state.timerArmed,
-               let next = state.scheduler.nextEligibleTime() {
+               let next = state.scheduler.nextEligibleTime(weightPhaseAllowed: state.runningByWeight < weightSlots) {
                 state.timerArmed = true
                 wakeAt = next
             }
             return (jobs, wakeAt)
         }
-        for job in jobs {
+        for (job, phase) in jobs {
             job.start { [self] in
-                state.withLock { $0.running -= 1 }
+                state.withLock { state in
+                    state.running -= 1
+                    if phase == .weight { state.runningByWeight -= 1 }
+                }
                 pump()
             }
         }

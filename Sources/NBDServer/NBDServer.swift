@@ -105,8 +105,9 @@ public final class NBDServer: Sendable {
         var scheduler: NBDIOScheduler?
         if let tenancy = configuration.tenancy {
             if tenancy.scheduling {
-                scheduler = NBDIOScheduler(tenancy: tenancy.service,
-                                           deviceSlots: tenancy.deviceSlots ?? max(1, configuration.ioThreadsPerPool),
+                let slots = tenancy.deviceSlots ?? max(1, configuration.ioThreadsPerPool)
+                scheduler = NBDIOScheduler(tenancy: tenancy.service, deviceSlots: slots,
+                                           reservedSlots: min(max(0, tenancy.reservedSlots), slots - 1),
                                            timerLoop: group.next())
             }
             startTenancyTimers(tenancy, loop: group.next())

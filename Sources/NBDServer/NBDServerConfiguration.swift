@@ -118,16 +118,20 @@ extension NBDServer {
         /// Requests on the device at once when scheduling. Fewer slots give the scheduler more say
         /// (and the device less parallelism); the default matches the read pool.
         public var deviceSlots: Int?
+        /// Slots only reservation-phase requests may use, so a reserved tenant never waits behind
+        /// requests served by weight (see ``NBDIOScheduler``). Clamped to deviceSlots - 1.
+        public var reservedSlots: Int
         /// How often the server looks for expired leases.
         public var leaseCheckInterval: Duration
         /// How often balances, charges and usage are written to the state file.
         public var persistInterval: Duration
 
-        public init(service: TenancyService, scheduling: Bool = true, deviceSlots: Int? = nil,
+        public init(service: TenancyService, scheduling: Bool = true, deviceSlots: Int? = nil, reservedSlots: Int = 1,
                     leaseCheckInterval: Duration = .milliseconds(200), persistInterval: Duration = .seconds(5)) {
             self.service = service
             self.scheduling = scheduling
             self.deviceSlots = deviceSlots
+            self.reservedSlots = reservedSlots
             self.leaseCheckInterval = leaseCheckInterval
             self.persistInterval = persistInterval
         }

@@ -176,7 +176,9 @@ public struct MClockScheduler<Item> {
 
     /// Picks the next request to start at `now`, or nil when none is eligible yet (all queues empty,
     /// or every waiting domain is at its limit or restricted and ahead of its reservation).
-    public mutating func dequeue(now: Double) -> Dispatch? {
+    /// With `weightPhaseAllowed` false only reservation-phase requests are considered (the server
+    /// keeps some device slots for reservations this way).
+    public mutating func dequeue(now: Double, weightPhaseAllowed: Bool = true) -> Dispatch? {
         var bestReservation: (domain: DomainID, tag: Double)?
         var bestProportion: (domain: DomainID, tag: Double)?
         for (domain, state) in domains {
@@ -191,18 +193,19 @@ public struct MClockScheduler<Item> {
         if let chosen = bestReservation {
             return take(from: chosen.domain, now: now, phase: .reservation)
         }
-        if let chosen = bestProportion {
+        if weightPhaseAllowed, let chosen = bestProportion {
             return take(from: chosen.domain, now: now, phase: .weight)
         }
         return nil
     }
 
-    /// When `dequeue` returns nil with requests waiting: the earliest time one may become eligible.
-    public func nextEligibleTime() -> Double? {
+    /// When `dequeue` returns nil with requests waiting: the earliest time one may become eligible
+    /// (considering only reservation-phase eligibility when `weightPhaseAllowed` is false).
+    public func nextEligibleTime(weightPhaseAllowed: Bool = true) -> Double? {
         var earliest: Double?
         for state in domains.values {
             guard let head = state.queue.first else { continue }
-            let ready = state.reservationOnly
+            let ready = state.reservationOnly || !weightPhaseAllowed
                 ? max(state.limitReadyAt, head.reservationTag) : state.limitReadyAt
             // +infinity: restricted to a reservation of 0, never eligible until the restriction lifts.
             if ready < .infinity { earliest = min(earliest ?? ready, ready) }
