@@ -85,7 +85,7 @@ let package = Package(
         .testTarget(name: "VBDCoreTests", dependencies: ["VBDCore"]),
         .testTarget(name: "VBDCacheTests", dependencies: ["VBDCache", "VBDCore"], resources: [.copy("Traces")]),
         .testTarget(name: "VBDStoreTests", dependencies: ["VBDStore", "VBDCore", "VBDSimulation"]),
-        .testTarget(name: "VBDAccountingTests", dependencies: ["VBDAccounting", "VBDCore"]),
+        .testTarget(name: "VBDAccountingTests", dependencies: ["VBDAccounting", "VBDCore", "VBDStore"]),
         .testTarget(name: "VBDSimulationTests", dependencies: ["VBDSimulation", "VBDStore"]),
         .testTarget(
             name: "NBDProtocolTests",

@@ -74,3 +74,53 @@ public enum AuditOperation {
     public static let creditTopUp = "credit.topup"
     public static let overdraftSet = "credit.overdraft"
 }
+
+/// Forensics for one volume between two points in time: which snapshots bound the interval, which
+/// byte ranges changed between them (the store's map diff, injected so this module stays free of
+/// the store), and which domains held the volume meanwhile.
+public struct VolumeForensics: Equatable, Sendable {
+    /// The last snapshot taken at or before `from` (nil: none, compare from the volume's creation).
+    public var fromSnapshot: String?
+    /// The first snapshot taken at or after `to`... or the last before it when none is later.
+    public var toSnapshot: String?
+    public var changedRanges: [Range<UInt64>]
+    /// Holdings that overlap [from, to].
+    public var holders: [LeaseHolding]
+
+    /// Snapshots of `volume` named by the log: `snapshot.create` records whose target is the volume
+    /// and whose `snapshot` detail is the snapshot's full name (`VOLUME@NAME`).
+    public static func snapshots(of volume: String, in records: [AuditRecord]) -> [(name: String, time: WallTime)] {
+        records.compactMap { record in
+            guard record.operation == AuditOperation.snapshotCreate, record.target == volume,
+                  let name = record.details["snapshot"] else { return nil }
+            return (name, record.time)
+        }
+    }
+
+    /// - Parameter diff: byte ranges that differ between two images (`Store.diff(from:to:)`).
+    public static func investigate(volume: String, from: WallTime, to: WallTime, records: [AuditRecord],
+                                   diff: (String, String) throws -> [Range<UInt64>]) throws -> VolumeForensics {
+        precondition(from <= to)
+        let snapshots = snapshots(of: volume, in: records)
+        let before = snapshots.last { $0.time <= from }
+        let after = snapshots.first { $0.time >= to } ?? snapshots.last { $0.time <= to && $0.time > (before?.time ?? from) }
+        var ranges: [Range<UInt64>] = []
+        if let before, let after, before.name != after.name {
+            ranges = try diff(before.name, after.name)
+        }
+        let holders = LeaseHistory.holdings(of: volume, in: records).filter { holding in
+            holding.from <= to && (holding.until ?? holding.expiresAt) > from
+        }
+        return VolumeForensics(fromSnapshot: before?.name, toSnapshot: after?.name, changedRanges: ranges,
+                               holders: holders)
+    }
+}
+
+extension AuditOperation {
+    public static let volumeCreate = "volume.create"
+    public static let snapshotCreate = "snapshot.create"
+    public static let share = "share"
+    public static let delete = "delete"
+    public static let resize = "volume.resize"
+    public static let gc = "gc"
+}
