@@ -31,7 +31,9 @@ final class NBDIOScheduler: Sendable {
         var scheduler: MClockScheduler<Job>
         var running = 0
         var runningByWeight = 0
-        var timerArmed = false
+        /// Deadline of the earliest armed eligibility timer. A new, earlier deadline arms another
+        /// timer: a single "armed" flag would let a reserved request wait for a later timer.
+        var timerDeadline: Double?
     }
 
     private let state: Mutex<State>
@@ -91,9 +93,10 @@ final class NBDIOScheduler: Sendable {
                 jobs.append((dispatch.item, dispatch.phase))
             }
             var wakeAt: Double?
-            if state.running < deviceSlots, state.scheduler.queuedCount > 0, !state.timerArmed,
-               let next = state.scheduler.nextEligibleTime(weightPhaseAllowed: state.runningByWeight < weightSlots) {
-                state.timerArmed = true
+            if state.running < deviceSlots, state.scheduler.queuedCount > 0,
+               let next = state.scheduler.nextEligibleTime(weightPhaseAllowed: state.runningByWeight < weightSlots),
+               next < (state.timerDeadline ?? .infinity) {
+                state.timerDeadline = next
                 wakeAt = next
             }
             return (jobs, wakeAt)
@@ -110,7 +113,9 @@ final class NBDIOScheduler: Sendable {
         if let wakeAt {
             let delay = max(0, wakeAt - time)
             timerLoop.scheduleTask(in: .nanoseconds(Int64(delay * 1e9) + 1)) { [self] in
-                state.withLock { $0.timerArmed = false }
+                state.withLock { state in
+                    if state.timerDeadline == wakeAt { state.timerDeadline = nil }
+                }
                 pump()
             }
         }

@@ -47,7 +47,7 @@ extension RealServerTests {
                 let service = try TenancyService(configuration: .init(
                     resolver: DomainResolver(bindings: ["victim": "victim", "bulk": "bulk", "flood": "flood"]),
                     policies: [
-                        "victim": SchedulingPolicy(reservation: 3000, weight: 4),
+                        "victim": SchedulingPolicy(reservation: 8000, weight: 4),
                         "bulk": SchedulingPolicy(reservation: 0, limit: Self.bulkLimit, weight: 1),
                         "flood": SchedulingPolicy(reservation: 0, limit: Self.floodLimit, weight: 1),
                     ]))

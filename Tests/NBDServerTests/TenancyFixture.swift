@@ -33,13 +33,15 @@ final class TimedDevice: BlockDevice, @unchecked Sendable {
         defer { channels.signal() }
         let seconds = Double(perRequest.components.attoseconds) * 1e-18 + Double(perRequest.components.seconds)
             + Double(bytes) / bytesPerSecond
-        // Busy-wait below 200 µs: nanosleep's slack (~60 µs) would swamp small service times.
+        // Sleep, never spin: a real device does not use host CPU while busy, and on a 2-core machine
+        // spinning threads would preempt the clients and the event loops and swamp the latencies
+        // being measured. nanosleep adds ~50 µs of slack per request, the same in every run.
         let deadline = ContinuousClock.now + .nanoseconds(Int64(seconds * 1e9))
-        if seconds > 200e-6 {
-            var request = timespec(tv_sec: 0, tv_nsec: Int((seconds - 100e-6) * 1e9))
+        while case let remaining = deadline - ContinuousClock.now, remaining > .zero {
+            var request = timespec(tv_sec: Int(remaining.components.seconds),
+                                   tv_nsec: Int(remaining.components.attoseconds / 1_000_000_000))
             nanosleep(&request, nil)
         }
-        while ContinuousClock.now < deadline {}
     }
 
     func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(BlockDeviceError) {
@@ -100,7 +102,8 @@ final class TenancyServer: @unchecked Sendable {
     let server: NBDServer
     let service: TenancyService?
 
-    init(devices: [any BlockDevice], tenancy: NBDServer.Tenancy?, ioThreadsPerPool: Int = 4) async throws {
+    init(devices: [any BlockDevice], tenancy: NBDServer.Tenancy?, tls: NBDServer.TLSMode = .off,
+         ioThreadsPerPool: Int = 4) async throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("vbd-acct-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         socketPath = directory.appendingPathComponent("nbd.sock").path
@@ -108,7 +111,7 @@ final class TenancyServer: @unchecked Sendable {
         logger.logLevel = ProcessInfo.processInfo.environment["VBD_NBD_TEST_LOG"] == nil ? .warning : .trace
         service = tenancy?.service
         server = NBDServer(configuration: .init(
-            exports: FixedExportProvider(devices), unixSocketPath: socketPath, logger: logger,
+            exports: FixedExportProvider(devices), unixSocketPath: socketPath, tls: tls, logger: logger,
             ioThreadsPerPool: ioThreadsPerPool, eventLoopThreads: 2, tenancy: tenancy))
         try await server.start()
     }
