@@ -1,0 +1,188 @@
+import Foundation
+import VBDCache
+import VBDCore
+import VBDStore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs operator commands against an open ``VBDStore/Store``.
+///
+/// The server runs it for requests that arrive on the control socket; the CLI runs the very same
+/// code against a store it opened itself when no server answers.
+///
+/// ### Concurrency
+/// Thread-safe: the store serializes its own metadata, and this type holds no mutable state.
+/// Several requests may run at once (one per control connection).
+public final class ControlService: Sendable {
+    public let store: Store
+    /// Absolute path of the store directory.
+    public let storePath: String
+    /// The universal cache the store reads through, if any (only a server has one).
+    public let cache: BlockCache?
+    /// Who answers a ping; nil when the service runs inside the CLI.
+    let status: ServerStatus?
+
+    public init(store: Store, storePath: String, cache: BlockCache? = nil, status: ServerStatus? = nil) {
+        self.store = store
+        self.storePath = storePath
+        self.cache = cache
+        self.status = status
+    }
+
+    /// Runs one request. Progress reports go to `progress` while long work runs.
+    public func execute(_ request: ControlRequest, progress: @escaping ProgressSink) throws(ControlFailure) -> ControlResult {
+        do {
+            return try executeThrowing(request, progress: progress)
+        } catch let failure as ControlFailure {
+            throw failure
+        } catch {
+            throw ControlFailure(error)
+        }
+    }
+
+    private func executeThrowing(_ request: ControlRequest, progress: @escaping ProgressSink) throws -> ControlResult {
+        switch request {
+        case .ping:
+            guard let status else { throw ControlFailure(code: "internal", message: "ping answered by the CLI itself") }
+            return .pong(status)
+        case let .create(name, size, blockSize, group):
+            return .image(ImageSummary(try store.createVolume(name: name, size: size, blockSize: blockSize, group: group)))
+        case .list:
+            return .images(store.list().map(ImageSummary.init))
+        case let .info(name):
+            return .image(ImageSummary(try store.info(name)))
+        case let .snapshot(target):
+            let (volume, name) = try Self.splitSnapshotName(target)
+            return .image(ImageSummary(try store.snapshot(volume: volume, name: name)))
+        case let .share(snapshot, newName):
+            guard snapshot.contains("@") else {
+                throw ControlFailure(code: "invalid-argument",
+                                     message: "'\(snapshot)' is not a snapshot: share takes VOLUME@SNAPSHOT (take one with `vbdtool snapshot \(snapshot)@NAME`)")
+            }
+            return .image(ImageSummary(try store.share(snapshot: snapshot, as: newName)))
+        case let .remove(name, force):
+            // Cache counters are per owner; find the owners before the images (and their maps) go.
+            let owners = cache == nil ? [] : imagesRemoved(byDeleting: name, force: force).compactMap { self.cacheOwner(of: $0) }
+            try store.delete(name, force: force)
+            for owner in owners { cache?.forgetStatistics(for: owner) }
+            return .done
+        case let .resize(name, size):
+            try store.resize(volume: name, size: size)
+            return .image(ImageSummary(try store.info(name)))
+        case let .diff(from, to):
+            let ranges = try store.diff(from: from, to: to)
+            guard ranges.count <= ControlLimits.diffRangesMax else {
+                throw ControlFailure(code: "too-large", message: "'\(from)' and '\(to)' differ in \(ranges.count) ranges; the limit is \(ControlLimits.diffRangesMax)")
+            }
+            let out = ranges.map { ByteRange(offset: $0.lowerBound, length: $0.upperBound - $0.lowerBound) }
+            return .ranges(DiffReport(from: from, to: to, ranges: out, changedBytes: out.reduce(0) { $0 + $1.length }))
+        case let .importImage(path, name, blockSize, group, format):
+            return .transfer(try ImageTransfer(store: store).importImage(path: path, name: name, blockSize: blockSize,
+                                                                         group: group, format: format, progress: progress))
+        case let .exportImage(name, path, overwrite):
+            return .transfer(try ImageTransfer(store: store).exportImage(name: name, path: path, overwrite: overwrite, progress: progress))
+        case .stats:
+            return .stats(try statistics())
+        case .gc:
+            return .gc(try collectGarbage(progress: progress))
+        case let .fsck(verifyData):
+            let report = store.fsck(verifyData: verifyData) { done, total in
+                progress(ProgressReport(phase: "fsck", done: UInt64(done), total: UInt64(total)))
+            }
+            return .fsck(FsckSummary(clean: report.isClean, dataVerified: verifyData, images: report.images,
+                                     mapNodes: report.mapNodes, mappedBlocks: report.mappedBlocks, chunks: report.chunks,
+                                     chunkBytesVerified: report.chunkBytesVerified, problems: report.problems))
+        }
+    }
+
+    /// `VOLUME@NAME` -> (`VOLUME`, `NAME`).
+    static func splitSnapshotName(_ target: String) throws(ControlFailure) -> (String, String) {
+        let parts = target.split(separator: "@", omittingEmptySubsequences: false)
+        guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
+            throw ControlFailure(code: "invalid-argument", message: "'\(target)' is not a snapshot name: write VOLUME@NAME, e.g. vm0@before-upgrade")
+        }
+        return (String(parts[0]), String(parts[1]))
+    }
+
+    // MARK: gc
+
+    /// The store frees a chunk the moment its last reference goes, and gives the space back to
+    /// the file system once that free is durable. What is left for `gc` is to make every pending
+    /// free durable (flush), fold the journal into a fresh checkpoint (which also releases frees
+    /// the last checkpoint still needed and punches their holes), and report what that reclaimed.
+    func collectGarbage(progress: ProgressSink) throws -> GCReport {
+        let storedBefore = store.storedBytes
+        let dataBefore = StoreFiles.dataBytesOnDisk(storePath)
+        let metaBefore = StoreFiles.metadataBytesOnDisk(storePath)
+        progress(ProgressReport(phase: "gc", done: 0, total: 2))
+        try store.flush()
+        progress(ProgressReport(phase: "gc", done: 1, total: 2))
+        try store.checkpoint()
+        progress(ProgressReport(phase: "gc", done: 2, total: 2))
+        return GCReport(storedBytesBefore: storedBefore, storedBytesAfter: store.storedBytes,
+                        dataFileBytesOnDiskBefore: dataBefore, dataFileBytesOnDiskAfter: StoreFiles.dataBytesOnDisk(storePath),
+                        metadataBytesOnDiskBefore: metaBefore, metadataBytesOnDiskAfter: StoreFiles.metadataBytesOnDisk(storePath))
+    }
+}
+
+extension ImageSummary {
+    init(_ info: ImageInfo) {
+        self.init(name: info.name, kind: info.isReadOnly ? "snapshot" : "volume", size: info.size, blockSize: info.blockSize,
+                  createdAt: info.createdAt, origin: info.origin, group: info.group, readOnly: info.isReadOnly)
+    }
+}
+
+extension ControlFailure {
+    /// Maps any error of the layers below to a failure with a stable code.
+    public init(_ error: any Error) {
+        switch error {
+        case let failure as ControlFailure:
+            self = failure
+        case let e as StoreError:
+            if case let .hasDependents(_, dependents, _) = e {
+                self.init(code: e.code, message: e.description, dependents: dependents)
+            } else {
+                self.init(code: e.code, message: e.description)
+            }
+        case let e as BlockDeviceError:
+            let code: String
+            switch e {
+            case .noSpace: code = "no-space"
+            case .gone: code = "not-found"
+            case .readOnly: code = "read-only"
+            case .corrupted: code = "corrupted"
+            case .outOfRange, .invalid: code = "invalid-argument"
+            case .notSupported: code = "not-supported"
+            case .io: code = "io"
+            }
+            self.init(code: code, message: e.description)
+        case let e as ByteSize.ParseError:
+            self.init(code: "invalid-argument", message: e.description)
+        default:
+            self.init(code: "internal", message: "\(error)")
+        }
+    }
+}
+
+/// Sizes of the files in a store directory, as the file system reports them.
+enum StoreFiles {
+    /// Allocated bytes of `path` (st_blocks x 512): holes excluded, as `du` counts.
+    static func bytesOnDisk(_ path: String) -> UInt64 {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return 0 }
+        return UInt64(st.st_blocks) * 512
+    }
+
+    static func dataBytesOnDisk(_ storePath: String) -> UInt64 {
+        bytesOnDisk(storePath + "/data")
+    }
+
+    /// Superblock, checkpoints and journals: everything but the data, the lock and sockets.
+    static func metadataBytesOnDisk(_ storePath: String) -> UInt64 {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: storePath) else { return 0 }
+        return names.filter { $0 == "superblock" || $0.hasPrefix("checkpoint-") || $0.hasPrefix("journal-") }
+            .reduce(0) { $0 + bytesOnDisk(storePath + "/" + $1) }
+    }
+}
