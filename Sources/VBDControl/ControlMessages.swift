@@ -75,10 +75,13 @@ public struct ProgressReport: Codable, Sendable, Equatable {
     public var done: UInt64
     /// Zero when unknown.
     public var total: UInt64
-    public init(phase: String, done: UInt64, total: UInt64) {
+    /// What `done` and `total` count: `bytes`, `chunks`, `percent` or `steps`.
+    public var unit: String
+    public init(phase: String, done: UInt64, total: UInt64, unit: String) {
         self.phase = phase
         self.done = done
         self.total = total
+        self.unit = unit
     }
 }
 

@@ -89,7 +89,7 @@ public final class ControlService: Sendable {
             return .gc(try collectGarbage(progress: progress))
         case let .fsck(verifyData):
             let report = store.fsck(verifyData: verifyData) { done, total in
-                progress(ProgressReport(phase: "fsck", done: UInt64(done), total: UInt64(total)))
+                progress(ProgressReport(phase: "fsck", done: UInt64(done), total: UInt64(total), unit: "chunks"))
             }
             return .fsck(FsckSummary(clean: report.isClean, dataVerified: verifyData, images: report.images,
                                      mapNodes: report.mapNodes, mappedBlocks: report.mappedBlocks, chunks: report.chunks,
@@ -116,11 +116,11 @@ public final class ControlService: Sendable {
         let storedBefore = store.storedBytes
         let dataBefore = StoreFiles.dataBytesOnDisk(storePath)
         let metaBefore = StoreFiles.metadataBytesOnDisk(storePath)
-        progress(ProgressReport(phase: "gc", done: 0, total: 2))
+        progress(ProgressReport(phase: "gc", done: 0, total: 2, unit: "steps"))
         try store.flush()
-        progress(ProgressReport(phase: "gc", done: 1, total: 2))
+        progress(ProgressReport(phase: "gc", done: 1, total: 2, unit: "steps"))
         try store.checkpoint()
-        progress(ProgressReport(phase: "gc", done: 2, total: 2))
+        progress(ProgressReport(phase: "gc", done: 2, total: 2, unit: "steps"))
         return GCReport(storedBytesBefore: storedBefore, storedBytesAfter: store.storedBytes,
                         dataFileBytesOnDiskBefore: dataBefore, dataFileBytesOnDiskAfter: StoreFiles.dataBytesOnDisk(storePath),
                         metadataBytesOnDiskBefore: metaBefore, metadataBytesOnDiskAfter: StoreFiles.metadataBytesOnDisk(storePath))

@@ -187,7 +187,7 @@ struct ImageTransfer {
                                                     ioThreadsPerPool: 2, eventLoopThreads: 1))
         try runBlocking { try await server.start() }
         defer { _ = try? runBlocking { await server.stop() } }
-        let throttle = ProgressThrottleBox(ProgressThrottle(phase: "import", total: 100, sink: progress))
+        let throttle = ProgressThrottleBox(ProgressThrottle(phase: "import", total: 100, unit: "percent", sink: progress))
         // --target-is-zero: the new volume reads as zeroes, so qemu-img skips zero areas (sparse).
         let outcome = try Subprocess.run(qemuImg, ["convert", "-p", "-n", "--target-is-zero", "-f", format, "-O", "raw", path,
                                                    "nbd+unix:///\(name)?socket=\(socketPath)"]) { chunk in

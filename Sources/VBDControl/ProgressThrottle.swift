@@ -5,14 +5,16 @@ import Synchronization
 struct ProgressThrottle {
     let phase: String
     let total: UInt64
+    let unit: String
     let sink: ProgressSink
     private var lastSent: ContinuousClock.Instant?
     private var lastDone: UInt64 = 0
     private static let interval = Duration.seconds(1.0 / ControlLimits.progressFramesPerSecondMax)
 
-    init(phase: String, total: UInt64, sink: @escaping ProgressSink) {
+    init(phase: String, total: UInt64, unit: String = "bytes", sink: @escaping ProgressSink) {
         self.phase = phase
         self.total = total
+        self.unit = unit
         self.sink = sink
     }
 
@@ -21,11 +23,11 @@ struct ProgressThrottle {
         let now = ContinuousClock.now
         if let lastSent, now - lastSent < Self.interval { return }
         lastSent = now
-        sink(ProgressReport(phase: phase, done: done, total: total))
+        sink(ProgressReport(phase: phase, done: done, total: total, unit: unit))
     }
 
     mutating func finish() {
-        sink(ProgressReport(phase: phase, done: total, total: total))
+        sink(ProgressReport(phase: phase, done: total, total: total, unit: unit))
     }
 }
 
