@@ -1,6 +1,10 @@
 import Foundation
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Runs helper programs (qemu-img) with bounded capture of their output.
 enum Subprocess {
     /// The first executable named `name` on PATH.
@@ -19,6 +23,17 @@ enum Subprocess {
         var standardError: String
     }
 
+    /// Reads `fd` until EOF in bounded chunks.
+    private static func drain(_ fd: Int32, _ consume: ([UInt8]) -> Void) {
+        var chunk = [UInt8](repeating: 0, count: 64 << 10)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return }
+            consume(Array(chunk[0..<n]))
+        }
+    }
+
     /// Runs `executable` to completion. Each output stream keeps at most `captureBytesMax` bytes
     /// (the rest is read and dropped, so the child never blocks on a full pipe). `onOutput` sees
     /// every chunk of standard output as it arrives.
@@ -31,35 +46,29 @@ enum Subprocess {
         let out = Pipe(), err = Pipe()
         process.standardOutput = out
         process.standardError = err
-        let captured = Mutex<(out: [UInt8], err: [UInt8])>(([], []))
-        let finished = DispatchGroup()
-        for (pipe, isError) in [(out, false), (err, true)] {
-            finished.enter()
-            pipe.fileHandleForReading.readabilityHandler = { handle in
-                let chunk = handle.availableData
-                if chunk.isEmpty {
-                    handle.readabilityHandler = nil
-                    finished.leave()
-                    return
-                }
-                let bytes = [UInt8](chunk)
-                if !isError { onOutput?(bytes) }
-                captured.withLock { buffers in
-                    if isError {
-                        buffers.err += bytes.prefix(max(0, captureBytesMax - buffers.err.count))
-                    } else {
-                        buffers.out += bytes.prefix(max(0, captureBytesMax - buffers.out.count))
-                    }
-                }
-            }
-        }
         do { try process.run() } catch {
-            out.fileHandleForReading.readabilityHandler = nil
-            err.fileHandleForReading.readabilityHandler = nil
             throw ControlFailure(code: "io", message: "cannot run \(executable): \(error)")
         }
+        // This process's copies of the write ends must go, or the reads below never see EOF.
+        try? out.fileHandleForWriting.close()
+        try? err.fileHandleForWriting.close()
+        let captured = Mutex<(out: [UInt8], err: [UInt8])>(([], []))
+        let errorDrained = DispatchSemaphore(value: 0)
+        // Standard error on its own thread, standard output here: neither pipe can fill up and
+        // stall the child while we wait on the other.
+        let errFD = err.fileHandleForReading.fileDescriptor
+        Thread.detachNewThread {
+            drain(errFD) { bytes in
+                captured.withLock { $0.err += bytes.prefix(max(0, captureBytesMax - $0.err.count)) }
+            }
+            errorDrained.signal()
+        }
+        drain(out.fileHandleForReading.fileDescriptor) { bytes in
+            onOutput?(bytes)
+            captured.withLock { $0.out += bytes.prefix(max(0, captureBytesMax - $0.out.count)) }
+        }
+        errorDrained.wait()
         process.waitUntilExit()
-        finished.wait()
         let (stdout, stderr) = captured.withLock { ($0.out, $0.err) }
         return Outcome(status: process.terminationStatus, standardOutput: stdout,
                        standardError: String(decoding: stderr, as: UTF8.self))

@@ -29,6 +29,8 @@ struct ServeCommand: AsyncParsableCommand {
     @Flag(help: "Refuse clients that do not use TLS.") var tlsRequired = false
     @Option(help: "Universal cache size, e.g. 1G (default: an eighth of RAM, 64M..32G).") var cacheSize: String?
     @Option(help: "Last-chance (compressed) cache tier size (default: a quarter of --cache-size; 0 turns it off).") var lastChanceSize: String?
+    @Option(help: "Cap the store's data file, e.g. 500G: writes needing more fail with ENOSPC (default: the disk's space).")
+    var maxDataSize: String?
     @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
     @OptionGroup var store: StoreOptions
 
@@ -36,6 +38,9 @@ struct ServeCommand: AsyncParsableCommand {
         if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("--tls-cert and --tls-key go together") }
         if tlsRequired && tlsCert == nil { throw ValidationError("--tls-required needs --tls-cert and --tls-key") }
         if let listen { _ = try Self.parseListen(listen) }
+        if let cacheSize { _ = try parseSize(cacheSize, option: "--cache-size") }
+        if let lastChanceSize { _ = try parseSize(lastChanceSize, option: "--last-chance-size") }
+        if let maxDataSize { _ = try parseSize(maxDataSize, option: "--max-data-size") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level: unknown level '\(logLevel)'") }
     }
 
@@ -63,6 +68,7 @@ struct ServeCommand: AsyncParsableCommand {
         let cache = BlockCache(configuration: .init(capacityBytes: cacheBytes, lastChanceCapacityBytes: lastChanceBytes))
         var options = Store.Options()
         options.cache = cache
+        if let maxDataSize { options.dataBytesMax = try parseSize(maxDataSize, option: "--max-data-size") }
         let opened: Store
         do { opened = try Store.open(path: storePath, options: options) } catch { fail(ControlFailure(error), json: false) }
         let store = opened
