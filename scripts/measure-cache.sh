@@ -84,5 +84,8 @@ print("| insert + evict, 4 KiB, LZ4 into last-chance tier | \(millions(withLastC
 print("| insert + evict, 4 KiB, no last-chance tier | \(millions(withoutLastChance)) |")
 SWIFT
 cd "$work"
-swift build -c release --product measure-cache 2>&1 | grep -E "error|warning: unre|Compiling measure|Build" || true
+if ! swift build -c release --product measure-cache >"$work/build.log" 2>&1; then
+    cat "$work/build.log" >&2
+    exit 1
+fi
 "$work/.build/release/measure-cache" "$reads"
