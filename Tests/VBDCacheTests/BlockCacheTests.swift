@@ -219,7 +219,7 @@ import VBDCore
         #expect(BlockCache.Configuration.defaultCapacityBytes(physicalMemoryBytes: 128 << 20) == 64 << 20)
         #expect(BlockCache.Configuration.defaultCapacityBytes(physicalMemoryBytes: 1 << 40) == 32 << 30)
         #expect(BlockCache.Configuration.defaultShardCount(capacityBytes: 2 << 30) == 64)
-        #expect(BlockCache.Configuration.defaultShardCount(capacityBytes: 64 << 20) == 2)
+        #expect(BlockCache.Configuration.defaultShardCount(capacityBytes: 64 << 20) == 8)
         #expect(BlockCache.Configuration.defaultShardCount(capacityBytes: 1 << 20) == 1)
         let configuration = BlockCache.Configuration()
         #expect(configuration.capacityBytes >= 64 << 20)
