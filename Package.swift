@@ -23,6 +23,7 @@ let package = Package(
     targets: [
         .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
         .systemLibrary(name: "CXXHash", pkgConfig: "libxxhash", providers: [.apt(["libxxhash-dev"])]),
+        .target(name: "CVBDSys"),
         .target(
             name: "VBDCore",
             dependencies: ["CLZ4", "CXXHash"]
@@ -33,7 +34,7 @@ let package = Package(
         ),
         .target(
             name: "VBDStore",
-            dependencies: ["VBDCore", "VBDCache"]
+            dependencies: ["VBDCore", "VBDCache", "CVBDSys"]
         ),
         .target(
             name: "VBDSimulation",

@@ -1,0 +1,147 @@
+import VBDCore
+
+// MARK: - Notes on the design
+//
+// The journal is the store's write-ahead log of metadata. Block data goes to the data file first;
+// a journal record then says which chunk lives where and which block maps to it. Records wait in
+// memory until a flush, which (1) syncs the data file, (2) appends them as one frame, (3) syncs
+// the journal. A frame carries the checkpoint generation, a sequence number and a checksum, so
+// recovery replays whole frames in order and stops at the first torn or stale one: a flush batch
+// is all-or-nothing, and every chunk a replayed record names was synced before the record.
+//
+// Frame: magic u32 | generation u64 | sequence u64 | payload length u32 | payload | xxh3-64 u64
+// (checksum over everything from generation to the end of the payload).
+
+enum JournalRecord: Equatable {
+    /// A new chunk: number, hash, packed location and shape (see ``ChunkEntry``).
+    case chunk(number: UInt64, hash: ContentHash, location: UInt64, shape: UInt32)
+    /// Block `block` of image `image` now holds `chunk` (0 = unmapped, ``MapRoot`` zeroAllocated).
+    case map(image: UInt64, block: UInt64, chunk: UInt64)
+    /// Blocks `[start, start+count)` of `image` are unmapped.
+    case clear(image: UInt64, start: UInt64, count: UInt64)
+    case createImage(ImageRecord)
+    /// A snapshot of `source` (or a share of snapshot `source`) described by the record.
+    case cloneImage(source: UInt64, ImageRecord)
+    case deleteImage(UInt64)
+    case resize(image: UInt64, size: UInt64)
+    case renameGroup(domain: UInt16, group: String)
+
+    func encode(into w: inout BinaryWriter) {
+        switch self {
+        case let .chunk(number, hash, location, shape):
+            w.u8(1); w.varint(number); w.u64(hash.high); w.u64(hash.low); w.u64(location); w.u32(shape)
+        case let .map(image, block, chunk):
+            w.u8(2); w.varint(image); w.varint(block); w.varint(chunk)
+        case let .clear(image, start, count):
+            w.u8(3); w.varint(image); w.varint(start); w.varint(count)
+        case let .createImage(r):
+            w.u8(4); r.encode(into: &w)
+        case let .cloneImage(source, r):
+            w.u8(5); w.varint(source); r.encode(into: &w)
+        case let .deleteImage(id):
+            w.u8(6); w.varint(id)
+        case let .resize(image, size):
+            w.u8(7); w.varint(image); w.varint(size)
+        case let .renameGroup(domain, group):
+            w.u8(8); w.u16(domain); w.string(group)
+        }
+    }
+
+    static func decode(_ r: inout BinaryReader) throws(BinaryReader.Malformed) -> JournalRecord {
+        switch try r.u8() {
+        case 1:
+            let n = try r.varint()
+            let h = try r.u64(), l = try r.u64()
+            return .chunk(number: n, hash: ContentHash(high: h, low: l), location: try r.u64(), shape: try r.u32())
+        case 2: return .map(image: try r.varint(), block: try r.varint(), chunk: try r.varint())
+        case 3: return .clear(image: try r.varint(), start: try r.varint(), count: try r.varint())
+        case 4: return .createImage(try ImageRecord.decode(&r))
+        case 5: return .cloneImage(source: try r.varint(), try ImageRecord.decode(&r))
+        case 6: return .deleteImage(try r.varint())
+        case 7: return .resize(image: try r.varint(), size: try r.varint())
+        case 8: return .renameGroup(domain: try r.u16(), group: try r.string())
+        default: throw BinaryReader.Malformed(position: r.position)
+        }
+    }
+}
+
+enum JournalFrame {
+    static let magic: UInt32 = 0x4A44_4256   // "VBDJ"
+    static let headerBytes = 24
+    static let trailerBytes = 8
+    /// A frame larger than this is corrupt (pending records are capped far below it).
+    static let payloadBytesMax = 1 << 30
+
+    static func encode(generation: UInt64, sequence: UInt64, payload: [UInt8]) -> [UInt8] {
+        var w = BinaryWriter(capacity: payload.count + headerBytes + trailerBytes)
+        w.u32(magic); w.u64(generation); w.u64(sequence); w.u32(UInt32(payload.count))
+        w.raw(payload)
+        let sum = w.bytes.withUnsafeBytes { metadataChecksum(UnsafeRawBufferPointer(rebasing: $0[4...])) }
+        w.u64(sum)
+        return w.bytes
+    }
+
+    /// Decodes the valid frames at the start of `bytes`; returns their payloads and the byte
+    /// length of the valid prefix. Stops at the first frame that is torn, stale or corrupt.
+    static func decodeValidPrefix(_ bytes: [UInt8], generation: UInt64) -> (payloads: [[UInt8]], validBytes: Int) {
+        var payloads: [[UInt8]] = []
+        var at = 0
+        var expectedSequence: UInt64 = 0
+        while bytes.count - at >= headerBytes + trailerBytes {
+            var r = BinaryReader(bytes, position: at)
+            guard let m = try? r.u32(), m == magic,
+                  let g = try? r.u64(), g == generation,
+                  let s = try? r.u64(), s == expectedSequence,
+                  let n = try? r.u32(), Int(n) <= payloadBytesMax,
+                  bytes.count - at >= headerBytes + Int(n) + trailerBytes
+            else { break }
+            let end = at + headerBytes + Int(n)
+            let sum = bytes.withUnsafeBytes { metadataChecksum(UnsafeRawBufferPointer(rebasing: $0[(at + 4)..<end])) }
+            var t = BinaryReader(bytes, position: end)
+            guard let stored = try? t.u64(), stored == sum else { break }
+            payloads.append(Array(bytes[(at + headerBytes)..<end]))
+            at = end + trailerBytes
+            expectedSequence += 1
+        }
+        return (payloads, at)
+    }
+}
+
+/// What is persisted about a volume or a snapshot (an "image": anything with a map).
+public struct ImageRecord: Equatable, Sendable {
+    public enum Kind: UInt8, Sendable { case volume = 1, snapshot = 2 }
+
+    public var id: UInt64
+    public var kind: Kind
+    /// A volume's name, or a snapshot's name without the `VOLUME@` part.
+    public var name: String
+    /// For a snapshot: the volume it was taken of.
+    public var volumeID: UInt64
+    /// For a share: the snapshot it started from (0 for a volume created empty).
+    public var originID: UInt64
+    public var size: UInt64
+    public var blockShift: UInt8
+    /// Dedup domain: blocks are shared only between images of one domain.
+    public var domain: UInt16
+    /// Seconds since 1970 when it was made.
+    public var createdAt: UInt64
+
+    public var blockSize: Int { 1 << Int(blockShift) }
+    public var blockCount: UInt64 { (size + UInt64(blockSize) - 1) >> UInt64(blockShift) }
+
+    func encode(into w: inout BinaryWriter) {
+        w.varint(id); w.u8(kind.rawValue); w.string(name); w.varint(volumeID); w.varint(originID)
+        w.varint(size); w.u8(blockShift); w.u16(domain); w.varint(createdAt)
+    }
+
+    static func decode(_ r: inout BinaryReader) throws(BinaryReader.Malformed) -> ImageRecord {
+        let id = try r.varint()
+        guard let kind = Kind(rawValue: try r.u8()) else { throw BinaryReader.Malformed(position: r.position) }
+        let name = try r.string(maxBytes: Limits.nameBytesMax)
+        let volumeID = try r.varint(), originID = try r.varint(), size = try r.varint()
+        let shift = try r.u8()
+        guard shift >= 9 && shift <= 20 && size <= Limits.volumeBytesMax else { throw BinaryReader.Malformed(position: r.position) }
+        return ImageRecord(id: id, kind: kind, name: name, volumeID: volumeID, originID: originID, size: size,
+                           blockShift: shift, domain: try r.u16(), createdAt: try r.varint())
+    }
+}

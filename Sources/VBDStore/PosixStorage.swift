@@ -1,0 +1,165 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import CVBDSys
+
+/// Real files under a directory. The only file in the store that calls the C library.
+public final class PosixDirectory: StorageDirectory {
+    public let path: String
+    private var lockDescriptor: Int32 = -1
+
+    public init(path: String, create: Bool) throws(StorageError) {
+        self.path = path
+        var st = stat()
+        if stat(path, &st) != 0 {
+            guard create else { throw .notFound("no store at \(path)") }
+            if mkdir(path, 0o755) != 0 { throw .io("cannot create \(path): \(String(cString: strerror(errno)))") }
+        } else if (st.st_mode & S_IFMT) != S_IFDIR {
+            throw .io("\(path) is not a directory")
+        }
+    }
+
+    deinit { unlock() }
+
+    public func openFile(_ name: String, create: Bool) throws(StorageError) -> any StorageFile {
+        let full = path + "/" + name
+        let fd = open(full, O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0), 0o644)
+        if fd < 0 {
+            if errno == ENOENT { throw .notFound(full) }
+            throw .io("open \(full): \(String(cString: strerror(errno)))")
+        }
+        return PosixFile(descriptor: fd, path: full)
+    }
+
+    public func fileExists(_ name: String) -> Bool {
+        access(path + "/" + name, F_OK) == 0
+    }
+
+    public func removeFile(_ name: String) throws(StorageError) {
+        if unlink(path + "/" + name) != 0 && errno != ENOENT {
+            throw .io("unlink \(name): \(String(cString: strerror(errno)))")
+        }
+        syncDirectory()
+    }
+
+    public func fileNames() throws(StorageError) -> [String] {
+        guard let dir = opendir(path) else { throw .io("opendir \(path): \(String(cString: strerror(errno)))") }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafePointer(to: entry.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+
+    public func lockExclusive() throws(StorageError) {
+        let fd = open(path + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw .io("cannot open lock file: \(String(cString: strerror(errno)))") }
+        if flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            var buf = [UInt8](repeating: 0, count: 32)
+            let n = pread(fd, &buf, 31, 0)
+            let holder = n > 0 ? String(decoding: buf[..<n], as: UTF8.self).trimmingSpaces : "unknown"
+            close(fd)
+            throw .locked("store at \(path) is in use by another process (pid \(holder)); stop it or talk to it through its control socket")
+        }
+        let pid = "\(getpid())\n"
+        _ = ftruncate(fd, 0)
+        _ = pid.withCString { pwrite(fd, $0, strlen($0), 0) }
+        lockDescriptor = fd
+    }
+
+    public func unlock() {
+        if lockDescriptor >= 0 {
+            _ = ftruncate(lockDescriptor, 0)
+            close(lockDescriptor)
+            lockDescriptor = -1
+        }
+    }
+
+    /// Makes file creations and removals durable (the directory entry itself).
+    func syncDirectory() {
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if fd >= 0 { _ = fsync(fd); close(fd) }
+    }
+}
+
+final class PosixFile: StorageFile {
+    private var descriptor: Int32
+    private let path: String
+
+    init(descriptor: Int32, path: String) {
+        self.descriptor = descriptor
+        self.path = path
+    }
+
+    deinit { close() }
+
+    private func failure(_ op: String) -> StorageError {
+        let e = errno
+        if e == ENOSPC || e == EDQUOT { return .noSpace }
+        return .io("\(op) \(path): \(String(cString: strerror(e)))")
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) -> Int {
+        while true {
+            let n = pread(descriptor, buffer.baseAddress, buffer.count, off_t(offset))
+            if n >= 0 { return n }
+            if errno != EINTR { throw failure("read") }
+        }
+    }
+
+    func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
+        var done = 0
+        while done < bytes.count {
+            let n = pwrite(descriptor, bytes.baseAddress! + done, bytes.count - done, off_t(offset + UInt64(done)))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw failure("write")
+            }
+            done += n
+        }
+    }
+
+    func sync() throws(StorageError) {
+        if fdatasync(descriptor) != 0 { throw failure("fdatasync") }
+    }
+
+    func size() throws(StorageError) -> UInt64 {
+        var st = stat()
+        if fstat(descriptor, &st) != 0 { throw failure("fstat") }
+        return UInt64(st.st_size)
+    }
+
+    func truncate(to size: UInt64) throws(StorageError) {
+        if ftruncate(descriptor, off_t(size)) != 0 { throw failure("ftruncate") }
+    }
+
+    func punchHole(offset: UInt64, length: UInt64) throws(StorageError) {
+        // File systems without hole punching keep the bytes, which is safe: the space is only reused.
+        if vbd_punch_hole(descriptor, Int64(offset), Int64(length)) != 0 {
+            if errno == EOPNOTSUPP || errno == ENOSYS { return }
+            throw failure("fallocate(punch)")
+        }
+    }
+
+    func close() {
+        if descriptor >= 0 {
+            Glibc.close(descriptor)
+            descriptor = -1
+        }
+    }
+}
+
+extension String {
+    var trimmingSpaces: String {
+        var s = Substring(self)
+        while let c = s.first, c == " " || c == "\n" || c == "\0" { s.removeFirst() }
+        while let c = s.last, c == " " || c == "\n" || c == "\0" { s.removeLast() }
+        return String(s)
+    }
+}

@@ -1,0 +1,142 @@
+import VBDCore
+
+// MARK: - Notes on the design
+//
+// The data file is an array of 512-byte sectors; each chunk occupies a run of them. A bitmap
+// (1 bit per sector) says which are in use. Allocation is next-fit from a cursor with a bounded
+// scan, falling back to appending at the end, so a write never scans the whole bitmap.
+//
+// Freed space is not reusable at once. Until the journal records that freed it are durable, a
+// crash would bring back a state in which the old chunk still lives there, so overwriting it
+// would destroy flushed data. Frees therefore wait in `deferred` until `Store.flush` has made
+// the records durable, then the sectors become free and every fully freed 4 KiB page of the
+// file is hole-punched, which is how deleting volumes gives space back to `du`.
+
+struct SpaceAllocator {
+    private(set) var bitmap: [UInt64] = []
+    /// Sectors in the file (allocated or not).
+    private(set) var endSector: UInt64 = 0
+    private(set) var usedSectors: UInt64 = 0
+    private var cursor: Int = 0
+    /// Sectors freed in memory whose freeing is not yet durable.
+    private(set) var deferred: [(sector: UInt64, count: Int)] = []
+
+    /// Bitmap words scanned before appending instead: bounds allocation time.
+    static let scanWordsMax = 2048
+
+    mutating func markUsed(_ sector: UInt64, count: Int) {
+        let end = sector + UInt64(count)
+        ensure(end)
+        for s in sector..<end {
+            let w = Int(s >> 6), b = s & 63
+            precondition(bitmap[w] & (1 << b) == 0, "sector \(s) allocated twice")
+            bitmap[w] |= 1 << b
+        }
+        usedSectors += UInt64(count)
+        if end > endSector { endSector = end }
+    }
+
+    private mutating func ensure(_ sectors: UInt64) {
+        let words = Int((sectors + 63) >> 6)
+        if bitmap.count < words { bitmap.append(contentsOf: repeatElement(0, count: words - bitmap.count)) }
+    }
+
+    @inline(__always)
+    private func isFree(_ s: UInt64) -> Bool {
+        let w = Int(s >> 6)
+        return w >= bitmap.count || bitmap[w] & (1 << (s & 63)) == 0
+    }
+
+    /// Finds `count` consecutive free sectors, preferring holes inside the file.
+    mutating func allocate(_ count: Int) -> UInt64 {
+        let freeInside = endSector - usedSectors
+        // Reuse holes only when there is a fair amount of free space, so small holes in a full
+        // file do not make every allocation scan.
+        if freeInside >= UInt64(count) * 4 && !bitmap.isEmpty {
+            var scanned = 0
+            var w = cursor % bitmap.count
+            while scanned < SpaceAllocator.scanWordsMax && scanned < bitmap.count {
+                if bitmap[w] != ~0 {
+                    var s = UInt64(w) << 6
+                    let wordEnd = s + 64
+                    while s < wordEnd && s + UInt64(count) <= endSector {
+                        var run = 0
+                        while run < count && isFree(s + UInt64(run)) { run += 1 }
+                        if run == count {
+                            markUsed(s, count: count)
+                            cursor = Int((s + UInt64(count)) >> 6)
+                            return s
+                        }
+                        s += UInt64(run) + 1
+                    }
+                }
+                w = (w + 1) % bitmap.count
+                scanned += 1
+            }
+            cursor = w
+        }
+        let s = endSector
+        markUsed(s, count: count)
+        return s
+    }
+
+    /// Frees sectors once the free is durable (see the notes).
+    mutating func deferFree(_ sector: UInt64, count: Int) {
+        deferred.append((sector, count))
+    }
+
+    /// Takes the deferred frees recorded so far; the caller releases them after its flush.
+    mutating func takeDeferred() -> [(sector: UInt64, count: Int)] {
+        defer { deferred.removeAll() }
+        return deferred
+    }
+
+    /// Puts frees back after a failed flush, ahead of newer ones.
+    mutating func restoreDeferred(_ frees: [(sector: UInt64, count: Int)]) {
+        deferred = frees + deferred
+    }
+
+    /// Marks sectors free; returns the 4 KiB-aligned byte ranges that are now entirely free and
+    /// can be hole-punched.
+    mutating func release(_ frees: [(sector: UInt64, count: Int)]) -> [(offset: UInt64, length: UInt64)] {
+        var pages = Set<UInt64>()
+        for (sector, count) in frees {
+            for s in sector..<sector + UInt64(count) {
+                let w = Int(s >> 6), b = s & 63
+                precondition(bitmap[w] & (1 << b) != 0, "sector \(s) freed twice")
+                bitmap[w] &= ~(1 << b)
+            }
+            usedSectors -= UInt64(count)
+            let first = sector >> 3, last = (sector + UInt64(count) - 1) >> 3
+            for p in first...last { pages.insert(p) }
+        }
+        var punch: [(offset: UInt64, length: UInt64)] = []
+        for p in pages.sorted() {
+            // 8 sectors per 4 KiB page: all free (one byte of the bitmap).
+            let w = Int((p * 8) >> 6), shift = (p * 8) & 63
+            if w < bitmap.count && (bitmap[w] >> shift) & 0xFF == 0 {
+                if let last = punch.last, last.offset + last.length == p * 4096 {
+                    punch[punch.count - 1].length += 4096
+                } else {
+                    punch.append((p * 4096, 4096))
+                }
+            }
+        }
+        return punch
+    }
+
+    /// Frees immediately (used when nothing durable can reference the space: a failed write).
+    mutating func releaseNow(_ sector: UInt64, count: Int) {
+        _ = release([(sector, count)])
+    }
+
+    var bitmapBytes: Int { bitmap.capacity * 8 }
+
+    /// After truncating the file: nothing past `end` is in use (checked by the caller).
+    mutating func setEndSector(_ end: UInt64) {
+        precondition(end <= endSector)
+        endSector = end
+        bitmap.removeLast(bitmap.count - Int((end + 63) >> 6))
+        if cursor >= bitmap.count { cursor = 0 }
+    }
+}

@@ -1,0 +1,77 @@
+/// The file interface the store does all its I/O through.
+///
+/// Two implementations: ``PosixDirectory`` (real files) and the simulator's `SimulatedDirectory`,
+/// which on a crash keeps, drops or tears every write that was not yet synced. The store must
+/// be correct against the weakest behaviour this interface allows:
+///
+/// ### Contract
+/// 1. `write` returns once the bytes are visible to later `read`s, not once they are durable.
+/// 2. `sync` makes every earlier `write`, `truncate` and `punchHole` of that file durable.
+/// 3. Unsynced writes may survive a crash whole, partly (any subset of 512-byte sectors) or not at all.
+/// 4. Creating and removing a file is durable when the call returns (a journaling file system's
+///    metadata); the store never relies on the order of two such calls.
+public protocol StorageFile: AnyObject {
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) -> Int
+    func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError)
+    func sync() throws(StorageError)
+    func size() throws(StorageError) -> UInt64
+    func truncate(to size: UInt64) throws(StorageError)
+    /// Frees the storage of a range; it then reads as zeroes.
+    func punchHole(offset: UInt64, length: UInt64) throws(StorageError)
+    func close()
+}
+
+public protocol StorageDirectory: AnyObject {
+    /// Opens a file, creating it empty when `create` is set and it does not exist.
+    func openFile(_ name: String, create: Bool) throws(StorageError) -> any StorageFile
+    func fileExists(_ name: String) -> Bool
+    func removeFile(_ name: String) throws(StorageError)
+    func fileNames() throws(StorageError) -> [String]
+    /// Takes the single-writer lock; throws `.locked` if another process holds it.
+    func lockExclusive() throws(StorageError)
+    func unlock()
+    /// Human-readable location, for messages.
+    var path: String { get }
+}
+
+public enum StorageError: Error, Equatable, CustomStringConvertible {
+    case notFound(String)
+    case noSpace
+    case locked(String)
+    case io(String)
+    /// The simulator's power cut: every call after it fails until the store is reopened.
+    case crashed
+
+    public var description: String {
+        switch self {
+        case .notFound(let s): return "not found: \(s)"
+        case .noSpace: return "no space left on device"
+        case .locked(let s): return s
+        case .io(let s): return s
+        case .crashed: return "simulated crash"
+        }
+    }
+}
+
+extension StorageFile {
+    /// Reads exactly `buffer.count` bytes or throws; a short read past the end is an I/O error.
+    func readExactly(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
+        var done = 0
+        while done < buffer.count {
+            let n = try read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), at: offset + UInt64(done))
+            if n == 0 { throw .io("short read at offset \(offset + UInt64(done))") }
+            done += n
+        }
+    }
+
+    func readAll() throws(StorageError) -> [UInt8] {
+        let n = Int(try size())
+        var bytes = [UInt8](repeating: 0, count: n)
+        var failure: StorageError?
+        bytes.withUnsafeMutableBytes { b in
+            do throws(StorageError) { try readExactly(into: b, at: 0) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        return bytes
+    }
+}

@@ -1,0 +1,490 @@
+import VBDCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// MARK: - Notes on the design
+//
+// Reads copy the chunk entries they need under the lock, then load each chunk outside it:
+// cache, else data file -> LZ4 decompress -> rehash -> compare with the entry's hash (DESIGN.md
+// invariant 3). A mismatch is re-checked under the lock: if the block was remapped meanwhile the
+// read retries, otherwise it is corruption and fails with the volume and byte offset.
+//
+// Writes run in phases so that hashing, compression and data-file writes stay outside the lock:
+//   A  (no lock) zero test and hash of every block
+//   B  (lock)    dedup: candidates with the same hash and domain are compared byte for byte
+//                (DESIGN.md invariant 2); a match is retained at once
+//   C  (no lock) compress the rest
+//   D  (lock)    reserve chunk numbers and sectors
+//   E  (no lock) write the chunk bytes
+//   F  (lock)    re-check dedup (a concurrent writer may have stored the same bytes), then
+//                journal the chunks and the map updates
+// Partial blocks are read-modify-written under a stripe lock per block, so two concurrent
+// partial writes to one block do not lose each other's bytes.
+
+struct LoadedChunkFailure: Error {
+    let detail: String
+}
+
+extension Store {
+    struct ImageView {
+        var id: UInt64
+        var name: String
+        var size: UInt64
+        var blockShift: UInt8
+        var domain: UInt16
+        var readOnly: Bool
+        var blockSize: Int { 1 << Int(blockShift) }
+    }
+
+    /// With `mutex` held.
+    func viewLocked(_ id: UInt64) throws(BlockDeviceError) -> (ImageView, Image) {
+        guard !closed, let image = images[id] else { throw .gone("the volume or snapshot was deleted or the store closed") }
+        let r = image.record
+        return (ImageView(id: id, name: fullNameLocked(r), size: r.size, blockShift: r.blockShift, domain: r.domain,
+                          readOnly: r.kind == .snapshot), image)
+    }
+
+    func checkRange(_ v: ImageView, offset: UInt64, length: UInt64) throws(BlockDeviceError) {
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        if overflow || end > v.size { throw .outOfRange(offset: offset, length: length, size: v.size) }
+    }
+
+    // MARK: Loading one chunk
+
+    /// Fills `destination` (exactly the chunk's raw length) with the chunk's verified bytes.
+    func loadChunk(_ chunk: UInt64, _ entry: ChunkEntry, into destination: UnsafeMutableRawBufferPointer,
+                   volume: UInt64) throws(LoadedChunkFailure) {
+        precondition(destination.count == entry.rawBytes)
+        if let cache = options.cache, cache.read(chunk, into: destination, volume: volume, domain: entry.domain) { return }
+        let stored = entry.storedBytes
+        var failure: LoadedChunkFailure?
+        withUnsafeTemporaryAllocation(byteCount: max(stored, 1), alignment: 16) { raw in
+            let slice = UnsafeMutableRawBufferPointer(rebasing: raw[0..<stored])
+            do {
+                try dataFile.readExactly(into: slice, at: entry.sector * UInt64(Limits.sectorBytes))
+            } catch {
+                failure = LoadedChunkFailure(detail: "data file read failed: \(error)")
+                return
+            }
+            if entry.isCompressed {
+                if !BlockCompression.decompress(UnsafeRawBufferPointer(slice), into: destination) {
+                    failure = LoadedChunkFailure(detail: "compressed bytes do not decompress to \(entry.rawBytes) bytes")
+                    return
+                }
+            } else {
+                guard stored == destination.count else {
+                    failure = LoadedChunkFailure(detail: "stored length \(stored) differs from block length")
+                    return
+                }
+                destination.copyMemory(from: UnsafeRawBufferPointer(slice))
+            }
+        }
+        if let failure { throw failure }
+        let actual = contentHash(UnsafeRawBufferPointer(destination), domain: entry.domain)
+        guard actual == entry.hash else {
+            throw LoadedChunkFailure(detail: "content hash \(actual) does not match chunk \(chunk)'s \(entry.hash)")
+        }
+        options.cache?.insert(chunk, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain)
+    }
+
+    // MARK: Read
+
+    func read(image id: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(BlockDeviceError) {
+        var attempt = 0
+        while true {
+            do {
+                try readOnce(image: id, offset: offset, into: buffer)
+                return
+            } catch let e as RetryRead {
+                attempt += 1
+                if attempt >= 4 { throw .corrupted(volume: e.volume, offset: e.offset, detail: e.detail) }
+            } catch let e as BlockDeviceError {
+                throw e
+            } catch {
+                throw .io("\(error)")
+            }
+        }
+    }
+
+    private struct RetryRead: Error { let volume: String; let offset: UInt64; let detail: String }
+
+    private func readOnce(image id: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        let length = UInt64(buffer.count)
+        guard length > 0 else {
+            let v = try mutex.withLock { () throws(BlockDeviceError) in try viewLocked(id).0 }
+            try checkRange(v, offset: offset, length: 0)
+            return
+        }
+        let (view, refs) = try mutex.withLock { () throws(BlockDeviceError) -> (ImageView, [(UInt64, ChunkEntry)]) in
+            let (v, image) = try viewLocked(id)
+            try checkRange(v, offset: offset, length: length)
+            let first = offset >> UInt64(v.blockShift), last = (offset + length - 1) >> UInt64(v.blockShift)
+            var refs: [(UInt64, ChunkEntry)] = []
+            refs.reserveCapacity(Int(last - first + 1))
+            for b in first...last {
+                let c = image.root.lookup(b)
+                refs.append((c, c != 0 && c < zeroAllocatedChunk ? chunks[c] : .free))
+            }
+            return (v, refs)
+        }
+        let bs = UInt64(view.blockSize)
+        let first = offset / bs
+        for (k, (chunk, entry)) in refs.enumerated() {
+            let block = first + UInt64(k)
+            let blockStart = block * bs
+            let lo = max(offset, blockStart), hi = min(offset + length, blockStart + bs)
+            let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(lo - offset)..<Int(hi - offset)])
+            if chunk == 0 || chunk >= zeroAllocatedChunk {
+                dst.initializeMemory(as: UInt8.self, repeating: 0)
+                continue
+            }
+            do {
+                if hi - lo == bs {
+                    try loadChunk(chunk, entry, into: dst, volume: id)
+                } else {
+                    try withUnsafeTemporaryAllocation(byteCount: Int(bs), alignment: 16) { (tmp) throws(LoadedChunkFailure) in
+                        try loadChunk(chunk, entry, into: tmp, volume: id)
+                        dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: tmp[Int(lo - blockStart)..<Int(hi - blockStart)]))
+                    }
+                }
+            } catch {
+                // Remapped or freed since we looked? Then retry; otherwise it is corruption.
+                let unchanged = mutex.withLock { () -> Bool in
+                    guard let image = images[id] else { return false }
+                    return image.root.lookup(block) == chunk && chunks.contains(chunk) && chunks[chunk].location == entry.location
+                }
+                if unchanged {
+                    throw BlockDeviceError.corrupted(volume: view.name, offset: blockStart, detail: error.detail)
+                }
+                throw RetryRead(volume: view.name, offset: blockStart, detail: error.detail)
+            }
+        }
+    }
+
+    // MARK: Write
+
+    /// A block's new content, ready for phases B-F.
+    private struct PendingBlock {
+        var block: UInt64
+        var bytes: UnsafeRawBufferPointer
+        var isZero = false
+        var hash = ContentHash.zero
+        /// Chunk the block will map to (retained, or reserved for a new chunk).
+        var chunk: UInt64 = 0
+        var isNew = false
+        var compressed: [UInt8] = []
+        var isCompressed = false
+        var sector: UInt64 = 0
+    }
+
+    func write(image id: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
+        let length = UInt64(data.count)
+        let view = try mutex.withLock { () throws(BlockDeviceError) -> ImageView in
+            let (v, _) = try viewLocked(id)
+            if v.readOnly { throw .readOnly(name: v.name) }
+            try checkRange(v, offset: offset, length: length)
+            if let poisoned { throw .io("store is read-only after an earlier failure: \(poisoned)") }
+            return v
+        }
+        guard length > 0 else { return }
+        let bs = UInt64(view.blockSize)
+        let first = offset / bs, last = (offset + length - 1) / bs
+        let headPartial = offset % bs != 0 || (first == last && length < bs)
+        let tailPartial = (offset + length) % bs != 0 && last != first
+
+        // Partial edge blocks: read-modify-write into private buffers, under their stripe locks.
+        var stripes: [Int] = []
+        if headPartial { stripes.append(stripeIndex(id, first)) }
+        if tailPartial { stripes.append(stripeIndex(id, last)) }
+        stripes = Array(Set(stripes)).sorted()
+        for s in stripes { stripeLocks[s].lock() }
+        defer { for s in stripes.reversed() { stripeLocks[s].unlock() } }
+
+        let edgeBytes = Int(bs) * ((headPartial ? 1 : 0) + (tailPartial ? 1 : 0))
+        let edge = UnsafeMutableRawBufferPointer.allocate(byteCount: max(edgeBytes, 1), alignment: 16)
+        defer { edge.deallocate() }
+        var blocks: [PendingBlock] = []
+        blocks.reserveCapacity(Int(last - first + 1))
+        var edgeUsed = 0
+        for b in first...last {
+            let blockStart = b * bs
+            let lo = max(offset, blockStart), hi = min(offset + length, blockStart + bs)
+            if hi - lo == bs {
+                blocks.append(PendingBlock(block: b, bytes: UnsafeRawBufferPointer(rebasing: data[Int(lo - offset)..<Int(hi - offset)])))
+            } else {
+                let buf = UnsafeMutableRawBufferPointer(rebasing: edge[edgeUsed..<edgeUsed + Int(bs)])
+                edgeUsed += Int(bs)
+                // The old block may end past the volume's end (last partial block): read what exists.
+                let readable = min(bs, view.size - blockStart)
+                try read(image: id, offset: blockStart, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<Int(readable)]))
+                if readable < bs { UnsafeMutableRawBufferPointer(rebasing: buf[Int(readable)...]).initializeMemory(as: UInt8.self, repeating: 0) }
+                UnsafeMutableRawBufferPointer(rebasing: buf[Int(lo - blockStart)..<Int(hi - blockStart)])
+                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[Int(lo - offset)..<Int(hi - offset)]))
+                blocks.append(PendingBlock(block: b, bytes: UnsafeRawBufferPointer(buf)))
+            }
+        }
+        try storeBlocks(&blocks, view: view)
+        try afterChange(fua: fua)
+    }
+
+    static let stripeCount = 64
+
+    func stripeIndex(_ image: UInt64, _ block: UInt64) -> Int {
+        Int(truncatingIfNeeded: (image &* 0x9E37_79B9_7F4A_7C15 ^ block) &* 0xBF58_476D_1CE4_E5B9 >> 40) & (Store.stripeCount - 1)
+    }
+
+    /// Phases A-F for full blocks.
+    private func storeBlocks(_ blocks: inout [PendingBlock], view: ImageView) throws(BlockDeviceError) {
+        // A: zero test and hash.
+        for i in blocks.indices {
+            if isAllZero(blocks[i].bytes) {
+                blocks[i].isZero = true
+            } else {
+                blocks[i].hash = contentHash(blocks[i].bytes, domain: view.domain)
+            }
+        }
+        // B: dedup against stored chunks, byte-verified.
+        mutex.withLock {
+            for i in blocks.indices where !blocks[i].isZero {
+                if let c = findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, domain: view.domain, volume: view.id) {
+                    retainChunk(c)
+                    blocks[i].chunk = c
+                }
+            }
+        }
+        // C: compress what is new. Stored compressed only when that saves at least one sector.
+        var misses = 0
+        for i in blocks.indices where !blocks[i].isZero && blocks[i].chunk == 0 {
+            misses += 1
+            let raw = blocks[i].bytes
+            var out = [UInt8](repeating: 0, count: raw.count)
+            let n = out.withUnsafeMutableBytes { BlockCompression.compress(raw, into: $0) }
+            let sectors = { (b: Int) in (b + Limits.sectorBytes - 1) / Limits.sectorBytes }
+            if let n, sectors(n) < sectors(raw.count) {
+                out.removeSubrange(n...)
+                blocks[i].compressed = out
+                blocks[i].isCompressed = true
+            }
+        }
+        // D: reserve numbers and sectors.
+        if misses > 0 {
+            let reserved: Bool = mutex.withLock {
+                var ok = true
+                for i in blocks.indices where !blocks[i].isZero && blocks[i].chunk == 0 {
+                    let bytes = blocks[i].isCompressed ? blocks[i].compressed.count : blocks[i].bytes.count
+                    let sectors = (bytes + Limits.sectorBytes - 1) / Limits.sectorBytes
+                    if options.dataBytesMax > 0 &&
+                        (space.usedSectors + UInt64(sectors)) * UInt64(Limits.sectorBytes) > options.dataBytesMax {
+                        ok = false; break
+                    }
+                    guard let n = chunks.allocateNumber() else { ok = false; break }
+                    blocks[i].chunk = n
+                    blocks[i].isNew = true
+                    blocks[i].sector = space.allocate(sectors)
+                }
+                if !ok { releaseReservationsLocked(blocks) }
+                return ok
+            }
+            if !reserved { throw .noSpace }
+            // E: write the chunk bytes.
+            for i in blocks.indices where blocks[i].isNew {
+                do {
+                    let at = blocks[i].sector * UInt64(Limits.sectorBytes)
+                    if blocks[i].isCompressed {
+                        var failure: StorageError?
+                        blocks[i].compressed.withUnsafeBytes { b in
+                            do throws(StorageError) { try dataFile.write(b, at: at) } catch { failure = error }
+                        }
+                        if let failure { throw failure }
+                    } else {
+                        try dataFile.write(blocks[i].bytes, at: at)
+                    }
+                } catch {
+                    mutex.withLock { releaseReservationsLocked(blocks) }
+                    throw (error as? StorageError) == .noSpace ? .noSpace : .io("writing block data: \(error)")
+                }
+            }
+        }
+        // F: publish.
+        try mutex.withLock { () throws(BlockDeviceError) in
+            guard images[view.id] != nil else {
+                releaseReservationsLocked(blocks)
+                throw .gone("\(view.name) was deleted during the write")
+            }
+            do {
+                for i in blocks.indices {
+                    var chunk = blocks[i].isZero ? 0 : blocks[i].chunk
+                    if blocks[i].isNew {
+                        if let c = findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, domain: view.domain, volume: view.id) {
+                            // Someone stored the same bytes meanwhile: use theirs, drop ours.
+                            retainChunk(c)
+                            chunks.returnNumber(blocks[i].chunk)
+                            let sectors = ((blocks[i].isCompressed ? blocks[i].compressed.count : blocks[i].bytes.count) + Limits.sectorBytes - 1) / Limits.sectorBytes
+                            space.releaseNow(blocks[i].sector, count: sectors)
+                            blocks[i].isNew = false
+                            chunk = c
+                        } else {
+                            let stored = blocks[i].isCompressed ? blocks[i].compressed.count : blocks[i].bytes.count
+                            let entry = ChunkEntry(hash: blocks[i].hash, sector: blocks[i].sector, domain: view.domain,
+                                                   storedBytes: stored, compressed: blocks[i].isCompressed,
+                                                   rawBytes: blocks[i].bytes.count)
+                            try commit(.chunk(number: chunk, hash: entry.hash, location: entry.location, shape: entry.shape))
+                            retainChunk(chunk)
+                            blocks[i].isNew = false
+                            options.cache?.insert(chunk, bytes: blocks[i].bytes, volume: view.id, domain: view.domain)
+                        }
+                    }
+                    // The map record retains on apply; drop the reference phase B/F took.
+                    try commit(.map(image: view.id, block: blocks[i].block, chunk: chunk))
+                    if chunk != 0 { releaseChunk(chunk) }
+                }
+            } catch {
+                throw .io("\(error)")
+            }
+        }
+    }
+
+    /// With `mutex` held: undo phase B/D for blocks not yet published.
+    private func releaseReservationsLocked(_ blocks: [PendingBlock]) {
+        for b in blocks where !b.isZero && b.chunk != 0 {
+            if b.isNew {
+                chunks.returnNumber(b.chunk)
+                let stored = b.isCompressed ? b.compressed.count : b.bytes.count
+                space.releaseNow(b.sector, count: (stored + Limits.sectorBytes - 1) / Limits.sectorBytes)
+            } else {
+                releaseChunk(b.chunk)
+            }
+        }
+    }
+
+    /// With `mutex` held: a stored chunk of the same domain and length whose bytes equal `bytes`.
+    func findDuplicateLocked(_ bytes: UnsafeRawBufferPointer, hash: ContentHash, domain: UInt16, volume: UInt64) -> UInt64? {
+        let found = index.firstMatch(hash, hashOf: { self.chunks[UInt64($0)].hash }) { c in
+            let e = chunks[UInt64(c)]
+            guard e.domain == domain, e.rawBytes == bytes.count else { return false }
+            return withUnsafeTemporaryAllocation(byteCount: bytes.count, alignment: 16) { tmp in
+                do { try loadChunk(UInt64(c), e, into: tmp, volume: volume) } catch { return false }
+                return memcmp(tmp.baseAddress!, bytes.baseAddress!, bytes.count) == 0
+            }
+        }
+        return found.map { UInt64($0) }
+    }
+
+    /// After a change: FUA flushes; a large unflushed journal flushes implicitly (bounded memory).
+    func afterChange(fua: Bool) throws(BlockDeviceError) {
+        let big = mutex.withLock { pending.bytes.count >= options.pendingJournalBytesMax }
+        if fua || big {
+            do { try flush() } catch let e as StoreError {
+                throw e == .noSpace ? .noSpace : .io(e.description)
+            } catch {
+                throw .io("\(error)")
+            }
+        }
+    }
+
+    // MARK: Trim and zero
+
+    func zero(image id: UInt64, offset: UInt64, length: UInt64, punch: Bool, fastOnly: Bool, fua: Bool) throws(BlockDeviceError) {
+        let view = try mutex.withLock { () throws(BlockDeviceError) -> ImageView in
+            let (v, _) = try viewLocked(id)
+            if v.readOnly { throw .readOnly(name: v.name) }
+            try checkRange(v, offset: offset, length: length)
+            return v
+        }
+        guard length > 0 else { return }
+        let bs = UInt64(view.blockSize)
+        let end = offset + length
+        // Whole blocks inside the range change in the map only. The volume's last block may be
+        // partial; a range reaching the volume's end covers it whole.
+        let alignedStart = (offset + bs - 1) / bs * bs
+        let alignedEnd = end == view.size ? (end + bs - 1) / bs * bs : end / bs * bs
+        var partial: [(UInt64, UInt64)] = []   // byte ranges that need a read-modify-write
+        if alignedStart < alignedEnd {
+            if offset < alignedStart { partial.append((offset, alignedStart)) }
+            if alignedEnd < end { partial.append((alignedEnd, end)) }
+        } else {
+            partial.append((offset, end))
+        }
+        if fastOnly && !partial.isEmpty {
+            throw .notSupported("zeroing part of a block needs a read-modify-write, which is not fast")
+        }
+        if alignedStart < alignedEnd {
+            let firstWhole = alignedStart / bs, endWhole = alignedEnd / bs
+            try mutex.withLock { () throws(BlockDeviceError) in
+                guard images[id] != nil else { throw .gone("\(view.name) was deleted") }
+                do {
+                    if punch {
+                        try commit(.clear(image: id, start: firstWhole, count: endWhole - firstWhole))
+                    } else {
+                        for b in firstWhole..<endWhole { try commit(.map(image: id, block: b, chunk: zeroAllocatedChunk)) }
+                    }
+                } catch {
+                    throw .io("\(error)")
+                }
+            }
+        }
+        for (lo, hi) in partial {
+            let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(hi - lo), alignment: 16)
+            defer { zeros.deallocate() }
+            zeros.initializeMemory(as: UInt8.self, repeating: 0)
+            try write(image: id, offset: lo, data: UnsafeRawBufferPointer(zeros), fua: false)
+        }
+        try afterChange(fua: fua)
+    }
+
+    // MARK: Extents and prefetch
+
+    func extents(image id: UInt64, offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockDeviceError) -> [Extent] {
+        try mutex.withLock { () throws(BlockDeviceError) -> [Extent] in
+            let (v, image) = try viewLocked(id)
+            try checkRange(v, offset: offset, length: length)
+            guard length > 0 else { return [] }
+            let bs = UInt64(v.blockSize), shift = UInt64(v.blockShift)
+            let first = offset >> shift, last = (offset + length - 1) >> shift
+            var out: [Extent] = []
+            var covered = offset
+            image.root.walk(start: first, count: last - first + 1, chunkShared: { c in
+                c < zeroAllocatedChunk && self.chunks[c].refcount > 1
+            }) { startBlock, count, chunk, shared in
+                let flags: ExtentFlags
+                if chunk == 0 { flags = [.hole, .zero] }
+                else if chunk >= zeroAllocatedChunk { flags = shared ? [.zero, .shared] : [.zero] }
+                else { flags = shared ? [.shared] : [] }
+                let runEnd = min((startBlock + count) * bs, offset + length)
+                let len = runEnd - covered
+                guard len > 0 else { return true }
+                if let lastExtent = out.last, lastExtent.flags == flags {
+                    out[out.count - 1].length += len
+                } else {
+                    if out.count == maxExtents { return false }
+                    out.append(Extent(length: len, flags: flags))
+                }
+                covered = runEnd
+                return true
+            }
+            return out
+        }
+    }
+
+    func prefetch(image id: UInt64, offset: UInt64, length: UInt64) throws(BlockDeviceError) {
+        let view = try mutex.withLock { () throws(BlockDeviceError) -> ImageView in
+            let (v, _) = try viewLocked(id)
+            try checkRange(v, offset: offset, length: length)
+            return v
+        }
+        guard length > 0 else { return }
+        let bs = UInt64(view.blockSize)
+        let first = offset / bs, last = (offset + length - 1) / bs
+        let tmp = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(bs), alignment: 16)
+        defer { tmp.deallocate() }
+        // Loading a chunk inserts it into the cache; read in slices to bound memory.
+        var b = first
+        while b <= last {
+            let n = min(bs, view.size - b * bs)
+            try read(image: id, offset: b * bs, into: UnsafeMutableRawBufferPointer(rebasing: tmp[0..<Int(n)]))
+            b += 1
+        }
+    }
+}

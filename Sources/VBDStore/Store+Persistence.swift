@@ -1,0 +1,450 @@
+import VBDCore
+
+// MARK: - Records: one code path for live changes and for replay
+
+extension Store {
+    /// Applies a record to the in-memory state. Called with `mutex` held, live and at replay.
+    func apply(_ record: JournalRecord) throws {
+        switch record {
+        case let .chunk(number, hash, location, shape):
+            guard number > 0, number <= ChunkTable.chunkNumberMax, !chunks.contains(number), shape != 0 else {
+                throw StoreError.corrupted("journal installs chunk \(number) twice")
+            }
+            // A fresh chunk has no holder until the map record that follows it in the same frame.
+            chunks.install(ChunkEntry(hash: hash, location: location, shape: shape, refcount: 0), at: number)
+            index.insert(UInt32(number), hash: hash, hashOf: { self.chunks[UInt64($0)].hash })
+        case let .map(imageID, block, chunk):
+            guard let image = images[imageID], block < image.record.blockCount else {
+                throw StoreError.corrupted("journal maps block \(block) of unknown image \(imageID)")
+            }
+            if chunk != 0 {
+                guard chunk >= zeroAllocatedChunk || chunks.contains(chunk) else {
+                    throw StoreError.corrupted("journal names unknown chunk \(chunk)")
+                }
+                retainChunk(chunk)
+            }
+            image.root.update(block, to: chunk, self)
+        case let .clear(imageID, start, count):
+            guard let image = images[imageID] else { throw StoreError.corrupted("journal clears unknown image \(imageID)") }
+            image.root.clear(start: start, count: count, self)
+        case let .createImage(r):
+            guard images[r.id] == nil else { throw StoreError.corrupted("image \(r.id) created twice") }
+            images[r.id] = Image(record: r, root: MapRoot(blocks: r.blockCount))
+            nextImageID = max(nextImageID, r.id + 1)
+        case let .cloneImage(sourceID, r):
+            guard let source = images[sourceID], images[r.id] == nil else {
+                throw StoreError.corrupted("clone of unknown image \(sourceID)")
+            }
+            images[r.id] = Image(record: r, root: source.root.retained())
+            nextImageID = max(nextImageID, r.id + 1)
+        case let .deleteImage(id):
+            guard let image = images.removeValue(forKey: id) else { throw StoreError.corrupted("delete of unknown image \(id)") }
+            image.root.release(self)
+            // Shares of a deleted snapshot keep their data; only the origin link goes.
+            for other in images.values where other.record.originID == id { other.record.originID = 0 }
+        case let .resize(id, size):
+            guard let image = images[id] else { throw StoreError.corrupted("resize of unknown image \(id)") }
+            image.record.size = size
+            image.root.grow(toBlocks: image.record.blockCount)
+        case let .renameGroup(domain, group):
+            groups[group] = domain
+        }
+    }
+
+    /// Applies a live change and queues its record for the next flush. `mutex` held.
+    func commit(_ record: JournalRecord) throws {
+        try apply(record)
+        record.encode(into: &pending)
+        pendingRecordCount += 1
+    }
+
+    var pendingBytes: Int { pending.bytes.count }
+}
+
+// MARK: - Flush
+
+extension Store {
+    /// Makes every write completed before this call durable (NBD FLUSH; FUA).
+    public func flush() throws {
+        try flushMutex.withLock {
+            try flushLocked()
+        }
+        try checkpointIfJournalLarge()
+    }
+
+    /// With `flushMutex` held.
+    func flushLocked() throws {
+        let (batch, frees, seq, gen, poison) = mutex.withLock { () -> ([UInt8], [(sector: UInt64, count: Int)], UInt64, UInt64, String?) in
+            let b = pending.bytes
+            pending = BinaryWriter()
+            pendingRecordCount = 0
+            return (b, space.takeDeferred(), journalSequence, generation, poisoned)
+        }
+        if let poison { throw StoreError.io("store is read-only after an earlier failure: \(poison)") }
+        do {
+            // 1. The chunks the records name are durable before the records.
+            try dataFile.sync()
+            if !batch.isEmpty {
+                // 2. One frame: replay applies it whole or not at all.
+                let frame = JournalFrame.encode(generation: gen, sequence: seq, payload: batch)
+                let at = mutex.withLock { journalEnd }
+                try frame.withUnsafeBytes { try journalFile.write($0, at: at) }
+                try journalFile.sync()
+                mutex.withLock {
+                    journalEnd = at + UInt64(frame.count)
+                    journalSequence = seq + 1
+                }
+            }
+        } catch let e as StorageError {
+            // Nothing of this batch counts as written: a torn frame fails its checksum and the
+            // next attempt overwrites it at the same offset. Put the batch back in front of what
+            // came since, so the journal never has a gap.
+            mutex.withLock {
+                var restored = BinaryWriter(capacity: batch.count + pending.bytes.count)
+                restored.raw(batch)
+                restored.raw(pending.bytes)
+                pending = restored
+                space.restoreDeferred(frees)
+            }
+            throw e == .noSpace ? StoreError.noSpace : StoreError.io("flush failed: \(e)")
+        }
+        // 3. The frees in this batch are durable: the space may be reused and given back.
+        try releaseFrees(frees)
+    }
+
+    func releaseFrees(_ frees: [(sector: UInt64, count: Int)]) throws {
+        guard !frees.isEmpty else { return }
+        let punches = mutex.withLock { space.release(frees) }
+        for p in punches {
+            // Punching happens after the sectors became allocatable; a racing allocation would
+            // lose its bytes. Re-check under the lock that the page is still entirely free.
+            let stillFree = mutex.withLock { space.pageIsFree(p.offset, length: p.length) }
+            if stillFree {
+                do { try dataFile.punchHole(offset: p.offset, length: p.length) } catch { /* space stays used; harmless */ }
+            }
+        }
+    }
+
+    func checkpointIfJournalLarge() throws {
+        let big = mutex.withLock { journalEnd >= options.checkpointJournalBytes }
+        if big { try checkpoint() }
+    }
+}
+
+// MARK: - Checkpoint and superblock
+
+extension Store {
+    static let superblockSlotBytes = 4096
+    static let superblockMagic: UInt64 = 0x3150_5553_4442_5600   // "\0VBDSUP1"
+    static let checkpointMagic: UInt32 = 0x4B43_4256             // "VBCK"
+    static let formatVersion: UInt32 = 1
+
+    /// Writes the whole metadata as a new generation and switches the superblock to it.
+    /// The journal starts empty afterwards.
+    public func checkpoint() throws {
+        try flushMutex.withLock {
+            mutex.lock()
+            defer { mutex.unlock() }
+            if let poisoned { throw StoreError.io("store is read-only after an earlier failure: \(poisoned)") }
+            try writeCheckpointLocked()
+        }
+    }
+
+    /// With `mutex` (and `flushMutex`) held, or during init.
+    func writeCheckpointLocked() throws {
+        let frees = space.takeDeferred()
+        let newGeneration = generation + 1
+        let bytes = encodeCheckpoint(generation: newGeneration)
+        do {
+            // Chunks named by the checkpoint (including unflushed writes it captures) first.
+            try dataFile.sync()
+            let file = try directory.openFile("checkpoint-\(newGeneration)", create: true)
+            try file.truncate(to: 0)
+            try bytes.withUnsafeBytes { try file.write($0, at: 0) }
+            try file.sync()
+            file.close()
+            let journal = try directory.openFile("journal-\(newGeneration)", create: true)
+            try journal.truncate(to: 0)
+            try journal.sync()
+            try writeSuperblock(generation: newGeneration, checkpointBytes: UInt64(bytes.count),
+                                checkpointChecksum: metadataChecksum(bytes))
+            journalFile.close()
+            journalFile = journal
+        } catch let e as StorageError {
+            poisoned = "\(e)"
+            throw e == .noSpace ? StoreError.noSpace : StoreError.io("checkpoint failed: \(e)")
+        }
+        let old = generation
+        generation = newGeneration
+        journalSequence = 0
+        journalEnd = 0
+        pending = BinaryWriter()
+        pendingRecordCount = 0
+        // The new generation is durable: the old one's files and the frees it still needed go.
+        try? directory.removeFile("checkpoint-\(old)")
+        try? directory.removeFile("journal-\(old)")
+        let punches = space.release(frees)
+        for p in punches { try? dataFile.punchHole(offset: p.offset, length: p.length) }
+    }
+
+    func writeSuperblock(generation: UInt64, checkpointBytes: UInt64, checkpointChecksum: UInt64) throws {
+        var w = BinaryWriter(capacity: Store.superblockSlotBytes)
+        w.u64(Store.superblockMagic); w.u32(Store.formatVersion); w.u64(generation); w.u64(secret)
+        w.u64(checkpointBytes); w.u64(checkpointChecksum)
+        w.u64(metadataChecksum(w.bytes))
+        w.raw([UInt8](repeating: 0, count: Store.superblockSlotBytes - w.bytes.count))
+        let slot = UInt64(generation % 2) * UInt64(Store.superblockSlotBytes)
+        try w.bytes.withUnsafeBytes { try superblockFile.write($0, at: slot) }
+        try superblockFile.sync()
+    }
+
+    struct SuperblockSlot { var generation: UInt64; var secret: UInt64; var checkpointBytes: UInt64; var checkpointChecksum: UInt64 }
+
+    func readSuperblockSlots() throws -> [SuperblockSlot] {
+        let bytes = try superblockFile.readAll()
+        var slots: [SuperblockSlot] = []
+        for k in 0..<2 {
+            let at = k * Store.superblockSlotBytes
+            // magic 8 | version 4 | generation 8 | secret 8 | checkpoint length 8 | checksum 8 | slot checksum 8
+            guard bytes.count >= at + 52 else { continue }
+            var r = BinaryReader(Array(bytes[at..<at + 52]))
+            guard let magic = try? r.u64(), magic == Store.superblockMagic,
+                  let version = try? r.u32(), version == Store.formatVersion,
+                  let gen = try? r.u64(), let sec = try? r.u64(), let n = try? r.u64(), let sum = try? r.u64(),
+                  let check = try? r.u64(), check == metadataChecksum(Array(bytes[at..<at + 44]))
+            else { continue }
+            slots.append(SuperblockSlot(generation: gen, secret: sec, checkpointBytes: n, checkpointChecksum: sum))
+        }
+        return slots.sorted { $0.generation > $1.generation }
+    }
+
+    // MARK: Checkpoint encoding
+
+    func encodeCheckpoint(generation: UInt64) -> [UInt8] {
+        var w = BinaryWriter(capacity: 4096 + chunks.liveCount * 40)
+        w.u32(Store.checkpointMagic); w.u32(Store.formatVersion); w.u64(generation); w.u64(secret)
+        w.varint(nextImageID)
+        w.varint(UInt64(groups.count))
+        for (name, domain) in groups.sorted(by: { $0.key < $1.key }) { w.string(name); w.u16(domain) }
+        // Chunk table: live entries only; reference counts are recomputed from the maps.
+        w.varint(UInt64(chunks.liveCount))
+        if chunks.end > 1 {
+            for n in 1..<chunks.end {
+                let e = chunks[n]
+                guard e.isInstalled else { continue }
+                w.varint(n); w.u64(e.hash.high); w.u64(e.hash.low); w.u64(e.location); w.u32(e.shape)
+            }
+        }
+        // Images and their trees. A node reached a second time is written as a back-reference,
+        // so shared subtrees stay shared (and O(1) snapshots stay O(1) in space) after reload.
+        var ids: [ObjectIdentifier: UInt64] = [:]
+        w.varint(UInt64(images.count))
+        for image in images.values.sorted(by: { $0.record.id < $1.record.id }) {
+            image.record.encode(into: &w)
+            w.u8(UInt8(image.root.levels))
+            Store.encodeNode(image.root.node, leaf: image.root.levels == 1, ids: &ids, into: &w)
+        }
+        w.u64(metadataChecksum(w.bytes))
+        return w.bytes
+    }
+
+    /// Node encoding: 0 = empty, 1 = back-reference (id), 2 = new node (slots), ids in visit order.
+    static func encodeNode(_ node: MapNode?, leaf: Bool, ids: inout [ObjectIdentifier: UInt64], into w: inout BinaryWriter) {
+        guard let node else { w.u8(0); return }
+        if let id = ids[ObjectIdentifier(node)] { w.u8(1); w.varint(id); return }
+        ids[ObjectIdentifier(node)] = UInt64(ids.count)
+        w.u8(2)
+        w.varint(UInt64(node.populated))
+        if leaf {
+            for i in 0..<MapNode.fanout where node.entries[i] != 0 { w.u16(UInt16(i)); w.varint(node.entries[i]) }
+        } else {
+            for i in 0..<MapNode.fanout {
+                if let c = node.children[i] {
+                    w.u16(UInt16(i))
+                    encodeNode(c, leaf: c.isLeaf, ids: &ids, into: &w)
+                }
+            }
+        }
+    }
+
+    func decodeCheckpoint(_ bytes: [UInt8], expectedGeneration: UInt64) throws {
+        guard bytes.count >= 32 else { throw StoreError.corrupted("checkpoint-\(expectedGeneration) is truncated") }
+        let body = Array(bytes[..<(bytes.count - 8)])
+        var t = BinaryReader(bytes, position: bytes.count - 8)
+        guard let sum = try? t.u64(), sum == metadataChecksum(body) else {
+            throw StoreError.corrupted("checkpoint-\(expectedGeneration) fails its checksum")
+        }
+        var r = BinaryReader(body)
+        do {
+            guard try r.u32() == Store.checkpointMagic, try r.u32() == Store.formatVersion,
+                  try r.u64() == expectedGeneration else {
+                throw StoreError.corrupted("checkpoint-\(expectedGeneration) has a wrong header")
+            }
+            secret = try r.u64()
+            nextImageID = try r.varint()
+            groups = [:]
+            for _ in 0..<(try r.varint()) {
+                let name = try r.string()
+                groups[name] = try r.u16()
+            }
+            let live = try r.varint()
+            for _ in 0..<live {
+                let n = try r.varint()
+                let h = try r.u64(), l = try r.u64(), loc = try r.u64(), shape = try r.u32()
+                guard n > 0 && n <= ChunkTable.chunkNumberMax else { throw BinaryReader.Malformed(position: r.position) }
+                chunks.install(ChunkEntry(hash: ContentHash(high: h, low: l), location: loc, shape: shape, refcount: 0), at: n)
+                index.insert(UInt32(n), hash: ContentHash(high: h, low: l), hashOf: { self.chunks[UInt64($0)].hash })
+            }
+            var nodes: [MapNode] = []
+            for _ in 0..<(try r.varint()) {
+                let record = try ImageRecord.decode(&r)
+                let levels = Int(try r.u8())
+                guard levels >= 1 && levels <= 6 else { throw BinaryReader.Malformed(position: r.position) }
+                let node = try decodeNode(&r, level: levels, nodes: &nodes)
+                images[record.id] = Image(record: record, root: MapRoot(node: node, levels: levels))
+            }
+        } catch let e as StoreError {
+            throw e
+        } catch {
+            throw StoreError.corrupted("checkpoint-\(expectedGeneration) is malformed")
+        }
+    }
+
+    /// Decodes a node; reference counts are rebuilt by counting references (MapTree invariants 1-2).
+    func decodeNode(_ r: inout BinaryReader, level: Int, nodes: inout [MapNode]) throws -> MapNode? {
+        switch try r.u8() {
+        case 0: return nil
+        case 1:
+            let id = Int(try r.varint())
+            guard id < nodes.count, nodes[id].isLeaf == (level == 1) else { throw BinaryReader.Malformed(position: r.position) }
+            nodes[id].refcount += 1
+            return nodes[id]
+        case 2:
+            let node = MapNode(leaf: level == 1)
+            node.refcount = 1
+            nodes.append(node)
+            let count = try r.varint()
+            guard count >= 1 && count <= UInt64(MapNode.fanout) else { throw BinaryReader.Malformed(position: r.position) }
+            for _ in 0..<count {
+                let i = Int(try r.u16())
+                guard i < MapNode.fanout else { throw BinaryReader.Malformed(position: r.position) }
+                if level == 1 {
+                    let c = try r.varint()
+                    guard c != 0, node.entries[i] == 0, c >= zeroAllocatedChunk || chunks.contains(c) else {
+                        throw BinaryReader.Malformed(position: r.position)
+                    }
+                    node.entries[i] = c
+                    if c < zeroAllocatedChunk {
+                        var e = chunks[c]; e.refcount += 1; chunks[c] = e
+                    }
+                } else {
+                    guard node.children[i] == nil, let child = try decodeNode(&r, level: level - 1, nodes: &nodes) else {
+                        throw BinaryReader.Malformed(position: r.position)
+                    }
+                    node.children[i] = child
+                }
+            }
+            node.populated = Int(count)
+            return node
+        default:
+            throw BinaryReader.Malformed(position: r.position)
+        }
+    }
+
+    // MARK: Recovery
+
+    func recover() throws {
+        let slots = try readSuperblockSlots()
+        guard let slot = slots.first else { throw StoreError.corrupted("no valid superblock in \(directory.path)") }
+        generation = slot.generation
+        secret = slot.secret
+        let checkpointFile: any StorageFile
+        do { checkpointFile = try directory.openFile("checkpoint-\(slot.generation)", create: false) } catch {
+            throw StoreError.corrupted("checkpoint-\(slot.generation) named by the superblock is missing")
+        }
+        let bytes = try checkpointFile.readAll()
+        checkpointFile.close()
+        guard UInt64(bytes.count) >= slot.checkpointBytes,
+              metadataChecksum(Array(bytes[..<Int(slot.checkpointBytes)])) == slot.checkpointChecksum else {
+            throw StoreError.corrupted("checkpoint-\(slot.generation) does not match the superblock")
+        }
+        try decodeCheckpoint(Array(bytes[..<Int(slot.checkpointBytes)]), expectedGeneration: slot.generation)
+        guard secret == slot.secret else { throw StoreError.corrupted("checkpoint and superblock disagree on the store secret") }
+        // Every chunk in the checkpoint is held by some map (a free one is never written).
+        if chunks.end > 1 {
+            for n in 1..<chunks.end where chunks.contains(n) && chunks[n].refcount == 0 {
+                throw StoreError.corrupted("checkpoint lists chunk \(n) that no map holds")
+            }
+        }
+        // Replay the journal's valid prefix.
+        journalFile.close()
+        journalFile = try directory.openFile("journal-\(generation)", create: true)
+        let journalBytes = try journalFile.readAll()
+        let (payloads, valid) = JournalFrame.decodeValidPrefix(journalBytes, generation: generation)
+        replaying = true
+        defer { replaying = false }
+        for payload in payloads {
+            var r = BinaryReader(payload)
+            while r.remaining > 0 {
+                let record: JournalRecord
+                do { record = try JournalRecord.decode(&r) } catch {
+                    throw StoreError.corrupted("journal-\(generation) frame has a malformed record")
+                }
+                try apply(record)
+            }
+        }
+        journalSequence = UInt64(payloads.count)
+        journalEnd = UInt64(valid)
+        if journalBytes.count > valid {
+            // A torn or unfinished frame from the crash: cut it so new frames follow valid ones.
+            try journalFile.truncate(to: UInt64(valid))
+            try journalFile.sync()
+        }
+        // A chunk record always shares its frame with the map record that holds it; drop any
+        // that ended up unheld anyway rather than leak it.
+        if chunks.end > 1 {
+            for n in 1..<chunks.end where chunks.contains(n) && chunks[n].refcount == 0 {
+                let e = chunks[n]
+                index.remove(UInt32(n), hash: e.hash, hashOf: { self.chunks[UInt64($0)].hash })
+                chunks.releaseNumber(n)
+            }
+        }
+        chunks.rebuildFreeList()
+        try rebuildSpace()
+        // Files of other generations are leftovers of an interrupted checkpoint.
+        for name in (try? directory.fileNames()) ?? [] {
+            for prefix in ["checkpoint-", "journal-"] where name.hasPrefix(prefix) {
+                if let g = UInt64(name.dropFirst(prefix.count)), g != generation { try? directory.removeFile(name) }
+            }
+        }
+    }
+
+    /// The allocator follows from the chunk table: everything else in the data file is free.
+    func rebuildSpace() throws {
+        space = SpaceAllocator()
+        if chunks.end > 1 {
+            for n in 1..<chunks.end where chunks.contains(n) {
+                let e = chunks[n]
+                space.markUsed(e.sector, count: e.sectorCount)
+            }
+        }
+        // Give back what the crash left allocated but unreferenced past the last live chunk.
+        let used = space.endSector * UInt64(Limits.sectorBytes)
+        if try dataFile.size() > used {
+            try dataFile.truncate(to: used)
+        }
+    }
+}
+
+extension SpaceAllocator {
+    func pageIsFree(_ offset: UInt64, length: UInt64) -> Bool {
+        var s = offset / UInt64(Limits.sectorBytes)
+        let end = (offset + length) / UInt64(Limits.sectorBytes)
+        while s < end {
+            let w = Int(s >> 6)
+            if w < bitmap.count && bitmap[w] & (1 << (s & 63)) != 0 { return false }
+            s += 1
+        }
+        return true
+    }
+}

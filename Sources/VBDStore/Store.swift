@@ -1,0 +1,219 @@
+import VBDCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// MARK: - Notes on the design
+//
+// One `Store` owns one store directory:
+//
+//   superblock        two 4 KiB slots; the valid one with the higher generation names the
+//                     current checkpoint (LMDB's two meta pages)
+//   checkpoint-G      the whole metadata at generation G: images, their map trees (sharing
+//                     preserved), the chunk table; checksummed
+//   journal-G         frames of records since checkpoint G (see Journal.swift)
+//   data              chunk bytes, packed in 512-byte sectors (see SpaceAllocator.swift)
+//   lock              flock()ed by the one process that has the store open
+//
+// All metadata lives in memory (maps, chunk table, dedup index) and every change to it is a
+// `JournalRecord` that is applied with the same code live and at recovery (`apply`), so replay
+// cannot drift from what the live store did. Reference counts are never journaled: they follow
+// from the records, and fsck recounts them.
+//
+// Durability (DESIGN.md invariant 1): a flush syncs the data file, then appends the pending
+// records as one frame and syncs the journal. A chunk's sectors are never reused before the
+// records freeing it are durable. Recovery = newest valid superblock -> its checkpoint -> the
+// valid frame prefix of its journal. Control operations (create, snapshot, share, delete,
+// resize) flush before they return.
+//
+// Concurrency: `mutex` guards all metadata. Hashing, compression, decompression, verification
+// and data-file reads and writes happen outside it; `flushMutex` serializes flushes and
+// checkpoints. Reads only take the lock to copy out chunk entries.
+
+public final class Store: @unchecked Sendable {
+    public struct Options: Sendable {
+        /// The content hash; tests inject a weak one to force collisions.
+        public var hashFunction: HashFunction = .xxh3
+        /// Shared read cache, if any.
+        public var cache: (any ChunkCache)?
+        /// Wall clock for creation times (seconds since 1970); the simulator fixes it.
+        public var now: @Sendable () -> UInt64 = { UInt64(time(nil)) }
+        /// Journal size that triggers a checkpoint.
+        public var checkpointJournalBytes: UInt64 = Limits.journalBytesCheckpoint
+        /// Unflushed journal bytes that trigger an implicit flush.
+        public var pendingJournalBytesMax: Int = Limits.pendingJournalBytesMax
+        /// The store secret for a new store; nil = from the system CSPRNG. The simulator fixes it
+        /// so that a seed replays exactly.
+        public var secretForNewStore: UInt64?
+        /// Refuse new chunks once the data file would exceed this (0 = no limit but the disk's).
+        public var dataBytesMax: UInt64 = 0
+
+        public init() {}
+    }
+
+    let directory: any StorageDirectory
+    let options: Options
+    let mutex = StoreMutex()
+    let flushMutex = StoreMutex()
+    /// Serialize read-modify-write of partial blocks (see Store+BlockIO.swift).
+    let stripeLocks = (0..<Store.stripeCount).map { _ in StoreMutex() }
+
+    // Guarded by `mutex`:
+    var chunks = ChunkTable()
+    var index = DedupIndex()
+    var space = SpaceAllocator()
+    var images: [UInt64: Image] = [:]
+    var groups: [String: UInt16] = ["default": 0]
+    var nextImageID: UInt64 = 1
+    var pending = BinaryWriter()
+    var pendingRecordCount = 0
+    var generation: UInt64 = 0
+    var secret: UInt64 = 0
+    var journalSequence: UInt64 = 0
+    var journalEnd: UInt64 = 0
+    var replaying = false
+    var closed = false
+    /// Set by a failed flush: metadata may be ahead of the disk, so refuse further writes.
+    var poisoned: String?
+
+    var dataFile: any StorageFile
+    var journalFile: any StorageFile
+    var superblockFile: any StorageFile
+
+    final class Image {
+        var record: ImageRecord
+        var root: MapRoot
+        init(record: ImageRecord, root: MapRoot) {
+            self.record = record
+            self.root = root
+        }
+    }
+
+    // MARK: Opening
+
+    /// Creates a new, empty store at `path` and opens it.
+    public static func initialize(path: String, options: Options = Options()) throws -> Store {
+        let dir: PosixDirectory
+        do { dir = try PosixDirectory(path: path, create: true) } catch { throw StoreError(error) }
+        return try Store(directory: dir, options: options, create: true)
+    }
+
+    /// Opens an existing store at `path`, recovering from a crash if needed.
+    public static func open(path: String, options: Options = Options()) throws -> Store {
+        let dir: PosixDirectory
+        do { dir = try PosixDirectory(path: path, create: false) } catch { throw StoreError.notInitialized(path: path) }
+        return try Store(directory: dir, options: options, create: false)
+    }
+
+    public init(directory: any StorageDirectory, options: Options, create: Bool) throws {
+        self.directory = directory
+        self.options = options
+        do { try directory.lockExclusive() } catch { throw StoreError(error) }
+        do {
+            if create {
+                if directory.fileExists("superblock") { throw StorageError.io("exists") }
+                secret = options.secretForNewStore ?? Store.randomSeed()
+                superblockFile = try directory.openFile("superblock", create: true)
+                dataFile = try directory.openFile("data", create: true)
+                journalFile = try directory.openFile("journal-0", create: true)  // replaced below
+            } else {
+                guard directory.fileExists("superblock") else { throw StorageError.notFound("superblock") }
+                superblockFile = try directory.openFile("superblock", create: false)
+                dataFile = try directory.openFile("data", create: false)
+                journalFile = try directory.openFile("journal-0", create: true)
+            }
+        } catch StorageError.io("exists") {
+            directory.unlock()
+            throw StoreError.alreadyInitialized(path: directory.path)
+        } catch StorageError.notFound {
+            directory.unlock()
+            throw StoreError.notInitialized(path: directory.path)
+        } catch let e as StorageError {
+            directory.unlock()
+            throw StoreError(e)
+        }
+        do {
+            if create {
+                try writeCheckpointLocked()
+            } else {
+                try recover()
+            }
+        } catch {
+            directory.unlock()
+            throw error
+        }
+    }
+
+    /// The per-store secret: from the system's CSPRNG (getrandom), so hashes cannot be predicted
+    /// by a tenant trying to engineer collisions.
+    static func randomSeed() -> UInt64 {
+        var g = SystemRandomNumberGenerator()
+        return g.next() | 1
+    }
+
+    deinit {
+        chunks.deallocate()
+        index.deallocate()
+    }
+
+    /// Flushes, writes a checkpoint (so the next open replays nothing) and releases the lock.
+    public func close() throws {
+        let alreadyClosed = mutex.withLock { closed }
+        if alreadyClosed { return }
+        defer {
+            mutex.withLock { closed = true }
+            dataFile.close(); journalFile.close(); superblockFile.close()
+            directory.unlock()
+        }
+        if mutex.withLock({ poisoned }) == nil {
+            try checkpoint()
+        }
+    }
+
+    // MARK: Seeds and hashing
+
+    /// The hash seed of a dedup domain: identical blocks of two domains get unrelated hashes,
+    /// so neither dedup nor the cache can connect them.
+    func seed(domain: UInt16) -> UInt64 {
+        var z = secret ^ (UInt64(domain) &* 0x9E37_79B9_7F4A_7C15)
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    func contentHash(_ bytes: UnsafeRawBufferPointer, domain: UInt16) -> ContentHash {
+        options.hashFunction.hash(bytes, seed: seed(domain: domain))
+    }
+}
+
+/// A block that reads as zeroes but is allocated (WRITE_ZEROES with NO_HOLE): reported as data,
+/// not a hole, and holds no chunk.
+let zeroAllocatedChunk: UInt64 = 1 << 63
+
+extension Store: ChunkReferenceCounter {
+    func retainChunk(_ chunk: UInt64) {
+        guard chunk < zeroAllocatedChunk else { return }
+        var e = chunks[chunk]
+        precondition(e.isInstalled, "retain of free chunk \(chunk)")
+        e.refcount += 1
+        chunks[chunk] = e
+    }
+
+    func releaseChunk(_ chunk: UInt64) {
+        guard chunk < zeroAllocatedChunk else { return }
+        var e = chunks[chunk]
+        precondition(e.refcount > 0, "chunk \(chunk) released more often than retained")
+        e.refcount -= 1
+        if e.refcount > 0 {
+            chunks[chunk] = e
+            return
+        }
+        // Last reference gone: the chunk leaves the index and the cache now; its sectors are
+        // reusable once this is durable.
+        index.remove(UInt32(chunk), hash: e.hash, hashOf: { self.chunks[UInt64($0)].hash })
+        options.cache?.remove(chunk)
+        if !replaying { space.deferFree(e.sector, count: e.sectorCount) }
+        chunks.releaseNumber(chunk)
+    }
+}

@@ -1,0 +1,93 @@
+import VBDCore
+
+/// Errors of the store's operator-facing API (CLI, control socket). Block I/O reports
+/// ``BlockDeviceError`` instead, which maps to NBD error numbers.
+public enum StoreError: Error, Equatable, Sendable, CustomStringConvertible {
+    case notInitialized(path: String)
+    case alreadyInitialized(path: String)
+    case locked(String)
+    case notFound(String)
+    case alreadyExists(String)
+    case invalidName(String, reason: String)
+    case invalidArgument(String)
+    /// Deleting `name` would orphan `dependents`; `hint` says how to proceed.
+    case hasDependents(name: String, dependents: [String], hint: String)
+    case readOnly(String)
+    case noSpace
+    case corrupted(String)
+    case io(String)
+    case notSupported(String)
+
+    public var description: String {
+        switch self {
+        case .notInitialized(let p): return "no store at \(p): run `vbdtool init --store \(p)` first"
+        case .alreadyInitialized(let p): return "a store already exists at \(p)"
+        case .locked(let s): return s
+        case .notFound(let n): return "no volume or snapshot named '\(n)'"
+        case .alreadyExists(let n): return "the name '\(n)' is already taken"
+        case let .invalidName(n, reason): return "invalid name '\(n)': \(reason)"
+        case .invalidArgument(let s): return s
+        case let .hasDependents(name, deps, hint):
+            return "'\(name)' is still needed by \(deps.joined(separator: ", ")); \(hint)"
+        case .readOnly(let n): return "'\(n)' is a read-only snapshot"
+        case .noSpace: return "no space left on the device holding the store"
+        case .corrupted(let s): return "store corruption: \(s)"
+        case .io(let s): return "I/O error: \(s)"
+        case .notSupported(let s): return "not supported: \(s)"
+        }
+    }
+
+    /// A stable machine-readable code for `--json` output and the control protocol.
+    public var code: String {
+        switch self {
+        case .notInitialized: return "not-initialized"
+        case .alreadyInitialized: return "already-initialized"
+        case .locked: return "locked"
+        case .notFound: return "not-found"
+        case .alreadyExists: return "already-exists"
+        case .invalidName: return "invalid-name"
+        case .invalidArgument: return "invalid-argument"
+        case .hasDependents: return "has-dependents"
+        case .readOnly: return "read-only"
+        case .noSpace: return "no-space"
+        case .corrupted: return "corrupted"
+        case .io: return "io"
+        case .notSupported: return "not-supported"
+        }
+    }
+
+    init(_ e: StorageError) {
+        switch e {
+        case .noSpace: self = .noSpace
+        case .locked(let s): self = .locked(s)
+        case .notFound(let s): self = .io("missing file \(s)")
+        case .io(let s): self = .io(s)
+        case .crashed: self = .io("simulated crash")
+        }
+    }
+}
+
+/// A pthread mutex: the store's one lock for its in-memory metadata.
+final class StoreMutex: @unchecked Sendable {
+    private let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    init() { pthread_mutex_init(m, nil) }
+    deinit { pthread_mutex_destroy(m); m.deallocate() }
+    @inline(__always) func lock() { pthread_mutex_lock(m) }
+    @inline(__always) func unlock() { pthread_mutex_unlock(m) }
+    @inline(__always) func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        lock(); defer { unlock() }
+        return try body()
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Read-through cache the store consults before the disk. Keys are chunk numbers: one number is
+/// one content (verified before sharing), and the store removes a key before reusing its number.
+public protocol ChunkCache: AnyObject, Sendable {
+    func read(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16) -> Bool
+    func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16)
+    func remove(_ key: UInt64)
+}

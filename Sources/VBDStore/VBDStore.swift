@@ -1,1 +1,0 @@
-// Module VBDStore: see docs/ARCHITECTURE.md.
