@@ -35,10 +35,11 @@ func block(_ key: UInt64) -> [UInt8] {
 
 func seconds(_ body: () -> Void) -> Double {
     let clock = ContinuousClock()
-    let elapsed = clock.measure(body)
+    let elapsed: Duration = clock.measure(body)
     return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
 }
 
+let measuredPerBlock = residentBytesPerBlock(blocks: 100_000)   // first, on a fresh heap
 let warm = BlockCache(configuration: .init(capacityBytes: 128 << 20))
 for key in 0..<UInt64(residentBlocks) { block(key).withUnsafeBytes { warm.insert(key, bytes: $0, owner: .init(volume: 1, group: 1)) } }
 let keys = (0..<2).map { thread in
@@ -93,6 +94,28 @@ func insertRun(lastChanceBytes: Int, count: Int) -> (Double, Double) {
     return (Double(count) / time, Double(count) / cpu)
 }
 
+/// Resident memory of this process (/proc/self/statm), in bytes.
+func residentBytes() -> Int {
+    guard let file = fopen("/proc/self/statm", "r") else { return 0 }
+    defer { fclose(file) }
+    var line = [CChar](repeating: 0, count: 256)
+    guard fgets(&line, Int32(line.count), file) != nil else { return 0 }
+    let fields = String(cString: line).split(separator: " ")
+    return fields.count > 1 ? (Int(fields[1]) ?? 0) * Int(sysconf(Int32(_SC_PAGESIZE))) : 0
+}
+
+/// Resident bytes per cached 4 KiB block, measured around filling a fresh cache: checks the per-entry
+/// overhead the byte budget charges (BlockCache.mainEntryOverheadBytes).
+func residentBytesPerBlock(blocks: Int) -> Double {
+    let data = block(3)
+    let before = residentBytes()
+    let cache = BlockCache(configuration: .init(capacityBytes: 1 << 30, lastChanceCapacityBytes: 0, shardCount: 16))
+    data.withUnsafeBytes { bytes in for key in 0..<UInt64(blocks) { cache.insert(key, bytes: bytes, owner: .init(volume: 1, group: 1)) } }
+    let after = residentBytes()
+    precondition(cache.statistics.entries == UInt64(blocks))
+    return Double(after - before) / Double(blocks)
+}
+
 _ = hitRun(threads: 1)   // warm up
 let one = hitRun(threads: 1), two = hitRun(threads: 2)
 let withLastChance = insertRun(lastChanceBytes: 8 << 20, count: readsPerThread / 4)
@@ -107,6 +130,9 @@ print(row("hit, 4 KiB, Zipf 0.9 over 8192 resident blocks, 1 thread", one))
 print(row("hit, same, 2 threads (total)", two))
 print(row("insert + evict, 4 KiB, LZ4 into last-chance tier", withLastChance))
 print(row("insert + evict, 4 KiB, no last-chance tier", withoutLastChance))
+print("")
+print("resident memory per cached 4 KiB block (100,000 blocks): \(Int(measuredPerBlock)) B; "
+      + "charged: \(4096 + BlockCache.mainEntryOverheadBytes) B")
 var load = [0.0, 0.0, 0.0]
 if getloadavg(&load, 3) == 3 { print("load average during the run: \(load[0])") }
 SWIFT
