@@ -320,7 +320,7 @@ import VBDCore
         let store = try Store.initialize(path: dir.path)
         try store.createVolume(name: "v", size: 1 << 32)
         let v = try store.device(named: "v")
-        let count = 200_000
+        let count = 131_072
         var buf = [UInt8](repeating: 1, count: 512 * 256)
         // 512-byte blocks would be cheaper to write, but keep the default 4 KiB: 256 blocks per call.
         var n = 0
@@ -359,7 +359,7 @@ import VBDCore
         let fairTotal = u.images.reduce(0.0) { $0 + $1.fairStoredBytes }
         #expect(abs(fairTotal - Double(u.storedBytes)) < 1.0)
         #expect(u.uniqueChunks == 513)
-        #expect(u.compressionRatio > 1.2)
+        #expect(u.compressionRatio > 1.1)
         #expect(u.dedupRatio > 3.5)
         try store.close()
     }
