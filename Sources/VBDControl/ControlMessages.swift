@@ -162,54 +162,58 @@ public struct ByteRange: Codable, Sendable, Equatable {
     }
 }
 
-/// Store-wide and per-image space figures (`stats`).
+/// Store-wide and per-image space figures (`stats`), from `Store.usage()`.
 public struct StoreStatistics: Codable, Sendable, Equatable {
     public var storePath: String
     /// True when a running server answered (cache figures are present only then).
     public var live: Bool
     /// Distinct stored blocks (after dedup).
     public var uniqueChunks: Int
-    /// Bytes the allocator holds in the data file for them (compressed, in 512-byte sectors).
+    /// Bytes the chunks take in the data file (LZ4-compressed, rounded to 512-byte sectors).
     public var storedBytes: UInt64
-    /// What the data file occupies on disk (`du`), holes excluded.
+    /// Uncompressed bytes of the chunks.
+    public var chunkRawBytes: UInt64
+    /// Data bytes summed over every volume and snapshot: what they would take without any sharing
+    /// (a block a volume shares with its snapshot counts twice).
+    public var logicalAllocatedBytes: UInt64
+    /// The data file's size, and what it occupies on disk (`du`: holes excluded).
+    public var dataFileBytes: UInt64
     public var dataFileBytesOnDisk: UInt64
-    /// Bytes of metadata files (checkpoint, journal, superblock) on disk.
+    /// Superblock, checkpoint and journal bytes on disk.
     public var metadataBytesOnDisk: UInt64
     /// RAM of the chunk index structures.
     public var indexMemoryBytes: Int
-    /// Blocks that map stored content, summed over every volume and snapshot: what would be stored
-    /// without any sharing (a block a volume shares with its snapshot counts twice).
-    public var referencedBlocks: UInt64
-    public var referencedBytes: UInt64
-    /// referencedBlocks / uniqueChunks; nil when nothing is stored.
+    /// logicalAllocatedBytes / chunkRawBytes (dedup, snapshots and shares together); nil when empty.
     public var dedupRatio: Double?
-    /// Uncompressed bytes of the unique chunks over `storedBytes`, where the uncompressed size is
-    /// estimated as uniqueChunks x the average referenced block size (exact when every image has
-    /// the same block size); nil when nothing is stored.
+    /// chunkRawBytes / storedBytes; nil when empty.
     public var compressionRatio: Double?
-    /// referencedBytes / storedBytes: dedup and compression together.
+    /// logicalAllocatedBytes / storedBytes: both together; nil when empty.
     public var dataReductionRatio: Double?
-    public var images: [ImageUsage]
+    public var images: [ImageStatistics]
     /// The universal cache, when a server runs with one.
     public var cache: CacheFigures?
 }
 
 /// Space one volume or snapshot uses (`stats`).
-public struct ImageUsage: Codable, Sendable, Equatable {
+public struct ImageStatistics: Codable, Sendable, Equatable {
     public var name: String
+    /// `volume` or `snapshot`.
     public var kind: String
     /// Logical size.
     public var size: UInt64
-    /// Bytes not in a hole: `dataBytes + zeroBytes`.
+    /// Bytes of blocks that hold data (neither holes nor zeroes).
     public var allocatedBytes: UInt64
-    /// Bytes of blocks that map stored content.
-    public var dataBytes: UInt64
-    /// Bytes of blocks allocated as zeroes (they hold no storage).
-    public var zeroBytes: UInt64
-    /// Data bytes no other image holds: roughly what deleting this image would free.
+    /// Allocated bytes whose contents nothing else holds.
     public var uniqueBytes: UInt64
-    /// Data bytes whose storage another volume or snapshot also holds.
+    /// Allocated bytes whose storage another image (or another block) also holds.
     public var sharedBytes: UInt64
+    /// Bytes on disk of the chunks only this image holds: what deleting it would free.
+    public var exclusiveStoredBytes: UInt64
+    /// This image's fair share of the bytes on disk (each chunk split among its holders); the
+    /// shares of all images add up to `storedBytes`.
+    public var fairStoredBytes: UInt64
+    /// allocatedBytes / fairStoredBytes: how much less than its data this image costs; nil when empty.
+    public var dataReductionRatio: Double?
     /// This image's cache counters, when a server with a cache runs.
     public var cache: CacheFigures?
 }
@@ -234,6 +238,10 @@ public struct CacheFigures: Codable, Sendable, Equatable {
 public struct GCReport: Codable, Sendable, Equatable {
     public var storedBytesBefore: UInt64
     public var storedBytesAfter: UInt64
+    /// The data file's size (gc truncates free space at its end).
+    public var dataFileBytesBefore: UInt64
+    public var dataFileBytesAfter: UInt64
+    /// What the data file occupies on disk (`du`).
     public var dataFileBytesOnDiskBefore: UInt64
     public var dataFileBytesOnDiskAfter: UInt64
     public var metadataBytesOnDiskBefore: UInt64

@@ -108,20 +108,18 @@ public final class ControlService: Sendable {
 
     // MARK: gc
 
-    /// The store frees a chunk the moment its last reference goes, and gives the space back to
-    /// the file system once that free is durable. What is left for `gc` is to make every pending
-    /// free durable (flush), fold the journal into a fresh checkpoint (which also releases frees
-    /// the last checkpoint still needed and punches their holes), and report what that reclaimed.
+    /// The store frees a chunk the moment its last reference goes and gives its space back once
+    /// that is durable; `Store.gc()` finishes that now: flush, checkpoint (empties the journal),
+    /// and truncate free space at the end of the data file.
     func collectGarbage(progress: ProgressSink) throws -> GCReport {
         let storedBefore = store.storedBytes
         let dataBefore = StoreFiles.dataBytesOnDisk(storePath)
         let metaBefore = StoreFiles.metadataBytesOnDisk(storePath)
-        progress(ProgressReport(phase: "gc", done: 0, total: 2, unit: "steps"))
-        try store.flush()
-        progress(ProgressReport(phase: "gc", done: 1, total: 2, unit: "steps"))
-        try store.checkpoint()
-        progress(ProgressReport(phase: "gc", done: 2, total: 2, unit: "steps"))
+        progress(ProgressReport(phase: "gc", done: 0, total: 1, unit: "steps"))
+        let sizes = try store.gc()
+        progress(ProgressReport(phase: "gc", done: 1, total: 1, unit: "steps"))
         return GCReport(storedBytesBefore: storedBefore, storedBytesAfter: store.storedBytes,
+                        dataFileBytesBefore: sizes.before, dataFileBytesAfter: sizes.after,
                         dataFileBytesOnDiskBefore: dataBefore, dataFileBytesOnDiskAfter: StoreFiles.dataBytesOnDisk(storePath),
                         metadataBytesOnDiskBefore: metaBefore, metadataBytesOnDiskAfter: StoreFiles.metadataBytesOnDisk(storePath))
     }

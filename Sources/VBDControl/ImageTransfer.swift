@@ -198,8 +198,7 @@ struct ImageTransfer {
             throw ControlFailure(code: "io", message: "qemu-img convert failed for \(path): \(outcome.standardError.trimmingSpaces())")
         }
         throttle.finish()
-        let walked = try ControlService(store: store, storePath: "").usage(of: try store.info(name))
-        return walked.usage.dataBytes
+        return store.usage().images.first { $0.name == name }?.allocatedBytes ?? 0
     }
 
     // MARK: Export

@@ -53,8 +53,9 @@ struct StatsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stats", abstract: "Show space, sharing, dedup and compression figures (and cache figures of a running server).",
         discussion: """
-            Per image: ALLOCATED = bytes not in a hole; UNIQUE = data no other image holds (about what deleting it frees);
-            SHARED = data whose storage another volume or snapshot also holds.
+            Per image: ALLOCATED = bytes of blocks holding data; UNIQUE = of those, contents nothing else holds;
+            SHARED = storage another volume, snapshot or block also holds; OWN ON DISK = what deleting it would free;
+            FAIR SHARE = its part of the stored bytes, each block split among its holders (they add up to the store's).
             """)
     @OptionGroup var store: StoreOptions
     @OptionGroup var output: OutputOptions
@@ -63,8 +64,9 @@ struct StatsCommand: ParsableCommand {
         guard case let .stats(s) = try perform(.stats, store: store, output: output) else { return }
         if output.json { JSON.print(s); return }
         var summary = Table("STORE", s.storePath + (s.live ? " (served)" : ""))
-        summary.add("stored", "\(Human.size(s.storedBytes)) in \(s.uniqueChunks) unique blocks (data file on disk: \(Human.size(s.dataFileBytesOnDisk)), metadata: \(Human.size(s.metadataBytesOnDisk)))")
-        summary.add("referenced", "\(Human.size(s.referencedBytes)) in \(s.referencedBlocks) blocks over all volumes and snapshots")
+        summary.add("stored", "\(Human.size(s.storedBytes)) in \(s.uniqueChunks) unique blocks (\(Human.size(s.chunkRawBytes)) uncompressed)")
+        summary.add("data file", "\(Human.size(s.dataFileBytes)), \(Human.size(s.dataFileBytesOnDisk)) on disk; metadata \(Human.size(s.metadataBytesOnDisk))")
+        summary.add("logical data", "\(Human.size(s.logicalAllocatedBytes)) over all volumes and snapshots")
         summary.add("dedup", Human.ratio(s.dedupRatio))
         summary.add("compression", Human.ratio(s.compressionRatio))
         summary.add("data reduction", Human.ratio(s.dataReductionRatio))
@@ -75,15 +77,14 @@ struct StatsCommand: ParsableCommand {
         }
         print(summary.render())
         print("")
-        var table = s.live ? Table("NAME", "KIND", "SIZE", "ALLOCATED", "UNIQUE", "SHARED", "CACHE HITS/MISSES")
-                           : Table("NAME", "KIND", "SIZE", "ALLOCATED", "UNIQUE", "SHARED")
+        var header = ["NAME", "KIND", "SIZE", "ALLOCATED", "UNIQUE", "SHARED", "OWN ON DISK", "FAIR SHARE"]
+        if s.live { header.append("CACHE HITS/MISSES") }
+        var table = Table(header)
         for i in s.images {
-            if s.live {
-                table.add(i.name, i.kind, Human.size(i.size), Human.size(i.allocatedBytes), Human.size(i.uniqueBytes), Human.size(i.sharedBytes),
-                          i.cache.map { "\($0.hits + $0.lastChanceHits)/\($0.misses)" } ?? "-")
-            } else {
-                table.add(i.name, i.kind, Human.size(i.size), Human.size(i.allocatedBytes), Human.size(i.uniqueBytes), Human.size(i.sharedBytes))
-            }
+            var row = [i.name, i.kind, Human.size(i.size), Human.size(i.allocatedBytes), Human.size(i.uniqueBytes), Human.size(i.sharedBytes),
+                       Human.size(i.exclusiveStoredBytes), Human.size(i.fairStoredBytes)]
+            if s.live { row.append(i.cache.map { "\($0.hits + $0.lastChanceHits)/\($0.misses)" } ?? "-") }
+            table.rows.append(row)
         }
         print(s.images.isEmpty ? "no volumes" : table.render())
     }
@@ -101,6 +102,7 @@ struct GCCommand: ParsableCommand {
         if output.json { JSON.print(g); return }
         var table = Table("", "BEFORE", "AFTER")
         table.add("stored bytes", Human.size(g.storedBytesBefore), Human.size(g.storedBytesAfter))
+        table.add("data file size", Human.size(g.dataFileBytesBefore), Human.size(g.dataFileBytesAfter))
         table.add("data file on disk", Human.size(g.dataFileBytesOnDiskBefore), Human.size(g.dataFileBytesOnDiskAfter))
         table.add("metadata on disk", Human.size(g.metadataBytesOnDiskBefore), Human.size(g.metadataBytesOnDiskAfter))
         print(table.render())

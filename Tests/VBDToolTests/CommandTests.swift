@@ -97,6 +97,7 @@ import VBDControl
         #expect(try Tool.run(["import", image, "golden"], store: store).succeeded)
         let before = try Tool.run(["stats", "--json"], store: store).json(StoreStatistics.self)
         #expect(before.images.first?.uniqueBytes == 2 << 20)
+        #expect(before.images.first?.exclusiveStoredBytes == before.storedBytes)
         #expect(before.uniqueChunks == 512)
         #expect(try Tool.run(["snapshot", "golden@v1"], store: store).succeeded)
         #expect(try Tool.run(["share", "golden@v1", "vm1"], store: store).succeeded)
@@ -108,8 +109,9 @@ import VBDControl
             let share = try #require(after.images.first { $0.name == name })
             #expect(share.uniqueBytes == 0 && share.sharedBytes == 2 << 20 && share.allocatedBytes == 2 << 20)
         }
-        #expect(after.referencedBlocks == 4 * 512)
+        #expect(after.logicalAllocatedBytes == 4 * (2 << 20))
         #expect(after.dedupRatio == 4)
+        #expect(after.images.allSatisfy { $0.exclusiveStoredBytes == 0 }, "every block is held by four images")
         #expect(!after.live && after.cache == nil)
         let human = try Tool.run(["stats"], store: store)
         #expect(human.stdout.contains("dedup") && human.stdout.contains("4.00x"))
