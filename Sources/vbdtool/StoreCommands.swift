@@ -132,3 +132,17 @@ struct FsckCommand: ParsableCommand {
         if !f.clean { throw ExitCode(2) }
     }
 }
+
+struct StatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status", abstract: "Show whether a server is serving the store, and where NBD clients connect.",
+        discussion: "Exit status 0 when a server answers on the store's control socket, 1 when none runs.")
+    @OptionGroup var store: StoreOptions
+    @OptionGroup var output: OutputOptions
+
+    func run() throws {
+        guard case let .pong(s) = try perform(.ping, store: store, output: output) else { return }
+        if output.json { JSON.print(s); return }
+        print("serving \(s.storePath) (pid \(s.pid)); NBD: \(s.nbdAddresses.joined(separator: ", "))")
+    }
+}

@@ -26,7 +26,7 @@ struct VBDTool: AsyncParsableCommand {
         subcommands: [
             InitCommand.self, CreateCommand.self, ListCommand.self, InfoCommand.self, SnapshotCommand.self,
             ShareCommand.self, RemoveCommand.self, ResizeCommand.self, DiffCommand.self, ImportCommand.self,
-            ExportCommand.self, ServeCommand.self, StatsCommand.self, GCCommand.self, FsckCommand.self,
+            ExportCommand.self, ServeCommand.self, StatusCommand.self, StatsCommand.self, GCCommand.self, FsckCommand.self,
         ]
     )
 }
