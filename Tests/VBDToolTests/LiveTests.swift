@@ -135,6 +135,104 @@ import Glibc
         #expect(try fileBytes(after) == expected)
     }
 
+    /// Two writers keep writing (each to its own half of the volume, so every block's writes are
+    /// ordered) while the main thread takes a snapshot. Each write is logged with when it was
+    /// sent and when it was acknowledged, on one clock with the snapshot call.
+    static let concurrentWriterScript = """
+        import nbd, random, subprocess, sys, json, threading, time
+        uri, tool, store = sys.argv[1:4]
+        B = 4096; BLOCKS = 256
+        stop = threading.Event()
+        logs = [[], []]
+        def block(i, seq):
+            s = ("blk%06d-seq%08d;" % (i, seq)).encode()
+            return (s * (B // len(s) + 1))[:B]
+        def writer(k):
+            h = nbd.NBD(); h.connect_uri(uri)
+            rng = random.Random(k)
+            seq = 0
+            while not stop.is_set() and seq < 100000:
+                i = rng.randrange(k * BLOCKS // 2, (k + 1) * BLOCKS // 2)
+                seq += 1
+                sent = time.monotonic()
+                h.pwrite(block(i, seq), i * B)
+                logs[k].append([i, seq, sent, time.monotonic()])
+            h.shutdown()
+        threads = [threading.Thread(target=writer, args=(k,)) for k in (0, 1)]
+        for t in threads: t.start()
+        time.sleep(0.5)
+        requested = time.monotonic()
+        r = subprocess.run([tool, "snapshot", "vm@live", "--store", store], capture_output=True, text=True)
+        returned = time.monotonic()
+        time.sleep(0.3)
+        stop.set()
+        for t in threads: t.join()
+        if r.returncode != 0:
+            print(json.dumps({"error": r.stderr})); sys.exit(1)
+        print(json.dumps({"requested": requested, "returned": returned, "writes": logs[0] + logs[1]}))
+        """
+
+    struct ConcurrentLog: Decodable {
+        var requested: Double
+        var returned: Double
+        /// [block, seq, sent, acknowledged]
+        var writes: [[Double]]
+    }
+
+    @Test func snapshotUnderConcurrentWritesHoldsEveryAcknowledgedWrite() throws {
+        guard let python = Self.pythonWithNBD(), let nbdcopy = Subprocess.find("nbdcopy") else {
+            Issue.record("python3-libnbd and nbdcopy (libnbd-bin) are needed for the live test")
+            return
+        }
+        let dir = try TemporaryDirectory()
+        let store = try dir.initializedStore()
+        #expect(try Tool.run(["create", "vm", "--size", "1M"], store: store).succeeded)
+        let server = try RunningServer(store: store, nbdSocket: dir.path + "/nbd.sock")
+        let script = dir.path + "/writers.py"
+        try Self.concurrentWriterScript.write(toFile: script, atomically: true, encoding: .utf8)
+        let run = try Subprocess.run(python, [script, server.uri("vm"), Tool.path, store], timeoutSeconds: 300)
+        #expect(run.succeeded, "writers: \(run.stderr) server log: \(server.log)")
+        let log = try JSONDecoder().decode(ConcurrentLog.self, from: Data(run.stdout.utf8))
+        let before = log.writes.filter { $0[3] < log.requested }.count
+        #expect(before > 10 && log.writes.count > before, "writes happened before and after the snapshot (\(before) of \(log.writes.count))")
+
+        let snapshotFile = dir.path + "/live.raw"
+        let copied = try Subprocess.run(nbdcopy, [server.uri("vm@live"), snapshotFile])
+        #expect(copied.succeeded, "\(copied.stderr)")
+        let bytes = try fileBytes(snapshotFile)
+        #expect(bytes.count == 1 << 20)
+        var writesByBlock: [Int: [(seq: Int, sent: Double, acknowledged: Double)]] = [:]
+        for w in log.writes { writesByBlock[Int(w[0]), default: []].append((Int(w[1]), w[2], w[3])) }
+        for index in 0..<256 {
+            let content = Array(bytes[index * Self.blockBytes..<(index + 1) * Self.blockBytes])
+            let writes = writesByBlock[index] ?? []
+            // The newest write acknowledged before the snapshot was asked for must be there (or a
+            // later one that was in flight while it ran); nothing sent after it returned may be.
+            let mustHave = writes.filter { $0.acknowledged < log.requested }.map(\.seq).max()
+            if content.allSatisfy({ $0 == 0 }) {
+                #expect(mustHave == nil, "block \(index) is empty in the snapshot but write \(mustHave ?? -1) was acknowledged before it")
+                continue
+            }
+            let header = String(decoding: content.prefix(21), as: UTF8.self)   // "blk000123-seq00000042;"
+            let seq = Int(header.dropFirst(13).prefix(8)) ?? -1
+            guard let found = writes.first(where: { $0.seq == seq }) else {
+                Issue.record("block \(index) holds \(header), which no writer wrote there")
+                continue
+            }
+            #expect(content == LiveTests.sequencedBlock(index, seq), "block \(index) is torn")
+            #expect(seq >= (mustHave ?? 0), "block \(index): snapshot has write \(seq), but \(mustHave ?? 0) was acknowledged before it")
+            #expect(found.sent < log.returned, "block \(index): write \(seq) was sent after the snapshot returned")
+        }
+        #expect(server.stop() == 0)
+    }
+
+    static func sequencedBlock(_ index: Int, _ seq: Int) -> [UInt8] {
+        let unit = Array(String(format: "blk%06d-seq%08d;", index, seq).utf8)
+        var out = [UInt8]()
+        while out.count < blockBytes { out += unit }
+        return Array(out.prefix(blockBytes))
+    }
+
     @Test func commandsRunInsideTheServerAndAreRefusedASecondWriter() throws {
         let dir = try TemporaryDirectory()
         let store = try dir.initializedStore()
@@ -159,7 +257,31 @@ import Glibc
         // A second server is refused by the store lock, with a clear message.
         let second = try Tool.run(["serve", "--unix", dir.path + "/other.sock"], store: store)
         #expect(second.status == 1 && second.stderr.contains("in use by another process"))
-        #expect(server.stop() == 0)
+        // Ctrl-C stops as cleanly as SIGTERM.
+        #expect(server.stop(signal: SIGINT) == 0)
+        #expect(server.log.contains("stopped cleanly"))
+        #expect(!FileManager.default.fileExists(atPath: socket))
+    }
+
+    @Test func aCrashedServerLeavesNothingThatBlocksTheNextOne() throws {
+        let dir = try TemporaryDirectory()
+        let store = try dir.initializedStore()
+        let server = try RunningServer(store: store, nbdSocket: dir.path + "/nbd.sock")
+        #expect(try Tool.run(["create", "kept", "--size", "1M"], store: store).succeeded)
+        // SIGKILL: no cleanup at all; the control socket file stays behind.
+        server.stop(signal: SIGKILL)
+        #expect(FileManager.default.fileExists(atPath: store + "/control.sock"))
+        // The CLI sees nobody answers, opens the store itself (the kernel dropped the flock) and
+        // finds the acknowledged create.
+        let list = try Tool.run(["list", "--json"], store: store)
+        #expect(list.succeeded, "\(list.stderr)")
+        #expect(try list.json([ImageSummary].self).map(\.name) == ["kept"])
+        let status = try Tool.run(["status"], store: store)
+        #expect(status.status == 1 && status.stderr.contains("no server is running"))
+        // A new server replaces the stale socket.
+        let again = try RunningServer(store: store, nbdSocket: dir.path + "/nbd2.sock")
+        #expect(try Tool.run(["info", "kept"], store: store).succeeded)
+        #expect(again.stop() == 0)
     }
 
     @Test func controlSocketBoundsWhatAClientMaySend() throws {

@@ -154,11 +154,11 @@ final class RunningServer {
 
     func uri(_ export: String) -> String { "nbd+unix:///\(export)?socket=\(nbdSocket)" }
 
-    /// SIGTERM, then waits; returns the exit status.
+    /// Sends `signal` (SIGTERM by default), then waits; returns the exit status.
     @discardableResult
-    func stop() -> Int32 {
+    func stop(signal: Int32 = SIGTERM) -> Int32 {
         if process.isRunning {
-            kill(process.processIdentifier, SIGTERM)
+            kill(process.processIdentifier, signal)
             let deadline = Date().addingTimeInterval(60)
             while process.isRunning && Date() < deadline { usleep(20_000) }
             if process.isRunning { process.interrupt(); kill(process.processIdentifier, SIGKILL) }
