@@ -118,7 +118,7 @@ struct RemoveCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rm", abstract: "Delete a volume or a snapshot.",
         discussion: """
-            A volume with snapshots, or a snapshot with shares, is refused unless --force. With --force a volume
+            A volume with snapshots, or a snapshot with shares, is refused unless --force. With --force a volume \
             goes with its snapshots; shares made from a deleted snapshot keep all their data.
             """)
     @Argument(help: "VOLUME or VOLUME@SNAPSHOT.") var name: String

@@ -15,8 +15,8 @@ struct ServeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve", abstract: "Serve every volume (read-write) and snapshot (read-only) over NBD.",
         discussion: """
-            Export names are VOLUME and VOLUME@SNAPSHOT; new volumes, snapshots and shares are served at once.
-            While serving, the other vbdtool commands run inside this process through DIR/control.sock.
+            Export names are VOLUME and VOLUME@SNAPSHOT; new volumes, snapshots and shares are served at once. \
+            While serving, the other vbdtool commands run inside this process through DIR/control.sock. \
             SIGINT or SIGTERM stops cleanly: NBD clients are let finish, the store is flushed, checkpointed and closed.
             """)
     @Option(help: ArgumentHelp("TCP address to listen on (default 127.0.0.1:10809 unless --unix is given).", valueName: "host:port"))

@@ -7,7 +7,7 @@ struct ImportCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "import", abstract: "Create a volume from a disk image file.",
         discussion: """
-            Raw images are read directly; qcow2, vmdk, vdi and other formats go through qemu-img (when installed).
+            Raw images are read directly; qcow2, vmdk, vdi and other formats go through qemu-img (when installed). \
             Holes and all-zero blocks are skipped, so the volume stays sparse. The volume gets the image's virtual size.
             """)
     @Argument(help: "Image file.") var file: String
@@ -53,8 +53,8 @@ struct StatsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stats", abstract: "Show space, sharing, dedup and compression figures (and cache figures of a running server).",
         discussion: """
-            Per image: ALLOCATED = bytes of blocks holding data; UNIQUE = of those, contents nothing else holds;
-            SHARED = storage another volume, snapshot or block also holds; OWN ON DISK = what deleting it would free;
+            Per image: ALLOCATED = bytes of blocks holding data; UNIQUE = of those, contents nothing else holds; \
+            SHARED = storage another volume, snapshot or block also holds; OWN ON DISK = what deleting it would free; \
             FAIR SHARE = its part of the stored bytes, each block split among its holders (they add up to the store's).
             """)
     @OptionGroup var store: StoreOptions

@@ -156,3 +156,32 @@ import VBDControl
         #expect(broken.stdout.contains("problem"))
     }
 }
+
+@Suite struct HelpTests {
+    static let subcommands = ["init", "create", "list", "info", "snapshot", "share", "rm", "resize", "diff", "import",
+                              "export", "serve", "status", "stats", "gc", "fsck"]
+
+    @Test func rootHelpListsEveryCommand() throws {
+        let help = try Tool.run(["--help"])
+        #expect(help.succeeded)
+        for command in Self.subcommands {
+            #expect(help.stdout.contains("\n  \(command) "), "\(command) missing from --help")
+        }
+    }
+
+    @Test(arguments: subcommands)
+    func everyCommandHasHelpNamingTheStoreOption(command: String) throws {
+        let help = try Tool.run([command, "--help"])
+        #expect(help.succeeded)
+        #expect(help.stdout.contains("--store <path>"))
+        if !["serve", "init"].contains(command) { #expect(help.stdout.contains("--json")) }
+    }
+
+    @Test func unknownCommandsAndOptionsAreUsageErrors() throws {
+        #expect(try Tool.run(["frobnicate"]).status == 64)
+        #expect(try Tool.run(["list", "--colour"]).status == 64)
+        #expect(try Tool.run(["create", "v"]).status == 64, "--size is required")
+        let listen = try Tool.run(["serve", "--listen", "nohost"])
+        #expect(listen.status == 64 && listen.stderr.contains("HOST:PORT"))
+    }
+}
