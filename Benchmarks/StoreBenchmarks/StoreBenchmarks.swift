@@ -4,7 +4,7 @@
 //   cd Benchmarks && swift package --allow-writing-to-package-directory benchmark --target StoreBenchmarks
 //
 // Codec level (VBDCore only): the per-block costs every write and every uncached read pays.
-// Store level (VBDStore): added once the engine lands on main.
+// Store level (VBDStore): StoreBenchmarks+Store.swift.
 
 import Benchmark
 import VBDCore
@@ -17,6 +17,7 @@ let benchmarks: @Sendable () -> Void = {
         maxIterations: 10_000
     )
     codecBenchmarks()
+    storeBenchmarks()
 }
 
 /// A fixed, arbitrary seed: what a store would draw at `init`.
@@ -69,7 +70,7 @@ func codecBenchmarks() {
     // (DESIGN.md invariant 3). Blocks that LZ4 could not shrink are copied and hashed.
     Benchmark("Codec: LZ4 decompress + XXH3-128 verify, 4 KiB") { benchmark in
         let data = DataSet.shared
-        let expected = (0..<data.count).map { HashFunction.xxh3.hash(data.block($0), seed: benchmarkSeed) }
+        let expected = data.hashes
         let destination = UnsafeMutableRawBufferPointer.allocate(byteCount: DataSet.blockBytes, alignment: 4096)
         defer { destination.deallocate() }
         var i = 0
