@@ -1,1 +1,209 @@
-// Module NBDServer: see docs/ARCHITECTURE.md.
+import Logging
+import NBDProtocol
+import NIOCore
+import NIOPosix
+import NIOSSL
+import Synchronization
+import VBDCore
+
+/// Serves ``VBDCore/ExportProvider`` exports over the NBD protocol (fixed newstyle), on TCP and/or a
+/// unix socket, optionally with TLS.
+///
+/// ```swift
+/// let server = NBDServer(configuration: .init(exports: provider, unixSocketPath: "/run/vbd.sock"))
+/// try await server.start()
+/// ...
+/// await server.stop()
+/// ```
+///
+/// ### Concurrency
+/// `start` and `stop` may be called from any task; each connection lives on one event loop and
+/// runs device calls on two I/O thread pools (reads, writes).
+public final class NBDServer: Sendable {
+    public enum ServerError: Error, CustomStringConvertible {
+        case noListenAddress
+        case alreadyStarted
+        case tls(String)
+
+        public var description: String {
+            switch self {
+            case .noListenAddress: return "no TCP address or unix socket path configured"
+            case .alreadyStarted: return "the server was already started"
+            case .tls(let detail): return "TLS setup failed: \(detail)"
+            }
+        }
+    }
+
+    private struct Running: @unchecked Sendable {
+        // @unchecked: NIOThreadPool and the group are thread-safe classes; the rest are values.
+        var group: MultiThreadedEventLoopGroup
+        var readPool: NIOThreadPool
+        var writePool: NIOThreadPool
+        var listeners: [Channel]
+    }
+
+    private struct State {
+        var running: Running?
+        var stopped = false
+        var connections: [ObjectIdentifier: Channel] = [:]
+        var nextConnectionNumber = 0
+    }
+
+    public let configuration: Configuration
+    private let state = Mutex(State())
+
+    public init(configuration: Configuration) {
+        configuration.limits.validate()
+        self.configuration = configuration
+    }
+
+    /// Addresses the server listens on (valid after ``start()``).
+    public var localAddresses: [SocketAddress] {
+        state.withLock { $0.running?.listeners.compactMap(\.localAddress) ?? [] }
+    }
+
+    /// The bound TCP port, useful when the configuration asked for port 0.
+    public var tcpPort: Int? {
+        localAddresses.lazy.compactMap(\.port).first
+    }
+
+    /// Number of open client connections.
+    public var connectionCount: Int {
+        state.withLock { $0.connections.count }
+    }
+
+    /// Binds the configured addresses and starts accepting clients.
+    public func start() async throws {
+        guard configuration.tcp != nil || configuration.unixSocketPath != nil else { throw ServerError.noListenAddress }
+        let sslContext = try makeSSLContext()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopThreads))
+        let readPool = NIOThreadPool(numberOfThreads: max(1, configuration.ioThreadsPerPool))
+        let writePool = NIOThreadPool(numberOfThreads: max(1, configuration.ioThreadsPerPool))
+        readPool.start()
+        writePool.start()
+        let alreadyStarted = state.withLock { state -> Bool in
+            if state.running != nil || state.stopped { return true }
+            state.running = Running(group: group, readPool: readPool, writePool: writePool, listeners: [])
+            return false
+        }
+        if alreadyStarted {
+            try? await readPool.shutdownGracefully()
+            try? await writePool.shutdownGracefully()
+            try? await group.shutdownGracefully()
+            throw ServerError.alreadyStarted
+        }
+
+        let tlsPolicy: NBDHandshakeStateMachine.TLSPolicy
+        switch configuration.tls {
+        case .off: tlsPolicy = .disabled
+        case .optional: tlsPolicy = .optional
+        case .required: tlsPolicy = .required
+        }
+        let environment = NBDConnectionHandler.Environment(
+            exports: configuration.exports, limits: configuration.limits, tlsPolicy: tlsPolicy,
+            sslContext: sslContext, readPool: readPool, writePool: writePool, observer: configuration.observer)
+
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 256)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.autoRead, value: true)
+            .childChannelInitializer { [self] channel in
+                self.initialize(channel, environment: environment)
+            }
+
+        do {
+            var listeners: [Channel] = []
+            if let tcp = configuration.tcp {
+                let channel = try await bootstrap
+                    .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                    .bind(host: tcp.host, port: tcp.port).get()
+                listeners.append(channel)
+            }
+            if let path = configuration.unixSocketPath {
+                listeners.append(try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get())
+            }
+            state.withLock { $0.running?.listeners = listeners }
+            configuration.logger.info("NBD server listening",
+                                      metadata: ["addresses": "\(listeners.compactMap(\.localAddress))"])
+        } catch {
+            await stop()
+            throw error
+        }
+    }
+
+    /// Stops accepting, lets requests in flight finish (up to the shutdown grace period), closes
+    /// every connection and releases the threads. Idempotent.
+    public func stop() async {
+        let (running, connections) = state.withLock { state -> (Running?, [Channel]) in
+            let running = state.running
+            state.running = nil
+            state.stopped = true
+            return (running, Array(state.connections.values))
+        }
+        guard let running else { return }
+        for listener in running.listeners {
+            try? await listener.close()
+        }
+        for connection in connections {
+            connection.pipeline.fireUserInboundEventTriggered(NBDConnectionEvent.shutdown)
+        }
+        let grace = configuration.limits.shutdownGracePeriod
+        for connection in connections {
+            let closed = connection.closeFuture
+            let timeout = connection.eventLoop.scheduleTask(in: grace) { connection.close(promise: nil) }
+            try? await closed.get()
+            timeout.cancel()
+        }
+        try? await running.readPool.shutdownGracefully()
+        try? await running.writePool.shutdownGracefully()
+        try? await running.group.shutdownGracefully()
+        configuration.logger.info("NBD server stopped")
+    }
+
+    private func initialize(_ channel: Channel, environment: NBDConnectionHandler.Environment) -> EventLoopFuture<Void> {
+        let admitted = state.withLock { state -> Int? in
+            guard state.running != nil, state.connections.count < configuration.limits.connectionsMax else { return nil }
+            state.connections[ObjectIdentifier(channel)] = channel
+            state.nextConnectionNumber += 1
+            return state.nextConnectionNumber
+        }
+        guard let number = admitted else {
+            configuration.logger.warning("refusing connection: \(configuration.limits.connectionsMax) connections open")
+            channel.close(promise: nil)
+            return channel.eventLoop.makeSucceededVoidFuture()
+        }
+        channel.closeFuture.whenComplete { [self] _ in
+            _ = state.withLock { $0.connections.removeValue(forKey: ObjectIdentifier(channel)) }
+        }
+        var logger = configuration.logger
+        logger[metadataKey: "connection"] = "\(number)"
+        logger[metadataKey: "peer"] = "\(channel.remoteAddress.map { "\($0)" } ?? "unix")"
+        let handler = NBDConnectionHandler(environment: environment, logger: logger)
+        return channel.eventLoop.makeCompletedFuture {
+            try channel.pipeline.syncOperations.addHandler(handler)
+        }
+    }
+
+    private func makeSSLContext() throws -> NIOSSLContext? {
+        let certificatePath: String, keyPath: String, caPath: String?
+        switch configuration.tls {
+        case .off:
+            return nil
+        case .optional(let cert, let key, let ca), .required(let cert, let key, let ca):
+            (certificatePath, keyPath, caPath) = (cert, key, ca)
+        }
+        do {
+            let chain = try NIOSSLCertificate.fromPEMFile(certificatePath).map { NIOSSLCertificateSource.certificate($0) }
+            let key = try NIOSSLPrivateKey(file: keyPath, format: .pem)
+            var tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key))
+            tls.minimumTLSVersion = .tlsv12  // proto.md, "TLS versions"
+            if let caPath {
+                tls.trustRoots = .file(caPath)
+                tls.certificateVerification = .noHostnameVerification
+            }
+            return try NIOSSLContext(configuration: tls)
+        } catch {
+            throw ServerError.tls("\(error)")
+        }
+    }
+}

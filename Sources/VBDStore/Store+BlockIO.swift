@@ -396,19 +396,22 @@ extension Store {
         guard length > 0 else { return }
         let bs = UInt64(view.blockSize)
         let end = offset + length
-        // Whole blocks inside the range change in the map only; a block cut by the range's end
-        // that is also the volume's last (partial) block counts as whole.
-        var firstWhole = (offset + bs - 1) / bs
-        var endWhole = end / bs
-        if end == view.size && end % bs != 0 { endWhole = (end + bs - 1) / bs }
-        if firstWhole > endWhole { firstWhole = endWhole }
-        let headBytes = min(firstWhole * bs, end) - offset
-        let tailStart = max(endWhole * bs, offset)
-        let hasEdges = (headBytes > 0 && offset < firstWhole * bs) || tailStart < end
-        if fastOnly && hasEdges {
+        // Whole blocks inside the range change in the map only. The volume's last block may be
+        // partial; a range reaching the volume's end covers it whole.
+        let alignedStart = (offset + bs - 1) / bs * bs
+        let alignedEnd = end == view.size ? (end + bs - 1) / bs * bs : end / bs * bs
+        var partial: [(UInt64, UInt64)] = []   // byte ranges that need a read-modify-write
+        if alignedStart < alignedEnd {
+            if offset < alignedStart { partial.append((offset, alignedStart)) }
+            if alignedEnd < end { partial.append((alignedEnd, end)) }
+        } else {
+            partial.append((offset, end))
+        }
+        if fastOnly && !partial.isEmpty {
             throw .notSupported("zeroing part of a block needs a read-modify-write, which is not fast")
         }
-        if firstWhole < endWhole {
+        if alignedStart < alignedEnd {
+            let firstWhole = alignedStart / bs, endWhole = alignedEnd / bs
             try mutex.withLock { () throws(BlockDeviceError) in
                 guard images[id] != nil else { throw .gone("\(view.name) was deleted") }
                 do {
@@ -422,20 +425,11 @@ extension Store {
                 }
             }
         }
-        // Partial edges: write zeroes through the normal path.
-        if offset < firstWhole * bs {
-            let n = Int(min(firstWhole * bs, end) - offset)
-            let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: n, alignment: 16)
+        for (lo, hi) in partial {
+            let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(hi - lo), alignment: 16)
             defer { zeros.deallocate() }
             zeros.initializeMemory(as: UInt8.self, repeating: 0)
-            try write(image: id, offset: offset, data: UnsafeRawBufferPointer(zeros), fua: false)
-        }
-        if tailStart < end && tailStart >= firstWhole * bs && endWhole * bs < end {
-            let n = Int(end - tailStart)
-            let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: n, alignment: 16)
-            defer { zeros.deallocate() }
-            zeros.initializeMemory(as: UInt8.self, repeating: 0)
-            try write(image: id, offset: tailStart, data: UnsafeRawBufferPointer(zeros), fua: false)
+            try write(image: id, offset: lo, data: UnsafeRawBufferPointer(zeros), fua: false)
         }
         try afterChange(fua: fua)
     }

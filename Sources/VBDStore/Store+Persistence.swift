@@ -205,12 +205,13 @@ extension Store {
         var slots: [SuperblockSlot] = []
         for k in 0..<2 {
             let at = k * Store.superblockSlotBytes
-            guard bytes.count >= at + 56 else { continue }
-            var r = BinaryReader(Array(bytes[at..<at + 56]))
+            // magic 8 | version 4 | generation 8 | secret 8 | checkpoint length 8 | checksum 8 | slot checksum 8
+            guard bytes.count >= at + 52 else { continue }
+            var r = BinaryReader(Array(bytes[at..<at + 52]))
             guard let magic = try? r.u64(), magic == Store.superblockMagic,
                   let version = try? r.u32(), version == Store.formatVersion,
                   let gen = try? r.u64(), let sec = try? r.u64(), let n = try? r.u64(), let sum = try? r.u64(),
-                  let check = try? r.u64(), check == metadataChecksum(Array(bytes[at..<at + 48]))
+                  let check = try? r.u64(), check == metadataChecksum(Array(bytes[at..<at + 44]))
             else { continue }
             slots.append(SuperblockSlot(generation: gen, secret: sec, checkpointBytes: n, checkpointChecksum: sum))
         }

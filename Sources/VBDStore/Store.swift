@@ -43,6 +43,9 @@ public final class Store: @unchecked Sendable {
         public var checkpointJournalBytes: UInt64 = Limits.journalBytesCheckpoint
         /// Unflushed journal bytes that trigger an implicit flush.
         public var pendingJournalBytesMax: Int = Limits.pendingJournalBytesMax
+        /// The store secret for a new store; nil = from the system CSPRNG. The simulator fixes it
+        /// so that a seed replays exactly.
+        public var secretForNewStore: UInt64?
         /// Refuse new chunks once the data file would exceed this (0 = no limit but the disk's).
         public var dataBytesMax: UInt64 = 0
 
@@ -110,7 +113,7 @@ public final class Store: @unchecked Sendable {
         do {
             if create {
                 if directory.fileExists("superblock") { throw StorageError.io("exists") }
-                secret = Store.randomSeed()
+                secret = options.secretForNewStore ?? Store.randomSeed()
                 superblockFile = try directory.openFile("superblock", create: true)
                 dataFile = try directory.openFile("data", create: true)
                 journalFile = try directory.openFile("journal-0", create: true)  // replaced below

@@ -1,1 +1,0 @@
-// Module NBDProtocol: see docs/ARCHITECTURE.md.

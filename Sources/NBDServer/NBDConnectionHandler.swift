@@ -1,0 +1,478 @@
+import Logging
+import NBDProtocol
+import NIOCore
+import NIOPosix
+import NIOSSL
+import VBDCore
+
+// MARK: - Notes on the design
+//
+// The handler is the thin shell around the pure pieces of NBDProtocol: it feeds bytes to the
+// ``NBDMessageParser``, hands messages to the handshake or transmission state machine, and performs
+// the returned actions. Everything it does runs on the channel's event loop; device calls run on
+// the I/O thread pools and come back as encoded reply buffers.
+//
+// Invariants:
+// 1. Bounded memory. The handler asks the socket for more bytes (`read`) only when it could act on
+//    them: during the handshake when no lookup or TLS upgrade is pending; during transmission when
+//    fewer than `inFlightRequestsMax` requests and fewer than `inFlightBytesMax` payload bytes are in
+//    flight and the channel is writable. So the inbound buffer holds at most one partial message
+//    (<= 32 MiB + header) plus one socket read, and replies queued towards a slow client count
+//    against the byte budget until the socket took them.
+// 2. A request stays "in flight" from parsing until its reply has been written to the socket; only
+//    then does NBD_CMD_DISC or server shutdown close the connection, so no acknowledged work is lost.
+// 3. Unparseable input closes this connection only; state machines never see it.
+
+/// Events the server sends down a connection's pipeline.
+enum NBDConnectionEvent: Sendable {
+    /// The server is stopping: take no new requests, finish the ones in flight, close.
+    case shutdown
+}
+
+final class NBDConnectionHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = Never
+    typealias OutboundIn = Never
+    typealias OutboundOut = ByteBuffer
+
+    struct Environment: Sendable {
+        var exports: any ExportProvider
+        var limits: NBDServer.ServerLimits
+        var tlsPolicy: NBDHandshakeStateMachine.TLSPolicy
+        var sslContext: NIOSSLContext?
+        var readPool: NIOThreadPool
+        var writePool: NIOThreadPool
+        var observer: NBDRequestObserver?
+    }
+
+    private enum Phase {
+        case handshake(NBDHandshakeStateMachine)
+        case transmission(NBDTransmissionStateMachine, any BlockDevice)
+        case closed
+    }
+
+    private let environment: Environment
+    private var logger: Logger
+    private var phase: Phase
+    private var parser: NBDMessageParser
+    private var inbound: ByteBuffer?
+    /// A handshake lookup or TLS upgrade is running; no option is parsed meanwhile.
+    private var awaitingHandshakeResult = false
+    /// `read` was requested while the handler could not take more input.
+    private var readDeferred = false
+    private var inFlightBytes = 0
+    private var shuttingDown = false
+    private var handshakeTimeout: Scheduled<Void>?
+
+    init(environment: Environment, logger: Logger) {
+        self.environment = environment
+        self.logger = logger
+        self.phase = .handshake(NBDHandshakeStateMachine(configuration: .init(
+            tlsPolicy: environment.tlsPolicy,
+            optionsMax: environment.limits.handshakeOptionsMax,
+            requestBytesMax: environment.limits.requestBytesMax)))
+        self.parser = NBDMessageParser(optionBytesMax: environment.limits.optionBytesMax,
+                                       requestBytesMax: environment.limits.requestBytesMax)
+    }
+
+    // MARK: Channel events
+
+    func channelActive(context: ChannelHandlerContext) {
+        var greeting = context.channel.allocator.buffer(capacity: NBDWireSize.greeting)
+        NBDHandshakeStateMachine.greeting(into: &greeting)
+        context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
+        let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        handshakeTimeout = context.eventLoop.assumeIsolated().scheduleTask(in: environment.limits.handshakeTimeout) {
+            [self] in
+            if case .handshake = self.phase {
+                self.logger.info("handshake timed out")
+                self.close(context: loopBoundContext.value)
+            }
+        }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        handshakeTimeout?.cancel()
+        phase = .closed
+        inbound = nil
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        if case .closed = phase { return }
+        if inbound == nil || inbound!.readableBytes == 0 {
+            inbound = incoming
+        } else {
+            inbound!.writeBuffer(&incoming)
+        }
+        processInbound(context: context)
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if canTakeInput(context: context) {
+            context.read()
+        } else {
+            readDeferred = true
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        resumeIfPossible(context: context)
+        context.fireChannelWritabilityChanged()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? NBDConnectionEvent, case .shutdown = event {
+            beginShutdown(context: context)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        logger.debug("connection error: \(error)")
+        close(context: context)
+    }
+
+    // MARK: Input
+
+    private func canTakeInput(context: ChannelHandlerContext) -> Bool {
+        switch phase {
+        case .closed:
+            return false
+        case .handshake:
+            return !awaitingHandshakeResult
+        case .transmission(let machine, _):
+            return machine.canAcceptRequest && inFlightBytes < environment.limits.inFlightBytesMax
+                && context.channel.isWritable
+        }
+    }
+
+    private func resumeIfPossible(context: ChannelHandlerContext) {
+        guard canTakeInput(context: context) else { return }
+        processInbound(context: context)
+        if readDeferred && canTakeInput(context: context) {
+            readDeferred = false
+            context.read()
+        }
+    }
+
+    private func processInbound(context: ChannelHandlerContext) {
+        while canTakeInput(context: context), var buffer = inbound {
+            inbound = nil  // keeps `buffer` uniquely referenced while the parser consumes it
+            let message: NBDClientMessage?
+            do {
+                message = try parser.nextMessage(from: &buffer)
+            } catch {
+                logger.info("closing connection: \(error)")
+                close(context: context)
+                return
+            }
+            // Drop a fully consumed buffer so the next socket read becomes the storage and slices
+            // handed to WRITE requests do not pin or copy an ever-growing accumulation buffer.
+            inbound = buffer.readableBytes > 0 ? buffer : nil
+            guard let message else { return }
+            handle(message, context: context)
+        }
+    }
+
+    private func handle(_ message: NBDClientMessage, context: ChannelHandlerContext) {
+        switch phase {
+        case .closed:
+            return
+        case .handshake(var machine):
+            let action: NBDHandshakeStateMachine.Action
+            switch message {
+            case .clientFlags(let flags):
+                action = machine.clientFlagsReceived(flags)
+            case .option(let code, let payload):
+                let option = NBDOption(code: code, payload: payload)
+                logger.trace("option \(code)")
+                action = machine.optionReceived(option)
+            case .request:
+                preconditionFailure("parser yields requests only after enterTransmission")
+            }
+            phase = .handshake(machine)
+            perform(action, context: context)
+        case .transmission(var machine, let device):
+            guard case .request(let request) = message else {
+                preconditionFailure("parser yields only requests in transmission")
+            }
+            let receivedAt = ContinuousClock.now
+            let action = machine.requestReceived(request)
+            phase = .transmission(machine, device)
+            switch action {
+            case .execute(let operation):
+                execute(operation, payload: request.payload, device: device, machine: machine,
+                        receivedAt: receivedAt, context: context)
+            case .replyError(let rejection):
+                logger.debug("request rejected: \(rejection.error) \(rejection.message)")
+                var buffer = context.channel.allocator.buffer(capacity: 64 + rejection.message.utf8.count)
+                NBDReplyEncoder.writeError(rejection, structured: machine.export.structuredReplies, into: &buffer)
+                context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+                if let command = rejection.command {
+                    environment.observer?(NBDRequestRecord(
+                        exportName: machine.export.export.name, command: command, bytes: UInt64(request.length),
+                        duration: ContinuousClock.now - receivedAt, errorNumber: rejection.error.rawValue))
+                }
+            case .close:
+                logger.debug("client disconnected (NBD_CMD_DISC)")
+                close(context: context)
+            case .closeWhenIdle, .none:
+                break
+            }
+        }
+    }
+
+    // MARK: Handshake
+
+    private func perform(_ action: NBDHandshakeStateMachine.Action, context: ChannelHandlerContext) {
+        switch action {
+        case .send(let replies):
+            write(replies, context: context)
+
+        case .sendAndClose(let replies, let reason):
+            logger.debug("handshake ends: \(reason)")
+            phase = .closed
+            if replies.isEmpty {
+                close(context: context)
+            } else {
+                let promise = context.eventLoop.makePromise(of: Void.self)
+                write(replies, context: context, promise: promise)
+                let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+                promise.futureResult.assumeIsolated().whenComplete { _ in
+                    self.close(context: loopBoundContext.value)
+                }
+            }
+
+        case .openExport(let name):
+            awaitingHandshakeResult = true
+            let exports = environment.exports
+            let future = environment.readPool.runIfActive(eventLoop: context.eventLoop) {
+                () -> Result<DeviceBox, BlockDeviceError> in
+                do throws(BlockDeviceError) {
+                    return .success(DeviceBox(device: try exports.openExport(named: name)))
+                } catch {
+                    return .failure(error)
+                }
+            }
+            let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+            future.assumeIsolated().whenComplete { result in
+                let context = loopBoundContext.value
+                self.awaitingHandshakeResult = false
+                guard case .handshake(var machine) = self.phase else { return }
+                let lookup: Result<NBDExportDescription, NBDExportLookupError>
+                var device: (any BlockDevice)?
+                switch result {
+                case .success(.success(let box)):
+                    device = box.device
+                    lookup = .success(NBDExportDescription(
+                        name: box.device.name, description: box.device.deviceDescription, size: box.device.size,
+                        isReadOnly: box.device.isReadOnly, preferredBlockSize: UInt32(box.device.blockSize)))
+                case .success(.failure(let error)):
+                    lookup = .failure(NBDExportLookupError(error))
+                case .failure(let error):
+                    lookup = .failure(NBDExportLookupError(replyType: NBDOptionReplyType.errShutdown,
+                                                           message: "server is shutting down: \(error)"))
+                }
+                let action = machine.exportOpened(lookup)
+                self.phase = .handshake(machine)
+                if case .enterTransmission(let final, let negotiated) = action, let device {
+                    self.enterTransmission(final, negotiated, device: device, context: context)
+                } else {
+                    self.perform(action, context: context)
+                }
+                self.resumeIfPossible(context: context)
+            }
+
+        case .listExports:
+            awaitingHandshakeResult = true
+            let exports = environment.exports
+            let future = environment.readPool.runIfActive(eventLoop: context.eventLoop) { exports.exportList() }
+            let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+            future.assumeIsolated().whenComplete { result in
+                let context = loopBoundContext.value
+                self.awaitingHandshakeResult = false
+                guard case .handshake(var machine) = self.phase else { return }
+                let list = (try? result.get()) ?? []
+                let action = machine.exportListReceived(list.map { ($0.name, $0.description) })
+                self.phase = .handshake(machine)
+                self.perform(action, context: context)
+                self.resumeIfPossible(context: context)
+            }
+
+        case .startTLS(let ack):
+            guard let sslContext = environment.sslContext else {
+                preconditionFailure("TLS policy without an SSL context")
+            }
+            // proto.md: after the ACK the client starts TLS; anything it sent beyond the option
+            // would be plaintext smuggled past the upgrade.
+            if let inbound, inbound.readableBytes > 0 {
+                logger.info("closing connection: \(NBDProtocolError.unexpectedDataBeforeTLS)")
+                close(context: context)
+                return
+            }
+            awaitingHandshakeResult = true
+            write([ack], context: context)
+            // The ACK already passed down the pipeline in plaintext; everything after it is TLS.
+            // Bytes reach this handler again only once the TLS handshake has succeeded (a failed
+            // handshake surfaces as errorCaught and closes), so the upgrade counts as done here.
+            do {
+                try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sslContext),
+                                                               position: .first)
+            } catch {
+                logger.error("cannot start TLS: \(error)")
+                close(context: context)
+                return
+            }
+            tlsHandshakeCompleted(context: context)
+
+        case .enterTransmission:
+            preconditionFailure("transmission starts only from an export lookup")
+        }
+    }
+
+    private func tlsHandshakeCompleted(context: ChannelHandlerContext) {
+        guard case .handshake(var machine) = phase else { return }
+        awaitingHandshakeResult = false
+        let action = machine.tlsHandshakeCompleted()
+        phase = .handshake(machine)
+        logger.debug("TLS established")
+        perform(action, context: context)
+        resumeIfPossible(context: context)
+    }
+
+    private func enterTransmission(_ final: NBDHandshakeStateMachine.FinalReply, _ negotiated: NBDNegotiatedExport,
+                                   device: any BlockDevice, context: ChannelHandlerContext) {
+        handshakeTimeout?.cancel()
+        var buffer = context.channel.allocator.buffer(capacity: 256)
+        final.encode(into: &buffer)
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+        parser.enterTransmission()
+        logger[metadataKey: "export"] = "\(negotiated.export.name)"
+        logger.debug("transmission starts", metadata: [
+            "flags": "0x\(String(negotiated.transmissionFlags.rawValue, radix: 16))",
+            "structured": "\(negotiated.structuredReplies)",
+            "contexts": "\(negotiated.metaContexts)",
+        ])
+        phase = .transmission(
+            NBDTransmissionStateMachine(export: negotiated, inFlightMax: environment.limits.inFlightRequestsMax),
+            device)
+        if shuttingDown { beginShutdown(context: context) }
+    }
+
+    private func write(_ replies: [NBDOptionReply], context: ChannelHandlerContext,
+                       promise: EventLoopPromise<Void>? = nil) {
+        guard !replies.isEmpty else {
+            promise?.succeed()
+            return
+        }
+        var buffer = context.channel.allocator.buffer(capacity: 64 * replies.count)
+        for reply in replies { reply.encode(into: &buffer) }
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: promise)
+    }
+
+    // MARK: Transmission
+
+    private func execute(_ operation: NBDOperation, payload: ByteBuffer?, device: any BlockDevice,
+                         machine: NBDTransmissionStateMachine, receivedAt: ContinuousClock.Instant,
+                         context: ChannelHandlerContext) {
+        let budgetBytes = operation.payloadBytes
+        inFlightBytes += budgetBytes
+        let job = NBDOperationJob(operation: operation, payload: payload, device: device,
+                                  structured: machine.export.structuredReplies,
+                                  extentsMax: environment.limits.extentsPerReplyMax,
+                                  allocator: context.channel.allocator)
+        let pool: NIOThreadPool
+        switch operation {
+        case .read, .cache, .blockStatus: pool = environment.readPool
+        case .write, .flush, .trim, .writeZeroes: pool = environment.writePool
+        }
+        let future = pool.runIfActive(eventLoop: context.eventLoop) { job.run() }
+        let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        let exportName = machine.export.export.name
+        let observer = environment.observer
+        future.assumeIsolated().whenComplete { result in
+            let context = loopBoundContext.value
+            let outcome: NBDOperationJob.Outcome
+            switch result {
+            case .success(let value):
+                outcome = value
+            case .failure:
+                // The pool is shutting down: answer ESHUTDOWN as the spec suggests.
+                outcome = NBDOperationJob.failure(operation, .shutdown, "server is shutting down",
+                                                  structured: job.structured, allocator: job.allocator)
+            }
+            observer?(NBDRequestRecord(exportName: exportName, command: operation.command,
+                                       bytes: operation.rangeBytes, duration: ContinuousClock.now - receivedAt,
+                                       errorNumber: outcome.error?.rawValue))
+            if let error = outcome.error {
+                self.logger.debug("\(operation.command) failed: \(error) \(outcome.message)")
+            }
+            let written = context.eventLoop.makePromise(of: Void.self)
+            context.writeAndFlush(self.wrapOutboundOut(outcome.reply), promise: written)
+            written.futureResult.assumeIsolated().whenComplete { _ in
+                self.requestFinished(payloadBytes: budgetBytes, context: loopBoundContext.value)
+            }
+        }
+    }
+
+    private func requestFinished(payloadBytes: Int, context: ChannelHandlerContext) {
+        inFlightBytes -= payloadBytes
+        guard case .transmission(var machine, let device) = phase else { return }
+        let action = machine.requestCompleted()
+        phase = .transmission(machine, device)
+        if case .close = action {
+            close(context: context)
+            return
+        }
+        resumeIfPossible(context: context)
+    }
+
+    // MARK: Closing
+
+    private func beginShutdown(context: ChannelHandlerContext) {
+        shuttingDown = true
+        switch phase {
+        case .closed:
+            return
+        case .handshake:
+            // No request can be in flight yet; an export lookup that returns later finds the channel closed.
+            close(context: context)
+        case .transmission(var machine, let device):
+            // Behave as if the client had sent NBD_CMD_DISC: requests in flight finish, then close.
+            let action = machine.disconnectRequested()
+            phase = .transmission(machine, device)
+            if case .close = action { close(context: context) }
+        }
+    }
+
+    private func close(context: ChannelHandlerContext) {
+        handshakeTimeout?.cancel()
+        phase = .closed
+        inbound = nil
+        context.close(promise: nil)
+    }
+}
+
+/// Carries a device out of the thread pool (existentials of a Sendable protocol are Sendable, but
+/// `Result` needs a concrete type).
+struct DeviceBox: Sendable {
+    var device: any BlockDevice
+}
+
+extension NBDOperation {
+    /// The byte range the request covers, for accounting.
+    var rangeBytes: UInt64 {
+        switch self {
+        case .read(_, _, let length, _), .write(_, _, let length, _), .trim(_, _, let length, _),
+             .writeZeroes(_, _, let length, _, _, _), .cache(_, _, let length),
+             .blockStatus(_, _, let length, _, _):
+            return UInt64(length)
+        case .flush:
+            return 0
+        }
+    }
+}

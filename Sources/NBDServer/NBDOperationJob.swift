@@ -1,0 +1,146 @@
+import NBDProtocol
+import NIOCore
+import VBDCore
+
+/// One validated operation, run on an I/O thread: calls the device and encodes the complete reply.
+///
+/// Encoding on the pool thread keeps the event loop free of byte copying; the event loop only hands
+/// the finished buffer to the socket. A READ reply is built whole before anything is sent, so a read
+/// error can still become a clean error reply (never a half-sent simple reply).
+struct NBDOperationJob: Sendable {
+    struct Outcome: Sendable {
+        var reply: ByteBuffer
+        var error: NBDError?
+        var message: String
+    }
+
+    let operation: NBDOperation
+    let payload: ByteBuffer?
+    let device: any BlockDevice
+    let structured: Bool
+    let extentsMax: Int
+    let allocator: ByteBufferAllocator
+
+    /// Extents asked for when planning a READ: more would only split the reply into more chunks.
+    static let readPlanExtentsMax = 64
+
+    func run() -> Outcome {
+        do throws(BlockDeviceError) {
+            switch operation {
+            case .read(let handle, let offset, let length, let dontFragment):
+                return try read(handle: handle, offset: offset, length: length, dontFragment: dontFragment)
+            case .write(let handle, let offset, _, let fua):
+                guard let payload else { preconditionFailure("validated WRITE without payload") }
+                var failure: BlockDeviceError?
+                payload.withUnsafeReadableBytes { bytes in
+                    do throws(BlockDeviceError) {
+                        try device.write(offset: offset, data: bytes, fua: fua)
+                    } catch {
+                        failure = error
+                    }
+                }
+                if let failure { throw failure }
+                return success(handle)
+            case .flush(let handle):
+                try device.flush()
+                return success(handle)
+            case .trim(let handle, let offset, let length, let fua):
+                try device.trim(offset: offset, length: UInt64(length), fua: fua)
+                return success(handle)
+            case .writeZeroes(let handle, let offset, let length, let mayTrim, let fastOnly, let fua):
+                try device.writeZeroes(offset: offset, length: UInt64(length), mayTrim: mayTrim, fastOnly: fastOnly,
+                                       fua: fua)
+                return success(handle)
+            case .cache(let handle, let offset, let length):
+                try device.prefetch(offset: offset, length: UInt64(length))
+                return success(handle)
+            case .blockStatus(let handle, let offset, let length, let onlyOne, let contexts):
+                return try blockStatus(handle: handle, offset: offset, length: length, onlyOne: onlyOne,
+                                       contexts: contexts)
+            }
+        } catch {
+            return Self.failure(operation, NBDError(error), error.description, structured: structured,
+                                allocator: allocator)
+        }
+    }
+
+    static func failure(_ operation: NBDOperation, _ error: NBDError, _ message: String, structured: Bool,
+                        allocator: ByteBufferAllocator) -> Outcome {
+        var buffer = allocator.buffer(capacity: 64 + message.utf8.count)
+        let rejection = NBDRequestRejection(handle: operation.handle, command: operation.command, error: error,
+                                            message: message)
+        NBDReplyEncoder.writeError(rejection, structured: structured, into: &buffer)
+        return Outcome(reply: buffer, error: error, message: message)
+    }
+
+    private func success(_ handle: UInt64) -> Outcome {
+        var buffer = allocator.buffer(capacity: 32)
+        if structured {
+            NBDReplyEncoder.writeNoneChunk(handle: handle, into: &buffer)
+        } else {
+            NBDReplyEncoder.writeSimpleReply(handle: handle, error: nil, into: &buffer)
+        }
+        return Outcome(reply: buffer, error: nil, message: "")
+    }
+
+    private func read(handle: UInt64, offset: UInt64, length: UInt32,
+                      dontFragment: Bool) throws(BlockDeviceError) -> Outcome {
+        // Plan: without structured replies, or with DF, the whole range is one piece of data.
+        var segments: [NBDReadSegment] = [.data(offset: offset, length: length)]
+        if structured && !dontFragment,
+           let extents = try? device.extents(offset: offset, length: UInt64(length),
+                                             maxExtents: Self.readPlanExtentsMax) {
+            // Extents only shape the reply; if the device cannot describe them, data is always correct.
+            segments = NBDReplyPlanning.readSegments(offset: offset, length: length, extents: extents)
+        }
+        var buffer = allocator.buffer(capacity: Int(length) + 32 * segments.count)
+        if !structured {
+            NBDReplyEncoder.writeSimpleReply(handle: handle, error: nil, into: &buffer)
+        }
+        for (index, segment) in segments.enumerated() {
+            let done = index == segments.count - 1
+            switch segment {
+            case .hole(let holeOffset, let holeLength):
+                NBDReplyEncoder.writeOffsetHole(handle: handle, offset: holeOffset, length: holeLength, done: done,
+                                                into: &buffer)
+            case .data(let dataOffset, let dataLength):
+                if structured {
+                    NBDReplyEncoder.writeOffsetDataHeader(handle: handle, offset: dataOffset, dataLength: dataLength,
+                                                          done: done, into: &buffer)
+                }
+                var failure: BlockDeviceError?
+                buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(dataLength)) { space in
+                    let target = UnsafeMutableRawBufferPointer(rebasing: space[0..<Int(dataLength)])
+                    do throws(BlockDeviceError) {
+                        try device.read(offset: dataOffset, into: target)
+                    } catch {
+                        failure = error
+                    }
+                    return Int(dataLength)
+                }
+                if let failure { throw failure }
+            }
+        }
+        return Outcome(reply: buffer, error: nil, message: "")
+    }
+
+    private func blockStatus(handle: UInt64, offset: UInt64, length: UInt32, onlyOne: Bool,
+                             contexts: [NBDMetaContext]) throws(BlockDeviceError) -> Outcome {
+        // One device query serves every context: extents carry all flags, and each context merges
+        // neighbours by its own flags. With REQ_ONE a few extents suffice to find the first run.
+        let extents = try device.extents(offset: offset, length: UInt64(length),
+                                         maxExtents: onlyOne ? 16 : extentsMax)
+        var buffer = allocator.buffer(capacity: contexts.count * (24 + 8 * min(extents.count, 1024)))
+        for (index, context) in contexts.enumerated() {
+            var descriptors = NBDReplyPlanning.blockStatusDescriptors(context: context, extents: extents,
+                                                                      length: length, onlyOne: onlyOne)
+            if descriptors.isEmpty {
+                // proto.md: at least one descriptor; status 0 is always a safe answer.
+                descriptors = [NBDBlockDescriptor(length: length, flags: 0)]
+            }
+            NBDReplyEncoder.writeBlockStatusChunk(handle: handle, contextID: context.id, descriptors: descriptors,
+                                                  done: index == contexts.count - 1, into: &buffer)
+        }
+        return Outcome(reply: buffer, error: nil, message: "")
+    }
+}

@@ -1,0 +1,98 @@
+import Logging
+import NBDProtocol
+import NIOCore
+import VBDCore
+
+/// One completed transmission-phase request, reported to ``NBDServer/Configuration/observer``.
+public struct NBDRequestRecord: Sendable, Equatable {
+    public var exportName: String
+    public var command: NBDCommand
+    /// Payload bytes moved (READ and WRITE) or the range length (TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS).
+    public var bytes: UInt64
+    /// From the request being read off the socket to its reply being handed to the socket.
+    public var duration: Duration
+    /// The NBD error the client received, nil on success.
+    public var errorNumber: UInt32?
+}
+
+/// Called on an event-loop thread once per completed request. Keep it cheap: it runs inline with
+/// reply processing (copy the record into a lock-protected counter or a bounded queue).
+public typealias NBDRequestObserver = @Sendable (NBDRequestRecord) -> Void
+
+extension NBDServer {
+    /// How the server treats TLS (proto.md, "TLS support").
+    public enum TLSMode: Sendable, Equatable {
+        /// NOTLS: STARTTLS is refused with NBD_REP_ERR_POLICY.
+        case off
+        /// Clients may upgrade with STARTTLS; plain clients are served too.
+        case optional(certificatePath: String, keyPath: String, caPath: String? = nil)
+        /// FORCEDTLS: plain clients get NBD_REP_ERR_TLS_REQD. With `caPath`, client certificates
+        /// signed by that CA are required as well.
+        case required(certificatePath: String, keyPath: String, caPath: String? = nil)
+    }
+
+    /// Per-server and per-connection limits. The defaults come from ``VBDCore/Limits``; each one is
+    /// explained there and in docs/NBD.md.
+    public struct ServerLimits: Sendable, Equatable {
+        /// Largest READ/WRITE payload (advertised as the maximum block size).
+        public var requestBytesMax = Limits.nbdRequestBytesMax
+        /// Requests executing or awaiting their reply on one connection.
+        public var inFlightRequestsMax = Limits.nbdInFlightRequestsMax
+        /// Payload bytes (WRITE data held, READ replies being built or queued) on one connection.
+        /// Reading from the socket pauses above it: with the 32 MiB request limit this caps a
+        /// connection near 64 MiB + one request, instead of inFlightRequestsMax x 32 MiB = 2 GiB.
+        public var inFlightBytesMax = 2 * Limits.nbdRequestBytesMax
+        public var connectionsMax = Limits.nbdConnectionsMax
+        public var handshakeOptionsMax = Limits.nbdHandshakeOptionsMax
+        public var optionBytesMax = Limits.nbdOptionBytesMax
+        /// Extents asked of the device for one BLOCK_STATUS or READ plan.
+        public var extentsPerReplyMax = Limits.nbdExtentsPerReplyMax
+        /// A client must finish the handshake in this time, so idle sockets cannot hold connection slots.
+        public var handshakeTimeout: TimeAmount = .seconds(30)
+        /// How long ``NBDServer/stop()`` waits for in-flight requests before closing connections.
+        public var shutdownGracePeriod: TimeAmount = .seconds(10)
+
+        public init() {}
+
+        /// Checks the relationships between limits (STYLE.md 6): a budget must admit one maximal request.
+        public func validate() {
+            precondition(requestBytesMax > 0 && requestBytesMax <= Int(UInt32.max) - 8)
+            precondition(inFlightBytesMax >= requestBytesMax, "in-flight budget must admit one maximal request")
+            precondition(inFlightRequestsMax > 0 && connectionsMax > 0 && handshakeOptionsMax > 0)
+            precondition(optionBytesMax >= 4 + NBDWireSize.stringBytesMax + 2, "an option must fit a maximal export name")
+            precondition(extentsPerReplyMax > 0)
+        }
+    }
+
+    public struct Configuration: Sendable {
+        public var exports: any ExportProvider
+        /// TCP listen address, e.g. ("127.0.0.1", 10809); port 0 picks a free port (see ``NBDServer/tcpPort``).
+        public var tcp: (host: String, port: Int)?
+        /// Unix socket path; an existing socket file there is replaced.
+        public var unixSocketPath: String?
+        public var tls: TLSMode
+        public var logger: Logger
+        public var limits: ServerLimits
+        /// Threads running device calls for reads, CACHE and BLOCK_STATUS. Writes have their own pool
+        /// of the same size so that a read never queues behind slow writes.
+        public var ioThreadsPerPool: Int
+        /// Event-loop threads.
+        public var eventLoopThreads: Int
+        public var observer: NBDRequestObserver?
+
+        public init(exports: any ExportProvider, tcp: (host: String, port: Int)? = nil, unixSocketPath: String? = nil,
+                    tls: TLSMode = .off, logger: Logger = Logger(label: "vbd.nbd"), limits: ServerLimits = .init(),
+                    ioThreadsPerPool: Int = 8, eventLoopThreads: Int = System.coreCount,
+                    observer: NBDRequestObserver? = nil) {
+            self.exports = exports
+            self.tcp = tcp
+            self.unixSocketPath = unixSocketPath
+            self.tls = tls
+            self.logger = logger
+            self.limits = limits
+            self.ioThreadsPerPool = ioThreadsPerPool
+            self.eventLoopThreads = eventLoopThreads
+            self.observer = observer
+        }
+    }
+}

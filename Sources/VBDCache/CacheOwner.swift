@@ -1,0 +1,18 @@
+/// Who a cache operation is on behalf of: a volume and the sharing group (tenant) it belongs to.
+///
+/// The group is an isolation boundary. The store gives every group its own chunk keys, so two groups
+/// never share a key; the cache still records the group of each entry and refuses a read from another
+/// group (counted as ``CacheStatistics/isolationRefusals``), so a store bug cannot turn into a leak.
+public struct CacheOwner: Hashable, Sendable, CustomStringConvertible {
+    /// The volume the block was read or written through.
+    public var volume: UInt64
+    /// The sharing group (tenant) of that volume.
+    public var group: UInt32
+
+    public init(volume: UInt64, group: UInt32) {
+        self.volume = volume
+        self.group = group
+    }
+
+    public var description: String { "volume \(volume) (group \(group))" }
+}

@@ -1,1 +1,0 @@
-// Module VBDCache: see docs/ARCHITECTURE.md.

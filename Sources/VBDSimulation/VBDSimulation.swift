@@ -1,1 +1,0 @@
-// Module VBDSimulation: see docs/ARCHITECTURE.md.

@@ -1,0 +1,55 @@
+import VBDCache
+import VBDCore
+
+/// The universal cache serves the store directly: chunk numbers are its keys, and the owner
+/// (volume, sharing group) feeds its per-volume counters.
+extension BlockCache: ChunkCache {
+    public func read(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16) -> Bool {
+        read(key, into: buffer, owner: CacheOwner(volume: volume, group: UInt32(domain)))
+    }
+
+    public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16) {
+        insert(key, bytes: bytes, owner: CacheOwner(volume: volume, group: UInt32(domain)))
+    }
+}
+
+/// Lets the last-chance tier's clean-page interface check coherence against the live maps: a
+/// page is only served while the volume still maps that offset to the same chunk.
+public struct StoreMappingOracle: BlockMappingOracle {
+    public let store: Store
+    public init(store: Store) { self.store = store }
+
+    public func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64) -> MappedChunk? {
+        store.mappedChunk(image: volume, offset: offset)
+    }
+
+    public func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64, verifying page: UnsafeRawBufferPointer) -> MappedChunk? {
+        guard let found = store.mappedChunk(image: volume, offset: offset, pageBytes: page.count) else { return nil }
+        // The page must be exactly the mapped block's contents (clean data), compared byte for byte.
+        let same: Bool = withUnsafeTemporaryAllocation(byteCount: page.count, alignment: 16) { tmp in
+            guard (try? store.read(image: volume, offset: offset, into: tmp)) != nil else { return false }
+            return memcmp(tmp.baseAddress!, page.baseAddress!, page.count) == 0
+        }
+        guard same, store.mappedChunk(image: volume, offset: offset) == found else { return nil }
+        return found
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Store {
+    /// The chunk a volume maps at a block-aligned byte offset, or nil for unmapped, zero or
+    /// unaligned offsets, or a page that is not exactly one block.
+    func mappedChunk(image id: UInt64, offset: UInt64, pageBytes: Int? = nil) -> MappedChunk? {
+        mutex.withLock {
+            guard let image = images[id] else { return nil }
+            let bs = UInt64(image.record.blockSize)
+            guard offset % bs == 0, offset < image.record.size, pageBytes == nil || pageBytes == Int(bs) else { return nil }
+            let c = image.root.lookup(offset / bs)
+            guard c != 0, c < zeroAllocatedChunk else { return nil }
+            return MappedChunk(key: c, owner: CacheOwner(volume: id, group: UInt32(image.record.domain)))
+        }
+    }
+}

@@ -1,0 +1,23 @@
+import VBDCore
+
+extension Store {
+    /// Drops the store without flushing or checkpointing, as a crash would, and releases the lock
+    /// (the process goes on). Used by tests of recovery.
+    public func abandonWithoutFlush() {
+        mutex.withLock { closed = true }
+        dataFile.close(); journalFile.close(); superblockFile.close()
+        directory.unlock()
+    }
+
+    /// Bytes of RAM the chunk index structures use (chunk table pages, dedup index, free lists,
+    /// sector bitmap), for the per-unique-block memory figure.
+    public var indexMemoryBytes: Int {
+        mutex.withLock { chunks.pageBytes + chunks.freeListBytes + index.slotBytes + space.bitmapBytes }
+    }
+
+    public var uniqueChunkCount: Int { mutex.withLock { chunks.liveCount } }
+
+    /// Bytes the data file occupies on disk (what `du` reports, holes excluded) is measured by the
+    /// caller; this is what the allocator believes is in use.
+    public var storedBytes: UInt64 { mutex.withLock { space.usedSectors * UInt64(Limits.sectorBytes) } }
+}

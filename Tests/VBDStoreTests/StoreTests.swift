@@ -1,0 +1,339 @@
+import Foundation
+import Testing
+import VBDCore
+@testable import VBDStore
+
+@Suite struct StoreTests {
+    @Test func writeReadAndReopen() throws {
+        let dir = TemporaryStoreDirectory()
+        do {
+            let store = try Store.initialize(path: dir.path)
+            try store.createVolume(name: "vm0", size: 1 << 20)
+            let dev = try store.device(named: "vm0")
+            try dev.write(block(seed: 1), at: 0)
+            try dev.write(block(seed: 2, size: 8192), at: 8192)
+            try dev.write([1, 2, 3], at: 5000)           // partial block: read-modify-write
+            #expect(try dev.read(4096, at: 0) == block(seed: 1))
+            var expected = [UInt8](repeating: 0, count: 4096)
+            expected[5000 - 4096] = 1; expected[5001 - 4096] = 2; expected[5002 - 4096] = 3
+            #expect(try dev.read(4096, at: 4096) == expected)
+            try store.close()
+        }
+        let store = try Store.open(path: dir.path)
+        let dev = try store.device(named: "vm0")
+        #expect(try dev.read(4096, at: 0) == block(seed: 1))
+        #expect(try dev.read(8192, at: 8192) == block(seed: 2, size: 8192))
+        #expect(try dev.read(3, at: 5000) == [1, 2, 3])
+        #expect(store.fsck().isClean)
+        try store.close()
+    }
+
+    @Test func flushedWritesSurviveACrashAndUnflushedOnesAreWholeOrAbsent() throws {
+        let dir = TemporaryStoreDirectory()
+        do {
+            let store = try Store.initialize(path: dir.path)
+            try store.createVolume(name: "v", size: 1 << 20)
+            let dev = try store.device(named: "v")
+            for i in 0..<64 { try dev.write(block(seed: UInt64(i)), at: UInt64(i) * 4096) }
+            try dev.flush()
+            for i in 0..<64 { try dev.write(block(seed: UInt64(1000 + i)), at: UInt64(i) * 4096) }
+            store.abandonWithoutFlush()
+        }
+        let store = try Store.open(path: dir.path)
+        let dev = try store.device(named: "v")
+        for i in 0..<64 {
+            let got = try dev.read(4096, at: UInt64(i) * 4096)
+            #expect(got == block(seed: UInt64(i)) || got == block(seed: UInt64(1000 + i)))
+        }
+        #expect(store.fsck().isClean)
+        try store.close()
+    }
+
+    @Test func secondOpenerIsRefusedWithAClearError() throws {
+        let dir = TemporaryStoreDirectory()
+        let store = try Store.initialize(path: dir.path)
+        #expect(throws: StoreError.self) { _ = try Store.open(path: dir.path) }
+        do { _ = try Store.open(path: dir.path) } catch let e as StoreError {
+            #expect(e.code == "locked")
+            #expect(e.description.contains("in use by another process"))
+        }
+        try store.close()
+        let again = try Store.open(path: dir.path)
+        try again.close()
+        #expect(throws: StoreError.notInitialized(path: dir.path + "-missing")) { _ = try Store.open(path: dir.path + "-missing") }
+    }
+
+    @Test func duplicateBlocksAreStoredOnceAndZeroBlocksNever() throws {
+        let dir = TemporaryStoreDirectory()
+        let store = try Store.initialize(path: dir.path)
+        try store.createVolume(name: "a", size: 1 << 22)
+        try store.createVolume(name: "b", size: 1 << 22)
+        let a = try store.device(named: "a"), b = try store.device(named: "b")
+        for i in 0..<100 {
+            try a.write(block(seed: UInt64(i % 10)), at: UInt64(i) * 4096)
+            try b.write(block(seed: UInt64(i % 10)), at: UInt64(i) * 4096)
+        }
+        try a.write([UInt8](repeating: 0, count: 4096 * 10), at: 200 * 4096)
+        #expect(store.uniqueChunkCount == 10)
+        for i in 0..<100 { #expect(try b.read(4096, at: UInt64(i) * 4096) == block(seed: UInt64(i % 10))) }
+        #expect(try a.extents(offset: 200 * 4096, length: 40960, maxExtents: 10) == [Extent(length: 40960, flags: [.hole, .zero])])
+        #expect(store.fsck().isClean)
+        try store.close()
+    }
+
+    /// DESIGN.md invariant 2: with an 8-bit hash nearly every pair of blocks collides; the byte
+    /// comparison must still keep every distinct content apart.
+    @Test func weakHashNeverMergesDifferentContents() throws {
+        let dir = TemporaryStoreDirectory()
+        var options = Store.Options()
+        options.hashFunction = .weak(bits: 8)
+        do {
+            let store = try Store.initialize(path: dir.path, options: options)
+            try store.createVolume(name: "v", size: 4096 * 3000)
+            let dev = try store.device(named: "v")
+            // 1500 distinct contents, each written twice.
+            for i in 0..<3000 { try dev.write(block(seed: UInt64(i % 1500)), at: UInt64(i) * 4096) }
+            #expect(store.uniqueChunkCount == 1500)
+            for i in 0..<3000 { #expect(try dev.read(4096, at: UInt64(i) * 4096) == block(seed: UInt64(i % 1500))) }
+            // Overwrite half: frees and reuses under constant collisions.
+            for i in 0..<1500 { try dev.write(block(seed: UInt64(5000 + i)), at: UInt64(i) * 4096) }
+            #expect(store.fsck().isClean)
+            try store.close()
+        }
+        let store = try Store.open(path: dir.path, options: options)
+        let dev = try store.device(named: "v")
+        for i in 0..<1500 { #expect(try dev.read(4096, at: UInt64(i) * 4096) == block(seed: UInt64(5000 + i))) }
+        for i in 1500..<3000 { #expect(try dev.read(4096, at: UInt64(i) * 4096) == block(seed: UInt64(i % 1500))) }
+        #expect(store.fsck().isClean)
+        try store.close()
+    }
+
+    @Test func corruptionIsAnIOErrorNamingVolumeAndOffset() throws {
+        let dir = TemporaryStoreDirectory()
+        do {
+            let store = try Store.initialize(path: dir.path)
+            try store.createVolume(name: "disk", size: 1 << 20)
+            let dev = try store.device(named: "disk")
+            try dev.write([UInt8](repeating: 0xAB, count: 4096) + block(seed: 7), at: 0)
+            try store.close()
+        }
+        // Flip one byte in the middle of the data file.
+        let data = dir.path + "/data"
+        var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: data)))
+        bytes[bytes.count - 100] ^= 0x40
+        try Data(bytes).write(to: URL(fileURLWithPath: data))
+        let store = try Store.open(path: dir.path)
+        let dev = try store.device(named: "disk")
+        var sawCorruption = false
+        for offset in [UInt64(0), 4096] {
+            do { _ = try dev.read(4096, at: offset) } catch let e as BlockDeviceError {
+                guard case let .corrupted(volume, at, _) = e else { Issue.record("wrong error \(e)"); continue }
+                #expect(volume == "disk")
+                #expect(at == offset)
+                #expect(e.errnoValue == 5)
+                sawCorruption = true
+            }
+        }
+        #expect(sawCorruption)
+        let report = store.fsck()
+        #expect(!report.isClean)
+        #expect(report.problems.contains { $0.contains("chunk") })
+        try store.close()
+    }
+
+    @Test func snapshotsAndSharesAreIndependentAndShareStorage() throws {
+        let dir = TemporaryStoreDirectory()
+        let store = try Store.initialize(path: dir.path)
+        try store.createVolume(name: "base", size: 1 << 24)
+        let base = try store.device(named: "base")
+        for i in 0..<256 { try base.write(block(seed: UInt64(i)), at: UInt64(i) * 4096) }
+        try store.snapshot(volume: "base", name: "s1")
+        try base.write(block(seed: 9999), at: 0)
+        try store.share(snapshot: "base@s1", as: "clone")
+        let clone = try store.device(named: "clone")
+        let snap = try store.device(named: "base@s1")
+        #expect(snap.isReadOnly)
+        #expect(try clone.read(4096, at: 0) == block(seed: 0))
+        #expect(try base.read(4096, at: 0) == block(seed: 9999))
+        try clone.write(block(seed: 4242), at: 4096)
+        #expect(try snap.read(4096, at: 4096) == block(seed: 1))
+        #expect(try base.read(4096, at: 4096) == block(seed: 1))
+        #expect(throws: BlockDeviceError.readOnly(name: "base@s1")) { try snap.write([1], at: 0) }
+        #expect(store.uniqueChunkCount == 258)
+        let ext = try clone.extents(offset: 0, length: 3 * 4096, maxExtents: 10)
+        #expect(ext == [Extent(length: 4096, flags: [.shared]), Extent(length: 4096, flags: []), Extent(length: 4096, flags: [.shared])])
+        // Deleting a snapshot that a share came from needs force, and says who depends on it.
+        do { try store.delete("base@s1") ; Issue.record("delete should refuse") } catch let e as StoreError {
+            guard case let .hasDependents(_, deps, _) = e else { Issue.record("\(e)"); return }
+            #expect(deps == ["clone"])
+        }
+        try store.delete("base@s1", force: true)
+        #expect(try clone.read(4096, at: 8192) == block(seed: 2))
+        #expect(store.fsck().isClean)
+        try store.close()
+    }
+
+    @Test func readsAtShareDepthOneHundredSeeTheRightData() throws {
+        let dir = TemporaryStoreDirectory()
+        let store = try Store.initialize(path: dir.path)
+        try store.createVolume(name: "d0", size: 1 << 30)
+        try store.device(named: "d0").write(block(seed: 1), at: 12345 * 4096)
+        for depth in 1...100 {
+            try store.snapshot(volume: "d\(depth - 1)", name: "s")
+            try store.share(snapshot: "d\(depth - 1)@s", as: "d\(depth)")
+            try store.device(named: "d\(depth)").write(block(seed: UInt64(100 + depth)), at: UInt64(depth) * 4096)
+        }
+        let deep = try store.device(named: "d100")
+        #expect(try deep.read(4096, at: 12345 * 4096) == block(seed: 1))
+        for depth in 1...100 { #expect(try deep.read(4096, at: UInt64(depth) * 4096) == block(seed: UInt64(100 + depth))) }
+        #expect(store.fsck().isClean)
+        try store.close()
+        let reopened = try Store.open(path: dir.path)
+        #expect(try reopened.device(named: "d100").read(4096, at: 12345 * 4096) == block(seed: 1))
+        #expect(reopened.fsck().isClean)
+        try reopened.close()
+    }
+
+    @Test func deletingGivesDiskSpaceBack() throws {
+        let dir = TemporaryStoreDirectory()
+        let store = try Store.initialize(path: dir.path)
+        try store.createVolume(name: "keep", size: 1 << 26)
+        try store.createVolume(name: "drop", size: 1 << 26)
+        let keep = try store.device(named: "keep"), drop = try store.device(named: "drop")
+        var g = SplitMix64(seed: 3)
+        for i in 0..<1024 {
+            var r = [UInt8](repeating: 0, count: 4096)
+            for k in stride(from: 0, to: 4096, by: 8) { withUnsafeBytes(of: g.next()) { r.replaceSubrange(k..<k + 8, with: $0) } }
+            try drop.write(r, at: UInt64(i) * 4096)   // 4 MiB of incompressible unique data
+        }
+        try keep.write(block(seed: 1), at: 0)
+        try store.flush()
+        try store.snapshot(volume: "drop", name: "snap")
+        let before = dir.diskUsage
+        try store.delete("drop", force: true)
+        try store.checkpoint()
+        let after = dir.diskUsage
+        #expect(before - after >= 3 << 20, "du went from \(before) to \(after)")
+        #expect(try keep.read(4096, at: 0) == block(seed: 1))
+        #expect(store.fsck().isClean)
+        try store.close()
+    }
+
+    @Test func diffListsOnlyChangedRanges() throws {
+        let dir = TemporaryStoreDirectory()
+        let store = try Store.initialize(path: dir.path)
+        try store.createVolume(name: "v", size: 1 << 40)   // 1 TiB: diff must not scan it
+        let v = try store.device(named: "v")
+        try v.write(block(seed: 1), at: 0)
+        try v.write(block(seed: 2), at: 1 << 35)
+        try store.snapshot(volume: "v", name: "a")
+        try v.write(block(seed: 3), at: 4096)
+        try v.write(block(seed: 4), at: 8192)
+        try v.write(block(seed: 5), at: 1 << 39)
+        try v.trim(offset: 1 << 35, length: 4096, fua: false)
+        try store.snapshot(volume: "v", name: "b")
+        let d = try store.diff(from: "v@a", to: "v@b")
+        let expected: [[UInt64]] = [[4096, 12288], [1 << 35, (1 << 35) + 4096], [1 << 39, (1 << 39) + 4096]]
+        #expect(d.map { [$0.lowerBound, $0.upperBound] } == expected)
+        #expect(try store.diff(from: "v@a", to: "v@a") == [])
+        try store.close()
+    }
+
+    @Test func trimZeroAndBlockStatus() throws {
+        let dir = TemporaryStoreDirectory()
+        let store = try Store.initialize(path: dir.path)
+        try store.createVolume(name: "v", size: 64 * 4096 + 1000)   // last block partial
+        let v = try store.device(named: "v")
+        for i in 0..<64 { try v.write(block(seed: UInt64(i)), at: UInt64(i) * 4096) }
+        try v.write(block(seed: 77, size: 1000), at: 64 * 4096)
+        try v.trim(offset: 4096, length: 4096 * 2, fua: false)
+        try v.writeZeroes(offset: 4096 * 10, length: 4096 * 2, mayTrim: false, fastOnly: false, fua: true)
+        try v.writeZeroes(offset: 4096 * 20 + 100, length: 10, mayTrim: true, fastOnly: false, fua: false)
+        #expect(throws: BlockDeviceError.self) { try v.writeZeroes(offset: 100, length: 10, mayTrim: true, fastOnly: true, fua: false) }
+        #expect(try v.read(8192, at: 4096) == [UInt8](repeating: 0, count: 8192))
+        #expect(try v.read(8192, at: 40960) == [UInt8](repeating: 0, count: 8192))
+        var b20 = block(seed: 20); for k in 100..<110 { b20[k] = 0 }
+        #expect(try v.read(4096, at: 20 * 4096) == b20)
+        #expect(try v.read(1000, at: 64 * 4096) == block(seed: 77, size: 1000))
+        let ext = try v.extents(offset: 0, length: 16 * 4096, maxExtents: 100)
+        #expect(ext == [Extent(length: 4096, flags: []), Extent(length: 8192, flags: [.hole, .zero]),
+                        Extent(length: 7 * 4096, flags: []), Extent(length: 8192, flags: [.zero]),
+                        Extent(length: 4 * 4096, flags: [])])
+        #expect(throws: BlockDeviceError.outOfRange(offset: 64 * 4096, length: 1001, size: 64 * 4096 + 1000)) {
+            _ = try v.read(1001, at: 64 * 4096)
+        }
+        // Trimming the partial last block through the end of the volume frees it.
+        try v.trim(offset: 64 * 4096, length: 1000, fua: false)
+        #expect(try v.read(1000, at: 64 * 4096) == [UInt8](repeating: 0, count: 1000))
+        #expect(store.fsck().isClean)
+        try store.close()
+    }
+
+    @Test func metadataOperationsValidateAndReportClearly() throws {
+        let dir = TemporaryStoreDirectory()
+        let store = try Store.initialize(path: dir.path)
+        try store.createVolume(name: "v", size: 1 << 20)
+        #expect(throws: StoreError.alreadyExists("v")) { try store.createVolume(name: "v", size: 1 << 20) }
+        #expect(throws: StoreError.notFound("nope")) { try store.snapshot(volume: "nope", name: "s") }
+        #expect(throws: StoreError.self) { try store.createVolume(name: "bad@name", size: 1) }
+        #expect(throws: StoreError.self) { try store.createVolume(name: "x", size: 1 << 20, blockSize: 3000) }
+        #expect(throws: StoreError.self) { try store.resize(volume: "v", size: 1 << 10) }
+        try store.resize(volume: "v", size: 1 << 41)
+        try store.device(named: "v").write(block(seed: 1), at: (1 << 41) - 4096)
+        #expect(try store.device(named: "v").read(4096, at: (1 << 41) - 4096) == block(seed: 1))
+        try store.snapshot(volume: "v", name: "s")
+        do { try store.delete("v"); Issue.record("should refuse") } catch let e as StoreError {
+            #expect(e.code == "has-dependents")
+            #expect(e.description.contains("v@s"))
+        }
+        #expect(throws: StoreError.readOnly("v@s")) { try store.resize(volume: "v@s", size: 1 << 42) }
+        try store.close()
+        #expect(throws: StoreError.alreadyInitialized(path: dir.path)) { _ = try Store.initialize(path: dir.path) }
+    }
+
+    @Test func noSpaceIsReportedAndLosesNothing() throws {
+        let dir = TemporaryStoreDirectory()
+        var options = Store.Options()
+        options.dataBytesMax = 64 * 4096
+        let store = try Store.initialize(path: dir.path, options: options)
+        try store.createVolume(name: "v", size: 1 << 24)
+        let v = try store.device(named: "v")
+        var g = SplitMix64(seed: 9)
+        var written = 0
+        var sawNoSpace = false
+        for i in 0..<200 {
+            var r = [UInt8](repeating: 0, count: 4096)
+            for k in stride(from: 0, to: 4096, by: 8) { withUnsafeBytes(of: g.next()) { r.replaceSubrange(k..<k + 8, with: $0) } }
+            do { try v.write(r, at: UInt64(i) * 4096); written += 1 } catch BlockDeviceError.noSpace { sawNoSpace = true; break }
+        }
+        #expect(sawNoSpace)
+        #expect(written == 64)
+        // Duplicates and zeroes still fit; old data intact.
+        try v.write(try v.read(4096, at: 0), at: 4096 * 150)
+        #expect(store.fsck().isClean)
+        try store.close()
+    }
+
+    /// Index memory per unique block (target: at most 48 bytes).
+    @Test func indexMemoryPerUniqueBlock() throws {
+        let dir = TemporaryStoreDirectory()
+        let store = try Store.initialize(path: dir.path)
+        try store.createVolume(name: "v", size: 1 << 32)
+        let v = try store.device(named: "v")
+        let count = 200_000
+        var buf = [UInt8](repeating: 1, count: 512 * 256)
+        // 512-byte blocks would be cheaper to write, but keep the default 4 KiB: 256 blocks per call.
+        var n = 0
+        while n < count {
+            buf = [UInt8](repeating: 0, count: 4096 * 64)
+            for k in 0..<64 { withUnsafeBytes(of: UInt64(n + k + 1)) { buf.replaceSubrange(k * 4096..<k * 4096 + 8, with: $0) } }
+            try v.write(buf, at: UInt64(n) * 4096)
+            n += 64
+        }
+        let perBlock = Double(store.indexMemoryBytes) / Double(store.uniqueChunkCount)
+        print("index memory: \(store.indexMemoryBytes) bytes for \(store.uniqueChunkCount) unique blocks = \(perBlock) B/block")
+        #expect(store.uniqueChunkCount == count)
+        #expect(perBlock <= 48)
+        try store.close()
+    }
+}

@@ -1,0 +1,62 @@
+import Foundation
+import VBDCore
+@testable import VBDStore
+
+/// A fresh temporary store directory, removed when the test ends.
+final class TemporaryStoreDirectory {
+    let path: String
+    init() {
+        path = NSTemporaryDirectory() + "vbd-test-" + UUID().uuidString
+    }
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+
+    /// Bytes the directory's files occupy on disk (`du`), holes excluded.
+    var diskUsage: UInt64 {
+        var total: UInt64 = 0
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? [] {
+            var st = stat()
+            if stat(path + "/" + name, &st) == 0 { total += UInt64(st.st_blocks) * 512 }
+        }
+        return total
+    }
+}
+
+/// Deterministic pseudo-random bytes (SplitMix64).
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+/// A block of `size` bytes that compresses roughly 2:1 and is unique per `seed`.
+func block(seed: UInt64, size: Int = 4096) -> [UInt8] {
+    var g = SplitMix64(seed: seed)
+    var out = [UInt8](repeating: 0, count: size)
+    var i = 0
+    while i < size {
+        let v = g.next()
+        let run = Int(v & 7) + 1
+        let byte = UInt8(truncatingIfNeeded: v >> 8)
+        for k in 0..<run where i + k < size { out[i + k] = byte }
+        i += run
+        if i < size { out[i] = UInt8(truncatingIfNeeded: v >> 16); i += 1 }
+    }
+    return out
+}
+
+extension VolumeDevice {
+    func write(_ bytes: [UInt8], at offset: UInt64, fua: Bool = false) throws {
+        try bytes.withUnsafeBytes { (b: UnsafeRawBufferPointer) throws in try write(offset: offset, data: b, fua: fua) }
+    }
+    func read(_ count: Int, at offset: UInt64) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0xEE, count: count)
+        try out.withUnsafeMutableBytes { (b: UnsafeMutableRawBufferPointer) throws in try read(offset: offset, into: b) }
+        return out
+    }
+}
