@@ -11,19 +11,21 @@
 //     Each block gets a fresh 8-byte counter in its first bytes so that it is unique.
 //   - duplicate write: same content already stored in another LBA: hash, index hit, byte
 //     comparison against the stored chunk (read back, decompressed, verified), refcount.
-//   - cached read: `Store.Options.cache` holds the block (a plain dictionary cache in this file,
-//     not VBDCache: it shows the store's own overhead around a cache hit).
+//   - cached read: `Store.Options.cache` holds the block: either the product's universal cache
+//     (VBDCache.BlockCache, 256 MiB, every block resident) or a plain dictionary cache in this
+//     file, which shows the store's own overhead around a hit.
 //   - uncached read: no cache; the data file is warm in the OS page cache, so this is pread +
 //     LZ4 decompress + XXH3-128 verify + the map lookup, not disk latency.
 //   - snapshot / share of a 1 TiB volume with 64 MiB written: O(1) map work plus the flush that
 //     makes a control operation durable (two fsyncs); on this VM's disk the fsyncs dominate.
 //   - read at share depth 1 vs 100: a chain volume -> snapshot -> share -> snapshot -> ... ;
-//     reads of the same blocks from the first and the hundredth share (cached, so the map
-//     lookup is what differs). DESIGN.md promises these cost the same.
+//     reads of the same blocks from the first and the hundredth share (cached in BlockCache, so
+//     the map lookup is what differs). DESIGN.md promises these cost the same.
 
 import Benchmark
 import Foundation
 import Synchronization
+import VBDCache
 import VBDCore
 import VBDStore
 
@@ -62,11 +64,19 @@ final class StoreFixture: @unchecked Sendable {
     var devices: [String: VolumeDevice] = [:]
     var counter: UInt64 = 0
 
-    init(cached: Bool) throws {
+    enum CacheKind { case none, dictionary, blockCache }
+
+    init(cache: CacheKind) throws {
         let base = ProcessInfo.processInfo.environment["VBD_BENCH_TMP"] ?? NSTemporaryDirectory()
         path = (base as NSString).appendingPathComponent("vbd-bench-store-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
         var options = Store.Options()
-        if cached { options.cache = DictionaryChunkCache() }
+        switch cache {
+        case .none: break
+        case .dictionary: options.cache = DictionaryChunkCache()
+        case .blockCache:
+            // 256 MiB main tier: the 64 MiB written stay resident; no last-chance tier.
+            options.cache = BlockCache(configuration: .init(capacityBytes: 256 << 20, lastChanceCapacityBytes: 0))
+        }
         store = try Store.initialize(path: path, options: options)
         try store.createVolume(name: "bench", size: volumeBytes)
         volume = try store.device(named: "bench")
@@ -87,8 +97,8 @@ final class StoreFixture: @unchecked Sendable {
         try? FileManager.default.removeItem(atPath: path)
     }
 
-    static func start(cached: Bool = false, fill: Int = 0) throws {
-        let fixture = try StoreFixture(cached: cached)
+    static func start(cache: CacheKind = .none, fill: Int = 0) throws {
+        let fixture = try StoreFixture(cache: cache)
         if fill > 0 { try fixture.fill(blocks: fill) }
         current = fixture
     }
@@ -148,6 +158,22 @@ func storeBenchmarks() {
         StoreFixture.stop()
     }
 
+    Benchmark("Store: cached read, 4 KiB (VBDCache BlockCache hit)", configuration: perBlock) { benchmark in
+        let f = StoreFixture.current!
+        var rng = SplitMix64(seed: 1)
+        benchmark.startMeasurement()
+        for _ in benchmark.scaledIterations {
+            let lba = rng.next() % UInt64(filledBlocks)
+            try f.volume.read(offset: lba * UInt64(blockBytes), into: f.buffer)
+        }
+    } setup: {
+        try StoreFixture.start(cache: .blockCache, fill: filledBlocks)
+        let f = StoreFixture.current!
+        for lba in 0..<filledBlocks { try f.volume.read(offset: UInt64(lba * blockBytes), into: f.buffer) }
+    } teardown: {
+        StoreFixture.stop()
+    }
+
     Benchmark("Store: cached read, 4 KiB (dictionary ChunkCache hit)", configuration: perBlock) { benchmark in
         let f = StoreFixture.current!
         var rng = SplitMix64(seed: 1)
@@ -157,7 +183,7 @@ func storeBenchmarks() {
             try f.volume.read(offset: lba * UInt64(blockBytes), into: f.buffer)
         }
     } setup: {
-        try StoreFixture.start(cached: true, fill: filledBlocks)
+        try StoreFixture.start(cache: .dictionary, fill: filledBlocks)
         let f = StoreFixture.current!
         for lba in 0..<filledBlocks { try f.volume.read(offset: UInt64(lba * blockBytes), into: f.buffer) }
     } teardown: {
@@ -216,7 +242,7 @@ func storeBenchmarks() {
                 try device.read(offset: lba * UInt64(blockBytes), into: f.buffer)
             }
         } setup: {
-            try StoreFixture.start(cached: true, fill: filledBlocks)
+            try StoreFixture.start(cache: .blockCache, fill: filledBlocks)
             let f = StoreFixture.current!
             // bench -> bench@s -> d1 -> d1@s -> d2 ... -> d<depth>
             var source = "bench"
