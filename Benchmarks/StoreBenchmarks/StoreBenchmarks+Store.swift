@@ -126,7 +126,8 @@ func storeBenchmarks() {
         maxIterations: 2000
     )
 
-    Benchmark("Store: unique write, 4 KiB, real data (1 TiB volume)", configuration: perBlock) { benchmark in
+    // Store: unique write, 4 KiB, real data (1 TiB volume)
+    Benchmark("Store.uniqueWrite.4KiB", configuration: perBlock) { benchmark in
         let f = StoreFixture.current!
         let data = DataSet.shared
         benchmark.startMeasurement()
@@ -142,7 +143,8 @@ func storeBenchmarks() {
         StoreFixture.stop()
     }
 
-    Benchmark("Store: duplicate write, 4 KiB (content stored at another LBA)", configuration: perBlock) { benchmark in
+    // Store: duplicate write, 4 KiB (content stored at another LBA)
+    Benchmark("Store.duplicateWrite.4KiB", configuration: perBlock) { benchmark in
         let f = StoreFixture.current!
         let data = DataSet.shared
         benchmark.startMeasurement()
@@ -158,7 +160,8 @@ func storeBenchmarks() {
         StoreFixture.stop()
     }
 
-    Benchmark("Store: cached read, 4 KiB (VBDCache BlockCache hit)", configuration: perBlock) { benchmark in
+    // Store: cached read, 4 KiB (VBDCache BlockCache hit)
+    Benchmark("Store.cachedRead.BlockCache.4KiB", configuration: perBlock) { benchmark in
         let f = StoreFixture.current!
         var rng = SplitMix64(seed: 1)
         benchmark.startMeasurement()
@@ -174,7 +177,8 @@ func storeBenchmarks() {
         StoreFixture.stop()
     }
 
-    Benchmark("Store: cached read, 4 KiB (dictionary ChunkCache hit)", configuration: perBlock) { benchmark in
+    // Store: cached read, 4 KiB (dictionary ChunkCache hit)
+    Benchmark("Store.cachedRead.dictionary.4KiB", configuration: perBlock) { benchmark in
         let f = StoreFixture.current!
         var rng = SplitMix64(seed: 1)
         benchmark.startMeasurement()
@@ -190,7 +194,8 @@ func storeBenchmarks() {
         StoreFixture.stop()
     }
 
-    Benchmark("Store: uncached read, 4 KiB (pread + LZ4 decompress + verify)", configuration: perBlock) { benchmark in
+    // Store: uncached read, 4 KiB (pread + LZ4 decompress + verify)
+    Benchmark("Store.uncachedRead.4KiB", configuration: perBlock) { benchmark in
         let f = StoreFixture.current!
         var rng = SplitMix64(seed: 1)
         benchmark.startMeasurement()
@@ -204,7 +209,8 @@ func storeBenchmarks() {
         StoreFixture.stop()
     }
 
-    Benchmark("Store: snapshot of a 1 TiB volume (64 MiB written), durable", configuration: perOperation) { benchmark in
+    // Store: snapshot of a 1 TiB volume (64 MiB written), durable
+    Benchmark("Store.snapshot.1TiB", configuration: perOperation) { benchmark in
         let f = StoreFixture.current!
         benchmark.startMeasurement()
         for _ in benchmark.scaledIterations {
@@ -217,7 +223,8 @@ func storeBenchmarks() {
         StoreFixture.stop()
     }
 
-    Benchmark("Store: share of a snapshot of a 1 TiB volume, durable", configuration: perOperation) { benchmark in
+    // Store: share of a snapshot of a 1 TiB volume, durable
+    Benchmark("Store.share.1TiB", configuration: perOperation) { benchmark in
         let f = StoreFixture.current!
         benchmark.startMeasurement()
         for _ in benchmark.scaledIterations {
@@ -232,7 +239,8 @@ func storeBenchmarks() {
     }
 
     for depth in [1, 100] {
-        Benchmark("Store: cached read at share depth \(depth), 4 KiB", configuration: perBlock) { benchmark in
+        // Store: cached read at share depth N, 4 KiB
+        Benchmark("Store.cachedRead.shareDepth\(depth).4KiB", configuration: perBlock) { benchmark in
             let f = StoreFixture.current!
             let device = f.devices["deep"]!
             var rng = SplitMix64(seed: 1)
