@@ -249,6 +249,13 @@ public struct NBDHandshakeStateMachine: Sendable {
         return .send(exports.map { .server(code, name: $0.name, description: $0.description) } + [.ack(code)])
     }
 
+    /// Reports that the export list could not be fetched (for example, the server is stopping).
+    public mutating func exportListFailed(_ error: NBDExportLookupError) -> Action {
+        guard case .awaitingExportList = state else { preconditionFailure("unexpected export list") }
+        state = .negotiating
+        return .send([.error(NBDOptionCode.list, error.replyType, error.message)])
+    }
+
     /// Reports the export lookup requested by ``Action/openExport(name:)``. For GO and EXPORT_NAME
     /// a success returns ``Action/enterTransmission(_:_:)``; the server keeps the device open only then.
     public mutating func exportOpened(_ result: Result<NBDExportDescription, NBDExportLookupError>) -> Action {

@@ -82,7 +82,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         NBDHandshakeStateMachine.greeting(into: &greeting)
         context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
         let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
-        handshakeTimeout = context.eventLoop.assumeIsolated().scheduleTask(in: environment.limits.handshakeTimeout) {
+        handshakeTimeout = context.eventLoop.assumeIsolated().scheduleTask(in: TimeAmount(environment.limits.handshakeTimeout)) {
             [self] in
             if case .handshake = self.phase {
                 self.logger.info("handshake timed out")
@@ -270,7 +270,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     device = box.device
                     lookup = .success(NBDExportDescription(
                         name: box.device.name, description: box.device.deviceDescription, size: box.device.size,
-                        isReadOnly: box.device.isReadOnly, preferredBlockSize: UInt32(box.device.blockSize)))
+                        isReadOnly: box.device.isReadOnly,
+                        preferredBlockSize: Self.preferredBlockSize(box.device.blockSize,
+                                                                    max: self.environment.limits.requestBytesMax)))
                 case .success(.failure(let error)):
                     lookup = .failure(NBDExportLookupError(error))
                 case .failure(let error):
@@ -296,8 +298,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 let context = loopBoundContext.value
                 self.awaitingHandshakeResult = false
                 guard case .handshake(var machine) = self.phase else { return }
-                let list = (try? result.get()) ?? []
-                let action = machine.exportListReceived(list.map { ($0.name, $0.description) })
+                let action: NBDHandshakeStateMachine.Action
+                switch result {
+                case .success(let list):
+                    action = machine.exportListReceived(list.map { ($0.name, $0.description) })
+                case .failure(let error):
+                    action = machine.exportListFailed(NBDExportLookupError(
+                        replyType: NBDOptionReplyType.errShutdown, message: "server is shutting down: \(error)"))
+                }
                 self.phase = .handshake(machine)
                 self.perform(action, context: context)
                 self.resumeIfPossible(context: context)
@@ -332,6 +340,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .enterTransmission:
             preconditionFailure("transmission starts only from an export lookup")
         }
+    }
+
+    /// proto.md, "Block size constraints": the preferred size is a power of two between 512 and the
+    /// maximum; anything else the device reports is replaced by 4 KiB rather than sent as is.
+    static func preferredBlockSize(_ blockSize: Int, max maximum: Int) -> UInt32 {
+        guard blockSize >= 512, blockSize <= maximum, blockSize & (blockSize - 1) == 0 else { return 4096 }
+        return UInt32(blockSize)
     }
 
     private func tlsHandshakeCompleted(context: ChannelHandlerContext) {

@@ -131,6 +131,16 @@ public final class NBDServer: Sendable {
         }
     }
 
+    /// Starts the server and serves until the calling task is cancelled (for example by the CLI's
+    /// SIGINT/SIGTERM handler), then stops gracefully. For `vbdtool serve`.
+    public func run() async throws {
+        try await start()
+        while !Task.isCancelled {
+            try? await Task.sleep(for: .seconds(3600))
+        }
+        await stop()
+    }
+
     /// Stops accepting, lets requests in flight finish (up to the shutdown grace period), closes
     /// every connection and releases the threads. Idempotent.
     public func stop() async {
@@ -147,7 +157,7 @@ public final class NBDServer: Sendable {
         for connection in connections {
             connection.pipeline.fireUserInboundEventTriggered(NBDConnectionEvent.shutdown)
         }
-        let grace = configuration.limits.shutdownGracePeriod
+        let grace = TimeAmount(configuration.limits.shutdownGracePeriod)
         for connection in connections {
             let closed = connection.closeFuture
             let timeout = connection.eventLoop.scheduleTask(in: grace) { connection.close(promise: nil) }

@@ -13,6 +13,14 @@ public struct NBDRequestRecord: Sendable, Equatable {
     public var duration: Duration
     /// The NBD error the client received, nil on success.
     public var errorNumber: UInt32?
+
+    public init(exportName: String, command: NBDCommand, bytes: UInt64, duration: Duration, errorNumber: UInt32?) {
+        self.exportName = exportName
+        self.command = command
+        self.bytes = bytes
+        self.duration = duration
+        self.errorNumber = errorNumber
+    }
 }
 
 /// Called on an event-loop thread once per completed request. Keep it cheap: it runs inline with
@@ -48,9 +56,9 @@ extension NBDServer {
         /// Extents asked of the device for one BLOCK_STATUS or READ plan.
         public var extentsPerReplyMax = Limits.nbdExtentsPerReplyMax
         /// A client must finish the handshake in this time, so idle sockets cannot hold connection slots.
-        public var handshakeTimeout: TimeAmount = .seconds(30)
+        public var handshakeTimeout: Duration = .seconds(30)
         /// How long ``NBDServer/stop()`` waits for in-flight requests before closing connections.
-        public var shutdownGracePeriod: TimeAmount = .seconds(10)
+        public var shutdownGracePeriod: Duration = .seconds(10)
 
         public init() {}
 

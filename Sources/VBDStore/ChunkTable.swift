@@ -8,7 +8,7 @@ import VBDCore
 // with physical block numbers and an advisory hash index).
 //
 // Memory per unique chunk (measured by `StoreTests.indexMemoryPerChunk`):
-//   32 bytes  ChunkEntry (hash 16, location 8, shape 4, refcount 4), in fixed pages of 64 Ki
+//   32 bytes  ChunkEntry (hash 16, location 8, shape 4, refcount 4), in fixed pages of 4 Ki
 //             entries so the table never holds a doubled, half-empty array;
 //   4-8 bytes DedupIndex slot (UInt32 chunk number, load factor 0.5-0.85).
 // Total 36-40 bytes, under the 48-byte target. The data file's free-space bitmap adds 1 bit per
@@ -53,7 +53,7 @@ struct ChunkEntry {
 
 /// Chunk number -> entry, in fixed-size pages.
 struct ChunkTable {
-    static let pageShift = 16
+    static let pageShift = 12
     static let pageSize = 1 << pageShift
 
     private var pages: [UnsafeMutablePointer<ChunkEntry>] = []

@@ -17,6 +17,10 @@ enum JournalRecord: Equatable {
     case chunk(number: UInt64, hash: ContentHash, location: UInt64, shape: UInt32)
     /// Block `block` of image `image` now holds `chunk` (0 = unmapped, ``MapRoot`` zeroAllocated).
     case map(image: UInt64, block: UInt64, chunk: UInt64)
+    /// Several blocks of `image` change at once (one write request). Every new chunk is retained
+    /// before any old one is released, so a chunk that moves between blocks of the batch (a
+    /// swap, or a block that dedups against another block's old contents) never drops to zero.
+    case mapBatch(image: UInt64, mappings: [BlockMapping])
     /// Blocks `[start, start+count)` of `image` are unmapped.
     case clear(image: UInt64, start: UInt64, count: UInt64)
     case createImage(ImageRecord)
@@ -32,6 +36,9 @@ enum JournalRecord: Equatable {
             w.u8(1); w.varint(number); w.u64(hash.high); w.u64(hash.low); w.u64(location); w.u32(shape)
         case let .map(image, block, chunk):
             w.u8(2); w.varint(image); w.varint(block); w.varint(chunk)
+        case let .mapBatch(image, mappings):
+            w.u8(9); w.varint(image); w.varint(UInt64(mappings.count))
+            for m in mappings { w.varint(m.block); w.varint(m.chunk) }
         case let .clear(image, start, count):
             w.u8(3); w.varint(image); w.varint(start); w.varint(count)
         case let .createImage(r):
@@ -60,9 +67,22 @@ enum JournalRecord: Equatable {
         case 6: return .deleteImage(try r.varint())
         case 7: return .resize(image: try r.varint(), size: try r.varint())
         case 8: return .renameGroup(domain: try r.u16(), group: try r.string())
+        case 9:
+            let image = try r.varint()
+            let n = try r.varint()
+            guard n <= UInt64(r.remaining) else { throw BinaryReader.Malformed(position: r.position) }
+            var mappings: [BlockMapping] = []
+            mappings.reserveCapacity(Int(n))
+            for _ in 0..<n { mappings.append(BlockMapping(block: try r.varint(), chunk: try r.varint())) }
+            return .mapBatch(image: image, mappings: mappings)
         default: throw BinaryReader.Malformed(position: r.position)
         }
     }
+}
+
+struct BlockMapping: Equatable {
+    var block: UInt64
+    var chunk: UInt64
 }
 
 enum JournalFrame {

@@ -131,4 +131,12 @@ struct SpaceAllocator {
     }
 
     var bitmapBytes: Int { bitmap.capacity * 8 }
+
+    /// After truncating the file: nothing past `end` is in use (checked by the caller).
+    mutating func setEndSector(_ end: UInt64) {
+        precondition(end <= endSector)
+        endSector = end
+        bitmap.removeLast(bitmap.count - Int((end + 63) >> 6))
+        if cursor >= bitmap.count { cursor = 0 }
+    }
 }

@@ -314,6 +314,8 @@ extension Store {
                 throw .gone("\(view.name) was deleted during the write")
             }
             do {
+                var mappings: [BlockMapping] = []
+                mappings.reserveCapacity(blocks.count)
                 for i in blocks.indices {
                     var chunk = blocks[i].isZero ? 0 : blocks[i].chunk
                     if blocks[i].isNew {
@@ -324,6 +326,7 @@ extension Store {
                             let sectors = ((blocks[i].isCompressed ? blocks[i].compressed.count : blocks[i].bytes.count) + Limits.sectorBytes - 1) / Limits.sectorBytes
                             space.releaseNow(blocks[i].sector, count: sectors)
                             blocks[i].isNew = false
+                            blocks[i].chunk = c
                             chunk = c
                         } else {
                             let stored = blocks[i].isCompressed ? blocks[i].compressed.count : blocks[i].bytes.count
@@ -336,10 +339,12 @@ extension Store {
                             options.cache?.insert(chunk, bytes: blocks[i].bytes, volume: view.id, domain: view.domain)
                         }
                     }
-                    // The map record retains on apply; drop the reference phase B/F took.
-                    try commit(.map(image: view.id, block: blocks[i].block, chunk: chunk))
-                    if chunk != 0 { releaseChunk(chunk) }
+                    mappings.append(BlockMapping(block: blocks[i].block, chunk: chunk))
                 }
+                // One record for the whole request; it retains on apply, so drop the references
+                // phases B and F took only afterwards.
+                try commit(.mapBatch(image: view.id, mappings: mappings))
+                for m in mappings where m.chunk != 0 { releaseChunk(m.chunk) }
             } catch {
                 throw .io("\(error)")
             }

@@ -1,3 +1,4 @@
+import Glibc
 import VBDCore
 
 // MARK: - Records: one code path for live changes and for replay
@@ -24,6 +25,18 @@ extension Store {
                 retainChunk(chunk)
             }
             image.root.update(block, to: chunk, self)
+        case let .mapBatch(imageID, mappings):
+            guard let image = images[imageID] else {
+                throw StoreError.corrupted("journal maps blocks of unknown image \(imageID)")
+            }
+            for m in mappings {
+                guard m.block < image.record.blockCount,
+                      m.chunk == 0 || m.chunk >= zeroAllocatedChunk || chunks.contains(m.chunk) else {
+                    throw StoreError.corrupted("journal maps block \(m.block) of image \(imageID) to unknown chunk \(m.chunk)")
+                }
+            }
+            for m in mappings where m.chunk != 0 { retainChunk(m.chunk) }
+            for m in mappings { image.root.update(m.block, to: m.chunk, self) }
         case let .clear(imageID, start, count):
             guard let image = images[imageID] else { throw StoreError.corrupted("journal clears unknown image \(imageID)") }
             image.root.clear(start: start, count: count, self)
@@ -353,6 +366,8 @@ extension Store {
 
     // MARK: Recovery
 
+    var traceReplay: Bool { getenv("VBD_TRACE_REPLAY") != nil }
+
     func recover() throws {
         let slots = try readSuperblockSlots()
         guard let slot = slots.first else { throw StoreError.corrupted("no valid superblock in \(directory.path)") }
@@ -377,7 +392,6 @@ extension Store {
             }
         }
         // Replay the journal's valid prefix.
-        journalFile.close()
         journalFile = try directory.openFile("journal-\(generation)", create: true)
         let journalBytes = try journalFile.readAll()
         let (payloads, valid) = JournalFrame.decodeValidPrefix(journalBytes, generation: generation)
@@ -390,6 +404,7 @@ extension Store {
                 do { record = try JournalRecord.decode(&r) } catch {
                     throw StoreError.corrupted("journal-\(generation) frame has a malformed record")
                 }
+                if traceReplay { print("replay gen \(generation): \(record)") }
                 try apply(record)
             }
         }

@@ -116,12 +116,15 @@ public final class Store: @unchecked Sendable {
                 secret = options.secretForNewStore ?? Store.randomSeed()
                 superblockFile = try directory.openFile("superblock", create: true)
                 dataFile = try directory.openFile("data", create: true)
-                journalFile = try directory.openFile("journal-0", create: true)  // replaced below
+                // Generation 0 exists only until the first checkpoint below replaces it.
+                journalFile = try directory.openFile("journal-0", create: true)
             } else {
                 guard directory.fileExists("superblock") else { throw StorageError.notFound("superblock") }
                 superblockFile = try directory.openFile("superblock", create: false)
                 dataFile = try directory.openFile("data", create: false)
-                journalFile = try directory.openFile("journal-0", create: true)
+                // `recover` picks the generation; until then the journal handle points at the
+                // superblock file, which nothing writes through it.
+                journalFile = superblockFile
             }
         } catch StorageError.io("exists") {
             directory.unlock()

@@ -24,6 +24,8 @@ final class MemoryBlockDevice: BlockDevice, @unchecked Sendable {
         var flushCount = 0
         var prefetchCount = 0
         var writeDelay: Duration = .zero
+        var activeWrites = 0
+        var maxActiveWrites = 0
     }
 
     let name: String
@@ -91,7 +93,12 @@ final class MemoryBlockDevice: BlockDevice, @unchecked Sendable {
     func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
         guard !isReadOnly else { throw .readOnly(name: name) }
         try checkRange(offset, UInt64(data.count))
-        let delay = state.withLock { $0.writeDelay }
+        let delay = state.withLock { state in
+            state.activeWrites += 1
+            state.maxActiveWrites = max(state.maxActiveWrites, state.activeWrites)
+            return state.writeDelay
+        }
+        defer { state.withLock { $0.activeWrites -= 1 } }
         if delay > .zero {
             // Simulates a slow disk; blocking the calling pool thread is the point.
             let until = ContinuousClock.now + delay

@@ -1,9 +1,15 @@
 import Foundation
+import Testing
 import Logging
 import NBDServer
 import NIOCore
 import Synchronization
 import VBDCore
+
+/// Every test that runs a server and real clients, one at a time: they measure this process's
+/// resident memory, and a concurrent 256 MiB nbdcopy would blur that; running them serially also
+/// keeps the 2-core machine responsive.
+@Suite(.serialized) struct RealServerTests {}
 
 /// Locates real NBD clients; a test needing a missing one is skipped, not failed.
 enum Tool {
@@ -16,6 +22,19 @@ enum Tool {
     static func exists(_ names: String...) -> Bool {
         names.allSatisfy { path($0) != nil }
     }
+
+    /// True when fio was built with its nbd engine (decided once, before any test runs).
+    static let fioHasNBDEngine: Bool = {
+        guard let fio = path("fio") else { return false }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: fio)
+        process.arguments = ["--enghelp=nbd"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        guard (try? process.run()) != nil else { return false }
+        process.waitUntilExit()
+        return process.terminationStatus == 0
+    }()
 
     /// nbdsh runs `python3 -m nbd`: it needs the system python that has the libnbd bindings.
     static var hasNBDPython: Bool {

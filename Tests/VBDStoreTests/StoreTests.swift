@@ -320,7 +320,7 @@ import VBDCore
         let store = try Store.initialize(path: dir.path)
         try store.createVolume(name: "v", size: 1 << 32)
         let v = try store.device(named: "v")
-        let count = 200_000
+        let count = 131_072
         var buf = [UInt8](repeating: 1, count: 512 * 256)
         // 512-byte blocks would be cheaper to write, but keep the default 4 KiB: 256 blocks per call.
         var n = 0
@@ -335,5 +335,50 @@ import VBDCore
         #expect(store.uniqueChunkCount == count)
         #expect(perBlock <= 48)
         try store.close()
+    }
+}
+
+@Suite struct UsageTests {
+    @Test func sharesUseAlmostNoNewSpaceAndFairSharesAddUp() throws {
+        let dir = TemporaryStoreDirectory()
+        let store = try Store.initialize(path: dir.path)
+        try store.createVolume(name: "img", size: 1 << 24)
+        let img = try store.device(named: "img")
+        for i in 0..<512 { try img.write(block(seed: UInt64(i)), at: UInt64(i) * 4096) }
+        try store.snapshot(volume: "img", name: "gold")
+        try store.share(snapshot: "img@gold", as: "vm1")
+        try store.share(snapshot: "img@gold", as: "vm2")
+        try store.device(named: "vm1").write(block(seed: 100_000), at: 0)
+        let u = store.usage()
+        let vm1 = u.images.first { $0.name == "vm1" }!, vm2 = u.images.first { $0.name == "vm2" }!
+        #expect(vm1.allocatedBytes == 512 * 4096)
+        #expect(vm1.uniqueBytes == 4096)
+        #expect(vm2.uniqueBytes == 0)
+        #expect(vm2.exclusiveStoredBytes == 0)
+        #expect(vm1.exclusiveStoredBytes > 0 && vm1.exclusiveStoredBytes <= 4096)
+        let fairTotal = u.images.reduce(0.0) { $0 + $1.fairStoredBytes }
+        #expect(abs(fairTotal - Double(u.storedBytes)) < 1.0)
+        #expect(u.uniqueChunks == 513)
+        #expect(u.compressionRatio > 1.1)
+        #expect(u.dedupRatio > 3.5)
+        try store.close()
+    }
+
+    @Test func gcTrimsTheDataFile() throws {
+        let dir = TemporaryStoreDirectory()
+        let store = try Store.initialize(path: dir.path)
+        try store.createVolume(name: "a", size: 1 << 24)
+        try store.createVolume(name: "b", size: 1 << 24)
+        for i in 0..<64 { try store.device(named: "a").write(block(seed: UInt64(i)), at: UInt64(i) * 4096) }
+        for i in 0..<256 { try store.device(named: "b").write(block(seed: UInt64(1000 + i)), at: UInt64(i) * 4096) }
+        try store.delete("b")
+        let (before, after) = try store.gc()
+        #expect(after < before / 2)
+        for i in 0..<64 { #expect(try store.device(named: "a").read(4096, at: UInt64(i) * 4096) == block(seed: UInt64(i))) }
+        #expect(store.fsck().isClean)
+        try store.close()
+        let again = try Store.open(path: dir.path)
+        #expect(again.fsck().isClean)
+        try again.close()
     }
 }

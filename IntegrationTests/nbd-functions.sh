@@ -1,0 +1,54 @@
+# Helpers for the NBD integration tests (after nbdkit's tests/functions.sh.in).
+# A test exits 0 (pass), 77 (skip: a client or vbdtool serve is missing) or anything else (fail).
+set -euo pipefail
+
+# nbdsh runs "python3 -m nbd": use the system python that has the libnbd bindings.
+export PATH="/usr/bin:/bin:/usr/sbin:/sbin:$PATH"
+
+requires() {
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null 2>&1 || { echo "SKIP: $tool is not installed"; exit 77; }
+    done
+}
+
+requires_vbdtool_serve() {
+    if [ -z "${VBDTOOL:-}" ] || [ ! -x "$VBDTOOL" ]; then echo "SKIP: VBDTOOL not built"; exit 77; fi
+    "$VBDTOOL" serve --help >/dev/null 2>&1 || { echo "SKIP: vbdtool serve is not available"; exit 77; }
+}
+
+cleanup_fns=()
+cleanup_fn() { cleanup_fns+=("$*"); }
+run_cleanup() {
+    local i
+    for (( i=${#cleanup_fns[@]}-1; i>=0; i-- )); do eval "${cleanup_fns[$i]}" || true; done
+}
+trap run_cleanup EXIT
+
+# make_store SIZE: a fresh store with volume "vol" of SIZE; sets STORE and TMPDIR_TEST.
+make_store() {
+    TMPDIR_TEST=$(mktemp -d)
+    cleanup_fn "rm -rf '$TMPDIR_TEST'"
+    STORE="$TMPDIR_TEST/store"
+    "$VBDTOOL" init --store "$STORE" >/dev/null
+    "$VBDTOOL" create vol --size "$1" --store "$STORE" >/dev/null
+}
+
+# start_server: vbdtool serve on a unix socket in the background; waits until it answers.
+start_server() {
+    SOCK="$TMPDIR_TEST/nbd.sock"
+    "$VBDTOOL" serve --store "$STORE" --unix "$SOCK" >"$TMPDIR_TEST/serve.log" 2>&1 &
+    SERVER_PID=$!
+    cleanup_fn "kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null"
+    for _ in $(seq 1 100); do
+        if [ -S "$SOCK" ] && nbdinfo --list "nbd+unix:///?socket=$SOCK" >/dev/null 2>&1; then return 0; fi
+        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$TMPDIR_TEST/serve.log"; echo "FAIL: server exited"; exit 1; }
+        sleep 0.1
+    done
+    cat "$TMPDIR_TEST/serve.log"
+    echo "FAIL: server did not start"
+    exit 1
+}
+
+uri() { echo "nbd+unix:///$1?socket=$SOCK"; }
+
+fail() { echo "FAIL: $*"; [ -f "$TMPDIR_TEST/serve.log" ] && tail -n 20 "$TMPDIR_TEST/serve.log"; exit 1; }

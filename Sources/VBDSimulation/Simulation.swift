@@ -1,0 +1,438 @@
+import VBDCore
+import VBDStore
+
+// MARK: - Notes on the design
+//
+// One seed = one deterministic run: store options, volume shapes, a random workload of writes
+// (aligned, unaligned, duplicate, zero), trims, write-zeroes, flushes, snapshots, shares,
+// deletes, resizes, checkpoints, gc, clean reopens and power cuts (immediate or scheduled to
+// strike inside a later call, so every gap between two steps of a flush or checkpoint is hit).
+//
+// The model knows, per image, the current bytes and, per block, the contents it may hold after
+// a crash: what was durable at the last completed flush plus every content written since. After
+// each power cut the store is reopened and checked:
+//   1. every block reads one of its allowed contents: never a mix, never garbage;
+//   2. an image exists iff it was created durably (or its creation was in flight);
+//   3. a snapshot or share that exists holds exactly its source's contents at that moment;
+//   4. fsck is clean: reference counts, maps, dedup index, space map and every chunk's hash.
+// Anything else fails the run with the seed and the operation number, and `vbd-sim --seed N`
+// replays it exactly.
+
+public struct SimulationFailure: Error, CustomStringConvertible {
+    public let seed: UInt64
+    public let step: Int
+    public let message: String
+    public var description: String { "seed \(seed) failed at step \(step): \(message)\n  replay: vbd-sim --seed \(seed)" }
+}
+
+public struct SimulationSummary: Sendable {
+    public var seed: UInt64
+    public var steps = 0
+    public var crashes = 0
+    public var cleanReopens = 0
+    public var checkpoints = 0
+    public var snapshots = 0
+    public var shares = 0
+    public var deletes = 0
+    public var writes = 0
+}
+
+public final class Simulation {
+    final class ModelImage {
+        var name: String
+        var isSnapshot: Bool
+        var blockSize: Int
+        var bytes: [UInt8]
+        /// Contents each block may hold after a crash: durable first, then later writes.
+        var allowed: [Int: [[UInt8]]] = [:]
+        /// Its creation (or deletion) may or may not have reached the disk.
+        var inDoubt = false
+        var deletionInDoubt = false
+        var origin: String?
+        var oldSizeInDoubt: Int?
+
+        init(name: String, isSnapshot: Bool, blockSize: Int, bytes: [UInt8]) {
+            self.name = name
+            self.isSnapshot = isSnapshot
+            self.blockSize = blockSize
+            self.bytes = bytes
+        }
+
+        var blockCount: Int { (bytes.count + blockSize - 1) / blockSize }
+
+        func block(_ b: Int) -> [UInt8] {
+            Array(bytes[(b * blockSize)..<min((b + 1) * blockSize, bytes.count)])
+        }
+
+        /// Before changing blocks: remember what they may hold after a crash.
+        func willChange(blocks: Range<Int>, newBytes: [UInt8]) {
+            for b in blocks {
+                let lo = b * blockSize, hi = min((b + 1) * blockSize, bytes.count)
+                if allowed[b] == nil { allowed[b] = [Array(bytes[lo..<hi])] }
+                allowed[b]!.append(Array(newBytes[lo..<hi]))
+            }
+            bytes = newBytes
+        }
+
+        func becameDurable() {
+            allowed = [:]
+            inDoubt = false
+            oldSizeInDoubt = nil
+        }
+    }
+
+    public let seed: UInt64
+    var rng: SimulationRandom
+    let disk: SimulatedDisk
+    var options = Store.Options()
+    var store: Store?
+    var model: [String: ModelImage] = [:]
+    var step = 0
+    public private(set) var summary: SimulationSummary
+    let patterns: [[UInt8]]
+    let blockSize: Int
+
+    /// Prints every operation (for replaying a failing seed).
+    public var trace = false
+
+    func log(_ s: @autoclosure () -> String) { if trace { print("[\(step)] " + s()) } }
+
+    public init(seed: UInt64) {
+        self.seed = seed
+        rng = SimulationRandom(seed: seed)
+        disk = SimulatedDisk(seed: seed)
+        summary = SimulationSummary(seed: seed)
+        blockSize = rng.chance(50) ? 512 : 4096
+        options.now = { 1_700_000_000 }
+        options.secretForNewStore = seed | 1
+        options.hashFunction = rng.chance(35) ? .weak(bits: 6) : .xxh3
+        options.pendingJournalBytesMax = 128 << rng.below(6)
+        options.checkpointJournalBytes = UInt64(1024 << rng.below(7))
+        var p: [[UInt8]] = []
+        var g = SimulationRandom(seed: seed ^ 0xA5A5)
+        for _ in 0..<12 {
+            var b = [UInt8](repeating: 0, count: blockSize)
+            let fill = UInt8(truncatingIfNeeded: g.next())
+            for i in 0..<blockSize { b[i] = (i % 7 == 0) ? UInt8(truncatingIfNeeded: g.next()) : fill }
+            p.append(b)
+        }
+        patterns = p
+    }
+
+    func fail(_ message: String) -> SimulationFailure {
+        SimulationFailure(seed: seed, step: step, message: message)
+    }
+
+    // MARK: Running
+
+    public func run(steps: Int) throws -> SimulationSummary {
+        do {
+            store = try Store(directory: disk.directory(), options: options, create: true)
+        } catch {
+            throw fail("init failed: \(error)")
+        }
+        try createVolume()
+        for _ in 0..<steps {
+            step += 1
+            summary.steps += 1
+            try oneStep()
+            if step % 16 == 0 { try checkExact() }
+        }
+        disk.crashCountdown = nil
+        try checkExact()
+        try checkFsck()
+        do { try store?.close() } catch { throw fail("close failed: \(error)") }
+        store = try reopen()
+        try checkExact()
+        try checkFsck()
+        try? store?.close()
+        return summary
+    }
+
+    func oneStep() throws {
+        if rng.chance(4) && disk.crashCountdown == nil {
+            disk.crashCountdown = rng.below(12)
+        }
+        let roll = rng.below(100)
+        log("roll \(roll) crashCountdown \(String(describing: disk.crashCountdown))")
+        do {
+            switch roll {
+            case 0..<40: try randomWrite()
+            case 40..<47: try randomZero(punch: true)
+            case 47..<52: try randomZero(punch: false)
+            case 52..<60: try randomFlush()
+            case 60..<66: try randomSnapshot()
+            case 66..<71: try randomShare()
+            case 71..<76: try randomDelete()
+            case 76..<79: try randomResize()
+            case 79..<82: try createVolume()
+            case 82..<85:
+                summary.checkpoints += 1
+                try store!.checkpoint()
+                allDurable()
+            case 85..<87:
+                try store!.gc()
+                allDurable()
+            case 87..<90:
+                try cleanReopen()
+            case 90..<95:
+                try randomRead()
+            default:
+                disk.powerLoss()
+            }
+        } catch let e as SimulationFailure {
+            throw e
+        } catch {
+            if !disk.isCrashed { throw fail("operation failed without a crash: \(error)") }
+        }
+        if disk.isCrashed { log("power lost; recovering"); try recoverFromCrash() }
+    }
+
+    // MARK: Operations
+
+    /// Dictionary order differs between processes; sort before drawing so a seed replays exactly.
+    func sortedModel() -> [ModelImage] { model.values.sorted { $0.name < $1.name } }
+
+    func volumes() -> [ModelImage] { model.values.filter { !$0.isSnapshot && !$0.deletionInDoubt }.sorted { $0.name < $1.name } }
+    func snapshots() -> [ModelImage] { model.values.filter { $0.isSnapshot && !$0.deletionInDoubt }.sorted { $0.name < $1.name } }
+
+    func createVolume() throws {
+        guard model.count < 10 else { return }
+        let name = "v\(step)"
+        let blocks = 4 + rng.below(60)
+        let size = blocks * blockSize - (rng.chance(25) ? rng.below(blockSize - 1) + 1 : 0)
+        let m = ModelImage(name: name, isSnapshot: false, blockSize: blockSize, bytes: [UInt8](repeating: 0, count: size))
+        m.inDoubt = true
+        model[name] = m
+        try store!.createVolume(name: name, size: UInt64(size), blockSize: blockSize)
+        allDurable()
+    }
+
+    func content(length: Int, aligned: Bool) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: length)
+        var at = 0
+        while at < length {
+            let n = min(blockSize, length - at)
+            switch rng.below(10) {
+            case 0..<5:
+                let p = patterns[rng.below(patterns.count)]
+                out.replaceSubrange(at..<at + n, with: p[0..<n])
+            case 5: break   // zeroes
+            default:
+                for i in 0..<n { out[at + i] = UInt8(truncatingIfNeeded: rng.next()) }
+            }
+            at += n
+        }
+        return out
+    }
+
+    func randomWrite() throws {
+        guard let v = volumes().randomElement(using: &rng) else { return }
+        summary.writes += 1
+        let aligned = rng.chance(70)
+        var offset: Int, length: Int
+        if aligned {
+            let b = rng.below(v.blockCount)
+            offset = b * blockSize
+            length = min((1 + rng.below(4)) * blockSize, v.bytes.count - offset)
+        } else {
+            offset = rng.below(v.bytes.count)
+            length = 1 + rng.below(min(2 * blockSize, v.bytes.count - offset))
+        }
+        let data = content(length: length, aligned: aligned)
+        var newBytes = v.bytes
+        newBytes.replaceSubrange(offset..<offset + length, with: data)
+        v.willChange(blocks: (offset / blockSize)..<((offset + length - 1) / blockSize + 1), newBytes: newBytes)
+        let dev = try store!.device(named: v.name)
+        let fua = rng.chance(10)
+        log("write \(v.name) [\(offset), +\(length)) fua \(fua)")
+        try data.withUnsafeBytes { (b: UnsafeRawBufferPointer) throws in try dev.write(offset: UInt64(offset), data: b, fua: fua) }
+        if fua { allDurable() }
+    }
+
+    func randomZero(punch: Bool) throws {
+        guard let v = volumes().randomElement(using: &rng) else { return }
+        let offset = rng.chance(60) ? rng.below(v.blockCount) * blockSize : rng.below(v.bytes.count)
+        let length = 1 + rng.below(min(6 * blockSize, v.bytes.count - offset))
+        var newBytes = v.bytes
+        for i in offset..<offset + length { newBytes[i] = 0 }
+        v.willChange(blocks: (offset / blockSize)..<((offset + length - 1) / blockSize + 1), newBytes: newBytes)
+        let dev = try store!.device(named: v.name)
+        if punch {
+            try dev.trim(offset: UInt64(offset), length: UInt64(length), fua: false)
+        } else {
+            try dev.writeZeroes(offset: UInt64(offset), length: UInt64(length), mayTrim: false, fastOnly: false, fua: false)
+        }
+    }
+
+    func randomRead() throws {
+        guard let v = sortedModel().filter({ !$0.deletionInDoubt && !$0.inDoubt }).randomElement(using: &rng) else { return }
+        let offset = rng.below(v.bytes.count)
+        let length = 1 + rng.below(min(3 * blockSize, v.bytes.count - offset))
+        var got = [UInt8](repeating: 0, count: length)
+        let dev = try store!.device(named: v.name)
+        try got.withUnsafeMutableBytes { (b: UnsafeMutableRawBufferPointer) throws in try dev.read(offset: UInt64(offset), into: b) }
+        if got != Array(v.bytes[offset..<offset + length]) {
+            throw fail("read of \(v.name) [\(offset), +\(length)) returned wrong data")
+        }
+    }
+
+    func randomFlush() throws {
+        try store!.flush()
+        allDurable()
+    }
+
+    func randomSnapshot() throws {
+        guard model.count < 10, let v = volumes().randomElement(using: &rng) else { return }
+        summary.snapshots += 1
+        let name = "s\(step)"
+        let m = ModelImage(name: v.name + "@" + name, isSnapshot: true, blockSize: blockSize, bytes: v.bytes)
+        m.inDoubt = true
+        model[m.name] = m
+        try store!.snapshot(volume: v.name, name: name)
+        allDurable()
+    }
+
+    func randomShare() throws {
+        guard model.count < 10, let s = snapshots().randomElement(using: &rng), !s.inDoubt else { return }
+        summary.shares += 1
+        let name = "c\(step)"
+        let m = ModelImage(name: name, isSnapshot: false, blockSize: blockSize, bytes: s.bytes)
+        m.inDoubt = true
+        m.origin = s.name
+        model[name] = m
+        try store!.share(snapshot: s.name, as: name)
+        allDurable()
+    }
+
+    func randomDelete() throws {
+        guard model.count > 1, let victim = sortedModel().filter({ !$0.inDoubt }).randomElement(using: &rng) else { return }
+        summary.deletes += 1
+        // Deleting a volume removes its snapshots (force); a snapshot's shares keep their data.
+        var doomed = [victim]
+        if !victim.isSnapshot { doomed += model.values.filter { $0.isSnapshot && $0.name.hasPrefix(victim.name + "@") } }
+        for d in doomed { d.deletionInDoubt = true }
+        try store!.delete(victim.name, force: true)
+        for d in doomed { model[d.name] = nil }
+        allDurable()
+    }
+
+    func randomResize() throws {
+        guard let v = volumes().randomElement(using: &rng), !v.inDoubt else { return }
+        let grow = rng.below(8 * blockSize) + 1
+        v.oldSizeInDoubt = v.bytes.count
+        // Growing exposes zeroes (the old partial last block keeps its bytes).
+        let oldBlocks = v.blockCount
+        v.bytes += [UInt8](repeating: 0, count: grow)
+        _ = oldBlocks
+        try store!.resize(volume: v.name, size: UInt64(v.bytes.count))
+        allDurable()
+    }
+
+    func allDurable() {
+        for m in model.values { m.becameDurable() }
+    }
+
+    func cleanReopen() throws {
+        summary.cleanReopens += 1
+        try store!.close()
+        allDurable()
+        store = nil
+        // A scheduled power cut may strike inside this open; oneStep then recovers.
+        store = try Store(directory: disk.directory(), options: options, create: false)
+        try checkExact()
+    }
+
+    // MARK: Crashes
+
+    func reopen() throws -> Store {
+        do {
+            return try Store(directory: disk.directory(), options: options, create: false)
+        } catch {
+            throw fail("reopen failed: \(error)")
+        }
+    }
+
+    func recoverFromCrash() throws {
+        summary.crashes += 1
+        store?.abandonWithoutFlush()
+        store = nil
+        disk.reboot()
+        // Sometimes the power fails again during recovery itself.
+        if rng.chance(20) {
+            disk.crashCountdown = rng.below(3)
+            if let s = try? Store(directory: disk.directory(), options: options, create: false) {
+                s.abandonWithoutFlush()
+            }
+            if !disk.isCrashed { disk.powerLoss() }
+            disk.reboot()
+        }
+        store = try reopen()
+        try checkAfterCrash()
+        try checkFsck()
+    }
+
+    func readAll(_ name: String, size: Int) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: size)
+        let dev = try store!.device(named: name)
+        try out.withUnsafeMutableBytes { (b: UnsafeMutableRawBufferPointer) throws in try dev.read(offset: 0, into: b) }
+        return out
+    }
+
+    func checkAfterCrash() throws {
+        let present = Dictionary(uniqueKeysWithValues: store!.list().map { ($0.name, $0) })
+        for (name, m) in model {
+            guard let info = present[name] else {
+                if m.inDoubt || m.deletionInDoubt { model[name] = nil; continue }
+                throw fail("\(name) vanished after a crash")
+            }
+            if m.deletionInDoubt { m.deletionInDoubt = false }
+            if let old = m.oldSizeInDoubt {
+                guard info.size == UInt64(old) || info.size == UInt64(m.bytes.count) else {
+                    throw fail("\(name) has size \(info.size), neither \(old) nor \(m.bytes.count)")
+                }
+                if info.size == UInt64(old) { m.bytes = Array(m.bytes[0..<old]) }
+            }
+            guard info.size == UInt64(m.bytes.count) else { throw fail("\(name) has size \(info.size), model \(m.bytes.count)") }
+            let actual = try readAll(name, size: m.bytes.count)
+            if m.inDoubt {
+                // A snapshot or share that made it holds exactly its source at that moment.
+                if actual != m.bytes { throw fail("\(name) exists after a crash with contents other than its source's") }
+            } else {
+                for b in 0..<m.blockCount {
+                    let lo = b * blockSize, hi = min(lo + blockSize, actual.count)
+                    let got = Array(actual[lo..<hi])
+                    // A block recorded while it was the partial last block reads zero-padded after growth.
+                    let allowed = (m.allowed[b] ?? [m.block(b)]).map { $0.count < got.count ? $0 + [UInt8](repeating: 0, count: got.count - $0.count) : $0 }
+                    if !allowed.contains(got) {
+                        if trace {
+                            print("actual:  \(got.prefix(24).map { String($0) })")
+                            for a in allowed { print("allowed: \(a.prefix(24).map { String($0) })") }
+                            print("differing bytes vs last allowed: \(zip(got, allowed.last!).enumerated().filter { $0.element.0 != $0.element.1 }.map { $0.offset }.prefix(40))")
+                        }
+                        throw fail("\(name) block \(b) holds contents that were never written (\(allowed.count) allowed)")
+                    }
+                }
+            }
+            m.bytes = actual
+            m.becameDurable()
+        }
+        for name in present.keys where model[name] == nil {
+            throw fail("\(name) exists after a crash but was never created")
+        }
+    }
+
+    func checkExact() throws {
+        for (name, m) in model {
+            let actual = try readAll(name, size: m.bytes.count)
+            if actual != m.bytes { throw fail("\(name) differs from the model") }
+        }
+        let names = Set(store!.list().map { $0.name })
+        if names != Set(model.keys) { throw fail("images \(names.sorted()) but model has \(model.keys.sorted())") }
+    }
+
+    func checkFsck() throws {
+        let report = store!.fsck()
+        if !report.isClean { throw fail("fsck: " + report.problems.prefix(5).joined(separator: "; ")) }
+    }
+}

@@ -1,0 +1,136 @@
+import VBDCore
+
+/// Space figures of one image (volume or snapshot).
+public struct ImageUsage: Equatable, Sendable {
+    public var name: String
+    /// The image's size.
+    public var logicalBytes: UInt64
+    /// Bytes of blocks that hold data (neither holes nor zero).
+    public var allocatedBytes: UInt64 = 0
+    /// Allocated bytes whose contents no other image holds.
+    public var uniqueBytes: UInt64 = 0
+    /// Allocated bytes whose contents another image (or another block) also holds.
+    public var sharedBytes: UInt64 = 0
+    /// Bytes on disk of the chunks only this image holds.
+    public var exclusiveStoredBytes: UInt64 = 0
+    /// This image's fair share of the bytes on disk: every chunk's stored size split evenly among
+    /// the blocks (of all images) that hold it, so the shares of all images add up to the store's
+    /// stored bytes.
+    public var fairStoredBytes: Double = 0
+}
+
+/// Store-wide space figures.
+public struct StoreUsage: Equatable, Sendable {
+    public var images: [ImageUsage] = []
+    public var uniqueChunks = 0
+    /// Bytes on disk of all chunks (compressed sizes, rounded to sectors).
+    public var storedBytes: UInt64 = 0
+    /// Uncompressed bytes of all chunks.
+    public var chunkRawBytes: UInt64 = 0
+    /// Allocated bytes summed over all images (what the data would take without sharing).
+    public var logicalAllocatedBytes: UInt64 = 0
+    /// Bytes of the data file on disk (what `du` counts), when known.
+    public var dataFileBytes: UInt64 = 0
+    public var indexMemoryBytes = 0
+
+    /// Raw chunk bytes per stored byte (LZ4).
+    public var compressionRatio: Double { storedBytes == 0 ? 1 : Double(chunkRawBytes) / Double(storedBytes) }
+    /// Logical allocated bytes per unique raw byte (dedup, snapshots and shares together).
+    public var dedupRatio: Double { chunkRawBytes == 0 ? 1 : Double(logicalAllocatedBytes) / Double(chunkRawBytes) }
+}
+
+extension Store {
+    /// Walks every image's map once. Holds the lock for the walk; cost follows the allocated
+    /// blocks of all images, so this is an operator command, not a hot path.
+    public func usage() -> StoreUsage {
+        mutex.lock()
+        defer { mutex.unlock() }
+        var holders: [UInt64: (refs: UInt32, firstImage: UInt64, images: UInt8)] = [:]
+        let sorted = images.values.sorted { fullNameLocked($0.record) < fullNameLocked($1.record) }
+        // Pass 1: who holds each chunk.
+        for image in sorted {
+            image.root.walk(start: 0, count: image.record.blockCount, chunkShared: { _ in false }) { _, _, chunk, _ in
+                guard chunk != 0, chunk < zeroAllocatedChunk else { return true }
+                if var h = holders[chunk] {
+                    h.refs += 1
+                    if h.firstImage != image.record.id { h.images = 2 }
+                    holders[chunk] = h
+                } else {
+                    holders[chunk] = (1, image.record.id, 1)
+                }
+                return true
+            }
+        }
+        // Pass 2: per image figures.
+        var total = StoreUsage()
+        for image in sorted {
+            var u = ImageUsage(name: fullNameLocked(image.record), logicalBytes: image.record.size)
+            let bs = UInt64(image.record.blockSize)
+            var seenExclusive = Set<UInt64>()
+            image.root.walk(start: 0, count: image.record.blockCount, chunkShared: { _ in false }) { block, _, chunk, _ in
+                guard chunk != 0, chunk < zeroAllocatedChunk, let h = holders[chunk] else { return true }
+                let bytes = min(bs, image.record.size - block * bs)
+                u.allocatedBytes += bytes
+                let e = chunks[chunk]
+                let stored = UInt64(e.sectorCount * Limits.sectorBytes)
+                if h.refs == 1 {
+                    u.uniqueBytes += bytes
+                } else {
+                    u.sharedBytes += bytes
+                }
+                if h.images == 1 && seenExclusive.insert(chunk).inserted { u.exclusiveStoredBytes += stored }
+                u.fairStoredBytes += Double(stored) / Double(h.refs)
+                return true
+            }
+            total.logicalAllocatedBytes += u.allocatedBytes
+            total.images.append(u)
+        }
+        if chunks.end > 1 {
+            for n in 1..<chunks.end where chunks.contains(n) {
+                let e = chunks[n]
+                total.uniqueChunks += 1
+                total.storedBytes += UInt64(e.sectorCount * Limits.sectorBytes)
+                total.chunkRawBytes += UInt64(e.rawBytes)
+            }
+        }
+        total.dataFileBytes = (try? dataFile.size()) ?? 0
+        total.indexMemoryBytes = chunks.pageBytes + chunks.freeListBytes + index.slotBytes + space.bitmapBytes
+        return total
+    }
+
+    /// Reclaims what can be reclaimed now: makes pending frees durable (so their space is reused
+    /// and hole-punched), writes a checkpoint (which empties the journal), and trims free space at
+    /// the end of the data file. Returns the data file's size before and after.
+    @discardableResult
+    public func gc() throws -> (before: UInt64, after: UInt64) {
+        let before = (try? dataFile.size()) ?? 0
+        try flush()
+        try checkpoint()
+        try flushMutex.withLock {
+            try mutex.withLock { () throws in
+                let end = space.endSectorInUse * UInt64(Limits.sectorBytes)
+                if try dataFile.size() > end {
+                    try dataFile.truncate(to: end)
+                    try dataFile.sync()
+                    space.trimEnd()
+                }
+            }
+        }
+        return (before, (try? dataFile.size()) ?? 0)
+    }
+}
+
+extension SpaceAllocator {
+    /// One past the last used sector.
+    var endSectorInUse: UInt64 {
+        var w = bitmap.count
+        while w > 0 && bitmap[w - 1] == 0 { w -= 1 }
+        guard w > 0 else { return 0 }
+        return UInt64(w - 1) * 64 + UInt64(64 - bitmap[w - 1].leadingZeroBitCount)
+    }
+
+    mutating func trimEnd() {
+        let end = endSectorInUse
+        setEndSector(end)
+    }
+}
