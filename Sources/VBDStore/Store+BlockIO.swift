@@ -54,8 +54,9 @@ extension Store {
     // MARK: Loading one chunk
 
     /// Fills `destination` (exactly the chunk's raw length) with the chunk's verified bytes.
+    /// `lockHeld`: the caller holds `mutex` (dedup verification, fsck).
     func loadChunk(_ chunk: UInt64, _ entry: ChunkEntry, into destination: UnsafeMutableRawBufferPointer,
-                   volume: UInt64) throws(LoadedChunkFailure) {
+                   volume: UInt64, lockHeld: Bool = false) throws(LoadedChunkFailure) {
         precondition(destination.count == entry.rawBytes)
         if let cache = options.cache, cache.read(chunk, into: destination, volume: volume, domain: entry.domain) { return }
         let stored = entry.storedBytes
@@ -86,7 +87,17 @@ extension Store {
         guard actual == entry.hash else {
             throw LoadedChunkFailure(detail: "content hash \(actual) does not match chunk \(chunk)'s \(entry.hash)")
         }
-        options.cache?.insert(chunk, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain)
+        guard let cache = options.cache else { return }
+        // Cache only while the number still names these bytes: a concurrent overwrite may have
+        // freed the chunk (and removed it from the cache) since the caller looked it up, and
+        // its number may already name other contents.
+        let insert = {
+            let e = self.chunks.contains(chunk) ? self.chunks[chunk] : .free
+            if e.location == entry.location && e.hash == entry.hash && e.shape == entry.shape {
+                cache.insert(chunk, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain)
+            }
+        }
+        if lockHeld { insert() } else { mutex.withLock(insert) }
     }
 
     // MARK: Read
@@ -370,7 +381,7 @@ extension Store {
             let e = chunks[UInt64(c)]
             guard e.domain == domain, e.rawBytes == bytes.count else { return false }
             return withUnsafeTemporaryAllocation(byteCount: bytes.count, alignment: 16) { tmp in
-                do { try loadChunk(UInt64(c), e, into: tmp, volume: volume) } catch { return false }
+                do { try loadChunk(UInt64(c), e, into: tmp, volume: volume, lockHeld: true) } catch { return false }
                 return memcmp(tmp.baseAddress!, bytes.baseAddress!, bytes.count) == 0
             }
         }
