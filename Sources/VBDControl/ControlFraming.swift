@@ -148,6 +148,26 @@ enum UnixSocket {
         return fd
     }
 
+    /// `struct ucred` (socket(7)); Glibc declares it only under _GNU_SOURCE.
+    private struct PeerCredentials {
+        var pid: Int32 = 0
+        var uid: UInt32 = 0
+        var gid: UInt32 = 0
+    }
+
+    /// Refuses peers other than this process's user and root. The socket's 0600 mode already
+    /// keeps others out; this holds even if the mode or the directory's permissions were loosened.
+    static func checkPeerIsOwnerOrRoot(_ fd: Int32) throws(ControlFailure) {
+        var credentials = PeerCredentials()
+        var length = socklen_t(MemoryLayout<PeerCredentials>.size)
+        guard getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) == 0 else {
+            throw ControlFailure(code: "permission-denied", message: "cannot identify the control client: \(String(cString: strerror(errno)))")
+        }
+        guard credentials.uid == geteuid() || credentials.uid == 0 else {
+            throw ControlFailure(code: "permission-denied", message: "user \(credentials.uid) may not control this server (it runs as user \(geteuid()))")
+        }
+    }
+
     static func setTimeouts(_ fd: Int32, receiveSeconds: Int, sendSeconds: Int) {
         var rcv = timeval(tv_sec: receiveSeconds, tv_usec: 0)
         var snd = timeval(tv_sec: sendSeconds, tv_usec: 0)

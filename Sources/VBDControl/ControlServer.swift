@@ -111,6 +111,7 @@ public final class ControlServer: Sendable {
     private func serve(_ fd: Int32) {
         let reply: ControlReply
         do {
+            try UnixSocket.checkPeerIsOwnerOrRoot(fd)
             guard let envelope = try ControlFraming.receive(ControlEnvelope.self, from: fd, bytesMax: ControlLimits.requestBytesMax) else {
                 return
             }

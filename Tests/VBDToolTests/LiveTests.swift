@@ -284,6 +284,25 @@ import Glibc
         #expect(again.stop() == 0)
     }
 
+    @Test func otherUsersCannotControlTheServer() throws {
+        guard geteuid() == 0, let setpriv = Subprocess.find("setpriv") else { return }   // needs root to switch users
+        let nobody = ["--reuid=65534", "--regid=65534", "--clear-groups"]
+        // The checkout may not be reachable by another user; then there is nothing to test here.
+        guard try Subprocess.run(setpriv, nobody + [Tool.path, "--help"]).succeeded else { return }
+        let dir = try TemporaryDirectory()
+        let store = try dir.initializedStore()
+        // Let another user reach the socket file; its 0600 mode must still keep them out.
+        chmod(dir.path, 0o755)
+        chmod(store, 0o755)
+        let server = try RunningServer(store: store, nbdSocket: dir.path + "/nbd.sock")
+        let asNobody = try Subprocess.run(setpriv, nobody + [Tool.path,
+                                                    "create", "intruder", "--size", "1M", "--store", store])
+        #expect(asNobody.status == 1)
+        #expect(asNobody.stderr.contains("may not connect"), "\(asNobody.stderr)")
+        #expect(try Tool.run(["list", "--json"], store: store).json([ImageSummary].self).isEmpty)
+        #expect(server.stop() == 0)
+    }
+
     @Test func controlSocketBoundsWhatAClientMaySend() throws {
         let dir = try TemporaryDirectory()
         let store = try dir.initializedStore()
