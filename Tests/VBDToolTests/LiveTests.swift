@@ -250,6 +250,17 @@ import Glibc
         #expect(try Tool.run(["resize", "c", "--size", "2M"], store: store).succeeded)
         #expect(try Tool.run(["export", "b@x", dir.path + "/o.raw"], store: store).succeeded)
         #expect(try fileBytes(dir.path + "/o.raw") == fileBytes(image))
+        if let qemuImg = Subprocess.find("qemu-img") {
+            // Non-raw import while served: qemu-img streams into an NBD socket of the serving process.
+            let qcow2 = dir.path + "/i.qcow2"
+            #expect(try Subprocess.run(qemuImg, ["convert", "-f", "raw", "-O", "qcow2", image, qcow2]).succeeded)
+            let imported = try Tool.run(["import", qcow2, "q", "--json"], store: store)
+            #expect(imported.succeeded, "\(imported.stderr)")
+            #expect(try imported.json(TransferReport.self).format == "qcow2")
+            #expect(try Tool.run(["export", "q", dir.path + "/q.raw"], store: store).succeeded)
+            #expect(try fileBytes(dir.path + "/q.raw") == fileBytes(image))
+            #expect(try Tool.run(["rm", "q"], store: store).succeeded)
+        }
         #expect(try Tool.run(["gc"], store: store).succeeded)
         #expect(try Tool.run(["fsck"], store: store).succeeded)
         #expect(try Tool.run(["rm", "a"], store: store).succeeded)

@@ -93,5 +93,12 @@ import VBDControl
         let loud = try Subprocess.run(script, ["-qec", command, "/dev/null"])
         #expect(loud.succeeded, "\(loud.stdout)")
         #expect(loud.stdout.contains("import [") && loud.stdout.contains("100.0%"), "\(loud.stdout)")
+        for (phase, command) in [("export", "export loud \(dir.path)/loud.raw"), ("fsck", "fsck"), ("gc", "gc")] {
+            let shown = try Subprocess.run(script, ["-qec", "\(Tool.path) \(command) --store \(store)", "/dev/null"])
+            #expect(shown.succeeded, "\(shown.stdout)")
+            #expect(shown.stdout.contains("\(phase) [") && shown.stdout.contains("100.0%"), "\(phase): \(shown.stdout)")
+            let piped = try Tool.run(command.split(separator: " ").map(String.init) + ["--force"].filter { _ in phase == "export" }, store: store)
+            #expect(piped.succeeded && !piped.stderr.contains("%"), "\(phase) is quiet into a pipe")
+        }
     }
 }
