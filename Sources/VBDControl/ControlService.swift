@@ -63,7 +63,7 @@ public final class ControlService: Sendable {
             }
             return .image(ImageSummary(try store.share(snapshot: snapshot, as: newName)))
         case let .remove(name, force):
-            // Cache counters are per owner; find the owners before the images (and their maps) go.
+            // Cache counters are per owner (image id, group): look them up while the images still exist.
             let owners = cache == nil ? [] : imagesRemoved(byDeleting: name, force: force).compactMap { self.cacheOwner(of: $0) }
             try store.delete(name, force: force)
             for owner in owners { cache?.forgetStatistics(for: owner) }
