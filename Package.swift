@@ -78,7 +78,7 @@ let package = Package(
         .executableTarget(
             name: "vbdtool",
             dependencies: [
-                "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl",
+                "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl", "VBDMetrics",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

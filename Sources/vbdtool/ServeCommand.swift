@@ -5,6 +5,7 @@ import Logging
 import NBDServer
 import VBDCache
 import VBDControl
+import VBDMetrics
 import VBDStore
 
 #if canImport(Glibc)
@@ -31,6 +32,8 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Last-chance (compressed) cache tier size (default: a quarter of --cache-size; 0 turns it off).") var lastChanceSize: String?
     @Option(help: "Cap the store's data file, e.g. 500G: writes needing more fail with ENOSPC (default: the disk's space).")
     var maxDataSize: String?
+    @Option(help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics (cache tiers, per-volume cache counters, space and sharing).", valueName: "host:port"))
+    var metrics: String?
     @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
     @OptionGroup var store: StoreOptions
 
@@ -38,6 +41,7 @@ struct ServeCommand: AsyncParsableCommand {
         if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("--tls-cert and --tls-key go together") }
         if tlsRequired && tlsCert == nil { throw ValidationError("--tls-required needs --tls-cert and --tls-key") }
         if let listen { _ = try Self.parseListen(listen) }
+        if let metrics { _ = try Self.parseListen(metrics) }
         if let cacheSize { _ = try parseSize(cacheSize, option: "--cache-size") }
         if let lastChanceSize { _ = try parseSize(lastChanceSize, option: "--last-chance-size") }
         if let maxDataSize { _ = try parseSize(maxDataSize, option: "--max-data-size") }
@@ -100,12 +104,26 @@ struct ServeCommand: AsyncParsableCommand {
             try? store.close()
             fail(error, json: false)
         }
+        var metricsServer: MetricsHTTPServer?
+        if let metrics {
+            let (host, port) = try Self.parseListen(metrics)
+            let server = MetricsHTTPServer(metrics: StoreMetrics(store: store, cache: cache), host: host, port: port)
+            do { try await server.start() } catch {
+                control.stop()
+                await nbd.stop()
+                try? store.close()
+                fail(ControlFailure(code: "io", message: "cannot serve metrics on \(metrics): \(error)"), json: false)
+            }
+            metricsServer = server
+            logger.notice("metrics", metadata: ["url": "http://\(host):\(server.port ?? port)/metrics"])
+        }
         logger.notice("serving", metadata: ["store": "\(storePath)", "nbd": "\(addresses.joined(separator: ", "))",
                                             "volumes": "\(store.list().count)"])
 
         let signalNumber = await SignalWaiter.waitForFirst(of: [SIGINT, SIGTERM])
         logger.notice("shutting down", metadata: ["signal": "\(signalNumber)"])
         await nbd.stop()
+        await metricsServer?.stop()
         control.stop()
         do {
             try store.close()   // flushes and checkpoints
