@@ -1,3 +1,5 @@
+import Foundation
+
 // MARK: - Notes on the design
 //
 // The control protocol lets `vbdtool` run a command inside a running `vbdtool serve`, so that the
@@ -41,6 +43,13 @@ public enum ControlRequest: Codable, Sendable, Equatable {
     case stats
     case gc
     case fsck(verifyData: Bool)
+    /// Hypervisor clean-page interface of the last-chance tier (Xen tmem / cleancache style):
+    /// guest `domain` discards a clean page of `volume` at `offset`; a later get returns it only
+    /// while the volume still maps that offset to the same contents.
+    case cleanPagePut(domain: UInt64, volume: String, offset: UInt64, page: Data)
+    case cleanPageGet(domain: UInt64, volume: String, offset: UInt64, length: Int)
+    /// Forgets one page (`volume` and `offset`), a volume's pages (`offset` nil), or a domain's (both nil).
+    case cleanPageInvalidate(domain: UInt64, volume: String?, offset: UInt64?)
 
     /// Whether the request reads or writes a file named by path (so a client must send an absolute one).
     public var involvesFile: Bool {
@@ -113,6 +122,8 @@ public enum ControlResult: Codable, Sendable, Equatable {
     case gc(GCReport)
     case fsck(FsckSummary)
     case transfer(TransferReport)
+    /// A clean-page get: the page, or nil on a miss.
+    case page(Data?)
 }
 
 /// Who answered on the control socket.

@@ -23,12 +23,16 @@ public final class ControlService: Sendable {
     public let cache: BlockCache?
     /// Who answers a ping; nil when the service runs inside the CLI.
     let status: ServerStatus?
+    /// The hypervisor clean-page interface (only a server has one: it lives in memory).
+    public let cleanPages: CleanPageCache?
 
-    public init(store: Store, storePath: String, cache: BlockCache? = nil, status: ServerStatus? = nil) {
+    public init(store: Store, storePath: String, cache: BlockCache? = nil, status: ServerStatus? = nil,
+                cleanPages: CleanPageCache? = nil) {
         self.store = store
         self.storePath = storePath
         self.cache = cache
         self.status = status
+        self.cleanPages = cleanPages
     }
 
     /// Runs one request. Progress reports go to `progress` while long work runs.
@@ -87,6 +91,28 @@ public final class ControlService: Sendable {
             return .stats(try statistics())
         case .gc:
             return .gc(try collectGarbage(progress: progress))
+        case let .cleanPagePut(domain, volume, offset, page):
+            let pages = try cleanPageCache()
+            guard page.count <= Limits.blockBytesMax else { throw ControlFailure(code: "invalid-argument", message: "a page is at most \(Limits.blockBytesMax) bytes") }
+            let id = try store.info(volume).id
+            page.withUnsafeBytes { pages.put(domain: domain, volume: id, offset: offset, page: $0) }
+            return .done
+        case let .cleanPageGet(domain, volume, offset, length):
+            let pages = try cleanPageCache()
+            guard length > 0, length <= Limits.blockBytesMax else { throw ControlFailure(code: "invalid-argument", message: "page length must be 1...\(Limits.blockBytesMax)") }
+            let id = try store.info(volume).id
+            var out = Data(count: length)
+            let hit = out.withUnsafeMutableBytes { pages.get(domain: domain, volume: id, offset: offset, into: $0) }
+            return .page(hit ? out : nil)
+        case let .cleanPageInvalidate(domain, volume, offset):
+            let pages = try cleanPageCache()
+            switch (volume, offset) {
+            case let (v?, o?): pages.invalidate(domain: domain, volume: try store.info(v).id, offset: o)
+            case let (v?, nil): pages.invalidate(domain: domain, volume: try store.info(v).id)
+            case (nil, nil): pages.invalidate(domain: domain)
+            case (nil, _?): throw ControlFailure(code: "invalid-argument", message: "an offset needs a volume")
+            }
+            return .done
         case let .fsck(verifyData):
             let report = store.fsck(verifyData: verifyData) { done, total in
                 progress(ProgressReport(phase: "fsck", done: UInt64(done), total: UInt64(total), unit: "chunks"))
@@ -95,6 +121,13 @@ public final class ControlService: Sendable {
                                      mapNodes: report.mapNodes, mappedBlocks: report.mappedBlocks, chunks: report.chunks,
                                      chunkBytesVerified: report.chunkBytesVerified, problems: report.problems))
         }
+    }
+
+    private func cleanPageCache() throws -> CleanPageCache {
+        guard let cleanPages else {
+            throw ControlFailure(code: "not-supported", message: "clean pages live in a running server's memory: start `vbdtool serve` first")
+        }
+        return cleanPages
     }
 
     /// `VOLUME@NAME` -> (`VOLUME`, `NAME`).

@@ -97,7 +97,8 @@ struct ServeCommand: AsyncParsableCommand {
         if let unix { addresses.append("unix:\(absolutePath(unix))") }
         let status = ServerStatus(pid: getpid(), storePath: storePath, nbdAddresses: addresses)
         let control = ControlServer(socketPath: ControlClient.socketPath(forStore: storePath),
-                                    service: ControlService(store: store, storePath: storePath, cache: cache, status: status),
+                                    service: ControlService(store: store, storePath: storePath, cache: cache, status: status,
+                                                            cleanPages: CleanPageCache(cache: cache, oracle: StoreMappingOracle(store: store))),
                                     logger: Logger(label: "vbd.control"))
         do { try control.start() } catch {
             await nbd.stop()
