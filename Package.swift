@@ -19,6 +19,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-atomics.git", from: "1.3.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
     ],
     targets: [
         .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
@@ -59,6 +60,17 @@ let package = Package(
             ]
         ),
         .target(
+            name: "VBDMetrics",
+            dependencies: [
+                "VBDCore", "VBDStore", "VBDCache",
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
             name: "VBDControl",
             dependencies: [
                 "VBDCore", "VBDStore", "VBDCache", "NBDServer",
@@ -70,7 +82,7 @@ let package = Package(
         .executableTarget(
             name: "vbdtool",
             dependencies: [
-                "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl",
+                "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl", "VBDMetrics",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -83,9 +95,11 @@ let package = Package(
             ]
         ),
         .testTarget(name: "VBDCoreTests", dependencies: ["VBDCore"]),
+        .testTarget(name: "VBDToolTests", dependencies: ["VBDControl", "VBDStore", "VBDCore"]),
         .testTarget(name: "VBDCacheTests", dependencies: ["VBDCache", "VBDCore"], resources: [.copy("Traces")]),
         .testTarget(name: "VBDStoreTests", dependencies: ["VBDStore", "VBDCore", "VBDSimulation"]),
         .testTarget(name: "VBDAccountingTests", dependencies: ["VBDAccounting", "VBDCore", "VBDStore"]),
+        .testTarget(name: "VBDMetricsTests", dependencies: ["VBDMetrics", "VBDStore", "VBDCache"]),
         .testTarget(name: "VBDSimulationTests", dependencies: ["VBDSimulation", "VBDStore"]),
         .testTarget(
             name: "NBDProtocolTests",

@@ -40,11 +40,11 @@ VBD_NAME="${VBD_NAME:-base}"
 VBD_SNAPSHOT="${VBD_SNAPSHOT:-gold}"
 vbd_overridden=0
 [ -z "${VBD_SERVE_CMD:-}" ] || vbd_overridden=1
-VBD_INIT_CMD="${VBD_INIT_CMD:-{VBDTOOL} init --store {STORE}}"
-VBD_CREATE_CMD="${VBD_CREATE_CMD:-{VBDTOOL} create {NAME} --size {SIZE} --store {STORE}}"
-VBD_SERVE_CMD="${VBD_SERVE_CMD:-{VBDTOOL} serve --store {STORE} --listen 127.0.0.1:{PORT}}"
-VBD_SNAPSHOT_CMD="${VBD_SNAPSHOT_CMD:-{VBDTOOL} snapshot {NAME} {SNAPSHOT} --store {STORE}}"
-VBD_SHARE_CMD="${VBD_SHARE_CMD:-{VBDTOOL} share {NAME}@{SNAPSHOT} {SHARE} --store {STORE}}"
+[ -n "${VBD_INIT_CMD:-}" ] || VBD_INIT_CMD='{VBDTOOL} init --store {STORE}'
+[ -n "${VBD_CREATE_CMD:-}" ] || VBD_CREATE_CMD='{VBDTOOL} create {NAME} --size {SIZE} --store {STORE}'
+[ -n "${VBD_SERVE_CMD:-}" ] || VBD_SERVE_CMD='{VBDTOOL} serve --store {STORE} --listen 127.0.0.1:{PORT}'
+[ -n "${VBD_SNAPSHOT_CMD:-}" ] || VBD_SNAPSHOT_CMD='{VBDTOOL} snapshot {NAME} {SNAPSHOT} --store {STORE}'
+[ -n "${VBD_SHARE_CMD:-}" ] || VBD_SHARE_CMD='{VBDTOOL} share {NAME}@{SNAPSHOT} {SHARE} --store {STORE}'
 OUT="${OUT:-$here/results/boot-storm-$(date -u +%Y%m%dT%H%M%SZ)}"
 
 for tool in nbdcopy nbdinfo qemu-nbd qemu-img; do

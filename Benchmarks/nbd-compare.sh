@@ -42,9 +42,9 @@ VBDTOOL="${VBDTOOL:-$repo/.build/release/vbdtool}"
 VBD_NAME="${VBD_NAME:-bench}"
 vbd_overridden=0
 [ -z "${VBD_SERVE_CMD:-}" ] || vbd_overridden=1
-VBD_INIT_CMD="${VBD_INIT_CMD:-{VBDTOOL} init --store {STORE}}"
-VBD_CREATE_CMD="${VBD_CREATE_CMD:-{VBDTOOL} create {NAME} --size {SIZE} --store {STORE}}"
-VBD_SERVE_CMD="${VBD_SERVE_CMD:-{VBDTOOL} serve --store {STORE} --listen 127.0.0.1:{PORT}}"
+[ -n "${VBD_INIT_CMD:-}" ] || VBD_INIT_CMD='{VBDTOOL} init --store {STORE}'
+[ -n "${VBD_CREATE_CMD:-}" ] || VBD_CREATE_CMD='{VBDTOOL} create {NAME} --size {SIZE} --store {STORE}'
+[ -n "${VBD_SERVE_CMD:-}" ] || VBD_SERVE_CMD='{VBDTOOL} serve --store {STORE} --listen 127.0.0.1:{PORT}'
 JOBS="${JOBS:-randread-4k-qd1 randread-4k-qd32 seqread-1m-qd8 randwrite-4k-qd1 randwrite-4k-qd32 seqwrite-1m-qd8 randrw70-4k-qd16}"
 SERVERS="${SERVERS:-vbd nbdkit-memory nbdkit-file qemu-nbd qemu-nbd-direct}"
 OUT="${OUT:-$here/results/nbd-compare-$(date -u +%Y%m%dT%H%M%SZ)}"
@@ -108,7 +108,8 @@ subst() {
     echo "$s"
 }
 
-# start_server NAME -> sets server_pid and uri; returns 1 to skip the server.
+# start_server NAME -> sets server_pid and uri; returns non-zero when the server failed to start.
+# (Called in an `if`, where set -e is off: every step checks its own status.)
 start_server() {
     local name=$1 log="$OUT/$1/server.log"
     mkdir -p "$OUT/$name"
@@ -116,43 +117,41 @@ start_server() {
     uri="nbd://127.0.0.1:$PORT/"
     case "$name" in
     vbd)
-        if [ "$vbd_overridden" = 0 ] && [ ! -x "$VBDTOOL" ]; then
-            echo "nbd-compare: skipping vbd: $VBDTOOL not found (set VBDTOOL)" >&2; return 1
-        fi
         rm -rf "$work/vbd-store"; mkdir -p "$work/vbd-store"
+        # Commands are split on whitespace (no quoting inside them).
         # shellcheck disable=SC2046
-        timeout 60 $(subst "$VBD_INIT_CMD") >>"$log" 2>&1
+        timeout 60 $(subst "$VBD_INIT_CMD") >>"$log" 2>&1 || return 1
         # shellcheck disable=SC2046
-        timeout 60 $(subst "$VBD_CREATE_CMD") >>"$log" 2>&1
+        timeout 60 $(subst "$VBD_CREATE_CMD") >>"$log" 2>&1 || return 1
         # shellcheck disable=SC2046
         $(subst "$VBD_SERVE_CMD") >>"$log" 2>&1 &
         server_pid=$!
         uri="nbd://127.0.0.1:$PORT/$VBD_NAME"
-        wait_for "$uri"
-        timeout 300 nbdcopy --flush "$DATASET" "$uri"
+        wait_for "$uri" || return 1
+        timeout 300 nbdcopy --flush "$DATASET" "$uri" || return 1
         ;;
     nbdkit-memory)
         nbdkit -f --exit-with-parent -i 127.0.0.1 -p "$PORT" memory "$SIZE_BYTES" >>"$log" 2>&1 &
         server_pid=$!
-        wait_for "$uri"
-        timeout 300 nbdcopy --flush "$DATASET" "$uri"
+        wait_for "$uri" || return 1
+        timeout 300 nbdcopy --flush "$DATASET" "$uri" || return 1
         ;;
     nbdkit-file)
-        cp --sparse=always "$DATASET" "$work/raw.img"
+        cp --sparse=always "$DATASET" "$work/raw.img" || return 1
         nbdkit -f --exit-with-parent -i 127.0.0.1 -p "$PORT" file "$work/raw.img" >>"$log" 2>&1 &
         server_pid=$!
-        wait_for "$uri"
+        wait_for "$uri" || return 1
         ;;
     qemu-nbd | qemu-nbd-direct)
         local cache=()
         [ "$name" = qemu-nbd-direct ] && cache=(--cache=none)
-        cp --sparse=always "$DATASET" "$work/base.raw"
+        cp --sparse=always "$DATASET" "$work/base.raw" || return 1
         rm -f "$work/overlay.qcow2"
-        qemu-img create -q -f qcow2 -b "$work/base.raw" -F raw "$work/overlay.qcow2"
+        qemu-img create -q -f qcow2 -b "$work/base.raw" -F raw "$work/overlay.qcow2" || return 1
         qemu-nbd -t -b 127.0.0.1 -p "$PORT" -x "$VBD_NAME" -f qcow2 "${cache[@]}" "$work/overlay.qcow2" >>"$log" 2>&1 &
         server_pid=$!
         uri="nbd://127.0.0.1:$PORT/$VBD_NAME"
-        wait_for "$uri"
+        wait_for "$uri" || return 1
         ;;
     *) echo "nbd-compare: unknown server $name" >&2; exit 1 ;;
     esac
@@ -167,9 +166,21 @@ start_server() {
 } | tee "$OUT/environment.txt"
 
 ran=()
+failed=()
 for server in $SERVERS; do
     echo "== $server" >&2
-    if ! start_server "$server"; then stop_server; continue; fi
+    if [ "$server" = vbd ] && [ "$vbd_overridden" = 0 ] && [ ! -x "$VBDTOOL" ]; then
+        echo "nbd-compare: skipping vbd: $VBDTOOL not found (set VBDTOOL or VBD_SERVE_CMD)" >&2
+        echo "skipped vbd: $VBDTOOL not found" >> "$OUT/environment.txt"
+        continue
+    fi
+    if ! start_server "$server"; then
+        echo "nbd-compare: $server FAILED to start; see $OUT/$server/server.log" >&2
+        echo "FAILED to start: $server" >> "$OUT/environment.txt"
+        failed+=("$server")
+        stop_server
+        continue
+    fi
     echo "load before $server: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/environment.txt"
     for job in $JOBS; do
         printf '   %-20s' "$job" >&2
@@ -197,7 +208,7 @@ EOF
     ran+=("$server")
 done
 
-[ ${#ran[@]} -gt 0 ] || { echo "nbd-compare: no server ran" >&2; exit 1; }
+[ ${#ran[@]} -gt 0 ] || { echo "nbd-compare: no server ran${failed:+ (failed: ${failed[*]})}" >&2; exit 1; }
 $PY - "$OUT" "$JOBS" "${ran[@]}" <<'EOF' | tee "$OUT/table.md"
 import json, os, sys
 out, jobs, servers = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
@@ -250,3 +261,4 @@ for name, cells in rows:
     print("| " + " | ".join(line) + " |")
 EOF
 echo "nbd-compare: results in $OUT" >&2
+[ ${#failed[@]} -eq 0 ] || { echo "nbd-compare: failed to start: ${failed[*]}" >&2; exit 1; }

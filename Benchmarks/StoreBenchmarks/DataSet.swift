@@ -34,6 +34,8 @@ final class DataSet: @unchecked Sendable {
     let count: Int
     /// Each block LZ4-compressed, with its compressed length (for the decompress benchmark).
     let compressed: [[UInt8]]
+    /// Each block's XXH3-128 with `benchmarkSeed` (for the verify benchmark).
+    let hashes: [ContentHash]
 
     private init() {
         path = DataSet.locate()
@@ -96,6 +98,7 @@ final class DataSet: @unchecked Sendable {
             compressed.append(Array(scratch[0..<(length ?? 0)]))
         }
         self.compressed = compressed
+        hashes = (0..<n).map { HashFunction.xxh3.hash(UnsafeRawBufferPointer(storage.block($0)), seed: benchmarkSeed) }
     }
 
     /// Block `i` (0 ..< count).

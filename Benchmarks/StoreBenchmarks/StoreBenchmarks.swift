@@ -3,8 +3,12 @@
 //
 //   cd Benchmarks && swift package --allow-writing-to-package-directory benchmark --target StoreBenchmarks
 //
+// Names have no spaces or slashes: package-benchmark 1.38.1 writes threshold files with them
+// replaced by "_" but looks them up by the raw name, so `thresholds check` would find nothing.
+// The comment above each benchmark gives the long description.
+//
 // Codec level (VBDCore only): the per-block costs every write and every uncached read pays.
-// Store level (VBDStore): added once the engine lands on main.
+// Store level (VBDStore): StoreBenchmarks+Store.swift.
 
 import Benchmark
 import VBDCore
@@ -17,13 +21,15 @@ let benchmarks: @Sendable () -> Void = {
         maxIterations: 10_000
     )
     codecBenchmarks()
+    storeBenchmarks()
 }
 
 /// A fixed, arbitrary seed: what a store would draw at `init`.
 let benchmarkSeed: UInt64 = 0x5eed_0a6c_15d6_0001
 
 func codecBenchmarks() {
-    Benchmark("Codec: XXH3-128 dispatch, seeded, 4 KiB") { benchmark in
+    // Codec: XXH3-128 dispatch, seeded, 4 KiB
+    Benchmark("Codec.xxh3.4KiB") { benchmark in
         let data = DataSet.shared
         var i = 0
         benchmark.startMeasurement()
@@ -34,7 +40,8 @@ func codecBenchmarks() {
         }
     }
 
-    Benchmark("Codec: LZ4 compress, 4 KiB") { benchmark in
+    // Codec: LZ4 compress, 4 KiB
+    Benchmark("Codec.lz4Compress.4KiB") { benchmark in
         let data = DataSet.shared
         let bound = BlockCompression.bound(DataSet.blockBytes)
         let destination = UnsafeMutableRawBufferPointer.allocate(byteCount: bound, alignment: 64)
@@ -48,7 +55,8 @@ func codecBenchmarks() {
         }
     }
 
-    Benchmark("Codec: LZ4 decompress, 4 KiB") { benchmark in
+    // Codec: LZ4 decompress, 4 KiB
+    Benchmark("Codec.lz4Decompress.4KiB") { benchmark in
         let data = DataSet.shared
         let destination = UnsafeMutableRawBufferPointer.allocate(byteCount: DataSet.blockBytes, alignment: 4096)
         defer { destination.deallocate() }
@@ -67,9 +75,10 @@ func codecBenchmarks() {
 
     // What an uncached read costs on the CPU: decompress, then verify against the content hash
     // (DESIGN.md invariant 3). Blocks that LZ4 could not shrink are copied and hashed.
-    Benchmark("Codec: LZ4 decompress + XXH3-128 verify, 4 KiB") { benchmark in
+    // Codec: LZ4 decompress + XXH3-128 verify, 4 KiB
+    Benchmark("Codec.lz4DecompressVerify.4KiB") { benchmark in
         let data = DataSet.shared
-        let expected = (0..<data.count).map { HashFunction.xxh3.hash(data.block($0), seed: benchmarkSeed) }
+        let expected = data.hashes
         let destination = UnsafeMutableRawBufferPointer.allocate(byteCount: DataSet.blockBytes, alignment: 4096)
         defer { destination.deallocate() }
         var i = 0
@@ -89,7 +98,8 @@ func codecBenchmarks() {
     }
 
     // What a unique write costs on the CPU before any I/O: zero check, hash, compress.
-    Benchmark("Codec: zero check + XXH3-128 + LZ4 compress, 4 KiB") { benchmark in
+    // Codec: zero check + XXH3-128 + LZ4 compress, 4 KiB
+    Benchmark("Codec.zeroHashCompress.4KiB") { benchmark in
         let data = DataSet.shared
         let destination = UnsafeMutableRawBufferPointer.allocate(
             byteCount: BlockCompression.bound(DataSet.blockBytes), alignment: 64)

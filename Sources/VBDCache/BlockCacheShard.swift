@@ -70,17 +70,13 @@ struct BlockCacheShard: Sendable {
             if hit.sharedNow { count(hit.loader) { $0.bytesSavedBySharing += UInt64(hit.size) } }
             return .hit
         }
-        if refused {
-            count(owner) { $0.isolationRefusals += 1 }
-            return .refused
-        }
+        if refused { return refuse(owner) }
         guard let stored = lastChance?.lookup(key, { $0 }) else {
             count(owner) { $0.misses += 1 }
             return .miss
         }
         guard stored.owner.group == owner.group, stored.uncompressedCount == buffer.count else {
-            count(owner) { $0.isolationRefusals += 1 }
-            return .refused
+            return refuse(owner)
         }
         let decoded: Bool
         if stored.isCompressed {
@@ -103,7 +99,9 @@ struct BlockCacheShard: Sendable {
 
     mutating func insert(_ key: UInt64, block: CachedBlock, evicted: inout [(UInt64, CachedBlock)]) {
         if main.contains(key) {
-            count(block.owner) { $0.redundantInsertions += 1 }
+            // Totals only: the held block may (through a store bug) belong to another group, and the
+            // inserting owner's counters must not reveal that it exists.
+            totals.redundantInsertions += 1
             return
         }
         removeFromLastChance(key)
@@ -175,14 +173,21 @@ struct BlockCacheShard: Sendable {
 
     // MARK: Bookkeeping
 
+    /// A read refused for isolation looks exactly like a miss to the reader's own counters (they must
+    /// not reveal that another group holds the key); only the operator's totals count the refusal.
+    private mutating func refuse(_ owner: CacheOwner) -> ReadOutcome {
+        count(owner) { $0.misses += 1 }
+        totals.isolationRefusals += 1
+        return .refused
+    }
+
     private mutating func insertIntoMain(_ key: UInt64, _ block: CachedBlock, evicted: inout [(UInt64, CachedBlock)]) {
         let charge = block.bytes.count + BlockCache.mainEntryOverheadBytes
-        var dropped: [(UInt64, CachedBlock)] = []
-        let inserted = main.insert(key, value: block, charge: charge) { dropped.append(($0, $1)) }
-        for (evictedKey, old) in dropped {
+        let firstEvicted = evicted.count
+        let inserted = main.insert(key, value: block, charge: charge) { evicted.append(($0, $1)) }
+        for (_, old) in evicted[firstEvicted...] {
             uncharge(old)
             count(old.owner) { $0.evictions += 1 }
-            evicted.append((evictedKey, old))
         }
         guard inserted else { return }
         count(block.owner) {
@@ -228,8 +233,8 @@ struct BlockCacheShard: Sendable {
     /// fewer than `ownersMax` are tracked here; past that only the totals count (bounded memory).
     private mutating func count(_ owner: CacheOwner, _ update: (inout CacheStatistics) -> Void) {
         update(&totals)
-        if owners[owner] != nil {
-            update(&owners[owner]!)
+        if let position = owners.index(forKey: owner) {
+            update(&owners.values[position])
         } else if owners.count < ownersMax {
             var fresh = CacheStatistics()
             update(&fresh)

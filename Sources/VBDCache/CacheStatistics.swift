@@ -11,7 +11,7 @@ public struct CacheStatistics: Equatable, Sendable {
     public var misses: UInt64 = 0
     /// Blocks inserted into the main tier (by `insert` or by a last-chance promotion).
     public var insertions: UInt64 = 0
-    /// Inserts that did nothing because the block was already held.
+    /// Inserts that did nothing because the block was already held (global statistics only).
     public var redundantInsertions: UInt64 = 0
     /// Blocks evicted from the main tier (each goes to the last-chance tier).
     public var evictions: UInt64 = 0
@@ -19,7 +19,8 @@ public struct CacheStatistics: Equatable, Sendable {
     public var lastChanceEvictions: UInt64 = 0
     /// Blocks removed because the store freed their chunk.
     public var removals: UInt64 = 0
-    /// Reads refused because the block belongs to another sharing group or has another size.
+    /// Reads refused because the block belongs to another sharing group or has another size; they
+    /// also count as misses. Global statistics only: an owner's own counters show a plain miss.
     public var isolationRefusals: UInt64 = 0
 
     /// Block bytes held in the main tier (uncompressed; without per-entry overhead).

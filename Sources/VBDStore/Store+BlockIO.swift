@@ -54,8 +54,9 @@ extension Store {
     // MARK: Loading one chunk
 
     /// Fills `destination` (exactly the chunk's raw length) with the chunk's verified bytes.
+    /// `lockHeld`: the caller holds `mutex` (dedup verification, fsck).
     func loadChunk(_ chunk: UInt64, _ entry: ChunkEntry, into destination: UnsafeMutableRawBufferPointer,
-                   volume: UInt64) throws(LoadedChunkFailure) {
+                   volume: UInt64, lockHeld: Bool = false) throws(LoadedChunkFailure) {
         precondition(destination.count == entry.rawBytes)
         if let cache = options.cache, cache.read(chunk, into: destination, volume: volume, domain: entry.domain) { return }
         let stored = entry.storedBytes
@@ -86,7 +87,17 @@ extension Store {
         guard actual == entry.hash else {
             throw LoadedChunkFailure(detail: "content hash \(actual) does not match chunk \(chunk)'s \(entry.hash)")
         }
-        options.cache?.insert(chunk, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain)
+        guard let cache = options.cache else { return }
+        // Cache only while the number still names these bytes: a concurrent overwrite may have
+        // freed the chunk (and removed it from the cache) since the caller looked it up, and
+        // its number may already name other contents.
+        let insert = {
+            let e = self.chunks.contains(chunk) ? self.chunks[chunk] : .free
+            if e.location == entry.location && e.hash == entry.hash && e.shape == entry.shape {
+                cache.insert(chunk, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain)
+            }
+        }
+        if lockHeld { insert() } else { mutex.withLock(insert) }
     }
 
     // MARK: Read
@@ -174,9 +185,11 @@ extension Store {
         /// Chunk the block will map to (retained, or reserved for a new chunk).
         var chunk: UInt64 = 0
         var isNew = false
-        var compressed: [UInt8] = []
+        /// What goes to the data file: `bytes`, or its LZ4 form in the request's scratch buffer.
+        var stored = UnsafeRawBufferPointer(start: nil, count: 0)
         var isCompressed = false
         var sector: UInt64 = 0
+        var sectorCount: Int { (stored.count + Limits.sectorBytes - 1) / Limits.sectorBytes }
     }
 
     func write(image id: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
@@ -254,18 +267,25 @@ extension Store {
                 }
             }
         }
-        // C: compress what is new. Stored compressed only when that saves at least one sector.
+        // C: compress what is new, into one scratch buffer for the request. Stored compressed
+        // only when that saves at least one sector.
+        var scratchBytes = 0
+        for b in blocks where !b.isZero && b.chunk == 0 { scratchBytes += BlockCompression.bound(b.bytes.count) }
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: max(scratchBytes, 1), alignment: 16)
+        defer { scratch.deallocate() }
+        var used = 0
         var misses = 0
         for i in blocks.indices where !blocks[i].isZero && blocks[i].chunk == 0 {
             misses += 1
             let raw = blocks[i].bytes
-            var out = [UInt8](repeating: 0, count: raw.count)
-            let n = out.withUnsafeMutableBytes { BlockCompression.compress(raw, into: $0) }
+            let out = UnsafeMutableRawBufferPointer(rebasing: scratch[used..<used + BlockCompression.bound(raw.count)])
             let sectors = { (b: Int) in (b + Limits.sectorBytes - 1) / Limits.sectorBytes }
-            if let n, sectors(n) < sectors(raw.count) {
-                out.removeSubrange(n...)
-                blocks[i].compressed = out
+            if let n = BlockCompression.compress(raw, into: out), sectors(n) < sectors(raw.count) {
+                blocks[i].stored = UnsafeRawBufferPointer(rebasing: out[0..<n])
                 blocks[i].isCompressed = true
+                used += n
+            } else {
+                blocks[i].stored = raw
             }
         }
         // D: reserve numbers and sectors.
@@ -273,8 +293,7 @@ extension Store {
             let reserved: Bool = mutex.withLock {
                 var ok = true
                 for i in blocks.indices where !blocks[i].isZero && blocks[i].chunk == 0 {
-                    let bytes = blocks[i].isCompressed ? blocks[i].compressed.count : blocks[i].bytes.count
-                    let sectors = (bytes + Limits.sectorBytes - 1) / Limits.sectorBytes
+                    let sectors = blocks[i].sectorCount
                     if options.dataBytesMax > 0 &&
                         (space.usedSectors + UInt64(sectors)) * UInt64(Limits.sectorBytes) > options.dataBytesMax {
                         ok = false; break
@@ -288,23 +307,13 @@ extension Store {
                 return ok
             }
             if !reserved { throw .noSpace }
-            // E: write the chunk bytes.
-            for i in blocks.indices where blocks[i].isNew {
-                do {
-                    let at = blocks[i].sector * UInt64(Limits.sectorBytes)
-                    if blocks[i].isCompressed {
-                        var failure: StorageError?
-                        blocks[i].compressed.withUnsafeBytes { b in
-                            do throws(StorageError) { try dataFile.write(b, at: at) } catch { failure = error }
-                        }
-                        if let failure { throw failure }
-                    } else {
-                        try dataFile.write(blocks[i].bytes, at: at)
-                    }
-                } catch {
-                    mutex.withLock { releaseReservationsLocked(blocks) }
-                    throw (error as? StorageError) == .noSpace ? .noSpace : .io("writing block data: \(error)")
-                }
+            // E: write the chunk bytes, one write per run of adjacent sectors (a sequential write
+            // of many blocks usually lands in one run).
+            do {
+                try writeChunkRuns(blocks.filter { $0.isNew })
+            } catch {
+                mutex.withLock { releaseReservationsLocked(blocks) }
+                throw error == .noSpace ? .noSpace : .io("writing block data: \(error)")
             }
         }
         // F: publish.
@@ -323,15 +332,13 @@ extension Store {
                             // Someone stored the same bytes meanwhile: use theirs, drop ours.
                             retainChunk(c)
                             chunks.returnNumber(blocks[i].chunk)
-                            let sectors = ((blocks[i].isCompressed ? blocks[i].compressed.count : blocks[i].bytes.count) + Limits.sectorBytes - 1) / Limits.sectorBytes
-                            space.releaseNow(blocks[i].sector, count: sectors)
+                            space.releaseNow(blocks[i].sector, count: blocks[i].sectorCount)
                             blocks[i].isNew = false
                             blocks[i].chunk = c
                             chunk = c
                         } else {
-                            let stored = blocks[i].isCompressed ? blocks[i].compressed.count : blocks[i].bytes.count
                             let entry = ChunkEntry(hash: blocks[i].hash, sector: blocks[i].sector, domain: view.domain,
-                                                   storedBytes: stored, compressed: blocks[i].isCompressed,
+                                                   storedBytes: blocks[i].stored.count, compressed: blocks[i].isCompressed,
                                                    rawBytes: blocks[i].bytes.count)
                             try commit(.chunk(number: chunk, hash: entry.hash, location: entry.location, shape: entry.shape))
                             retainChunk(chunk)
@@ -351,13 +358,37 @@ extension Store {
         }
     }
 
+    /// Phase E: writes new chunks, merging chunks whose sectors are adjacent into one write.
+    private func writeChunkRuns(_ fresh: [PendingBlock]) throws(StorageError) {
+        let sorted = fresh.sorted { $0.sector < $1.sector }
+        var i = 0
+        while i < sorted.count {
+            var j = i + 1
+            while j < sorted.count && sorted[j].sector == sorted[j - 1].sector + UInt64(sorted[j - 1].sectorCount) { j += 1 }
+            let at = sorted[i].sector * UInt64(Limits.sectorBytes)
+            if j == i + 1 {
+                try dataFile.write(sorted[i].stored, at: at)
+            } else {
+                let end = (sorted[j - 1].sector + UInt64(sorted[j - 1].sectorCount)) * UInt64(Limits.sectorBytes)
+                let staging = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(end - at), alignment: 16)
+                defer { staging.deallocate() }
+                staging.initializeMemory(as: UInt8.self, repeating: 0)
+                for k in i..<j {
+                    let o = Int(sorted[k].sector * UInt64(Limits.sectorBytes) - at)
+                    UnsafeMutableRawBufferPointer(rebasing: staging[o..<o + sorted[k].stored.count]).copyMemory(from: sorted[k].stored)
+                }
+                try dataFile.write(UnsafeRawBufferPointer(staging), at: at)
+            }
+            i = j
+        }
+    }
+
     /// With `mutex` held: undo phase B/D for blocks not yet published.
     private func releaseReservationsLocked(_ blocks: [PendingBlock]) {
         for b in blocks where !b.isZero && b.chunk != 0 {
             if b.isNew {
                 chunks.returnNumber(b.chunk)
-                let stored = b.isCompressed ? b.compressed.count : b.bytes.count
-                space.releaseNow(b.sector, count: (stored + Limits.sectorBytes - 1) / Limits.sectorBytes)
+                space.releaseNow(b.sector, count: b.sectorCount)
             } else {
                 releaseChunk(b.chunk)
             }
@@ -370,7 +401,7 @@ extension Store {
             let e = chunks[UInt64(c)]
             guard e.domain == domain, e.rawBytes == bytes.count else { return false }
             return withUnsafeTemporaryAllocation(byteCount: bytes.count, alignment: 16) { tmp in
-                do { try loadChunk(UInt64(c), e, into: tmp, volume: volume) } catch { return false }
+                do { try loadChunk(UInt64(c), e, into: tmp, volume: volume, lockHeld: true) } catch { return false }
                 return memcmp(tmp.baseAddress!, bytes.baseAddress!, bytes.count) == 0
             }
         }

@@ -193,6 +193,11 @@ extension Store {
         try flush()
     }
 
+    /// The dedup domain (cache owner group) of a sharing group, if it exists.
+    public func domain(ofGroup group: String) -> UInt16? {
+        mutex.withLock { groups[group] }
+    }
+
     public func list() -> [ImageInfo] {
         mutex.withLock {
             images.values.map { infoLocked($0) }.sorted { $0.name < $1.name }

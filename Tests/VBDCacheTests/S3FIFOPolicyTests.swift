@@ -2,50 +2,10 @@ import Testing
 import VBDCache
 
 @Suite struct S3FIFOPolicyTests {
-    /// Random inserts, lookups and removes against a dictionary model: the policy never returns a value
-    /// other than the last one inserted for the key, never holds a removed key, holds every key right
-    /// after inserting it, reports each eviction exactly once, and never exceeds its byte budget.
     @Test(arguments: [1 as UInt64, 2, 3, 4])
     func matchesDictionaryModel(seed: UInt64) {
-        var generator = SplitMix64(seed: seed)
-        let capacity = 64 * 1024
-        var policy = S3FIFOPolicy<UInt64>(capacityBytes: capacity, ghostEntriesMax: 32)
-        var model: [UInt64: UInt64] = [:]       // key -> last value inserted, while possibly held
-        var charges: [UInt64: Int] = [:]
-        var nextValue: UInt64 = 0
-        for step in 0..<4000 {
-            let key = generator.next() % 300
-            switch generator.next() % 10 {
-            case 0..<4:
-                nextValue += 1
-                let charge = Int(generator.next() % UInt64(capacity / 8)) + 1
-                var evicted: [(UInt64, UInt64)] = []
-                let inserted = policy.insert(key, value: nextValue, charge: charge) { evicted.append(($0, $1)) }
-                #expect(inserted)
-                for (evictedKey, value) in evicted {
-                    #expect(model[evictedKey] == value, "evicted \(evictedKey) with a value never inserted")
-                    #expect(evictedKey != key)
-                    #expect(!policy.contains(evictedKey))
-                    model[evictedKey] = nil
-                }
-                model[key] = nextValue
-                charges[key] = charge
-                #expect(policy.contains(key))
-            case 4..<8:
-                let value = policy.lookup(key) { $0 }
-                if let value { #expect(model[key] == value) } else { #expect(!policy.contains(key)) }
-            default:
-                let removed = policy.remove(key)
-                #expect(removed == model[key])
-                model[key] = nil
-                #expect(!policy.contains(key))
-            }
-            #expect(policy.bytesHeld <= capacity)
-            #expect(policy.count == model.count, "step \(step): held keys drift from the model")
-            #expect(policy.bytesHeld == model.keys.reduce(0) { $0 + charges[$1]! })
-            if step % 100 == 0 { #expect(policy.checkInvariants() == nil) }
-        }
-        #expect(policy.checkInvariants() == nil)
+        var policy = S3FIFOPolicy<UInt64>(capacityBytes: 64 * 1024, ghostEntriesMax: 32)
+        checkAgainstDictionaryModel(&policy, seed: seed) { $0.checkInvariants() }
     }
 
     @Test func entryLargerThanCapacityIsNotInserted() {
@@ -116,6 +76,18 @@ import VBDCache
 }
 
 @Suite struct BaselinePolicyTests {
+    @Test(arguments: [5 as UInt64, 6])
+    func lruMatchesDictionaryModel(seed: UInt64) {
+        var policy = LRUPolicy<UInt64>(capacityBytes: 64 * 1024)
+        checkAgainstDictionaryModel(&policy, seed: seed)
+    }
+
+    @Test(arguments: [7 as UInt64, 8])
+    func fifoMatchesDictionaryModel(seed: UInt64) {
+        var policy = FIFOPolicy<UInt64>(capacityBytes: 64 * 1024)
+        checkAgainstDictionaryModel(&policy, seed: seed)
+    }
+
     @Test func lruEvictsLeastRecentlyUsed() {
         var lru = LRUPolicy<Int>(capacityBytes: 300)
         lru.insert(1, value: 1, charge: 100)
@@ -144,4 +116,52 @@ import VBDCache
         #expect(removed == 3)
         #expect(fifo.bytesHeld == 150)
     }
+}
+
+/// Random inserts, lookups and removes against a dictionary model: the policy never returns a value
+/// other than the last one inserted for the key, never holds a removed key, holds every key right
+/// after inserting it, reports each eviction exactly once with its value, and never exceeds its byte
+/// budget. `invariants` (if given) runs every 100 steps and at the end.
+func checkAgainstDictionaryModel<Policy: CachePolicy>(
+    _ policy: inout Policy, seed: UInt64, invariants: ((Policy) -> String?)? = nil
+) where Policy.Value == UInt64 {
+    var generator = SplitMix64(seed: seed)
+    let capacity = policy.capacityBytes
+    var model: [UInt64: UInt64] = [:]       // key -> last value inserted, while possibly held
+    var charges: [UInt64: Int] = [:]
+    var nextValue: UInt64 = 0
+    for step in 0..<4000 {
+        let key = generator.next() % 300
+        switch generator.next() % 10 {
+        case 0..<4:
+            nextValue += 1
+            let charge = Int(generator.next() % UInt64(capacity / 8)) + 1
+            var evicted: [(UInt64, UInt64)] = []
+            let inserted = policy.insert(key, value: nextValue, charge: charge) { evicted.append(($0, $1)) }
+            #expect(inserted)
+            for (evictedKey, value) in evicted {
+                #expect(model[evictedKey] == value, "evicted \(evictedKey) with a value never inserted")
+                #expect(evictedKey != key)
+                #expect(!policy.contains(evictedKey))
+                model[evictedKey] = nil
+            }
+            model[key] = nextValue
+            charges[key] = charge
+            #expect(policy.contains(key))
+        case 4..<8:
+            let value = policy.lookup(key) { $0 }
+            if let value { #expect(model[key] == value) } else { #expect(!policy.contains(key)) }
+            #expect(policy.peek(key) { $0 } == value)
+        default:
+            let removed = policy.remove(key)
+            #expect(removed == model[key])
+            model[key] = nil
+            #expect(!policy.contains(key))
+        }
+        #expect(policy.bytesHeld <= capacity)
+        #expect(policy.count == model.count, "step \(step): held keys drift from the model")
+        #expect(policy.bytesHeld == model.keys.reduce(0) { $0 + charges[$1]! })
+        if step % 100 == 0, let invariants { #expect(invariants(policy) == nil) }
+    }
+    if let invariants { #expect(invariants(policy) == nil) }
 }

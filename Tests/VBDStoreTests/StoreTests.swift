@@ -117,10 +117,11 @@ import VBDCore
             try dev.write([UInt8](repeating: 0xAB, count: 4096) + block(seed: 7), at: 0)
             try store.close()
         }
-        // Flip one byte in the middle of the data file.
+        // Flip one byte inside the first chunk's stored bytes (sector 0 of the data file;
+        // sector padding past a chunk's end is not part of any block).
         let data = dir.path + "/data"
         var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: data)))
-        bytes[bytes.count - 100] ^= 0x40
+        bytes[3] ^= 0x40
         try Data(bytes).write(to: URL(fileURLWithPath: data))
         let store = try Store.open(path: dir.path)
         let dev = try store.device(named: "disk")

@@ -95,7 +95,9 @@ public enum CacheWorkloads {
 
     static let scanKeyBase: UInt64 = 1 << 48
 
-    static func scramble(_ rank: Int) -> UInt64 { UInt64(rank) &* 0x9E37_79B9_7F4A_7C15 >> 16 }
+    /// The top 48 bits of rank times an odd constant: distinct for the ranks used here, and always
+    /// below ``scanKeyBase`` (2^48), so Zipf keys and scan keys never meet.
+    static func scramble(_ rank: Int) -> UInt64 { (UInt64(rank) &* 0x9E37_79B9_7F4A_7C15) >> 16 }
 }
 
 #if canImport(Glibc)

@@ -1,0 +1,269 @@
+// MARK: - Notes on the design
+//
+// Store-level benchmarks through the public VBDStore API (`Store`, `VolumeDevice`), on a real
+// store directory in $VBD_BENCH_TMP (default /tmp) that setup creates and teardown removes.
+// Every volume is 1 TiB; blocks are 4 KiB; written contents are data set blocks.
+//
+// What each one costs, and what it does not:
+//   - unique write: zero test, XXH3-128, dedup-index miss, LZ4, sector allocation, pwrite to
+//     the data file, journal record; the implicit flush (fsync of data file and journal) every
+//     `pendingJournalBytesMax` of journal is included, amortized. No FUA, no explicit flush.
+//     Each block gets a fresh 8-byte counter in its first bytes so that it is unique.
+//   - duplicate write: same content already stored in another LBA: hash, index hit, byte
+//     comparison against the stored chunk (read back, decompressed, verified), refcount.
+//   - cached read: `Store.Options.cache` holds the block: either the product's universal cache
+//     (VBDCache.BlockCache, 256 MiB, every block resident) or a plain dictionary cache in this
+//     file, which shows the store's own overhead around a hit.
+//   - uncached read: no cache; the data file is warm in the OS page cache, so this is pread +
+//     LZ4 decompress + XXH3-128 verify + the map lookup, not disk latency.
+//   - snapshot / share of a 1 TiB volume with 64 MiB written: O(1) map work plus the flush that
+//     makes a control operation durable (two fsyncs); on this VM's disk the fsyncs dominate.
+//   - read at share depth 1 vs 100: a chain volume -> snapshot -> share -> snapshot -> ... ;
+//     reads of the same blocks from the first and the hundredth share (cached in BlockCache, so
+//     the map lookup is what differs). DESIGN.md promises these cost the same.
+
+import Benchmark
+import Foundation
+import Synchronization
+import VBDCache
+import VBDCore
+import VBDStore
+
+let volumeBytes: UInt64 = 1 << 40
+let blockBytes = DataSet.blockBytes
+
+/// A ChunkCache that keeps everything: enough to measure a hit. Not the product's cache.
+final class DictionaryChunkCache: ChunkCache {
+    private let entries = Mutex<[UInt64: [UInt8]]>([:])
+
+    func read(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16) -> Bool {
+        entries.withLock { entries in
+            guard let bytes = entries[key], bytes.count == buffer.count else { return false }
+            bytes.withUnsafeBytes { buffer.copyMemory(from: $0) }
+            return true
+        }
+    }
+
+    func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16) {
+        entries.withLock { $0[key] = Array(bytes) }
+    }
+
+    func remove(_ key: UInt64) {
+        _ = entries.withLock { $0.removeValue(forKey: key) }
+    }
+}
+
+/// One store directory for one benchmark: created in setup, closed and removed in teardown.
+final class StoreFixture: @unchecked Sendable {
+    nonisolated(unsafe) static var current: StoreFixture?
+
+    let path: String
+    let store: Store
+    let volume: VolumeDevice
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: DataSet.blockBytes, alignment: 4096)
+    var devices: [String: VolumeDevice] = [:]
+    var counter: UInt64 = 0
+
+    enum CacheKind { case none, dictionary, blockCache }
+
+    init(cache: CacheKind) throws {
+        let base = ProcessInfo.processInfo.environment["VBD_BENCH_TMP"] ?? NSTemporaryDirectory()
+        path = (base as NSString).appendingPathComponent("vbd-bench-store-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        var options = Store.Options()
+        switch cache {
+        case .none: break
+        case .dictionary: options.cache = DictionaryChunkCache()
+        case .blockCache:
+            // 256 MiB main tier: the 64 MiB written stay resident; no last-chance tier.
+            options.cache = BlockCache(configuration: .init(capacityBytes: 256 << 20, lastChanceCapacityBytes: 0))
+        }
+        store = try Store.initialize(path: path, options: options)
+        try store.createVolume(name: "bench", size: volumeBytes)
+        volume = try store.device(named: "bench")
+    }
+
+    /// Writes data set blocks 0..<count to LBAs 0..<count and flushes.
+    func fill(blocks count: Int) throws {
+        let data = DataSet.shared
+        for i in 0..<count {
+            try volume.write(offset: UInt64(i * blockBytes), data: data.block(i % data.count), fua: false)
+        }
+        try store.flush()
+    }
+
+    func close() {
+        try? store.close()
+        buffer.deallocate()
+        try? FileManager.default.removeItem(atPath: path)
+    }
+
+    static func start(cache: CacheKind = .none, fill: Int = 0) throws {
+        let fixture = try StoreFixture(cache: cache)
+        if fill > 0 { try fixture.fill(blocks: fill) }
+        current = fixture
+    }
+
+    static func stop() {
+        current?.close()
+        current = nil
+    }
+}
+
+/// Blocks written before the read, duplicate and control-operation benchmarks: 64 MiB.
+let filledBlocks = 16384
+
+func storeBenchmarks() {
+    let perBlock = Benchmark.Configuration(
+        metrics: [.wallClock, .throughput, .mallocCountTotal],
+        scalingFactor: .kilo,
+        maxDuration: .seconds(3),
+        maxIterations: 1000
+    )
+    let perOperation = Benchmark.Configuration(
+        metrics: [.wallClock, .throughput, .mallocCountTotal],
+        scalingFactor: .one,
+        maxDuration: .seconds(3),
+        maxIterations: 2000
+    )
+
+    // Store: unique write, 4 KiB, real data (1 TiB volume)
+    Benchmark("Store.uniqueWrite.4KiB", configuration: perBlock) { benchmark in
+        let f = StoreFixture.current!
+        let data = DataSet.shared
+        benchmark.startMeasurement()
+        for _ in benchmark.scaledIterations {
+            f.buffer.copyMemory(from: data.block(Int(f.counter % UInt64(data.count))))
+            f.buffer.storeBytes(of: f.counter | 0x8000_0000_0000_0000, toByteOffset: 0, as: UInt64.self)
+            try f.volume.write(offset: f.counter * UInt64(blockBytes), data: UnsafeRawBufferPointer(f.buffer), fua: false)
+            f.counter += 1
+        }
+    } setup: {
+        try StoreFixture.start()
+    } teardown: {
+        StoreFixture.stop()
+    }
+
+    // Store: duplicate write, 4 KiB (content stored at another LBA)
+    Benchmark("Store.duplicateWrite.4KiB", configuration: perBlock) { benchmark in
+        let f = StoreFixture.current!
+        let data = DataSet.shared
+        benchmark.startMeasurement()
+        for _ in benchmark.scaledIterations {
+            // Block k (already at LBA k) written again to LBA filledBlocks + k.
+            let k = Int(f.counter % UInt64(filledBlocks))
+            try f.volume.write(offset: UInt64((filledBlocks + k) * blockBytes), data: data.block(k % data.count), fua: false)
+            f.counter += 1
+        }
+    } setup: {
+        try StoreFixture.start(fill: filledBlocks)
+    } teardown: {
+        StoreFixture.stop()
+    }
+
+    // Store: cached read, 4 KiB (VBDCache BlockCache hit)
+    Benchmark("Store.cachedRead.BlockCache.4KiB", configuration: perBlock) { benchmark in
+        let f = StoreFixture.current!
+        var rng = SplitMix64(seed: 1)
+        benchmark.startMeasurement()
+        for _ in benchmark.scaledIterations {
+            let lba = rng.next() % UInt64(filledBlocks)
+            try f.volume.read(offset: lba * UInt64(blockBytes), into: f.buffer)
+        }
+    } setup: {
+        try StoreFixture.start(cache: .blockCache, fill: filledBlocks)
+        let f = StoreFixture.current!
+        for lba in 0..<filledBlocks { try f.volume.read(offset: UInt64(lba * blockBytes), into: f.buffer) }
+    } teardown: {
+        StoreFixture.stop()
+    }
+
+    // Store: cached read, 4 KiB (dictionary ChunkCache hit)
+    Benchmark("Store.cachedRead.dictionary.4KiB", configuration: perBlock) { benchmark in
+        let f = StoreFixture.current!
+        var rng = SplitMix64(seed: 1)
+        benchmark.startMeasurement()
+        for _ in benchmark.scaledIterations {
+            let lba = rng.next() % UInt64(filledBlocks)
+            try f.volume.read(offset: lba * UInt64(blockBytes), into: f.buffer)
+        }
+    } setup: {
+        try StoreFixture.start(cache: .dictionary, fill: filledBlocks)
+        let f = StoreFixture.current!
+        for lba in 0..<filledBlocks { try f.volume.read(offset: UInt64(lba * blockBytes), into: f.buffer) }
+    } teardown: {
+        StoreFixture.stop()
+    }
+
+    // Store: uncached read, 4 KiB (pread + LZ4 decompress + verify)
+    Benchmark("Store.uncachedRead.4KiB", configuration: perBlock) { benchmark in
+        let f = StoreFixture.current!
+        var rng = SplitMix64(seed: 1)
+        benchmark.startMeasurement()
+        for _ in benchmark.scaledIterations {
+            let lba = rng.next() % UInt64(filledBlocks)
+            try f.volume.read(offset: lba * UInt64(blockBytes), into: f.buffer)
+        }
+    } setup: {
+        try StoreFixture.start(fill: filledBlocks)
+    } teardown: {
+        StoreFixture.stop()
+    }
+
+    // Store: snapshot of a 1 TiB volume (64 MiB written), durable
+    Benchmark("Store.snapshot.1TiB", configuration: perOperation) { benchmark in
+        let f = StoreFixture.current!
+        benchmark.startMeasurement()
+        for _ in benchmark.scaledIterations {
+            try f.store.snapshot(volume: "bench", name: "s\(f.counter)")
+            f.counter += 1
+        }
+    } setup: {
+        try StoreFixture.start(fill: filledBlocks)
+    } teardown: {
+        StoreFixture.stop()
+    }
+
+    // Store: share of a snapshot of a 1 TiB volume, durable
+    Benchmark("Store.share.1TiB", configuration: perOperation) { benchmark in
+        let f = StoreFixture.current!
+        benchmark.startMeasurement()
+        for _ in benchmark.scaledIterations {
+            try f.store.share(snapshot: "bench@gold", as: "v\(f.counter)")
+            f.counter += 1
+        }
+    } setup: {
+        try StoreFixture.start(fill: filledBlocks)
+        try StoreFixture.current!.store.snapshot(volume: "bench", name: "gold")
+    } teardown: {
+        StoreFixture.stop()
+    }
+
+    for depth in [1, 100] {
+        // Store: cached read at share depth N, 4 KiB
+        Benchmark("Store.cachedRead.shareDepth\(depth).4KiB", configuration: perBlock) { benchmark in
+            let f = StoreFixture.current!
+            let device = f.devices["deep"]!
+            var rng = SplitMix64(seed: 1)
+            benchmark.startMeasurement()
+            for _ in benchmark.scaledIterations {
+                let lba = rng.next() % UInt64(filledBlocks)
+                try device.read(offset: lba * UInt64(blockBytes), into: f.buffer)
+            }
+        } setup: {
+            try StoreFixture.start(cache: .blockCache, fill: filledBlocks)
+            let f = StoreFixture.current!
+            // bench -> bench@s -> d1 -> d1@s -> d2 ... -> d<depth>
+            var source = "bench"
+            for level in 1...depth {
+                try f.store.snapshot(volume: source, name: "s")
+                try f.store.share(snapshot: source + "@s", as: "d\(level)")
+                source = "d\(level)"
+            }
+            let device = try f.store.device(named: source)
+            f.devices["deep"] = device
+            for lba in 0..<filledBlocks { try device.read(offset: UInt64(lba * blockBytes), into: f.buffer) }
+        } teardown: {
+            StoreFixture.stop()
+        }
+    }
+}
