@@ -1,0 +1,46 @@
+import Foundation
+import Testing
+@testable import VBDAccounting
+
+@Suite struct TenancyControlTests {
+    /// Every request survives a JSON round trip (the control socket's encoding) and does what it says.
+    @Test func controlRequestsRoundTripAndAct() throws {
+        let clock = ClockBox(WallTime(seconds: 1_800_000_000))
+        let service = try TenancyService(configuration: .init(leasesEnforced: true), stateStorage: MemoryStateStorage(),
+                                         auditStorage: MemoryAuditStorage(), clock: { clock.now })
+        func send(_ request: TenancyRequest) throws -> TenancyResponse {
+            let wire = try JSONDecoder().decode(TenancyRequest.self, from: JSONEncoder().encode(request))
+            #expect(wire == request)
+            let response = try service.handle(wire, actor: "operator")
+            return try JSONDecoder().decode(TenancyResponse.self, from: JSONEncoder().encode(response))
+        }
+        guard case .lease(let lease) = try send(.leaseGrant(volume: "vm", domain: "alice", mode: .write, seconds: 60))
+        else { Issue.record("grant"); return }
+        #expect(lease.expiresAt == clock.now + .seconds(60))
+        clock.now = clock.now + .seconds(30)
+        guard case .lease(let renewed) = try send(.leaseRenew(volume: "vm", domain: "alice", seconds: 120)) else { return }
+        #expect(renewed.expiresAt == clock.now + .seconds(120))
+        #expect(try send(.leaseList) == .leases([renewed]))
+        #expect(try send(.setPolicy(domain: "alice", policy: .init(reservation: 100, limit: 500, weight: 2))) == .done)
+        #expect(try send(.bind(export: "vm", domain: "alice")) == .done)
+        #expect(try send(.setOverdraft(domain: "alice", limit: 10)) == .done)
+        #expect(try send(.topUp(domain: "alice", amount: 5)) == .done)
+        service.requestCompleted(domain: "alice", kind: .read, bytes: 4096, deviceTime: .microseconds(80), failed: false)
+        guard case .stats(let stats) = try send(.stats) else { Issue.record("stats"); return }
+        #expect(stats.domains.map(\.domain) == ["alice"])
+        #expect(stats.domains[0].policy.limit == 500 && stats.domains[0].usage.operations[.read] == 1)
+        #expect(stats.domains[0].account.overdraftLimit == 10)
+        #expect(abs(stats.totalCharged - stats.domains[0].usage.creditsCharged) < 1e-12)
+        #expect(try send(.leaseRevoke(volume: "vm", domain: "alice")) != .done)
+        guard case .audit(let records) = try send(.auditList) else { return }
+        #expect(records.map(\.operation) == ["lease.grant", "lease.renew", "policy.set", "binding.set",
+                                             "credit.overdraft", "credit.topup", "lease.revoke"])
+        #expect(records.allSatisfy { $0.actor == "operator" })
+        guard case .verification(let problems, let count, let head) = try send(.auditVerify(anchorSequence: nil, anchorHash: nil))
+        else { return }
+        #expect(problems.isEmpty && count == 7 && head?.sequence == 6)
+        // An anchor from the future (records cut off the end) is reported.
+        guard case .verification(let cut, _, _) = try send(.auditVerify(anchorSequence: 9, anchorHash: "00")) else { return }
+        #expect(cut.count == 1 && cut[0].contains("removed"))
+    }
+}
