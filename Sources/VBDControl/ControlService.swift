@@ -56,7 +56,7 @@ public final class ControlService: Sendable {
                         progress: @escaping ProgressSink) throws(ControlFailure) -> ControlResult {
         let result: ControlResult
         do {
-            result = try executeThrowing(request, progress: progress)
+            result = try executeThrowing(request, actor: actor, progress: progress)
         } catch let failure as ControlFailure {
             throw failure
         } catch {
@@ -97,7 +97,7 @@ public final class ControlService: Sendable {
         }
     }
 
-    private func executeThrowing(_ request: ControlRequest, progress: @escaping ProgressSink) throws -> ControlResult {
+    private func executeThrowing(_ request: ControlRequest, actor: String, progress: @escaping ProgressSink) throws -> ControlResult {
         switch request {
         case .ping:
             guard let status else { throw ControlFailure(code: "internal", message: "ping answered by the CLI itself") }
@@ -142,6 +142,22 @@ public final class ControlService: Sendable {
             return .stats(try statistics())
         case .gc:
             return .gc(try collectGarbage(progress: progress))
+        case let .tenancy(tenancyRequest):
+            guard let tenancy else {
+                throw ControlFailure(code: "not-supported", message: "accounting and leases are not available here")
+            }
+            switch tenancyRequest {
+            case let .leaseGrant(volume, _, _, _), let .leaseRenew(volume, _, _):
+                // Leases are on volumes that exist (a snapshot is leased by its full name).
+                _ = try store.info(volume)
+            default:
+                break
+            }
+            do {
+                return .tenancy(try tenancy.handle(tenancyRequest, actor: actor))
+            } catch let e as LeaseError {
+                throw ControlFailure(code: "lease", message: e.description)
+            }
         case let .cleanPagePut(domain, volume, offset, page):
             let pages = try cleanPageCache()
             guard page.count <= Limits.blockBytesMax else { throw ControlFailure(code: "invalid-argument", message: "a page is at most \(Limits.blockBytesMax) bytes") }
