@@ -78,7 +78,7 @@ let package = Package(
         .executableTarget(
             name: "vbdtool",
             dependencies: [
-                "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl",
+                "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl", "VBDMetrics",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -91,6 +91,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "VBDCoreTests", dependencies: ["VBDCore"]),
+        .testTarget(name: "VBDToolTests", dependencies: ["VBDControl", "VBDStore", "VBDCore"]),
         .testTarget(name: "VBDCacheTests", dependencies: ["VBDCache", "VBDCore"], resources: [.copy("Traces")]),
         .testTarget(name: "VBDStoreTests", dependencies: ["VBDStore", "VBDCore", "VBDSimulation"]),
         .testTarget(name: "VBDMetricsTests", dependencies: ["VBDMetrics", "VBDStore", "VBDCache"]),

@@ -1,0 +1,57 @@
+import Foundation
+import VBDStore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs operator commands against a store: inside its running server when one answers on the
+/// store's control socket, otherwise in this process on a store it opens (and closes) itself.
+public enum ControlClient {
+    /// The control socket of the store at `storePath`.
+    public static func socketPath(forStore storePath: String) -> String {
+        storePath + "/control.sock"
+    }
+
+    /// Where a request ran.
+    public enum Route: Sendable, Equatable {
+        case server(pid: Int32)
+        case local
+    }
+
+    /// Sends `request` to the server of `storePath` if one is running; nil when none is.
+    public static func sendIfServed(_ request: ControlRequest, storePath: String,
+                                    progress: ProgressSink) throws(ControlFailure) -> ControlResult? {
+        guard case let .connected(fd) = try UnixSocket.connect(socketPath(forStore: storePath)) else { return nil }
+        defer { close(fd) }
+        try ControlFraming.send(ControlEnvelope(request: request), on: fd, bytesMax: ControlLimits.requestBytesMax)
+        while true {
+            guard let reply = try ControlFraming.receive(ControlReply.self, from: fd, bytesMax: ControlLimits.replyBytesMax) else {
+                throw ControlFailure(code: "io", message: "the server closed the control connection without an answer (did it stop?)")
+            }
+            switch reply {
+            case .progress(let report): progress(report)
+            case .success(let result): return result
+            case .failure(let failure): throw failure
+            }
+        }
+    }
+
+    /// Runs `request` in the server if one answers, else locally against the store.
+    public static func run(_ request: ControlRequest, storePath: String,
+                           progress: @escaping ProgressSink) throws(ControlFailure) -> ControlResult {
+        if let result = try sendIfServed(request, storePath: storePath, progress: progress) { return result }
+        if request == .ping {
+            throw ControlFailure(code: "no-server", message: "no server is running for the store at \(storePath)")
+        }
+        let store: Store
+        do { store = try Store.open(path: storePath) } catch { throw ControlFailure(error) }
+        let service = ControlService(store: store, storePath: storePath)
+        let result: Result<ControlResult, ControlFailure>
+        do { result = .success(try service.execute(request, progress: progress)) } catch { result = .failure(error) }
+        do { try store.close() } catch {
+            if case .success = result { throw ControlFailure(error) }
+        }
+        return try result.get()
+    }
+}

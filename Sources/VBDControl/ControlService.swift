@@ -1,0 +1,219 @@
+import Foundation
+import VBDCache
+import VBDCore
+import VBDStore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs operator commands against an open ``VBDStore/Store``.
+///
+/// The server runs it for requests that arrive on the control socket; the CLI runs the very same
+/// code against a store it opened itself when no server answers.
+///
+/// ### Concurrency
+/// Thread-safe: the store serializes its own metadata, and this type holds no mutable state.
+/// Several requests may run at once (one per control connection).
+public final class ControlService: Sendable {
+    public let store: Store
+    /// Absolute path of the store directory.
+    public let storePath: String
+    /// The universal cache the store reads through, if any (only a server has one).
+    public let cache: BlockCache?
+    /// Who answers a ping; nil when the service runs inside the CLI.
+    let status: ServerStatus?
+    /// The hypervisor clean-page interface (only a server has one: it lives in memory).
+    public let cleanPages: CleanPageCache?
+
+    public init(store: Store, storePath: String, cache: BlockCache? = nil, status: ServerStatus? = nil,
+                cleanPages: CleanPageCache? = nil) {
+        self.store = store
+        self.storePath = storePath
+        self.cache = cache
+        self.status = status
+        self.cleanPages = cleanPages
+    }
+
+    /// Runs one request. Progress reports go to `progress` while long work runs.
+    public func execute(_ request: ControlRequest, progress: @escaping ProgressSink) throws(ControlFailure) -> ControlResult {
+        do {
+            return try executeThrowing(request, progress: progress)
+        } catch let failure as ControlFailure {
+            throw failure
+        } catch {
+            throw ControlFailure(error)
+        }
+    }
+
+    private func executeThrowing(_ request: ControlRequest, progress: @escaping ProgressSink) throws -> ControlResult {
+        switch request {
+        case .ping:
+            guard let status else { throw ControlFailure(code: "internal", message: "ping answered by the CLI itself") }
+            return .pong(status)
+        case let .create(name, size, blockSize, group):
+            return .image(ImageSummary(try store.createVolume(name: name, size: size, blockSize: blockSize, group: group)))
+        case .list:
+            return .images(store.list().map(ImageSummary.init))
+        case let .info(name):
+            return .image(ImageSummary(try store.info(name)))
+        case let .snapshot(target):
+            let (volume, name) = try Self.splitSnapshotName(target)
+            return .image(ImageSummary(try store.snapshot(volume: volume, name: name)))
+        case let .share(snapshot, newName):
+            guard snapshot.contains("@") else {
+                throw ControlFailure(code: "invalid-argument",
+                                     message: "'\(snapshot)' is not a snapshot: share takes VOLUME@SNAPSHOT (take one with `vbdtool snapshot \(snapshot)@NAME`)")
+            }
+            return .image(ImageSummary(try store.share(snapshot: snapshot, as: newName)))
+        case let .remove(name, force):
+            // Cache counters are per owner (image id, group): look them up while the images still exist.
+            let owners = cache == nil ? [] : imagesRemoved(byDeleting: name, force: force).compactMap { self.cacheOwner(of: $0) }
+            try store.delete(name, force: force)
+            for owner in owners { cache?.forgetStatistics(for: owner) }
+            return .done
+        case let .resize(name, size):
+            try store.resize(volume: name, size: size)
+            return .image(ImageSummary(try store.info(name)))
+        case let .diff(from, to):
+            let ranges = try store.diff(from: from, to: to)
+            guard ranges.count <= ControlLimits.diffRangesMax else {
+                throw ControlFailure(code: "too-large", message: "'\(from)' and '\(to)' differ in \(ranges.count) ranges; the limit is \(ControlLimits.diffRangesMax)")
+            }
+            let out = ranges.map { ByteRange(offset: $0.lowerBound, length: $0.upperBound - $0.lowerBound) }
+            return .ranges(DiffReport(from: from, to: to, ranges: out, changedBytes: out.reduce(0) { $0 + $1.length }))
+        case let .importImage(path, name, blockSize, group, format):
+            return .transfer(try ImageTransfer(store: store).importImage(path: path, name: name, blockSize: blockSize,
+                                                                         group: group, format: format, progress: progress))
+        case let .exportImage(name, path, overwrite):
+            return .transfer(try ImageTransfer(store: store).exportImage(name: name, path: path, overwrite: overwrite, progress: progress))
+        case .stats:
+            return .stats(try statistics())
+        case .gc:
+            return .gc(try collectGarbage(progress: progress))
+        case let .cleanPagePut(domain, volume, offset, page):
+            let pages = try cleanPageCache()
+            guard page.count <= Limits.blockBytesMax else { throw ControlFailure(code: "invalid-argument", message: "a page is at most \(Limits.blockBytesMax) bytes") }
+            let id = try store.info(volume).id
+            page.withUnsafeBytes { pages.put(domain: domain, volume: id, offset: offset, page: $0) }
+            return .done
+        case let .cleanPageGet(domain, volume, offset, length):
+            let pages = try cleanPageCache()
+            guard length > 0, length <= Limits.blockBytesMax else { throw ControlFailure(code: "invalid-argument", message: "page length must be 1...\(Limits.blockBytesMax)") }
+            let id = try store.info(volume).id
+            var out = Data(count: length)
+            let hit = out.withUnsafeMutableBytes { pages.get(domain: domain, volume: id, offset: offset, into: $0) }
+            return .page(hit ? out : nil)
+        case let .cleanPageInvalidate(domain, volume, offset):
+            let pages = try cleanPageCache()
+            switch (volume, offset) {
+            case let (v?, o?): pages.invalidate(domain: domain, volume: try store.info(v).id, offset: o)
+            case let (v?, nil): pages.invalidate(domain: domain, volume: try store.info(v).id)
+            case (nil, nil): pages.invalidate(domain: domain)
+            case (nil, _?): throw ControlFailure(code: "invalid-argument", message: "an offset needs a volume")
+            }
+            return .done
+        case let .fsck(verifyData):
+            let report = store.fsck(verifyData: verifyData) { done, total in
+                progress(ProgressReport(phase: "fsck", done: UInt64(done), total: UInt64(total), unit: "chunks"))
+            }
+            return .fsck(FsckSummary(clean: report.isClean, dataVerified: verifyData, images: report.images,
+                                     mapNodes: report.mapNodes, mappedBlocks: report.mappedBlocks, chunks: report.chunks,
+                                     chunkBytesVerified: report.chunkBytesVerified, problems: report.problems))
+        }
+    }
+
+    private func cleanPageCache() throws -> CleanPageCache {
+        guard let cleanPages else {
+            throw ControlFailure(code: "not-supported", message: "clean pages live in a running server's memory: start `vbdtool serve` first")
+        }
+        return cleanPages
+    }
+
+    /// `VOLUME@NAME` -> (`VOLUME`, `NAME`).
+    static func splitSnapshotName(_ target: String) throws(ControlFailure) -> (String, String) {
+        let parts = target.split(separator: "@", omittingEmptySubsequences: false)
+        guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
+            throw ControlFailure(code: "invalid-argument", message: "'\(target)' is not a snapshot name: write VOLUME@NAME, e.g. vm0@before-upgrade")
+        }
+        return (String(parts[0]), String(parts[1]))
+    }
+
+    // MARK: gc
+
+    /// The store frees a chunk the moment its last reference goes and gives its space back once
+    /// that is durable; `Store.gc()` finishes that now: flush, checkpoint (empties the journal),
+    /// and truncate free space at the end of the data file.
+    func collectGarbage(progress: ProgressSink) throws -> GCReport {
+        let storedBefore = store.storedBytes
+        let dataBefore = StoreFiles.dataBytesOnDisk(storePath)
+        let metaBefore = StoreFiles.metadataBytesOnDisk(storePath)
+        progress(ProgressReport(phase: "gc", done: 0, total: 1, unit: "steps"))
+        let sizes = try store.gc()
+        progress(ProgressReport(phase: "gc", done: 1, total: 1, unit: "steps"))
+        return GCReport(storedBytesBefore: storedBefore, storedBytesAfter: store.storedBytes,
+                        dataFileBytesBefore: sizes.before, dataFileBytesAfter: sizes.after,
+                        dataFileBytesOnDiskBefore: dataBefore, dataFileBytesOnDiskAfter: StoreFiles.dataBytesOnDisk(storePath),
+                        metadataBytesOnDiskBefore: metaBefore, metadataBytesOnDiskAfter: StoreFiles.metadataBytesOnDisk(storePath))
+    }
+}
+
+extension ImageSummary {
+    init(_ info: ImageInfo) {
+        self.init(name: info.name, kind: info.isReadOnly ? "snapshot" : "volume", size: info.size, blockSize: info.blockSize,
+                  createdAt: info.createdAt, origin: info.origin, group: info.group, readOnly: info.isReadOnly)
+    }
+}
+
+extension ControlFailure {
+    /// Maps any error of the layers below to a failure with a stable code.
+    public init(_ error: any Error) {
+        switch error {
+        case let failure as ControlFailure:
+            self = failure
+        case let e as StoreError:
+            if case let .hasDependents(_, dependents, _) = e {
+                self.init(code: e.code, message: e.description, dependents: dependents)
+            } else {
+                self.init(code: e.code, message: e.description)
+            }
+        case let e as BlockDeviceError:
+            let code: String
+            switch e {
+            case .noSpace: code = "no-space"
+            case .gone: code = "not-found"
+            case .readOnly: code = "read-only"
+            case .corrupted: code = "corrupted"
+            case .outOfRange, .invalid: code = "invalid-argument"
+            case .notSupported: code = "not-supported"
+            case .io: code = "io"
+            }
+            self.init(code: code, message: e.description)
+        case let e as ByteSize.ParseError:
+            self.init(code: "invalid-argument", message: e.description)
+        default:
+            self.init(code: "internal", message: "\(error)")
+        }
+    }
+}
+
+/// Sizes of the files in a store directory, as the file system reports them.
+enum StoreFiles {
+    /// Allocated bytes of `path` (st_blocks x 512): holes excluded, as `du` counts.
+    static func bytesOnDisk(_ path: String) -> UInt64 {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return 0 }
+        return UInt64(st.st_blocks) * 512
+    }
+
+    static func dataBytesOnDisk(_ storePath: String) -> UInt64 {
+        bytesOnDisk(storePath + "/data")
+    }
+
+    /// Superblock, checkpoints and journals: everything but the data, the lock and sockets.
+    static func metadataBytesOnDisk(_ storePath: String) -> UInt64 {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: storePath) else { return 0 }
+        return names.filter { $0 == "superblock" || $0.hasPrefix("checkpoint-") || $0.hasPrefix("journal-") }
+            .reduce(0) { $0 + bytesOnDisk(storePath + "/" + $1) }
+    }
+}

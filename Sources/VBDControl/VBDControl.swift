@@ -1,1 +1,0 @@
-// Module VBDControl: see docs/ARCHITECTURE.md.

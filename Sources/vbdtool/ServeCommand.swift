@@ -1,0 +1,160 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import Logging
+import NBDServer
+import VBDCache
+import VBDControl
+import VBDMetrics
+import VBDStore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct ServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve", abstract: "Serve every volume (read-write) and snapshot (read-only) over NBD.",
+        discussion: """
+            Export names are VOLUME and VOLUME@SNAPSHOT; new volumes, snapshots and shares are served at once. \
+            While serving, the other vbdtool commands run inside this process through DIR/control.sock. \
+            SIGINT or SIGTERM stops cleanly: NBD clients are let finish, the store is flushed, checkpointed and closed.
+            """)
+    @Option(help: ArgumentHelp("TCP address to listen on (default 127.0.0.1:10809 unless --unix is given).", valueName: "host:port"))
+    var listen: String?
+    @Option(help: ArgumentHelp("Unix socket path to listen on for NBD.", valueName: "path"))
+    var unix: String?
+    @Option(help: ArgumentHelp("TLS certificate (PEM); enables STARTTLS.", valueName: "file")) var tlsCert: String?
+    @Option(help: ArgumentHelp("TLS private key (PEM).", valueName: "file")) var tlsKey: String?
+    @Option(help: ArgumentHelp("CA (PEM) whose client certificates are required.", valueName: "file")) var tlsCa: String?
+    @Flag(help: "Refuse clients that do not use TLS.") var tlsRequired = false
+    @Option(help: "Universal cache size, e.g. 1G (default: an eighth of RAM, 64M..32G).") var cacheSize: String?
+    @Option(help: "Last-chance (compressed) cache tier size (default: a quarter of --cache-size; 0 turns it off).") var lastChanceSize: String?
+    @Option(help: "Cap the store's data file, e.g. 500G: writes needing more fail with ENOSPC (default: the disk's space).")
+    var maxDataSize: String?
+    @Option(help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics (cache tiers, per-volume cache counters, space and sharing).", valueName: "host:port"))
+    var metrics: String?
+    @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
+    @OptionGroup var store: StoreOptions
+
+    func validate() throws {
+        if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("--tls-cert and --tls-key go together") }
+        if tlsRequired && tlsCert == nil { throw ValidationError("--tls-required needs --tls-cert and --tls-key") }
+        if let listen { _ = try Self.parseListen(listen) }
+        if let metrics { _ = try Self.parseListen(metrics) }
+        if let cacheSize { _ = try parseSize(cacheSize, option: "--cache-size") }
+        if let lastChanceSize { _ = try parseSize(lastChanceSize, option: "--last-chance-size") }
+        if let maxDataSize { _ = try parseSize(maxDataSize, option: "--max-data-size") }
+        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level: unknown level '\(logLevel)'") }
+    }
+
+    static func parseListen(_ text: String) throws -> (host: String, port: Int) {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else {
+            throw ValidationError("--listen: expected HOST:PORT (e.g. 127.0.0.1:10809, [::1]:10809), got '\(text)'")
+        }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        guard !host.isEmpty else { throw ValidationError("--listen: missing host in '\(text)'") }
+        return (host, port)
+    }
+
+    func run() async throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "vbd.serve")
+        let storePath = store.path
+        let cacheBytes = try cacheSize.map { Int(try parseSize($0, option: "--cache-size")) }
+        let lastChanceBytes = try lastChanceSize.map { Int(try parseSize($0, option: "--last-chance-size")) }
+        let cache = BlockCache(configuration: .init(capacityBytes: cacheBytes, lastChanceCapacityBytes: lastChanceBytes))
+        var options = Store.Options()
+        options.cache = cache
+        if let maxDataSize { options.dataBytesMax = try parseSize(maxDataSize, option: "--max-data-size") }
+        let opened: Store
+        do { opened = try Store.open(path: storePath, options: options) } catch { fail(ControlFailure(error), json: false) }
+        let store = opened
+
+        var tcp: (host: String, port: Int)?
+        if let listen { tcp = try Self.parseListen(listen) } else if unix == nil { tcp = ("127.0.0.1", 10809) }
+        let tls: NBDServer.TLSMode
+        if let tlsCert, let tlsKey {
+            tls = tlsRequired ? .required(certificatePath: tlsCert, keyPath: tlsKey, caPath: tlsCa)
+                              : .optional(certificatePath: tlsCert, keyPath: tlsKey, caPath: tlsCa)
+        } else {
+            tls = .off
+        }
+        let nbd = NBDServer(configuration: .init(exports: store, tcp: tcp, unixSocketPath: unix.map(absolutePath), tls: tls,
+                                                 logger: Logger(label: "vbd.nbd")))
+        do { try await nbd.start() } catch {
+            try? store.close()
+            fail(ControlFailure(code: "io", message: "cannot start the NBD server: \(error)"), json: false)
+        }
+        var addresses: [String] = []
+        if let tcp { addresses.append("\(tcp.host):\(nbd.tcpPort ?? tcp.port)") }
+        if let unix { addresses.append("unix:\(absolutePath(unix))") }
+        let status = ServerStatus(pid: getpid(), storePath: storePath, nbdAddresses: addresses)
+        let control = ControlServer(socketPath: ControlClient.socketPath(forStore: storePath),
+                                    service: ControlService(store: store, storePath: storePath, cache: cache, status: status,
+                                                            cleanPages: CleanPageCache(cache: cache, oracle: StoreMappingOracle(store: store))),
+                                    logger: Logger(label: "vbd.control"))
+        do { try control.start() } catch {
+            await nbd.stop()
+            try? store.close()
+            fail(error, json: false)
+        }
+        var metricsServer: MetricsHTTPServer?
+        if let metrics {
+            let (host, port) = try Self.parseListen(metrics)
+            let server = MetricsHTTPServer(metrics: StoreMetrics(store: store, cache: cache), host: host, port: port)
+            do { try await server.start() } catch {
+                control.stop()
+                await nbd.stop()
+                try? store.close()
+                fail(ControlFailure(code: "io", message: "cannot serve metrics on \(metrics): \(error)"), json: false)
+            }
+            metricsServer = server
+            logger.notice("metrics", metadata: ["url": "http://\(host):\(server.port ?? port)/metrics"])
+        }
+        logger.notice("serving", metadata: ["store": "\(storePath)", "nbd": "\(addresses.joined(separator: ", "))",
+                                            "volumes": "\(store.list().count)"])
+
+        let signalNumber = await SignalWaiter.waitForFirst(of: [SIGINT, SIGTERM])
+        logger.notice("shutting down", metadata: ["signal": "\(signalNumber)"])
+        await nbd.stop()
+        await metricsServer?.stop()
+        control.stop()
+        do {
+            try store.close()   // flushes and checkpoints
+        } catch {
+            logger.error("closing the store failed: \(error)")
+            throw ExitCode(1)
+        }
+        logger.notice("stopped cleanly")
+    }
+}
+
+/// Turns SIGINT/SIGTERM into an async event (DispatchSource: no work in a signal handler).
+enum SignalWaiter {
+    static func waitForFirst(of signals: [Int32]) async -> Int32 {
+        let queue = DispatchQueue(label: "vbd.signals")
+        let (stream, continuation) = AsyncStream.makeStream(of: Int32.self)
+        var sources: [any DispatchSourceSignal] = []
+        for number in signals {
+            signal(number, SIG_IGN)   // the default action would kill us before the source sees it
+            let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
+            source.setEventHandler { continuation.yield(number) }
+            source.resume()
+            sources.append(source)
+        }
+        var first: Int32 = 0
+        for await number in stream {
+            first = number
+            break
+        }
+        for source in sources { source.cancel() }
+        return first
+    }
+}
