@@ -9,7 +9,7 @@ requires_vbdtool_serve
 make_store 16M
 "$VBDTOOL" domain bind vol alice --store "$STORE" >/dev/null
 SOCK="$TMPDIR_TEST/nbd.sock"
-"$VBDTOOL" serve --store "$STORE" --unix "$SOCK" --enforce-leases >"$TMPDIR_TEST/serve.log" 2>&1 &
+"$VBDTOOL" serve --store "$STORE" --unix "$SOCK" --enforce-leases --metrics 127.0.0.1:0 >"$TMPDIR_TEST/serve.log" 2>&1 &
 SERVER_PID=$!
 cleanup_fn "kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null"
 for _ in $(seq 1 100); do "$VBDTOOL" status --store "$STORE" >/dev/null 2>&1 && [ -S "$SOCK" ] && break; sleep 0.1; done
@@ -25,6 +25,15 @@ import json, sys
 s = json.load(sys.stdin)
 print([d for d in s["domains"] if d["domain"] == "alice"][0]["usage"]["bytesWritten"])')
 [ "$written" -ge $((1 << 20)) ] || fail "alice was charged $written bytes written, expected at least 1 MiB"
+
+# The metrics endpoint shows the same charge.
+URL=$(grep -o 'http://127.0.0.1:[0-9]*/metrics' "$TMPDIR_TEST/serve.log" | head -1)
+python3 - "$URL" <<'PY' || fail "metrics do not show alice's writes"
+import sys, urllib.request
+body = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()
+line = [l for l in body.splitlines() if l.startswith('vbd_domain_written_bytes_total{domain="alice"}')][0]
+assert float(line.split()[-1]) >= 1 << 20, line
+PY
 
 # Two domains never hold a write lease on one volume at once.
 if "$VBDTOOL" lease grant vol --domain bob --store "$STORE" 2>/dev/null; then fail "bob got a write lease alice holds"; fi

@@ -120,7 +120,23 @@ struct ServeCommand: AsyncParsableCommand {
         var metricsServer: MetricsHTTPServer?
         if let metrics {
             let (host, port) = try Self.parseListen(metrics)
-            let server = MetricsHTTPServer(metrics: StoreMetrics(store: store, cache: cache), host: host, port: port)
+            let storeMetrics = StoreMetrics(store: store, cache: cache)
+            storeMetrics.addSource { sink in
+                // Per-domain accounting and credit (issue 6): what each tenant used and was charged.
+                let stats = tenancy.statistics()
+                sink.gauge("vbd_device_utilisation", [:], stats.utilisation, help: "Device busy fraction used for congestion pricing")
+                sink.gauge("vbd_price_per_io_unit", [:], stats.price, help: "Credits charged per I/O unit now")
+                for d in stats.domains {
+                    let labels = ["domain": d.domain]
+                    sink.counter("vbd_domain_operations_total", labels, d.usage.operations.values.reduce(0, +), help: "Requests served per domain")
+                    sink.counter("vbd_domain_read_bytes_total", labels, d.usage.bytesRead, help: "Bytes read per domain")
+                    sink.counter("vbd_domain_written_bytes_total", labels, d.usage.bytesWritten, help: "Bytes written per domain")
+                    sink.counter("vbd_domain_device_microseconds_total", labels, UInt64(max(0, d.usage.deviceTime / .microseconds(1))), help: "Device time used per domain")
+                    sink.gauge("vbd_domain_charged_credits", labels, d.account.totalCharged, help: "Credits charged per domain")
+                    sink.gauge("vbd_domain_balance_credits", labels, d.account.balance, help: "Credit balance per domain (negative: overdraft)")
+                }
+            }
+            let server = MetricsHTTPServer(metrics: storeMetrics, host: host, port: port)
             do { try await server.start() } catch {
                 control.stop()
                 await nbd.stop()
