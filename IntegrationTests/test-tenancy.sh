@@ -19,7 +19,11 @@ if nbdsh -u "$(uri vol)" -c 'h.pread(4096, 0)' 2>/dev/null; then fail "served wi
 
 # With a lease: served and charged to alice.
 "$VBDTOOL" lease grant vol --domain alice --duration 10m --store "$STORE" >/dev/null
+"$VBDTOOL" snapshot vol@before --store "$STORE" >/dev/null
+T1=$(date +%s.%N)
 nbdsh -u "$(uri vol)" -c 'h.pwrite(b"\x5a" * (1 << 20), 0); h.flush(); assert h.pread(4096, 0) == b"\x5a" * 4096'
+T2=$(date +%s.%N)
+"$VBDTOOL" snapshot vol@after --store "$STORE" >/dev/null
 written=$("$VBDTOOL" domain stats --json --store "$STORE" | python3 -c '
 import json, sys
 s = json.load(sys.stdin)
@@ -64,6 +68,14 @@ ops = [r["operation"] for r in json.load(sys.stdin)]
 for want in ["volume.create", "binding.set", "lease.grant", "lease.revoke"]:
     assert want in ops, (want, ops)'
 "$VBDTOOL" audit verify --store "$STORE" >/dev/null || fail "audit verify failed on an untouched log"
+
+# Forensics: between T1 and T2 alice held vol, and the snapshot diff shows her 1 MiB write.
+"$VBDTOOL" audit forensics vol --from "$T1" --to "$T2" --json --store "$STORE" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+assert r["fromSnapshot"] == "vol@before" and r["toSnapshot"] == "vol@after", r
+assert [h["domain"] for h in r["holders"]] == ["alice"], r["holders"]
+assert r["changedRanges"] == [{"offset": 0, "length": 1 << 20}], r["changedRanges"]' || fail "forensics report is wrong"
 kill -INT $SERVER_PID; wait $SERVER_PID || true
 sed -i '2s/"binding.set"/"binding.xxx"/' "$STORE/audit.log"
 if "$VBDTOOL" audit verify --store "$STORE" > "$TMPDIR_TEST/verify.out"; then fail "tampering not detected"; fi

@@ -53,6 +53,9 @@ public enum ControlRequest: Codable, Sendable, Equatable {
     case cleanPageInvalidate(domain: UInt64, volume: String?, offset: UInt64?)
     /// Accounting, leases, policies, credit and the audit log (docs/ACCOUNTING.md).
     case tenancy(TenancyRequest)
+    /// Who held `volume` between two times (nanoseconds since 1970) and what changed, from the
+    /// audit log and the snapshot diff.
+    case forensics(volume: String, fromNanoseconds: Int64, toNanoseconds: Int64)
 
     /// Whether the request reads or writes a file named by path (so a client must send an absolute one).
     public var involvesFile: Bool {
@@ -128,6 +131,7 @@ public enum ControlResult: Codable, Sendable, Equatable {
     /// A clean-page get: the page, or nil on a miss.
     case page(Data?)
     case tenancy(TenancyResponse)
+    case forensics(ForensicsReport)
 }
 
 /// Who answered on the control socket.
@@ -285,4 +289,23 @@ public struct TransferReport: Codable, Sendable, Equatable {
     /// Bytes actually read from or written to the volume (holes and zero blocks skipped).
     public var dataBytes: UInt64
     public var seconds: Double
+}
+
+/// `vbdtool audit forensics`: holders of a volume over an interval and what changed in it.
+public struct ForensicsReport: Codable, Sendable, Equatable {
+    public struct Holding: Codable, Sendable, Equatable {
+        public var domain: String
+        public var mode: String
+        public var fromNanoseconds: Int64
+        /// When the holding ended (nil: still held, until `expiresNanoseconds`).
+        public var untilNanoseconds: Int64?
+        public var end: String?
+        public var expiresNanoseconds: Int64
+    }
+    public var volume: String
+    /// The snapshots bounding the interval (nil: none recorded).
+    public var fromSnapshot: String?
+    public var toSnapshot: String?
+    public var changedRanges: [ByteRange]
+    public var holders: [Holding]
 }

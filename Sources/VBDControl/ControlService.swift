@@ -158,6 +158,23 @@ public final class ControlService: Sendable {
             } catch let e as LeaseError {
                 throw ControlFailure(code: "lease", message: e.description)
             }
+        case let .forensics(volume, from, to):
+            guard let tenancy else {
+                throw ControlFailure(code: "not-supported", message: "the audit log is not available here")
+            }
+            guard from <= to else { throw ControlFailure(code: "invalid-argument", message: "--from must not be after --to") }
+            let records = try tenancy.auditRecords()
+            let found = try VolumeForensics.investigate(
+                volume: volume, from: WallTime(nanoseconds: from), to: WallTime(nanoseconds: to), records: records,
+                diff: { a, b in try self.store.diff(from: a, to: b) })
+            return .forensics(ForensicsReport(
+                volume: volume, fromSnapshot: found.fromSnapshot, toSnapshot: found.toSnapshot,
+                changedRanges: found.changedRanges.map { ByteRange(offset: $0.lowerBound, length: $0.upperBound - $0.lowerBound) },
+                holders: found.holders.map {
+                    ForensicsReport.Holding(domain: $0.domain.name, mode: $0.mode.rawValue, fromNanoseconds: $0.from.nanoseconds,
+                                            untilNanoseconds: $0.until?.nanoseconds, end: $0.end?.rawValue,
+                                            expiresNanoseconds: $0.expiresAt.nanoseconds)
+                }))
         case let .cleanPagePut(domain, volume, offset, page):
             let pages = try cleanPageCache()
             guard page.count <= Limits.blockBytesMax else { throw ControlFailure(code: "invalid-argument", message: "a page is at most \(Limits.blockBytesMax) bytes") }

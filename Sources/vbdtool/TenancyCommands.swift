@@ -110,7 +110,37 @@ struct AuditCommand: ParsableCommand {
             policy and credit changes) is appended to DIR/audit.log, fsynced, each record carrying the SHA-256 of the one \
             before it, the actor and a timestamp. `audit verify` finds any altered, removed or reordered record and says which.
             """,
-        subcommands: [List.self, Verify.self], defaultSubcommand: List.self)
+        subcommands: [List.self, Verify.self, Forensics.self], defaultSubcommand: List.self)
+
+    struct Forensics: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Which domains held a volume between two times, and which byte ranges changed (snapshot diff).",
+            discussion: "Times are seconds since 1970, fractions allowed (`date +%s.%N`). The changed ranges are the diff between the last snapshot at or before --from and the first at or after --to.")
+        @Argument var volume: String
+        @Option(help: "Start of the interval (seconds since 1970; default: the beginning).") var from: Double = 0
+        @Option(help: "End of the interval (seconds since 1970; default: now).") var to: Double?
+        @OptionGroup var store: StoreOptions
+        @OptionGroup var output: OutputOptions
+        func run() throws {
+            let end = to ?? Date().timeIntervalSince1970
+            guard case let .forensics(r) = try perform(.forensics(volume: volume, fromNanoseconds: Int64(from * 1e9),
+                                                                 toNanoseconds: Int64(end * 1e9)),
+                                                     store: store, output: output) else { return }
+            if output.json { JSON.print(r); return }
+            print("\(r.volume): snapshots \(r.fromSnapshot ?? "(none)") -> \(r.toSnapshot ?? "(none)")")
+            var holders = Table("DOMAIN", "MODE", "FROM", "UNTIL", "HOW IT ENDED")
+            for h in r.holders {
+                holders.add(h.domain, h.mode, humanTime(WallTime(nanoseconds: h.fromNanoseconds)),
+                            h.untilNanoseconds.map { humanTime(WallTime(nanoseconds: $0)) } ?? "held (expires \(humanTime(WallTime(nanoseconds: h.expiresNanoseconds))))",
+                            h.end ?? "-")
+            }
+            print(r.holders.isEmpty ? "no domain held it in that interval" : holders.render())
+            let bytes = r.changedRanges.reduce(UInt64(0)) { $0 + $1.length }
+            print("changed: \(r.changedRanges.count) ranges, \(Human.size(bytes))")
+            for range in r.changedRanges.prefix(20) { print("  [\(range.offset), +\(range.length))") }
+            if r.changedRanges.count > 20 { print("  ... (\(r.changedRanges.count - 20) more; --json lists all)") }
+        }
+    }
 
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Print the audit log.")
