@@ -35,6 +35,8 @@ let blockBytes = DataSet.blockBytes
 /// A ChunkCache that keeps everything: enough to measure a hit. Not the product's cache.
 final class DictionaryChunkCache: ChunkCache {
     private let entries = Mutex<[UInt64: [UInt8]]>([:])
+    /// Counts removals, so an insert that raced with one is skipped (the ChunkCache contract).
+    private let removals = Mutex<UInt64>(0)
 
     func read(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16) -> Bool {
         entries.withLock { entries in
@@ -50,6 +52,15 @@ final class DictionaryChunkCache: ChunkCache {
 
     func remove(_ key: UInt64) {
         _ = entries.withLock { $0.removeValue(forKey: key) }
+        removals.withLock { $0 &+= 1 }
+    }
+
+    func removalToken(for key: UInt64) -> UInt64 { removals.withLock { $0 } }
+
+    func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16, ifUnremovedSince token: UInt64) {
+        removals.withLock { r in
+            if r == token { entries.withLock { $0[key] = Array(bytes) } }
+        }
     }
 }
 

@@ -77,11 +77,26 @@ public final class BlockCache: Sendable {
     /// Caches `bytes` (clean data just read from or written to the store) as the content of `key`.
     /// Does nothing if the block is already held.
     public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, owner: CacheOwner) {
+        insert(key, bytes: bytes, owner: owner, ifUnremovedSince: nil)
+    }
+
+    /// A token for ``insert(_:bytes:owner:ifUnremovedSince:)``, taken while the caller knows `key`
+    /// names the bytes it is about to insert (the store takes it under its own lock).
+    public func removalToken(for key: UInt64) -> UInt64 {
+        shard(for: key).state.withLock { $0.removalEpoch }
+    }
+
+    /// Inserts only if nothing was removed from `key`'s shard since `token` was taken: a key freed
+    /// (and perhaps reused for other contents) meanwhile is never cached with the old bytes. This
+    /// lets the store insert without holding its own lock; a removal of another key in the same
+    /// shard only costs a skipped insert.
+    public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, owner: CacheOwner, ifUnremovedSince token: UInt64?) {
         precondition(bytes.count > 0 && bytes.count <= Limits.blockBytesMax, "block size out of range")
         let block = BlockCacheShard.CachedBlock(bytes: [UInt8](bytes), owner: owner)   // copy outside the lock
         let box = shard(for: key)
         var evicted: [(UInt64, BlockCacheShard.CachedBlock)] = []
         let epoch = box.state.withLock { shard in
+            if let token, shard.removalEpoch != token { return shard.removalEpoch }
             shard.insert(key, block: block, evicted: &evicted)
             return shard.removalEpoch
         }

@@ -54,9 +54,10 @@ extension Store {
     // MARK: Loading one chunk
 
     /// Fills `destination` (exactly the chunk's raw length) with the chunk's verified bytes.
-    /// `lockHeld`: the caller holds `mutex` (dedup verification, fsck).
+    /// `lockHeld`: the caller holds `mutex` (dedup verification, fsck). Otherwise `cacheToken` is
+    /// the cache's removal token taken under `mutex` when `entry` was copied out.
     func loadChunk(_ chunk: UInt64, _ entry: ChunkEntry, into destination: UnsafeMutableRawBufferPointer,
-                   volume: UInt64, lockHeld: Bool = false) throws(LoadedChunkFailure) {
+                   volume: UInt64, lockHeld: Bool = false, cacheToken: UInt64? = nil) throws(LoadedChunkFailure) {
         precondition(destination.count == entry.rawBytes)
         if let cache = options.cache, cache.read(chunk, into: destination, volume: volume, domain: entry.domain) { return }
         let stored = entry.storedBytes
@@ -89,15 +90,15 @@ extension Store {
         }
         guard let cache = options.cache else { return }
         // Cache only while the number still names these bytes: a concurrent overwrite may have
-        // freed the chunk (and removed it from the cache) since the caller looked it up, and
-        // its number may already name other contents.
-        let insert = {
-            let e = self.chunks.contains(chunk) ? self.chunks[chunk] : .free
-            if e.location == entry.location && e.hash == entry.hash && e.shape == entry.shape {
-                cache.insert(chunk, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain)
-            }
+        // freed the chunk (removing it from the cache) since the caller looked it up, and its
+        // number may already name other contents. Under the lock that cannot happen; outside it
+        // the token makes the cache skip the insert if the key's shard saw a removal since.
+        if lockHeld {
+            cache.insert(chunk, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain)
+        } else if let cacheToken {
+            cache.insert(chunk, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain,
+                         ifUnremovedSince: cacheToken)
         }
-        if lockHeld { insert() } else { mutex.withLock(insert) }
     }
 
     // MARK: Read
@@ -128,21 +129,23 @@ extension Store {
             try checkRange(v, offset: offset, length: 0)
             return
         }
-        let (view, refs) = try mutex.withLock { () throws(BlockDeviceError) -> (ImageView, [(UInt64, ChunkEntry)]) in
+        let cache = options.cache
+        let (view, refs) = try mutex.withLock { () throws(BlockDeviceError) -> (ImageView, [(UInt64, ChunkEntry, UInt64)]) in
             let (v, image) = try viewLocked(id)
             try checkRange(v, offset: offset, length: length)
             let first = offset >> UInt64(v.blockShift), last = (offset + length - 1) >> UInt64(v.blockShift)
-            var refs: [(UInt64, ChunkEntry)] = []
+            var refs: [(UInt64, ChunkEntry, UInt64)] = []
             refs.reserveCapacity(Int(last - first + 1))
             for b in first...last {
                 let c = image.root.lookup(b)
-                refs.append((c, c != 0 && c < zeroAllocatedChunk ? chunks[c] : .free))
+                let mapped = c != 0 && c < zeroAllocatedChunk
+                refs.append((c, mapped ? chunks[c] : .free, mapped ? cache?.removalToken(for: c) ?? 0 : 0))
             }
             return (v, refs)
         }
         let bs = UInt64(view.blockSize)
         let first = offset / bs
-        for (k, (chunk, entry)) in refs.enumerated() {
+        for (k, (chunk, entry, token)) in refs.enumerated() {
             let block = first + UInt64(k)
             let blockStart = block * bs
             let lo = max(offset, blockStart), hi = min(offset + length, blockStart + bs)
@@ -153,10 +156,10 @@ extension Store {
             }
             do {
                 if hi - lo == bs {
-                    try loadChunk(chunk, entry, into: dst, volume: id)
+                    try loadChunk(chunk, entry, into: dst, volume: id, cacheToken: token)
                 } else {
                     try withUnsafeTemporaryAllocation(byteCount: Int(bs), alignment: 16) { (tmp) throws(LoadedChunkFailure) in
-                        try loadChunk(chunk, entry, into: tmp, volume: id)
+                        try loadChunk(chunk, entry, into: tmp, volume: id, cacheToken: token)
                         dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: tmp[Int(lo - blockStart)..<Int(hi - blockStart)]))
                     }
                 }
@@ -316,7 +319,15 @@ extension Store {
                 throw error == .noSpace ? .noSpace : .io("writing block data: \(error)")
             }
         }
-        // F: publish.
+        // F: publish. New chunks enter the cache afterwards, outside the lock (see loadChunk).
+        var toCache: [(Int, UInt64, UInt64)] = []
+        defer {
+            if let cache = options.cache {
+                for (i, chunk, token) in toCache {
+                    cache.insert(chunk, bytes: blocks[i].bytes, volume: view.id, domain: view.domain, ifUnremovedSince: token)
+                }
+            }
+        }
         try mutex.withLock { () throws(BlockDeviceError) in
             guard images[view.id] != nil else {
                 releaseReservationsLocked(blocks)
@@ -343,7 +354,7 @@ extension Store {
                             try commit(.chunk(number: chunk, hash: entry.hash, location: entry.location, shape: entry.shape))
                             retainChunk(chunk)
                             blocks[i].isNew = false
-                            options.cache?.insert(chunk, bytes: blocks[i].bytes, volume: view.id, domain: view.domain)
+                            if let cache = options.cache { toCache.append((i, chunk, cache.removalToken(for: chunk))) }
                         }
                     }
                     mappings.append(BlockMapping(block: blocks[i].block, chunk: chunk))

@@ -11,6 +11,10 @@ extension BlockCache: ChunkCache {
     public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16) {
         insert(key, bytes: bytes, owner: CacheOwner(volume: volume, group: UInt32(domain)))
     }
+
+    public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16, ifUnremovedSince token: UInt64) {
+        insert(key, bytes: bytes, owner: CacheOwner(volume: volume, group: UInt32(domain)), ifUnremovedSince: token)
+    }
 }
 
 /// Lets the last-chance tier's clean-page interface check coherence against the live maps: a

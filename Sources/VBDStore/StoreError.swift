@@ -90,4 +90,8 @@ public protocol ChunkCache: AnyObject, Sendable {
     func read(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16) -> Bool
     func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16)
     func remove(_ key: UInt64)
+    /// Taken under the store lock while `key` names the bytes to insert later.
+    func removalToken(for key: UInt64) -> UInt64
+    /// Inserts unless `key` may have been removed since `token` (then it does nothing).
+    func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16, ifUnremovedSince token: UInt64)
 }
