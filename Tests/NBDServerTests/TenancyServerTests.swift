@@ -99,6 +99,39 @@ extension RealServerTests {
             #expect(ledger.usage(of: "bob").operations[.read] == 1)
         }
 
+        /// A domain's queue is bounded: past its capacity requests get ENOMEM at once, the queued
+        /// ones are served at the domain's limit, and the connection stays usable.
+        @Test func aFullDomainQueueRefusesTheExcessAndTheLimitPacesTheRest() async throws {
+            let service = try TenancyService(configuration: .init(
+                resolver: DomainResolver(bindings: ["vol": "greedy"]),
+                policies: ["greedy": SchedulingPolicy(limit: 10, burstUnits: 0, limitBurstUnits: 0, queueCapacity: 4)]))
+            let fixture = try await TenancyServer(devices: [MemoryBlockDevice(name: "vol", size: 1 << 20)],
+                                                  tenancy: .init(service: service))
+            defer { Task { await fixture.stop() } }
+            let client = try RawClient(socketPath: fixture.socketPath)
+            #expect(client.enterTransmission(export: "vol") != nil)
+            let started = ContinuousClock.now
+            for handle in 1...10 as ClosedRange<UInt64> {
+                client.sendRequest(NBDCommand.read.rawValue, handle: handle, offset: 0, length: 512)
+            }
+            var errors: [UInt32] = []
+            for _ in 1...10 {
+                guard let reply = client.receiveSimpleReply() else { Issue.record("no reply"); return }
+                if reply.error == 0 { _ = client.receive(512) }
+                errors.append(reply.error)
+            }
+            let elapsed = ContinuousClock.now - started
+            // One dispatched at once, four queued, five refused (arrival order may interleave with dispatch,
+            // so at least five are refused and at most five served).
+            #expect(errors.filter { $0 == NBDError.noMemory.rawValue }.count >= 5, "\(errors)")
+            let served = errors.filter { $0 == 0 }.count
+            #expect(served >= 1 && served <= 5, "\(errors)")
+            // At 10 units/s (1.0078 units per 512-byte read), the served ones after the first take >= 0.1 s each.
+            #expect(elapsed >= .milliseconds(Int64(95 * (served - 1))), "served \(served) in \(elapsed)")
+            #expect(request(client, .read, handle: 99, length: 512) == 0, "the connection still works")
+            #expect(service.snapshot().ledger.usage(of: "greedy").failedOperations >= 5)
+        }
+
         @Test(.enabled(if: Tool.fioHasNBDEngine))
         func everyRequestFioMakesIsChargedToItsDomain() async throws {
             let state = MemoryStateStorage()
