@@ -73,7 +73,7 @@ let package = Package(
         .target(
             name: "VBDControl",
             dependencies: [
-                "VBDCore", "VBDStore", "VBDCache", "NBDServer",
+                "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDAccounting",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -82,7 +82,7 @@ let package = Package(
         .executableTarget(
             name: "vbdtool",
             dependencies: [
-                "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl", "VBDMetrics",
+                "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl", "VBDMetrics", "VBDAccounting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -43,7 +43,7 @@ vbd_overridden=0
 [ -n "${VBD_INIT_CMD:-}" ] || VBD_INIT_CMD='{VBDTOOL} init --store {STORE}'
 [ -n "${VBD_CREATE_CMD:-}" ] || VBD_CREATE_CMD='{VBDTOOL} create {NAME} --size {SIZE} --store {STORE}'
 [ -n "${VBD_SERVE_CMD:-}" ] || VBD_SERVE_CMD='{VBDTOOL} serve --store {STORE} --listen 127.0.0.1:{PORT}'
-[ -n "${VBD_SNAPSHOT_CMD:-}" ] || VBD_SNAPSHOT_CMD='{VBDTOOL} snapshot {NAME} {SNAPSHOT} --store {STORE}'
+[ -n "${VBD_SNAPSHOT_CMD:-}" ] || VBD_SNAPSHOT_CMD='{VBDTOOL} snapshot {NAME}@{SNAPSHOT} --store {STORE}'
 [ -n "${VBD_SHARE_CMD:-}" ] || VBD_SHARE_CMD='{VBDTOOL} share {NAME}@{SNAPSHOT} {SHARE} --store {STORE}'
 OUT="${OUT:-$here/results/boot-storm-$(date -u +%Y%m%dT%H%M%SZ)}"
 

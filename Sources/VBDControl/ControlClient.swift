@@ -1,4 +1,5 @@
 import Foundation
+import VBDAccounting
 import VBDStore
 
 #if canImport(Glibc)
@@ -46,7 +47,13 @@ public enum ControlClient {
         }
         let store: Store
         do { store = try Store.open(path: storePath) } catch { throw ControlFailure(error) }
-        let service = ControlService(store: store, storePath: storePath)
+        // The audit log is appended by whichever process holds the store: here, this one.
+        let tenancy: TenancyService
+        do { tenancy = try ControlService.openTenancy(storePath: storePath) } catch {
+            try? store.close()
+            throw ControlFailure(code: "audit", message: "cannot open the audit log of \(storePath): \(error)")
+        }
+        let service = ControlService(store: store, storePath: storePath, tenancy: tenancy)
         let result: Result<ControlResult, ControlFailure>
         do { result = .success(try service.execute(request, progress: progress)) } catch { result = .failure(error) }
         do { try store.close() } catch {

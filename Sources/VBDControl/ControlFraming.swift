@@ -157,7 +157,9 @@ enum UnixSocket {
 
     /// Refuses peers other than this process's user and root. The socket's 0600 mode already
     /// keeps others out; this holds even if the mode or the directory's permissions were loosened.
-    static func checkPeerIsOwnerOrRoot(_ fd: Int32) throws(ControlFailure) {
+    /// Returns the peer's pid and uid (the actor recorded in the audit log).
+    @discardableResult
+    static func checkPeerIsOwnerOrRoot(_ fd: Int32) throws(ControlFailure) -> (pid: Int32, uid: UInt32) {
         var credentials = PeerCredentials()
         var length = socklen_t(MemoryLayout<PeerCredentials>.size)
         guard getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) == 0 else {
@@ -166,6 +168,7 @@ enum UnixSocket {
         guard credentials.uid == geteuid() || credentials.uid == 0 else {
             throw ControlFailure(code: "permission-denied", message: "user \(credentials.uid) may not control this server (it runs as user \(geteuid()))")
         }
+        return (credentials.pid, credentials.uid)
     }
 
     static func setTimeouts(_ fd: Int32, receiveSeconds: Int, sendSeconds: Int) {

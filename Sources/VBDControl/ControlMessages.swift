@@ -1,4 +1,5 @@
 import Foundation
+import VBDAccounting
 
 // MARK: - Notes on the design
 //
@@ -50,6 +51,8 @@ public enum ControlRequest: Codable, Sendable, Equatable {
     case cleanPageGet(domain: UInt64, volume: String, offset: UInt64, length: Int)
     /// Forgets one page (`volume` and `offset`), a volume's pages (`offset` nil), or a domain's (both nil).
     case cleanPageInvalidate(domain: UInt64, volume: String?, offset: UInt64?)
+    /// Accounting, leases, policies, credit and the audit log (docs/ACCOUNTING.md).
+    case tenancy(TenancyRequest)
 
     /// Whether the request reads or writes a file named by path (so a client must send an absolute one).
     public var involvesFile: Bool {
@@ -124,6 +127,7 @@ public enum ControlResult: Codable, Sendable, Equatable {
     case transfer(TransferReport)
     /// A clean-page get: the page, or nil on a miss.
     case page(Data?)
+    case tenancy(TenancyResponse)
 }
 
 /// Who answered on the control socket.

@@ -111,7 +111,7 @@ public final class ControlServer: Sendable {
     private func serve(_ fd: Int32) {
         let reply: ControlReply
         do {
-            try UnixSocket.checkPeerIsOwnerOrRoot(fd)
+            let peer = try UnixSocket.checkPeerIsOwnerOrRoot(fd)
             guard let envelope = try ControlFraming.receive(ControlEnvelope.self, from: fd, bytesMax: ControlLimits.requestBytesMax) else {
                 return
             }
@@ -121,7 +121,7 @@ public final class ControlServer: Sendable {
             // The request may run long (fsck, import): no receive timeout while it does.
             UnixSocket.setTimeouts(fd, receiveSeconds: 0, sendSeconds: 30)
             logger.info("control request", metadata: ["request": "\(envelope.request)"])
-            let result = try service.execute(envelope.request) { report in
+            let result = try service.execute(envelope.request, actor: "uid:\(peer.uid) pid:\(peer.pid) (control socket)") { report in
                 // Progress is best effort: a client that went away does not stop the work.
                 try? ControlFraming.send(ControlReply.progress(report), on: fd, bytesMax: ControlLimits.replyBytesMax)
             }

@@ -1,4 +1,5 @@
 import Foundation
+import VBDAccounting
 import VBDCache
 import VBDCore
 import VBDStore
@@ -25,28 +26,78 @@ public final class ControlService: Sendable {
     let status: ServerStatus?
     /// The hypervisor clean-page interface (only a server has one: it lives in memory).
     public let cleanPages: CleanPageCache?
+    /// Accounting, leases and the audit log every control operation is appended to.
+    public let tenancy: TenancyService?
 
     public init(store: Store, storePath: String, cache: BlockCache? = nil, status: ServerStatus? = nil,
-                cleanPages: CleanPageCache? = nil) {
+                cleanPages: CleanPageCache? = nil, tenancy: TenancyService? = nil) {
         self.store = store
         self.storePath = storePath
         self.cache = cache
         self.status = status
         self.cleanPages = cleanPages
+        self.tenancy = tenancy
+    }
+
+    /// The actor recorded for requests run inside the CLI process itself.
+    public static var localActor: String { "uid:\(getuid()) pid:\(getpid()) (local)" }
+
+    /// The tenancy state of the store at `storePath`: the audit log `audit.log` and the accounting
+    /// state `tenancy.json` live in the store directory, written only by the process that holds
+    /// the store's lock (the server, or the CLI when no server runs).
+    public static func openTenancy(storePath: String, leasesEnforced: Bool = false) throws -> TenancyService {
+        try TenancyService(configuration: .init(leasesEnforced: leasesEnforced),
+                           stateStorage: FileStateStorage(path: storePath + "/tenancy.json"),
+                           auditStorage: FileAuditStorage(path: storePath + "/audit.log"))
     }
 
     /// Runs one request. Progress reports go to `progress` while long work runs.
-    public func execute(_ request: ControlRequest, progress: @escaping ProgressSink) throws(ControlFailure) -> ControlResult {
+    public func execute(_ request: ControlRequest, actor: String = ControlService.localActor,
+                        progress: @escaping ProgressSink) throws(ControlFailure) -> ControlResult {
+        let result: ControlResult
         do {
-            return try executeThrowing(request, progress: progress)
+            result = try executeThrowing(request, actor: actor, progress: progress)
         } catch let failure as ControlFailure {
             throw failure
         } catch {
             throw ControlFailure(error)
         }
+        do {
+            try auditIfChanging(request, result: result, actor: actor)
+        } catch {
+            throw ControlFailure(code: "audit", message: "the operation completed, but appending it to the audit log failed: \(error)")
+        }
+        return result
     }
 
-    private func executeThrowing(_ request: ControlRequest, progress: @escaping ProgressSink) throws -> ControlResult {
+    /// Appends one hash-chained audit record for every operation that changes the store.
+    private func auditIfChanging(_ request: ControlRequest, result: ControlResult, actor: String) throws {
+        guard let tenancy else { return }
+        switch request {
+        case let .create(name, size, blockSize, group):
+            try tenancy.audit(actor: actor, operation: "volume.create", target: name,
+                              details: ["size": "\(size)", "blockSize": "\(blockSize)", "group": group])
+        case let .snapshot(target):
+            let volume = String(target.split(separator: "@", maxSplits: 1).first ?? "")
+            try tenancy.audit(actor: actor, operation: "snapshot.create", target: volume, details: ["snapshot": target])
+        case let .share(snapshot, newName):
+            try tenancy.audit(actor: actor, operation: "share.create", target: newName, details: ["origin": snapshot])
+        case let .remove(name, force):
+            try tenancy.audit(actor: actor, operation: "image.delete", target: name, details: ["force": "\(force)"])
+        case let .resize(name, size):
+            try tenancy.audit(actor: actor, operation: "volume.resize", target: name, details: ["size": "\(size)"])
+        case let .importImage(path, name, _, group, _):
+            try tenancy.audit(actor: actor, operation: "volume.import", target: name, details: ["file": path, "group": group])
+        case .gc:
+            if case let .gc(report) = result {
+                try tenancy.audit(actor: actor, operation: "gc", target: storePath, details: ["report": "\(report)"])
+            }
+        default:
+            break
+        }
+    }
+
+    private func executeThrowing(_ request: ControlRequest, actor: String, progress: @escaping ProgressSink) throws -> ControlResult {
         switch request {
         case .ping:
             guard let status else { throw ControlFailure(code: "internal", message: "ping answered by the CLI itself") }
@@ -91,6 +142,22 @@ public final class ControlService: Sendable {
             return .stats(try statistics())
         case .gc:
             return .gc(try collectGarbage(progress: progress))
+        case let .tenancy(tenancyRequest):
+            guard let tenancy else {
+                throw ControlFailure(code: "not-supported", message: "accounting and leases are not available here")
+            }
+            switch tenancyRequest {
+            case let .leaseGrant(volume, _, _, _), let .leaseRenew(volume, _, _):
+                // Leases are on volumes that exist (a snapshot is leased by its full name).
+                _ = try store.info(volume)
+            default:
+                break
+            }
+            do {
+                return .tenancy(try tenancy.handle(tenancyRequest, actor: actor))
+            } catch let e as LeaseError {
+                throw ControlFailure(code: "lease", message: e.description)
+            }
         case let .cleanPagePut(domain, volume, offset, page):
             let pages = try cleanPageCache()
             guard page.count <= Limits.blockBytesMax else { throw ControlFailure(code: "invalid-argument", message: "a page is at most \(Limits.blockBytesMax) bytes") }

@@ -47,33 +47,44 @@ struct SpaceAllocator {
         return w >= bitmap.count || bitmap[w] & (1 << (s & 63)) == 0
     }
 
-    /// Finds `count` consecutive free sectors, preferring holes inside the file.
+    /// Sectors freed since the last scan that found nothing: scanning again before enough space
+    /// came free would fail the same way, so allocation appends instead (bounded work per write).
+    private var freedSinceFailedScan: UInt64 = .max
+
+    /// Finds `count` consecutive free sectors, preferring holes inside the file. A hole is looked
+    /// for a word (64 sectors) at a time with bit operations, for at most `scanWordsMax` words.
     mutating func allocate(_ count: Int) -> UInt64 {
+        precondition(count > 0)
         let freeInside = endSector - usedSectors
         // Reuse holes only when there is a fair amount of free space, so small holes in a full
-        // file do not make every allocation scan.
-        if freeInside >= UInt64(count) * 4 && !bitmap.isEmpty {
-            var scanned = 0
-            var w = cursor % bitmap.count
-            while scanned < SpaceAllocator.scanWordsMax && scanned < bitmap.count {
-                if bitmap[w] != ~0 {
-                    var s = UInt64(w) << 6
-                    let wordEnd = s + 64
-                    while s < wordEnd && s + UInt64(count) <= endSector {
-                        var run = 0
-                        while run < count && isFree(s + UInt64(run)) { run += 1 }
-                        if run == count {
+        // file do not make every allocation scan; runs longer than a word are always appended.
+        if count <= 32 && freeInside >= UInt64(count) * 4 && !bitmap.isEmpty
+            && freedSinceFailedScan >= UInt64(count) * 64 {
+            let limit = min(bitmap.count, SpaceAllocator.scanWordsMax)
+            var w = cursor < bitmap.count ? cursor : 0
+            for _ in 0..<limit {
+                let word = bitmap[w]
+                if word != ~0 {
+                    // Bit p of `starts` is set when sectors p..<p+count of this word are all free
+                    // (the shifts bring in zeros, so runs never cross the word's end).
+                    let free = ~word
+                    var starts = free
+                    var k = 1
+                    while k < count && starts != 0 { starts &= free >> UInt64(k); k += 1 }
+                    if starts != 0 {
+                        let s = UInt64(w) << 6 + UInt64(starts.trailingZeroBitCount)
+                        if s + UInt64(count) <= endSector {
                             markUsed(s, count: count)
-                            cursor = Int((s + UInt64(count)) >> 6)
+                            cursor = w
                             return s
                         }
-                        s += UInt64(run) + 1
                     }
                 }
-                w = (w + 1) % bitmap.count
-                scanned += 1
+                w += 1
+                if w == bitmap.count { w = 0 }
             }
             cursor = w
+            freedSinceFailedScan = 0
         }
         let s = endSector
         markUsed(s, count: count)
@@ -107,6 +118,7 @@ struct SpaceAllocator {
                 bitmap[w] &= ~(1 << b)
             }
             usedSectors -= UInt64(count)
+            if freedSinceFailedScan != .max { freedSinceFailedScan += UInt64(count) }
             let first = sector >> 3, last = (sector + UInt64(count) - 1) >> 3
             for p in first...last { pages.insert(p) }
         }

@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import Logging
 import NBDServer
+import VBDAccounting
 import VBDCache
 import VBDControl
 import VBDMetrics
@@ -34,6 +35,8 @@ struct ServeCommand: AsyncParsableCommand {
     var maxDataSize: String?
     @Option(help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics (cache tiers, per-volume cache counters, space and sharing).", valueName: "host:port"))
     var metrics: String?
+    @Flag(help: "Schedule I/O per domain (mClock: reservation, limit, weight; see docs/ACCOUNTING.md).") var schedule = false
+    @Flag(help: "Serve a volume only to a domain holding a lease on it (`vbdtool lease grant`).") var enforceLeases = false
     @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
     @OptionGroup var store: StoreOptions
 
@@ -86,8 +89,16 @@ struct ServeCommand: AsyncParsableCommand {
         } else {
             tls = .off
         }
+        // Accounting, leases and the audit log: charged per domain on every request, audited for
+        // every control operation, persisted in the store directory.
+        let tenancy: TenancyService
+        do { tenancy = try ControlService.openTenancy(storePath: storePath, leasesEnforced: enforceLeases) } catch {
+            try? store.close()
+            fail(ControlFailure(code: "audit", message: "cannot open the audit log and accounting state: \(error)"), json: false)
+        }
         let nbd = NBDServer(configuration: .init(exports: store, tcp: tcp, unixSocketPath: unix.map(absolutePath), tls: tls,
-                                                 logger: Logger(label: "vbd.nbd")))
+                                                 logger: Logger(label: "vbd.nbd"),
+                                                 tenancy: .init(service: tenancy, scheduling: schedule)))
         do { try await nbd.start() } catch {
             try? store.close()
             fail(ControlFailure(code: "io", message: "cannot start the NBD server: \(error)"), json: false)
@@ -98,7 +109,8 @@ struct ServeCommand: AsyncParsableCommand {
         let status = ServerStatus(pid: getpid(), storePath: storePath, nbdAddresses: addresses)
         let control = ControlServer(socketPath: ControlClient.socketPath(forStore: storePath),
                                     service: ControlService(store: store, storePath: storePath, cache: cache, status: status,
-                                                            cleanPages: CleanPageCache(cache: cache, oracle: StoreMappingOracle(store: store))),
+                                                            cleanPages: CleanPageCache(cache: cache, oracle: StoreMappingOracle(store: store)),
+                                                            tenancy: tenancy),
                                     logger: Logger(label: "vbd.control"))
         do { try control.start() } catch {
             await nbd.stop()
@@ -108,7 +120,23 @@ struct ServeCommand: AsyncParsableCommand {
         var metricsServer: MetricsHTTPServer?
         if let metrics {
             let (host, port) = try Self.parseListen(metrics)
-            let server = MetricsHTTPServer(metrics: StoreMetrics(store: store, cache: cache), host: host, port: port)
+            let storeMetrics = StoreMetrics(store: store, cache: cache)
+            storeMetrics.addSource { sink in
+                // Per-domain accounting and credit (issue 6): what each tenant used and was charged.
+                let stats = tenancy.statistics()
+                sink.gauge("vbd_device_utilisation", [:], stats.utilisation, help: "Device busy fraction used for congestion pricing")
+                sink.gauge("vbd_price_per_io_unit", [:], stats.price, help: "Credits charged per I/O unit now")
+                for d in stats.domains {
+                    let labels = ["domain": d.domain]
+                    sink.counter("vbd_domain_operations_total", labels, d.usage.operations.values.reduce(0, +), help: "Requests served per domain")
+                    sink.counter("vbd_domain_read_bytes_total", labels, d.usage.bytesRead, help: "Bytes read per domain")
+                    sink.counter("vbd_domain_written_bytes_total", labels, d.usage.bytesWritten, help: "Bytes written per domain")
+                    sink.counter("vbd_domain_device_microseconds_total", labels, UInt64(max(0, d.usage.deviceTime / .microseconds(1))), help: "Device time used per domain")
+                    sink.gauge("vbd_domain_charged_credits", labels, d.account.totalCharged, help: "Credits charged per domain")
+                    sink.gauge("vbd_domain_balance_credits", labels, d.account.balance, help: "Credit balance per domain (negative: overdraft)")
+                }
+            }
+            let server = MetricsHTTPServer(metrics: storeMetrics, host: host, port: port)
             do { try await server.start() } catch {
                 control.stop()
                 await nbd.stop()
@@ -126,6 +154,7 @@ struct ServeCommand: AsyncParsableCommand {
         await nbd.stop()
         await metricsServer?.stop()
         control.stop()
+        do { try tenancy.persist() } catch { logger.error("saving accounting state failed: \(error)") }
         do {
             try store.close()   // flushes and checkpoints
         } catch {
