@@ -73,6 +73,7 @@ public enum AuditOperation {
     public static let policySet = "policy.set"
     public static let creditTopUp = "credit.topup"
     public static let overdraftSet = "credit.overdraft"
+    public static let bindingSet = "binding.set"
 }
 
 /// Forensics for one volume between two points in time: which snapshots bound the interval, which

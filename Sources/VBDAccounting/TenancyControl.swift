@@ -96,3 +96,67 @@ extension TenancyService {
                                  totalCharged: snapshot.credits.totalCharged)
     }
 }
+
+/// One figure for the metrics endpoint, neutral of any metrics library: the serve command feeds
+/// these to `StoreMetrics.addSource` (`sink.counter` / `sink.gauge`).
+public struct TenancyMetric: Equatable, Sendable {
+    public enum Kind: Sendable { case counter, gauge }
+    public var name: String
+    public var labels: [String: String]
+    public var value: Double
+    public var kind: Kind
+    public var help: String
+}
+
+extension TenancyStatistics {
+    /// Per-domain counters and levels, Prometheus-style names (`vbd_domain_*`).
+    public var metrics: [TenancyMetric] {
+        var result: [TenancyMetric] = [
+            .init(name: "vbd_device_utilisation", labels: [:], value: utilisation, kind: .gauge,
+                  help: "Device busy time over wall time and device slots, smoothed"),
+            .init(name: "vbd_io_unit_price", labels: [:], value: price, kind: .gauge,
+                  help: "Credits charged per I/O unit at the current utilisation"),
+        ]
+        for row in domains {
+            let domain = ["domain": row.domain]
+            for (kind, count) in row.usage.operations.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
+                result.append(.init(name: "vbd_domain_operations_total", labels: ["domain": row.domain, "command": kind.rawValue],
+                                    value: Double(count), kind: .counter, help: "Requests completed, by command"))
+            }
+            result += [
+                .init(name: "vbd_domain_failed_operations_total", labels: domain, value: Double(row.usage.failedOperations),
+                      kind: .counter, help: "Requests answered with an error"),
+                .init(name: "vbd_domain_read_bytes_total", labels: domain, value: Double(row.usage.bytesRead),
+                      kind: .counter, help: "Bytes read"),
+                .init(name: "vbd_domain_written_bytes_total", labels: domain, value: Double(row.usage.bytesWritten),
+                      kind: .counter, help: "Bytes written"),
+                .init(name: "vbd_domain_device_seconds_total", labels: domain,
+                      value: Double(row.usage.deviceTime.components.seconds)
+                          + Double(row.usage.deviceTime.components.attoseconds) * 1e-18,
+                      kind: .counter, help: "Device time used"),
+                .init(name: "vbd_domain_io_units_total", labels: domain, value: row.usage.ioUnits, kind: .counter,
+                      help: "I/O units used (1 per request + 1 per 64 KiB)"),
+                .init(name: "vbd_domain_credits_charged_total", labels: domain, value: row.usage.creditsCharged,
+                      kind: .counter, help: "Credits charged under congestion pricing"),
+                .init(name: "vbd_domain_cache_hits_total", labels: domain, value: Double(row.usage.cacheHits),
+                      kind: .counter, help: "Reads served from the universal cache"),
+                .init(name: "vbd_domain_credit_balance", labels: domain, value: row.account.balance, kind: .gauge,
+                      help: "Credit balance (negative: overdraft)"),
+                .init(name: "vbd_domain_overdrawn", labels: domain, value: row.account.isOverdrawn ? 1 : 0, kind: .gauge,
+                      help: "1 while the domain is served only within its reservation"),
+            ]
+        }
+        return result
+    }
+}
+
+extension TenancyService {
+    /// Storage charged per domain from the store's per-image figures: an image belongs to the
+    /// domain its name is bound to, a snapshot (`VOLUME@NAME`) to its volume's domain.
+    public func storageShares(images: [ImageShareInput]) -> [DomainID: StorageShare] {
+        let bindings = snapshot().bindings
+        return StorageShares.perDomain(images: images) { name in
+            bindings[name] ?? name.split(separator: "@", maxSplits: 1).first.flatMap { bindings[String($0)] }
+        }
+    }
+}

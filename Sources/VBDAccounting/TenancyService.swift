@@ -66,12 +66,13 @@ public final class TenancyService: Sendable {
         var leases: LeaseTable
         var ledger: Ledger
         var meter: UtilisationMeter
-        var audit: AuditLog?
         var leasesEnforced: Bool
         var observers: [@Sendable (Lease, LeaseEnd) -> Void] = []
     }
 
     private let state: Mutex<State>
+    /// Separate from `state` so that appending (an fsync) never blocks request accounting.
+    private let audit: Mutex<AuditLog?>
     private let stateStorage: (any StateStorage)?
     private let clock: @Sendable () -> WallTime
     private let monotonic: @Sendable () -> Duration
@@ -105,7 +106,8 @@ public final class TenancyService: Sendable {
                                  credits: credits, leases: leases, ledger: ledger,
                                  meter: UtilisationMeter(parallelism: configuration.deviceParallelism,
                                                          start: monotonic()),
-                                 audit: audit, leasesEnforced: configuration.leasesEnforced))
+                                 leasesEnforced: configuration.leasesEnforced))
+        self.audit = Mutex(audit)
         self.stateStorage = stateStorage
         self.clock = clock
         self.monotonic = monotonic
@@ -175,30 +177,41 @@ public final class TenancyService: Sendable {
     @discardableResult
     public func grantLease(volume: String, domain: DomainID, mode: LeaseMode, duration: Duration,
                            actor: String) throws -> Lease {
-        let now = clock()
-        let (lease, ended, observers) = try state.withLock { state throws -> (Lease, [Lease], [@Sendable (Lease, LeaseEnd) -> Void]) in
-            let expired = try Self.expireLocked(&state, now: now)
-            let lease = try state.leases.grant(volume: volume, domain: domain, mode: mode, duration: duration, now: now)
-            try Self.auditLocked(&state, actor: actor, operation: AuditOperation.leaseGrant, target: volume,
-                                 details: Self.details(lease), time: now)
-            return (lease, expired, state.observers)
+        let (result, expired, observers) = try control { state, now in
+            // Expire first and log it even if the grant then fails, so no expiry goes unrecorded.
+            let expired = state.leases.expire(now: now)
+            var records = expired.map(Self.expiryRecord)
+            let result = Result<Lease, any Error> {
+                try state.leases.grant(volume: volume, domain: domain, mode: mode, duration: duration, now: now)
+            }
+            if case .success(let lease) = result {
+                records.append(PendingRecord(actor: actor, operation: AuditOperation.leaseGrant, target: volume,
+                                             details: Self.details(lease)))
+            }
+            return ((result, expired, state.observers), records)
         }
-        notify(observers, ended, .expired)
+        notify(observers, expired, .expired)
+        let lease = try result.get()
         try persist()
         return lease
     }
 
     @discardableResult
     public func renewLease(volume: String, domain: DomainID, duration: Duration, actor: String) throws -> Lease {
-        let now = clock()
-        let (lease, ended, observers) = try state.withLock { state throws -> (Lease, [Lease], [@Sendable (Lease, LeaseEnd) -> Void]) in
-            let expired = try Self.expireLocked(&state, now: now)
-            let lease = try state.leases.renew(volume: volume, domain: domain, duration: duration, now: now)
-            try Self.auditLocked(&state, actor: actor, operation: AuditOperation.leaseRenew, target: volume,
-                                 details: Self.details(lease), time: now)
-            return (lease, expired, state.observers)
+        let (result, expired, observers) = try control { state, now in
+            let expired = state.leases.expire(now: now)
+            var records = expired.map(Self.expiryRecord)
+            let result = Result<Lease, any Error> {
+                try state.leases.renew(volume: volume, domain: domain, duration: duration, now: now)
+            }
+            if case .success(let lease) = result {
+                records.append(PendingRecord(actor: actor, operation: AuditOperation.leaseRenew, target: volume,
+                                             details: Self.details(lease)))
+            }
+            return ((result, expired, state.observers), records)
         }
-        notify(observers, ended, .expired)
+        notify(observers, expired, .expired)
+        let lease = try result.get()
         try persist()
         return lease
     }
@@ -206,15 +219,14 @@ public final class TenancyService: Sendable {
     /// Ends a lease now; `release` is the holder giving it up, otherwise an operator revoke.
     @discardableResult
     public func revokeLease(volume: String, domain: DomainID, actor: String, release: Bool = false) throws -> Lease {
-        let now = clock()
-        let (lease, observers) = try state.withLock { state throws -> (Lease, [@Sendable (Lease, LeaseEnd) -> Void]) in
+        let (lease, observers) = try control { state, now in
             let lease = try state.leases.revoke(volume: volume, domain: domain)
             var details = Self.details(lease)
             details["expiresAt"] = String(now.nanoseconds)
-            try Self.auditLocked(&state, actor: actor,
-                                 operation: release ? AuditOperation.leaseRelease : AuditOperation.leaseRevoke,
-                                 target: volume, details: details, time: now)
-            return (lease, state.observers)
+            let record = PendingRecord(actor: actor,
+                                       operation: release ? AuditOperation.leaseRelease : AuditOperation.leaseRevoke,
+                                       target: volume, details: details)
+            return ((lease, state.observers), [record])
         }
         notify(observers, [lease], release ? .released : .revoked)
         try persist()
@@ -224,9 +236,9 @@ public final class TenancyService: Sendable {
     /// Ends every lease past its expiry (the server calls this on a timer); returns them.
     @discardableResult
     public func expireLeases() throws -> [Lease] {
-        let now = clock()
-        let (ended, observers) = try state.withLock { state throws -> ([Lease], [@Sendable (Lease, LeaseEnd) -> Void]) in
-            (try Self.expireLocked(&state, now: now), state.observers)
+        let (ended, observers) = try control { state, now in
+            let expired = state.leases.expire(now: now)
+            return ((expired, state.observers), expired.map(Self.expiryRecord))
         }
         notify(observers, ended, .expired)
         if !ended.isEmpty { try persist() }
@@ -239,44 +251,40 @@ public final class TenancyService: Sendable {
 
     public func setPolicy(_ policy: SchedulingPolicy, for domain: DomainID, actor: String) throws {
         policy.validate()
-        let now = clock()
-        try state.withLock { state throws in
+        try control { state, _ in
             state.policies[domain] = policy
-            try Self.auditLocked(&state, actor: actor, operation: AuditOperation.policySet, target: domain.name, details: [
+            return ((), [PendingRecord(actor: actor, operation: AuditOperation.policySet, target: domain.name, details: [
                 "reservation": "\(policy.reservation)", "limit": policy.limit.map { "\($0)" } ?? "none",
                 "weight": "\(policy.weight)", "burstUnits": "\(policy.burstUnits)",
-            ], time: now)
+            ])])
         }
         try persist()
     }
 
     public func bind(export: String, to domain: DomainID, actor: String) throws {
-        let now = clock()
-        try state.withLock { state throws in
+        try control { state, _ in
             state.resolver.bindings[export] = domain
-            try Self.auditLocked(&state, actor: actor, operation: "binding.set", target: export,
-                                 details: ["domain": domain.name], time: now)
+            return ((), [PendingRecord(actor: actor, operation: AuditOperation.bindingSet, target: export,
+                                       details: ["domain": domain.name])])
         }
         try persist()
     }
 
     public func topUp(_ domain: DomainID, amount: Double, actor: String) throws {
-        let now = clock()
-        try state.withLock { state throws in
+        try control { state, _ in
             state.credits.topUp(domain, amount: amount)
-            try Self.auditLocked(&state, actor: actor, operation: AuditOperation.creditTopUp, target: domain.name,
-                                 details: ["amount": "\(amount)",
-                                           "balance": "\(state.credits.account(domain).balance)"], time: now)
+            return ((), [PendingRecord(actor: actor, operation: AuditOperation.creditTopUp, target: domain.name,
+                                       details: ["amount": "\(amount)",
+                                                 "balance": "\(state.credits.account(domain).balance)"])])
         }
         try persist()
     }
 
     public func setOverdraftLimit(_ domain: DomainID, limit: Double, actor: String) throws {
-        let now = clock()
-        try state.withLock { state throws in
+        try control { state, _ in
             state.credits.setOverdraftLimit(domain, limit: limit)
-            try Self.auditLocked(&state, actor: actor, operation: AuditOperation.overdraftSet, target: domain.name,
-                                 details: ["limit": "\(limit)"], time: now)
+            return ((), [PendingRecord(actor: actor, operation: AuditOperation.overdraftSet, target: domain.name,
+                                       details: ["limit": "\(limit)"])])
         }
         try persist()
     }
@@ -284,23 +292,50 @@ public final class TenancyService: Sendable {
     // MARK: Audit
 
     /// Appends a record for a control operation done elsewhere (create, snapshot, share, delete,
-    /// resize, gc). A no-op without an audit log.
+    /// resize, gc). Returns nil without an audit log.
     @discardableResult
     public func audit(actor: String, operation: String, target: String,
                       details: [String: String] = [:]) throws -> AuditRecord? {
-        let now = clock()
-        return try state.withLock { state throws in
-            try Self.auditLocked(&state, actor: actor, operation: operation, target: target, details: details,
-                                 time: now)
+        try audit.withLock { log throws -> AuditRecord? in
+            try log?.append(actor: actor, operation: operation, target: target, details: details, time: clock())
         }
     }
 
     public func auditRecords() throws -> [AuditRecord] {
-        try state.withLock { state throws in try state.audit?.records() ?? [] }
+        try audit.withLock { log throws in try log?.records() ?? [] }
     }
 
     public func verifyAudit(anchor: AuditAnchor? = nil) throws -> AuditVerification? {
-        try state.withLock { state throws in try state.audit?.verify(anchor: anchor) }
+        try audit.withLock { log throws in try log?.verify(anchor: anchor) }
+    }
+
+    /// A record a control operation produced, appended after the state lock is released.
+    private struct PendingRecord: Sendable {
+        var actor: String
+        var operation: String
+        var target: String
+        var details: [String: String]
+    }
+
+    /// Runs a control operation. Lock order: audit, then state. `change` mutates the state under
+    /// the state lock (short); its records are appended and fsynced holding only the audit lock, so
+    /// request accounting (state lock only) never waits for an fsync, while control operations stay
+    /// serialised and the log's order is the order the changes were applied in.
+    @discardableResult
+    private func control<Value: Sendable>(
+        _ change: (inout State, WallTime) throws -> (Value, [PendingRecord])
+    ) throws -> Value {
+        try audit.withLock { log throws -> Value in
+            let now = clock()
+            let (value, records) = try state.withLock { state throws -> (Value, [PendingRecord]) in
+                try change(&state, now)
+            }
+            for record in records {
+                try log?.append(actor: record.actor, operation: record.operation, target: record.target,
+                                details: record.details, time: now)
+            }
+            return value
+        }
     }
 
     // MARK: Persistence
@@ -318,20 +353,9 @@ public final class TenancyService: Sendable {
 
     // MARK: Private
 
-    private static func expireLocked(_ state: inout State, now: WallTime) throws -> [Lease] {
-        let expired = state.leases.expire(now: now)
-        for lease in expired {
-            try auditLocked(&state, actor: "server", operation: AuditOperation.leaseExpire, target: lease.volume,
-                            details: details(lease), time: now)
-        }
-        return expired
-    }
-
-    @discardableResult
-    private static func auditLocked(_ state: inout State, actor: String, operation: String, target: String,
-                                    details: [String: String], time: WallTime) throws -> AuditRecord? {
-        guard state.audit != nil else { return nil }
-        return try state.audit!.append(actor: actor, operation: operation, target: target, details: details, time: time)
+    private static func expiryRecord(_ lease: Lease) -> PendingRecord {
+        PendingRecord(actor: "server", operation: AuditOperation.leaseExpire, target: lease.volume,
+                      details: details(lease))
     }
 
     private static func details(_ lease: Lease) -> [String: String] {

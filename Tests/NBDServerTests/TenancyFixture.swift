@@ -14,6 +14,8 @@ final class TimedDevice: BlockDevice, @unchecked Sendable {
     let perRequest: Duration
     let bytesPerSecond: Double
     private let channels: DispatchSemaphore
+    /// Device calls started so far, so a test can wait until a request is surely in flight.
+    let started = Mutex(0)
 
     init(_ inner: MemoryBlockDevice, perRequest: Duration, bytesPerSecond: Double, channels: Int) {
         self.inner = inner
@@ -29,6 +31,7 @@ final class TimedDevice: BlockDevice, @unchecked Sendable {
     var isReadOnly: Bool { inner.isReadOnly }
 
     private func occupy(bytes: Int) {
+        started.withLock { $0 += 1 }
         channels.wait()
         defer { channels.signal() }
         let seconds = Double(perRequest.components.attoseconds) * 1e-18 + Double(perRequest.components.seconds)

@@ -58,8 +58,14 @@ extension RealServerTests {
 
             // Revoke while a write is in flight: the write completes and is answered, then the server closes.
             let payload = [UInt8](repeating: 0x77, count: 4096)
+            let startedBefore = device.started.withLock { $0 }
             client.sendRequest(NBDCommand.write.rawValue, handle: 4, offset: 8192, length: 4096, payload: payload)
-            try await Task.sleep(for: .milliseconds(100))
+            // Wait until the device call has begun (bounded), so the write is surely in flight.
+            let waitStart = ContinuousClock.now
+            while device.started.withLock({ $0 }) == startedBefore && ContinuousClock.now - waitStart < .seconds(10) {
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            try #require(device.started.withLock { $0 } > startedBefore, "the write never reached the device")
             try service.revokeLease(volume: "vol", domain: "alice", actor: "operator")
             let reply = client.receiveSimpleReply()
             #expect(reply?.handle == 4 && reply?.error == 0, "in-flight write answered before close")
@@ -91,6 +97,39 @@ extension RealServerTests {
             #expect(ledger.usage(of: "alice").failedOperations == 1)
             #expect(ledger.usage(of: "alice").bytesWritten == 512 + 4096)
             #expect(ledger.usage(of: "bob").operations[.read] == 1)
+        }
+
+        /// A domain's queue is bounded: past its capacity requests get ENOMEM at once, the queued
+        /// ones are served at the domain's limit, and the connection stays usable.
+        @Test func aFullDomainQueueRefusesTheExcessAndTheLimitPacesTheRest() async throws {
+            let service = try TenancyService(configuration: .init(
+                resolver: DomainResolver(bindings: ["vol": "greedy"]),
+                policies: ["greedy": SchedulingPolicy(limit: 10, burstUnits: 0, limitBurstUnits: 0, queueCapacity: 4)]))
+            let fixture = try await TenancyServer(devices: [MemoryBlockDevice(name: "vol", size: 1 << 20)],
+                                                  tenancy: .init(service: service))
+            defer { Task { await fixture.stop() } }
+            let client = try RawClient(socketPath: fixture.socketPath)
+            #expect(client.enterTransmission(export: "vol") != nil)
+            let started = ContinuousClock.now
+            for handle in 1...10 as ClosedRange<UInt64> {
+                client.sendRequest(NBDCommand.read.rawValue, handle: handle, offset: 0, length: 512)
+            }
+            var errors: [UInt32] = []
+            for _ in 1...10 {
+                guard let reply = client.receiveSimpleReply() else { Issue.record("no reply"); return }
+                if reply.error == 0 { _ = client.receive(512) }
+                errors.append(reply.error)
+            }
+            let elapsed = ContinuousClock.now - started
+            // One dispatched at once, four queued, five refused (arrival order may interleave with dispatch,
+            // so at least five are refused and at most five served).
+            #expect(errors.filter { $0 == NBDError.noMemory.rawValue }.count >= 5, "\(errors)")
+            let served = errors.filter { $0 == 0 }.count
+            #expect(served >= 1 && served <= 5, "\(errors)")
+            // At 10 units/s (1.0078 units per 512-byte read), the served ones after the first take >= 0.1 s each.
+            #expect(elapsed >= .milliseconds(Int64(95 * (served - 1))), "served \(served) in \(elapsed)")
+            #expect(request(client, .read, handle: 99, length: 512) == 0, "the connection still works")
+            #expect(service.snapshot().ledger.usage(of: "greedy").failedOperations >= 5)
         }
 
         @Test(.enabled(if: Tool.fioHasNBDEngine))

@@ -44,3 +44,30 @@ import Testing
         #expect(cut.count == 1 && cut[0].contains("removed"))
     }
 }
+
+@Suite struct TenancyMetricsTests {
+    @Test func metricsMirrorTheLedgerAndStorageFollowsBindings() throws {
+        let service = try TenancyService(configuration: .init(resolver: DomainResolver(bindings: ["vm": "alice"])))
+        service.requestCompleted(domain: "alice", kind: .write, bytes: 65536, deviceTime: .milliseconds(2), failed: false)
+        service.requestCompleted(domain: "alice", kind: .read, bytes: 4096, deviceTime: .milliseconds(1), failed: true)
+        let metrics = service.statistics().metrics
+        func value(_ name: String, _ labels: [String: String]) -> Double? {
+            metrics.first { $0.name == name && $0.labels == labels }?.value
+        }
+        #expect(value("vbd_domain_operations_total", ["domain": "alice", "command": "write"]) == 1)
+        #expect(value("vbd_domain_operations_total", ["domain": "alice", "command": "read"]) == 1)
+        #expect(value("vbd_domain_failed_operations_total", ["domain": "alice"]) == 1)
+        #expect(value("vbd_domain_written_bytes_total", ["domain": "alice"]) == 65536)
+        #expect(value("vbd_domain_read_bytes_total", ["domain": "alice"]) == 0)
+        #expect(abs(value("vbd_domain_device_seconds_total", ["domain": "alice"])! - 0.003) < 1e-12)
+        let expectedUnits: Double = 2 + 1.0625   // a 64 KiB write costs 2 units, a 4 KiB read 1.0625
+        #expect(value("vbd_domain_io_units_total", ["domain": "alice"]) == expectedUnits)
+        let shares = service.storageShares(images: [
+            ImageShareInput(name: "vm", fairStoredBytes: 100, exclusiveStoredBytes: 50),
+            ImageShareInput(name: "vm@monday", fairStoredBytes: 20, exclusiveStoredBytes: 0),
+            ImageShareInput(name: "base", fairStoredBytes: 30, exclusiveStoredBytes: 30),
+        ])
+        #expect(shares["alice"]?.fairStoredBytes == 120 && shares["alice"]?.images == ["vm", "vm@monday"])
+        #expect(shares[.anonymous]?.fairStoredBytes == 30)
+    }
+}

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Hostile-workload measurement through `vbdtool serve` (the real store, a real data file):
+# a victim domain doing 4 KiB random reads at QD1 beside a "bulk" domain writing 1 MiB at QD64
+# and a "flood" domain sending 512-byte reads at QD64. Three runs, each on a fresh server:
+#   alone        victim only (serve without --schedule)
+#   unscheduled  victim + both attackers, serve without --schedule (accounting only)
+#   scheduled    victim + both attackers, serve --schedule (mClock; policies below)
+# Prints the victim's p50/p99 completion latency (µs) and IOPS, and the attackers' rates.
+#
+#   VBDTOOL=.build/release/vbdtool Benchmarks/hostile.sh
+#   RUNTIME=8 VICTIM_RESERVATION=8000 BULK_LIMIT=600 FLOOD_LIMIT=1500 Benchmarks/hostile.sh
+#
+# Policies (I/O units/s; a unit is one request plus one per 64 KiB, docs/ACCOUNTING.md):
+# victim reservation $VICTIM_RESERVATION weight 4; bulk limit $BULK_LIMIT; flood limit $FLOOD_LIMIT.
+# Bounded: every fio run has a runtime and is killed after runtime + 60 s; the server is stopped
+# after each run and on exit. Unix socket only.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+VBDTOOL="${VBDTOOL:-$repo/.build/release/vbdtool}"
+RUNTIME="${RUNTIME:-5}"
+VICTIM_RESERVATION="${VICTIM_RESERVATION:-8000}"
+BULK_LIMIT="${BULK_LIMIT:-600}"
+FLOOD_LIMIT="${FLOOD_LIMIT:-1500}"
+for tool in fio python3 nbdcopy; do command -v "$tool" >/dev/null || { echo "SKIP: $tool missing"; exit 77; }; done
+[ -x "$VBDTOOL" ] || { echo "SKIP: $VBDTOOL not built (swift build -c release --product vbdtool)"; exit 77; }
+fio --enghelp=nbd >/dev/null 2>&1 || { echo "SKIP: fio has no nbd engine"; exit 77; }
+
+work="$(mktemp -d /tmp/vbd-hostile.XXXXXX)"
+server_pid=""
+stop_server() { if [ -n "$server_pid" ]; then kill -INT "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; server_pid=""; fi; }
+trap 'stop_server; rm -rf "$work"' EXIT
+store="$work/store" sock="$work/nbd.sock"
+uri() { echo "nbd+unix:///$1?socket=$sock"; }
+
+"$VBDTOOL" init --store "$store" >/dev/null
+for v in victim flood bulk; do
+    "$VBDTOOL" create "$v" --size 256M --store "$store" >/dev/null
+    "$VBDTOOL" domain bind "$v" "$v" --store "$store" >/dev/null
+done
+"$VBDTOOL" domain policy victim --reservation "$VICTIM_RESERVATION" --weight 4 --store "$store" >/dev/null
+"$VBDTOOL" domain policy bulk --limit "$BULK_LIMIT" --store "$store" >/dev/null
+"$VBDTOOL" domain policy flood --limit "$FLOOD_LIMIT" --store "$store" >/dev/null
+
+start_server() {
+    "$VBDTOOL" serve --store "$store" --unix "$sock" "$@" >"$work/serve.log" 2>&1 &
+    server_pid=$!
+    for _ in $(seq 1 100); do [ -S "$sock" ] && "$VBDTOOL" status --store "$store" >/dev/null 2>&1 && return 0; sleep 0.1; done
+    echo "server did not start"; cat "$work/serve.log"; exit 1
+}
+
+# Fill the read targets with incompressible data so reads reach the data file (holes are not read).
+start_server
+head -c 64M /dev/urandom > "$work/fill.img"
+nbdcopy "$work/fill.img" "$(uri victim)"
+nbdcopy "$work/fill.img" "$(uri flood)"
+stop_server
+
+run_fio() { # name export extra-args... ; writes $work/$name.json
+    local name="$1" export="$2"; shift 2
+    timeout $((RUNTIME + 60)) fio --name="$name" --ioengine=nbd --uri="$(uri "$export")" --size=64M \
+        --time_based --output-format=json --output="$work/$name.json" "$@"
+}
+
+row() { # mode
+    python3 - "$1" "$work" <<'PY'
+import json, os, sys
+mode, work = sys.argv[1], sys.argv[2]
+def job(name):
+    path = os.path.join(work, name + ".json")
+    if not os.path.exists(path): return None
+    text = open(path).read(); return json.loads(text[text.index("{"):])["jobs"][0]
+v = job("victim")["read"]
+p = v["clat_ns"]["percentile"]
+b, f = job("bulk"), job("flood")
+print(f"| {mode} | {p['50.000000']/1000:.0f} | {p['99.000000']/1000:.0f} | {v['iops']:.0f} | "
+      f"{(b['write']['iops'] if b else 0):.0f} | {(f['read']['iops'] if f else 0):.0f} |")
+PY
+}
+
+echo "| run | victim p50 (µs) | victim p99 (µs) | victim IOPS | bulk 1 MiB writes/s | flood IOPS |"
+echo "|---|---|---|---|---|---|"
+for mode in alone unscheduled scheduled; do
+    rm -f "$work"/*.json
+    if [ "$mode" = scheduled ]; then start_server --schedule; else start_server; fi
+    pids=()
+    if [ "$mode" != alone ]; then
+        run_fio bulk bulk --rw=randwrite --bs=1M --iodepth=64 --runtime=$((RUNTIME + 1)) & pids+=($!)
+        run_fio flood flood --rw=randread --bs=512 --iodepth=64 --runtime=$((RUNTIME + 1)) & pids+=($!)
+        sleep 0.5
+    fi
+    run_fio victim victim --rw=randread --bs=4k --iodepth=1 --runtime="$RUNTIME" --percentile_list=50:99
+    for pid in "${pids[@]}"; do wait "$pid"; done
+    stop_server
+    row "$mode"
+done
+echo
+echo "(load average: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) cores)"
