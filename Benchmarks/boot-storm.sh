@@ -206,6 +206,17 @@ for server in $SERVERS; do
         du -sk "$work/vbd-store" | awk '{ printf "store size after fill + shares: %.0f MiB\n", $1 / 1024 }' \
             | tee -a "$OUT/environment.txt" >&2
         results+=("$(storm "$server" "${uris[@]}")")
+        # The universal cache against the image's unique data: one copy for all 32 shares.
+        if [ "$vbd_overridden" = 0 ] && "$VBDTOOL" stats --json --store "$work/vbd-store" >"$OUT/$server/stats.json" 2>/dev/null; then
+            python3 - "$OUT/$server/stats.json" <<'PY' | tee -a "$OUT/environment.txt" >&2
+import json, sys
+s = json.load(open(sys.argv[1]))
+c = s.get("cache") or {}
+held, unique = c.get("bytesHeld", 0), s["chunkRawBytes"]
+print(f"cache after the storm: {held / 2**20:.1f} MiB held for {unique / 2**20:.1f} MiB of unique data "
+      f"({held / max(unique, 1):.3f}x); hits {c.get('hits')}, last-chance hits {c.get('lastChanceHits')}, misses {c.get('misses')}")
+PY
+        fi
         stop_servers
         rm -rf "$work/vbd-store"
         ;;
