@@ -1,4 +1,3 @@
-import Glibc
 import VBDCore
 
 // MARK: - Records: one code path for live changes and for replay
@@ -366,8 +365,6 @@ extension Store {
 
     // MARK: Recovery
 
-    var traceReplay: Bool { getenv("VBD_TRACE_REPLAY") != nil }
-
     func recover() throws {
         let slots = try readSuperblockSlots()
         guard let slot = slots.first else { throw StoreError.corrupted("no valid superblock in \(directory.path)") }
@@ -404,7 +401,6 @@ extension Store {
                 do { record = try JournalRecord.decode(&r) } catch {
                     throw StoreError.corrupted("journal-\(generation) frame has a malformed record")
                 }
-                if traceReplay { print("replay gen \(generation): \(record)") }
                 try apply(record)
             }
         }
