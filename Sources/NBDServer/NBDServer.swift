@@ -105,7 +105,7 @@ public final class NBDServer: Sendable {
         var scheduler: NBDIOScheduler?
         if let tenancy = configuration.tenancy {
             if tenancy.scheduling {
-                let slots = tenancy.deviceSlots ?? max(1, configuration.ioThreadsPerPool)
+                let slots = tenancy.deviceSlots ?? max(2, min(configuration.ioThreadsPerPool, System.coreCount))
                 scheduler = NBDIOScheduler(tenancy: tenancy.service, deviceSlots: slots,
                                            reservedSlots: min(max(0, tenancy.reservedSlots), slots - 1),
                                            timerLoop: group.next())
