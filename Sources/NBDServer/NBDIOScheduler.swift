@@ -80,6 +80,20 @@ final class NBDIOScheduler: Sendable {
 
     var queuedCount: Int { state.withLock { $0.scheduler.queuedCount } }
 
+    /// Lifts the restriction of domains that are no longer overdrawn (after a top-up) and
+    /// dispatches what became eligible. Called periodically: a restricted domain with no
+    /// reservation has nothing eligible, so no completion or timer would otherwise wake it.
+    func refresh() {
+        let restricted = state.withLock { $0.scheduler.reservationOnlyDomains }
+        let lifted = restricted.filter { !tenancy.isOverdrawn($0) }
+        if !lifted.isEmpty {
+            state.withLock { state in
+                for domain in lifted { state.scheduler.setReservationOnly(false, for: domain) }
+            }
+        }
+        pump()
+    }
+
     private func pump() {
         let time = now
         let weightSlots = deviceSlots - reservedSlots

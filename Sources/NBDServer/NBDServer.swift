@@ -105,12 +105,12 @@ public final class NBDServer: Sendable {
         var scheduler: NBDIOScheduler?
         if let tenancy = configuration.tenancy {
             if tenancy.scheduling {
-                let slots = tenancy.deviceSlots ?? max(1, configuration.ioThreadsPerPool)
+                let slots = tenancy.deviceSlots ?? max(2, min(configuration.ioThreadsPerPool, System.coreCount))
                 scheduler = NBDIOScheduler(tenancy: tenancy.service, deviceSlots: slots,
                                            reservedSlots: min(max(0, tenancy.reservedSlots), slots - 1),
                                            timerLoop: group.next())
             }
-            startTenancyTimers(tenancy, loop: group.next())
+            startTenancyTimers(tenancy, scheduler: scheduler, loop: group.next())
         }
         let environment = NBDConnectionHandler.Environment(
             exports: configuration.exports, limits: configuration.limits, tlsPolicy: tlsPolicy,
@@ -146,7 +146,7 @@ public final class NBDServer: Sendable {
     }
 
     /// Lease expiry closes connections; balances and charges are persisted periodically.
-    private func startTenancyTimers(_ tenancy: Tenancy, loop: any EventLoop) {
+    private func startTenancyTimers(_ tenancy: Tenancy, scheduler: NBDIOScheduler?, loop: any EventLoop) {
         let service = tenancy.service
         let logger = configuration.logger
         service.addLeaseEndObserver { [weak self] lease, end in
@@ -161,6 +161,7 @@ public final class NBDServer: Sendable {
         let expiry = loop.scheduleRepeatedTask(initialDelay: TimeAmount(tenancy.leaseCheckInterval),
                                                delay: TimeAmount(tenancy.leaseCheckInterval)) { _ in
             do { try service.expireLeases() } catch { logger.error("lease expiry failed: \(error)") }
+            scheduler?.refresh()
         }
         let persistence = loop.scheduleRepeatedTask(initialDelay: TimeAmount(tenancy.persistInterval),
                                                     delay: TimeAmount(tenancy.persistInterval)) { _ in

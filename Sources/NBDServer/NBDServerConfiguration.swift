@@ -116,7 +116,10 @@ extension NBDServer {
         /// charged and leases still enforced, but run in arrival order.
         public var scheduling: Bool
         /// Requests on the device at once when scheduling. Fewer slots give the scheduler more say
-        /// (and the device less parallelism); the default matches the read pool.
+        /// (and the device less parallelism). Default: the number of cores (at least 2, at most
+        /// `ioThreadsPerPool`): the store's hashing and compression make requests CPU-bound, and
+        /// more concurrent requests than cores only time-slice a reserved tenant's request with
+        /// the others' (Benchmarks/hostile.sh: victim p99 4.7 ms with 8 slots, 2.3-3.5 ms with 2).
         public var deviceSlots: Int?
         /// Slots only reservation-phase requests may use, so a reserved tenant never waits behind
         /// requests served by weight (see ``NBDIOScheduler``). Clamped to deviceSlots - 1.

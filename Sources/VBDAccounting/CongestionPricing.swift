@@ -85,18 +85,22 @@ public struct UtilisationMeter: Sendable, Equatable {
 /// One domain's credit account.
 public struct CreditAccount: Sendable, Equatable, Codable {
     public var balance: Double
-    /// How far below zero the balance may go before the domain is restricted to its reservation.
-    public var overdraftLimit: Double
+    /// How far below zero the balance may go before the domain is restricted to its reservation;
+    /// nil: no limit (charges are still taken and shown, but the domain is never restricted).
+    public var overdraftLimit: Double?
     public var totalCharged: Double = 0
     public var totalToppedUp: Double = 0
     public var charges: UInt64 = 0
 
-    public init(balance: Double = 0, overdraftLimit: Double = 0) {
+    public init(balance: Double = 0, overdraftLimit: Double? = nil) {
         self.balance = balance
         self.overdraftLimit = overdraftLimit
     }
 
-    public var isOverdrawn: Bool { balance < -overdraftLimit }
+    public var isOverdrawn: Bool {
+        guard let overdraftLimit else { return false }
+        return balance < -overdraftLimit
+    }
 }
 
 /// The result of one charge, for the ledger and for the scheduler.
@@ -120,8 +124,11 @@ public struct CreditBook: Sendable, Equatable, Codable {
     public private(set) var totalCharged: Double = 0
     public static let accountsMax = 4096
 
-    public init(priceFunction: PriceFunction = .init(), defaultAccount: CreditAccount = .init(balance: 1e6,
-                overdraftLimit: 1e5), accounts: [DomainID: CreditAccount] = [:]) {
+    /// The default account has no overdraft limit: until an operator sets one for a domain, charges
+    /// accumulate (visible, persisted) but nobody is restricted. A finite default would silently
+    /// cut off every tenant of a server whose operator never configured credit.
+    public init(priceFunction: PriceFunction = .init(), defaultAccount: CreditAccount = .init(balance: 0),
+                accounts: [DomainID: CreditAccount] = [:]) {
         self.priceFunction = priceFunction
         self.defaultAccount = defaultAccount
         self.accounts = accounts

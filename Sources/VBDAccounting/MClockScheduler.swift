@@ -149,6 +149,9 @@ public struct MClockScheduler<Item> {
 
     public func isReservationOnly(_ domain: DomainID) -> Bool { domains[domain]?.reservationOnly ?? false }
 
+    /// Domains currently restricted to their reservation (to re-check after a top-up).
+    public var reservationOnlyDomains: [DomainID] { domains.filter { $0.value.reservationOnly }.map(\.key) }
+
     public func queuedCount(of domain: DomainID) -> Int { domains[domain]?.queue.count ?? 0 }
 
     /// Queues a request of `cost` I/O units that arrived at `now`.

@@ -132,12 +132,35 @@ extension RealServerTests {
             #expect(service.snapshot().ledger.usage(of: "greedy").failedOperations >= 5)
         }
 
+        /// Past its overdraft limit a domain with no reservation is not served; a top-up lets its
+        /// waiting request through without the client doing anything.
+        @Test func anOverdrawnDomainWaitsUntilTopUp() async throws {
+            let service = try TenancyService(configuration: .init(
+                resolver: DomainResolver(bindings: ["vol": "spender"]),
+                credits: CreditBook(defaultAccount: .init(balance: 1.5, overdraftLimit: 0))))
+            let fixture = try await TenancyServer(devices: [MemoryBlockDevice(name: "vol", size: 1 << 20)],
+                                                  tenancy: .init(service: service, leaseCheckInterval: .milliseconds(50)))
+            defer { Task { await fixture.stop() } }
+            let client = try RawClient(socketPath: fixture.socketPath, receiveTimeout: .seconds(1))
+            #expect(client.enterTransmission(export: "vol") != nil)
+            // Each 512-byte read costs ~1.008 units at >= 1 credit: two reads take the balance below 0.
+            #expect(request(client, .read, handle: 1, length: 512) == 0)
+            #expect(request(client, .read, handle: 2, length: 512) == 0)
+            #expect(service.isOverdrawn("spender"))
+            client.sendRequest(NBDCommand.read.rawValue, handle: 3, offset: 0, length: 512)
+            #expect(client.receiveSimpleReply() == nil, "an overdrawn domain without reservation was served")
+            try service.topUp("spender", amount: 100, actor: "operator")
+            var reply: (error: UInt32, handle: UInt64)?
+            for _ in 0..<5 where reply == nil { reply = client.receiveSimpleReply() }
+            #expect(reply?.handle == 3 && reply?.error == 0, "served after the top-up")
+        }
+
         @Test(.enabled(if: Tool.fioHasNBDEngine))
         func everyRequestFioMakesIsChargedToItsDomain() async throws {
             let state = MemoryStateStorage()
             let service = try TenancyService(
                 configuration: .init(resolver: DomainResolver(bindings: ["a": "alice", "b": "bob"]),
-                                     credits: CreditBook(defaultAccount: .init(balance: 1e9, overdraftLimit: 0))),
+                                     credits: CreditBook(defaultAccount: .init(balance: 1e9))),
                 stateStorage: state)
             let devices: [any BlockDevice] = [MemoryBlockDevice(name: "a", size: 16 << 20),
                                               MemoryBlockDevice(name: "b", size: 16 << 20)]
