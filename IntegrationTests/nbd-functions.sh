@@ -49,6 +49,25 @@ start_server() {
     exit 1
 }
 
+# start_metrics_server LOG [serve options...]: vbdtool serve on $SOCK with --metrics on a free
+# port; sets SERVER_PID and URL (the metrics address, read from the server's log).
+start_metrics_server() {
+    local log="$TMPDIR_TEST/$1"; shift
+    SOCK="$TMPDIR_TEST/nbd.sock"
+    "$VBDTOOL" serve --store "$STORE" --unix "$SOCK" --metrics 127.0.0.1:0 "$@" >"$log" 2>&1 &
+    SERVER_PID=$!
+    cleanup_fn "kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null"
+    URL=""
+    for _ in $(seq 1 100); do
+        URL=$(grep -o 'http://127.0.0.1:[0-9]*/metrics' "$log" | head -1 || true)
+        [ -n "$URL" ] && [ -S "$SOCK" ] && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    cat "$log"
+    fail "server with metrics did not start"
+}
+
 uri() { echo "nbd+unix:///$1?socket=$SOCK"; }
 
 fail() { echo "FAIL: $*"; [ -f "$TMPDIR_TEST/serve.log" ] && tail -n 20 "$TMPDIR_TEST/serve.log"; exit 1; }

@@ -8,17 +8,7 @@ requires_vbdtool_serve
 
 make_store 64M
 "$VBDTOOL" create img --size 8M --store "$STORE" >/dev/null
-SOCK="$TMPDIR_TEST/nbd.sock"
-"$VBDTOOL" serve --store "$STORE" --unix "$SOCK" --metrics 127.0.0.1:0 >"$TMPDIR_TEST/serve.log" 2>&1 &
-SERVER_PID=$!
-cleanup_fn "kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null"
-URL=""
-for _ in $(seq 1 100); do
-    URL=$(grep -o 'http://127.0.0.1:[0-9]*/metrics' "$TMPDIR_TEST/serve.log" | head -1 || true)
-    [ -n "$URL" ] && [ -S "$SOCK" ] && break
-    sleep 0.1
-done
-[ -n "$URL" ] || fail "no metrics URL in the server log"
+start_metrics_server serve.log
 
 metric() {  # metric SERIES: its value, 0 if absent
     python3 - "$URL" "$1" <<'PY'
@@ -67,16 +57,7 @@ alloc=$(metric 'vbd_image_allocated_bytes{image="vm1"}')
 # NBD_CMD_CACHE loads a range into a cold cache: restart the server, CACHE 1 MiB of vm1, then
 # reading it hits for every block and misses nothing more.
 kill -INT $SERVER_PID; wait $SERVER_PID || true
-"$VBDTOOL" serve --store "$STORE" --unix "$SOCK" --metrics 127.0.0.1:0 >"$TMPDIR_TEST/serve2.log" 2>&1 &
-SERVER_PID=$!
-cleanup_fn "kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null"
-URL=""
-for _ in $(seq 1 100); do
-    URL=$(grep -o 'http://127.0.0.1:[0-9]*/metrics' "$TMPDIR_TEST/serve2.log" | head -1 || true)
-    [ -n "$URL" ] && [ -S "$SOCK" ] && break
-    sleep 0.1
-done
-[ -n "$URL" ] || fail "no metrics URL after restart"
+start_metrics_server serve2.log
 h0=$(metric 'vbd_cache_hits_total{tier="main"}'); m0=$(metric 'vbd_cache_misses_total')
 nbdsh -u "$(uri vm1)" -c 'assert h.can_cache(); h.cache(1 << 20, 0)'
 h1=$(metric 'vbd_cache_hits_total{tier="main"}'); m1=$(metric 'vbd_cache_misses_total')

@@ -8,11 +8,7 @@ requires_vbdtool_serve
 
 make_store 16M
 "$VBDTOOL" domain bind vol alice --store "$STORE" >/dev/null
-SOCK="$TMPDIR_TEST/nbd.sock"
-"$VBDTOOL" serve --store "$STORE" --unix "$SOCK" --enforce-leases --metrics 127.0.0.1:0 >"$TMPDIR_TEST/serve.log" 2>&1 &
-SERVER_PID=$!
-cleanup_fn "kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null"
-for _ in $(seq 1 100); do "$VBDTOOL" status --store "$STORE" >/dev/null 2>&1 && [ -S "$SOCK" ] && break; sleep 0.1; done
+start_metrics_server serve.log --enforce-leases
 
 # No lease: alice's connection to vol is refused.
 if nbdsh -u "$(uri vol)" -c 'h.pread(4096, 0)' 2>/dev/null; then fail "served without a lease"; fi
@@ -31,7 +27,6 @@ print([d for d in s["domains"] if d["domain"] == "alice"][0]["usage"]["bytesWrit
 [ "$written" -ge $((1 << 20)) ] || fail "alice was charged $written bytes written, expected at least 1 MiB"
 
 # The metrics endpoint shows the same charge.
-URL=$(grep -o 'http://127.0.0.1:[0-9]*/metrics' "$TMPDIR_TEST/serve.log" | head -1)
 python3 - "$URL" <<'PY' || fail "metrics do not show alice's writes"
 import sys, urllib.request
 body = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()

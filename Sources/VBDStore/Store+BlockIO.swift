@@ -422,12 +422,15 @@ extension Store {
     /// After a change: FUA flushes; a large unflushed journal flushes implicitly (bounded memory).
     func afterChange(fua: Bool) throws(BlockDeviceError) {
         let big = mutex.withLock { pending.bytes.count >= options.pendingJournalBytesMax }
-        if fua || big {
-            do { try flush() } catch let e as StoreError {
-                throw e == .noSpace ? .noSpace : .io(e.description)
-            } catch {
-                throw .io("\(error)")
-            }
+        if fua || big { try flushForDevice() }
+    }
+
+    /// `flush()` with its error mapped for a block device (NBD FLUSH, FUA, implicit flushes).
+    func flushForDevice() throws(BlockDeviceError) {
+        do { try flush() } catch let e as StoreError {
+            throw e == .noSpace ? .noSpace : .io(e.description)
+        } catch {
+            throw .io("\(error)")
         }
     }
 

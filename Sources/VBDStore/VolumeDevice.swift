@@ -46,11 +46,7 @@ public final class VolumeDevice: BlockDevice, @unchecked Sendable {
     }
 
     public func flush() throws(BlockDeviceError) {
-        do { try store.flush() } catch let e as StoreError {
-            throw e == .noSpace ? .noSpace : .io(e.description)
-        } catch {
-            throw .io("\(error)")
-        }
+        try store.flushForDevice()
     }
 
     public func prefetch(offset: UInt64, length: UInt64) throws(BlockDeviceError) {
