@@ -9,6 +9,7 @@
 #
 #   VBDTOOL=.build/release/vbdtool Benchmarks/hostile.sh
 #   RUNTIME=8 VICTIM_RESERVATION=8000 BULK_LIMIT=600 FLOOD_LIMIT=1500 Benchmarks/hostile.sh
+#   ATTACKERS=bulk MODES="alone scheduled" Benchmarks/hostile.sh   # one attacker, two of the runs
 #
 # Policies (I/O units/s; a unit is one request plus one per 64 KiB, docs/ACCOUNTING.md):
 # victim reservation $VICTIM_RESERVATION weight 4; bulk limit $BULK_LIMIT; flood limit $FLOOD_LIMIT.
@@ -23,6 +24,9 @@ RUNTIME="${RUNTIME:-5}"
 VICTIM_RESERVATION="${VICTIM_RESERVATION:-8000}"
 BULK_LIMIT="${BULK_LIMIT:-600}"
 FLOOD_LIMIT="${FLOOD_LIMIT:-1500}"
+ATTACKERS="${ATTACKERS:-bulk flood}"          # which attackers run beside the victim
+MODES="${MODES:-alone unscheduled scheduled}" # which of the three runs to make
+SCHEDULE_OPTIONS="${SCHEDULE_OPTIONS:-}"      # e.g. "--reserved-slots 0" for the scheduled run
 for tool in fio python3 nbdcopy; do command -v "$tool" >/dev/null || { echo "SKIP: $tool missing"; exit 77; }; done
 [ -x "$VBDTOOL" ] || { echo "SKIP: $VBDTOOL not built (swift build -c release --product vbdtool)"; exit 77; }
 fio --enghelp=nbd >/dev/null 2>&1 || { echo "SKIP: fio has no nbd engine"; exit 77; }
@@ -81,13 +85,15 @@ PY
 
 echo "| run | victim p50 (µs) | victim p99 (µs) | victim IOPS | bulk 1 MiB writes/s | flood IOPS |"
 echo "|---|---|---|---|---|---|"
-for mode in alone unscheduled scheduled; do
+for mode in $MODES; do
     rm -f "$work"/*.json
-    if [ "$mode" = scheduled ]; then start_server --schedule; else start_server; fi
+    if [ "$mode" = scheduled ]; then start_server --schedule $SCHEDULE_OPTIONS; else start_server; fi
     pids=()
     if [ "$mode" != alone ]; then
-        run_fio bulk bulk --rw=randwrite --bs=1M --iodepth=64 --runtime=$((RUNTIME + 1)) & pids+=($!)
-        run_fio flood flood --rw=randread --bs=512 --iodepth=64 --runtime=$((RUNTIME + 1)) & pids+=($!)
+        case " $ATTACKERS " in *" bulk "*)
+            run_fio bulk bulk --rw=randwrite --bs=1M --iodepth=64 --runtime=$((RUNTIME + 1)) & pids+=($!) ;; esac
+        case " $ATTACKERS " in *" flood "*)
+            run_fio flood flood --rw=randread --bs=512 --iodepth=64 --runtime=$((RUNTIME + 1)) & pids+=($!) ;; esac
         sleep 0.5
     fi
     run_fio victim victim --rw=randread --bs=4k --iodepth=1 --runtime="$RUNTIME" --percentile_list=50:99

@@ -481,13 +481,34 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         let eventLoop = context.eventLoop
         if let scheduler = environment.scheduler, let session {
-            let work = NBDIOScheduler.Job { finished in
-                pool.runIfActive(eventLoop: eventLoop) { () -> MeasuredOutcome in
+            let pieces = job.pieceCount
+            let tracker = pieces > 1 ? NBDPieceTracker(pieces: pieces) : nil
+            let work = NBDIOScheduler.Job(pieces: pieces) { _, piece, finished in
+                pool.runIfActive(eventLoop: eventLoop) { () -> MeasuredOutcome? in
                     defer { finished() }
-                    return run()
+                    guard let tracker else { return run() }
+                    let started = ContinuousClock.now
+                    // After a failed piece the rest only count down: the reply is an error anyway.
+                    let error = tracker.hasFailed ? nil : job.runPiece(piece)
+                    guard let total = tracker.pieceDone(error: error, deviceTime: ContinuousClock.now - started) else {
+                        return nil  // other pieces are still to run; the last one replies
+                    }
+                    let finishing = ContinuousClock.now
+                    let outcome = job.finishPieces(firstError: total.firstError)
+                    return MeasuredOutcome(outcome: outcome, deviceTime: total.deviceTime + (ContinuousClock.now - finishing))
                 }.whenComplete { result in
-                    if case .failure = result { finished() }  // the closure never ran: free its slot
-                    promise.completeWith(result)
+                    switch result {
+                    case .success(let measured?):
+                        promise.succeed(measured)
+                    case .success(nil):
+                        break
+                    case .failure(let error):
+                        finished()  // the closure never ran: free its slot
+                        if let tracker, tracker.pieceDone(error: .gone("server is shutting down"), deviceTime: .zero) == nil {
+                            return
+                        }
+                        promise.fail(error)
+                    }
                 }
             }
             let cost = IOCost.units(kind: IOKind(operation.command) ?? .flush, bytes: operation.rangeBytes)
@@ -522,7 +543,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                                                   structured: job.structured, allocator: job.allocator)
             }
             self.charge(operation.command, bytes: operation.rangeBytes, deviceTime: deviceTime,
-                        failed: outcome.error != nil)
+                        failed: outcome.error != nil, sources: outcome.readSources)
             observer?(NBDRequestRecord(exportName: exportName, command: operation.command,
                                        bytes: operation.rangeBytes, duration: ContinuousClock.now - receivedAt,
                                        errorNumber: outcome.error?.rawValue))
@@ -544,10 +565,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         return tenancy.admits(volume: session.volume, domain: session.domain, write: kind.modifies)
     }
 
-    private func charge(_ command: NBDCommand, bytes: UInt64, deviceTime: Duration, failed: Bool) {
+    private func charge(_ command: NBDCommand, bytes: UInt64, deviceTime: Duration, failed: Bool,
+                        sources: ReadSources = ReadSources()) {
         guard let tenancy = environment.tenancy, let session, let kind = IOKind(command) else { return }
         tenancy.requestCompleted(domain: session.domain, kind: kind, bytes: bytes, deviceTime: deviceTime,
-                                 failed: failed)
+                                 failed: failed, cacheHits: sources.cacheHits, lastChanceHits: sources.lastChanceHits)
     }
 
     private func requestFinished(payloadBytes: Int, context: ChannelHandlerContext) {

@@ -22,9 +22,13 @@ import VBDAccounting
 /// `submit` and completions may come from any event loop or pool thread; state is behind one lock,
 /// and jobs are started outside it.
 final class NBDIOScheduler: Sendable {
-    /// Starts a request's work; must call `finished` exactly once when the device call is done.
+    /// Starts a request's work, one piece at a time; `start` must call `finished` exactly once
+    /// when that piece's device call is done.
     struct Job: Sendable {
-        var start: @Sendable (_ finished: @escaping @Sendable () -> Void) -> Void
+        /// Device calls the request is split into, each scheduled on its own (see ``MClockScheduler``).
+        var pieces = 1
+        var start: @Sendable (_ phase: MClockScheduler<Job>.Phase, _ piece: Int,
+                              _ finished: @escaping @Sendable () -> Void) -> Void
     }
 
     private struct State {
@@ -73,7 +77,7 @@ final class NBDIOScheduler: Sendable {
             if state.scheduler.isReservationOnly(domain) != overdrawn {
                 state.scheduler.setReservationOnly(overdrawn, for: domain)
             }
-            try state.scheduler.enqueue(job, domain: domain, cost: cost, now: time)
+            try state.scheduler.enqueue(job, domain: domain, cost: cost, pieces: job.pieces, now: time)
         }
         pump()
     }
@@ -97,14 +101,14 @@ final class NBDIOScheduler: Sendable {
     private func pump() {
         let time = now
         let weightSlots = deviceSlots - reservedSlots
-        let (jobs, wakeAt) = state.withLock { state -> ([(Job, MClockScheduler<Job>.Phase)], Double?) in
-            var jobs: [(Job, MClockScheduler<Job>.Phase)] = []
+        let (jobs, wakeAt) = state.withLock { state -> ([(Job, MClockScheduler<Job>.Phase, Int)], Double?) in
+            var jobs: [(Job, MClockScheduler<Job>.Phase, Int)] = []
             while state.running < deviceSlots,
                   let dispatch = state.scheduler.dequeue(now: time,
                                                          weightPhaseAllowed: state.runningByWeight < weightSlots) {
                 state.running += 1
                 if dispatch.phase == .weight { state.runningByWeight += 1 }
-                jobs.append((dispatch.item, dispatch.phase))
+                jobs.append((dispatch.item, dispatch.phase, dispatch.piece))
             }
             var wakeAt: Double?
             if state.running < deviceSlots, state.scheduler.queuedCount > 0,
@@ -115,8 +119,8 @@ final class NBDIOScheduler: Sendable {
             }
             return (jobs, wakeAt)
         }
-        for (job, phase) in jobs {
-            job.start { [self] in
+        for (job, phase, piece) in jobs {
+            job.start(phase, piece) { [self] in
                 state.withLock { state in
                     state.running -= 1
                     if phase == .weight { state.runningByWeight -= 1 }

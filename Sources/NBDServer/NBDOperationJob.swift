@@ -1,5 +1,6 @@
 import NBDProtocol
 import NIOCore
+import Synchronization
 import VBDCore
 
 /// One validated operation, run on an I/O thread: calls the device and encodes the complete reply.
@@ -12,6 +13,8 @@ struct NBDOperationJob: Sendable {
         var reply: ByteBuffer
         var error: NBDError?
         var message: String
+        /// Where a READ's blocks came from (cache, last-chance tier, disk), charged to the domain.
+        var readSources = ReadSources()
     }
 
     let operation: NBDOperation
@@ -64,6 +67,52 @@ struct NBDOperationJob: Sendable {
         }
     }
 
+    // MARK: Pieces
+
+    /// Under scheduling, a WRITE longer than this is done as device calls of at most this many
+    /// bytes, each scheduled on its own, so that a reserved domain waits behind one piece of
+    /// someone's large write rather than all of it (Benchmarks/hostile.sh, docs/ACCOUNTING.md).
+    static let pieceBytes = 64 * 1024
+
+    /// Device calls this operation is scheduled as.
+    var pieceCount: Int {
+        guard case .write(_, _, let length, _) = operation, Int(length) > Self.pieceBytes else { return 1 }
+        return (Int(length) + Self.pieceBytes - 1) / Self.pieceBytes
+    }
+
+    /// Writes piece `piece` of a split WRITE, without FUA (``finishPieces(firstError:)`` flushes once).
+    func runPiece(_ piece: Int) -> BlockDeviceError? {
+        guard case .write(_, let offset, let length, _) = operation, let payload else {
+            preconditionFailure("only a WRITE is split into pieces")
+        }
+        let start = piece * Self.pieceBytes
+        let end = min(Int(length), start + Self.pieceBytes)
+        precondition(start < end, "piece \(piece) is past the request")
+        var failure: BlockDeviceError?
+        payload.withUnsafeReadableBytes { bytes in
+            do throws(BlockDeviceError) {
+                try device.write(offset: offset + UInt64(start), data: UnsafeRawBufferPointer(rebasing: bytes[start..<end]),
+                                 fua: false)
+            } catch {
+                failure = error
+            }
+        }
+        return failure
+    }
+
+    /// The reply of a split WRITE once every piece is done: the first error, else (with FUA) a
+    /// flush that makes all pieces durable, as an unsplit FUA write would be.
+    func finishPieces(firstError: BlockDeviceError?) -> Outcome {
+        do throws(BlockDeviceError) {
+            if let firstError { throw firstError }
+            if case .write(_, _, _, true) = operation { try device.flush() }
+            return success(operation.handle)
+        } catch {
+            return Self.failure(operation, NBDError(error), error.description, structured: structured,
+                                allocator: allocator)
+        }
+    }
+
     static func failure(_ operation: NBDOperation, _ error: NBDError, _ message: String, structured: Bool,
                         allocator: ByteBufferAllocator) -> Outcome {
         var buffer = allocator.buffer(capacity: 64 + message.utf8.count)
@@ -93,6 +142,7 @@ struct NBDOperationJob: Sendable {
             // Extents only shape the reply; if the device cannot describe them, data is always correct.
             segments = NBDReplyPlanning.readSegments(offset: offset, length: length, extents: extents)
         }
+        var sources = ReadSources()
         var buffer = allocator.buffer(capacity: Int(length) + 32 * segments.count)
         if !structured {
             NBDReplyEncoder.writeSimpleReply(handle: handle, error: nil, into: &buffer)
@@ -112,7 +162,7 @@ struct NBDOperationJob: Sendable {
                 buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(dataLength)) { space in
                     let target = UnsafeMutableRawBufferPointer(rebasing: space[0..<Int(dataLength)])
                     do throws(BlockDeviceError) {
-                        try device.read(offset: dataOffset, into: target)
+                        try device.read(offset: dataOffset, into: target, sources: &sources)
                     } catch {
                         failure = error
                     }
@@ -121,7 +171,7 @@ struct NBDOperationJob: Sendable {
                 if let failure { throw failure }
             }
         }
-        return Outcome(reply: buffer, error: nil, message: "")
+        return Outcome(reply: buffer, error: nil, message: "", readSources: sources)
     }
 
     private func blockStatus(handle: UInt64, offset: UInt64, length: UInt32, onlyOne: Bool,
@@ -142,5 +192,39 @@ struct NBDOperationJob: Sendable {
                                                   done: index == contexts.count - 1, into: &buffer)
         }
         return Outcome(reply: buffer, error: nil, message: "")
+    }
+}
+
+/// Collects the pieces of a split request, which may finish on different threads in any order.
+final class NBDPieceTracker: Sendable {
+    struct Total {
+        var firstError: BlockDeviceError?
+        var deviceTime: Duration
+    }
+
+    private struct State {
+        var remaining: Int
+        var total = Total(firstError: nil, deviceTime: .zero)
+    }
+
+    private let state: Mutex<State>
+
+    init(pieces: Int) {
+        precondition(pieces > 0)
+        state = Mutex(State(remaining: pieces))
+    }
+
+    /// Whether a piece has failed (later pieces then skip their device call).
+    var hasFailed: Bool { state.withLock { $0.total.firstError != nil } }
+
+    /// Records one finished piece; returns the totals when it was the last one.
+    func pieceDone(error: BlockDeviceError?, deviceTime: Duration) -> Total? {
+        state.withLock { state in
+            precondition(state.remaining > 0, "more pieces finished than were scheduled")
+            state.remaining -= 1
+            state.total.deviceTime += deviceTime
+            if state.total.firstError == nil { state.total.firstError = error }
+            return state.remaining == 0 ? state.total : nil
+        }
     }
 }

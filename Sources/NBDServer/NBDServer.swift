@@ -104,8 +104,11 @@ public final class NBDServer: Sendable {
         }
         var scheduler: NBDIOScheduler?
         if let tenancy = configuration.tenancy {
+            // One notion of the device's parallelism for the scheduler's slots and the price's
+            // utilisation meter (with or without scheduling).
+            let slots = tenancy.deviceSlots ?? min(configuration.ioThreadsPerPool, tenancy.service.deviceParallelism)
+            tenancy.service.setDeviceParallelism(slots)
             if tenancy.scheduling {
-                let slots = tenancy.deviceSlots ?? max(2, min(configuration.ioThreadsPerPool, System.coreCount))
                 scheduler = NBDIOScheduler(tenancy: tenancy.service, deviceSlots: slots,
                                            reservedSlots: min(max(0, tenancy.reservedSlots), slots - 1),
                                            timerLoop: group.next())

@@ -38,6 +38,12 @@ struct BoundedQueue<Element> {
         return element
     }
 
+    /// Changes the first element in place (the queue must not be empty).
+    mutating func updateFirst(_ body: (inout Element) -> Void) {
+        precondition(!isEmpty)
+        body(&storage[head])
+    }
+
     /// Applies `body` to every queued element, in order.
     mutating func updateEach(_ body: (inout Element) -> Void) {
         for index in head..<storage.count { body(&storage[index]) }

@@ -41,7 +41,7 @@ public struct PriceFunction: Sendable, Equatable, Codable {
 public struct UtilisationMeter: Sendable, Equatable {
     /// Requests the device serves at once (the scheduler's dispatch slots): busy time is divided
     /// by it, so 4 slots each busy all the time is 100%.
-    public let parallelism: Int
+    public private(set) var parallelism: Int
     public let window: Duration
     /// Weight of the newest window in the moving average.
     public let smoothing: Double
@@ -56,6 +56,12 @@ public struct UtilisationMeter: Sendable, Equatable {
         self.window = window
         self.smoothing = smoothing
         self.windowStart = start
+    }
+
+    /// Divides busy time by `parallelism` from now on; the smoothed utilisation so far is kept.
+    public mutating func setParallelism(_ parallelism: Int) {
+        precondition(parallelism > 0)
+        self.parallelism = parallelism
     }
 
     /// A device call took `busy`, ending at `now` (time since any fixed origin).

@@ -23,9 +23,9 @@ public struct DomainUsage: Equatable, Sendable, Codable {
     public var bytesWritten: UInt64 = 0
     /// Range bytes of TRIM / WRITE_ZEROES: no payload crosses the wire but the map changes.
     public var bytesDiscarded: UInt64 = 0
-    /// Reads answered from the universal buffer cache (hook: the front end reports them).
+    /// Blocks of the domain's reads served from the universal buffer cache.
     public var cacheHits: UInt64 = 0
-    /// Reads answered from the last-chance (clean page) cache.
+    /// Blocks of the domain's reads served from the compressed last-chance tier.
     public var lastChanceHits: UInt64 = 0
     /// Time I/O threads spent in device calls for this domain.
     public var deviceTime: Duration = .zero
@@ -48,9 +48,12 @@ public struct UsageRecord: Sendable, Equatable {
     public var failed: Bool
     public var ioUnits: Double
     public var charge: Double
+    /// Blocks of a read served from the cache's main and last-chance tiers.
+    public var cacheHits: UInt64
+    public var lastChanceHits: UInt64
 
     public init(domain: DomainID, kind: IOKind, bytes: UInt64, deviceTime: Duration, failed: Bool = false,
-                ioUnits: Double? = nil, charge: Double = 0) {
+                ioUnits: Double? = nil, charge: Double = 0, cacheHits: UInt64 = 0, lastChanceHits: UInt64 = 0) {
         self.domain = domain
         self.kind = kind
         self.bytes = bytes
@@ -58,6 +61,8 @@ public struct UsageRecord: Sendable, Equatable {
         self.failed = failed
         self.ioUnits = ioUnits ?? IOCost.units(kind: kind, bytes: bytes)
         self.charge = charge
+        self.cacheHits = cacheHits
+        self.lastChanceHits = lastChanceHits
     }
 }
 
@@ -95,14 +100,8 @@ public struct Ledger: Equatable, Sendable, Codable {
         usage.deviceTime += record.deviceTime
         usage.ioUnits += record.ioUnits
         usage.creditsCharged += record.charge
-        domains[key] = usage
-    }
-
-    /// Hook for the cache layer: a read of `domain` was served from memory.
-    public mutating func recordCacheHit(domain: DomainID, lastChance: Bool) {
-        let key = account(for: domain)
-        var usage = domains[key] ?? DomainUsage()
-        if lastChance { usage.lastChanceHits += 1 } else { usage.cacheHits += 1 }
+        usage.cacheHits += record.cacheHits
+        usage.lastChanceHits += record.lastChanceHits
         domains[key] = usage
     }
 

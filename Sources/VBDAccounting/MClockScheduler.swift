@@ -86,13 +86,22 @@ public struct MClockScheduler<Item> {
     public struct Dispatch {
         public var item: Item
         public var domain: DomainID
+        /// The cost of this piece.
         public var cost: Double
         public var phase: Phase
+        /// Which piece of the request this is (0 for an unsplit request).
+        public var piece: Int
+        /// Whether the request has no pieces left in the queue after this one.
+        public var isLastPiece: Bool
     }
 
+    /// A queued request; one split into pieces stays at the head of its queue until its last
+    /// piece is taken, its tags advancing by one piece's spacing each time.
     private struct Tagged {
         var item: Item
-        var cost: Double
+        var pieceCost: Double
+        var pieces: Int
+        var nextPiece = 0
         var reservationTag: Double
         var proportionTag: Double
     }
@@ -155,8 +164,16 @@ public struct MClockScheduler<Item> {
     public func queuedCount(of domain: DomainID) -> Int { domains[domain]?.queue.count ?? 0 }
 
     /// Queues a request of `cost` I/O units that arrived at `now`.
-    public mutating func enqueue(_ item: Item, domain: DomainID, cost: Double, now: Double) throws(SchedulerError) {
-        precondition(cost > 0 && cost.isFinite)
+    ///
+    /// With `pieces` > 1 the request is served as that many pieces of `cost / pieces` units, each
+    /// dispatched on its own and tagged as if it were a request of its own arriving with the
+    /// others: a large request then holds the device for one piece at a time, so a reserved
+    /// domain waits behind at most one piece rather than the whole request. The queue capacity
+    /// still counts requests.
+    public mutating func enqueue(_ item: Item, domain: DomainID, cost: Double, pieces: Int = 1,
+                                 now: Double) throws(SchedulerError) {
+        precondition(cost > 0 && cost.isFinite && pieces > 0)
+        let pieceCost = cost / Double(pieces)
         if domains[domain] == nil {
             guard domains.count < domainsMax else { throw .tooManyDomains }
             setPolicy(defaultPolicy, for: domain)
@@ -165,13 +182,16 @@ public struct MClockScheduler<Item> {
         if domains[domain]!.queue.isEmpty { adjustProportionTagsForActivation(now: now, excluding: domain) }
         var state = domains[domain]!
         let policy = state.policy
+        // Tags of the first piece; piece k's are k spacings later, and the last piece's become
+        // the domain's last tags (what the next request is spaced from).
         let reservationTag = policy.reservation > 0
-            ? max(state.lastReservationTag + cost / policy.reservation, now) : Double.infinity
-        let proportionTag = max(state.lastProportionTag + cost / policy.weight, now - policy.burstUnits / policy.weight)
-        state.lastReservationTag = reservationTag
-        state.lastProportionTag = proportionTag
-        let appended = state.queue.append(Tagged(item: item, cost: cost, reservationTag: reservationTag,
-                                                 proportionTag: proportionTag))
+            ? max(state.lastReservationTag + pieceCost / policy.reservation, now) : Double.infinity
+        let proportionTag = max(state.lastProportionTag + pieceCost / policy.weight, now - policy.burstUnits / policy.weight)
+        let later = Double(pieces - 1) * pieceCost
+        state.lastReservationTag = policy.reservation > 0 ? reservationTag + later / policy.reservation : reservationTag
+        state.lastProportionTag = proportionTag + later / policy.weight
+        let appended = state.queue.append(Tagged(item: item, pieceCost: pieceCost, pieces: pieces,
+                                                 reservationTag: reservationTag, proportionTag: proportionTag))
         precondition(appended)
         domains[domain] = state
         queuedCount += 1
@@ -218,25 +238,38 @@ public struct MClockScheduler<Item> {
 
     private mutating func take(from domain: DomainID, now: Double, phase: Phase) -> Dispatch {
         var state = domains[domain]!
-        guard let request = state.queue.removeFirst() else { preconditionFailure("chosen domain has no request") }
-        queuedCount -= 1
+        guard var request = state.queue.first else { preconditionFailure("chosen domain has no request") }
+        let piece = request.nextPiece
+        let cost = request.pieceCost
+        let isLastPiece = piece + 1 == request.pieces
+        if isLastPiece {
+            _ = state.queue.removeFirst()
+            queuedCount -= 1
+        } else {
+            // The rest of the request stays at the head, tagged as its next piece.
+            request.nextPiece += 1
+            if state.policy.reservation > 0 { request.reservationTag += cost / state.policy.reservation }
+            request.proportionTag += cost / state.policy.weight
+            state.queue.updateFirst { $0 = request }
+        }
         if let limit = state.policy.limit {
             let earliestStart = now - state.policy.limitBurstUnits / limit
-            state.limitReadyAt = max(state.limitReadyAt, earliestStart) + request.cost / limit
+            state.limitReadyAt = max(state.limitReadyAt, earliestStart) + cost / limit
         }
         if phase == .weight, state.policy.reservation > 0 {
-            let credit = request.cost / state.policy.reservation
+            let credit = cost / state.policy.reservation
             state.queue.updateEach { $0.reservationTag -= credit }
             state.lastReservationTag -= credit
         }
         if phase == .reservation {
             // Change d: reserved service does not use up the domain's weight share.
-            let credit = request.cost / state.policy.weight
+            let credit = cost / state.policy.weight
             state.queue.updateEach { $0.proportionTag -= credit }
             state.lastProportionTag -= credit
         }
         domains[domain] = state
-        return Dispatch(item: request.item, domain: domain, cost: request.cost, phase: phase)
+        return Dispatch(item: request.item, domain: domain, cost: cost, phase: phase, piece: piece,
+                        isLastPiece: isLastPiece)
     }
 
     private mutating func adjustProportionTagsForActivation(now: Double, excluding newcomer: DomainID) {

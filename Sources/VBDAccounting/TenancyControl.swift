@@ -23,6 +23,8 @@ public struct DomainStatistics: Codable, Sendable, Equatable {
     public var usage: DomainUsage
     public var account: CreditAccount
     public var policy: SchedulingPolicy
+    /// The domain's share of the bytes stored (nil where the caller had no store figures).
+    public var storage: StorageShare?
 }
 
 public struct TenancyStatistics: Codable, Sendable, Equatable {
@@ -83,14 +85,18 @@ extension TenancyService {
         }
     }
 
-    /// Every known domain (from usage, accounts and policies), sorted by name.
-    public func statistics() -> TenancyStatistics {
+    /// Every known domain (from usage, accounts, policies and stored bytes), sorted by name.
+    /// `storage` (from ``storageShares(images:)``) fills each row's storage charge; with it, a
+    /// domain that stores data but has not sent a request yet still has a row.
+    public func statistics(storage: [DomainID: StorageShare]? = nil) -> TenancyStatistics {
         let snapshot = snapshot()
-        let names = Set(snapshot.ledger.domains.keys).union(snapshot.credits.accounts.keys).union(snapshot.policies.keys)
+        let names = Set(snapshot.ledger.domains.keys).union(snapshot.credits.accounts.keys)
+            .union(snapshot.policies.keys).union(storage.map { Array($0.keys) } ?? [])
         let rows = names.sorted().map { domain in
             DomainStatistics(domain: domain.name, usage: snapshot.ledger.usage(of: domain),
                              account: snapshot.credits.account(domain),
-                             policy: snapshot.policies[domain] ?? snapshot.defaultPolicy)
+                             policy: snapshot.policies[domain] ?? snapshot.defaultPolicy,
+                             storage: storage.map { $0[domain] ?? StorageShare() })
         }
         return TenancyStatistics(domains: rows, utilisation: snapshot.utilisation, price: snapshot.price,
                                  totalCharged: snapshot.credits.totalCharged)
@@ -138,13 +144,26 @@ extension TenancyStatistics {
                       help: "I/O units used (1 per request + 1 per 64 KiB)"),
                 .init(name: "vbd_domain_credits_charged_total", labels: domain, value: row.usage.creditsCharged,
                       kind: .counter, help: "Credits charged under congestion pricing"),
-                .init(name: "vbd_domain_cache_hits_total", labels: domain, value: Double(row.usage.cacheHits),
-                      kind: .counter, help: "Reads served from the universal cache"),
+                .init(name: "vbd_domain_cache_hits_total", labels: ["domain": row.domain, "tier": "main"],
+                      value: Double(row.usage.cacheHits), kind: .counter,
+                      help: "Blocks of the domain's reads served from memory, by cache tier"),
+                .init(name: "vbd_domain_cache_hits_total", labels: ["domain": row.domain, "tier": "last_chance"],
+                      value: Double(row.usage.lastChanceHits), kind: .counter,
+                      help: "Blocks of the domain's reads served from memory, by cache tier"),
                 .init(name: "vbd_domain_credit_balance", labels: domain, value: row.account.balance, kind: .gauge,
                       help: "Credit balance (negative: overdraft)"),
                 .init(name: "vbd_domain_overdrawn", labels: domain, value: row.account.isOverdrawn ? 1 : 0, kind: .gauge,
                       help: "1 while the domain is served only within its reservation"),
             ]
+            if let storage = row.storage {
+                result += [
+                    .init(name: "vbd_domain_stored_bytes", labels: domain, value: storage.fairStoredBytes, kind: .gauge,
+                          help: "Bytes on disk charged to the domain (shared blocks split among their holders)"),
+                    .init(name: "vbd_domain_exclusive_stored_bytes", labels: domain,
+                          value: Double(storage.exclusiveStoredBytes), kind: .gauge,
+                          help: "Bytes on disk held only by the domain's images"),
+                ]
+            }
         }
         return result
     }

@@ -21,12 +21,15 @@ public final class TenancyService: Sendable {
         public var credits: CreditBook
         /// When true, a domain may open a volume only while it holds a lease on it.
         public var leasesEnforced: Bool
-        /// Dispatch slots of the device (for utilisation).
+        /// Requests the device serves at once, for utilisation. The NBD server sets it to its
+        /// scheduler's dispatch slots when it starts (``setDeviceParallelism(_:)``), so the price and
+        /// the scheduler agree on what "saturated" means.
         public var deviceParallelism: Int
 
         public init(resolver: DomainResolver = .init(), defaultPolicy: SchedulingPolicy = .init(),
                     policies: [DomainID: SchedulingPolicy] = [:], credits: CreditBook = .init(),
-                    leasesEnforced: Bool = false, deviceParallelism: Int = 4) {
+                    leasesEnforced: Bool = false,
+                    deviceParallelism: Int = TenancyService.defaultDeviceParallelism) {
             self.resolver = resolver
             self.defaultPolicy = defaultPolicy
             self.policies = policies
@@ -114,6 +117,19 @@ public final class TenancyService: Sendable {
         self.leasesEnforced = configuration.leasesEnforced
     }
 
+    /// One slot per core, at least two: store requests are CPU-bound (hash, compress, verify), so
+    /// more requests than cores only time-slice.
+    public static var defaultDeviceParallelism: Int { max(2, ProcessInfo.processInfo.activeProcessorCount) }
+
+    /// The parallelism utilisation is measured against (see ``Configuration/deviceParallelism``).
+    public var deviceParallelism: Int { state.withLock { $0.meter.parallelism } }
+
+    /// Measures utilisation against `parallelism` slots from now on (the smoothed level is kept).
+    public func setDeviceParallelism(_ parallelism: Int) {
+        precondition(parallelism > 0, "a device serves at least one request at a time")
+        state.withLock { $0.meter.setParallelism(parallelism) }
+    }
+
     // MARK: Requests
 
     public func domain(exportName: String, certificateSubject: String?) -> DomainID {
@@ -139,21 +155,17 @@ public final class TenancyService: Sendable {
     /// Charges and counts one completed request; returns the charge.
     @discardableResult
     public func requestCompleted(domain: DomainID, kind: IOKind, bytes: UInt64, deviceTime: Duration,
-                                 failed: Bool) -> Charge {
+                                 failed: Bool, cacheHits: UInt64 = 0, lastChanceHits: UInt64 = 0) -> Charge {
         let now = monotonic()
         return state.withLock { state in
             state.meter.record(busy: deviceTime, now: now)
             let units = IOCost.units(kind: kind, bytes: bytes)
             let charge = state.credits.charge(domain, units: units, utilisation: state.meter.utilisation)
             state.ledger.record(UsageRecord(domain: domain, kind: kind, bytes: bytes, deviceTime: deviceTime,
-                                            failed: failed, ioUnits: units, charge: charge.amount))
+                                            failed: failed, ioUnits: units, charge: charge.amount,
+                                            cacheHits: cacheHits, lastChanceHits: lastChanceHits))
             return charge
         }
-    }
-
-    /// Hook for the cache layer.
-    public func cacheHit(domain: DomainID, lastChance: Bool) {
-        state.withLock { $0.ledger.recordCacheHit(domain: domain, lastChance: lastChance) }
     }
 
     public func snapshot() -> Snapshot {

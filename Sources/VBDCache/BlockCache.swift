@@ -61,6 +61,11 @@ public final class BlockCache: Sendable {
     ///   miss, and also when the block was inserted by another sharing group or has another size
     ///   (counted as an isolation refusal; `buffer` is then unspecified).
     public func read(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, owner: CacheOwner) -> Bool {
+        lookup(key, into: buffer, owner: owner) != .miss
+    }
+
+    /// As ``read(_:into:owner:)``, saying which tier answered (`.miss` also for a refusal).
+    public func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, owner: CacheOwner) -> CacheLookup {
         precondition(buffer.count > 0 && buffer.count <= Limits.blockBytesMax, "block size out of range")
         let box = shard(for: key)
         var evicted: [(UInt64, BlockCacheShard.CachedBlock)] = []
@@ -69,8 +74,9 @@ public final class BlockCache: Sendable {
         }
         if !evicted.isEmpty { admitToLastChance(evicted, in: box, evictedAtEpoch: epoch) }
         switch outcome {
-        case .hit, .lastChanceHit: return true
-        case .miss, .refused: return false
+        case .hit: return .hit
+        case .lastChanceHit: return .lastChanceHit
+        case .miss, .refused: return .miss
         }
     }
 

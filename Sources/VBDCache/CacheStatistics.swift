@@ -68,3 +68,12 @@ public struct CacheStatistics: Equatable, Sendable {
         bytesSavedBySharing += other.bytesSavedBySharing
     }
 }
+
+/// Which tier answered one block lookup.
+public enum CacheLookup: Equatable, Sendable {
+    case hit
+    /// Found in the compressed last-chance tier (and promoted back to main).
+    case lastChanceHit
+    /// Not found, or held for another sharing group (an isolation refusal).
+    case miss
+}

@@ -154,6 +154,9 @@ public final class ControlService: Sendable {
                 break
             }
             do {
+                if case .stats = tenancyRequest {
+                    return .tenancy(.stats(tenancy.statistics(storage: tenancy.storageShares(usage: store.usage()))))
+                }
                 return .tenancy(try tenancy.handle(tenancyRequest, actor: actor))
             } catch let e as LeaseError {
                 throw ControlFailure(code: "lease", message: e.description)
@@ -299,5 +302,14 @@ enum StoreFiles {
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: storePath) else { return 0 }
         return names.filter { $0 == "superblock" || $0.hasPrefix("checkpoint-") || $0.hasPrefix("journal-") }
             .reduce(0) { $0 + bytesOnDisk(storePath + "/" + $1) }
+    }
+}
+
+extension TenancyService {
+    /// Storage charged per domain from the store's per-image fair shares (``StorageShares``).
+    public func storageShares(usage: StoreUsage) -> [DomainID: StorageShare] {
+        storageShares(images: usage.images.map {
+            ImageShareInput(name: $0.name, fairStoredBytes: $0.fairStoredBytes, exclusiveStoredBytes: $0.exclusiveStoredBytes)
+        })
     }
 }

@@ -19,6 +19,10 @@ public protocol BlockDevice: AnyObject, Sendable {
 
     /// Reads `buffer.count` bytes at `offset`.
     func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(BlockDeviceError)
+    /// Reads as ``read(offset:into:)`` and adds to `sources` where each block came from, so the
+    /// server can charge cache hits to the domain that asked (devices without a cache count nothing).
+    func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+              sources: inout ReadSources) throws(BlockDeviceError)
     /// Writes `data` at `offset`. With `fua`, the write is durable when this returns.
     func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError)
     /// Discards a range: afterwards it reads as zeroes and whole blocks free their storage.
@@ -33,6 +37,35 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// Describes `[offset, offset+length)` as consecutive extents, merged where flags agree.
     /// Returns at most `maxExtents` extents; they may cover less than the whole range.
     func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockDeviceError) -> [Extent]
+}
+
+extension BlockDevice {
+    public func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                     sources: inout ReadSources) throws(BlockDeviceError) {
+        try read(offset: offset, into: buffer)
+    }
+}
+
+/// Where the blocks of a read came from: counted per block (a block read only in part counts once).
+public struct ReadSources: Equatable, Sendable {
+    /// Served from the universal buffer cache.
+    public var cacheHits: UInt64 = 0
+    /// Served from the compressed last-chance tier (and promoted back to the main cache).
+    public var lastChanceHits: UInt64 = 0
+    /// Read from the data file and verified.
+    public var diskReads: UInt64 = 0
+
+    public init(cacheHits: UInt64 = 0, lastChanceHits: UInt64 = 0, diskReads: UInt64 = 0) {
+        self.cacheHits = cacheHits
+        self.lastChanceHits = lastChanceHits
+        self.diskReads = diskReads
+    }
+
+    public static func += (lhs: inout ReadSources, rhs: ReadSources) {
+        lhs.cacheHits += rhs.cacheHits
+        lhs.lastChanceHits += rhs.lastChanceHits
+        lhs.diskReads += rhs.diskReads
+    }
 }
 
 /// One run of bytes with the same allocation state.

@@ -89,6 +89,9 @@ public final class StoreMetrics: Sendable {
         UInt32(store.domain(ofGroup: image.group) ?? 0)
     }
 
+    /// The store's space figures, refreshed at most every `usageRefreshInterval` (a full map walk).
+    public func usage() -> StoreUsage { currentUsage() }
+
     private func currentUsage() -> StoreUsage {
         let now = ContinuousClock.now
         if let (u, at) = state.withLock({ s in s.lastUsage.map { ($0, s.lastUsageAt!) } }), now - at < usageRefreshInterval {
@@ -158,5 +161,10 @@ public final class MetricsSink: @unchecked Sendable {
     /// A monotonic total as the source counts it.
     public func counter(_ name: String, _ labels: [String: String], _ value: UInt64, help: String) {
         counters.append(Sample(name: name, labels: labels, value: Double(value), help: help))
+    }
+
+    /// A counter kept as a fraction (seconds, credits, I/O units).
+    public func counter(_ name: String, _ labels: [String: String], _ value: Double, help: String) {
+        counters.append(Sample(name: name, labels: labels, value: value, help: help))
     }
 }

@@ -1,3 +1,4 @@
+import VBDCache
 import VBDCore
 
 #if canImport(Glibc)
@@ -56,10 +57,15 @@ extension Store {
     /// Fills `destination` (exactly the chunk's raw length) with the chunk's verified bytes.
     /// `lockHeld`: the caller holds `mutex` (dedup verification, fsck). Otherwise `cacheToken` is
     /// the cache's removal token taken under `mutex` when `entry` was copied out.
+    /// Returns which source served it (for per-domain cache accounting).
+    @discardableResult
     func loadChunk(_ chunk: UInt64, _ entry: ChunkEntry, into destination: UnsafeMutableRawBufferPointer,
-                   volume: UInt64, lockHeld: Bool = false, cacheToken: UInt64? = nil) throws(LoadedChunkFailure) {
+                   volume: UInt64, lockHeld: Bool = false, cacheToken: UInt64? = nil) throws(LoadedChunkFailure) -> CacheLookup {
         precondition(destination.count == entry.rawBytes)
-        if let cache = options.cache, cache.read(chunk, into: destination, volume: volume, domain: entry.domain) { return }
+        if let cache = options.cache {
+            let found = cache.lookup(chunk, into: destination, volume: volume, domain: entry.domain)
+            if found != .miss { return found }
+        }
         let stored = entry.storedBytes
         var failure: LoadedChunkFailure?
         withUnsafeTemporaryAllocation(byteCount: max(stored, 1), alignment: 16) { raw in
@@ -88,7 +94,7 @@ extension Store {
         guard actual == entry.hash else {
             throw LoadedChunkFailure(detail: "content hash \(actual) does not match chunk \(chunk)'s \(entry.hash)")
         }
-        guard let cache = options.cache else { return }
+        guard let cache = options.cache else { return .miss }
         // Cache only while the number still names these bytes: a concurrent overwrite may have
         // freed the chunk (removing it from the cache) since the caller looked it up, and its
         // number may already name other contents. Under the lock that cannot happen; outside it
@@ -99,15 +105,24 @@ extension Store {
             cache.insert(chunk, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain,
                          ifUnremovedSince: cacheToken)
         }
+        return .miss
     }
 
     // MARK: Read
 
     func read(image id: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(BlockDeviceError) {
+        var sources = ReadSources()
+        try read(image: id, offset: offset, into: buffer, sources: &sources)
+    }
+
+    /// Reads and adds to `sources` where each block came from (zero and unmapped blocks count nowhere).
+    func read(image id: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+              sources: inout ReadSources) throws(BlockDeviceError) {
         var attempt = 0
         while true {
             do {
-                try readOnce(image: id, offset: offset, into: buffer)
+                // A retried attempt counts again: the blocks were looked up again.
+                try readOnce(image: id, offset: offset, into: buffer, sources: &sources)
                 return
             } catch let e as RetryRead {
                 attempt += 1
@@ -122,7 +137,8 @@ extension Store {
 
     private struct RetryRead: Error { let volume: String; let offset: UInt64; let detail: String }
 
-    private func readOnce(image id: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+    private func readOnce(image id: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                          sources: inout ReadSources) throws {
         let length = UInt64(buffer.count)
         guard length > 0 else {
             let v = try mutex.withLock { () throws(BlockDeviceError) in try viewLocked(id).0 }
@@ -155,13 +171,20 @@ extension Store {
                 continue
             }
             do {
+                let source: CacheLookup
                 if hi - lo == bs {
-                    try loadChunk(chunk, entry, into: dst, volume: id, cacheToken: token)
+                    source = try loadChunk(chunk, entry, into: dst, volume: id, cacheToken: token)
                 } else {
-                    try withUnsafeTemporaryAllocation(byteCount: Int(bs), alignment: 16) { (tmp) throws(LoadedChunkFailure) in
-                        try loadChunk(chunk, entry, into: tmp, volume: id, cacheToken: token)
+                    source = try withUnsafeTemporaryAllocation(byteCount: Int(bs), alignment: 16) { (tmp) throws(LoadedChunkFailure) in
+                        let source = try loadChunk(chunk, entry, into: tmp, volume: id, cacheToken: token)
                         dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: tmp[Int(lo - blockStart)..<Int(hi - blockStart)]))
+                        return source
                     }
+                }
+                switch source {
+                case .hit: sources.cacheHits += 1
+                case .lastChanceHit: sources.lastChanceHits += 1
+                case .miss: sources.diskReads += 1
                 }
             } catch {
                 // Remapped or freed since we looked? Then retry; otherwise it is corruption.

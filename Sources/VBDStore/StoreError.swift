@@ -1,3 +1,4 @@
+import VBDCache
 import VBDCore
 
 /// Errors of the store's operator-facing API (CLI, control socket). Block I/O reports
@@ -87,7 +88,8 @@ import Glibc
 /// Read-through cache the store consults before the disk. Keys are chunk numbers: one number is
 /// one content (verified before sharing), and the store removes a key before reusing its number.
 public protocol ChunkCache: AnyObject, Sendable {
-    func read(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16) -> Bool
+    /// Copies the cached block into `buffer` and says which tier had it.
+    func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16) -> CacheLookup
     func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16)
     func remove(_ key: UInt64)
     /// Taken under the store lock while `key` names the bytes to insert later.

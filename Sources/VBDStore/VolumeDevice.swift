@@ -33,6 +33,11 @@ public final class VolumeDevice: BlockDevice, @unchecked Sendable {
         try store.read(image: imageID, offset: offset, into: buffer)
     }
 
+    public func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                     sources: inout ReadSources) throws(BlockDeviceError) {
+        try store.read(image: imageID, offset: offset, into: buffer, sources: &sources)
+    }
+
     public func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
         try store.write(image: imageID, offset: offset, data: data, fua: fua)
     }

@@ -36,6 +36,10 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics (cache tiers, per-volume cache counters, space and sharing).", valueName: "host:port"))
     var metrics: String?
     @Flag(help: "Schedule I/O per domain (mClock: reservation, limit, weight; see docs/ACCOUNTING.md).") var schedule = false
+    @Option(help: "With --schedule: requests on the device at once (default: the number of cores, at least 2).")
+    var deviceSlots: Int?
+    @Option(help: "With --schedule: device slots only reservation-phase requests may use (default 1; at most --device-slots - 1).")
+    var reservedSlots: Int = 1
     @Flag(help: "Serve a volume only to a domain holding a lease on it (`vbdtool lease grant`).") var enforceLeases = false
     @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
     @OptionGroup var store: StoreOptions
@@ -48,6 +52,10 @@ struct ServeCommand: AsyncParsableCommand {
         if let cacheSize { _ = try parseSize(cacheSize, option: "--cache-size") }
         if let lastChanceSize { _ = try parseSize(lastChanceSize, option: "--last-chance-size") }
         if let maxDataSize { _ = try parseSize(maxDataSize, option: "--max-data-size") }
+        if let deviceSlots, !(1...1024).contains(deviceSlots) { throw ValidationError("--device-slots: expected 1...1024, got \(deviceSlots)") }
+        if reservedSlots < 0 || reservedSlots >= (deviceSlots ?? TenancyService.defaultDeviceParallelism) {
+            throw ValidationError("--reserved-slots must be at least 0 and below the device slots (\(deviceSlots ?? TenancyService.defaultDeviceParallelism))")
+        }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level: unknown level '\(logLevel)'") }
     }
 
@@ -98,7 +106,8 @@ struct ServeCommand: AsyncParsableCommand {
         }
         let nbd = NBDServer(configuration: .init(exports: store, tcp: tcp, unixSocketPath: unix.map(absolutePath), tls: tls,
                                                  logger: Logger(label: "vbd.nbd"),
-                                                 tenancy: .init(service: tenancy, scheduling: schedule)))
+                                                 tenancy: .init(service: tenancy, scheduling: schedule, deviceSlots: deviceSlots,
+                                                                reservedSlots: reservedSlots)))
         do { try await nbd.start() } catch {
             try? store.close()
             fail(ControlFailure(code: "io", message: "cannot start the NBD server: \(error)"), json: false)
@@ -122,18 +131,13 @@ struct ServeCommand: AsyncParsableCommand {
             let (host, port) = try Self.parseListen(metrics)
             let storeMetrics = StoreMetrics(store: store, cache: cache)
             storeMetrics.addSource { sink in
-                // Per-domain accounting and credit (issue 6): what each tenant used and was charged.
-                let stats = tenancy.statistics()
-                sink.gauge("vbd_device_utilisation", [:], stats.utilisation, help: "Device busy fraction used for congestion pricing")
-                sink.gauge("vbd_price_per_io_unit", [:], stats.price, help: "Credits charged per I/O unit now")
-                for d in stats.domains {
-                    let labels = ["domain": d.domain]
-                    sink.counter("vbd_domain_operations_total", labels, d.usage.operations.values.reduce(0, +), help: "Requests served per domain")
-                    sink.counter("vbd_domain_read_bytes_total", labels, d.usage.bytesRead, help: "Bytes read per domain")
-                    sink.counter("vbd_domain_written_bytes_total", labels, d.usage.bytesWritten, help: "Bytes written per domain")
-                    sink.counter("vbd_domain_device_microseconds_total", labels, UInt64(max(0, d.usage.deviceTime / .microseconds(1))), help: "Device time used per domain")
-                    sink.gauge("vbd_domain_charged_credits", labels, d.account.totalCharged, help: "Credits charged per domain")
-                    sink.gauge("vbd_domain_balance_credits", labels, d.account.balance, help: "Credit balance per domain (negative: overdraft)")
+                // Per-domain accounting, credit and storage charge (issue 6).
+                let stats = tenancy.statistics(storage: tenancy.storageShares(usage: storeMetrics.usage()))
+                for metric in stats.metrics {
+                    switch metric.kind {
+                    case .counter: sink.counter(metric.name, metric.labels, metric.value, help: metric.help)
+                    case .gauge: sink.gauge(metric.name, metric.labels, metric.value, help: metric.help)
+                    }
                 }
             }
             let server = MetricsHTTPServer(metrics: storeMetrics, host: host, port: port)

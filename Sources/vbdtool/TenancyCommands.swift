@@ -198,12 +198,17 @@ struct DomainCommand: ParsableCommand {
             guard case let .stats(s) = try performTenancy(.stats, store: store, output: output) else { return }
             if output.json { JSON.print(s); return }
             print("device utilisation \(String(format: "%.0f%%", s.utilisation * 100)), price \(String(format: "%.4f", s.price)) credits per I/O unit, charged in all \(String(format: "%.2f", s.totalCharged))")
-            var table = Table("DOMAIN", "OPS", "READ", "WRITTEN", "CACHE HITS", "DEVICE TIME", "CHARGED", "BALANCE", "RES/LIMIT/WEIGHT")
+            // CACHE HITS: blocks served from the main cache / from the last-chance tier. STORED: the
+            // domain's share of the bytes on disk (shared blocks split among holders; EXCLUSIVE: held by it alone).
+            var table = Table("DOMAIN", "OPS", "READ", "WRITTEN", "CACHE HITS", "STORED", "EXCLUSIVE", "DEVICE TIME",
+                              "CHARGED", "BALANCE", "RES/LIMIT/WEIGHT")
             for d in s.domains {
                 let ops = d.usage.operations.values.reduce(0, +)
                 let limit = d.policy.limit.map { String(format: "%.0f", $0) } ?? "-"
                 table.add(d.domain, "\(ops)", Human.size(d.usage.bytesRead), Human.size(d.usage.bytesWritten),
-                          "\(d.usage.cacheHits + d.usage.lastChanceHits)", "\(d.usage.deviceTime)",
+                          "\(d.usage.cacheHits)/\(d.usage.lastChanceHits)",
+                          d.storage.map { Human.size(UInt64($0.fairStoredBytes.rounded())) } ?? "-",
+                          d.storage.map { Human.size($0.exclusiveStoredBytes) } ?? "-", "\(d.usage.deviceTime)",
                           String(format: "%.2f", d.account.totalCharged), String(format: "%.2f", d.account.balance),
                           String(format: "%.0f/%@/%.0f", d.policy.reservation, limit, d.policy.weight))
             }

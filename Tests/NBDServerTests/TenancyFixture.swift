@@ -80,6 +80,54 @@ final class TimedDevice: BlockDevice, @unchecked Sendable {
 }
 
 /// Serves fixed devices by name (any BlockDevice, unlike MemoryExportProvider).
+/// Records the write and flush calls that reach a device (to see how the server split them).
+final class CallRecordingDevice: BlockDevice, @unchecked Sendable {
+    // @unchecked: `inner` has its own lock; `calls` is a Mutex.
+    struct Calls {
+        var writes: [(offset: UInt64, length: Int, fua: Bool)] = []
+        var flushes = 0
+    }
+
+    let inner: MemoryBlockDevice
+    let calls = Mutex(Calls())
+
+    init(_ inner: MemoryBlockDevice) { self.inner = inner }
+
+    var name: String { inner.name }
+    var deviceDescription: String { inner.deviceDescription }
+    var size: UInt64 { inner.size }
+    var blockSize: Int { inner.blockSize }
+    var isReadOnly: Bool { inner.isReadOnly }
+
+    func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(BlockDeviceError) {
+        try inner.read(offset: offset, into: buffer)
+    }
+
+    func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
+        calls.withLock { $0.writes.append((offset, data.count, fua)) }
+        try inner.write(offset: offset, data: data, fua: fua)
+    }
+
+    func trim(offset: UInt64, length: UInt64, fua: Bool) throws(BlockDeviceError) {
+        try inner.trim(offset: offset, length: length, fua: fua)
+    }
+
+    func writeZeroes(offset: UInt64, length: UInt64, mayTrim: Bool, fastOnly: Bool, fua: Bool) throws(BlockDeviceError) {
+        try inner.writeZeroes(offset: offset, length: length, mayTrim: mayTrim, fastOnly: fastOnly, fua: fua)
+    }
+
+    func flush() throws(BlockDeviceError) {
+        calls.withLock { $0.flushes += 1 }
+        try inner.flush()
+    }
+
+    func prefetch(offset: UInt64, length: UInt64) throws(BlockDeviceError) { try inner.prefetch(offset: offset, length: length) }
+
+    func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockDeviceError) -> [Extent] {
+        try inner.extents(offset: offset, length: length, maxExtents: maxExtents)
+    }
+}
+
 final class FixedExportProvider: ExportProvider, Sendable {
     private let devices: [String: any BlockDevice]
 

@@ -99,6 +99,42 @@ extension RealServerTests {
             #expect(ledger.usage(of: "bob").operations[.read] == 1)
         }
 
+        /// Under scheduling a large WRITE reaches the device as 64 KiB pieces, each scheduled on
+        /// its own; the client still sees one request: one reply, all bytes in place, one charge,
+        /// and with FUA one flush after the last piece. Without scheduling it stays one call.
+        @Test func largeWritesAreScheduledInPiecesAndAnsweredOnce() async throws {
+            for scheduling in [true, false] {
+                let service = try TenancyService(configuration: .init(resolver: DomainResolver(bindings: ["vol": "bulk"])))
+                let device = CallRecordingDevice(MemoryBlockDevice(name: "vol", size: 4 << 20))
+                let fixture = try await TenancyServer(devices: [device], tenancy: .init(service: service, scheduling: scheduling))
+                let client = try RawClient(socketPath: fixture.socketPath)
+                #expect(client.enterTransmission(export: "vol") != nil)
+                let length = (1 << 20) + 100   // 16 full pieces and a short one
+                let payload = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 9) }
+                client.sendRequest(NBDCommand.write.rawValue, flags: .fua, handle: 7, offset: 4096,
+                                   length: UInt32(length), payload: payload)
+                let reply = client.receiveSimpleReply()
+                #expect(reply?.handle == 7 && reply?.error == 0)
+                #expect(try device.inner.readArray(offset: 4096, count: length) == payload)
+                let calls = device.calls.withLock { $0 }
+                if scheduling {
+                    #expect(calls.writes.count == 17, "\(calls.writes)")
+                    #expect(calls.writes.allSatisfy { !$0.fua && $0.length <= 65536 })
+                    #expect(calls.writes.map(\.length).reduce(0, +) == length)
+                    #expect(calls.flushes == 1, "FUA: one flush after the pieces")
+                } else {
+                    #expect(calls.writes.count == 1 && calls.writes[0].fua && calls.flushes == 0)
+                }
+                let usage = service.snapshot().ledger.usage(of: "bulk")
+                #expect(usage.operations[.write] == 1 && usage.bytesWritten == UInt64(length))
+                #expect(abs(usage.ioUnits - IOCost.units(kind: .write, bytes: UInt64(length))) < 1e-9)
+                // A small write is never split.
+                #expect(request(client, .write, handle: 8, length: 65536) == 0)
+                #expect(device.calls.withLock { $0.writes.count } == (scheduling ? 18 : 2))
+                await fixture.stop()
+            }
+        }
+
         /// A domain's queue is bounded: past its capacity requests get ENOMEM at once, the queued
         /// ones are served at the domain's limit, and the connection stays usable.
         @Test func aFullDomainQueueRefusesTheExcessAndTheLimitPacesTheRest() async throws {

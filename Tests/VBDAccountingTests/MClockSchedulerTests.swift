@@ -10,6 +10,8 @@ struct SchedulerSimulation {
     var capacity: Double
     var costs: [DomainID: Double]
     var backlogged: Set<DomainID>
+    /// Pieces each request of a domain is split into (1 when absent).
+    var pieces: [DomainID: Int] = [:]
     var now = 0.0
     var served: [Served] = []
     var counter = 0
@@ -19,7 +21,8 @@ struct SchedulerSimulation {
             for domain in backlogged.sorted() {
                 while scheduler.queuedCount(of: domain) < 8 {
                     counter += 1
-                    try! scheduler.enqueue(counter, domain: domain, cost: costs[domain] ?? 1, now: now)
+                    try! scheduler.enqueue(counter, domain: domain, cost: costs[domain] ?? 1,
+                                           pieces: pieces[domain] ?? 1, now: now)
                 }
             }
             if let dispatch = scheduler.dequeue(now: now) {
@@ -110,6 +113,83 @@ struct SchedulerSimulation {
         simulation.run(until: 10)
         let bigUnits = simulation.units(of: "big", from: 1), smallUnits = simulation.units(of: "small", from: 1)
         #expect(abs(bigUnits - smallUnits) / smallUnits < 0.05)
+    }
+
+    @Test func splitRequestIsServedPieceByPieceAndCountedOnceInItsQueue() {
+        var scheduler = MClockScheduler<Int>(policies: ["bulk": .init(queueCapacity: 2)])
+        try! scheduler.enqueue(1, domain: "bulk", cost: 17, pieces: 16, now: 0)
+        try! scheduler.enqueue(2, domain: "bulk", cost: 1, now: 0)
+        #expect(throws: SchedulerError.queueFull("bulk")) { try scheduler.enqueue(3, domain: "bulk", cost: 1, now: 0) }
+        var dispatched: [MClockScheduler<Int>.Dispatch] = []
+        while let next = scheduler.dequeue(now: 100) { dispatched.append(next) }
+        #expect(dispatched.map(\.item) == Array(repeating: 1, count: 16) + [2])
+        #expect(dispatched.prefix(16).map(\.piece) == Array(0..<16))
+        #expect(dispatched.map(\.isLastPiece) == Array(repeating: false, count: 15) + [true, true])
+        #expect(abs(dispatched.prefix(16).reduce(0) { $0 + $1.cost } - 17) < 1e-9, "pieces add up to the request's cost")
+        #expect(scheduler.queuedCount == 0)
+    }
+
+    @Test func reservedRequestWaitsBehindOnePieceNotAWholeLargeRequest() {
+        // A device serving 1000 units/s one request at a time (no preemption). "bulk" keeps 1 MiB
+        // writes (17 units = 17 ms each) queued; "victim" (reservation 100 units/s) sends one small
+        // request at a time. Unsplit, the victim can wait up to a whole 17 ms write; in 16 pieces,
+        // at most one piece (~1.06 ms) plus its own service.
+        func worstWait(pieces: Int) -> Double {
+            var scheduler = MClockScheduler<Int>(policies: [
+                "victim": .init(reservation: 100, weight: 1),
+                "bulk": .init(reservation: 0, weight: 1),
+            ])
+            var now = 0.0, worst = 0.0, counter = 0
+            var victimArrival: Double? = nil
+            var nextVictim = 0.0013
+            while now < 5 {
+                while scheduler.queuedCount(of: "bulk") < 4 {
+                    counter += 1
+                    try! scheduler.enqueue(counter, domain: "bulk", cost: 17, pieces: pieces, now: now)
+                }
+                if victimArrival == nil, now >= nextVictim {
+                    // It arrived at nextVictim, perhaps while a bulk request or piece was on the device.
+                    try! scheduler.enqueue(0, domain: "victim", cost: 1, now: now)
+                    victimArrival = nextVictim
+                }
+                guard let dispatch = scheduler.dequeue(now: now) else {
+                    now = max(now + 1e-6, min(scheduler.nextEligibleTime() ?? .infinity, victimArrival == nil ? nextVictim : .infinity))
+                    continue
+                }
+                if dispatch.domain == "victim", let arrival = victimArrival {
+                    worst = max(worst, now - arrival)
+                    victimArrival = nil
+                    nextVictim = now + 0.0123  // about 80 requests/s: inside the reservation
+                }
+                now += dispatch.cost / 1000
+            }
+            return worst
+        }
+        let unsplit = worstWait(pieces: 1), split = worstWait(pieces: 16)
+        #expect(unsplit > 0.010, "unsplit worst wait \(unsplit)")
+        #expect(split <= 17.0 / 16 / 1000 + 1e-9, "split worst wait \(split)")
+    }
+
+    @Test func limitsHoldForSplitRequests() {
+        let limit = 200.0, burst = 8.0
+        let scheduler = MClockScheduler<Int>(policies: [
+            "capped": .init(reservation: 0, limit: limit, weight: 10, limitBurstUnits: burst),
+            "other": .init(reservation: 0, weight: 1),
+        ])
+        var simulation = SchedulerSimulation(scheduler: scheduler, capacity: 1000, costs: ["capped": 17, "other": 1],
+                                             backlogged: ["capped", "other"], pieces: ["capped": 16])
+        simulation.run(until: 5)
+        let times = simulation.served.filter { $0.domain == "capped" }
+        for i in times.indices {
+            var units = 0.0
+            for j in i..<times.count {
+                units += times[j].cost
+                let window = times[j].time - times[i].time
+                #expect(units <= limit * window + burst + 17.0 / 16 + 1e-6, "window \(times[i].time)...\(times[j].time)")
+                if units > limit * window + burst + 17.0 / 16 + 1e-6 { return }
+            }
+        }
+        #expect(simulation.units(of: "capped", from: 1, to: 5) >= limit * 4 * 0.95)
     }
 
     @Test func queuesAreBoundedPerDomain() {

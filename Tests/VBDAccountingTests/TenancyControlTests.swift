@@ -50,17 +50,22 @@ import Testing
         let service = try TenancyService(configuration: .init(resolver: DomainResolver(bindings: ["vm": "alice"])))
         service.requestCompleted(domain: "alice", kind: .write, bytes: 65536, deviceTime: .milliseconds(2), failed: false)
         service.requestCompleted(domain: "alice", kind: .read, bytes: 4096, deviceTime: .milliseconds(1), failed: true)
+        service.requestCompleted(domain: "alice", kind: .read, bytes: 3 * 4096, deviceTime: .zero, failed: false,
+                                 cacheHits: 2, lastChanceHits: 1)
         let metrics = service.statistics().metrics
         func value(_ name: String, _ labels: [String: String]) -> Double? {
             metrics.first { $0.name == name && $0.labels == labels }?.value
         }
         #expect(value("vbd_domain_operations_total", ["domain": "alice", "command": "write"]) == 1)
-        #expect(value("vbd_domain_operations_total", ["domain": "alice", "command": "read"]) == 1)
+        #expect(value("vbd_domain_operations_total", ["domain": "alice", "command": "read"]) == 2)
+        #expect(value("vbd_domain_cache_hits_total", ["domain": "alice", "tier": "main"]) == 2)
+        #expect(value("vbd_domain_cache_hits_total", ["domain": "alice", "tier": "last_chance"]) == 1)
         #expect(value("vbd_domain_failed_operations_total", ["domain": "alice"]) == 1)
         #expect(value("vbd_domain_written_bytes_total", ["domain": "alice"]) == 65536)
-        #expect(value("vbd_domain_read_bytes_total", ["domain": "alice"]) == 0)
+        #expect(value("vbd_domain_read_bytes_total", ["domain": "alice"]) == 12288)
         #expect(abs(value("vbd_domain_device_seconds_total", ["domain": "alice"])! - 0.003) < 1e-12)
-        let expectedUnits: Double = 2 + 1.0625   // a 64 KiB write costs 2 units, a 4 KiB read 1.0625
+        // A 64 KiB write costs 2 units, a 4 KiB read 1.0625, a 12 KiB read 1.1875.
+        let expectedUnits: Double = 2 + 1.0625 + 1.1875
         #expect(value("vbd_domain_io_units_total", ["domain": "alice"]) == expectedUnits)
         let shares = service.storageShares(images: [
             ImageShareInput(name: "vm", fairStoredBytes: 100, exclusiveStoredBytes: 50),
@@ -69,5 +74,36 @@ import Testing
         ])
         #expect(shares["alice"]?.fairStoredBytes == 120 && shares["alice"]?.images == ["vm", "vm@monday"])
         #expect(shares[.anonymous]?.fairStoredBytes == 30)
+        // With storage figures every holder has a row (anonymous has sent no request), and the
+        // rows' fair shares add up to the bytes stored.
+        let withStorage = service.statistics(storage: shares)
+        #expect(withStorage.domains.map(\.domain) == ["alice", "anonymous"])
+        #expect(withStorage.domains.compactMap(\.storage?.fairStoredBytes).reduce(0, +) == 150)
+        let stored = withStorage.metrics.filter { $0.name == "vbd_domain_stored_bytes" }
+        #expect(stored.map(\.value).sorted() == [30, 120])
+        #expect(withStorage.metrics.contains { $0.name == "vbd_domain_exclusive_stored_bytes" && $0.labels == ["domain": "alice"] && $0.value == 50 })
+        #expect(!service.statistics().metrics.contains { $0.name == "vbd_domain_stored_bytes" }, "no figures, no series")
     }
+
+    @Test func utilisationIsMeasuredAgainstTheParallelismTheServerSets() throws {
+        let clock = ManualMonotonic()
+        let service = try TenancyService(configuration: .init(deviceParallelism: 4), monotonic: { clock.now })
+        #expect(service.deviceParallelism == 4)
+        service.setDeviceParallelism(2)
+        #expect(service.deviceParallelism == 2)
+        // Two slots busy for a whole 100 ms window: saturated (with 4 slots it would read as half).
+        for _ in 0..<10 {
+            clock.advance(.milliseconds(100))
+            service.requestCompleted(domain: "a", kind: .read, bytes: 4096, deviceTime: .milliseconds(200), failed: false)
+        }
+        clock.advance(.milliseconds(100))
+        #expect(service.snapshot().utilisation > 0.99)
+    }
+}
+
+/// A monotonic clock the test moves by hand.
+final class ManualMonotonic: @unchecked Sendable {
+    // @unchecked: tests call it from one thread.
+    private(set) var now: Duration = .zero
+    func advance(_ by: Duration) { now += by }
 }

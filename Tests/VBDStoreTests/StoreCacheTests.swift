@@ -31,6 +31,47 @@ import VBDCore
         try store.close()
     }
 
+    /// Every block of a read is counted once, by where it came from: the basis of per-domain
+    /// cache accounting (the NBD server charges these counts to the domain that asked).
+    @Test func readsReportWhetherEachBlockCameFromTheCacheTheLastChanceTierOrDisk() throws {
+        let dir = TemporaryStoreDirectory()
+        do {
+            let (store, _) = try cachedStore(dir)
+            try store.createVolume(name: "vol", size: 1 << 20)
+            for i in 0..<64 { try store.device(named: "vol").write(block(seed: UInt64(i)), at: UInt64(i) * 4096) }
+            try store.close()
+        }
+        // Main tier: 16 blocks (4 shards x 4); the last-chance tier holds what main evicts.
+        let blockCost = 4096 + BlockCache.mainEntryOverheadBytes
+        let cache = BlockCache(configuration: .init(capacityBytes: 16 * blockCost, lastChanceCapacityBytes: 1 << 20,
+                                                    shardCount: 4))
+        var options = Store.Options()
+        options.cache = cache
+        let store = try Store.open(path: dir.path, options: options)
+        let device = try store.device(named: "vol")
+        func read(_ offset: UInt64, _ count: Int) throws -> ReadSources {
+            var sources = ReadSources()
+            try withUnsafeTemporaryAllocation(byteCount: count, alignment: 16) { buffer in
+                try device.read(offset: offset, into: buffer, sources: &sources)
+            }
+            return sources
+        }
+        #expect(try read(0, 4 * 4096) == ReadSources(diskReads: 4), "a cold read comes from disk")
+        #expect(try read(0, 4 * 4096) == ReadSources(cacheHits: 4), "then from the cache")
+        #expect(try read(4096 + 100, 200) == ReadSources(cacheHits: 1), "part of a block counts as that block")
+        #expect(try read(100 * 4096, 4096) == ReadSources(), "an unwritten block is read from nowhere")
+        // Read everything: main (16 blocks) evicts into the last-chance tier; the early blocks then
+        // come back from there.
+        let all = try read(0, 64 * 4096)
+        #expect(all.cacheHits + all.lastChanceHits + all.diskReads == 64)
+        let again = try read(0, 64 * 4096)
+        #expect(again.lastChanceHits > 0, "evicted blocks are served by the last-chance tier: \(again)")
+        #expect(again.cacheHits + again.lastChanceHits + again.diskReads == 64)
+        let statistics = cache.statistics
+        #expect(statistics.lastChanceHits >= again.lastChanceHits)
+        try store.close()
+    }
+
     /// Two sharing groups: the same bytes are stored and cached separately, so reading a block
     /// another tenant holds is an ordinary miss, with no timing signal of the other's data.
     @Test func groupsDoNotShareBlocksOrCacheEntries() throws {
