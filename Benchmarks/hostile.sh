@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Hostile-workload measurement through `vbdtool serve` (the real store, a real data file):
 # a victim domain doing 4 KiB random reads at QD1 beside a "bulk" domain writing 1 MiB at QD64
-# and a "flood" domain sending 512-byte reads at QD64. Three runs, each on a fresh server:
+# and a "flood" domain sending 512-byte reads at QD64. Three runs, each on a fresh server with the
+# victim's blocks warmed into the cache, repeated ROUNDS times interleaved (medians at the end):
 #   alone        victim only (serve without --schedule)
 #   unscheduled  victim + both attackers, serve without --schedule (accounting only)
 #   scheduled    victim + both attackers, serve --schedule (mClock; policies below)
 # Prints the victim's p50/p99 completion latency (µs) and IOPS, and the attackers' rates.
 #
 #   VBDTOOL=.build/release/vbdtool Benchmarks/hostile.sh
-#   RUNTIME=8 VICTIM_RESERVATION=8000 BULK_LIMIT=600 FLOOD_LIMIT=1500 Benchmarks/hostile.sh
+#   ROUNDS=5 RUNTIME=8 VICTIM_RESERVATION=8000 BULK_LIMIT=600 FLOOD_LIMIT=1500 Benchmarks/hostile.sh
 #   ATTACKERS=bulk MODES="alone scheduled" Benchmarks/hostile.sh   # one attacker, two of the runs
 #
 # Policies (I/O units/s; a unit is one request plus one per 64 KiB, docs/ACCOUNTING.md):
-# victim reservation $VICTIM_RESERVATION weight 4; bulk limit $BULK_LIMIT; flood limit $FLOOD_LIMIT.
+# victim reservation $VICTIM_RESERVATION weight 4 (the default 12000 covers what the victim asks
+# for alone, ~8-10 k IOPS here); bulk limit $BULK_LIMIT; flood limit $FLOOD_LIMIT.
 # Bounded: every fio run has a runtime and is killed after runtime + 60 s; the server is stopped
 # after each run and on exit. Unix socket only.
 set -euo pipefail
@@ -21,12 +23,13 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 VBDTOOL="${VBDTOOL:-$repo/.build/release/vbdtool}"
 RUNTIME="${RUNTIME:-5}"
-VICTIM_RESERVATION="${VICTIM_RESERVATION:-8000}"
+VICTIM_RESERVATION="${VICTIM_RESERVATION:-12000}"
 BULK_LIMIT="${BULK_LIMIT:-600}"
 FLOOD_LIMIT="${FLOOD_LIMIT:-1500}"
 ATTACKERS="${ATTACKERS:-bulk flood}"          # which attackers run beside the victim
 MODES="${MODES:-alone unscheduled scheduled}" # which of the three runs to make
 SCHEDULE_OPTIONS="${SCHEDULE_OPTIONS:-}"      # e.g. "--reserved-slots 0" for the scheduled run
+ROUNDS="${ROUNDS:-3}"                         # the modes run interleaved this many times
 for tool in fio python3 nbdcopy; do command -v "$tool" >/dev/null || { echo "SKIP: $tool missing"; exit 77; }; done
 [ -x "$VBDTOOL" ] || { echo "SKIP: $VBDTOOL not built (swift build -c release --product vbdtool)"; exit 77; }
 fio --enghelp=nbd >/dev/null 2>&1 || { echo "SKIP: fio has no nbd engine"; exit 77; }
@@ -67,10 +70,10 @@ run_fio() { # name export extra-args... ; writes $work/$name.json
         --time_based --output-format=json --output="$work/$name.json" "$@"
 }
 
-row() { # mode
-    python3 - "$1" "$work" <<'PY'
+row() { # round mode ; prints a table row and appends "mode p50 p99" to $work/summary
+    python3 - "$1" "$2" "$work" <<'PY'
 import json, os, sys
-mode, work = sys.argv[1], sys.argv[2]
+rnd, mode, work = sys.argv[1], sys.argv[2], sys.argv[3]
 def job(name):
     path = os.path.join(work, name + ".json")
     if not os.path.exists(path): return None
@@ -78,28 +81,48 @@ def job(name):
 v = job("victim")["read"]
 p = v["clat_ns"]["percentile"]
 b, f = job("bulk"), job("flood")
-print(f"| {mode} | {p['50.000000']/1000:.0f} | {p['99.000000']/1000:.0f} | {v['iops']:.0f} | "
+p50, p99 = p['50.000000'] / 1000, p['99.000000'] / 1000
+print(f"| {rnd} | {mode} | {p50:.0f} | {p99:.0f} | {v['iops']:.0f} | "
       f"{(b['write']['iops'] if b else 0):.0f} | {(f['read']['iops'] if f else 0):.0f} |")
+with open(os.path.join(work, "summary"), "a") as out: out.write(f"{mode} {p50} {p99}\n")
 PY
 }
 
-echo "| run | victim p50 (µs) | victim p99 (µs) | victim IOPS | bulk 1 MiB writes/s | flood IOPS |"
-echo "|---|---|---|---|---|---|"
-for mode in $MODES; do
-    rm -f "$work"/*.json
-    if [ "$mode" = scheduled ]; then start_server --schedule $SCHEDULE_OPTIONS; else start_server; fi
-    pids=()
-    if [ "$mode" != alone ]; then
-        case " $ATTACKERS " in *" bulk "*)
-            run_fio bulk bulk --rw=randwrite --bs=1M --iodepth=64 --runtime=$((RUNTIME + 1)) & pids+=($!) ;; esac
-        case " $ATTACKERS " in *" flood "*)
-            run_fio flood flood --rw=randread --bs=512 --iodepth=64 --runtime=$((RUNTIME + 1)) & pids+=($!) ;; esac
-        sleep 0.5
-    fi
-    run_fio victim victim --rw=randread --bs=4k --iodepth=1 --runtime="$RUNTIME" --percentile_list=50:99
-    for pid in "${pids[@]}"; do wait "$pid"; done
-    stop_server
-    row "$mode"
+echo "| round | run | victim p50 (µs) | victim p99 (µs) | victim IOPS | bulk 1 MiB writes/s | flood IOPS |"
+echo "|---|---|---|---|---|---|---|"
+for round in $(seq 1 "$ROUNDS"); do
+    for mode in $MODES; do
+        rm -f "$work"/*.json
+        if [ "$mode" = scheduled ]; then start_server --schedule $SCHEDULE_OPTIONS; else start_server; fi
+        # Warm the victim's blocks into the cache, so every run measures the same (cache-hit) reads.
+        nbdcopy "$(uri victim)" null:
+        pids=()
+        if [ "$mode" != alone ]; then
+            case " $ATTACKERS " in *" bulk "*)
+                run_fio bulk bulk --rw=randwrite --bs=1M --iodepth=64 --runtime=$((RUNTIME + 1)) & pids+=($!) ;; esac
+            case " $ATTACKERS " in *" flood "*)
+                run_fio flood flood --rw=randread --bs=512 --iodepth=64 --runtime=$((RUNTIME + 1)) & pids+=($!) ;; esac
+            sleep 0.5
+        fi
+        run_fio victim victim --rw=randread --bs=4k --iodepth=1 --runtime="$RUNTIME" --percentile_list=50:99
+        for pid in "${pids[@]}"; do wait "$pid"; done
+        stop_server
+        row "$round" "$mode"
+    done
 done
 echo
+# Medians over the rounds (runs are interleaved, so slow phases of a shared machine hit every mode).
+python3 - "$work/summary" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    mode, p50, p99 = line.split(); rows.setdefault(mode, []).append((float(p50), float(p99)))
+median = {m: (statistics.median(a for a, _ in r), statistics.median(b for _, b in r)) for m, r in rows.items()}
+for m, (p50, p99) in median.items():
+    print(f"median {m}: p50 {p50:.0f} µs, p99 {p99:.0f} µs over {len(rows[m])} rounds")
+if "alone" in median and "scheduled" in median:
+    print(f"scheduled p99 / alone p99 (medians): {median['scheduled'][1] / median['alone'][1]:.2f}")
+    per_round = [s[1] / a[1] for a, s in zip(rows["alone"], rows["scheduled"])]
+    print("per round: " + ", ".join(f"{r:.2f}" for r in per_round))
+PY
 echo "(load average: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) cores)"

@@ -479,11 +479,23 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             let outcome = job.run()
             return MeasuredOutcome(outcome: outcome, deviceTime: ContinuousClock.now - started)
         }
+        // A read the cache can answer at once is answered on the calling thread (an event loop, or
+        // whichever thread the scheduler dispatches from): no hop to an I/O thread and back.
+        let fromMemory: @Sendable () -> MeasuredOutcome? = {
+            let started = ContinuousClock.now
+            guard let outcome = job.runFromMemory() else { return nil }
+            return MeasuredOutcome(outcome: outcome, deviceTime: ContinuousClock.now - started)
+        }
         let eventLoop = context.eventLoop
         if let scheduler = environment.scheduler, let session {
             let pieces = job.pieceCount
             let tracker = pieces > 1 ? NBDPieceTracker(pieces: pieces) : nil
             let work = NBDIOScheduler.Job(pieces: pieces) { _, piece, finished in
+                if tracker == nil, let answered = fromMemory() {
+                    finished()
+                    promise.succeed(answered)
+                    return
+                }
                 pool.runIfActive(eventLoop: eventLoop) { () -> MeasuredOutcome? in
                     defer { finished() }
                     guard let tracker else { return run() }
@@ -522,6 +534,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                                                      structured: job.structured, allocator: job.allocator),
                     deviceTime: .zero))
             }
+        } else if let answered = fromMemory() {
+            promise.succeed(answered)
         } else {
             pool.runIfActive(eventLoop: eventLoop, run).cascade(to: promise)
         }

@@ -67,6 +67,33 @@ struct NBDOperationJob: Sendable {
         }
     }
 
+    // MARK: From memory
+
+    /// A READ answered at once when the device has every block in memory
+    /// (``BlockDevice/readIfCached(offset:into:zeroBlocksAllowed:)``), so the caller skips the hop
+    /// to an I/O thread and back; nil otherwise. The reply is one data chunk, so with structured
+    /// replies (and no DF) only ranges without unallocated or zero blocks qualify: those are
+    /// described as holes by the ordinary path. Skipping the extents query that shapes ordinary
+    /// replies is part of the saving.
+    func runFromMemory() -> Outcome? {
+        guard case .read(let handle, let offset, let length, let dontFragment) = operation, length > 0 else { return nil }
+        var buffer = allocator.buffer(capacity: Int(length) + 32)
+        if structured {
+            NBDReplyEncoder.writeOffsetDataHeader(handle: handle, offset: offset, dataLength: length, done: true,
+                                                  into: &buffer)
+        } else {
+            NBDReplyEncoder.writeSimpleReply(handle: handle, error: nil, into: &buffer)
+        }
+        var sources: ReadSources?
+        buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { space in
+            sources = device.readIfCached(offset: offset, into: UnsafeMutableRawBufferPointer(rebasing: space[0..<Int(length)]),
+                                          zeroBlocksAllowed: !structured || dontFragment)
+            return sources == nil ? 0 : Int(length)
+        }
+        guard let sources else { return nil }
+        return Outcome(reply: buffer, error: nil, message: "", readSources: sources)
+    }
+
     // MARK: Pieces
 
     /// Under scheduling, a WRITE longer than this is done as device calls of at most this many

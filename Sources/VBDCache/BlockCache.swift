@@ -65,12 +65,16 @@ public final class BlockCache: Sendable {
     }
 
     /// As ``read(_:into:owner:)``, saying which tier answered (`.miss` also for a refusal).
-    public func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, owner: CacheOwner) -> CacheLookup {
+    /// With `countingMisses` false a miss is not counted: for a probe that falls back to a normal
+    /// read, which counts it.
+    public func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, owner: CacheOwner,
+                       countingMisses: Bool = true) -> CacheLookup {
         precondition(buffer.count > 0 && buffer.count <= Limits.blockBytesMax, "block size out of range")
         let box = shard(for: key)
         var evicted: [(UInt64, BlockCacheShard.CachedBlock)] = []
         let (outcome, epoch) = box.state.withLock { shard in
-            (shard.read(key, into: buffer, owner: owner, evicted: &evicted), shard.removalEpoch)
+            (shard.read(key, into: buffer, owner: owner, evicted: &evicted, countingMisses: countingMisses),
+             shard.removalEpoch)
         }
         if !evicted.isEmpty { admitToLastChance(evicted, in: box, evictedAtEpoch: epoch) }
         switch outcome {

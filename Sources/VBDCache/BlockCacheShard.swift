@@ -50,9 +50,11 @@ struct BlockCacheShard: Sendable {
 
     /// Serves `key` into `buffer` from either tier. A last-chance hit is decompressed into `buffer`
     /// and promoted; blocks that promotion evicts from main are appended to `evicted`.
+    /// With `countingMisses` false a miss or refusal is not counted (a probe whose caller will
+    /// look again the ordinary way, which counts it then).
     mutating func read(
         _ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, owner: CacheOwner,
-        evicted: inout [(UInt64, CachedBlock)]
+        evicted: inout [(UInt64, CachedBlock)], countingMisses: Bool = true
     ) -> ReadOutcome {
         var refused = false
         let hit = main.lookup(key) { block -> (sharedNow: Bool, size: Int, loader: CacheOwner)? in
@@ -70,13 +72,13 @@ struct BlockCacheShard: Sendable {
             if hit.sharedNow { count(hit.loader) { $0.bytesSavedBySharing += UInt64(hit.size) } }
             return .hit
         }
-        if refused { return refuse(owner) }
+        if refused { return countingMisses ? refuse(owner) : .refused }
         guard let stored = lastChance?.lookup(key, { $0 }) else {
-            count(owner) { $0.misses += 1 }
+            if countingMisses { count(owner) { $0.misses += 1 } }
             return .miss
         }
         guard stored.owner.group == owner.group, stored.uncompressedCount == buffer.count else {
-            return refuse(owner)
+            return countingMisses ? refuse(owner) : .refused
         }
         let decoded: Bool
         if stored.isCompressed {

@@ -23,6 +23,12 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// server can charge cache hits to the domain that asked (devices without a cache count nothing).
     func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
               sources: inout ReadSources) throws(BlockDeviceError)
+    /// Serves the read from memory at once, or returns nil (the caller then calls `read` on an
+    /// I/O thread, which reports any error). With `zeroBlocksAllowed` false, a range holding any
+    /// unallocated or zero block also returns nil (a caller that describes those as holes wants
+    /// the ordinary path). Must never block on I/O or wait long for a lock: event loops call it.
+    /// The default serves nothing.
+    func readIfCached(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, zeroBlocksAllowed: Bool) -> ReadSources?
     /// Writes `data` at `offset`. With `fua`, the write is durable when this returns.
     func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError)
     /// Discards a range: afterwards it reads as zeroes and whole blocks free their storage.
@@ -44,6 +50,9 @@ extension BlockDevice {
                      sources: inout ReadSources) throws(BlockDeviceError) {
         try read(offset: offset, into: buffer)
     }
+
+    public func readIfCached(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                             zeroBlocksAllowed: Bool) -> ReadSources? { nil }
 }
 
 /// Where the blocks of a read came from: counted per block (a block read only in part counts once).

@@ -4,8 +4,9 @@ import VBDCore
 /// The universal cache serves the store directly: chunk numbers are its keys, and the owner
 /// (volume, sharing group) feeds its per-volume counters.
 extension BlockCache: ChunkCache {
-    public func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16) -> CacheLookup {
-        lookup(key, into: buffer, owner: CacheOwner(volume: volume, group: UInt32(domain)))
+    public func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16,
+                       countingMisses: Bool) -> CacheLookup {
+        lookup(key, into: buffer, owner: CacheOwner(volume: volume, group: UInt32(domain)), countingMisses: countingMisses)
     }
 
     public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16) {

@@ -75,6 +75,18 @@ final class StoreMutex: @unchecked Sendable {
     deinit { pthread_mutex_destroy(m); m.deallocate() }
     @inline(__always) func lock() { pthread_mutex_lock(m) }
     @inline(__always) func unlock() { pthread_mutex_unlock(m) }
+    /// Takes the lock only if it is free right now.
+    @inline(__always) func tryLock() -> Bool { pthread_mutex_trylock(m) == 0 }
+    /// Takes the lock if it becomes free within `wait`, retrying without sleeping; false otherwise.
+    func tryLock(spinningFor wait: Duration) -> Bool {
+        if tryLock() { return true }
+        let deadline = ContinuousClock.now + wait
+        while ContinuousClock.now < deadline {
+            sched_yield()
+            if tryLock() { return true }
+        }
+        return false
+    }
     @inline(__always) func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
         lock(); defer { unlock() }
         return try body()
@@ -88,8 +100,10 @@ import Glibc
 /// Read-through cache the store consults before the disk. Keys are chunk numbers: one number is
 /// one content (verified before sharing), and the store removes a key before reusing its number.
 public protocol ChunkCache: AnyObject, Sendable {
-    /// Copies the cached block into `buffer` and says which tier had it.
-    func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16) -> CacheLookup
+    /// Copies the cached block into `buffer` and says which tier had it. With `countingMisses`
+    /// false a miss is not counted (a probe; the caller then reads the ordinary way).
+    func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16,
+                countingMisses: Bool) -> CacheLookup
     func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16)
     func remove(_ key: UInt64)
     /// Taken under the store lock while `key` names the bytes to insert later.

@@ -38,6 +38,11 @@ public final class VolumeDevice: BlockDevice, @unchecked Sendable {
         try store.read(image: imageID, offset: offset, into: buffer, sources: &sources)
     }
 
+    public func readIfCached(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                             zeroBlocksAllowed: Bool) -> ReadSources? {
+        store.readIfCached(image: imageID, offset: offset, into: buffer, zeroBlocksAllowed: zeroBlocksAllowed)
+    }
+
     public func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
         try store.write(image: imageID, offset: offset, data: data, fua: fua)
     }

@@ -72,6 +72,57 @@ import VBDCore
         try store.close()
     }
 
+    /// The event-loop fast path: a read wholly in memory is served at once and counted as hits;
+    /// anything else (a block not cached, the store lock held, out of range, too large) returns nil
+    /// having counted nothing, and the ordinary read then counts it once.
+    @Test func readIfCachedServesOnlyWhatIsInMemoryAndCountsNothingOtherwise() throws {
+        let dir = TemporaryStoreDirectory()
+        let (store, cache) = try cachedStore(dir)
+        try store.createVolume(name: "vol", size: 1 << 20)
+        let device = try store.device(named: "vol")
+        for i in 0..<4 { try device.write(block(seed: UInt64(i)), at: UInt64(i) * 4096) }   // cached by the write
+        let id = try store.info("vol").id
+        var buffer = [UInt8](repeating: 0xFF, count: 6 * 4096)
+        // Blocks 0-3 cached, 4-5 never written (zeroes): served from memory, 4 hits.
+        let sources = buffer.withUnsafeMutableBytes { store.readIfCached(image: id, offset: 0, into: $0) }
+        #expect(sources == ReadSources(cacheHits: 4))
+        #expect(Array(buffer[0..<4 * 4096]) == (0..<4).flatMap { block(seed: UInt64($0)) })
+        #expect(buffer[4 * 4096..<6 * 4096].allSatisfy { $0 == 0 })
+        // A caller that describes zero blocks as holes is sent the ordinary way instead.
+        #expect(buffer.withUnsafeMutableBytes {
+            store.readIfCached(image: id, offset: 0, into: $0, zeroBlocksAllowed: false)
+        } == nil)
+        #expect(buffer.withUnsafeMutableBytes {
+            store.readIfCached(image: id, offset: 0, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<4 * 4096]),
+                               zeroBlocksAllowed: false)
+        } == ReadSources(cacheHits: 4))
+        // A part of a block.
+        var part = [UInt8](repeating: 0, count: 100)
+        #expect(part.withUnsafeMutableBytes { store.readIfCached(image: id, offset: 4096 + 7, into: $0) } == ReadSources(cacheHits: 1))
+        #expect(part == Array(block(seed: 1)[7..<107]))
+        // Not in memory: nil, and the miss is counted only by the ordinary read that follows.
+        for k in 0..<4 { cache.remove(UInt64(k)); cache.remove(UInt64(k + 1)) }
+        let owner = CacheOwner(volume: id, group: UInt32(store.domain(ofGroup: try store.info("vol").group) ?? 0))
+        let missesBefore = cache.statistics(for: owner)?.misses ?? 0
+        #expect(buffer.withUnsafeMutableBytes { store.readIfCached(image: id, offset: 0, into: $0) } == nil)
+        #expect((cache.statistics(for: owner)?.misses ?? 0) == missesBefore, "the probe counts no miss")
+        #expect(try device.read(4096, at: 0) == block(seed: 0))
+        #expect((cache.statistics(for: owner)?.misses ?? 0) == missesBefore + 1)
+        // Out of range and oversized requests are left to the ordinary read (which reports errors).
+        #expect(buffer.withUnsafeMutableBytes { store.readIfCached(image: id, offset: (1 << 20) - 4096, into: $0) } == nil)
+        var big = [UInt8](repeating: 0, count: Store.cachedReadBytesMax + 4096)
+        #expect(big.withUnsafeMutableBytes { store.readIfCached(image: id, offset: 0, into: $0) } == nil)
+        // The store lock held elsewhere (a checkpoint, say): give up after a bounded wait, never block.
+        store.mutex.lock()
+        let started = ContinuousClock.now
+        #expect(buffer.withUnsafeMutableBytes { store.readIfCached(image: id, offset: 0, into: $0) } == nil)
+        #expect(ContinuousClock.now - started < .seconds(1))
+        store.mutex.unlock()
+        _ = try device.read(6 * 4096, at: 0)   // caches blocks 1-3 again
+        #expect(buffer.withUnsafeMutableBytes { store.readIfCached(image: id, offset: 0, into: $0) } == ReadSources(cacheHits: 4))
+        try store.close()
+    }
+
     /// Two sharing groups: the same bytes are stored and cached separately, so reading a block
     /// another tenant holds is an ordinary miss, with no timing signal of the other's data.
     @Test func groupsDoNotShareBlocksOrCacheEntries() throws {
