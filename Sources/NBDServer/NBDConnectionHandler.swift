@@ -72,6 +72,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// `read` was requested while the handler could not take more input.
     private var readDeferred = false
     private var inFlightBytes = 0
+    /// True while `processInbound` runs: replies completed synchronously meanwhile (cache hits on
+    /// the fast path, refusals) are written without a flush, and one flush at the end sends them
+    /// together; re-entrant calls (a reply finishing inside the loop) return at once, the running
+    /// loop picks up the input.
+    private var processingInbound = false
+    private var flushPending = false
     private var shuttingDown = false
     private var handshakeTimeout: Scheduled<Void>?
     /// Set once an export is opened under tenancy; nil without tenancy.
@@ -181,6 +187,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     private func processInbound(context: ChannelHandlerContext) {
+        guard !processingInbound else { return }
+        processingInbound = true
+        defer {
+            processingInbound = false
+            if flushPending {
+                flushPending = false
+                context.flush()
+            }
+        }
         while canTakeInput(context: context), var buffer = inbound {
             inbound = nil  // keeps `buffer` uniquely referenced while the parser consumes it
             let message: NBDClientMessage?
@@ -232,7 +247,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                                                     message: "no write lease on \(machine.export.export.name)")
                 var buffer = context.channel.allocator.buffer(capacity: 64 + rejection.message.utf8.count)
                 NBDReplyEncoder.writeError(rejection, structured: machine.export.structuredReplies, into: &buffer)
-                context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+                sendReply(buffer, promise: nil, context: context)
                 charge(operation.command, bytes: 0, deviceTime: .zero, failed: true)
                 let completion = machine.requestCompleted()
                 phase = .transmission(machine, device)
@@ -244,7 +259,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 logger.debug("request rejected: \(rejection.error) \(rejection.message)")
                 var buffer = context.channel.allocator.buffer(capacity: 64 + rejection.message.utf8.count)
                 NBDReplyEncoder.writeError(rejection, structured: machine.export.structuredReplies, into: &buffer)
-                context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+                sendReply(buffer, promise: nil, context: context)
                 if let command = rejection.command {
                     charge(command, bytes: 0, deviceTime: .zero, failed: true)
                     environment.observer?(NBDRequestRecord(
@@ -565,10 +580,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 self.logger.debug("\(operation.command) failed: \(error) \(outcome.message)")
             }
             let written = context.eventLoop.makePromise(of: Void.self)
-            context.writeAndFlush(self.wrapOutboundOut(outcome.reply), promise: written)
+            self.sendReply(outcome.reply, promise: written, context: context)
             written.futureResult.assumeIsolated().whenComplete { _ in
                 self.requestFinished(payloadBytes: budgetBytes, context: loopBoundContext.value)
             }
+        }
+    }
+
+    /// Sends a transmission reply: inside `processInbound` it joins the batch flushed at the end of
+    /// the loop (one write for many cache-hit replies); otherwise it is flushed now.
+    private func sendReply(_ buffer: ByteBuffer, promise: EventLoopPromise<Void>?, context: ChannelHandlerContext) {
+        if processingInbound {
+            context.write(wrapOutboundOut(buffer), promise: promise)
+            flushPending = true
+        } else {
+            context.writeAndFlush(wrapOutboundOut(buffer), promise: promise)
         }
     }
 

@@ -33,6 +33,8 @@ public struct PriceFunction: Sendable, Equatable, Codable {
     /// Credits per I/O unit at `utilisation` (values outside 0...1 are clamped).
     public func price(utilisation: Double) -> Double {
         let u = min(max(utilisation.isNaN ? 0 : utilisation, 0), utilisationCap)
+        // Every request is priced: the default exponent 2 without pow() (3% of a cache-hit read's CPU).
+        if exponent == 2 { return base / ((1 - u) * (1 - u)) }
         return base / pow(1 - u, exponent)
     }
 }
