@@ -82,7 +82,7 @@ let package = Package(
         .executableTarget(
             name: "vbdtool",
             dependencies: [
-                "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl", "VBDMetrics", "VBDAccounting",
+                "CVBDSys", "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl", "VBDMetrics", "VBDAccounting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -124,7 +124,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if inbound == nil || inbound!.readableBytes == 0 {
             inbound = incoming
         } else {
-            inbound!.writeBuffer(&incoming)
+            // A WRITE payload arrives in many socket reads: size the buffer for all of it once,
+            // instead of regrowing (and copying) it again and again as the pieces are appended.
+            // Moved out of the property first, so the buffer is uniquely referenced and grows in place.
+            var accumulated = inbound.take()!
+            let pending = parser.pendingPayloadBytes
+            if pending > accumulated.readableBytes + incoming.readableBytes {
+                accumulated.reserveCapacity(minimumWritableBytes: pending - accumulated.readableBytes)
+            }
+            accumulated.writeBuffer(&incoming)
+            inbound = accumulated
         }
         processInbound(context: context)
     }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CVBDSys
 import Dispatch
 import Foundation
 import Logging
@@ -59,6 +60,16 @@ struct ServeCommand: AsyncParsableCommand {
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level: unknown level '\(logLevel)'") }
     }
 
+    /// Request payloads (up to 32 MiB) and their reply buffers are allocated and freed at high
+    /// rates. By default glibc maps each large one afresh and unmaps it on free, so every byte is
+    /// first touched through a page fault and zeroed by the kernel (measured: ~6 % of the CPU of a
+    /// 1 MiB sequential write, and the payload copy ran at 1.5 GB/s). Serving them from the heap,
+    /// and trimming the heap only past 256 MiB of free memory, keeps the pages; what the heap can
+    /// hold is bounded by the in-flight limits (`Limits.nbdInFlightBytesMax` per connection).
+    static func keepRequestBuffersMapped() {
+        vbd_keep_large_allocations(64 << 20, 256 << 20)
+    }
+
     static func parseListen(_ text: String) throws -> (host: String, port: Int) {
         guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else {
             throw ValidationError("--listen: expected HOST:PORT (e.g. 127.0.0.1:10809, [::1]:10809), got '\(text)'")
@@ -70,6 +81,7 @@ struct ServeCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
+        Self.keepRequestBuffersMapped()
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
