@@ -65,7 +65,7 @@ struct ServeCommand: AsyncParsableCommand {
     /// first touched through a page fault and zeroed by the kernel (measured: ~6 % of the CPU of a
     /// 1 MiB sequential write, and the payload copy ran at 1.5 GB/s). Serving them from the heap,
     /// and trimming the heap only past 256 MiB of free memory, keeps the pages; what the heap can
-    /// hold is bounded by the in-flight limits (`Limits.nbdInFlightBytesMax` per connection).
+    /// hold is bounded by the in-flight limits (`ServerLimits.inFlightBytesMax`: about 64 MiB per connection).
     static func keepRequestBuffersMapped() {
         vbd_keep_large_allocations(64 << 20, 256 << 20)
     }
