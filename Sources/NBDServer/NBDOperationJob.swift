@@ -101,10 +101,13 @@ struct NBDOperationJob: Sendable {
     /// someone's large write rather than all of it (Benchmarks/hostile.sh, docs/ACCOUNTING.md).
     static let pieceBytes = 64 * 1024
 
-    /// Device calls this operation is scheduled as.
+    /// Device calls this operation is scheduled as. Pieces end on multiples of ``pieceBytes`` in
+    /// the device's offsets, so a block-aligned write is cut only at block boundaries (no piece
+    /// read-modify-writes a block another piece also touches).
     var pieceCount: Int {
-        guard case .write(_, _, let length, _) = operation, Int(length) > Self.pieceBytes else { return 1 }
-        return (Int(length) + Self.pieceBytes - 1) / Self.pieceBytes
+        guard case .write(_, let offset, let length, _) = operation, Int(length) > Self.pieceBytes else { return 1 }
+        let first = offset / UInt64(Self.pieceBytes), last = (offset + UInt64(length) - 1) / UInt64(Self.pieceBytes)
+        return Int(last - first + 1)
     }
 
     /// Writes piece `piece` of a split WRITE, without FUA (``finishPieces(firstError:)`` flushes once).
@@ -112,8 +115,9 @@ struct NBDOperationJob: Sendable {
         guard case .write(_, let offset, let length, _) = operation, let payload else {
             preconditionFailure("only a WRITE is split into pieces")
         }
-        let start = piece * Self.pieceBytes
-        let end = min(Int(length), start + Self.pieceBytes)
+        let window = (offset / UInt64(Self.pieceBytes) + UInt64(piece)) * UInt64(Self.pieceBytes)
+        let start = Int(max(offset, window) - offset)
+        let end = min(Int(length), Int(window + UInt64(Self.pieceBytes) - offset))  // the window ends past `offset`
         precondition(start < end, "piece \(piece) is past the request")
         var failure: BlockDeviceError?
         payload.withUnsafeReadableBytes { bytes in

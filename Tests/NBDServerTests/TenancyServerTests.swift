@@ -118,9 +118,12 @@ extension RealServerTests {
                 #expect(try device.inner.readArray(offset: 4096, count: length) == payload)
                 let calls = device.calls.withLock { $0 }
                 if scheduling {
+                    // [4096, 4096 + 1 MiB + 100) meets 17 of the device's 64 KiB windows; pieces end on them.
                     #expect(calls.writes.count == 17, "\(calls.writes)")
                     #expect(calls.writes.allSatisfy { !$0.fua && $0.length <= 65536 })
                     #expect(calls.writes.map(\.length).reduce(0, +) == length)
+                    #expect(calls.writes.map(\.offset).sorted().dropFirst().allSatisfy { $0 % 65536 == 0 })
+                    #expect(calls.writes.map(\.offset).min() == 4096)
                     #expect(calls.flushes == 1, "FUA: one flush after the pieces")
                 } else {
                     #expect(calls.writes.count == 1 && calls.writes[0].fua && calls.flushes == 0)
