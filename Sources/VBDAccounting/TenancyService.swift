@@ -189,35 +189,28 @@ public final class TenancyService: Sendable {
     @discardableResult
     public func grantLease(volume: String, domain: DomainID, mode: LeaseMode, duration: Duration,
                            actor: String) throws -> Lease {
-        let (result, expired, observers) = try control { state, now in
-            // Expire first and log it even if the grant then fails, so no expiry goes unrecorded.
-            let expired = state.leases.expire(now: now)
-            var records = expired.map(Self.expiryRecord)
-            let result = Result<Lease, any Error> {
-                try state.leases.grant(volume: volume, domain: domain, mode: mode, duration: duration, now: now)
-            }
-            if case .success(let lease) = result {
-                records.append(PendingRecord(actor: actor, operation: AuditOperation.leaseGrant, target: volume,
-                                             details: Self.details(lease)))
-            }
-            return ((result, expired, state.observers), records)
+        try changeLease(volume: volume, actor: actor, operation: AuditOperation.leaseGrant) { leases, now in
+            try leases.grant(volume: volume, domain: domain, mode: mode, duration: duration, now: now)
         }
-        notify(observers, expired, .expired)
-        let lease = try result.get()
-        try persist()
-        return lease
     }
 
     @discardableResult
     public func renewLease(volume: String, domain: DomainID, duration: Duration, actor: String) throws -> Lease {
+        try changeLease(volume: volume, actor: actor, operation: AuditOperation.leaseRenew) { leases, now in
+            try leases.renew(volume: volume, domain: domain, duration: duration, now: now)
+        }
+    }
+
+    /// A grant or renewal: expires what is due first and logs it even if `change` then fails, so
+    /// no expiry goes unrecorded; a successful change is logged as `operation`.
+    private func changeLease(volume: String, actor: String, operation: String,
+                             _ change: (inout LeaseTable, WallTime) throws -> Lease) throws -> Lease {
         let (result, expired, observers) = try control { state, now in
             let expired = state.leases.expire(now: now)
             var records = expired.map(Self.expiryRecord)
-            let result = Result<Lease, any Error> {
-                try state.leases.renew(volume: volume, domain: domain, duration: duration, now: now)
-            }
+            let result = Result<Lease, any Error> { try change(&state.leases, now) }
             if case .success(let lease) = result {
-                records.append(PendingRecord(actor: actor, operation: AuditOperation.leaseRenew, target: volume,
+                records.append(PendingRecord(actor: actor, operation: operation, target: volume,
                                              details: Self.details(lease)))
             }
             return ((result, expired, state.observers), records)
