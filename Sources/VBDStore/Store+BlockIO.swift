@@ -202,11 +202,8 @@ extension Store {
                     return found
                 }
             }
-            switch found {
-            case .hit: sources.cacheHits += 1
-            case .lastChanceHit: sources.lastChanceHits += 1
-            case .miss: return nil
-            }
+            guard found != .miss else { return nil }
+            sources.count(found)
         }
         return sources
     }
@@ -255,11 +252,7 @@ extension Store {
                         return source
                     }
                 }
-                switch source {
-                case .hit: sources.cacheHits += 1
-                case .lastChanceHit: sources.lastChanceHits += 1
-                case .miss: sources.diskReads += 1
-                }
+                sources.count(source)
             } catch {
                 // Remapped or freed since we looked? Then retry; otherwise it is corruption.
                 let unchanged = mutex.withLock { () -> Bool in
@@ -632,6 +625,17 @@ extension Store {
             let n = min(bs, view.size - b * bs)
             try read(image: id, offset: b * bs, into: UnsafeMutableRawBufferPointer(rebasing: tmp[0..<Int(n)]))
             b += 1
+        }
+    }
+}
+
+extension ReadSources {
+    /// Counts one block by where `loadChunk` or the cache found it (a miss was read from disk).
+    mutating func count(_ source: CacheLookup) {
+        switch source {
+        case .hit: cacheHits += 1
+        case .lastChanceHit: lastChanceHits += 1
+        case .miss: diskReads += 1
         }
     }
 }
