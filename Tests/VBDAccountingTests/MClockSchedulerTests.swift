@@ -42,6 +42,21 @@ struct SchedulerSimulation {
     }
 }
 
+/// Every window [a, b] starting and ending at dispatches of `served`: units <= limit * (b - a) +
+/// burst + the largest single cost (a request, or a piece of a split one).
+func expectWithinLimit(_ served: [SchedulerSimulation.Served], limit: Double, burst: Double, largestCost: Double) {
+    for i in served.indices {
+        var units = 0.0
+        for j in i..<served.count {
+            units += served[j].cost
+            let window = served[j].time - served[i].time
+            let bound = limit * window + burst + largestCost + 1e-6
+            #expect(units <= bound, "window \(served[i].time)...\(served[j].time)")
+            if units > bound { return }
+        }
+    }
+}
+
 @Suite struct MClockSchedulerTests {
     @Test func reservationsAreMetUnderOverload() {
         // Device: 1000 units/s. A reserves 300, B reserves 100 with a huge weight that would take
@@ -74,16 +89,7 @@ struct SchedulerSimulation {
         simulation.run(until: 5)
         let times = simulation.served.filter { $0.domain == "capped" }
         #expect(times.count > 100)
-        // Every window [a, b] starting and ending at dispatches: units <= limit * (b - a) + burst + one cost.
-        for i in times.indices {
-            var units = 0.0
-            for j in i..<times.count {
-                units += times[j].cost
-                let window = times[j].time - times[i].time
-                #expect(units <= limit * window + burst + 3 + 1e-6, "window \(times[i].time)...\(times[j].time)")
-                if units > limit * window + burst + 3 + 1e-6 { return }
-            }
-        }
+        expectWithinLimit(times, limit: limit, burst: burst, largestCost: 3)
         // And the capped domain is not throttled below its limit when capacity is free.
         #expect(simulation.units(of: "capped", from: 1, to: 5) >= limit * 4 * 0.95)
     }
@@ -179,16 +185,8 @@ struct SchedulerSimulation {
         var simulation = SchedulerSimulation(scheduler: scheduler, capacity: 1000, costs: ["capped": 17, "other": 1],
                                              backlogged: ["capped", "other"], pieces: ["capped": 16])
         simulation.run(until: 5)
-        let times = simulation.served.filter { $0.domain == "capped" }
-        for i in times.indices {
-            var units = 0.0
-            for j in i..<times.count {
-                units += times[j].cost
-                let window = times[j].time - times[i].time
-                #expect(units <= limit * window + burst + 17.0 / 16 + 1e-6, "window \(times[i].time)...\(times[j].time)")
-                if units > limit * window + burst + 17.0 / 16 + 1e-6 { return }
-            }
-        }
+        expectWithinLimit(simulation.served.filter { $0.domain == "capped" }, limit: limit, burst: burst,
+                          largestCost: 17.0 / 16)
         #expect(simulation.units(of: "capped", from: 1, to: 5) >= limit * 4 * 0.95)
     }
 
