@@ -67,19 +67,37 @@ import Glibc
         return python
     }
 
-    @Test func snapshotAndShareWhileAClientWrites() throws {
-        guard let python = Self.pythonWithNBD(), let nbdcopy = Subprocess.find("nbdcopy") else {
+    /// What both live tests start from: a served store with a 1 MiB volume "vm", and a Python
+    /// client script run against it (arguments: the volume's URI, vbdtool, the store).
+    struct LiveRun {
+        let dir: TemporaryDirectory
+        let store: String
+        let server: RunningServer
+        let python: String
+        let nbdcopy: String
+        let run: Tool.Outcome
+    }
+
+    /// Nil (recorded as an issue) when python3-libnbd or nbdcopy is missing.
+    static func runScriptAgainstLiveServer(_ scriptText: String, named name: String) throws -> LiveRun? {
+        guard let python = pythonWithNBD(), let nbdcopy = Subprocess.find("nbdcopy") else {
             Issue.record("python3-libnbd and nbdcopy (libnbd-bin) are needed for the live test")
-            return
+            return nil
         }
         let dir = try TemporaryDirectory()
         let store = try dir.initializedStore()
         #expect(try Tool.run(["create", "vm", "--size", "1M"], store: store).succeeded)
         let server = try RunningServer(store: store, nbdSocket: dir.path + "/nbd.sock")
-        let script = dir.path + "/writer.py"
-        try Self.writerScript.write(toFile: script, atomically: true, encoding: .utf8)
+        let script = dir.path + "/" + name
+        try scriptText.write(toFile: script, atomically: true, encoding: .utf8)
         let run = try Subprocess.run(python, [script, server.uri("vm"), Tool.path, store], timeoutSeconds: 300)
-        #expect(run.succeeded, "writer: \(run.stdout) \(run.stderr) server log: \(server.log)")
+        #expect(run.succeeded, "\(name): \(run.stdout) \(run.stderr) server log: \(server.log)")
+        return LiveRun(dir: dir, store: store, server: server, python: python, nbdcopy: nbdcopy, run: run)
+    }
+
+    @Test func snapshotAndShareWhileAClientWrites() throws {
+        guard let live = try Self.runScriptAgainstLiveServer(Self.writerScript, named: "writer.py") else { return }
+        let (dir, store, server, python, nbdcopy, run) = (live.dir, live.store, live.server, live.python, live.nbdcopy, live.run)
         let result = try JSONDecoder().decode(WriterResult.self, from: Data(run.stdout.utf8))
         #expect(result.cloneReadsSnapshot, "the new share serves the snapshot's contents at once")
         #expect(result.cloneWritable)
@@ -180,18 +198,8 @@ import Glibc
     }
 
     @Test func snapshotUnderConcurrentWritesHoldsEveryAcknowledgedWrite() throws {
-        guard let python = Self.pythonWithNBD(), let nbdcopy = Subprocess.find("nbdcopy") else {
-            Issue.record("python3-libnbd and nbdcopy (libnbd-bin) are needed for the live test")
-            return
-        }
-        let dir = try TemporaryDirectory()
-        let store = try dir.initializedStore()
-        #expect(try Tool.run(["create", "vm", "--size", "1M"], store: store).succeeded)
-        let server = try RunningServer(store: store, nbdSocket: dir.path + "/nbd.sock")
-        let script = dir.path + "/writers.py"
-        try Self.concurrentWriterScript.write(toFile: script, atomically: true, encoding: .utf8)
-        let run = try Subprocess.run(python, [script, server.uri("vm"), Tool.path, store], timeoutSeconds: 300)
-        #expect(run.succeeded, "writers: \(run.stderr) server log: \(server.log)")
+        guard let live = try Self.runScriptAgainstLiveServer(Self.concurrentWriterScript, named: "writers.py") else { return }
+        let (dir, server, nbdcopy, run) = (live.dir, live.server, live.nbdcopy, live.run)
         let log = try JSONDecoder().decode(ConcurrentLog.self, from: Data(run.stdout.utf8))
         let before = log.writes.filter { $0[3] < log.requested }.count
         #expect(before > 10 && log.writes.count > before, "writes happened before and after the snapshot (\(before) of \(log.writes.count))")
