@@ -38,11 +38,12 @@ final class DictionaryChunkCache: ChunkCache {
     /// Counts removals, so an insert that raced with one is skipped (the ChunkCache contract).
     private let removals = Mutex<UInt64>(0)
 
-    func read(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16) -> Bool {
+    func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16,
+                countingMisses: Bool) -> CacheLookup {
         entries.withLock { entries in
-            guard let bytes = entries[key], bytes.count == buffer.count else { return false }
+            guard let bytes = entries[key], bytes.count == buffer.count else { return .miss }
             bytes.withUnsafeBytes { buffer.copyMemory(from: $0) }
-            return true
+            return .hit
         }
     }
 
