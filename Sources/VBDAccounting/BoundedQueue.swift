@@ -43,9 +43,4 @@ struct BoundedQueue<Element> {
         precondition(!isEmpty)
         body(&storage[head])
     }
-
-    /// Applies `body` to every queued element, in order.
-    mutating func updateEach(_ body: (inout Element) -> Void) {
-        for index in head..<storage.count { body(&storage[index]) }
-    }
 }

@@ -95,10 +95,13 @@ public struct MClockScheduler<Item> {
         public var isLastPiece: Bool
     }
 
-    /// A queued request; one split into pieces stays at the head of its queue until its last
-    /// piece is taken, its tags advancing by one piece's spacing each time.
-    private struct Tagged {
-        var item: Item
+    /// A queued request's tags; one split into pieces stays at the head of its queue until its
+    /// last piece is taken, its tags advancing by one piece's spacing each time.
+    ///
+    /// Tags are stored relative to their domain's offsets (``DomainState``): the paper's tag
+    /// adjustments move every tag of a domain by the same amount, so they change one offset
+    /// instead of rewriting each queued request (O(1) per dispatch, O(domains) per activation).
+    private struct Tags {
         var pieceCost: Double
         var pieces: Int
         var nextPiece = 0
@@ -107,16 +110,40 @@ public struct MClockScheduler<Item> {
     }
 
     private struct DomainState {
+        var domain: DomainID
         var policy: SchedulingPolicy
-        var queue: BoundedQueue<Tagged>
+        /// Tags of the queued requests, in arrival order; the requests themselves are in
+        /// `items` at the same index, kept apart so the scheduling loops touch no `Item`.
+        var tags: BoundedQueue<Tags>
+        /// A real R tag is the stored one plus this (the R-tag adjustment after weight-phase service).
+        var reservationOffset = 0.0
+        /// A real P tag is the stored one plus this (activation shifts; change d).
+        var proportionOffset = 0.0
         var lastReservationTag = -Double.infinity
         var lastProportionTag = -Double.infinity
         /// Earliest time the limit admits the next request (token bucket as a virtual clock).
         var limitReadyAt = -Double.infinity
         var reservationOnly = false
+
+        func reservationTag(of tags: Tags) -> Double { tags.reservationTag + reservationOffset }
+        func proportionTag(of tags: Tags) -> Double { tags.proportionTag + proportionOffset }
+
+        /// Folds the offsets into the last tags once the queue is empty, so offsets do not grow
+        /// without bound over a long run.
+        mutating func normalizeIfIdle() {
+            guard tags.isEmpty else { return }
+            lastReservationTag += reservationOffset
+            lastProportionTag += proportionOffset
+            reservationOffset = 0
+            proportionOffset = 0
+        }
     }
 
-    private var domains: [DomainID: DomainState] = [:]
+    /// Domains in the order they first appeared; never removed (at most `domainsMax`), so an
+    /// index stays valid. Arrays rather than a dictionary of states so updates happen in place.
+    private var indexOf: [DomainID: Int] = [:]
+    private var states: [DomainState] = []
+    private var items: [BoundedQueue<Item>] = []
     public private(set) var defaultPolicy: SchedulingPolicy
     public let domainsMax: Int
     public private(set) var queuedCount = 0
@@ -132,36 +159,44 @@ public struct MClockScheduler<Item> {
     /// Installs or changes a domain's policy; queued requests keep their tags.
     public mutating func setPolicy(_ policy: SchedulingPolicy, for domain: DomainID) {
         policy.validate()
-        if var state = domains[domain] {
-            var queue = BoundedQueue<Tagged>(capacity: policy.queueCapacity)
-            while let element = state.queue.removeFirst() {
-                if !queue.append(element) { preconditionFailure("shrinking a queue below its backlog") }
-            }
-            state.queue = queue
-            state.policy = policy
-            domains[domain] = state
-        } else {
-            domains[domain] = DomainState(policy: policy, queue: BoundedQueue(capacity: policy.queueCapacity))
+        guard let i = indexOf[domain] else {
+            indexOf[domain] = states.count
+            states.append(DomainState(domain: domain, policy: policy, tags: BoundedQueue(capacity: policy.queueCapacity)))
+            items.append(BoundedQueue(capacity: policy.queueCapacity))
+            return
         }
+        var tags = BoundedQueue<Tags>(capacity: policy.queueCapacity)
+        var queued = BoundedQueue<Item>(capacity: policy.queueCapacity)
+        while let element = states[i].tags.removeFirst(), let item = items[i].removeFirst() {
+            if !tags.append(element) || !queued.append(item) { preconditionFailure("shrinking a queue below its backlog") }
+        }
+        states[i].tags = tags
+        states[i].policy = policy
+        items[i] = queued
     }
 
-    public func policy(for domain: DomainID) -> SchedulingPolicy { domains[domain]?.policy ?? defaultPolicy }
+    /// The index of `domain`'s state, adding it with the default policy if there is room.
+    private mutating func index(adding domain: DomainID) -> Int? {
+        if let i = indexOf[domain] { return i }
+        guard states.count < domainsMax else { return nil }
+        setPolicy(defaultPolicy, for: domain)
+        return indexOf[domain]
+    }
+
+    public func policy(for domain: DomainID) -> SchedulingPolicy { indexOf[domain].map { states[$0].policy } ?? defaultPolicy }
 
     /// Overdrawn domains are served only within their reservation (congestion pricing).
     public mutating func setReservationOnly(_ restricted: Bool, for domain: DomainID) {
-        if domains[domain] == nil {
-            guard domains.count < domainsMax else { return }
-            setPolicy(defaultPolicy, for: domain)
-        }
-        domains[domain]!.reservationOnly = restricted
+        guard let i = index(adding: domain) else { return }
+        states[i].reservationOnly = restricted
     }
 
-    public func isReservationOnly(_ domain: DomainID) -> Bool { domains[domain]?.reservationOnly ?? false }
+    public func isReservationOnly(_ domain: DomainID) -> Bool { indexOf[domain].map { states[$0].reservationOnly } ?? false }
 
     /// Domains currently restricted to their reservation (to re-check after a top-up).
-    public var reservationOnlyDomains: [DomainID] { domains.filter { $0.value.reservationOnly }.map(\.key) }
+    public var reservationOnlyDomains: [DomainID] { states.filter(\.reservationOnly).map(\.domain) }
 
-    public func queuedCount(of domain: DomainID) -> Int { domains[domain]?.queue.count ?? 0 }
+    public func queuedCount(of domain: DomainID) -> Int { indexOf[domain].map { states[$0].tags.count } ?? 0 }
 
     /// Queues a request of `cost` I/O units that arrived at `now`.
     ///
@@ -174,26 +209,27 @@ public struct MClockScheduler<Item> {
                                  now: Double) throws(SchedulerError) {
         precondition(cost > 0 && cost.isFinite && pieces > 0)
         let pieceCost = cost / Double(pieces)
-        if domains[domain] == nil {
-            guard domains.count < domainsMax else { throw .tooManyDomains }
-            setPolicy(defaultPolicy, for: domain)
-        }
-        guard !domains[domain]!.queue.isFull else { throw .queueFull(domain) }
-        if domains[domain]!.queue.isEmpty { adjustProportionTagsForActivation(now: now, excluding: domain) }
-        var state = domains[domain]!
-        let policy = state.policy
+        guard let i = index(adding: domain) else { throw .tooManyDomains }
+        guard !states[i].tags.isFull else { throw .queueFull(domain) }
+        if states[i].tags.isEmpty { adjustProportionTagsForActivation(now: now, excluding: i) }
+        let policy = states[i].policy
         // Tags of the first piece; piece k's are k spacings later, and the last piece's become
-        // the domain's last tags (what the next request is spaced from).
+        // the domain's last tags (what the next request is spaced from). Computed in real time,
+        // stored relative to the domain's offsets.
+        let reservationOffset = states[i].reservationOffset, proportionOffset = states[i].proportionOffset
         let reservationTag = policy.reservation > 0
-            ? max(state.lastReservationTag + pieceCost / policy.reservation, now) : Double.infinity
-        let proportionTag = max(state.lastProportionTag + pieceCost / policy.weight, now - policy.burstUnits / policy.weight)
+            ? max(states[i].lastReservationTag + reservationOffset + pieceCost / policy.reservation, now) : Double.infinity
+        let proportionTag = max(states[i].lastProportionTag + proportionOffset + pieceCost / policy.weight,
+                                now - policy.burstUnits / policy.weight)
         let later = Double(pieces - 1) * pieceCost
-        state.lastReservationTag = policy.reservation > 0 ? reservationTag + later / policy.reservation : reservationTag
-        state.lastProportionTag = proportionTag + later / policy.weight
-        let appended = state.queue.append(Tagged(item: item, pieceCost: pieceCost, pieces: pieces,
-                                                 reservationTag: reservationTag, proportionTag: proportionTag))
-        precondition(appended)
-        domains[domain] = state
+        states[i].lastReservationTag = (policy.reservation > 0 ? reservationTag + later / policy.reservation : reservationTag)
+            - reservationOffset
+        states[i].lastProportionTag = proportionTag + later / policy.weight - proportionOffset
+        let appended = states[i].tags.append(Tags(pieceCost: pieceCost, pieces: pieces,
+                                                  reservationTag: reservationTag - reservationOffset,
+                                                  proportionTag: proportionTag - proportionOffset))
+        let itemAppended = items[i].append(item)
+        precondition(appended && itemAppended)
         queuedCount += 1
     }
 
@@ -202,22 +238,24 @@ public struct MClockScheduler<Item> {
     /// With `weightPhaseAllowed` false only reservation-phase requests are considered (the server
     /// keeps some device slots for reservations this way).
     public mutating func dequeue(now: Double, weightPhaseAllowed: Bool = true) -> Dispatch? {
-        var bestReservation: (domain: DomainID, tag: Double)?
-        var bestProportion: (domain: DomainID, tag: Double)?
-        for (domain, state) in domains {
-            guard let head = state.queue.first, state.limitReadyAt <= now else { continue }
-            if head.reservationTag <= now, head.reservationTag < (bestReservation?.tag ?? .infinity) {
-                bestReservation = (domain, head.reservationTag)
+        var bestReservation: (index: Int, tag: Double)?
+        var bestProportion: (index: Int, tag: Double)?
+        for i in states.indices {
+            guard let head = states[i].tags.first, states[i].limitReadyAt <= now else { continue }
+            let reservationTag = states[i].reservationTag(of: head)
+            if reservationTag <= now, reservationTag < (bestReservation?.tag ?? .infinity) {
+                bestReservation = (i, reservationTag)
             }
-            if !state.reservationOnly, head.proportionTag < (bestProportion?.tag ?? .infinity) {
-                bestProportion = (domain, head.proportionTag)
+            let proportionTag = states[i].proportionTag(of: head)
+            if !states[i].reservationOnly, proportionTag < (bestProportion?.tag ?? .infinity) {
+                bestProportion = (i, proportionTag)
             }
         }
         if let chosen = bestReservation {
-            return take(from: chosen.domain, now: now, phase: .reservation)
+            return take(from: chosen.index, now: now, phase: .reservation)
         }
         if weightPhaseAllowed, let chosen = bestProportion {
-            return take(from: chosen.domain, now: now, phase: .weight)
+            return take(from: chosen.index, now: now, phase: .weight)
         }
         return nil
     }
@@ -226,63 +264,61 @@ public struct MClockScheduler<Item> {
     /// (considering only reservation-phase eligibility when `weightPhaseAllowed` is false).
     public func nextEligibleTime(weightPhaseAllowed: Bool = true) -> Double? {
         var earliest: Double?
-        for state in domains.values {
-            guard let head = state.queue.first else { continue }
+        for state in states {
+            guard let head = state.tags.first else { continue }
             let ready = state.reservationOnly || !weightPhaseAllowed
-                ? max(state.limitReadyAt, head.reservationTag) : state.limitReadyAt
+                ? max(state.limitReadyAt, state.reservationTag(of: head)) : state.limitReadyAt
             // +infinity: restricted to a reservation of 0, never eligible until the restriction lifts.
             if ready < .infinity { earliest = min(earliest ?? ready, ready) }
         }
         return earliest
     }
 
-    private mutating func take(from domain: DomainID, now: Double, phase: Phase) -> Dispatch {
-        var state = domains[domain]!
-        guard var request = state.queue.first else { preconditionFailure("chosen domain has no request") }
+    private mutating func take(from i: Int, now: Double, phase: Phase) -> Dispatch {
+        guard var request = states[i].tags.first, let item = items[i].first else {
+            preconditionFailure("chosen domain has no request")
+        }
+        let policy = states[i].policy
         let piece = request.nextPiece
         let cost = request.pieceCost
         let isLastPiece = piece + 1 == request.pieces
         if isLastPiece {
-            _ = state.queue.removeFirst()
+            _ = states[i].tags.removeFirst()
+            _ = items[i].removeFirst()
             queuedCount -= 1
         } else {
             // The rest of the request stays at the head, tagged as its next piece.
             request.nextPiece += 1
-            if state.policy.reservation > 0 { request.reservationTag += cost / state.policy.reservation }
-            request.proportionTag += cost / state.policy.weight
-            state.queue.updateFirst { $0 = request }
+            if policy.reservation > 0 { request.reservationTag += cost / policy.reservation }
+            request.proportionTag += cost / policy.weight
+            states[i].tags.updateFirst { $0 = request }
         }
-        if let limit = state.policy.limit {
-            let earliestStart = now - state.policy.limitBurstUnits / limit
-            state.limitReadyAt = max(state.limitReadyAt, earliestStart) + cost / limit
+        if let limit = policy.limit {
+            let earliestStart = now - policy.limitBurstUnits / limit
+            states[i].limitReadyAt = max(states[i].limitReadyAt, earliestStart) + cost / limit
         }
-        if phase == .weight, state.policy.reservation > 0 {
-            let credit = cost / state.policy.reservation
-            state.queue.updateEach { $0.reservationTag -= credit }
-            state.lastReservationTag -= credit
+        if phase == .weight, policy.reservation > 0 {
+            // The paper's R-tag adjustment, for every tag of the domain at once.
+            states[i].reservationOffset -= cost / policy.reservation
         }
         if phase == .reservation {
             // Change d: reserved service does not use up the domain's weight share.
-            let credit = cost / state.policy.weight
-            state.queue.updateEach { $0.proportionTag -= credit }
-            state.lastProportionTag -= credit
+            states[i].proportionOffset -= cost / policy.weight
         }
-        domains[domain] = state
-        return Dispatch(item: request.item, domain: domain, cost: cost, phase: phase, piece: piece,
+        states[i].normalizeIfIdle()
+        return Dispatch(item: item, domain: states[i].domain, cost: cost, phase: phase, piece: piece,
                         isLastPiece: isLastPiece)
     }
 
-    private mutating func adjustProportionTagsForActivation(now: Double, excluding newcomer: DomainID) {
+    private mutating func adjustProportionTagsForActivation(now: Double, excluding newcomer: Int) {
         var smallest = Double.infinity
-        for (domain, state) in domains where domain != newcomer {
-            if let head = state.queue.first { smallest = min(smallest, head.proportionTag) }
+        for i in states.indices where i != newcomer {
+            if let head = states[i].tags.first { smallest = min(smallest, states[i].proportionTag(of: head)) }
         }
         guard smallest.isFinite else { return }
         let shift = smallest - now
-        for domain in Array(domains.keys) where domain != newcomer {
-            guard !domains[domain]!.queue.isEmpty else { continue }
-            domains[domain]!.queue.updateEach { $0.proportionTag -= shift }
-            domains[domain]!.lastProportionTag -= shift
+        for i in states.indices where i != newcomer && !states[i].tags.isEmpty {
+            states[i].proportionOffset -= shift
         }
     }
 }
