@@ -520,31 +520,35 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     promise.succeed(answered)
                     return
                 }
-                pool.runIfActive(eventLoop: eventLoop) { () -> MeasuredOutcome? in
-                    defer { finished() }
-                    guard let tracker else { return run() }
+                // Submitted without an event-loop future: only the piece that completes the request
+                // (or an error) wakes the connection's loop, not every piece of a large write.
+                pool.submit { state in
+                    guard case .active = state else {
+                        finished()  // the work never ran: free its slot
+                        if let tracker, tracker.pieceDone(error: .gone("server is shutting down"), deviceTime: .zero) == nil {
+                            return
+                        }
+                        promise.fail(NIOThreadPoolError.ThreadPoolInactive())
+                        return
+                    }
+                    guard let tracker else {
+                        let measured = run()
+                        finished()
+                        promise.succeed(measured)
+                        return
+                    }
                     let started = ContinuousClock.now
                     // After a failed piece the rest only count down: the reply is an error anyway.
                     let error = tracker.hasFailed ? nil : job.runPiece(piece)
                     guard let total = tracker.pieceDone(error: error, deviceTime: ContinuousClock.now - started) else {
-                        return nil  // other pieces are still to run; the last one replies
+                        finished()
+                        return  // other pieces are still to run; the last one replies
                     }
                     let finishing = ContinuousClock.now
                     let outcome = job.finishPieces(firstError: total.firstError)
-                    return MeasuredOutcome(outcome: outcome, deviceTime: total.deviceTime + (ContinuousClock.now - finishing))
-                }.whenComplete { result in
-                    switch result {
-                    case .success(let measured?):
-                        promise.succeed(measured)
-                    case .success(nil):
-                        break
-                    case .failure(let error):
-                        finished()  // the closure never ran: free its slot
-                        if let tracker, tracker.pieceDone(error: .gone("server is shutting down"), deviceTime: .zero) == nil {
-                            return
-                        }
-                        promise.fail(error)
-                    }
+                    finished()
+                    promise.succeed(MeasuredOutcome(outcome: outcome,
+                                                    deviceTime: total.deviceTime + (ContinuousClock.now - finishing)))
                 }
             }
             let cost = IOCost.units(kind: IOKind(operation.command) ?? .flush, bytes: operation.rangeBytes)

@@ -43,6 +43,8 @@ public final class NBDServer: Sendable {
         var listeners: [Channel]
         /// Lease expiry and state persistence timers (tenancy only).
         var timers: [RepeatedTask] = []
+        /// The thread of the scheduler's eligibility timers and the tenancy timers (tenancy only).
+        var tenancyGroup: MultiThreadedEventLoopGroup?
     }
 
     private struct State {
@@ -104,6 +106,13 @@ public final class NBDServer: Sendable {
         }
         var scheduler: NBDIOScheduler?
         if let tenancy = configuration.tenancy {
+            // Timers get a thread of their own rather than a connection's event loop: a limited
+            // domain's requests are released by timer (thousands a second under a flood), and the
+            // periodic persistence writes and syncs a file; neither should hold up the requests of
+            // whichever connections share that loop.
+            let tenancyGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+            state.withLock { $0.running?.tenancyGroup = tenancyGroup }
+            let tenancyLoop = tenancyGroup.next()
             // One notion of the device's parallelism for the scheduler's slots and the price's
             // utilisation meter (with or without scheduling).
             let slots = tenancy.deviceSlots ?? min(configuration.ioThreadsPerPool, tenancy.service.deviceParallelism)
@@ -111,9 +120,9 @@ public final class NBDServer: Sendable {
             if tenancy.scheduling {
                 scheduler = NBDIOScheduler(tenancy: tenancy.service, deviceSlots: slots,
                                            reservedSlots: min(max(0, tenancy.reservedSlots), slots - 1),
-                                           timerLoop: group.next())
+                                           timerLoop: tenancyLoop)
             }
-            startTenancyTimers(tenancy, scheduler: scheduler, loop: group.next())
+            startTenancyTimers(tenancy, scheduler: scheduler, loop: tenancyLoop)
         }
         let environment = NBDConnectionHandler.Environment(
             exports: configuration.exports, limits: configuration.limits, tlsPolicy: tlsPolicy,
@@ -210,6 +219,7 @@ public final class NBDServer: Sendable {
         try? await running.readPool.shutdownGracefully()
         try? await running.writePool.shutdownGracefully()
         try? await running.group.shutdownGracefully()
+        try? await running.tenancyGroup?.shutdownGracefully()
         if let tenancy = configuration.tenancy {
             do { try tenancy.service.persist() } catch {
                 configuration.logger.error("cannot persist accounting state: \(error)")

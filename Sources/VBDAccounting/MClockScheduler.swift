@@ -76,12 +76,63 @@ public enum SchedulerError: Error, Equatable, Sendable {
     case tooManyDomains
 }
 
+/// Which mClock phase dispatched a request.
+public enum SchedulingPhase: Sendable, Equatable {
+    case reservation
+    case weight
+}
+
+// Declared outside the generic scheduler so that they are not generic themselves: a type nested
+// in `MClockScheduler<Item>` has its metadata instantiated at run time for each `Item`, on every
+// dispatch when the caller is in another module.
+
+/// A queued request's tags; one split into pieces stays at the head of its queue until its
+/// last piece is taken, its tags advancing by one piece's spacing each time.
+///
+/// Tags are stored relative to their domain's offsets (``MClockDomainState``): the paper's tag
+/// adjustments move every tag of a domain by the same amount, so they change one offset
+/// instead of rewriting each queued request (O(1) per dispatch, O(domains) per activation).
+private struct MClockTags {
+    var pieceCost: Double
+    var pieces: Int
+    var nextPiece = 0
+    var reservationTag: Double
+    var proportionTag: Double
+}
+
+private struct MClockDomainState {
+    var domain: DomainID
+    var policy: SchedulingPolicy
+    /// Tags of the queued requests, in arrival order; the requests themselves are in
+    /// the scheduler's `items` at the same index, kept apart so the scheduling loops touch no `Item`.
+    var tags: BoundedQueue<MClockTags>
+    /// A real R tag is the stored one plus this (the R-tag adjustment after weight-phase service).
+    var reservationOffset = 0.0
+    /// A real P tag is the stored one plus this (activation shifts; change d).
+    var proportionOffset = 0.0
+    var lastReservationTag = -Double.infinity
+    var lastProportionTag = -Double.infinity
+    /// Earliest time the limit admits the next request (token bucket as a virtual clock).
+    var limitReadyAt = -Double.infinity
+    var reservationOnly = false
+
+    func reservationTag(of tags: MClockTags) -> Double { tags.reservationTag + reservationOffset }
+    func proportionTag(of tags: MClockTags) -> Double { tags.proportionTag + proportionOffset }
+
+    /// Folds the offsets into the last tags once the queue is empty, so offsets do not grow
+    /// without bound over a long run.
+    mutating func normalizeIfIdle() {
+        guard tags.isEmpty else { return }
+        lastReservationTag += reservationOffset
+        lastProportionTag += proportionOffset
+        reservationOffset = 0
+        proportionOffset = 0
+    }
+}
+
 /// The mClock dispatcher: queues requests per domain and says which to start next.
 public struct MClockScheduler<Item> {
-    public enum Phase: Sendable, Equatable {
-        case reservation
-        case weight
-    }
+    public typealias Phase = SchedulingPhase
 
     public struct Dispatch {
         public var item: Item
@@ -95,54 +146,10 @@ public struct MClockScheduler<Item> {
         public var isLastPiece: Bool
     }
 
-    /// A queued request's tags; one split into pieces stays at the head of its queue until its
-    /// last piece is taken, its tags advancing by one piece's spacing each time.
-    ///
-    /// Tags are stored relative to their domain's offsets (``DomainState``): the paper's tag
-    /// adjustments move every tag of a domain by the same amount, so they change one offset
-    /// instead of rewriting each queued request (O(1) per dispatch, O(domains) per activation).
-    private struct Tags {
-        var pieceCost: Double
-        var pieces: Int
-        var nextPiece = 0
-        var reservationTag: Double
-        var proportionTag: Double
-    }
-
-    private struct DomainState {
-        var domain: DomainID
-        var policy: SchedulingPolicy
-        /// Tags of the queued requests, in arrival order; the requests themselves are in
-        /// `items` at the same index, kept apart so the scheduling loops touch no `Item`.
-        var tags: BoundedQueue<Tags>
-        /// A real R tag is the stored one plus this (the R-tag adjustment after weight-phase service).
-        var reservationOffset = 0.0
-        /// A real P tag is the stored one plus this (activation shifts; change d).
-        var proportionOffset = 0.0
-        var lastReservationTag = -Double.infinity
-        var lastProportionTag = -Double.infinity
-        /// Earliest time the limit admits the next request (token bucket as a virtual clock).
-        var limitReadyAt = -Double.infinity
-        var reservationOnly = false
-
-        func reservationTag(of tags: Tags) -> Double { tags.reservationTag + reservationOffset }
-        func proportionTag(of tags: Tags) -> Double { tags.proportionTag + proportionOffset }
-
-        /// Folds the offsets into the last tags once the queue is empty, so offsets do not grow
-        /// without bound over a long run.
-        mutating func normalizeIfIdle() {
-            guard tags.isEmpty else { return }
-            lastReservationTag += reservationOffset
-            lastProportionTag += proportionOffset
-            reservationOffset = 0
-            proportionOffset = 0
-        }
-    }
-
     /// Domains in the order they first appeared; never removed (at most `domainsMax`), so an
     /// index stays valid. Arrays rather than a dictionary of states so updates happen in place.
     private var indexOf: [DomainID: Int] = [:]
-    private var states: [DomainState] = []
+    private var states: [MClockDomainState] = []
     private var items: [BoundedQueue<Item>] = []
     public private(set) var defaultPolicy: SchedulingPolicy
     public let domainsMax: Int
@@ -161,11 +168,11 @@ public struct MClockScheduler<Item> {
         policy.validate()
         guard let i = indexOf[domain] else {
             indexOf[domain] = states.count
-            states.append(DomainState(domain: domain, policy: policy, tags: BoundedQueue(capacity: policy.queueCapacity)))
+            states.append(MClockDomainState(domain: domain, policy: policy, tags: BoundedQueue(capacity: policy.queueCapacity)))
             items.append(BoundedQueue(capacity: policy.queueCapacity))
             return
         }
-        var tags = BoundedQueue<Tags>(capacity: policy.queueCapacity)
+        var tags = BoundedQueue<MClockTags>(capacity: policy.queueCapacity)
         var queued = BoundedQueue<Item>(capacity: policy.queueCapacity)
         while let element = states[i].tags.removeFirst(), let item = items[i].removeFirst() {
             if !tags.append(element) || !queued.append(item) { preconditionFailure("shrinking a queue below its backlog") }
@@ -225,7 +232,7 @@ public struct MClockScheduler<Item> {
         states[i].lastReservationTag = (policy.reservation > 0 ? reservationTag + later / policy.reservation : reservationTag)
             - reservationOffset
         states[i].lastProportionTag = proportionTag + later / policy.weight - proportionOffset
-        let appended = states[i].tags.append(Tags(pieceCost: pieceCost, pieces: pieces,
+        let appended = states[i].tags.append(MClockTags(pieceCost: pieceCost, pieces: pieces,
                                                   reservationTag: reservationTag - reservationOffset,
                                                   proportionTag: proportionTag - proportionOffset))
         let itemAppended = items[i].append(item)
