@@ -78,6 +78,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// loop picks up the input.
     private var processingInbound = false
     private var flushPending = false
+    /// A flush is queued on the event loop for replies completed outside `processInbound`
+    /// (requests finished by I/O threads or the scheduler): replies completed in one burst leave in
+    /// one write, and the client is woken once for them rather than once each.
+    private var flushScheduled = false
     private var shuttingDown = false
     private var handshakeTimeout: Scheduled<Void>?
     /// Set once an export is opened under tenancy; nil without tenancy.
@@ -601,13 +605,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Sends a transmission reply: inside `processInbound` it joins the batch flushed at the end of
-    /// the loop (one write for many cache-hit replies); otherwise it is flushed now.
+    /// the loop (one write for many cache-hit replies); otherwise it joins the replies completed
+    /// in the same pass over the event loop's tasks, flushed by a task queued behind them.
     private func sendReply(_ buffer: ByteBuffer, promise: EventLoopPromise<Void>?, context: ChannelHandlerContext) {
+        context.write(wrapOutboundOut(buffer), promise: promise)
         if processingInbound {
-            context.write(wrapOutboundOut(buffer), promise: promise)
             flushPending = true
-        } else {
-            context.writeAndFlush(wrapOutboundOut(buffer), promise: promise)
+        } else if !flushScheduled {
+            flushScheduled = true
+            context.eventLoop.assumeIsolated().execute {
+                self.flushScheduled = false
+                context.flush()
+            }
         }
     }
 

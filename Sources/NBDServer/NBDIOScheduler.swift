@@ -58,6 +58,12 @@ final class NBDIOScheduler: Sendable {
         self.state = Mutex(State(scheduler: MClockScheduler(defaultPolicy: tenancy.policy(for: .anonymous))))
     }
 
+    /// Eligibility timers fire on this grid (seconds), so that the deadlines of requests released
+    /// by their limit (a flood paced to thousands a second) share wake-ups: a held-back request
+    /// starts at most this much after it becomes eligible, unless a completion dispatches it
+    /// sooner. Starting later never breaks a limit; a reservation loses at most this much time.
+    static let timerGrid = 0.002
+
     private var now: Double {
         let elapsed = ContinuousClock.now - origin
         return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
@@ -112,10 +118,12 @@ final class NBDIOScheduler: Sendable {
             }
             var wakeAt: Double?
             if state.running < deviceSlots, state.scheduler.queuedCount > 0,
-               let next = state.scheduler.nextEligibleTime(weightPhaseAllowed: state.runningByWeight < weightSlots),
-               next < (state.timerDeadline ?? .infinity) {
-                state.timerDeadline = next
-                wakeAt = next
+               let eligible = state.scheduler.nextEligibleTime(weightPhaseAllowed: state.runningByWeight < weightSlots) {
+                let next = (eligible / Self.timerGrid).rounded(.up) * Self.timerGrid
+                if next < (state.timerDeadline ?? .infinity) {
+                    state.timerDeadline = next
+                    wakeAt = next
+                }
             }
             return (jobs, wakeAt)
         }
