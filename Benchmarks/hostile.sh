@@ -30,6 +30,7 @@ ATTACKERS="${ATTACKERS:-bulk flood}"          # which attackers run beside the v
 MODES="${MODES:-alone unscheduled scheduled}" # which of the three runs to make
 SCHEDULE_OPTIONS="${SCHEDULE_OPTIONS:-}"      # e.g. "--reserved-slots 0" for the scheduled run
 ROUNDS="${ROUNDS:-3}"                         # the modes run interleaved this many times
+QUIET_STEAL="${QUIET_STEAL:-5}"               # a round is "quiet" when every run had less steal (%)
 for tool in fio python3 nbdcopy; do command -v "$tool" >/dev/null || { echo "SKIP: $tool missing"; exit 77; }; done
 [ -x "$VBDTOOL" ] || { echo "SKIP: $VBDTOOL not built (swift build -c release --product vbdtool)"; exit 77; }
 fio --enghelp=nbd >/dev/null 2>&1 || { echo "SKIP: fio has no nbd engine"; exit 77; }
@@ -70,10 +71,16 @@ run_fio() { # name export extra-args... ; writes $work/$name.json
         --time_based --output-format=json --output="$work/$name.json" "$@"
 }
 
-row() { # round mode ; prints a table row and appends "mode p50 p99" to $work/summary
-    python3 - "$1" "$2" "$work" <<'PY'
+cpu_times() { head -1 /proc/stat; } # "cpu user nice system idle iowait irq softirq steal ..."
+
+row() { # round mode cpu-before cpu-after ; prints a table row and appends "round mode p50 p99 steal" to $work/summary
+    python3 - "$1" "$2" "$work" "$3" "$4" <<'PY'
 import json, os, sys
 rnd, mode, work = sys.argv[1], sys.argv[2], sys.argv[3]
+# Share of the run's CPU time the hypervisor gave to other guests (steal): a noisy host shows here.
+before, after = ([int(x) for x in a.split()[1:9]] for a in sys.argv[4:6])
+delta = [b - a for a, b in zip(before, after)]
+steal = 100 * delta[7] / max(1, sum(delta))
 def job(name):
     path = os.path.join(work, name + ".json")
     if not os.path.exists(path): return None
@@ -83,13 +90,13 @@ p = v["clat_ns"]["percentile"]
 b, f = job("bulk"), job("flood")
 p50, p99 = p['50.000000'] / 1000, p['99.000000'] / 1000
 print(f"| {rnd} | {mode} | {p50:.0f} | {p99:.0f} | {v['iops']:.0f} | "
-      f"{(b['write']['iops'] if b else 0):.0f} | {(f['read']['iops'] if f else 0):.0f} |")
-with open(os.path.join(work, "summary"), "a") as out: out.write(f"{mode} {p50} {p99}\n")
+      f"{(b['write']['iops'] if b else 0):.0f} | {(f['read']['iops'] if f else 0):.0f} | {steal:.0f} |")
+with open(os.path.join(work, "summary"), "a") as out: out.write(f"{rnd} {mode} {p50} {p99} {steal}\n")
 PY
 }
 
-echo "| round | run | victim p50 (µs) | victim p99 (µs) | victim IOPS | bulk 1 MiB writes/s | flood IOPS |"
-echo "|---|---|---|---|---|---|---|"
+echo "| round | run | victim p50 (µs) | victim p99 (µs) | victim IOPS | bulk 1 MiB writes/s | flood IOPS | steal % |"
+echo "|---|---|---|---|---|---|---|---|"
 for round in $(seq 1 "$ROUNDS"); do
     for mode in $MODES; do
         rm -f "$work"/*.json
@@ -104,25 +111,44 @@ for round in $(seq 1 "$ROUNDS"); do
                 run_fio flood flood --rw=randread --bs=512 --iodepth=64 --runtime=$((RUNTIME + 1)) & pids+=($!) ;; esac
             sleep 0.5
         fi
+        cpu_before="$(cpu_times)"
         run_fio victim victim --rw=randread --bs=4k --iodepth=1 --runtime="$RUNTIME" --percentile_list=50:99
+        cpu_after="$(cpu_times)"
         for pid in "${pids[@]}"; do wait "$pid"; done
         stop_server
-        row "$round" "$mode"
+        # Write back what this run left dirty (the unscheduled bulk writer leaves ~1 GiB), so the
+        # kernel's writeback does not land in the next run.
+        sync
+        row "$round" "$mode" "$cpu_before" "$cpu_after"
     done
 done
 echo
 # Medians over the rounds (runs are interleaved, so slow phases of a shared machine hit every mode).
-python3 - "$work/summary" <<'PY'
+python3 - "$work/summary" "$QUIET_STEAL" <<'PY'
 import statistics, sys
-rows = {}
+runs = {}  # (round, mode) -> (p50, p99, steal)
 for line in open(sys.argv[1]):
-    mode, p50, p99 = line.split(); rows.setdefault(mode, []).append((float(p50), float(p99)))
-median = {m: (statistics.median(a for a, _ in r), statistics.median(b for _, b in r)) for m, r in rows.items()}
-for m, (p50, p99) in median.items():
-    print(f"median {m}: p50 {p50:.0f} µs, p99 {p99:.0f} µs over {len(rows[m])} rounds")
-if "alone" in median and "scheduled" in median:
-    print(f"scheduled p99 / alone p99 (medians): {median['scheduled'][1] / median['alone'][1]:.2f}")
-    per_round = [s[1] / a[1] for a, s in zip(rows["alone"], rows["scheduled"])]
-    print("per round: " + ", ".join(f"{r:.2f}" for r in per_round))
+    rnd, mode, p50, p99, steal = line.split(); runs[(rnd, mode)] = (float(p50), float(p99), float(steal))
+quiet_steal = float(sys.argv[2])
+def summarize(title, rounds):
+    rows = {}
+    for (rnd, mode), run in runs.items():
+        if rnd in rounds: rows.setdefault(mode, []).append(run)
+    if not rows: return
+    print(title)
+    median = {m: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for m, rs in rows.items()}
+    for m, (p50, p99) in median.items():
+        print(f"  median {m}: p50 {p50:.0f} µs, p99 {p99:.0f} µs over {len(rows[m])} rounds")
+    if "alone" in median and "scheduled" in median:
+        print(f"  scheduled p99 / alone p99 (medians): {median['scheduled'][1] / median['alone'][1]:.2f}")
+        ratios = [runs[(r, "scheduled")][1] / runs[(r, "alone")][1] for r in sorted(rounds, key=int)
+                  if (r, "alone") in runs and (r, "scheduled") in runs]
+        print("  per round: " + ", ".join(f"{x:.2f}" for x in ratios))
+every = {rnd for rnd, _ in runs}
+summarize(f"all {len(every)} rounds:", every)
+# Rounds in which the host took little CPU away (steal below QUIET_STEAL % in every run of the round):
+# steal makes latency bimodal and swamps what the scheduler does.
+quiet = {rnd for rnd in every if all(run[2] < quiet_steal for (r, _), run in runs.items() if r == rnd)}
+summarize(f"quiet rounds (steal < {quiet_steal:g} % in each run): {len(quiet)} of {len(every)}", quiet)
 PY
 echo "(load average: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) cores)"
