@@ -526,7 +526,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 }
                 // Submitted without an event-loop future: only the piece that completes the request
                 // (or an error) wakes the connection's loop, not every piece of a large write.
-                pool.submit { state in
+                NBDWorkChain.submit(to: pool) { state in
                     guard case .active = state else {
                         finished()  // the work never ran: free its slot
                         if let tracker, tracker.pieceDone(error: .gone("server is shutting down"), deviceTime: .zero) == nil {

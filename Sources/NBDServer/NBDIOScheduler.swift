@@ -1,5 +1,6 @@
 import NBDProtocol
 import NIOCore
+import NIOPosix
 import Synchronization
 import VBDAccounting
 
@@ -160,6 +161,51 @@ extension IOKind {
         case .writeZeroes: self = .writeZeroes
         case .blockStatus: self = .blockStatus
         case .disconnect: return nil
+        }
+    }
+}
+
+/// Hands scheduled work to an I/O thread pool so that work dispatched by a finishing job continues
+/// on the thread that finished it.
+///
+/// When a piece of a large write completes on an I/O thread, the scheduler usually dispatches the
+/// next piece from that same thread. Submitting it to the pool would wake a second thread (on a VM,
+/// an inter-processor interrupt, often to the core a latency-sensitive client is on) while the
+/// first goes back to sleep. Instead, the first job dispatched that way runs on the same thread as
+/// soon as the current job returns; any further ones go to the pool, so parallel work stays parallel.
+enum NBDWorkChain {
+    /// Per thread: whether a chain is running on it, and the job it will run next.
+    private final class Link: @unchecked Sendable {  // only ever touched by its own thread
+        var running = false
+        var next: NIOThreadPool.WorkItem?
+    }
+
+    private static let link = ThreadSpecificVariable<Link>()
+
+    static func submit(to pool: NIOThreadPool, _ work: @escaping NIOThreadPool.WorkItem) {
+        if let link = link.currentValue, link.running, link.next == nil {
+            link.next = work
+            return
+        }
+        pool.submit { state in run(work, state) }
+    }
+
+    private static func run(_ first: @escaping NIOThreadPool.WorkItem, _ state: NIOThreadPool.WorkItemState) {
+        guard case .active = state else { return first(state) }
+        let current: Link
+        if let existing = link.currentValue {
+            current = existing
+        } else {
+            current = Link()
+            link.currentValue = current
+        }
+        current.running = true
+        defer { current.running = false }
+        var work: NIOThreadPool.WorkItem? = first
+        while let job = work {
+            job(.active)
+            work = current.next
+            current.next = nil
         }
     }
 }
