@@ -103,7 +103,7 @@ let package = Package(
         .testTarget(name: "VBDSimulationTests", dependencies: ["VBDSimulation", "VBDStore"]),
         .testTarget(
             name: "NBDProtocolTests",
-            dependencies: ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio"),
+            dependencies: ["NBDProtocol", "VBDCore", .product(name: "NIOCore", package: "swift-nio"),
                            .product(name: "NIOEmbedded", package: "swift-nio")]
         ),
         .testTarget(

@@ -133,17 +133,3 @@ extension UnsafeMutableRawBufferPointer {
         UnsafeMutableRawBufferPointer(rebasing: self[i * DataSet.blockBytes..<(i + 1) * DataSet.blockBytes])
     }
 }
-
-/// SplitMix64 (Steele, Lea, Flood 2014), as in swift-argument-parser's `Examples/roll`: a tiny
-/// seeded generator so the block order is the same on every run.
-struct SplitMix64: RandomNumberGenerator {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9e37_79b9_7f4a_7c15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
-    }
-}

@@ -200,17 +200,11 @@ final class SimulatedFile: StorageFile {
     func close() { isClosed = true }
 }
 
-/// SplitMix64: small, fast, and the same sequence on every machine.
+/// The simulation's random source: ``SplitMix64`` plus the draws a fault schedule needs.
 public struct SimulationRandom: RandomNumberGenerator {
-    var state: UInt64
-    public init(seed: UInt64) { state = seed }
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
+    var generator: SplitMix64
+    public init(seed: UInt64) { generator = SplitMix64(seed: seed) }
+    public mutating func next() -> UInt64 { generator.next() }
     public mutating func below(_ n: Int) -> Int { Int(next() % UInt64(max(n, 1))) }
     public mutating func chance(_ percent: Int) -> Bool { below(100) < percent }
 }

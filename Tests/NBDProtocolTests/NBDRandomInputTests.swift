@@ -1,18 +1,7 @@
 import NBDProtocol
 import NIOCore
 import Testing
-
-/// SplitMix64: a tiny seeded generator so failures replay from the seed.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
+import VBDCore
 
 /// Drives parser and both state machines with random, mostly-plausible input, the way the server
 /// does, and checks that nothing traps and the invariants hold. Seeds are fixed so a failure replays.
@@ -94,7 +83,7 @@ struct SplitMix64: RandomNumberGenerator {
 
     static func run(seed: Int) -> (reachedTransmission: Bool, executed: Int, rejected: Int) {
         var executed = 0, rejected = 0
-        var rng = SplitMix64(state: UInt64(seed))
+        var rng = SplitMix64(seed: UInt64(seed))
         let bytes = Self.randomSession(&rng)
         var parser = NBDMessageParser(optionBytesMax: 4096, requestBytesMax: 1 << 20)
         var handshake = NBDHandshakeStateMachine(configuration: .init(

@@ -1,4 +1,5 @@
 import Testing
+import VBDCore
 @testable import VBDAccounting
 
 @Suite struct LedgerTests {

@@ -1,4 +1,5 @@
 import Testing
+import VBDCore
 @testable import VBDAccounting
 
 /// mClock as the design notes in MClockScheduler.swift state it, transcribed directly: every tag

@@ -1,4 +1,5 @@
 import Testing
+import VBDCore
 @testable import VBDAccounting
 
 @Suite struct PricingTests {
@@ -82,18 +83,5 @@ import Testing
         #expect(snapshot.credits.account("tenant").balance == 100 - charge.amount + 50)
         #expect(snapshot.ledger.usage(of: "tenant").bytesWritten == 1 << 20)
         #expect(snapshot.ledger.usage(of: "tenant").creditsCharged == charge.amount)
-    }
-}
-
-/// SplitMix64 (as in swift-argument-parser's examples): seeded, so failures reproduce.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

@@ -1,3 +1,4 @@
+import VBDCore
 import Testing
 import VBDCache
 

@@ -1,3 +1,4 @@
+import VBDCore
 import Foundation
 import VBDCache
 

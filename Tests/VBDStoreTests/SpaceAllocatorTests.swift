@@ -1,3 +1,4 @@
+import VBDCore
 import Testing
 @testable import VBDStore
 

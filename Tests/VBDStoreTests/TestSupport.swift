@@ -21,19 +21,6 @@ final class TemporaryStoreDirectory {
     }
 }
 
-/// Deterministic pseudo-random bytes (SplitMix64).
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 /// A block of `size` bytes that compresses roughly 2:1 and is unique per `seed`.
 func block(seed: UInt64, size: Int = 4096) -> [UInt8] {
     var g = SplitMix64(seed: seed)

@@ -1,4 +1,5 @@
 import Foundation
+import VBDCore
 import Testing
 import VBDControl
 
@@ -185,16 +186,11 @@ func fileBytes(_ path: String) throws -> [UInt8] {
 
 /// Deterministic pseudo-random bytes (SplitMix64), so failures replay.
 func patternBytes(count: Int, seed: UInt64) -> [UInt8] {
-    var state = seed
+    var generator = SplitMix64(seed: seed)
     var out = [UInt8]()
     out.reserveCapacity(count)
     while out.count < count {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        z ^= z >> 31
-        withUnsafeBytes(of: z) { out.append(contentsOf: $0.prefix(count - out.count)) }
+        withUnsafeBytes(of: generator.next()) { out.append(contentsOf: $0.prefix(count - out.count)) }
     }
     return out
 }

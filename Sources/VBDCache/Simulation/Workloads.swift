@@ -1,3 +1,5 @@
+import VBDCore
+
 /// One block request of a replayed workload: a read (served from the cache or loaded into it) or a
 /// write (the written block is inserted as clean data; it can never be a read hit).
 public struct CacheRequest: Hashable, Sendable {
@@ -7,22 +9,6 @@ public struct CacheRequest: Hashable, Sendable {
     public init(key: UInt64, isWrite: Bool = false) {
         self.key = key
         self.isWrite = isWrite
-    }
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): a tiny seeded generator, so every workload is reproducible
-/// from its seed.
-public struct SplitMix64: RandomNumberGenerator, Sendable {
-    private var state: UInt64
-
-    public init(seed: UInt64) { state = seed }
-
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
 
