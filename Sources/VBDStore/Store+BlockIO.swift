@@ -137,6 +137,20 @@ extension Store {
 
     private struct RetryRead: Error { let volume: String; let offset: UInt64; let detail: String }
 
+    /// Fills `destination`, the part of one block that a read covers (starting `start` bytes into
+    /// the block), with `load`, which writes a whole block or returns nil having written nothing:
+    /// straight into `destination` when that is the whole block, else into a temporary block whose
+    /// covered part is then copied over. Returns what `load` returned.
+    static func fillBlockSlice<E: Error>(_ destination: UnsafeMutableRawBufferPointer, at start: Int, blockSize: Int,
+                                         _ load: (UnsafeMutableRawBufferPointer) throws(E) -> CacheLookup?) throws(E) -> CacheLookup? {
+        if destination.count == blockSize { return try load(destination) }
+        return try withUnsafeTemporaryAllocation(byteCount: blockSize, alignment: 16) { (block) throws(E) -> CacheLookup? in
+            guard let found = try load(block) else { return nil }
+            destination.copyMemory(from: UnsafeRawBufferPointer(rebasing: block[start..<start + destination.count]))
+            return found
+        }
+    }
+
     /// Largest read ``readIfCached(image:offset:into:)`` serves: copying more is no longer "at once".
     static let cachedReadBytesMax = 128 * 1024
     /// How long ``readIfCached(image:offset:into:)`` retries a busy store lock before giving up.
@@ -190,19 +204,11 @@ extension Store {
                 dst.initializeMemory(as: UInt8.self, repeating: 0)
                 continue
             }
-            let found: CacheLookup
-            if hi - lo == bs {
-                found = cache.lookup(ref.chunk, into: dst, volume: id, domain: ref.domain, countingMisses: false)
-            } else {
-                found = withUnsafeTemporaryAllocation(byteCount: Int(bs), alignment: 16) { tmp in
-                    let found = cache.lookup(ref.chunk, into: tmp, volume: id, domain: ref.domain, countingMisses: false)
-                    if found != .miss {
-                        dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: tmp[Int(lo - blockStart)..<Int(hi - blockStart)]))
-                    }
-                    return found
-                }
+            let found = Self.fillBlockSlice(dst, at: Int(lo - blockStart), blockSize: Int(bs)) { block in
+                let found = cache.lookup(ref.chunk, into: block, volume: id, domain: ref.domain, countingMisses: false)
+                return found == .miss ? nil : found
             }
-            guard found != .miss else { return nil }
+            guard let found else { return nil }
             sources.count(found)
         }
         return sources
@@ -242,17 +248,11 @@ extension Store {
                 continue
             }
             do {
-                let source: CacheLookup
-                if hi - lo == bs {
-                    source = try loadChunk(chunk, entry, into: dst, volume: id, cacheToken: token)
-                } else {
-                    source = try withUnsafeTemporaryAllocation(byteCount: Int(bs), alignment: 16) { (tmp) throws(LoadedChunkFailure) in
-                        let source = try loadChunk(chunk, entry, into: tmp, volume: id, cacheToken: token)
-                        dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: tmp[Int(lo - blockStart)..<Int(hi - blockStart)]))
-                        return source
-                    }
+                let source = try Self.fillBlockSlice(dst, at: Int(lo - blockStart), blockSize: Int(bs)) {
+                    (block) throws(LoadedChunkFailure) -> CacheLookup? in
+                    try loadChunk(chunk, entry, into: block, volume: id, cacheToken: token)
                 }
-                sources.count(source)
+                sources.count(source!)  // loadChunk fills the block or throws
             } catch {
                 // Remapped or freed since we looked? Then retry; otherwise it is corruption.
                 let unchanged = mutex.withLock { () -> Bool in
