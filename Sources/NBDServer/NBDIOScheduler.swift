@@ -2,6 +2,7 @@ import NBDProtocol
 import NIOCore
 import NIOPosix
 import Synchronization
+import VBDCore
 import VBDAccounting
 
 /// Puts an mClock scheduler between the connections and the I/O thread pools.
@@ -66,8 +67,7 @@ final class NBDIOScheduler: Sendable {
     static let timerGrid = 0.002
 
     private var now: Double {
-        let elapsed = ContinuousClock.now - origin
-        return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+        (ContinuousClock.now - origin).inSeconds
     }
 
     /// Queues a request; throws when the domain's queue is full.

@@ -1,4 +1,5 @@
 import Foundation
+import VBDCore
 
 /// The control operations of issue 6 as Codable values, so the control socket can carry them
 /// with one message case (`.tenancy(TenancyRequest)`) and `vbdtool stats | lease | audit | policy
@@ -137,8 +138,7 @@ extension TenancyStatistics {
                 .init(name: "vbd_domain_written_bytes_total", labels: domain, value: Double(row.usage.bytesWritten),
                       kind: .counter, help: "Bytes written"),
                 .init(name: "vbd_domain_device_seconds_total", labels: domain,
-                      value: Double(row.usage.deviceTime.components.seconds)
-                          + Double(row.usage.deviceTime.components.attoseconds) * 1e-18,
+                      value: row.usage.deviceTime.inSeconds,
                       kind: .counter, help: "Device time used"),
                 .init(name: "vbd_domain_io_units_total", labels: domain, value: row.usage.ioUnits, kind: .counter,
                       help: "I/O units used (1 per request + 1 per 64 KiB)"),

@@ -1,4 +1,5 @@
 import Foundation
+import VBDCore
 import Synchronization
 import VBDControl
 
@@ -32,7 +33,7 @@ final class ProgressRenderer: Sendable {
     }
 
     static func line(_ report: ProgressReport, elapsed: Duration) -> String {
-        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        let seconds = elapsed.inSeconds
         let fraction = report.total == 0 ? 0 : min(1, Double(report.done) / Double(report.total))
         let width = 30
         let filled = Int(fraction * Double(width))
