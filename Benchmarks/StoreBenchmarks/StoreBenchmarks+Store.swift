@@ -9,6 +9,9 @@
 //     the data file, journal record; the implicit flush (fsync of data file and journal) every
 //     `pendingJournalBytesMax` of journal is included, amortized. No FUA, no explicit flush.
 //     Each block gets a fresh 8-byte counter in its first bytes so that it is unique.
+//   - random overwrite, 64 KiB incompressible: what one scheduled piece of a large write costs;
+//     includes generating the random bytes (SplitMix64, ~8 K words), cache insertion and the
+//     release of the blocks it replaces.
 //   - duplicate write: same content already stored in another LBA: hash, index hit, byte
 //     comparison against the stored chunk (read back, decompressed, verified), refcount.
 //   - cached read: `Store.Options.cache` holds the block: either the product's universal cache
@@ -151,6 +154,27 @@ func storeBenchmarks() {
         }
     } setup: {
         try StoreFixture.start()
+    } teardown: {
+        StoreFixture.stop()
+    }
+
+    // Store: overwrite of 64 KiB of incompressible bytes at a random aligned offset in the first
+    // 256 MiB, with the product's cache: one scheduled piece of the hostile-workload bulk writer
+    // (Benchmarks/hostile.sh). Every block is new, fails to compress and replaces an older one.
+    Benchmark("Store.randomOverwrite.64KiB.incompressible", configuration: perOperation) { benchmark in
+        let f = StoreFixture.current!
+        let piece = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 4096)
+        defer { piece.deallocate() }
+        var rng = SplitMix64(seed: 7)
+        let pieces = UInt64((256 << 20) / piece.count)
+        benchmark.startMeasurement()
+        for _ in benchmark.scaledIterations {
+            for word in 0..<(piece.count / 8) { piece.storeBytes(of: rng.next(), toByteOffset: word * 8, as: UInt64.self) }
+            let offset = (rng.next() % pieces) * UInt64(piece.count)
+            try f.volume.write(offset: offset, data: UnsafeRawBufferPointer(piece), fua: false)
+        }
+    } setup: {
+        try StoreFixture.start(cache: .blockCache)
     } teardown: {
         StoreFixture.stop()
     }
