@@ -125,6 +125,35 @@ final class PosixFile: StorageFile {
         }
     }
 
+    /// Linux's IOV_MAX (UIO_MAXIOV), which Glibc does not export to Swift.
+    static let gatherMax = 1024
+
+    /// `pwritev`, up to `gatherMax` parts per call, resuming after a short write.
+    func write(gathering parts: [UnsafeRawBufferPointer], at offset: UInt64) throws(StorageError) {
+        var vectors = parts.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
+        var first = 0
+        var at = offset
+        while first < vectors.count {
+            let count = min(vectors.count - first, Self.gatherMax)
+            let n = vectors.withUnsafeBufferPointer { pwritev(descriptor, $0.baseAddress! + first, Int32(count), off_t(at)) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw failure("write")
+            }
+            at += UInt64(n)
+            // Skip the parts written whole; trim the one written in part.
+            var left = n
+            while first < vectors.count && left >= vectors[first].iov_len {
+                left -= vectors[first].iov_len
+                first += 1
+            }
+            if left > 0 {
+                vectors[first].iov_base += left
+                vectors[first].iov_len -= left
+            }
+        }
+    }
+
     func sync() throws(StorageError) {
         if fdatasync(descriptor) != 0 { throw failure("fdatasync") }
     }

@@ -13,6 +13,8 @@
 public protocol StorageFile: AnyObject {
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) -> Int
     func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError)
+    /// Writes `parts` back to back from `offset`: the same as one `write` of their concatenation.
+    func write(gathering parts: [UnsafeRawBufferPointer], at offset: UInt64) throws(StorageError)
     func sync() throws(StorageError)
     func size() throws(StorageError) -> UInt64
     func truncate(to size: UInt64) throws(StorageError)
@@ -54,6 +56,15 @@ public enum StorageError: Error, Equatable, CustomStringConvertible {
 }
 
 extension StorageFile {
+    /// One `write` per part (the simulator's files; a real file gathers them into one system call).
+    public func write(gathering parts: [UnsafeRawBufferPointer], at offset: UInt64) throws(StorageError) {
+        var at = offset
+        for part in parts where part.count > 0 {
+            try write(part, at: at)
+            at += UInt64(part.count)
+        }
+    }
+
     /// Reads exactly `buffer.count` bytes or throws; a short read past the end is an I/O error.
     func readExactly(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
         var done = 0

@@ -459,30 +459,35 @@ extension Store {
         }
     }
 
-    /// Phase E: writes new chunks, merging chunks whose sectors are adjacent into one write.
+    /// Phase E: writes new chunks, one gathered write per run of adjacent sectors, each chunk
+    /// followed by zeroes to its sector boundary (no staging copy).
     private func writeChunkRuns(_ fresh: [PendingBlock]) throws(StorageError) {
         let sorted = fresh.sorted { $0.sector < $1.sector }
+        let zeros = Self.sectorOfZeros
+        var parts: [UnsafeRawBufferPointer] = []
+        parts.reserveCapacity(2 * sorted.count)
         var i = 0
         while i < sorted.count {
-            var j = i + 1
-            while j < sorted.count && sorted[j].sector == sorted[j - 1].sector + UInt64(sorted[j - 1].sectorCount) { j += 1 }
-            let at = sorted[i].sector * UInt64(Limits.sectorBytes)
-            if j == i + 1 {
-                try dataFile.write(sorted[i].stored, at: at)
-            } else {
-                let end = (sorted[j - 1].sector + UInt64(sorted[j - 1].sectorCount)) * UInt64(Limits.sectorBytes)
-                let staging = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(end - at), alignment: 16)
-                defer { staging.deallocate() }
-                staging.initializeMemory(as: UInt8.self, repeating: 0)
-                for k in i..<j {
-                    let o = Int(sorted[k].sector * UInt64(Limits.sectorBytes) - at)
-                    UnsafeMutableRawBufferPointer(rebasing: staging[o..<o + sorted[k].stored.count]).copyMemory(from: sorted[k].stored)
-                }
-                try dataFile.write(UnsafeRawBufferPointer(staging), at: at)
-            }
+            parts.removeAll(keepingCapacity: true)
+            var j = i
+            repeat {
+                let stored = sorted[j].stored
+                parts.append(stored)
+                let padding = sorted[j].sectorCount * Limits.sectorBytes - stored.count
+                if padding > 0 { parts.append(UnsafeRawBufferPointer(rebasing: zeros[0..<padding])) }
+                j += 1
+            } while j < sorted.count && sorted[j].sector == sorted[j - 1].sector + UInt64(sorted[j - 1].sectorCount)
+            try dataFile.write(gathering: parts, at: sorted[i].sector * UInt64(Limits.sectorBytes))
             i = j
         }
     }
+
+    /// Padding for the tail of a chunk's last sector; never written to.
+    nonisolated(unsafe) private static let sectorOfZeros: UnsafeRawBufferPointer = {
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: Limits.sectorBytes, alignment: 16)
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        return UnsafeRawBufferPointer(zeros)
+    }()
 
     /// With `mutex` held: undo phase B/D for blocks not yet published.
     private func releaseReservationsLocked(_ blocks: [PendingBlock]) {
