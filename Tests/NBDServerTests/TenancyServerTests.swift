@@ -1,6 +1,6 @@
 import Foundation
 import NBDProtocol
-import NBDServer
+@testable import NBDServer
 import NIOCore
 import Testing
 import VBDAccounting
@@ -118,11 +118,13 @@ extension RealServerTests {
                 #expect(try device.inner.readArray(offset: 4096, count: length) == payload)
                 let calls = device.calls.withLock { $0 }
                 if scheduling {
-                    // [4096, 4096 + 1 MiB + 100) meets 17 of the device's 64 KiB windows; pieces end on them.
-                    #expect(calls.writes.count == 17, "\(calls.writes)")
-                    #expect(calls.writes.allSatisfy { !$0.fua && $0.length <= 65536 })
+                    // [4096, 4096 + 1 MiB + 100) meets 17 of the device's 64 KiB windows; pieces end on
+                    // them, and each piece is written in steps ending on its 16 KiB boundaries: 4 steps
+                    // in the first (from 4096), 4 in each of the 15 full pieces, 1 in the short last one.
+                    #expect(calls.writes.count == 65, "\(calls.writes)")
+                    #expect(calls.writes.allSatisfy { !$0.fua && $0.length <= NBDOperationJob.stepBytes })
                     #expect(calls.writes.map(\.length).reduce(0, +) == length)
-                    #expect(calls.writes.map(\.offset).sorted().dropFirst().allSatisfy { $0 % 65536 == 0 })
+                    #expect(calls.writes.map(\.offset).sorted().dropFirst().allSatisfy { $0 % UInt64(NBDOperationJob.stepBytes) == 0 })
                     #expect(calls.writes.map(\.offset).min() == 4096)
                     #expect(calls.flushes == 1, "FUA: one flush after the pieces")
                 } else {
@@ -133,7 +135,7 @@ extension RealServerTests {
                 #expect(abs(usage.ioUnits - IOCost.units(kind: .write, bytes: UInt64(length))) < 1e-9)
                 // A small write is never split.
                 #expect(request(client, .write, handle: 8, length: 65536) == 0)
-                #expect(device.calls.withLock { $0.writes.count } == (scheduling ? 18 : 2))
+                #expect(device.calls.withLock { $0.writes.count } == (scheduling ? 66 : 2))
                 await fixture.stop()
             }
         }
