@@ -50,6 +50,10 @@ public final class NBDServer: Sendable {
     private struct State {
         var running: Running?
         var stopped = false
+        /// From registering `running` until start() has bound its listeners (or failed).
+        var starting = false
+        /// stop() calls waiting for that.
+        var startWaiters: [CheckedContinuation<Void, Never>] = []
         var connections: [ObjectIdentifier: Channel] = [:]
         var nextConnectionNumber = 0
     }
@@ -86,15 +90,23 @@ public final class NBDServer: Sendable {
         let writePool = NIOThreadPool(numberOfThreads: max(1, configuration.ioThreadsPerPool))
         readPool.start()
         writePool.start()
+        // Timers get a thread of their own rather than a connection's event loop: a limited
+        // domain's requests are released by timer (thousands a second under a flood), and the
+        // periodic persistence writes and syncs a file; neither should hold up the requests of
+        // whichever connections share that loop. Registered with the rest, so stop() releases it.
+        let tenancyGroup = configuration.tenancy.map { _ in MultiThreadedEventLoopGroup(numberOfThreads: 1) }
         let alreadyStarted = state.withLock { state -> Bool in
             if state.running != nil || state.stopped { return true }
-            state.running = Running(group: group, readPool: readPool, writePool: writePool, listeners: [])
+            state.running = Running(group: group, readPool: readPool, writePool: writePool, listeners: [],
+                                    tenancyGroup: tenancyGroup)
+            state.starting = true
             return false
         }
         if alreadyStarted {
             try? await readPool.shutdownGracefully()
             try? await writePool.shutdownGracefully()
             try? await group.shutdownGracefully()
+            try? await tenancyGroup?.shutdownGracefully()
             throw ServerError.alreadyStarted
         }
 
@@ -105,13 +117,7 @@ public final class NBDServer: Sendable {
         case .required: tlsPolicy = .required
         }
         var scheduler: NBDIOScheduler?
-        if let tenancy = configuration.tenancy {
-            // Timers get a thread of their own rather than a connection's event loop: a limited
-            // domain's requests are released by timer (thousands a second under a flood), and the
-            // periodic persistence writes and syncs a file; neither should hold up the requests of
-            // whichever connections share that loop.
-            let tenancyGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-            state.withLock { $0.running?.tenancyGroup = tenancyGroup }
+        if let tenancy = configuration.tenancy, let tenancyGroup {
             let tenancyLoop = tenancyGroup.next()
             // One notion of the device's parallelism for the scheduler's slots and the price's
             // utilisation meter (with or without scheduling).
@@ -149,12 +155,24 @@ public final class NBDServer: Sendable {
                 listeners.append(try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get())
             }
             state.withLock { $0.running?.listeners = listeners }
+            finishStarting()
             configuration.logger.info("NBD server listening",
                                       metadata: ["addresses": "\(listeners.compactMap(\.localAddress))"])
         } catch {
+            finishStarting()
             await stop()
             throw error
         }
+    }
+
+    /// Ends start()'s setup and lets the stop() calls that waited for it proceed.
+    private func finishStarting() {
+        let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+            state.starting = false
+            defer { state.startWaiters = [] }
+            return state.startWaiters
+        }
+        for waiter in waiters { waiter.resume() }
     }
 
     /// Lease expiry closes connections; balances and charges are persisted periodically.
@@ -195,6 +213,17 @@ public final class NBDServer: Sendable {
     /// Stops accepting, lets requests in flight finish (up to the shutdown grace period), closes
     /// every connection and releases the threads. Idempotent.
     public func stop() async {
+        // A start() in flight finishes its setup first: shutting the event loops down under a
+        // bind in progress leaks NIO promises (a crash in debug builds) and could leave the
+        // listener or the tenancy thread unreleased.
+        await withCheckedContinuation { (waiter: CheckedContinuation<Void, Never>) in
+            let resumeNow = state.withLock { state -> Bool in
+                guard state.starting else { return true }
+                state.startWaiters.append(waiter)
+                return false
+            }
+            if resumeNow { waiter.resume() }
+        }
         let (running, connections) = state.withLock { state -> (Running?, [Channel]) in
             let running = state.running
             state.running = nil

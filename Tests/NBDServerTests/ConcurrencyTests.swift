@@ -2,6 +2,7 @@ import Foundation
 import NBDProtocol
 import NBDServer
 import Testing
+import VBDAccounting
 import VBDCore
 
 extension RealServerTests {
@@ -76,6 +77,33 @@ extension RealServerTests {
             #expect(reply?.handle == 1 && reply?.error == 0)
             #expect(client.waitForClose())
             #expect(try fixture.provider.device("slow").readArray(offset: 0, count: 4) == [9, 9, 9, 9])
+        }
+
+        /// stop() at any moment of start(), here swept from at once to after the bind (with tenancy,
+        /// so its timer thread too): stop() waits for the setup in flight, so nothing is torn down
+        /// under a bind, and afterwards nothing listens on the socket.
+        @Test func stopDuringStartLeavesNothingListening() async throws {
+            let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vbd-stop-\(UUID().uuidString.prefix(8))")
+            try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(at: directory) }
+            let provider = MemoryExportProvider([MemoryBlockDevice(name: "vol", size: 1 << 20)])
+            let service = try TenancyService(configuration: .init(resolver: DomainResolver(bindings: ["vol": "d"])))
+            for (round, delay) in [0, 50, 200, 500, 1000, 2000, 3000, 5000, 8000, 12000, 20000].enumerated() {
+                let socketPath = directory.appendingPathComponent("s\(round)").path
+                let server = NBDServer(configuration: .init(exports: provider, unixSocketPath: socketPath,
+                                                            tenancy: .init(service: service)))
+                let starting = Task { try await server.start() }
+                try await Task.sleep(for: .microseconds(delay))
+                await server.stop()
+                // start() finished, or failed with alreadyStarted because stop() came first.
+                do {
+                    try await starting.value
+                } catch {
+                    #expect("\(error)" == "\(NBDServer.ServerError.alreadyStarted)", "round \(round)")
+                }
+                #expect(server.localAddresses.isEmpty)
+                #expect(throws: (any Error).self, "round \(round): something still listens") { _ = try RawClient(socketPath: socketPath) }
+            }
         }
 
         @Test func runServesUntilItsTaskIsCancelled() async throws {
