@@ -53,6 +53,10 @@ public enum NBDProtocolError: Error, Sendable, Hashable, CustomStringConvertible
     case tlsRequired
     case unexpectedDataBeforeTLS
     case dataAfterDisconnect
+    /// A message arrived that the connection's current phase cannot take (an option after the
+    /// handshake ended, client flags twice, a request beyond the in-flight limit): the peer or
+    /// the transport broke the protocol's order, so this connection ends.
+    case outOfOrder(String)
 
     public var description: String {
         switch self {
@@ -67,6 +71,7 @@ public enum NBDProtocolError: Error, Sendable, Hashable, CustomStringConvertible
         case .tlsRequired: return "TLS is required before NBD_OPT_EXPORT_NAME"
         case .unexpectedDataBeforeTLS: return "client sent data before the TLS handshake"
         case .dataAfterDisconnect: return "client sent data after NBD_CMD_DISC"
+        case .outOfOrder(let detail): return "message out of order: \(detail)"
         }
     }
 }

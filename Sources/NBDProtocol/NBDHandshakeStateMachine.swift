@@ -12,7 +12,7 @@ import VBDCore
 //        negotiating --optionReceived(INFO)--------> awaitingExport ------exportOpened(info)-+
 //        negotiating --optionReceived(STARTTLS)----> awaitingTLS ------tlsHandshakeCompleted-+
 //        negotiating --optionReceived(GO/EXPORT_NAME)--> awaitingExport --exportOpened--> transmitting
-//        any --violation / ABORT / limit--> closed
+//        any --violation / ABORT / limit / event the state cannot take--> closed
 //
 // Invariants:
 // 1. At most `optionsMax` options per connection: the option loop is driven by the client.
@@ -20,6 +20,8 @@ import VBDCore
 //    NBD_REP_ERR_TLS_REQD, and EXPORT_NAME (which cannot carry an error) ends the connection.
 // 3. Starting TLS forgets everything negotiated before it, so nothing chosen in plaintext survives.
 // 4. Contexts chosen by SET_META_CONTEXT apply only if GO names the same export (as nbdkit does).
+// 5. No event traps: one that arrives in a state that cannot take it ends the connection with
+//    ``NBDProtocolError/outOfOrder(_:)`` (a client controls the order of its bytes).
 
 /// Drives one NBD connection from the server greeting to the transmission phase.
 public struct NBDHandshakeStateMachine: Sendable {
@@ -129,7 +131,7 @@ public struct NBDHandshakeStateMachine: Sendable {
     // MARK: Events
 
     public mutating func clientFlagsReceived(_ raw: UInt32) -> Action {
-        guard case .awaitingClientFlags = state else { preconditionFailure("client flags received twice") }
+        guard case .awaitingClientFlags = state else { return violation("client flags while \(state)") }
         let flags = NBDClientFlags(rawValue: raw)
         // proto.md, "Client flags": the server MUST drop the connection on unknown flags.
         guard NBDClientFlags.known.isSuperset(of: flags) else {
@@ -142,7 +144,7 @@ public struct NBDHandshakeStateMachine: Sendable {
     }
 
     public mutating func optionReceived(_ option: NBDOption) -> Action {
-        guard case .negotiating = state else { preconditionFailure("option received while \(state)") }
+        guard case .negotiating = state else { return violation("option \(option.code) while \(state)") }
         optionsReceived += 1
         guard optionsReceived <= configuration.optionsMax else {
             state = .closed
@@ -243,7 +245,7 @@ public struct NBDHandshakeStateMachine: Sendable {
     }
 
     public mutating func exportListReceived(_ exports: [(name: String, description: String)]) -> Action {
-        guard case .awaitingExportList = state else { preconditionFailure("unexpected export list") }
+        guard case .awaitingExportList = state else { return violation("export list while \(state)") }
         state = .negotiating
         let code = NBDOptionCode.list
         return .send(exports.map { .server(code, name: $0.name, description: $0.description) } + [.ack(code)])
@@ -251,7 +253,7 @@ public struct NBDHandshakeStateMachine: Sendable {
 
     /// Reports that the export list could not be fetched (for example, the server is stopping).
     public mutating func exportListFailed(_ error: NBDExportLookupError) -> Action {
-        guard case .awaitingExportList = state else { preconditionFailure("unexpected export list") }
+        guard case .awaitingExportList = state else { return violation("export list while \(state)") }
         state = .negotiating
         return .send([.error(NBDOptionCode.list, error.replyType, error.message)])
     }
@@ -259,7 +261,7 @@ public struct NBDHandshakeStateMachine: Sendable {
     /// Reports the export lookup requested by ``Action/openExport(name:)``. For GO and EXPORT_NAME
     /// a success returns ``Action/enterTransmission(_:_:)``; the server keeps the device open only then.
     public mutating func exportOpened(_ result: Result<NBDExportDescription, NBDExportLookupError>) -> Action {
-        guard case .awaitingExport(let pending) = state else { preconditionFailure("unexpected export lookup") }
+        guard case .awaitingExport(let pending) = state else { return violation("export lookup result while \(state)") }
         switch pending {
         case .exportName(let name):
             switch result {
@@ -310,7 +312,7 @@ public struct NBDHandshakeStateMachine: Sendable {
     }
 
     public mutating func tlsHandshakeCompleted() -> Action {
-        guard case .awaitingTLSHandshake = state else { preconditionFailure("unexpected TLS completion") }
+        guard case .awaitingTLSHandshake = state else { return violation("TLS completion while \(state)") }
         tlsActive = true
         // Invariant 3: nothing negotiated in plaintext carries over.
         structuredReplies = false
@@ -318,6 +320,14 @@ public struct NBDHandshakeStateMachine: Sendable {
         metaContextExportName = nil
         state = .negotiating
         return .send([])
+    }
+
+    /// An event the current state cannot take. Events come from the client's bytes or from the
+    /// server's own completions, and either may arrive late (after a reset, a failed write that
+    /// re-enters the read path, a close): the connection ends, the process does not.
+    private mutating func violation(_ detail: String) -> Action {
+        state = .closed
+        return .sendAndClose([], .outOfOrder(detail))
     }
 
     private func negotiate(_ export: NBDExportDescription, exportName: String) -> NBDNegotiatedExport {

@@ -10,8 +10,8 @@
 //
 // Invariants:
 // 1. Per-request errors (`replyError`) never end the connection; only the parser's errors do.
-// 2. `inFlight <= inFlightMax`: the server stops reading when ``canAcceptRequest`` is false, so a
-//    request never arrives while the table is full (a precondition).
+// 2. `inFlight <= inFlightMax`: the server stops reading when ``canAcceptRequest`` is false; a
+//    request that arrives anyway while the table is full aborts the connection.
 // 3. Validation order follows nbdkit: command known, flags allowed, read-only, feature negotiated,
 //    length, range. Writes to a read-only export get EPERM even for commands not advertised there.
 
@@ -80,6 +80,8 @@ public struct NBDTransmissionStateMachine: Sendable {
         case closeWhenIdle
         /// Close the connection now (after NBD_CMD_DISC with nothing in flight).
         case close
+        /// Close the connection now: the input broke the protocol.
+        case abort(NBDProtocolError)
         /// Nothing to do.
         case none
     }
@@ -119,7 +121,12 @@ public struct NBDTransmissionStateMachine: Sendable {
             // proto.md: the client MUST NOT send anything after NBD_CMD_DISC; ignore it.
             return .none
         }
-        precondition(inFlight < inFlightMax, "request read while the in-flight table is full")
+        guard inFlight < inFlightMax else {
+            // The handler stops reading at the limit; a request past it means the input arrived
+            // by another path (a re-entrant read), and the table must not overflow.
+            state = .closed
+            return .abort(.outOfOrder("request \(request.handle) beyond \(inFlightMax) in flight"))
+        }
         switch validate(request) {
         case .failure(let rejection):
             return .replyError(rejection)
@@ -149,7 +156,7 @@ public struct NBDTransmissionStateMachine: Sendable {
 
     /// Reports that an operation returned by ``requestReceived(_:)`` finished and its reply is sent.
     public mutating func requestCompleted() -> Action {
-        precondition(inFlight > 0, "completion without a request in flight")
+        guard inFlight > 0 else { return .none }  // a completion after an abort reset the table
         inFlight -= 1
         if case .draining = state, inFlight == 0 {
             state = .closed
@@ -248,8 +255,10 @@ public struct NBDTransmissionStateMachine: Sendable {
         case .blockStatus:
             return .success(.blockStatus(handle: handle, offset: offset, length: length,
                                          onlyOne: flags.contains(.requestOne), contexts: export.metaContexts))
-        case .disconnect, .flush:
-            preconditionFailure("handled above")
+        case .disconnect:
+            return .success(nil)  // answered by the first switch; kept total instead of trapping
+        case .flush:
+            return .success(.flush(handle: handle))
         }
     }
 }

@@ -159,8 +159,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         if accumulated.writableBytes >= incoming.readableBytes {
             accumulated.writeBuffer(&incoming)
-        } else if accumulated.readableBytes < messageBytes && accumulated.capacity >= messageBytes {
-            var lacking = incoming.readSlice(length: messageBytes - accumulated.readableBytes)!
+        } else if accumulated.readableBytes < messageBytes && accumulated.capacity >= messageBytes,
+                  var lacking = incoming.readSlice(length: messageBytes - accumulated.readableBytes) {
+            // (The slice always exists here: incoming holds more than the buffer has room for,
+            // and the room is at least what the message lacks.)
             accumulated.writeBuffer(&lacking)
         } else {
             // Whole messages still unparsed (the handler is not taking input): keep everything.
@@ -271,13 +273,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 logger.trace("option \(code)")
                 action = machine.optionReceived(option)
             case .request:
-                preconditionFailure("parser yields requests only after enterTransmission")
+                // The parser yields requests only after enterTransmission, which also switches
+                // the phase; reaching this means the two drifted apart: end this connection.
+                abort(.outOfOrder("request during the handshake"), context: context)
+                return
             }
             phase = .handshake(machine)
             perform(action, context: context)
         case .transmission(var machine, let device):
             guard case .request(let request) = message else {
-                preconditionFailure("parser yields only requests in transmission")
+                abort(.outOfOrder("handshake message during transmission"), context: context)
+                return
             }
             let receivedAt = ContinuousClock.now
             let action = machine.requestReceived(request)
@@ -312,6 +318,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             case .close:
                 logger.debug("client disconnected (NBD_CMD_DISC)")
                 close(context: context)
+            case .abort(let reason):
+                abort(reason, context: context)
             case .closeWhenIdle, .none:
                 break
             }
@@ -410,7 +418,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
         case .startTLS(let ack):
             guard let sslContext = environment.sslContext else {
-                preconditionFailure("TLS policy without an SSL context")
+                // NBDServer.start refuses a TLS policy without a context; a connection that gets
+                // here anyway ends, the server does not.
+                logger.error("closing connection: STARTTLS accepted without an SSL context")
+                close(context: context)
+                return
             }
             // proto.md: after the ACK the client starts TLS; anything it sent beyond the option
             // would be plaintext smuggled past the upgrade.
@@ -421,6 +433,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             }
             awaitingHandshakeResult = true
             write([ack], context: context)
+            // A failing write can deliver input re-entrantly (NIO reads what the peer sent before
+            // its reset): plaintext that arrived behind STARTTLS must not be parsed after it.
+            if case .closed = phase { return }
+            if let inbound, inbound.readableBytes > 0 {
+                logger.info("closing connection: \(NBDProtocolError.unexpectedDataBeforeTLS)")
+                close(context: context)
+                return
+            }
             // The ACK already passed down the pipeline in plaintext; everything after it is TLS.
             // Bytes reach this handler again only once the TLS handshake has succeeded (a failed
             // handshake surfaces as errorCaught and closes), so the upgrade counts as done here.
@@ -435,7 +455,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             tlsHandshakeCompleted(context: context)
 
         case .enterTransmission:
-            preconditionFailure("transmission starts only from an export lookup")
+            // Transmission starts only from an export lookup, which handles this action itself.
+            abort(.outOfOrder("transmission without an opened export"), context: context)
         }
     }
 
@@ -488,19 +509,22 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func enterTransmission(_ final: NBDHandshakeStateMachine.FinalReply, _ negotiated: NBDNegotiatedExport,
                                    device: any BlockDevice, context: ChannelHandlerContext) {
         handshakeTimeout?.cancel()
+        // Phase and parser switch before the reply is written: a failing write makes NIO read
+        // what the peer sent before its reset and deliver it to channelRead re-entrantly, and
+        // those bytes must meet the transmission parser, never the finished handshake.
+        parser.enterTransmission()
+        phase = .transmission(
+            NBDTransmissionStateMachine(export: negotiated, inFlightMax: environment.limits.inFlightRequestsMax),
+            device)
         var buffer = context.channel.allocator.buffer(capacity: 256)
         final.encode(into: &buffer)
         context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
-        parser.enterTransmission()
         logger[metadataKey: "export"] = "\(negotiated.export.name)"
         logger.debug("transmission starts", metadata: [
             "flags": "0x\(String(negotiated.transmissionFlags.rawValue, radix: 16))",
             "structured": "\(negotiated.structuredReplies)",
             "contexts": "\(negotiated.metaContexts)",
         ])
-        phase = .transmission(
-            NBDTransmissionStateMachine(export: negotiated, inFlightMax: environment.limits.inFlightRequestsMax),
-            device)
         if shuttingDown { beginShutdown(context: context) }
     }
 
@@ -692,6 +716,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             phase = .transmission(machine, device)
             if case .close = action { close(context: context) }
         }
+    }
+
+    /// Ends the connection because its input broke the protocol; logged with the peer.
+    private func abort(_ reason: NBDProtocolError, context: ChannelHandlerContext) {
+        logger.info("closing connection: \(reason)")
+        close(context: context)
     }
 
     private func close(context: ChannelHandlerContext) {

@@ -37,7 +37,8 @@ struct NBDOperationJob: Sendable {
             case .read(let handle, let offset, let length, let dontFragment):
                 return try read(handle: handle, offset: offset, length: length, dontFragment: dontFragment)
             case .write(let handle, let offset, _, let fua):
-                guard let payload else { preconditionFailure("validated WRITE without payload") }
+                // Validation guarantees the payload; a missing one is refused, not trapped on.
+                guard let payload else { throw .invalid("WRITE without its payload") }
                 var failure: BlockDeviceError?
                 payload.withUnsafeReadableBytes { bytes in
                     do throws(BlockDeviceError) {
@@ -127,12 +128,12 @@ struct NBDOperationJob: Sendable {
     /// (``finishPieces(firstError:)`` flushes once).
     func runPiece(_ piece: Int) -> BlockDeviceError? {
         guard case .write(_, let offset, let length, _) = operation, let payload else {
-            preconditionFailure("only a WRITE is split into pieces")
+            return .invalid("only a WRITE is split into pieces")
         }
         let window = (offset / UInt64(Self.pieceBytes) + UInt64(piece)) * UInt64(Self.pieceBytes)
         let start = Int(max(offset, window) - offset)
         let end = min(Int(length), Int(window + UInt64(Self.pieceBytes) - offset))  // the window ends past `offset`
-        precondition(start < end, "piece \(piece) is past the request")
+        guard piece >= 0, start < end else { return .invalid("piece \(piece) is past the request") }
         var failure: BlockDeviceError?
         payload.withUnsafeReadableBytes { bytes in
             do throws(BlockDeviceError) {

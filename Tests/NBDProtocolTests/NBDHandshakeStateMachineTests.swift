@@ -176,3 +176,81 @@ func goOption(_ name: String = "vol", infos: [UInt16] = []) -> NBDOption {
         #expect(replies.first?.type == NBDOptionReplyType.errPolicy)
     }
 }
+
+/// Events in an order the handshake does not expect: a client (or a transport that re-enters the
+/// read path after a failed write) controls when they arrive, so each must end the connection
+/// with `outOfOrder`, never trap.
+@Suite struct HandshakeEventOrderTests {
+    @Test func anOptionAfterTheHandshakeEndedClosesTheConnection() {
+        var machine = makeHandshake()
+        #expect(machine.optionReceived(goOption()) == .openExport(name: "vol"))
+        guard case .enterTransmission = machine.exportOpened(.success(.fixture())) else {
+            Issue.record("expected transmission")
+            return
+        }
+        guard case .sendAndClose([], .outOfOrder) = machine.optionReceived(.list) else {
+            Issue.record("an option after GO must close the connection")
+            return
+        }
+    }
+
+    @Test func clientFlagsTwiceCloseTheConnection() {
+        var machine = makeHandshake()
+        guard case .sendAndClose([], .outOfOrder) = machine.clientFlagsReceived(3) else {
+            Issue.record("second client flags must close the connection")
+            return
+        }
+    }
+
+    @Test func completionsNobodyAskedForCloseTheConnection() {
+        for event in 0..<4 {
+            var machine = makeHandshake()
+            let action: NBDHandshakeStateMachine.Action
+            switch event {
+            case 0: action = machine.exportOpened(.success(.fixture()))
+            case 1: action = machine.exportListReceived([("vol", "")])
+            case 2: action = machine.exportListFailed(.init(replyType: NBDOptionReplyType.errShutdown, message: "x"))
+            default: action = machine.tlsHandshakeCompleted()
+            }
+            guard case .sendAndClose([], .outOfOrder) = action else {
+                Issue.record("event \(event) in the wrong state gave \(action)")
+                continue
+            }
+        }
+    }
+
+    /// Every event in every order, by seed: none may trap, and once the machine has closed or
+    /// entered transmission, every later event closes.
+    @Test(arguments: 0..<50)
+    func randomEventOrdersNeverTrap(seed: Int) {
+        var rng = SplitMix64(seed: UInt64(seed))
+        var machine = NBDHandshakeStateMachine(configuration: .init(
+            tlsPolicy: [.disabled, .optional, .required][Int(rng.next() % 3)], optionsMax: 64, requestBytesMax: 1 << 20))
+        var ended = false
+        for _ in 0..<80 {
+            let action: NBDHandshakeStateMachine.Action
+            switch rng.next() % 9 {
+            case 0: action = machine.clientFlagsReceived(UInt32(rng.next() % 4))
+            case 1: action = machine.optionReceived(goOption())
+            case 2: action = machine.optionReceived(.list)
+            case 3: action = machine.optionReceived(.startTLS)
+            case 4: action = machine.optionReceived(.structuredReply)
+            case 5: action = machine.exportOpened(rng.next() % 2 == 0 ? .success(.fixture())
+                                                  : .failure(.init(replyType: NBDOptionReplyType.errUnknown, message: "no")))
+            case 6: action = machine.exportListReceived([("vol", "")])
+            case 7: action = machine.tlsHandshakeCompleted()
+            default: action = machine.optionReceived(.info(NBDExportQuery(name: "vol", informationRequests: [])))
+            }
+            if ended {
+                guard case .sendAndClose = action else {
+                    Issue.record("seed \(seed): an event after the end gave \(action)")
+                    return
+                }
+            }
+            switch action {
+            case .sendAndClose, .enterTransmission: ended = true
+            default: break
+            }
+        }
+    }
+}

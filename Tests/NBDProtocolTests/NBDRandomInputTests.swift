@@ -149,7 +149,7 @@ import VBDCore
                     case .replyError(let rejection):
                         rejected += 1
                         #expect(rejection.handle == request.handle)
-                    case .close:
+                    case .close, .abort:
                         break session
                     case .closeWhenIdle, .none:
                         break

@@ -161,3 +161,25 @@ func rejection(of action: NBDTransmissionStateMachine.Action) -> NBDError? {
         #expect(buffer.getString(at: 26, length: 4) == "full")
     }
 }
+
+extension NBDTransmissionStateMachineTests {
+    /// The handler stops reading at the limit; input that arrives by another path (a read
+    /// re-entered from a failing write) must abort the connection, not overflow the table or trap.
+    @Test func aRequestBeyondTheInFlightLimitAbortsTheConnection() {
+        var machine = makeTransmission(inFlightMax: 2)
+        #expect(machine.requestReceived(request(.read, handle: 1)) == .execute(.read(handle: 1, offset: 0, length: 4096, dontFragment: false)))
+        #expect(machine.requestReceived(request(.read, handle: 2)) == .execute(.read(handle: 2, offset: 0, length: 4096, dontFragment: false)))
+        guard case .abort(.outOfOrder) = machine.requestReceived(request(.read, handle: 3)) else {
+            Issue.record("a third request with two allowed must abort")
+            return
+        }
+        #expect(machine.inFlight == 2 && !machine.canAcceptRequest)
+        #expect(machine.requestReceived(request(.read, handle: 4)) == .none)
+    }
+
+    @Test func aCompletionWithNothingInFlightChangesNothing() {
+        var machine = makeTransmission()
+        #expect(machine.requestCompleted() == .none)
+        #expect(machine.inFlight == 0 && machine.canAcceptRequest)
+    }
+}
