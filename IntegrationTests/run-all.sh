@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every IntegrationTests/test-*.sh against the built vbdtool; prints "N passed, N failed".
 # A test exits 0 (pass), 77 (skipped: a required client is missing) or anything else (fail).
+# A skip fails the run too (make test installs every client), unless VBD_ALLOW_SKIPS=1.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -19,4 +20,8 @@ for t in "$here"/test-*.sh; do
     rm -f "$out"
 done
 echo "integration: $passed passed, $failed failed, $skipped skipped"
+if [ $skipped -gt 0 ] && [ "${VBD_ALLOW_SKIPS:-0}" != 1 ]; then
+    echo "FAIL: $skipped integration tests skipped (a missing tool; set VBD_ALLOW_SKIPS=1 to allow)"
+    exit 1
+fi
 [ $failed -eq 0 ]

@@ -3,7 +3,7 @@
 # Idempotent: does nothing when everything is present. Needs root (or sudo) on Debian/Ubuntu.
 set -euo pipefail
 packages=(liblz4-dev libxxhash-dev pkg-config libnbd-bin python3-libnbd qemu-utils fio nbdkit
-          e2fsprogs python3 openssl)
+          e2fsprogs python3 openssl jq util-linux)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

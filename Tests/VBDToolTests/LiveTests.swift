@@ -303,18 +303,26 @@ import Glibc
         #expect(again.stop() == 0)
     }
 
-    @Test func otherUsersCannotControlTheServer() throws {
-        guard geteuid() == 0, let setpriv = Subprocess.find("setpriv") else { return }   // needs root to switch users
+    /// Needs root to switch users: reported as skipped otherwise (and make test fails on skips).
+    @Test(.enabled(if: geteuid() == 0, "switching to another user needs root"))
+    func otherUsersCannotControlTheServer() throws {
+        let setpriv = try #require(Subprocess.find("setpriv"), "setpriv (util-linux) is needed")
         let nobody = ["--reuid=65534", "--regid=65534", "--clear-groups"]
-        // The checkout may not be reachable by another user; then there is nothing to test here.
-        guard try Subprocess.run(setpriv, nobody + [Tool.path, "--help"]).succeeded else { return }
+        // The checkout may not be reachable by another user (a home directory of mode 0700): run
+        // the tool from a copy the other user can reach.
+        let reachable = try TemporaryDirectory()
+        chmod(reachable.path, 0o755)
+        let toolCopy = reachable.path + "/vbdtool"
+        #expect(try Subprocess.run("/bin/cp", [Tool.path, toolCopy]).succeeded)
+        #expect(try Subprocess.run(setpriv, nobody + [toolCopy, "--help"]).succeeded,
+                "user nobody cannot run \(toolCopy)")
         let dir = try TemporaryDirectory()
         let store = try dir.initializedStore()
         // Let another user reach the socket file; its 0600 mode must still keep them out.
         chmod(dir.path, 0o755)
         chmod(store, 0o755)
         let server = try RunningServer(store: store, nbdSocket: dir.path + "/nbd.sock")
-        let asNobody = try Subprocess.run(setpriv, nobody + [Tool.path,
+        let asNobody = try Subprocess.run(setpriv, nobody + [toolCopy,
                                                     "create", "intruder", "--size", "1M", "--store", store])
         #expect(asNobody.status == 1)
         #expect(asNobody.stderr.contains("may not connect"), "\(asNobody.stderr)")

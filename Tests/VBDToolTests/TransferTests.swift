@@ -58,7 +58,8 @@ import VBDControl
     }
 
     @Test func qcow2ImportGoesThroughQemuImg() throws {
-        guard let qemuImg = Subprocess.find("qemu-img") else { return }   // covered by the raw test without it
+        // make test installs qemu-img: a missing one fails here instead of passing silently.
+        let qemuImg = try #require(Subprocess.find("qemu-img"), "qemu-img (qemu-utils) is needed")
         let dir = try TemporaryDirectory()
         let store = try dir.initializedStore()
         let raw = dir.path + "/source.raw"
@@ -87,7 +88,7 @@ import VBDControl
         try writeBytes(patternBytes(count: 8 << 20, seed: 31), at: 0, to: source)
         let quiet = try Tool.run(["import", source, "quiet"], store: store)
         #expect(quiet.succeeded && !quiet.stderr.contains("%") && !quiet.stdout.contains("%"), "no progress into a pipe")
-        guard let script = Subprocess.find("script") else { return }
+        let script = try #require(Subprocess.find("script"), "script(1) (bsdutils) is needed")
         // script(1) gives the command a pseudo-terminal, as an operator's shell would.
         let command = "\(Tool.path) import \(source) loud --store \(store)"
         let loud = try Subprocess.run(script, ["-qec", command, "/dev/null"])
