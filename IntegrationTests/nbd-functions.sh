@@ -49,6 +49,22 @@ start_server() {
     exit 1
 }
 
+# start_tcp_server [serve options...]: vbdtool serve on 127.0.0.1 with a free port, in the
+# background; sets SERVER_PID and PORT (read from the server's log) and waits until it listens.
+start_tcp_server() {
+    "$VBDTOOL" serve --store "$STORE" --listen 127.0.0.1:0 "$@" >"$TMPDIR_TEST/serve.log" 2>&1 &
+    SERVER_PID=$!
+    cleanup_fn "kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null"
+    PORT=""
+    for _ in $(seq 1 100); do
+        PORT=$(sed -n 's/.*addresses=.*127\.0\.0\.1:\([0-9]*\)\].*NBD server listening.*/\1/p' "$TMPDIR_TEST/serve.log" | head -1)
+        [ -n "$PORT" ] && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$TMPDIR_TEST/serve.log"; fail "server exited"; }
+        sleep 0.1
+    done
+    fail "server did not report its port"
+}
+
 # start_metrics_server LOG [serve options...]: vbdtool serve on $SOCK with --metrics on a free
 # port; sets SERVER_PID and URL (the metrics address, read from the server's log).
 start_metrics_server() {

@@ -7,17 +7,7 @@ requires python3 qemu-io nbdinfo
 requires_vbdtool_serve
 make_store 64M
 
-"$VBDTOOL" serve --store "$STORE" --listen 127.0.0.1:0 >"$TMPDIR_TEST/serve.log" 2>&1 &
-SERVER_PID=$!
-cleanup_fn "kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null"
-PORT=""
-for _ in $(seq 1 100); do
-    PORT=$(sed -n 's/.*listening.*127\.0\.0\.1:\([0-9]*\)\].*/\1/p; s/.*addresses=.*127\.0\.0\.1:\([0-9]*\)\].*/\1/p' "$TMPDIR_TEST/serve.log" | head -1)
-    [ -n "$PORT" ] && break
-    kill -0 "$SERVER_PID" 2>/dev/null || fail "server exited"
-    sleep 0.1
-done
-[ -n "$PORT" ] || fail "server did not report its port"
+start_tcp_server
 URI="nbd://127.0.0.1:$PORT/vol"
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$SERVER_PID/status"; }

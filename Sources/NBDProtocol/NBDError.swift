@@ -57,6 +57,9 @@ public enum NBDProtocolError: Error, Sendable, Hashable, CustomStringConvertible
     /// handshake ended, client flags twice, a request beyond the in-flight limit): the peer or
     /// the transport broke the protocol's order, so this connection ends.
     case outOfOrder(String)
+    /// The client held a connection resource past its deadline (a request begun and not
+    /// finished, or an idle connection under an idle timeout).
+    case holdExpired(String)
 
     public var description: String {
         switch self {
@@ -72,6 +75,7 @@ public enum NBDProtocolError: Error, Sendable, Hashable, CustomStringConvertible
         case .unexpectedDataBeforeTLS: return "client sent data before the TLS handshake"
         case .dataAfterDisconnect: return "client sent data after NBD_CMD_DISC"
         case .outOfOrder(let detail): return "message out of order: \(detail)"
+        case .holdExpired(let detail): return "deadline passed: \(detail)"
         }
     }
 }

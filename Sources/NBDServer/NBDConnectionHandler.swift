@@ -84,6 +84,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var flushScheduled = false
     private var shuttingDown = false
     private var handshakeTimeout: Scheduled<Void>?
+    /// Armed while a message the client has begun (a request header, a WRITE payload) is incomplete
+    /// and the server is reading: the client must finish it within `messageTimeout`.
+    private var messageDeadline: Scheduled<Void>?
+    /// Armed while the connection is in transmission with nothing in flight and nothing begun
+    /// (only with an `idleTimeout`).
+    private var idleDeadline: Scheduled<Void>?
     /// Set once an export is opened under tenancy; nil without tenancy.
     private var session: Session?
 
@@ -117,6 +123,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         handshakeTimeout?.cancel()
+        cancelDeadlines()
         phase = .closed
         inbound = nil
         context.fireChannelInactive()
@@ -240,6 +247,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 flushPending = false
                 context.flush()
             }
+            updateDeadlines(context: context)
         }
         while canTakeInput(context: context), var buffer = inbound {
             inbound = nil  // keeps `buffer` uniquely referenced while the parser consumes it
@@ -324,6 +332,67 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 break
             }
         }
+    }
+
+    // MARK: Deadlines
+
+    /// Whether the client has begun a message it has not finished sending.
+    private var messageStarted: Bool {
+        !parser.isAtMessageBoundary || (inbound?.readableBytes ?? 0) > 0
+    }
+
+    /// Arms or cancels the transmission deadlines after input was processed or a request ended
+    /// (the handshake has its own overall timeout). A message is timed only while the server is
+    /// reading: waiting on the server's own backpressure is not the client's hold.
+    private func updateDeadlines(context: ChannelHandlerContext) {
+        guard case .transmission(let machine, _) = phase else {
+            cancelDeadlines()
+            return
+        }
+        let started = messageStarted
+        if started && canTakeInput(context: context) {
+            if messageDeadline == nil {
+                messageDeadline = schedule(after: environment.limits.messageTimeout, context: context) { handler, context in
+                    handler.messageDeadline = nil
+                    guard handler.messageStarted else { return }
+                    guard handler.canTakeInput(context: context) else { return }  // re-armed when reading resumes
+                    handler.abort(.holdExpired("a started request was not completed within \(handler.environment.limits.messageTimeout)"),
+                                  context: context)
+                }
+            }
+        } else {
+            messageDeadline?.cancel()
+            messageDeadline = nil
+        }
+        if let idleTimeout = environment.limits.idleTimeout, !started, machine.inFlight == 0, !machine.isDisconnecting {
+            if idleDeadline == nil {
+                idleDeadline = schedule(after: idleTimeout, context: context) { handler, context in
+                    handler.idleDeadline = nil
+                    guard case .transmission(let machine, _) = handler.phase, machine.inFlight == 0,
+                          !handler.messageStarted else { return }
+                    handler.abort(.holdExpired("idle for \(idleTimeout)"), context: context)
+                }
+            }
+        } else {
+            idleDeadline?.cancel()
+            idleDeadline = nil
+        }
+    }
+
+    private func schedule(after delay: Duration, context: ChannelHandlerContext,
+                          _ body: @escaping (NBDConnectionHandler, ChannelHandlerContext) -> Void) -> Scheduled<Void> {
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        return context.eventLoop.assumeIsolated().scheduleTask(in: TimeAmount(delay)) {
+            let (handler, context) = loopBound.value
+            body(handler, context)
+        }
+    }
+
+    private func cancelDeadlines() {
+        messageDeadline?.cancel()
+        messageDeadline = nil
+        idleDeadline?.cancel()
+        idleDeadline = nil
     }
 
     // MARK: Handshake
@@ -726,6 +795,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private func close(context: ChannelHandlerContext) {
         handshakeTimeout?.cancel()
+        cancelDeadlines()
         phase = .closed
         inbound = nil
         context.close(promise: nil)

@@ -4,6 +4,9 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 import VBDAccounting
 import VBDCore
 
@@ -55,6 +58,8 @@ public final class NBDServer: Sendable {
         /// stop() calls waiting for that.
         var startWaiters: [CheckedContinuation<Void, Never>] = []
         var connections: [ObjectIdentifier: Channel] = [:]
+        /// Open connections per peer (``peerKey(_:)``), for ``ServerLimits/connectionsPerPeerMax``.
+        var connectionsPerPeer: [String: Int] = [:]
         var nextConnectionNumber = 0
     }
 
@@ -238,13 +243,16 @@ public final class NBDServer: Sendable {
         for connection in connections {
             connection.pipeline.fireUserInboundEventTriggered(NBDConnectionEvent.shutdown)
         }
+        // One grace period for all connections together: every deadline is armed before any
+        // is awaited, so stuck connections cost the period once, not once each.
         let grace = TimeAmount(configuration.limits.shutdownGracePeriod)
-        for connection in connections {
-            let closed = connection.closeFuture
-            let timeout = connection.eventLoop.scheduleTask(in: grace) { connection.close(promise: nil) }
-            try? await closed.get()
-            timeout.cancel()
+        let deadlines = connections.map { connection in
+            connection.eventLoop.scheduleTask(in: grace) { connection.close(promise: nil) }
         }
+        for connection in connections {
+            try? await connection.closeFuture.get()
+        }
+        for deadline in deadlines { deadline.cancel() }
         try? await running.readPool.shutdownGracefully()
         try? await running.writePool.shutdownGracefully()
         try? await running.group.shutdownGracefully()
@@ -258,19 +266,38 @@ public final class NBDServer: Sendable {
     }
 
     private func initialize(_ channel: Channel, environment: NBDConnectionHandler.Environment) -> EventLoopFuture<Void> {
-        let admitted = state.withLock { state -> Int? in
-            guard state.running != nil, state.connections.count < configuration.limits.connectionsMax else { return nil }
+        let peer = Self.peerKey(channel)
+        let limits = configuration.limits
+        let admitted = state.withLock { state -> Result<Int, AdmissionRefusal> in
+            guard state.running != nil else { return .failure(.stopping) }
+            guard state.connections.count < limits.connectionsMax else { return .failure(.serverFull) }
+            guard state.connectionsPerPeer[peer, default: 0] < limits.connectionsPerPeerMax else { return .failure(.peerFull) }
             state.connections[ObjectIdentifier(channel)] = channel
+            state.connectionsPerPeer[peer, default: 0] += 1
             state.nextConnectionNumber += 1
-            return state.nextConnectionNumber
+            return .success(state.nextConnectionNumber)
         }
-        guard let number = admitted else {
-            configuration.logger.warning("refusing connection: \(configuration.limits.connectionsMax) connections open")
+        let number: Int
+        switch admitted {
+        case .success(let admittedNumber):
+            number = admittedNumber
+        case .failure(let refusal):
+            switch refusal {
+            case .stopping: break
+            case .serverFull:
+                configuration.logger.warning("refusing connection: \(limits.connectionsMax) connections open")
+            case .peerFull:
+                configuration.logger.warning("refusing connection: \(peer) holds \(limits.connectionsPerPeerMax) connections")
+            }
             channel.close(promise: nil)
             return channel.eventLoop.makeSucceededVoidFuture()
         }
         channel.closeFuture.whenComplete { [self] _ in
-            _ = state.withLock { $0.connections.removeValue(forKey: ObjectIdentifier(channel)) }
+            state.withLock { state in
+                state.connections.removeValue(forKey: ObjectIdentifier(channel))
+                state.connectionsPerPeer[peer, default: 1] -= 1
+                if state.connectionsPerPeer[peer] == 0 { state.connectionsPerPeer.removeValue(forKey: peer) }
+            }
         }
         var logger = configuration.logger
         logger[metadataKey: "connection"] = "\(number)"
@@ -279,6 +306,30 @@ public final class NBDServer: Sendable {
         return channel.eventLoop.makeCompletedFuture {
             try channel.pipeline.syncOperations.addHandler(handler)
         }
+    }
+
+    private enum AdmissionRefusal: Error {
+        case stopping, serverFull, peerFull
+    }
+
+    /// Who a connection's per-peer limit counts against: its IP address over TCP, the uid of the
+    /// connecting process over a unix socket (SO_PEERCRED).
+    static func peerKey(_ channel: Channel) -> String {
+        if let address = channel.remoteAddress, let ip = address.ipAddress { return "ip \(ip)" }
+        if let uid = peerUID(channel) { return "uid \(uid)" }
+        return "unix"
+    }
+
+    /// The uid of the process at the other end of a unix-socket channel, nil elsewhere.
+    static func peerUID(_ channel: Channel) -> UInt32? {
+        guard let provider = channel as? SocketOptionProvider, channel.eventLoop.inEventLoop,
+              case .unixDomainSocket = channel.localAddress else { return nil }
+        let future: EventLoopFuture<UnixPeerCredentials> = provider.unsafeGetSocketOption(
+            level: .init(SOL_SOCKET), name: .init(SO_PEERCRED))
+        // On the channel's own loop the option is read at once; the future is already complete.
+        var uid: UInt32?
+        future.whenSuccess { uid = $0.uid }
+        return uid
     }
 
     private func makeSSLContext() throws -> NIOSSLContext? {
@@ -303,4 +354,11 @@ public final class NBDServer: Sendable {
             throw ServerError.tls("\(error)")
         }
     }
+}
+
+/// `struct ucred` (socket(7)), which Glibc declares only under _GNU_SOURCE.
+struct UnixPeerCredentials {
+    var pid: Int32 = 0
+    var uid: UInt32 = 0
+    var gid: UInt32 = 0
 }

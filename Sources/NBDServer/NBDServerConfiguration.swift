@@ -58,8 +58,20 @@ extension NBDServer {
         public var extentsPerReplyMax = Limits.nbdExtentsPerReplyMax
         /// A client must finish the handshake in this time, so idle sockets cannot hold connection slots.
         public var handshakeTimeout: Duration = .seconds(30)
-        /// How long ``NBDServer/stop()`` waits for in-flight requests before closing connections.
+        /// How long ``NBDServer/stop()`` waits for in-flight requests before closing connections
+        /// (all connections together, not one after another).
         public var shutdownGracePeriod: Duration = .seconds(10)
+        /// A request the client has begun (header or WRITE payload) must arrive whole within this
+        /// while the server reads, so a half-sent 32 MiB WRITE cannot hold its buffer forever. At
+        /// the 32 MiB request limit, 30 s admits clients down to about 1 MiB/s.
+        public var messageTimeout: Duration = .seconds(30)
+        /// Closes a connection with nothing in flight for this long; nil (the default) keeps idle
+        /// connections, because a hypervisor's disk may be idle for hours and QEMU does not
+        /// reconnect by default (its guest would see I/O errors).
+        public var idleTimeout: Duration?
+        /// Connections one peer may hold at once (one IP address over TCP, one uid over a unix
+        /// socket), so one client cannot take every slot of ``connectionsMax``.
+        public var connectionsPerPeerMax = Limits.nbdConnectionsPerPeerMax
 
         public init() {}
 
@@ -70,6 +82,7 @@ extension NBDServer {
             precondition(inFlightRequestsMax > 0 && connectionsMax > 0 && handshakeOptionsMax > 0)
             precondition(optionBytesMax >= 4 + NBDWireSize.stringBytesMax + 2, "an option must fit a maximal export name")
             precondition(extentsPerReplyMax > 0)
+            precondition(messageTimeout > .zero && (idleTimeout ?? .seconds(1)) > .zero && connectionsPerPeerMax > 0)
         }
     }
 

@@ -31,6 +31,10 @@ public enum Limits {
     public static let nbdInFlightRequestsMax = 64
     /// Concurrent client connections per server.
     public static let nbdConnectionsMax = 256
+    /// Concurrent connections from one peer (IP address or unix uid): half the server's slots, so
+    /// one peer cannot take them all while a hypervisor host, whose guests all connect from one
+    /// address or one uid, still gets 128 disks; `vbdtool serve --connections-per-peer` changes it.
+    public static let nbdConnectionsPerPeerMax = 128
     /// Options accepted during one handshake (nbdkit allows 32).
     public static let nbdHandshakeOptionsMax = 32
     /// Largest option payload: export names are at most 4 KiB by spec, and no option needs more.

@@ -8,6 +8,7 @@ import VBDAccounting
 import VBDCache
 import VBDControl
 import VBDMetrics
+import VBDCore
 import VBDStore
 
 #if canImport(Glibc)
@@ -43,6 +44,14 @@ struct ServeCommand: AsyncParsableCommand {
     var reservedSlots: Int = 1
     @Flag(help: "Serve a volume only to a domain holding a lease on it (`vbdtool lease grant`).") var enforceLeases = false
     @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
+    @Option(help: ArgumentHelp("Seconds a client may take to finish sending a request it has begun (header or WRITE payload); then its connection closes.", valueName: "seconds"))
+    var messageTimeout: Int = 30
+    @Option(help: ArgumentHelp("Close connections with nothing in flight for this many seconds (default: never; QEMU does not reconnect by default).", valueName: "seconds"))
+    var idleTimeout: Int?
+    @Option(help: ArgumentHelp("Connections one peer (IP address, or uid on the unix socket) may hold at once.", valueName: "n"))
+    var connectionsPerPeer: Int = Limits.nbdConnectionsPerPeerMax
+    @Option(help: ArgumentHelp("On SIGINT/SIGTERM, seconds to let requests in flight finish (all connections together) before closing them.", valueName: "seconds"))
+    var shutdownGrace: Int = 10
     @OptionGroup var store: StoreOptions
 
     func validate() throws {
@@ -58,6 +67,24 @@ struct ServeCommand: AsyncParsableCommand {
             throw ValidationError("--reserved-slots must be at least 0 and below the device slots (\(deviceSlots ?? TenancyService.defaultDeviceParallelism))")
         }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level: unknown level '\(logLevel)'") }
+        guard (1...86_400).contains(messageTimeout) else { throw ValidationError("--message-timeout: expected 1...86400 seconds, got \(messageTimeout)") }
+        if let idleTimeout, !(1...31_536_000).contains(idleTimeout) {
+            throw ValidationError("--idle-timeout: expected 1...31536000 seconds, got \(idleTimeout)")
+        }
+        guard (0...600).contains(shutdownGrace) else { throw ValidationError("--shutdown-grace: expected 0...600 seconds, got \(shutdownGrace)") }
+        guard (1...Limits.nbdConnectionsMax).contains(connectionsPerPeer) else {
+            throw ValidationError("--connections-per-peer: expected 1...\(Limits.nbdConnectionsMax), got \(connectionsPerPeer)")
+        }
+    }
+
+    /// The NBD server's limits as the options set them.
+    var serverLimits: NBDServer.ServerLimits {
+        var limits = NBDServer.ServerLimits()
+        limits.messageTimeout = .seconds(messageTimeout)
+        limits.idleTimeout = idleTimeout.map { .seconds($0) }
+        limits.connectionsPerPeerMax = connectionsPerPeer
+        limits.shutdownGracePeriod = .seconds(shutdownGrace)
+        return limits
     }
 
     /// Request payloads (up to 32 MiB) and their reply buffers are allocated and freed at high
@@ -117,7 +144,7 @@ struct ServeCommand: AsyncParsableCommand {
             fail(ControlFailure(code: "audit", message: "cannot open the audit log and accounting state: \(error)"), json: false)
         }
         let nbd = NBDServer(configuration: .init(exports: store, tcp: tcp, unixSocketPath: unix.map(absolutePath), tls: tls,
-                                                 logger: Logger(label: "vbd.nbd"),
+                                                 logger: Logger(label: "vbd.nbd"), limits: serverLimits,
                                                  tenancy: .init(service: tenancy, scheduling: schedule, deviceSlots: deviceSlots,
                                                                 reservedSlots: reservedSlots)))
         do { try await nbd.start() } catch {
