@@ -89,7 +89,34 @@ def main():
         if b"success" not in alive:
             print(f"FAIL: the server stopped answering after '{name}' (reply was {reply[:200]!r})")
             sys.exit(1)
-    print(f"control socket: {len(cases)} hostile frames, server still answering")
+    # A request trickled one byte a second: the server's deadline is per request (10 s), not per
+    # recv, so it must give up long before the 100 bytes would arrive.
+    import time
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall(struct.pack(">I", 100))
+    started = time.monotonic()
+    closed_after = None
+    for _ in range(60):
+        try:
+            s.sendall(b" ")
+        except (BrokenPipeError, ConnectionResetError):
+            closed_after = time.monotonic() - started
+            break
+        s.settimeout(1)
+        try:
+            if s.recv(65536) == b"":
+                closed_after = time.monotonic() - started
+                break
+            closed_after = time.monotonic() - started  # the timeout failure reply
+            break
+        except socket.timeout:
+            pass
+    s.close()
+    if closed_after is None or closed_after > 30:
+        print(f"FAIL: a trickling control client was not cut off (after {closed_after} s)")
+        sys.exit(1)
+    print(f"control socket: {len(cases)} hostile frames, server still answering; a trickled request was cut off after {closed_after:.1f} s")
 
 
 if __name__ == "__main__":

@@ -30,9 +30,12 @@ enum ControlFraming {
     }
 
     /// Receives one frame and decodes it. Returns nil when the peer closed before a frame began.
-    static func receive<T: Decodable>(_ type: T.Type, from fd: Int32, bytesMax: Int) throws(ControlFailure) -> T? {
+    /// With a `deadline` the whole frame must arrive by then (a per-recv timeout would let a peer
+    /// that sends a byte now and then hold the connection for ever).
+    static func receive<T: Decodable>(_ type: T.Type, from fd: Int32, bytesMax: Int,
+                                      deadline: ContinuousClock.Instant? = nil) throws(ControlFailure) -> T? {
         var header = [UInt8](repeating: 0, count: 4)
-        let got = try readFully(&header, from: fd)
+        let got = try readFully(&header, from: fd, deadline: deadline)
         if got == 0 { return nil }
         guard got == 4 else { throw ControlFailure(code: "protocol", message: "control connection closed in the middle of a frame header") }
         let length = Int(header[0]) << 24 | Int(header[1]) << 16 | Int(header[2]) << 8 | Int(header[3])
@@ -41,7 +44,7 @@ enum ControlFraming {
             throw ControlFailure(code: "too-large", message: "peer announced a control message of \(length) bytes; the limit is \(bytesMax)")
         }
         var body = [UInt8](repeating: 0, count: length)
-        guard try readFully(&body, from: fd) == length else {
+        guard try readFully(&body, from: fd, deadline: deadline) == length else {
             throw ControlFailure(code: "protocol", message: "control connection closed in the middle of a frame")
         }
         do { return try JSONDecoder().decode(T.self, from: Data(body)) } catch {
@@ -65,9 +68,20 @@ enum ControlFraming {
     }
 
     /// Reads until `buffer` is full or the peer closes; returns the bytes read.
-    static func readFully(_ buffer: inout [UInt8], from fd: Int32) throws(ControlFailure) -> Int {
+    static func readFully(_ buffer: inout [UInt8], from fd: Int32,
+                          deadline: ContinuousClock.Instant? = nil) throws(ControlFailure) -> Int {
         var offset = 0
         while offset < buffer.count {
+            if let deadline {
+                let left = deadline - ContinuousClock.now
+                let milliseconds = left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000
+                var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                let ready = milliseconds > 0 ? poll(&poller, 1, Int32(clamping: milliseconds)) : 0
+                if ready == 0 {
+                    throw ControlFailure(code: "timeout", message: "control peer did not send its whole request in time")
+                }
+                if ready < 0 && errno == EINTR { continue }
+            }
             let n = buffer.withUnsafeMutableBytes { b in Glibc.recv(fd, b.baseAddress! + offset, b.count - offset, 0) }
             if n == 0 { break }
             if n < 0 {

@@ -7,7 +7,8 @@ public enum ControlLimits {
     public static let replyBytesMax = 64 << 20
     /// Control connections served at once; more get a `busy` failure instead of a thread each.
     public static let connectionsMax = 16
-    /// A client must send its whole request within this many seconds, so an idle peer cannot hold a slot.
+    /// A client must send its whole request within this many seconds (one deadline for the request,
+    /// not per recv), so a slow or idle peer cannot hold a slot.
     public static let requestReadTimeoutSeconds = 10
     /// Progress frames per second at most: enough for a smooth bar, negligible next to the work.
     public static let progressFramesPerSecondMax = 10.0

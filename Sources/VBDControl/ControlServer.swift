@@ -112,7 +112,9 @@ public final class ControlServer: Sendable {
         let reply: ControlReply
         do {
             let peer = try UnixSocket.checkPeerIsOwnerOrRoot(fd)
-            guard let envelope = try ControlFraming.receive(ControlEnvelope.self, from: fd, bytesMax: ControlLimits.requestBytesMax) else {
+            let deadline = ContinuousClock.now + .seconds(ControlLimits.requestReadTimeoutSeconds)
+            guard let envelope = try ControlFraming.receive(ControlEnvelope.self, from: fd, bytesMax: ControlLimits.requestBytesMax,
+                                                            deadline: deadline) else {
                 return
             }
             guard envelope.version == controlProtocolVersion else {
