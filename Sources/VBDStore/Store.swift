@@ -48,16 +48,19 @@ public final class Store: @unchecked Sendable {
         public var secretForNewStore: UInt64?
         /// Refuse new chunks once the data file would exceed this (0 = no limit but the disk's).
         public var dataBytesMax: UInt64 = 0
+        /// The simulator's controlled scheduler: every lock operation becomes a point where it may
+        /// switch threads (see InterleavingScheduler.swift). nil in production.
+        public var interleaving: (any InterleavingScheduler)?
 
         public init() {}
     }
 
     let directory: any StorageDirectory
     let options: Options
-    let mutex = StoreMutex()
-    let flushMutex = StoreMutex()
+    let mutex: StoreMutex
+    let flushMutex: StoreMutex
     /// Serialize read-modify-write of partial blocks (see Store+BlockIO.swift).
-    let stripeLocks = (0..<Store.stripeCount).map { _ in StoreMutex() }
+    let stripeLocks: [StoreMutex]
 
     // Guarded by `mutex`:
     var chunks = ChunkTable()
@@ -109,6 +112,9 @@ public final class Store: @unchecked Sendable {
     public init(directory: any StorageDirectory, options: Options, create: Bool) throws {
         self.directory = directory
         self.options = options
+        mutex = StoreMutex(scheduler: options.interleaving)
+        flushMutex = StoreMutex(scheduler: options.interleaving)
+        stripeLocks = (0..<Store.stripeCount).map { _ in StoreMutex(scheduler: options.interleaving) }
         do { try directory.lockExclusive() } catch { throw StoreError(error) }
         do {
             if create {
