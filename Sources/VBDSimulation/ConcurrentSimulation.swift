@@ -78,7 +78,9 @@ public final class ConcurrentSimulation: @unchecked Sendable {
             capacityBytes: cacheBlocks * entryBytes, lastChanceCapacityBytes: rng.chance(50) ? cacheBlocks * entryBytes : 0,
             shardCount: 1 + rng.below(2)))
         do {
-            store = try Store(directory: InterleavedDirectory(disk.directory(), scheduler: scheduler), options: options, create: true)
+            let scheduler = self.scheduler
+            let directory = HookedDirectory(disk.directory()) { _, _ in scheduler.yield() }
+            store = try Store(directory: directory, options: options, create: true)
             for (k, blocks) in volumeBlocks.enumerated() {
                 _ = try store.createVolume(name: "v\(k)", size: UInt64(blocks * blockSize), blockSize: blockSize)
                 devices.append(try store.device(named: "v\(k)"))

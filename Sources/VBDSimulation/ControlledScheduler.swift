@@ -9,7 +9,7 @@ import Glibc
 //
 // Deterministic concurrency (FoundationDB, TigerBeetle, Coyote): the simulator runs real threads,
 // but only the one holding the baton runs. At every scheduling point (a StoreMutex lock, try-lock
-// or unlock, and every file operation through `InterleavedDirectory`) the running thread asks the
+// or unlock, and every file operation through `HookedDirectory`) the running thread asks the
 // scheduler who runs next, and a seeded generator decides. A thread waiting for a lock someone
 // holds is not runnable. So one seed is one interleaving, replayed exactly, and a race found once
 // is found again.
@@ -182,58 +182,4 @@ public final class ControlledScheduler: InterleavingScheduler, @unchecked Sendab
         precondition(rc == 0, "pthread_create failed: \(rc)")
         return thread
     }
-}
-
-/// The storage seam of a scheduled run: every file operation is a scheduling point, so the
-/// interleaving of I/O with other threads' lock holds is chosen by the seed too.
-final class InterleavedDirectory: StorageDirectory {
-    let base: any StorageDirectory
-    let scheduler: ControlledScheduler
-
-    init(_ base: any StorageDirectory, scheduler: ControlledScheduler) {
-        self.base = base
-        self.scheduler = scheduler
-    }
-
-    func openFile(_ name: String, create: Bool) throws(StorageError) -> any StorageFile {
-        scheduler.yield()
-        return InterleavedFile(try base.openFile(name, create: create), scheduler: scheduler)
-    }
-    func fileExists(_ name: String) -> Bool { base.fileExists(name) }
-    func removeFile(_ name: String) throws(StorageError) { scheduler.yield(); try base.removeFile(name) }
-    func fileNames() throws(StorageError) -> [String] { try base.fileNames() }
-    func lockExclusive() throws(StorageError) { try base.lockExclusive() }
-    func unlock() { base.unlock() }
-    var path: String { base.path }
-}
-
-final class InterleavedFile: StorageFile {
-    let base: any StorageFile
-    let scheduler: ControlledScheduler
-
-    init(_ base: any StorageFile, scheduler: ControlledScheduler) {
-        self.base = base
-        self.scheduler = scheduler
-    }
-
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) -> Int {
-        scheduler.yield()
-        return try base.read(into: buffer, at: offset)
-    }
-    func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
-        scheduler.yield()
-        try base.write(bytes, at: offset)
-    }
-    func write(gathering parts: [UnsafeRawBufferPointer], at offset: UInt64) throws(StorageError) {
-        scheduler.yield()
-        try base.write(gathering: parts, at: offset)
-    }
-    func sync() throws(StorageError) { scheduler.yield(); try base.sync() }
-    func size() throws(StorageError) -> UInt64 { scheduler.yield(); return try base.size() }
-    func truncate(to size: UInt64) throws(StorageError) { scheduler.yield(); try base.truncate(to: size) }
-    func punchHole(offset: UInt64, length: UInt64) throws(StorageError) {
-        scheduler.yield()
-        try base.punchHole(offset: offset, length: length)
-    }
-    func close() { base.close() }
 }

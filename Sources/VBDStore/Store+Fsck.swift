@@ -94,8 +94,8 @@ extension Store {
             for (k, n) in live.enumerated() {
                 let e = chunks[n]
                 let ok: String? = withUnsafeTemporaryAllocation(byteCount: e.rawBytes, alignment: 16) { tmp in
-                    cache?.remove(n)   // read from disk, not from memory
-                    do throws(LoadedChunkFailure) { try loadChunk(n, e, into: tmp, volume: 0, lockHeld: true) } catch { return error.detail }
+                    cache?.remove(cacheKey(n))   // read from disk, not from memory
+                    do throws(LoadedChunkFailure) { try loadChunk(n, e, cacheKey: cacheKey(n), into: tmp, volume: 0, lockHeld: true) } catch { return error.detail }
                     return nil
                 }
                 if let ok { problem("chunk \(n) at byte \(e.sector * UInt64(Limits.sectorBytes)) of the data file: \(ok)") }

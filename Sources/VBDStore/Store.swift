@@ -218,11 +218,19 @@ extension Store: ChunkReferenceCounter {
             chunks[chunk] = e
             return
         }
-        // Last reference gone: the chunk leaves the index and the cache now; its sectors are
+        // Last reference gone: the chunk leaves the index and the cache now (before its number
+        // gets a new generation, so no entry of this generation survives); its sectors are
         // reusable once this is durable.
         index.remove(UInt32(chunk), hash: e.hash, hashOf: { self.chunks[UInt64($0)].hash })
-        options.cache?.remove(chunk)
+        options.cache?.remove(cacheKey(chunk))
         if !replaying { space.deferFree(e.sector, count: e.sectorCount) }
         chunks.releaseNumber(chunk)
+    }
+
+    /// With `mutex` held: the cache key of `chunk` as it is now, (generation << 32 | number).
+    /// Each reuse of a number has a new key, so a key copied out before a free never names the
+    /// next chunk's bytes (see "Stale readers" in docs/ARCHITECTURE.md).
+    func cacheKey(_ chunk: UInt64) -> UInt64 {
+        UInt64(chunks.generation(chunk)) << 32 | chunk
     }
 }

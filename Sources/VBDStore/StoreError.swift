@@ -159,8 +159,9 @@ final class StoreMutex: @unchecked Sendable {
 import Glibc
 #endif
 
-/// Read-through cache the store consults before the disk. Keys are chunk numbers: one number is
-/// one content (verified before sharing), and the store removes a key before reusing its number.
+/// Read-through cache the store consults before the disk. Keys are (generation << 32 | chunk
+/// number): one key is one content (verified before sharing), the store removes a key when it
+/// frees the chunk, and a reused number has a new generation, so a new key.
 public protocol ChunkCache: AnyObject, Sendable {
     /// Copies the cached block into `buffer` and says which tier had it. With `countingMisses`
     /// false a miss is not counted (a probe; the caller then reads the ordinary way).
