@@ -126,15 +126,13 @@ extension Store {
 
     func releaseFrees(_ frees: [(sector: UInt64, count: Int)]) throws {
         guard !frees.isEmpty else { return }
-        let punches = mutex.withLock { space.release(frees) }
+        // The pages to punch stay reserved until punched: a writer taking them in between would
+        // have its acknowledged chunk erased by the punch (see SpaceAllocator.swift).
+        let punches = mutex.withLock { space.releaseReservingPunches(frees) }
         for p in punches {
-            // Punching happens after the sectors became allocatable; a racing allocation would
-            // lose its bytes. Re-check under the lock that the page is still entirely free.
-            let stillFree = mutex.withLock { space.pageIsFree(p.offset, length: p.length) }
-            if stillFree {
-                do { try dataFile.punchHole(offset: p.offset, length: p.length) } catch { /* space stays used; harmless */ }
-            }
+            do { try dataFile.punchHole(offset: p.offset, length: p.length) } catch { /* space stays used; harmless */ }
         }
+        mutex.withLock { space.finishPunches(punches) }
     }
 
     func checkpointIfJournalLarge() throws {
