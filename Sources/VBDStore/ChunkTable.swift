@@ -47,6 +47,22 @@ struct ChunkEntry {
     var storedBytes: Int { Int(shape & 0x1F_FFFF) }
     var isCompressed: Bool { shape & (1 << 21) != 0 }
     var rawBytes: Int { 1 << Int((shape >> 24) & 0x1F) }
+    /// One more holder. Saturates at `UInt32.max` instead of trapping: a trap here would recur at
+    /// every open (replay and checkpoint loading count the same references again). A saturated
+    /// count stays saturated, so the chunk is never freed (a leak, never a use after free).
+    mutating func retainSaturating() {
+        if refcount < .max { refcount += 1 }
+    }
+
+    /// One holder fewer; true when it was the last. A saturated count no longer knows how many
+    /// holders there are, so it never drops (see `retainSaturating`).
+    mutating func releaseSaturating() -> Bool {
+        precondition(refcount > 0, "chunk released more often than retained")
+        if refcount == .max { return false }
+        refcount -= 1
+        return refcount == 0
+    }
+
     /// Free entries are all zero; an installed one always has a raw-length shift of at least 9.
     var isInstalled: Bool { shape != 0 }
     var sectorCount: Int { (storedBytes + Limits.sectorBytes - 1) / Limits.sectorBytes }

@@ -327,7 +327,7 @@ extension Store {
         case 1:
             let id = Int(try r.varint())
             guard id < nodes.count, nodes[id].isLeaf == (level == 1) else { throw BinaryReader.Malformed(position: r.position) }
-            nodes[id].refcount += 1
+            nodes[id].retainSaturating()
             return nodes[id]
         case 2:
             let node = MapNode(leaf: level == 1)
@@ -345,7 +345,7 @@ extension Store {
                     }
                     node.entries[i] = c
                     if c < zeroAllocatedChunk {
-                        var e = chunks[c]; e.refcount += 1; chunks[c] = e
+                        var e = chunks[c]; e.retainSaturating(); chunks[c] = e
                     }
                 } else {
                     guard node.children[i] == nil, let child = try decodeNode(&r, level: level - 1, nodes: &nodes) else {

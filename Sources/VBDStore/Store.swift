@@ -143,10 +143,14 @@ public final class Store: @unchecked Sendable {
             throw StoreError(e)
         }
         do {
-            if create {
-                try writeCheckpointLocked()
-            } else {
-                try recover()
+            // Nothing else can see the store yet; holding `mutex` anyway keeps "functions that
+            // need it assert it" true for recovery and the first checkpoint too.
+            try mutex.withLock { () throws in
+                if create {
+                    try writeCheckpointLocked()
+                } else {
+                    try recover()
+                }
             }
         } catch {
             directory.unlock()
@@ -203,18 +207,19 @@ let zeroAllocatedChunk: UInt64 = 1 << 63
 extension Store: ChunkReferenceCounter {
     func retainChunk(_ chunk: UInt64) {
         guard chunk < zeroAllocatedChunk else { return }
+        mutex.assertOwned("to retain a chunk")
         var e = chunks[chunk]
         precondition(e.isInstalled, "retain of free chunk \(chunk)")
-        e.refcount += 1
+        e.retainSaturating()
         chunks[chunk] = e
     }
 
     func releaseChunk(_ chunk: UInt64) {
         guard chunk < zeroAllocatedChunk else { return }
+        mutex.assertOwned("to release a chunk")
         var e = chunks[chunk]
         precondition(e.refcount > 0, "chunk \(chunk) released more often than retained")
-        e.refcount -= 1
-        if e.refcount > 0 {
+        if !e.releaseSaturating() {
             chunks[chunk] = e
             return
         }
