@@ -613,18 +613,26 @@ extension Store {
             throw .notSupported("zeroing part of a block needs a read-modify-write, which is not fast")
         }
         if alignedStart < alignedEnd {
-            let firstWhole = alignedStart / bs, endWhole = alignedEnd / bs
-            try mutex.withLock { () throws(BlockDeviceError) in
-                guard images[id] != nil else { throw .gone("\(view.name) was deleted") }
-                do {
-                    if punch {
-                        try commit(.clear(image: id, start: firstWhole, count: endWhole - firstWhole))
-                    } else {
-                        for b in firstWhole..<endWhole { try commit(.map(image: id, block: b, chunk: zeroAllocatedChunk)) }
+            // A range may span 4 GiB: change at most `blocksPerLockHold` blocks per hold of the
+            // lock, so other tenants' requests get in between (each batch is atomic, the whole is
+            // not; NBD promises no more).
+            var batchStart = alignedStart / bs
+            let endWhole = alignedEnd / bs
+            while batchStart < endWhole {
+                let batchEnd = min(endWhole, batchStart + Self.blocksPerLockHold)
+                try mutex.withLock { () throws(BlockDeviceError) in
+                    guard images[id] != nil else { throw .gone("\(view.name) was deleted") }
+                    do {
+                        if punch {
+                            try commit(.clear(image: id, start: batchStart, count: batchEnd - batchStart))
+                        } else {
+                            for b in batchStart..<batchEnd { try commit(.map(image: id, block: b, chunk: zeroAllocatedChunk)) }
+                        }
+                    } catch {
+                        throw .io("\(error)")
                     }
-                } catch {
-                    throw .io("\(error)")
                 }
+                batchStart = batchEnd
             }
         }
         for (lo, hi) in partial {
@@ -636,38 +644,60 @@ extension Store {
         try afterChange(fua: fua)
     }
 
+    /// Most blocks TRIM, WRITE_ZEROES or BLOCK_STATUS handle per hold of the store lock: about
+    /// the map work of a 4 MiB write, so a 4 GiB request cannot stall every other tenant.
+    static let blocksPerLockHold: UInt64 = 1024
+
     // MARK: Extents and prefetch
 
+    /// The extents of a range, walked `blocksPerLockHold` blocks per hold of the lock. Windows
+    /// are separate snapshots of the map; the reply may describe less than asked (NBD allows it)
+    /// when the volume shrank or went away after the first window.
     func extents(image id: UInt64, offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockDeviceError) -> [Extent] {
-        try mutex.withLock { () throws(BlockDeviceError) -> [Extent] in
-            let (v, image) = try viewLocked(id)
+        let v = try mutex.withLock { () throws(BlockDeviceError) -> ImageView in
+            let (v, _) = try viewLocked(id)
             try checkRange(v, offset: offset, length: length)
-            guard length > 0 else { return [] }
-            let bs = UInt64(v.blockSize), shift = UInt64(v.blockShift)
-            let first = offset >> shift, last = (offset + length - 1) >> shift
-            var out: [Extent] = []
-            var covered = offset
-            image.root.walk(start: first, count: last - first + 1, chunkShared: { c in
-                c < zeroAllocatedChunk && self.chunks[c].refcount > 1
-            }) { startBlock, count, chunk, shared in
-                let flags: ExtentFlags
-                if chunk == 0 { flags = [.hole, .zero] }
-                else if chunk >= zeroAllocatedChunk { flags = shared ? [.zero, .shared] : [.zero] }
-                else { flags = shared ? [.shared] : [] }
-                let runEnd = min((startBlock + count) * bs, offset + length)
-                let len = runEnd - covered
-                guard len > 0 else { return true }
-                if let lastExtent = out.last, lastExtent.flags == flags {
-                    out[out.count - 1].length += len
-                } else {
-                    if out.count == maxExtents { return false }
-                    out.append(Extent(length: len, flags: flags))
+            return v
+        }
+        guard length > 0 else { return [] }
+        let bs = UInt64(v.blockSize), shift = UInt64(v.blockShift)
+        let first = offset >> shift, last = (offset + length - 1) >> shift
+        var out: [Extent] = []
+        var covered = offset
+        var windowStart = first
+        var full = false
+        while windowStart <= last && !full {
+            let windowCount = min(last - windowStart + 1, Self.blocksPerLockHold)
+            let stillThere = mutex.withLock { () -> Bool in
+                guard let image = images[id], image.record.size >= offset + length else { return false }
+                image.root.walk(start: windowStart, count: windowCount, chunkShared: { c in
+                    c < zeroAllocatedChunk && self.chunks[c].refcount > 1
+                }) { startBlock, count, chunk, shared in
+                    let flags: ExtentFlags
+                    if chunk == 0 { flags = [.hole, .zero] }
+                    else if chunk >= zeroAllocatedChunk { flags = shared ? [.zero, .shared] : [.zero] }
+                    else { flags = shared ? [.shared] : [] }
+                    let runEnd = min((startBlock + count) * bs, offset + length)
+                    let len = runEnd - covered
+                    guard len > 0 else { return true }
+                    if let lastExtent = out.last, lastExtent.flags == flags {
+                        out[out.count - 1].length += len
+                    } else {
+                        if out.count == maxExtents { full = true; return false }
+                        out.append(Extent(length: len, flags: flags))
+                    }
+                    covered = runEnd
+                    return true
                 }
-                covered = runEnd
                 return true
             }
-            return out
+            if !stillThere {
+                if out.isEmpty { throw .gone("\(v.name) was deleted or shrank during the request") }
+                break
+            }
+            windowStart += windowCount
         }
+        return out
     }
 
     func prefetch(image id: UInt64, offset: UInt64, length: UInt64) throws(BlockDeviceError) {
