@@ -78,7 +78,7 @@ extension Store {
             if found != .miss {
                 // The key cannot name other bytes (generations), so a mismatch is a bug or memory
                 // corruption: drop the entry and read the disk rather than return it.
-                if contentHash(UnsafeRawBufferPointer(destination), domain: entry.domain) == entry.hash { return found }
+                if !Self.staleReadDefenses || contentHash(UnsafeRawBufferPointer(destination), domain: entry.domain) == entry.hash { return found }
                 cache.remove(cacheKey)
             }
         }
@@ -229,7 +229,8 @@ extension Store {
             let found = Self.fillBlockSlice(dst, at: Int(lo - blockStart), blockSize: Int(bs)) { block in
                 let found = cache.lookup(ref.key, into: block, volume: id, domain: ref.domain, countingMisses: false)
                 // Verified like loadChunk's hits; a mismatch goes the ordinary way, which drops it.
-                guard found != .miss, contentHash(UnsafeRawBufferPointer(block), domain: ref.domain) == ref.hash else { return nil }
+                guard found != .miss else { return nil }
+                guard !Self.staleReadDefenses || contentHash(UnsafeRawBufferPointer(block), domain: ref.domain) == ref.hash else { return nil }
                 return found
             }
             guard let found else { return nil }
@@ -310,7 +311,7 @@ extension Store {
         // Bytes from the data file are the chunk's only if its number was not freed meanwhile
         // (freeing comes before its sectors can be reused); a hash match alone is not proof
         // with a weak hash. Cache hits need no check: their key names exactly these bytes.
-        if !holdingLock && !fromDisk.isEmpty {
+        if Self.staleReadDefenses && !holdingLock && !fromDisk.isEmpty {
             let intact = mutex.withLock { () -> Bool in
                 fromDisk.allSatisfy { k in
                     let ref = refs[k]

@@ -236,6 +236,15 @@ extension Store: ChunkReferenceCounter {
     /// Each reuse of a number has a new key, so a key copied out before a free never names the
     /// next chunk's bytes (see "Stale readers" in docs/ARCHITECTURE.md).
     func cacheKey(_ chunk: UInt64) -> UInt64 {
-        UInt64(chunks.generation(chunk)) << 32 | chunk
+        Self.staleReadDefenses ? UInt64(chunks.generation(chunk)) << 32 | chunk : chunk
     }
+
+    /// False only in the mutation check of the concurrency simulator (docs/ARCHITECTURE.md,
+    /// "Stale readers"): building with `-Xswiftc -DVBD_MUTATION_STALE_READS` keys the cache by
+    /// bare chunk numbers and trusts cache hits and disk reads unchecked, as before issue 12.
+    #if VBD_MUTATION_STALE_READS
+    static let staleReadDefenses = false
+    #else
+    static let staleReadDefenses = true
+    #endif
 }
