@@ -48,6 +48,7 @@ extension Store {
 
     /// With `mutex` held.
     func viewLocked(_ id: UInt64) throws(BlockDeviceError) -> (ImageView, Image) {
+        mutex.assertOwned("viewLocked")
         guard !closed, let image = images[id] else { throw .gone("the volume or snapshot was deleted or the store closed") }
         let r = image.record
         return (ImageView(id: id, name: fullNameLocked(r), size: r.size, blockShift: r.blockShift, domain: r.domain,
@@ -549,6 +550,7 @@ extension Store {
 
     /// With `mutex` held: undo phase B/D for blocks not yet published.
     private func releaseReservationsLocked(_ blocks: [PendingBlock]) {
+        mutex.assertOwned("releaseReservationsLocked")
         for b in blocks where !b.isZero && b.chunk != 0 {
             if b.isNew {
                 chunks.returnNumber(b.chunk)
@@ -561,6 +563,7 @@ extension Store {
 
     /// With `mutex` held: a stored chunk of the same domain and length whose bytes equal `bytes`.
     func findDuplicateLocked(_ bytes: UnsafeRawBufferPointer, hash: ContentHash, domain: UInt16, volume: UInt64) -> UInt64? {
+        mutex.assertOwned("findDuplicateLocked")
         let found = index.firstMatch(hash, hashOf: { self.chunks[UInt64($0)].hash }) { c in
             let e = chunks[UInt64(c)]
             guard e.domain == domain, e.rawBytes == bytes.count else { return false }

@@ -27,9 +27,25 @@ import Glibc
 // valid frame prefix of its journal. Control operations (create, snapshot, share, delete,
 // resize) flush before they return.
 //
-// Concurrency: `mutex` guards all metadata. Hashing, compression, decompression, verification
-// and data-file reads and writes happen outside it; `flushMutex` serializes flushes and
-// checkpoints. Reads only take the lock to copy out chunk entries.
+// Concurrency. Every lock, what it guards, and the order they are taken in (a thread holding a
+// lock may only take locks further down this list):
+//   1. stripeLocks[i]  (StoreMutex x 64) a partial-block read-modify-write of the blocks that
+//                      hash to stripe i; a write takes its (at most two) stripes in index order.
+//   2. flushMutex      (StoreMutex) one flush or checkpoint at a time: the journal append position
+//                      of a flush in progress, the deferred frees it took, gc's truncation.
+//   3. mutex           (StoreMutex) all metadata: images and their maps, `chunks` (entries,
+//                      free numbers, generations), `index`, `space` (including pages reserved
+//                      while being punched), `pending`, generation/journal counters, `closed`,
+//                      `poisoned`. Functions named *Locked, `cacheKey`, `retainChunk`,
+//                      `releaseChunk` and `loadChunk(lockHeld: true)` need it and assert it in
+//                      debug builds (`StoreMutex.assertOwned`). Hashing, compression, data-file
+//                      I/O and cache copies run outside it; reads take it only to copy out chunk
+//                      entries (and once more to confirm bytes that came from the disk).
+//   4. cache shard locks (BlockCache, CleanPageCache: Synchronization.Mutex) are leaves: taken
+//                      under `mutex` or alone, and never call back into the store.
+// File I/O under `mutex` happens only in checkpoints, gc and a read's last attempt.
+// The simulator's ControlledScheduler (options.interleaving) sees every StoreMutex operation.
+// docs/ARCHITECTURE.md ("Concurrency") says why a reader that lost a race cannot see wrong bytes.
 
 public final class Store: @unchecked Sendable {
     public struct Options: Sendable {
@@ -236,7 +252,8 @@ extension Store: ChunkReferenceCounter {
     /// Each reuse of a number has a new key, so a key copied out before a free never names the
     /// next chunk's bytes (see "Stale readers" in docs/ARCHITECTURE.md).
     func cacheKey(_ chunk: UInt64) -> UInt64 {
-        Self.staleReadDefenses ? UInt64(chunks.generation(chunk)) << 32 | chunk : chunk
+        mutex.assertOwned("cacheKey")
+        return Self.staleReadDefenses ? UInt64(chunks.generation(chunk)) << 32 | chunk : chunk
     }
 
     /// False only in the mutation check of the concurrency simulator (docs/ARCHITECTURE.md,
