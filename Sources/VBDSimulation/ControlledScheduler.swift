@@ -14,8 +14,11 @@ import Glibc
 // holds is not runnable. So one seed is one interleaving, replayed exactly, and a race found once
 // is found again.
 //
-// Two strategies, picked by the seed:
+// Three strategies, picked by the seed:
 //   random walk  every point picks uniformly among runnable threads (many short switches);
+//   parking      a random walk in which, at a point, the running thread may be parked for the
+//                next 1-64 decisions (a preempted thread: another thread's whole request runs
+//                between two of its steps, which a uniform walk makes exponentially rare);
 //   PCT          (Burckhardt et al., "A randomized scheduler with probabilistic guarantees of
 //                finding bugs") threads have distinct random priorities, the highest runnable one
 //                runs, and at a few random points the running thread drops to the lowest priority:
@@ -31,7 +34,10 @@ public final class ControlledScheduler: InterleavingScheduler, @unchecked Sendab
     private enum ThreadState: Equatable { case runnable, blocked(ObjectIdentifier), finished }
 
     private var rng: SplitMix64
-    private let usesPriorities: Bool
+    private enum Strategy: String { case randomWalk = "random-walk", parking, pct }
+    private let kind: Strategy
+    /// Parking: the decision number until which each thread sits out (when others can run).
+    private var parkedUntil: [Int] = []
     private var states: [ThreadState] = []
     private var priorities: [Int] = []
     private var changePoints: Set<Int> = []
@@ -46,7 +52,7 @@ public final class ControlledScheduler: InterleavingScheduler, @unchecked Sendab
 
     public init(seed: UInt64) {
         rng = SplitMix64(seed: seed ^ 0x5C4E_D01E)
-        usesPriorities = rng.next() % 2 == 0
+        kind = [Strategy.randomWalk, .parking, .pct][Int(rng.next() % 3)]
         pthread_mutex_init(m, nil)
         pthread_cond_init(turn, nil)
     }
@@ -56,12 +62,13 @@ public final class ControlledScheduler: InterleavingScheduler, @unchecked Sendab
         pthread_mutex_destroy(m); m.deallocate()
     }
 
-    public var strategy: String { usesPriorities ? "pct" : "random-walk" }
+    public var strategy: String { kind.rawValue }
 
     /// Runs every body on its own thread, interleaved by the seed; returns when all have finished.
     public func run(_ bodies: [@Sendable () -> Void]) {
         pthread_mutex_lock(m)
         states = Array(repeating: .runnable, count: bodies.count)
+        parkedUntil = Array(repeating: 0, count: bodies.count)
         priorities = Array(0..<bodies.count).shuffled(using: &rng).map { $0 + 1_000 }
         lowestPriority = 999
         // PCT depth 3: change points spread over the first few thousand scheduling points.
@@ -140,9 +147,12 @@ public final class ControlledScheduler: InterleavingScheduler, @unchecked Sendab
     /// wait until it comes back.
     private func switchLocked(_ me: Int) {
         decisions += 1
-        if usesPriorities && changePoints.contains(decisions) {
+        if kind == .pct && changePoints.contains(decisions) {
             priorities[me] = lowestPriority
             lowestPriority -= 1
+        }
+        if kind == .parking && rng.next() % 8 == 0 {
+            parkedUntil[me] = decisions + 1 + Int(rng.next() % 64)
         }
         pickNextLocked()
         guard running != me else { return }
@@ -158,9 +168,14 @@ public final class ControlledScheduler: InterleavingScheduler, @unchecked Sendab
             // Every live thread waits for a lock: a real deadlock, and this interleaving shows it.
             fatalError("deadlock: threads \(states) wait for locks held by \(lockOwners)")
         }
-        if usesPriorities {
+        switch kind {
+        case .pct:
             running = runnable.max { priorities[$0] < priorities[$1] }!
-        } else {
+        case .parking:
+            let awake = runnable.filter { parkedUntil[$0] <= decisions }
+            let choices = awake.isEmpty ? runnable : awake
+            running = choices[Int(rng.next() % UInt64(choices.count))]
+        case .randomWalk:
             running = runnable[Int(rng.next() % UInt64(runnable.count))]
         }
     }
