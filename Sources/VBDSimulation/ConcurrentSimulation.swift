@@ -57,7 +57,7 @@ public final class ConcurrentSimulation: @unchecked Sendable {
         scheduler = ControlledScheduler(seed: seed)
         var rng = SimulationRandom(seed: seed ^ 0xC0C0)
         blockSize = rng.chance(50) ? 512 : 4096
-        volumeBlocks = (0..<(2 + rng.below(3))).map { _ in 6 + rng.below(20) }
+        volumeBlocks = (0..<(2 + rng.below(3))).map { _ in 4 + rng.below(16) }
         threadCount = 2 + rng.below(3)
     }
 
@@ -72,7 +72,7 @@ public final class ConcurrentSimulation: @unchecked Sendable {
         options.checkpointJournalBytes = UInt64(2048 << rng.below(6))
         options.interleaving = scheduler
         // A few blocks' worth of cache: chunks come and go, and freed numbers are reused at once.
-        let cacheBlocks = 2 + rng.below(12)
+        let cacheBlocks = 2 + rng.below(30)
         let entryBytes = blockSize + BlockCache.mainEntryOverheadBytes
         options.cache = BlockCache(configuration: .init(
             capacityBytes: cacheBlocks * entryBytes, lastChanceCapacityBytes: rng.chance(50) ? cacheBlocks * entryBytes : 0,
@@ -117,7 +117,8 @@ public final class ConcurrentSimulation: @unchecked Sendable {
         for _ in 0..<operations {
             let volume = rng.below(devices.count)
             let device = devices[volume]
-            let first = UInt64(rng.below(volumeBlocks[volume]))
+            // Half the requests go to the first two blocks: races need two threads on one block.
+            let first = UInt64(rng.chance(50) ? rng.below(2) : rng.below(volumeBlocks[volume]))
             let count = min(UInt64(1 + rng.below(4)), UInt64(volumeBlocks[volume]) - first)
             let range = first..<first + count
             let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(count) * blockSize])
