@@ -126,7 +126,30 @@ final class BlockHistoryChecker: @unchecked Sendable {
     /// Checks the blocks a read of `volume` starting at `firstBlock` returned; `began` is the
     /// logical time taken before the read was issued.
     func checkRead(volume: Int, firstBlock: UInt64, blockSize: Int, bytes: UnsafeRawBufferPointer, began: Int, path: String) {
-        let ended = now()
+        check(volume: volume, firstBlock: firstBlock, blockSize: blockSize, bytes: bytes, began: began, ended: now(), path: path)
+    }
+
+    /// What each snapshot block read so far returned: a snapshot never changes.
+    private var snapshotBlocks: [String: [UInt64: BlockContent]] = [:]
+
+    /// Checks a read of a snapshot of `volume` taken during [`taken`, `done`]: each block must be
+    /// what the volume could hold at one moment of that interval, and the same at every read.
+    func checkSnapshotRead(_ snapshot: String, volume: Int, firstBlock: UInt64, blockSize: Int, bytes: UnsafeRawBufferPointer,
+                           taken: Int, done: Int) {
+        check(volume: volume, firstBlock: firstBlock, blockSize: blockSize, bytes: bytes, began: taken, ended: done,
+              path: "snapshot \(snapshot)")
+        for k in 0..<(bytes.count / blockSize) {
+            let block = firstBlock + UInt64(k)
+            let got = SelfNamingBlock.decode(UnsafeRawBufferPointer(rebasing: bytes[k * blockSize..<(k + 1) * blockSize]))
+            if let earlier = snapshotBlocks[snapshot]?[block], earlier != got {
+                anomalies.append("snapshot \(snapshot) block \(block) read \(got), earlier \(earlier)")
+            }
+            snapshotBlocks[snapshot, default: [:]][block] = got
+        }
+    }
+
+    private func check(volume: Int, firstBlock: UInt64, blockSize: Int, bytes: UnsafeRawBufferPointer, began: Int, ended: Int,
+                       path: String) {
         readsChecked += 1
         for k in 0..<(bytes.count / blockSize) {
             blocksChecked += 1

@@ -7,7 +7,8 @@ import VBDStore
 // One seed = one store on a simulated disk, a few volumes, a small shared block cache (so chunks
 // are evicted, demoted to the last-chance tier and reloaded), and several threads issuing
 // reads (the ordinary path and the event loop's cache-only fast path), writes, TRIM,
-// WRITE_ZEROES, flushes and checkpoints, interleaved at every lock and I/O point by
+// WRITE_ZEROES, flushes, checkpoints, gc, snapshots (read back and deleted while others run),
+// interleaved at every lock and I/O point by
 // `ControlledScheduler`. Every block of every read is checked by `BlockHistoryChecker`. Then,
 // single-threaded, every block is read once more and fsck must be clean.
 // `vbd-sim --concurrent --seed N` replays a seed; `--trace` prints the operations.
@@ -51,6 +52,9 @@ public final class ConcurrentSimulation: @unchecked Sendable {
     let threadCount: Int
     var store: Store!
     var devices: [VolumeDevice] = []
+    /// Live snapshots: name, source volume, and the logical interval in which it was taken.
+    var snapshots: [(name: String, volume: Int, taken: Int, done: Int)] = []
+    var snapshotsTaken = 0
 
     public init(seed: UInt64) {
         self.seed = seed
@@ -123,7 +127,7 @@ public final class ConcurrentSimulation: @unchecked Sendable {
             let range = first..<first + count
             let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(count) * blockSize])
             let offset = first * UInt64(blockSize)
-            let roll = rng.below(100)
+            let roll = rng.below(103)
             do {
                 switch roll {
                 case 0..<42:
@@ -160,17 +164,51 @@ public final class ConcurrentSimulation: @unchecked Sendable {
                     log(thread, "write-zeroes v\(volume) blocks \(range)")
                     try device.writeZeroes(offset: offset, length: count * UInt64(blockSize), mayTrim: false, fastOnly: false, fua: false)
                     checker.acknowledge(handle)
-                case 95..<98:
+                case 95..<96:
                     log(thread, "flush")
                     try device.flush()
+                case 96..<97:
+                    log(thread, rng.chance(50) ? "checkpoint" : "gc")
+                    if rng.chance(50) { try store.checkpoint() } else { _ = try store.gc() }
+                case 97..<99 where snapshots.isEmpty || (snapshots.count < 3 && rng.chance(60)):
+                    snapshotsTaken += 1
+                    let name = "s\(snapshotsTaken)"
+                    let taken = checker.now()
+                    log(thread, "snapshot v\(volume)@\(name)")
+                    _ = try store.snapshot(volume: "v\(volume)", name: name)
+                    snapshots.append((name, volume, taken, checker.now()))
+                case 97..<99:
+                    let victim = snapshots.remove(at: rng.below(snapshots.count))
+                    log(thread, "delete v\(victim.volume)@\(victim.name)")
+                    try store.delete("v\(victim.volume)@\(victim.name)")
                 default:
-                    log(thread, "checkpoint")
-                    try store.checkpoint()
+                    guard !snapshots.isEmpty else { break }
+                    try readSnapshot(thread, &rng, into: buffer)
                 }
             } catch {
                 checker.note("thread \(thread): operation \(roll) on v\(volume) blocks \(range) failed: \(error)")
             }
         }
+    }
+
+    /// Reads a few blocks of a live snapshot and checks them. Another thread may delete the
+    /// snapshot meanwhile: then the read fails as gone, which is correct.
+    func readSnapshot(_ thread: Int, _ rng: inout SimulationRandom, into buffer: UnsafeMutableRawBufferPointer) throws {
+        let snap = snapshots[rng.below(snapshots.count)]
+        let first = UInt64(rng.below(volumeBlocks[snap.volume]))
+        let count = min(UInt64(1 + rng.below(4)), UInt64(volumeBlocks[snap.volume]) - first)
+        let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(count) * blockSize])
+        log(thread, "read v\(snap.volume)@\(snap.name) blocks \(first)..<\(first + count)")
+        let device: VolumeDevice
+        do {
+            device = try store.device(named: "v\(snap.volume)@\(snap.name)")
+            try device.read(offset: first * UInt64(blockSize), into: bytes)
+        } catch {
+            if case .gone = error { return }
+            throw error
+        }
+        checker.checkSnapshotRead(snap.name, volume: snap.volume, firstBlock: first, blockSize: blockSize,
+                                  bytes: UnsafeRawBufferPointer(bytes), taken: snap.taken, done: snap.done)
     }
 
     /// After the threads: every block once more (each must be the last write), and fsck.

@@ -16,10 +16,11 @@ import VBDSimulation
         }
     }
 
-    /// Seeds that find the races of issue 12 when their fixes are compiled out: 22, 196, 297, 319
-    /// (-DVBD_MUTATION_STALE_READS: reads return blocks of other volumes), 48, 71, 93 (the old
-    /// hole punch: a chunk written during the punch is erased).
-    @Test(arguments: [UInt64]([22, 196, 297, 319, 48, 71, 93]))
+    /// Seeds that find the races of issue 12 when their fixes are compiled out: 126, 232, 277
+    /// (-DVBD_MUTATION_STALE_READS: reads return blocks of other volumes), 34, 66, 101 (the old
+    /// hole punch: a chunk written during the punch is erased). Any change to the workload or the
+    /// scheduler renumbers them; re-derive them with the sweeps in docs/ARCHITECTURE.md.
+    @Test(arguments: [UInt64]([126, 232, 277, 34, 66, 101]))
     func regressionSeeds(seed: UInt64) throws {
         _ = try ConcurrentSimulation(seed: seed).run()
     }
