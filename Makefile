@@ -3,7 +3,7 @@
 #   make test    install packages, build, run unit + simulation + real-client integration tests
 STORE ?= $(CURDIR)/vbd-data
 SWIFT_BUILD_FLAGS ?=
-.PHONY: setup build release serve test unit integration sim bench clean
+.PHONY: setup build release serve test unit integration sim sim-mutation bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -30,6 +30,13 @@ test: setup
 
 sim: release
 	.build/release/vbd-sim --seeds 1000
+	.build/release/vbd-sim --concurrent --seeds 2000
+
+# The concurrency simulator must find the stale-reader race with its defences compiled out
+# (docs/ARCHITECTURE.md, "Stale readers"); this target fails when it does not.
+sim-mutation: setup
+	swift build --scratch-path .build/mutation --product vbd-sim -Xswiftc -DVBD_MUTATION_STALE_READS
+	! .build/mutation/debug/vbd-sim --concurrent --seeds 300
 
 bench: setup
 	cd Benchmarks && swift package --allow-writing-to-package-directory benchmark

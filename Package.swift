@@ -39,7 +39,7 @@ let package = Package(
         ),
         .target(
             name: "VBDSimulation",
-            dependencies: ["VBDCore", "VBDStore"]
+            dependencies: ["VBDCore", "VBDStore", "VBDCache"]
         ),
         .target(
             name: "VBDAccounting",

@@ -56,6 +56,16 @@ public final class CleanPageCache: Sendable {
             return
         }
         cache.retainCleanPage(mapped.key, page: page, owner: mapped.owner)
+        // The chunk may have been freed between the oracle's answer and the admission; its free
+        // removed the key before we admitted it. Ask again: if the volume still maps the key it
+        // is live (its eventual free removes the page); if not, remove the page ourselves, so no
+        // page outlives its key (a key is never reused, but the generation part wraps).
+        guard oracle.mappedChunk(domain: domain, volume: volume, offset: offset) == mapped else {
+            cache.remove(mapped.key)
+            index(for: domain) { $0.remove(address) }
+            counters.withLock { $0.putsRefused += 1 }
+            return
+        }
         index(for: domain) { $0.record(address, key: mapped.key) }
         counters.withLock { $0.puts += 1 }
     }

@@ -7,11 +7,12 @@ import VBDCore
 // the byte comparison before sharing decides which number a write may reuse (VDO does the same
 // with physical block numbers and an advisory hash index).
 //
-// Memory per unique chunk (measured by `StoreTests.indexMemoryPerChunk`):
+// Memory per unique chunk (measured by `StoreTests.indexMemoryPerUniqueBlock`):
 //   32 bytes  ChunkEntry (hash 16, location 8, shape 4, refcount 4), in fixed pages of 4 Ki
 //             entries so the table never holds a doubled, half-empty array;
+//   4 bytes   the number's generation (cache key; see `generationPages`);
 //   4-8 bytes DedupIndex slot (UInt32 chunk number, load factor 0.5-0.85).
-// Total 36-40 bytes, under the 48-byte target. The data file's free-space bitmap adds 1 bit per
+// Total 40-44 bytes, under the 48-byte target. The data file's free-space bitmap adds 1 bit per
 // 512-byte sector (about 1 byte per 4 KiB block stored raw).
 
 /// Where and how one chunk is stored.
@@ -46,6 +47,22 @@ struct ChunkEntry {
     var storedBytes: Int { Int(shape & 0x1F_FFFF) }
     var isCompressed: Bool { shape & (1 << 21) != 0 }
     var rawBytes: Int { 1 << Int((shape >> 24) & 0x1F) }
+    /// One more holder. Saturates at `UInt32.max` instead of trapping: a trap here would recur at
+    /// every open (replay and checkpoint loading count the same references again). A saturated
+    /// count stays saturated, so the chunk is never freed (a leak, never a use after free).
+    mutating func retainSaturating() {
+        if refcount < .max { refcount += 1 }
+    }
+
+    /// One holder fewer; true when it was the last. A saturated count no longer knows how many
+    /// holders there are, so it never drops (see `retainSaturating`).
+    mutating func releaseSaturating() -> Bool {
+        precondition(refcount > 0, "chunk released more often than retained")
+        if refcount == .max { return false }
+        refcount -= 1
+        return refcount == 0
+    }
+
     /// Free entries are all zero; an installed one always has a raw-length shift of at least 9.
     var isInstalled: Bool { shape != 0 }
     var sectorCount: Int { (storedBytes + Limits.sectorBytes - 1) / Limits.sectorBytes }
@@ -57,6 +74,11 @@ struct ChunkTable {
     static let pageSize = 1 << pageShift
 
     private var pages: [UnsafeMutablePointer<ChunkEntry>] = []
+    /// Per number, how many times it was freed (wrapping). Part of the cache key (`Store.cacheKey`):
+    /// a reader that copied a number out before it was freed cannot match the cache entry of the
+    /// chunk that reuses it, and the "unchanged?" re-check after a failed load sees the reuse.
+    /// Memory only, like the cache; 4 bytes per number.
+    private var generationPages: [UnsafeMutablePointer<UInt32>] = []
     /// Highest chunk number handed out so far + 1 (chunk 0 is never used: it means "zero block").
     private(set) var end: UInt64 = 1
     /// Freed numbers, reused first (LIFO).
@@ -68,6 +90,17 @@ struct ChunkTable {
 
     func deallocate() {
         for p in pages { p.deallocate() }
+        for p in generationPages { p.deallocate() }
+    }
+
+    /// How many times `chunk`'s number has been freed (see `generationPages`).
+    func generation(_ chunk: UInt64) -> UInt32 {
+        precondition(chunk > 0 && chunk < end, "chunk \(chunk) out of range")
+        return generationPages[Int(chunk >> UInt64(ChunkTable.pageShift))][Int(chunk & UInt64(ChunkTable.pageSize - 1))]
+    }
+
+    private func bumpGeneration(_ chunk: UInt64) {
+        generationPages[Int(chunk >> UInt64(ChunkTable.pageShift))][Int(chunk & UInt64(ChunkTable.pageSize - 1))] &+= 1
     }
 
     subscript(_ chunk: UInt64) -> ChunkEntry {
@@ -88,6 +121,9 @@ struct ChunkTable {
             let p = UnsafeMutablePointer<ChunkEntry>.allocate(capacity: ChunkTable.pageSize)
             p.initialize(repeating: .free, count: ChunkTable.pageSize)
             pages.append(p)
+            let g = UnsafeMutablePointer<UInt32>.allocate(capacity: ChunkTable.pageSize)
+            g.initialize(repeating: 0, count: ChunkTable.pageSize)
+            generationPages.append(g)
         }
     }
 
@@ -117,11 +153,14 @@ struct ChunkTable {
     /// Returns a number from `allocateNumber` that was not used after all.
     mutating func returnNumber(_ chunk: UInt64) {
         precondition(!self[chunk].isInstalled)
+        bumpGeneration(chunk)
         freeNumbers.append(UInt32(chunk))
     }
 
+    /// Frees an installed number; its next user gets a new generation.
     mutating func releaseNumber(_ chunk: UInt64) {
         self[chunk] = .free
+        bumpGeneration(chunk)
         freeNumbers.append(UInt32(chunk))
         liveCount -= 1
     }
@@ -137,7 +176,7 @@ struct ChunkTable {
         freeNumbers.reverse()
     }
 
-    var pageBytes: Int { pages.count * ChunkTable.pageSize * MemoryLayout<ChunkEntry>.stride }
+    var pageBytes: Int { pages.count * ChunkTable.pageSize * (MemoryLayout<ChunkEntry>.stride + MemoryLayout<UInt32>.stride) }
     var freeListBytes: Int { freeNumbers.capacity * 4 }
 }
 

@@ -59,15 +59,29 @@ final class MapNode {
         populated = other.populated
     }
 
+    /// One more holder; saturates at `UInt32.max` (then never freed) instead of trapping, like
+    /// `ChunkEntry.retainSaturating`.
+    func retainSaturating() {
+        if refcount < .max { refcount += 1 }
+    }
+
+    /// One holder fewer; true when it was the last. A saturated count never drops.
+    @discardableResult
+    func releaseSaturating() -> Bool {
+        if refcount == .max { return false }
+        refcount -= 1
+        return refcount == 0
+    }
+
     /// A private copy of a shared node; its children gain one reference each (invariant 4).
     func shadow(_ refs: ChunkReferenceCounter) -> MapNode {
         let copy = MapNode(copying: self)
         if isLeaf {
             for c in entries where c != 0 { refs.retainChunk(c) }
         } else {
-            for case let child? in children { child.refcount += 1 }
+            for case let child? in children { child.retainSaturating() }
         }
-        refcount -= 1
+        releaseSaturating()
         return copy
     }
 }
@@ -138,7 +152,7 @@ struct MapRoot {
 
     /// Another root pointing at the same tree: a snapshot or a share. O(1).
     func retained() -> MapRoot {
-        node?.refcount += 1
+        node?.retainSaturating()
         return self
     }
 
@@ -150,8 +164,7 @@ struct MapRoot {
 
     static func releaseNode(_ n: MapNode, _ refs: ChunkReferenceCounter) {
         precondition(n.refcount > 0, "map node released more often than retained")
-        n.refcount -= 1
-        guard n.refcount == 0 else { return }
+        guard n.releaseSaturating() else { return }
         if n.isLeaf {
             for c in n.entries where c != 0 { refs.releaseChunk(c) }
         } else {

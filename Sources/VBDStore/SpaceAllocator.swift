@@ -11,6 +11,10 @@ import VBDCore
 // would destroy flushed data. Frees therefore wait in `deferred` until `Store.flush` has made
 // the records durable, then the sectors become free and every fully freed 4 KiB page of the
 // file is hole-punched, which is how deleting volumes gives space back to `du`.
+//
+// The punch runs outside the store lock, so the pages being punched stay marked in use until it
+// has finished (`releaseReservingPunches`, `finishPunches`): otherwise a writer could take those
+// sectors and write a chunk that the punch then erases after the write was acknowledged.
 
 struct SpaceAllocator {
     private(set) var bitmap: [UInt64] = []
@@ -124,9 +128,10 @@ struct SpaceAllocator {
         }
         var punch: [(offset: UInt64, length: UInt64)] = []
         for p in pages.sorted() {
-            // 8 sectors per 4 KiB page: all free (one byte of the bitmap).
+            // 8 sectors per 4 KiB page: all free (one byte of the bitmap), and inside the file's
+            // allocated end (an append may take the sectors past it at any time).
             let w = Int((p * 8) >> 6), shift = (p * 8) & 63
-            if w < bitmap.count && (bitmap[w] >> shift) & 0xFF == 0 {
+            if w < bitmap.count && (bitmap[w] >> shift) & 0xFF == 0 && p * 8 + 8 <= endSector {
                 if let last = punch.last, last.offset + last.length == p * 4096 {
                     punch[punch.count - 1].length += 4096
                 } else {
@@ -135,6 +140,28 @@ struct SpaceAllocator {
             }
         }
         return punch
+    }
+
+    /// `release`, but the pages to punch stay marked in use (not counted in `usedSectors`) until
+    /// `finishPunches`, so no allocation can take them while the punch runs outside the lock.
+    mutating func releaseReservingPunches(_ frees: [(sector: UInt64, count: Int)]) -> [(offset: UInt64, length: UInt64)] {
+        let punches = release(frees)
+        for p in punches { setPageBits(p, inUse: true) }
+        return punches
+    }
+
+    /// The punches from `releaseReservingPunches` are done (or failed): their pages are free.
+    mutating func finishPunches(_ punches: [(offset: UInt64, length: UInt64)]) {
+        for p in punches { setPageBits(p, inUse: false) }
+    }
+
+    private mutating func setPageBits(_ range: (offset: UInt64, length: UInt64), inUse: Bool) {
+        let sectorBytes = UInt64(Limits.sectorBytes)
+        for s in range.offset / sectorBytes..<(range.offset + range.length) / sectorBytes {
+            let w = Int(s >> 6), b = s & 63
+            precondition((bitmap[w] & (1 << b) != 0) != inUse, "punch reservation of sector \(s) out of step")
+            if inUse { bitmap[w] |= 1 << b } else { bitmap[w] &= ~(1 << b) }
+        }
     }
 
     /// Frees immediately (used when nothing durable can reference the space: a failed write).

@@ -12,6 +12,13 @@ import Glibc
 // invariant 3). A mismatch is re-checked under the lock: if the block was remapped meanwhile the
 // read retries, otherwise it is corruption and fails with the volume and byte offset.
 //
+// Stale readers: a chunk may be freed, and its number, sectors and cache slot reused, while a
+// reader that copied it out is still loading it. The reader holds (number, generation) and the
+// entry's hash: the cache is keyed by both, so it finds the old bytes or nothing, never the next
+// chunk's; a hit is rehashed against the entry anyway; and bytes read from the data file count
+// only if the number still has the same generation afterwards (then its sectors were never
+// released during the read), else the read retries. See docs/ARCHITECTURE.md, "Stale readers".
+//
 // Writes run in phases so that hashing, compression and data-file writes stay outside the lock:
 //   A  (no lock) zero test and hash of every block
 //   B  (lock)    dedup: candidates with the same hash and domain are compared byte for byte
@@ -41,6 +48,7 @@ extension Store {
 
     /// With `mutex` held.
     func viewLocked(_ id: UInt64) throws(BlockDeviceError) -> (ImageView, Image) {
+        mutex.assertOwned("viewLocked")
         guard !closed, let image = images[id] else { throw .gone("the volume or snapshot was deleted or the store closed") }
         let r = image.record
         return (ImageView(id: id, name: fullNameLocked(r), size: r.size, blockShift: r.blockShift, domain: r.domain,
@@ -55,16 +63,25 @@ extension Store {
     // MARK: Loading one chunk
 
     /// Fills `destination` (exactly the chunk's raw length) with the chunk's verified bytes.
-    /// `lockHeld`: the caller holds `mutex` (dedup verification, fsck). Otherwise `cacheToken` is
-    /// the cache's removal token taken under `mutex` when `entry` was copied out.
+    /// `cacheKey` is ``cacheKey(_:)`` of `chunk` when `entry` was copied out.
+    /// `lockHeld`: the caller holds `mutex` (dedup verification, fsck, a read's last attempt).
+    /// Otherwise `cacheToken` is the cache's removal token taken under `mutex` with `entry`, and the
+    /// caller must check that the generation is unchanged before trusting bytes from the disk
+    /// (a `.miss`; see "Stale readers" above).
     /// Returns which source served it (for per-domain cache accounting).
     @discardableResult
-    func loadChunk(_ chunk: UInt64, _ entry: ChunkEntry, into destination: UnsafeMutableRawBufferPointer,
+    func loadChunk(_ chunk: UInt64, _ entry: ChunkEntry, cacheKey: UInt64, into destination: UnsafeMutableRawBufferPointer,
                    volume: UInt64, lockHeld: Bool = false, cacheToken: UInt64? = nil) throws(LoadedChunkFailure) -> CacheLookup {
         precondition(destination.count == entry.rawBytes)
+        if lockHeld { mutex.assertOwned("to load a chunk with lockHeld") }
         if let cache = options.cache {
-            let found = cache.lookup(chunk, into: destination, volume: volume, domain: entry.domain, countingMisses: true)
-            if found != .miss { return found }
+            let found = cache.lookup(cacheKey, into: destination, volume: volume, domain: entry.domain, countingMisses: true)
+            if found != .miss {
+                // The key cannot name other bytes (generations), so a mismatch is a bug or memory
+                // corruption: drop the entry and read the disk rather than return it.
+                if !Self.staleReadDefenses || contentHash(UnsafeRawBufferPointer(destination), domain: entry.domain) == entry.hash { return found }
+                cache.remove(cacheKey)
+            }
         }
         let stored = entry.storedBytes
         var failure: LoadedChunkFailure?
@@ -100,9 +117,9 @@ extension Store {
         // number may already name other contents. Under the lock that cannot happen; outside it
         // the token makes the cache skip the insert if the key's shard saw a removal since.
         if lockHeld {
-            cache.insert(chunk, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain)
+            cache.insert(cacheKey, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain)
         } else if let cacheToken {
-            cache.insert(chunk, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain,
+            cache.insert(cacheKey, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain,
                          ifUnremovedSince: cacheToken)
         }
         return .miss
@@ -121,12 +138,14 @@ extension Store {
         var attempt = 0
         while true {
             do {
-                // A retried attempt counts again: the blocks were looked up again.
-                try readOnce(image: id, offset: offset, into: buffer, sources: &sources)
-                return
-            } catch let e as RetryRead {
+                // A retried attempt counts again: the blocks were looked up again. Each retry means
+                // a chunk was freed under this read; the last attempt holds the lock throughout,
+                // so a reader that keeps losing that race still finishes.
                 attempt += 1
-                if attempt >= 4 { throw .corrupted(volume: e.volume, offset: e.offset, detail: e.detail) }
+                try readOnce(image: id, offset: offset, into: buffer, sources: &sources, holdingLock: attempt >= Self.readAttemptsUnlocked)
+                return
+            } catch is RetryRead {
+                continue
             } catch let e as BlockDeviceError {
                 throw e
             } catch {
@@ -135,7 +154,10 @@ extension Store {
         }
     }
 
-    private struct RetryRead: Error { let volume: String; let offset: UInt64; let detail: String }
+    private struct RetryRead: Error {}
+
+    /// Attempts a read makes without holding the store lock across its loads.
+    static let readAttemptsUnlocked = 4
 
     /// Fills `destination`, the part of one block that a read covers (starting `start` bytes into
     /// the block), with `load`, which writes a whole block or returns nil having written nothing:
@@ -173,7 +195,7 @@ extension Store {
             return nil
         }
         var blockShift: UInt8 = 0
-        var refs: [(chunk: UInt64, domain: UInt16)] = []
+        var refs: [(key: UInt64, domain: UInt16, hash: ContentHash)] = []
         do {
             defer { mutex.unlock() }
             // The record directly, not viewLocked: no name string to build on the fast path.
@@ -187,10 +209,11 @@ extension Store {
                 let c = image.root.lookup(b)
                 guard c != 0 && c < zeroAllocatedChunk else {
                     if !zeroBlocksAllowed { return nil }
-                    refs.append((0, 0))
+                    refs.append((0, 0, .zero))
                     continue
                 }
-                refs.append((c, chunks[c].domain))
+                let entry = chunks[c]
+                refs.append((cacheKey(c), entry.domain, entry.hash))
             }
         }
         let bs = UInt64(1) << UInt64(blockShift)
@@ -200,13 +223,16 @@ extension Store {
             let blockStart = (first + UInt64(k)) * bs
             let lo = max(offset, blockStart), hi = min(offset + length, blockStart + bs)
             let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(lo - offset)..<Int(hi - offset)])
-            if ref.chunk == 0 {
+            if ref.key == 0 {
                 dst.initializeMemory(as: UInt8.self, repeating: 0)
                 continue
             }
             let found = Self.fillBlockSlice(dst, at: Int(lo - blockStart), blockSize: Int(bs)) { block in
-                let found = cache.lookup(ref.chunk, into: block, volume: id, domain: ref.domain, countingMisses: false)
-                return found == .miss ? nil : found
+                let found = cache.lookup(ref.key, into: block, volume: id, domain: ref.domain, countingMisses: false)
+                // Verified like loadChunk's hits; a mismatch goes the ordinary way, which drops it.
+                guard found != .miss else { return nil }
+                guard !Self.staleReadDefenses || contentHash(UnsafeRawBufferPointer(block), domain: ref.domain) == ref.hash else { return nil }
+                return found
             }
             guard let found else { return nil }
             sources.count(found)
@@ -214,8 +240,10 @@ extension Store {
         return sources
     }
 
+    /// One attempt of a read. `holdingLock`: keep `mutex` across the loads (the last attempt),
+    /// so nothing can be freed under it and no check afterwards is needed.
     private func readOnce(image id: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
-                          sources: inout ReadSources) throws {
+                          sources: inout ReadSources, holdingLock: Bool) throws {
         let length = UInt64(buffer.count)
         guard length > 0 else {
             let v = try mutex.withLock { () throws(BlockDeviceError) in try viewLocked(id).0 }
@@ -223,47 +251,75 @@ extension Store {
             return
         }
         let cache = options.cache
-        let (view, refs) = try mutex.withLock { () throws(BlockDeviceError) -> (ImageView, [(UInt64, ChunkEntry, UInt64)]) in
-            let (v, image) = try viewLocked(id)
-            try checkRange(v, offset: offset, length: length)
+        typealias Ref = (chunk: UInt64, entry: ChunkEntry, key: UInt64, token: UInt64)
+        let copyRefs = { () throws(BlockDeviceError) -> (ImageView, [Ref]) in
+            let (v, image) = try self.viewLocked(id)
+            try self.checkRange(v, offset: offset, length: length)
             let first = offset >> UInt64(v.blockShift), last = (offset + length - 1) >> UInt64(v.blockShift)
-            var refs: [(UInt64, ChunkEntry, UInt64)] = []
+            var refs: [Ref] = []
             refs.reserveCapacity(Int(last - first + 1))
             for b in first...last {
                 let c = image.root.lookup(b)
-                let mapped = c != 0 && c < zeroAllocatedChunk
-                refs.append((c, mapped ? chunks[c] : .free, mapped ? cache?.removalToken(for: c) ?? 0 : 0))
+                if c != 0 && c < zeroAllocatedChunk {
+                    let key = self.cacheKey(c)
+                    refs.append((c, self.chunks[c], key, holdingLock ? 0 : cache?.removalToken(for: key) ?? 0))
+                } else {
+                    refs.append((c, .free, 0, 0))
+                }
             }
             return (v, refs)
         }
+        if holdingLock { mutex.lock() }
+        defer { if holdingLock { mutex.unlock() } }
+        let (view, refs) = holdingLock ? try copyRefs() : try mutex.withLock(copyRefs)
         let bs = UInt64(view.blockSize)
         let first = offset / bs
-        for (k, (chunk, entry, token)) in refs.enumerated() {
+        var fromDisk: [Int] = []
+        for (k, ref) in refs.enumerated() {
             let block = first + UInt64(k)
             let blockStart = block * bs
             let lo = max(offset, blockStart), hi = min(offset + length, blockStart + bs)
             let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(lo - offset)..<Int(hi - offset)])
-            if chunk == 0 || chunk >= zeroAllocatedChunk {
+            if ref.chunk == 0 || ref.chunk >= zeroAllocatedChunk {
                 dst.initializeMemory(as: UInt8.self, repeating: 0)
                 continue
             }
             do {
                 let source = try Self.fillBlockSlice(dst, at: Int(lo - blockStart), blockSize: Int(bs)) {
                     (block) throws(LoadedChunkFailure) -> CacheLookup? in
-                    try loadChunk(chunk, entry, into: block, volume: id, cacheToken: token)
+                    try loadChunk(ref.chunk, ref.entry, cacheKey: ref.key, into: block, volume: id,
+                                  lockHeld: holdingLock, cacheToken: ref.token)
                 }
                 sources.count(source!)  // loadChunk fills the block or throws
+                if source == .miss { fromDisk.append(k) }
             } catch {
-                // Remapped or freed since we looked? Then retry; otherwise it is corruption.
-                let unchanged = mutex.withLock { () -> Bool in
-                    guard let image = images[id] else { return false }
-                    return image.root.lookup(block) == chunk && chunks.contains(chunk) && chunks[chunk].location == entry.location
+                // Remapped, or the number freed (new generation), since we looked? Then retry;
+                // otherwise it is corruption.
+                let check = { () -> Bool in
+                    guard let image = self.images[id] else { return false }
+                    return image.root.lookup(block) == ref.chunk && self.chunks.contains(ref.chunk)
+                        && self.chunks.generation(ref.chunk) == UInt32(truncatingIfNeeded: ref.key >> 32)
+                        && self.chunks[ref.chunk].location == ref.entry.location
                 }
+                // Holding the lock throughout, nothing can have changed: it is corruption.
+                let unchanged = holdingLock || mutex.withLock(check)
                 if unchanged {
                     throw BlockDeviceError.corrupted(volume: view.name, offset: blockStart, detail: error.detail)
                 }
-                throw RetryRead(volume: view.name, offset: blockStart, detail: error.detail)
+                throw RetryRead()
             }
+        }
+        // Bytes from the data file are the chunk's only if its number was not freed meanwhile
+        // (freeing comes before its sectors can be reused); a hash match alone is not proof
+        // with a weak hash. Cache hits need no check: their key names exactly these bytes.
+        if Self.staleReadDefenses && !holdingLock && !fromDisk.isEmpty {
+            let intact = mutex.withLock { () -> Bool in
+                fromDisk.allSatisfy { k in
+                    let ref = refs[k]
+                    return chunks.contains(ref.chunk) && cacheKey(ref.chunk) == ref.key
+                }
+            }
+            if !intact { throw RetryRead() }
         }
     }
 
@@ -413,8 +469,8 @@ extension Store {
         var toCache: [(Int, UInt64, UInt64)] = []
         defer {
             if let cache = options.cache {
-                for (i, chunk, token) in toCache {
-                    cache.insert(chunk, bytes: blocks[i].bytes, volume: view.id, domain: view.domain, ifUnremovedSince: token)
+                for (i, key, token) in toCache {
+                    cache.insert(key, bytes: blocks[i].bytes, volume: view.id, domain: view.domain, ifUnremovedSince: token)
                 }
             }
         }
@@ -444,7 +500,10 @@ extension Store {
                             try commit(.chunk(number: chunk, hash: entry.hash, location: entry.location, shape: entry.shape))
                             retainChunk(chunk)
                             blocks[i].isNew = false
-                            if let cache = options.cache { toCache.append((i, chunk, cache.removalToken(for: chunk))) }
+                            if let cache = options.cache {
+                                let key = cacheKey(chunk)
+                                toCache.append((i, key, cache.removalToken(for: key)))
+                            }
                         }
                     }
                     mappings.append(BlockMapping(block: blocks[i].block, chunk: chunk))
@@ -491,6 +550,7 @@ extension Store {
 
     /// With `mutex` held: undo phase B/D for blocks not yet published.
     private func releaseReservationsLocked(_ blocks: [PendingBlock]) {
+        mutex.assertOwned("releaseReservationsLocked")
         for b in blocks where !b.isZero && b.chunk != 0 {
             if b.isNew {
                 chunks.returnNumber(b.chunk)
@@ -503,11 +563,12 @@ extension Store {
 
     /// With `mutex` held: a stored chunk of the same domain and length whose bytes equal `bytes`.
     func findDuplicateLocked(_ bytes: UnsafeRawBufferPointer, hash: ContentHash, domain: UInt16, volume: UInt64) -> UInt64? {
+        mutex.assertOwned("findDuplicateLocked")
         let found = index.firstMatch(hash, hashOf: { self.chunks[UInt64($0)].hash }) { c in
             let e = chunks[UInt64(c)]
             guard e.domain == domain, e.rawBytes == bytes.count else { return false }
             return withUnsafeTemporaryAllocation(byteCount: bytes.count, alignment: 16) { tmp in
-                do { try loadChunk(UInt64(c), e, into: tmp, volume: volume, lockHeld: true) } catch { return false }
+                do { try loadChunk(UInt64(c), e, cacheKey: cacheKey(UInt64(c)), into: tmp, volume: volume, lockHeld: true) } catch { return false }
                 return memcmp(tmp.baseAddress!, bytes.baseAddress!, bytes.count) == 0
             }
         }
@@ -556,18 +617,26 @@ extension Store {
             throw .notSupported("zeroing part of a block needs a read-modify-write, which is not fast")
         }
         if alignedStart < alignedEnd {
-            let firstWhole = alignedStart / bs, endWhole = alignedEnd / bs
-            try mutex.withLock { () throws(BlockDeviceError) in
-                guard images[id] != nil else { throw .gone("\(view.name) was deleted") }
-                do {
-                    if punch {
-                        try commit(.clear(image: id, start: firstWhole, count: endWhole - firstWhole))
-                    } else {
-                        for b in firstWhole..<endWhole { try commit(.map(image: id, block: b, chunk: zeroAllocatedChunk)) }
+            // A range may span 4 GiB: change at most `blocksPerLockHold` blocks per hold of the
+            // lock, so other tenants' requests get in between (each batch is atomic, the whole is
+            // not; NBD promises no more).
+            var batchStart = alignedStart / bs
+            let endWhole = alignedEnd / bs
+            while batchStart < endWhole {
+                let batchEnd = min(endWhole, batchStart + Self.blocksPerLockHold)
+                try mutex.withLock { () throws(BlockDeviceError) in
+                    guard images[id] != nil else { throw .gone("\(view.name) was deleted") }
+                    do {
+                        if punch {
+                            try commit(.clear(image: id, start: batchStart, count: batchEnd - batchStart))
+                        } else {
+                            for b in batchStart..<batchEnd { try commit(.map(image: id, block: b, chunk: zeroAllocatedChunk)) }
+                        }
+                    } catch {
+                        throw .io("\(error)")
                     }
-                } catch {
-                    throw .io("\(error)")
                 }
+                batchStart = batchEnd
             }
         }
         for (lo, hi) in partial {
@@ -579,38 +648,60 @@ extension Store {
         try afterChange(fua: fua)
     }
 
+    /// Most blocks TRIM, WRITE_ZEROES or BLOCK_STATUS handle per hold of the store lock: about
+    /// the map work of a 4 MiB write, so a 4 GiB request cannot stall every other tenant.
+    static let blocksPerLockHold: UInt64 = 1024
+
     // MARK: Extents and prefetch
 
+    /// The extents of a range, walked `blocksPerLockHold` blocks per hold of the lock. Windows
+    /// are separate snapshots of the map; the reply may describe less than asked (NBD allows it)
+    /// when the volume shrank or went away after the first window.
     func extents(image id: UInt64, offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockDeviceError) -> [Extent] {
-        try mutex.withLock { () throws(BlockDeviceError) -> [Extent] in
-            let (v, image) = try viewLocked(id)
+        let v = try mutex.withLock { () throws(BlockDeviceError) -> ImageView in
+            let (v, _) = try viewLocked(id)
             try checkRange(v, offset: offset, length: length)
-            guard length > 0 else { return [] }
-            let bs = UInt64(v.blockSize), shift = UInt64(v.blockShift)
-            let first = offset >> shift, last = (offset + length - 1) >> shift
-            var out: [Extent] = []
-            var covered = offset
-            image.root.walk(start: first, count: last - first + 1, chunkShared: { c in
-                c < zeroAllocatedChunk && self.chunks[c].refcount > 1
-            }) { startBlock, count, chunk, shared in
-                let flags: ExtentFlags
-                if chunk == 0 { flags = [.hole, .zero] }
-                else if chunk >= zeroAllocatedChunk { flags = shared ? [.zero, .shared] : [.zero] }
-                else { flags = shared ? [.shared] : [] }
-                let runEnd = min((startBlock + count) * bs, offset + length)
-                let len = runEnd - covered
-                guard len > 0 else { return true }
-                if let lastExtent = out.last, lastExtent.flags == flags {
-                    out[out.count - 1].length += len
-                } else {
-                    if out.count == maxExtents { return false }
-                    out.append(Extent(length: len, flags: flags))
+            return v
+        }
+        guard length > 0 else { return [] }
+        let bs = UInt64(v.blockSize), shift = UInt64(v.blockShift)
+        let first = offset >> shift, last = (offset + length - 1) >> shift
+        var out: [Extent] = []
+        var covered = offset
+        var windowStart = first
+        var full = false
+        while windowStart <= last && !full {
+            let windowCount = min(last - windowStart + 1, Self.blocksPerLockHold)
+            let stillThere = mutex.withLock { () -> Bool in
+                guard let image = images[id], image.record.size >= offset + length else { return false }
+                image.root.walk(start: windowStart, count: windowCount, chunkShared: { c in
+                    c < zeroAllocatedChunk && self.chunks[c].refcount > 1
+                }) { startBlock, count, chunk, shared in
+                    let flags: ExtentFlags
+                    if chunk == 0 { flags = [.hole, .zero] }
+                    else if chunk >= zeroAllocatedChunk { flags = shared ? [.zero, .shared] : [.zero] }
+                    else { flags = shared ? [.shared] : [] }
+                    let runEnd = min((startBlock + count) * bs, offset + length)
+                    let len = runEnd - covered
+                    guard len > 0 else { return true }
+                    if let lastExtent = out.last, lastExtent.flags == flags {
+                        out[out.count - 1].length += len
+                    } else {
+                        if out.count == maxExtents { full = true; return false }
+                        out.append(Extent(length: len, flags: flags))
+                    }
+                    covered = runEnd
+                    return true
                 }
-                covered = runEnd
                 return true
             }
-            return out
+            if !stillThere {
+                if out.isEmpty { throw .gone("\(v.name) was deleted or shrank during the request") }
+                break
+            }
+            windowStart += windowCount
         }
+        return out
     }
 
     func prefetch(image id: UInt64, offset: UInt64, length: UInt64) throws(BlockDeviceError) {

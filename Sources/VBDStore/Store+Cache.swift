@@ -1,7 +1,8 @@
 import VBDCache
 import VBDCore
 
-/// The universal cache serves the store directly: chunk numbers are its keys, and the owner
+/// The universal cache serves the store directly: (generation, chunk number) pairs are its keys
+/// (`Store.cacheKey`), and the owner
 /// (volume, sharing group) feeds its per-volume counters.
 extension BlockCache: ChunkCache {
     public func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16,
@@ -54,7 +55,7 @@ extension Store {
             guard offset % bs == 0, offset < image.record.size, pageBytes == nil || pageBytes == Int(bs) else { return nil }
             let c = image.root.lookup(offset / bs)
             guard c != 0, c < zeroAllocatedChunk else { return nil }
-            return MappedChunk(key: c, owner: CacheOwner(volume: id, group: UInt32(image.record.domain)))
+            return MappedChunk(key: cacheKey(c), owner: CacheOwner(volume: id, group: UInt32(image.record.domain)))
         }
     }
 }

@@ -26,7 +26,7 @@ extension Store {
         var chunkRefs: [UInt64: UInt32] = [:]
         func visit(_ node: MapNode, level: Int, image: String) {
             let id = ObjectIdentifier(node)
-            if let (n, k) = nodeRefs[id] { nodeRefs[id] = (n, k + 1); return }
+            if let (n, k) = nodeRefs[id] { nodeRefs[id] = (n, k == .max ? k : k + 1); return }
             nodeRefs[id] = (node, 1)
             var populated = 0
             if level == 1 {
@@ -36,7 +36,7 @@ extension Store {
                     report.mappedBlocks += 1
                     if c >= zeroAllocatedChunk { if c != zeroAllocatedChunk { problem("\(image): bad special chunk \(c)") }; continue }
                     if !chunks.contains(c) { problem("\(image): maps a block to missing chunk \(c)"); continue }
-                    chunkRefs[c, default: 0] += 1
+                    chunkRefs[c, default: 0].addSaturating(1)
                 }
             } else {
                 if node.isLeaf { problem("\(image): leaf at level \(level)"); return }
@@ -94,8 +94,8 @@ extension Store {
             for (k, n) in live.enumerated() {
                 let e = chunks[n]
                 let ok: String? = withUnsafeTemporaryAllocation(byteCount: e.rawBytes, alignment: 16) { tmp in
-                    cache?.remove(n)   // read from disk, not from memory
-                    do throws(LoadedChunkFailure) { try loadChunk(n, e, into: tmp, volume: 0, lockHeld: true) } catch { return error.detail }
+                    cache?.remove(cacheKey(n))   // read from disk, not from memory
+                    do throws(LoadedChunkFailure) { try loadChunk(n, e, cacheKey: cacheKey(n), into: tmp, volume: 0, lockHeld: true) } catch { return error.detail }
                     return nil
                 }
                 if let ok { problem("chunk \(n) at byte \(e.sector * UInt64(Limits.sectorBytes)) of the data file: \(ok)") }
@@ -120,5 +120,13 @@ extension SpaceAllocator {
 
     mutating func markUsedUnchecked(_ sector: UInt64, count: Int) {
         for s in sector..<sector + UInt64(count) where isFreeSector(s) { markUsed(s, count: 1) }
+    }
+}
+
+extension UInt32 {
+    /// Counting references as the store does: saturating at `.max` (see `ChunkEntry.retainSaturating`).
+    fileprivate mutating func addSaturating(_ n: UInt32) {
+        let (sum, overflow) = addingReportingOverflow(n)
+        self = overflow ? .max : sum
     }
 }

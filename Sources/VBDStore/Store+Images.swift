@@ -34,11 +34,13 @@ extension Store {
 
     /// With `mutex` held.
     func volumeLocked(named name: String) -> Image? {
-        images.values.first { $0.record.kind == .volume && $0.record.name == name }
+        mutex.assertOwned("volumeLocked")
+        return images.values.first { $0.record.kind == .volume && $0.record.name == name }
     }
 
     /// With `mutex` held. Accepts `VOLUME` or `VOLUME@SNAPSHOT`.
     func imageLocked(named fullName: String) -> Image? {
+        mutex.assertOwned("imageLocked")
         guard let at = fullName.firstIndex(of: "@") else { return volumeLocked(named: fullName) }
         let volumeName = String(fullName[..<at]), snapName = String(fullName[fullName.index(after: at)...])
         guard let volume = volumeLocked(named: volumeName) else { return nil }
@@ -46,11 +48,13 @@ extension Store {
     }
 
     func fullNameLocked(_ r: ImageRecord) -> String {
+        mutex.assertOwned("fullNameLocked")
         if r.kind == .snapshot, let v = images[r.volumeID] { return v.record.name + "@" + r.name }
         return r.name
     }
 
     func infoLocked(_ image: Image) -> ImageInfo {
+        mutex.assertOwned("infoLocked")
         let r = image.record
         let origin = r.originID == 0 ? nil : images[r.originID].map { fullNameLocked($0.record) }
         let group = groups.first { $0.value == r.domain }?.key ?? "domain-\(r.domain)"

@@ -126,15 +126,13 @@ extension Store {
 
     func releaseFrees(_ frees: [(sector: UInt64, count: Int)]) throws {
         guard !frees.isEmpty else { return }
-        let punches = mutex.withLock { space.release(frees) }
+        // The pages to punch stay reserved until punched: a writer taking them in between would
+        // have its acknowledged chunk erased by the punch (see SpaceAllocator.swift).
+        let punches = mutex.withLock { space.releaseReservingPunches(frees) }
         for p in punches {
-            // Punching happens after the sectors became allocatable; a racing allocation would
-            // lose its bytes. Re-check under the lock that the page is still entirely free.
-            let stillFree = mutex.withLock { space.pageIsFree(p.offset, length: p.length) }
-            if stillFree {
-                do { try dataFile.punchHole(offset: p.offset, length: p.length) } catch { /* space stays used; harmless */ }
-            }
+            do { try dataFile.punchHole(offset: p.offset, length: p.length) } catch { /* space stays used; harmless */ }
         }
+        mutex.withLock { space.finishPunches(punches) }
     }
 
     func checkpointIfJournalLarge() throws {
@@ -329,7 +327,7 @@ extension Store {
         case 1:
             let id = Int(try r.varint())
             guard id < nodes.count, nodes[id].isLeaf == (level == 1) else { throw BinaryReader.Malformed(position: r.position) }
-            nodes[id].refcount += 1
+            nodes[id].retainSaturating()
             return nodes[id]
         case 2:
             let node = MapNode(leaf: level == 1)
@@ -347,7 +345,7 @@ extension Store {
                     }
                     node.entries[i] = c
                     if c < zeroAllocatedChunk {
-                        var e = chunks[c]; e.refcount += 1; chunks[c] = e
+                        var e = chunks[c]; e.retainSaturating(); chunks[c] = e
                     }
                 } else {
                     guard node.children[i] == nil, let child = try decodeNode(&r, level: level - 1, nodes: &nodes) else {

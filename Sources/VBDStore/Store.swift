@@ -27,9 +27,25 @@ import Glibc
 // valid frame prefix of its journal. Control operations (create, snapshot, share, delete,
 // resize) flush before they return.
 //
-// Concurrency: `mutex` guards all metadata. Hashing, compression, decompression, verification
-// and data-file reads and writes happen outside it; `flushMutex` serializes flushes and
-// checkpoints. Reads only take the lock to copy out chunk entries.
+// Concurrency. Every lock, what it guards, and the order they are taken in (a thread holding a
+// lock may only take locks further down this list):
+//   1. stripeLocks[i]  (StoreMutex x 64) a partial-block read-modify-write of the blocks that
+//                      hash to stripe i; a write takes its (at most two) stripes in index order.
+//   2. flushMutex      (StoreMutex) one flush or checkpoint at a time: the journal append position
+//                      of a flush in progress, the deferred frees it took, gc's truncation.
+//   3. mutex           (StoreMutex) all metadata: images and their maps, `chunks` (entries,
+//                      free numbers, generations), `index`, `space` (including pages reserved
+//                      while being punched), `pending`, generation/journal counters, `closed`,
+//                      `poisoned`. Functions named *Locked, `cacheKey`, `retainChunk`,
+//                      `releaseChunk` and `loadChunk(lockHeld: true)` need it and assert it in
+//                      debug builds (`StoreMutex.assertOwned`). Hashing, compression, data-file
+//                      I/O and cache copies run outside it; reads take it only to copy out chunk
+//                      entries (and once more to confirm bytes that came from the disk).
+//   4. cache shard locks (BlockCache, CleanPageCache: Synchronization.Mutex) are leaves: taken
+//                      under `mutex` or alone, and never call back into the store.
+// File I/O under `mutex` happens only in checkpoints, gc and a read's last attempt.
+// The simulator's ControlledScheduler (options.interleaving) sees every StoreMutex operation.
+// docs/ARCHITECTURE.md ("Concurrency") says why a reader that lost a race cannot see wrong bytes.
 
 public final class Store: @unchecked Sendable {
     public struct Options: Sendable {
@@ -48,16 +64,19 @@ public final class Store: @unchecked Sendable {
         public var secretForNewStore: UInt64?
         /// Refuse new chunks once the data file would exceed this (0 = no limit but the disk's).
         public var dataBytesMax: UInt64 = 0
+        /// The simulator's controlled scheduler: every lock operation becomes a point where it may
+        /// switch threads (see InterleavingScheduler.swift). nil in production.
+        public var interleaving: (any InterleavingScheduler)?
 
         public init() {}
     }
 
     let directory: any StorageDirectory
     let options: Options
-    let mutex = StoreMutex()
-    let flushMutex = StoreMutex()
+    let mutex: StoreMutex
+    let flushMutex: StoreMutex
     /// Serialize read-modify-write of partial blocks (see Store+BlockIO.swift).
-    let stripeLocks = (0..<Store.stripeCount).map { _ in StoreMutex() }
+    let stripeLocks: [StoreMutex]
 
     // Guarded by `mutex`:
     var chunks = ChunkTable()
@@ -109,6 +128,9 @@ public final class Store: @unchecked Sendable {
     public init(directory: any StorageDirectory, options: Options, create: Bool) throws {
         self.directory = directory
         self.options = options
+        mutex = StoreMutex(scheduler: options.interleaving)
+        flushMutex = StoreMutex(scheduler: options.interleaving)
+        stripeLocks = (0..<Store.stripeCount).map { _ in StoreMutex(scheduler: options.interleaving) }
         do { try directory.lockExclusive() } catch { throw StoreError(error) }
         do {
             if create {
@@ -137,10 +159,14 @@ public final class Store: @unchecked Sendable {
             throw StoreError(e)
         }
         do {
-            if create {
-                try writeCheckpointLocked()
-            } else {
-                try recover()
+            // Nothing else can see the store yet; holding `mutex` anyway keeps "functions that
+            // need it assert it" true for recovery and the first checkpoint too.
+            try mutex.withLock { () throws in
+                if create {
+                    try writeCheckpointLocked()
+                } else {
+                    try recover()
+                }
             }
         } catch {
             directory.unlock()
@@ -197,26 +223,45 @@ let zeroAllocatedChunk: UInt64 = 1 << 63
 extension Store: ChunkReferenceCounter {
     func retainChunk(_ chunk: UInt64) {
         guard chunk < zeroAllocatedChunk else { return }
+        mutex.assertOwned("to retain a chunk")
         var e = chunks[chunk]
         precondition(e.isInstalled, "retain of free chunk \(chunk)")
-        e.refcount += 1
+        e.retainSaturating()
         chunks[chunk] = e
     }
 
     func releaseChunk(_ chunk: UInt64) {
         guard chunk < zeroAllocatedChunk else { return }
+        mutex.assertOwned("to release a chunk")
         var e = chunks[chunk]
         precondition(e.refcount > 0, "chunk \(chunk) released more often than retained")
-        e.refcount -= 1
-        if e.refcount > 0 {
+        if !e.releaseSaturating() {
             chunks[chunk] = e
             return
         }
-        // Last reference gone: the chunk leaves the index and the cache now; its sectors are
+        // Last reference gone: the chunk leaves the index and the cache now (before its number
+        // gets a new generation, so no entry of this generation survives); its sectors are
         // reusable once this is durable.
         index.remove(UInt32(chunk), hash: e.hash, hashOf: { self.chunks[UInt64($0)].hash })
-        options.cache?.remove(chunk)
+        options.cache?.remove(cacheKey(chunk))
         if !replaying { space.deferFree(e.sector, count: e.sectorCount) }
         chunks.releaseNumber(chunk)
     }
+
+    /// With `mutex` held: the cache key of `chunk` as it is now, (generation << 32 | number).
+    /// Each reuse of a number has a new key, so a key copied out before a free never names the
+    /// next chunk's bytes (see "Stale readers" in docs/ARCHITECTURE.md).
+    func cacheKey(_ chunk: UInt64) -> UInt64 {
+        mutex.assertOwned("cacheKey")
+        return Self.staleReadDefenses ? UInt64(chunks.generation(chunk)) << 32 | chunk : chunk
+    }
+
+    /// False only in the mutation check of the concurrency simulator (docs/ARCHITECTURE.md,
+    /// "Stale readers"): building with `-Xswiftc -DVBD_MUTATION_STALE_READS` keys the cache by
+    /// bare chunk numbers and trusts cache hits and disk reads unchecked, as before issue 12.
+    #if VBD_MUTATION_STALE_READS
+    static let staleReadDefenses = false
+    #else
+    static let staleReadDefenses = true
+    #endif
 }

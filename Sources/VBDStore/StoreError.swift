@@ -1,3 +1,4 @@
+import Synchronization
 import VBDCache
 import VBDCore
 
@@ -68,18 +69,59 @@ public enum StoreError: Error, Equatable, Sendable, CustomStringConvertible {
     }
 }
 
-/// A pthread mutex: the store's one lock for its in-memory metadata.
+/// A pthread mutex: the store's locks (`mutex`, `flushMutex`, the stripe locks; see Store.swift).
+///
+/// With an ``InterleavingScheduler`` (the simulator's), every lock and unlock is also a point where
+/// the scheduler may switch threads, and it decides who gets a contended lock, so a seed replays
+/// one interleaving exactly. In debug builds the mutex records its owner so that functions that
+/// need it held can assert so (`assertOwned`).
 final class StoreMutex: @unchecked Sendable {
     private let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    init() { pthread_mutex_init(m, nil) }
+    private let scheduler: (any InterleavingScheduler)?
+    #if DEBUG
+    /// pthread_self() of the thread that holds the lock, 0 when free. Written only by the holder.
+    private let owner = Atomic<UInt>(0)
+    #endif
+
+    init(scheduler: (any InterleavingScheduler)? = nil) {
+        self.scheduler = scheduler
+        pthread_mutex_init(m, nil)
+    }
     deinit { pthread_mutex_destroy(m); m.deallocate() }
-    @inline(__always) func lock() { pthread_mutex_lock(m) }
-    @inline(__always) func unlock() { pthread_mutex_unlock(m) }
+
+    @inline(__always) func lock() {
+        scheduler?.acquire(ObjectIdentifier(self))
+        pthread_mutex_lock(m)
+        didAcquire()
+    }
+
+    @inline(__always) func unlock() {
+        #if DEBUG
+        precondition(isOwnedByCurrentThread, "unlock of a StoreMutex this thread does not hold")
+        owner.store(0, ordering: .relaxed)
+        #endif
+        pthread_mutex_unlock(m)
+        scheduler?.release(ObjectIdentifier(self))
+    }
+
     /// Takes the lock only if it is free right now.
-    @inline(__always) func tryLock() -> Bool { pthread_mutex_trylock(m) == 0 }
+    @inline(__always) func tryLock() -> Bool {
+        if let decided = scheduler?.tryAcquire(ObjectIdentifier(self)) {
+            guard decided else { return false }
+            pthread_mutex_lock(m)   // free: the scheduler runs one thread at a time
+            didAcquire()
+            return true
+        }
+        guard pthread_mutex_trylock(m) == 0 else { return false }
+        didAcquire()
+        return true
+    }
+
     /// Takes the lock if it becomes free within `wait`, retrying without sleeping; false otherwise.
+    /// Under a scheduler one attempt decides (waiting in real time would make runs unrepeatable).
     func tryLock(spinningFor wait: Duration) -> Bool {
         if tryLock() { return true }
+        if scheduler != nil { return false }
         let deadline = ContinuousClock.now + wait
         while ContinuousClock.now < deadline {
             sched_yield()
@@ -87,18 +129,39 @@ final class StoreMutex: @unchecked Sendable {
         }
         return false
     }
+
     @inline(__always) func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
         lock(); defer { unlock() }
         return try body()
     }
+
+    @inline(__always) private func didAcquire() {
+        #if DEBUG
+        owner.store(Self.currentThread, ordering: .relaxed)
+        #endif
+    }
+
+    /// Traps in debug builds unless the calling thread holds the lock (no cost in release builds).
+    @inline(__always) func assertOwned(_ what: @autoclosure () -> String = "", file: StaticString = #fileID, line: UInt = #line) {
+        #if DEBUG
+        precondition(isOwnedByCurrentThread, "StoreMutex must be held here \(what())", file: file, line: line)
+        #endif
+    }
+
+    #if DEBUG
+    var isOwnedByCurrentThread: Bool { owner.load(ordering: .relaxed) == Self.currentThread }
+
+    private static var currentThread: UInt { UInt(bitPattern: Int(bitPattern: pthread_self())) }
+    #endif
 }
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// Read-through cache the store consults before the disk. Keys are chunk numbers: one number is
-/// one content (verified before sharing), and the store removes a key before reusing its number.
+/// Read-through cache the store consults before the disk. Keys are (generation << 32 | chunk
+/// number): one key is one content (verified before sharing), the store removes a key when it
+/// frees the chunk, and a reused number has a new generation, so a new key.
 public protocol ChunkCache: AnyObject, Sendable {
     /// Copies the cached block into `buffer` and says which tier had it. With `countingMisses`
     /// false a miss is not counted (a probe; the caller then reads the ordinary way).

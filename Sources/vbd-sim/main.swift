@@ -28,6 +28,12 @@ struct VBDSim: ParsableCommand {
     @Option(help: "Operations per seed.")
     var steps: Int = 300
 
+    @Flag(help: "Concurrent requests on several volumes, interleaved at every lock and I/O point by the seed, every read checked.")
+    var concurrent = false
+
+    @Option(help: "Requests per client thread (with --concurrent).")
+    var operations: Int = 40
+
     @Option(help: ArgumentHelp("Child of the SIGKILL test: write numbered blocks to the store at this path until killed.", visibility: .hidden))
     var crashWriter: String?
 
@@ -37,6 +43,7 @@ struct VBDSim: ParsableCommand {
     mutating func run() throws {
         if let crashWriter { try CrashWriter.run(storePath: crashWriter, firstSequence: firstSequence) }
         let list: [UInt64] = seed.map { [$0] } ?? (0..<seeds).map { firstSeed + UInt64($0) }
+        if concurrent { return try runConcurrent(list) }
         var failures = 0
         var crashes = 0
         for s in list {
@@ -53,6 +60,34 @@ struct VBDSim: ParsableCommand {
             fflush(nil)
         }
         print("vbd-sim: \(list.count - failures) passed, \(failures) failed (\(crashes) crashes recovered, \(steps) steps per seed)")
+        if failures > 0 { throw ExitCode(1) }
+    }
+
+    func runConcurrent(_ list: [UInt64]) throws {
+        var failures = 0
+        var total = ConcurrencySummary(seed: 0)
+        let started = ContinuousClock.now
+        for s in list {
+            do {
+                let simulation = ConcurrentSimulation(seed: s)
+                simulation.trace = trace
+                let summary = try simulation.run(operationsPerThread: operations)
+                total.readsChecked += summary.readsChecked
+                total.blocksChecked += summary.blocksChecked
+                total.writes += summary.writes
+                total.schedulingPoints += summary.schedulingPoints
+                total.threadSwitches += summary.threadSwitches
+                if seed != nil { print("seed \(s): ok, \(summary)") }
+            } catch {
+                failures += 1
+                print("FAIL \(error)")
+            }
+            fflush(nil)
+        }
+        let elapsed = ContinuousClock.now - started
+        print("vbd-sim --concurrent: \(list.count - failures) passed, \(failures) failed in \(elapsed); "
+              + "\(total.writes) writes, \(total.readsChecked) reads / \(total.blocksChecked) blocks checked, "
+              + "\(total.schedulingPoints) scheduling points, \(total.threadSwitches) switches")
         if failures > 0 { throw ExitCode(1) }
     }
 }

@@ -179,3 +179,33 @@ extension CleanPageCache {
         #expect(pages.get(domain: 1, volume: 10, offset: 0) == nil, "the oldest were dropped")
     }
 }
+
+/// An oracle that confirms a put and then, before the page is admitted, sees the chunk freed (the
+/// store's free removes the key from the cache, which was still empty): the race of issue 12.
+final class ChunkFreedDuringPut: BlockMappingOracle {
+    let cache: BlockCache
+    let key: UInt64 = 77
+    private let freed = Mutex(false)
+    init(cache: BlockCache) { self.cache = cache }
+
+    func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64) -> MappedChunk? {
+        freed.withLock { $0 } ? nil : MappedChunk(key: key, owner: CacheOwner(volume: volume, group: 0))
+    }
+
+    func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64, verifying page: UnsafeRawBufferPointer) -> MappedChunk? {
+        let answer = mappedChunk(domain: domain, volume: volume, offset: offset)
+        freed.withLock { $0 = true }
+        cache.remove(key)
+        return answer
+    }
+}
+
+@Suite struct CleanPageStaleKeyTests {
+    @Test func aPagePutWhileItsChunkIsFreedDoesNotOutliveTheKey() {
+        let cache = BlockCache(configuration: .init(capacityBytes: 1 << 20, lastChanceCapacityBytes: 1 << 20, shardCount: 1))
+        let oracle = ChunkFreedDuringPut(cache: cache)
+        let pages = CleanPageCache(cache: cache, oracle: oracle)
+        pages.put(domain: 1, volume: 10, offset: 0, bytes: [UInt8](repeating: 5, count: 4096))
+        #expect(!cache.contains(oracle.key), "a page of a freed chunk stays cached under its key")
+    }
+}

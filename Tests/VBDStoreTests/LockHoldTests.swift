@@ -1,0 +1,62 @@
+import Testing
+import VBDCore
+import VBDSimulation
+@testable import VBDStore
+
+/// Counts how often the store's locks are taken (a scheduler hook that never switches threads).
+final class LockHoldCounter: InterleavingScheduler, @unchecked Sendable {
+    private(set) var holds = 0
+    func reset() { holds = 0 }
+    func acquire(_ lock: ObjectIdentifier) { holds += 1 }
+    func tryAcquire(_ lock: ObjectIdentifier) -> Bool? { nil }
+    func release(_ lock: ObjectIdentifier) {}
+    func yield() {}
+}
+
+/// Item 4 of issue 12: TRIM, WRITE_ZEROES and BLOCK_STATUS may span 4 GiB; they must not do all
+/// their work in one hold of the store lock. Counted in lock holds, not wall time.
+@Suite struct LockHoldTests {
+    static let blocks: UInt64 = 65_536   // 512-byte blocks: 32 MiB, 64 batches
+    static let minimumHolds = Int(blocks / Store.blocksPerLockHold)
+
+    func makeStore() throws -> (Store, VolumeDevice, LockHoldCounter) {
+        let counter = LockHoldCounter()
+        var options = Store.Options()
+        options.interleaving = counter
+        options.pendingJournalBytesMax = 64 << 20   // no implicit flush in the middle
+        let store = try Store(directory: SimulatedDisk(seed: 4).directory(), options: options, create: true)
+        _ = try store.createVolume(name: "v", size: Self.blocks * 512, blockSize: 512)
+        let v = try store.device(named: "v")
+        for b: UInt64 in [0, 1, 30_000, 65_535] { try v.write(block(seed: b, size: 512), at: b * 512) }
+        counter.reset()
+        return (store, v, counter)
+    }
+
+    @Test func hugeTrimTakesTheLockManyTimes() throws {
+        let (store, v, counter) = try makeStore()
+        try v.trim(offset: 0, length: Self.blocks * 512, fua: false)
+        #expect(counter.holds >= Self.minimumHolds)
+        #expect(try v.extents(offset: 0, length: Self.blocks * 512, maxExtents: 10).map(\.flags) == [[.hole, .zero]])
+        #expect(store.uniqueChunkCount == 0)
+    }
+
+    @Test func hugeWriteZeroesTakesTheLockManyTimes() throws {
+        let (store, v, counter) = try makeStore()
+        try v.writeZeroes(offset: 0, length: Self.blocks * 512, mayTrim: false, fastOnly: false, fua: false)
+        #expect(counter.holds >= Self.minimumHolds)
+        #expect(try v.extents(offset: 0, length: Self.blocks * 512, maxExtents: 10).map(\.flags) == [[.zero]])
+        #expect(store.uniqueChunkCount == 0)
+    }
+
+    @Test func hugeBlockStatusTakesTheLockManyTimesAndMergesAcrossBatches() throws {
+        let (_, v, counter) = try makeStore()
+        let extents = try v.extents(offset: 0, length: Self.blocks * 512, maxExtents: 100)
+        #expect(counter.holds >= Self.minimumHolds)
+        let expected = [
+            Extent(length: 2 * 512, flags: []), Extent(length: (30_000 - 2) * 512, flags: [.hole, .zero]),
+            Extent(length: 512, flags: []), Extent(length: (65_535 - 30_001) * 512, flags: [.hole, .zero]),
+            Extent(length: 512, flags: []),
+        ]
+        #expect(extents == expected)
+    }
+}
