@@ -149,7 +149,7 @@ public final class Simulation {
             step += 1
             summary.steps += 1
             try oneStep()
-            if step % 16 == 0 { try checkExact() }
+            if step % 16 == 0 || trace { try checkExact() }
         }
         disk.crashCountdown = nil
         try checkExact()
@@ -364,6 +364,7 @@ public final class Simulation {
         store = nil
         // A scheduled power cut may strike inside this open; oneStep then recovers.
         store = try Store(directory: disk.directory(), options: options, create: false)
+        log("reopened: files \(disk.fileNames.map { "\($0):\(disk.size(of: $0))" }), warnings \(store!.recoveryWarnings)")
         try checkExact()
     }
 
@@ -470,7 +471,13 @@ public final class Simulation {
     func checkExact() throws {
         for (name, m) in model {
             let actual = try readAll(name, size: m.bytes.count)
-            if actual != m.bytes { throw fail("\(name) differs from the model") }
+            if actual != m.bytes {
+                if trace {
+                    let differing = zip(actual, m.bytes).enumerated().filter { $0.element.0 != $0.element.1 }.map(\.offset)
+                    print("\(name): \(differing.count) bytes differ, first \(differing.prefix(8)); sizes \(actual.count)/\(m.bytes.count)")
+                }
+                throw fail("\(name) differs from the model")
+            }
         }
         let names = Set(store!.list().map { $0.name })
         if names != Set(model.keys) { throw fail("images \(names.sorted()) but model has \(model.keys.sorted())") }

@@ -104,7 +104,10 @@ extension Store {
                 try journalFile.sync()
             } catch {
                 let e: StorageError = error
-                if step != "journal write" && failure == nil { failure = "\(step) failed (\(e))" }
+                if step != "journal write" {
+                    if failure == nil { failure = "\(step) failed (\(e))" }
+                    throw StoreError.io("\(step) failed: \(e); the store refuses writes until it is reopened")
+                }
                 throw e == .noSpace ? StoreError.noSpace : StoreError.io("\(step) failed: \(e)")
             }
             journalEnd += UInt64(frame.count)
@@ -179,6 +182,7 @@ extension Store {
             // durable: no later flush may succeed. A failed write changed nothing durable.
             if step != "journal write" {
                 mutex.withLock { if failure == nil { failure = "\(step) failed (\(e))" } }
+                throw StoreError.io("flush failed: \(step): \(e); the store refuses writes until it is reopened")
             }
             throw e == .noSpace ? StoreError.noSpace : StoreError.io("flush failed: \(step): \(e)")
         }
@@ -294,6 +298,7 @@ extension Store {
             defer { mutex.unlock() }
             if let poisoned { throw StoreError.io("store is read-only: \(poisoned)") }
             try writeCheckpointLocked()
+            if spaceReserveInUse.load(ordering: .relaxed) { refillSpaceReserve() }
         }
     }
 
@@ -349,7 +354,9 @@ extension Store {
                 try? directory.removeFile("checkpoint-\(newGeneration)")
                 try? directory.removeFile("journal-\(newGeneration)")
             }
-            throw e == .noSpace ? StoreError.noSpace : StoreError.io("checkpoint failed at \(step): \(e)")
+            // A poisoned store is not merely full: callers that carry on after ENOSPC must not.
+            if failure == nil && e == .noSpace { throw StoreError.noSpace }
+            throw StoreError.io("checkpoint failed at \(step): \(e)")
         }
         let old = generation
         generation = newGeneration
@@ -549,7 +556,7 @@ extension Store {
             do {
                 chosen = (slot, try checkpointBytes(named: slot))
                 break
-            } catch let e as StoreError {
+            } catch let e as StoreError where e.code == "corrupted" {
                 damage.append(e.description)
             }
         }
@@ -637,12 +644,15 @@ extension Store {
     func checkpointBytes(named slot: SuperblockSlot) throws -> [UInt8] {
         let name = "checkpoint-\(slot.generation)"
         let file: any StorageFile
-        do { file = try directory.openFile(name, create: false) } catch {
+        do { file = try directory.openFile(name, create: false) } catch .notFound {
             throw StoreError.corrupted("\(name) named by the superblock is missing")
+        } catch {
+            throw StoreError(error)
         }
         defer { file.close() }
         let bytes: [UInt8]
-        do { bytes = try file.readAll() } catch { throw StoreError.corrupted("\(name) cannot be read: \(error)") }
+        // An I/O error says nothing about the contents: fail the open rather than fall back.
+        do { bytes = try file.readAll() } catch { throw StoreError.io("\(name) cannot be read: \(error)") }
         guard UInt64(bytes.count) >= slot.checkpointBytes,
               metadataChecksum(Array(bytes[..<Int(slot.checkpointBytes)])) == slot.checkpointChecksum else {
             throw StoreError.corrupted("\(name) does not match the superblock")

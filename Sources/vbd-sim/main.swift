@@ -25,6 +25,9 @@ struct VBDSim: ParsableCommand {
     @Flag(help: "Print every operation (with --seed).")
     var trace = false
 
+    @Option(help: "Percent of steps with an injected fault (EIO, ENOSPC, a failed fsync that drops pages).")
+    var faultPercent: Int = 3
+
     @Option(help: "Operations per seed.")
     var steps: Int = 300
 
@@ -39,12 +42,15 @@ struct VBDSim: ParsableCommand {
         let list: [UInt64] = seed.map { [$0] } ?? (0..<seeds).map { firstSeed + UInt64($0) }
         var failures = 0
         var crashes = 0
+        var faults = 0
         for s in list {
             do {
                 let simulation = Simulation(seed: s)
                 simulation.trace = trace
+                simulation.faultPercent = faultPercent
                 let summary = try simulation.run(steps: steps)
                 crashes += summary.crashes
+                faults += summary.faults
                 if seed != nil { print("seed \(s): ok, \(summary)") }
             } catch {
                 failures += 1
@@ -52,7 +58,7 @@ struct VBDSim: ParsableCommand {
             }
             fflush(nil)
         }
-        print("vbd-sim: \(list.count - failures) passed, \(failures) failed (\(crashes) crashes recovered, \(steps) steps per seed)")
+        print("vbd-sim: \(list.count - failures) passed, \(failures) failed (\(crashes) crashes recovered, \(faults) injected faults, \(steps) steps per seed)")
         if failures > 0 { throw ExitCode(1) }
     }
 }
