@@ -15,8 +15,8 @@ import VBDStore
 //
 // Faults short of a crash: `inject` makes chosen calls fail with EIO or ENOSPC, a failed sync
 // may drop the file's unsynced writes while reporting success on the next sync (what Linux
-// does after a writeback error), `spaceBytesMax` makes the disk fill up, and `flipByte`
-// corrupts bytes at rest.
+// does after a writeback error), so a store that retries the sync acknowledges lost data;
+// `spaceBytesMax` makes the disk fill up, and `flipByte` corrupts bytes at rest.
 
 public final class SimulatedDisk {
     final class File {
@@ -103,8 +103,9 @@ public final class SimulatedDisk {
     public func directory() -> any StorageDirectory { SimulatedDirectory(disk: self) }
 
     /// Makes the next `count` calls of `call` on files named `filePrefix...` fail with `error`.
-    /// With `dropsUnsyncedWrites` a failing sync also forgets the file's unsynced writes: reads
-    /// still see them (the page cache), a crash loses them, and the next sync succeeds.
+    /// With `dropsUnsyncedWrites` a failing sync also forgets the file's unsynced writes (Linux
+    /// marks the pages clean after a writeback error; once evicted, reads see the disk again):
+    /// they are lost, and the next sync succeeds without them.
     public func inject(_ error: StorageError, on call: Call, filePrefix: String = "", count: Int = 1,
                        dropsUnsyncedWrites: Bool = false) {
         faults.append(Fault(call: call, filePrefix: filePrefix, error: error, count: count, dropsUnsyncedWrites: dropsUnsyncedWrites))
@@ -129,7 +130,11 @@ public final class SimulatedDisk {
         let fault = faults[k]
         if fault.count <= 1 { faults.remove(at: k) } else { faults[k].count -= 1 }
         faultsFired += 1
-        if fault.dropsUnsyncedWrites, let file { file.unsynced = [] }
+        if fault.dropsUnsyncedWrites, let file {
+            // The dirty pages are gone (marked clean, then evicted): the file is what the disk holds.
+            file.current = file.durable
+            file.unsynced = []
+        }
         throw fault.error
     }
 

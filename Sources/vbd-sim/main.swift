@@ -54,7 +54,7 @@ struct VBDSim: ParsableCommand {
                 if seed != nil { print("seed \(s): ok, \(summary)") }
             } catch {
                 failures += 1
-                print("FAIL \(error)")
+                print(error is SimulationFailure ? "FAIL \(error)" : "FAIL seed \(s): \(error)\n  replay: vbd-sim --seed \(s)")
             }
             fflush(nil)
         }
