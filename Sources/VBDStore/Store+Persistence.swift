@@ -249,9 +249,23 @@ extension Store {
     /// on, so the freed space goes to metadata. Callers hold `flushMutex` (or are in init).
     func releaseSpaceReserve() -> Bool {
         guard let reserveFile, (try? reserveFile.size()) ?? 0 > 0 else { return false }
+        reserveRefusals.store(0, ordering: .relaxed)
         spaceReserveInUse.store(true, ordering: .relaxed)
         do { try reserveFile.truncate(to: 0) } catch { return false }
         return true
+    }
+
+    /// With `mutex` held: whether new block data must be refused because the reserve is out.
+    /// Space may have come back without a flush (another file deleted, a transient error), so
+    /// the first refusal and every 64th after it try to refill the reserve right here; that is
+    /// I/O under the store lock, but only while the disk is (or was just) full.
+    func spaceReserveRefusesNewDataLocked() -> Bool {
+        guard spaceReserveInUse.load(ordering: .relaxed) else { return false }
+        let refusal = reserveRefusals.add(1, ordering: .relaxed).oldValue
+        guard refusal % 64 == 0, flushMutex.tryLock() else { return true }
+        defer { flushMutex.unlock() }
+        refillSpaceReserve()
+        return spaceReserveInUse.load(ordering: .relaxed)
     }
 
     /// Fills the reserve file up to `spaceReserveBytes`; on ENOSPC empties it again and leaves

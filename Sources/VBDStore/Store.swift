@@ -101,6 +101,8 @@ public final class Store: @unchecked Sendable {
     /// it is refilled (see ``Options/spaceReserveBytes``). Written with `flushMutex` held.
     let spaceReserveInUse = Atomic<Bool>(false)
     var reserveFile: (any StorageFile)?
+    /// Writes refused since the reserve went out: paces refill attempts.
+    let reserveRefusals = Atomic<Int>(0)
     /// What recovery had to do that an operator should know (a fallback to an older checkpoint).
     public internal(set) var recoveryWarnings: [String] = []
 
