@@ -205,6 +205,9 @@ public final class Simulation {
                 throw fail("operation failed without a crash: \(error)")
             }
         }
+        // A fault can strike work that does not fail the operation (the flush or checkpoint
+        // after a durable control operation) and still poison the store.
+        if disk.faultsFired > faultsBefore && !disk.isCrashed { try afterInjectedFault(nil) }
         if disk.isCrashed {
             disk.removeInjectedFaults()
             log("power lost; recovering")
@@ -373,9 +376,9 @@ public final class Simulation {
     /// An operation failed with an injected fault. If the store still accepts a flush, what it
     /// then reports is durable: adopt it into the model (each block old or new, each image in
     /// doubt present or not), so the power cut that follows must keep it.
-    func afterInjectedFault(_ error: any Error) throws {
+    func afterInjectedFault(_ error: (any Error)?) throws {
         summary.faults += 1
-        log("injected fault: \(error)")
+        log("injected fault: \(error.map { "\($0)" } ?? "the operation succeeded")")
         disk.removeInjectedFaults()
         do {
             // No store when the fault struck while one was opening.
