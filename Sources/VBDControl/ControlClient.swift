@@ -38,20 +38,31 @@ public enum ControlClient {
         }
     }
 
-    /// Runs `request` in the server if one answers, else locally against the store.
-    public static func run(_ request: ControlRequest, storePath: String,
+    /// Runs `request` in the server if one answers, else locally against the store: opened
+    /// read-only for a request that only reads it, else with `options` (a repair sets its
+    /// journal callback there). Recovery warnings go to stderr.
+    public static func run(_ request: ControlRequest, storePath: String, options: Store.Options = Store.Options(),
                            progress: @escaping ProgressSink) throws(ControlFailure) -> ControlResult {
         if let result = try sendIfServed(request, storePath: storePath, progress: progress) { return result }
         if request == .ping {
             throw ControlFailure(code: "no-server", message: "no server is running for the store at \(storePath)")
         }
+        var options = options
+        if request.onlyReadsStore && options.repairJournal == nil { options.readOnly = true }
         let store: Store
-        do { store = try Store.open(path: storePath) } catch { throw ControlFailure(error) }
-        // The audit log is appended by whichever process holds the store: here, this one.
+        do { store = try Store.open(path: storePath, options: options) } catch { throw ControlFailure(error) }
+        for warning in store.recoveryWarnings {
+            FileHandle.standardError.write(Data("vbdtool: warning: \(warning)\n".utf8))
+        }
+        // The audit log is appended by whichever process holds the store: here, this one. A
+        // read-only request changes nothing worth auditing and must not create or append files.
         let tenancy: TenancyService
-        do { tenancy = try ControlService.openTenancy(storePath: storePath) } catch {
+        do {
+            tenancy = options.readOnly ? try TenancyService(configuration: .init())
+                                       : try ControlService.openTenancy(storePath: storePath)
+        } catch {
             try? store.close()
-            throw ControlFailure(code: "audit", message: "cannot open the audit log of \(storePath): \(error)")
+            throw (error as? ControlFailure) ?? ControlFailure(code: "tenancy", message: "\(error)")
         }
         let service = ControlService(store: store, storePath: storePath, tenancy: tenancy)
         let result: Result<ControlResult, ControlFailure>

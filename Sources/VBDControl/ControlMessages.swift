@@ -57,6 +57,15 @@ public enum ControlRequest: Codable, Sendable, Equatable {
     /// audit log and the snapshot diff.
     case forensics(volume: String, fromNanoseconds: Int64, toNanoseconds: Int64)
 
+    /// Whether the request only reads the store: run without a server, it opens the store
+    /// read-only (a shared lock, no checkpoint, no recovery that writes) and leaves every file as it was.
+    public var onlyReadsStore: Bool {
+        switch self {
+        case .list, .info, .diff, .stats, .fsck, .exportImage: return true
+        default: return false
+        }
+    }
+
     /// Whether the request reads or writes a file named by path (so a client must send an absolute one).
     public var involvesFile: Bool {
         switch self {

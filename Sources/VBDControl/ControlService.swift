@@ -45,10 +45,33 @@ public final class ControlService: Sendable {
     /// The tenancy state of the store at `storePath`: the audit log `audit.log` and the accounting
     /// state `tenancy.json` live in the store directory, written only by the process that holds
     /// the store's lock (the server, or the CLI when no server runs).
+    /// An error names the file at fault: a corrupt `tenancy.json` is not an audit log problem.
     public static func openTenancy(storePath: String, leasesEnforced: Bool = false) throws -> TenancyService {
-        try TenancyService(configuration: .init(leasesEnforced: leasesEnforced),
-                           stateStorage: FileStateStorage(path: storePath + "/tenancy.json"),
-                           auditStorage: FileAuditStorage(path: storePath + "/audit.log"))
+        let statePath = storePath + "/tenancy.json", auditPath = storePath + "/audit.log"
+        do {
+            return try TenancyService(configuration: .init(leasesEnforced: leasesEnforced),
+                                      stateStorage: FileStateStorage(path: statePath),
+                                      auditStorage: FileAuditStorage(path: auditPath))
+        } catch let e as DecodingError {
+            throw ControlFailure(code: "corrupted", message: "the accounting state \(statePath) is corrupt (\(Self.describe(e))); " +
+                                 "restore it from a backup, or move it away to start with empty leases and credits")
+        } catch let e as AuditLogError {
+            throw ControlFailure(code: "audit", message: "cannot open the audit log \(auditPath): \(e)")
+        } catch let e as ControlFailure {
+            throw e
+        } catch {
+            throw ControlFailure(code: "io", message: "cannot open the tenancy state of \(storePath) (\(statePath), \(auditPath)): \(error)")
+        }
+    }
+
+    static func describe(_ e: DecodingError) -> String {
+        switch e {
+        case .dataCorrupted(let c), .keyNotFound(_, let c), .typeMismatch(_, let c), .valueNotFound(_, let c):
+            let path = c.codingPath.map(\.stringValue).joined(separator: ".")
+            return path.isEmpty ? c.debugDescription : "\(path): \(c.debugDescription)"
+        @unknown default:
+            return "\(e)"
+        }
     }
 
     /// Runs one request. Progress reports go to `progress` while long work runs.

@@ -2,7 +2,7 @@ import VBDStore
 
 /// A file operation about to run through a ``HookedDirectory``.
 public enum FileOperation: Sendable, Equatable {
-    case open, remove, read, write, sync, size, truncate, punchHole
+    case open, remove, read, write, sync, size, truncate, punchHole, syncDirectory
 }
 
 /// A `StorageDirectory` that calls `before` ahead of every operation on it or its files, then
@@ -24,7 +24,9 @@ public final class HookedDirectory: StorageDirectory {
     public func fileExists(_ name: String) -> Bool { base.fileExists(name) }
     public func removeFile(_ name: String) throws(StorageError) { before(name, .remove); try base.removeFile(name) }
     public func fileNames() throws(StorageError) -> [String] { try base.fileNames() }
+    public func syncDirectory() throws(StorageError) { before(".", .syncDirectory); try base.syncDirectory() }
     public func lockExclusive() throws(StorageError) { try base.lockExclusive() }
+    public func lockShared() throws(StorageError) { try base.lockShared() }
     public func unlock() { base.unlock() }
     public var path: String { base.path }
 }

@@ -15,6 +15,10 @@ import VBDStore
 //   2. an image exists iff it was created durably (or its creation was in flight);
 //   3. a snapshot or share that exists holds exactly its source's contents at that moment;
 //   4. fsck is clean: reference counts, maps, dedup index, space map and every chunk's hash.
+// Injected faults (EIO, ENOSPC, a failed fsync that drops dirty pages, a failed directory sync)
+// strike some steps, drawn from a random stream of their own. After one, the run flushes: a
+// store that accepts the flush must hold what it reports (checked as after a crash) and keep
+// it through the power cut that follows; a store that refuses (poisoned) recovers from disk.
 // Anything else fails the run with the seed and the operation number, and `vbd-sim --seed N`
 // replays it exactly.
 
@@ -24,6 +28,8 @@ public struct SimulationFailure: Error, CustomStringConvertible {
     public let message: String
     public var description: String { "seed \(seed) failed at step \(step): \(message)\n  replay: vbd-sim --seed \(seed)" }
 }
+
+enum SimulationFault: Error { case noStore }
 
 public struct SimulationSummary: Sendable {
     public var seed: UInt64
@@ -35,6 +41,7 @@ public struct SimulationSummary: Sendable {
     public var shares = 0
     public var deletes = 0
     public var writes = 0
+    public var faults = 0
 }
 
 public final class Simulation {
@@ -83,6 +90,10 @@ public final class Simulation {
 
     public let seed: UInt64
     var rng: SimulationRandom
+    /// Draws for injected faults: a stream of its own, so seeds without faults replay as before.
+    var faultRng: SimulationRandom
+    /// Percent of steps with a fault armed (0 = none).
+    public var faultPercent = 3
     let disk: SimulatedDisk
     var options = Store.Options()
     var store: Store?
@@ -100,6 +111,7 @@ public final class Simulation {
     public init(seed: UInt64) {
         self.seed = seed
         rng = SimulationRandom(seed: seed)
+        faultRng = SimulationRandom(seed: seed ^ 0xFA17)
         disk = SimulatedDisk(seed: seed)
         summary = SimulationSummary(seed: seed)
         blockSize = rng.chance(50) ? 512 : 4096
@@ -108,6 +120,7 @@ public final class Simulation {
         options.hashFunction = rng.chance(35) ? .weak(bits: 6) : .xxh3
         options.pendingJournalBytesMax = 128 << rng.below(6)
         options.checkpointJournalBytes = UInt64(1024 << rng.below(7))
+        options.spaceReserveBytes = 16 << 10
         var p: [[UInt8]] = []
         var g = SimulationRandom(seed: seed ^ 0xA5A5)
         for _ in 0..<12 {
@@ -136,7 +149,7 @@ public final class Simulation {
             step += 1
             summary.steps += 1
             try oneStep()
-            if step % 16 == 0 { try checkExact() }
+            if step % 16 == 0 || trace { try checkExact() }
         }
         disk.crashCountdown = nil
         try checkExact()
@@ -155,6 +168,9 @@ public final class Simulation {
         }
         let roll = rng.below(100)
         log("roll \(roll) crashCountdown \(String(describing: disk.crashCountdown))")
+        let faultsBefore = disk.faultsFired
+        if faultRng.below(100) < faultPercent { disk.injectRandomFault(using: &faultRng) }
+        defer { disk.removeInjectedFaults() }
         do {
             switch roll {
             case 0..<40: try randomWrite()
@@ -183,9 +199,20 @@ public final class Simulation {
         } catch let e as SimulationFailure {
             throw e
         } catch {
-            if !disk.isCrashed { throw fail("operation failed without a crash: \(error)") }
+            if disk.faultsFired > faultsBefore && !disk.isCrashed {
+                try afterInjectedFault(error)
+            } else if !disk.isCrashed {
+                throw fail("operation failed without a crash: \(error)")
+            }
         }
-        if disk.isCrashed { log("power lost; recovering"); try recoverFromCrash() }
+        // A fault can strike work that does not fail the operation (the flush or checkpoint
+        // after a durable control operation) and still poison the store.
+        if disk.faultsFired > faultsBefore && !disk.isCrashed { try afterInjectedFault(nil) }
+        if disk.isCrashed {
+            disk.removeInjectedFaults()
+            log("power lost; recovering")
+            try recoverFromCrash()
+        }
     }
 
     // MARK: Operations
@@ -340,10 +367,32 @@ public final class Simulation {
         store = nil
         // A scheduled power cut may strike inside this open; oneStep then recovers.
         store = try Store(directory: disk.directory(), options: options, create: false)
+        log("reopened: files \(disk.fileNames.map { "\($0):\(disk.size(of: $0))" }), warnings \(store!.recoveryWarnings)")
         try checkExact()
     }
 
     // MARK: Crashes
+
+    /// An operation failed with an injected fault. If the store still accepts a flush, what it
+    /// then reports is durable: adopt it into the model (each block old or new, each image in
+    /// doubt present or not), so the power cut that follows must keep it.
+    func afterInjectedFault(_ error: (any Error)?) throws {
+        summary.faults += 1
+        log("injected fault: \(error.map { "\($0)" } ?? "the operation succeeded")")
+        disk.removeInjectedFaults()
+        do {
+            // No store when the fault struck while one was opening.
+            guard let store else { throw SimulationFault.noStore }
+            try store.flush()
+            try checkAfterCrash()
+            log("store accepted a flush after the fault")
+        } catch let e as SimulationFailure {
+            throw e
+        } catch {
+            log("store refuses after the fault: \(error)")
+        }
+        disk.powerLoss()
+    }
 
     func reopen() throws -> Store {
         do {
@@ -425,7 +474,13 @@ public final class Simulation {
     func checkExact() throws {
         for (name, m) in model {
             let actual = try readAll(name, size: m.bytes.count)
-            if actual != m.bytes { throw fail("\(name) differs from the model") }
+            if actual != m.bytes {
+                if trace {
+                    let differing = zip(actual, m.bytes).enumerated().filter { $0.element.0 != $0.element.1 }.map(\.offset)
+                    print("\(name): \(differing.count) bytes differ, first \(differing.prefix(8)); sizes \(actual.count)/\(m.bytes.count)")
+                }
+                throw fail("\(name) differs from the model")
+            }
         }
         let names = Set(store!.list().map { $0.name })
         if names != Set(model.keys) { throw fail("images \(names.sorted()) but model has \(model.keys.sorted())") }

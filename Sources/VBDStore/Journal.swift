@@ -8,6 +8,10 @@ import VBDCore
 // the journal. A frame carries the checkpoint generation, a sequence number and a checksum, so
 // recovery replays whole frames in order and stops at the first torn or stale one: a flush batch
 // is all-or-nothing, and every chunk a replayed record names was synced before the record.
+// Only the last frame can be torn (each frame is synced before the next is written, and a
+// failed sync stops all further flushes), so a bad frame followed by a valid frame of the same
+// generation is corruption: opening refuses (``JournalDamage``) instead of dropping the
+// acknowledged frames behind it.
 //
 // Frame: magic u32 | generation u64 | sequence u64 | payload length u32 | payload | xxh3-64 u64
 // (checksum over everything from generation to the end of the payload).
@@ -124,6 +128,82 @@ enum JournalFrame {
             expectedSequence += 1
         }
         return (payloads, at)
+    }
+
+    /// Frames of `generation` with a sequence number above `sequenceAbove`-1 that start after
+    /// byte `start` and pass their checksum: looked for at every offset, since the bad frame's
+    /// length cannot be trusted.
+    static func validFrames(in bytes: [UInt8], after start: Int, generation: UInt64,
+                            sequenceAbove first: UInt64) -> [JournalDamage.Frame] {
+        var found: [JournalDamage.Frame] = []
+        var at = start + 1
+        while bytes.count - at >= headerBytes + trailerBytes {
+            var r = BinaryReader(bytes, position: at)
+            guard let m = try? r.u32(), m == magic,
+                  let g = try? r.u64(), g == generation,
+                  let s = try? r.u64(), s >= first,
+                  let n = try? r.u32(), Int(n) <= payloadBytesMax,
+                  bytes.count - at >= headerBytes + Int(n) + trailerBytes
+            else { at += 1; continue }
+            let end = at + headerBytes + Int(n)
+            let sum = bytes.withUnsafeBytes { metadataChecksum(UnsafeRawBufferPointer(rebasing: $0[(at + 4)..<end])) }
+            var t = BinaryReader(bytes, position: end)
+            guard let stored = try? t.u64(), stored == sum else { at += 1; continue }
+            var records = 0
+            var p = BinaryReader(Array(bytes[(at + headerBytes)..<end]))
+            while p.remaining > 0, (try? JournalRecord.decode(&p)) != nil { records += 1 }
+            found.append(JournalDamage.Frame(sequence: s, offset: at, payloadBytes: Int(n), records: records))
+            at = end + trailerBytes
+        }
+        return found
+    }
+}
+
+/// A corrupt journal frame with valid frames after it: what opening refuses, and exactly what a
+/// repair would drop.
+public struct JournalDamage: Sendable, Equatable, CustomStringConvertible {
+    public struct Frame: Sendable, Equatable {
+        public var sequence: UInt64
+        public var offset: Int
+        public var payloadBytes: Int
+        public var records: Int
+    }
+    public var journal: String
+    /// Sequence number and byte offset of the first frame that fails its checks.
+    public var badFrame: UInt64
+    public var badOffset: Int
+    /// Bytes from the bad frame to the end of the journal (all of them would be dropped).
+    public var droppedBytes: Int
+    /// The valid frames found after the bad one.
+    public var followingFrames: [Frame]
+
+    /// Nil when nothing valid follows the first bad frame (a torn tail, which is normal).
+    init?(journal: String, bytes: [UInt8], validBytes: Int, validFrames: Int, generation: UInt64) {
+        let following = JournalFrame.validFrames(in: bytes, after: validBytes, generation: generation,
+                                                 sequenceAbove: UInt64(validFrames))
+        guard !following.isEmpty else { return nil }
+        self.journal = journal
+        badFrame = UInt64(validFrames)
+        badOffset = validBytes
+        droppedBytes = bytes.count - validBytes
+        followingFrames = following
+    }
+
+    var followingDescription: String {
+        followingFrames.map { "frame \($0.sequence) at offset \($0.offset) (\($0.records) records)" }.joined(separator: ", ")
+    }
+
+    public var description: String {
+        let records = followingFrames.reduce(0) { $0 + $1.records }
+        return "\(journal) frame \(badFrame) at offset \(badOffset) is corrupt, but \(followingFrames.count) valid frame(s) " +
+            "follow it: \(followingDescription); they hold acknowledged writes (\(records) records), so this is " +
+            "not a torn tail. `vbdtool fsck --repair` drops frame \(badFrame) and everything after it (\(droppedBytes) bytes)"
+    }
+
+    /// What a repair drops, said before it drops it.
+    public var repairDescription: String {
+        "\(journal): dropping corrupt frame \(badFrame) at offset \(badOffset) and everything after it " +
+            "(\(droppedBytes) bytes), including the valid \(followingDescription); the changes they recorded are lost"
     }
 }
 

@@ -9,6 +9,7 @@ import CVBDSys
 public final class PosixDirectory: StorageDirectory {
     public let path: String
     private var lockDescriptor: Int32 = -1
+    private var wrotePidFile = false
 
     public init(path: String, create: Bool) throws(StorageError) {
         self.path = path
@@ -41,7 +42,6 @@ public final class PosixDirectory: StorageDirectory {
         if unlink(path + "/" + name) != 0 && errno != ENOENT {
             throw .io("unlink \(name): \(String(cString: strerror(errno)))")
         }
-        syncDirectory()
     }
 
     public func fileNames() throws(StorageError) -> [String] {
@@ -57,34 +57,62 @@ public final class PosixDirectory: StorageDirectory {
         return names
     }
 
+    /// The lock is held on the store directory itself: `rm lock` (or deleting any file) cannot
+    /// defeat it, and a second writer or a reader is refused for as long as this process lives.
+    /// The `lock` file only tells the refused process which pid holds the store.
     public func lockExclusive() throws(StorageError) {
-        let fd = open(path + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw .io("cannot open lock file: \(String(cString: strerror(errno)))") }
-        if flock(fd, LOCK_EX | LOCK_NB) != 0 {
-            var buf = [UInt8](repeating: 0, count: 32)
-            let n = pread(fd, &buf, 31, 0)
-            let holder = n > 0 ? String(decoding: buf[..<n], as: UTF8.self).trimmingSpaces : "unknown"
+        let fd = try lockDirectory(LOCK_EX)
+        let pidFile = open(path + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        if pidFile >= 0 {
+            let pid = "\(getpid())\n"
+            _ = ftruncate(pidFile, 0)
+            _ = pid.withCString { pwrite(pidFile, $0, strlen($0), 0) }
+            close(pidFile)
+        }
+        lockDescriptor = fd
+        wrotePidFile = true
+    }
+
+    public func lockShared() throws(StorageError) {
+        lockDescriptor = try lockDirectory(LOCK_SH)
+    }
+
+    private func lockDirectory(_ mode: Int32) throws(StorageError) -> Int32 {
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { throw .io("cannot open \(path) to lock it: \(String(cString: strerror(errno)))") }
+        if flock(fd, mode | LOCK_NB) != 0 {
             close(fd)
+            var buf = [UInt8](repeating: 0, count: 32)
+            var holder = "unknown"
+            let pidFile = open(path + "/lock", O_RDONLY | O_CLOEXEC)
+            if pidFile >= 0 {
+                let n = pread(pidFile, &buf, 31, 0)
+                if n > 0 { holder = String(decoding: buf[..<n], as: UTF8.self).trimmingSpaces }
+                close(pidFile)
+            }
             throw .locked("store at \(path) is in use by another process (pid \(holder)); stop it or talk to it through its control socket")
         }
-        let pid = "\(getpid())\n"
-        _ = ftruncate(fd, 0)
-        _ = pid.withCString { pwrite(fd, $0, strlen($0), 0) }
-        lockDescriptor = fd
+        return fd
     }
 
     public func unlock() {
         if lockDescriptor >= 0 {
-            _ = ftruncate(lockDescriptor, 0)
+            if wrotePidFile { _ = truncate(path + "/lock", 0) }
+            wrotePidFile = false
             close(lockDescriptor)
             lockDescriptor = -1
         }
     }
 
     /// Makes file creations and removals durable (the directory entry itself).
-    func syncDirectory() {
+    public func syncDirectory() throws(StorageError) {
         let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if fd >= 0 { _ = fsync(fd); close(fd) }
+        guard fd >= 0 else { throw .io("open \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        if fsync(fd) != 0 {
+            let e = errno
+            throw e == ENOSPC ? .noSpace : .io("fsync \(path): \(String(cString: strerror(e)))")
+        }
     }
 }
 

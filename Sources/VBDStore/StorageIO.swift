@@ -8,8 +8,10 @@
 /// 1. `write` returns once the bytes are visible to later `read`s, not once they are durable.
 /// 2. `sync` makes every earlier `write`, `truncate` and `punchHole` of that file durable.
 /// 3. Unsynced writes may survive a crash whole, partly (any subset of 512-byte sectors) or not at all.
-/// 4. Creating and removing a file is durable when the call returns (a journaling file system's
-///    metadata); the store never relies on the order of two such calls.
+/// 4. Creating and removing a file is durable only after a later `syncDirectory` returns (the
+///    directory entry is metadata of the directory, not of the file: fsync(2) on Linux).
+/// 5. A failed `sync` may have dropped the unsynced writes, and a later `sync` may then report
+///    success without writing them (Linux after a writeback error): the caller must not retry.
 public protocol StorageFile: AnyObject {
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) -> Int
     func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError)
@@ -29,8 +31,12 @@ public protocol StorageDirectory: AnyObject {
     func fileExists(_ name: String) -> Bool
     func removeFile(_ name: String) throws(StorageError)
     func fileNames() throws(StorageError) -> [String]
+    /// Makes every earlier creation and removal of a file in the directory durable.
+    func syncDirectory() throws(StorageError)
     /// Takes the single-writer lock; throws `.locked` if another process holds it.
     func lockExclusive() throws(StorageError)
+    /// Takes a reader's lock: shared with other readers, refused while a writer holds the store.
+    func lockShared() throws(StorageError)
     func unlock()
     /// Human-readable location, for messages.
     var path: String { get }

@@ -443,6 +443,7 @@ extension Store {
                 var ok = true
                 for i in blocks.indices where !blocks[i].isZero && blocks[i].chunk == 0 {
                     let sectors = blocks[i].sectorCount
+                    if spaceReserveRefusesNewDataLocked() { ok = false; break }   // the disk is full
                     if options.dataBytesMax > 0 &&
                         (space.usedSectors + UInt64(sectors)) * UInt64(Limits.sectorBytes) > options.dataBytesMax {
                         ok = false; break

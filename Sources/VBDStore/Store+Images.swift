@@ -64,7 +64,7 @@ extension Store {
 
     func checkOpen() throws {
         if closed { throw StoreError.io("store is closed") }
-        if let poisoned { throw StoreError.io("store is read-only after an earlier failure: \(poisoned)") }
+        if let poisoned { throw StoreError.io("store is read-only: \(poisoned)") }
     }
 
     // MARK: Operations
@@ -81,23 +81,21 @@ extension Store {
         guard size > 0, size <= Limits.volumeBytesMax else {
             throw StoreError.invalidArgument("volume size must be between 1 byte and \(Limits.volumeBytesMax) bytes")
         }
-        let info = try mutex.withLock { () throws -> ImageInfo in
-            try checkOpen()
+        return try commitDurably { () throws -> (records: [JournalRecord], result: () -> ImageInfo) in
             guard volumeLocked(named: name) == nil else { throw StoreError.alreadyExists(name) }
+            var records: [JournalRecord] = []
             var domain = groups[group]
             if domain == nil {
                 let next = (groups.values.max() ?? 0) + 1
                 guard next < UInt16.max else { throw StoreError.invalidArgument("too many sharing groups") }
-                try commit(.renameGroup(domain: next, group: group))
+                records.append(.renameGroup(domain: next, group: group))
                 domain = next
             }
             let r = ImageRecord(id: nextImageID, kind: .volume, name: name, volumeID: 0, originID: 0, size: size,
                                 blockShift: UInt8(blockSize.trailingZeroBitCount), domain: domain!, createdAt: options.now())
-            try commit(.createImage(r))
-            return infoLocked(images[r.id]!)
+            records.append(.createImage(r))
+            return (records, { self.infoLocked(self.images[r.id]!) })
         }
-        try flush()
-        return info
     }
 
     /// A read-only point-in-time image of `volume`, named `volume@name`. O(1): the snapshot's
@@ -106,8 +104,7 @@ extension Store {
     @discardableResult
     public func snapshot(volume: String, name: String) throws -> ImageInfo {
         try Store.validate(name: name, what: "snapshot")
-        let info = try mutex.withLock { () throws -> ImageInfo in
-            try checkOpen()
+        return try commitDurably { () throws -> (records: [JournalRecord], result: () -> ImageInfo) in
             guard let v = volumeLocked(named: volume) else { throw StoreError.notFound(volume) }
             guard imageLocked(named: volume + "@" + name) == nil else { throw StoreError.alreadyExists(volume + "@" + name) }
             var r = v.record
@@ -116,19 +113,15 @@ extension Store {
             r.name = name
             r.volumeID = v.record.id
             r.createdAt = options.now()
-            try commit(.cloneImage(source: v.record.id, r))
-            return infoLocked(images[r.id]!)
+            return ([.cloneImage(source: v.record.id, r)], { self.infoLocked(self.images[r.id]!) })
         }
-        try flush()
-        return info
     }
 
     /// A new writable volume that starts as `snapshot`'s contents (`VOLUME@SNAP`). O(1).
     @discardableResult
     public func share(snapshot: String, as newName: String) throws -> ImageInfo {
         try Store.validate(name: newName, what: "volume")
-        let info = try mutex.withLock { () throws -> ImageInfo in
-            try checkOpen()
+        return try commitDurably { () throws -> (records: [JournalRecord], result: () -> ImageInfo) in
             guard let s = imageLocked(named: snapshot) else { throw StoreError.notFound(snapshot) }
             guard s.record.kind == .snapshot else {
                 throw StoreError.invalidArgument("'\(snapshot)' is a volume; share a snapshot of it (VOLUME@SNAPSHOT)")
@@ -141,19 +134,15 @@ extension Store {
             r.volumeID = 0
             r.originID = s.record.id
             r.createdAt = options.now()
-            try commit(.cloneImage(source: s.record.id, r))
-            return infoLocked(images[r.id]!)
+            return ([.cloneImage(source: s.record.id, r)], { self.infoLocked(self.images[r.id]!) })
         }
-        try flush()
-        return info
     }
 
     /// Deletes a volume or a snapshot. Blocks no other image holds are reclaimed (given back to
     /// the file system once the delete is durable, which it is when this returns).
     /// Refuses, naming them, when snapshots or shares depend on it, unless `force`.
     public func delete(_ name: String, force: Bool = false) throws {
-        try mutex.withLock { () throws in
-            try checkOpen()
+        try commitDurably { () throws -> (records: [JournalRecord], result: () -> Void) in
             guard let image = imageLocked(named: name) else { throw StoreError.notFound(name) }
             var victims: [Image] = [image]
             if image.record.kind == .snapshot {
@@ -172,17 +161,14 @@ extension Store {
                 }
                 victims.append(contentsOf: snaps)
             }
-            for v in victims.sorted(by: { $0.record.id > $1.record.id }) {
-                try commit(.deleteImage(v.record.id))
-            }
+            let records = victims.sorted(by: { $0.record.id > $1.record.id }).map { JournalRecord.deleteImage($0.record.id) }
+            return (records, {})
         }
-        try flush()
     }
 
     /// Grows a volume. Shrinking would silently drop data and is refused.
     public func resize(volume: String, size: UInt64) throws {
-        try mutex.withLock { () throws in
-            try checkOpen()
+        try commitDurably { () throws -> (records: [JournalRecord], result: () -> Void) in
             guard let v = volumeLocked(named: volume) else {
                 if imageLocked(named: volume) != nil { throw StoreError.readOnly(volume) }
                 throw StoreError.notFound(volume)
@@ -191,10 +177,9 @@ extension Store {
             guard size >= v.record.size else {
                 throw StoreError.notSupported("shrinking '\(volume)' from \(v.record.size) to \(size) bytes would discard data; only growing is supported")
             }
-            if size == v.record.size { return }
-            try commit(.resize(image: v.record.id, size: size))
+            if size == v.record.size { return ([], {}) }
+            return ([.resize(image: v.record.id, size: size)], {})
         }
-        try flush()
     }
 
     /// The dedup domain (cache owner group) of a sharing group, if it exists.

@@ -71,6 +71,64 @@ extension Store {
     }
 
     var pendingBytes: Int { pending.bytes.count }
+
+    /// Runs a control operation (create, snapshot, share, delete, resize): `plan` validates it
+    /// under `mutex` and returns its records, which are made durable in a frame of their own
+    /// (after the writes queued before them) and only then applied. A failure leaves memory,
+    /// the journal and what clients see unchanged, so nothing that failed can take effect later.
+    ///
+    /// The frame is written and synced under `mutex`: writes queued in between must not land
+    /// after the records in the journal, or replay would apply them in another order than the
+    /// live store did (a snapshot would miss them, a write would follow its image's delete).
+    /// Control operations are rare; the stall is one journal write and sync, after a flush that
+    /// leaves little to sync.
+    func commitDurably<T>(_ plan: () throws -> (records: [JournalRecord], result: () -> T)) throws -> T {
+        let result: T = try flushMutex.withLock {
+            try flushLocked()
+            mutex.lock()
+            defer { mutex.unlock() }
+            try checkOpen()
+            let (records, result) = try plan()
+            guard !records.isEmpty else { return result() }
+            var batch = BinaryWriter(capacity: pending.bytes.count + 256)
+            batch.raw(pending.bytes)
+            for r in records { r.encode(into: &batch) }
+            let frame = JournalFrame.encode(generation: generation, sequence: journalSequence, payload: batch.bytes)
+            var step = "fdatasync of the data file"
+            do throws(StorageError) {
+                // Writes queued since the flush above name chunks that are not synced yet.
+                if !pending.bytes.isEmpty { try dataFile.sync() }
+                step = "journal write"
+                try writeUsingSpaceReserve(frame, to: journalFile, at: journalEnd)
+                step = "fdatasync of journal-\(generation)"
+                try journalFile.sync()
+            } catch {
+                let e: StorageError = error
+                if step != "journal write" {
+                    if failure == nil { failure = "\(step) failed (\(e))" }
+                    throw StoreError.io("\(step) failed: \(e); the store refuses writes until it is reopened")
+                }
+                throw e == .noSpace ? StoreError.noSpace : StoreError.io("\(step) failed: \(e)")
+            }
+            journalEnd += UInt64(frame.count)
+            journalSequence += 1
+            pending = BinaryWriter()
+            pendingRecordCount = 0
+            do {
+                for r in records { try apply(r) }
+            } catch {
+                // The records are durable but memory could not follow: only a reopen is safe.
+                failure = "applying a durable control record failed: \(error)"
+                throw error
+            }
+            return result()
+        }
+        // The frees of a delete become releasable with the next frame; make it now, so the space
+        // comes back when the command returns (and a full disk recovers at once). The operation
+        // itself is durable already: a failure here is the next flush's to report.
+        _ = try? flush()
+        return result
+    }
 }
 
 // MARK: - Flush
@@ -80,6 +138,7 @@ extension Store {
     public func flush() throws {
         try flushMutex.withLock {
             try flushLocked()
+            if spaceReserveInUse.load(ordering: .relaxed) { refillSpaceReserve() }
         }
         try checkpointIfJournalLarge()
     }
@@ -92,36 +151,54 @@ extension Store {
             pendingRecordCount = 0
             return (b, space.takeDeferred(), journalSequence, generation, poisoned)
         }
-        if let poison { throw StoreError.io("store is read-only after an earlier failure: \(poison)") }
-        do {
+        if let poison {
+            restorePending(batch, frees)
+            throw StoreError.io("store is read-only: \(poison)")
+        }
+        var step = "fdatasync of the data file"
+        do throws(StorageError) {
             // 1. The chunks the records name are durable before the records.
             try dataFile.sync()
             if !batch.isEmpty {
                 // 2. One frame: replay applies it whole or not at all.
                 let frame = JournalFrame.encode(generation: gen, sequence: seq, payload: batch)
                 let at = mutex.withLock { journalEnd }
-                try frame.withUnsafeBytes { try journalFile.write($0, at: at) }
+                step = "journal write"
+                try writeUsingSpaceReserve(frame, to: journalFile, at: at)
+                step = "fdatasync of journal-\(gen)"
                 try journalFile.sync()
                 mutex.withLock {
                     journalEnd = at + UInt64(frame.count)
                     journalSequence = seq + 1
                 }
             }
-        } catch let e as StorageError {
+        } catch {
+            let e: StorageError = error
             // Nothing of this batch counts as written: a torn frame fails its checksum and the
             // next attempt overwrites it at the same offset. Put the batch back in front of what
             // came since, so the journal never has a gap.
-            mutex.withLock {
-                var restored = BinaryWriter(capacity: batch.count + pending.bytes.count)
-                restored.raw(batch)
-                restored.raw(pending.bytes)
-                pending = restored
-                space.restoreDeferred(frees)
+            restorePending(batch, frees)
+            // A failed sync may have dropped dirty pages that a retried sync would then call
+            // durable: no later flush may succeed. A failed write changed nothing durable.
+            if step != "journal write" {
+                mutex.withLock { if failure == nil { failure = "\(step) failed (\(e))" } }
+                throw StoreError.io("flush failed: \(step): \(e); the store refuses writes until it is reopened")
             }
-            throw e == .noSpace ? StoreError.noSpace : StoreError.io("flush failed: \(e)")
+            throw e == .noSpace ? StoreError.noSpace : StoreError.io("flush failed: \(step): \(e)")
         }
         // 3. The frees in this batch are durable: the space may be reused and given back.
         try releaseFrees(frees)
+    }
+
+    /// Puts an unwritten batch back in front of the records queued since. Takes `mutex`.
+    func restorePending(_ batch: [UInt8], _ frees: [(sector: UInt64, count: Int)]) {
+        mutex.withLock {
+            var restored = BinaryWriter(capacity: batch.count + pending.bytes.count)
+            restored.raw(batch)
+            restored.raw(pending.bytes)
+            pending = restored
+            space.restoreDeferred(frees)
+        }
     }
 
     func releaseFrees(_ frees: [(sector: UInt64, count: Int)]) throws {
@@ -141,6 +218,82 @@ extension Store {
     }
 }
 
+// MARK: - Space reserve
+
+extension Store {
+    static let spaceReserveFile = "reserve"
+
+    /// Writes `bytes` at `offset`; on ENOSPC gives the space reserve back to the file system and
+    /// tries once more, so a full disk still takes journal frames and checkpoints.
+    func writeUsingSpaceReserve(_ bytes: [UInt8], to file: any StorageFile, at offset: UInt64) throws(StorageError) {
+        do {
+            try Store.write(bytes, to: file, at: offset)
+        } catch .noSpace {
+            guard releaseSpaceReserve() else { throw .noSpace }
+            try Store.write(bytes, to: file, at: offset)
+        }
+    }
+
+    /// `file.write` of an array, keeping the error's type (`withUnsafeBytes` does not).
+    static func write(_ bytes: [UInt8], count: Int? = nil, to file: any StorageFile, at offset: UInt64) throws(StorageError) {
+        var failure: StorageError?
+        bytes.withUnsafeBytes { b in
+            do throws(StorageError) { try file.write(UnsafeRawBufferPointer(rebasing: b[..<(count ?? b.count)]), at: offset) } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+
+    /// Empties the reserve file; false if it held nothing. New block data is refused from now
+    /// on, so the freed space goes to metadata. Callers hold `flushMutex` (or are in init).
+    func releaseSpaceReserve() -> Bool {
+        guard let reserveFile, (try? reserveFile.size()) ?? 0 > 0 else { return false }
+        reserveRefusals.store(0, ordering: .relaxed)
+        spaceReserveInUse.store(true, ordering: .relaxed)
+        do { try reserveFile.truncate(to: 0) } catch { return false }
+        return true
+    }
+
+    /// With `mutex` held: whether new block data must be refused because the reserve is out.
+    /// Space may have come back without a flush (another file deleted, a transient error), so
+    /// the first refusal and every 64th after it try to refill the reserve right here; that is
+    /// I/O under the store lock, but only while the disk is (or was just) full.
+    func spaceReserveRefusesNewDataLocked() -> Bool {
+        guard spaceReserveInUse.load(ordering: .relaxed) else { return false }
+        let refusal = reserveRefusals.add(1, ordering: .relaxed).oldValue
+        guard refusal % 64 == 0, flushMutex.tryLock() else { return true }
+        defer { flushMutex.unlock() }
+        refillSpaceReserve()
+        return spaceReserveInUse.load(ordering: .relaxed)
+    }
+
+    /// Fills the reserve file up to `spaceReserveBytes`; on ENOSPC empties it again and leaves
+    /// the reserve in use (writes of new data keep getting ENOSPC). `flushMutex` held or init.
+    func refillSpaceReserve() {
+        let want = options.spaceReserveBytes
+        guard want > 0 else { return }
+        do {
+            if reserveFile == nil { reserveFile = try directory.openFile(Store.spaceReserveFile, create: true) }
+            guard let file = reserveFile else { return }
+            let have = try file.size()
+            if have < want {
+                // Written, not just extended: a sparse file would reserve nothing.
+                let zeros = [UInt8](repeating: 0, count: Int(min(want - have, 1 << 20)))
+                var at = have
+                while at < want {
+                    let n = Int(min(UInt64(zeros.count), want - at))
+                    try Store.write(zeros, count: n, to: file, at: at)
+                    at += UInt64(n)
+                }
+                try file.sync()
+            }
+            spaceReserveInUse.store(false, ordering: .relaxed)
+        } catch {
+            try? reserveFile?.truncate(to: 0)
+            spaceReserveInUse.store(true, ordering: .relaxed)
+        }
+    }
+}
+
 // MARK: - Checkpoint and superblock
 
 extension Store {
@@ -155,34 +308,67 @@ extension Store {
         try flushMutex.withLock {
             mutex.lock()
             defer { mutex.unlock() }
-            if let poisoned { throw StoreError.io("store is read-only after an earlier failure: \(poisoned)") }
+            if let poisoned { throw StoreError.io("store is read-only: \(poisoned)") }
             try writeCheckpointLocked()
+            if spaceReserveInUse.load(ordering: .relaxed) { refillSpaceReserve() }
         }
     }
 
     /// With `mutex` (and `flushMutex`) held, or during init.
+    ///
+    /// The previous generation's files stay until the next checkpoint is durable: the older
+    /// superblock slot names them, and recovery falls back to them if the newest checkpoint is
+    /// damaged. A failure before the superblock write leaves the current generation in use and
+    /// the store writable (the new files are removed); a failed data sync or superblock write
+    /// poisons the store.
     func writeCheckpointLocked() throws {
+        if options.readOnly { throw StoreError.io("the store was opened read-only") }
         let frees = space.takeDeferred()
         let newGeneration = generation + 1
         let bytes = encodeCheckpoint(generation: newGeneration)
-        do {
+        var step = "fdatasync of the data file"
+        var superblockTouched = false
+        do throws(StorageError) {
             // Chunks named by the checkpoint (including unflushed writes it captures) first.
             try dataFile.sync()
+            step = "writing checkpoint-\(newGeneration)"
             let file = try directory.openFile("checkpoint-\(newGeneration)", create: true)
+            defer { file.close() }
             try file.truncate(to: 0)
-            try bytes.withUnsafeBytes { try file.write($0, at: 0) }
+            try writeUsingSpaceReserve(bytes, to: file, at: 0)
             try file.sync()
-            file.close()
+            step = "creating journal-\(newGeneration)"
             let journal = try directory.openFile("journal-\(newGeneration)", create: true)
-            try journal.truncate(to: 0)
-            try journal.sync()
-            try writeSuperblock(generation: newGeneration, checkpointBytes: UInt64(bytes.count),
-                                checkpointChecksum: metadataChecksum(bytes))
+            do {
+                try journal.truncate(to: 0)
+                try journal.sync()
+                // The superblock must never name a file whose directory entry a crash could drop.
+                step = "fsync of the store directory"
+                try directory.syncDirectory()
+                step = "superblock write"
+                superblockTouched = true
+                try writeSuperblock(generation: newGeneration, checkpointBytes: UInt64(bytes.count),
+                                    checkpointChecksum: metadataChecksum(bytes))
+            } catch {
+                journal.close()
+                throw error
+            }
             journalFile.close()
             journalFile = journal
-        } catch let e as StorageError {
-            poisoned = "\(e)"
-            throw e == .noSpace ? StoreError.noSpace : StoreError.io("checkpoint failed: \(e)")
+        } catch {
+            let e: StorageError = error
+            space.restoreDeferred(frees)
+            if superblockTouched || step.hasPrefix("fdatasync") {
+                // Which slot a crash would find is unknown (or dirty data pages may be gone):
+                // only a reopen can tell what is durable.
+                failure = "checkpoint failed at \(step) (\(e))"
+            } else if !closed {
+                try? directory.removeFile("checkpoint-\(newGeneration)")
+                try? directory.removeFile("journal-\(newGeneration)")
+            }
+            // A poisoned store is not merely full: callers that carry on after ENOSPC must not.
+            if failure == nil && e == .noSpace { throw StoreError.noSpace }
+            throw StoreError.io("checkpoint failed at \(step): \(e)")
         }
         let old = generation
         generation = newGeneration
@@ -190,29 +376,34 @@ extension Store {
         journalEnd = 0
         pending = BinaryWriter()
         pendingRecordCount = 0
-        // The new generation is durable: the old one's files and the frees it still needed go.
-        try? directory.removeFile("checkpoint-\(old)")
-        try? directory.removeFile("journal-\(old)")
+        // The new generation is durable; the one before the previous is named by no slot now.
+        if old >= 1 {
+            try? directory.removeFile("checkpoint-\(old - 1)")
+            try? directory.removeFile("journal-\(old - 1)")
+        }
         let punches = space.release(frees)
         for p in punches { try? dataFile.punchHole(offset: p.offset, length: p.length) }
     }
 
-    func writeSuperblock(generation: UInt64, checkpointBytes: UInt64, checkpointChecksum: UInt64) throws {
+    func writeSuperblock(generation: UInt64, checkpointBytes: UInt64, checkpointChecksum: UInt64) throws(StorageError) {
         var w = BinaryWriter(capacity: Store.superblockSlotBytes)
         w.u64(Store.superblockMagic); w.u32(Store.formatVersion); w.u64(generation); w.u64(secret)
         w.u64(checkpointBytes); w.u64(checkpointChecksum)
         w.u64(metadataChecksum(w.bytes))
         w.raw([UInt8](repeating: 0, count: Store.superblockSlotBytes - w.bytes.count))
         let slot = UInt64(generation % 2) * UInt64(Store.superblockSlotBytes)
-        try w.bytes.withUnsafeBytes { try superblockFile.write($0, at: slot) }
+        try Store.write(w.bytes, to: superblockFile, at: slot)
         try superblockFile.sync()
     }
 
     struct SuperblockSlot { var generation: UInt64; var secret: UInt64; var checkpointBytes: UInt64; var checkpointChecksum: UInt64 }
 
-    func readSuperblockSlots() throws -> [SuperblockSlot] {
+    /// The valid slots, newest first, and the numbers of slots that were written but fail
+    /// their checks (a slot of zeroes was never written).
+    func readSuperblockSlots() throws -> (valid: [SuperblockSlot], damaged: [Int]) {
         let bytes = try superblockFile.readAll()
         var slots: [SuperblockSlot] = []
+        var damaged: [Int] = []
         for k in 0..<2 {
             let at = k * Store.superblockSlotBytes
             // magic 8 | version 4 | generation 8 | secret 8 | checkpoint length 8 | checksum 8 | slot checksum 8
@@ -222,10 +413,13 @@ extension Store {
                   let version = try? r.u32(), version == Store.formatVersion,
                   let gen = try? r.u64(), let sec = try? r.u64(), let n = try? r.u64(), let sum = try? r.u64(),
                   let check = try? r.u64(), check == metadataChecksum(Array(bytes[at..<at + 44]))
-            else { continue }
+            else {
+                if bytes[at..<at + 52].contains(where: { $0 != 0 }) { damaged.append(k) }
+                continue
+            }
             slots.append(SuperblockSlot(generation: gen, secret: sec, checkpointBytes: n, checkpointChecksum: sum))
         }
-        return slots.sorted { $0.generation > $1.generation }
+        return (slots.sorted { $0.generation > $1.generation }, damaged)
     }
 
     // MARK: Checkpoint encoding
@@ -364,21 +558,32 @@ extension Store {
     // MARK: Recovery
 
     func recover() throws {
-        let slots = try readSuperblockSlots()
-        guard let slot = slots.first else { throw StoreError.corrupted("no valid superblock in \(directory.path)") }
+        let (slots, damagedSlots) = try readSuperblockSlots()
+        guard !slots.isEmpty else { throw StoreError.corrupted("no valid superblock in \(directory.path)") }
+        // The newest slot whose checkpoint is intact; the older slot's checkpoint is kept until
+        // a newer one is durable, so one damaged file or slot costs at most a generation.
+        var chosen: (slot: SuperblockSlot, bytes: [UInt8])?
+        var damage: [String] = damagedSlots.map { "superblock slot \($0) fails its checksum" }
+        for slot in slots {
+            do {
+                chosen = (slot, try checkpointBytes(named: slot))
+                break
+            } catch let e as StoreError where e.code == "corrupted" {
+                damage.append(e.description)
+            }
+        }
+        guard let (slot, bytes) = chosen else {
+            throw StoreError.corrupted("no usable checkpoint: " + damage.joined(separator: "; "))
+        }
+        if !damage.isEmpty {
+            // A damaged slot's generation is unknown; a damaged checkpoint was newer than this one.
+            recoveryWarnings.append("opened checkpoint-\(slot.generation) although \(damage.joined(separator: "; ")): " +
+                                    "if that was the newest generation, changes made after checkpoint-\(slot.generation) " +
+                                    "was superseded are lost, and blocks whose space was reused since read as errors (run fsck)")
+        }
         generation = slot.generation
         secret = slot.secret
-        let checkpointFile: any StorageFile
-        do { checkpointFile = try directory.openFile("checkpoint-\(slot.generation)", create: false) } catch {
-            throw StoreError.corrupted("checkpoint-\(slot.generation) named by the superblock is missing")
-        }
-        let bytes = try checkpointFile.readAll()
-        checkpointFile.close()
-        guard UInt64(bytes.count) >= slot.checkpointBytes,
-              metadataChecksum(Array(bytes[..<Int(slot.checkpointBytes)])) == slot.checkpointChecksum else {
-            throw StoreError.corrupted("checkpoint-\(slot.generation) does not match the superblock")
-        }
-        try decodeCheckpoint(Array(bytes[..<Int(slot.checkpointBytes)]), expectedGeneration: slot.generation)
+        try decodeCheckpoint(bytes, expectedGeneration: slot.generation)
         guard secret == slot.secret else { throw StoreError.corrupted("checkpoint and superblock disagree on the store secret") }
         // Every chunk in the checkpoint is held by some map (a free one is never written).
         if chunks.end > 1 {
@@ -387,25 +592,41 @@ extension Store {
             }
         }
         // Replay the journal's valid prefix.
-        journalFile = try directory.openFile("journal-\(generation)", create: true)
+        let journalName = "journal-\(generation)"
+        if options.readOnly {
+            do { journalFile = try directory.openFile(journalName, create: false) } catch {
+                throw StoreError.corrupted("\(journalName) named by the superblock is missing")
+            }
+        } else {
+            journalFile = try directory.openFile(journalName, create: true)
+        }
         let journalBytes = try journalFile.readAll()
         let (payloads, valid) = JournalFrame.decodeValidPrefix(journalBytes, generation: generation)
+        if valid < journalBytes.count,
+           let found = JournalDamage(journal: journalName, bytes: journalBytes, validBytes: valid,
+                                     validFrames: payloads.count, generation: generation) {
+            // Valid frames after a bad one were acknowledged flushes: not a torn tail.
+            guard let repair = options.repairJournal, !options.readOnly, repair(found) else {
+                throw StoreError.corrupted(found.description)
+            }
+        }
         replaying = true
         defer { replaying = false }
-        for payload in payloads {
+        for (k, payload) in payloads.enumerated() {
             var r = BinaryReader(payload)
             while r.remaining > 0 {
                 let record: JournalRecord
                 do { record = try JournalRecord.decode(&r) } catch {
-                    throw StoreError.corrupted("journal-\(generation) frame has a malformed record")
+                    throw StoreError.corrupted("\(journalName) frame \(k) has a malformed record")
                 }
                 try apply(record)
             }
         }
         journalSequence = UInt64(payloads.count)
         journalEnd = UInt64(valid)
-        if journalBytes.count > valid {
-            // A torn or unfinished frame from the crash: cut it so new frames follow valid ones.
+        if journalBytes.count > valid && !options.readOnly {
+            // A torn or unfinished frame from the crash (or, after an explicit repair, what the
+            // operator agreed to drop): cut it so new frames follow valid ones.
             try journalFile.truncate(to: UInt64(valid))
             try journalFile.sync()
         }
@@ -420,12 +641,35 @@ extension Store {
         }
         chunks.rebuildFreeList()
         try rebuildSpace()
-        // Files of other generations are leftovers of an interrupted checkpoint.
+        guard !options.readOnly else { return }
+        // Files of other generations are leftovers of an interrupted checkpoint, except the
+        // previous generation's while the older slot names it.
+        let keep: Set<UInt64> = Set(slots.map(\.generation).filter { $0 == generation || $0 + 1 == generation })
         for name in (try? directory.fileNames()) ?? [] {
             for prefix in ["checkpoint-", "journal-"] where name.hasPrefix(prefix) {
-                if let g = UInt64(name.dropFirst(prefix.count)), g != generation { try? directory.removeFile(name) }
+                if let g = UInt64(name.dropFirst(prefix.count)), !keep.contains(g) { try? directory.removeFile(name) }
             }
         }
+    }
+
+    /// The checkpoint a superblock slot names, checked against the slot's length and checksum.
+    func checkpointBytes(named slot: SuperblockSlot) throws -> [UInt8] {
+        let name = "checkpoint-\(slot.generation)"
+        let file: any StorageFile
+        do { file = try directory.openFile(name, create: false) } catch .notFound {
+            throw StoreError.corrupted("\(name) named by the superblock is missing")
+        } catch {
+            throw StoreError(error)
+        }
+        defer { file.close() }
+        let bytes: [UInt8]
+        // An I/O error says nothing about the contents: fail the open rather than fall back.
+        do { bytes = try file.readAll() } catch { throw StoreError.io("\(name) cannot be read: \(error)") }
+        guard UInt64(bytes.count) >= slot.checkpointBytes,
+              metadataChecksum(Array(bytes[..<Int(slot.checkpointBytes)])) == slot.checkpointChecksum else {
+            throw StoreError.corrupted("\(name) does not match the superblock")
+        }
+        return Array(bytes[..<Int(slot.checkpointBytes)])
     }
 
     /// The allocator follows from the chunk table: everything else in the data file is free.
@@ -439,7 +683,7 @@ extension Store {
         }
         // Give back what the crash left allocated but unreferenced past the last live chunk.
         let used = space.endSector * UInt64(Limits.sectorBytes)
-        if try dataFile.size() > used {
+        if try dataFile.size() > used && !options.readOnly {
             try dataFile.truncate(to: used)
         }
     }

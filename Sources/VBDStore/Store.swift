@@ -1,3 +1,4 @@
+import Synchronization
 import VBDCore
 
 #if canImport(Glibc)
@@ -14,7 +15,8 @@ import Glibc
 //                     preserved), the chunk table; checksummed
 //   journal-G         frames of records since checkpoint G (see Journal.swift)
 //   data              chunk bytes, packed in 512-byte sectors (see SpaceAllocator.swift)
-//   lock              flock()ed by the one process that has the store open
+//   lock              the writer's pid; the lock itself is flock() on the directory
+//   reserve           space held back for metadata on a full disk (Store+Persistence.swift)
 //
 // All metadata lives in memory (maps, chunk table, dedup index) and every change to it is a
 // `JournalRecord` that is applied with the same code live and at recovery (`apply`), so replay
@@ -24,8 +26,9 @@ import Glibc
 // Durability (DESIGN.md invariant 1): a flush syncs the data file, then appends the pending
 // records as one frame and syncs the journal. A chunk's sectors are never reused before the
 // records freeing it are durable. Recovery = newest valid superblock -> its checkpoint -> the
-// valid frame prefix of its journal. Control operations (create, snapshot, share, delete,
-// resize) flush before they return.
+// valid frame prefix of its journal (or the older slot's, if the newest is damaged). Control
+// operations (create, snapshot, share, delete, resize) are applied only once their records are
+// durable (`commitDurably`). A failed sync poisons the store until it is reopened.
 //
 // Concurrency. Every lock, what it guards, and the order they are taken in (a thread holding a
 // lock may only take locks further down this list):
@@ -67,6 +70,17 @@ public final class Store: @unchecked Sendable {
         /// The simulator's controlled scheduler: every lock operation becomes a point where it may
         /// switch threads (see InterleavingScheduler.swift). nil in production.
         public var interleaving: (any InterleavingScheduler)?
+        /// Bytes kept in the `reserve` file so that a full disk still has room for the journal
+        /// frames of deletes, gc and flushes (ZFS's slop space). Released on ENOSPC; while it is
+        /// released no new block data is accepted, and it is refilled once space is free again.
+        public var spaceReserveBytes = UInt64(2 * Limits.pendingJournalBytesMax)
+        /// Open for reading only: a shared lock (refused while a writer has the store, shared
+        /// with other readers), no change to any file, no checkpoint on close.
+        public var readOnly = false
+        /// Called when the journal holds valid frames after a corrupt one (see ``JournalDamage``).
+        /// Returning true drops the corrupt frame and everything after it; nil or false refuses
+        /// to open. Only an explicit repair (`vbdtool fsck --repair`) sets it.
+        public var repairJournal: (@Sendable (JournalDamage) -> Bool)?
 
         public init() {}
     }
@@ -93,8 +107,23 @@ public final class Store: @unchecked Sendable {
     var journalEnd: UInt64 = 0
     var replaying = false
     var closed = false
-    /// Set by a failed flush: metadata may be ahead of the disk, so refuse further writes.
-    var poisoned: String?
+    /// Set when a sync failed (or a superblock write): what the disk holds is unknown, and a
+    /// retried fsync may report success for pages Linux already dropped, so nothing that needs
+    /// durability is acknowledged again until the store is reopened (and recovers from disk).
+    var failure: String?
+    /// Why writes are refused: an earlier failure, or a read-only open.
+    var poisoned: String? {
+        if let failure { return "\(failure); reopen the store to recover from what is on disk" }
+        return options.readOnly ? "it was opened read-only" : nil
+    }
+    /// The reserve was given up to metadata on a full disk: new block data gets ENOSPC until
+    /// it is refilled (see ``Options/spaceReserveBytes``). Written with `flushMutex` held.
+    let spaceReserveInUse = Atomic<Bool>(false)
+    var reserveFile: (any StorageFile)?
+    /// Writes refused since the reserve went out: paces refill attempts.
+    let reserveRefusals = Atomic<Int>(0)
+    /// What recovery had to do that an operator should know (a fallback to an older checkpoint).
+    public internal(set) var recoveryWarnings: [String] = []
 
     var dataFile: any StorageFile
     var journalFile: any StorageFile
@@ -131,9 +160,12 @@ public final class Store: @unchecked Sendable {
         mutex = StoreMutex(scheduler: options.interleaving)
         flushMutex = StoreMutex(scheduler: options.interleaving)
         stripeLocks = (0..<Store.stripeCount).map { _ in StoreMutex(scheduler: options.interleaving) }
-        do { try directory.lockExclusive() } catch { throw StoreError(error) }
+        do {
+            if options.readOnly { try directory.lockShared() } else { try directory.lockExclusive() }
+        } catch { throw StoreError(error) }
         do {
             if create {
+                if options.readOnly { throw StorageError.io("cannot create a store read-only") }
                 if directory.fileExists("superblock") { throw StorageError.io("exists") }
                 secret = options.secretForNewStore ?? Store.randomSeed()
                 superblockFile = try directory.openFile("superblock", create: true)
@@ -168,6 +200,7 @@ public final class Store: @unchecked Sendable {
                     try recover()
                 }
             }
+            if !options.readOnly { refillSpaceReserve() }
         } catch {
             directory.unlock()
             throw error
@@ -187,16 +220,24 @@ public final class Store: @unchecked Sendable {
     }
 
     /// Flushes, writes a checkpoint (so the next open replays nothing) and releases the lock.
+    /// A read-only store only releases its lock.
     public func close() throws {
         let alreadyClosed = mutex.withLock { closed }
         if alreadyClosed { return }
         defer {
             mutex.withLock { closed = true }
-            dataFile.close(); journalFile.close(); superblockFile.close()
+            dataFile.close(); journalFile.close(); superblockFile.close(); reserveFile?.close()
             directory.unlock()
         }
         if mutex.withLock({ poisoned }) == nil {
-            try checkpoint()
+            do { try checkpoint() } catch StoreError.noSpace {
+                // A full disk has no room for a new checkpoint; the journal holds everything,
+                // so a flush is a clean close (the next open replays it).
+                try flush()
+            }
+        } else if mutex.withLock({ failure }) != nil {
+            // Writes may have been acknowledged only up to the failure; say so on the way out.
+            throw StoreError.io("store closed without a checkpoint: \(poisoned!)")
         }
     }
 

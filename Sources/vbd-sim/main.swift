@@ -25,6 +25,9 @@ struct VBDSim: ParsableCommand {
     @Flag(help: "Print every operation (with --seed).")
     var trace = false
 
+    @Option(help: "Percent of steps with an injected fault (EIO, ENOSPC, a failed fsync that drops pages).")
+    var faultPercent: Int = 3
+
     @Option(help: "Operations per seed.")
     var steps: Int = 300
 
@@ -46,20 +49,23 @@ struct VBDSim: ParsableCommand {
         if concurrent { return try runConcurrent(list) }
         var failures = 0
         var crashes = 0
+        var faults = 0
         for s in list {
             do {
                 let simulation = Simulation(seed: s)
                 simulation.trace = trace
+                simulation.faultPercent = faultPercent
                 let summary = try simulation.run(steps: steps)
                 crashes += summary.crashes
+                faults += summary.faults
                 if seed != nil { print("seed \(s): ok, \(summary)") }
             } catch {
                 failures += 1
-                print("FAIL \(error)")
+                print(error is SimulationFailure ? "FAIL \(error)" : "FAIL seed \(s): \(error)\n  replay: vbd-sim --seed \(s)")
             }
             fflush(nil)
         }
-        print("vbd-sim: \(list.count - failures) passed, \(failures) failed (\(crashes) crashes recovered, \(steps) steps per seed)")
+        print("vbd-sim: \(list.count - failures) passed, \(failures) failed (\(crashes) crashes recovered, \(faults) injected faults, \(steps) steps per seed)")
         if failures > 0 { throw ExitCode(1) }
     }
 

@@ -7,6 +7,7 @@ import NBDServer
 import VBDAccounting
 import VBDCache
 import VBDControl
+import VBDCore
 import VBDMetrics
 import VBDCore
 import VBDStore
@@ -59,9 +60,35 @@ struct ServeCommand: AsyncParsableCommand {
         if tlsRequired && tlsCert == nil { throw ValidationError("--tls-required needs --tls-cert and --tls-key") }
         if let listen { _ = try Self.parseListen(listen) }
         if let metrics { _ = try Self.parseListen(metrics) }
-        if let cacheSize { _ = try parseSize(cacheSize, option: "--cache-size") }
-        if let lastChanceSize { _ = try parseSize(lastChanceSize, option: "--last-chance-size") }
-        if let maxDataSize { _ = try parseSize(maxDataSize, option: "--max-data-size") }
+        if let unix, absolutePath(unix).utf8.count >= 108 {
+            throw ValidationError("--unix: the socket path '\(absolutePath(unix))' is longer than the 107 bytes a Unix socket address holds")
+        }
+        for (option, path) in [("--tls-cert", tlsCert), ("--tls-key", tlsKey), ("--tls-ca", tlsCa)] {
+            if let path, access(path, R_OK) != 0 {
+                throw ValidationError("\(option): cannot read '\(path)': \(String(cString: strerror(errno)))")
+            }
+        }
+        // Every size is checked here, before anything starts: a cache of 0 bytes, or one larger
+        // than an Int, would otherwise trap while the server sets up (SIGILL).
+        let memory = ProcessInfo.processInfo.physicalMemory
+        if let cacheSize {
+            let bytes = try parseSize(cacheSize, option: "--cache-size")
+            guard bytes >= Self.cacheBytesMin, bytes <= memory else {
+                throw ValidationError("--cache-size: expected 1M up to this machine's memory (\(memory >> 20)M), got '\(cacheSize)'")
+            }
+        }
+        if let lastChanceSize {
+            let bytes = try parseSize(lastChanceSize, option: "--last-chance-size")
+            guard bytes <= memory else {
+                throw ValidationError("--last-chance-size: expected 0 (off) up to this machine's memory (\(memory >> 20)M), got '\(lastChanceSize)'")
+            }
+        }
+        if let maxDataSize {
+            let bytes = try parseSize(maxDataSize, option: "--max-data-size")
+            guard bytes >= Self.cacheBytesMin else {
+                throw ValidationError("--max-data-size: expected at least 1M (omit it for no cap), got '\(maxDataSize)'")
+            }
+        }
         if let deviceSlots, !(1...1024).contains(deviceSlots) { throw ValidationError("--device-slots: expected 1...1024, got \(deviceSlots)") }
         if reservedSlots < 0 || reservedSlots >= (deviceSlots ?? TenancyService.defaultDeviceParallelism) {
             throw ValidationError("--reserved-slots must be at least 0 and below the device slots (\(deviceSlots ?? TenancyService.defaultDeviceParallelism))")
@@ -97,6 +124,9 @@ struct ServeCommand: AsyncParsableCommand {
         vbd_keep_large_allocations(64 << 20, 256 << 20)
     }
 
+    /// The smallest cache (and data cap) accepted: one block of the largest size.
+    static let cacheBytesMin = UInt64(Limits.blockBytesMax)
+
     static func parseListen(_ text: String) throws -> (host: String, port: Int) {
         guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else {
             throw ValidationError("--listen: expected HOST:PORT (e.g. 127.0.0.1:10809, [::1]:10809), got '\(text)'")
@@ -126,6 +156,7 @@ struct ServeCommand: AsyncParsableCommand {
         let opened: Store
         do { opened = try Store.open(path: storePath, options: options) } catch { fail(ControlFailure(error), json: false) }
         let store = opened
+        for warning in store.recoveryWarnings { logger.warning("\(warning)") }
 
         var tcp: (host: String, port: Int)?
         if let listen { tcp = try Self.parseListen(listen) } else if unix == nil { tcp = ("127.0.0.1", 10809) }
@@ -141,7 +172,7 @@ struct ServeCommand: AsyncParsableCommand {
         let tenancy: TenancyService
         do { tenancy = try ControlService.openTenancy(storePath: storePath, leasesEnforced: enforceLeases) } catch {
             try? store.close()
-            fail(ControlFailure(code: "audit", message: "cannot open the audit log and accounting state: \(error)"), json: false)
+            fail(ControlFailure(code: "tenancy", message: "\(error)"), json: false)
         }
         let nbd = NBDServer(configuration: .init(exports: store, tcp: tcp, unixSocketPath: unix.map(absolutePath), tls: tls,
                                                  logger: Logger(label: "vbd.nbd"), limits: serverLimits,

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import VBDControl
 import VBDCore
+import VBDStore
 
 struct ImportCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -112,13 +113,26 @@ struct GCCommand: ParsableCommand {
 struct FsckCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fsck", abstract: "Check every map, reference count and (unless --no-data) every stored block.",
-        discussion: "Exit status 2 when problems are found. On a served store, I/O pauses while fsck runs.")
+        discussion: """
+            Exit status 2 when problems are found. On a served store, I/O pauses while fsck runs. \
+            Without a server fsck opens the store read-only and changes nothing. A store that refuses to open because \
+            its journal has a corrupt frame followed by valid ones opens with --repair, which first prints exactly \
+            which frames it drops (the corrupt one and every one after it), then drops them.
+            """)
     @Flag(name: .customLong("no-data"), help: "Skip rehashing the stored blocks (metadata checks only).") var skipData = false
+    @Flag(help: "Drop a corrupt journal frame and the valid frames after it, saying which, so the store opens.") var repair = false
     @OptionGroup var store: StoreOptions
     @OptionGroup var output: OutputOptions
 
     func run() throws {
-        guard case let .fsck(f) = try perform(.fsck(verifyData: !skipData), store: store, output: output) else { return }
+        var options = Store.Options()
+        if repair {
+            options.repairJournal = { damage in
+                FileHandle.standardError.write(Data("vbdtool: repair: \(damage.repairDescription)\n".utf8))
+                return true
+            }
+        }
+        guard case let .fsck(f) = try perform(.fsck(verifyData: !skipData), store: store, output: output, options: options) else { return }
         if output.json {
             JSON.print(f)
         } else {

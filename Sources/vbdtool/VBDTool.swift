@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import VBDControl
 import VBDCore
+import VBDStore
 
 #if canImport(Glibc)
 import Glibc
@@ -80,10 +81,11 @@ func parseBlockSize(_ text: String) throws -> Int {
 
 /// Runs one request (in the server if one runs, else locally) and returns its result; on failure
 /// prints the error and exits 1.
-func perform(_ request: ControlRequest, store: StoreOptions, output: OutputOptions) throws -> ControlResult {
+func perform(_ request: ControlRequest, store: StoreOptions, output: OutputOptions,
+             options: Store.Options = Store.Options()) throws -> ControlResult {
     let renderer = ProgressRenderer(enabled: !output.json && isatty(STDOUT_FILENO) == 1 && isatty(STDERR_FILENO) == 1)
     do {
-        let result = try ControlClient.run(request, storePath: store.path) { renderer.update($0) }
+        let result = try ControlClient.run(request, storePath: store.path, options: options) { renderer.update($0) }
         renderer.finish()
         return result
     } catch {
