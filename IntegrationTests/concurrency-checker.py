@@ -36,6 +36,7 @@ Exit status: 0 no anomaly, 1 anomalies found, 2 the checker could not run (setup
 import argparse
 import collections
 import errno
+import functools
 import hashlib
 import os
 import random
@@ -72,6 +73,7 @@ POOL = random.Random(0x5EED).randbytes(POOL_BYTES + BLOCK)
 SECTOR = 512
 
 
+@functools.lru_cache(maxsize=16384)   # reads return the same blocks again and again
 def block_bytes(kind, compressible, dup_class, image_id, block, write_id):
     header = HEADER.pack(MAGIC, kind, compressible, dup_class, image_id, block, write_id)
     stamp = hashlib.blake2b(header, digest_size=16).digest()
@@ -150,7 +152,7 @@ class Write:
 
     def describe(self, t0, block=None):
         what = {"write": "write", "dup": f"duplicate write (class {self.dup_class})", "trim": "trim", "zero": "write-zeroes"}[self.op]
-        ack = "never acknowledged" if self.ack == INF else f"acked {self.ack - t0:.6f}"
+        ack = "not acknowledged (yet)" if self.ack == INF else f"acked {self.ack - t0:.6f}"
         if self.failed:
             ack += f" (failed: {self.failed})"
         extra = ""
@@ -554,6 +556,27 @@ class Checker:
         for c in slots:
             c.close()
 
+    def fill(self):
+        """Writes every block of every volume once, so that reads find stored chunks, not holes."""
+        for image in self.images_live("volume"):
+            h = nbd.NBD()
+            h.set_export_name(image.name)
+            h.connect_unix(self.sock)
+            step = 256
+            for first in range(0, image.blocks, step):
+                w = Write(self.next_wid, image, first, min(step, image.blocks - first), "write", 0, first // step % 2, now())
+                self.next_wid += 1
+                self.writes[w.wid] = w
+                for b in range(first, first + w.count):
+                    image.history[b].append(w)
+                h.pwrite(w.data(), first * BLOCK)
+                w.ack = now()
+                self.counts["writes"] += 1
+                self.counts["write blocks"] += w.count
+                self.counts["unique blocks"] += w.count
+                self.counts["compressible blocks"] += w.count * w.compressible
+            h.shutdown()
+
     def sweep(self, label):
         """Reads every block of every live image with nothing else in flight."""
         with self.lock:
@@ -595,6 +618,7 @@ class Checker:
             self.add_image(name, "volume", a.volume_bytes // BLOCK)
         self.start_server()
         started = now()
+        self.fill()
         print(f"concurrency checker: {a.connections} connections x {a.queue_depth} in flight, {a.volumes} volumes of "
               f"{a.volume_bytes >> 20} MiB, {a.duration:g} s of load, seed {a.seed}", flush=True)
         self.load(a.duration)
@@ -653,6 +677,7 @@ class Connection:
         self.reconnect_at = 0
         self.draining = False
         self.conn_id = None
+        self.scanner = False
 
     def step(self, stopping):
         c = self.c
@@ -667,7 +692,8 @@ class Connection:
             self.connect()
             if self.handle is None:
                 return
-        while not self.draining and len(self.in_flight) < c.args.queue_depth:
+        depth = 2 if self.scanner else c.args.queue_depth
+        while not self.draining and len(self.in_flight) < depth:
             self.submit()
 
     def connect(self):
@@ -688,6 +714,8 @@ class Connection:
         self.conn_id = f"{self.number}.{c.counts['connections opened']}"
         self.size_blocks = h.get_size() // BLOCK
         self.reconnect_at = now() + self.rng.uniform(*c.args.connection_life)
+        # A few connections only scan, with a queue depth of 2 (their reads are long).
+        self.scanner = self.number < self.c.args.scanners
         self.hot = self.rng.randrange(max(1, self.size_blocks - 512)) if self.size_blocks > 512 else 0
 
     def close(self):
@@ -721,8 +749,19 @@ class Connection:
         rid = self.next_id
         self.next_id += 1
         r = rng.random()
+        if self.scanner:
+            # Like the reader in issue 12: long reads of one stretch while others rewrite it.
+            n = min(self.rng.choice([512, 1024, 2048]), self.size_blocks)
+            first = self.rng.randrange(self.size_blocks - n + 1)
+            buf = nbd.Buffer(n * BLOCK)
+            sent = now()
+            self.in_flight[rid] = ("read", first, n, buf, sent)
+            h.aio_pread(buf, first * BLOCK, lambda err, rid=rid: self.complete(rid, err))
+            return
         if not self.image.writable or r < 0.40:
-            first, n = self.pick_range([1, 1, 1, 2, 4, 8, 16, 32, 64])
+            # Mostly small reads, some of up to 8 MiB: a long read holds many chunk numbers
+            # looked up at once, the window in which a reused number shows up (issue 12).
+            first, n = self.pick_range([1, 1, 1, 2, 4, 8, 16, 32, 64, 256, 1024, 2048])
             buf = nbd.Buffer(n * BLOCK)
             sent = now()
             self.in_flight[rid] = ("read", first, n, buf, sent)
@@ -814,10 +853,11 @@ def main():
     p.add_argument("--max-volumes", type=int, default=6, help="live volumes and shares at most")
     p.add_argument("--max-snapshots", type=int, default=6)
     p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--scanners", type=int, default=2, help="connections doing only long reads")
     p.add_argument("--queue-depth", type=int, default=8, help="requests in flight per connection")
     p.add_argument("--connection-life", type=float, nargs=2, default=(2.0, 8.0), metavar=("MIN", "MAX"))
     p.add_argument("--control-pause", type=float, nargs=2, default=(0.1, 0.6), metavar=("MIN", "MAX"))
-    p.add_argument("--cache-size", default="16M", help="server cache: small, so that blocks are evicted and re-read")
+    p.add_argument("--cache-size", default="64M", help="server cache size")
     p.add_argument("--checkpoint-journal-bytes", default=None, help="passed to serve if given")
     p.add_argument("--max-anomalies", type=int, default=1000, help="stop the load after this many")
     p.add_argument("--max-reports", type=int, default=10, help="print this many anomalies in full")
