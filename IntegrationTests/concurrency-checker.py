@@ -269,6 +269,7 @@ class Checker:
                "--cache-size", self.args.cache_size, "--log-level", "warning"]
         if self.args.checkpoint_journal_bytes:
             cmd += ["--checkpoint-journal-bytes", self.args.checkpoint_journal_bytes]
+        cmd += self.args.serve_args.split()
         self.server = subprocess.Popen(cmd, stdout=log, stderr=log)
         deadline = now() + 60
         while now() < deadline:
@@ -297,6 +298,12 @@ class Checker:
             return
         if rc != 0:
             self.anomaly("server-stop", f"vbdtool serve exited with {rc} on SIGTERM (it flushes, checkpoints and closes)")
+
+    def store_generation(self):
+        """The newest checkpoint generation (checkpoint-G in the store directory): each
+        checkpoint, from gc, a flush past --checkpoint-journal-bytes or a clean stop, adds one."""
+        names = [n for n in os.listdir(self.args.store) if n.startswith("checkpoint-")]
+        return max((int(n.split("-", 1)[1]) for n in names if n.split("-", 1)[1].isdigit()), default=0)
 
     def images_live(self, kind=None):
         return [i for i in self.images.values() if i.deleted_at is None and (kind is None or i.kind == kind)]
@@ -616,6 +623,7 @@ class Checker:
             if r.returncode != 0:
                 raise SystemExit(f"setup: vbdtool create {name}: {r.stderr.strip()}")
             self.add_image(name, "volume", a.volume_bytes // BLOCK)
+        self.first_generation = self.store_generation()
         self.start_server()
         started = now()
         self.fill()
@@ -648,6 +656,7 @@ class Checker:
         print(f"connections        {c['connections opened']} opened; {c['expected errors']} requests failed on deleted images (allowed)")
         ctl = ", ".join(f"{k} {v}" for k, v in sorted(self.control_counts.items()))
         print(f"control operations {sum(self.control_counts.values())} ({ctl})")
+        print(f"checkpoints        {self.store_generation() - self.first_generation} (store generation {self.first_generation} -> {self.store_generation()})")
         print(f"images             {sum(1 for i in self.images.values() if i.kind == 'volume')} volumes/shares, "
               f"{sum(1 for i in self.images.values() if i.kind == 'snapshot')} snapshots, "
               f"{sum(1 for i in self.images.values() if i.deleted_at is not None)} deleted")
@@ -840,6 +849,75 @@ def parse_size(text):
     return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
+def self_test():
+    """The model against hand-made histories: accepted answers pass, each kind of wrong answer is
+    named. Runs before every load so that a checker that cannot fail does not pass for a clean run."""
+    args = argparse.Namespace(max_reports=0, max_anomalies=1 << 30, seed=0, workdir="/nonexistent")
+    c = Checker(args)
+    v = c.add_image("v", "volume", 64)
+    w = c.add_image("w", "volume", 64)
+    t0 = c.t0
+
+    def write(image, block, op, send, ack, count=1, dup_class=0):
+        x = Write(c.next_wid, image, block, count, op, dup_class, 0, t0 + send)
+        x.ack = t0 + ack
+        c.next_wid += 1
+        c.writes[x.wid] = x
+        for b in range(block, block + count):
+            image.history[b].append(x)
+        return x
+
+    def verdict(image, block, data, sent, answered):
+        before = collections.Counter(c.anomaly_count)
+        c.check_read(image, block, data, t0 + sent, t0 + answered, "self-test")
+        new = c.anomaly_count - before
+        return next(iter(new), "ok")
+
+    zero = ZERO_BLOCK
+    w1 = write(v, 5, "write", 1, 2)
+    w2 = write(v, 5, "write", 5, 6)
+    ww = write(w, 5, "write", 1, 2)
+    wo = write(v, 6, "write", 1, 2)
+    cases = [
+        ("never written reads zeros", verdict(v, 9, zero, 0, 1), "ok"),
+        ("before any ack: zeros allowed", verdict(v, 5, zero, 0.5, 1.5), "ok"),
+        ("in flight: old or new", verdict(v, 5, w1.data(), 1.5, 3), "ok"),
+        ("after ack: zeros not allowed", verdict(v, 5, zero, 3, 4), "zeros-not-allowed"),
+        ("another volume's block", verdict(v, 5, ww.data(), 3, 4), "cross-volume"),
+        ("another block of this volume", verdict(v, 5, wo.data(), 3, 4), "wrong-offset"),
+        ("overlapping the newer write: either", verdict(v, 5, w1.data(), 5.5, 7), "ok"),
+        ("after the newer write's ack: stale", verdict(v, 5, w1.data(), 7, 8), "stale-or-wrong-version"),
+        ("torn block", verdict(v, 5, w2.data()[:2048] + w1.data()[2048:], 7, 8), "corrupt"),
+        ("garbage", verdict(v, 5, b"\1" * BLOCK, 7, 8), "corrupt"),
+        ("duplicate never written here", verdict(v, 5, dup_block(3), 7, 8), "duplicate-not-written-here"),
+    ]
+    # A snapshot taken between 5.5 and 5.8 while w2 (5..6) was in flight may hold w1 or w2,
+    # never zeros, and once read it never changes.
+    s = c.add_image("v@s", "snapshot", 64, parent=v, snap_start=t0 + 5.5, snap_end=t0 + 5.8)
+    write(v, 5, "write", 7, 8)
+    cases += [
+        ("snapshot: a write acked before it is required", verdict(s, 5, zero, 9, 10), "zeros-not-allowed"),
+        ("snapshot: a write sent after it is excluded", verdict(s, 5, v.history[5][-1].data(), 9, 10), "snapshot-has-later-write"),
+        ("snapshot: the write in flight may be there", verdict(s, 5, w2.data(), 9, 10), "ok"),
+        ("snapshot: and then stays", verdict(s, 5, w1.data(), 11, 12), "snapshot-changed"),
+    ]
+    share = c.add_image("sh", "volume", 64, origin=s)
+    cases += [
+        ("share: its snapshot's block", verdict(share, 5, w2.data(), 13, 14), "ok"),
+        ("share: its origin's later write is not its own", verdict(share, 5, v.history[5][-1].data(), 13, 14), "stale-or-wrong-version"),
+    ]
+    # Linearizability: once a read has returned a write in flight, a later read may not go back.
+    x = write(w, 7, "write", 20, 30)
+    cases += [
+        ("read sees an unacknowledged write", verdict(w, 7, x.data(), 21, 22), "ok"),
+        ("a later read may not return the older zeros", verdict(w, 7, zero, 23, 24), "zeros-not-allowed"),
+    ]
+    failed = [(name, got, want) for name, got, want in cases if got != want]
+    for name, got, want in failed:
+        print(f"self-test FAILED: {name}: got {got}, expected {want}")
+    return not failed
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vbdtool", required=True)
@@ -859,10 +937,13 @@ def main():
     p.add_argument("--control-pause", type=float, nargs=2, default=(0.1, 0.6), metavar=("MIN", "MAX"))
     p.add_argument("--cache-size", default="64M", help="server cache size")
     p.add_argument("--checkpoint-journal-bytes", default=None, help="passed to serve if given")
+    p.add_argument("--serve-args", default="", help="more options for vbdtool serve, e.g. '--last-chance-size 0'")
     p.add_argument("--max-anomalies", type=int, default=1000, help="stop the load after this many")
     p.add_argument("--max-reports", type=int, default=10, help="print this many anomalies in full")
     p.add_argument("--progress", type=float, default=10, help="print a progress line every N seconds (0: never)")
     args = p.parse_args()
+    if not self_test():
+        sys.exit(2)
     if args.seed is None:
         args.seed = random.randrange(1 << 32)
     checker = Checker(args)

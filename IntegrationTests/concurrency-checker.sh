@@ -22,9 +22,9 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$VBDTOOL" init --store "$work/store" >/dev/null || { echo "FAIL: vbdtool init"; exit 2; }
-# A checkpoint whenever a flush finds 256 KiB of journal: checkpoints then race with the I/O.
+# A checkpoint whenever a flush finds 64 KiB of journal: checkpoints then race with the I/O.
 "$PYTHON" "$here/concurrency-checker.py" --vbdtool "$VBDTOOL" --store "$work/store" --workdir "$work" \
-    --checkpoint-journal-bytes 256K "${mode[@]}" "$@"
+    --checkpoint-journal-bytes 64K "${mode[@]}" "$@"
 rc=$?
 if [ $rc -ne 0 ] && [ -s "$work/serve.log" ]; then
     echo "--- last lines of the server log"; tail -n 15 "$work/serve.log"
