@@ -215,12 +215,15 @@ def candidates(image, block, sent, answered, out, depth=0):
             out.append((ZERO_KEY, None, f"{image.name} (never written)"))
 
 
+IMAGE_NAMES = {}   # image id -> name, for the reports
+
+
 def describe_key(key):
     if key == ZERO_KEY:
         return "zeros"
     if key[0] == "d":
         return f"duplicate content class {key[1]}"
-    return f"write #{key[3]} (image {key[1]} block {key[2]})"
+    return f"write #{key[3]} ({IMAGE_NAMES.get(key[1], f'image {key[1]}')} block {key[2]})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +316,7 @@ class Checker:
         self.next_iid += 1
         self.images[name] = image
         self.by_id[image.iid] = image
+        IMAGE_NAMES[image.iid] = name
         return image
 
     # -- reads ----------------------------------------------------------------------------------

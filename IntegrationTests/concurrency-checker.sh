@@ -12,7 +12,7 @@ VBDTOOL="${VBDTOOL:-$root/.build/debug/vbdtool}"
 PYTHON="${PYTHON:-/usr/bin/python3}"
 
 mode=(--duration 40)
-if [ "${1:-}" = "--long" ]; then mode=(--duration 600 --max-volumes 8 --max-snapshots 10 --max-volume-size 16M); shift
+if [ "${1:-}" = "--long" ]; then mode=(--duration 600 --connections 12 --max-volumes 8 --max-snapshots 10 --max-volume-size 16M); shift
 elif [ "${1:-}" = "--short" ]; then shift
 fi
 
@@ -22,9 +22,9 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$VBDTOOL" init --store "$work/store" >/dev/null || { echo "FAIL: vbdtool init"; exit 2; }
-# A checkpoint whenever a flush finds 64 KiB of journal: checkpoints then race with the I/O.
+# A checkpoint whenever a flush finds 16 KiB of journal: checkpoints then race with the I/O.
 "$PYTHON" "$here/concurrency-checker.py" --vbdtool "$VBDTOOL" --store "$work/store" --workdir "$work" \
-    --checkpoint-journal-bytes 64K "${mode[@]}" "$@"
+    --checkpoint-journal-bytes 16K "${mode[@]}" "$@"
 rc=$?
 if [ $rc -ne 0 ] && [ -s "$work/serve.log" ]; then
     echo "--- last lines of the server log"; tail -n 15 "$work/serve.log"
