@@ -245,6 +245,8 @@ class Checker:
         self.control_counts = collections.Counter()
         self.control_failures = collections.Counter()
         self.stop_load = threading.Event()
+        self.hung = False
+        self.buffers = BufferPool()
         self.server = None
         self.sock = os.path.join(args.workdir, "nbd.sock")
 
@@ -525,7 +527,7 @@ class Checker:
         control.start()
         deadline = now() + seconds
         poller = select.poll()
-        last_progress = now()
+        last_progress = last_memory_check = now()
         while True:
             t = now()
             if t >= deadline:
@@ -541,6 +543,20 @@ class Checker:
                     c.run_completions()
             if draining and not fds:
                 break
+            if draining and t > deadline + 60 and not self.hung:
+                # Requests that never come back are a failure too; stop waiting for them.
+                waiting = [(c, req) for c in slots for req in c.in_flight.values()]
+                self.hung = True
+                self.anomaly("hang", f"{len(waiting)} requests unanswered 60 s after the load stopped, e.g. "
+                             + "; ".join(f"{req[0]} on {c.image.name} (connection {c.conn_id}) sent {req[-1] - self.t0:.3f}"
+                                         for c, req in waiting[:5]))
+                break
+            if t - last_memory_check >= 1:
+                last_memory_check = t
+                if rss_bytes() > self.args.max_checker_memory and not self.stop_load.is_set():
+                    # Never let a checker bug take the machine's memory from everyone else.
+                    self.anomaly("checker-memory", f"the checker uses {rss_bytes() >> 20} MiB; stopping the load")
+                    self.stop_load.set()
             if self.args.progress and t - last_progress >= self.args.progress:
                 last_progress = t
                 print(f"  {t - self.t0:6.1f} s: {self.counts['reads checked']} reads, {self.counts['blocks checked']} blocks checked, "
@@ -635,7 +651,7 @@ class Checker:
               f"{a.volume_bytes >> 20} MiB, {a.duration:g} s of load, seed {a.seed}", flush=True)
         self.load(a.duration)
         load_seconds = now() - started
-        if sum(self.anomaly_count.values()) < a.max_anomalies:
+        if sum(self.anomaly_count.values()) < a.max_anomalies and not self.hung:
             self.sweep("final read")
             self.stop_server()
             self.start_server()
@@ -644,7 +660,11 @@ class Checker:
             self.control_counts["fsck"] += 1
             if r.returncode != 0:
                 self.anomaly("fsck-problems", "final `vbdtool fsck` exited %d:\n%s" % (r.returncode, (r.stdout + r.stderr)[-3000:]))
-        self.stop_server()
+        if self.hung:
+            self.server.kill()
+            self.server.wait()
+        else:
+            self.stop_server()
         self.summary(load_seconds, now() - started)
         return 1 if self.anomaly_count else 0
 
@@ -660,6 +680,7 @@ class Checker:
         print(f"connections        {c['connections opened']} opened; {c['expected errors']} requests failed on deleted images (allowed)")
         ctl = ", ".join(f"{k} {v}" for k, v in sorted(self.control_counts.items()))
         print(f"control operations {sum(self.control_counts.values())} ({ctl})")
+        print(f"checker memory     {rss_bytes() >> 20} MiB RSS, {self.buffers.created_bytes >> 20} MiB of request buffers")
         print(f"checkpoints        {self.store_generation() - self.first_generation} (store generation {self.first_generation} -> {self.store_generation()})")
         print(f"images             {sum(1 for i in self.images.values() if i.kind == 'volume')} volumes/shares, "
               f"{sum(1 for i in self.images.values() if i.kind == 'snapshot')} snapshots, "
@@ -675,6 +696,35 @@ class Checker:
         if self.anomalies:
             # Again at the very end, for runners that show only the tail of the output.
             print("first anomaly:\n" + "\n".join(self.anomalies[0].split("\n")[:20]))
+
+
+class BufferPool:
+    """Request buffers, reused. libnbd 1.14's Python bindings never free a buffer handed to
+    aio_pread/aio_pwrite (measured: 1 MiB of RSS per 1 MiB request), so a fresh buffer per request
+    grows the checker by every byte it reads; reusing a few buffers per size keeps it flat."""
+
+    def __init__(self):
+        self.free = collections.defaultdict(list)
+        self.created_bytes = 0
+
+    def get(self, size):
+        spare = self.free[size]
+        if spare:
+            return spare.pop()
+        data = bytearray(size)
+        self.created_bytes += size
+        return nbd.Buffer.from_buffer(data), data
+
+    def put(self, pair):
+        self.free[len(pair[1])].append(pair)
+
+
+def rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class Connection:
@@ -754,8 +804,10 @@ class Connection:
             first = self.hot + self.rng.randrange(512)
         else:
             first = self.rng.randrange(self.size_blocks)
-        first = min(first, self.size_blocks - 1)
-        return first, min(n, self.size_blocks - first)
+        # Sizes stay within the fixed set (shifted back from the end rather than cut short), so
+        # that the buffer pool has few sizes to keep.
+        n = min(n, self.size_blocks)
+        return min(first, self.size_blocks - n), n
 
     def submit(self):
         c, h, rng = self.c, self.handle, self.rng
@@ -766,19 +818,13 @@ class Connection:
             # Like the reader in issue 12: long reads of one stretch while others rewrite it.
             n = min(self.rng.choice([512, 1024, 2048]), self.size_blocks)
             first = self.rng.randrange(self.size_blocks - n + 1)
-            buf = nbd.Buffer(n * BLOCK)
-            sent = now()
-            self.in_flight[rid] = ("read", first, n, buf, sent)
-            h.aio_pread(buf, first * BLOCK, lambda err, rid=rid: self.complete(rid, err))
+            self.submit_read(rid, first, n)
             return
         if not self.image.writable or r < 0.40:
             # Mostly small reads, some of up to 8 MiB: a long read holds many chunk numbers
             # looked up at once, the window in which a reused number shows up (issue 12).
             first, n = self.pick_range([1, 1, 1, 2, 4, 8, 16, 32, 64, 256, 1024, 2048])
-            buf = nbd.Buffer(n * BLOCK)
-            sent = now()
-            self.in_flight[rid] = ("read", first, n, buf, sent)
-            h.aio_pread(buf, first * BLOCK, lambda err, rid=rid: self.complete(rid, err))
+            self.submit_read(rid, first, n)
             return
         if r < 0.44:
             self.in_flight[rid] = ("flush", now())
@@ -798,13 +844,14 @@ class Connection:
         c.writes[w.wid] = w
         flags = nbd.CMD_FLAG_FUA if rng.random() < 0.05 else 0
         if op in ("write", "dup"):
-            buf = nbd.Buffer.from_bytearray(w.data())
+            pair = c.buffers.get(n * BLOCK)
+            pair[1][:] = w.data()
         for b in range(first, first + n):
             self.image.history[b].append(w)
-        self.in_flight[rid] = ("write", w, now())
+        self.in_flight[rid] = ("write", w, pair if op in ("write", "dup") else None, now())
         w.send = now()
         if op in ("write", "dup"):
-            h.aio_pwrite(buf, first * BLOCK, lambda err, rid=rid: self.complete(rid, err), flags)
+            h.aio_pwrite(pair[0], first * BLOCK, lambda err, rid=rid: self.complete(rid, err), flags)
             c.counts["writes"] += 1
             c.counts["write blocks"] += n
             c.counts["dup blocks" if op == "dup" else "unique blocks"] += n
@@ -817,6 +864,12 @@ class Connection:
             zflags = flags | (nbd.CMD_FLAG_NO_HOLE if rng.random() < 0.5 else 0)
             h.aio_zero(n * BLOCK, first * BLOCK, lambda err, rid=rid: self.complete(rid, err), zflags)
             c.counts["zeroes"] += 1
+
+    def submit_read(self, rid, first, n):
+        pair = self.c.buffers.get(n * BLOCK)
+        sent = now()
+        self.in_flight[rid] = ("read", first, n, pair, sent)
+        self.handle.aio_pread(pair[0], first * BLOCK, lambda err, rid=rid: self.complete(rid, err))
 
     def complete(self, rid, err):
         # Called by libnbd inside aio_notify_*: take the time now, check after the call returns.
@@ -831,6 +884,10 @@ class Connection:
             if req is None:
                 continue
             deleted = self.image.deleted_at
+            if req[0] in ("read", "write") and req[-2] is not None:
+                buffer = req[-2]
+            else:
+                buffer = None
             if error:
                 # A request may fail once `rm` of its image has started; any other failure is an anomaly.
                 if deleted is not None and answered >= deleted:
@@ -840,12 +897,13 @@ class Connection:
                               f"{os.strerror(error)} ({error})")
                 if req[0] == "write":
                     req[1].failed = os.strerror(error)
-                continue
-            if req[0] == "read":
-                _, first, n, buf, sent = req
-                c.check_read(self.image, first, bytes(buf.to_buffer()), sent, answered, self.conn_id)
+            elif req[0] == "read":
+                _, first, n, pair, sent = req
+                c.check_read(self.image, first, bytes(pair[1]), sent, answered, self.conn_id)
             elif req[0] == "write":
                 req[1].ack = answered
+            if buffer is not None:
+                c.buffers.put(buffer)
 
 
 def parse_size(text):
@@ -942,6 +1000,8 @@ def main():
     p.add_argument("--cache-size", default="64M", help="server cache size")
     p.add_argument("--checkpoint-journal-bytes", default=None, help="passed to serve if given")
     p.add_argument("--serve-args", default="", help="more options for vbdtool serve, e.g. '--last-chance-size 0'")
+    p.add_argument("--max-checker-memory", type=parse_size, default=parse_size("2G"),
+                   help="stop the load if the checker's own RSS passes this")
     p.add_argument("--max-anomalies", type=int, default=1000, help="stop the load after this many")
     p.add_argument("--max-reports", type=int, default=10, help="print this many anomalies in full")
     p.add_argument("--progress", type=float, default=10, help="print a progress line every N seconds (0: never)")
@@ -951,6 +1011,21 @@ def main():
     if args.seed is None:
         args.seed = random.randrange(1 << 32)
     checker = Checker(args)
+
+    # The whole run is bounded: if the server stops answering a synchronous call (a sweep, a
+    # connect), a timer thread reports it and ends the process instead of hanging the suite.
+    limit = args.duration * 1.5 + 300
+
+    def watchdog():
+        checker.anomaly("hang", f"the run took longer than {limit:.0f} s; stopping")
+        if checker.server is not None:
+            checker.server.kill()
+        checker.summary(now() - checker.t0, now() - checker.t0)
+        sys.stdout.flush()
+        os._exit(1)
+    timer = threading.Timer(limit, watchdog)
+    timer.daemon = True
+    timer.start()
     try:
         rc = checker.run()
     finally:
