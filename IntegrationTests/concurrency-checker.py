@@ -254,7 +254,8 @@ class Checker:
 
     def anomaly(self, kind, text):
         self.anomaly_count[kind] += 1
-        if len(self.anomalies) < self.args.max_reports:
+        # The first few of every kind in full, so that a flood of one kind does not hide another.
+        if self.anomaly_count[kind] <= self.args.max_reports:
             self.anomalies.append(f"ANOMALY {sum(self.anomaly_count.values())} [{kind}] {text}")
             print(self.anomalies[-1], flush=True)
         if sum(self.anomaly_count.values()) >= self.args.max_anomalies:
@@ -692,7 +693,7 @@ class Checker:
         kinds = ", ".join(f"{k} {v}" for k, v in self.anomaly_count.most_common())
         print(f"anomalies          {total}" + (f" ({kinds})" if kinds else ""))
         if total > len(self.anomalies):
-            print(f"                   (the first {len(self.anomalies)} are printed above)")
+            print(f"                   (the first {self.args.max_reports} of each kind are printed above)")
         if self.anomalies:
             # Again at the very end, for runners that show only the tail of the output.
             print("first anomaly:\n" + "\n".join(self.anomalies[0].split("\n")[:20]))
@@ -1003,7 +1004,7 @@ def main():
     p.add_argument("--max-checker-memory", type=parse_size, default=parse_size("2G"),
                    help="stop the load if the checker's own RSS passes this")
     p.add_argument("--max-anomalies", type=int, default=1000, help="stop the load after this many")
-    p.add_argument("--max-reports", type=int, default=10, help="print this many anomalies in full")
+    p.add_argument("--max-reports", type=int, default=3, help="print this many anomalies of each kind in full")
     p.add_argument("--progress", type=float, default=10, help="print a progress line every N seconds (0: never)")
     args = p.parse_args()
     if not self_test():
