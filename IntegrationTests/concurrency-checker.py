@@ -246,6 +246,7 @@ class Checker:
         self.control_failures = collections.Counter()
         self.stop_load = threading.Event()
         self.hung = False
+        self.server_died = False
         self.buffers = BufferPool()
         self.server = None
         self.sock = os.path.join(args.workdir, "nbd.sock")
@@ -537,9 +538,12 @@ class Checker:
             fds = {}
             with self.lock:
                 for c in slots:
-                    c.step(draining)
-                    if c.handle is not None and c.in_flight:
-                        fds[c.handle.aio_get_fd()] = c
+                    try:
+                        c.step(draining)
+                        if c.handle is not None and c.in_flight:
+                            fds[c.handle.aio_get_fd()] = c
+                    except nbd.Error as e:   # the connection died (the server, or rm of its image)
+                        c.broken(e)
                 for c in slots:
                     c.run_completions()
             if draining and not fds:
@@ -554,6 +558,11 @@ class Checker:
                 break
             if t - last_memory_check >= 1:
                 last_memory_check = t
+                if self.server.poll() is not None and not self.server_died:
+                    self.server_died = True
+                    self.anomaly("server-died", f"vbdtool serve exited with {self.server.returncode} during the load "
+                                 f"(negative: killed by that signal); see serve.log")
+                    self.stop_load.set()
                 if rss_bytes() > self.args.max_checker_memory and not self.stop_load.is_set():
                     # Never let a checker bug take the machine's memory from everyone else.
                     self.anomaly("checker-memory", f"the checker uses {rss_bytes() >> 20} MiB; stopping the load")
@@ -563,8 +572,14 @@ class Checker:
                 print(f"  {t - self.t0:6.1f} s: {self.counts['reads checked']} reads, {self.counts['blocks checked']} blocks checked, "
                       f"{self.counts['writes']} writes, {sum(self.control_counts.values())} control ops, "
                       f"{sum(self.anomaly_count.values())} anomalies", flush=True)
-            for fd, c in fds.items():
-                d = c.handle.aio_get_direction()
+            for fd, c in list(fds.items()):
+                try:
+                    d = c.handle.aio_get_direction()
+                except nbd.Error as e:
+                    with self.lock:
+                        c.broken(e)
+                    del fds[fd]
+                    continue
                 poller.register(fd, (select.POLLIN if d & 1 else 0) | (select.POLLOUT if d & 2 else 0))
             events = poller.poll(50)
             for fd in fds:
@@ -580,6 +595,10 @@ class Checker:
                     except nbd.Error as e:
                         c.broken(e)
                     c.run_completions()
+        if self.hung:
+            # A hung server would also hold the control thread's CLI call and the disconnects.
+            self.server.kill()
+            self.server.wait()
         control.join()
         for c in slots:
             c.close()
@@ -652,7 +671,8 @@ class Checker:
               f"{a.volume_bytes >> 20} MiB, {a.duration:g} s of load, seed {a.seed}", flush=True)
         self.load(a.duration)
         load_seconds = now() - started
-        if sum(self.anomaly_count.values()) < a.max_anomalies and not self.hung:
+        # After a crash only flushed writes would have to survive; the sweeps assume a clean stop.
+        if sum(self.anomaly_count.values()) < a.max_anomalies and not self.hung and not self.server_died:
             self.sweep("final read")
             self.stop_server()
             self.start_server()
@@ -661,10 +681,7 @@ class Checker:
             self.control_counts["fsck"] += 1
             if r.returncode != 0:
                 self.anomaly("fsck-problems", "final `vbdtool fsck` exited %d:\n%s" % (r.returncode, (r.stdout + r.stderr)[-3000:]))
-        if self.hung:
-            self.server.kill()
-            self.server.wait()
-        else:
+        if not self.hung and not self.server_died:
             self.stop_server()
         self.summary(load_seconds, now() - started)
         return 1 if self.anomaly_count else 0
