@@ -603,6 +603,38 @@ class Checker:
         for c in slots:
             c.close()
 
+    def check_snapshot_cuts(self):
+        """A snapshot is one point in time across blocks, not a per-block choice: if it holds a write
+        H of block b, it holds every write X (of any block a) acknowledged before H was sent, or
+        something newer at a. Checked over the blocks read from each snapshot (all of them for
+        the snapshots the sweeps read); blocks whose contents name no single write of the
+        volume (duplicates, zeros) only ever count in the snapshot's favour."""
+        for snap in [i for i in self.images.values() if i.kind == "snapshot"]:
+            parent = snap.parent
+            newest_in = None          # (send time, write, block): the latest-sent write known to be in it
+            held = {}                 # block -> latest acknowledgement among the writes it may hold
+            for block, key in snap.pinned.items():
+                matches = [w for w in parent.history.get(block, ()) if w.key(block) == key and w.send < snap.snap_end]
+                held[block] = max((w.effective_ack(block) for w in matches), default=-INF)
+                if len(matches) == 1 and key[0] == "u":
+                    w = matches[0]
+                    if newest_in is None or w.send > newest_in[0]:
+                        newest_in = (w.send, w, block)
+            if newest_in is None:
+                continue
+            limit, witness, witness_block = newest_in
+            for block, latest in held.items():
+                for x in parent.history.get(block, ()):
+                    if x.ack < limit and x.send > latest:
+                        t0 = self.t0
+                        self.anomaly("snapshot-not-a-cut",
+                                     f"{snap.name} (taken between {snap.snap_start - t0:.6f} and {snap.snap_end - t0:.6f}) holds "
+                                     f"{witness.describe(t0, witness_block)} at block {witness_block}, but at block {block} it holds "
+                                     f"{describe_key(snap.pinned[block])}, older than {x.describe(t0, block)}, which was "
+                                     f"acknowledged before the write it holds at block {witness_block} was sent")
+                        break
+            self.counts["snapshots checked as cuts"] += 1
+
     def fill(self):
         """Writes every block of every volume once, so that reads find stored chunks, not holes."""
         for image in self.images_live("volume"):
@@ -674,6 +706,7 @@ class Checker:
         # After a crash only flushed writes would have to survive; the sweeps assume a clean stop.
         if sum(self.anomaly_count.values()) < a.max_anomalies and not self.hung and not self.server_died:
             self.sweep("final read")
+            self.check_snapshot_cuts()
             self.stop_server()
             self.start_server()
             self.sweep("after restart")
@@ -704,7 +737,7 @@ class Checker:
               f"{sum(1 for i in self.images.values() if i.kind == 'snapshot')} snapshots, "
               f"{sum(1 for i in self.images.values() if i.deleted_at is not None)} deleted")
         for k, v in sorted(c.items()):
-            if k.startswith("images swept"):
+            if k.startswith("images swept") or k == "snapshots checked as cuts":
                 print(f"{k:18} {v}")
         total = sum(self.anomaly_count.values())
         kinds = ", ".join(f"{k} {v}" for k, v in self.anomaly_count.most_common())
@@ -992,6 +1025,17 @@ def self_test():
         ("read sees an unacknowledged write", verdict(w, 7, x.data(), 21, 22), "ok"),
         ("a later read may not return the older zeros", verdict(w, 7, zero, 23, 24), "zeros-not-allowed"),
     ]
+    # A snapshot is one cut: holding a write sent after another was acknowledged, it must hold that
+    # other one too (each alone would be allowed: both completed while the snapshot was taken).
+    u = c.add_image("u", "volume", 64)
+    a1 = write(u, 1, "write", 40, 41)
+    b1 = write(u, 2, "write", 42, 43)
+    cut = c.add_image("u@cut", "snapshot", 64, parent=u, snap_start=t0 + 39, snap_end=t0 + 44)
+    cases += [("cut: block 2 holds the later write", verdict(cut, 2, b1.data(), 45, 46), "ok"),
+              ("cut: block 1 alone may be old", verdict(cut, 1, zero, 45, 46), "ok")]
+    before = collections.Counter(c.anomaly_count)
+    c.check_snapshot_cuts()
+    cases.append(("cut: but not both", next(iter(c.anomaly_count - before), "ok"), "snapshot-not-a-cut"))
     failed = [(name, got, want) for name, got, want in cases if got != want]
     for name, got, want in failed:
         print(f"self-test FAILED: {name}: got {got}, expected {want}")
