@@ -35,7 +35,6 @@ Exit status: 0 no anomaly, 1 anomalies found, 2 the checker could not run (setup
 """
 import argparse
 import collections
-import errno
 import functools
 import hashlib
 import os
@@ -191,14 +190,14 @@ class Image:
         return ids
 
 
-def candidates(image, block, sent, answered, out, depth=0):
+def candidates(image, block, sent, answered, out):
     """Appends (key, write-or-None, via) for every content `block` of `image` may hold for a read
     sent at `sent` and answered at `answered` (see the module docstring)."""
     if image.kind == "snapshot":
         if block in image.pinned:
             out.append((image.pinned[block], None, f"{image.name} (as read before)"))
             return
-        candidates(image.parent, block, image.snap_start, image.snap_end, out, depth + 1)
+        candidates(image.parent, block, image.snap_start, image.snap_end, out)
         return
     history = image.history.get(block, ())
     newest_acked_send = None
@@ -210,7 +209,7 @@ def candidates(image, block, sent, answered, out, depth=0):
             out.append((w.key(block), w, image.name))
     if newest_acked_send is None:
         if image.origin is not None and block < image.origin_blocks:
-            candidates(image.origin, block, sent, answered, out, depth + 1)
+            candidates(image.origin, block, sent, answered, out)
         else:
             out.append((ZERO_KEY, None, f"{image.name} (never written)"))
 
@@ -235,7 +234,6 @@ class Checker:
         self.lock = threading.RLock()
         self.t0 = now()
         self.images = {}                  # name -> Image (live and deleted)
-        self.by_id = {}
         self.writes = {}                  # wid -> Write
         self.next_wid = 1
         self.next_iid = 1
@@ -243,7 +241,6 @@ class Checker:
         self.anomaly_count = collections.Counter()
         self.counts = collections.Counter()
         self.control_counts = collections.Counter()
-        self.control_failures = collections.Counter()
         self.stop_load = threading.Event()
         self.hung = False
         self.server_died = False
@@ -264,7 +261,7 @@ class Checker:
 
     # -- the server and the CLI --------------------------------------------------------------
 
-    def vbdtool(self, *argv, check=True):
+    def vbdtool(self, *argv):
         cmd = [self.args.vbdtool, *argv, "--store", self.args.store]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
@@ -319,7 +316,6 @@ class Checker:
         image = Image(self.next_iid, name, kind, blocks, **kw)
         self.next_iid += 1
         self.images[name] = image
-        self.by_id[image.iid] = image
         IMAGE_NAMES[image.iid] = name
         return image
 
@@ -518,7 +514,6 @@ class Checker:
                 return self.control_failed("stats", r)
 
     def control_failed(self, kind, r):
-        self.control_failures[kind] += 1
         self.anomaly("control-failed", f"`vbdtool {' '.join(r.args[1:])}` exited {r.returncode}: {(r.stderr or r.stdout).strip()[-1500:]}")
 
     # -- the NBD load ---------------------------------------------------------------------------
