@@ -1,9 +1,10 @@
 # vbd: two entry points, both self-contained on a fresh Debian machine (run as root).
 #   make serve   install packages, build, create ./vbd-data with a 20G volume "vm0", serve NBD on 127.0.0.1:10809
 #   make test    install packages, build, run unit + simulation + real-client integration tests
+#   make check-concurrency-long   the concurrency checker for 10 minutes (docs/TESTING.md)
 STORE ?= $(CURDIR)/vbd-data
 SWIFT_BUILD_FLAGS ?=
-.PHONY: setup build release serve test unit integration sim sim-mutation bench clean
+.PHONY: setup build release serve test unit integration sim sim-mutation bench clean check-concurrency check-concurrency-long
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +28,13 @@ integration: build
 
 test: setup
 	bash scripts/test.sh
+
+# The concurrency checker (issue 12): short mode (also part of `make test`) and the 10-minute mode.
+check-concurrency: build
+	bash IntegrationTests/concurrency-checker.sh --short
+
+check-concurrency-long: build
+	bash IntegrationTests/concurrency-checker.sh --long
 
 sim: release
 	.build/release/vbd-sim --seeds 1000

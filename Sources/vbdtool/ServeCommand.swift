@@ -36,6 +36,10 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Last-chance (compressed) cache tier size (default: a quarter of --cache-size; 0 turns it off).") var lastChanceSize: String?
     @Option(help: "Cap the store's data file, e.g. 500G: writes needing more fail with ENOSPC (default: the disk's space).")
     var maxDataSize: String?
+    // Hidden: for tests. A small value makes every NBD FLUSH fold the journal into a new
+    // checkpoint, so the concurrency checker exercises checkpoints racing with I/O.
+    @Option(help: ArgumentHelp("Checkpoint whenever a flush finds the journal at least this big (default 256M).", visibility: .hidden))
+    var checkpointJournalBytes: String?
     @Option(help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics (cache tiers, per-volume cache counters, space and sharing).", valueName: "host:port"))
     var metrics: String?
     @Flag(help: "Schedule I/O per domain (mClock: reservation, limit, weight; see docs/ACCOUNTING.md).") var schedule = false
@@ -89,6 +93,7 @@ struct ServeCommand: AsyncParsableCommand {
                 throw ValidationError("--max-data-size: expected at least 1M (omit it for no cap), got '\(maxDataSize)'")
             }
         }
+        if let checkpointJournalBytes { _ = try parseSize(checkpointJournalBytes, option: "--checkpoint-journal-bytes") }
         if let deviceSlots, !(1...1024).contains(deviceSlots) { throw ValidationError("--device-slots: expected 1...1024, got \(deviceSlots)") }
         if reservedSlots < 0 || reservedSlots >= (deviceSlots ?? TenancyService.defaultDeviceParallelism) {
             throw ValidationError("--reserved-slots must be at least 0 and below the device slots (\(deviceSlots ?? TenancyService.defaultDeviceParallelism))")
@@ -153,6 +158,9 @@ struct ServeCommand: AsyncParsableCommand {
         var options = Store.Options()
         options.cache = cache
         if let maxDataSize { options.dataBytesMax = try parseSize(maxDataSize, option: "--max-data-size") }
+        if let checkpointJournalBytes {
+            options.checkpointJournalBytes = try parseSize(checkpointJournalBytes, option: "--checkpoint-journal-bytes")
+        }
         let opened: Store
         do { opened = try Store.open(path: storePath, options: options) } catch { fail(ControlFailure(error), json: false) }
         let store = opened
