@@ -412,6 +412,7 @@ extension Store {
             for i in blocks.indices where !blocks[i].isZero {
                 if let c = findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, domain: view.domain, volume: view.id) {
                     retainChunk(c)
+                    noteWriteReferenceLocked(c, taken: true)
                     blocks[i].chunk = c
                 }
             }
@@ -476,8 +477,10 @@ extension Store {
             }
         }
         try mutex.withLock { () throws(BlockDeviceError) in
+            // From here to the end of this hold the phase-B references become map references.
+            for b in blocks where !b.isZero && !b.isNew && b.chunk != 0 { noteWriteReferenceLocked(b.chunk, taken: false) }
             guard images[view.id] != nil else {
-                releaseReservationsLocked(blocks)
+                releaseReservationsLocked(blocks, phaseBReferencesNoted: false)
                 throw .gone("\(view.name) was deleted during the write")
             }
             do {
@@ -549,16 +552,29 @@ extension Store {
         return UnsafeRawBufferPointer(zeros)
     }()
 
-    /// With `mutex` held: undo phase B/D for blocks not yet published.
-    private func releaseReservationsLocked(_ blocks: [PendingBlock]) {
+    /// With `mutex` held: undo phase B/D for blocks not yet published. `phaseBReferencesNoted`:
+    /// the dedup references are still counted in `writeReferences` (false once phase F began).
+    private func releaseReservationsLocked(_ blocks: [PendingBlock], phaseBReferencesNoted: Bool = true) {
         mutex.assertOwned("releaseReservationsLocked")
         for b in blocks where !b.isZero && b.chunk != 0 {
             if b.isNew {
                 chunks.returnNumber(b.chunk)
                 space.releaseNow(b.sector, count: b.sectorCount)
             } else {
+                if phaseBReferencesNoted { noteWriteReferenceLocked(b.chunk, taken: false) }
                 releaseChunk(b.chunk)
             }
+        }
+    }
+
+    /// With `mutex` held: a write in flight took (`taken`) or handed over a reference to `chunk`
+    /// that no map holds yet.
+    func noteWriteReferenceLocked(_ chunk: UInt64, taken: Bool) {
+        mutex.assertOwned("noteWriteReferenceLocked")
+        if taken {
+            writeReferences[chunk, default: 0] += 1
+        } else if let held = writeReferences[chunk] {
+            if held <= 1 { writeReferences.removeValue(forKey: chunk) } else { writeReferences[chunk] = held - 1 }
         }
     }
 

@@ -73,7 +73,9 @@ extension Store {
             for n in 1..<chunks.end where chunks.contains(n) {
                 live.append(n)
                 let e = chunks[n]
-                let counted = chunkRefs[n] ?? 0
+                // References of writes between dedup and mapping are real: the map gets them next.
+                var counted = chunkRefs[n] ?? 0
+                counted.addSaturating(writeReferences[n] ?? 0)
                 if e.refcount != counted { problem("chunk \(n): refcount \(e.refcount) but \(counted) references") }
                 if !indexMembers.contains(n) { problem("chunk \(n): missing from the dedup index") }
                 if e.storedBytes == 0 || e.storedBytes > e.rawBytes + 64 { problem("chunk \(n): implausible stored length \(e.storedBytes)") }

@@ -111,6 +111,9 @@ public final class Store: @unchecked Sendable {
     /// retried fsync may report success for pages Linux already dropped, so nothing that needs
     /// durability is acknowledged again until the store is reopened (and recovers from disk).
     var failure: String?
+    /// References that writes in flight took in phase B (dedup) and have not yet put into a map
+    /// (phase F), per chunk: fsck, which can run between the two, counts them as references.
+    var writeReferences: [UInt64: UInt32] = [:]
     /// Why writes are refused: an earlier failure, or a read-only open.
     var poisoned: String? {
         if let failure { return "\(failure); reopen the store to recover from what is on disk" }
