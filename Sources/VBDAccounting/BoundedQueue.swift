@@ -1,4 +1,4 @@
-/// A FIFO with a fixed capacity: `append` fails instead of growing (DESIGN.md invariant 4).
+/// A FIFO with a fixed capacity: `append` fails instead of growing (docs/INVARIANTS.md 4).
 ///
 /// An array plus a head index; the consumed prefix is dropped once it is half the storage, so
 /// `removeFirst` is amortised O(1) and memory stays within twice the capacity.

@@ -12,7 +12,7 @@ public protocol BlockMappingOracle: Sendable {
     func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64) -> MappedChunk?
 
     /// Like ``mappedChunk(domain:volume:offset:)``, but only if `page` is exactly that chunk's content,
-    /// compared byte for byte (a hash match alone is not enough: DESIGN.md invariant 2).
+    /// compared byte for byte (a hash match alone is not enough: docs/INVARIANTS.md 2).
     func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64, verifying page: UnsafeRawBufferPointer) -> MappedChunk?
 }
 

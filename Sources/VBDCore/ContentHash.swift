@@ -3,7 +3,7 @@ import CXXHash
 /// The 128-bit content address of a block: XXH3-128 of its bytes, seeded with a per-store secret.
 ///
 /// A hash match is only a *candidate* for sharing: the store compares bytes before it merges two
-/// blocks (DESIGN.md invariant 2), so a collision can never merge different contents.
+/// blocks (docs/INVARIANTS.md 2), so a collision can never merge different contents.
 public struct ContentHash: Hashable, Sendable, CustomStringConvertible {
     public var high: UInt64
     public var low: UInt64

@@ -8,8 +8,8 @@ import Glibc
 // MARK: - Notes on the design
 //
 // Reads copy the chunk entries they need under the lock, then load each chunk outside it:
-// cache, else data file -> LZ4 decompress -> rehash -> compare with the entry's hash (DESIGN.md
-// invariant 3). A mismatch is re-checked under the lock: if the block was remapped meanwhile the
+// cache, else data file -> LZ4 decompress -> rehash -> compare with the entry's hash
+// (docs/INVARIANTS.md 3). A mismatch is re-checked under the lock: if the block was remapped meanwhile the
 // read retries, otherwise it is corruption and fails with the volume and byte offset.
 //
 // Stale readers: a chunk may be freed, and its number, sectors and cache slot reused, while a
@@ -22,7 +22,7 @@ import Glibc
 // Writes run in phases so that hashing, compression and data-file writes stay outside the lock:
 //   A  (no lock) zero test and hash of every block
 //   B  (lock)    dedup: candidates with the same hash and domain are compared byte for byte
-//                (DESIGN.md invariant 2); a match is retained at once
+//                (docs/INVARIANTS.md 2); a match is retained at once
 //   C  (no lock) compress the rest
 //   D  (lock)    reserve chunk numbers and sectors
 //   E  (no lock) write the chunk bytes

@@ -23,7 +23,7 @@ import Glibc
 // cannot drift from what the live store did. Reference counts are never journaled: they follow
 // from the records, and fsck recounts them.
 //
-// Durability (DESIGN.md invariant 1): a flush syncs the data file, then appends the pending
+// Durability (docs/INVARIANTS.md 1): a flush syncs the data file, then appends the pending
 // records as one frame and syncs the journal. A chunk's sectors are never reused before the
 // records freeing it are durable. Recovery = newest valid superblock -> its checkpoint -> the
 // valid frame prefix of its journal (or the older slot's, if the newest is damaged). Control
