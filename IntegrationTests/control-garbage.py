@@ -80,6 +80,10 @@ def main():
         ("clean page put past end", request("cleanPagePut", {"domain": 1, "volume": volume, "offset": U64_MAX - 100, "page": page[:5460]})),
         ("clean page invalidate all", request("cleanPageInvalidate", {"domain": 0})),
         ("forensics reversed", request("forensics", {"volume": volume, "fromNanoseconds": I64_MAX, "toNanoseconds": -I64_MAX})),
+        ("policy weight 0", request("tenancy", {"_0": {"setPolicy": {"domain": "m", "policy": {
+            "reservation": 0, "weight": 0, "burstUnits": 8, "limitBurstUnits": 8, "queueCapacity": 256}}}})),
+        ("policy huge queue", request("tenancy", {"_0": {"setPolicy": {"domain": "m", "policy": {
+            "reservation": -5, "weight": 1, "burstUnits": 8, "limitBurstUnits": 8, "queueCapacity": I64_MAX}}}})),
         ("fsck", request("fsck", {"verifyData": True})),
         ("gc", request("gc", {})),
     ]

@@ -61,19 +61,44 @@ public struct SchedulingPolicy: Sendable, Equatable, Codable {
         self.queueCapacity = queueCapacity
     }
 
-    /// Programmer errors in a configuration (STYLE.md 5): checked when a policy is installed.
+    /// Requests one domain may queue at most: the queue is a preallocated ring.
+    public static let queueCapacityMax = 65_536
+
+    /// What is wrong with this policy, nil when it can be installed. Policies arrive over the
+    /// control socket and from the persisted state, so this is checked, never trapped on.
+    public var problem: String? {
+        if !(reservation >= 0 && reservation.isFinite) { return "reservation must be a finite rate >= 0, got \(reservation)" }
+        if !(weight > 0 && weight.isFinite) { return "weight must be a finite number > 0, got \(weight)" }
+        if let limit, !(limit > 0 && limit.isFinite && limit >= reservation) {
+            return "limit must be finite, > 0 and >= the reservation, got \(limit)"
+        }
+        if !(burstUnits >= 0 && burstUnits.isFinite && limitBurstUnits >= 0 && limitBurstUnits.isFinite) {
+            return "burst units must be finite and >= 0"
+        }
+        if !(1...Self.queueCapacityMax).contains(queueCapacity) {
+            return "queue capacity must be 1...\(Self.queueCapacityMax), got \(queueCapacity)"
+        }
+        return nil
+    }
+
+    /// For policies built in code (tests, defaults): an invalid one is a programming error.
     public func validate() {
-        precondition(reservation >= 0 && reservation.isFinite, "reservation must be a finite rate >= 0")
-        precondition(weight > 0 && weight.isFinite, "weight must be > 0")
-        if let limit { precondition(limit > 0 && limit >= reservation, "limit must be > 0 and >= reservation") }
-        precondition(burstUnits >= 0 && limitBurstUnits >= 0)
-        precondition(queueCapacity > 0)
+        if let problem { preconditionFailure(problem) }
     }
 }
 
-public enum SchedulerError: Error, Equatable, Sendable {
+public enum SchedulerError: Error, Equatable, Sendable, CustomStringConvertible {
     case queueFull(DomainID)
     case tooManyDomains
+    case invalidPolicy(String)
+
+    public var description: String {
+        switch self {
+        case .queueFull(let domain): return "\(domain) has too many requests queued"
+        case .tooManyDomains: return "too many domains"
+        case .invalidPolicy(let problem): return "invalid scheduling policy: \(problem)"
+        }
+    }
 }
 
 /// Which mClock phase dispatched a request.

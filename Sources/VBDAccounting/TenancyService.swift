@@ -98,6 +98,11 @@ public final class TenancyService: Sendable {
         var ledger = Ledger()
         if let stateStorage, let bytes = try stateStorage.read() {
             let saved = try JSONDecoder().decode(PersistentState.self, from: Data(bytes))
+            for (domain, policy) in saved.policies {
+                if let problem = policy.problem {
+                    throw SchedulerError.invalidPolicy("the saved policy of \(domain) is unusable: \(problem)")
+                }
+            }
             resolver.bindings.merge(saved.bindings) { configured, _ in configured }
             policies.merge(saved.policies) { configured, _ in configured }
             credits = saved.credits
@@ -255,7 +260,7 @@ public final class TenancyService: Sendable {
     // MARK: Policy and credit (control operations, all audited)
 
     public func setPolicy(_ policy: SchedulingPolicy, for domain: DomainID, actor: String) throws {
-        policy.validate()
+        if let problem = policy.problem { throw SchedulerError.invalidPolicy(problem) }
         try control { state, _ in
             state.policies[domain] = policy
             return ((), [PendingRecord(actor: actor, operation: AuditOperation.policySet, target: domain.name, details: [

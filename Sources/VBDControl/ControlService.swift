@@ -183,6 +183,8 @@ public final class ControlService: Sendable {
                 return .tenancy(try tenancy.handle(tenancyRequest, actor: actor))
             } catch let e as LeaseError {
                 throw ControlFailure(code: "lease", message: e.description)
+            } catch let e as SchedulerError {
+                throw ControlFailure(code: "invalid-argument", message: e.description)
             }
         case let .forensics(volume, from, to):
             guard let tenancy else {

@@ -107,3 +107,24 @@ final class ManualMonotonic: @unchecked Sendable {
     private(set) var now: Duration = .zero
     func advance(_ by: Duration) { now += by }
 }
+
+/// Policies come over the control socket and from the saved state: a bad one is an error for that
+/// request (or that file), never a trap that takes the server down.
+@Suite struct PolicyValidationTests {
+    @Test(arguments: [
+        SchedulingPolicy(reservation: -1),
+        SchedulingPolicy(weight: 0),
+        SchedulingPolicy(weight: -3),
+        SchedulingPolicy(reservation: 100, limit: 50),
+        SchedulingPolicy(limit: .infinity),
+        SchedulingPolicy(burstUnits: -1),
+        SchedulingPolicy(queueCapacity: 0),
+        SchedulingPolicy(queueCapacity: Int.max),
+    ])
+    func badPoliciesAreRefusedWithAReason(policy: SchedulingPolicy) throws {
+        let service = try TenancyService(configuration: .init(), stateStorage: MemoryStateStorage(),
+                                         auditStorage: MemoryAuditStorage())
+        #expect(throws: SchedulerError.self) { try service.handle(.setPolicy(domain: "mallory", policy: policy), actor: "test") }
+        #expect(service.policy(for: "mallory") == SchedulingPolicy())
+    }
+}
