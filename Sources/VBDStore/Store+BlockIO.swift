@@ -135,26 +135,30 @@ extension Store {
     /// Reads and adds to `sources` where each block came from (zero and unmapped blocks count nowhere).
     func read(image id: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
               sources: inout ReadSources) throws(BlockDeviceError) {
-        var attempt = 0
-        while true {
-            do {
-                // A retried attempt counts again: the blocks were looked up again. Each retry means
-                // a chunk was freed under this read; the last attempt holds the lock throughout,
-                // so a reader that keeps losing that race still finishes.
+        do {
+            // Blocks whose chunk was freed while they loaded are read again, each on its own (a
+            // block read later is still that block at one moment). A retried block counts again
+            // in `sources`. The last attempt holds the lock across its loads, so a reader that
+            // keeps losing the race still finishes, and it holds it for those few blocks only.
+            var stale = try readOnce(image: id, offset: offset, into: buffer, sources: &sources, holdingLock: false)
+            var attempt = 1
+            while !stale.isEmpty {
                 attempt += 1
-                try readOnce(image: id, offset: offset, into: buffer, sources: &sources, holdingLock: attempt >= Self.readAttemptsUnlocked)
-                return
-            } catch is RetryRead {
-                continue
-            } catch let e as BlockDeviceError {
-                throw e
-            } catch {
-                throw .io("\(error)")
+                var next: [Range<Int>] = []
+                for range in stale {
+                    let again = try readOnce(image: id, offset: offset + UInt64(range.lowerBound),
+                                             into: UnsafeMutableRawBufferPointer(rebasing: buffer[range]), sources: &sources,
+                                             holdingLock: attempt >= Self.readAttemptsUnlocked)
+                    next += again.map { ($0.lowerBound + range.lowerBound)..<($0.upperBound + range.lowerBound) }
+                }
+                stale = next
             }
+        } catch let e as BlockDeviceError {
+            throw e
+        } catch {
+            throw .io("\(error)")
         }
     }
-
-    private struct RetryRead: Error {}
 
     /// Attempts a read makes without holding the store lock across its loads.
     static let readAttemptsUnlocked = 4
@@ -240,15 +244,16 @@ extension Store {
         return sources
     }
 
-    /// One attempt of a read. `holdingLock`: keep `mutex` across the loads (the last attempt),
-    /// so nothing can be freed under it and no check afterwards is needed.
+    /// One attempt of a read. Returns the byte ranges of `buffer` (whole block slices) whose chunk
+    /// was freed while they loaded, to be read again. `holdingLock`: keep `mutex` across the loads
+    /// (the last attempt), so nothing can be freed under it and nothing is returned.
     private func readOnce(image id: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
-                          sources: inout ReadSources, holdingLock: Bool) throws {
+                          sources: inout ReadSources, holdingLock: Bool) throws -> [Range<Int>] {
         let length = UInt64(buffer.count)
         guard length > 0 else {
             let v = try mutex.withLock { () throws(BlockDeviceError) in try viewLocked(id).0 }
             try checkRange(v, offset: offset, length: 0)
-            return
+            return []
         }
         let cache = options.cache
         typealias Ref = (chunk: UInt64, entry: ChunkEntry, key: UInt64, token: UInt64)
@@ -274,7 +279,8 @@ extension Store {
         let (view, refs) = holdingLock ? try copyRefs() : try mutex.withLock(copyRefs)
         let bs = UInt64(view.blockSize)
         let first = offset / bs
-        var fromDisk: [Int] = []
+        var fromDisk: [(block: Int, bytes: Range<Int>)] = []
+        var stale: [Range<Int>] = []
         for (k, ref) in refs.enumerated() {
             let block = first + UInt64(k)
             let blockStart = block * bs
@@ -291,7 +297,7 @@ extension Store {
                                   lockHeld: holdingLock, cacheToken: ref.token)
                 }
                 sources.count(source!)  // loadChunk fills the block or throws
-                if source == .miss { fromDisk.append(k) }
+                if source == .miss { fromDisk.append((k, Int(lo - offset)..<Int(hi - offset))) }
             } catch {
                 // Remapped, or the number freed (new generation), since we looked? Then retry;
                 // otherwise it is corruption.
@@ -306,21 +312,21 @@ extension Store {
                 if unchanged {
                     throw BlockDeviceError.corrupted(volume: view.name, offset: blockStart, detail: error.detail)
                 }
-                throw RetryRead()
+                stale.append(Int(lo - offset)..<Int(hi - offset))
             }
         }
         // Bytes from the data file are the chunk's only if its number was not freed meanwhile
         // (freeing comes before its sectors can be reused); a hash match alone is not proof
         // with a weak hash. Cache hits need no check: their key names exactly these bytes.
         if Self.staleReadDefenses && !holdingLock && !fromDisk.isEmpty {
-            let intact = mutex.withLock { () -> Bool in
-                fromDisk.allSatisfy { k in
+            mutex.withLock {
+                for (k, bytes) in fromDisk {
                     let ref = refs[k]
-                    return chunks.contains(ref.chunk) && cacheKey(ref.chunk) == ref.key
+                    if !(chunks.contains(ref.chunk) && cacheKey(ref.chunk) == ref.key) { stale.append(bytes) }
                 }
             }
-            if !intact { throw RetryRead() }
         }
+        return stale
     }
 
     // MARK: Write

@@ -104,3 +104,47 @@ final class RunAtNextUnlock: InterleavingScheduler, @unchecked Sendable {
         #expect(readNewBlock)
     }
 }
+
+/// Runs `action` at every store-lock release (not re-entrantly) while armed.
+final class RunAtEveryUnlock: InterleavingScheduler, @unchecked Sendable {
+    var action: (() -> Void)?
+    private var running = false
+    func acquire(_ lock: ObjectIdentifier) {}
+    func tryAcquire(_ lock: ObjectIdentifier) -> Bool? { nil }
+    func yield() {}
+    func release(_ lock: ObjectIdentifier) {
+        guard !running, let action else { return }
+        running = true
+        action()
+        running = false
+    }
+}
+
+@Suite struct LosingReaderTests {
+    /// Every time the reader lets go of the lock, the block it is reading is overwritten (its
+    /// chunk freed): the unlocked attempts all lose, and the last one, holding the lock across
+    /// its load, returns a version that was written, instead of reporting corruption.
+    @Test func aReaderThatKeepsLosingTheRaceStillReadsAWrittenVersion() throws {
+        let hook = RunAtEveryUnlock()
+        var options = Store.Options()
+        options.interleaving = hook
+        let store = try Store(directory: SimulatedDisk(seed: 5).directory(), options: options, create: true)
+        _ = try store.createVolume(name: "t", size: 1 << 20)
+        let t = try store.device(named: "t")
+        try t.write(block(seed: 0), at: 0)
+        var versions: [[UInt8]] = [block(seed: 0)]
+        hook.action = {
+            guard versions.count < 50 else { return }
+            let next = block(seed: UInt64(versions.count))
+            versions.append(next)
+            try! t.write(next, at: 0)
+        }
+        let got = try t.read(4096, at: 0)
+        hook.action = nil
+        // Each unlocked attempt loses (two unlocks, two overwrites); the locked one ends it.
+        #expect(versions.count >= Store.readAttemptsUnlocked)
+        #expect(versions.count <= 2 * Store.readAttemptsUnlocked + 1, "\(versions.count) overwrites before the read finished")
+        let readAWrittenVersion = versions.contains(got)
+        #expect(readAWrittenVersion)
+    }
+}
