@@ -8,8 +8,9 @@ requires_vbdtool_serve
 
 make_store 16M
 "$VBDTOOL" domain bind vol alice --store "$STORE" >/dev/null
-# A small main cache (256 KiB) over a larger last-chance tier, so reads show both tiers.
-start_metrics_server serve.log --enforce-leases --cache-size 256K --last-chance-size 16M
+# A small main cache (1 MiB, the smallest serve accepts) over a larger last-chance tier, so reads
+# show both tiers.
+start_metrics_server serve.log --enforce-leases --cache-size 1M --last-chance-size 32M
 
 # No lease: alice's connection to vol is refused.
 if nbdsh -u "$(uri vol)" -c 'h.pread(4096, 0)' 2>/dev/null; then fail "served without a lease"; fi
@@ -35,13 +36,13 @@ line = [l for l in body.splitlines() if l.startswith('vbd_domain_written_bytes_t
 assert float(line.split()[-1]) >= 1 << 20, line
 PY
 
-# Cache hits are charged to the domain that read: 2 MiB of distinct blocks written (the writes
-# fill the cache; the 256 KiB main tier evicts most into the last-chance tier), then read twice.
+# Cache hits are charged to the domain that read: 8 MiB of distinct blocks written (the writes
+# fill the cache; the 1 MiB main tier evicts most into the last-chance tier), then read twice.
 nbdsh -u "$(uri vol)" -c '
-blocks = [bytes([i % 251]) * 2048 + i.to_bytes(4, "little") * 512 for i in range(512)]
+blocks = [bytes([i % 251]) * 2048 + i.to_bytes(4, "little") * 512 for i in range(2048)]
 h.pwrite(b"".join(blocks), 2 << 20)
 for _ in range(2):
-    assert h.pread(2 << 20, 2 << 20) == b"".join(blocks)'
+    assert h.pread(8 << 20, 2 << 20) == b"".join(blocks)'
 "$VBDTOOL" stats --json --store "$STORE" > "$TMPDIR_TEST/stats.json"
 "$VBDTOOL" domain stats --json --store "$STORE" | python3 -c '
 import json, sys
@@ -50,7 +51,7 @@ store = json.load(open(sys.argv[1]))
 alice = [d for d in s["domains"] if d["domain"] == "alice"][0]
 u = alice["usage"]
 assert u["cacheHits"] > 0 and u["lastChanceHits"] > 0, u
-assert u["cacheHits"] + u["lastChanceHits"] <= 2 * 512 + 1, u   # at most one hit per block read
+assert u["cacheHits"] + u["lastChanceHits"] <= 2 * 2048 + 1, u   # at most one hit per block read
 # Storage: alice holds what vol stores; the per-domain shares add up to the bytes stored.
 assert alice["storage"]["fairStoredBytes"] > 0 and alice["storage"]["images"][0] == "vol", alice["storage"]
 total = sum(d["storage"]["fairStoredBytes"] for d in s["domains"])
