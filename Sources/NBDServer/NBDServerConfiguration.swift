@@ -75,7 +75,7 @@ extension NBDServer {
 
         public init() {}
 
-        /// Checks the relationships between limits (STYLE.md 6): a budget must admit one maximal request.
+        /// Checks the relationships between limits: a budget must admit one maximal request.
         public func validate() {
             precondition(requestBytesMax > 0 && requestBytesMax <= Int(UInt32.max) - 8)
             precondition(inFlightBytesMax >= requestBytesMax, "in-flight budget must admit one maximal request")

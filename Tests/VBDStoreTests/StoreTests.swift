@@ -81,7 +81,7 @@ import VBDCore
         try store.close()
     }
 
-    /// DESIGN.md invariant 2: with an 8-bit hash nearly every pair of blocks collides; the byte
+    /// docs/INVARIANTS.md 2: with an 8-bit hash nearly every pair of blocks collides; the byte
     /// comparison must still keep every distinct content apart.
     @Test func weakHashNeverMergesDifferentContents() throws {
         let dir = TemporaryStoreDirectory()
