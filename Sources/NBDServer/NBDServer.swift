@@ -355,10 +355,3 @@ public final class NBDServer: Sendable {
         }
     }
 }
-
-/// `struct ucred` (socket(7)), which Glibc declares only under _GNU_SOURCE.
-struct UnixPeerCredentials {
-    var pid: Int32 = 0
-    var uid: UInt32 = 0
-    var gid: UInt32 = 0
-}

@@ -1,4 +1,5 @@
 import Foundation
+import VBDCore
 
 #if canImport(Glibc)
 import Glibc
@@ -162,20 +163,13 @@ enum UnixSocket {
         return fd
     }
 
-    /// `struct ucred` (socket(7)); Glibc declares it only under _GNU_SOURCE.
-    private struct PeerCredentials {
-        var pid: Int32 = 0
-        var uid: UInt32 = 0
-        var gid: UInt32 = 0
-    }
-
     /// Refuses peers other than this process's user and root. The socket's 0600 mode already
     /// keeps others out; this holds even if the mode or the directory's permissions were loosened.
     /// Returns the peer's pid and uid (the actor recorded in the audit log).
     @discardableResult
     static func checkPeerIsOwnerOrRoot(_ fd: Int32) throws(ControlFailure) -> (pid: Int32, uid: UInt32) {
-        var credentials = PeerCredentials()
-        var length = socklen_t(MemoryLayout<PeerCredentials>.size)
+        var credentials = UnixPeerCredentials()
+        var length = socklen_t(MemoryLayout<UnixPeerCredentials>.size)
         guard getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) == 0 else {
             throw ControlFailure(code: "permission-denied", message: "cannot identify the control client: \(String(cString: strerror(errno)))")
         }
