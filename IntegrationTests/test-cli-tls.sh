@@ -54,8 +54,9 @@ writes() {
 charged() {
     "$VBDTOOL" domain stats --json --store "$STORE" | python3 -c '
 import json, sys
-print(json.dumps({d["domain"]: sum(d["usage"]["operations"].values()) for d in json.load(sys.stdin)["domains"]
-                  if sum(d["usage"]["operations"].values())}, sort_keys=True))'
+# operations is encoded as [kind, count, kind, count, ...]
+print(json.dumps({d["domain"]: sum(d["usage"]["operations"][1::2]) for d in json.load(sys.stdin)["domains"]
+                  if sum(d["usage"]["operations"][1::2])}, sort_keys=True))'
 }
 
 serve --tls-required --tls-ca "$CERTS/ca-cert.pem" --enforce-leases --certificate-domain "bee=CN=tenant-b,O=tenants"
@@ -74,6 +75,9 @@ writes vol-b tenant-b 0xb3 || fail "the server stopped serving tenant-b after re
 # own, "O=tenants\,CN\=tenant-b", with no lease and no binding, so it never got a request in).
 [ "$(charged)" = "{\"$TENANT_A\": 3, \"bee\": 6}" ] || fail "charges: $(charged)"
 "$VBDTOOL" snapshot vol-a@s --store "$STORE" || fail "control socket"
+# A snapshot is leased by its full name; vol-a's binding covers it, so only tenant-a may open it.
+"$VBDTOOL" lease grant vol-a@s --domain "$TENANT_A" --mode read --duration 10m --store "$STORE" >/dev/null
+session vol-a@s tenant-b 'pass' && fail "tenant-b opened a snapshot of tenant-a's volume"
 session vol-a@s tenant-a 'assert h.get_size() == 1048576' || fail "snapshot not served over TLS to its volume's tenant"
 stop
 

@@ -43,7 +43,8 @@ charged() {
     "$VBDTOOL" domain stats --json --store "$STORE" | python3 -c '
 import json, sys
 rows = [d for d in json.load(sys.stdin)["domains"] if d["domain"] == sys.argv[1]]
-print(sum(rows[0]["usage"]["operations"].values()) if rows else 0)' "$1"
+# operations is encoded as [kind, count, kind, count, ...]
+print(sum(rows[0]["usage"]["operations"][1::2]) if rows else 0)' "$1"
 }
 
 # 1. Leases enforced, the runner's uid mapped to alice: served over the unix socket, charged to
