@@ -8,6 +8,8 @@
 #   tenant-b/   /O=tenants/CN=tenant-b, signed by the CA
 #   crafted/    one O attribute whose value is "tenants,CN=tenant-b", signed by the CA: joined
 #               without escaping it reads exactly like tenant-b's subject in certificate order
+#   crafted-cn/ one CN attribute whose value is "tenant-b,O=tenants", signed by the CA: the same
+#               trick against joining in RFC 4514 order (most specific first)
 #   wrong-ca/   /O=tenants/CN=tenant-b, signed by another CA the server does not trust
 #   expired/    /O=tenants/CN=tenant-b, signed by the CA, valid only on 2020-01-01
 #   no-cert/    the CA certificate only: the client presents no certificate
@@ -36,6 +38,7 @@ sign server /CN=localhost ca
 sign tenant-a /O=tenants/CN=tenant-a ca && client_dir tenant-a
 sign tenant-b /O=tenants/CN=tenant-b ca && client_dir tenant-b
 sign crafted "/O=tenants,CN=tenant-b" ca && client_dir crafted
+sign crafted-cn "/CN=tenant-b,O=tenants" ca && client_dir crafted-cn
 sign wrong-ca /O=tenants/CN=tenant-b other-ca && client_dir wrong-ca
 
 # An expired certificate needs explicit dates, which only `openssl ca` takes.

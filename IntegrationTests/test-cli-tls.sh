@@ -66,6 +66,7 @@ writes vol-b tenant-b 0xb2 || fail "tenant-b (domain bee) was refused its own vo
 writes vol-b tenant-a 0x66 && fail "tenant-a wrote bee's volume"
 writes vol-b crafted 0x66 && fail "a certificate with subject O=\"tenants,CN=tenant-b\" wrote bee's volume"
 writes vol-a crafted 0x66 && fail "the crafted certificate wrote tenant-a's volume"
+writes vol-b crafted-cn 0x66 && fail "a certificate with subject CN=\"tenant-b,O=tenants\" wrote bee's volume"
 writes vol-b wrong-ca 0x66 && fail "a certificate signed by an untrusted CA was served"
 writes vol-b expired 0x66 && fail "an expired certificate was served"
 writes vol-b no-cert 0x66 && fail "a TLS client without a certificate was served (the export's binding is no identity)"

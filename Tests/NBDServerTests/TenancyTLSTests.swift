@@ -63,10 +63,11 @@ extension RealServerTests {
 
             #expect(try await writes(fixture, export: "vol-a", client: client("tenant-a"), byte: 0xA1))
             #expect(try await writes(fixture, export: "vol-b", client: client("tenant-b"), byte: 0xB2))
-            // Each refused: another tenant's export; a subject crafted to read like tenant-b's
-            // ("O=tenants,CN=tenant-b" in certificate order, one O attribute); another CA; expired;
+            // Each refused: another tenant's export; subjects crafted to read like tenant-b's once
+            // joined ("O=tenants,CN=tenant-b" as one O attribute, "tenant-b,O=tenants" as one CN);
+            // another CA; expired;
             // no certificate at all (the export's binding is no identity).
-            for (name, export) in [("tenant-a", "vol-b"), ("crafted", "vol-b"), ("crafted", "vol-a"),
+            for (name, export) in [("tenant-a", "vol-b"), ("crafted", "vol-b"), ("crafted", "vol-a"), ("crafted-cn", "vol-b"),
                                    ("wrong-ca", "vol-b"), ("expired", "vol-b"), ("no-cert", "vol-b"),
                                    ("no-cert", "vol-a")] {
                 #expect(try await !writes(fixture, export: export, client: client(name), byte: 0x66),
@@ -92,8 +93,9 @@ extension RealServerTests {
             }
         }
 
-        /// Without a CA the server verifies no client certificate, so presenting one proves nothing:
-        /// with leases enforced the client gets nothing, without it it is anonymous.
+        /// Without a CA the server verifies no client certificate (it does not ask for one, and the
+        /// handler would not take one it did not verify), so presenting one proves nothing: with
+        /// leases enforced the client gets nothing, without it it is anonymous.
         @Test(.enabled(if: Tool.exists("openssl") && Tool.hasNBDPython))
         func anUnverifiedCertificateIsNoIdentity() async throws {
             let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vbd-tls-\(UUID().uuidString.prefix(8))")
