@@ -101,6 +101,17 @@ fi
 grep -q "needs --tls-ca" "$TMPDIR_TEST/refused.log" || fail "no clear error: $(cat "$TMPDIR_TEST/refused.log")"
 serve --tls-required --enforce-leases
 writes vol-b tenant-b 0x66 && fail "an unverified certificate was taken as an identity"
+writes vol-b no-cert 0x66 && fail "a TLS client without a certificate was served as the export's bound domain"
 grep -q "proved no identity" "$TMPDIR_TEST/serve.log" || fail "the refusal does not say why"
+stop
+# Nor without --enforce-leases: a bound export stays its domain's; an unbound one is anonymous's.
+"$VBDTOOL" create open --size 1M --store "$STORE" >/dev/null
+serve --tls-required
+writes vol-b no-cert 0x66 && fail "a TLS client without a certificate opened bee's bound volume"
+writes open no-cert 0x0f || fail "a TLS client without a certificate was refused an unbound volume"
+"$VBDTOOL" domain stats --json --store "$STORE" | python3 -c '
+import json, sys
+ops = {d["domain"]: sum(d["usage"]["operations"][1::2]) for d in json.load(sys.stdin)["domains"]}
+assert ops.get("anonymous") == 3 and ops.get("bee") == 6, ops' || fail "the unauthenticated session was not charged to anonymous alone"
 stop
 echo PASS
