@@ -151,6 +151,8 @@ extension RealServerTests {
                 } else {
                     #expect(goReply == NBDOptionReplyType.errPolicy,
                             "\(row.peers) bound to \(row.binding?.name ?? "none"), enforced \(row.enforced): not refused")
+                    // NBD_OPT_EXPORT_NAME has no error reply: the server closes instead.
+                    #expect(try RawClient(socketPath: fixture.socketPath).enterTransmission(export: "vol") == nil)
                     #expect(service.snapshot().ledger.total.operationCount == 0)
                 }
                 await fixture.stop()
