@@ -95,6 +95,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Armed while the connection is in transmission with nothing in flight and nothing begun
     /// (only with an `idleTimeout`).
     private var idleDeadline: Scheduled<Void>?
+    /// When the current message's clock started (nil: nothing begun, or the server not reading).
+    /// `messageDeadline` may be scheduled for an earlier start; it re-arms itself from this.
+    private var messageTimedSince: NIODeadline?
+    /// When the connection became idle (nil: not idle, or no `idleTimeout`).
+    private var idleSince: NIODeadline?
     /// Set once an export is opened under tenancy; nil without tenancy.
     private var session: Session?
     /// SO_PEERCRED of a unix-socket client, read when it connected (nil over TCP).
@@ -271,6 +276,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             // handed to WRITE requests do not pin or copy an ever-growing accumulation buffer.
             inbound = buffer.readableBytes > 0 ? buffer : nil
             guard let message else { return }
+            messageTimedSince = nil  // finished: the next message, if begun, gets a clock of its own
             handle(message, context: context)
         }
     }
@@ -349,9 +355,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         !parser.isAtMessageBoundary || (inbound?.readableBytes ?? 0) > 0
     }
 
-    /// Arms or cancels the transmission deadlines after input was processed or a request ended
+    /// Starts or stops the transmission clocks after input was processed or a request ended
     /// (the handshake has its own overall timeout). A message is timed only while the server is
     /// reading: waiting on the server's own backpressure is not the client's hold.
+    ///
+    /// This runs at every request completion, so it only records when a clock started: at most
+    /// one timer per clock is scheduled, and when it fires it re-arms itself for the clock's
+    /// current start instead of being cancelled and rescheduled per request (that churn cost a
+    /// timer allocation and two heap operations per request at full queue depth).
     private func updateDeadlines(context: ChannelHandlerContext) {
         guard case .transmission(let machine, _) = phase else {
             cancelDeadlines()
@@ -359,38 +370,69 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         let started = messageStarted
         if started && canTakeInput(context: context) {
-            if messageDeadline == nil {
-                messageDeadline = schedule(after: environment.limits.messageTimeout, context: context) { handler, context in
-                    handler.messageDeadline = nil
-                    guard handler.messageStarted else { return }
-                    guard handler.canTakeInput(context: context) else { return }  // re-armed when reading resumes
-                    handler.abort(.holdExpired("a started request was not completed within \(handler.environment.limits.messageTimeout)"),
-                                  context: context)
+            if messageTimedSince == nil {
+                let now = NIODeadline.now()
+                messageTimedSince = now
+                if messageDeadline == nil {
+                    armMessageDeadline(at: now + TimeAmount(environment.limits.messageTimeout), context: context)
                 }
             }
         } else {
-            messageDeadline?.cancel()
-            messageDeadline = nil
+            messageTimedSince = nil
         }
         if let idleTimeout = environment.limits.idleTimeout, !started, machine.inFlight == 0, !machine.isDisconnecting {
-            if idleDeadline == nil {
-                idleDeadline = schedule(after: idleTimeout, context: context) { handler, context in
-                    handler.idleDeadline = nil
-                    guard case .transmission(let machine, _) = handler.phase, machine.inFlight == 0,
-                          !handler.messageStarted else { return }
-                    handler.abort(.holdExpired("idle for \(idleTimeout)"), context: context)
-                }
+            if idleSince == nil {
+                let now = NIODeadline.now()
+                idleSince = now
+                if idleDeadline == nil { armIdleDeadline(at: now + TimeAmount(idleTimeout), context: context) }
             }
         } else {
-            idleDeadline?.cancel()
-            idleDeadline = nil
+            idleSince = nil
         }
     }
 
-    private func schedule(after delay: Duration, context: ChannelHandlerContext,
+    /// Fires at `deadline`; ends the connection if the message timed since then is still unfinished
+    /// and the server still reading, else re-arms for the message being timed now, if any.
+    private func armMessageDeadline(at deadline: NIODeadline, context: ChannelHandlerContext) {
+        messageDeadline = schedule(at: deadline, context: context) { handler, context in
+            handler.messageDeadline = nil
+            guard let since = handler.messageTimedSince else { return }
+            guard handler.messageStarted, handler.canTakeInput(context: context) else {
+                handler.messageTimedSince = nil  // timed again when reading resumes
+                return
+            }
+            let timeout = handler.environment.limits.messageTimeout
+            let expires = since + TimeAmount(timeout)
+            if expires > .now() {
+                handler.armMessageDeadline(at: expires, context: context)
+                return
+            }
+            handler.abort(.holdExpired("a started request was not completed within \(timeout)"), context: context)
+        }
+    }
+
+    private func armIdleDeadline(at deadline: NIODeadline, context: ChannelHandlerContext) {
+        idleDeadline = schedule(at: deadline, context: context) { handler, context in
+            handler.idleDeadline = nil
+            guard let since = handler.idleSince, let idleTimeout = handler.environment.limits.idleTimeout,
+                  case .transmission(let machine, _) = handler.phase, machine.inFlight == 0,
+                  !handler.messageStarted else {
+                handler.idleSince = nil
+                return
+            }
+            let expires = since + TimeAmount(idleTimeout)
+            if expires > .now() {
+                handler.armIdleDeadline(at: expires, context: context)
+                return
+            }
+            handler.abort(.holdExpired("idle for \(idleTimeout)"), context: context)
+        }
+    }
+
+    private func schedule(at deadline: NIODeadline, context: ChannelHandlerContext,
                           _ body: @escaping (NBDConnectionHandler, ChannelHandlerContext) -> Void) -> Scheduled<Void> {
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        return context.eventLoop.assumeIsolated().scheduleTask(in: TimeAmount(delay)) {
+        return context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) {
             let (handler, context) = loopBound.value
             body(handler, context)
         }
@@ -399,8 +441,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func cancelDeadlines() {
         messageDeadline?.cancel()
         messageDeadline = nil
+        messageTimedSince = nil
         idleDeadline?.cancel()
         idleDeadline = nil
+        idleSince = nil
     }
 
     // MARK: Handshake
