@@ -108,7 +108,7 @@ let package = Package(
         ),
         .testTarget(
             name: "NBDServerTests",
-            dependencies: ["NBDServer", "NBDProtocol", "VBDCore", .product(name: "NIOCore", package: "swift-nio"),
+            dependencies: ["NBDServer", "NBDProtocol", "VBDCore", "VBDStore", "VBDCache", .product(name: "NIOCore", package: "swift-nio"),
                            .product(name: "NIOPosix", package: "swift-nio"),
                            .product(name: "NIOEmbedded", package: "swift-nio")]
         ),
