@@ -203,8 +203,7 @@ extension RealServerTests {
                                    payload: [UInt8](repeating: 9, count: 4096))
                 await held.waitForArrivals(1)
                 let stopping = Task { await fixture.server.stop() }
-                // stop() has begun once the server no longer reports its listener (its first step).
-                while !fixture.server.localAddresses.isEmpty { await Task.yield() }
+                await fixture.events.waitForLine(containing: "NBD server stopping")
                 held.release(1)
                 await stopping.value
                 // The write that was in flight when stop() began was completed and answered.

@@ -4,13 +4,10 @@ import NBDServer
 import NIOCore
 import Testing
 
-/// Waits (bounded) until the server has no connection left.
-func waitForConnections(_ fixture: ServerFixture, toReach count: Int, within: Duration = .seconds(10)) async -> Bool {
-    let deadline = ContinuousClock.now + within
-    while ContinuousClock.now < deadline {
-        if fixture.server.connectionCount == count { return true }
-        try? await Task.sleep(for: .milliseconds(20))
-    }
+/// Returns once the server has `count` connections open: checked at once and again each time
+/// the server logs a connection as closed (it logs after forgetting it), never by polling.
+func waitForConnections(_ fixture: ServerFixture, toReach count: Int) async -> Bool {
+    await fixture.events.waitForLine(containing: "connection closed", until: { fixture.server.connectionCount == count })
     return fixture.server.connectionCount == count
 }
 

@@ -223,9 +223,14 @@ final class ServerFixture: @unchecked Sendable {
 /// happened (it listens, it stopped) instead of sleeping. Lines at warning and above also go to
 /// stderr; everything does with VBD_NBD_TEST_LOG set.
 final class ServerLog: Sendable {
+    private struct Waiter {
+        var pattern: String
+        var condition: @Sendable () -> Bool
+        var continuation: CheckedContinuation<Void, Never>
+    }
     private struct State {
         var lines: [String] = []
-        var waiters: [(pattern: String, continuation: CheckedContinuation<Void, Never>)] = []
+        var waiters: [Waiter] = []
     }
     private let state = Mutex(State())
     static let linesMax = 10_000
@@ -245,11 +250,13 @@ final class ServerLog: Sendable {
         let ready = state.withLock { state -> [CheckedContinuation<Void, Never>] in
             if state.lines.count == Self.linesMax { state.lines.removeFirst(state.lines.count / 2) }
             state.lines.append(line)
-            let (matched, waiting) = state.waiters.reduce(into: ([CheckedContinuation<Void, Never>](), [(pattern: String, continuation: CheckedContinuation<Void, Never>)]())) { result, waiter in
-                if line.contains(waiter.pattern) { result.0.append(waiter.continuation) } else { result.1.append(waiter) }
+            var ready: [CheckedContinuation<Void, Never>] = []
+            state.waiters.removeAll { waiter in
+                guard line.contains(waiter.pattern), waiter.condition() else { return false }
+                ready.append(waiter.continuation)
+                return true
             }
-            state.waiters = waiting
-            return matched
+            return ready
         }
         for continuation in ready { continuation.resume() }
     }
@@ -259,10 +266,23 @@ final class ServerLog: Sendable {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let seen = state.withLock { state -> Bool in
                 if state.lines.contains(where: { $0.contains(pattern) }) { return true }
-                state.waiters.append((pattern, continuation))
+                state.waiters.append(Waiter(pattern: pattern, condition: { true }, continuation: continuation))
                 return false
             }
             if seen { continuation.resume() }
+        }
+    }
+
+    /// Returns once `condition` holds: checked at once, then each time a line containing
+    /// `pattern` is logged (the server logs that line after the change the condition reads).
+    func waitForLine(containing pattern: String, until condition: @escaping @Sendable () -> Bool) async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let holds = state.withLock { state -> Bool in
+                if condition() { return true }
+                state.waiters.append(Waiter(pattern: pattern, condition: condition, continuation: continuation))
+                return false
+            }
+            if holds { continuation.resume() }
         }
     }
 }
