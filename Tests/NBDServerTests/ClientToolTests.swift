@@ -17,7 +17,7 @@ extension RealServerTests {
                 #expect(Set(byName.keys) == ["vol", "vol@snap", "small"])
                 let volume = try #require(byName["vol"])
                 #expect(volume["export-size"] as? Int == 64 << 20)
-                #expect(volume["description"] as? String == "volume, 67108864 bytes, 4096-byte blocks, group default", "\(volume)")
+                #expect(volume["description"] as? String == "volume, 67108864 bytes", "\(volume)")
                 #expect(volume["is_read_only"] as? Bool == false)
                 #expect(volume["can_multi_conn"] as? Bool == true)
                 #expect(volume["can_fast_zero"] as? Bool == true)

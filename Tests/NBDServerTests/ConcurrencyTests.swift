@@ -34,26 +34,32 @@ final class WriteHoldingDevice: BlockDevice, @unchecked Sendable {
     var blockSize: Int { inner.blockSize }
     var isReadOnly: Bool { inner.isReadOnly }
 
+    private func locked<T>(_ body: () -> T) -> T {
+        condition.lock()
+        defer { condition.unlock() }
+        return body()
+    }
+
     /// The most writes that were inside the device at once.
-    var mostWritesAtOnce: Int { condition.withLock { activeMax } }
-    var writesArrived: Int { condition.withLock { arrived } }
+    var mostWritesAtOnce: Int { locked { activeMax } }
+    var writesArrived: Int { locked { arrived } }
 
     /// Lets `count` held writes (present or future) go on.
     func release(_ count: Int) {
-        condition.withLock { permits += count }
+        locked { permits += count }
         condition.broadcast()
     }
 
     /// Lets every write go on from now on.
     func releaseAll() {
-        condition.withLock { released = true }
+        locked { released = true }
         condition.broadcast()
     }
 
     /// Returns once `count` writes have arrived in the device.
     func waitForArrivals(_ count: Int) async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let now = condition.withLock { () -> Bool in
+            let now = locked { () -> Bool in
                 if arrived >= count { return true }
                 arrivalWaiters.append((count, continuation))
                 return false
@@ -63,7 +69,7 @@ final class WriteHoldingDevice: BlockDevice, @unchecked Sendable {
     }
 
     func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
-        let ready = condition.withLock { () -> [CheckedContinuation<Void, Never>] in
+        let ready = locked { () -> [CheckedContinuation<Void, Never>] in
             arrived += 1
             active += 1
             activeMax = max(activeMax, active)
@@ -76,7 +82,7 @@ final class WriteHoldingDevice: BlockDevice, @unchecked Sendable {
         while !released && permits == 0 { condition.wait() }
         if !released { permits -= 1 }
         condition.unlock()
-        defer { condition.withLock { active -= 1 } }
+        defer { locked { active -= 1 } }
         try inner.write(offset: offset, data: data, fua: fua)
     }
 
@@ -126,14 +132,12 @@ extension RealServerTests {
         /// ``WriteHoldingDevice``.
         func withHeldWrites(limits: NBDServer.ServerLimits = .init(), releasingReadOffset: UInt64? = nil,
                             _ body: (ServerFixture, WriteHoldingDevice) async throws -> Void) async throws {
-            let box = Mutex<WriteHoldingDevice?>(nil)
             try await withServer(limits: limits, exports: { store in
                 try store.createVolume(name: "slow", size: 16 << 20)
-                let held = WriteHoldingDevice(try store.device(named: "slow"), releasingReadOffset: releasingReadOffset)
-                box.withLock { $0 = held }
-                return HoldingExports(store: store, held: held)
+                return HoldingExports(store: store, held: WriteHoldingDevice(try store.device(named: "slow"),
+                                                                             releasingReadOffset: releasingReadOffset))
             }) { fixture in
-                let held = try #require(box.withLock { $0 })
+                let held = try #require((fixture.server.configuration.exports as? HoldingExports)?.held)
                 // Whatever the test did, nothing stays held: the server's stop waits for its requests.
                 defer { held.releaseAll() }
                 try await body(fixture, held)

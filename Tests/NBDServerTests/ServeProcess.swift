@@ -58,12 +58,12 @@ final class ServeProcess: @unchecked Sendable {
         // Ready when serve logs "serving" (after its NBD and control listeners are up); failed
         // when its stderr ends first (it exited).
         let ready: Bool = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
-            let pending = Mutex<CheckedContinuation<Bool, Never>?>(continuation)
-            stderr.fileHandleForReading.readabilityHandler = { [log] handle in
+            let report = ReportOnce(continuation)
+            stderr.fileHandleForReading.readabilityHandler = { [self] handle in
                 let data = handle.availableData
                 if data.isEmpty {
                     handle.readabilityHandler = nil
-                    pending.withLock { $0.take() }?.resume(returning: false)
+                    report.resume(returning: false)
                     return
                 }
                 let text = log.withLock { log in
@@ -71,9 +71,9 @@ final class ServeProcess: @unchecked Sendable {
                     if log.count > 1 << 20 { log.removeFirst(log.count - (1 << 19)) }
                     return log
                 }
-                if text.contains("serving") { pending.withLock { $0.take() }?.resume(returning: true) }
+                if text.contains("serving") { report.resume(returning: true) }
             }
-            do { try process.run() } catch { pending.withLock { $0.take() }?.resume(returning: false) }
+            do { try process.run() } catch { report.resume(returning: false) }
         }
         try #require(ready, "vbdtool serve did not start: \(log.withLock { $0 })")
     }
@@ -117,4 +117,21 @@ func withServeProcess(_ body: (ServeProcess) async throws -> Void) async throws 
     let served = try await ServeProcess.start()
     defer { served.stop() }
     try await body(served)
+}
+
+/// Resumes a continuation once; later reports are ignored.
+private final class ReportOnce: @unchecked Sendable {
+    // @unchecked: `continuation` is guarded by `lock`.
+    private let lock = NSLock()
+    private var continuation: CheckedContinuation<Bool, Never>?
+
+    init(_ continuation: CheckedContinuation<Bool, Never>) { self.continuation = continuation }
+
+    func resume(returning value: Bool) {
+        lock.lock()
+        let pending = continuation
+        continuation = nil
+        lock.unlock()
+        pending?.resume(returning: value)
+    }
 }

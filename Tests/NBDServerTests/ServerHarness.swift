@@ -237,12 +237,11 @@ final class ServerLog: Sendable {
 
     func logger(label: String) -> Logger {
         let verbose = ProcessInfo.processInfo.environment["VBD_NBD_TEST_LOG"] != nil
-        var logger = Logger(label: label) { label in
+        let logger = Logger(label: label) { label in
             var stderr = StreamLogHandler.standardError(label: label)
             stderr.logLevel = verbose ? .trace : .warning
-            return MultiplexLogHandler([stderr, ServerLogHandler(log: self)])
+            return MultiplexLogHandler([stderr, ServerLogHandler(sink: self)])
         }
-        logger.logLevel = .trace
         return logger
     }
 
@@ -288,7 +287,7 @@ final class ServerLog: Sendable {
 }
 
 private struct ServerLogHandler: LogHandler {
-    let log: ServerLog
+    let sink: ServerLog
     var logLevel: Logger.Level = .trace
     var metadata: Logger.Metadata = [:]
     subscript(metadataKey key: String) -> Logger.Metadata.Value? {
@@ -296,9 +295,8 @@ private struct ServerLogHandler: LogHandler {
         set { metadata[key] = newValue }
     }
 
-    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String,
-             file: String, function: String, line: UInt) {
-        log.append("\(message)")
+    func log(event: LogEvent) {
+        sink.append("\(event.message)")
     }
 }
 
