@@ -14,6 +14,8 @@ final class WriteHoldingDevice: BlockDevice, @unchecked Sendable {
     // @unchecked: mutable state is guarded by `condition`.
     let inner: VolumeDevice
     /// A read at this offset lets every held and future write go (a request the client controls).
+    /// The block there must hold data: a structured read of a hole is answered from the extents
+    /// without a read call.
     let releasingReadOffset: UInt64?
     private let condition = NSCondition()
     private var permits = 0
@@ -134,6 +136,9 @@ extension RealServerTests {
                             _ body: (ServerFixture, WriteHoldingDevice) async throws -> Void) async throws {
             try await withServer(limits: limits, exports: { store in
                 try store.createVolume(name: "slow", size: 16 << 20)
+                if let releasingReadOffset {
+                    try store.device(named: "slow").writeArray([UInt8](repeating: 0x52, count: 4096), offset: releasingReadOffset)
+                }
                 return HoldingExports(store: store, held: WriteHoldingDevice(try store.device(named: "slow"),
                                                                              releasingReadOffset: releasingReadOffset))
             }) { fixture in
@@ -153,12 +158,12 @@ extension RealServerTests {
     h.connect_uri(os.environ["URI"])
     writes = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b"w" * 4096)), i * 4096) for i in range(3)]
     read = h.aio_pread(nbd.Buffer(4096), 1 << 20)
-    # The device holds the writes until it sees a read at 2 MiB: if the read waited behind
+    # The device holds the writes until it reads the block at 2 MiB: if the read waited behind
     # them, it would never complete (and the run would time out).
     while not h.aio_command_completed(read):
         h.poll(-1)
     assert not any(h.aio_command_completed(w) for w in writes), "a write completed while held"
-    assert h.pread(4096, 2 << 20) == bytes(4096)
+    assert h.pread(4096, 2 << 20) == b"R" * 4096
     while h.aio_in_flight() > 0:
         h.poll(-1)
     assert h.pread(4096, 0) == b"w" * 4096
