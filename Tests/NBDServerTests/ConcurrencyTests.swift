@@ -223,20 +223,27 @@ extension RealServerTests {
             }
         }
 
-        /// stop() at any moment of start(), here swept from at once to after the bind (with tenancy,
-        /// so its timer thread too): stop() waits for the setup in flight, so nothing is torn down
-        /// under a bind, and afterwards nothing listens on the socket. The delays do not synchronise
-        /// anything: they only move stop() across start()'s steps, and every outcome is checked.
+        /// stop() at any moment of start(), swept from at once to after start() returned (with
+        /// tenancy, so its timer thread too): stop() waits for the setup in flight, so nothing is
+        /// torn down under a bind, and afterwards nothing listens on the socket. The moments are
+        /// counts of scheduler yields, not times; every outcome is checked whichever step stop()
+        /// lands on, and the last round stops a server whose start() has returned.
         @Test func stopDuringStartLeavesNothingListening() async throws {
             let temporary = try TemporaryStore()
             defer { temporary.close() }
             let service = try TenancyService(configuration: .init(resolver: DomainResolver(bindings: ["vol": "d"])))
-            for (round, delay) in [0, 50, 200, 500, 1000, 2000, 3000, 5000, 8000, 12000, 20000].enumerated() {
+            let yieldCounts: [Int?] = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, nil]   // nil: after start() returned
+            for (round, yields) in yieldCounts.enumerated() {
                 let socketPath = temporary.directory.appendingPathComponent("s\(round)").path
                 let server = NBDServer(configuration: .init(exports: temporary.store, unixSocketPath: socketPath,
                                                             tenancy: .init(service: service)))
                 let starting = Task { try await server.start() }
-                try await Task.sleep(for: .microseconds(delay))
+                if let yields {
+                    for _ in 0..<yields { await Task.yield() }
+                } else {
+                    try await starting.value
+                    #expect(!server.localAddresses.isEmpty, "started, so listening")
+                }
                 await server.stop()
                 // start() finished, or failed with alreadyStarted because stop() came first.
                 do {
