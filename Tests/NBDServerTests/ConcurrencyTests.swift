@@ -186,10 +186,10 @@ extension RealServerTests {
                 }
                 // Two writes reach the device and are held there. Each one let go makes room for
                 // exactly one more: four pool threads were free, but the rest waited unread.
-                await held.waitForArrivals(2)
+                await awaitEvent("2 writes arriving") { await held.waitForArrivals(2) }
                 for next in 3...8 {
                     held.release(1)
-                    await held.waitForArrivals(next)
+                    await awaitEvent("write \(next) arriving") { await held.waitForArrivals(next) }
                 }
                 held.release(2)
                 var handles: Set<UInt64> = []
@@ -210,9 +210,9 @@ extension RealServerTests {
                 #expect(client.enterTransmission(export: "slow") != nil)
                 client.sendRequest(NBDCommand.write.rawValue, handle: 1, offset: 0, length: 4096,
                                    payload: [UInt8](repeating: 9, count: 4096))
-                await held.waitForArrivals(1)
+                await awaitEvent("the write arriving") { await held.waitForArrivals(1) }
                 let stopping = Task { await fixture.server.stop() }
-                await fixture.events.waitForLine(containing: "NBD server stopping")
+                await awaitEvent("stop() beginning") { await fixture.events.waitForLine(containing: "NBD server stopping") }
                 held.release(1)
                 await stopping.value
                 // The write that was in flight when stop() began was completed and answered.
@@ -264,7 +264,7 @@ extension RealServerTests {
             let server = NBDServer(configuration: .init(exports: temporary.store, unixSocketPath: socketPath,
                                                         logger: events.logger(label: "vbd.nbd.run-test")))
             let running = Task { try await server.run() }
-            await events.waitForLine(containing: "NBD server listening")
+            await awaitEvent("the server listening") { await events.waitForLine(containing: "NBD server listening") }
             let client = try RawClient(socketPath: socketPath)
             #expect(client.enterTransmission(export: "vol")?.size == 1 << 20)
             running.cancel()

@@ -7,7 +7,9 @@ import Testing
 /// Returns once the server has `count` connections open: checked at once and again each time
 /// the server logs a connection as closed (it logs after forgetting it), never by polling.
 func waitForConnections(_ fixture: ServerFixture, toReach count: Int) async -> Bool {
-    await fixture.events.waitForLine(containing: "connection closed", until: { fixture.server.connectionCount == count })
+    await awaitEvent("\(count) connections left") {
+        await fixture.events.waitForLine(containing: "connection closed", until: { fixture.server.connectionCount == count })
+    }
     return fixture.server.connectionCount == count
 }
 

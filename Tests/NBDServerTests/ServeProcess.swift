@@ -120,7 +120,7 @@ func withServeProcess(_ body: (ServeProcess) async throws -> Void) async throws 
 }
 
 /// Resumes a continuation once; later reports are ignored.
-private final class ReportOnce: @unchecked Sendable {
+final class ReportOnce: @unchecked Sendable {
     // @unchecked: `continuation` is guarded by `lock`.
     private let lock = NSLock()
     private var continuation: CheckedContinuation<Bool, Never>?

@@ -350,3 +350,15 @@ final class TemporaryStore {
         try? FileManager.default.removeItem(at: directory)
     }
 }
+
+/// Waits for `event`; if it has not happened after `limit`, records a failure and returns instead
+/// of hanging the suite. The limit bounds a hang; it synchronises nothing (the event does).
+func awaitEvent(_ description: String, within limit: Duration = .seconds(120),
+                _ event: @escaping @Sendable () async -> Void) async {
+    let happened = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+        let report = ReportOnce(continuation)
+        Task { await event(); report.resume(returning: true) }
+        Task { try? await Task.sleep(for: limit); report.resume(returning: false) }
+    }
+    if !happened { Issue.record("\(description) did not happen within \(limit)") }
+}
