@@ -33,19 +33,24 @@ make_store() {
     "$VBDTOOL" create vol --size "$1" --store "$STORE" >/dev/null
 }
 
-# start_server: vbdtool serve on a unix socket in the background; waits until it answers.
+# start_server: vbdtool serve on a unix socket in the background; returns once the server logs
+# "serving" (its NBD and control listeners are up), fails if it exits first. SERVER_PID is vbdtool's.
 start_server() {
     SOCK="$TMPDIR_TEST/nbd.sock"
-    "$VBDTOOL" serve --store "$STORE" --unix "$SOCK" >"$TMPDIR_TEST/serve.log" 2>&1 &
+    local ready="$TMPDIR_TEST/serve.ready" state=""
+    mkfifo "$ready"
+    # The watcher reports once -- the line appeared, or the log ended without it -- and keeps
+    # draining, so the server never blocks on its stderr.
+    "$VBDTOOL" serve --store "$STORE" --unix "$SOCK" >/dev/null 2> >(tee "$TMPDIR_TEST/serve.log" | {
+        if grep -q 'serving'; then echo ready; else echo exited; fi > "$ready"; cat >/dev/null; }) &
     SERVER_PID=$!
     cleanup_fn "kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null"
-    for _ in $(seq 1 100); do
-        if [ -S "$SOCK" ] && nbdinfo --list "nbd+unix:///?socket=$SOCK" >/dev/null 2>&1; then return 0; fi
-        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$TMPDIR_TEST/serve.log"; echo "FAIL: server exited"; exit 1; }
-        sleep 0.1
-    done
+    exec 3<>"$ready"   # read-write: opening does not wait for the watcher
+    read -r -t 120 state <&3 || true   # the bound only turns a hung server into a failure
+    exec 3<&-
+    [ "$state" = ready ] && return 0
     cat "$TMPDIR_TEST/serve.log"
-    echo "FAIL: server did not start"
+    echo "FAIL: server did not start (${state:-no report in 120 s})"
     exit 1
 }
 

@@ -237,6 +237,7 @@ public final class NBDServer: Sendable {
             return (running, Array(state.connections.values))
         }
         guard let running else { return }
+        configuration.logger.info("NBD server stopping: no new connections, finishing requests in flight")
         for timer in running.timers { timer.cancel() }
         for listener in running.listeners {
             try? await listener.close()
@@ -300,6 +301,7 @@ public final class NBDServer: Sendable {
                 state.connectionsPerPeer[peer, default: 1] -= 1
                 if state.connectionsPerPeer[peer] == 0 { state.connectionsPerPeer.removeValue(forKey: peer) }
             }
+            configuration.logger.debug("connection closed", metadata: ["connection": "\(number)"])
         }
         var logger = configuration.logger
         logger[metadataKey: "connection"] = "\(number)"

@@ -8,12 +8,11 @@ extension RealServerTests {
     /// The issue's hostile-workload measurement: a victim doing 4 KiB QD1 random reads beside an
     /// attacker doing QD64 1 MiB writes and another flooding QD64 512-byte reads, on a device model
     /// with two channels (see ``TimedDevice``). Reports the victim's latency alone, with attackers
-    /// and no scheduling, and with attackers under the mClock scheduler; asserts only what must
-    /// hold on any machine (the victim is served, limits hold, every request is charged).
-    ///
-    /// Run it alone for numbers: `swift test --filter HostileWorkloadTests` (results also go to
-    /// $VBD_HOSTILE_REPORT when set). A debug build and a shared 2-core machine make absolute
-    /// numbers noisy; compare the three rows with each other.
+    /// and no scheduling, and with attackers under the mClock scheduler. It asserts only what must
+    /// hold on any machine: the victim is served, every request is charged to its own domain, and
+    /// the limits hold (units served against the time measured). Latencies are not asserted (a
+    /// test never asserts speed): the table of them goes to $VBD_HOSTILE_REPORT when set, for
+    /// Benchmarks/README.md (`VBD_HOSTILE_REPORT=/tmp/h.md swift test --filter HostileWorkloadTests`).
     @Suite("Hostile workload", .serialized, .enabled(if: Tool.fioHasNBDEngine))
     struct HostileWorkloadTests {
         static let victimSeconds = 4
@@ -66,7 +65,6 @@ extension RealServerTests {
                 "--name=flood", "--ioengine=nbd", "--uri=\(fixture.uri("flood"))", "--rw=randread", "--bs=512",
                 "--iodepth=64", "--size=16M", "--time_based", "--runtime=\(attackSeconds)", "--output-format=json"],
                 timeout: .seconds(60))
-            if mode != .alone { try await Task.sleep(for: .milliseconds(500)) }
             let victim = try await runTool("fio", [
                 "--name=victim", "--ioengine=nbd", "--uri=\(fixture.uri("victim"))", "--rw=randread", "--bs=4k",
                 "--iodepth=1", "--size=16M", "--time_based", "--runtime=\(Self.victimSeconds)",
@@ -76,6 +74,7 @@ extension RealServerTests {
             let snapshot = fixture.service?.snapshot()
             await fixture.stop()
             #expect(victim.status == 0, "\(victim)")
+            for attacker in [bulkResult, floodResult].compactMap({ $0 }) { #expect(attacker.status == 0, "\(attacker)") }
             let v = try FioResult(victim.stdout)
             let b = try bulkResult.map { try FioResult($0.stdout) }, f = try floodResult.map { try FioResult($0.stdout) }
             let row = Row(mode: mode, p50: v.readLatencyPercentiles["50.000000"] ?? .nan,
@@ -85,6 +84,7 @@ extension RealServerTests {
         }
 
         @Test func victimLatencyAloneWithAttackersAndWithScheduling() async throws {
+            let attackers = ProcessInfo.processInfo.environment["VBD_HOSTILE_ATTACKERS"] ?? "bulk,flood"
             var rows: [Row] = []
             for mode in [Mode.alone, .unscheduled, .scheduled] {
                 let (row, snapshot, elapsed) = try await run(mode)
@@ -93,7 +93,14 @@ extension RealServerTests {
                 guard let snapshot else { continue }
                 // Every request the clients made was charged to its own domain.
                 #expect(snapshot.ledger.usage(of: "victim").operations[.read, default: 0] > 0)
-                if row.bulkMiBps > 0 { #expect(snapshot.ledger.usage(of: "bulk").operations[.write, default: 0] > 0) }
+                if attackers.contains("bulk") {
+                    #expect(row.bulkMiBps > 0, "\(mode): the bulk writer was served")
+                    #expect(snapshot.ledger.usage(of: "bulk").operations[.write, default: 0] > 0)
+                }
+                if attackers.contains("flood") {
+                    #expect(row.floodIOPS > 0, "\(mode): the flood reader was served")
+                    #expect(snapshot.ledger.usage(of: "flood").operations[.read, default: 0] > 0)
+                }
                 #expect(snapshot.ledger.domains.keys.allSatisfy { ["victim", "bulk", "flood"].contains($0) })
                 if mode == .scheduled {
                     // Limits hold through the real server: units served <= limit x time + burst + one request.
@@ -110,9 +117,6 @@ extension RealServerTests {
                 report += "| \(row.mode.rawValue) | \(Int(row.p50)) | \(Int(row.p99)) | \(Int(row.victimIOPS)) | "
                 report += "\(Int(row.bulkMiBps)) | \(Int(row.floodIOPS)) |\n"
             }
-            let alone = rows[0].p99, scheduled = rows[2].p99
-            report += "\nscheduled p99 / alone p99 = \(String(format: "%.2f", scheduled / alone))\n"
-            print(report)
             if let path = ProcessInfo.processInfo.environment["VBD_HOSTILE_REPORT"] {
                 try report.write(toFile: path, atomically: true, encoding: .utf8)
             }

@@ -11,7 +11,7 @@ import VBDCore
 /// (these paths never reach the device).
 @Suite struct NBDConnectionHandlerTests {
     func makeChannel(limits: NBDServer.ServerLimits = .init()) throws -> EmbeddedChannel {
-        let provider = MemoryExportProvider([MemoryBlockDevice(name: "vol", size: 1 << 20)])
+        let provider = FixedExportProvider([MemoryBlockDevice(name: "vol", size: 1 << 20)])
         let environment = NBDConnectionHandler.Environment(
             exports: provider, limits: limits, tlsPolicy: .disabled, sslContext: nil,
             readPool: NIOThreadPool(numberOfThreads: 1), writePool: NIOThreadPool(numberOfThreads: 1), observer: nil)

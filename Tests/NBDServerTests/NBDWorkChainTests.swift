@@ -1,3 +1,4 @@
+import Dispatch
 import Foundation
 import NIOPosix
 import Synchronization
@@ -22,6 +23,7 @@ import Testing
         pool.start()
         let recorder = Recorder()
         let record: @Sendable (String) -> Void = { recorder.record($0) }
+        let pooledRan = DispatchSemaphore(value: 0)
         await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
             let remaining = Countdown(2)
             let finish: @Sendable () -> Void = { if remaining.decrement() == 0 { done.resume() } }
@@ -33,9 +35,13 @@ import Testing
                 }
                 NBDWorkChain.submit(to: pool) { _ in
                     record("pooled")
+                    pooledRan.signal()
                     finish()
                 }
-                usleep(20_000)  // the chained job must not start before this one returns
+                // Return only after the pooled job has run on the other thread: a chained job
+                // wrongly sent to the pool (queued before it) or run at once has run by then too.
+                // The bound only turns a deadlock into a failure.
+                if pooledRan.wait(timeout: .now() + 30) == .timedOut { record("pooled never ran") }
                 record("first returns")
             }
         }
@@ -47,6 +53,7 @@ import Testing
         #expect(chained > returns, "the chained job ran before the job that dispatched it returned: \(log)")
         #expect(log[chained].thread == first.thread, "the chained job ran on another thread")
         #expect(log.contains { $0.name == "pooled" })
+        #expect(!log.contains { $0.name == "pooled never ran" }, "the second job did not run beside the first: \(log)")
     }
 }
 

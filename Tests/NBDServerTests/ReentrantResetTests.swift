@@ -56,7 +56,7 @@ final class ResetDuringFlushHandler: ChannelDuplexHandler, @unchecked Sendable {
         let pool = NIOThreadPool(numberOfThreads: 1)
         pool.start()
         let environment = NBDConnectionHandler.Environment(
-            exports: MemoryExportProvider([MemoryBlockDevice(name: "vol", size: 1 << 20)]),
+            exports: FixedExportProvider([MemoryBlockDevice(name: "vol", size: 1 << 20)]),
             limits: .init(), tlsPolicy: .disabled, sslContext: nil,
             readPool: pool, writePool: pool, observer: nil)
         let reset = ResetDuringFlushHandler()

@@ -158,22 +158,26 @@ import VBDCore
         try store.createVolume(name: "v", size: 64 * 4096)
         let dev = try store.device(named: "v")
         for b in 0..<64 { try dev.write(selfDescribingBlock(UInt64(b) << 32), at: UInt64(b) * 4096) }
-        let failures = ManagedCounter()
+        let failures = ManagedCounter(), errors = ManagedCounter()
         DispatchQueue.concurrentPerform(iterations: 4) { worker in
             var g = SplitMix64(seed: UInt64(worker + 1))
             for n in 0..<600 {
                 let b = Int(g.next() % 64)
-                if worker < 2 {
-                    let version = UInt64(worker * 1_000_000 + n)
-                    try? dev.write(selfDescribingBlock(UInt64(b) << 32 | version), at: UInt64(b) * 4096)
-                    if n % 50 == 0 { try? store.flush() }
-                } else {
-                    guard let got = try? dev.read(4096, at: UInt64(b) * 4096) else { failures.add(); continue }
-                    if !isBlockOf(b, got) { failures.add() }
+                do {
+                    if worker < 2 {
+                        let version = UInt64(worker * 1_000_000 + n)
+                        try dev.write(selfDescribingBlock(UInt64(b) << 32 | version), at: UInt64(b) * 4096)
+                        if n % 50 == 0 { try store.flush() }
+                    } else if !isBlockOf(b, try dev.read(4096, at: UInt64(b) * 4096)) {
+                        failures.add()
+                    }
+                } catch {
+                    errors.add()
                 }
             }
         }
-        #expect(failures.value == 0)
+        #expect(errors.value == 0, "writes, flushes or reads failed")
+        #expect(failures.value == 0, "reads returned another block's or a freed chunk's bytes")
         #expect(store.fsck().isClean)
         try store.close()
     }

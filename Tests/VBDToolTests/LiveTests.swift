@@ -155,13 +155,21 @@ import Glibc
 
     /// Two writers keep writing (each to its own half of the volume, so every block's writes are
     /// ordered) while the main thread takes a snapshot. Each write is logged with when it was
-    /// sent and when it was acknowledged, on one clock with the snapshot call.
+    /// sent and when it was acknowledged, on one clock with the snapshot call. The snapshot is
+    /// taken once both writers have 50 acknowledged writes, and the writers stop once both have
+    /// 50 more after it returned (counted, not slept for).
     static let concurrentWriterScript = """
         import nbd, random, subprocess, sys, json, threading, time
         uri, tool, store = sys.argv[1:4]
         B = 4096; BLOCKS = 256
         stop = threading.Event()
         logs = [[], []]
+        progress = threading.Condition()
+        def wait_until_both_wrote(targets):
+            with progress:
+                done = progress.wait_for(lambda: all(len(logs[k]) >= targets[k] for k in (0, 1)), timeout=120)
+            if not done:
+                print(json.dumps({"error": "writers stalled at %s" % [len(l) for l in logs]})); sys.exit(1)
         def block(i, seq):
             s = ("blk%06d-seq%08d;" % (i, seq)).encode()
             return (s * (B // len(s) + 1))[:B]
@@ -174,15 +182,19 @@ import Glibc
                 seq += 1
                 sent = time.monotonic()
                 h.pwrite(block(i, seq), i * B)
-                logs[k].append([i, seq, sent, time.monotonic()])
+                with progress:
+                    logs[k].append([i, seq, sent, time.monotonic()])
+                    progress.notify_all()
             h.shutdown()
-        threads = [threading.Thread(target=writer, args=(k,)) for k in (0, 1)]
+        threads = [threading.Thread(target=writer, args=(k,), daemon=True) for k in (0, 1)]
         for t in threads: t.start()
-        time.sleep(0.5)
+        wait_until_both_wrote([50, 50])
         requested = time.monotonic()
         r = subprocess.run([tool, "snapshot", "vm@live", "--store", store], capture_output=True, text=True)
         returned = time.monotonic()
-        time.sleep(0.3)
+        with progress:
+            after = [len(logs[k]) + 50 for k in (0, 1)]
+        wait_until_both_wrote(after)
         stop.set()
         for t in threads: t.join()
         if r.returncode != 0:

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import VBDControl
+import VBDStore
 
 /// import then export gives back the same bytes, with the holes where they were.
 @Suite struct TransferTests {
@@ -53,8 +54,23 @@ import VBDControl
         try writeBytes(patternBytes(count: 256 << 10, seed: 21), at: 0, to: v1)
         #expect(try Tool.run(["import", v1, "vm"], store: store).succeeded)
         #expect(try Tool.run(["snapshot", "vm@t0"], store: store).succeeded)
+        // After the snapshot, overwrite the volume's first 64 KiB and one block at 200 KiB.
+        let overwrite = patternBytes(count: 64 << 10, seed: 22), later = patternBytes(count: 4096, seed: 23)
+        do {
+            let opened = try Store.open(path: store)
+            let volume = try opened.device(named: "vm")
+            try overwrite.withUnsafeBytes { (b: UnsafeRawBufferPointer) throws in try volume.write(offset: 0, data: b, fua: false) }
+            try later.withUnsafeBytes { (b: UnsafeRawBufferPointer) throws in try volume.write(offset: 200 << 10, data: b, fua: false) }
+            try opened.close()
+        }
+        let original = try fileBytes(v1)
         #expect(try Tool.run(["export", "vm@t0", dir.path + "/t0.raw"], store: store).succeeded)
-        #expect(try fileBytes(dir.path + "/t0.raw") == fileBytes(v1))
+        #expect(try fileBytes(dir.path + "/t0.raw") == original, "the snapshot holds the volume as it was")
+        #expect(try Tool.run(["export", "vm", dir.path + "/now.raw"], store: store).succeeded)
+        var now = original
+        now.replaceSubrange(0..<(64 << 10), with: overwrite)
+        now.replaceSubrange((200 << 10)..<((200 << 10) + 4096), with: later)
+        #expect(try fileBytes(dir.path + "/now.raw") == now, "the volume has the later writes")
     }
 
     @Test func qcow2ImportGoesThroughQemuImg() throws {
