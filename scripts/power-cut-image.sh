@@ -78,6 +78,9 @@ if [ -z "$sim" ]; then
     sim=$(cd "$here" && swift build -c "$config" --show-bin-path)/vbd-sim
 fi
 [ -x "$sim" ] || { echo "power-cut-image: $sim is not executable" >&2; exit 1; }
+if ldd "$sim" 2>/dev/null | grep -q libswiftCore; then
+    echo "power-cut-image: $sim links the Swift runtime dynamically (build it with --static-swift-stdlib)" >&2; exit 1
+fi
 
 # --- initramfs
 root=$out/root

@@ -35,7 +35,7 @@ fi
 case "${vbd_mode:-}" in
     write)
         say "writing from $vbd_first"
-        vbd-sim --crash-writer /mnt/store --first-sequence "$vbd_first"
+        vbd-sim --crash-writer /mnt/store --first-sequence "$vbd_first" --announce-writes
         fail "the writer stopped by itself (status $?)"
         ;;
     verify)

@@ -46,6 +46,9 @@ struct VBDSim: ParsableCommand {
     @Option(help: ArgumentHelp("First sequence number for --crash-writer.", visibility: .hidden))
     var firstSequence: UInt64 = 0
 
+    @Flag(help: ArgumentHelp("With --crash-writer: print `wrote N` after each write returns.", visibility: .hidden))
+    var announceWrites = false
+
     @Option(help: ArgumentHelp("Guest side of the power-cut test: check the store at this path after a cut.", visibility: .hidden))
     var powerCutVerify: String?
 
@@ -59,7 +62,7 @@ struct VBDSim: ParsableCommand {
     var previousFlushed: UInt64 = 0
 
     mutating func run() throws {
-        if let crashWriter { try CrashWriter.run(storePath: crashWriter, firstSequence: firstSequence) }
+        if let crashWriter { try CrashWriter.run(storePath: crashWriter, firstSequence: firstSequence, announceWrites: announceWrites) }
         if let powerCutVerify {
             guard let floors else { throw ValidationError("--power-cut-verify needs --floors") }
             let passed = try PowerCutCheck.run(storePath: powerCutVerify, floorsPath: floors,
