@@ -37,13 +37,15 @@ done
 image=${POWER_CUT_DIR:-$root/.build/power-cut}
 bash "$root/scripts/power-cut-image.sh" "$image" ${VBD_SIM:+"$VBD_SIM"}
 
-work=$(mktemp -d /tmp/vbd-power-cut.XXXXXX)
+# Under the build directory, not /tmp: QEMU's cache=none needs O_DIRECT, which tmpfs refuses.
+work=$(mktemp -d "$image/run.XXXXXX")
 qemu_pid=""
 cleanup() {
     [ -n "$qemu_pid" ] && kill -KILL "$qemu_pid" 2>/dev/null
     if [ "$keep" = 1 ]; then echo "power-cut: kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT   # so that a timeout still runs cleanup and kills QEMU
 # The disk under test, and the floors: what must survive, kept off that disk (PowerCutCheck.swift).
 truncate -s 256M "$work/disk.img"
 mkfs.ext4 -F -q "$work/disk.img"
