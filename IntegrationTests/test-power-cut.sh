@@ -10,7 +10,7 @@
 # the ext4 image on the host.
 #   test-power-cut.sh [--cuts N] [--seed S] [--keep]
 # Defaults: 3 cuts (the make test budget); make power-cut-long runs 25. The seed is printed; rerun
-# with the same --seed and --cuts for the same kill points (counted in flushed lines).
+# with the same --seed and --cuts for the same kill points (counted in flushed and written lines).
 # Environment: VBD_SIM: a vbd-sim with the Swift runtime linked in (default: built by
 # scripts/power-cut-image.sh); POWER_CUT_DIR: where the kernel and initramfs go (default .build/power-cut).
 set -euo pipefail
