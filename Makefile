@@ -2,9 +2,10 @@
 #   make serve   install packages, build, create ./vbd-data with a 20G volume "vm0", serve NBD on 127.0.0.1:10809
 #   make test    install packages, build, run unit + simulation + real-client integration tests
 #   make check-concurrency-long   the concurrency checker for 10 minutes (docs/TESTING.md)
+#   make power-cut-long   25 real power cuts of a QEMU guest writing to the store (SEED=N to replay)
 STORE ?= $(CURDIR)/vbd-data
 SWIFT_BUILD_FLAGS ?=
-.PHONY: setup build release serve test unit integration sim sim-mutation bench clean check-concurrency check-concurrency-long
+.PHONY: setup build release serve test unit integration sim sim-mutation bench clean check-concurrency check-concurrency-long power-cut power-cut-long
 
 setup:
 	@bash scripts/setup.sh
@@ -35,6 +36,15 @@ check-concurrency: build
 
 check-concurrency-long: build
 	bash IntegrationTests/concurrency-checker.sh --long
+
+# Real power cuts (issue 18): QEMU (TCG) is killed while the store's crash writer runs in the guest.
+# `make test` runs 3 cuts; the long mode 25. SEED=N replays the kill points of a run.
+POWER_CUTS ?= 25
+power-cut: build
+	bash IntegrationTests/test-power-cut.sh $(if $(SEED),--seed $(SEED))
+
+power-cut-long: build
+	bash IntegrationTests/test-power-cut.sh --cuts $(POWER_CUTS) $(if $(SEED),--seed $(SEED))
 
 sim: release
 	.build/release/vbd-sim --seeds 1000

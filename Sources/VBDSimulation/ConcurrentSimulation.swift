@@ -98,6 +98,20 @@ public final class ConcurrentSimulation: @unchecked Sendable {
         scheduler.run(bodies)
         finalCheck()
         if !checker.anomalies.isEmpty { throw ConcurrencyFailure(seed: seed, anomalies: checker.anomalies) }
+        do { try store.close() } catch { throw ConcurrencyFailure(seed: seed, anomalies: ["clean close failed: \(error)"]) }
+        // A clean close keeps exactly what the threads last wrote: reopened (no scheduler, no shared
+        // cache), every block is checked once more and fsck runs again.
+        var reopenOptions = options
+        reopenOptions.interleaving = nil
+        reopenOptions.cache = nil
+        do {
+            store = try Store(directory: disk.directory(), options: reopenOptions, create: false)
+            devices = try (0..<volumeBlocks.count).map { try store.device(named: "v\($0)") }
+        } catch {
+            throw ConcurrencyFailure(seed: seed, anomalies: ["reopen after a clean close failed: \(error)"])
+        }
+        finalCheck(after: "reopen")
+        if !checker.anomalies.isEmpty { throw ConcurrencyFailure(seed: seed, anomalies: checker.anomalies) }
         try? store.close()
         var summary = ConcurrencySummary(seed: seed)
         summary.threads = threadCount
@@ -156,13 +170,15 @@ public final class ConcurrentSimulation: @unchecked Sendable {
                     }
                 case 84..<91:
                     let handle = checker.begin(volume: volume, blocks: range, version: 0)
-                    log(thread, "trim v\(volume) blocks \(range)")
-                    try device.trim(offset: offset, length: count * UInt64(blockSize), fua: false)
+                    let fua = rng.chance(5)
+                    log(thread, "trim v\(volume) blocks \(range) fua \(fua)")
+                    try device.trim(offset: offset, length: count * UInt64(blockSize), fua: fua)
                     checker.acknowledge(handle)
                 case 91..<95:
                     let handle = checker.begin(volume: volume, blocks: range, version: 0)
-                    log(thread, "write-zeroes v\(volume) blocks \(range)")
-                    try device.writeZeroes(offset: offset, length: count * UInt64(blockSize), mayTrim: false, fastOnly: false, fua: false)
+                    let mayTrim = rng.chance(50), fua = rng.chance(5)
+                    log(thread, "write-zeroes v\(volume) blocks \(range) may trim \(mayTrim) fua \(fua)")
+                    try device.writeZeroes(offset: offset, length: count * UInt64(blockSize), mayTrim: mayTrim, fastOnly: false, fua: fua)
                     checker.acknowledge(handle)
                 case 95..<96:
                     log(thread, "flush")
@@ -212,7 +228,7 @@ public final class ConcurrentSimulation: @unchecked Sendable {
     }
 
     /// After the threads: every block once more (each must be the last write), and fsck.
-    func finalCheck() {
+    func finalCheck(after stage: String = "threads") {
         let block = UnsafeMutableRawBufferPointer.allocate(byteCount: blockSize, alignment: 16)
         defer { block.deallocate() }
         for (volume, blocks) in volumeBlocks.enumerated() {
@@ -221,13 +237,13 @@ public final class ConcurrentSimulation: @unchecked Sendable {
                 do {
                     try devices[volume].read(offset: b * UInt64(blockSize), into: block)
                     checker.checkRead(volume: volume, firstBlock: b, blockSize: blockSize, bytes: UnsafeRawBufferPointer(block),
-                                      began: began, path: "final read")
+                                      began: began, path: "final read after \(stage)")
                 } catch {
-                    checker.note("final read of v\(volume) block \(b) failed: \(error)")
+                    checker.note("final read after \(stage) of v\(volume) block \(b) failed: \(error)")
                 }
             }
         }
         let report = store.fsck()
-        if !report.problems.isEmpty { checker.note("fsck: \(report.problems.prefix(5))") }
+        if !report.problems.isEmpty { checker.note("fsck after \(stage): \(report.problems.prefix(5))") }
     }
 }

@@ -34,8 +34,9 @@ public enum CrashWriter {
         return content(i, size: bytes.count) == bytes ? i : nil
     }
 
-    /// Runs until killed.
-    public static func run(storePath: String, firstSequence: UInt64) throws -> Never {
+    /// Runs until killed. With `announceWrites` it also prints `wrote N` once write N returns (not
+    /// yet flushed), so a power-cut test can cut between flushes and tell how many were in flight.
+    public static func run(storePath: String, firstSequence: UInt64, announceWrites: Bool = false) throws -> Never {
         let store: Store
         do { store = try Store.open(path: storePath) } catch StoreError.notInitialized {
             store = try Store.initialize(path: storePath)
@@ -57,6 +58,10 @@ public enum CrashWriter {
             } else {
                 try data[0..<4096].withUnsafeBytes { (b: UnsafeRawBufferPointer) throws in try device.write(offset: UInt64(block * 4096), data: b, fua: false) }
                 i += 1
+            }
+            if announceWrites {
+                print("wrote \(i - 1)")
+                fflush(nil)
             }
             if i % 7 < UInt64(run) {
                 try store.flush()

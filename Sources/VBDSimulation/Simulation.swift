@@ -19,6 +19,12 @@ import VBDStore
 // strike some steps, drawn from a random stream of their own. After one, the run flushes: a
 // store that accepts the flush must hold what it reports (checked as after a crash) and keep
 // it through the power cut that follows; a store that refuses (poisoned) recovers from disk.
+// Bit rot: after some steps one byte of the data file is flipped at rest (durably, as on the
+// platter). Every block of every image is then read: each read returns the model's bytes or fails
+// as corrupted, never other bytes; a read that fails must be matched by an unclean fsck. The byte
+// is flipped back afterwards. Only with the real 64-bit hash: the weak test hash (6 bits) cannot
+// tell a flipped chunk from its original one time in 64, by design.
+// Writes, trims and write-zeroes carry FUA at random; a FUA request returns only once durable.
 // Anything else fails the run with the seed and the operation number, and `vbd-sim --seed N`
 // replays it exactly.
 
@@ -42,6 +48,11 @@ public struct SimulationSummary: Sendable {
     public var deletes = 0
     public var writes = 0
     public var faults = 0
+    /// Bytes of the data file flipped at rest, and how many of those fsck (and reads) caught;
+    /// the rest struck space no chunk uses.
+    public var flips = 0
+    public var flipsFoundByFsck = 0
+    public var flipsFoundByReads = 0
 }
 
 public final class Simulation {
@@ -94,6 +105,10 @@ public final class Simulation {
     var faultRng: SimulationRandom
     /// Percent of steps with a fault armed (0 = none).
     public var faultPercent = 3
+    /// Draws for bit rot, a stream of its own like `faultRng`.
+    var corruptionRng: SimulationRandom
+    /// Percent of steps after which a byte of the data file is flipped at rest and checked (0 = none).
+    public var flipPercent = 3
     let disk: SimulatedDisk
     var options = Store.Options()
     var store: Store?
@@ -112,6 +127,7 @@ public final class Simulation {
         self.seed = seed
         rng = SimulationRandom(seed: seed)
         faultRng = SimulationRandom(seed: seed ^ 0xFA17)
+        corruptionRng = SimulationRandom(seed: seed ^ 0xB17F)
         disk = SimulatedDisk(seed: seed)
         summary = SimulationSummary(seed: seed)
         blockSize = rng.chance(50) ? 512 : 4096
@@ -150,6 +166,7 @@ public final class Simulation {
             summary.steps += 1
             try oneStep()
             if step % 16 == 0 || trace { try checkExact() }
+            if corruptionRng.below(100) < flipPercent { try flipByteAtRest() }
         }
         disk.crashCountdown = nil
         try checkExact()
@@ -285,11 +302,16 @@ public final class Simulation {
         for i in offset..<offset + length { newBytes[i] = 0 }
         v.willChange(blocks: (offset / blockSize)..<((offset + length - 1) / blockSize + 1), newBytes: newBytes)
         let dev = try store!.device(named: v.name)
+        let fua = rng.chance(10)
         if punch {
-            try dev.trim(offset: UInt64(offset), length: UInt64(length), fua: false)
+            log("trim \(v.name) [\(offset), +\(length)) fua \(fua)")
+            try dev.trim(offset: UInt64(offset), length: UInt64(length), fua: fua)
         } else {
-            try dev.writeZeroes(offset: UInt64(offset), length: UInt64(length), mayTrim: false, fastOnly: false, fua: false)
+            let mayTrim = rng.chance(50)
+            log("write-zeroes \(v.name) [\(offset), +\(length)) may trim \(mayTrim) fua \(fua)")
+            try dev.writeZeroes(offset: UInt64(offset), length: UInt64(length), mayTrim: mayTrim, fastOnly: false, fua: fua)
         }
+        if fua { allDurable() }
     }
 
     func randomRead() throws {
@@ -369,6 +391,55 @@ public final class Simulation {
         store = try Store(directory: disk.directory(), options: options, create: false)
         log("reopened: files \(disk.fileNames.map { "\($0):\(disk.size(of: $0))" }), warnings \(store!.recoveryWarnings)")
         try checkExact()
+        try checkFsck()
+    }
+
+    // MARK: Bit rot
+
+    /// Flips one byte of the data file at rest, reads every block of every image and runs fsck,
+    /// then flips it back. A read returns the model's bytes or fails as corrupted; a failed read
+    /// implies an unclean fsck. An fsck that stays clean means the byte was in unused space.
+    func flipByteAtRest() throws {
+        guard options.hashFunction == .xxh3, let store, !disk.isCrashed, disk.crashCountdown == nil else { return }
+        let size = disk.size(of: "data")
+        guard size > 0 else { return }
+        let offset = corruptionRng.below(size)
+        summary.flips += 1
+        disk.flipByte(file: "data", at: offset)
+        log("flipped byte \(offset) of data (\(size) bytes)")
+        var readFailures: [String] = []
+        for m in sortedModel() {
+            let device = try store.device(named: m.name)
+            for b in 0..<m.blockCount {
+                let lo = b * blockSize, hi = min(lo + blockSize, m.bytes.count)
+                var got = [UInt8](repeating: 0, count: hi - lo)
+                do {
+                    try got.withUnsafeMutableBytes { (p: UnsafeMutableRawBufferPointer) throws in
+                        try device.read(offset: UInt64(lo), into: p)
+                    }
+                } catch {
+                    guard case BlockDeviceError.corrupted(let volume, let at, let detail) = error else {
+                        throw fail("read of \(m.name) block \(b) with byte \(offset) of data flipped failed other than as corrupted: \(error)")
+                    }
+                    readFailures.append("\(volume) at \(at): \(detail)")
+                    continue
+                }
+                if got != m.block(b) {
+                    throw fail("byte \(offset) of data flipped at rest: \(m.name) block \(b) read back wrong bytes, not an error")
+                }
+            }
+        }
+        let report = store.fsck()
+        if !report.isClean { summary.flipsFoundByFsck += 1 }
+        if !readFailures.isEmpty {
+            summary.flipsFoundByReads += 1
+            if report.isClean {
+                throw fail("byte \(offset) of data flipped at rest: reads failed (\(readFailures.prefix(2))) but fsck is clean")
+            }
+        }
+        log("flip: \(readFailures.count) reads failed, fsck \(report.isClean ? "clean" : "found \(report.problems.prefix(2))")")
+        disk.flipByte(file: "data", at: offset)
+        if disk.isCrashed { throw fail("the disk crashed while checking a flipped byte") }
     }
 
     // MARK: Crashes

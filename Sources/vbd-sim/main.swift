@@ -28,6 +28,9 @@ struct VBDSim: ParsableCommand {
     @Option(help: "Percent of steps with an injected fault (EIO, ENOSPC, a failed fsync that drops pages).")
     var faultPercent: Int = 3
 
+    @Option(help: "Percent of steps after which a byte of the data file is flipped at rest, every image read and fsck run.")
+    var flipPercent: Int = 3
+
     @Option(help: "Operations per seed.")
     var steps: Int = 300
 
@@ -43,21 +46,48 @@ struct VBDSim: ParsableCommand {
     @Option(help: ArgumentHelp("First sequence number for --crash-writer.", visibility: .hidden))
     var firstSequence: UInt64 = 0
 
+    @Flag(help: ArgumentHelp("With --crash-writer: print `wrote N` after each write returns.", visibility: .hidden))
+    var announceWrites = false
+
+    @Option(help: ArgumentHelp("Guest side of the power-cut test: check the store at this path after a cut.", visibility: .hidden))
+    var powerCutVerify: String?
+
+    @Option(help: ArgumentHelp("With --power-cut-verify: the raw file or device holding the floors.", visibility: .hidden))
+    var floors: String?
+
+    @Option(help: ArgumentHelp("With --power-cut-verify: the first sequence number the cut writer wrote.", visibility: .hidden))
+    var previousFirst: UInt64 = 0
+
+    @Option(help: ArgumentHelp("With --power-cut-verify: the last sequence number a flush acknowledged before the cut (0: none).", visibility: .hidden))
+    var previousFlushed: UInt64 = 0
+
     mutating func run() throws {
-        if let crashWriter { try CrashWriter.run(storePath: crashWriter, firstSequence: firstSequence) }
+        if let crashWriter { try CrashWriter.run(storePath: crashWriter, firstSequence: firstSequence, announceWrites: announceWrites) }
+        if let powerCutVerify {
+            guard let floors else { throw ValidationError("--power-cut-verify needs --floors") }
+            let passed = try PowerCutCheck.run(storePath: powerCutVerify, floorsPath: floors,
+                                               previousFirst: previousFirst, previousFlushed: previousFlushed)
+            if !passed { throw ExitCode(1) }
+            return
+        }
         let list: [UInt64] = seed.map { [$0] } ?? (0..<seeds).map { firstSeed + UInt64($0) }
         if concurrent { return try runConcurrent(list) }
         var failures = 0
         var crashes = 0
         var faults = 0
+        var flips = 0, flipsFoundByFsck = 0, flipsFoundByReads = 0
         for s in list {
             do {
                 let simulation = Simulation(seed: s)
                 simulation.trace = trace
                 simulation.faultPercent = faultPercent
+                simulation.flipPercent = flipPercent
                 let summary = try simulation.run(steps: steps)
                 crashes += summary.crashes
                 faults += summary.faults
+                flips += summary.flips
+                flipsFoundByFsck += summary.flipsFoundByFsck
+                flipsFoundByReads += summary.flipsFoundByReads
                 if seed != nil { print("seed \(s): ok, \(summary)") }
             } catch {
                 failures += 1
@@ -65,7 +95,9 @@ struct VBDSim: ParsableCommand {
             }
             fflush(nil)
         }
-        print("vbd-sim: \(list.count - failures) passed, \(failures) failed (\(crashes) crashes recovered, \(faults) injected faults, \(steps) steps per seed)")
+        print("vbd-sim: \(list.count - failures) passed, \(failures) failed (\(crashes) crashes recovered, \(faults) injected faults, "
+              + "\(flips) bytes flipped at rest: \(flipsFoundByFsck) caught by fsck, \(flipsFoundByReads) also by a read, "
+              + "the rest in unused space; \(steps) steps per seed)")
         if failures > 0 { throw ExitCode(1) }
     }
 
