@@ -33,60 +33,54 @@ make_store() {
     "$VBDTOOL" create vol --size "$1" --store "$STORE" >/dev/null
 }
 
-# start_server: vbdtool serve on a unix socket in the background; returns once the server logs
-# "serving" (its NBD and control listeners are up), fails if it exits first. SERVER_PID is vbdtool's.
-start_server() {
-    SOCK="$TMPDIR_TEST/nbd.sock"
-    local ready="$TMPDIR_TEST/serve.ready" state=""
-    mkfifo "$ready"
-    # The watcher reports once -- the line appeared, or the log ended without it -- and keeps
-    # draining, so the server never blocks on its stderr.
-    "$VBDTOOL" serve --store "$STORE" --unix "$SOCK" >/dev/null 2> >(tee "$TMPDIR_TEST/serve.log" | {
-        if grep -q 'serving'; then echo ready; else echo exited; fi > "$ready"; cat >/dev/null; }) &
+# launch_server LOG serve-options...: vbdtool serve on $STORE in the background, its output in
+# LOG; returns once the server logs "serving" (every listener is up, and the lines before it are
+# in LOG), fails if it exits first. SERVER_PID is vbdtool's.
+launch_server() {
+    local log="$1"; shift
+    local ready="$log.ready" state=""
+    rm -f "$ready"; mkfifo "$ready"; : > "$log"
+    # The watcher appends each line to LOG before looking at it, reports once (the line appeared,
+    # or the output ended without it), then keeps draining so the server never blocks on output.
+    "$VBDTOOL" serve --store "$STORE" "$@" > >(
+        while IFS= read -r line; do
+            printf '%s\n' "$line" >> "$log"
+            if [[ $line == *serving* ]]; then echo ready > "$ready"; exec cat >> "$log"; fi
+        done
+        echo exited > "$ready") 2>&1 &
     SERVER_PID=$!
     cleanup_fn "kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null"
     exec 3<>"$ready"   # read-write: opening does not wait for the watcher
     read -r -t 120 state <&3 || true   # the bound only turns a hung server into a failure
     exec 3<&-
     [ "$state" = ready ] && return 0
-    cat "$TMPDIR_TEST/serve.log"
+    cat "$log"
     echo "FAIL: server did not start (${state:-no report in 120 s})"
     exit 1
 }
 
-# start_tcp_server [serve options...]: vbdtool serve on 127.0.0.1 with a free port, in the
-# background; sets SERVER_PID and PORT (read from the server's log) and waits until it listens.
+# start_server [serve options...]: vbdtool serve on the unix socket $SOCK (see launch_server).
+start_server() {
+    SOCK="$TMPDIR_TEST/nbd.sock"
+    launch_server "$TMPDIR_TEST/serve.log" --unix "$SOCK" "$@"
+}
+
+# start_tcp_server [serve options...]: vbdtool serve on 127.0.0.1 with a free port; sets PORT
+# from the address the server logged.
 start_tcp_server() {
-    "$VBDTOOL" serve --store "$STORE" --listen 127.0.0.1:0 "$@" >"$TMPDIR_TEST/serve.log" 2>&1 &
-    SERVER_PID=$!
-    cleanup_fn "kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null"
-    PORT=""
-    for _ in $(seq 1 100); do
-        PORT=$(sed -n 's/.*addresses=.*127\.0\.0\.1:\([0-9]*\)\].*NBD server listening.*/\1/p' "$TMPDIR_TEST/serve.log" | head -1)
-        [ -n "$PORT" ] && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$TMPDIR_TEST/serve.log"; fail "server exited"; }
-        sleep 0.1
-    done
-    fail "server did not report its port"
+    launch_server "$TMPDIR_TEST/serve.log" --listen 127.0.0.1:0 "$@"
+    PORT=$(sed -n 's/.*addresses=.*127\.0\.0\.1:\([0-9]*\)\].*NBD server listening.*/\1/p' "$TMPDIR_TEST/serve.log" | head -1)
+    [ -n "$PORT" ] || { cat "$TMPDIR_TEST/serve.log"; fail "server did not report its port"; }
 }
 
 # start_metrics_server LOG [serve options...]: vbdtool serve on $SOCK with --metrics on a free
-# port; sets SERVER_PID and URL (the metrics address, read from the server's log).
+# port; sets URL (the metrics address, read from the server's log).
 start_metrics_server() {
     local log="$TMPDIR_TEST/$1"; shift
     SOCK="$TMPDIR_TEST/nbd.sock"
-    "$VBDTOOL" serve --store "$STORE" --unix "$SOCK" --metrics 127.0.0.1:0 "$@" >"$log" 2>&1 &
-    SERVER_PID=$!
-    cleanup_fn "kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null"
-    URL=""
-    for _ in $(seq 1 100); do
-        URL=$(grep -o 'http://127.0.0.1:[0-9]*/metrics' "$log" | head -1 || true)
-        [ -n "$URL" ] && [ -S "$SOCK" ] && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    cat "$log"
-    fail "server with metrics did not start"
+    launch_server "$log" --unix "$SOCK" --metrics 127.0.0.1:0 "$@"
+    URL=$(grep -o 'http://127.0.0.1:[0-9]*/metrics' "$log" | head -1 || true)
+    [ -n "$URL" ] || { cat "$log"; fail "server with metrics did not report its address"; }
 }
 
 uri() { echo "nbd+unix:///$1?socket=$SOCK"; }

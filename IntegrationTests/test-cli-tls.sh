@@ -23,16 +23,8 @@ TENANT_A="CN=tenant-a,O=tenants"   # unmapped: the domain is the subject's RFC 4
 "$VBDTOOL" lease grant vol-b --domain bee --duration 10m --store "$STORE" >/dev/null
 
 serve() {
-    "$VBDTOOL" serve --store "$STORE" --unix "$SOCK" --tls-cert "$CERTS/server-cert.pem" \
-        --tls-key "$CERTS/server-key.pem" "$@" >"$TMPDIR_TEST/serve.log" 2>&1 &
-    SERVER_PID=$!
-    cleanup_fn "kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null"
-    for _ in $(seq 1 200); do
-        grep -q "serving" "$TMPDIR_TEST/serve.log" && [ -S "$SOCK" ] && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || fail "server exited"
-        sleep 0.1
-    done
-    fail "server did not start"
+    launch_server "$TMPDIR_TEST/serve.log" --unix "$SOCK" --tls-cert "$CERTS/server-cert.pem" \
+        --tls-key "$CERTS/server-key.pem" "$@"
 }
 stop() { kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || fail "unclean stop"; }
 # session EXPORT CLIENT CODE: nbdsh over TLS with the certificates of $CERTS/CLIENT (libnbd's

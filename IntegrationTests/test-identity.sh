@@ -22,17 +22,9 @@ group=$(id -g)
 
 # serve OPTIONS...: vbdtool serve on $SOCK and on 127.0.0.1 (free port, sets PORT); waits for both.
 serve() {
-    "$VBDTOOL" serve --store "$STORE" --unix "$SOCK" --listen 127.0.0.1:0 "$@" >"$TMPDIR_TEST/serve.log" 2>&1 &
-    SERVER_PID=$!
-    cleanup_fn "kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null"
-    PORT=""
-    for _ in $(seq 1 200); do
-        PORT=$(sed -n 's/.*nbd=127\.0\.0\.1:\([0-9]*\),.*/\1/p' "$TMPDIR_TEST/serve.log" | head -1)
-        [ -n "$PORT" ] && [ -S "$SOCK" ] && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || fail "server exited"
-        sleep 0.1
-    done
-    fail "server did not start"
+    launch_server "$TMPDIR_TEST/serve.log" --unix "$SOCK" --listen 127.0.0.1:0 "$@"
+    PORT=$(sed -n 's/.*nbd=127\.0\.0\.1:\([0-9]*\),.*/\1/p' "$TMPDIR_TEST/serve.log" | head -1)
+    [ -n "$PORT" ] || { cat "$TMPDIR_TEST/serve.log"; fail "server did not report its port"; }
 }
 stop() { kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || fail "unclean stop"; }
 tcp() { echo "nbd://127.0.0.1:$PORT/$1"; }
