@@ -78,10 +78,9 @@ extension RealServerTests {
             let second = try RawClient(socketPath: fixture.socketPath)
             #expect(second.enterTransmission(export: "vol") != nil)
             #expect(request(second, .read, handle: 5) == 0)
-            // Expiry closes it without anyone acting (the server's lease timer).
-            let started = ContinuousClock.now
+            // Expiry closes it without anyone acting (the server's lease timer); the audit log
+            // below shows it was the expiry that closed it.
             #expect(second.waitForClose())
-            #expect(ContinuousClock.now - started < .seconds(3))
 
             // The audit log tells the story, intact, and forensics reconstructs the holders.
             let records = try service.auditRecords()
