@@ -1,7 +1,7 @@
 // swift-tools-version:6.1
 import PackageDescription
 
-// Micro benchmarks for vbd (STYLE.md section 9). A separate package so that the product's
+// Micro benchmarks for vbd. A separate package so that the product's
 // `swift build` never resolves or builds ordo-one/benchmark.
 //
 //   cd Benchmarks && swift package --allow-writing-to-package-directory benchmark
@@ -12,7 +12,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     dependencies: [
         // Only the MallocInterposer trait: the default traits pull swift-runtime-interposer, which is
-        // not available here (SWIFT-NOTES.md).
+        // not available on this Linux toolchain.
         .package(url: "https://github.com/ordo-one/benchmark", from: "1.38.1", traits: ["MallocInterposer"]),
         .package(name: "vbd", path: ".."),
     ],

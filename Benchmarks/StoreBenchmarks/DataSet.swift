@@ -10,7 +10,7 @@
 //   2. fixtures/large/dataset.img      (512 MiB, git-ignored, `scripts/make-dataset.sh`)
 //   3. fixtures/small/dataset-small.img (committed, <= 8 MiB)
 //
-// Zero blocks are dropped: the store never hashes or compresses them (DESIGN.md), so timing them
+// Zero blocks are dropped: the store never hashes or compresses them (docs/INVARIANTS.md), so timing them
 // would flatter every number. The working set is capped at `blocksMax` blocks (256 MiB), taken
 // at an even stride over the whole image. That is larger than L2 (2 MiB per core here) and about
 // the size of the L3 this VM reports (260 MiB, shared with other guests), so the numbers are for

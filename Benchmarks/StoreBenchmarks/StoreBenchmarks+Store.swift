@@ -23,7 +23,7 @@
 //     makes a control operation durable (two fsyncs); on this VM's disk the fsyncs dominate.
 //   - read at share depth 1 vs 100: a chain volume -> snapshot -> share -> snapshot -> ... ;
 //     reads of the same blocks from the first and the hundredth share (cached in BlockCache, so
-//     the map lookup is what differs). DESIGN.md promises these cost the same.
+//     the map lookup is what differs). docs/INVARIANTS.md promises these cost the same.
 
 import Benchmark
 import Foundation

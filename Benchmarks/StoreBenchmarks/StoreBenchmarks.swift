@@ -74,7 +74,7 @@ func codecBenchmarks() {
     }
 
     // What an uncached read costs on the CPU: decompress, then verify against the content hash
-    // (DESIGN.md invariant 3). Blocks that LZ4 could not shrink are copied and hashed.
+    // (docs/INVARIANTS.md, verified reads). Blocks that LZ4 could not shrink are copied and hashed.
     // Codec: LZ4 decompress + XXH3-128 verify, 4 KiB
     Benchmark("Codec.lz4DecompressVerify.4KiB") { benchmark in
         let data = DataSet.shared
