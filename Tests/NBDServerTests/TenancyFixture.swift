@@ -14,8 +14,28 @@ final class TimedDevice: BlockDevice, @unchecked Sendable {
     let perRequest: Duration
     let bytesPerSecond: Double
     private let channels: DispatchSemaphore
-    /// Device calls started so far, so a test can wait until a request is surely in flight.
-    let started = Mutex(0)
+    /// Device calls started so far (guarded by `startedCondition`), so a test can wait until a
+    /// request is surely in flight.
+    private var startedCount = 0
+    private let startedCondition = NSCondition()
+
+    var started: Int {
+        startedCondition.lock()
+        defer { startedCondition.unlock() }
+        return startedCount
+    }
+
+    /// Waits until more than `count` calls have started; false if that did not happen within
+    /// `bound` (a bound that only turns a hang into a failure).
+    func waitForStart(beyond count: Int, bound: TimeInterval = 60) -> Bool {
+        startedCondition.lock()
+        defer { startedCondition.unlock() }
+        let deadline = Date(timeIntervalSinceNow: bound)
+        while startedCount <= count {
+            if !startedCondition.wait(until: deadline) { return startedCount > count }
+        }
+        return true
+    }
 
     init(_ inner: MemoryBlockDevice, perRequest: Duration, bytesPerSecond: Double, channels: Int) {
         self.inner = inner
@@ -31,7 +51,10 @@ final class TimedDevice: BlockDevice, @unchecked Sendable {
     var isReadOnly: Bool { inner.isReadOnly }
 
     private func occupy(bytes: Int) {
-        started.withLock { $0 += 1 }
+        startedCondition.lock()
+        startedCount += 1
+        startedCondition.broadcast()
+        startedCondition.unlock()
         channels.wait()
         defer { channels.signal() }
         let seconds = Double(perRequest.components.attoseconds) * 1e-18 + Double(perRequest.components.seconds)

@@ -58,14 +58,10 @@ extension RealServerTests {
 
             // Revoke while a write is in flight: the write completes and is answered, then the server closes.
             let payload = [UInt8](repeating: 0x77, count: 4096)
-            let startedBefore = device.started.withLock { $0 }
+            let startedBefore = device.started
             client.sendRequest(NBDCommand.write.rawValue, handle: 4, offset: 8192, length: 4096, payload: payload)
-            // Wait until the device call has begun (bounded), so the write is surely in flight.
-            let waitStart = ContinuousClock.now
-            while device.started.withLock({ $0 }) == startedBefore && ContinuousClock.now - waitStart < .seconds(10) {
-                try await Task.sleep(for: .milliseconds(5))
-            }
-            try #require(device.started.withLock { $0 } > startedBefore, "the write never reached the device")
+            // Wait until the device call has begun, so the write is surely in flight.
+            try #require(device.waitForStart(beyond: startedBefore), "the write never reached the device")
             try service.revokeLease(volume: "vol", domain: "alice", actor: "operator")
             let reply = client.receiveSimpleReply()
             #expect(reply?.handle == 4 && reply?.error == 0, "in-flight write answered before close")
