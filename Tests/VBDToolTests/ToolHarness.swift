@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import VBDCore
 import Testing
 import VBDControl
@@ -74,14 +75,18 @@ enum Subprocess {
         process.standardError = FileHandle(forWritingAtPath: errPath)
         process.standardInput = FileHandle.nullDevice
         try process.run()
-        let deadline = Date().addingTimeInterval(timeoutSeconds)
-        while process.isRunning {
-            if Date() > deadline {
-                process.terminate()
-                process.waitUntilExit()
-                throw HarnessError("\(executable) \(arguments) did not finish in \(timeoutSeconds) s")
-            }
-            usleep(10_000)
+        // Waits for the exit itself; the timer only turns a hung program into a failure.
+        let pid = process.processIdentifier
+        let timedOut = Mutex(false)
+        let timer = DispatchWorkItem {
+            timedOut.withLock { $0 = true }
+            kill(pid, SIGKILL)
+        }
+        DispatchQueue.global().asyncAfter(deadline: .now() + timeoutSeconds, execute: timer)
+        process.waitUntilExit()
+        timer.cancel()
+        if timedOut.withLock({ $0 }) {
+            throw HarnessError("\(executable) \(arguments) did not finish in \(timeoutSeconds) s")
         }
         let out = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""
         let err = (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? ""
@@ -136,19 +141,36 @@ final class RunningServer {
         process.executableURL = URL(fileURLWithPath: Tool.path)
         process.arguments = ["serve", "--store", store, "--unix", nbdSocket, "--cache-size", "64M"] + extraArguments
         _ = FileManager.default.createFile(atPath: logPath, contents: nil)
-        process.standardError = FileHandle(forWritingAtPath: logPath)
+        let stderr = Pipe()
+        process.standardError = stderr
         process.standardOutput = FileHandle.nullDevice
         try process.run()
-        // Ready when the control socket answers a ping (it starts after the NBD listener).
-        let deadline = Date().addingTimeInterval(60)
-        while Date() < deadline {
-            if !process.isRunning { throw HarnessError("vbdtool serve exited: \(log)") }
-            if let reply = try? ControlClient.sendIfServed(.ping, storePath: store, progress: { _ in }),
-               case .pong = reply { return }
-            usleep(50_000)
+        // Ready when the server logs "serving" (its NBD and control listeners are up). A reader
+        // thread copies its output to the log and reports that line, or the end of the output.
+        let ready = DispatchSemaphore(value: 0)
+        let sawServing = Mutex(false)
+        let logPath = self.logPath
+        let output = stderr.fileHandleForReading
+        Thread.detachNewThread {
+            guard let log = FileHandle(forWritingAtPath: logPath) else { ready.signal(); return }
+            var pending = Data(), reported = false
+            while case let chunk = output.availableData, !chunk.isEmpty {
+                log.write(chunk)
+                guard !reported else { continue }
+                pending.append(chunk)
+                if String(decoding: pending, as: UTF8.self).contains("serving") {
+                    sawServing.withLock { $0 = true }
+                    reported = true
+                    ready.signal()
+                }
+            }
+            if !reported { ready.signal() }
+            try? log.close()
         }
-        process.terminate()
-        throw HarnessError("vbdtool serve did not become ready: \(log)")
+        // The bound only turns a hung server into a failure.
+        if ready.wait(timeout: .now() + 120) == .success && sawServing.withLock({ $0 }) { return }
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        throw HarnessError("vbdtool serve did not start: \(log)")
     }
 
     var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
@@ -159,10 +181,13 @@ final class RunningServer {
     @discardableResult
     func stop(signal: Int32 = SIGTERM) -> Int32 {
         if process.isRunning {
-            kill(process.processIdentifier, signal)
-            let deadline = Date().addingTimeInterval(60)
-            while process.isRunning && Date() < deadline { usleep(20_000) }
-            if process.isRunning { process.interrupt(); kill(process.processIdentifier, SIGKILL) }
+            let pid = process.processIdentifier
+            kill(pid, signal)
+            // A server that ignores the signal is killed after a bound, never waited on forever.
+            let killer = DispatchWorkItem { kill(pid, SIGKILL) }
+            DispatchQueue.global().asyncAfter(deadline: .now() + 60, execute: killer)
+            process.waitUntilExit()
+            killer.cancel()
         }
         process.waitUntilExit()
         return process.terminationStatus
