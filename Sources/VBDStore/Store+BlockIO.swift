@@ -705,8 +705,13 @@ extension Store {
             let windowCount = min(last - windowStart + 1, Self.blocksPerLockHold)
             let stillThere = mutex.withLock { () -> Bool in
                 guard let image = images[id], image.record.size >= offset + length else { return false }
-                image.root.walk(start: windowStart, count: windowCount, chunkShared: { c in
-                    c < zeroAllocatedChunk && self.chunks[c].refcount > 1
+                // Only sharing within the image's own lineage is reported (docs/ARCHITECTURE.md,
+                // "What BLOCK_STATUS reveals"): never that another tenant holds the same bytes.
+                let peers = lineagePeersLocked(of: image)
+                image.root.walk(start: windowStart, count: windowCount, chunkShared: { block, c in
+                    guard c < zeroAllocatedChunk && self.chunks[c].refcount > 1 else { return false }
+                    guard let peers else { return true }
+                    return peers.contains { $0.root.lookup(block) == c }
                 }) { startBlock, count, chunk, shared in
                     let flags: ExtentFlags
                     if chunk == 0 { flags = [.hole, .zero] }

@@ -20,17 +20,32 @@ extension BlockCache: ChunkCache {
 }
 
 /// Lets the last-chance tier's clean-page interface check coherence against the live maps: a
-/// page is only served while the volume still maps that offset to the same chunk.
+/// page is only served while the volume still maps that offset to the same chunk, and only to a
+/// domain that holds the volume.
 public struct StoreMappingOracle: BlockMappingOracle {
     public let store: Store
-    public init(store: Store) { self.store = store }
+    /// Whether a hypervisor domain holds the image of this export name (`VOLUME` or
+    /// `VOLUME@SNAPSHOT`) now; the server answers from its tenants' leases.
+    public let holds: @Sendable (HypervisorDomain, String) -> Bool
 
-    public func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64) -> MappedChunk? {
-        store.mappedChunk(image: volume, offset: offset)
+    public init(store: Store, holds: @escaping @Sendable (_ domain: HypervisorDomain, _ image: String) -> Bool) {
+        self.store = store
+        self.holds = holds
     }
 
-    public func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64, verifying page: UnsafeRawBufferPointer) -> MappedChunk? {
-        guard let found = store.mappedChunk(image: volume, offset: offset, pageBytes: page.count) else { return nil }
+    private func domain(_ domain: HypervisorDomain, holds volume: UInt64) -> Bool {
+        guard let name = store.imageName(id: volume) else { return false }
+        return holds(domain, name)
+    }
+
+    public func mappedChunk(domain: HypervisorDomain, volume: UInt64, offset: UInt64) -> MappedChunk? {
+        guard self.domain(domain, holds: volume) else { return nil }
+        return store.mappedChunk(image: volume, offset: offset)
+    }
+
+    public func mappedChunk(domain: HypervisorDomain, volume: UInt64, offset: UInt64, verifying page: UnsafeRawBufferPointer) -> MappedChunk? {
+        guard self.domain(domain, holds: volume),
+              let found = store.mappedChunk(image: volume, offset: offset, pageBytes: page.count) else { return nil }
         // The page must be exactly the mapped block's contents (clean data), compared byte for byte.
         let same: Bool = withUnsafeTemporaryAllocation(byteCount: page.count, alignment: 16) { tmp in
             guard (try? store.read(image: volume, offset: offset, into: tmp)) != nil else { return false }
@@ -46,6 +61,11 @@ import Glibc
 #endif
 
 extension Store {
+    /// The export name (`VOLUME` or `VOLUME@SNAPSHOT`) of an image, if it still exists.
+    public func imageName(id: UInt64) -> String? {
+        mutex.withLock { images[id].map { fullNameLocked($0.record) } }
+    }
+
     /// The chunk a volume maps at a block-aligned byte offset, or nil for unmapped, zero or
     /// unaligned offsets, or a page that is not exactly one block.
     func mappedChunk(image id: UInt64, offset: UInt64, pageBytes: Int? = nil) -> MappedChunk? {

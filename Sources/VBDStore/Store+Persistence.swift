@@ -59,6 +59,8 @@ extension Store {
             image.record.size = size
             image.root.grow(toBlocks: image.record.blockCount)
         case let .renameGroup(domain, group):
+            // A number has one name: a reused number drops the name of its empty old group.
+            for (name, number) in groups where number == domain && name != group { groups[name] = nil }
             groups[group] = domain
         }
     }

@@ -114,6 +114,8 @@ public final class Store: @unchecked Sendable {
     /// References that writes in flight took in phase B (dedup) and have not yet put into a map
     /// (phase F), per chunk: fsck, which can run between the two, counts them as references.
     var writeReferences: [UInt64: UInt32] = [:]
+    /// Incomplete volumes (see `createIncompleteVolume`) whose filler is running in this process.
+    var incompleteInUse: Set<String> = []
     /// Why writes are refused: an earlier failure, or a read-only open.
     var poisoned: String? {
         if let failure { return "\(failure); reopen the store to recover from what is on disk" }
@@ -207,6 +209,18 @@ public final class Store: @unchecked Sendable {
         } catch {
             directory.unlock()
             throw error
+        }
+        // Holding the writer's lock, nothing else is filling an incomplete volume: any found was
+        // left by an import that died, and would only hold space.
+        if !options.readOnly {
+            do {
+                let discarded = try discardIncompleteVolumes()
+                if !discarded.isEmpty {
+                    recoveryWarnings.append("deleted \(discarded.count) incomplete volume(s) of interrupted imports: \(discarded.joined(separator: ", "))")
+                }
+            } catch {
+                recoveryWarnings.append("could not delete the incomplete volumes of interrupted imports: \(error)")
+            }
         }
     }
 
