@@ -5,17 +5,17 @@ import VBDCore
 /// (`Store.cacheKey`), and the owner
 /// (volume, sharing group) feeds its per-volume counters.
 extension BlockCache: ChunkCache {
-    public func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16,
+    public func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, group: SharingGroupID,
                        countingMisses: Bool) -> CacheLookup {
-        lookup(key, into: buffer, owner: CacheOwner(volume: volume, group: UInt32(domain)), countingMisses: countingMisses)
+        lookup(key, into: buffer, owner: CacheOwner(volume: volume, group: group), countingMisses: countingMisses)
     }
 
-    public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16) {
-        insert(key, bytes: bytes, owner: CacheOwner(volume: volume, group: UInt32(domain)))
+    public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, group: SharingGroupID) {
+        insert(key, bytes: bytes, owner: CacheOwner(volume: volume, group: group))
     }
 
-    public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16, ifUnremovedSince token: UInt64) {
-        insert(key, bytes: bytes, owner: CacheOwner(volume: volume, group: UInt32(domain)), ifUnremovedSince: token)
+    public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, group: SharingGroupID, ifUnremovedSince token: UInt64) {
+        insert(key, bytes: bytes, owner: CacheOwner(volume: volume, group: group), ifUnremovedSince: token)
     }
 }
 
@@ -75,7 +75,7 @@ extension Store {
             guard offset % bs == 0, offset < image.record.size, pageBytes == nil || pageBytes == Int(bs) else { return nil }
             let c = image.root.lookup(offset / bs)
             guard c != 0, c < zeroAllocatedChunk else { return nil }
-            return MappedChunk(key: cacheKey(c), owner: CacheOwner(volume: id, group: UInt32(image.record.domain)))
+            return MappedChunk(key: cacheKey(c), owner: CacheOwner(volume: id, group: image.record.group))
         }
     }
 }

@@ -1,4 +1,5 @@
 import VBDCore
+import VBDCache
 
 /// A volume or snapshot as the operator sees it.
 public struct ImageInfo: Equatable, Sendable {
@@ -57,7 +58,7 @@ extension Store {
         mutex.assertOwned("infoLocked")
         let r = image.record
         let origin = r.originID == 0 ? nil : images[r.originID].map { fullNameLocked($0.record) }
-        let group = groups.first { $0.value == r.domain }?.key ?? "domain-\(r.domain)"
+        let group = groups.first { $0.value == r.group }?.key ?? "group-\(r.group.rawValue)"
         return ImageInfo(id: r.id, name: fullNameLocked(r), kind: r.kind, size: r.size, blockSize: r.blockSize,
                          createdAt: r.createdAt, origin: origin, group: group)
     }
@@ -94,14 +95,14 @@ extension Store {
             if group != nil && groupName.hasPrefix(Store.privateGroupPrefix) && groups[groupName] == nil {
                 throw StoreError.invalidName(groupName, reason: "'\(Store.privateGroupPrefix)' names a volume's own group; choose another group name")
             }
-            var domain = groups[groupName]
-            if domain == nil {
-                let next = try newGroupNumberLocked()
-                records.append(.renameGroup(domain: next, group: groupName))
-                domain = next
+            var sharingGroup = groups[groupName]
+            if sharingGroup == nil {
+                let next = try newSharingGroupLocked()
+                records.append(.renameGroup(group: next, name: groupName))
+                sharingGroup = next
             }
             let r = ImageRecord(id: nextImageID, kind: .volume, name: name, volumeID: 0, originID: 0, size: size,
-                                blockShift: UInt8(blockSize.trailingZeroBitCount), domain: domain!, createdAt: options.now())
+                                blockShift: UInt8(blockSize.trailingZeroBitCount), group: sharingGroup!, createdAt: options.now())
             records.append(.createImage(r))
             return (records, { self.infoLocked(self.images[r.id]!) })
         }
@@ -114,18 +115,18 @@ extension Store {
     /// With `mutex` held: a number for a new sharing group. The next unused one while there are;
     /// after 65,534 groups, one whose images are all gone and that holds no chunk (its old name is
     /// dropped when the number is given its new one, see `apply(.renameGroup)`).
-    func newGroupNumberLocked() throws -> UInt16 {
-        mutex.assertOwned("newGroupNumberLocked")
-        let next = Int(groups.values.max() ?? 0) + 1
-        if next < Int(UInt16.max) { return UInt16(next) }
-        var inUse = Set(images.values.map { $0.record.domain })
+    func newSharingGroupLocked() throws -> SharingGroupID {
+        mutex.assertOwned("newSharingGroupLocked")
+        let next = Int(groups.values.max()?.rawValue ?? 0) + 1
+        if next < Int(UInt16.max) { return SharingGroupID(UInt16(next)) }
+        var inUse = Set(images.values.map { $0.record.group })
         inUse.insert(0)   // "default"
         var chunk: UInt64 = 1
         while chunk < chunks.end {
-            if chunks[chunk].isInstalled { inUse.insert(chunks[chunk].domain) }
+            if chunks[chunk].isInstalled { inUse.insert(chunks[chunk].group) }
             chunk += 1
         }
-        guard let free = (1..<UInt16.max).first(where: { !inUse.contains($0) }) else {
+        guard let free = (1..<UInt16.max).lazy.map({ SharingGroupID($0) }).first(where: { !inUse.contains($0) }) else {
             throw StoreError.invalidArgument("every one of the \(UInt16.max - 1) sharing groups holds images or blocks")
         }
         return free
@@ -226,8 +227,8 @@ extension Store {
     /// copy of the same bytes. There, only holders this returns may be reported.
     func lineagePeersLocked(of image: Image) -> [Image]? {
         mutex.assertOwned("lineagePeersLocked")
-        let group = image.record.domain
-        let members = images.values.filter { $0.record.domain == group }
+        let group = image.record.group
+        let members = images.values.filter { $0.record.group == group }
         if members.count == 1 { return nil }
         // Union-find over the links; a link to an image that is gone joins nothing (a forced
         // delete of a snapshot cuts its shares off, which only hides sharing, never reveals it).
@@ -250,9 +251,9 @@ extension Store {
         return lineage.filter { $0 !== image }
     }
 
-    /// The dedup domain (cache owner group) of a sharing group, if it exists.
-    public func domain(ofGroup group: String) -> UInt16? {
-        mutex.withLock { groups[group] }
+    /// The sharing group of this name (as `ImageInfo.group` shows it), if it exists.
+    public func sharingGroup(named name: String) -> SharingGroupID? {
+        mutex.withLock { groups[name] }
     }
 
     public func list() -> [ImageInfo] {
@@ -311,14 +312,14 @@ extension Store {
         return try commitDurably { () throws -> (records: [JournalRecord], result: () -> ImageInfo) in
             var records: [JournalRecord] = []
             let groupName = group ?? Store.privateGroupPrefix + String(nextImageID)
-            var domain = groups[groupName]
-            if domain == nil {
-                let next = try newGroupNumberLocked()
-                records.append(.renameGroup(domain: next, group: groupName))
-                domain = next
+            var sharingGroup = groups[groupName]
+            if sharingGroup == nil {
+                let next = try newSharingGroupLocked()
+                records.append(.renameGroup(group: next, name: groupName))
+                sharingGroup = next
             }
             let r = ImageRecord(id: nextImageID, kind: .volume, name: Store.incompletePrefix + String(nextImageID), volumeID: 0,
-                                originID: 0, size: size, blockShift: UInt8(blockSize.trailingZeroBitCount), domain: domain!,
+                                originID: 0, size: size, blockShift: UInt8(blockSize.trailingZeroBitCount), group: sharingGroup!,
                                 createdAt: options.now())
             records.append(.createImage(r))
             return (records, {

@@ -7,16 +7,16 @@ import VBDCache
 final class FakeStore: BlockMappingOracle {
     private struct State {
         var maps: [UInt64: [UInt64: UInt64]] = [:]            // volume -> offset -> key
-        var groups: [UInt64: UInt32] = [:]                     // volume -> sharing group
+        var groups: [UInt64: SharingGroupID] = [:]                     // volume -> sharing group
         var contents: [UInt64: [UInt8]] = [:]                  // key -> bytes
-        var keysByContent: [UInt32: [[UInt8]: UInt64]] = [:]   // group -> bytes -> key
+        var keysByContent: [SharingGroupID: [[UInt8]: UInt64]] = [:]   // group -> bytes -> key
         var leases: Set<[UInt64]> = []                         // [domain, volume]
         var nextKey: UInt64 = 1000
     }
 
     private let state = Mutex(State())
 
-    func createVolume(_ volume: UInt64, group: UInt32) { state.withLock { $0.groups[volume] = group } }
+    func createVolume(_ volume: UInt64, group: SharingGroupID) { state.withLock { $0.groups[volume] = group } }
 
     func grant(domain: UInt64, volume: UInt64) { _ = state.withLock { $0.leases.insert([domain, volume]) } }
 
@@ -72,7 +72,7 @@ extension CleanPageCache {
     /// Domain 1 holds volume 10, domain 2 holds volume 20, both in group 7; domain 3 holds volume 30
     /// in group 8. Each volume has pages at offsets 0 and 4096.
     init() {
-        for (domain, volume, group) in [(1, 10, 7), (2, 20, 7), (3, 30, 8)] as [(UInt64, UInt64, UInt32)] {
+        for (domain, volume, group) in [(1, 10, 7), (2, 20, 7), (3, 30, 8)] as [(UInt64, UInt64, SharingGroupID)] {
             store.createVolume(volume, group: group)
             store.grant(domain: domain, volume: volume)
             store.write(volume: volume, offset: 0, bytes: blockBytes(for: volume))

@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import VBDCore
 @testable import VBDStore
+import VBDCache
 
 @Suite struct StoreTests {
     @Test func writeReadAndReopen() throws {
@@ -218,23 +219,23 @@ import VBDCore
         try store.createVolume(name: "gone", size: 1 << 20, group: "gone-group")
         try store.device(named: "gone").write(block(seed: 2), at: 0)
         try store.delete("gone")
-        let liveNumber = try #require(store.domain(ofGroup: "live-group"))
-        let goneNumber = try #require(store.domain(ofGroup: "gone-group"))
+        let liveNumber = try #require(store.sharingGroup(named: "live-group"))
+        let goneNumber = try #require(store.sharingGroup(named: "gone-group"))
         // Pretend every other number was handed out already: the last one is named.
         try store.createVolume(name: "last", size: 1 << 20, group: "last-group")
-        store.mutex.withLock { store.groups["last-group"] = UInt16.max - 1 }
-        store.mutex.withLock { store.images.values.first { $0.record.name == "last" }!.record.domain = UInt16.max - 1 }
+        store.mutex.withLock { store.groups["last-group"] = SharingGroupID(UInt16.max - 1) }
+        store.mutex.withLock { store.images.values.first { $0.record.name == "last" }!.record.group = SharingGroupID(UInt16.max - 1) }
         try store.createVolume(name: "new", size: 1 << 20)
-        let newNumber = try #require(store.domain(ofGroup: try store.info("new").group))
+        let newNumber = try #require(store.sharingGroup(named: try store.info("new").group))
         #expect(newNumber == goneNumber, "the lowest number with no image and no chunk")
         #expect(newNumber != liveNumber)
-        #expect(store.domain(ofGroup: "gone-group") == nil, "one number, two names")
+        #expect(store.sharingGroup(named: "gone-group") == nil, "one number, two names")
         try store.device(named: "new").write(block(seed: 1), at: 0)
         #expect(store.uniqueChunkCount == 2, "the new group must not deduplicate with the live group")
         try store.close()
         store = try Store.open(path: dir.path)
-        #expect(try store.domain(ofGroup: store.info("new").group) == newNumber)
-        #expect(store.domain(ofGroup: "live-group") == liveNumber)
+        #expect(try store.sharingGroup(named: store.info("new").group) == newNumber)
+        #expect(store.sharingGroup(named: "live-group") == liveNumber)
         try store.close()
     }
 
