@@ -20,6 +20,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-atomics.git", from: "1.3.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"5.0.0"),
+        .package(url: "https://github.com/apple/swift-certificates.git", from: "1.21.1"),
     ],
     targets: [
         .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
@@ -43,7 +45,7 @@ let package = Package(
         ),
         .target(
             name: "VBDAccounting",
-            dependencies: ["VBDCore"]
+            dependencies: ["VBDCore", .product(name: "Crypto", package: "swift-crypto")]
         ),
         .target(
             name: "NBDProtocol",
@@ -56,6 +58,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -108,7 +111,7 @@ let package = Package(
         ),
         .testTarget(
             name: "NBDServerTests",
-            dependencies: ["NBDServer", "NBDProtocol", "VBDCore", .product(name: "NIOCore", package: "swift-nio"),
+            dependencies: ["NBDServer", "NBDProtocol", "VBDCore", "VBDStore", "VBDCache", .product(name: "NIOCore", package: "swift-nio"),
                            .product(name: "NIOPosix", package: "swift-nio"),
                            .product(name: "NIOEmbedded", package: "swift-nio")]
         ),

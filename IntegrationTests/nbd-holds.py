@@ -5,6 +5,10 @@ MODE is one of
   half-write    a WRITE announcing 32 MiB that stops short: the server must close the connection
                 (it holds the payload buffer) once --message-timeout passes;
   idle          a connection that finishes GO and sends nothing: closed after --idle-timeout;
+  steady T      a slow but steady writer: 64 KiB WRITEs sent in 10,000-byte pieces for T seconds,
+                so a message is always half-received yet each completes well within the timeout
+                (T is a few times --message-timeout): the connection must stay open, every WRITE
+                acknowledged;
   per-peer N    N connections from this address are served, the N+1st is closed before its
                 greeting, and after one of the N hangs up a new one is served again;
   stuck K       K connections each pipeline reads and never read the replies, then print READY and
@@ -51,6 +55,32 @@ def main():
         resets.negotiate(s, export)
         waited = wait_closed(s, "an idle connection")
         print(f"idle connection closed after {waited:.1f} s")
+    elif mode == "steady":
+        seconds = float(sys.argv[5])
+        s = resets.connect(host, port)
+        resets.negotiate(s, export, structured=False)
+        payload = bytes(range(256)) * 256
+        stream, handle = b"", 0
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            if len(stream) < 10_000:
+                stream += resets.request(resets.CMD_WRITE, handle, (handle % 64) << 16, len(payload)) + payload
+                handle += 1
+            try:
+                s.sendall(stream[:10_000])
+            except OSError as e:
+                print(f"FAIL: steady writer cut off after {time.monotonic() - started:.1f} s: {e}")
+                sys.exit(1)
+            stream = stream[10_000:]
+            time.sleep(0.05)
+        s.sendall(stream)
+        s.settimeout(60)
+        for expected in range(handle):
+            magic, error, got = struct.unpack(">IIQ", resets.recv_exactly(s, 16))
+            if error != 0 or got != expected:
+                print(f"FAIL: reply {expected}: error {error}, handle {got}")
+                sys.exit(1)
+        print(f"steady writer: {handle} WRITEs over {seconds:.0f} s, all acknowledged, connection open")
     elif mode == "per-peer":
         n = int(sys.argv[5])
         held = []

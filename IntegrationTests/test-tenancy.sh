@@ -8,9 +8,9 @@ requires_vbdtool_serve
 
 make_store 16M
 "$VBDTOOL" domain bind vol alice --store "$STORE" >/dev/null
-# A small main cache (1 MiB, the smallest serve accepts) over a larger last-chance tier, so reads
-# show both tiers.
-start_metrics_server serve.log --enforce-leases --cache-size 1M --last-chance-size 32M
+# The test runner's uid is alice (SO_PEERCRED on the unix socket). A small main cache (1 MiB, the
+# smallest serve accepts) over a larger last-chance tier, so reads show both tiers.
+start_metrics_server serve.log --enforce-leases --peer-domain "uid:$(id -u)=alice" --cache-size 1M --last-chance-size 32M
 
 # No lease: alice's connection to vol is refused.
 if nbdsh -u "$(uri vol)" -c 'h.pread(4096, 0)' 2>/dev/null; then fail "served without a lease"; fi

@@ -5,6 +5,7 @@ import NIOPosix
 import NIOSSL
 import VBDAccounting
 import VBDCore
+import X509
 
 // MARK: - Notes on the design
 //
@@ -43,6 +44,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         var limits: NBDServer.ServerLimits
         var tlsPolicy: NBDHandshakeStateMachine.TLSPolicy
         var sslContext: NIOSSLContext?
+        /// The server checks client certificates against a CA: only then is a certificate an identity.
+        var verifiesClientCertificates = false
         var readPool: NIOThreadPool
         var writePool: NIOThreadPool
         var observer: NBDRequestObserver?
@@ -54,6 +57,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     struct Session: Sendable, Equatable {
         var domain: DomainID
         var volume: String
+        /// The store's id of the image opened (nil for devices that are not store images).
+        var imageID: UInt64?
     }
 
     private enum Phase {
@@ -90,11 +95,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Armed while the connection is in transmission with nothing in flight and nothing begun
     /// (only with an `idleTimeout`).
     private var idleDeadline: Scheduled<Void>?
+    /// When the current message's clock started (nil: nothing begun, or the server not reading).
+    /// `messageDeadline` may be scheduled for an earlier start; it re-arms itself from this.
+    private var messageTimedSince: NIODeadline?
+    /// When the connection became idle (nil: not idle, or no `idleTimeout`).
+    private var idleSince: NIODeadline?
     /// Set once an export is opened under tenancy; nil without tenancy.
     private var session: Session?
+    /// SO_PEERCRED of a unix-socket client, read when it connected (nil over TCP).
+    private let unixCredentials: UnixPeerCredentials?
 
-    init(environment: Environment, logger: Logger) {
+    init(environment: Environment, unixCredentials: UnixPeerCredentials? = nil, logger: Logger) {
         self.environment = environment
+        self.unixCredentials = unixCredentials
         self.logger = logger
         self.phase = .handshake(NBDHandshakeStateMachine(configuration: .init(
             tlsPolicy: environment.tlsPolicy,
@@ -200,7 +213,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             case .shutdown:
                 beginShutdown(context: context)
             case .leaseEnded(let volume, let domain):
-                if session == Session(domain: domain, volume: volume) {
+                if let session, session.domain == domain, session.volume == volume {
                     logger.info("lease of \(domain) on \(volume) ended: closing after in-flight requests")
                     beginShutdown(context: context)
                 }
@@ -263,6 +276,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             // handed to WRITE requests do not pin or copy an ever-growing accumulation buffer.
             inbound = buffer.readableBytes > 0 ? buffer : nil
             guard let message else { return }
+            messageTimedSince = nil  // finished: the next message, if begun, gets a clock of its own
             handle(message, context: context)
         }
     }
@@ -341,9 +355,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         !parser.isAtMessageBoundary || (inbound?.readableBytes ?? 0) > 0
     }
 
-    /// Arms or cancels the transmission deadlines after input was processed or a request ended
+    /// Starts or stops the transmission clocks after input was processed or a request ended
     /// (the handshake has its own overall timeout). A message is timed only while the server is
     /// reading: waiting on the server's own backpressure is not the client's hold.
+    ///
+    /// This runs at every request completion, so it only records when a clock started: at most
+    /// one timer per clock is scheduled, and when it fires it re-arms itself for the clock's
+    /// current start instead of being cancelled and rescheduled per request (that churn cost a
+    /// timer allocation and two heap operations per request at full queue depth).
     private func updateDeadlines(context: ChannelHandlerContext) {
         guard case .transmission(let machine, _) = phase else {
             cancelDeadlines()
@@ -351,38 +370,69 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         let started = messageStarted
         if started && canTakeInput(context: context) {
-            if messageDeadline == nil {
-                messageDeadline = schedule(after: environment.limits.messageTimeout, context: context) { handler, context in
-                    handler.messageDeadline = nil
-                    guard handler.messageStarted else { return }
-                    guard handler.canTakeInput(context: context) else { return }  // re-armed when reading resumes
-                    handler.abort(.holdExpired("a started request was not completed within \(handler.environment.limits.messageTimeout)"),
-                                  context: context)
+            if messageTimedSince == nil {
+                let now = NIODeadline.now()
+                messageTimedSince = now
+                if messageDeadline == nil {
+                    armMessageDeadline(at: now + TimeAmount(environment.limits.messageTimeout), context: context)
                 }
             }
         } else {
-            messageDeadline?.cancel()
-            messageDeadline = nil
+            messageTimedSince = nil
         }
         if let idleTimeout = environment.limits.idleTimeout, !started, machine.inFlight == 0, !machine.isDisconnecting {
-            if idleDeadline == nil {
-                idleDeadline = schedule(after: idleTimeout, context: context) { handler, context in
-                    handler.idleDeadline = nil
-                    guard case .transmission(let machine, _) = handler.phase, machine.inFlight == 0,
-                          !handler.messageStarted else { return }
-                    handler.abort(.holdExpired("idle for \(idleTimeout)"), context: context)
-                }
+            if idleSince == nil {
+                let now = NIODeadline.now()
+                idleSince = now
+                if idleDeadline == nil { armIdleDeadline(at: now + TimeAmount(idleTimeout), context: context) }
             }
         } else {
-            idleDeadline?.cancel()
-            idleDeadline = nil
+            idleSince = nil
         }
     }
 
-    private func schedule(after delay: Duration, context: ChannelHandlerContext,
+    /// Fires at `deadline`; ends the connection if the message timed since then is still unfinished
+    /// and the server still reading, else re-arms for the message being timed now, if any.
+    private func armMessageDeadline(at deadline: NIODeadline, context: ChannelHandlerContext) {
+        messageDeadline = schedule(at: deadline, context: context) { handler, context in
+            handler.messageDeadline = nil
+            guard let since = handler.messageTimedSince else { return }
+            guard handler.messageStarted, handler.canTakeInput(context: context) else {
+                handler.messageTimedSince = nil  // timed again when reading resumes
+                return
+            }
+            let timeout = handler.environment.limits.messageTimeout
+            let expires = since + TimeAmount(timeout)
+            if expires > .now() {
+                handler.armMessageDeadline(at: expires, context: context)
+                return
+            }
+            handler.abort(.holdExpired("a started request was not completed within \(timeout)"), context: context)
+        }
+    }
+
+    private func armIdleDeadline(at deadline: NIODeadline, context: ChannelHandlerContext) {
+        idleDeadline = schedule(at: deadline, context: context) { handler, context in
+            handler.idleDeadline = nil
+            guard let since = handler.idleSince, let idleTimeout = handler.environment.limits.idleTimeout,
+                  case .transmission(let machine, _) = handler.phase, machine.inFlight == 0,
+                  !handler.messageStarted else {
+                handler.idleSince = nil
+                return
+            }
+            let expires = since + TimeAmount(idleTimeout)
+            if expires > .now() {
+                handler.armIdleDeadline(at: expires, context: context)
+                return
+            }
+            handler.abort(.holdExpired("idle for \(idleTimeout)"), context: context)
+        }
+    }
+
+    private func schedule(at deadline: NIODeadline, context: ChannelHandlerContext,
                           _ body: @escaping (NBDConnectionHandler, ChannelHandlerContext) -> Void) -> Scheduled<Void> {
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        return context.eventLoop.assumeIsolated().scheduleTask(in: TimeAmount(delay)) {
+        return context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) {
             let (handler, context) = loopBound.value
             body(handler, context)
         }
@@ -391,8 +441,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func cancelDeadlines() {
         messageDeadline?.cancel()
         messageDeadline = nil
+        messageTimedSince = nil
         idleDeadline?.cancel()
         idleDeadline = nil
+        idleSince = nil
     }
 
     // MARK: Handshake
@@ -434,11 +486,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 guard case .handshake(var machine) = self.phase else { return }
                 let lookup: Result<NBDExportDescription, NBDExportLookupError>
                 var device: (any BlockDevice)?
+                var refused: String?
+                if case .success(.success(let box)) = result { refused = self.refusal(box.device, context: context) }
                 switch result {
-                case .success(.success(let box)) where !self.admitted(box.device, context: context):
-                    lookup = .failure(NBDExportLookupError(
-                        replyType: NBDOptionReplyType.errPolicy,
-                        message: "\(self.session?.domain.name ?? "") holds no lease on \(box.device.name)"))
+                case .success(.success(let box)) where refused != nil:
+                    let reason = refused ?? ""
+                    self.logger.notice("refusing export \(box.device.name): \(reason)")
+                    lookup = .failure(NBDExportLookupError(replyType: NBDOptionReplyType.errPolicy, message: reason))
                     self.session = nil
                 case .success(.success(let box)):
                     device = box.device
@@ -529,33 +583,61 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Resolves the connection's domain and checks its lease (always admitted without tenancy).
-    private func admitted(_ device: any BlockDevice, context: ChannelHandlerContext) -> Bool {
-        guard let tenancy = environment.tenancy else { return true }
-        let domain = tenancy.domain(exportName: device.name, certificateSubject: Self.peerSubject(context: context))
-        session = Session(domain: domain, volume: device.name)
-        return tenancy.admits(volume: device.name, domain: domain, write: false)
+    /// Why this connection may not open `device`, or nil when it may (always without tenancy).
+    /// Decides the connection's domain from what it proved (its verified certificate, its unix
+    /// credentials), then checks the export's binding and, when enforced, the domain's lease.
+    /// Sets ``session`` for an admitted connection.
+    private func refusal(_ device: any BlockDevice, context: ChannelHandlerContext) -> String? {
+        guard let tenancy = environment.tenancy else { return nil }
+        let imageID = (device as? any StoreImageDevice)?.imageID
+        let identity = PeerIdentity(certificateSubject: verifiedCertificateSubject(context: context),
+                                    unixCredentials: unixCredentials)
+        switch tenancy.admission(export: device.name, imageID: imageID, identity: identity) {
+        case .refused(let reason):
+            return reason
+        case .admitted(let domain):
+            guard tenancy.admits(volume: device.name, imageID: imageID, domain: domain, write: false) else {
+                return "\(domain) holds no lease on \(device.name)"
+            }
+            session = Session(domain: domain, volume: device.name, imageID: imageID)
+            return nil
+        }
     }
 
-    /// The verified TLS client certificate's subject as "CN=...,O=...", nil on plain connections.
-    static func peerSubject(context: ChannelHandlerContext) -> String? {
-        guard let certificate = try? context.pipeline.syncOperations.nioSSL_peerCertificate() else { return nil }
-        let names = certificate.subjectName.map { name -> String in
-            let key: String
-            switch name.type {
-            case .commonName: key = "CN"
-            case .organization: key = "O"
-            case .organizationalUnit: key = "OU"
-            case .country: key = "C"
-            case .state: key = "ST"
-            case .city: key = "L"
-            case .emailAddress: key = "emailAddress"
-            case .userId: key = "UID"
-            default: key = "?"
-            }
-            return "\(key)=\(name.value)"
+    /// The subject of the client certificate the TLS handshake verified against the server's CA,
+    /// parsed by swift-certificates; nil on plain connections, without a CA (a certificate nobody
+    /// checked proves nothing), or when the certificate cannot be parsed (logged).
+    private func verifiedCertificateSubject(context: ChannelHandlerContext) -> CertificateSubject? {
+        guard environment.verifiesClientCertificates,
+              (try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self)) != nil else { return nil }
+        do {
+            guard let peer = try context.pipeline.syncOperations.nioSSL_peerCertificate() else { return nil }
+            return try Self.subject(of: Certificate(derEncoded: try peer.toDERBytes()))
+        } catch {
+            logger.warning("client certificate not usable as an identity: \(error)")
+            return nil
         }
-        return names.isEmpty ? nil : names.joined(separator: ",")
+    }
+
+    enum SubjectError: Error, CustomStringConvertible {
+        case nonStringAttribute(String)
+        var description: String { "subject attribute \(nonStringAttributeType) is not a string" }
+        private var nonStringAttributeType: String {
+            switch self { case .nonStringAttribute(let type): return type }
+        }
+    }
+
+    /// A certificate's subject as a ``CertificateSubject`` (structured: no string is joined or split).
+    static func subject(of certificate: Certificate) throws -> CertificateSubject {
+        let names = try certificate.subject.map { relativeName in
+            try relativeName.map { attribute in
+                guard let value = String(attribute.value) else {
+                    throw SubjectError.nonStringAttribute(attribute.type.description)
+                }
+                return CertificateSubject.Attribute(type: attribute.type.description, value: value)
+            }
+        }
+        return CertificateSubject(certificateOrder: names)
     }
 
     /// proto.md, "Block size constraints": the preferred size is a power of two between 512 and the
@@ -747,7 +829,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func leasePermits(_ command: NBDCommand) -> Bool {
         guard let tenancy = environment.tenancy, tenancy.leasesEnforced, let session,
               let kind = IOKind(command) else { return true }
-        return tenancy.admits(volume: session.volume, domain: session.domain, write: kind.modifies)
+        return tenancy.admits(volume: session.volume, imageID: session.imageID, domain: session.domain,
+                              write: kind.modifies)
     }
 
     private func charge(_ command: NBDCommand, bytes: UInt64, deviceTime: Duration, failed: Bool,

@@ -137,7 +137,8 @@ public final class NBDServer: Sendable {
         }
         let environment = NBDConnectionHandler.Environment(
             exports: configuration.exports, limits: configuration.limits, tlsPolicy: tlsPolicy,
-            sslContext: sslContext, readPool: readPool, writePool: writePool, observer: configuration.observer,
+            sslContext: sslContext, verifiesClientCertificates: configuration.tls.caPath != nil,
+            readPool: readPool, writePool: writePool, observer: configuration.observer,
             tenancy: configuration.tenancy?.service, scheduler: scheduler)
 
         let bootstrap = ServerBootstrap(group: group)
@@ -266,7 +267,8 @@ public final class NBDServer: Sendable {
     }
 
     private func initialize(_ channel: Channel, environment: NBDConnectionHandler.Environment) -> EventLoopFuture<Void> {
-        let peer = Self.peerKey(channel)
+        let credentials = Self.peerCredentials(channel)
+        let peer = Self.peerKey(channel, credentials: credentials)
         let limits = configuration.limits
         let admitted = state.withLock { state -> Result<Int, AdmissionRefusal> in
             guard state.running != nil else { return .failure(.stopping) }
@@ -302,7 +304,7 @@ public final class NBDServer: Sendable {
         var logger = configuration.logger
         logger[metadataKey: "connection"] = "\(number)"
         logger[metadataKey: "peer"] = "\(channel.remoteAddress.map { "\($0)" } ?? "unix")"
-        let handler = NBDConnectionHandler(environment: environment, logger: logger)
+        let handler = NBDConnectionHandler(environment: environment, unixCredentials: credentials, logger: logger)
         return channel.eventLoop.makeCompletedFuture {
             try channel.pipeline.syncOperations.addHandler(handler)
         }
@@ -314,22 +316,23 @@ public final class NBDServer: Sendable {
 
     /// Who a connection's per-peer limit counts against: its IP address over TCP, the uid of the
     /// connecting process over a unix socket (SO_PEERCRED).
-    static func peerKey(_ channel: Channel) -> String {
+    static func peerKey(_ channel: Channel, credentials: UnixPeerCredentials?) -> String {
         if let address = channel.remoteAddress, let ip = address.ipAddress { return "ip \(ip)" }
-        if let uid = peerUID(channel) { return "uid \(uid)" }
+        if let credentials { return "uid \(credentials.uid)" }
         return "unix"
     }
 
-    /// The uid of the process at the other end of a unix-socket channel, nil elsewhere.
-    static func peerUID(_ channel: Channel) -> UInt32? {
+    /// What the kernel says about the process at the other end of a unix-socket channel
+    /// (SO_PEERCRED: fixed when it connected, so it cannot be forged by the peer), nil elsewhere.
+    static func peerCredentials(_ channel: Channel) -> UnixPeerCredentials? {
         guard let provider = channel as? SocketOptionProvider, channel.eventLoop.inEventLoop,
               case .unixDomainSocket = channel.localAddress else { return nil }
         let future: EventLoopFuture<UnixPeerCredentials> = provider.unsafeGetSocketOption(
             level: .init(SOL_SOCKET), name: .init(SO_PEERCRED))
         // On the channel's own loop the option is read at once; the future is already complete.
-        var uid: UInt32?
-        future.whenSuccess { uid = $0.uid }
-        return uid
+        var credentials: UnixPeerCredentials?
+        future.whenSuccess { credentials = $0 }
+        return credentials
     }
 
     private func makeSSLContext() throws -> NIOSSLContext? {

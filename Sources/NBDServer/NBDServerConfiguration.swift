@@ -38,6 +38,14 @@ extension NBDServer {
         /// FORCEDTLS: plain clients get NBD_REP_ERR_TLS_REQD. With `caPath`, client certificates
         /// signed by that CA are required as well.
         case required(certificatePath: String, keyPath: String, caPath: String? = nil)
+
+        /// The CA client certificates are verified against; only a verified certificate is an identity.
+        var caPath: String? {
+            switch self {
+            case .off: return nil
+            case .optional(_, _, let ca), .required(_, _, let ca): return ca
+            }
+        }
     }
 
     /// Per-server and per-connection limits. The defaults come from ``VBDCore/Limits``; each one is

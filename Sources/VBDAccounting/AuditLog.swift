@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 
 // MARK: - Notes on the design
@@ -13,8 +14,12 @@ import Foundation
 // - removed: a sequence number between the first (0) and the last is missing;
 // - reordered: a record appears after one with a larger sequence number;
 // - malformed: a line that is not a record (including a line torn by a crash during append);
-// - truncated: with an anchor (the head's sequence and hash, kept elsewhere, e.g. printed by
-//   `vbdtool audit` into an operator's notes), records removed from the end.
+// - truncated: with an anchor (a record's sequence and hash, kept outside the store, e.g. the head
+//   `vbdtool audit verify` printed, in the operator's notes), the log ends before the anchor;
+// - anchor mismatch: the record at the anchor's sequence has another hash. Records dropped from the
+//   tail and new ones appended after them form a valid chain with consecutive numbers, so this is
+//   the only trace such a rewrite leaves; since every record's hash covers its predecessor's, a
+//   matching anchor also vouches for every record before it.
 // Without an anchor, removing the tail or rewriting the whole file consistently is undetectable:
 // that is the limit of any self-contained hash chain, and why the head hash is shown.
 
@@ -59,7 +64,13 @@ public struct AuditRecord: Codable, Equatable, Sendable {
         return bytes
     }
 
-    public var computedHash: String { SHA256.hash(canonicalBytes).hexString }
+    /// SHA-256 (swift-crypto) of ``canonicalBytes``, as 64 lowercase hex digits.
+    public var computedHash: String {
+        SHA256.hash(data: canonicalBytes).map { byte in
+            let hex = String(byte, radix: 16)
+            return byte < 16 ? "0" + hex : hex
+        }.joined()
+    }
 }
 
 /// Where the log's bytes live. `append` must be durable when it returns (fsync).
@@ -147,6 +158,9 @@ public enum AuditProblem: Equatable, Sendable, CustomStringConvertible {
     case removed(sequence: UInt64)
     case reordered(sequence: UInt64, line: Int)
     case truncated(expectedLastSequence: UInt64, foundLastSequence: UInt64?)
+    /// The record at the anchor's sequence is not the one the anchor names: the log was cut back
+    /// to before it and written on from there.
+    case anchorMismatch(sequence: UInt64, line: Int)
 
     public var description: String {
         switch self {
@@ -156,6 +170,8 @@ public enum AuditProblem: Equatable, Sendable, CustomStringConvertible {
         case .reordered(let sequence, let line): return "record \(sequence) (line \(line)) is out of order"
         case .truncated(let expected, let found):
             return "records after \(found.map(String.init) ?? "the start") were removed (anchor says \(expected))"
+        case .anchorMismatch(let sequence, let line):
+            return "record \(sequence) (line \(line)) is not the record the anchor names: the log was cut back and rewritten from there"
         }
     }
 }
@@ -301,9 +317,12 @@ public struct AuditLog {
         }
         let last = parsed.last?.record
         if let anchor {
-            if let last, last.sequence == anchor.sequence {
-                if last.hash != anchor.hash, !altered.contains(last.sequence) {
-                    problems.append(.altered(sequence: last.sequence, line: parsed.last!.line))
+            // The anchor pins one record: the one at its sequence must be there with its hash, however
+            // many records follow. Cutting the log back and appending again reuses the sequence numbers
+            // (and forms a valid chain), but cannot reproduce the anchored record's hash.
+            if let anchored = parsed.first(where: { $0.record.sequence == anchor.sequence }) {
+                if anchored.record.hash != anchor.hash {
+                    problems.append(.anchorMismatch(sequence: anchor.sequence, line: anchored.line))
                 }
             } else if (last?.sequence ?? 0) < anchor.sequence || last == nil {
                 problems.append(.truncated(expectedLastSequence: anchor.sequence, foundLastSequence: last?.sequence))

@@ -39,10 +39,15 @@ public enum LeaseHistory {
                 holding.expiresAt = expiresAt ?? holding.expiresAt
                 holding.records.append(record.sequence)
                 open[domain] = holding
-            case AuditOperation.leaseRevoke, AuditOperation.leaseExpire, AuditOperation.leaseRelease:
+            case AuditOperation.leaseRevoke, AuditOperation.leaseExpire, AuditOperation.leaseRelease,
+                 AuditOperation.leaseDrop:
                 guard var holding = open.removeValue(forKey: domain) else { continue }
-                let end: LeaseEnd = record.operation == AuditOperation.leaseExpire ? .expired
-                    : record.operation == AuditOperation.leaseRevoke ? .revoked : .released
+                let end: LeaseEnd = switch record.operation {
+                case AuditOperation.leaseExpire: .expired
+                case AuditOperation.leaseRevoke: .revoked
+                case AuditOperation.leaseDrop: .deleted
+                default: .released
+                }
                 // An expiry took effect at the lease's expiry time, not when the server noticed it.
                 holding.until = end == .expired ? holding.expiresAt : record.time
                 holding.end = end
@@ -74,6 +79,9 @@ public enum AuditOperation {
     public static let creditTopUp = "credit.topup"
     public static let overdraftSet = "credit.overdraft"
     public static let bindingSet = "binding.set"
+    /// A lease or binding that ended because its image was deleted.
+    public static let leaseDrop = "lease.drop"
+    public static let bindingDrop = "binding.drop"
 }
 
 /// Forensics for one volume between two points in time: which snapshots bound the interval, which

@@ -21,13 +21,18 @@ public enum LeaseMode: String, Sendable, Codable, Equatable {
 
 public struct Lease: Sendable, Equatable, Codable {
     public var volume: String
+    /// The store's internal id of the image leased (nil in leases saved before ids were recorded):
+    /// a lease never applies to a later image that took the same name.
+    public var imageID: UInt64?
     public var domain: DomainID
     public var mode: LeaseMode
     public var grantedAt: WallTime
     public var expiresAt: WallTime
 
-    public init(volume: String, domain: DomainID, mode: LeaseMode, grantedAt: WallTime, expiresAt: WallTime) {
+    public init(volume: String, imageID: UInt64? = nil, domain: DomainID, mode: LeaseMode, grantedAt: WallTime,
+                expiresAt: WallTime) {
         self.volume = volume
+        self.imageID = imageID
         self.domain = domain
         self.mode = mode
         self.grantedAt = grantedAt
@@ -56,6 +61,8 @@ public enum LeaseError: Error, Equatable, Sendable, CustomStringConvertible {
 /// Why a lease ended, for the server (close connections) and the audit log.
 public enum LeaseEnd: String, Sendable, Codable, Equatable {
     case expired, revoked, released
+    /// The image was deleted.
+    case deleted
 }
 
 public struct LeaseTable: Sendable, Equatable, Codable {
@@ -75,17 +82,19 @@ public struct LeaseTable: Sendable, Equatable, Codable {
         leases[volume]?.first { $0.domain == domain }
     }
 
-    /// Whether `domain` may use `volume` at `now`, for writing when `write` is true.
-    public func permits(volume: String, domain: DomainID, write: Bool, now: WallTime) -> Bool {
+    /// Whether `domain` may use `volume` (the image `imageID`) at `now`, for writing when `write`
+    /// is true. A lease granted on another image of the same name permits nothing.
+    public func permits(volume: String, imageID: UInt64? = nil, domain: DomainID, write: Bool, now: WallTime) -> Bool {
         guard let lease = lease(on: volume, domain: domain), lease.expiresAt > now else { return false }
+        if let leased = lease.imageID, let imageID, leased != imageID { return false }
         return !write || lease.mode == .write
     }
 
     /// Grants (or changes the mode of) `domain`'s lease on `volume` for `duration` from `now`.
     /// Leases of other domains that expired before `now` do not block it.
     @discardableResult
-    public mutating func grant(volume: String, domain: DomainID, mode: LeaseMode, duration: Duration,
-                               now: WallTime) throws(LeaseError) -> Lease {
+    public mutating func grant(volume: String, imageID: UInt64? = nil, domain: DomainID, mode: LeaseMode,
+                               duration: Duration, now: WallTime) throws(LeaseError) -> Lease {
         guard duration > .zero, duration <= Self.durationMax else { throw .invalidDuration }
         for other in leases(on: volume) where other.domain != domain && other.expiresAt > now {
             if mode == .write || other.mode == .write {
@@ -95,7 +104,8 @@ public struct LeaseTable: Sendable, Equatable, Codable {
         var holders = leases(on: volume).filter { $0.domain != domain && $0.expiresAt > now }
         let removed = leases(on: volume).count - holders.count
         guard count - removed + 1 <= Self.leasesMax else { throw .tableFull }
-        let lease = Lease(volume: volume, domain: domain, mode: mode, grantedAt: now, expiresAt: now + duration)
+        let lease = Lease(volume: volume, imageID: imageID, domain: domain, mode: mode, grantedAt: now,
+                          expiresAt: now + duration)
         holders.append(lease)
         leases[volume] = holders
         count += 1 - removed
@@ -126,6 +136,13 @@ public struct LeaseTable: Sendable, Equatable, Codable {
         leases[volume] = holders.isEmpty ? nil : holders
         count -= 1
         return lease
+    }
+
+    /// Removes and returns every lease on `volume` (its image was deleted).
+    public mutating func drop(volume: String) -> [Lease] {
+        let dropped = leases.removeValue(forKey: volume) ?? []
+        count -= dropped.count
+        return dropped.sorted { $0.domain < $1.domain }
     }
 
     /// Removes and returns every lease whose expiry is at or before `now`.

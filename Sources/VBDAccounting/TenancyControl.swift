@@ -47,12 +47,14 @@ public enum TenancyResponse: Codable, Sendable, Equatable {
 
 extension TenancyService {
     /// Performs a control request on behalf of `actor` (audited where it changes state).
-    public func handle(_ request: TenancyRequest, actor: String) throws -> TenancyResponse {
+    /// `imageID` is the store's id of the image a lease grant or a binding names (the control
+    /// service looks it up), so the lease or binding never applies to a later image of that name.
+    public func handle(_ request: TenancyRequest, actor: String, imageID: UInt64? = nil) throws -> TenancyResponse {
         switch request {
         case .stats:
             return .stats(statistics())
         case .leaseGrant(let volume, let domain, let mode, let seconds):
-            return .lease(try grantLease(volume: volume, domain: DomainID(domain), mode: mode,
+            return .lease(try grantLease(volume: volume, imageID: imageID, domain: DomainID(domain), mode: mode,
                                          duration: .seconds(seconds), actor: actor))
         case .leaseRenew(let volume, let domain, let seconds):
             return .lease(try renewLease(volume: volume, domain: DomainID(domain), duration: .seconds(seconds),
@@ -75,7 +77,7 @@ extension TenancyService {
             try setPolicy(policy, for: DomainID(domain), actor: actor)
             return .done
         case .bind(let export, let domain):
-            try bind(export: export, to: DomainID(domain), actor: actor)
+            try bind(export: export, to: DomainID(domain), imageID: imageID, actor: actor)
             return .done
         case .topUp(let domain, let amount):
             try topUp(DomainID(domain), amount: amount, actor: actor)
@@ -175,7 +177,7 @@ extension TenancyService {
     public func storageShares(images: [ImageShareInput]) -> [DomainID: StorageShare] {
         let bindings = snapshot().bindings
         return StorageShares.perDomain(images: images) { name in
-            bindings[name] ?? name.split(separator: "@", maxSplits: 1).first.flatMap { bindings[String($0)] }
+            (bindings[name] ?? name.split(separator: "@", maxSplits: 1).first.flatMap { bindings[String($0)] })?.domain
         }
     }
 }

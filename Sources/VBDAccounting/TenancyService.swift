@@ -42,7 +42,7 @@ public final class TenancyService: Sendable {
     /// What is persisted.
     struct PersistentState: Codable {
         var version = 1
-        var bindings: [String: DomainID]
+        var bindings: [String: ExportBinding]
         var policies: [DomainID: SchedulingPolicy]
         var credits: CreditBook
         var leases: LeaseTable
@@ -56,7 +56,7 @@ public final class TenancyService: Sendable {
         public var leases: LeaseTable
         public var policies: [DomainID: SchedulingPolicy]
         public var defaultPolicy: SchedulingPolicy
-        public var bindings: [String: DomainID]
+        public var bindings: [String: ExportBinding]
         public var utilisation: Double
         public var price: Double
     }
@@ -137,15 +137,23 @@ public final class TenancyService: Sendable {
 
     // MARK: Requests
 
-    public func domain(exportName: String, certificateSubject: String?) -> DomainID {
-        state.withLock { $0.resolver.domain(exportName: exportName, certificateSubject: certificateSubject) }
+    /// Whether a client that proved `identity` may open `export` (the image `imageID`), and as which
+    /// domain (see ``DomainResolver/admission(export:imageID:identity:authenticationRequired:)``).
+    /// With leases enforced, a client that proved nothing is refused.
+    public func admission(export: String, imageID: UInt64?, identity: PeerIdentity) -> DomainAdmission {
+        state.withLock { state in
+            state.resolver.admission(export: export, imageID: imageID, identity: identity,
+                                     authenticationRequired: state.leasesEnforced)
+        }
     }
 
-    /// Whether `domain` may open `volume` now (always true when leases are not enforced).
-    public func admits(volume: String, domain: DomainID, write: Bool) -> Bool {
+    /// Whether `domain` may use `volume` (the image `imageID`) now (always true when leases are not
+    /// enforced). A lease on an earlier image of the same name does not count.
+    public func admits(volume: String, imageID: UInt64? = nil, domain: DomainID, write: Bool) -> Bool {
         let now = clock()
         return state.withLock { state in
-            !state.leasesEnforced || state.leases.permits(volume: volume, domain: domain, write: write, now: now)
+            !state.leasesEnforced
+                || state.leases.permits(volume: volume, imageID: imageID, domain: domain, write: write, now: now)
         }
     }
 
@@ -192,10 +200,10 @@ public final class TenancyService: Sendable {
     }
 
     @discardableResult
-    public func grantLease(volume: String, domain: DomainID, mode: LeaseMode, duration: Duration,
-                           actor: String) throws -> Lease {
+    public func grantLease(volume: String, imageID: UInt64? = nil, domain: DomainID, mode: LeaseMode,
+                           duration: Duration, actor: String) throws -> Lease {
         try changeLease(volume: volume, actor: actor, operation: AuditOperation.leaseGrant) { leases, now in
-            try leases.grant(volume: volume, domain: domain, mode: mode, duration: duration, now: now)
+            try leases.grant(volume: volume, imageID: imageID, domain: domain, mode: mode, duration: duration, now: now)
         }
     }
 
@@ -257,6 +265,31 @@ public final class TenancyService: Sendable {
 
     public var nextLeaseExpiry: WallTime? { state.withLock { $0.leases.nextExpiry } }
 
+    /// The images `names` were deleted: their leases end (connections to them close) and their
+    /// bindings go, so a later image of the same name starts with neither. Audited.
+    public func imagesDeleted(_ names: [String], actor: String) throws {
+        let (dropped, observers) = try control { state, now in
+            var dropped: [Lease] = []
+            var records: [PendingRecord] = []
+            for name in names {
+                for lease in state.leases.drop(volume: name) {
+                    dropped.append(lease)
+                    var details = Self.details(lease)
+                    details["expiresAt"] = String(now.nanoseconds)
+                    records.append(PendingRecord(actor: actor, operation: AuditOperation.leaseDrop, target: name,
+                                                 details: details))
+                }
+                if let binding = state.resolver.bindings.removeValue(forKey: name) {
+                    records.append(PendingRecord(actor: actor, operation: AuditOperation.bindingDrop, target: name,
+                                                 details: ["domain": binding.domain.name]))
+                }
+            }
+            return ((dropped, state.observers), records)
+        }
+        notify(observers, dropped, .deleted)
+        if !dropped.isEmpty || !names.isEmpty { try persist() }
+    }
+
     // MARK: Policy and credit (control operations, all audited)
 
     public func setPolicy(_ policy: SchedulingPolicy, for domain: DomainID, actor: String) throws {
@@ -271,11 +304,14 @@ public final class TenancyService: Sendable {
         try persist()
     }
 
-    public func bind(export: String, to domain: DomainID, actor: String) throws {
+    /// Only `domain` may open `export` from now on (the image `imageID`; see ``ExportBinding``).
+    public func bind(export: String, to domain: DomainID, imageID: UInt64? = nil, actor: String) throws {
         try control { state, _ in
-            state.resolver.bindings[export] = domain
+            state.resolver.bindings[export] = ExportBinding(domain: domain, imageID: imageID)
+            var details = ["domain": domain.name]
+            if let imageID { details["imageID"] = String(imageID) }
             return ((), [PendingRecord(actor: actor, operation: AuditOperation.bindingSet, target: export,
-                                       details: ["domain": domain.name])])
+                                       details: details)])
         }
         try persist()
     }
@@ -369,7 +405,10 @@ public final class TenancyService: Sendable {
     }
 
     private static func details(_ lease: Lease) -> [String: String] {
-        ["domain": lease.domain.name, "mode": lease.mode.rawValue, "expiresAt": String(lease.expiresAt.nanoseconds)]
+        var details = ["domain": lease.domain.name, "mode": lease.mode.rawValue,
+                       "expiresAt": String(lease.expiresAt.nanoseconds)]
+        if let imageID = lease.imageID { details["imageID"] = String(imageID) }
+        return details
     }
 
     private func notify(_ observers: [@Sendable (Lease, LeaseEnd) -> Void], _ leases: [Lease], _ end: LeaseEnd) {

@@ -59,10 +59,12 @@ public final class ControlService: Sendable {
     /// state `tenancy.json` live in the store directory, written only by the process that holds
     /// the store's lock (the server, or the CLI when no server runs).
     /// An error names the file at fault: a corrupt `tenancy.json` is not an audit log problem.
-    public static func openTenancy(storePath: String, leasesEnforced: Bool = false) throws -> TenancyService {
+    /// `resolver` carries the server's identity maps (certificate subjects, unix peers).
+    public static func openTenancy(storePath: String, leasesEnforced: Bool = false,
+                                   resolver: DomainResolver = .init()) throws -> TenancyService {
         let statePath = storePath + "/tenancy.json", auditPath = storePath + "/audit.log"
         do {
-            return try TenancyService(configuration: .init(leasesEnforced: leasesEnforced),
+            return try TenancyService(configuration: .init(resolver: resolver, leasesEnforced: leasesEnforced),
                                       stateStorage: FileStateStorage(path: statePath),
                                       auditStorage: FileAuditStorage(path: auditPath))
         } catch let e as DecodingError {
@@ -160,9 +162,12 @@ public final class ControlService: Sendable {
             return .image(ImageSummary(try store.share(snapshot: snapshot, as: newName)))
         case let .remove(name, force):
             // Cache counters are per owner (image id, group): look them up while the images still exist.
-            let owners = cache == nil ? [] : imagesRemoved(byDeleting: name, force: force).compactMap { self.cacheOwner(of: $0) }
+            let removed = imagesRemoved(byDeleting: name, force: force)
+            let owners = cache == nil ? [] : removed.compactMap { self.cacheOwner(of: $0) }
             try store.delete(name, force: force)
             for owner in owners { cache?.forgetStatistics(for: owner) }
+            // Leases and bindings go with the image: a later image of the same name has none.
+            try tenancy?.imagesDeleted(removed.map(\.name), actor: actor)
             return .done
         case let .resize(name, size):
             try store.resize(volume: name, size: size)
@@ -187,10 +192,14 @@ public final class ControlService: Sendable {
             guard let tenancy else {
                 throw ControlFailure(code: "not-supported", message: "accounting and leases are not available here")
             }
+            // Leases are on images that exist (a snapshot is leased by its full name), and hold the
+            // image's id so they never apply to a later image of the same name; bindings likewise.
+            var imageID: UInt64?
             switch tenancyRequest {
             case let .leaseGrant(volume, _, _, _), let .leaseRenew(volume, _, _):
-                // Leases are on volumes that exist (a snapshot is leased by its full name).
-                _ = try store.info(volume)
+                imageID = try store.info(volume).id
+            case let .bind(export, _):
+                imageID = try store.info(export).id
             default:
                 break
             }
@@ -198,7 +207,7 @@ public final class ControlService: Sendable {
                 if case .stats = tenancyRequest {
                     return .tenancy(.stats(tenancy.statistics(storage: tenancy.storageShares(usage: store.usage()))))
                 }
-                return .tenancy(try tenancy.handle(tenancyRequest, actor: actor))
+                return .tenancy(try tenancy.handle(tenancyRequest, actor: actor, imageID: imageID))
             } catch let e as LeaseError {
                 throw ControlFailure(code: "lease", message: e.description)
             } catch let e as SchedulerError {

@@ -34,6 +34,11 @@ enum JournalRecord: Equatable {
     case deleteImage(UInt64)
     case resize(image: UInt64, size: UInt64)
     case renameGroup(group: SharingGroupID, name: String)
+    /// The last record of a generation's journal, written just before checkpoint `nextGeneration`
+    /// captures the state: this journal replayed on its own checkpoint gives exactly that state,
+    /// so if checkpoint `nextGeneration` is damaged, recovery replays this journal and then
+    /// journal-`nextGeneration` and loses nothing.
+    case sealed(nextGeneration: UInt64)
 
     func encode(into w: inout BinaryWriter) {
         switch self {
@@ -56,6 +61,8 @@ enum JournalRecord: Equatable {
             w.u8(7); w.varint(image); w.varint(size)
         case let .renameGroup(group, name):
             w.u8(8); w.u16(group.rawValue); w.string(name)
+        case let .sealed(nextGeneration):
+            w.u8(10); w.varint(nextGeneration)
         }
     }
 
@@ -80,6 +87,7 @@ enum JournalRecord: Equatable {
             mappings.reserveCapacity(Int(n))
             for _ in 0..<n { mappings.append(BlockMapping(block: try r.varint(), chunk: try r.varint())) }
             return .mapBatch(image: image, mappings: mappings)
+        case 10: return .sealed(nextGeneration: try r.varint())
         default: throw BinaryReader.Malformed(position: r.position)
         }
     }

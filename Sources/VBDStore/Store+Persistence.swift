@@ -63,6 +63,8 @@ extension Store {
             // A number has one name: a reused number drops the name of its empty old group.
             for (other, number) in groups where number == group && other != name { groups[other] = nil }
             groups[name] = group
+        case .sealed:
+            break  // read by recovery (`replayJournal`); it changes nothing
         }
     }
 
@@ -334,6 +336,21 @@ extension Store {
         do throws(StorageError) {
             // Chunks named by the checkpoint (including unflushed writes it captures) first.
             try dataFile.sync()
+            // Then the unflushed records and a seal go to this generation's journal, so that this
+            // checkpoint plus its journal equals the next checkpoint: recovery's way back if the
+            // next one is damaged (see `JournalRecord.sealed`).
+            var sealBatch = BinaryWriter(capacity: pending.bytes.count + 16)
+            sealBatch.raw(pending.bytes)
+            JournalRecord.sealed(nextGeneration: newGeneration).encode(into: &sealBatch)
+            let sealFrame = JournalFrame.encode(generation: generation, sequence: journalSequence, payload: sealBatch.bytes)
+            step = "journal write"
+            try writeUsingSpaceReserve(sealFrame, to: journalFile, at: journalEnd)
+            step = "fdatasync of journal-\(generation)"
+            try journalFile.sync()
+            journalEnd += UInt64(sealFrame.count)
+            journalSequence += 1
+            pending = BinaryWriter()
+            pendingRecordCount = 0
             step = "writing checkpoint-\(newGeneration)"
             let file = try directory.openFile("checkpoint-\(newGeneration)", create: true)
             defer { file.close() }
@@ -362,6 +379,7 @@ extension Store {
             let e: StorageError = error
             space.restoreDeferred(frees)
             if superblockTouched || step.hasPrefix("fdatasync") {
+                // (A failed journal sync lands here too: the seal frame's pages may be gone.)
                 // Which slot a crash would find is unknown (or dirty data pages may be gone):
                 // only a reopen can tell what is durable.
                 failure = "checkpoint failed at \(step) (\(e))"
@@ -578,12 +596,6 @@ extension Store {
         guard let (slot, bytes) = chosen else {
             throw StoreError.corrupted("no usable checkpoint: " + damage.joined(separator: "; "))
         }
-        if !damage.isEmpty {
-            // A damaged slot's generation is unknown; a damaged checkpoint was newer than this one.
-            recoveryWarnings.append("opened checkpoint-\(slot.generation) although \(damage.joined(separator: "; ")): " +
-                                    "if that was the newest generation, changes made after checkpoint-\(slot.generation) " +
-                                    "was superseded are lost, and blocks whose space was reused since read as errors (run fsck)")
-        }
         generation = slot.generation
         secret = slot.secret
         try decodeCheckpoint(bytes, expectedGeneration: slot.generation)
@@ -603,35 +615,41 @@ extension Store {
         } else {
             journalFile = try directory.openFile(journalName, create: true)
         }
-        let journalBytes = try journalFile.readAll()
-        let (payloads, valid) = JournalFrame.decodeValidPrefix(journalBytes, generation: generation)
-        if valid < journalBytes.count,
-           let found = JournalDamage(journal: journalName, bytes: journalBytes, validBytes: valid,
-                                     validFrames: payloads.count, generation: generation) {
-            // Valid frames after a bad one were acknowledged flushes: not a torn tail.
-            guard let repair = options.repairJournal, !options.readOnly, repair(found) else {
-                throw StoreError.corrupted(found.description)
-            }
-        }
         replaying = true
         defer { replaying = false }
-        for (k, payload) in payloads.enumerated() {
-            var r = BinaryReader(payload)
-            while r.remaining > 0 {
-                let record: JournalRecord
-                do { record = try JournalRecord.decode(&r) } catch {
-                    throw StoreError.corrupted("\(journalName) frame \(k) has a malformed record")
-                }
-                try apply(record)
-            }
-        }
-        journalSequence = UInt64(payloads.count)
-        journalEnd = UInt64(valid)
-        if journalBytes.count > valid && !options.readOnly {
+        let replayed = try replayJournal(journalFile, name: journalName, generation: generation)
+        journalSequence = UInt64(replayed.frames)
+        journalEnd = UInt64(replayed.validBytes)
+        if replayed.fileBytes > replayed.validBytes && !options.readOnly {
             // A torn or unfinished frame from the crash (or, after an explicit repair, what the
             // operator agreed to drop): cut it so new frames follow valid ones.
-            try journalFile.truncate(to: UInt64(valid))
+            try journalFile.truncate(to: UInt64(replayed.validBytes))
             try journalFile.sync()
+        }
+        // Fell back from a damaged newest generation: if this journal was sealed for it, its
+        // own journal continues exactly where this one ends, so replaying it loses nothing.
+        var chained = false
+        if !damage.isEmpty, let next = replayed.sealedFor, next == generation + 1 {
+            let nextName = "journal-\(next)"
+            if directory.fileExists(nextName) {
+                let nextFile = try directory.openFile(nextName, create: false)
+                defer { nextFile.close() }
+                _ = try replayJournal(nextFile, name: nextName, generation: next)
+                chained = true
+            }
+        }
+        if !damage.isEmpty {
+            // A damaged slot's generation is unknown; a damaged checkpoint was newer than this one.
+            if chained {
+                recoveryWarnings.append("opened checkpoint-\(slot.generation) although \(damage.joined(separator: "; ")): " +
+                                        "replayed journal-\(slot.generation) and journal-\(slot.generation + 1) after it, " +
+                                        "so nothing flushed was lost" +
+                                        (options.readOnly ? "" : "; a new checkpoint replaces the damaged generation"))
+            } else {
+                recoveryWarnings.append("opened checkpoint-\(slot.generation) although \(damage.joined(separator: "; ")): " +
+                                        "if that was the newest generation, changes made after checkpoint-\(slot.generation) " +
+                                        "was superseded are lost, and blocks whose space was reused since read as errors (run fsck)")
+            }
         }
         // A chunk record always shares its frame with the map record that holds it; drop any
         // that ended up unheld anyway rather than leak it.
@@ -653,6 +671,41 @@ extension Store {
                 if let g = UInt64(name.dropFirst(prefix.count)), !keep.contains(g) { try? directory.removeFile(name) }
             }
         }
+        // After a fallback, a new generation at once: it replaces the damaged slot or checkpoint,
+        // and new frames must not follow a journal that recovery chained to another one.
+        if !damage.isEmpty { try writeCheckpointLocked() }
+    }
+
+    /// Replays the valid frames of one generation's journal. A bad frame with valid frames after
+    /// it is corruption (or, with the operator's consent, a repair). `sealedFor`: the generation
+    /// named by a seal that is the journal's last record.
+    func replayJournal(_ file: any StorageFile, name: String, generation: UInt64) throws
+        -> (frames: Int, validBytes: Int, fileBytes: Int, sealedFor: UInt64?) {
+        let journalBytes = try file.readAll()
+        let (payloads, valid) = JournalFrame.decodeValidPrefix(journalBytes, generation: generation)
+        if valid < journalBytes.count,
+           let found = JournalDamage(journal: name, bytes: journalBytes, validBytes: valid,
+                                     validFrames: payloads.count, generation: generation) {
+            // Valid frames after a bad one were acknowledged flushes: not a torn tail.
+            guard let repair = options.repairJournal, !options.readOnly, repair(found) else {
+                throw StoreError.corrupted(found.description)
+            }
+        }
+        var last: JournalRecord?
+        for (k, payload) in payloads.enumerated() {
+            var r = BinaryReader(payload)
+            while r.remaining > 0 {
+                let record: JournalRecord
+                do { record = try JournalRecord.decode(&r) } catch {
+                    throw StoreError.corrupted("\(name) frame \(k) has a malformed record")
+                }
+                try apply(record)
+                last = record
+            }
+        }
+        var sealedFor: UInt64?
+        if case .sealed(let next) = last { sealedFor = next }
+        return (payloads.count, valid, journalBytes.count, sealedFor)
     }
 
     /// The checkpoint a superblock slot names, checked against the slot's length and checksum.

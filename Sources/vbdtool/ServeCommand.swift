@@ -9,7 +9,6 @@ import VBDCache
 import VBDControl
 import VBDCore
 import VBDMetrics
-import VBDCore
 import VBDStore
 
 #if canImport(Glibc)
@@ -47,7 +46,14 @@ struct ServeCommand: AsyncParsableCommand {
     var deviceSlots: Int?
     @Option(help: "With --schedule: device slots only reservation-phase requests may use (default 1; at most --device-slots - 1).")
     var reservedSlots: Int = 1
-    @Flag(help: "Serve a volume only to a domain holding a lease on it (`vbdtool lease grant`).") var enforceLeases = false
+    @Flag(help: "Serve a volume only to an authenticated domain holding a lease on it (`vbdtool lease grant`); clients that prove no identity get nothing.")
+    var enforceLeases = false
+    @Option(help: ArgumentHelp("Unix-socket clients with this uid or gid are this domain (repeatable; a uid entry wins). DOMAIN @bound: the peer (e.g. the hypervisor's user) acts for the domain each export is bound to, and may open only bound exports.",
+                               valueName: "uid:N=DOMAIN|gid:N=DOMAIN"))
+    var peerDomain: [String] = []
+    @Option(help: ArgumentHelp("Clients whose verified certificate subject is exactly SUBJECT (RFC 4514, e.g. 'CN=tenant-b,O=tenants') are DOMAIN (repeatable; needs --tls-ca). Unlisted verified subjects are domains named by their RFC 4514 text.",
+                               valueName: "DOMAIN=SUBJECT"))
+    var certificateDomain: [String] = []
     @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
     @Option(help: ArgumentHelp("Seconds a client may take to finish sending a request it has begun (header or WRITE payload); then its connection closes.", valueName: "seconds"))
     var messageTimeout: Int = 30
@@ -64,6 +70,10 @@ struct ServeCommand: AsyncParsableCommand {
         if tlsRequired && tlsCert == nil { throw ValidationError("--tls-required needs --tls-cert and --tls-key") }
         if let listen { _ = try Self.parseListen(listen) }
         if let metrics { _ = try Self.parseListen(metrics) }
+        _ = try identityResolver()
+        if !certificateDomain.isEmpty && tlsCa == nil {
+            throw ValidationError("--certificate-domain needs --tls-ca: a client certificate is an identity only once the server verified it")
+        }
         if let unix, absolutePath(unix).utf8.count >= 108 {
             throw ValidationError("--unix: the socket path '\(absolutePath(unix))' is longer than the 107 bytes a Unix socket address holds")
         }
@@ -107,6 +117,34 @@ struct ServeCommand: AsyncParsableCommand {
         guard (1...Limits.nbdConnectionsMax).contains(connectionsPerPeer) else {
             throw ValidationError("--connections-per-peer: expected 1...\(Limits.nbdConnectionsMax), got \(connectionsPerPeer)")
         }
+    }
+
+    /// The identity maps of --peer-domain and --certificate-domain (bindings come from the store's
+    /// tenancy state).
+    func identityResolver() throws -> DomainResolver {
+        var resolver = DomainResolver()
+        for entry in peerDomain {
+            guard let equals = entry.firstIndex(of: "="), let peer = UnixPeer(String(entry[..<equals])),
+                  !entry[entry.index(after: equals)...].isEmpty else {
+                throw ValidationError("--peer-domain: expected uid:N=DOMAIN or gid:N=DOMAIN (DOMAIN may be \(PeerDomain.boundDomainToken)), got '\(entry)'")
+            }
+            guard resolver.unixPeerDomains[peer] == nil else { throw ValidationError("--peer-domain: \(peer) is given twice") }
+            resolver.unixPeerDomains[peer] = PeerDomain(String(entry[entry.index(after: equals)...]))
+        }
+        for entry in certificateDomain {
+            guard let equals = entry.firstIndex(of: "="), equals != entry.startIndex else {
+                throw ValidationError("--certificate-domain: expected DOMAIN=SUBJECT (e.g. bee=CN=tenant-b,O=tenants), got '\(entry)'")
+            }
+            let subject: CertificateSubject
+            do { subject = try CertificateSubject(rfc4514: String(entry[entry.index(after: equals)...])) } catch {
+                throw ValidationError("--certificate-domain '\(entry)': \(error)")
+            }
+            guard resolver.certificateDomains[subject] == nil else {
+                throw ValidationError("--certificate-domain: the subject \(subject) is given twice")
+            }
+            resolver.certificateDomains[subject] = DomainID(String(entry[..<equals]))
+        }
+        return resolver
     }
 
     /// The NBD server's limits as the options set them.
@@ -178,7 +216,10 @@ struct ServeCommand: AsyncParsableCommand {
         // Accounting, leases and the audit log: charged per domain on every request, audited for
         // every control operation, persisted in the store directory.
         let tenancy: TenancyService
-        do { tenancy = try ControlService.openTenancy(storePath: storePath, leasesEnforced: enforceLeases) } catch {
+        do {
+            tenancy = try ControlService.openTenancy(storePath: storePath, leasesEnforced: enforceLeases,
+                                                     resolver: try identityResolver())
+        } catch {
             try? store.close()
             fail(ControlFailure(code: "tenancy", message: "\(error)"), json: false)
         }

@@ -160,8 +160,12 @@ struct AuditCommand: ParsableCommand {
 
     struct Verify: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Check the hash chain; exit 2 if it was tampered with.")
-        @Option(help: "Expected sequence number of the last record (an anchor kept elsewhere detects truncation).") var anchorSequence: UInt64?
-        @Option(help: "Expected hash of that record.") var anchorHash: String?
+        @Option(help: "Sequence number of an anchor: a head printed by an earlier `audit verify`, kept outside the store. The record with that number must still have --anchor-hash, whatever was appended since.")
+        var anchorSequence: UInt64?
+        @Option(help: "Hash of the anchor's record.") var anchorHash: String?
+        func validate() throws {
+            if (anchorSequence == nil) != (anchorHash == nil) { throw ValidationError("--anchor-sequence and --anchor-hash go together") }
+        }
         @OptionGroup var store: StoreOptions
         @OptionGroup var output: OutputOptions
         func run() throws {
@@ -185,8 +189,10 @@ struct DomainCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "domain", abstract: "Per-domain accounting, I/O policy, credit and export bindings.",
         discussion: """
-            A domain is the identity the server charges: a TLS client certificate's subject, or for plain \
-            connections the domain an export is bound to (else "anonymous"). See docs/ACCOUNTING.md.
+            A domain (a tenant) is the identity the server charges, and only ever one the client proved: its TLS \
+            client certificate verified against `serve --tls-ca` (mapped by `--certificate-domain`), or its uid/gid \
+            on the unix socket (mapped by `serve --peer-domain`). A binding only narrows: a bound export can be \
+            opened by its domain alone. See docs/ACCOUNTING.md and docs/SECURITY.md.
             """,
         subcommands: [Stats.self, Bind.self, Policy.self, Credit.self], defaultSubcommand: Stats.self)
 
@@ -217,14 +223,16 @@ struct DomainCommand: ParsableCommand {
     }
 
     struct Bind: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Charge plain connections to an export to a domain.")
+        static let configuration = CommandConfiguration(
+            abstract: "Let only DOMAIN open an export (and a volume's snapshots); its storage is charged to DOMAIN.",
+            discussion: "The binding follows the image, not the name: `vbdtool rm` drops it, and a new image of the same name is unbound.")
         @Argument var export: String
         @Argument var domain: String
         @OptionGroup var store: StoreOptions
         @OptionGroup var output: OutputOptions
         func run() throws {
             _ = try performTenancy(.bind(export: export, domain: domain), store: store, output: output)
-            if output.json { JSON.print(["bound": export, "domain": domain]) } else { print("\(export) is charged to \(domain)") }
+            if output.json { JSON.print(["bound": export, "domain": domain]) } else { print("\(export) may be opened only by \(domain)") }
         }
     }
 

@@ -45,7 +45,7 @@ extension RealServerTests {
             var tenancy: NBDServer.Tenancy?
             if mode != .alone {
                 let service = try TenancyService(configuration: .init(
-                    resolver: DomainResolver(bindings: ["victim": "victim", "bulk": "bulk", "flood": "flood"]),
+                    resolver: DomainResolver.hypervisor(bindings: ["victim": "victim", "bulk": "bulk", "flood": "flood"]),
                     policies: [
                         "victim": SchedulingPolicy(reservation: 8000, weight: 4),
                         "bulk": SchedulingPolicy(reservation: 0, limit: Self.bulkLimit, weight: 1),

@@ -153,7 +153,14 @@ final class TenancyServer: @unchecked Sendable {
     let server: NBDServer
     let service: TenancyService?
 
-    init(devices: [any BlockDevice], tenancy: NBDServer.Tenancy?, tls: NBDServer.TLSMode = .off,
+    convenience init(devices: [any BlockDevice], tenancy: NBDServer.Tenancy?, tls: NBDServer.TLSMode = .off,
+                     ioThreadsPerPool: Int = 4) async throws {
+        try await self.init(exports: FixedExportProvider(devices), tenancy: tenancy, tls: tls,
+                            ioThreadsPerPool: ioThreadsPerPool)
+    }
+
+    /// Serves `exports` (a `Store`, or fixed devices).
+    init(exports: any ExportProvider, tenancy: NBDServer.Tenancy?, tls: NBDServer.TLSMode = .off,
          ioThreadsPerPool: Int = 4) async throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("vbd-acct-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
@@ -162,7 +169,7 @@ final class TenancyServer: @unchecked Sendable {
         logger.logLevel = ProcessInfo.processInfo.environment["VBD_NBD_TEST_LOG"] == nil ? .warning : .trace
         service = tenancy?.service
         server = NBDServer(configuration: .init(
-            exports: FixedExportProvider(devices), unixSocketPath: socketPath, tls: tls, logger: logger,
+            exports: exports, unixSocketPath: socketPath, tls: tls, logger: logger,
             ioThreadsPerPool: ioThreadsPerPool, eventLoopThreads: 2, tenancy: tenancy))
         try await server.start()
     }
@@ -172,5 +179,14 @@ final class TenancyServer: @unchecked Sendable {
     func stop() async {
         await server.stop()
         try? FileManager.default.removeItem(at: directory)
+    }
+}
+
+extension DomainResolver {
+    /// Bindings with the test runner as the hypervisor: its uid is trusted (``PeerDomain/boundDomain``)
+    /// to act for the domain each export is bound to, so one process can play several tenants over
+    /// the unix socket. Without that entry its connections would prove no identity.
+    static func hypervisor(bindings: [String: ExportBinding]) -> DomainResolver {
+        DomainResolver(bindings: bindings, unixPeerDomains: [.uid(getuid()): .boundDomain])
     }
 }

@@ -29,7 +29,7 @@ extension RealServerTests {
         @Test func leasesGateTheHandshakeAndWritesAndEndingOneClosesTheConnectionAfterInFlightRequests() async throws {
             let audit = MemoryAuditStorage()
             let service = try TenancyService(
-                configuration: .init(resolver: DomainResolver(bindings: ["vol": "alice"]), leasesEnforced: true),
+                configuration: .init(resolver: DomainResolver.hypervisor(bindings: ["vol": "alice"]), leasesEnforced: true),
                 auditStorage: audit)
             // Writes take 300 ms so that one is surely in flight when the lease is revoked.
             let device = TimedDevice(MemoryBlockDevice(name: "vol", size: 16 << 20), perRequest: .zero,
@@ -99,12 +99,72 @@ extension RealServerTests {
             #expect(ledger.usage(of: "bob").operations[.read] == 1)
         }
 
+        /// Issue 13: a unix-socket client is who the kernel says it is (SO_PEERCRED), mapped by the
+        /// server's configuration; the export it opens never makes it anyone. Each row serves one
+        /// store-less device "vol" (bound or not) and opens it as the test runner's own uid/gid.
+        @Test func aUnixClientIsItsMappedUidOrGidAndNeverTheExportsBinding() async throws {
+            let uid = getuid(), gid = getgid()
+            struct Row {
+                var peers: [UnixPeer: PeerDomain]
+                var binding: DomainID?
+                var enforced: Bool
+                /// The domain the read is charged to; nil: refused at NBD_OPT_GO by policy.
+                var charged: DomainID?
+            }
+            let rows: [Row] = [
+                Row(peers: [.uid(uid): .domain("runner")], binding: nil, enforced: true, charged: "runner"),
+                Row(peers: [.gid(gid): .domain("staff")], binding: nil, enforced: true, charged: "staff"),
+                Row(peers: [.uid(uid): .domain("runner"), .gid(gid): .domain("staff")], binding: nil, enforced: true,
+                    charged: "runner"),
+                Row(peers: [.uid(uid): .domain("runner")], binding: "runner", enforced: true, charged: "runner"),
+                // Not mapped: nothing with leases enforced (even holding the bound domain's lease)...
+                Row(peers: [.uid(uid &+ 1): .domain("other")], binding: nil, enforced: true, charged: nil),
+                Row(peers: [:], binding: "alice", enforced: true, charged: nil),
+                // ...and without enforcement anonymous on unbound exports, refused on bound ones.
+                Row(peers: [:], binding: nil, enforced: false, charged: .anonymous),
+                Row(peers: [:], binding: "alice", enforced: false, charged: nil),
+                // Mapped, but to another domain than the export's binding.
+                Row(peers: [.uid(uid): .domain("runner")], binding: "alice", enforced: false, charged: nil),
+                Row(peers: [.uid(uid): .domain("runner")], binding: "alice", enforced: true, charged: nil),
+            ]
+            for row in rows {
+                let service = try TenancyService(configuration: .init(
+                    resolver: DomainResolver(bindings: row.binding.map { ["vol": ExportBinding(domain: $0)] } ?? [:],
+                                             unixPeerDomains: row.peers),
+                    leasesEnforced: row.enforced))
+                for domain in ["runner", "staff", "other", "alice"] as [DomainID] where domain != "staff" || row.charged == "staff" {
+                    // Leases for every candidate, so only identity decides (two write leases would conflict).
+                    try service.grantLease(volume: "vol", domain: domain, mode: .read, duration: .seconds(600), actor: "test")
+                }
+                let fixture = try await TenancyServer(devices: [MemoryBlockDevice(name: "vol", size: 1 << 20)],
+                                                      tenancy: .init(service: service))
+                let goReply = optionGoReplyType(fixture.socketPath, export: "vol")
+                if let charged = row.charged {
+                    #expect(goReply == NBDOptionReplyType.info, "\(row.peers) bound to \(row.binding?.name ?? "none")")
+                    let client = try RawClient(socketPath: fixture.socketPath)
+                    #expect(client.enterTransmission(export: "vol") != nil)
+                    #expect(request(client, .read, handle: 1) == 0)
+                    // The reply is sent after the charge is recorded.
+                    let ledger = service.snapshot().ledger
+                    #expect(ledger.usage(of: charged).operations[.read] == 1, "\(row.peers): charged to \(ledger.domains.keys)")
+                    #expect(ledger.total.operationCount == 1)
+                } else {
+                    #expect(goReply == NBDOptionReplyType.errPolicy,
+                            "\(row.peers) bound to \(row.binding?.name ?? "none"), enforced \(row.enforced): not refused")
+                    // NBD_OPT_EXPORT_NAME has no error reply: the server closes instead.
+                    #expect(try RawClient(socketPath: fixture.socketPath).enterTransmission(export: "vol") == nil)
+                    #expect(service.snapshot().ledger.total.operationCount == 0)
+                }
+                await fixture.stop()
+            }
+        }
+
         /// Under scheduling a large WRITE reaches the device as 64 KiB pieces, each scheduled on
         /// its own; the client still sees one request: one reply, all bytes in place, one charge,
         /// and with FUA one flush after the last piece. Without scheduling it stays one call.
         @Test func largeWritesAreScheduledInPiecesAndAnsweredOnce() async throws {
             for scheduling in [true, false] {
-                let service = try TenancyService(configuration: .init(resolver: DomainResolver(bindings: ["vol": "bulk"])))
+                let service = try TenancyService(configuration: .init(resolver: DomainResolver.hypervisor(bindings: ["vol": "bulk"])))
                 let device = CallRecordingDevice(MemoryBlockDevice(name: "vol", size: 4 << 20))
                 let fixture = try await TenancyServer(devices: [device], tenancy: .init(service: service, scheduling: scheduling))
                 let client = try RawClient(socketPath: fixture.socketPath)
@@ -144,7 +204,7 @@ extension RealServerTests {
         /// ones are served at the domain's limit, and the connection stays usable.
         @Test func aFullDomainQueueRefusesTheExcessAndTheLimitPacesTheRest() async throws {
             let service = try TenancyService(configuration: .init(
-                resolver: DomainResolver(bindings: ["vol": "greedy"]),
+                resolver: DomainResolver.hypervisor(bindings: ["vol": "greedy"]),
                 policies: ["greedy": SchedulingPolicy(limit: 10, burstUnits: 0, limitBurstUnits: 0, queueCapacity: 4)]))
             let fixture = try await TenancyServer(devices: [MemoryBlockDevice(name: "vol", size: 1 << 20)],
                                                   tenancy: .init(service: service))
@@ -177,7 +237,7 @@ extension RealServerTests {
         /// waiting request through without the client doing anything.
         @Test func anOverdrawnDomainWaitsUntilTopUp() async throws {
             let service = try TenancyService(configuration: .init(
-                resolver: DomainResolver(bindings: ["vol": "spender"]),
+                resolver: DomainResolver.hypervisor(bindings: ["vol": "spender"]),
                 credits: CreditBook(defaultAccount: .init(balance: 1.5, overdraftLimit: 0))))
             let fixture = try await TenancyServer(devices: [MemoryBlockDevice(name: "vol", size: 1 << 20)],
                                                   tenancy: .init(service: service, leaseCheckInterval: .milliseconds(50)))
@@ -200,7 +260,7 @@ extension RealServerTests {
         func everyRequestFioMakesIsChargedToItsDomain() async throws {
             let state = MemoryStateStorage()
             let service = try TenancyService(
-                configuration: .init(resolver: DomainResolver(bindings: ["a": "alice", "b": "bob"]),
+                configuration: .init(resolver: DomainResolver.hypervisor(bindings: ["a": "alice", "b": "bob"]),
                                      credits: CreditBook(defaultAccount: .init(balance: 1e9))),
                 stateStorage: state)
             let devices: [any BlockDevice] = [MemoryBlockDevice(name: "a", size: 16 << 20),

@@ -3,13 +3,14 @@ import Testing
 @testable import VBDAccounting
 
 @Suite struct AuditLogTests {
-    @Test func sha256MatchesFIPSVectors() {
-        #expect(SHA256.hash(Array("abc".utf8)).hexString == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
-        #expect(SHA256.hash([UInt8]()).hexString == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
-        #expect(SHA256.hash(Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8)).hexString
-                == "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
-        #expect(SHA256.hash([UInt8](repeating: UInt8(ascii: "a"), count: 1000)).hexString
-                == "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3")
+    /// The chain's format is pinned: a record's hash is SHA-256 over its canonical bytes, here
+    /// checked against a digest computed independently (Python's hashlib over the same encoding),
+    /// so logs written before the hash moved to swift-crypto still verify.
+    @Test func recordHashIsSHA256OfTheCanonicalEncoding() throws {
+        let (log, _) = try makeLog()
+        let first = try #require(try log.records().first)
+        #expect(first.hash == "85f3e1687cab2d9c0d21dea5d1d8559dd4fef3f49269c7a6fbb33f156c0cf125")
+        #expect(first.computedHash == first.hash)
     }
 
     /// Five records written through the real log code.
@@ -88,6 +89,36 @@ import Testing
         write(text, to: storage)
         #expect(try log.verify().isIntact, "without an anchor a clean truncation is undetectable")
         #expect(try log.verify(anchor: anchor).problems == [.truncated(expectedLastSequence: 4, foundLastSequence: 3)])
+    }
+
+    /// Issue 13: records dropped from the tail and new ones appended after them keep the sequence
+    /// numbers consecutive and the chain linked, so only the anchor can tell: the record now at the
+    /// anchor's sequence is not the one the anchor names.
+    @Test func droppedRecordsFollowedByAppendsFailAgainstTheAnchor() throws {
+        let (log, storage) = try makeLog()
+        let anchor = try #require(try log.verify().head)   // #4, after lease.grant (#1) and lease.revoke (#3)
+        var text = try lines(storage)
+        text.removeLast(3)                                  // drops #2..#4, lease.revoke among them
+        write(text, to: storage)
+        var tampered = try AuditLog(storage: storage)
+        for index in 0..<4 {                                // #2..#5: the tail grows past the anchor again
+            try tampered.append(actor: "mallory", operation: "gc", target: "store", details: ["n": "\(index)"],
+                                time: WallTime(seconds: 1_900_000_000 + Int64(index)))
+        }
+        #expect(try tampered.verify().isIntact, "without an anchor the rewritten tail is a valid chain")
+        #expect(try tampered.verify(anchor: anchor).problems == [.anchorMismatch(sequence: 4, line: 5)])
+    }
+
+    /// An anchor taken earlier still verifies a log that only grew since.
+    @Test func anchorFromAnEarlierHeadVerifiesAGrownLog() throws {
+        let (log, storage) = try makeLog()
+        let anchor = try #require(try log.verify().head)
+        var grown = try AuditLog(storage: storage)
+        try grown.append(actor: "op", operation: "gc", target: "store", time: WallTime(seconds: 1_900_000_000))
+        #expect(try grown.verify(anchor: anchor).isIntact)
+        #expect(try grown.verify(anchor: AuditAnchor(sequence: 2, hash: try log.records()[2].hash)).isIntact)
+        #expect(try grown.verify(anchor: AuditAnchor(sequence: 2, hash: anchor.hash)).problems
+                == [.anchorMismatch(sequence: 2, line: 3)])
     }
 
     @Test func malformedLineAndTornTail() throws {

@@ -34,14 +34,6 @@ import VBDCore
         #expect(ledger.total.operationCount == 10)
     }
 
-    @Test func resolverPrefersCertificateOverBinding() {
-        let resolver = DomainResolver(bindings: ["vm1": "alice"], certificateDomains: ["CN=bob,O=tenants": "bob"])
-        #expect(resolver.domain(exportName: "vm1", certificateSubject: nil) == "alice")
-        #expect(resolver.domain(exportName: "vm2", certificateSubject: nil) == .anonymous)
-        #expect(resolver.domain(exportName: "vm1", certificateSubject: "CN=bob,O=tenants") == "bob")
-        #expect(resolver.domain(exportName: "vm1", certificateSubject: "CN=carol") == "CN=carol")
-    }
-
     @Test func storageSharesSumToStoredBytes() {
         // Three images: two share blocks (fair shares already split by the store), one unowned.
         let images = [

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 @testable import VBDAccounting
 
@@ -43,6 +44,44 @@ import Testing
         guard case .verification(let cut, _, _) = try send(.auditVerify(anchorSequence: 9, anchorHash: "00")) else { return }
         #expect(cut.count == 1 && cut[0].contains("removed"))
     }
+
+    /// Issue 13: leases and bindings follow the image (the store's id), not its name, and go with it.
+    @Test func leasesAndBindingsFollowTheImageAndGoWithIt() throws {
+        let state = MemoryStateStorage(), audit = MemoryAuditStorage()
+        let service = try TenancyService(configuration: .init(leasesEnforced: true), stateStorage: state,
+                                         auditStorage: audit)
+        let ended = EndedLeases()
+        service.addLeaseEndObserver { lease, end in ended.append(lease, end) }
+        try service.grantLease(volume: "vm", imageID: 7, domain: "alice", mode: .write, duration: .seconds(600), actor: "op")
+        try service.bind(export: "vm", to: "alice", imageID: 7, actor: "op")
+        #expect(service.admits(volume: "vm", imageID: 7, domain: "alice", write: true))
+        // Another image named vm (the old one deleted behind the service's back, e.g. before a crash).
+        #expect(!service.admits(volume: "vm", imageID: 8, domain: "alice", write: false))
+        let bob = PeerIdentity(certificateSubject: try CertificateSubject(rfc4514: "CN=bob"))
+        guard case .refused = service.admission(export: "vm", imageID: 7, identity: bob) else {
+            Issue.record("bob opened alice's bound image"); return
+        }
+        #expect(service.admission(export: "vm", imageID: 8, identity: bob) == .admitted("CN=bob"))
+        // Both survive a restart with their image ids.
+        let reloaded = try TenancyService(configuration: .init(leasesEnforced: true), stateStorage: state)
+        #expect(reloaded.snapshot().leases.lease(on: "vm", domain: "alice")?.imageID == 7)
+        #expect(reloaded.snapshot().bindings["vm"] == ExportBinding(domain: "alice", imageID: 7))
+        // Deleting the image drops both, tells the server (to close connections) and is audited.
+        try service.imagesDeleted(["vm"], actor: "op")
+        #expect(service.snapshot().leases.leases(on: "vm").isEmpty && service.snapshot().bindings.isEmpty)
+        #expect(ended.all.map(\.1) == [.deleted] && ended.all.map(\.0.domain) == ["alice"])
+        #expect(try service.auditRecords().map(\.operation) == ["lease.grant", "binding.set", "lease.drop", "binding.drop"])
+        #expect(LeaseHistory.holdings(of: "vm", in: try service.auditRecords()).map(\.end) == [.deleted])
+        #expect(!service.admits(volume: "vm", domain: "alice", write: false))
+        let saved = try TenancyService(configuration: .init(leasesEnforced: true), stateStorage: state)
+        #expect(saved.snapshot().leases.count == 0 && saved.snapshot().bindings.isEmpty)
+    }
+}
+
+final class EndedLeases: Sendable {
+    private let ended = Mutex<[(Lease, LeaseEnd)]>([])
+    func append(_ lease: Lease, _ end: LeaseEnd) { ended.withLock { $0.append((lease, end)) } }
+    var all: [(Lease, LeaseEnd)] { ended.withLock { $0 } }
 }
 
 @Suite struct TenancyMetricsTests {

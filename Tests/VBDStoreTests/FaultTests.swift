@@ -68,7 +68,9 @@ import VBDSimulation
             }
             store.abandonWithoutFlush()
         }
-        let journal = disk.fileNames.first { $0.hasPrefix("journal-") && disk.size(of: $0) > 0 }!
+        // The current generation's journal (the previous one ends with the seal of this one).
+        let journal = disk.fileNames.filter { $0.hasPrefix("journal-") }
+            .max { UInt64($0.dropFirst(8))! < UInt64($1.dropFirst(8))! }!
         disk.flipByte(file: journal, at: JournalFrame.headerBytes + 2)   // the first frame's payload
         let before = disk.fileNames.map { ($0, disk.size(of: $0)) }
 
@@ -109,7 +111,9 @@ import VBDSimulation
             try dev.flush()
             store.abandonWithoutFlush()
         }
-        let journal = disk.fileNames.first { $0.hasPrefix("journal-") && disk.size(of: $0) > 0 }!
+        // The current generation's journal (the previous one ends with the seal of this one).
+        let journal = disk.fileNames.filter { $0.hasPrefix("journal-") }
+            .max { UInt64($0.dropFirst(8))! < UInt64($1.dropFirst(8))! }!
         disk.flipByte(file: journal, at: disk.size(of: journal) - 3)   // the last frame's checksum
         let store = try simulatedStore(disk)
         #expect(try store.device(named: "v").read(4096, at: 0) == block(seed: 1))
@@ -187,7 +191,10 @@ import VBDSimulation
     // MARK: e. The older superblock slot and its checkpoint
 
     /// Damage to the newest checkpoint, or to the newest superblock slot, falls back to the
-    /// previous generation (with a warning) instead of leaving the store unopenable.
+    /// previous generation instead of leaving the store unopenable, and loses nothing: the
+    /// previous journal is sealed for the newest checkpoint, so recovery replays it and then the
+    /// newest journal, including writes that freed chunks the previous checkpoint still names
+    /// and reused their space.
     @Test(arguments: ["checkpoint", "superblock"])
     func damagedNewestGenerationFallsBackToThePreviousOne(damaged: String) throws {
         let disk = SimulatedDisk(seed: 6)
@@ -199,9 +206,16 @@ import VBDSimulation
             try dev.write(block(seed: 1), at: 0)
             try store.checkpoint()
             try dev.write(block(seed: 2), at: 4096)
-            try dev.flush()
+            try dev.write(block(seed: 5), at: 12288)   // unflushed: only the checkpoint holds it
             try store.checkpoint()
             newest = store.mutex.withLock { store.generation }
+            // After the newest checkpoint: overwrite blocks the previous one names (their chunks
+            // are freed and their sectors reused by the next writes), all flushed.
+            try dev.write(block(seed: 3), at: 0)
+            try dev.flush()
+            try dev.write(block(seed: 4), at: 8192)
+            try dev.write(block(seed: 6), at: 4096)
+            try dev.flush()
             store.abandonWithoutFlush()
         }
         #expect(disk.fileNames.contains("checkpoint-\(newest - 1)"))
@@ -210,14 +224,37 @@ import VBDSimulation
         } else {
             disk.flipByte(file: "superblock", at: Int(newest % 2) * Store.superblockSlotBytes + 16)
         }
+        let expected: [(offset: UInt64, seed: UInt64)] = [(0, 3), (4096, 6), (8192, 4), (12288, 5)]
+        // Read-only first (what `vbdtool list` or `fsck` would see): the same, and nothing written.
+        let filesBefore = disk.fileNames
+        do {
+            let readOnly = try simulatedStore(disk, readOnly: true)
+            #expect(readOnly.recoveryWarnings.count == 1)
+            #expect(readOnly.recoveryWarnings.first?.contains("nothing flushed was lost") == true)
+            let dev = try readOnly.device(named: "v")
+            for e in expected { #expect(try dev.read(4096, at: e.offset) == block(seed: e.seed)) }
+            try readOnly.close()
+        }
+        #expect(disk.fileNames == filesBefore)
         let store = try simulatedStore(disk)
         #expect(store.recoveryWarnings.count == 1)
+        #expect(store.recoveryWarnings.first?.contains("nothing flushed was lost") == true)
         let dev = try store.device(named: "v")
-        #expect(try dev.read(4096, at: 0) == block(seed: 1))
-        #expect(try dev.read(4096, at: 4096) == block(seed: 2))
+        for e in expected { #expect(try dev.read(4096, at: e.offset) == block(seed: e.seed)) }
         #expect(store.fsck().isClean)
-        try store.close()
-        try simulatedStore(disk).close()
+        // The recovery wrote a new generation over the damage: new writes after it survive a
+        // crash, and the next open needs no fallback.
+        try dev.write(block(seed: 7), at: 16384)
+        try dev.flush()
+        store.abandonWithoutFlush()
+        disk.powerLoss()
+        disk.reboot()
+        let reopened = try simulatedStore(disk)
+        #expect(reopened.recoveryWarnings.isEmpty)
+        let again = try reopened.device(named: "v")
+        for e in expected + [(16384, 7)] { #expect(try again.read(4096, at: e.offset) == block(seed: e.seed)) }
+        #expect(reopened.fsck().isClean)
+        try reopened.close()
     }
 
     // MARK: f. Failed control operations take no effect
