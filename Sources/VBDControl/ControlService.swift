@@ -48,7 +48,7 @@ public final class ControlService: Sendable {
     public static func cleanPageInterface(cache: BlockCache, store: Store, tenancy: TenancyService)
         -> (cleanPages: CleanPageCache, hypervisorDomains: HypervisorDomainTable) {
         let domains = HypervisorDomainTable(tenancy: tenancy)
-        let oracle = StoreMappingOracle(store: store, holds: { domain, image in domains.holds(domain, image: image) })
+        let oracle = StoreMappingOracle(store: store, holds: { domain, image, imageID in domains.holds(domain, image: image, imageID: imageID) })
         return (CleanPageCache(cache: cache, oracle: oracle), domains)
     }
 

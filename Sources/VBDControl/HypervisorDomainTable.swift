@@ -36,9 +36,10 @@ public final class HypervisorDomainTable: Sendable {
         tenants.withLock { $0[domain] }
     }
 
-    /// Whether `domain` is attached and its tenant holds an unexpired lease on `image`.
-    public func holds(_ domain: HypervisorDomain, image: String) -> Bool {
+    /// Whether `domain` is attached and its tenant holds an unexpired lease on `image` (the image
+    /// `imageID`: a lease on an earlier image of that name holds nothing).
+    public func holds(_ domain: HypervisorDomain, image: String, imageID: UInt64) -> Bool {
         guard let tenant = tenant(of: domain) else { return false }
-        return tenancy.snapshot().leases.permits(volume: image, domain: tenant, write: false, now: .now())
+        return tenancy.snapshot().leases.permits(volume: image, imageID: imageID, domain: tenant, write: false, now: .now())
     }
 }

@@ -25,17 +25,18 @@ extension BlockCache: ChunkCache {
 public struct StoreMappingOracle: BlockMappingOracle {
     public let store: Store
     /// Whether a hypervisor domain holds the image of this export name (`VOLUME` or
-    /// `VOLUME@SNAPSHOT`) now; the server answers from its tenants' leases.
-    public let holds: @Sendable (HypervisorDomain, String) -> Bool
+    /// `VOLUME@SNAPSHOT`) and id now; the server answers from its tenants' leases, which follow
+    /// the image by its id (a lease on an earlier image of the same name holds nothing).
+    public let holds: @Sendable (HypervisorDomain, String, UInt64) -> Bool
 
-    public init(store: Store, holds: @escaping @Sendable (_ domain: HypervisorDomain, _ image: String) -> Bool) {
+    public init(store: Store, holds: @escaping @Sendable (_ domain: HypervisorDomain, _ image: String, _ imageID: UInt64) -> Bool) {
         self.store = store
         self.holds = holds
     }
 
     private func domain(_ domain: HypervisorDomain, holds volume: UInt64) -> Bool {
         guard let name = store.imageName(id: volume) else { return false }
-        return holds(domain, name)
+        return holds(domain, name, volume)
     }
 
     public func mappedChunk(domain: HypervisorDomain, volume: UInt64, offset: UInt64) -> MappedChunk? {
