@@ -162,7 +162,7 @@ public final class BlockCache: Sendable {
     }
 
     /// Copies the content of `key` from either tier into `page` without promoting it.
-    func readCleanPage(_ key: UInt64, into page: UnsafeMutableRawBufferPointer, group: UInt32) -> Bool {
+    func readCleanPage(_ key: UInt64, into page: UnsafeMutableRawBufferPointer, group: SharingGroupID) -> Bool {
         shard(for: key).state.withLock { $0.readCleanPage(key, into: page, group: group) }
     }
 

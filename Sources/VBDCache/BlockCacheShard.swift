@@ -142,7 +142,7 @@ struct BlockCacheShard: Sendable {
     }
 
     /// Whether either tier holds `key` for `group`.
-    func holds(_ key: UInt64, group: UInt32) -> Bool {
+    func holds(_ key: UInt64, group: SharingGroupID) -> Bool {
         if let owner = main.peek(key, { $0.owner }) { return owner.group == group }
         if let owner = lastChance?.peek(key, { $0.owner }) { return owner.group == group }
         return false
@@ -150,7 +150,7 @@ struct BlockCacheShard: Sendable {
 
     /// Serves a clean page (hypervisor get) from either tier without promoting it: the page goes
     /// back into the guest, and keeping it here lets other domains reading the same content hit too.
-    mutating func readCleanPage(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, group: UInt32) -> Bool {
+    mutating func readCleanPage(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, group: SharingGroupID) -> Bool {
         let fromMain = main.lookup(key) { block -> Bool? in
             guard block.owner.group == group, block.bytes.count == buffer.count else { return nil }
             block.bytes.withUnsafeBytes { buffer.copyMemory(from: $0) }

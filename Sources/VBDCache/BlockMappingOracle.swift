@@ -9,11 +9,11 @@
 public protocol BlockMappingOracle: Sendable {
     /// The chunk `volume` maps at byte `offset` now, or nil if the block is a hole or zero, the offset
     /// is not block-aligned or out of range, or `domain` may not read `volume`.
-    func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64) -> MappedChunk?
+    func mappedChunk(domain: HypervisorDomain, volume: UInt64, offset: UInt64) -> MappedChunk?
 
     /// Like ``mappedChunk(domain:volume:offset:)``, but only if `page` is exactly that chunk's content,
     /// compared byte for byte (a hash match alone is not enough: docs/INVARIANTS.md 2).
-    func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64, verifying page: UnsafeRawBufferPointer) -> MappedChunk?
+    func mappedChunk(domain: HypervisorDomain, volume: UInt64, offset: UInt64, verifying page: UnsafeRawBufferPointer) -> MappedChunk?
 }
 
 /// A chunk a volume maps, and the cache owner its reads are charged to.

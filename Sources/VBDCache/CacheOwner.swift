@@ -1,4 +1,4 @@
-/// Who a cache operation is on behalf of: a volume and the sharing group (tenant) it belongs to.
+/// Who a cache operation is on behalf of: a volume and the sharing group it belongs to.
 ///
 /// The group is an isolation boundary. The store gives every group its own chunk keys, so two groups
 /// never share a key; the cache still records the group of each entry and refuses a read from another
@@ -6,13 +6,13 @@
 public struct CacheOwner: Hashable, Sendable, CustomStringConvertible {
     /// The volume the block was read or written through.
     public var volume: UInt64
-    /// The sharing group (tenant) of that volume.
-    public var group: UInt32
+    /// The sharing group of that volume.
+    public var group: SharingGroupID
 
-    public init(volume: UInt64, group: UInt32) {
+    public init(volume: UInt64, group: SharingGroupID) {
         self.volume = volume
         self.group = group
     }
 
-    public var description: String { "volume \(volume) (group \(group))" }
+    public var description: String { "volume \(volume) (\(group))" }
 }

@@ -14,7 +14,9 @@ import Synchronization
 ///
 /// ### Isolation
 /// Records are kept per domain: domain A's get never sees domain B's puts, and the oracle refuses
-/// both calls for volumes the domain does not hold. Content is read from the cache with the group the
+/// both calls for volumes the domain does not hold (its tenant has no lease on them), so a domain can
+/// neither read another tenant's pages nor confirm a guess of their content with put + get.
+/// Invalidation needs no such check: it only drops the caller's own records. Content is read from the cache with the group the
 /// oracle names, so it cannot come from another tenant.
 ///
 /// ### Memory
@@ -47,7 +49,7 @@ public final class CleanPageCache: Sendable {
 
     /// Offers a clean page the guest of `domain` is discarding: the content of `volume` at byte `offset`.
     /// Kept only if the oracle confirms the page is what the volume maps there now.
-    public func put(domain: UInt64, volume: UInt64, offset: UInt64, page: UnsafeRawBufferPointer) {
+    public func put(domain: HypervisorDomain, volume: UInt64, offset: UInt64, page: UnsafeRawBufferPointer) {
         let address = CleanPageIndex.Address(domain: domain, volume: volume, offset: offset)
         guard let mapped = oracle.mappedChunk(domain: domain, volume: volume, offset: offset, verifying: page) else {
             // Not the mapped content (or not this domain's volume): whatever was recorded is stale.
@@ -72,7 +74,7 @@ public final class CleanPageCache: Sendable {
 
     /// Copies the page put for `(domain, volume, offset)` into `page` if the volume still maps the same
     /// content there and the cache still holds it.
-    public func get(domain: UInt64, volume: UInt64, offset: UInt64, into page: UnsafeMutableRawBufferPointer) -> Bool {
+    public func get(domain: HypervisorDomain, volume: UInt64, offset: UInt64, into page: UnsafeMutableRawBufferPointer) -> Bool {
         let address = CleanPageIndex.Address(domain: domain, volume: volume, offset: offset)
         guard let recorded = index(for: domain, { $0.key(at: address) }) else {
             counters.withLock { $0.misses += 1 }
@@ -95,17 +97,17 @@ public final class CleanPageCache: Sendable {
     }
 
     /// Forgets one page of one volume of `domain`.
-    public func invalidate(domain: UInt64, volume: UInt64, offset: UInt64) {
+    public func invalidate(domain: HypervisorDomain, volume: UInt64, offset: UInt64) {
         index(for: domain) { $0.remove(CleanPageIndex.Address(domain: domain, volume: volume, offset: offset)) }
     }
 
     /// Forgets every page of `volume` put by `domain`.
-    public func invalidate(domain: UInt64, volume: UInt64) {
+    public func invalidate(domain: HypervisorDomain, volume: UInt64) {
         index(for: domain) { $0.remove(domain: domain, volume: volume) }
     }
 
     /// Forgets every page `domain` put (the domain was destroyed or migrated).
-    public func invalidate(domain: UInt64) {
+    public func invalidate(domain: HypervisorDomain) {
         index(for: domain) { $0.remove(domain: domain) }
     }
 
@@ -116,8 +118,8 @@ public final class CleanPageCache: Sendable {
         return snapshot
     }
 
-    private func index<Result>(for domain: UInt64, _ body: (inout CleanPageIndex) -> Result) -> Result {
-        shards[Int(BlockCache.mix(domain) % UInt64(shards.count))].index.withLock { body(&$0) }
+    private func index<Result>(for domain: HypervisorDomain, _ body: (inout CleanPageIndex) -> Result) -> Result {
+        shards[Int(BlockCache.mix(domain.number) % UInt64(shards.count))].index.withLock { body(&$0) }
     }
 }
 
@@ -147,7 +149,7 @@ public struct CleanPageStatistics: Equatable, Sendable {
 /// so every operation is O(1) apart from the subtree drops.
 struct CleanPageIndex: Sendable {
     struct Address: Hashable, Sendable {
-        var domain: UInt64
+        var domain: HypervisorDomain
         var volume: UInt64
         var offset: UInt64
     }
@@ -158,7 +160,7 @@ struct CleanPageIndex: Sendable {
     }
 
     let recordsMax: Int
-    private var domains: [UInt64: [UInt64: [UInt64: Record]]] = [:]
+    private var domains: [HypervisorDomain: [UInt64: [UInt64: Record]]] = [:]
     private var ring: [(address: Address, serial: UInt64)] = []
     private var ringHead = 0
     private var ringCount = 0
@@ -200,13 +202,13 @@ struct CleanPageIndex: Sendable {
         }
     }
 
-    mutating func remove(domain: UInt64, volume: UInt64) {
+    mutating func remove(domain: HypervisorDomain, volume: UInt64) {
         guard let pages = domains[domain]?.removeValue(forKey: volume) else { return }
         count -= pages.count
         if domains[domain]!.isEmpty { domains[domain] = nil }
     }
 
-    mutating func remove(domain: UInt64) {
+    mutating func remove(domain: HypervisorDomain) {
         guard let volumes = domains.removeValue(forKey: domain) else { return }
         count -= volumes.values.reduce(0) { $0 + $1.count }
     }

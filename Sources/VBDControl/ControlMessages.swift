@@ -29,7 +29,8 @@ public let controlProtocolVersion = 1
 public enum ControlRequest: Codable, Sendable, Equatable {
     /// Asks a server who it is (and proves that one is running).
     case ping
-    case create(name: String, size: UInt64, blockSize: Int, group: String)
+    /// `group` nil: a sharing group of the volume's own.
+    case create(name: String, size: UInt64, blockSize: Int, group: String?)
     case list
     case info(name: String)
     /// `target` is `VOLUME@NAME`.
@@ -39,7 +40,7 @@ public enum ControlRequest: Codable, Sendable, Equatable {
     case resize(name: String, size: UInt64)
     case diff(from: String, to: String)
     /// `path` is absolute: the server may run in another directory. `format` nil = detect.
-    case importImage(path: String, name: String, blockSize: Int, group: String, format: String?)
+    case importImage(path: String, name: String, blockSize: Int, group: String?, format: String?)
     case exportImage(name: String, path: String, overwrite: Bool)
     case stats
     case gc
@@ -47,6 +48,10 @@ public enum ControlRequest: Codable, Sendable, Equatable {
     /// Hypervisor clean-page interface of the last-chance tier (Xen tmem / cleancache style):
     /// guest `domain` discards a clean page of `volume` at `offset`; a later get returns it only
     /// while the volume still maps that offset to the same contents.
+    /// Tells the server which tenant (a `DomainID` name) hypervisor domain `domain` runs for; put and
+    /// get then serve the domain only volumes that tenant holds a lease on. Invalidating the whole
+    /// domain detaches it.
+    case cleanPageAttach(domain: UInt64, tenant: String)
     case cleanPagePut(domain: UInt64, volume: String, offset: UInt64, page: Data)
     case cleanPageGet(domain: UInt64, volume: String, offset: UInt64, length: Int)
     /// Forgets one page (`volume` and `offset`), a volume's pages (`offset` nil), or a domain's (both nil).

@@ -29,9 +29,9 @@ extension ControlService {
             images: images, cache: cache.map { CacheFigures($0.statistics, configuration: $0.configuration) })
     }
 
-    /// The cache counts per owner: (image id, the dedup domain of its sharing group).
+    /// The cache counts per owner: (image id, its sharing group).
     func cacheOwner(of info: ImageInfo) -> CacheOwner? {
-        store.domain(ofGroup: info.group).map { CacheOwner(volume: info.id, group: UInt32($0)) }
+        store.sharingGroup(named: info.group).map { CacheOwner(volume: info.id, group: $0) }
     }
 
     func cacheFigures(of info: ImageInfo) -> CacheFigures? {

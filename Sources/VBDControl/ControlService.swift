@@ -26,17 +26,30 @@ public final class ControlService: Sendable {
     let status: ServerStatus?
     /// The hypervisor clean-page interface (only a server has one: it lives in memory).
     public let cleanPages: CleanPageCache?
+    /// The tenant of each hypervisor domain the clean-page interface serves.
+    public let hypervisorDomains: HypervisorDomainTable?
     /// Accounting, leases and the audit log every control operation is appended to.
     public let tenancy: TenancyService?
 
     public init(store: Store, storePath: String, cache: BlockCache? = nil, status: ServerStatus? = nil,
-                cleanPages: CleanPageCache? = nil, tenancy: TenancyService? = nil) {
+                cleanPages: CleanPageCache? = nil, hypervisorDomains: HypervisorDomainTable? = nil,
+                tenancy: TenancyService? = nil) {
         self.store = store
         self.storePath = storePath
         self.cache = cache
         self.status = status
         self.cleanPages = cleanPages
+        self.hypervisorDomains = hypervisorDomains
         self.tenancy = tenancy
+    }
+
+    /// A server's clean-page interface: pages live in `cache`'s last-chance tier and are served to a
+    /// hypervisor domain only for images its tenant holds a lease on (``HypervisorDomainTable``).
+    public static func cleanPageInterface(cache: BlockCache, store: Store, tenancy: TenancyService)
+        -> (cleanPages: CleanPageCache, hypervisorDomains: HypervisorDomainTable) {
+        let domains = HypervisorDomainTable(tenancy: tenancy)
+        let oracle = StoreMappingOracle(store: store, holds: { domain, image, imageID in domains.holds(domain, image: image, imageID: imageID) })
+        return (CleanPageCache(cache: cache, oracle: oracle), domains)
     }
 
     /// The actor recorded for requests run inside the CLI process itself.
@@ -100,8 +113,13 @@ public final class ControlService: Sendable {
         guard let tenancy else { return }
         switch request {
         case let .create(name, size, blockSize, group):
+            // The group the volume got (its own one when none was named).
+            let created: String? = if case let .image(image) = result { image.group } else { nil }
             try tenancy.audit(actor: actor, operation: "volume.create", target: name,
-                              details: ["size": "\(size)", "blockSize": "\(blockSize)", "group": group])
+                              details: ["size": "\(size)", "blockSize": "\(blockSize)", "group": created ?? group ?? "(its own)"])
+        case let .cleanPageAttach(domain, tenant):
+            try tenancy.audit(actor: actor, operation: "cleanpage.attach", target: "hypervisor domain \(domain)",
+                              details: ["tenant": tenant])
         case let .snapshot(target):
             let volume = String(target.split(separator: "@", maxSplits: 1).first ?? "")
             try tenancy.audit(actor: actor, operation: "snapshot.create", target: volume, details: ["snapshot": target])
@@ -112,7 +130,7 @@ public final class ControlService: Sendable {
         case let .resize(name, size):
             try tenancy.audit(actor: actor, operation: "volume.resize", target: name, details: ["size": "\(size)"])
         case let .importImage(path, name, _, group, _):
-            try tenancy.audit(actor: actor, operation: "volume.import", target: name, details: ["file": path, "group": group])
+            try tenancy.audit(actor: actor, operation: "volume.import", target: name, details: ["file": path, "group": group ?? "(its own)"])
         case .gc:
             if case let .gc(report) = result {
                 try tenancy.audit(actor: actor, operation: "gc", target: storePath, details: ["report": "\(report)"])
@@ -212,25 +230,34 @@ public final class ControlService: Sendable {
                                             untilNanoseconds: $0.until?.nanoseconds, end: $0.end?.rawValue,
                                             expiresNanoseconds: $0.expiresAt.nanoseconds)
                 }))
+        case let .cleanPageAttach(domain, tenant):
+            _ = try cleanPageCache()
+            guard let hypervisorDomains else { throw ControlFailure(code: "not-supported", message: "this server has no clean-page interface") }
+            guard !tenant.isEmpty else { throw ControlFailure(code: "invalid-argument", message: "a tenant name is needed") }
+            try hypervisorDomains.attach(HypervisorDomain(domain), tenant: DomainID(tenant))
+            return .done
         case let .cleanPagePut(domain, volume, offset, page):
             let pages = try cleanPageCache()
             guard page.count <= Limits.blockBytesMax else { throw ControlFailure(code: "invalid-argument", message: "a page is at most \(Limits.blockBytesMax) bytes") }
             let id = try store.info(volume).id
-            page.withUnsafeBytes { pages.put(domain: domain, volume: id, offset: offset, page: $0) }
+            page.withUnsafeBytes { pages.put(domain: HypervisorDomain(domain), volume: id, offset: offset, page: $0) }
             return .done
         case let .cleanPageGet(domain, volume, offset, length):
             let pages = try cleanPageCache()
             guard length > 0, length <= Limits.blockBytesMax else { throw ControlFailure(code: "invalid-argument", message: "page length must be 1...\(Limits.blockBytesMax)") }
             let id = try store.info(volume).id
             var out = Data(count: length)
-            let hit = out.withUnsafeMutableBytes { pages.get(domain: domain, volume: id, offset: offset, into: $0) }
+            let hit = out.withUnsafeMutableBytes { pages.get(domain: HypervisorDomain(domain), volume: id, offset: offset, into: $0) }
             return .page(hit ? out : nil)
-        case let .cleanPageInvalidate(domain, volume, offset):
+        case let .cleanPageInvalidate(number, volume, offset):
             let pages = try cleanPageCache()
+            let domain = HypervisorDomain(number)
             switch (volume, offset) {
             case let (v?, o?): pages.invalidate(domain: domain, volume: try store.info(v).id, offset: o)
             case let (v?, nil): pages.invalidate(domain: domain, volume: try store.info(v).id)
-            case (nil, nil): pages.invalidate(domain: domain)
+            case (nil, nil):
+                pages.invalidate(domain: domain)
+                hypervisorDomains?.detach(domain)
             case (nil, _?): throw ControlFailure(code: "invalid-argument", message: "an offset needs a volume")
             }
             return .done

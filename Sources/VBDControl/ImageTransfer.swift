@@ -24,7 +24,7 @@ struct ImageTransfer {
 
     // MARK: Import
 
-    func importImage(path: String, name: String, blockSize: Int, group: String, format requestedFormat: String?,
+    func importImage(path: String, name: String, blockSize: Int, group: String?, format requestedFormat: String?,
                      progress: @escaping ProgressSink) throws -> TransferReport {
         let started = ContinuousClock.now
         let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -34,18 +34,23 @@ struct ImageTransfer {
         guard probe.size > 0 else {
             throw ControlFailure(code: "invalid-argument", message: "\(path) is empty: nothing to import")
         }
-        try store.createVolume(name: name, size: probe.size, blockSize: blockSize, group: group)
+        // All or nothing: the data goes into an incomplete volume that becomes `name` in one
+        // durable step once it is all in. A killed import leaves only an incomplete volume, which
+        // the next import (or the next open) deletes, so re-running it just works.
+        guard (try? store.info(name)) == nil else { throw StoreError.alreadyExists(name) }
+        try store.discardIncompleteVolumes()
+        let incomplete = try store.createIncompleteVolume(size: probe.size, blockSize: blockSize, group: group).name
         let dataBytes: UInt64
         do {
             if probe.format == "raw" {
-                dataBytes = try copyRawFile(fd: fd, size: probe.size, into: name, blockBytes: blockSize, progress: progress)
+                dataBytes = try copyRawFile(fd: fd, size: probe.size, into: incomplete, blockBytes: blockSize, progress: progress)
             } else {
-                dataBytes = try convertWithQemuImg(path: path, format: probe.format, into: name, size: probe.size, progress: progress)
+                dataBytes = try convertWithQemuImg(path: path, format: probe.format, into: incomplete, size: probe.size, progress: progress)
             }
             try store.flush()
+            try store.publishIncompleteVolume(incomplete, as: name)
         } catch {
-            // A half-imported volume is worse than none: the operator re-runs the import.
-            try? store.delete(name, force: true)
+            try? store.discardIncompleteVolumes(abandoning: incomplete)
             throw error
         }
         return TransferReport(name: name, path: path, format: probe.format, size: probe.size, dataBytes: dataBytes,

@@ -84,9 +84,9 @@ public final class StoreMetrics: Sendable {
         apply(sink)
     }
 
-    private func groupID(_ image: ImageInfo) -> UInt32 {
-        // The cache keys owners by dedup domain; ImageInfo carries the group name, so ask the store.
-        UInt32(store.domain(ofGroup: image.group) ?? 0)
+    private func groupID(_ image: ImageInfo) -> SharingGroupID {
+        // The cache keys owners by sharing group; ImageInfo carries the group name, so ask the store.
+        store.sharingGroup(named: image.group) ?? 0
     }
 
     /// The store's space figures, refreshed at most every `usageRefreshInterval` (a full map walk).

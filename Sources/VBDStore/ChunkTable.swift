@@ -1,4 +1,5 @@
 import VBDCore
+import VBDCache
 
 // MARK: - Notes on the design
 //
@@ -18,7 +19,7 @@ import VBDCore
 /// Where and how one chunk is stored.
 struct ChunkEntry {
     var hash: ContentHash
-    /// Bits 0-47: first sector in the data file. Bits 48-63: dedup domain (sharing group).
+    /// Bits 0-47: first sector in the data file. Bits 48-63: sharing group.
     var location: UInt64
     /// Bits 0-20: stored byte count. Bit 21: LZ4-compressed. Bits 24-28: log2 of the raw length.
     var shape: UInt32
@@ -34,16 +35,16 @@ struct ChunkEntry {
         self.refcount = refcount
     }
 
-    init(hash: ContentHash, sector: UInt64, domain: UInt16, storedBytes: Int, compressed: Bool, rawBytes: Int) {
+    init(hash: ContentHash, sector: UInt64, group: SharingGroupID, storedBytes: Int, compressed: Bool, rawBytes: Int) {
         precondition(sector < (1 << 48) && storedBytes < (1 << 21) && rawBytes.nonzeroBitCount == 1)
         self.hash = hash
-        self.location = sector | (UInt64(domain) << 48)
+        self.location = sector | (UInt64(group.rawValue) << 48)
         self.shape = UInt32(storedBytes) | (compressed ? 1 << 21 : 0) | (UInt32(rawBytes.trailingZeroBitCount) << 24)
         self.refcount = 1
     }
 
     var sector: UInt64 { location & 0xFFFF_FFFF_FFFF }
-    var domain: UInt16 { UInt16(location >> 48) }
+    var group: SharingGroupID { SharingGroupID(UInt16(location >> 48)) }
     var storedBytes: Int { Int(shape & 0x1F_FFFF) }
     var isCompressed: Bool { shape & (1 << 21) != 0 }
     var rawBytes: Int { 1 << Int((shape >> 24) & 0x1F) }

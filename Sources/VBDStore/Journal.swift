@@ -1,4 +1,5 @@
 import VBDCore
+import VBDCache
 
 // MARK: - Notes on the design
 //
@@ -32,7 +33,7 @@ enum JournalRecord: Equatable {
     case cloneImage(source: UInt64, ImageRecord)
     case deleteImage(UInt64)
     case resize(image: UInt64, size: UInt64)
-    case renameGroup(domain: UInt16, group: String)
+    case renameGroup(group: SharingGroupID, name: String)
     /// The last record of a generation's journal, written just before checkpoint `nextGeneration`
     /// captures the state: this journal replayed on its own checkpoint gives exactly that state,
     /// so if checkpoint `nextGeneration` is damaged, recovery replays this journal and then
@@ -58,8 +59,8 @@ enum JournalRecord: Equatable {
             w.u8(6); w.varint(id)
         case let .resize(image, size):
             w.u8(7); w.varint(image); w.varint(size)
-        case let .renameGroup(domain, group):
-            w.u8(8); w.u16(domain); w.string(group)
+        case let .renameGroup(group, name):
+            w.u8(8); w.u16(group.rawValue); w.string(name)
         case let .sealed(nextGeneration):
             w.u8(10); w.varint(nextGeneration)
         }
@@ -77,7 +78,7 @@ enum JournalRecord: Equatable {
         case 5: return .cloneImage(source: try r.varint(), try ImageRecord.decode(&r))
         case 6: return .deleteImage(try r.varint())
         case 7: return .resize(image: try r.varint(), size: try r.varint())
-        case 8: return .renameGroup(domain: try r.u16(), group: try r.string())
+        case 8: return .renameGroup(group: SharingGroupID(try r.u16()), name: try r.string())
         case 9:
             let image = try r.varint()
             let n = try r.varint()
@@ -229,8 +230,8 @@ public struct ImageRecord: Equatable, Sendable {
     public var originID: UInt64
     public var size: UInt64
     public var blockShift: UInt8
-    /// Dedup domain: blocks are shared only between images of one domain.
-    public var domain: UInt16
+    /// Blocks are deduplicated only between images of one sharing group.
+    public var group: SharingGroupID
     /// Seconds since 1970 when it was made.
     public var createdAt: UInt64
 
@@ -239,7 +240,7 @@ public struct ImageRecord: Equatable, Sendable {
 
     func encode(into w: inout BinaryWriter) {
         w.varint(id); w.u8(kind.rawValue); w.string(name); w.varint(volumeID); w.varint(originID)
-        w.varint(size); w.u8(blockShift); w.u16(domain); w.varint(createdAt)
+        w.varint(size); w.u8(blockShift); w.u16(group.rawValue); w.varint(createdAt)
     }
 
     static func decode(_ r: inout BinaryReader) throws(BinaryReader.Malformed) -> ImageRecord {
@@ -250,6 +251,6 @@ public struct ImageRecord: Equatable, Sendable {
         let shift = try r.u8()
         guard shift >= 9 && shift <= 20 && size <= Limits.volumeBytesMax else { throw BinaryReader.Malformed(position: r.position) }
         return ImageRecord(id: id, kind: kind, name: name, volumeID: volumeID, originID: originID, size: size,
-                           blockShift: shift, domain: try r.u16(), createdAt: try r.varint())
+                           blockShift: shift, group: SharingGroupID(try r.u16()), createdAt: try r.varint())
     }
 }

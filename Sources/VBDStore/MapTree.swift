@@ -286,8 +286,9 @@ struct MapRoot {
 
     /// Calls `body(firstBlock, blockCount, chunk, shared)` for consecutive runs in
     /// `[start, start+count)`, merging runs of unmapped blocks; returns early when `body` says stop.
-    /// `shared` is true when a node on the path or the chunk itself has other holders.
-    func walk(start: UInt64, count: UInt64, chunkShared: (UInt64) -> Bool,
+    /// `shared` is true when a node on the path is shared or `chunkShared(block, chunk)` says the
+    /// chunk has other holders.
+    func walk(start: UInt64, count: UInt64, chunkShared: (_ block: UInt64, _ chunk: UInt64) -> Bool,
               _ body: (UInt64, UInt64, UInt64, Bool) -> Bool) {
         guard count > 0 else { return }
         var stopped = false
@@ -296,7 +297,7 @@ struct MapRoot {
     }
 
     private static func walk(_ node: MapNode?, level: Int, base: UInt64, start: UInt64, end: UInt64,
-                             pathShared: Bool, chunkShared: (UInt64) -> Bool, stopped: inout Bool,
+                             pathShared: Bool, chunkShared: (UInt64, UInt64) -> Bool, stopped: inout Bool,
                              _ body: (UInt64, UInt64, UInt64, Bool) -> Bool) {
         let span = span(level: level)
         let nodeEnd = base &+ span &* UInt64(MapNode.fanout)
@@ -314,7 +315,7 @@ struct MapRoot {
             let a = max(lo, childBase), b = min(hi, childBase + span)
             if level == 1 {
                 let c = node.entries[i]
-                if !body(a, 1, c, c != 0 && (shared || chunkShared(c))) { stopped = true }
+                if !body(a, 1, c, c != 0 && (shared || chunkShared(a, c))) { stopped = true }
             } else {
                 walk(node.children[i], level: level - 1, base: childBase, start: a, end: b,
                      pathShared: shared, chunkShared: chunkShared, stopped: &stopped, body)

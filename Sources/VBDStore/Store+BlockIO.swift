@@ -21,7 +21,7 @@ import Glibc
 //
 // Writes run in phases so that hashing, compression and data-file writes stay outside the lock:
 //   A  (no lock) zero test and hash of every block
-//   B  (lock)    dedup: candidates with the same hash and domain are compared byte for byte
+//   B  (lock)    dedup: candidates with the same hash and sharing group are compared byte for byte
 //                (docs/INVARIANTS.md 2); a match is retained at once
 //   C  (no lock) compress the rest
 //   D  (lock)    reserve chunk numbers and sectors
@@ -41,7 +41,7 @@ extension Store {
         var name: String
         var size: UInt64
         var blockShift: UInt8
-        var domain: UInt16
+        var group: SharingGroupID
         var readOnly: Bool
         var blockSize: Int { 1 << Int(blockShift) }
     }
@@ -51,7 +51,7 @@ extension Store {
         mutex.assertOwned("viewLocked")
         guard !closed, let image = images[id] else { throw .gone("the volume or snapshot was deleted or the store closed") }
         let r = image.record
-        return (ImageView(id: id, name: fullNameLocked(r), size: r.size, blockShift: r.blockShift, domain: r.domain,
+        return (ImageView(id: id, name: fullNameLocked(r), size: r.size, blockShift: r.blockShift, group: r.group,
                           readOnly: r.kind == .snapshot), image)
     }
 
@@ -75,14 +75,14 @@ extension Store {
         precondition(destination.count == entry.rawBytes)
         if lockHeld { mutex.assertOwned("to load a chunk with lockHeld") }
         if let cache = options.cache {
-            let found = cache.lookup(cacheKey, into: destination, volume: volume, domain: entry.domain, countingMisses: true)
+            let found = cache.lookup(cacheKey, into: destination, volume: volume, group: entry.group, countingMisses: true)
             if found != .miss {
                 // The key cannot name other bytes (generations), so a main-tier hit is the chunk's
                 // own bytes, verified when they entered the cache. Bytes back from the compressed
                 // tier went through LZ4 once more: those are rehashed, and a mismatch drops the
                 // entry and reads the disk.
                 if !Self.staleReadDefenses || Self.isTrustedHit(found)
-                    || contentHash(UnsafeRawBufferPointer(destination), domain: entry.domain) == entry.hash { return found }
+                    || contentHash(UnsafeRawBufferPointer(destination), group: entry.group) == entry.hash { return found }
                 cache.remove(cacheKey)
             }
         }
@@ -110,7 +110,7 @@ extension Store {
             }
         }
         if let failure { throw failure }
-        let actual = contentHash(UnsafeRawBufferPointer(destination), domain: entry.domain)
+        let actual = contentHash(UnsafeRawBufferPointer(destination), group: entry.group)
         guard actual == entry.hash else {
             throw LoadedChunkFailure(detail: "content hash \(actual) does not match chunk \(chunk)'s \(entry.hash)")
         }
@@ -120,9 +120,9 @@ extension Store {
         // number may already name other contents. Under the lock that cannot happen; outside it
         // the token makes the cache skip the insert if the key's shard saw a removal since.
         if lockHeld {
-            cache.insert(cacheKey, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain)
+            cache.insert(cacheKey, bytes: UnsafeRawBufferPointer(destination), volume: volume, group: entry.group)
         } else if let cacheToken {
-            cache.insert(cacheKey, bytes: UnsafeRawBufferPointer(destination), volume: volume, domain: entry.domain,
+            cache.insert(cacheKey, bytes: UnsafeRawBufferPointer(destination), volume: volume, group: entry.group,
                          ifUnremovedSince: cacheToken)
         }
         return .miss
@@ -206,7 +206,7 @@ extension Store {
             return nil
         }
         var blockShift: UInt8 = 0
-        var refs: [(key: UInt64, domain: UInt16, hash: ContentHash)] = []
+        var refs: [(key: UInt64, group: SharingGroupID, hash: ContentHash)] = []
         do {
             defer { mutex.unlock() }
             // The record directly, not viewLocked: no name string to build on the fast path.
@@ -224,7 +224,7 @@ extension Store {
                     continue
                 }
                 let entry = chunks[c]
-                refs.append((cacheKey(c), entry.domain, entry.hash))
+                refs.append((cacheKey(c), entry.group, entry.hash))
             }
         }
         let bs = UInt64(1) << UInt64(blockShift)
@@ -239,11 +239,11 @@ extension Store {
                 continue
             }
             let found = Self.fillBlockSlice(dst, at: Int(lo - blockStart), blockSize: Int(bs)) { block in
-                let found = cache.lookup(ref.key, into: block, volume: id, domain: ref.domain, countingMisses: false)
+                let found = cache.lookup(ref.key, into: block, volume: id, group: ref.group, countingMisses: false)
                 // Verified like loadChunk's hits; a mismatch goes the ordinary way, which drops it.
                 guard found != .miss else { return nil }
                 guard !Self.staleReadDefenses || Self.isTrustedHit(found)
-                    || contentHash(UnsafeRawBufferPointer(block), domain: ref.domain) == ref.hash else { return nil }
+                    || contentHash(UnsafeRawBufferPointer(block), group: ref.group) == ref.hash else { return nil }
                 return found
             }
             guard let found else { return nil }
@@ -418,13 +418,13 @@ extension Store {
             if isAllZero(blocks[i].bytes) {
                 blocks[i].isZero = true
             } else {
-                blocks[i].hash = contentHash(blocks[i].bytes, domain: view.domain)
+                blocks[i].hash = contentHash(blocks[i].bytes, group: view.group)
             }
         }
         // B: dedup against stored chunks, byte-verified.
         mutex.withLock {
             for i in blocks.indices where !blocks[i].isZero {
-                if let c = findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, domain: view.domain, volume: view.id) {
+                if let c = findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, group: view.group, volume: view.id) {
                     retainChunk(c)
                     noteWriteReferenceLocked(c, taken: true)
                     blocks[i].chunk = c
@@ -486,7 +486,7 @@ extension Store {
         defer {
             if let cache = options.cache {
                 for (i, key, token) in toCache {
-                    cache.insert(key, bytes: blocks[i].bytes, volume: view.id, domain: view.domain, ifUnremovedSince: token)
+                    cache.insert(key, bytes: blocks[i].bytes, volume: view.id, group: view.group, ifUnremovedSince: token)
                 }
             }
         }
@@ -503,7 +503,7 @@ extension Store {
                 for i in blocks.indices {
                     var chunk = blocks[i].isZero ? 0 : blocks[i].chunk
                     if blocks[i].isNew {
-                        if let c = findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, domain: view.domain, volume: view.id) {
+                        if let c = findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, group: view.group, volume: view.id) {
                             // Someone stored the same bytes meanwhile: use theirs, drop ours.
                             retainChunk(c)
                             chunks.returnNumber(blocks[i].chunk)
@@ -512,7 +512,7 @@ extension Store {
                             blocks[i].chunk = c
                             chunk = c
                         } else {
-                            let entry = ChunkEntry(hash: blocks[i].hash, sector: blocks[i].sector, domain: view.domain,
+                            let entry = ChunkEntry(hash: blocks[i].hash, sector: blocks[i].sector, group: view.group,
                                                    storedBytes: blocks[i].stored.count, compressed: blocks[i].isCompressed,
                                                    rawBytes: blocks[i].bytes.count)
                             try commit(.chunk(number: chunk, hash: entry.hash, location: entry.location, shape: entry.shape))
@@ -592,12 +592,12 @@ extension Store {
         }
     }
 
-    /// With `mutex` held: a stored chunk of the same domain and length whose bytes equal `bytes`.
-    func findDuplicateLocked(_ bytes: UnsafeRawBufferPointer, hash: ContentHash, domain: UInt16, volume: UInt64) -> UInt64? {
+    /// With `mutex` held: a stored chunk of the same sharing group and length whose bytes equal `bytes`.
+    func findDuplicateLocked(_ bytes: UnsafeRawBufferPointer, hash: ContentHash, group: SharingGroupID, volume: UInt64) -> UInt64? {
         mutex.assertOwned("findDuplicateLocked")
         let found = index.firstMatch(hash, hashOf: { self.chunks[UInt64($0)].hash }) { c in
             let e = chunks[UInt64(c)]
-            guard e.domain == domain, e.rawBytes == bytes.count else { return false }
+            guard e.group == group, e.rawBytes == bytes.count else { return false }
             return withUnsafeTemporaryAllocation(byteCount: bytes.count, alignment: 16) { tmp in
                 do { try loadChunk(UInt64(c), e, cacheKey: cacheKey(UInt64(c)), into: tmp, volume: volume, lockHeld: true) } catch { return false }
                 return memcmp(tmp.baseAddress!, bytes.baseAddress!, bytes.count) == 0
@@ -705,8 +705,13 @@ extension Store {
             let windowCount = min(last - windowStart + 1, Self.blocksPerLockHold)
             let stillThere = mutex.withLock { () -> Bool in
                 guard let image = images[id], image.record.size >= offset + length else { return false }
-                image.root.walk(start: windowStart, count: windowCount, chunkShared: { c in
-                    c < zeroAllocatedChunk && self.chunks[c].refcount > 1
+                // Only sharing within the image's own lineage is reported (docs/ARCHITECTURE.md,
+                // "What BLOCK_STATUS reveals"): never that another tenant holds the same bytes.
+                let peers = lineagePeersLocked(of: image)
+                image.root.walk(start: windowStart, count: windowCount, chunkShared: { block, c in
+                    guard c < zeroAllocatedChunk && self.chunks[c].refcount > 1 else { return false }
+                    guard let peers else { return true }
+                    return peers.contains { $0.root.lookup(block) == c }
                 }) { startBlock, count, chunk, shared in
                     let flags: ExtentFlags
                     if chunk == 0 { flags = [.hole, .zero] }

@@ -5,32 +5,48 @@ import VBDCore
 /// (`Store.cacheKey`), and the owner
 /// (volume, sharing group) feeds its per-volume counters.
 extension BlockCache: ChunkCache {
-    public func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16,
+    public func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, group: SharingGroupID,
                        countingMisses: Bool) -> CacheLookup {
-        lookup(key, into: buffer, owner: CacheOwner(volume: volume, group: UInt32(domain)), countingMisses: countingMisses)
+        lookup(key, into: buffer, owner: CacheOwner(volume: volume, group: group), countingMisses: countingMisses)
     }
 
-    public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16) {
-        insert(key, bytes: bytes, owner: CacheOwner(volume: volume, group: UInt32(domain)))
+    public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, group: SharingGroupID) {
+        insert(key, bytes: bytes, owner: CacheOwner(volume: volume, group: group))
     }
 
-    public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16, ifUnremovedSince token: UInt64) {
-        insert(key, bytes: bytes, owner: CacheOwner(volume: volume, group: UInt32(domain)), ifUnremovedSince: token)
+    public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, group: SharingGroupID, ifUnremovedSince token: UInt64) {
+        insert(key, bytes: bytes, owner: CacheOwner(volume: volume, group: group), ifUnremovedSince: token)
     }
 }
 
 /// Lets the last-chance tier's clean-page interface check coherence against the live maps: a
-/// page is only served while the volume still maps that offset to the same chunk.
+/// page is only served while the volume still maps that offset to the same chunk, and only to a
+/// domain that holds the volume.
 public struct StoreMappingOracle: BlockMappingOracle {
     public let store: Store
-    public init(store: Store) { self.store = store }
+    /// Whether a hypervisor domain holds the image of this export name (`VOLUME` or
+    /// `VOLUME@SNAPSHOT`) and id now; the server answers from its tenants' leases, which follow
+    /// the image by its id (a lease on an earlier image of the same name holds nothing).
+    public let holds: @Sendable (HypervisorDomain, String, UInt64) -> Bool
 
-    public func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64) -> MappedChunk? {
-        store.mappedChunk(image: volume, offset: offset)
+    public init(store: Store, holds: @escaping @Sendable (_ domain: HypervisorDomain, _ image: String, _ imageID: UInt64) -> Bool) {
+        self.store = store
+        self.holds = holds
     }
 
-    public func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64, verifying page: UnsafeRawBufferPointer) -> MappedChunk? {
-        guard let found = store.mappedChunk(image: volume, offset: offset, pageBytes: page.count) else { return nil }
+    private func domain(_ domain: HypervisorDomain, holds volume: UInt64) -> Bool {
+        guard let name = store.imageName(id: volume) else { return false }
+        return holds(domain, name, volume)
+    }
+
+    public func mappedChunk(domain: HypervisorDomain, volume: UInt64, offset: UInt64) -> MappedChunk? {
+        guard self.domain(domain, holds: volume) else { return nil }
+        return store.mappedChunk(image: volume, offset: offset)
+    }
+
+    public func mappedChunk(domain: HypervisorDomain, volume: UInt64, offset: UInt64, verifying page: UnsafeRawBufferPointer) -> MappedChunk? {
+        guard self.domain(domain, holds: volume),
+              let found = store.mappedChunk(image: volume, offset: offset, pageBytes: page.count) else { return nil }
         // The page must be exactly the mapped block's contents (clean data), compared byte for byte.
         let same: Bool = withUnsafeTemporaryAllocation(byteCount: page.count, alignment: 16) { tmp in
             guard (try? store.read(image: volume, offset: offset, into: tmp)) != nil else { return false }
@@ -46,6 +62,11 @@ import Glibc
 #endif
 
 extension Store {
+    /// The export name (`VOLUME` or `VOLUME@SNAPSHOT`) of an image, if it still exists.
+    public func imageName(id: UInt64) -> String? {
+        mutex.withLock { images[id].map { fullNameLocked($0.record) } }
+    }
+
     /// The chunk a volume maps at a block-aligned byte offset, or nil for unmapped, zero or
     /// unaligned offsets, or a page that is not exactly one block.
     func mappedChunk(image id: UInt64, offset: UInt64, pageBytes: Int? = nil) -> MappedChunk? {
@@ -55,7 +76,7 @@ extension Store {
             guard offset % bs == 0, offset < image.record.size, pageBytes == nil || pageBytes == Int(bs) else { return nil }
             let c = image.root.lookup(offset / bs)
             guard c != 0, c < zeroAllocatedChunk else { return nil }
-            return MappedChunk(key: cacheKey(c), owner: CacheOwner(volume: id, group: UInt32(image.record.domain)))
+            return MappedChunk(key: cacheKey(c), owner: CacheOwner(volume: id, group: image.record.group))
         }
     }
 }

@@ -1,3 +1,4 @@
+import VBDCache
 import VBDCore
 
 // MARK: - Records: one code path for live changes and for replay
@@ -58,8 +59,10 @@ extension Store {
             guard let image = images[id] else { throw StoreError.corrupted("resize of unknown image \(id)") }
             image.record.size = size
             image.root.grow(toBlocks: image.record.blockCount)
-        case let .renameGroup(domain, group):
-            groups[group] = domain
+        case let .renameGroup(group, name):
+            // A number has one name: a reused number drops the name of its empty old group.
+            for (other, number) in groups where number == group && other != name { groups[other] = nil }
+            groups[name] = group
         case .sealed:
             break  // read by recovery (`replayJournal`); it changes nothing
         }
@@ -447,7 +450,7 @@ extension Store {
         w.u32(Store.checkpointMagic); w.u32(Store.formatVersion); w.u64(generation); w.u64(secret)
         w.varint(nextImageID)
         w.varint(UInt64(groups.count))
-        for (name, domain) in groups.sorted(by: { $0.key < $1.key }) { w.string(name); w.u16(domain) }
+        for (name, group) in groups.sorted(by: { $0.key < $1.key }) { w.string(name); w.u16(group.rawValue) }
         // Chunk table: live entries only; reference counts are recomputed from the maps.
         w.varint(UInt64(chunks.liveCount))
         if chunks.end > 1 {
@@ -507,7 +510,7 @@ extension Store {
             groups = [:]
             for _ in 0..<(try r.varint()) {
                 let name = try r.string()
-                groups[name] = try r.u16()
+                groups[name] = SharingGroupID(try r.u16())
             }
             let live = try r.varint()
             for _ in 0..<live {

@@ -49,7 +49,7 @@ extension Store {
         let sorted = images.values.sorted { fullNameLocked($0.record) < fullNameLocked($1.record) }
         // Pass 1: who holds each chunk.
         for image in sorted {
-            image.root.walk(start: 0, count: image.record.blockCount, chunkShared: { _ in false }) { _, _, chunk, _ in
+            image.root.walk(start: 0, count: image.record.blockCount, chunkShared: { _, _ in false }) { _, _, chunk, _ in
                 guard chunk != 0, chunk < zeroAllocatedChunk else { return true }
                 if var h = holders[chunk] {
                     h.refs += 1
@@ -67,7 +67,7 @@ extension Store {
             var u = ImageUsage(name: fullNameLocked(image.record), logicalBytes: image.record.size)
             let bs = UInt64(image.record.blockSize)
             var seenExclusive = Set<UInt64>()
-            image.root.walk(start: 0, count: image.record.blockCount, chunkShared: { _ in false }) { block, _, chunk, _ in
+            image.root.walk(start: 0, count: image.record.blockCount, chunkShared: { _, _ in false }) { block, _, chunk, _ in
                 guard chunk != 0, chunk < zeroAllocatedChunk, let h = holders[chunk] else { return true }
                 let bytes = min(bs, image.record.size - block * bs)
                 u.allocatedBytes += bytes

@@ -3,6 +3,7 @@ import VBDCore
 
 #if canImport(Glibc)
 import Glibc
+import VBDCache
 #endif
 
 // MARK: - Notes on the design
@@ -97,7 +98,7 @@ public final class Store: @unchecked Sendable {
     var index = DedupIndex()
     var space = SpaceAllocator()
     var images: [UInt64: Image] = [:]
-    var groups: [String: UInt16] = ["default": 0]
+    var groups: [String: SharingGroupID] = ["default": 0]
     var nextImageID: UInt64 = 1
     var pending = BinaryWriter()
     var pendingRecordCount = 0
@@ -114,6 +115,8 @@ public final class Store: @unchecked Sendable {
     /// References that writes in flight took in phase B (dedup) and have not yet put into a map
     /// (phase F), per chunk: fsck, which can run between the two, counts them as references.
     var writeReferences: [UInt64: UInt32] = [:]
+    /// Incomplete volumes (see `createIncompleteVolume`) whose filler is running in this process.
+    var incompleteInUse: Set<String> = []
     /// Why writes are refused: an earlier failure, or a read-only open.
     var poisoned: String? {
         if let failure { return "\(failure); reopen the store to recover from what is on disk" }
@@ -208,6 +211,18 @@ public final class Store: @unchecked Sendable {
             directory.unlock()
             throw error
         }
+        // Holding the writer's lock, nothing else is filling an incomplete volume: any found was
+        // left by an import that died, and would only hold space.
+        if !options.readOnly {
+            do {
+                let discarded = try discardIncompleteVolumes()
+                if !discarded.isEmpty {
+                    recoveryWarnings.append("deleted \(discarded.count) incomplete volume(s) of interrupted imports: \(discarded.joined(separator: ", "))")
+                }
+            } catch {
+                recoveryWarnings.append("could not delete the incomplete volumes of interrupted imports: \(error)")
+            }
+        }
     }
 
     /// The per-store secret: from the system's CSPRNG (getrandom), so hashes cannot be predicted
@@ -246,17 +261,17 @@ public final class Store: @unchecked Sendable {
 
     // MARK: Seeds and hashing
 
-    /// The hash seed of a dedup domain: identical blocks of two domains get unrelated hashes,
+    /// The hash seed of a sharing group: identical blocks of two groups get unrelated hashes,
     /// so neither dedup nor the cache can connect them.
-    func seed(domain: UInt16) -> UInt64 {
-        var z = secret ^ (UInt64(domain) &* 0x9E37_79B9_7F4A_7C15)
+    func seed(group: SharingGroupID) -> UInt64 {
+        var z = secret ^ (UInt64(group.rawValue) &* 0x9E37_79B9_7F4A_7C15)
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
         return z ^ (z >> 31)
     }
 
-    func contentHash(_ bytes: UnsafeRawBufferPointer, domain: UInt16) -> ContentHash {
-        options.hashFunction.hash(bytes, seed: seed(domain: domain))
+    func contentHash(_ bytes: UnsafeRawBufferPointer, group: SharingGroupID) -> ContentHash {
+        options.hashFunction.hash(bytes, seed: seed(group: group))
     }
 }
 

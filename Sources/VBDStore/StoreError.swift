@@ -165,12 +165,12 @@ import Glibc
 public protocol ChunkCache: AnyObject, Sendable {
     /// Copies the cached block into `buffer` and says which tier had it. With `countingMisses`
     /// false a miss is not counted (a probe; the caller then reads the ordinary way).
-    func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, domain: UInt16,
+    func lookup(_ key: UInt64, into buffer: UnsafeMutableRawBufferPointer, volume: UInt64, group: SharingGroupID,
                 countingMisses: Bool) -> CacheLookup
-    func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16)
+    func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, group: SharingGroupID)
     func remove(_ key: UInt64)
     /// Taken under the store lock while `key` names the bytes to insert later.
     func removalToken(for key: UInt64) -> UInt64
     /// Inserts unless `key` may have been removed since `token` (then it does nothing).
-    func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, domain: UInt16, ifUnremovedSince token: UInt64)
+    func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, group: SharingGroupID, ifUnremovedSince token: UInt64)
 }

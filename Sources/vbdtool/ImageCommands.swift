@@ -26,7 +26,7 @@ struct CreateCommand: ParsableCommand {
     @Argument(help: "Volume name (letters, digits, '-', '_', '.', ':').") var name: String
     @Option(help: "Size, e.g. 20G, 512M, 1T or plain bytes.") var size: String
     @Option(help: "Block size, a power of two from 512 to 1M (default 4K).") var blockSize: String = "4K"
-    @Option(help: "Sharing group: blocks are deduplicated (and cached) only within one group.") var group: String = "default"
+    @Option(help: "Sharing group: blocks are deduplicated (and cached) only within one group. Default: a group of the volume's own (its snapshots and shares inherit it); name a group to deduplicate with the other volumes in it.") var group: String?
     @OptionGroup var store: StoreOptions
     @OptionGroup var output: OutputOptions
 

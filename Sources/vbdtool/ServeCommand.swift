@@ -235,9 +235,11 @@ struct ServeCommand: AsyncParsableCommand {
         if let tcp { addresses.append("\(tcp.host):\(nbd.tcpPort ?? tcp.port)") }
         if let unix { addresses.append("unix:\(absolutePath(unix))") }
         let status = ServerStatus(pid: getpid(), storePath: storePath, nbdAddresses: addresses)
+        let cleanPageInterface = ControlService.cleanPageInterface(cache: cache, store: store, tenancy: tenancy)
         let control = ControlServer(socketPath: ControlClient.socketPath(forStore: storePath),
                                     service: ControlService(store: store, storePath: storePath, cache: cache, status: status,
-                                                            cleanPages: CleanPageCache(cache: cache, oracle: StoreMappingOracle(store: store)),
+                                                            cleanPages: cleanPageInterface.cleanPages,
+                                                            hypervisorDomains: cleanPageInterface.hypervisorDomains,
                                                             tenancy: tenancy),
                                     logger: Logger(label: "vbd.control"))
         do { try control.start() } catch {

@@ -15,7 +15,7 @@ struct ImportCommand: ParsableCommand {
     @Argument(help: "Name of the new volume.") var name: String
     @Option(help: "Source format (raw, qcow2, ...); detected with qemu-img when omitted.") var format: String?
     @Option(help: "Block size of the new volume (default 4K).") var blockSize: String = "4K"
-    @Option(help: "Sharing group of the new volume.") var group: String = "default"
+    @Option(help: "Sharing group of the new volume (default: a group of its own; name one to deduplicate with the other volumes in it).") var group: String?
     @OptionGroup var store: StoreOptions
     @OptionGroup var output: OutputOptions
 

@@ -7,16 +7,16 @@ import VBDCache
 final class FakeStore: BlockMappingOracle {
     private struct State {
         var maps: [UInt64: [UInt64: UInt64]] = [:]            // volume -> offset -> key
-        var groups: [UInt64: UInt32] = [:]                     // volume -> sharing group
+        var groups: [UInt64: SharingGroupID] = [:]                     // volume -> sharing group
         var contents: [UInt64: [UInt8]] = [:]                  // key -> bytes
-        var keysByContent: [UInt32: [[UInt8]: UInt64]] = [:]   // group -> bytes -> key
+        var keysByContent: [SharingGroupID: [[UInt8]: UInt64]] = [:]   // group -> bytes -> key
         var leases: Set<[UInt64]> = []                         // [domain, volume]
         var nextKey: UInt64 = 1000
     }
 
     private let state = Mutex(State())
 
-    func createVolume(_ volume: UInt64, group: UInt32) { state.withLock { $0.groups[volume] = group } }
+    func createVolume(_ volume: UInt64, group: SharingGroupID) { state.withLock { $0.groups[volume] = group } }
 
     func grant(domain: UInt64, volume: UInt64) { _ = state.withLock { $0.leases.insert([domain, volume]) } }
 
@@ -39,14 +39,14 @@ final class FakeStore: BlockMappingOracle {
         }
     }
 
-    func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64) -> MappedChunk? {
+    func mappedChunk(domain: HypervisorDomain, volume: UInt64, offset: UInt64) -> MappedChunk? {
         state.withLock { state in
-            guard state.leases.contains([domain, volume]), let key = state.maps[volume]?[offset] else { return nil }
+            guard state.leases.contains([domain.number, volume]), let key = state.maps[volume]?[offset] else { return nil }
             return MappedChunk(key: key, owner: CacheOwner(volume: volume, group: state.groups[volume]!))
         }
     }
 
-    func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64, verifying page: UnsafeRawBufferPointer) -> MappedChunk? {
+    func mappedChunk(domain: HypervisorDomain, volume: UInt64, offset: UInt64, verifying page: UnsafeRawBufferPointer) -> MappedChunk? {
         guard let mapped = mappedChunk(domain: domain, volume: volume, offset: offset) else { return nil }
         let matches = state.withLock { $0.contents[mapped.key]!.elementsEqual(page) }
         return matches ? mapped : nil
@@ -54,11 +54,11 @@ final class FakeStore: BlockMappingOracle {
 }
 
 extension CleanPageCache {
-    func put(domain: UInt64, volume: UInt64, offset: UInt64, bytes: [UInt8]) {
+    func put(domain: HypervisorDomain, volume: UInt64, offset: UInt64, bytes: [UInt8]) {
         bytes.withUnsafeBytes { put(domain: domain, volume: volume, offset: offset, page: $0) }
     }
 
-    func get(domain: UInt64, volume: UInt64, offset: UInt64) -> [UInt8]? {
+    func get(domain: HypervisorDomain, volume: UInt64, offset: UInt64) -> [UInt8]? {
         var page = [UInt8](repeating: 0, count: 4096)
         let hit = page.withUnsafeMutableBytes { get(domain: domain, volume: volume, offset: offset, into: $0) }
         return hit ? page : nil
@@ -72,7 +72,7 @@ extension CleanPageCache {
     /// Domain 1 holds volume 10, domain 2 holds volume 20, both in group 7; domain 3 holds volume 30
     /// in group 8. Each volume has pages at offsets 0 and 4096.
     init() {
-        for (domain, volume, group) in [(1, 10, 7), (2, 20, 7), (3, 30, 8)] as [(UInt64, UInt64, UInt32)] {
+        for (domain, volume, group) in [(1, 10, 7), (2, 20, 7), (3, 30, 8)] as [(UInt64, UInt64, SharingGroupID)] {
             store.createVolume(volume, group: group)
             store.grant(domain: domain, volume: volume)
             store.write(volume: volume, offset: 0, bytes: blockBytes(for: volume))
@@ -131,8 +131,8 @@ extension CleanPageCache {
         let pages = makeCleanPages()
         store.grant(domain: 1, volume: 20)
         for (domain, volume) in [(1, 10), (1, 20), (2, 20)] as [(UInt64, UInt64)] {
-            pages.put(domain: domain, volume: volume, offset: 0, bytes: blockBytes(for: volume))
-            pages.put(domain: domain, volume: volume, offset: 4096, bytes: blockBytes(for: volume + 1))
+            pages.put(domain: HypervisorDomain(domain), volume: volume, offset: 0, bytes: blockBytes(for: volume))
+            pages.put(domain: HypervisorDomain(domain), volume: volume, offset: 4096, bytes: blockBytes(for: volume + 1))
         }
         #expect(pages.statistics.records == 6)
         pages.invalidate(domain: 1, volume: 10, offset: 0)
@@ -154,10 +154,10 @@ extension CleanPageCache {
             store.createVolume(clone, group: 7)
             store.grant(domain: clone, volume: clone)
             store.write(volume: clone, offset: 0, bytes: image)
-            pages.put(domain: clone, volume: clone, offset: 0, bytes: image)
+            pages.put(domain: HypervisorDomain(clone), volume: clone, offset: 0, bytes: image)
         }
         #expect(cache.statistics.lastChanceEntries == 1)
-        for clone in 100..<110 as Range<UInt64> { #expect(pages.get(domain: clone, volume: clone, offset: 0) == image) }
+        for clone in 100..<110 as Range<UInt64> { #expect(pages.get(domain: HypervisorDomain(clone), volume: clone, offset: 0) == image) }
     }
 
     @Test func pageWhoseContentLeftTheCacheMisses() {
@@ -188,11 +188,11 @@ final class ChunkFreedDuringPut: BlockMappingOracle {
     private let freed = Mutex(false)
     init(cache: BlockCache) { self.cache = cache }
 
-    func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64) -> MappedChunk? {
+    func mappedChunk(domain: HypervisorDomain, volume: UInt64, offset: UInt64) -> MappedChunk? {
         freed.withLock { $0 } ? nil : MappedChunk(key: key, owner: CacheOwner(volume: volume, group: 0))
     }
 
-    func mappedChunk(domain: UInt64, volume: UInt64, offset: UInt64, verifying page: UnsafeRawBufferPointer) -> MappedChunk? {
+    func mappedChunk(domain: HypervisorDomain, volume: UInt64, offset: UInt64, verifying page: UnsafeRawBufferPointer) -> MappedChunk? {
         let answer = mappedChunk(domain: domain, volume: volume, offset: offset)
         freed.withLock { $0 = true }
         cache.remove(key)

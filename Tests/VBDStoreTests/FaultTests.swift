@@ -299,8 +299,9 @@ import VBDSimulation
     @Test func fullDiskDeletesAndRecoversOnline() throws {
         let disk = SimulatedDisk(seed: 8)
         let store = try simulatedStore(disk, create: true)
-        try store.createVolume(name: "keep", size: 1 << 20)
-        try store.createVolume(name: "fill", size: 64 << 20)
+        // One group, so that keep can store a duplicate of fill's block without new space.
+        try store.createVolume(name: "keep", size: 1 << 20, group: "pool")
+        try store.createVolume(name: "fill", size: 64 << 20, group: "pool")
         let keep = try store.device(named: "keep")
         try keep.write(block(seed: 99), at: 0)
         try keep.flush()

@@ -102,7 +102,7 @@ import VBDCore
         #expect(part == Array(block(seed: 1)[7..<107]))
         // Not in memory: nil, and the miss is counted only by the ordinary read that follows.
         for k in 0..<4 { cache.remove(UInt64(k)); cache.remove(UInt64(k + 1)) }
-        let owner = CacheOwner(volume: id, group: UInt32(store.domain(ofGroup: try store.info("vol").group) ?? 0))
+        let owner = CacheOwner(volume: id, group: store.sharingGroup(named: try store.info("vol").group) ?? 0)
         let missesBefore = cache.statistics(for: owner)?.misses ?? 0
         #expect(buffer.withUnsafeMutableBytes { store.readIfCached(image: id, offset: 0, into: $0) } == nil)
         #expect((cache.statistics(for: owner)?.misses ?? 0) == missesBefore, "the probe counts no miss")

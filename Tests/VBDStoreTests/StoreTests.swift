@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import VBDCore
 @testable import VBDStore
+import VBDCache
 
 @Suite struct StoreTests {
     @Test func writeReadAndReopen() throws {
@@ -66,8 +67,9 @@ import VBDCore
     @Test func duplicateBlocksAreStoredOnceAndZeroBlocksNever() throws {
         let dir = TemporaryStoreDirectory()
         let store = try Store.initialize(path: dir.path)
-        try store.createVolume(name: "a", size: 1 << 22)
-        try store.createVolume(name: "b", size: 1 << 22)
+        // Deduplication across volumes needs an operator's group (each volume has its own by default).
+        try store.createVolume(name: "a", size: 1 << 22, group: "pool")
+        try store.createVolume(name: "b", size: 1 << 22, group: "pool")
         let a = try store.device(named: "a"), b = try store.device(named: "b")
         for i in 0..<100 {
             try a.write(block(seed: UInt64(i % 10)), at: UInt64(i) * 4096)
@@ -139,6 +141,130 @@ import VBDCore
         let report = store.fsck()
         #expect(!report.isClean)
         #expect(report.problems.contains { $0.contains("chunk") })
+        try store.close()
+    }
+
+    /// BLOCK_STATUS `x-vbd:sharing` must not tell a tenant that another volume of its sharing group
+    /// holds the bytes it just wrote (a one-request guess check of another tenant's secret block);
+    /// sharing within the volume's own snapshots and shares is still reported.
+    @Test func sharingStatusReportsOnlyTheVolumesOwnLineage() throws {
+        let dir = TemporaryStoreDirectory()
+        let store = try Store.initialize(path: dir.path)
+        try store.createVolume(name: "a", size: 1 << 20, group: "pool")
+        try store.createVolume(name: "b", size: 1 << 20, group: "pool")
+        let a = try store.device(named: "a"), b = try store.device(named: "b")
+        let secret = block(seed: 77)
+        try a.write(secret, at: 0)
+        try b.write(secret, at: 0)
+        #expect(store.uniqueChunkCount == 1, "the operator's group deduplicates the two copies")
+        #expect(try b.extents(offset: 0, length: 4096, maxExtents: 4) == [Extent(length: 4096, flags: [])],
+                "b must not learn that a holds the same block")
+        #expect(try a.extents(offset: 0, length: 4096, maxExtents: 4) == [Extent(length: 4096, flags: [])])
+
+        // b's own snapshot shares the block: that is b's lineage, and it is reported, also after a
+        // write gave b a private copy of the map leaf (the chunk count is then the only link).
+        try store.snapshot(volume: "b", name: "s")
+        try b.write(block(seed: 5), at: 4096)
+        #expect(try b.extents(offset: 0, length: 8192, maxExtents: 4) ==
+                [Extent(length: 4096, flags: [.shared]), Extent(length: 4096, flags: [])])
+        try store.share(snapshot: "b@s", as: "b2")
+        let b2 = try store.device(named: "b2")
+        try b2.write(block(seed: 6), at: 8192)
+        #expect(try b2.extents(offset: 0, length: 4096, maxExtents: 4) == [Extent(length: 4096, flags: [.shared])])
+        #expect(try a.extents(offset: 0, length: 4096, maxExtents: 4) == [Extent(length: 4096, flags: [])],
+                "a's lineage is a alone, whatever b's lineage holds")
+        try store.close()
+    }
+
+    /// Without `--group` a volume gets a sharing group of its own (inherited by its snapshots and
+    /// shares), so two tenants' volumes never deduplicate unless an operator names one group.
+    @Test func volumesGetASharingGroupOfTheirOwnByDefault() throws {
+        let dir = TemporaryStoreDirectory()
+        var store = try Store.initialize(path: dir.path)
+        try store.createVolume(name: "a", size: 1 << 20)
+        try store.createVolume(name: "b", size: 1 << 20)
+        let groupA = try store.info("a").group, groupB = try store.info("b").group
+        #expect(groupA != groupB)
+        #expect(groupA.hasPrefix(Store.privateGroupPrefix))
+        try store.device(named: "a").write(block(seed: 3), at: 0)
+        try store.device(named: "b").write(block(seed: 3), at: 0)
+        #expect(store.uniqueChunkCount == 2, "two tenants' volumes deduplicated by default")
+
+        // The lineage shares the group: a share of a's snapshot deduplicates with a.
+        try store.snapshot(volume: "a", name: "s")
+        try store.share(snapshot: "a@s", as: "clone")
+        #expect(try store.info("a@s").group == groupA && store.info("clone").group == groupA)
+        try store.device(named: "clone").write(block(seed: 3), at: 4096)
+        #expect(store.uniqueChunkCount == 2)
+        // An operator may join a volume's group by its name, but not invent one of that form.
+        try store.createVolume(name: "joined", size: 1 << 20, group: groupA)
+        try store.device(named: "joined").write(block(seed: 3), at: 0)
+        #expect(store.uniqueChunkCount == 2)
+        #expect(throws: StoreError.self) { try store.createVolume(name: "x", size: 1 << 20, group: Store.privateGroupPrefix + "999") }
+
+        try store.close()
+        store = try Store.open(path: dir.path)
+        #expect(try store.info("a").group == groupA && store.info("b").group == groupB && store.info("joined").group == groupA)
+        #expect(store.fsck().isClean)
+        try store.close()
+    }
+
+    /// Once every 16-bit group number was handed out, a new group reuses the number of a group
+    /// with no image and no chunk left, and the old name of that number goes (also after reopen).
+    @Test func groupNumbersOfEmptyGroupsAreReusedWhenTheyRunOut() throws {
+        let dir = TemporaryStoreDirectory()
+        var store = try Store.initialize(path: dir.path)
+        try store.createVolume(name: "live", size: 1 << 20, group: "live-group")
+        try store.device(named: "live").write(block(seed: 1), at: 0)
+        try store.createVolume(name: "gone", size: 1 << 20, group: "gone-group")
+        try store.device(named: "gone").write(block(seed: 2), at: 0)
+        try store.delete("gone")
+        let liveNumber = try #require(store.sharingGroup(named: "live-group"))
+        let goneNumber = try #require(store.sharingGroup(named: "gone-group"))
+        // Pretend every other number was handed out already: the last one is named.
+        try store.createVolume(name: "last", size: 1 << 20, group: "last-group")
+        store.mutex.withLock { store.groups["last-group"] = SharingGroupID(UInt16.max - 1) }
+        store.mutex.withLock { store.images.values.first { $0.record.name == "last" }!.record.group = SharingGroupID(UInt16.max - 1) }
+        try store.createVolume(name: "new", size: 1 << 20)
+        let newNumber = try #require(store.sharingGroup(named: try store.info("new").group))
+        #expect(newNumber == goneNumber, "the lowest number with no image and no chunk")
+        #expect(newNumber != liveNumber)
+        #expect(store.sharingGroup(named: "gone-group") == nil, "one number, two names")
+        try store.device(named: "new").write(block(seed: 1), at: 0)
+        #expect(store.uniqueChunkCount == 2, "the new group must not deduplicate with the live group")
+        try store.close()
+        store = try Store.open(path: dir.path)
+        #expect(try store.sharingGroup(named: store.info("new").group) == newNumber)
+        #expect(store.sharingGroup(named: "live-group") == liveNumber)
+        try store.close()
+    }
+
+    /// An import's data goes into an incomplete volume: invisible in `list`, turned into the named
+    /// volume in one step, and deleted by the next open when its writer died.
+    @Test func incompleteVolumesArePublishedWholeOrDiscarded() throws {
+        let dir = TemporaryStoreDirectory()
+        var store = try Store.initialize(path: dir.path)
+        let first = try store.createIncompleteVolume(size: 1 << 20, blockSize: 4096, group: nil)
+        try store.device(named: first.name).write(block(seed: 8), at: 0)
+        #expect(store.list().isEmpty, "an incomplete volume is listed")
+        let published = try store.publishIncompleteVolume(first.name, as: "vm")
+        #expect(store.list().map(\.name) == ["vm"] && published.group == first.group)
+        #expect(throws: StoreError.notFound(first.name)) { try store.info(first.name) }
+        #expect(try store.device(named: "vm").read(4096, at: 0) == block(seed: 8))
+
+        // A second import dies before publishing: its volume is gone at the next open.
+        let second = try store.createIncompleteVolume(size: 1 << 20, blockSize: 4096, group: nil)
+        try store.device(named: second.name).write(block(seed: 9), at: 0)
+        try store.flush()
+        #expect(throws: StoreError.alreadyExists("vm")) { try store.publishIncompleteVolume(second.name, as: "vm") }
+        try store.close()
+        store = try Store.open(path: dir.path)
+        #expect(throws: StoreError.notFound(second.name)) { try store.info(second.name) }
+        #expect(store.recoveryWarnings.contains { $0.contains(second.name) })
+        #expect(store.list().map(\.name) == ["vm"])
+        #expect(try store.device(named: "vm").read(4096, at: 0) == block(seed: 8))
+        #expect(store.uniqueChunkCount == 1, "the dead import's block was freed")
+        #expect(store.fsck().isClean)
         try store.close()
     }
 

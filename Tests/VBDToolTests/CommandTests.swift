@@ -70,7 +70,8 @@ import VBDControl
         let store = try dir.initializedStore()
         let image = dir.path + "/disk.raw"
         try writeBytes(patternBytes(count: 1 << 20, seed: 3), at: 0, to: image)
-        #expect(try Tool.run(["import", image, "vm"], store: store).succeeded)
+        // One named group: two volumes deduplicate only when an operator puts them in one.
+        #expect(try Tool.run(["import", image, "vm", "--group", "disks"], store: store).succeeded)
         #expect(try Tool.run(["snapshot", "vm@a"], store: store).succeeded)
         // Blocks 2, 3 and 100 changed in a second image of the same disk.
         let patched = dir.path + "/patched.raw"
@@ -78,7 +79,7 @@ import VBDControl
         for i in 2 * 4096..<4 * 4096 { bytes[i] ^= 0xFF }
         for i in 100 * 4096..<101 * 4096 { bytes[i] ^= 0x55 }
         try Data(bytes).write(to: URL(fileURLWithPath: patched))
-        #expect(try Tool.run(["import", patched, "vm2"], store: store).succeeded)
+        #expect(try Tool.run(["import", patched, "vm2", "--group", "disks"], store: store).succeeded)
         #expect(try Tool.run(["snapshot", "vm2@b"], store: store).succeeded)
         let diff = try Tool.run(["diff", "vm@a", "vm2@b", "--json"], store: store).json(DiffReport.self)
         // Different volumes imported separately share no map nodes; dedup makes the unchanged
