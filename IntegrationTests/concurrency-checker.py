@@ -686,7 +686,9 @@ class Checker:
         a = self.args
         for n in range(a.volumes):
             name = f"v{n}"
-            r = self.vbdtool("create", name, "--size", str(a.volume_bytes))
+            # One named sharing group: duplicate writes deduplicate across the volumes, so a chunk
+            # one volume frees can be reused by another (the race of issue 12).
+            r = self.vbdtool("create", name, "--size", str(a.volume_bytes), "--group", "pool")
             if r.returncode != 0:
                 raise SystemExit(f"setup: vbdtool create {name}: {r.stderr.strip()}")
             self.add_image(name, "volume", a.volume_bytes // BLOCK)

@@ -86,7 +86,8 @@ public final class ConcurrentSimulation: @unchecked Sendable {
             let directory = HookedDirectory(disk.directory()) { _, _ in scheduler.yield() }
             store = try Store(directory: directory, options: options, create: true)
             for (k, blocks) in volumeBlocks.enumerated() {
-                _ = try store.createVolume(name: "v\(k)", size: UInt64(blocks * blockSize), blockSize: blockSize)
+                _ = try store.createVolume(name: "v\(k)", size: UInt64(blocks * blockSize), blockSize: blockSize,
+                                           group: "pool")   // one group: chunks freed by one volume are reused by another
                 devices.append(try store.device(named: "v\(k)"))
             }
         } catch {

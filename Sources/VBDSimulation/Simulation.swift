@@ -248,7 +248,9 @@ public final class Simulation {
         let m = ModelImage(name: name, isSnapshot: false, blockSize: blockSize, bytes: [UInt8](repeating: 0, count: size))
         m.inDoubt = true
         model[name] = m
-        try store!.createVolume(name: name, size: UInt64(size), blockSize: blockSize)
+        // Most volumes share one named group, so writes deduplicate across volumes (and the
+        // reuse of a chunk freed by another volume is exercised); every fourth has its own.
+        try store!.createVolume(name: name, size: UInt64(size), blockSize: blockSize, group: step % 4 == 0 ? nil : "pool")
         allDurable()
     }
 
