@@ -21,8 +21,8 @@ public struct NBDExportDescription: Sendable, Equatable {
 public enum NBDMetaContext: UInt32, Sendable, Hashable, CaseIterable, CustomStringConvertible {
     /// `base:allocation`: bit 0 NBD_STATE_HOLE, bit 1 NBD_STATE_ZERO.
     case baseAllocation = 1
-    /// `x-vbd:sharing`: bit 0 set where the range's storage is also held by another volume or
-    /// snapshot (copy-on-write sharing or deduplication). See docs/NBD.md.
+    /// `x-vbd:sharing`: bit 0 set where the range's storage is also held by another image of the
+    /// same lineage (its snapshots and shares); never a signal about other tenants. See docs/NBD.md.
     case vbdSharing = 2
 
     /// The context id sent in `NBD_REP_META_CONTEXT` and in block status chunks; fixed per context.

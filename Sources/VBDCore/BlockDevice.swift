@@ -96,7 +96,7 @@ public struct ExtentFlags: OptionSet, Hashable, Sendable {
     public static let hole = ExtentFlags(rawValue: 1 << 0)
     /// Reads as zeroes (NBD_STATE_ZERO).
     public static let zero = ExtentFlags(rawValue: 1 << 1)
-    /// Its storage is also held by another volume or snapshot (the `x-vbd:sharing` context).
+    /// Its storage is also held by another image of the same lineage (the `x-vbd:sharing` context).
     public static let shared = ExtentFlags(rawValue: 1 << 2)
 }
 
