@@ -4,7 +4,7 @@
 #   make check-concurrency-long   the concurrency checker for 10 minutes (docs/TESTING.md)
 STORE ?= $(CURDIR)/vbd-data
 SWIFT_BUILD_FLAGS ?=
-.PHONY: setup build release serve test unit integration sim sim-mutation bench clean check-concurrency check-concurrency-long
+.PHONY: setup build release serve test unit integration sim sim-mutation bench clean check-concurrency check-concurrency-long fuzz-long fuzz-short
 
 setup:
 	@bash scripts/setup.sh
@@ -51,3 +51,13 @@ bench: setup
 
 clean:
 	rm -rf .build
+
+# Fuzzing (issue 13, docs/TESTING.md "Fuzzing"): the libFuzzer targets for 10 million executions
+# each, one after another, then the live-socket fuzzer for an hour-equivalent of sessions.
+fuzz-long: build
+	bash Fuzz/run-fuzzers.sh --long
+	bash IntegrationTests/test-fuzz-live.sh --long
+
+fuzz-short: build
+	bash IntegrationTests/test-fuzz-short.sh
+	bash IntegrationTests/test-fuzz-live.sh
