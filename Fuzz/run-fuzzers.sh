@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds (Fuzz/build.py) and runs the libFuzzer targets, one at a time (the machine has 2 cores).
 #   Fuzz/run-fuzzers.sh --short [SECONDS]   each target for SECONDS (default 15) from the seed corpus
-#   Fuzz/run-fuzzers.sh --long [RUNS]       each target for RUNS executions (default 10 million)
+#   Fuzz/run-fuzzers.sh --long [RUNS]       each target for RUNS executions (default 10 million);
+#                                           VBD_FUZZ_MAX_SECONDS caps each target's time (default none)
 #   Fuzz/run-fuzzers.sh --replay            each corpus input once (regressions), no fuzzing
 # Seeds: fixtures/fuzz/<target>. The working corpus grows in .build/fuzz/corpus/<target> (the
 # fixtures stay as committed); a crash is saved as .build/fuzz/artifacts/<target>/crash-* and
@@ -15,7 +16,7 @@ out="$root/.build/fuzz"
 python3 Fuzz/build.py "${targets[@]}" || exit 1
 
 # No leak checking: the Swift runtime keeps metadata caches for the process's life by design.
-export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:symbolize=1"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:symbolize=1:quarantine_size_mb=64"
 failed=0
 for target in "${targets[@]}"; do
     binary="$out/$target/$target"
@@ -39,7 +40,8 @@ for target in "${targets[@]}"; do
             rc=$?;;
         --long)
             runs=${2:-10000000}
-            "$binary" "${common[@]}" -runs="$runs" "$corpus" "fixtures/fuzz/$target" >"$log" 2>&1
+            "$binary" "${common[@]}" -runs="$runs" -max_total_time="${VBD_FUZZ_MAX_SECONDS:-0}" \
+                "$corpus" "fixtures/fuzz/$target" >"$log" 2>&1
             rc=$?;;
         --replay)
             "$binary" "${common[@]}" -runs=0 "fixtures/fuzz/$target" >"$log" 2>&1
