@@ -128,13 +128,29 @@ def mutate(stream, corpus, rng):
     return data
 
 
+REPLY_MAGICS = (struct.pack(">I", 0x67446698), struct.pack(">I", 0x668E33EF))
+
+
+class Answer:
+    """What the server sent in one session: bytes, and whether a transmission reply was among them."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.transmission = False
+
+    def add(self, chunk):
+        self.bytes += len(chunk)
+        if not self.transmission and any(m in chunk for m in REPLY_MAGICS):
+            self.transmission = True
+
+
 def run_session(target, data, seed):
     """Sends `data` in random pieces while draining replies; ends the connection one of three ways."""
     rng = random.Random(seed)
     family, address = target
     s = socket.socket(family, socket.SOCK_STREAM)
     s.settimeout(5)
-    received = 0
+    received = Answer()
     try:
         s.connect(address)
         s.setblocking(False)
@@ -151,7 +167,7 @@ def run_session(target, data, seed):
                 chunk = s.recv(1 << 20)
                 if not chunk:
                     break
-                received += len(chunk)
+                received.add(chunk)
             except BlockingIOError:
                 pass
             except OSError:
@@ -167,7 +183,7 @@ def run_session(target, data, seed):
                     chunk = s.recv(1 << 20)
                     if not chunk:
                         break
-                    received += len(chunk)
+                    received.add(chunk)
             except OSError:
                 pass
         else:
@@ -267,7 +283,7 @@ def main():
         print(f"live fuzz: server pid {server.pid}, TCP port {port}, RSS {baseline // 1024} MiB before fuzzing", flush=True)
 
         started = time.monotonic()
-        done, batches, received_total, rss_history = 0, 0, 0, []
+        done, batches, received_total, transmitting, rss_history = 0, 0, 0, 0, []
         with concurrent.futures.ThreadPoolExecutor(max_workers=options.parallel) as pool:
             while done < options.sessions and time.monotonic() - started < options.seconds:
                 count = min(options.batch, options.sessions - done)
@@ -276,7 +292,9 @@ def main():
                     data = mutate(rng.choice(corpus), corpus, rng)
                     jobs.append(pool.submit(run_session, rng.choice(targets), data, rng.randrange(1 << 32)))
                 for job in jobs:
-                    received_total += job.result()
+                    answer = job.result()
+                    received_total += answer.bytes
+                    transmitting += answer.transmission
                 done += count
                 batches += 1
                 if server.poll() is not None:
@@ -303,7 +321,8 @@ def main():
             if second > first + options.rss_growth_mb * 1024:
                 failure = f"RSS keeps growing: {first // 1024} MiB -> {second // 1024} MiB"
         print(f"live fuzz: {done} sessions in {batches} batches, {elapsed:.0f} s, "
-              f"{received_total} bytes answered by the server", flush=True)
+              f"{received_total} bytes answered by the server; {transmitting} sessions reached the "
+              f"transmission phase (got a request reply)", flush=True)
         if failure is None:
             server.send_signal(signal.SIGTERM)
             try:
