@@ -95,13 +95,24 @@ def mutate_frame(frame, rng):
     return bytes(frame)
 
 
+def first_request(frames):
+    for index, frame in enumerate(frames):
+        if len(frame) >= 28 and struct.unpack(">I", frame[:4])[0] == REQUEST_MAGIC:
+            return index
+    return None
+
+
 def mutate(stream, corpus, rng):
     frames = split_frames(stream)
+    # Half the sessions keep their handshake intact and mutate only the requests after it, so that
+    # the transmission phase is fuzzed as often as the handshake.
+    start = first_request(frames) if rng.random() < 0.5 else None
+    start = start or 0
     for _ in range(rng.randrange(1, 5)):
         choice = rng.randrange(9)
-        if not frames:
+        if len(frames) <= start:
             break
-        index = rng.randrange(len(frames))
+        index = rng.randrange(start, len(frames))
         if choice <= 2:
             frames[index] = mutate_frame(frames[index], rng)
         elif choice == 3:
@@ -109,7 +120,7 @@ def mutate(stream, corpus, rng):
         elif choice == 4 and len(frames) > 1:
             del frames[index]
         elif choice == 5 and len(frames) > 1:
-            other = rng.randrange(len(frames))
+            other = rng.randrange(start, len(frames))
             frames[index], frames[other] = frames[other], frames[index]
         elif choice == 6:
             donor = split_frames(rng.choice(corpus))
@@ -124,7 +135,8 @@ def mutate(stream, corpus, rng):
             frames.insert(index, os.urandom(rng.randrange(1, 64)))
     data = b"".join(frames)
     if rng.random() < 0.15:
-        data = data[:rng.randrange(len(data) + 1)]
+        keep = len(b"".join(frames[:start]))
+        data = data[:rng.randrange(keep, len(data) + 1)]
     return data
 
 
@@ -172,10 +184,12 @@ def run_session(target, data, seed):
                 pass
             except OSError:
                 break
-        ending = rng.randrange(3)
-        if ending == 0:
+        # Mostly a client that waits for its answers; sometimes one that half-closes (the server
+        # then drops what it has not answered yet) or resets.
+        ending = rng.choices(["wait", "half-close", "reset"], weights=[6, 2, 2])[0]
+        if ending == "half-close":
             s.shutdown(socket.SHUT_WR)
-        if ending <= 1:
+        if ending != "reset":
             # Read what the server still answers, briefly.
             s.settimeout(0.3)
             try:
