@@ -168,7 +168,10 @@ def main():
             "-emit-module-path", os.path.join(module_dir, f"{module}.swiftmodule"),
             "-module-cache-path", module_cache] + ([SANITIZE] if instrumented else [])
         stamp = os.path.join(module_dir, "stamp")
-        key = digest(sources, command)
+        # The modules it imports are part of its inputs: a changed VBDCore interface recompiles it.
+        imported = [(p, os.path.getmtime(p)) for p in manifest_inputs(manifest, f"C.{module}-{triple}-debug.module") or []
+                    if p.endswith(".swiftmodule") and os.path.exists(p)]
+        key = digest(sources, command + imported)
         os.makedirs(module_dir, exist_ok=True)
         if not (os.path.exists(stamp) and open(stamp).read() == key and os.path.exists(module_object)):
             run(command, f"{module}" + (f" with {SANITIZE}" if instrumented else " (optimised, not instrumented)"))
