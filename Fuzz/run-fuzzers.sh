@@ -5,8 +5,8 @@
 #                                           VBD_FUZZ_MAX_SECONDS caps each target's time (default none)
 #   Fuzz/run-fuzzers.sh --replay            each corpus input once (regressions), no fuzzing
 # Seeds: fixtures/fuzz/<target>. The working corpus grows in .build/fuzz/corpus/<target> (the
-# fixtures stay as committed); a crash is saved as .build/fuzz/artifacts/<target>/crash-* and
-# fails the run. Prints per target: executions, seconds, crashes, sanitizer reports.
+# fixtures stay as committed); a failing input is saved in .build/fuzz/artifacts/<target>/
+# (crash-*, oom-*, timeout-*) and fails the run. Prints per target: executions, seconds, crashes, sanitizer reports.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -53,7 +53,8 @@ for target in "${targets[@]}"; do
     coverage=$(grep -o 'cov: [0-9]*' "$log" | tail -1)
     sanitizer=$(grep -c '^==[0-9]*==ERROR: \|^SUMMARY: .*Sanitizer' "$log")
     invariants=$(grep -c 'FUZZ INVARIANT FAILED' "$log")
-    crashes=$(find "$artifacts" -name 'crash-*' -newer "$started" 2>/dev/null | wc -l)
+    # crash-* (trap, sanitizer, invariant), oom-* (an allocation over the limit), timeout-*, leak-*.
+    crashes=$(find "$artifacts" -newer "$started" \( -name 'crash-*' -o -name 'oom-*' -o -name 'timeout-*' -o -name 'leak-*' \) 2>/dev/null | wc -l)
     echo "$target: ${executions:-?} executions in ${seconds:-?} s, ${coverage:-cov: ?}, exit $rc, crashes $crashes, sanitizer reports $sanitizer, invariant failures $invariants"
     if [ "$rc" -ne 0 ] || [ "$sanitizer" -ne 0 ] || [ "$invariants" -ne 0 ]; then
         failed=1
