@@ -5,7 +5,7 @@
 #   make power-cut-long   25 real power cuts of a QEMU guest writing to the store (SEED=N to replay)
 STORE ?= $(CURDIR)/vbd-data
 SWIFT_BUILD_FLAGS ?=
-.PHONY: setup build release serve test unit integration sim sim-mutation bench clean check-concurrency check-concurrency-long power-cut power-cut-long
+.PHONY: setup build release serve test unit integration sim sim-mutation bench clean check-concurrency check-concurrency-long power-cut power-cut-long fuzz-long fuzz-short
 
 setup:
 	@bash scripts/setup.sh
@@ -61,3 +61,13 @@ bench: setup
 
 clean:
 	rm -rf .build
+
+# Fuzzing (issue 13, docs/TESTING.md "Fuzzing"): the libFuzzer targets for 10 million executions
+# each, one after another, then the live-socket fuzzer for an hour-equivalent of sessions.
+fuzz-long: build
+	bash Fuzz/run-fuzzers.sh --long
+	bash IntegrationTests/test-fuzz-live.sh --long
+
+fuzz-short: build
+	bash IntegrationTests/test-fuzz-short.sh
+	bash IntegrationTests/test-fuzz-live.sh
