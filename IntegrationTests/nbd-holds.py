@@ -9,6 +9,11 @@ MODE is one of
                 so a message is always half-received yet each completes well within the timeout
                 (T is a few times --message-timeout): the connection must stay open, every WRITE
                 acknowledged;
+  half-close    a client that pipelines options, GO, two WRITEs, a READ (of a range nothing wrote:
+                NBD does not order requests in flight) and DISC, then closes
+                its sending side (shutdown SHUT_WR) before reading anything: every option and
+                request is still answered (proto.md: on DISC the server handles all outstanding
+                requests), and then the server closes;
   per-peer N    N connections from this address are served, the N+1st is closed before its
                 greeting, and after one of the N hangs up a new one is served again;
   stuck K       K connections each pipeline reads and never read the replies, then print READY and
@@ -81,6 +86,40 @@ def main():
                 print(f"FAIL: reply {expected}: error {error}, handle {got}")
                 sys.exit(1)
         print(f"steady writer: {handle} WRITEs over {seconds:.0f} s, all acknowledged, connection open")
+    elif mode == "half-close":
+        s = resets.connect(host, port)
+        s.settimeout(60)
+        resets.read_greeting(s)
+        pattern = bytes(range(256)) * 16
+        s.sendall(struct.pack(">I", 3)
+                  + resets.option(resets.OPT_LIST)
+                  + resets.option(resets.OPT_GO, resets.go_payload(export))
+                  + resets.request(resets.CMD_WRITE, 1, 0, 4096) + pattern
+                  + resets.request(resets.CMD_WRITE, 2, 4096, 4096) + pattern[::-1]
+                  + resets.request(resets.CMD_READ, 3, 32 << 20, 8192)   # never written: zeroes
+                  + resets.request(resets.CMD_DISC, 4, 0, 0))
+        s.shutdown(socket.SHUT_WR)
+        listed = resets.read_option_replies(s, resets.OPT_LIST)
+        went = resets.read_option_replies(s, resets.OPT_GO)
+        if listed[-1] != resets.REP_ACK or went[-1] != resets.REP_ACK:
+            print(f"FAIL: option replies after a half-close: LIST {listed}, GO {went}")
+            sys.exit(1)
+        replies = {}
+        for _ in range(3):
+            magic, error, handle = struct.unpack(">IIQ", resets.recv_exactly(s, 16))
+            replies[handle] = error
+            if handle == 3 and error == 0:
+                data = resets.recv_exactly(s, 8192)
+                if data != bytes(8192):
+                    print("FAIL: the READ after a half-close returned other bytes than the volume holds")
+                    sys.exit(1)
+        if replies != {1: 0, 2: 0, 3: 0}:
+            print(f"FAIL: replies after a half-close: {replies}")
+            sys.exit(1)
+        if s.recv(1) != b"":
+            print("FAIL: the server sent more after the last reply")
+            sys.exit(1)
+        print("half-close: LIST, GO, two WRITEs and a READ answered after the client closed its side; then closed")
     elif mode == "per-peer":
         n = int(sys.argv[5])
         held = []

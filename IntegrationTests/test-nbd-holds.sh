@@ -12,6 +12,7 @@ start_tcp_server --message-timeout 2 --idle-timeout 3 --connections-per-peer 4
 python3 "$holds" 127.0.0.1 "$PORT" vol half-write || fail "half-sent WRITE"
 grep -q "deadline passed: a started request" "$TMPDIR_TEST/serve.log" || fail "no log of the expired request"
 python3 "$holds" 127.0.0.1 "$PORT" vol steady 6 || fail "a slow, steady writer was cut off"
+python3 "$holds" 127.0.0.1 "$PORT" vol half-close || fail "a half-closed client's requests were not all answered"
 python3 "$holds" 127.0.0.1 "$PORT" vol idle || fail "idle connection"
 grep -q "deadline passed: idle" "$TMPDIR_TEST/serve.log" || fail "no log of the idle close"
 python3 "$holds" 127.0.0.1 "$PORT" vol per-peer 4 || fail "per-peer limit"

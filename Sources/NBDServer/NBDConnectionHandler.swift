@@ -76,6 +76,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var awaitingHandshakeResult = false
     /// `read` was requested while the handler could not take more input.
     private var readDeferred = false
+    /// The client closed its sending side (a half-close): nothing more will arrive, but what it
+    /// sent is still handled and answered (see `finishEndedInput`).
+    private var inputEnded = false
     private var inFlightBytes = 0
     /// True while `processInbound` runs: replies completed synchronously meanwhile (cache hits on
     /// the fast path, refusals) are written without a flush, and one flush at the end sends them
@@ -208,6 +211,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, case .inputClosed = event {
+            inputEnded = true
+            processInbound(context: context)   // ends the connection once the input is handled
+            return
+        }
         if let event = event as? NBDConnectionEvent {
             switch event {
             case .shutdown:
@@ -261,6 +269,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 context.flush()
             }
             updateDeadlines(context: context)
+            if inputEnded { finishEndedInput(context: context) }
         }
         while canTakeInput(context: context), var buffer = inbound {
             inbound = nil  // keeps `buffer` uniquely referenced while the parser consumes it
@@ -345,6 +354,28 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             case .closeWhenIdle, .none:
                 break
             }
+        }
+    }
+
+    /// After the client half-closed, once the server has taken all the input it can: what is
+    /// left is at most an incomplete message, which can never complete. The connection then ends
+    /// as NBD_CMD_DISC would end it: requests in flight are answered, then it closes. While input
+    /// is held back (requests in flight at the limit, an export lookup, a blocked socket) this
+    /// waits; every one of those ends by processing input again, which calls this again.
+    private func finishEndedInput(context: ChannelHandlerContext) {
+        // Not taking input: held back (see above), closed, or already draining after a DISC.
+        guard canTakeInput(context: context) else { return }
+        switch phase {
+        case .closed:
+            return
+        case .handshake:
+            logger.debug("client closed its side during the handshake")
+            close(context: context)
+        case .transmission(var machine, let device):
+            logger.debug("client closed its side: closing once requests in flight are answered")
+            let action = machine.disconnectRequested()
+            phase = .transmission(machine, device)
+            if case .close = action { close(context: context) }
         }
     }
 

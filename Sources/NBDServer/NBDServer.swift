@@ -145,6 +145,9 @@ public final class NBDServer: Sendable {
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.autoRead, value: true)
+            // A client that half-closes still gets the answers to what it sent (the handler
+            // ends the connection once they are given).
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { [self] channel in
                 self.initialize(channel, environment: environment)
             }
