@@ -272,4 +272,29 @@ import VBDSimulation
         #expect(store.recoveryWarnings.first?.contains("nothing flushed was lost") == false)
         try store.close()
     }
+
+    /// Damage to the previous generation's journal alone: the newest generation does not read it.
+    @Test func damagedOlderJournalAloneChangesNothing() throws {
+        let disk = SimulatedDisk(seed: 38)
+        let newest = try buildScenario(disk)
+        disk.flipByte(file: "journal-\(newest - 1)", at: JournalFrame.headerBytes + 2)
+        let store = try simulatedStore(disk)
+        #expect(store.recoveryWarnings.isEmpty)
+        #expect(problems(in: store) == [])
+        try store.close()
+    }
+
+    /// The older journal damaged before its last frame and the newest checkpoint damaged too: the
+    /// fallback cannot be complete, so the open refuses (read-only and writable) and changes nothing.
+    @Test func damagedOlderJournalAndCheckpointAreRefusedNotSilentlyDropped() throws {
+        let disk = SimulatedDisk(seed: 39)
+        // A flushed frame before the seal, so the damaged frame has a valid one after it.
+        let newest = try buildScenario(disk) { store in try store.flush() }
+        damage(disk, newest: newest, what: "checkpoint")
+        disk.flipByte(file: "journal-\(newest - 1)", at: JournalFrame.headerBytes + 2)
+        let callsBefore = disk.mutatingCalls
+        #expect(throws: StoreError.self) { _ = try simulatedStore(disk, readOnly: true) }
+        #expect(throws: StoreError.self) { _ = try simulatedStore(disk) }
+        #expect(disk.mutatingCalls == callsBefore)
+    }
 }
