@@ -171,7 +171,9 @@ public struct DomainResolver: Sendable, Equatable {
     /// Who `identity` is, or nil when it proved nothing this configuration recognises. A
     /// certificate wins over unix credentials: it names a tenant, a uid names a local user.
     public func authenticate(_ identity: PeerIdentity) -> PeerDomain? {
-        if let subject = identity.certificateSubject {
+        // A certificate with an empty subject names nobody (it may identify its holder only by
+        // an alternative name, which this server does not map): it proves no domain.
+        if let subject = identity.certificateSubject, !subject.names.isEmpty {
             return .domain(certificateDomains[subject] ?? DomainID(subject.description))
         }
         if let credentials = identity.unixCredentials {

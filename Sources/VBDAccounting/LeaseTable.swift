@@ -46,6 +46,8 @@ public enum LeaseError: Error, Equatable, Sendable, CustomStringConvertible {
     case notHeld(volume: String, domain: DomainID)
     case invalidDuration
     case tableFull
+    /// A lease or binding names the empty domain (a script's unset variable, most likely).
+    case emptyDomain
 
     public var description: String {
         switch self {
@@ -54,6 +56,7 @@ public enum LeaseError: Error, Equatable, Sendable, CustomStringConvertible {
         case .notHeld(let volume, let domain): return "\(domain) holds no lease on \(volume)"
         case .invalidDuration: return "lease duration must be positive and at most \(LeaseTable.durationMax)"
         case .tableFull: return "lease table is full (\(LeaseTable.leasesMax) leases)"
+        case .emptyDomain: return "a domain name must not be empty"
         }
     }
 }
@@ -96,6 +99,7 @@ public struct LeaseTable: Sendable, Equatable, Codable {
     public mutating func grant(volume: String, imageID: UInt64? = nil, domain: DomainID, mode: LeaseMode,
                                duration: Duration, now: WallTime) throws(LeaseError) -> Lease {
         guard duration > .zero, duration <= Self.durationMax else { throw .invalidDuration }
+        guard !domain.name.isEmpty else { throw .emptyDomain }
         for other in leases(on: volume) where other.domain != domain && other.expiresAt > now {
             if mode == .write || other.mode == .write {
                 throw .conflict(volume: volume, holder: other.domain, mode: other.mode)

@@ -306,6 +306,7 @@ public final class TenancyService: Sendable {
 
     /// Only `domain` may open `export` from now on (the image `imageID`; see ``ExportBinding``).
     public func bind(export: String, to domain: DomainID, imageID: UInt64? = nil, actor: String) throws {
+        guard !domain.name.isEmpty else { throw LeaseError.emptyDomain }
         try control { state, _ in
             state.resolver.bindings[export] = ExportBinding(domain: domain, imageID: imageID)
             var details = ["domain": domain.name]

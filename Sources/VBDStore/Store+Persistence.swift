@@ -329,7 +329,14 @@ extension Store {
     func writeCheckpointLocked() throws {
         if options.readOnly { throw StoreError.io("the store was opened read-only") }
         let frees = space.takeDeferred()
-        let newGeneration = generation + 1
+        // Normally the next number, whose slot is the previous generation's. After a fallback the
+        // slot of the generation recovery started from must survive until this checkpoint is
+        // durable, so the number skips to the other slot's parity.
+        var newGeneration = generation + 1
+        if let root = fallbackRoot, newGeneration % 2 == root % 2 { newGeneration += 1 }
+        // The generation the other slot names once this one is durable: its files, and every
+        // journal chained after it, stay.
+        let keepFrom = fallbackRoot ?? generation
         let bytes = encodeCheckpoint(generation: newGeneration)
         var step = "fdatasync of the data file"
         var superblockTouched = false
@@ -391,17 +398,15 @@ extension Store {
             if failure == nil && e == .noSpace { throw StoreError.noSpace }
             throw StoreError.io("checkpoint failed at \(step): \(e)")
         }
-        let old = generation
         generation = newGeneration
         journalSequence = 0
         journalEnd = 0
         pending = BinaryWriter()
         pendingRecordCount = 0
-        // The new generation is durable; the one before the previous is named by no slot now.
-        if old >= 1 {
-            try? directory.removeFile("checkpoint-\(old - 1)")
-            try? directory.removeFile("journal-\(old - 1)")
-        }
+        fallbackRoot = nil
+        // The new generation is durable; generations before the one the other slot names are
+        // named by no slot and no chain now.
+        removeGenerationFiles { $0 < keepFrom }
         let punches = space.release(frees)
         for p in punches { try? dataFile.punchHole(offset: p.offset, length: p.length) }
     }
@@ -617,7 +622,26 @@ extension Store {
         }
         replaying = true
         defer { replaying = false }
-        let replayed = try replayJournal(journalFile, name: journalName, generation: generation)
+        var replayed = try replayJournal(journalFile, name: journalName, generation: generation)
+        // Fell back from a damaged newest generation: a journal sealed for the next generation
+        // continues in that generation's journal, so replaying the chain loses nothing. The last
+        // journal of the chain becomes the current one, and the damaged generation is skipped.
+        var chain = [generation]
+        if !damage.isEmpty {
+            while let next = replayed.sealedFor, next > generation, directory.fileExists("journal-\(next)") {
+                let nextFile = try directory.openFile("journal-\(next)", create: false)
+                do {
+                    replayed = try replayJournal(nextFile, name: "journal-\(next)", generation: next)
+                } catch {
+                    nextFile.close()
+                    throw error
+                }
+                journalFile.close()
+                journalFile = nextFile
+                generation = next
+                chain.append(next)
+            }
+        }
         journalSequence = UInt64(replayed.frames)
         journalEnd = UInt64(replayed.validBytes)
         if replayed.fileBytes > replayed.validBytes && !options.readOnly {
@@ -626,25 +650,13 @@ extension Store {
             try journalFile.truncate(to: UInt64(replayed.validBytes))
             try journalFile.sync()
         }
-        // Fell back from a damaged newest generation: if this journal was sealed for it, its
-        // own journal continues exactly where this one ends, so replaying it loses nothing.
-        var chained = false
-        if !damage.isEmpty, let next = replayed.sealedFor, next == generation + 1 {
-            let nextName = "journal-\(next)"
-            if directory.fileExists(nextName) {
-                let nextFile = try directory.openFile(nextName, create: false)
-                defer { nextFile.close() }
-                _ = try replayJournal(nextFile, name: nextName, generation: next)
-                chained = true
-            }
-        }
         if !damage.isEmpty {
             // A damaged slot's generation is unknown; a damaged checkpoint was newer than this one.
-            if chained {
+            if chain.count > 1 {
+                fallbackRoot = slot.generation
                 recoveryWarnings.append("opened checkpoint-\(slot.generation) although \(damage.joined(separator: "; ")): " +
-                                        "replayed journal-\(slot.generation) and journal-\(slot.generation + 1) after it, " +
-                                        "so nothing flushed was lost" +
-                                        (options.readOnly ? "" : "; a new checkpoint replaces the damaged generation"))
+                                        "replayed " + chain.map { "journal-\($0)" }.joined(separator: ", ") +
+                                        ", so nothing flushed was lost; the next checkpoint replaces the damaged generation")
             } else {
                 recoveryWarnings.append("opened checkpoint-\(slot.generation) although \(damage.joined(separator: "; ")): " +
                                         "if that was the newest generation, changes made after checkpoint-\(slot.generation) " +
@@ -663,17 +675,20 @@ extension Store {
         chunks.rebuildFreeList()
         try rebuildSpace()
         guard !options.readOnly else { return }
-        // Files of other generations are leftovers of an interrupted checkpoint, except the
-        // previous generation's while the older slot names it.
-        let keep: Set<UInt64> = Set(slots.map(\.generation).filter { $0 == generation || $0 + 1 == generation })
+        // Files outside the generations the slots and the chain name are leftovers of an
+        // interrupted checkpoint. (Everything from the older valid slot on may be a way back.)
+        let lowest = slots.map(\.generation).min() ?? generation
+        let highest = max(generation, slots.map(\.generation).max() ?? generation)
+        removeGenerationFiles { $0 < lowest || $0 > highest }
+    }
+
+    /// Removes the checkpoint and journal files of the generations `doomed` selects.
+    func removeGenerationFiles(_ doomed: (UInt64) -> Bool) {
         for name in (try? directory.fileNames()) ?? [] {
             for prefix in ["checkpoint-", "journal-"] where name.hasPrefix(prefix) {
-                if let g = UInt64(name.dropFirst(prefix.count)), !keep.contains(g) { try? directory.removeFile(name) }
+                if let g = UInt64(name.dropFirst(prefix.count)), doomed(g) { try? directory.removeFile(name) }
             }
         }
-        // After a fallback, a new generation at once: it replaces the damaged slot or checkpoint,
-        // and new frames must not follow a journal that recovery chained to another one.
-        if !damage.isEmpty { try writeCheckpointLocked() }
     }
 
     /// Replays the valid frames of one generation's journal. A bad frame with valid frames after

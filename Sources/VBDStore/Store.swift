@@ -102,7 +102,12 @@ public final class Store: @unchecked Sendable {
     var nextImageID: UInt64 = 1
     var pending = BinaryWriter()
     var pendingRecordCount = 0
+    /// The generation whose journal is current (frames are appended to `journal-<generation>`).
     var generation: UInt64 = 0
+    /// After a fallback: the generation of the superblock slot recovery started from. Its slot is
+    /// the only complete way back until the next checkpoint is durable, so that checkpoint takes
+    /// the other slot (see `writeCheckpointLocked`). Nil otherwise.
+    var fallbackRoot: UInt64?
     var secret: UInt64 = 0
     var journalSequence: UInt64 = 0
     var journalEnd: UInt64 = 0

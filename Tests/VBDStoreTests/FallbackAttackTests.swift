@@ -109,52 +109,63 @@ import VBDSimulation
         try again.close()
     }
 
-    // MARK: The checkpoint that recovery writes after a fallback
+    // MARK: The first checkpoint after a fallback
 
-    /// The fallback open writes a new checkpoint; if that fails (a transient EIO, a full disk),
-    /// the open fails. Opening again once the fault is gone must still find everything: nothing
-    /// was lost, only the repair was not finished.
+    /// A fallback open writes nothing but the cut of a torn tail: the damaged generation stays
+    /// until the next checkpoint. If that checkpoint fails (a transient EIO, a full disk),
+    /// opening again once the fault is gone must still find everything.
     @Test(arguments: [("checkpoint-", SimulatedDisk.Call.write), ("superblock", .write), ("", .syncDirectory),
                       ("journal-", .truncate)])
-    func failedCheckpointOfTheFallbackOpenLosesNothing(file: String, call: SimulatedDisk.Call) throws {
+    func failedCheckpointAfterAFallbackLosesNothing(file: String, call: SimulatedDisk.Call) throws {
         let disk = SimulatedDisk(seed: 32)
         let newest = try buildScenario(disk)
         damage(disk, newest: newest, what: "checkpoint")
+        let callsBefore = disk.mutatingCalls
+        let store = try simulatedStore(disk)
+        #expect(problems(in: store) == [])
+        #expect(disk.mutatingCalls == callsBefore, "the fallback open wrote")
         disk.inject(.io("injected EIO"), on: call, filePrefix: file)
-        #expect(throws: (any Error).self) { _ = try simulatedStore(disk) }
+        #expect(throws: (any Error).self) { try store.checkpoint() }
         #expect(disk.faultsFired == 1)
         disk.removeInjectedFaults()
+        store.abandonWithoutFlush()
         // The process restarts (no power loss): the same disk, opened again.
-        let store = try simulatedStore(disk)
-        #expect(problems(in: store) == [], "after a failed \(call) of \(file)*: \(store.recoveryWarnings)")
-        try store.close()
+        let again = try simulatedStore(disk)
+        #expect(problems(in: again) == [], "after a failed \(call) of \(file)*: \(again.recoveryWarnings)")
+        try again.close()
     }
 
-    /// A power cut at every step of the fallback open's checkpoint: the next open finds everything.
+    /// A power cut at every step of the first checkpoint after a fallback: the next open finds
+    /// everything.
     @Test(arguments: ["checkpoint", "superblock"])
-    func crashDuringTheFallbackCheckpointLosesNothing(damaged: String) throws {
+    func crashDuringTheCheckpointAfterAFallbackLosesNothing(damaged: String) throws {
         var failures: [String] = []
         var step = 0
         while step < 40 {
             let disk = SimulatedDisk(seed: 33)
             let newest = try buildScenario(disk)
             damage(disk, newest: newest, what: damaged)
+            let store = try simulatedStore(disk)
             disk.crashCountdown = step
-            let opened = try? simulatedStore(disk)
-            if let opened {
-                // No crash: the whole recovery ran within `step` mutating calls.
+            if (try? store.checkpoint()) != nil {
+                // No crash: the whole checkpoint ran within `step` mutating calls.
                 disk.crashCountdown = nil
-                #expect(problems(in: opened) == [])
-                try opened.close()
+                #expect(problems(in: store) == [])
+                try store.close()
+                let again = try simulatedStore(disk)
+                #expect(again.recoveryWarnings.isEmpty, "\(again.recoveryWarnings)")
+                #expect(problems(in: again) == [])
+                try again.close()
                 break
             }
+            store.abandonWithoutFlush()
             disk.powerLoss()
             disk.reboot()
             do {
-                let store = try simulatedStore(disk)
-                let found = problems(in: store)
-                if !found.isEmpty { failures.append("crash after \(step) calls: \(found.prefix(4)) warnings \(store.recoveryWarnings)") }
-                try store.close()
+                let reopened = try simulatedStore(disk)
+                let found = problems(in: reopened)
+                if !found.isEmpty { failures.append("crash after \(step) calls: \(found.prefix(4)) warnings \(reopened.recoveryWarnings)") }
+                try reopened.close()
             } catch {
                 failures.append("crash after \(step) calls: reopen fails: \(error)")
             }
@@ -164,14 +175,18 @@ import VBDSimulation
         #expect(failures == [])
     }
 
-    /// A second fallback right after the first: after the fallback open's checkpoint, new writes,
-    /// then the newest checkpoint is damaged again. Everything acknowledged must still be there.
+    /// A second fallback after the first: the first checkpoint after the fallback, new writes,
+    /// then that checkpoint is damaged too. Recovery then chains three journals (the fallback
+    /// root's, the skipped generation's, the newest) and everything acknowledged is there.
     @Test func secondFallbackAfterTheFirstLosesNothing() throws {
         let disk = SimulatedDisk(seed: 34)
         let newest = try buildScenario(disk)
         damage(disk, newest: newest, what: "checkpoint")
         let first = try simulatedStore(disk)
         #expect(problems(in: first) == [])
+        try first.device(named: "w").write(block(seed: 8), at: 8192)
+        try first.flush()
+        try first.checkpoint()
         let latest = first.mutex.withLock { first.generation }
         try first.device(named: "w").write(block(seed: 9), at: 4096)
         try first.flush()
@@ -179,8 +194,14 @@ import VBDSimulation
         damage(disk, newest: latest, what: "checkpoint")
         let second = try simulatedStore(disk)
         #expect(problems(in: second) == [], "warnings: \(second.recoveryWarnings)")
+        #expect(second.recoveryWarnings.first?.contains("nothing flushed was lost") == true, "\(second.recoveryWarnings)")
+        #expect(try second.device(named: "w").read(4096, at: 8192) == block(seed: 8))
         #expect(try second.device(named: "w").read(4096, at: 4096) == block(seed: 9))
         try second.close()
+        let third = try simulatedStore(disk)
+        #expect(third.recoveryWarnings.isEmpty)
+        #expect(problems(in: third) == [])
+        try third.close()
     }
 
     // MARK: Crashes and failures of ordinary checkpoints, then a fallback
