@@ -8,14 +8,6 @@ import VBDSimulation
 /// of generation G+1, so checkpoint G + journal-G + journal-(G+1) is everything flushed. These
 /// tests damage the newest generation and then fail, crash or damage again around the recovery.
 @Suite struct FallbackAttackTests {
-    func simulatedStore(_ disk: SimulatedDisk, create: Bool = false, readOnly: Bool = false) throws -> Store {
-        var options = Store.Options()
-        options.secretForNewStore = 7
-        options.spaceReserveBytes = 256 << 10
-        options.readOnly = readOnly
-        return try Store(directory: disk.directory(), options: options, create: create)
-    }
-
     /// What a store must hold after the scenario below: image -> (offset, seed) of each block.
     static let expectedBlocks: [String: [(offset: UInt64, seed: UInt64)]] = [
         "v": [(0, 3), (4096, 6), (8192, 4), (12288, 5)],

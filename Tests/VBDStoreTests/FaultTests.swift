@@ -7,16 +7,6 @@ import VBDSimulation
 /// Faults of the persistence layer: failed syncs, a damaged journal, checkpoint or superblock,
 /// lost directory entries, a deleted lock file. Each test failed before its fix.
 @Suite struct FaultTests {
-    func simulatedStore(_ disk: SimulatedDisk, create: Bool = false, readOnly: Bool = false,
-                        repair: (@Sendable (JournalDamage) -> Bool)? = nil) throws -> Store {
-        var options = Store.Options()
-        options.secretForNewStore = 7
-        options.spaceReserveBytes = 256 << 10
-        options.readOnly = readOnly
-        options.repairJournal = repair
-        return try Store(directory: disk.directory(), options: options, create: create)
-    }
-
     // MARK: a. A failed fsync poisons the store
 
     /// Linux may drop the dirty pages of a failed fsync and report success on the retry: a

@@ -1,5 +1,6 @@
 import Foundation
 import VBDCore
+import VBDSimulation
 @testable import VBDStore
 
 /// A fresh temporary store directory, removed when the test ends.
@@ -46,4 +47,15 @@ extension VolumeDevice {
         try out.withUnsafeMutableBytes { (b: UnsafeMutableRawBufferPointer) throws in try read(offset: offset, into: b) }
         return out
     }
+}
+
+/// A store on a simulated disk, as the fault tests open it (a fixed secret, a small space reserve).
+func simulatedStore(_ disk: SimulatedDisk, create: Bool = false, readOnly: Bool = false,
+                    repair: (@Sendable (JournalDamage) -> Bool)? = nil) throws -> Store {
+    var options = Store.Options()
+    options.secretForNewStore = 7
+    options.spaceReserveBytes = 256 << 10
+    options.readOnly = readOnly
+    options.repairJournal = repair
+    return try Store(directory: disk.directory(), options: options, create: create)
 }
