@@ -21,16 +21,21 @@ kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true
 
 # Six connections that never read their replies, a 4 s grace period: stopping takes one period.
 start_tcp_server --shutdown-grace 4
-python3 "$holds" 127.0.0.1 "$PORT" vol stuck 6 > "$TMPDIR_TEST/stuck.out" 2>&1 &
+# The clients print READY once all six hold their connections; the script waits for that line.
+mkfifo "$TMPDIR_TEST/stuck.fifo"
+python3 "$holds" 127.0.0.1 "$PORT" vol stuck 6 > "$TMPDIR_TEST/stuck.fifo" 2>&1 &
 client=$!
 cleanup_fn "kill $client 2>/dev/null"
-for _ in $(seq 1 300); do grep -q READY "$TMPDIR_TEST/stuck.out" && break; sleep 0.1; done
-grep -q READY "$TMPDIR_TEST/stuck.out" || fail "stuck clients did not start"
+exec 4<"$TMPDIR_TEST/stuck.fifo"
+line=""
+read -r -t 120 line <&4 || true   # the bound only turns a hang into a failure
+[ "$line" = READY ] || fail "stuck clients did not start (${line:-no line in 120 s})"
 started=$(date +%s%N)
 kill -TERM "$SERVER_PID"
 wait "$SERVER_PID" || true
 stopped_ms=$(( ($(date +%s%N) - started) / 1000000 ))
 kill "$client" 2>/dev/null; wait "$client" 2>/dev/null || true
+exec 4<&-
 echo "stop with 6 stuck connections and a 4 s grace period took $stopped_ms ms"
 # One after another would take 6 x 4 s = 24 s; together it is one period plus closing.
 [ "$stopped_ms" -lt 16000 ] || fail "shutdown took $stopped_ms ms: the grace periods ran one after another"
