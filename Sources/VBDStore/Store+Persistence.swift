@@ -95,18 +95,11 @@ extension Store {
             try checkOpen()
             let (records, result) = try plan()
             guard !records.isEmpty else { return result() }
-            var batch = BinaryWriter(capacity: pending.bytes.count + 256)
-            batch.raw(pending.bytes)
-            for r in records { r.encode(into: &batch) }
-            let frame = JournalFrame.encode(generation: generation, sequence: journalSequence, payload: batch.bytes)
             var step = "fdatasync of the data file"
             do throws(StorageError) {
                 // Writes queued since the flush above name chunks that are not synced yet.
                 if !pending.bytes.isEmpty { try dataFile.sync() }
-                step = "journal write"
-                try writeUsingSpaceReserve(frame, to: journalFile, at: journalEnd)
-                step = "fdatasync of journal-\(generation)"
-                try journalFile.sync()
+                try appendFrameLocked(records, step: &step)
             } catch {
                 let e: StorageError = error
                 if step != "journal write" {
@@ -115,10 +108,6 @@ extension Store {
                 }
                 throw e == .noSpace ? StoreError.noSpace : StoreError.io("\(step) failed: \(e)")
             }
-            journalEnd += UInt64(frame.count)
-            journalSequence += 1
-            pending = BinaryWriter()
-            pendingRecordCount = 0
             do {
                 for r in records { try apply(r) }
             } catch {
@@ -133,6 +122,24 @@ extension Store {
         // itself is durable already: a failure here is the next flush's to report.
         _ = try? flush()
         return result
+    }
+    /// With `mutex` held: writes the queued records and then `records` as one frame at the end
+    /// of the current journal and syncs it; the queue is empty afterwards. `step` names the step
+    /// that was running when an error is thrown ("journal write" changed nothing durable).
+    func appendFrameLocked(_ records: [JournalRecord], step: inout String) throws(StorageError) {
+        mutex.assertOwned("appendFrameLocked")
+        var batch = BinaryWriter(capacity: pending.bytes.count + 256)
+        batch.raw(pending.bytes)
+        for r in records { r.encode(into: &batch) }
+        let frame = JournalFrame.encode(generation: generation, sequence: journalSequence, payload: batch.bytes)
+        step = "journal write"
+        try writeUsingSpaceReserve(frame, to: journalFile, at: journalEnd)
+        step = "fdatasync of journal-\(generation)"
+        try journalFile.sync()
+        journalEnd += UInt64(frame.count)
+        journalSequence += 1
+        pending = BinaryWriter()
+        pendingRecordCount = 0
     }
 }
 
@@ -346,18 +353,7 @@ extension Store {
             // Then the unflushed records and a seal go to this generation's journal, so that this
             // checkpoint plus its journal equals the next checkpoint: recovery's way back if the
             // next one is damaged (see `JournalRecord.sealed`).
-            var sealBatch = BinaryWriter(capacity: pending.bytes.count + 16)
-            sealBatch.raw(pending.bytes)
-            JournalRecord.sealed(nextGeneration: newGeneration).encode(into: &sealBatch)
-            let sealFrame = JournalFrame.encode(generation: generation, sequence: journalSequence, payload: sealBatch.bytes)
-            step = "journal write"
-            try writeUsingSpaceReserve(sealFrame, to: journalFile, at: journalEnd)
-            step = "fdatasync of journal-\(generation)"
-            try journalFile.sync()
-            journalEnd += UInt64(sealFrame.count)
-            journalSequence += 1
-            pending = BinaryWriter()
-            pendingRecordCount = 0
+            try appendFrameLocked([.sealed(nextGeneration: newGeneration)], step: &step)
             step = "writing checkpoint-\(newGeneration)"
             let file = try directory.openFile("checkpoint-\(newGeneration)", create: true)
             defer { file.close() }
