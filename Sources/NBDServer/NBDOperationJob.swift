@@ -72,15 +72,42 @@ struct NBDOperationJob: Sendable {
         }
     }
 
-    // MARK: From memory
+    // MARK: Without blocking
 
-    /// A READ answered at once when the device has every block in memory
-    /// (``BlockDevice/readIfCached(offset:into:zeroBlocksAllowed:)``), so the caller skips the hop
-    /// to an I/O thread and back; nil otherwise. The reply is one data chunk, so with structured
+    /// The operation done at once on the calling thread, when the device can do it without
+    /// blocking, so the caller skips the hop to an I/O thread and back; nil otherwise (nothing
+    /// was done). A READ the cache holds (``BlockDevice/readIfCached(offset:into:zeroBlocksAllowed:)``)
+    /// or a small aligned WRITE without FUA (``BlockDevice/writeWithoutBlocking(offset:data:)``).
+    func runWithoutBlocking() -> Outcome? {
+        switch operation {
+        case .read: return readFromMemory()
+        case .write(let handle, let offset, _, let fua):
+            guard !fua, let payload else { return nil }
+            do throws(BlockDeviceError) {
+                var done = false
+                var failure: BlockDeviceError?
+                payload.withUnsafeReadableBytes { bytes in
+                    do throws(BlockDeviceError) {
+                        done = try device.writeWithoutBlocking(offset: offset, data: bytes)
+                    } catch {
+                        failure = error
+                    }
+                }
+                if let failure { throw failure }
+                return done ? success(handle) : nil
+            } catch {
+                return Self.failure(operation, NBDError(error), error.description, structured: structured,
+                                    allocator: allocator)
+            }
+        default: return nil
+        }
+    }
+
+    /// A READ the device has in memory. The reply is one data chunk, so with structured
     /// replies (and no DF) only ranges without unallocated or zero blocks qualify: those are
     /// described as holes by the ordinary path. Skipping the extents query that shapes ordinary
     /// replies is part of the saving.
-    func runFromMemory() -> Outcome? {
+    private func readFromMemory() -> Outcome? {
         guard case .read(let handle, let offset, let length, let dontFragment) = operation, length > 0 else { return nil }
         var buffer = allocator.buffer(capacity: Int(length) + 32)
         if structured {

@@ -31,6 +31,12 @@ public protocol BlockDevice: AnyObject, Sendable {
     func readIfCached(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, zeroBlocksAllowed: Bool) -> ReadSources?
     /// Writes `data` at `offset`. With `fua`, the write is durable when this returns.
     func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError)
+    /// Does a small write at once on the calling thread and returns true, or returns false having
+    /// changed nothing when it could block: a busy store lock, a flush or read-modify-write it
+    /// would need, or a size above what the device takes this way (the caller then calls `write`
+    /// on an I/O thread, which reports any error). Never FUA. Event loops call it, like
+    /// ``readIfCached(offset:into:zeroBlocksAllowed:)``. The default takes nothing.
+    func writeWithoutBlocking(offset: UInt64, data: UnsafeRawBufferPointer) throws(BlockDeviceError) -> Bool
     /// Discards a range: afterwards it reads as zeroes and whole blocks free their storage.
     func trim(offset: UInt64, length: UInt64, fua: Bool) throws(BlockDeviceError)
     /// Makes a range read as zeroes. With `mayTrim` whole blocks become holes; with `fastOnly` the call
@@ -53,6 +59,10 @@ extension BlockDevice {
 
     public func readIfCached(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
                              zeroBlocksAllowed: Bool) -> ReadSources? { nil }
+
+    public func writeWithoutBlocking(offset: UInt64, data: UnsafeRawBufferPointer) throws(BlockDeviceError) -> Bool {
+        false
+    }
 }
 
 /// Where the blocks of a read came from: counted per block (a block read only in part counts once).

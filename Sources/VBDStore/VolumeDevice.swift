@@ -47,6 +47,10 @@ public final class VolumeDevice: BlockDevice, @unchecked Sendable {
         try store.write(image: imageID, offset: offset, data: data, fua: fua)
     }
 
+    public func writeWithoutBlocking(offset: UInt64, data: UnsafeRawBufferPointer) throws(BlockDeviceError) -> Bool {
+        try store.writeWithoutBlocking(image: imageID, offset: offset, data: data)
+    }
+
     public func trim(offset: UInt64, length: UInt64, fua: Bool) throws(BlockDeviceError) {
         try store.zero(image: imageID, offset: offset, length: length, punch: true, fastOnly: false, fua: fua)
     }

@@ -163,8 +163,14 @@ struct ServeCommand: AsyncParsableCommand {
     /// 1 MiB sequential write, and the payload copy ran at 1.5 GB/s). Serving them from the heap,
     /// and trimming the heap only past 256 MiB of free memory, keeps the pages; what the heap can
     /// hold is bounded by the in-flight limits (`ServerLimits.inFlightBytesMax`: about 64 MiB per connection).
-    static func keepRequestBuffersMapped() {
-        vbd_keep_large_allocations(64 << 20, 256 << 20)
+    ///
+    /// One arena for every thread: a cached block is allocated by whichever thread wrote or read
+    /// it and freed by whichever thread overwrote it. With an arena per thread, the memory freed
+    /// in one arena was not reused by allocations in another, which grew into fresh pages instead
+    /// (4k random writes: 67 µs of server CPU per write with per-thread arenas, 36 µs with one;
+    /// Benchmarks/README.md).
+    static func tuneAllocator() {
+        vbd_tune_allocator(64 << 20, 256 << 20, 1)
     }
 
     /// The smallest cache (and data cap) accepted: one block of the largest size.
@@ -181,7 +187,7 @@ struct ServeCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        Self.keepRequestBuffersMapped()
+        Self.tuneAllocator()
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
