@@ -29,6 +29,16 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// the ordinary path). Must never block on I/O or wait long for a lock: event loops call it.
     /// The default serves nothing.
     func readIfCached(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, zeroBlocksAllowed: Bool) -> ReadSources?
+    /// Reads as ``read(offset:into:sources:)`` and returns the byte ranges of `buffer` that hold no
+    /// stored data (unwritten or zeroed blocks; they read as zeroes), ascending and merged, so a
+    /// reply can describe them as holes without asking for extents first (one walk of the map,
+    /// not two). Returns nil, having read nothing, when the device cannot say; the default.
+    func readReportingZeroes(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                             sources: inout ReadSources) throws(BlockDeviceError) -> [Range<Int>]?
+    /// ``readIfCached(offset:into:zeroBlocksAllowed:)`` with zero blocks allowed and reported as
+    /// ``readReportingZeroes(offset:into:sources:)`` reports them. The default serves nothing.
+    func readIfCachedReportingZeroes(offset: UInt64,
+                                     into buffer: UnsafeMutableRawBufferPointer) -> (ReadSources, zeroRanges: [Range<Int>])?
     /// Writes `data` at `offset`. With `fua`, the write is durable when this returns.
     func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError)
     /// Does a small write at once on the calling thread and returns true, or returns false having
@@ -62,6 +72,16 @@ extension BlockDevice {
 
     public func writeWithoutBlocking(offset: UInt64, data: UnsafeRawBufferPointer) throws(BlockDeviceError) -> Bool {
         false
+    }
+
+    public func readReportingZeroes(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                                    sources: inout ReadSources) throws(BlockDeviceError) -> [Range<Int>]? {
+        nil
+    }
+
+    public func readIfCachedReportingZeroes(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer)
+        -> (ReadSources, zeroRanges: [Range<Int>])? {
+        nil
     }
 }
 

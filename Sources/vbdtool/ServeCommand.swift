@@ -187,6 +187,9 @@ struct ServeCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
+        // Before anything can announce "serving": a SIGTERM sent the moment a supervisor sees that
+        // line must stop the server cleanly, not kill it with the default action.
+        let stopSignals = SignalWaiter(for: [SIGINT, SIGTERM])
         Self.tuneAllocator()
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
@@ -280,7 +283,7 @@ struct ServeCommand: AsyncParsableCommand {
         logger.notice("serving", metadata: ["store": "\(storePath)", "nbd": "\(addresses.joined(separator: ", "))",
                                             "volumes": "\(store.list().count)"])
 
-        let signalNumber = await SignalWaiter.waitForFirst(of: [SIGINT, SIGTERM])
+        let signalNumber = await stopSignals.first()
         logger.notice("shutting down", metadata: ["signal": "\(signalNumber)"])
         await nbd.stop()
         await metricsServer?.stop()
@@ -296,9 +299,13 @@ struct ServeCommand: AsyncParsableCommand {
     }
 }
 
-/// Turns SIGINT/SIGTERM into an async event (DispatchSource: no work in a signal handler).
-enum SignalWaiter {
-    static func waitForFirst(of signals: [Int32]) async -> Int32 {
+/// Turns SIGINT/SIGTERM into an async event (DispatchSource: no work in a signal handler). The
+/// signals are caught from `init` on; one that arrives before `first()` is waited for is kept.
+final class SignalWaiter {
+    private let sources: [any DispatchSourceSignal]
+    private let stream: AsyncStream<Int32>
+
+    init(for signals: [Int32]) {
         let queue = DispatchQueue(label: "vbd.signals")
         let (stream, continuation) = AsyncStream.makeStream(of: Int32.self)
         var sources: [any DispatchSourceSignal] = []
@@ -309,6 +316,12 @@ enum SignalWaiter {
             source.resume()
             sources.append(source)
         }
+        self.sources = sources
+        self.stream = stream
+    }
+
+    /// The first signal caught; stops catching them.
+    func first() async -> Int32 {
         var first: Int32 = 0
         for await number in stream {
             first = number
