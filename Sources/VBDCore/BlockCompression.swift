@@ -11,7 +11,7 @@ public enum BlockCompression {
     @inlinable
     public static func compress(_ source: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer) -> Int? {
         guard source.count > 0 else { return 0 }
-        let n = LZ4_compress_default(
+        let n = vbd_lz4_compress(
             source.baseAddress!.assumingMemoryBound(to: CChar.self),
             destination.baseAddress!.assumingMemoryBound(to: CChar.self),
             Int32(source.count), Int32(destination.count))
