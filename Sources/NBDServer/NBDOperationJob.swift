@@ -243,6 +243,19 @@ struct NBDOperationJob: Sendable {
         }
         let segments = NBDReplyPlanning.readSegments(offset: offset, length: length, extents: extents)
         var buffer = allocator.buffer(capacity: reply.readableBytes + 32 * segments.count)
+        Self.encodeReadChunks(segments, handle: handle, structured: true, into: &buffer) { dataOffset, dataLength, buffer in
+            let start = reply.readerIndex + Self.dataHeaderBytes + Int(dataOffset - offset)
+            buffer.writeImmutableBuffer(reply.getSlice(at: start, length: Int(dataLength))!)
+        }
+        return buffer
+    }
+
+    /// Encodes a READ reply's chunks for `segments` (structured: a hole or data chunk each; simple:
+    /// the data only, after the caller's simple reply header); `data` appends a data segment's bytes.
+    private static func encodeReadChunks<E: Error>(
+        _ segments: [NBDReadSegment], handle: UInt64, structured: Bool, into buffer: inout ByteBuffer,
+        data: (UInt64, UInt32, inout ByteBuffer) throws(E) -> Void
+    ) throws(E) {
         for (index, segment) in segments.enumerated() {
             let done = index == segments.count - 1
             switch segment {
@@ -250,13 +263,13 @@ struct NBDOperationJob: Sendable {
                 NBDReplyEncoder.writeOffsetHole(handle: handle, offset: holeOffset, length: holeLength, done: done,
                                                 into: &buffer)
             case .data(let dataOffset, let dataLength):
-                NBDReplyEncoder.writeOffsetDataHeader(handle: handle, offset: dataOffset, dataLength: dataLength,
-                                                      done: done, into: &buffer)
-                let start = reply.readerIndex + Self.dataHeaderBytes + Int(dataOffset - offset)
-                buffer.writeImmutableBuffer(reply.getSlice(at: start, length: Int(dataLength))!)
+                if structured {
+                    NBDReplyEncoder.writeOffsetDataHeader(handle: handle, offset: dataOffset, dataLength: dataLength,
+                                                          done: done, into: &buffer)
+                }
+                try data(dataOffset, dataLength, &buffer)
             }
         }
-        return buffer
     }
 
     private func read(handle: UInt64, offset: UInt64, length: UInt32,
@@ -298,29 +311,19 @@ struct NBDOperationJob: Sendable {
         if !structured {
             NBDReplyEncoder.writeSimpleReply(handle: handle, error: nil, into: &buffer)
         }
-        for (index, segment) in segments.enumerated() {
-            let done = index == segments.count - 1
-            switch segment {
-            case .hole(let holeOffset, let holeLength):
-                NBDReplyEncoder.writeOffsetHole(handle: handle, offset: holeOffset, length: holeLength, done: done,
-                                                into: &buffer)
-            case .data(let dataOffset, let dataLength):
-                if structured {
-                    NBDReplyEncoder.writeOffsetDataHeader(handle: handle, offset: dataOffset, dataLength: dataLength,
-                                                          done: done, into: &buffer)
+        try Self.encodeReadChunks(segments, handle: handle, structured: structured, into: &buffer) {
+            (dataOffset, dataLength, buffer) throws(BlockDeviceError) in
+            var failure: BlockDeviceError?
+            buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(dataLength)) { space in
+                let target = UnsafeMutableRawBufferPointer(rebasing: space[0..<Int(dataLength)])
+                do throws(BlockDeviceError) {
+                    try device.read(offset: dataOffset, into: target, sources: &sources)
+                } catch {
+                    failure = error
                 }
-                var failure: BlockDeviceError?
-                buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(dataLength)) { space in
-                    let target = UnsafeMutableRawBufferPointer(rebasing: space[0..<Int(dataLength)])
-                    do throws(BlockDeviceError) {
-                        try device.read(offset: dataOffset, into: target, sources: &sources)
-                    } catch {
-                        failure = error
-                    }
-                    return Int(dataLength)
-                }
-                if let failure { throw failure }
+                return Int(dataLength)
             }
+            if let failure { throw failure }
         }
         return Outcome(reply: buffer, error: nil, message: "", readSources: sources)
     }
