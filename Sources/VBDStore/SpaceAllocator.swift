@@ -155,6 +155,10 @@ struct SpaceAllocator {
         var p: UInt64 = 0
         while p < pages {
             let w = Int((p * 8) >> 6), shift = (p * 8) & 63
+            if w < bitmap.count && bitmap[w] == ~0 && shift == 0 {
+                p += 8   // a whole word in use: nothing to punch
+                continue
+            }
             if w < bitmap.count && bitmap[w] == 0 && shift == 0 && p + 8 <= pages {
                 // A whole bitmap word (8 pages) free: take it at once.
                 if let last = punch.last, last.offset + last.length == p * 4096 {
