@@ -31,6 +31,8 @@ public struct ConcurrencySummary: Sendable, CustomStringConvertible {
     public var blocksChecked = 0
     public var schedulingPoints = 0
     public var threadSwitches = 0
+    /// Writes `writeWithoutBlocking` did (with ``ConcurrentSimulation/eventLoopWrites``).
+    public var writesWithoutBlocking = 0
 
     public init(seed: UInt64) { self.seed = seed }
 
@@ -44,6 +46,10 @@ public final class ConcurrentSimulation: @unchecked Sendable {
     public let seed: UInt64
     /// Prints every operation as it starts and ends.
     public var trace = false
+    /// Small writes try `writeWithoutBlocking` first, as the NBD server's event loops do (falling
+    /// back to `write` when it declines). Off by default: the recorded regression seeds were
+    /// found without it, and the same seed takes other decisions with it.
+    public var eventLoopWrites = false
 
     let scheduler: ControlledScheduler
     let checker = BlockHistoryChecker()
@@ -55,6 +61,8 @@ public final class ConcurrentSimulation: @unchecked Sendable {
     /// Live snapshots: name, source volume, and the logical interval in which it was taken.
     var snapshots: [(name: String, volume: Int, taken: Int, done: Int)] = []
     var snapshotsTaken = 0
+    /// Only the thread the controlled scheduler runs touches it.
+    var writesWithoutBlocking = 0
 
     public init(seed: UInt64) {
         self.seed = seed
@@ -120,6 +128,7 @@ public final class ConcurrentSimulation: @unchecked Sendable {
         summary.threads = threadCount
         summary.strategy = scheduler.strategy
         summary.writes = checker.writes
+        summary.writesWithoutBlocking = writesWithoutBlocking
         summary.readsChecked = checker.readsChecked
         summary.blocksChecked = checker.blocksChecked
         summary.schedulingPoints = scheduler.decisions
@@ -156,7 +165,14 @@ public final class ConcurrentSimulation: @unchecked Sendable {
                     // One handle per block: each block of the request has its own version.
                     let handles = range.enumerated().map { k, b in checker.begin(volume: volume, blocks: b..<b + 1, version: versions[k]) }
                     log(thread, "write v\(volume) blocks \(range) versions \(versions)")
-                    try device.write(offset: offset, data: UnsafeRawBufferPointer(bytes), fua: rng.chance(5))
+                    let fua = rng.chance(5)
+                    var done = false
+                    if eventLoopWrites && !fua {
+                        done = try device.writeWithoutBlocking(offset: offset, data: UnsafeRawBufferPointer(bytes))
+                    }
+                    if done { writesWithoutBlocking += 1 } else {
+                        try device.write(offset: offset, data: UnsafeRawBufferPointer(bytes), fua: fua)
+                    }
                     handles.forEach(checker.acknowledge)
                 case 42..<70:
                     let began = checker.now()

@@ -16,6 +16,24 @@ import VBDSimulation
         }
     }
 
+    /// The same workload with small writes done the event loops' way (`writeWithoutBlocking`),
+    /// interleaved with everything else at every lock and I/O point.
+    @Test(arguments: 0..<2)
+    func eventLoopWritesReadOnlyWhatWasWritten(batch: Int) throws {
+        var inline = 0
+        for seed in UInt64(batch * 10 + 1)...UInt64(batch * 10 + 10) {
+            let simulation = ConcurrentSimulation(seed: seed)
+            simulation.eventLoopWrites = true
+            do {
+                inline += try simulation.run(operationsPerThread: 30).writesWithoutBlocking
+            } catch {
+                Issue.record("\(error)")
+                return
+            }
+        }
+        #expect(inline > 0, "no write took the event loops' way")
+    }
+
     /// Seeds that find the races of issue 12 when their fixes are compiled out: 126, 232, 277
     /// (-DVBD_MUTATION_STALE_READS: reads return blocks of other volumes), 34, 66, 101 (the old
     /// hole punch: a chunk written during the punch is erased). Any change to the workload or the
