@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Real QEMU guests (TCG) on vbd's vhost-user-blk door (docs/VHOST-USER.md).
+#  1. A share of an empty golden volume is served with `vbdtool serve --vhost-user-blk`; a guest
+#     makes an ext4 file system on it, writes files and their checksums, syncs, runs e2fsck and
+#     verifies the files read back (scripts/disk-guest-init.sh, mode write).
+#  2. A second QEMU connects to the same socket (the door accepts again after the first one left)
+#     and verifies the files.
+#  3. `vbdtool snapshot` of the share while it is served, and a share of that snapshot; a new
+#     server serves the new share read-write and the snapshot read-only, and a third guest verifies
+#     both disks (the snapshot's disk must be read-only in the guest).
+#  4. `vbdtool fsck` checks the store.
+# Guest memory is memory-backend-memfd,share=on, as vhost-user requires. Every guest is bounded by
+# `timeout`; a guest boot takes about 5-10 s here.
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+source "$here/nbd-functions.sh"
+requires qemu-system-x86_64 mke2fs e2fsck cpio xz busybox depmod
+requires_vbdtool_serve
+
+image=${DISK_GUEST_DIR:-$root/.build/disk-guest}
+bash "$root/scripts/disk-guest-image.sh" "$image"
+
+fail() { echo "vhost-user-blk: FAIL: $*"; exit 1; }
+make_store 256M
+"$VBDTOOL" rm vol --store "$STORE" >/dev/null
+"$VBDTOOL" create golden --size 256M --store "$STORE" >/dev/null
+"$VBDTOOL" snapshot golden@empty --store "$STORE" >/dev/null
+"$VBDTOOL" share golden@empty vm1 --store "$STORE" >/dev/null
+
+# boot NAME MODE DISKS SOCKET...: one guest with a vhost-user-blk disk per socket; its console in
+# $TMPDIR_TEST/NAME.log; fails unless it prints "disk-guest: PASS MODE" and powers off.
+boot() {
+    local name=$1 mode=$2 disks=$3; shift 3
+    local log=$TMPDIR_TEST/$name.log args=() i=0 start=$SECONDS rc=0
+    for sock in "$@"; do
+        args+=(-chardev "socket,id=c$i,path=$sock" -device "vhost-user-blk-pci,chardev=c$i,num-queues=2")
+        i=$((i + 1))
+    done
+    timeout -k 5 300 qemu-system-x86_64 -accel tcg -cpu qemu64,+rdrand -machine q35 -m 256 -smp 1 \
+        -nodefaults -display none -no-reboot -serial stdio \
+        -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
+        -kernel "$image/vmlinux" -initrd "$image/initramfs.gz" \
+        -append "console=ttyS0 quiet panic=-1 no_timer_check vbd_mode=$mode vbd_disks=$disks" \
+        "${args[@]}" > "$log" 2>&1 || rc=$?
+    tr -d '\r' < "$log" | grep '^disk-guest:' | sed "s/^/    $name: /"
+    if [ $rc -ne 0 ] || ! tr -d '\r' < "$log" | grep -q "^disk-guest: PASS $mode"; then
+        tail -n 40 "$log" | sed 's/^/    /'
+        tail -n 20 "$TMPDIR_TEST/serve.log" | sed 's/^/    serve: /'
+        fail "guest $name (QEMU status $rc)"
+    fi
+    echo "vhost-user-blk: $name: PASS $mode in $((SECONDS - start)) s"
+}
+
+stop_server() {
+    kill -TERM "$SERVER_PID"
+    wait "$SERVER_PID" 2>/dev/null || fail "the server did not stop cleanly"
+    grep -q "stopped cleanly" "$TMPDIR_TEST/serve.log" || fail "the server did not report a clean stop"
+}
+
+# 1 and 2: write, then a second QEMU on the same socket verifies.
+launch_server "$TMPDIR_TEST/serve.log" --unix "$TMPDIR_TEST/nbd.sock" --vhost-user-blk "$TMPDIR_TEST/vm1.sock=vm1"
+boot write write 1 "$TMPDIR_TEST/vm1.sock"
+boot reconnect verify 1 "$TMPDIR_TEST/vm1.sock"
+[ "$(grep -c 'front end connected' "$TMPDIR_TEST/serve.log")" -eq 2 ] || fail "expected two front-end connections on vm1.sock"
+
+# 3: snapshot while serving; its share and the snapshot itself, in a third guest.
+"$VBDTOOL" snapshot vm1@done --store "$STORE" >/dev/null
+"$VBDTOOL" share vm1@done vm2 --store "$STORE" >/dev/null
+stop_server
+launch_server "$TMPDIR_TEST/serve.log" --unix "$TMPDIR_TEST/nbd.sock" \
+    --vhost-user-blk "$TMPDIR_TEST/vm2.sock=vm2" --vhost-user-blk "$TMPDIR_TEST/done.sock=vm1@done"
+boot snapshot verify 2 "$TMPDIR_TEST/vm2.sock" "$TMPDIR_TEST/done.sock"
+tr -d '\r' < "$TMPDIR_TEST/snapshot.log" | grep -q "^disk-guest: verified /dev/vda (read-only 0)" || fail "the share vm2 was not writable in the guest"
+tr -d '\r' < "$TMPDIR_TEST/snapshot.log" | grep -q "^disk-guest: verified /dev/vdb (read-only 1)" || fail "the snapshot was not read-only in the guest"
+stop_server
+
+# 4: the store is consistent.
+"$VBDTOOL" fsck --store "$STORE" > "$TMPDIR_TEST/fsck.log" 2>&1 || { cat "$TMPDIR_TEST/fsck.log"; fail "vbdtool fsck"; }
+echo "vhost-user-blk: PASS"

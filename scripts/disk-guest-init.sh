@@ -1,0 +1,75 @@
+#!/bin/busybox sh
+# /init of the block-device guest (scripts/disk-guest-image.sh). The kernel command line sets
+#   vbd_mode=write    make an ext4 file system on /dev/vda, write files and their checksums, sync,
+#                     unmount, e2fsck, mount again and verify every file (read back from the disk)
+#   vbd_mode=verify   for each of /dev/vda, /dev/vdb...(vbd_disks of them): e2fsck -fn, mount read-only,
+#                     verify every file against the checksums written in write mode
+#   vbd_files=N       files of 1 MiB to write (write mode; default 16)
+# Prints "disk-guest: PASS <mode>" or "disk-guest: FAIL <reason>" on the console, then powers off.
+/bin/busybox --install -s /bin
+export PATH=/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+
+say() { echo "disk-guest: $*"; }
+halt_guest() { sync; poweroff -f; }
+fail() { say "FAIL $*"; halt_guest; }
+
+for m in $(cat /lib/modules/load); do
+    insmod "/lib/modules/$m" || fail "insmod $m"
+done
+disks=${vbd_disks:-1}
+letters="a b c d"
+wait_for() {
+    n=0
+    while [ ! -b "$1" ]; do
+        n=$((n + 1)); [ $n -gt 1000 ] && fail "no $1"
+        usleep 10000
+    done
+}
+
+case "${vbd_mode:-}" in
+    write)
+        wait_for /dev/vda
+        say "$(cat /sys/block/vda/size) sectors, logical block $(cat /sys/block/vda/queue/logical_block_size), read-only $(cat /sys/block/vda/ro)"
+        mke2fs -t ext4 -q -F /dev/vda || fail "mkfs.ext4"
+        # mke2fs discards the whole disk first; -o discard sends DISCARD for freed blocks as well.
+        mount -t ext4 -o discard /dev/vda /mnt || fail "mount"
+        mkdir /mnt/data || fail "mkdir"
+        i=0
+        while [ $i -lt "${vbd_files:-16}" ]; do
+            dd if=/dev/urandom of=/mnt/data/file-$i bs=64k count=16 2>/dev/null || fail "write file-$i"
+            i=$((i + 1))
+        done
+        echo "vbd over vhost-user-blk" > /mnt/data/hello
+        (cd /mnt/data && md5sum file-* hello > /mnt/checksums) || fail "md5sum"
+        sync
+        # A file written, synced and removed: its blocks are discarded.
+        dd if=/dev/urandom of=/mnt/scratch bs=64k count=16 2>/dev/null && sync && rm /mnt/scratch && sync
+        umount /mnt || fail "umount"
+        e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck after writing"; }
+        mount -t ext4 -o ro /dev/vda /mnt || fail "mount again"
+        (cd /mnt/data && md5sum -c -s /mnt/checksums) || fail "the files read back differ from what was written"
+        umount /mnt
+        say "PASS write"
+        ;;
+    verify)
+        for letter in $letters; do
+            [ "$disks" -gt 0 ] || break
+            disks=$((disks - 1))
+            dev=/dev/vd$letter
+            wait_for $dev
+            ro=$(cat /sys/block/vd$letter/ro)
+            e2fsck -fn $dev >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck $dev"; }
+            mount -t ext4 -o ro,noload $dev /mnt || fail "mount $dev"
+            (cd /mnt/data && md5sum -c -s /mnt/checksums) || fail "the files on $dev differ"
+            files=$(wc -l < /mnt/checksums)
+            umount /mnt
+            say "verified $dev (read-only $ro): $files files"
+        done
+        say "PASS verify"
+        ;;
+    *) fail "unknown vbd_mode '${vbd_mode:-}'" ;;
+esac
+halt_guest
