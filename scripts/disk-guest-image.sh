@@ -14,7 +14,7 @@ bash "$here/scripts/guest-kernel.sh" "$kdir"
 
 root=$out/root
 rm -rf "$root"
-mkdir -p "$root"/{bin,sbin,dev,proc,sys,mnt,etc,lib/modules}
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,mnt,etc,tmp,lib/modules}
 cp /bin/busybox "$root/bin/busybox"
 if ldd /bin/busybox >/dev/null 2>&1; then
     echo "disk-guest-image: /bin/busybox is not static (install busybox-static)" >&2; exit 1

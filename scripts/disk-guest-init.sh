@@ -7,7 +7,8 @@
 #   vbd_files=N       files of 1 MiB to write (write mode; default 16)
 # Prints "disk-guest: PASS <mode>" or "disk-guest: FAIL <reason>" on the console, then powers off.
 /bin/busybox --install -s /bin
-export PATH=/sbin:/bin
+# busybox runs its own (smaller) mke2fs and e2fsck applets first: the real ones are called by path.
+export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -33,7 +34,7 @@ case "${vbd_mode:-}" in
     write)
         wait_for /dev/vda
         say "$(cat /sys/block/vda/size) sectors, logical block $(cat /sys/block/vda/queue/logical_block_size), read-only $(cat /sys/block/vda/ro)"
-        mke2fs -t ext4 -q -F /dev/vda || fail "mkfs.ext4"
+        /sbin/mke2fs -t ext4 -q -F /dev/vda || fail "mkfs.ext4"
         # mke2fs discards the whole disk first; -o discard sends DISCARD for freed blocks as well.
         mount -t ext4 -o discard /dev/vda /mnt || fail "mount"
         mkdir /mnt/data || fail "mkdir"
@@ -48,7 +49,7 @@ case "${vbd_mode:-}" in
         # A file written, synced and removed: its blocks are discarded.
         dd if=/dev/urandom of=/mnt/scratch bs=64k count=16 2>/dev/null && sync && rm /mnt/scratch && sync
         umount /mnt || fail "umount"
-        e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck after writing"; }
+        /sbin/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck after writing"; }
         mount -t ext4 -o ro /dev/vda /mnt || fail "mount again"
         (cd /mnt/data && md5sum -c -s /mnt/checksums) || fail "the files read back differ from what was written"
         umount /mnt
@@ -61,7 +62,7 @@ case "${vbd_mode:-}" in
             dev=/dev/vd$letter
             wait_for $dev
             ro=$(cat /sys/block/vd$letter/ro)
-            e2fsck -fn $dev >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck $dev"; }
+            /sbin/e2fsck -fn $dev >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck $dev"; }
             mount -t ext4 -o ro,noload $dev /mnt || fail "mount $dev"
             (cd /mnt/data && md5sum -c -s /mnt/checksums) || fail "the files on $dev differ"
             files=$(wc -l < /mnt/checksums)
