@@ -55,6 +55,41 @@ final class ScratchStore {
         #expect(guest.bytes(at: id.data, count: 20) == Array("vol".utf8) + [UInt8](repeating: 0, count: 17))
     }
 
+    /// Data spread over several descriptors, and a header sharing its descriptor with the data
+    /// (virtio 1.x lets the driver frame a request any way it likes).
+    @Test func scatteredBuffersAndAnyLayout() throws {
+        let scratch = try ScratchStore()
+        let handler = VirtioBlkRequestHandler(device: try scratch.store.openExport(named: "vol"))
+        let guest = GuestRing()
+        let pattern = (0..<6144).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 5) }
+        var header = ByteWriter()
+        header.u32(1); header.u32(0); header.u64(100)
+        // Header and the first 512 data bytes in one descriptor, then 1024 + 4608 bytes, then the status.
+        let first = guest.allocate(16 + 512), second = guest.allocate(1024), third = guest.allocate(4608), status = guest.allocate(1)
+        guest.write(header.bytes + pattern[0..<512], at: first)
+        guest.write(Array(pattern[512..<1536]), at: second)
+        guest.write(Array(pattern[1536...]), at: third)
+        guest.setDescriptor(0, address: guest.guestPhysical(first), length: 16 + 512, flags: 1, next: 1)
+        guest.setDescriptor(1, address: guest.guestPhysical(second), length: 1024, flags: 1, next: 2)
+        guest.setDescriptor(2, address: guest.guestPhysical(third), length: 4608, flags: 1, next: 3)
+        guest.setDescriptor(3, address: guest.guestPhysical(status), length: 1, flags: 2)
+        guest.publish(0)
+        #expect(try serve(guest, handler) == 1)
+        #expect(guest.bytes(at: status, count: 1) == [0])
+        // Read it back into two buffers, the second sharing its descriptor with the status byte.
+        var readHeader = ByteWriter()
+        readHeader.u32(0); readHeader.u32(0); readHeader.u64(100)
+        let h = guest.allocate(16), a = guest.allocate(2048), b = guest.allocate(4096 + 1, fill: 0xee)
+        guest.write(readHeader.bytes, at: h)
+        guest.setDescriptor(4, address: guest.guestPhysical(h), length: 16, flags: 1, next: 5)
+        guest.setDescriptor(5, address: guest.guestPhysical(a), length: 2048, flags: 1 | 2, next: 6)
+        guest.setDescriptor(6, address: guest.guestPhysical(b), length: 4096 + 1, flags: 2)
+        guest.publish(4)
+        #expect(try serve(guest, handler) == 6145)
+        #expect(guest.bytes(at: a, count: 2048) + guest.bytes(at: b, count: 4096) == pattern)
+        #expect(guest.bytes(at: b + 4096, count: 1) == [0])
+    }
+
     @Test func boundsAndMalformedRequests() throws {
         let scratch = try ScratchStore()
         let handler = VirtioBlkRequestHandler(device: try scratch.store.openExport(named: "vol"))
