@@ -5,10 +5,13 @@
 #     verifies the files read back (scripts/disk-guest-init.sh, mode write).
 #  2. A second QEMU connects to the same socket (the door accepts again after the first one left)
 #     and verifies the files.
-#  3. `vbdtool snapshot` of the share while it is served, and a share of that snapshot; a new
-#     server serves the new share read-write and the snapshot read-only, and a third guest verifies
+#  3. A snapshot while a guest writes: the guest writes files, syncs, says so on its console and
+#     writes on (syncing after each file); on that line the host runs `vbdtool snapshot`. A guest on
+#     a share of that snapshot replays the ext4 journal and must find every file synced before it.
+#  4. `vbdtool snapshot` of the share while it is served, and a share of that snapshot; a new
+#     server serves the new share read-write and the snapshot read-only, and a guest verifies
 #     both disks (the snapshot's disk must be read-only in the guest).
-#  4. `vbdtool fsck` checks the store.
+#  5. `vbdtool fsck` checks the store.
 # Guest memory is memory-backend-memfd,share=on, as vhost-user requires. Every guest is bounded by
 # `timeout`; a guest boot takes about 5-10 s here.
 here=$(cd "$(dirname "$0")" && pwd)
@@ -30,13 +33,13 @@ make_store 256M
 # boot NAME MODE DISKS SOCKET...: one guest with a vhost-user-blk disk per socket; its console in
 # $TMPDIR_TEST/NAME.log; fails unless it prints "disk-guest: PASS MODE" and powers off.
 boot() {
-    local name=$1 mode=$2 disks=$3; shift 3
+    local name=$1 mode=$2 disks=$3 cpus=${CPUS:-1}; shift 3
     local log=$TMPDIR_TEST/$name.log args=() i=0 start=$SECONDS rc=0
     for sock in "$@"; do
         args+=(-chardev "socket,id=c$i,path=$sock" -device "vhost-user-blk-pci,chardev=c$i,num-queues=2")
         i=$((i + 1))
     done
-    timeout -k 5 120 qemu-system-x86_64 -accel tcg -cpu qemu64,+rdrand -machine q35 -m 256 -smp 1 \
+    timeout -k 5 120 qemu-system-x86_64 -accel tcg -cpu qemu64,+rdrand -machine q35 -m 256 -smp "$cpus" \
         -nodefaults -display none -no-reboot -serial stdio \
         -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
         -kernel "$image/vmlinux" -initrd "$image/initramfs.gz" \
@@ -51,29 +54,68 @@ boot() {
     echo "vhost-user-blk: $name: PASS $mode in $((SECONDS - start)) s"
 }
 
+# boot_live: mode live on vm1.sock; snapshots vm1@live as soon as the guest says "synced", while
+# it goes on writing.
+boot_live() {
+    local log=$TMPDIR_TEST/live.log line snapped=0 start=$SECONDS rc=0
+    coproc LIVE {
+        exec timeout -k 5 120 qemu-system-x86_64 -accel tcg -cpu qemu64,+rdrand -machine q35 -m 256 -smp 1 \
+            -nodefaults -display none -no-reboot -serial stdio \
+            -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
+            -kernel "$image/vmlinux" -initrd "$image/initramfs.gz" \
+            -append "console=ttyS0 quiet panic=-1 no_timer_check vbd_mode=live vbd_files=24" \
+            -chardev "socket,id=c0,path=$TMPDIR_TEST/vm1.sock" -device vhost-user-blk-pci,chardev=c0,num-queues=1 2>&1
+    }
+    local pid=$LIVE_PID
+    while IFS= read -r line <&"${LIVE[0]}"; do
+        line=${line%$'\r'}
+        echo "$line" >> "$log"
+        if [ "$line" = "disk-guest: synced" ] && [ $snapped = 0 ]; then
+            "$VBDTOOL" snapshot vm1@live --store "$STORE" >/dev/null || fail "vbdtool snapshot while the guest writes"
+            snapped=1
+            echo "disk-guest-host: snapshot taken" >> "$log"
+        fi
+    done
+    wait "$pid" || rc=$?
+    grep '^disk-guest' "$log" | sed "s/^/    live: /"
+    if [ $rc -ne 0 ] || [ $snapped = 0 ] || ! grep -q "^disk-guest: PASS live" "$log"; then
+        tail -n 40 "$log" | sed 's/^/    /'
+        fail "guest live (QEMU status $rc, snapshot taken: $snapped)"
+    fi
+    echo "vhost-user-blk: live: PASS live in $((SECONDS - start)) s"
+}
+
 stop_server() {
+    grep "front end disconnected" "$TMPDIR_TEST/serve.log" | sed -n 's/.*\(export=.*\) \[VhostUser\].*/    served: \1/p'
+    mv "$TMPDIR_TEST/serve.log" "$TMPDIR_TEST/serve-$SECONDS.log"
     kill -TERM "$SERVER_PID"
     wait "$SERVER_PID" 2>/dev/null || fail "the server did not stop cleanly"
-    grep -q "stopped cleanly" "$TMPDIR_TEST/serve.log" || fail "the server did not report a clean stop"
+    grep -q "stopped cleanly" "$TMPDIR_TEST"/serve-*.log || fail "the server did not report a clean stop"
 }
 
 # 1 and 2: write, then a second QEMU on the same socket verifies.
 launch_server "$TMPDIR_TEST/serve.log" --unix "$TMPDIR_TEST/nbd.sock" --vhost-user-blk "$TMPDIR_TEST/vm1.sock=vm1"
-boot write write 1 "$TMPDIR_TEST/vm1.sock"
+# Two vCPUs: the guest drives both queues (one per CPU).
+CPUS=2 boot write write 1 "$TMPDIR_TEST/vm1.sock"
 boot reconnect verify 1 "$TMPDIR_TEST/vm1.sock"
 [ "$(grep -c 'front end connected' "$TMPDIR_TEST/serve.log")" -eq 2 ] || fail "expected two front-end connections on vm1.sock"
 
-# 3: snapshot while serving; its share and the snapshot itself, in a third guest.
+# 4 (first, on the disk as write left it): snapshot while serving, and its share.
 "$VBDTOOL" snapshot vm1@done --store "$STORE" >/dev/null
 "$VBDTOOL" share vm1@done vm2 --store "$STORE" >/dev/null
+# 3: a snapshot while the guest writes, and a share of it.
+boot_live
+"$VBDTOOL" share vm1@live vm3 --store "$STORE" >/dev/null
 stop_server
 launch_server "$TMPDIR_TEST/serve.log" --unix "$TMPDIR_TEST/nbd.sock" \
-    --vhost-user-blk "$TMPDIR_TEST/vm2.sock=vm2" --vhost-user-blk "$TMPDIR_TEST/done.sock=vm1@done"
+    --vhost-user-blk "$TMPDIR_TEST/vm2.sock=vm2" --vhost-user-blk "$TMPDIR_TEST/done.sock=vm1@done" \
+    --vhost-user-blk "$TMPDIR_TEST/vm3.sock=vm3"
+boot recover recover 1 "$TMPDIR_TEST/vm3.sock"
 boot snapshot verify 2 "$TMPDIR_TEST/vm2.sock" "$TMPDIR_TEST/done.sock"
 tr -d '\r' < "$TMPDIR_TEST/snapshot.log" | grep -q "^disk-guest: verified /dev/vda (read-only 0)" || fail "the share vm2 was not writable in the guest"
 tr -d '\r' < "$TMPDIR_TEST/snapshot.log" | grep -q "^disk-guest: verified /dev/vdb (read-only 1)" || fail "the snapshot was not read-only in the guest"
 stop_server
 
-# 4: the store is consistent.
+# 5: the store is consistent.
 "$VBDTOOL" fsck --store "$STORE" > "$TMPDIR_TEST/fsck.log" 2>&1 || { cat "$TMPDIR_TEST/fsck.log"; fail "vbdtool fsck"; }
 echo "vhost-user-blk: PASS"

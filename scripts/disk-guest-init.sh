@@ -4,7 +4,13 @@
 #                     unmount, e2fsck, mount again and verify every file (read back from the disk)
 #   vbd_mode=verify   for each of /dev/vda, /dev/vdb...(vbd_disks of them): e2fsck -fn, mount read-only,
 #                     verify every file against the checksums written in write mode
-#   vbd_files=N       files of 1 MiB to write (write mode; default 16)
+#   vbd_mode=live     on the file system write mode made: write live-a files and their checksums, sync,
+#                     print "disk-guest: synced" (the host snapshots the disk from then on), then write
+#                     vbd_files more 1 MiB files (live-b), syncing after each, unmount and e2fsck
+#   vbd_mode=recover  on a share of a snapshot taken during live mode: mount read-write (ext4 replays
+#                     its journal), verify the write-mode files and the live-a files, count the live-b
+#                     files that made it, unmount and e2fsck
+#   vbd_files=N       files of 1 MiB to write (write and live modes; default 16)
 # Prints "disk-guest: PASS <mode>" or "disk-guest: FAIL <reason>" on the console, then powers off.
 /bin/busybox --install -s /bin
 # busybox runs its own (smaller) mke2fs and e2fsck applets first: the real ones are called by path.
@@ -33,7 +39,7 @@ wait_for() {
 case "${vbd_mode:-}" in
     write)
         wait_for /dev/vda
-        say "$(cat /sys/block/vda/size) sectors, logical block $(cat /sys/block/vda/queue/logical_block_size), read-only $(cat /sys/block/vda/ro)"
+        say "$(cat /sys/block/vda/size) sectors, logical block $(cat /sys/block/vda/queue/logical_block_size), read-only $(cat /sys/block/vda/ro), $(ls /sys/block/vda/mq | wc -l) queues"
         /sbin/mke2fs -t ext4 -q -F /dev/vda || fail "mkfs.ext4"
         # mke2fs discards the whole disk first; -o discard sends DISCARD for freed blocks as well.
         mount -t ext4 -o discard /dev/vda /mnt || fail "mount"
@@ -54,6 +60,37 @@ case "${vbd_mode:-}" in
         (cd /mnt/data && md5sum -c -s /mnt/checksums) || fail "the files read back differ from what was written"
         umount /mnt
         say "PASS write"
+        ;;
+    live)
+        wait_for /dev/vda
+        mount -t ext4 /dev/vda /mnt || fail "mount"
+        mkdir /mnt/live || fail "mkdir"
+        for i in 0 1 2 3 4 5 6 7; do
+            dd if=/dev/urandom of=/mnt/live/a-$i bs=64k count=16 2>/dev/null || fail "write a-$i"
+        done
+        (cd /mnt/live && md5sum a-* > /mnt/live-a.md5) || fail "md5sum"
+        sync
+        say "synced"
+        i=0
+        while [ $i -lt "${vbd_files:-16}" ]; do
+            dd if=/dev/urandom of=/mnt/live/b-$i bs=64k count=16 2>/dev/null || fail "write b-$i"
+            sync
+            i=$((i + 1))
+        done
+        say "wrote $i live-b files"
+        umount /mnt || fail "umount"
+        /sbin/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck after live writes"; }
+        say "PASS live"
+        ;;
+    recover)
+        wait_for /dev/vda
+        mount -t ext4 /dev/vda /mnt || fail "mount (journal replay)"
+        (cd /mnt/data && md5sum -c -s /mnt/checksums) || fail "the write-mode files differ"
+        (cd /mnt/live && md5sum -c -s /mnt/live-a.md5) || fail "files synced before the snapshot differ or are missing"
+        say "recovered: $(wc -l < /mnt/live-a.md5) synced files intact, $(ls /mnt/live | grep -c '^b-') files written after the sync present"
+        umount /mnt || fail "umount"
+        /sbin/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck after recovery"; }
+        say "PASS recover"
         ;;
     verify)
         for letter in $letters; do

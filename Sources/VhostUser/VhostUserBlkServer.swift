@@ -125,14 +125,15 @@ public final class VhostUserBlkServer: @unchecked Sendable {
         }
         logger.notice("vhost-user-blk: front end connected", metadata: ["export": "\(exportName)", "socket": "\(socketPath)"])
         let session = VhostUserBlkSession(handler: VirtioBlkRequestHandler(device: device), queueCountMax: queueCountMax, logger: logger)
-        defer { session.close() }
+        defer {
+            let completed = session.close()
+            logger.notice("vhost-user-blk: front end disconnected",
+                          metadata: ["export": "\(exportName)", "requests per queue": "\(completed.map(String.init).joined(separator: ","))"])
+        }
         var connection = VhostUserConnection(fd: fd)
         while true {
             do {
-                guard let (header, payload, fds) = try connection.receive() else {
-                    logger.notice("vhost-user-blk: front end disconnected", metadata: ["export": "\(exportName)"])
-                    return
-                }
+                guard let (header, payload, fds) = try connection.receive() else { return }
                 if let reply = try session.handle(header: header, payload: payload, fileDescriptors: fds) {
                     try connection.send(reply)
                 }

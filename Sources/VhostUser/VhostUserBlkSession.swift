@@ -175,13 +175,20 @@ public final class VhostUserBlkSession: @unchecked Sendable {
         return nil
     }
 
-    /// Ends the session: workers stop, memory is unmapped, every fd closes.
-    public func close() {
+    /// Requests completed per queue so far (running queues count once they stop).
+    public var completedPerQueue: [UInt64] { queues.map(\.completed) }
+
+    /// Ends the session: workers stop, memory is unmapped, every fd closes. Returns the requests
+    /// each queue completed.
+    @discardableResult
+    public func close() -> [UInt64] {
         stopAll()
+        let completed = completedPerQueue
         for q in queues { q.reset() }
         memory = nil
         for fd in memoryFileDescriptors { Glibc.close(fd) }
         memoryFileDescriptors = []
+        return completed
     }
 
     private func stopAll() { for q in queues { q.stopWorker() } }
@@ -210,6 +217,8 @@ final class QueueState: @unchecked Sendable {
     var base: UInt16 = 0
     var kickFD: Int32 = -1
     var enabled = false
+    /// Requests this queue completed during the session (for the disconnect log line).
+    private(set) var completed: UInt64 = 0
     private(set) var worker: QueueWorker?
     let signals = QueueSignals()
 
@@ -223,7 +232,9 @@ final class QueueState: @unchecked Sendable {
     @discardableResult
     func stopWorker() -> Bool {
         guard let worker else { return false }
-        base = worker.stop()
+        let stopped = worker.stop()
+        base = stopped.base
+        completed += stopped.completed
         self.worker = nil
         return true
     }
@@ -285,6 +296,8 @@ final class QueueWorker: @unchecked Sendable {
     private let logger: Logger
     private let index: Int
     private let finished = DispatchSemaphore(value: 0)
+    /// Requests completed (read by `stop` after the thread ended).
+    private var completed: UInt64 = 0
 
     init(index: Int, ring: SplitVirtqueue, memory: MappedGuestMemory, kickFD: Int32, signals: QueueSignals,
          handler: VirtioBlkRequestHandler, logger: Logger) {
@@ -305,13 +318,14 @@ final class QueueWorker: @unchecked Sendable {
         thread.start()
     }
 
-    /// Stops the thread, waits for it, and returns the next available index to process.
-    func stop() -> UInt16 {
+    /// Stops the thread, waits for it, and returns the next available index to process and the
+    /// number of requests it completed.
+    func stop() -> (base: UInt16, completed: UInt64) {
         var one: UInt64 = 1
         _ = write(stopFD, &one, 8)
         finished.wait()
         close(stopFD)
-        return ring.lastAvailableIndex
+        return (ring.lastAvailableIndex, completed)
     }
 
     private func run() {
@@ -348,6 +362,7 @@ final class QueueWorker: @unchecked Sendable {
             let written = handler.handle(chain)
             if written == nil { logger.warning("vhost-user-blk: queue \(index): a request without a status byte") }
             ring.complete(head: head, writtenBytes: written ?? 0)
+            completed += 1
             if ring.shouldNotify() { signals.signal(.call) }
         }
     }
