@@ -3,7 +3,7 @@ import PackageDescription
 
 // Dependency direction (no cycles):
 //   VBDCore  <-  VBDCache, VBDStore  <-  VBDSimulation
-//   VhostUser (VBDCore + CVBDSys)  <-  vbdtool
+//   VhostUser (VBDCore + CVBDSys + VBDAccounting)  <-  vbdtool
 //   NBDProtocol (NIOCore + VBDCore)  <-  NBDServer (NIOPosix, NIOSSL)  <-  VBDControl  <-  vbdtool
 let package = Package(
     name: "vbd",
@@ -65,7 +65,7 @@ let package = Package(
         ),
         .target(
             name: "VhostUser",
-            dependencies: ["VBDCore", "CVBDSys", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["VBDCore", "CVBDSys", "VBDAccounting", .product(name: "Logging", package: "swift-log")]
         ),
         .target(
             name: "VBDMetrics",
@@ -103,7 +103,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "VBDCoreTests", dependencies: ["VBDCore"]),
-        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VBDCore", "CVBDSys", "VBDStore"]),
+        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VBDCore", "CVBDSys", "VBDStore", "VBDAccounting"]),
         .testTarget(name: "VBDToolTests", dependencies: ["VBDControl", "VBDStore", "VBDCore"]),
         .testTarget(name: "VBDCacheTests", dependencies: ["VBDCache", "VBDCore"], resources: [.copy("Traces")]),
         .testTarget(name: "VBDStoreTests", dependencies: ["VBDStore", "VBDCore", "VBDSimulation"]),

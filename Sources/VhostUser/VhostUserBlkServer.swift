@@ -2,6 +2,7 @@ import CVBDSys
 import Foundation
 import Logging
 import Synchronization
+import VBDAccounting
 import VBDCore
 
 #if canImport(Glibc)
@@ -17,6 +18,7 @@ public final class VhostUserBlkServer: @unchecked Sendable {
     public let exportName: String
     private let openDevice: @Sendable () throws(BlockDeviceError) -> any BlockDevice
     private let queueCountMax: Int
+    private let tenancy: TenancyService?
     private let logger: Logger
     private let state = Mutex(State())
     private let finished = DispatchSemaphore(value: 0)
@@ -28,9 +30,12 @@ public final class VhostUserBlkServer: @unchecked Sendable {
         var connections = 0
     }
 
-    public init(socketPath: String, exportName: String, queueCountMax: Int = 4, logger: Logger,
+    /// With `tenancy`, a front end is admitted by what its unix credentials prove (SO_PEERCRED:
+    /// `--peer-domain`), as an NBD client on the unix socket is; its requests are lease-checked and charged.
+    public init(socketPath: String, exportName: String, queueCountMax: Int = 4, tenancy: TenancyService? = nil, logger: Logger,
                 openDevice: @escaping @Sendable () throws(BlockDeviceError) -> any BlockDevice) {
         self.socketPath = socketPath
+        self.tenancy = tenancy
         self.exportName = exportName
         self.queueCountMax = queueCountMax
         self.logger = logger
@@ -123,8 +128,24 @@ public final class VhostUserBlkServer: @unchecked Sendable {
             logger.error("vhost-user-blk: cannot open export \(exportName): \(error)")
             return
         }
-        logger.notice("vhost-user-blk: front end connected", metadata: ["export": "\(exportName)", "socket": "\(socketPath)"])
-        let session = VhostUserBlkSession(handler: VirtioBlkRequestHandler(device: device), queueCountMax: queueCountMax, logger: logger)
+        var tenancySession: (service: TenancyService, session: TenancySession)?
+        if let tenancy {
+            var credentials = UnixPeerCredentials()
+            var length = socklen_t(MemoryLayout<UnixPeerCredentials>.size)
+            let identity = getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) == 0
+                ? PeerIdentity(unixCredentials: credentials) : PeerIdentity.unauthenticated
+            switch tenancy.openSession(device: device, identity: identity) {
+            case .failure(let refusal):
+                logger.error("vhost-user-blk: front end refused", metadata: ["export": "\(exportName)", "reason": "\(refusal)"])
+                return
+            case .success(let session):
+                tenancySession = (tenancy, session)
+            }
+        }
+        logger.notice("vhost-user-blk: front end connected",
+                      metadata: ["export": "\(exportName)", "socket": "\(socketPath)", "domain": "\(tenancySession?.session.domain.name ?? "-")"])
+        let session = VhostUserBlkSession(handler: VirtioBlkRequestHandler(device: device, tenancy: tenancySession),
+                                          queueCountMax: queueCountMax, logger: logger)
         defer {
             let completed = session.close()
             logger.notice("vhost-user-blk: front end disconnected",

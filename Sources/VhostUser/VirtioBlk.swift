@@ -1,3 +1,4 @@
+import VBDAccounting
 import VBDCore
 
 /// virtio-blk (virtio 1.2 section 5.2): feature bits, the config space layout and the request format.
@@ -88,10 +89,15 @@ public struct VirtioBlkRequestHandler: Sendable {
     public let segmentsMax: UInt32
     public let rangeSegmentsMax: UInt32
     public let rangeSectorsMax: UInt32
+    /// The connection's tenancy (nil: none): the lease is checked before each request and the
+    /// request charged after it, by the same code the NBD door uses (``TenancySession``).
+    public let tenancy: (service: TenancyService, session: TenancySession)?
     private let identifier: [UInt8]
 
-    public init(device: any BlockDevice, segmentsMax: UInt32 = 126, rangeSegmentsMax: UInt32 = 32, rangeSectorsMax: UInt32 = 1 << 22) {
+    public init(device: any BlockDevice, tenancy: (service: TenancyService, session: TenancySession)? = nil,
+                segmentsMax: UInt32 = 126, rangeSegmentsMax: UInt32 = 32, rangeSectorsMax: UInt32 = 1 << 22) {
         self.device = device
+        self.tenancy = tenancy
         self.segmentsMax = segmentsMax
         self.rangeSegmentsMax = rangeSegmentsMax
         self.rangeSectorsMax = rangeSectorsMax
@@ -132,12 +138,33 @@ public struct VirtioBlkRequestHandler: Sendable {
         var inData = chain.writable
         inData[inData.count - 1] = UnsafeMutableRawBufferPointer(rebasing: statusBuffer[..<(statusBuffer.count - 1)])
         inData.removeAll { $0.count == 0 }
-        let (result, dataWritten) = serve(readable: chain.readable, inData: inData)
+        var usage = Usage()
+        let started = ContinuousClock.now
+        let (result, dataWritten) = serve(readable: chain.readable, inData: inData, usage: &usage)
+        if let tenancy, let kind = usage.kind {
+            tenancy.service.charge(tenancy.session, kind, bytes: usage.bytes, deviceTime: ContinuousClock.now - started,
+                                   failed: result != .ok, sources: usage.sources)
+        }
         status.storeBytes(of: result.rawValue, as: UInt8.self)
         return UInt32(clamping: dataWritten + 1)
     }
 
-    private func serve(readable: [UnsafeMutableRawBufferPointer], inData: [UnsafeMutableRawBufferPointer]) -> (VirtioBlk.Status, Int) {
+    /// What one request is charged as: its kind (nil: not charged, as GET_ID), the bytes it moved
+    /// or changed, and where a read's blocks came from.
+    struct Usage {
+        var kind: IOKind?
+        var bytes: UInt64 = 0
+        var sources = ReadSources()
+    }
+
+    /// Whether the connection's lease allows the request (always without tenancy).
+    private func permitted(_ kind: IOKind) -> Bool {
+        guard let tenancy, tenancy.service.leasesEnforced else { return true }
+        return tenancy.service.permits(tenancy.session, kind)
+    }
+
+    private func serve(readable: [UnsafeMutableRawBufferPointer], inData: [UnsafeMutableRawBufferPointer],
+                       usage: inout Usage) -> (VirtioBlk.Status, Int) {
         let readableTotal = readable.reduce(0) { $0 + $1.count }
         guard readableTotal >= 16 else { return (.ioError, 0) }
         let header = gather(readable, skip: 0, count: 16)
@@ -150,17 +177,21 @@ public struct VirtioBlkRequestHandler: Sendable {
         guard let request = VirtioBlk.RequestType(rawValue: type) else { return (.unsupported, 0) }
         switch request {
         case .read:
-            guard outData.isEmpty, let offset = range(sector: sector, bytes: UInt64(inTotal)) else { return (.ioError, 0) }
+            usage.kind = .read
+            guard permitted(.read), outData.isEmpty, let offset = range(sector: sector, bytes: UInt64(inTotal)) else { return (.ioError, 0) }
+            usage.bytes = UInt64(inTotal)
             var position = offset
             for buffer in inData {
-                do { try device.read(offset: position, into: buffer) } catch { return (.ioError, 0) }
+                do { try device.read(offset: position, into: buffer, sources: &usage.sources) } catch { return (.ioError, 0) }
                 position += UInt64(buffer.count)
             }
             return (.ok, inTotal)
         case .write:
             let outTotal = outData.reduce(0) { $0 + $1.count }
-            guard inTotal == 0, let offset = range(sector: sector, bytes: UInt64(outTotal)) else { return (.ioError, 0) }
+            usage.kind = .write
+            guard permitted(.write), inTotal == 0, let offset = range(sector: sector, bytes: UInt64(outTotal)) else { return (.ioError, 0) }
             guard !device.isReadOnly else { return (.ioError, 0) }
+            usage.bytes = UInt64(outTotal)
             var position = offset
             for buffer in outData {
                 do { try device.write(offset: position, data: UnsafeRawBufferPointer(buffer), fua: false) } catch { return (.ioError, 0) }
@@ -168,6 +199,8 @@ public struct VirtioBlkRequestHandler: Sendable {
             }
             return (.ok, 0)
         case .flush:
+            usage.kind = .flush
+            guard permitted(.flush) else { return (.ioError, 0) }
             do { try device.flush() } catch { return (.ioError, 0) }
             return (.ok, 0)
         case .getID:
@@ -181,7 +214,9 @@ public struct VirtioBlkRequestHandler: Sendable {
             return (.ok, written)
         case .discard, .writeZeroes:
             let outTotal = outData.reduce(0) { $0 + $1.count }
-            guard inTotal == 0, outTotal > 0, outTotal % VirtioBlk.rangeSegmentBytes == 0 else { return (.ioError, 0) }
+            let kind: IOKind = request == .discard ? .trim : .writeZeroes
+            usage.kind = kind
+            guard permitted(kind), inTotal == 0, outTotal > 0, outTotal % VirtioBlk.rangeSegmentBytes == 0 else { return (.ioError, 0) }
             let count = outTotal / VirtioBlk.rangeSegmentBytes
             guard count <= Int(rangeSegmentsMax) else { return (.ioError, 0) }
             guard !device.isReadOnly else { return (.ioError, 0) }
@@ -198,6 +233,7 @@ public struct VirtioBlkRequestHandler: Sendable {
                       let offset = range(sector: start, bytes: UInt64(sectors) * VirtioBlk.sectorBytes) else { return (.ioError, 0) }
                 ranges.append((offset, UInt64(sectors) * VirtioBlk.sectorBytes, unmap))
             }
+            usage.bytes = ranges.reduce(0) { $0 + $1.length }
             for r in ranges where r.length > 0 {
                 do {
                     if request == .discard {

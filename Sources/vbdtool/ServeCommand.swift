@@ -141,10 +141,10 @@ struct ServeCommand: AsyncParsableCommand {
         }
         let vhost = try Self.parseVhostUserBlk(vhostUserBlk)
         guard (1...64).contains(vhostUserQueues) else { throw ValidationError("--vhost-user-queues: expected 1...64, got \(vhostUserQueues)") }
-        // The vhost-user door does not pass through the NBD server's tenancy layer yet: serving it
-        // beside leases or scheduling would let a guest bypass them.
-        if !vhost.isEmpty && (enforceLeases || schedule) {
-            throw ValidationError("--vhost-user-blk cannot be combined with --enforce-leases or --schedule yet: its requests are not charged, scheduled or lease-checked")
+        // The vhost-user door is admitted, lease-checked and charged like NBD, but not scheduled
+        // by mClock yet: beside --schedule a guest would bypass the scheduler.
+        if !vhost.isEmpty && schedule {
+            throw ValidationError("--vhost-user-blk cannot be combined with --schedule yet: its requests are not scheduled by mClock")
         }
         guard (0...600).contains(shutdownGrace) else { throw ValidationError("--shutdown-grace: expected 0...600 seconds, got \(shutdownGrace)") }
         guard (1...Limits.nbdConnectionsMax).contains(connectionsPerPeer) else {
@@ -288,7 +288,7 @@ struct ServeCommand: AsyncParsableCommand {
             do {
                 _ = try store.openExport(named: export)
                 let server = VhostUserBlkServer(socketPath: socketPath, exportName: export, queueCountMax: vhostUserQueues,
-                                                logger: Logger(label: "vbd.vhost-user-blk")) { () throws(BlockDeviceError) in
+                                                tenancy: tenancy, logger: Logger(label: "vbd.vhost-user-blk")) { () throws(BlockDeviceError) in
                     try store.openExport(named: export)
                 }
                 try server.start()

@@ -2,6 +2,7 @@ import CVBDSys
 import Foundation
 import Logging
 import Testing
+import VBDAccounting
 import VBDCore
 import VBDStore
 @testable import VhostUser
@@ -111,10 +112,11 @@ func kickAndWait(kick: Int32, call: Int32, guest: GuestRing, used: UInt16) throw
 }
 
 @Suite struct VhostUserBlkServerTests {
-    func server(_ scratch: ScratchStore, export: String = "vol") throws -> VhostUserBlkServer {
+    func server(_ scratch: ScratchStore, export: String = "vol", tenancy: TenancyService? = nil) throws -> VhostUserBlkServer {
         let path = scratch.directory.appendingPathComponent("\(export.replacingOccurrences(of: "@", with: "-")).sock").path
         let store = scratch.store
-        let server = VhostUserBlkServer(socketPath: path, exportName: export, queueCountMax: 2, logger: Logger(label: "test")) { () throws(BlockDeviceError) in
+        let server = VhostUserBlkServer(socketPath: path, exportName: export, queueCountMax: 2, tenancy: tenancy,
+                                        logger: Logger(label: "test")) { () throws(BlockDeviceError) in
             try store.openExport(named: export)
         }
         try server.start()
@@ -184,5 +186,36 @@ func kickAndWait(kick: Int32, call: Int32, guest: GuestRing, used: UInt16) throw
         let write = guest.blockRequest(type: 1, sector: 0, data: [UInt8](repeating: 9, count: 512))
         try kickAndWait(kick: kick, call: call, guest: guest, used: 1)
         #expect(guest.bytes(at: write.status, count: 1) == [1])
+    }
+
+    /// The door admits, lease-checks and charges through the same TenancyService calls as NBD:
+    /// this process's uid is mapped to a domain (as `--peer-domain uid:N=DOMAIN` does).
+    @Test func leasesAndChargesApplyToTheDoor() throws {
+        let scratch = try ScratchStore()
+        let tenant: DomainID = "tenant-a"
+        let tenancy = try TenancyService(configuration: .init(resolver: DomainResolver(unixPeerDomains: [.uid(getuid()): .domain(tenant)]),
+                                                              leasesEnforced: true))
+        let server = try server(scratch, tenancy: tenancy)
+        defer { server.stop() }
+        // Without a lease the front end is refused: the connection closes before any reply.
+        let refused = try FrontEnd(path: server.socketPath)
+        var byte: UInt8 = 0
+        #expect(recv(refused.fd, &byte, 1, 0) == 0)
+
+        try tenancy.grantLease(volume: "vol", domain: tenant, mode: .read, duration: .seconds(3600), actor: "test")
+        let front = try FrontEnd(path: server.socketPath)
+        let guest = GuestRing(shared: true)
+        let kick = eventfd(), call = eventfd()
+        defer { close(kick); close(call) }
+        try front.setUp(guest: guest, kick: kick, call: call)
+        let write = guest.blockRequest(type: 1, sector: 0, data: [UInt8](repeating: 7, count: 4096), firstDescriptor: 0)
+        try kickAndWait(kick: kick, call: call, guest: guest, used: 1)
+        #expect(guest.bytes(at: write.status, count: 1) == [1])   // a read lease does not allow writes
+        let read = guest.blockRequest(type: 0, sector: 0, readLength: 8192, firstDescriptor: 3)
+        try kickAndWait(kick: kick, call: call, guest: guest, used: 2)
+        #expect(guest.bytes(at: read.status, count: 1) == [0])
+        let usage = tenancy.snapshot().ledger.usage(of: tenant)
+        #expect(usage.operations[.read] == 1 && usage.operations[.write] == 1)
+        #expect(usage.failedOperations == 1 && usage.bytesRead == 8192 && usage.bytesWritten == 0)
     }
 }
