@@ -17,7 +17,7 @@
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 source "$here/nbd-functions.sh"
-requires qemu-system-x86_64 mke2fs e2fsck cpio xz busybox depmod
+requires qemu-system-x86_64 mke2fs e2fsck cpio xz busybox depmod jq
 requires_vbdtool_serve
 
 image=${DISK_GUEST_DIR:-$root/.build/disk-guest}
@@ -93,8 +93,11 @@ stop_server() {
     grep -q "stopped cleanly" "$TMPDIR_TEST"/serve-*.log || fail "the server did not report a clean stop"
 }
 
-# 1 and 2: write, then a second QEMU on the same socket verifies.
-launch_server "$TMPDIR_TEST/serve.log" --unix "$TMPDIR_TEST/nbd.sock" --vhost-user-blk "$TMPDIR_TEST/vm1.sock=vm1"
+# 1 and 2: write, then a second QEMU on the same socket verifies. Leases are enforced: QEMU's uid
+# is the domain "guests", which holds a write lease on vm1 and is charged for the guests' I/O.
+"$VBDTOOL" lease grant vm1 --domain guests --mode write --duration 30m --store "$STORE" >/dev/null
+launch_server "$TMPDIR_TEST/serve.log" --unix "$TMPDIR_TEST/nbd.sock" --vhost-user-blk "$TMPDIR_TEST/vm1.sock=vm1" \
+    --enforce-leases --peer-domain "uid:$(id -u)=guests"
 # Two vCPUs: the guest drives both queues (one per CPU).
 CPUS=2 boot write write 1 "$TMPDIR_TEST/vm1.sock"
 boot reconnect verify 1 "$TMPDIR_TEST/vm1.sock"
@@ -106,6 +109,9 @@ boot reconnect verify 1 "$TMPDIR_TEST/vm1.sock"
 # 3: a snapshot while the guest writes, and a share of it.
 boot_live
 "$VBDTOOL" share vm1@live vm3 --store "$STORE" >/dev/null
+usage=$("$VBDTOOL" domain stats --json --store "$STORE" | jq -c '.domains[] | select(.domain == "guests") | .usage | {bytesWritten, bytesRead, bytesDiscarded, failedOperations}')
+echo "vhost-user-blk: charged to domain guests: $usage"
+[ "$(echo "$usage" | jq '.bytesWritten')" -gt $((40 << 20)) ] || fail "the guests' writes were not charged to their domain"
 stop_server
 launch_server "$TMPDIR_TEST/serve.log" --unix "$TMPDIR_TEST/nbd.sock" \
     --vhost-user-blk "$TMPDIR_TEST/vm2.sock=vm2" --vhost-user-blk "$TMPDIR_TEST/done.sock=vm1@done" \
