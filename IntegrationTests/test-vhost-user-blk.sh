@@ -11,6 +11,7 @@
 #  4. `vbdtool snapshot` of the share while it is served, and a share of that snapshot; a new
 #     server serves the new share read-write and the snapshot read-only, and a guest verifies
 #     both disks (the snapshot's disk must be read-only in the guest).
+#     This server schedules I/O with mClock: the guests' requests take the scheduler's device slots.
 #  5. `vbdtool fsck` checks the store.
 # Guest memory is memory-backend-memfd,share=on, as vhost-user requires. Every guest is bounded by
 # `timeout`; a guest boot takes about 5-10 s here.
@@ -113,7 +114,9 @@ usage=$("$VBDTOOL" domain stats --json --store "$STORE" | jq -c '.domains[] | se
 echo "vhost-user-blk: charged to domain guests: $usage"
 [ "$(echo "$usage" | jq '.bytesWritten')" -gt $((40 << 20)) ] || fail "the guests' writes were not charged to their domain"
 stop_server
-launch_server "$TMPDIR_TEST/serve.log" --unix "$TMPDIR_TEST/nbd.sock" \
+# This server schedules I/O (mClock, two device slots): the guests' requests wait for their slots
+# in the queues the NBD clients use.
+launch_server "$TMPDIR_TEST/serve.log" --unix "$TMPDIR_TEST/nbd.sock" --schedule --device-slots 2 \
     --vhost-user-blk "$TMPDIR_TEST/vm2.sock=vm2" --vhost-user-blk "$TMPDIR_TEST/done.sock=vm1@done" \
     --vhost-user-blk "$TMPDIR_TEST/vm3.sock=vm3"
 boot recover recover 1 "$TMPDIR_TEST/vm3.sock"

@@ -19,6 +19,7 @@ public final class VhostUserBlkServer: @unchecked Sendable {
     private let openDevice: @Sendable () throws(BlockDeviceError) -> any BlockDevice
     private let queueCountMax: Int
     private let tenancy: TenancyService?
+    private let deviceSlot: VirtioBlkRequestHandler.DeviceSlotWait?
     private let logger: Logger
     private let state = Mutex(State())
     private let finished = DispatchSemaphore(value: 0)
@@ -32,10 +33,13 @@ public final class VhostUserBlkServer: @unchecked Sendable {
 
     /// With `tenancy`, a front end is admitted by what its unix credentials prove (SO_PEERCRED:
     /// `--peer-domain`), as an NBD client on the unix socket is; its requests are lease-checked and charged.
-    public init(socketPath: String, exportName: String, queueCountMax: Int = 4, tenancy: TenancyService? = nil, logger: Logger,
+    /// `deviceSlot` (with `tenancy`) queues each request in the I/O scheduler the NBD door uses.
+    public init(socketPath: String, exportName: String, queueCountMax: Int = 4, tenancy: TenancyService? = nil,
+                deviceSlot: VirtioBlkRequestHandler.DeviceSlotWait? = nil, logger: Logger,
                 openDevice: @escaping @Sendable () throws(BlockDeviceError) -> any BlockDevice) {
         self.socketPath = socketPath
         self.tenancy = tenancy
+        self.deviceSlot = deviceSlot
         self.exportName = exportName
         self.queueCountMax = queueCountMax
         self.logger = logger
@@ -144,7 +148,7 @@ public final class VhostUserBlkServer: @unchecked Sendable {
         }
         logger.notice("vhost-user-blk: front end connected",
                       metadata: ["export": "\(exportName)", "socket": "\(socketPath)", "domain": "\(tenancySession?.session.domain.name ?? "-")"])
-        let session = VhostUserBlkSession(handler: VirtioBlkRequestHandler(device: device, tenancy: tenancySession),
+        let session = VhostUserBlkSession(handler: VirtioBlkRequestHandler(device: device, tenancy: tenancySession, deviceSlot: deviceSlot),
                                           queueCountMax: queueCountMax, logger: logger)
         defer {
             let completed = session.close()

@@ -92,12 +92,19 @@ public struct VirtioBlkRequestHandler: Sendable {
     /// The connection's tenancy (nil: none): the lease is checked before each request and the
     /// request charged after it, by the same code the NBD door uses (``TenancySession``).
     public let tenancy: (service: TenancyService, session: TenancySession)?
+    /// With tenancy: waits for the device slot the I/O scheduler grants a request of the
+    /// session's domain and returns the call that frees it (nil when nothing is scheduled).
+    public let deviceSlot: DeviceSlotWait?
     private let identifier: [UInt8]
 
+    public typealias DeviceSlotWait = @Sendable (_ domain: DomainID, _ cost: Double) throws -> (@Sendable () -> Void)?
+
     public init(device: any BlockDevice, tenancy: (service: TenancyService, session: TenancySession)? = nil,
+                deviceSlot: DeviceSlotWait? = nil,
                 segmentsMax: UInt32 = 126, rangeSegmentsMax: UInt32 = 32, rangeSectorsMax: UInt32 = 1 << 22) {
         self.device = device
         self.tenancy = tenancy
+        self.deviceSlot = deviceSlot
         self.segmentsMax = segmentsMax
         self.rangeSegmentsMax = rangeSegmentsMax
         self.rangeSectorsMax = rangeSectorsMax
@@ -142,7 +149,8 @@ public struct VirtioBlkRequestHandler: Sendable {
         let started = ContinuousClock.now
         let (result, dataWritten) = serve(readable: chain.readable, inData: inData, usage: &usage)
         if let tenancy, let kind = usage.kind {
-            tenancy.service.charge(tenancy.session, kind, bytes: usage.bytes, deviceTime: ContinuousClock.now - started,
+            // Device time from the scheduler's grant, not from the arrival: waiting is not charged.
+            tenancy.service.charge(tenancy.session, kind, bytes: usage.bytes, deviceTime: ContinuousClock.now - (usage.granted ?? started),
                                    failed: result != .ok, sources: usage.sources)
         }
         status.storeBytes(of: result.rawValue, as: UInt8.self)
@@ -155,12 +163,27 @@ public struct VirtioBlkRequestHandler: Sendable {
         var kind: IOKind?
         var bytes: UInt64 = 0
         var sources = ReadSources()
+        /// When the request got its device slot (nil: it never did, or nothing is scheduled).
+        var granted: ContinuousClock.Instant?
     }
 
     /// Whether the connection's lease allows the request (always without tenancy).
     private func permitted(_ kind: IOKind) -> Bool {
         guard let tenancy, tenancy.service.leasesEnforced else { return true }
         return tenancy.service.permits(tenancy.session, kind)
+    }
+
+    /// Waits for the scheduler's device slot for a request of `kind` moving `bytes`; returns the
+    /// call that frees it, or nil when the domain's queue is full (the request fails).
+    private func acquireSlot(_ kind: IOKind, usage: inout Usage) -> (@Sendable () -> Void)? {
+        guard let tenancy, let deviceSlot else { return {} }
+        do {
+            let release = try deviceSlot(tenancy.session.domain, IOCost.units(kind: kind, bytes: usage.bytes)) ?? {}
+            usage.granted = ContinuousClock.now
+            return release
+        } catch {
+            return nil
+        }
     }
 
     private func serve(readable: [UnsafeMutableRawBufferPointer], inData: [UnsafeMutableRawBufferPointer],
@@ -180,6 +203,8 @@ public struct VirtioBlkRequestHandler: Sendable {
             usage.kind = .read
             guard permitted(.read), outData.isEmpty, let offset = range(sector: sector, bytes: UInt64(inTotal)) else { return (.ioError, 0) }
             usage.bytes = UInt64(inTotal)
+            guard let release = acquireSlot(.read, usage: &usage) else { return (.ioError, 0) }
+            defer { release() }
             var position = offset
             for buffer in inData {
                 do { try device.read(offset: position, into: buffer, sources: &usage.sources) } catch { return (.ioError, 0) }
@@ -192,6 +217,8 @@ public struct VirtioBlkRequestHandler: Sendable {
             guard permitted(.write), inTotal == 0, let offset = range(sector: sector, bytes: UInt64(outTotal)) else { return (.ioError, 0) }
             guard !device.isReadOnly else { return (.ioError, 0) }
             usage.bytes = UInt64(outTotal)
+            guard let release = acquireSlot(.write, usage: &usage) else { return (.ioError, 0) }
+            defer { release() }
             var position = offset
             for buffer in outData {
                 do { try device.write(offset: position, data: UnsafeRawBufferPointer(buffer), fua: false) } catch { return (.ioError, 0) }
@@ -200,7 +227,8 @@ public struct VirtioBlkRequestHandler: Sendable {
             return (.ok, 0)
         case .flush:
             usage.kind = .flush
-            guard permitted(.flush) else { return (.ioError, 0) }
+            guard permitted(.flush), let release = acquireSlot(.flush, usage: &usage) else { return (.ioError, 0) }
+            defer { release() }
             do { try device.flush() } catch { return (.ioError, 0) }
             return (.ok, 0)
         case .getID:
@@ -234,6 +262,8 @@ public struct VirtioBlkRequestHandler: Sendable {
                 ranges.append((offset, UInt64(sectors) * VirtioBlk.sectorBytes, unmap))
             }
             usage.bytes = ranges.reduce(0) { $0 + $1.length }
+            guard let release = acquireSlot(kind, usage: &usage) else { return (.ioError, 0) }
+            defer { release() }
             for r in ranges where r.length > 0 {
                 do {
                     if request == .discard {

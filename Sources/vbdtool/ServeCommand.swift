@@ -139,13 +139,8 @@ struct ServeCommand: AsyncParsableCommand {
         if let idleTimeout, !(1...31_536_000).contains(idleTimeout) {
             throw ValidationError("--idle-timeout: expected 1...31536000 seconds, got \(idleTimeout)")
         }
-        let vhost = try Self.parseVhostUserBlk(vhostUserBlk)
+        _ = try Self.parseVhostUserBlk(vhostUserBlk)
         guard (1...64).contains(vhostUserQueues) else { throw ValidationError("--vhost-user-queues: expected 1...64, got \(vhostUserQueues)") }
-        // The vhost-user door is admitted, lease-checked and charged like NBD, but not scheduled
-        // by mClock yet: beside --schedule a guest would bypass the scheduler.
-        if !vhost.isEmpty && schedule {
-            throw ValidationError("--vhost-user-blk cannot be combined with --schedule yet: its requests are not scheduled by mClock")
-        }
         guard (0...600).contains(shutdownGrace) else { throw ValidationError("--shutdown-grace: expected 0...600 seconds, got \(shutdownGrace)") }
         guard (1...Limits.nbdConnectionsMax).contains(connectionsPerPeer) else {
             throw ValidationError("--connections-per-peer: expected 1...\(Limits.nbdConnectionsMax), got \(connectionsPerPeer)")
@@ -288,7 +283,10 @@ struct ServeCommand: AsyncParsableCommand {
             do {
                 _ = try store.openExport(named: export)
                 let server = VhostUserBlkServer(socketPath: socketPath, exportName: export, queueCountMax: vhostUserQueues,
-                                                tenancy: tenancy, logger: Logger(label: "vbd.vhost-user-blk")) { () throws(BlockDeviceError) in
+                                                tenancy: tenancy,
+                                                // With --schedule, the guests' requests queue with the NBD clients'.
+                                                deviceSlot: { domain, cost in try nbd.waitForDeviceSlot(domain: domain, cost: cost) },
+                                                logger: Logger(label: "vbd.vhost-user-blk")) { () throws(BlockDeviceError) in
                     try store.openExport(named: export)
                 }
                 try server.start()
