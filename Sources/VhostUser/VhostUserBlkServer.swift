@@ -89,14 +89,16 @@ public final class VhostUserBlkServer: @unchecked Sendable {
 
     /// Stops accepting, closes the current connection (its queues stop first) and removes the socket file.
     public func stop() {
-        let fds = state.withLock { state -> (Int32, Int32)? in
+        // Under the lock: the accept loop closes a finished connection under it too, so the
+        // number cannot have been reused for another file meanwhile.
+        let listening = state.withLock { state -> Int32? in
             guard !state.stopping, state.listenFD >= 0 else { return nil }
             state.stopping = true
-            return (state.listenFD, state.connectionFD)
+            shutdown(state.listenFD, Int32(SHUT_RDWR))
+            if state.connectionFD >= 0 { shutdown(state.connectionFD, Int32(SHUT_RDWR)) }
+            return state.listenFD
         }
-        guard let (listenFD, connectionFD) = fds else { return }
-        shutdown(listenFD, Int32(SHUT_RDWR))
-        if connectionFD >= 0 { shutdown(connectionFD, Int32(SHUT_RDWR)) }
+        guard let listenFD = listening else { return }
         finished.wait()
         close(listenFD)
         unlink(socketPath)
@@ -121,8 +123,10 @@ public final class VhostUserBlkServer: @unchecked Sendable {
             }
             guard proceed else { close(fd); return }
             serve(connection: fd)
-            state.withLock { $0.connectionFD = -1 }
-            close(fd)
+            state.withLock { state in
+                state.connectionFD = -1
+                close(fd)
+            }
         }
     }
 
