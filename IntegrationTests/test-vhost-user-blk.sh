@@ -12,7 +12,10 @@
 #     server serves the new share read-write and the snapshot read-only, and a guest verifies
 #     both disks (the snapshot's disk must be read-only in the guest).
 #     This server schedules I/O with mClock: the guests' requests take the scheduler's device slots.
-#  5. `vbdtool fsck` checks the store.
+#  5. Boot storm: four guests at once, each on its own share of the same snapshot, verify the files.
+#     The cache is content-keyed, so it holds about one copy of what they read, not four: checked
+#     against the bytes one guest read, and the cache's figures printed.
+#  6. `vbdtool fsck` checks the store.
 # Guest memory is memory-backend-memfd,share=on, as vhost-user requires. Every guest is bounded by
 # `timeout`; a guest boot takes about 5-10 s here.
 here=$(cd "$(dirname "$0")" && pwd)
@@ -125,6 +128,31 @@ tr -d '\r' < "$TMPDIR_TEST/snapshot.log" | grep -q "^disk-guest: verified /dev/v
 tr -d '\r' < "$TMPDIR_TEST/snapshot.log" | grep -q "^disk-guest: verified /dev/vdb (read-only 1)" || fail "the snapshot was not read-only in the guest"
 stop_server
 
-# 5: the store is consistent.
+# 5: boot storm on a fresh server (an empty cache).
+storm=(storm1 storm2 storm3 storm4)
+args=()
+for vm in "${storm[@]}"; do
+    "$VBDTOOL" share vm1@done "$vm" --store "$STORE" >/dev/null
+    args+=(--vhost-user-blk "$TMPDIR_TEST/$vm.sock=$vm")
+done
+launch_server "$TMPDIR_TEST/serve.log" --unix "$TMPDIR_TEST/nbd.sock" --cache-size 512M "${args[@]}"
+read_before=$("$VBDTOOL" domain stats --json --store "$STORE" | jq '[.domains[].usage.bytesRead] | add // 0')
+pids=()
+for vm in "${storm[@]}"; do
+    boot "$vm" verify 1 "$TMPDIR_TEST/$vm.sock" &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || fail "a storm guest failed"; done
+stats=$("$VBDTOOL" stats --json --store "$STORE")
+read_after=$("$VBDTOOL" domain stats --json --store "$STORE" | jq '[.domains[].usage.bytesRead] | add // 0')
+per_guest=$(( (read_after - read_before) / ${#storm[@]} ))
+held=$(echo "$stats" | jq '.cache.bytesHeld')
+echo "vhost-user-blk: storm: ${#storm[@]} guests read $((read_after - read_before)) bytes ($per_guest each); cache holds $held bytes in $(echo "$stats" | jq '.cache.entries') blocks, $(echo "$stats" | jq '.cache.hits') hits, $(echo "$stats" | jq '.cache.misses') misses, saved by sharing $(echo "$stats" | jq '.cache.bytesSavedBySharing') bytes"
+[ "$per_guest" -gt $((16 << 20)) ] || fail "each storm guest should have read its 17 files (read $per_guest bytes)"
+# One copy, not four: the cache holds less than twice what one guest read.
+[ "$held" -lt $((2 * per_guest)) ] || fail "the cache holds $held bytes for guests that read $per_guest bytes each: more than one copy"
+stop_server
+
+# 6: the store is consistent.
 "$VBDTOOL" fsck --store "$STORE" > "$TMPDIR_TEST/fsck.log" 2>&1 || { cat "$TMPDIR_TEST/fsck.log"; fail "vbdtool fsck"; }
 echo "vhost-user-blk: PASS"
