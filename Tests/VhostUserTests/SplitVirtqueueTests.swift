@@ -152,4 +152,25 @@ import Testing
         #expect(second.lastAvailableIndex == 1)
         #expect(try second.nextAvailable() == 2)
     }
+
+    /// The 16-bit ring indexes wrap: 70000 requests through a 4-entry queue, with EVENT_IDX.
+    @Test func indexesWrapAround() throws {
+        let guest = GuestRing(queueSize: 4)
+        let buffer = guest.allocate(16)
+        for d in 0..<4 { guest.setDescriptor(d, address: guest.guestPhysical(buffer), length: 16, flags: 2) }
+        let vq = try queue(guest, eventIndex: true)
+        var notified = 0
+        for i in 0..<70_000 {
+            guest.usedEvent = UInt16(truncatingIfNeeded: i)   // the driver wants every completion
+            guest.publish(UInt16(i % 4))
+            let head = try #require(try vq.nextAvailable())
+            #expect(head == UInt16(i % 4))
+            vq.complete(head: head, writtenBytes: 16)
+            if vq.shouldNotify() { notified += 1 }
+            #expect(vq.armKickAndCheckEmpty())
+        }
+        #expect(guest.usedIndex == UInt16(truncatingIfNeeded: 70_000))
+        #expect(guest.availableEvent == UInt16(truncatingIfNeeded: 70_000))
+        #expect(notified == 70_000)
+    }
 }

@@ -218,4 +218,37 @@ func kickAndWait(kick: Int32, call: Int32, guest: GuestRing, used: UInt16) throw
         #expect(usage.operations[.read] == 1 && usage.operations[.write] == 1)
         #expect(usage.failedOperations == 1 && usage.bytesRead == 8192 && usage.bytesWritten == 0)
     }
+
+    /// A guest that publishes a looping chain stops only its queue: the err eventfd fires, the
+    /// connection stays, and the queue serves again once the front end sets it up anew.
+    @Test func aBrokenRingStopsOnlyThatQueue() throws {
+        let scratch = try ScratchStore()
+        let server = try server(scratch)
+        defer { server.stop() }
+        let front = try FrontEnd(path: server.socketPath)
+        let guest = GuestRing(shared: true)
+        let kick = eventfd(), call = eventfd(), err = eventfd()
+        defer { close(kick); close(call); close(err) }
+        try front.setUp(guest: guest, kick: kick, call: call)
+        try front.send(.setVringErr, vhostUserU64(0), fds: [err])
+        let buffer = guest.allocate(16)
+        guest.setDescriptor(0, address: guest.guestPhysical(buffer), length: 16, flags: 1, next: 1)
+        guest.setDescriptor(1, address: guest.guestPhysical(buffer), length: 16, flags: 1, next: 0)
+        guest.publish(0)
+        var one: UInt64 = 1
+        _ = write(kick, &one, 8)
+        var p = pollfd(fd: err, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&p, 1, 60_000) == 1, "no err eventfd signal within 60 s")
+        #expect(guest.usedIndex == 0)
+        // The connection still answers; the front end resets the ring (as after a device reset).
+        try front.send(.getVringBase, vhostUserVringState(index: 0, num: 0))
+        #expect(try front.reply(to: .getVringBase) == vhostUserVringState(index: 0, num: 1))
+        guest.availableIndex = 0
+        let flush = guest.blockRequest(type: 4, sector: 0, firstDescriptor: 2)
+        try front.send(.setVringBase, vhostUserVringState(index: 0, num: 0))
+        try front.send(.setVringKick, vhostUserU64(0), fds: [kick])
+        try front.send(.setVringCall, vhostUserU64(0), fds: [call])
+        try kickAndWait(kick: kick, call: call, guest: guest, used: 1)
+        #expect(guest.bytes(at: flush.status, count: 1) == [0])
+    }
 }
