@@ -284,19 +284,32 @@ final class QueueSignals: Sendable {
     }
 }
 
-/// A thread serving one queue: waits for the guest's kick, takes every available chain, serves it
-/// and completes it, signalling the call eventfd when the guest wants an interrupt.
+/// A thread serving one queue: waits for the guest's kick and takes every available chain; the
+/// requests run on I/O threads, up to ``inFlightMax`` at once, so the guest's queue depth reaches
+/// the store (requests block on the disk and on hashing and compression). They complete in any
+/// order (the split ring allows it; VIRTIO_F_IN_ORDER is not offered), each returned to the used
+/// ring under one lock, signalling the call eventfd when the guest wants an interrupt.
 final class QueueWorker: @unchecked Sendable {
+    /// Requests of one queue served at once: bounds the threads one queue can occupy.
+    static let inFlightMax = 16
+    /// Where requests run (GCD grows it on demand; `slots` bounds each queue's share).
+    private static let io = DispatchQueue(label: "vhost-user-blk.io", attributes: .concurrent)
+
     private let ring: SplitVirtqueue
+    /// Every access to the ring: the worker takes chains while I/O threads complete others.
+    private let ringLock = Mutex(())
     private let memory: MappedGuestMemory   // kept mapped while the worker may touch it
     private let kickFD: Int32
     private let stopFD: Int32
+    private let stopRequested = Atomic<Bool>(false)
     private let signals: QueueSignals
     private let handler: VirtioBlkRequestHandler
     private let logger: Logger
     private let index: Int
     private let finished = DispatchSemaphore(value: 0)
-    /// Requests completed (read by `stop` after the thread ended).
+    private let slots = DispatchSemaphore(value: QueueWorker.inFlightMax)
+    private let inFlight = DispatchGroup()
+    /// Requests completed (under `ringLock`).
     private var completed: UInt64 = 0
 
     init(index: Int, ring: SplitVirtqueue, memory: MappedGuestMemory, kickFD: Int32, signals: QueueSignals,
@@ -318,19 +331,21 @@ final class QueueWorker: @unchecked Sendable {
         thread.start()
     }
 
-    /// Stops the thread, waits for it, and returns the next available index to process and the
-    /// number of requests it completed.
+    /// Stops taking requests, waits for those in flight to complete, and returns the next
+    /// available index to process and the number of requests completed.
     func stop() -> (base: UInt16, completed: UInt64) {
+        stopRequested.store(true, ordering: .releasing)
         var one: UInt64 = 1
         _ = write(stopFD, &one, 8)
         finished.wait()
+        inFlight.wait()
         close(stopFD)
-        return (ring.lastAvailableIndex, completed)
+        return ringLock.withLock { _ in (ring.lastAvailableIndex, completed) }
     }
 
     private func run() {
         var failed = false
-        while true {
+        while !stopRequested.load(ordering: .acquiring) {
             if !failed {
                 do {
                     try drain()
@@ -341,7 +356,7 @@ final class QueueWorker: @unchecked Sendable {
                     signals.signal(.err)
                     failed = true
                 }
-                if !failed && !ring.armKickAndCheckEmpty() { continue }
+                if !failed && !ringLock.withLock({ _ in ring.armKickAndCheckEmpty() }) { continue }
             }
             var fds = [pollfd(fd: kickFD, events: Int16(POLLIN), revents: 0), pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0)]
             let ready = poll(&fds, 2, -1)
@@ -356,14 +371,34 @@ final class QueueWorker: @unchecked Sendable {
         }
     }
 
+    /// Takes every available chain (waiting for a free slot when `inFlightMax` run) and starts it.
     private func drain() throws(VirtqueueError) {
-        while let head = try ring.nextAvailable() {
-            let chain = try ring.chain(head: head)
-            let written = handler.handle(chain)
-            if written == nil { logger.warning("vhost-user-blk: queue \(index): a request without a status byte") }
-            ring.complete(head: head, writtenBytes: written ?? 0)
-            completed += 1
-            if ring.shouldNotify() { signals.signal(.call) }
+        while !stopRequested.load(ordering: .acquiring) {
+            slots.wait()
+            let next: (UInt16, DescriptorChain)?
+            do {
+                next = try ringLock.withLock { _ throws(VirtqueueError) -> (UInt16, DescriptorChain)? in
+                    guard let head = try ring.nextAvailable() else { return nil }
+                    return (head, try ring.chain(head: head))
+                }
+            } catch {
+                slots.signal()
+                throw error
+            }
+            guard let (head, chain) = next else { slots.signal(); return }
+            inFlight.enter()
+            Self.io.async { [self] in
+                let written = handler.handle(chain)
+                if written == nil { logger.warning("vhost-user-blk: queue \(index): a request without a status byte") }
+                let notify = ringLock.withLock { _ -> Bool in
+                    ring.complete(head: head, writtenBytes: written ?? 0)
+                    completed += 1
+                    return ring.shouldNotify()
+                }
+                if notify { signals.signal(.call) }
+                slots.signal()
+                inFlight.leave()
+            }
         }
     }
 }

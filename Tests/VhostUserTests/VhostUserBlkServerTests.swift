@@ -1,6 +1,7 @@
 import CVBDSys
 import Foundation
 import Logging
+import Synchronization
 import Testing
 import VBDAccounting
 import VBDCore
@@ -230,7 +231,9 @@ func kickAndWait(kick: Int32, call: Int32, guest: GuestRing, used: UInt16) throw
         let kick = eventfd(), call = eventfd(), err = eventfd()
         defer { close(kick); close(call); close(err) }
         try front.setUp(guest: guest, kick: kick, call: call)
-        try front.send(.setVringErr, vhostUserU64(0), fds: [err])
+        // Acknowledged before the kick: the back end holds the err fd when the queue fails.
+        try front.send(.setVringErr, vhostUserU64(0), fds: [err], needReply: true)
+        #expect(front.u64(try front.reply(to: .setVringErr)) == 0)
         let buffer = guest.allocate(16)
         guest.setDescriptor(0, address: guest.guestPhysical(buffer), length: 16, flags: 1, next: 1)
         guest.setDescriptor(1, address: guest.guestPhysical(buffer), length: 16, flags: 1, next: 0)
@@ -250,5 +253,72 @@ func kickAndWait(kick: Int32, call: Int32, guest: GuestRing, used: UInt16) throw
         try front.send(.setVringCall, vhostUserU64(0), fds: [call])
         try kickAndWait(kick: kick, call: call, guest: guest, used: 1)
         #expect(guest.bytes(at: flush.status, count: 1) == [0])
+    }
+
+    /// Requests of one queue run at once: four reads published together all reach the device
+    /// before any of them returns (served one at a time, each would wait out its 20 s and the test
+    /// would fail).
+    @Test func requestsOfOneQueueRunConcurrently() throws {
+        let scratch = try ScratchStore()
+        let path = scratch.directory.appendingPathComponent("gated.sock").path
+        let gated = ConcurrentReadsDevice(try scratch.store.openExport(named: "vol"), expected: 4)
+        let server = VhostUserBlkServer(socketPath: path, exportName: "vol", queueCountMax: 1, logger: Logger(label: "test")) { gated }
+        try server.start()
+        defer { server.stop() }
+        let front = try FrontEnd(path: path)
+        let guest = GuestRing(shared: true)
+        let kick = eventfd(), call = eventfd()
+        defer { close(kick); close(call) }
+        try front.setUp(guest: guest, kick: kick, call: call)
+        let reads = (0..<4).map { guest.blockRequest(type: 0, sector: UInt64($0) * 8, readLength: 4096, firstDescriptor: 3 * $0) }
+        try kickAndWait(kick: kick, call: call, guest: guest, used: 4)
+        #expect(reads.allSatisfy { guest.bytes(at: $0.status, count: 1) == [0] })
+        #expect(gated.allArrived)
+    }
+}
+
+/// The store's device, with reads held until `expected` of them are in progress at once (at most
+/// 20 s): shows that a queue's requests run concurrently.
+final class ConcurrentReadsDevice: BlockDevice, @unchecked Sendable {
+    let inner: any BlockDevice
+    let expected: Int
+    private let arrived = Mutex(0)
+    private let allIn = DispatchSemaphore(value: 0)
+    private let timedOut = Mutex(false)
+    /// Every read found the others in progress (none waited out its 20 s).
+    var allArrived: Bool { !timedOut.withLock { $0 } && arrived.withLock { $0 } >= expected }
+
+    init(_ inner: any BlockDevice, expected: Int) {
+        self.inner = inner
+        self.expected = expected
+    }
+
+    var name: String { inner.name }
+    var deviceDescription: String { inner.deviceDescription }
+    var size: UInt64 { inner.size }
+    var blockSize: Int { inner.blockSize }
+    var isReadOnly: Bool { inner.isReadOnly }
+
+    func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(BlockDeviceError) {
+        let count = arrived.withLock { n -> Int in n += 1; return n }
+        if count == expected {
+            for _ in 0..<expected { allIn.signal() }
+        }
+        if allIn.wait(timeout: .now() + .seconds(20)) == .timedOut { timedOut.withLock { $0 = true } }
+        try inner.read(offset: offset, into: buffer)
+    }
+    func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
+        try inner.write(offset: offset, data: data, fua: fua)
+    }
+    func trim(offset: UInt64, length: UInt64, fua: Bool) throws(BlockDeviceError) {
+        try inner.trim(offset: offset, length: length, fua: fua)
+    }
+    func writeZeroes(offset: UInt64, length: UInt64, mayTrim: Bool, fastOnly: Bool, fua: Bool) throws(BlockDeviceError) {
+        try inner.writeZeroes(offset: offset, length: length, mayTrim: mayTrim, fastOnly: fastOnly, fua: fua)
+    }
+    func flush() throws(BlockDeviceError) { try inner.flush() }
+    func prefetch(offset: UInt64, length: UInt64) throws(BlockDeviceError) { try inner.prefetch(offset: offset, length: length) }
+    func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockDeviceError) -> [Extent] {
+        try inner.extents(offset: offset, length: length, maxExtents: maxExtents)
     }
 }
