@@ -255,6 +255,39 @@ func kickAndWait(kick: Int32, call: Int32, guest: GuestRing, used: UInt16) throw
         #expect(guest.bytes(at: flush.status, count: 1) == [0])
     }
 
+    /// QEMU sends a new memory table while rings run (guest memory layout changes): the queue
+    /// stops, the new regions are mapped, and it goes on from where it was.
+    @Test func aNewMemoryTableUnderARunningQueue() throws {
+        let scratch = try ScratchStore()
+        let server = try server(scratch)
+        defer { server.stop() }
+        let front = try FrontEnd(path: server.socketPath)
+        let guest = GuestRing(shared: true)
+        let kick = eventfd(), call = eventfd()
+        defer { close(kick); close(call) }
+        try front.setUp(guest: guest, kick: kick, call: call)
+        let first = guest.blockRequest(type: 1, sector: 0, data: [UInt8](repeating: 0x42, count: 4096), firstDescriptor: 0)
+        try kickAndWait(kick: kick, call: call, guest: guest, used: 1)
+        #expect(guest.bytes(at: first.status, count: 1) == [0])
+        // The same memory, now described as two regions (split at 512 KiB), passed as two fds.
+        let half = UInt64(GuestRing.bytes / 2)
+        var table = ByteWriter()
+        table.u32(2); table.u32(0)
+        table.u64(GuestRing.guestPhysicalBase); table.u64(half); table.u64(GuestRing.userBase); table.u64(0)
+        table.u64(GuestRing.guestPhysicalBase + half); table.u64(half); table.u64(GuestRing.userBase + half); table.u64(half)
+        try front.send(.setMemTable, table.bytes, fds: [guest.memfd, guest.memfd], needReply: true)
+        #expect(front.u64(try front.reply(to: .setMemTable)) == 0)
+        // A read whose buffer lies in the second region.
+        let read = guest.blockRequest(type: 0, sector: 0, readLength: 4096, firstDescriptor: 3, publish: false)
+        try #require(UInt64(read.data) < half, "the test's buffers are in the first half")
+        let high = Int(half) + 4096
+        guest.setDescriptor(4, address: guest.guestPhysical(high), length: 4096, flags: 1 | 2, next: 5)
+        guest.publish(3)
+        try kickAndWait(kick: kick, call: call, guest: guest, used: 2)
+        #expect(guest.bytes(at: read.status, count: 1) == [0])
+        #expect(guest.bytes(at: high, count: 4096) == [UInt8](repeating: 0x42, count: 4096))
+    }
+
     /// Requests of one queue run at once: four reads published together all reach the device
     /// before any of them returns (served one at a time, each would wait out its 20 s and the test
     /// would fail).
