@@ -10,6 +10,8 @@
 #   vbd_mode=recover  on a share of a snapshot taken during live mode: mount read-write (ext4 replays
 #                     its journal), verify the write-mode files and the live-a files, count the live-b
 #                     files that made it, unmount and e2fsck
+#   vbd_mode=bench    on the raw disk /dev/vda: vbd_ops 4 KiB writes then reads with O_DIRECT, one at a
+#                     time (busybox dd: sequential, queue depth 1); prints the elapsed time of each
 #   vbd_files=N       files of 1 MiB to write (write and live modes; default 16)
 # Prints "disk-guest: PASS <mode>" or "disk-guest: FAIL <reason>" on the console, then powers off.
 /bin/busybox --install -s /bin
@@ -91,6 +93,19 @@ case "${vbd_mode:-}" in
         umount /mnt || fail "umount"
         /sbin/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck after recovery"; }
         say "PASS recover"
+        ;;
+    bench)
+        wait_for /dev/vda
+        ops=${vbd_ops:-4096}
+        uptime_ms() { read -r up _ < /proc/uptime; echo $(( ${up%.*} * 1000 + 10 * ${up#*.} )); }
+        t0=$(uptime_ms)
+        dd if=/dev/zero of=/dev/vda bs=4k count="$ops" oflag=direct 2>/dev/null || fail "bench write"
+        t1=$(uptime_ms)
+        dd if=/dev/vda of=/dev/null bs=4k count="$ops" iflag=direct 2>/dev/null || fail "bench read"
+        t2=$(uptime_ms)
+        say "bench write-4k-qd1 $ops ops $((t1 - t0)) ms"
+        say "bench read-4k-qd1 $ops ops $((t2 - t1)) ms"
+        say "PASS bench"
         ;;
     verify)
         for letter in $letters; do
