@@ -33,6 +33,20 @@ h.block_status(65536, 3 * MiB, lambda ctx, off, e, err: got.__setitem__(ctx, lis
 chunks = []
 h.pread_structured(65536, 3 * MiB, lambda b, o, s, e: chunks.append(s) or 0)
 assert nbd.READ_HOLE in chunks, chunks
+# Exact chunks: one written block between unwritten ones is data, the rest holes, for a read the
+# cache answers (64 KiB, on the event loop) and one that goes to an I/O thread (2 MiB).
+for base, length in ((20 * MiB, 65536), (24 * MiB, 2 * MiB)):
+    payload = bytes(range(256)) * 16
+    h.pwrite(payload, base + 8192)
+    parts = []
+    h.pread_structured(length, base, lambda b, o, s, e: parts.append((o - base, s, bytes(b) if s == nbd.READ_DATA else len(b))) or 0)
+    parts.sort()
+    assert parts == [(0, nbd.READ_HOLE, 8192), (8192, nbd.READ_DATA, payload),
+                     (12288, nbd.READ_HOLE, length - 12288)], [(o, s, len(b) if isinstance(b, bytes) else b) for o, s, b in parts]
+    df = []
+    h.pread_structured(length, base, lambda b, o, s, e: df.append((o - base, s, bytes(b))) or 0, nbd.CMD_FLAG_DF)
+    assert len(df) == 1 and df[0][:2] == (0, nbd.READ_DATA), df
+    assert df[0][2] == bytes(8192) + payload + bytes(length - 12288)
 h.set_strict_mode(0)
 size = h.get_size()
 expect(errno.EINVAL, h.pread, 4096, size)

@@ -13,9 +13,10 @@ int vbd_punch_hole(int fd, long long offset, long long length) {
 
 #include <malloc.h>
 
-void vbd_keep_large_allocations(int mmap_threshold, int trim_threshold) {
+void vbd_tune_allocator(int mmap_threshold, int trim_threshold, int arena_max) {
     mallopt(M_MMAP_THRESHOLD, mmap_threshold);
     mallopt(M_TRIM_THRESHOLD, trim_threshold);
+    mallopt(M_ARENA_MAX, arena_max);
 }
 
 #define VBD_FDS_MAX 64

@@ -731,11 +731,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             let outcome = job.run()
             return MeasuredOutcome(outcome: outcome, deviceTime: ContinuousClock.now - started)
         }
-        // A read the cache can answer at once is answered on the calling thread (an event loop, or
-        // whichever thread the scheduler dispatches from): no hop to an I/O thread and back.
-        let fromMemory: @Sendable () -> MeasuredOutcome? = {
+        // A read the cache can answer, or a small write the store takes at once, is done on the
+        // calling thread (an event loop, or whichever thread the scheduler dispatches from): no
+        // hop to an I/O thread and back.
+        let withoutBlocking: @Sendable () -> MeasuredOutcome? = {
             let started = ContinuousClock.now
-            guard let outcome = job.runFromMemory() else { return nil }
+            guard let outcome = job.runWithoutBlocking() else { return nil }
             return MeasuredOutcome(outcome: outcome, deviceTime: ContinuousClock.now - started)
         }
         let eventLoop = context.eventLoop
@@ -743,7 +744,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             let pieces = job.pieceCount
             let tracker = pieces > 1 ? NBDPieceTracker(pieces: pieces) : nil
             let work = NBDIOScheduler.Job(pieces: pieces) { _, piece, finished in
-                if tracker == nil, let answered = fromMemory() {
+                if tracker == nil, let answered = withoutBlocking() {
                     finished()
                     promise.succeed(answered)
                     return
@@ -790,7 +791,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                                                      structured: job.structured, allocator: job.allocator),
                     deviceTime: .zero))
             }
-        } else if let answered = fromMemory() {
+        } else if let answered = withoutBlocking() {
             promise.succeed(answered)
         } else {
             pool.runIfActive(eventLoop: eventLoop, run).cascade(to: promise)

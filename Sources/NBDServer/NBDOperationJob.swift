@@ -72,16 +72,57 @@ struct NBDOperationJob: Sendable {
         }
     }
 
-    // MARK: From memory
+    // MARK: Without blocking
 
-    /// A READ answered at once when the device has every block in memory
-    /// (``BlockDevice/readIfCached(offset:into:zeroBlocksAllowed:)``), so the caller skips the hop
-    /// to an I/O thread and back; nil otherwise. The reply is one data chunk, so with structured
-    /// replies (and no DF) only ranges without unallocated or zero blocks qualify: those are
-    /// described as holes by the ordinary path. Skipping the extents query that shapes ordinary
-    /// replies is part of the saving.
-    func runFromMemory() -> Outcome? {
+    /// The operation done at once on the calling thread, when the device can do it without
+    /// blocking, so the caller skips the hop to an I/O thread and back; nil otherwise (nothing
+    /// was done). A READ the cache holds (``BlockDevice/readIfCached(offset:into:zeroBlocksAllowed:)``)
+    /// or a small aligned WRITE without FUA (``BlockDevice/writeWithoutBlocking(offset:data:)``).
+    func runWithoutBlocking() -> Outcome? {
+        switch operation {
+        case .read: return readFromMemory()
+        case .write(let handle, let offset, _, let fua):
+            guard !fua, let payload else { return nil }
+            do throws(BlockDeviceError) {
+                var done = false
+                var failure: BlockDeviceError?
+                payload.withUnsafeReadableBytes { bytes in
+                    do throws(BlockDeviceError) {
+                        done = try device.writeWithoutBlocking(offset: offset, data: bytes)
+                    } catch {
+                        failure = error
+                    }
+                }
+                if let failure { throw failure }
+                return done ? success(handle) : nil
+            } catch {
+                return Self.failure(operation, NBDError(error), error.description, structured: structured,
+                                    allocator: allocator)
+            }
+        default: return nil
+        }
+    }
+
+    /// A READ the device has in memory. With structured replies (and no DF) zero blocks become
+    /// hole chunks as on the ordinary path, planned from what the read itself reported.
+    private func readFromMemory() -> Outcome? {
         guard case .read(let handle, let offset, let length, let dontFragment) = operation, length > 0 else { return nil }
+        if structured && !dontFragment {
+            var zeroRanges: [Range<Int>]?
+            var sources = ReadSources()
+            var buffer = allocator.buffer(capacity: Int(length) + Self.dataHeaderBytes)
+            NBDReplyEncoder.writeOffsetDataHeader(handle: handle, offset: offset, dataLength: length, done: true,
+                                                  into: &buffer)
+            buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { space in
+                let target = UnsafeMutableRawBufferPointer(rebasing: space[0..<Int(length)])
+                guard let read = device.readIfCachedReportingZeroes(offset: offset, into: target) else { return 0 }
+                (sources, zeroRanges) = (read.0, read.zeroRanges)
+                return Int(length)
+            }
+            guard let zeroRanges else { return nil }
+            return Outcome(reply: replanned(buffer, handle: handle, offset: offset, length: length, zeroRanges: zeroRanges),
+                           error: nil, message: "", readSources: sources)
+        }
         var buffer = allocator.buffer(capacity: Int(length) + 32)
         if structured {
             NBDReplyEncoder.writeOffsetDataHeader(handle: handle, offset: offset, dataLength: length, done: true,
@@ -185,8 +226,65 @@ struct NBDOperationJob: Sendable {
         return Outcome(reply: buffer, error: nil, message: "")
     }
 
+    /// Bytes of an OFFSET_DATA chunk before its data: the chunk header and the offset.
+    static let dataHeaderBytes = 28
+
+    /// `reply` is one OFFSET_DATA chunk covering the whole READ; with zero ranges in it, the reply
+    /// planned from them (holes for zero runs of a block or more, data copied for the rest).
+    private func replanned(_ reply: ByteBuffer, handle: UInt64, offset: UInt64, length: UInt32,
+                           zeroRanges: [Range<Int>]) -> ByteBuffer {
+        guard !zeroRanges.isEmpty else { return reply }
+        var extents: [Extent] = []
+        var position = 0
+        for zero in zeroRanges {
+            if zero.lowerBound > position { extents.append(Extent(length: UInt64(zero.lowerBound - position), flags: [])) }
+            extents.append(Extent(length: UInt64(zero.count), flags: [.zero]))
+            position = zero.upperBound
+        }
+        let segments = NBDReplyPlanning.readSegments(offset: offset, length: length, extents: extents)
+        var buffer = allocator.buffer(capacity: reply.readableBytes + 32 * segments.count)
+        for (index, segment) in segments.enumerated() {
+            let done = index == segments.count - 1
+            switch segment {
+            case .hole(let holeOffset, let holeLength):
+                NBDReplyEncoder.writeOffsetHole(handle: handle, offset: holeOffset, length: holeLength, done: done,
+                                                into: &buffer)
+            case .data(let dataOffset, let dataLength):
+                NBDReplyEncoder.writeOffsetDataHeader(handle: handle, offset: dataOffset, dataLength: dataLength,
+                                                      done: done, into: &buffer)
+                let start = reply.readerIndex + Self.dataHeaderBytes + Int(dataOffset - offset)
+                buffer.writeImmutableBuffer(reply.getSlice(at: start, length: Int(dataLength))!)
+            }
+        }
+        return buffer
+    }
+
     private func read(handle: UInt64, offset: UInt64, length: UInt32,
                       dontFragment: Bool) throws(BlockDeviceError) -> Outcome {
+        if structured && !dontFragment {
+            // One walk of the map: the read reports its zero blocks, and the reply is planned
+            // from them (a device that cannot report them is asked for extents below).
+            var zeroRanges: [Range<Int>]?
+            var sources = ReadSources()
+            var failure: BlockDeviceError?
+            var buffer = allocator.buffer(capacity: Int(length) + Self.dataHeaderBytes)
+            NBDReplyEncoder.writeOffsetDataHeader(handle: handle, offset: offset, dataLength: length, done: true,
+                                                  into: &buffer)
+            buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { space in
+                let target = UnsafeMutableRawBufferPointer(rebasing: space[0..<Int(length)])
+                do throws(BlockDeviceError) {
+                    zeroRanges = try device.readReportingZeroes(offset: offset, into: target, sources: &sources)
+                } catch {
+                    failure = error
+                }
+                return zeroRanges == nil ? 0 : Int(length)
+            }
+            if let failure { throw failure }
+            if let zeroRanges {
+                return Outcome(reply: replanned(buffer, handle: handle, offset: offset, length: length, zeroRanges: zeroRanges),
+                               error: nil, message: "", readSources: sources)
+            }
+        }
         // Plan: without structured replies, or with DF, the whole range is one piece of data.
         var segments: [NBDReadSegment] = [.data(offset: offset, length: length)]
         if structured && !dontFragment,

@@ -29,8 +29,24 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// the ordinary path). Must never block on I/O or wait long for a lock: event loops call it.
     /// The default serves nothing.
     func readIfCached(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, zeroBlocksAllowed: Bool) -> ReadSources?
+    /// Reads as ``read(offset:into:sources:)`` and returns the byte ranges of `buffer` that hold no
+    /// stored data (unwritten or zeroed blocks; they read as zeroes), ascending and merged, so a
+    /// reply can describe them as holes without asking for extents first (one walk of the map,
+    /// not two). Returns nil, having read nothing, when the device cannot say; the default.
+    func readReportingZeroes(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                             sources: inout ReadSources) throws(BlockDeviceError) -> [Range<Int>]?
+    /// ``readIfCached(offset:into:zeroBlocksAllowed:)`` with zero blocks allowed and reported as
+    /// ``readReportingZeroes(offset:into:sources:)`` reports them. The default serves nothing.
+    func readIfCachedReportingZeroes(offset: UInt64,
+                                     into buffer: UnsafeMutableRawBufferPointer) -> (ReadSources, zeroRanges: [Range<Int>])?
     /// Writes `data` at `offset`. With `fua`, the write is durable when this returns.
     func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError)
+    /// Does a small write at once on the calling thread and returns true, or returns false having
+    /// changed nothing when it could block: a busy store lock, a flush or read-modify-write it
+    /// would need, or a size above what the device takes this way (the caller then calls `write`
+    /// on an I/O thread, which reports any error). Never FUA. Event loops call it, like
+    /// ``readIfCached(offset:into:zeroBlocksAllowed:)``. The default takes nothing.
+    func writeWithoutBlocking(offset: UInt64, data: UnsafeRawBufferPointer) throws(BlockDeviceError) -> Bool
     /// Discards a range: afterwards it reads as zeroes and whole blocks free their storage.
     func trim(offset: UInt64, length: UInt64, fua: Bool) throws(BlockDeviceError)
     /// Makes a range read as zeroes. With `mayTrim` whole blocks become holes; with `fastOnly` the call
@@ -53,6 +69,20 @@ extension BlockDevice {
 
     public func readIfCached(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
                              zeroBlocksAllowed: Bool) -> ReadSources? { nil }
+
+    public func writeWithoutBlocking(offset: UInt64, data: UnsafeRawBufferPointer) throws(BlockDeviceError) -> Bool {
+        false
+    }
+
+    public func readReportingZeroes(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                                    sources: inout ReadSources) throws(BlockDeviceError) -> [Range<Int>]? {
+        nil
+    }
+
+    public func readIfCachedReportingZeroes(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer)
+        -> (ReadSources, zeroRanges: [Range<Int>])? {
+        nil
+    }
 }
 
 /// Where the blocks of a read came from: counted per block (a block read only in part counts once).

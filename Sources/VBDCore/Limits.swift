@@ -21,6 +21,11 @@ public enum Limits {
     public static let pendingJournalBytesMax = 4 << 20
     /// Journal size at which the store writes a checkpoint and starts a new journal (bounds recovery time).
     public static let journalBytesCheckpoint: UInt64 = 256 << 20
+    /// Shortest run of freed data-file pages a flush hole-punches. Scattered frees (overwrites)
+    /// stay allocated: a new chunk written there lands on a page the page cache still holds,
+    /// where a punched page costs a fresh, zeroed page and a block allocation on the next write
+    /// (Benchmarks/README.md). Deleting a volume frees long runs, which go back to the file system.
+    public static let holePunchRunBytesMin: UInt64 = 1 << 20
 
     // MARK: NBD (doc/proto.md; nbdkit's limits where the spec leaves it open)
 

@@ -74,6 +74,8 @@ public final class ConcurrentSimulation: @unchecked Sendable {
         options.hashFunction = rng.chance(30) ? .weak(bits: 6) : .xxh3
         options.pendingJournalBytesMax = 256 << rng.below(6)
         options.checkpointJournalBytes = UInt64(2048 << rng.below(6))
+        // Every freed page is punched at once: the punch and its races stay in every run.
+        options.holePunchRunBytesMin = 4096
         options.interleaving = scheduler
         // A few blocks' worth of cache: chunks come and go, and freed numbers are reused at once.
         let cacheBlocks = 2 + rng.below(30)

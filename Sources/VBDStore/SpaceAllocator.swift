@@ -9,8 +9,12 @@ import VBDCore
 // Freed space is not reusable at once. Until the journal records that freed it are durable, a
 // crash would bring back a state in which the old chunk still lives there, so overwriting it
 // would destroy flushed data. Frees therefore wait in `deferred` until `Store.flush` has made
-// the records durable, then the sectors become free and every fully freed 4 KiB page of the
-// file is hole-punched, which is how deleting volumes gives space back to `du`.
+// the records durable, then the sectors become free and fully freed 4 KiB pages of the file
+// are hole-punched when they form a run of at least `Store.Options.holePunchRunBytesMin`
+// (deleting a volume frees long runs, which is how it gives space back to `du`). Shorter runs,
+// the scattered frees of overwrites, stay allocated in the file: allocation reuses them, and
+// writing into a page the page cache holds is far cheaper than into a punched one. `gc` punches
+// every free page.
 //
 // The punch runs outside the store lock, so the pages being punched stay marked in use until it
 // has finished (`releaseReservingPunches`, `finishPunches`): otherwise a writer could take those
@@ -112,8 +116,9 @@ struct SpaceAllocator {
     }
 
     /// Marks sectors free; returns the 4 KiB-aligned byte ranges that are now entirely free and
-    /// can be hole-punched.
-    mutating func release(_ frees: [(sector: UInt64, count: Int)]) -> [(offset: UInt64, length: UInt64)] {
+    /// at least `punchRunBytesMin` long, to be hole-punched.
+    mutating func release(_ frees: [(sector: UInt64, count: Int)],
+                          punchRunBytesMin: UInt64 = 4096) -> [(offset: UInt64, length: UInt64)] {
         var pages = Set<UInt64>()
         for (sector, count) in frees {
             for s in sector..<sector + UInt64(count) {
@@ -139,13 +144,45 @@ struct SpaceAllocator {
                 }
             }
         }
+        return punchRunBytesMin <= 4096 ? punch : punch.filter { $0.length >= punchRunBytesMin }
+    }
+
+    /// Every fully free 4 KiB page inside the file, as runs, each marked in use until
+    /// `finishPunches` (as `releaseReservingPunches`): what `gc` punches.
+    mutating func reserveFreePagesForPunching() -> [(offset: UInt64, length: UInt64)] {
+        var punch: [(offset: UInt64, length: UInt64)] = []
+        let pages = endSector / 8
+        var p: UInt64 = 0
+        while p < pages {
+            let w = Int((p * 8) >> 6), shift = (p * 8) & 63
+            if w < bitmap.count && bitmap[w] == 0 && shift == 0 && p + 8 <= pages {
+                // A whole bitmap word (8 pages) free: take it at once.
+                if let last = punch.last, last.offset + last.length == p * 4096 {
+                    punch[punch.count - 1].length += 8 * 4096
+                } else {
+                    punch.append((p * 4096, 8 * 4096))
+                }
+                p += 8
+                continue
+            }
+            if w >= bitmap.count || (bitmap[w] >> shift) & 0xFF == 0 {
+                if let last = punch.last, last.offset + last.length == p * 4096 {
+                    punch[punch.count - 1].length += 4096
+                } else {
+                    punch.append((p * 4096, 4096))
+                }
+            }
+            p += 1
+        }
+        for r in punch { setPageBits(r, inUse: true) }
         return punch
     }
 
     /// `release`, but the pages to punch stay marked in use (not counted in `usedSectors`) until
     /// `finishPunches`, so no allocation can take them while the punch runs outside the lock.
-    mutating func releaseReservingPunches(_ frees: [(sector: UInt64, count: Int)]) -> [(offset: UInt64, length: UInt64)] {
-        let punches = release(frees)
+    mutating func releaseReservingPunches(_ frees: [(sector: UInt64, count: Int)],
+                                          punchRunBytesMin: UInt64) -> [(offset: UInt64, length: UInt64)] {
+        let punches = release(frees, punchRunBytesMin: punchRunBytesMin)
         for p in punches { setPageBits(p, inUse: true) }
         return punches
     }

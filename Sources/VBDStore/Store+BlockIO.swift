@@ -142,20 +142,32 @@ extension Store {
     /// Reads and adds to `sources` where each block came from (zero and unmapped blocks count nowhere).
     func read(image id: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
               sources: inout ReadSources) throws(BlockDeviceError) {
+        var zeroRanges: [Range<Int>] = []
+        try read(image: id, offset: offset, into: buffer, sources: &sources, zeroRanges: &zeroRanges)
+    }
+
+    /// Reads as above and appends to `zeroRanges` the byte ranges of `buffer` whose blocks hold no
+    /// stored data (merged, ascending). A block found zero is zero at the moment its map was read;
+    /// a block read again after a race is reported as data even if it became zero (its bytes are
+    /// zeroes then, which a data reply states as well).
+    func read(image id: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+              sources: inout ReadSources, zeroRanges: inout [Range<Int>]) throws(BlockDeviceError) {
         do {
             // Blocks whose chunk was freed while they loaded are read again, each on its own (a
             // block read later is still that block at one moment). A retried block counts again
             // in `sources`. The last attempt holds the lock across its loads, so a reader that
             // keeps losing the race still finishes, and it holds it for those few blocks only.
-            var stale = try readOnce(image: id, offset: offset, into: buffer, sources: &sources, holdingLock: false)
+            var stale = try readOnce(image: id, offset: offset, into: buffer, sources: &sources, holdingLock: false,
+                                     zeroRanges: &zeroRanges)
             var attempt = 1
             while !stale.isEmpty {
                 attempt += 1
                 var next: [Range<Int>] = []
                 for range in stale {
+                    var ignored: [Range<Int>] = []
                     let again = try readOnce(image: id, offset: offset + UInt64(range.lowerBound),
                                              into: UnsafeMutableRawBufferPointer(rebasing: buffer[range]), sources: &sources,
-                                             holdingLock: attempt >= Self.readAttemptsUnlocked)
+                                             holdingLock: attempt >= Self.readAttemptsUnlocked, zeroRanges: &ignored)
                     next += again.map { ($0.lowerBound + range.lowerBound)..<($0.upperBound + range.lowerBound) }
                 }
                 stale = next
@@ -200,6 +212,15 @@ extension Store {
     /// With `zeroBlocksAllowed` false, a range with an unallocated or zero block returns nil.
     func readIfCached(image id: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
                       zeroBlocksAllowed: Bool = true) -> ReadSources? {
+        var zeroRanges: [Range<Int>] = []
+        return readIfCached(image: id, offset: offset, into: buffer, zeroBlocksAllowed: zeroBlocksAllowed,
+                            zeroRanges: &zeroRanges)
+    }
+
+    /// As above, appending the byte ranges of `buffer` that are zero blocks to `zeroRanges`
+    /// (merged, ascending); untouched when it returns nil.
+    func readIfCached(image id: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                      zeroBlocksAllowed: Bool, zeroRanges: inout [Range<Int>]) -> ReadSources? {
         let length = UInt64(buffer.count)
         guard let cache = options.cache, length > 0, buffer.count <= Self.cachedReadBytesMax,
               mutex.tryLock(spinningFor: Self.cachedReadLockWait) else {
@@ -230,12 +251,14 @@ extension Store {
         let bs = UInt64(1) << UInt64(blockShift)
         let first = offset >> UInt64(blockShift)
         var sources = ReadSources()
+        var zeros: [Range<Int>] = []
         for (k, ref) in refs.enumerated() {
             let blockStart = (first + UInt64(k)) * bs
             let lo = max(offset, blockStart), hi = min(offset + length, blockStart + bs)
             let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(lo - offset)..<Int(hi - offset)])
             if ref.key == 0 {
                 dst.initializeMemory(as: UInt8.self, repeating: 0)
+                Self.appendMerged(Int(lo - offset)..<Int(hi - offset), to: &zeros)
                 continue
             }
             let found = Self.fillBlockSlice(dst, at: Int(lo - blockStart), blockSize: Int(bs)) { block in
@@ -249,14 +272,24 @@ extension Store {
             guard let found else { return nil }
             sources.count(found)
         }
+        zeroRanges += zeros
         return sources
+    }
+
+    /// Appends `range` to ascending `ranges`, merged with the last one when they touch.
+    static func appendMerged(_ range: Range<Int>, to ranges: inout [Range<Int>]) {
+        if let last = ranges.last, last.upperBound == range.lowerBound {
+            ranges[ranges.count - 1] = last.lowerBound..<range.upperBound
+        } else {
+            ranges.append(range)
+        }
     }
 
     /// One attempt of a read. Returns the byte ranges of `buffer` (whole block slices) whose chunk
     /// was freed while they loaded, to be read again. `holdingLock`: keep `mutex` across the loads
     /// (the last attempt), so nothing can be freed under it and nothing is returned.
     private func readOnce(image id: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
-                          sources: inout ReadSources, holdingLock: Bool) throws -> [Range<Int>] {
+                          sources: inout ReadSources, holdingLock: Bool, zeroRanges: inout [Range<Int>]) throws -> [Range<Int>] {
         let length = UInt64(buffer.count)
         guard length > 0 else {
             let v = try mutex.withLock { () throws(BlockDeviceError) in try viewLocked(id).0 }
@@ -296,6 +329,7 @@ extension Store {
             let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(lo - offset)..<Int(hi - offset)])
             if ref.chunk == 0 || ref.chunk >= zeroAllocatedChunk {
                 dst.initializeMemory(as: UInt8.self, repeating: 0)
+                Self.appendMerged(Int(lo - offset)..<Int(hi - offset), to: &zeroRanges)
                 continue
             }
             do {
@@ -403,6 +437,43 @@ extension Store {
         }
         try storeBlocks(&blocks, view: view)
         try afterChange(fua: fua)
+    }
+
+    /// Largest write ``writeWithoutBlocking(image:offset:data:)`` takes: hashing, compressing and
+    /// copying 16 KiB into the page cache costs about what a cached read of it does, so an event
+    /// loop doing it keeps its other connections' latency (the I/O thread's step, NBDOperationJob).
+    static let writeWithoutBlockingBytesMax = 16 * 1024
+
+    /// Writes whole blocks at once on the calling thread, or returns false having changed nothing:
+    /// when the store lock stays busy for ``cachedReadLockWait``, the journal is due for a flush,
+    /// the write is not block-aligned (a read-modify-write may read the disk) or larger than
+    /// ``writeWithoutBlockingBytesMax``, or the request is invalid (the ordinary write then reports
+    /// the error). Saves an event loop the hop to an I/O thread and back, which cost more CPU than
+    /// the write itself (Benchmarks/README.md). Its page-cache write can still wait on the kernel's
+    /// dirty-page throttling, which every writer of the file shares.
+    func writeWithoutBlocking(image id: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws(BlockDeviceError) -> Bool {
+        let length = UInt64(data.count)
+        guard length > 0, data.count <= Self.writeWithoutBlockingBytesMax,
+              mutex.tryLock(spinningFor: Self.cachedReadLockWait) else { return false }
+        let view: ImageView
+        do {
+            defer { mutex.unlock() }
+            guard !closed, poisoned == nil, pending.bytes.count < options.pendingJournalBytesMax,
+                  let (v, _) = try? viewLocked(id), !v.readOnly else { return false }
+            let (end, overflow) = offset.addingReportingOverflow(length)
+            guard !overflow, end <= v.size, offset % UInt64(v.blockSize) == 0,
+                  length % UInt64(v.blockSize) == 0 else { return false }
+            view = v
+        }
+        let bs = view.blockSize
+        var blocks: [PendingBlock] = []
+        blocks.reserveCapacity(data.count / bs)
+        for k in 0..<data.count / bs {
+            blocks.append(PendingBlock(block: offset / UInt64(bs) + UInt64(k),
+                                       bytes: UnsafeRawBufferPointer(rebasing: data[k * bs..<(k + 1) * bs])))
+        }
+        try storeBlocks(&blocks, view: view)
+        return true
     }
 
     static let stripeCount = 64

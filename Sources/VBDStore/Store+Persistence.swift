@@ -217,7 +217,15 @@ extension Store {
         guard !frees.isEmpty else { return }
         // The pages to punch stay reserved until punched: a writer taking them in between would
         // have its acknowledged chunk erased by the punch (see SpaceAllocator.swift).
-        let punches = mutex.withLock { space.releaseReservingPunches(frees) }
+        let punches = mutex.withLock {
+            space.releaseReservingPunches(frees, punchRunBytesMin: options.holePunchRunBytesMin)
+        }
+        punchReserved(punches)
+    }
+
+    /// Punches pages reserved by the space allocator, outside `mutex`, then frees them.
+    func punchReserved(_ punches: [(offset: UInt64, length: UInt64)]) {
+        guard !punches.isEmpty else { return }
         for p in punches {
             do { try dataFile.punchHole(offset: p.offset, length: p.length) } catch { /* space stays used; harmless */ }
         }
@@ -318,6 +326,13 @@ extension Store {
     /// The journal starts empty afterwards.
     public func checkpoint() throws {
         try flushMutex.withLock {
+            // Most of the data file's dirty pages are synced before the lock is taken: the sync
+            // under it (writeCheckpointLocked) then waits only for what was written in between,
+            // not for seconds of write-back while every request waits for the lock.
+            if !options.readOnly { do { try dataFile.sync() } catch {
+                mutex.withLock { if failure == nil { failure = "fdatasync of the data file failed (\(error))" } }
+                throw StoreError.io("checkpoint failed: fdatasync of the data file: \(error); the store refuses writes until it is reopened")
+            } }
             mutex.lock()
             defer { mutex.unlock() }
             if let poisoned { throw StoreError.io("store is read-only: \(poisoned)") }
@@ -403,7 +418,7 @@ extension Store {
         // The new generation is durable; generations before the one the other slot names are
         // named by no slot and no chain now.
         removeGenerationFiles { $0 < keepFrom }
-        let punches = space.release(frees)
+        let punches = space.release(frees, punchRunBytesMin: options.holePunchRunBytesMin)
         for p in punches { try? dataFile.punchHole(offset: p.offset, length: p.length) }
     }
 

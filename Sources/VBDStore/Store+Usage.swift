@@ -98,9 +98,9 @@ extension Store {
         return total
     }
 
-    /// Reclaims what can be reclaimed now: makes pending frees durable (so their space is reused
-    /// and hole-punched), writes a checkpoint (which empties the journal), and trims free space at
-    /// the end of the data file. Returns the data file's size before and after.
+    /// Reclaims what can be reclaimed now: makes pending frees durable (so their space is reused),
+    /// writes a checkpoint (which empties the journal), hole-punches every free page of the data
+    /// file and trims free space at its end. Returns the data file's size before and after.
     @discardableResult
     public func gc() throws -> (before: UInt64, after: UInt64) {
         let before = (try? dataFile.size()) ?? 0
@@ -109,6 +109,8 @@ extension Store {
         // (its frees are punched); the journal stays, and the data file is still trimmed.
         do { try checkpoint() } catch StoreError.noSpace {}
         try flushMutex.withLock {
+            // Flushes punch only long runs of freed pages; the scattered rest goes back now.
+            punchReserved(mutex.withLock { space.reserveFreePagesForPunching() })
             try mutex.withLock { () throws in
                 let end = space.endSectorInUse * UInt64(Limits.sectorBytes)
                 if try dataFile.size() > end {

@@ -63,6 +63,10 @@ public final class Store: @unchecked Sendable {
         public var checkpointJournalBytes: UInt64 = Limits.journalBytesCheckpoint
         /// Unflushed journal bytes that trigger an implicit flush.
         public var pendingJournalBytesMax: Int = Limits.pendingJournalBytesMax
+        /// A flush hole-punches freed 4 KiB pages of the data file only in runs of at least this
+        /// many bytes; shorter runs stay allocated for new chunks (SpaceAllocator.swift). `gc`
+        /// punches every free page. 4096 punches every free page at every flush.
+        public var holePunchRunBytesMin: UInt64 = Limits.holePunchRunBytesMin
         /// The store secret for a new store; nil = from the system CSPRNG. The simulator fixes it
         /// so that a seed replays exactly.
         public var secretForNewStore: UInt64?

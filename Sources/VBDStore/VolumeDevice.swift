@@ -43,8 +43,27 @@ public final class VolumeDevice: BlockDevice, @unchecked Sendable {
         store.readIfCached(image: imageID, offset: offset, into: buffer, zeroBlocksAllowed: zeroBlocksAllowed)
     }
 
+    public func readReportingZeroes(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                                    sources: inout ReadSources) throws(BlockDeviceError) -> [Range<Int>]? {
+        var zeroRanges: [Range<Int>] = []
+        try store.read(image: imageID, offset: offset, into: buffer, sources: &sources, zeroRanges: &zeroRanges)
+        return zeroRanges
+    }
+
+    public func readIfCachedReportingZeroes(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer)
+        -> (ReadSources, zeroRanges: [Range<Int>])? {
+        var zeroRanges: [Range<Int>] = []
+        guard let sources = store.readIfCached(image: imageID, offset: offset, into: buffer, zeroBlocksAllowed: true,
+                                               zeroRanges: &zeroRanges) else { return nil }
+        return (sources, zeroRanges)
+    }
+
     public func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
         try store.write(image: imageID, offset: offset, data: data, fua: fua)
+    }
+
+    public func writeWithoutBlocking(offset: UInt64, data: UnsafeRawBufferPointer) throws(BlockDeviceError) -> Bool {
+        try store.writeWithoutBlocking(image: imageID, offset: offset, data: data)
     }
 
     public func trim(offset: UInt64, length: UInt64, fua: Bool) throws(BlockDeviceError) {

@@ -13,7 +13,9 @@ import VBDSimulation
             duringPunch = nil
             action()
         }
-        let store = try Store(directory: directory, options: Store.Options(), create: true)
+        var options = Store.Options()
+        options.holePunchRunBytesMin = 4096   // the 16 freed pages below are punched
+        let store = try Store(directory: directory, options: options, create: true)
         _ = try store.createVolume(name: "a", size: 1 << 20)
         _ = try store.createVolume(name: "b", size: 1 << 20)
         let a = try store.device(named: "a"), b = try store.device(named: "b")

@@ -6,7 +6,7 @@
 int vbd_punch_hole(int fd, long long offset, long long length);
 /* malloc tuning (malloc.h is not part of Swift's Glibc module): large allocations up to
    mmap_threshold bytes come from the heap, which is trimmed only past trim_threshold free bytes. */
-void vbd_keep_large_allocations(int mmap_threshold, int trim_threshold);
+void vbd_tune_allocator(int mmap_threshold, int trim_threshold, int arena_max);
 
 /* vhost-user: file descriptors passed with SCM_RIGHTS (the CMSG_* macros are not callable from Swift).
    Receives up to len bytes and at most max_fds descriptors (close-on-exec); *fd_count is how many
