@@ -3,6 +3,7 @@ import PackageDescription
 
 // Dependency direction (no cycles):
 //   VBDCore  <-  VBDCache, VBDStore  <-  VBDSimulation
+//   VhostUser (VBDCore + CVBDSys + VBDAccounting)  <-  vbdtool
 //   NBDProtocol (NIOCore + VBDCore)  <-  NBDServer (NIOPosix, NIOSSL)  <-  VBDControl  <-  vbdtool
 let package = Package(
     name: "vbd",
@@ -63,6 +64,10 @@ let package = Package(
             ]
         ),
         .target(
+            name: "VhostUser",
+            dependencies: ["VBDCore", "CVBDSys", "VBDAccounting", .product(name: "Logging", package: "swift-log")]
+        ),
+        .target(
             name: "VBDMetrics",
             dependencies: [
                 "VBDCore", "VBDStore", "VBDCache",
@@ -85,7 +90,7 @@ let package = Package(
         .executableTarget(
             name: "vbdtool",
             dependencies: [
-                "CVBDSys", "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl", "VBDMetrics", "VBDAccounting",
+                "CVBDSys", "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl", "VBDMetrics", "VBDAccounting", "VhostUser",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -98,6 +103,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "VBDCoreTests", dependencies: ["VBDCore"]),
+        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VBDCore", "CVBDSys", "VBDStore", "VBDAccounting"]),
         .testTarget(name: "VBDToolTests", dependencies: ["VBDControl", "VBDStore", "VBDCore"]),
         .testTarget(name: "VBDCacheTests", dependencies: ["VBDCache", "VBDCore"], resources: [.copy("Traces")]),
         .testTarget(name: "VBDStoreTests", dependencies: ["VBDStore", "VBDCore", "VBDSimulation"]),

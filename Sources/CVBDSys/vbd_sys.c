@@ -1,5 +1,10 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include "vbd_sys.h"
 
 int vbd_punch_hole(int fd, long long offset, long long length) {
@@ -13,3 +18,69 @@ void vbd_tune_allocator(int mmap_threshold, int trim_threshold, int arena_max) {
     mallopt(M_TRIM_THRESHOLD, trim_threshold);
     mallopt(M_ARENA_MAX, arena_max);
 }
+
+#define VBD_FDS_MAX 64
+
+long vbd_recv_with_fds(int socket, void *buffer, size_t len, int *fds, int max_fds, int *fd_count,
+                       int *control_truncated) {
+    union { char raw[CMSG_SPACE(sizeof(int) * VBD_FDS_MAX)]; struct cmsghdr align; } control;
+    struct iovec iov = { .iov_base = buffer, .iov_len = len };
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.raw;
+    msg.msg_controllen = sizeof control.raw;
+    *fd_count = 0;
+    *control_truncated = 0;
+    long received = recvmsg(socket, &msg, MSG_CMSG_CLOEXEC);
+    if (received < 0) return received;
+    if (msg.msg_flags & MSG_CTRUNC) *control_truncated = 1;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        int n = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int *passed = (int *)CMSG_DATA(c);
+        for (int i = 0; i < n; i++) {
+            if (*fd_count < max_fds) fds[(*fd_count)++] = passed[i];
+            else { close(passed[i]); *control_truncated = 1; }   /* never leak what we cannot hold */
+        }
+    }
+    return received;
+}
+
+long vbd_send_with_fds(int socket, const void *buffer, size_t len, const int *fds, int fd_count) {
+    union { char raw[CMSG_SPACE(sizeof(int) * VBD_FDS_MAX)]; struct cmsghdr align; } control;
+    struct iovec iov = { .iov_base = (void *)buffer, .iov_len = len };
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (fd_count > 0) {
+        if (fd_count > VBD_FDS_MAX) return -1;
+        memset(control.raw, 0, sizeof control.raw);
+        msg.msg_control = control.raw;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * fd_count);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * fd_count);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * fd_count);
+    }
+    return sendmsg(socket, &msg, MSG_NOSIGNAL);
+}
+
+int vbd_eventfd(unsigned int initial, int nonblocking) {
+    return eventfd(initial, EFD_CLOEXEC | (nonblocking ? EFD_NONBLOCK : 0));
+}
+
+int vbd_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+
+uint16_t vbd_load_acquire_u16(const void *address) {
+    return __atomic_load_n((const uint16_t *)address, __ATOMIC_ACQUIRE);
+}
+
+void vbd_store_release_u16(void *address, uint16_t value) {
+    __atomic_store_n((uint16_t *)address, value, __ATOMIC_RELEASE);
+}
+
+void vbd_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }

@@ -53,14 +53,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         var scheduler: NBDIOScheduler?
     }
 
-    /// Who this connection is charged to and which volume it serves (set when an export opens).
-    struct Session: Sendable, Equatable {
-        var domain: DomainID
-        var volume: String
-        /// The store's id of the image opened (nil for devices that are not store images).
-        var imageID: UInt64?
-    }
-
     private enum Phase {
         case handshake(NBDHandshakeStateMachine)
         case transmission(NBDTransmissionStateMachine, any BlockDevice)
@@ -104,7 +96,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// When the connection became idle (nil: not idle, or no `idleTimeout`).
     private var idleSince: NIODeadline?
     /// Set once an export is opened under tenancy; nil without tenancy.
-    private var session: Session?
+    private var session: TenancySession?
     /// SO_PEERCRED of a unix-socket client, read when it connected (nil over TCP).
     private let unixCredentials: UnixPeerCredentials?
 
@@ -620,17 +612,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Sets ``session`` for an admitted connection.
     private func refusal(_ device: any BlockDevice, context: ChannelHandlerContext) -> String? {
         guard let tenancy = environment.tenancy else { return nil }
-        let imageID = (device as? any StoreImageDevice)?.imageID
         let identity = PeerIdentity(certificateSubject: verifiedCertificateSubject(context: context),
                                     unixCredentials: unixCredentials)
-        switch tenancy.admission(export: device.name, imageID: imageID, identity: identity) {
-        case .refused(let reason):
-            return reason
-        case .admitted(let domain):
-            guard tenancy.admits(volume: device.name, imageID: imageID, domain: domain, write: false) else {
-                return "\(domain) holds no lease on \(device.name)"
-            }
-            session = Session(domain: domain, volume: device.name, imageID: imageID)
+        switch tenancy.openSession(device: device, identity: identity) {
+        case .failure(let refusal):
+            return refusal.reason
+        case .success(let admitted):
+            session = admitted
             return nil
         }
     }
@@ -861,15 +849,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func leasePermits(_ command: NBDCommand) -> Bool {
         guard let tenancy = environment.tenancy, tenancy.leasesEnforced, let session,
               let kind = IOKind(command) else { return true }
-        return tenancy.admits(volume: session.volume, imageID: session.imageID, domain: session.domain,
-                              write: kind.modifies)
+        return tenancy.permits(session, kind)
     }
 
     private func charge(_ command: NBDCommand, bytes: UInt64, deviceTime: Duration, failed: Bool,
                         sources: ReadSources = ReadSources()) {
         guard let tenancy = environment.tenancy, let session, let kind = IOKind(command) else { return }
-        tenancy.requestCompleted(domain: session.domain, kind: kind, bytes: bytes, deviceTime: deviceTime,
-                                 failed: failed, cacheHits: sources.cacheHits, lastChanceHits: sources.lastChanceHits)
+        tenancy.charge(session, kind, bytes: bytes, deviceTime: deviceTime, failed: failed, sources: sources)
     }
 
     private func requestFinished(payloadBytes: Int, context: ChannelHandlerContext) {

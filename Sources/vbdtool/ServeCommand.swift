@@ -10,6 +10,7 @@ import VBDControl
 import VBDCore
 import VBDMetrics
 import VBDStore
+import VhostUser
 
 #if canImport(Glibc)
 import Glibc
@@ -63,7 +64,32 @@ struct ServeCommand: AsyncParsableCommand {
     var connectionsPerPeer: Int = Limits.nbdConnectionsPerPeerMax
     @Option(help: ArgumentHelp("On SIGINT/SIGTERM, seconds to let requests in flight finish (all connections together) before closing them.", valueName: "seconds"))
     var shutdownGrace: Int = 10
+    @Option(name: .customLong("vhost-user-blk"),
+            help: ArgumentHelp("Also serve EXPORT (VOLUME, or VOLUME@SNAPSHOT read-only) as a vhost-user-blk device on the unix socket SOCKET, for QEMU's vhost-user-blk-pci (repeatable; see docs/VHOST-USER.md).",
+                               valueName: "SOCKET=EXPORT"))
+    var vhostUserBlk: [String] = []
+    @Option(help: ArgumentHelp("Queues each vhost-user-blk device offers (QEMU's num-queues may use up to this many).", valueName: "n"))
+    var vhostUserQueues: Int = 4
     @OptionGroup var store: StoreOptions
+
+    /// --vhost-user-blk SOCKET=EXPORT, split at the last '=' (export names never hold one).
+    static func parseVhostUserBlk(_ entries: [String]) throws -> [(socket: String, export: String)] {
+        var result: [(socket: String, export: String)] = []
+        for entry in entries {
+            guard let equals = entry.lastIndex(of: "="), equals != entry.startIndex, entry.index(after: equals) != entry.endIndex else {
+                throw ValidationError("--vhost-user-blk: expected SOCKET=EXPORT (e.g. /run/vbd/vm1.sock=vm1), got '\(entry)'")
+            }
+            let socket = absolutePath(String(entry[..<equals]))
+            guard socket.utf8.count < 108 else {
+                throw ValidationError("--vhost-user-blk: the socket path '\(socket)' is longer than the 107 bytes a Unix socket address holds")
+            }
+            guard !result.contains(where: { $0.socket == socket }) else {
+                throw ValidationError("--vhost-user-blk: the socket '\(socket)' is given twice")
+            }
+            result.append((socket, String(entry[entry.index(after: equals)...])))
+        }
+        return result
+    }
 
     func validate() throws {
         if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("--tls-cert and --tls-key go together") }
@@ -113,6 +139,8 @@ struct ServeCommand: AsyncParsableCommand {
         if let idleTimeout, !(1...31_536_000).contains(idleTimeout) {
             throw ValidationError("--idle-timeout: expected 1...31536000 seconds, got \(idleTimeout)")
         }
+        _ = try Self.parseVhostUserBlk(vhostUserBlk)
+        guard (1...64).contains(vhostUserQueues) else { throw ValidationError("--vhost-user-queues: expected 1...64, got \(vhostUserQueues)") }
         guard (0...600).contains(shutdownGrace) else { throw ValidationError("--shutdown-grace: expected 0...600 seconds, got \(shutdownGrace)") }
         guard (1...Limits.nbdConnectionsMax).contains(connectionsPerPeer) else {
             throw ValidationError("--connections-per-peer: expected 1...\(Limits.nbdConnectionsMax), got \(connectionsPerPeer)")
@@ -256,6 +284,35 @@ struct ServeCommand: AsyncParsableCommand {
             try? store.close()
             fail(error, json: false)
         }
+        // vhost-user-blk doors: each export must exist now (a typo fails at once); the device is
+        // opened anew for every front-end connection, as an NBD connection opens its export.
+        var vhostServers: [VhostUserBlkServer] = []
+        for (socketPath, export) in try Self.parseVhostUserBlk(vhostUserBlk) {
+            let failure: ControlFailure?
+            do {
+                _ = try store.openExport(named: export)
+                let server = VhostUserBlkServer(socketPath: socketPath, exportName: export, queueCountMax: vhostUserQueues,
+                                                tenancy: tenancy,
+                                                // With --schedule, the guests' requests queue with the NBD clients'.
+                                                deviceSlot: { domain, cost in try nbd.waitForDeviceSlot(domain: domain, cost: cost) },
+                                                logger: Logger(label: "vbd.vhost-user-blk")) { () throws(BlockDeviceError) in
+                    try store.openExport(named: export)
+                }
+                try server.start()
+                vhostServers.append(server)
+                failure = nil
+            } catch {
+                failure = ControlFailure(code: "io", message: "--vhost-user-blk \(socketPath)=\(export): \(error)")
+            }
+            if let failure {
+                for server in vhostServers { server.stop() }
+                control.stop()
+                await nbd.stop()
+                try? store.close()
+                fail(failure, json: false)
+            }
+            logger.notice("vhost-user-blk", metadata: ["socket": "\(socketPath)", "export": "\(export)"])
+        }
         var metricsServer: MetricsHTTPServer?
         if let metrics {
             let (host, port) = try Self.parseListen(metrics)
@@ -272,6 +329,7 @@ struct ServeCommand: AsyncParsableCommand {
             }
             let server = MetricsHTTPServer(metrics: storeMetrics, host: host, port: port)
             do { try await server.start() } catch {
+                for server in vhostServers { server.stop() }
                 control.stop()
                 await nbd.stop()
                 try? store.close()
@@ -285,6 +343,8 @@ struct ServeCommand: AsyncParsableCommand {
 
         let signalNumber = await stopSignals.first()
         logger.notice("shutting down", metadata: ["signal": "\(signalNumber)"])
+        // The guests' queues stop first: nothing writes once the store starts closing.
+        for server in vhostServers { server.stop() }
         await nbd.stop()
         await metricsServer?.stop()
         control.stop()

@@ -1,8 +1,28 @@
 #ifndef VBD_SYS_H
 #define VBD_SYS_H
+#include <stddef.h>
+#include <stdint.h>
 /* Linux calls that glibc only declares under _GNU_SOURCE, which Swift's Glibc module does not set. */
 int vbd_punch_hole(int fd, long long offset, long long length);
 /* malloc tuning (malloc.h is not part of Swift's Glibc module): large allocations up to
    mmap_threshold bytes come from the heap, which is trimmed only past trim_threshold free bytes. */
 void vbd_tune_allocator(int mmap_threshold, int trim_threshold, int arena_max);
+
+/* vhost-user: file descriptors passed with SCM_RIGHTS (the CMSG_* macros are not callable from Swift).
+   Receives up to len bytes and at most max_fds descriptors (close-on-exec); *fd_count is how many
+   arrived, *control_truncated is 1 when the sender passed more than max_fds (those were dropped by
+   the kernel). Returns the bytes received, 0 at end of stream, -1 with errno. */
+long vbd_recv_with_fds(int socket, void *buffer, size_t len, int *fds, int max_fds, int *fd_count,
+                       int *control_truncated);
+/* Sends len bytes and fd_count descriptors in one message (tests play the front end with it). */
+long vbd_send_with_fds(int socket, const void *buffer, size_t len, const int *fds, int fd_count);
+int vbd_eventfd(unsigned int initial, int nonblocking);
+int vbd_memfd_create(const char *name);
+
+/* The virtio ring's shared-memory accesses (virtio 1.2 section 2.7.13): the guest runs on other CPUs
+   and reads or writes the same memory, so index loads acquire, index stores release, and the
+   notification decision is ordered after the used-index store by a full fence. */
+uint16_t vbd_load_acquire_u16(const void *address);
+void vbd_store_release_u16(void *address, uint16_t value);
+void vbd_fence_seq_cst(void);
 #endif

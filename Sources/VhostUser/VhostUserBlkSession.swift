@@ -1,0 +1,404 @@
+import CVBDSys
+import Foundation
+import Logging
+import Synchronization
+import VBDCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Feature bits outside virtio-blk's own (virtio 1.2 section 6; vhost-user.rst).
+public enum VirtioFeature {
+    public static let indirectDescriptors: UInt64 = 1 << 28
+    public static let eventIndex: UInt64 = 1 << 29
+    /// VHOST_USER_F_PROTOCOL_FEATURES: the vhost-user protocol feature negotiation exists.
+    public static let vhostUserProtocolFeatures: UInt64 = 1 << 30
+    public static let version1: UInt64 = 1 << 32
+}
+
+public enum VhostUserProtocolFeature {
+    public static let multiQueue: UInt64 = 1 << 0
+    public static let replyAck: UInt64 = 1 << 3
+    public static let config: UInt64 = 1 << 9
+}
+
+/// One front end's (QEMU's) connection to a vhost-user-blk export: the protocol state (features,
+/// memory table, per-queue ring setup and eventfds) and a worker thread per running queue.
+///
+/// `handle` runs on the connection's thread; each worker owns its queue while it runs, so anything
+/// that changes a running queue (a new memory table, new ring addresses, a new kick fd) first stops
+/// its worker, and restarts it when the queue is ready again. Only the call fd may change under a
+/// running worker (QEMU swaps it when the guest masks interrupts), so it sits behind a mutex.
+public final class VhostUserBlkSession: @unchecked Sendable {
+    public let handler: VirtioBlkRequestHandler
+    public let queueCountMax: Int
+    private let logger: Logger
+    private var ackedFeatures: UInt64 = 0
+    private var ackedProtocolFeatures: UInt64 = 0
+    private var memory: MappedGuestMemory?
+    private var memoryFileDescriptors: [Int32] = []
+    private var queues: [QueueState]
+
+    public var offeredFeatures: UInt64 {
+        VirtioFeature.version1 | VirtioFeature.indirectDescriptors | VirtioFeature.eventIndex
+            | VirtioFeature.vhostUserProtocolFeatures | handler.features
+    }
+    public static let offeredProtocolFeatures = VhostUserProtocolFeature.multiQueue | VhostUserProtocolFeature.replyAck
+        | VhostUserProtocolFeature.config
+
+    public init(handler: VirtioBlkRequestHandler, queueCountMax: Int, logger: Logger) {
+        precondition((1...64).contains(queueCountMax))
+        self.handler = handler
+        self.queueCountMax = queueCountMax
+        self.logger = logger
+        self.queues = (0..<queueCountMax).map { QueueState(index: $0) }
+    }
+
+    /// Handles one request; returns the reply to send, if any. Takes ownership of `fileDescriptors`
+    /// (kept or closed). A thrown error means the connection must close.
+    public func handle(header: VhostUserHeader, payload: [UInt8], fileDescriptors: [Int32]) throws(VhostUserProtocolError) -> [UInt8]? {
+        var fds = fileDescriptors
+        defer { for fd in fds { Glibc.close(fd) } }   // whatever was not taken over
+        let message = try VhostUserMessage.decode(header: header, payload: payload, fileDescriptorCount: fds.count)
+        logger.trace("vhost-user request", metadata: ["message": "\(message)"])
+        let request = VhostUserRequest(rawValue: header.request)!
+        func reply(_ payload: [UInt8]) -> [UInt8] { vhostUserReply(to: header.request, payload: payload) }
+        func queue(_ index: UInt32) throws(VhostUserProtocolError) -> QueueState {
+            guard Int(index) < queues.count else {
+                throw .invalid(request: request, detail: "queue \(index), but at most \(queues.count) queues")
+            }
+            return queues[Int(index)]
+        }
+        var natural: [UInt8]?
+        switch message {
+        case .getFeatures:
+            natural = reply(vhostUserU64(offeredFeatures))
+        case .setFeatures(let features):
+            guard features & ~offeredFeatures == 0 else {
+                throw .invalid(request: request, detail: "features 0x\(String(features, radix: 16)) include some not offered (0x\(String(offeredFeatures, radix: 16)))")
+            }
+            let wasNegotiated = ackedFeatures & VirtioFeature.vhostUserProtocolFeatures != 0
+            ackedFeatures = features
+            // Without protocol features rings are enabled from the start (vhost-user.rst, "Ring states").
+            if features & VirtioFeature.vhostUserProtocolFeatures == 0 && !wasNegotiated {
+                for q in queues { q.enabled = true }
+            }
+        case .getProtocolFeatures:
+            natural = reply(vhostUserU64(Self.offeredProtocolFeatures))
+        case .setProtocolFeatures(let features):
+            guard features & ~Self.offeredProtocolFeatures == 0 else {
+                throw .invalid(request: request, detail: "protocol features 0x\(String(features, radix: 16)) include some not offered")
+            }
+            ackedProtocolFeatures = features
+        case .setOwner:
+            break
+        case .resetOwner:
+            stopAll()
+            for q in queues { q.reset() }
+        case .getQueueNum:
+            natural = reply(vhostUserU64(UInt64(queueCountMax)))
+        case .getMaxMemSlots:
+            natural = reply(vhostUserU64(UInt64(VhostUserLimits.memoryRegionsMax)))
+        case .setMemTable(let regions):
+            let running = queues.filter { $0.worker != nil }
+            for q in running { q.stopWorker() }
+            let mapped = try MappedGuestMemory(regions: regions, fileDescriptors: fds)
+            memory = mapped
+            for fd in memoryFileDescriptors { Glibc.close(fd) }
+            memoryFileDescriptors = fds   // kept open while mapped (and closed with the next table)
+            fds = []
+            for q in running { try startIfReady(q) }
+        case let .setVringNum(index, num):
+            let q = try queue(index)
+            guard num > 0, num <= VhostUserLimits.queueSizeMax, num & (num - 1) == 0 else {
+                throw .invalid(request: request, detail: "queue size \(num) is not a power of two in 1...32768")
+            }
+            let wasRunning = q.stopWorker()
+            q.size = num
+            if wasRunning { try startIfReady(q) }
+        case .setVringAddr(let address):
+            let q = try queue(address.index)
+            let wasRunning = q.stopWorker()
+            q.addresses = SplitVirtqueue.Addresses(descriptorTable: address.descriptorTable, availableRing: address.availableRing,
+                                                   usedRing: address.usedRing)
+            if wasRunning { try startIfReady(q) }
+        case let .setVringBase(index, num):
+            let q = try queue(index)
+            guard num <= UInt32(UInt16.max) else { throw .invalid(request: request, detail: "base \(num) does not fit a 16-bit ring index") }
+            let wasRunning = q.stopWorker()
+            q.base = UInt16(num)
+            if wasRunning { try startIfReady(q) }
+        case .getVringBase(let index):
+            // Stops the ring (vhost-user.rst): the worker ends, the kick and call fds are dropped,
+            // and the front end learns where to resume.
+            let q = try queue(index)
+            q.stopWorker()
+            q.closeKickAndCall()
+            natural = reply(vhostUserVringState(index: index, num: UInt32(q.base)))
+        case let .setVringKick(index, hasDescriptor):
+            let q = try queue(index)
+            guard hasDescriptor else { throw .invalid(request: request, detail: "polling mode (no kick fd) is not supported") }
+            q.stopWorker()
+            if q.kickFD >= 0 { Glibc.close(q.kickFD) }
+            q.kickFD = fds.removeFirst()
+            try startIfReady(q)
+        case let .setVringCall(index, hasDescriptor):
+            let q = try queue(index)
+            q.replaceCall(hasDescriptor ? fds.removeFirst() : -1)
+        case let .setVringErr(index, hasDescriptor):
+            let q = try queue(index)
+            q.replaceErr(hasDescriptor ? fds.removeFirst() : -1)
+        case let .setVringEnable(index, enabled):
+            let q = try queue(index)
+            q.enabled = enabled
+            if enabled { try startIfReady(q) } else { q.stopWorker() }
+        case .getConfig(let access):
+            var config = handler.config(queueCount: UInt16(queueCountMax)).encoded()
+            config += Array(repeating: 0, count: VhostUserLimits.configBytesMax - config.count)
+            var w = ByteWriter()
+            w.u32(access.offset); w.u32(access.size); w.u32(access.flags)
+            w.append(Array(config[Int(access.offset)..<Int(access.offset + access.size)]))
+            natural = reply(w.bytes)
+        case .setConfig(let access):
+            // Nothing in this device's config space is writable (no VIRTIO_BLK_F_CONFIG_WCE).
+            logger.info("vhost-user: SET_CONFIG refused (read-only config space)", metadata: ["offset": "\(access.offset)", "size": "\(access.size)"])
+            if header.flags.contains(.needReply) && ackedProtocolFeatures & VhostUserProtocolFeature.replyAck != 0 {
+                return reply(vhostUserU64(1))
+            }
+            return nil
+        }
+        if let natural { return natural }
+        if header.flags.contains(.needReply) && ackedProtocolFeatures & VhostUserProtocolFeature.replyAck != 0 {
+            return reply(vhostUserU64(0))
+        }
+        return nil
+    }
+
+    /// Requests completed per queue so far (running queues count once they stop).
+    public var completedPerQueue: [UInt64] { queues.map(\.completed) }
+
+    /// Ends the session: workers stop, memory is unmapped, every fd closes. Returns the requests
+    /// each queue completed.
+    @discardableResult
+    public func close() -> [UInt64] {
+        stopAll()
+        let completed = completedPerQueue
+        for q in queues { q.reset() }
+        memory = nil
+        for fd in memoryFileDescriptors { Glibc.close(fd) }
+        memoryFileDescriptors = []
+        return completed
+    }
+
+    private func stopAll() { for q in queues { q.stopWorker() } }
+
+    /// Starts the queue's worker once it has a size, ring addresses, a kick fd, memory and is enabled.
+    private func startIfReady(_ q: QueueState) throws(VhostUserProtocolError) {
+        guard q.worker == nil, q.enabled, q.size > 0, let addresses = q.addresses, q.kickFD >= 0, let memory else { return }
+        let ring: SplitVirtqueue
+        do {
+            ring = try SplitVirtqueue(size: q.size, addresses: addresses, memory: memory.table, lastAvailableIndex: q.base,
+                                      eventIndex: ackedFeatures & VirtioFeature.eventIndex != 0,
+                                      indirectDescriptors: ackedFeatures & VirtioFeature.indirectDescriptors != 0)
+        } catch {
+            throw .invalid(request: .setVringAddr, detail: "queue \(q.index): \(error)")
+        }
+        q.startWorker(ring: ring, memory: memory, handler: handler, logger: logger)
+    }
+}
+
+/// One queue's setup as the front end gave it, and its worker while it runs.
+final class QueueState: @unchecked Sendable {
+    let index: Int
+    var size: UInt32 = 0
+    var addresses: SplitVirtqueue.Addresses?
+    /// The next available index to process: set by SET_VRING_BASE, updated when a worker stops.
+    var base: UInt16 = 0
+    var kickFD: Int32 = -1
+    var enabled = false
+    /// Requests this queue completed during the session (for the disconnect log line).
+    private(set) var completed: UInt64 = 0
+    private(set) var worker: QueueWorker?
+    let signals = QueueSignals()
+
+    init(index: Int) { self.index = index }
+
+    func startWorker(ring: SplitVirtqueue, memory: MappedGuestMemory, handler: VirtioBlkRequestHandler, logger: Logger) {
+        worker = QueueWorker(index: index, ring: ring, memory: memory, kickFD: kickFD, signals: signals, handler: handler, logger: logger)
+    }
+
+    /// Stops the worker, if one runs; returns whether one did. The ring position is kept in `base`.
+    @discardableResult
+    func stopWorker() -> Bool {
+        guard let worker else { return false }
+        let stopped = worker.stop()
+        base = stopped.base
+        completed += stopped.completed
+        self.worker = nil
+        return true
+    }
+
+    func closeKickAndCall() {
+        if kickFD >= 0 { close(kickFD) }
+        kickFD = -1
+        replaceCall(-1)
+    }
+
+    func replaceCall(_ fd: Int32) { signals.replace(.call, with: fd) }
+    func replaceErr(_ fd: Int32) { signals.replace(.err, with: fd) }
+
+    func reset() {
+        stopWorker()
+        closeKickAndCall()
+        replaceErr(-1)
+        size = 0
+        addresses = nil
+        base = 0
+        enabled = false
+    }
+}
+
+/// The call and err eventfds: the connection thread replaces them while the worker signals them.
+final class QueueSignals: Sendable {
+    enum Kind { case call, err }
+    private let fds = Mutex([Int32](repeating: -1, count: 2))
+
+    private func slot(_ kind: Kind) -> Int { kind == .call ? 0 : 1 }
+
+    func replace(_ kind: Kind, with fd: Int32) {
+        fds.withLock { fds in
+            if fds[slot(kind)] >= 0 { close(fds[slot(kind)]) }
+            fds[slot(kind)] = fd
+        }
+    }
+
+    /// Signals the eventfd (under the lock, so it cannot be closed and its number reused meanwhile).
+    func signal(_ kind: Kind) {
+        fds.withLock { fds in
+            let fd = fds[slot(kind)]
+            guard fd >= 0 else { return }
+            var one: UInt64 = 1
+            _ = write(fd, &one, 8)
+        }
+    }
+}
+
+/// A thread serving one queue: waits for the guest's kick and takes every available chain; the
+/// requests run on I/O threads, up to ``inFlightMax`` at once, so the guest's queue depth reaches
+/// the store (requests block on the disk and on hashing and compression). They complete in any
+/// order (the split ring allows it; VIRTIO_F_IN_ORDER is not offered), each returned to the used
+/// ring under one lock, signalling the call eventfd when the guest wants an interrupt.
+final class QueueWorker: @unchecked Sendable {
+    /// Requests of one queue served at once: bounds the threads one queue can occupy.
+    static let inFlightMax = 16
+    /// Where requests run (GCD grows it on demand; `slots` bounds each queue's share).
+    private static let io = DispatchQueue(label: "vhost-user-blk.io", attributes: .concurrent)
+
+    private let ring: SplitVirtqueue
+    /// Every access to the ring: the worker takes chains while I/O threads complete others.
+    private let ringLock = Mutex(())
+    private let memory: MappedGuestMemory   // kept mapped while the worker may touch it
+    private let kickFD: Int32
+    private let stopFD: Int32
+    private let stopRequested = Atomic<Bool>(false)
+    private let signals: QueueSignals
+    private let handler: VirtioBlkRequestHandler
+    private let logger: Logger
+    private let index: Int
+    private let finished = DispatchSemaphore(value: 0)
+    private let slots = DispatchSemaphore(value: QueueWorker.inFlightMax)
+    private let inFlight = DispatchGroup()
+    /// Requests completed (under `ringLock`).
+    private var completed: UInt64 = 0
+
+    init(index: Int, ring: SplitVirtqueue, memory: MappedGuestMemory, kickFD: Int32, signals: QueueSignals,
+         handler: VirtioBlkRequestHandler, logger: Logger) {
+        self.index = index
+        self.ring = ring
+        self.memory = memory
+        self.kickFD = kickFD
+        self.stopFD = vbd_eventfd(0, 0)
+        self.signals = signals
+        self.handler = handler
+        self.logger = logger
+        precondition(stopFD >= 0, "eventfd: \(String(cString: strerror(errno)))")
+        let thread = Thread { [self] in
+            self.run()
+            self.finished.signal()
+        }
+        thread.name = "vhost-user-blk queue \(index)"
+        thread.start()
+    }
+
+    /// Stops taking requests, waits for those in flight to complete, and returns the next
+    /// available index to process and the number of requests completed.
+    func stop() -> (base: UInt16, completed: UInt64) {
+        stopRequested.store(true, ordering: .releasing)
+        var one: UInt64 = 1
+        _ = write(stopFD, &one, 8)
+        finished.wait()
+        inFlight.wait()
+        close(stopFD)
+        return ringLock.withLock { _ in (ring.lastAvailableIndex, completed) }
+    }
+
+    private func run() {
+        var failed = false
+        while !stopRequested.load(ordering: .acquiring) {
+            if !failed {
+                do {
+                    try drain()
+                } catch {
+                    // A broken ring is the guest's fault: report it on the err fd and serve no more
+                    // from this queue until the front end sets it up again.
+                    logger.error("vhost-user-blk: queue \(index): \(error); the queue stops until it is set up again")
+                    signals.signal(.err)
+                    failed = true
+                }
+                if !failed && !ringLock.withLock({ _ in ring.armKickAndCheckEmpty() }) { continue }
+            }
+            var fds = [pollfd(fd: kickFD, events: Int16(POLLIN), revents: 0), pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0)]
+            let ready = poll(&fds, 2, -1)
+            if ready < 0 { if errno == EINTR { continue }; break }
+            if fds[1].revents != 0 { break }
+            if fds[0].revents & Int16(POLLIN) != 0 {
+                var count: UInt64 = 0
+                _ = read(kickFD, &count, 8)
+            } else if fds[0].revents != 0 {
+                break   // the kick fd was closed or broke: nothing more will wake this queue
+            }
+        }
+    }
+
+    /// Takes every available chain (waiting for a free slot when `inFlightMax` run) and starts it.
+    private func drain() throws(VirtqueueError) {
+        while !stopRequested.load(ordering: .acquiring) {
+            slots.wait()
+            let next: (UInt16, DescriptorChain)?
+            do {
+                next = try ringLock.withLock { _ throws(VirtqueueError) -> (UInt16, DescriptorChain)? in
+                    guard let head = try ring.nextAvailable() else { return nil }
+                    return (head, try ring.chain(head: head))
+                }
+            } catch {
+                slots.signal()
+                throw error
+            }
+            guard let (head, chain) = next else { slots.signal(); return }
+            inFlight.enter()
+            Self.io.async { [self] in
+                let written = handler.handle(chain)
+                if written == nil { logger.warning("vhost-user-blk: queue \(index): a request without a status byte") }
+                let notify = ringLock.withLock { _ -> Bool in
+                    ring.complete(head: head, writtenBytes: written ?? 0)
+                    completed += 1
+                    return ring.shouldNotify()
+                }
+                if notify { signals.signal(.call) }
+                slots.signal()
+                inFlight.leave()
+            }
+        }
+    }
+}

@@ -1,0 +1,319 @@
+import VBDAccounting
+import VBDCore
+
+/// virtio-blk (virtio 1.2 section 5.2): feature bits, the config space layout and the request format.
+public enum VirtioBlk {
+    public static let sectorBytes: UInt64 = 512
+
+    public enum Feature {
+        public static let sizeMax: UInt64 = 1 << 1
+        public static let segMax: UInt64 = 1 << 2
+        public static let readOnly: UInt64 = 1 << 5
+        public static let blockSize: UInt64 = 1 << 6
+        public static let flush: UInt64 = 1 << 9
+        public static let topology: UInt64 = 1 << 10
+        public static let multiQueue: UInt64 = 1 << 12
+        public static let discard: UInt64 = 1 << 13
+        public static let writeZeroes: UInt64 = 1 << 14
+    }
+
+    public enum RequestType: UInt32, Sendable {
+        case read = 0          // VIRTIO_BLK_T_IN
+        case write = 1         // VIRTIO_BLK_T_OUT
+        case flush = 4
+        case getID = 8
+        case discard = 11
+        case writeZeroes = 13
+    }
+
+    public enum Status: UInt8, Sendable {
+        case ok = 0
+        case ioError = 1
+        case unsupported = 2
+    }
+
+    /// The device ID GET_ID returns: 20 bytes, NUL-padded (not terminated when all 20 are used).
+    public static let idBytes = 20
+    /// DISCARD / WRITE_ZEROES segment: le64 sector, le32 num_sectors, le32 flags (bit 0: unmap).
+    public static let rangeSegmentBytes = 16
+    public static let rangeFlagUnmap: UInt32 = 1
+}
+
+/// The virtio_blk_config structure this device presents (byte offsets as in the spec).
+public struct VirtioBlkConfig: Equatable, Sendable {
+    public var capacitySectors: UInt64
+    public var segmentsMax: UInt32
+    public var blockSize: UInt32
+    /// log2(physical block / logical block) and the minimum and optimal I/O size in logical blocks.
+    public var physicalBlockExponent: UInt8
+    public var minimumIOBlocks: UInt16
+    public var optimalIOBlocks: UInt32
+    public var queueCount: UInt16
+    public var discardSectorsMax: UInt32
+    public var discardSegmentsMax: UInt32
+    public var discardSectorAlignment: UInt32
+    public var writeZeroesSectorsMax: UInt32
+    public var writeZeroesSegmentsMax: UInt32
+    public var writeZeroesMayUnmap: Bool
+
+    /// The 60 bytes up to and including write_zeroes_may_unmap and its padding; config reads past
+    /// them (secure erase, zoned) read as zeroes, as those features are not offered.
+    public func encoded() -> [UInt8] {
+        var w = ByteWriter()
+        w.u64(capacitySectors)          // 0 capacity
+        w.u32(0)                        // 8 size_max (VIRTIO_BLK_F_SIZE_MAX not offered)
+        w.u32(segmentsMax)              // 12 seg_max
+        w.u16(0); w.u8(0); w.u8(0)      // 16 geometry (not offered)
+        w.u32(blockSize)                // 20 blk_size
+        w.u8(physicalBlockExponent)     // 24 topology
+        w.u8(0)
+        w.u16(minimumIOBlocks)
+        w.u32(optimalIOBlocks)
+        w.u8(0); w.u8(0)                // 32 writeback, unused0
+        w.u16(queueCount)               // 34 num_queues
+        w.u32(discardSectorsMax)        // 36
+        w.u32(discardSegmentsMax)       // 40
+        w.u32(discardSectorAlignment)   // 44
+        w.u32(writeZeroesSectorsMax)    // 48
+        w.u32(writeZeroesSegmentsMax)   // 52
+        w.u8(writeZeroesMayUnmap ? 1 : 0) // 56
+        w.u8(0); w.u8(0); w.u8(0)
+        return w.bytes
+    }
+}
+
+/// Serves virtio-blk requests on a ``BlockDevice``, reading and writing the guest's buffers in
+/// place (no copy of the data through this process). Safe to call from several queue workers at once.
+public struct VirtioBlkRequestHandler: Sendable {
+    public let device: any BlockDevice
+    public let segmentsMax: UInt32
+    public let rangeSegmentsMax: UInt32
+    public let rangeSectorsMax: UInt32
+    /// The connection's tenancy (nil: none): the lease is checked before each request and the
+    /// request charged after it, by the same code the NBD door uses (``TenancySession``).
+    public let tenancy: (service: TenancyService, session: TenancySession)?
+    /// With tenancy: waits for the device slot the I/O scheduler grants a request of the
+    /// session's domain and returns the call that frees it (nil when nothing is scheduled).
+    public let deviceSlot: DeviceSlotWait?
+    private let identifier: [UInt8]
+
+    public typealias DeviceSlotWait = @Sendable (_ domain: DomainID, _ cost: Double) throws -> (@Sendable () -> Void)?
+
+    public init(device: any BlockDevice, tenancy: (service: TenancyService, session: TenancySession)? = nil,
+                deviceSlot: DeviceSlotWait? = nil,
+                segmentsMax: UInt32 = 126, rangeSegmentsMax: UInt32 = 32, rangeSectorsMax: UInt32 = 1 << 22) {
+        self.device = device
+        self.tenancy = tenancy
+        self.deviceSlot = deviceSlot
+        self.segmentsMax = segmentsMax
+        self.rangeSegmentsMax = rangeSegmentsMax
+        self.rangeSectorsMax = rangeSectorsMax
+        self.identifier = Array(device.name.utf8.prefix(VirtioBlk.idBytes))
+    }
+
+    public var capacitySectors: UInt64 { device.size / VirtioBlk.sectorBytes }
+
+    /// The logical block size the guest sees: the volume's block size up to a page (Linux refuses
+    /// larger logical blocks); a larger volume block is announced as the physical block.
+    public func config(queueCount: UInt16) -> VirtioBlkConfig {
+        let logical = UInt32(min(device.blockSize, 4096))
+        let ratio = UInt32(device.blockSize) / logical
+        return VirtioBlkConfig(capacitySectors: capacitySectors, segmentsMax: segmentsMax, blockSize: logical,
+                               physicalBlockExponent: UInt8(ratio.trailingZeroBitCount), minimumIOBlocks: UInt16(clamping: ratio),
+                               optimalIOBlocks: ratio, queueCount: queueCount,
+                               discardSectorsMax: rangeSectorsMax, discardSegmentsMax: rangeSegmentsMax,
+                               discardSectorAlignment: UInt32(device.blockSize) / UInt32(VirtioBlk.sectorBytes),
+                               writeZeroesSectorsMax: rangeSectorsMax, writeZeroesSegmentsMax: rangeSegmentsMax,
+                               writeZeroesMayUnmap: true)
+    }
+
+    public var features: UInt64 {
+        var f = VirtioBlk.Feature.segMax | VirtioBlk.Feature.blockSize | VirtioBlk.Feature.topology | VirtioBlk.Feature.flush
+            | VirtioBlk.Feature.multiQueue | VirtioBlk.Feature.discard | VirtioBlk.Feature.writeZeroes
+        if device.isReadOnly { f |= VirtioBlk.Feature.readOnly }
+        return f
+    }
+
+    /// Serves one request chain: header (16 readable bytes), data, status (the last writable byte).
+    /// Returns the bytes written into the chain's writable buffers (what the used ring reports),
+    /// or nil when the chain has no byte for the status (it cannot be answered; the caller
+    /// completes it with 0 bytes written).
+    public func handle(_ chain: DescriptorChain) -> UInt32? {
+        let writableTotal = chain.writable.reduce(0) { $0 + $1.count }
+        guard writableTotal >= 1, let statusBuffer = chain.writable.last else { return nil }
+        let status = statusBuffer.baseAddress! + (statusBuffer.count - 1)
+        var inData = chain.writable
+        inData[inData.count - 1] = UnsafeMutableRawBufferPointer(rebasing: statusBuffer[..<(statusBuffer.count - 1)])
+        inData.removeAll { $0.count == 0 }
+        var usage = Usage()
+        let started = ContinuousClock.now
+        let (result, dataWritten) = serve(readable: chain.readable, inData: inData, usage: &usage)
+        if let tenancy, let kind = usage.kind {
+            // Device time from the scheduler's grant, not from the arrival: waiting is not charged.
+            tenancy.service.charge(tenancy.session, kind, bytes: usage.bytes, deviceTime: ContinuousClock.now - (usage.granted ?? started),
+                                   failed: result != .ok, sources: usage.sources)
+        }
+        status.storeBytes(of: result.rawValue, as: UInt8.self)
+        return UInt32(clamping: dataWritten + 1)
+    }
+
+    /// What one request is charged as: its kind (nil: not charged, as GET_ID), the bytes it moved
+    /// or changed, and where a read's blocks came from.
+    struct Usage {
+        var kind: IOKind?
+        var bytes: UInt64 = 0
+        var sources = ReadSources()
+        /// When the request got its device slot (nil: it never did, or nothing is scheduled).
+        var granted: ContinuousClock.Instant?
+    }
+
+    /// Whether the connection's lease allows the request (always without tenancy).
+    private func permitted(_ kind: IOKind) -> Bool {
+        guard let tenancy, tenancy.service.leasesEnforced else { return true }
+        return tenancy.service.permits(tenancy.session, kind)
+    }
+
+    /// Waits for the scheduler's device slot for a request of `kind` moving `bytes`; returns the
+    /// call that frees it, or nil when the domain's queue is full (the request fails).
+    private func acquireSlot(_ kind: IOKind, usage: inout Usage) -> (@Sendable () -> Void)? {
+        guard let tenancy, let deviceSlot else { return {} }
+        do {
+            let release = try deviceSlot(tenancy.session.domain, IOCost.units(kind: kind, bytes: usage.bytes)) ?? {}
+            usage.granted = ContinuousClock.now
+            return release
+        } catch {
+            return nil
+        }
+    }
+
+    private func serve(readable: [UnsafeMutableRawBufferPointer], inData: [UnsafeMutableRawBufferPointer],
+                       usage: inout Usage) -> (VirtioBlk.Status, Int) {
+        let readableTotal = readable.reduce(0) { $0 + $1.count }
+        guard readableTotal >= 16 else { return (.ioError, 0) }
+        let header = gather(readable, skip: 0, count: 16)
+        var reader = ByteReader(header)
+        let type = reader.u32()
+        _ = reader.u32()   // ioprio
+        let sector = reader.u64()
+        let outData = slice(readable, skip: 16)
+        let inTotal = inData.reduce(0) { $0 + $1.count }
+        guard let request = VirtioBlk.RequestType(rawValue: type) else { return (.unsupported, 0) }
+        switch request {
+        case .read:
+            usage.kind = .read
+            guard permitted(.read), outData.isEmpty, let offset = range(sector: sector, bytes: UInt64(inTotal)) else { return (.ioError, 0) }
+            usage.bytes = UInt64(inTotal)
+            guard let release = acquireSlot(.read, usage: &usage) else { return (.ioError, 0) }
+            defer { release() }
+            var position = offset
+            for buffer in inData {
+                do { try device.read(offset: position, into: buffer, sources: &usage.sources) } catch { return (.ioError, 0) }
+                position += UInt64(buffer.count)
+            }
+            return (.ok, inTotal)
+        case .write:
+            let outTotal = outData.reduce(0) { $0 + $1.count }
+            usage.kind = .write
+            guard permitted(.write), inTotal == 0, let offset = range(sector: sector, bytes: UInt64(outTotal)) else { return (.ioError, 0) }
+            guard !device.isReadOnly else { return (.ioError, 0) }
+            usage.bytes = UInt64(outTotal)
+            guard let release = acquireSlot(.write, usage: &usage) else { return (.ioError, 0) }
+            defer { release() }
+            var position = offset
+            for buffer in outData {
+                do { try device.write(offset: position, data: UnsafeRawBufferPointer(buffer), fua: false) } catch { return (.ioError, 0) }
+                position += UInt64(buffer.count)
+            }
+            return (.ok, 0)
+        case .flush:
+            usage.kind = .flush
+            guard permitted(.flush), let release = acquireSlot(.flush, usage: &usage) else { return (.ioError, 0) }
+            defer { release() }
+            do { try device.flush() } catch { return (.ioError, 0) }
+            return (.ok, 0)
+        case .getID:
+            var written = 0
+            let id = identifier + Array(repeating: 0, count: VirtioBlk.idBytes - identifier.count)
+            for buffer in inData where written < id.count {
+                let n = min(buffer.count, id.count - written)
+                id.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress! + written, byteCount: n) }
+                written += n
+            }
+            return (.ok, written)
+        case .discard, .writeZeroes:
+            let outTotal = outData.reduce(0) { $0 + $1.count }
+            let kind: IOKind = request == .discard ? .trim : .writeZeroes
+            usage.kind = kind
+            guard permitted(kind), inTotal == 0, outTotal > 0, outTotal % VirtioBlk.rangeSegmentBytes == 0 else { return (.ioError, 0) }
+            let count = outTotal / VirtioBlk.rangeSegmentBytes
+            guard count <= Int(rangeSegmentsMax) else { return (.ioError, 0) }
+            guard !device.isReadOnly else { return (.ioError, 0) }
+            let bytes = gather(outData, skip: 0, count: outTotal)
+            var reader = ByteReader(bytes)
+            var ranges: [(offset: UInt64, length: UInt64, unmap: Bool)] = []
+            for _ in 0..<count {
+                let start = reader.u64(), sectors = reader.u32(), flags = reader.u32()
+                guard flags & ~VirtioBlk.rangeFlagUnmap == 0 else { return (.unsupported, 0) }
+                let unmap = flags & VirtioBlk.rangeFlagUnmap != 0
+                // The spec: a DISCARD with the unmap flag is UNSUPP.
+                if request == .discard && unmap { return (.unsupported, 0) }
+                guard sectors <= rangeSectorsMax,
+                      let offset = range(sector: start, bytes: UInt64(sectors) * VirtioBlk.sectorBytes) else { return (.ioError, 0) }
+                ranges.append((offset, UInt64(sectors) * VirtioBlk.sectorBytes, unmap))
+            }
+            usage.bytes = ranges.reduce(0) { $0 + $1.length }
+            guard let release = acquireSlot(kind, usage: &usage) else { return (.ioError, 0) }
+            defer { release() }
+            for r in ranges where r.length > 0 {
+                do {
+                    if request == .discard {
+                        try device.trim(offset: r.offset, length: r.length, fua: false)
+                    } else {
+                        try device.writeZeroes(offset: r.offset, length: r.length, mayTrim: r.unmap, fastOnly: false, fua: false)
+                    }
+                } catch .notSupported {
+                    return (.unsupported, 0)
+                } catch {
+                    return (.ioError, 0)
+                }
+            }
+            return (.ok, 0)
+        }
+    }
+
+    /// The byte offset of `sector` when `[sector, +bytes)` is whole sectors inside the device.
+    func range(sector: UInt64, bytes: UInt64) -> UInt64? {
+        guard bytes % VirtioBlk.sectorBytes == 0 else { return nil }
+        let capacity = capacitySectors
+        let sectors = bytes / VirtioBlk.sectorBytes
+        guard sector <= capacity, sectors <= capacity - sector else { return nil }
+        return sector * VirtioBlk.sectorBytes
+    }
+}
+
+/// Copies `count` bytes starting `skip` bytes into the concatenation of `buffers` (the caller has
+/// checked that they hold that many).
+func gather(_ buffers: [UnsafeMutableRawBufferPointer], skip: Int, count: Int) -> [UInt8] {
+    var out: [UInt8] = []
+    out.reserveCapacity(count)
+    var skip = skip
+    for buffer in buffers where out.count < count {
+        if skip >= buffer.count { skip -= buffer.count; continue }
+        let n = min(buffer.count - skip, count - out.count)
+        out += UnsafeRawBufferPointer(rebasing: buffer[skip..<(skip + n)])
+        skip = 0
+    }
+    return out
+}
+
+/// The buffers after the first `skip` bytes of their concatenation.
+func slice(_ buffers: [UnsafeMutableRawBufferPointer], skip: Int) -> [UnsafeMutableRawBufferPointer] {
+    var result: [UnsafeMutableRawBufferPointer] = []
+    var skip = skip
+    for buffer in buffers {
+        if skip >= buffer.count { skip -= buffer.count; continue }
+        result.append(UnsafeMutableRawBufferPointer(rebasing: buffer[skip...]))
+        skip = 0
+    }
+    return result
+}
