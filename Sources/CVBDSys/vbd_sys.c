@@ -73,7 +73,19 @@ int vbd_eventfd(unsigned int initial, int nonblocking) {
     return eventfd(initial, EFD_CLOEXEC | (nonblocking ? EFD_NONBLOCK : 0));
 }
 
-int vbd_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+int vbd_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING); }
+
+int vbd_seal_size(int fd) { return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW); }
+
+int vbd_sealed_against_shrinking(int fd) {
+    int seals = fcntl(fd, F_GET_SEALS);
+    return seals >= 0 && (seals & F_SEAL_SHRINK) != 0;
+}
+
+int vbd_set_nonblocking(int fd) {
+    int flags = fcntl(fd, F_GETFL);
+    return flags < 0 ? -1 : fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+}
 
 uint16_t vbd_load_acquire_u16(const void *address) {
     return __atomic_load_n((const uint16_t *)address, __ATOMIC_ACQUIRE);

@@ -1,3 +1,4 @@
+import CVBDSys
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -75,6 +76,19 @@ public final class MappedGuestMemory: @unchecked Sendable {
             guard !overflow, total <= UInt64(Int.max) else {
                 for (a, l) in mappings { munmap(a, l) }
                 throw .invalid(request: .setMemTable, detail: "region of size \(region.size) at offset \(region.mmapOffset) is too large")
+            }
+            // A mapping past the end of the file, or of a file the front end can shrink later,
+            // faults with SIGBUS on access and would take the whole server down: only memfds
+            // sealed against shrinking (QEMU's memory-backend-memfd, seal=on by default) that
+            // hold the whole region are mapped.
+            var status = stat()
+            guard fstat(fd, &status) == 0, status.st_size >= 0, UInt64(status.st_size) >= total else {
+                for (a, l) in mappings { munmap(a, l) }
+                throw .invalid(request: .setMemTable, detail: "the memory fd holds fewer than the \(total) bytes its region needs")
+            }
+            guard vbd_sealed_against_shrinking(fd) == 1 else {
+                for (a, l) in mappings { munmap(a, l) }
+                throw .invalid(request: .setMemTable, detail: "guest memory must be a memfd sealed against shrinking (memory-backend-memfd with seal=on)")
             }
             let address = mmap(nil, Int(total), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
             guard let address, address != MAP_FAILED else {

@@ -142,13 +142,16 @@ public final class VhostUserBlkSession: @unchecked Sendable {
             q.stopWorker()
             if q.kickFD >= 0 { Glibc.close(q.kickFD) }
             q.kickFD = fds.removeFirst()
+            // Non-blocking: another queue given the same fd (or the front end) may drain the
+            // counter between our poll and our read, which must then not block the queue thread.
+            _ = vbd_set_nonblocking(q.kickFD)
             try startIfReady(q)
         case let .setVringCall(index, hasDescriptor):
             let q = try queue(index)
-            q.replaceCall(hasDescriptor ? fds.removeFirst() : -1)
+            q.replaceCall(hasDescriptor ? Self.nonblocking(fds.removeFirst()) : -1)
         case let .setVringErr(index, hasDescriptor):
             let q = try queue(index)
-            q.replaceErr(hasDescriptor ? fds.removeFirst() : -1)
+            q.replaceErr(hasDescriptor ? Self.nonblocking(fds.removeFirst()) : -1)
         case let .setVringEnable(index, enabled):
             let q = try queue(index)
             q.enabled = enabled
@@ -209,6 +212,14 @@ public final class VhostUserBlkSession: @unchecked Sendable {
 }
 
 /// One queue's setup as the front end gave it, and its worker while it runs.
+extension VhostUserBlkSession {
+    /// `fd` with O_NONBLOCK added (call and err fds: see ``QueueSignals/signal(_:)``).
+    static func nonblocking(_ fd: Int32) -> Int32 {
+        _ = vbd_set_nonblocking(fd)
+        return fd
+    }
+}
+
 final class QueueState: @unchecked Sendable {
     let index: Int
     var size: UInt32 = 0
@@ -274,6 +285,8 @@ final class QueueSignals: Sendable {
     }
 
     /// Signals the eventfd (under the lock, so it cannot be closed and its number reused meanwhile).
+    /// The fd is non-blocking: when its counter is full (or it is a pipe nobody reads) the signal is
+    /// dropped, as the front end has a notification pending anyway, rather than blocking the queue.
     func signal(_ kind: Kind) {
         fds.withLock { fds in
             let fd = fds[slot(kind)]
@@ -364,7 +377,10 @@ final class QueueWorker: @unchecked Sendable {
             if fds[1].revents != 0 { break }
             if fds[0].revents & Int16(POLLIN) != 0 {
                 var count: UInt64 = 0
-                _ = read(kickFD, &count, 8)
+                let n = read(kickFD, &count, 8)
+                // 0: end of file, not an eventfd (a file or a closed socket would poll ready
+                // forever); EAGAIN: someone else drained it first, wait again.
+                if n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR) { break }
             } else if fds[0].revents != 0 {
                 break   // the kick fd was closed or broke: nothing more will wake this queue
             }

@@ -263,7 +263,8 @@ public enum VhostUserMessage: Equatable, Sendable {
                 let (_, gpaOverflow) = region.guestPhysicalAddress.addingReportingOverflow(region.size)
                 let (_, uaOverflow) = region.userAddress.addingReportingOverflow(region.size)
                 let (_, mmapOverflow) = region.mmapOffset.addingReportingOverflow(region.size)
-                guard !gpaOverflow, !uaOverflow, !mmapOverflow, region.size <= UInt64(Int.max) - region.mmapOffset else {
+                guard !gpaOverflow, !uaOverflow, !mmapOverflow, region.mmapOffset <= UInt64(Int.max),
+                      region.size <= UInt64(Int.max) - region.mmapOffset else {
                     throw .invalid(request: request, detail: "region [0x\(String(region.guestPhysicalAddress, radix: 16)), +0x\(String(region.size, radix: 16))) wraps the address space")
                 }
                 regions.append(region)

@@ -85,6 +85,8 @@ public struct VirtioBlkConfig: Equatable, Sendable {
 /// Serves virtio-blk requests on a ``BlockDevice``, reading and writing the guest's buffers in
 /// place (no copy of the data through this process). Safe to call from several queue workers at once.
 public struct VirtioBlkRequestHandler: Sendable {
+    /// Largest piece of a guest's write copied out of guest memory and stored at once.
+    static let bounceBytesMax = 1 << 20
     public let device: any BlockDevice
     public let segmentsMax: UInt32
     public let rangeSegmentsMax: UInt32
@@ -219,10 +221,26 @@ public struct VirtioBlkRequestHandler: Sendable {
             usage.bytes = UInt64(outTotal)
             guard let release = acquireSlot(.write, usage: &usage) else { return (.ioError, 0) }
             defer { release() }
+            // The guest can rewrite its buffers while the store hashes, compresses and writes them
+            // (a hostile or buggy guest): the store must see one stable copy, or it would keep
+            // bytes that do not match their hash. Copied through a bounded bounce buffer.
+            let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, min(outTotal, Self.bounceBytesMax)),
+                                                                alignment: 4096)
+            defer { bounce.deallocate() }
             var position = offset
             for buffer in outData {
-                do { try device.write(offset: position, data: UnsafeRawBufferPointer(buffer), fua: false) } catch { return (.ioError, 0) }
-                position += UInt64(buffer.count)
+                var done = 0
+                while done < buffer.count {
+                    let n = min(bounce.count, buffer.count - done)
+                    bounce.baseAddress!.copyMemory(from: buffer.baseAddress! + done, byteCount: n)
+                    do {
+                        try device.write(offset: position, data: UnsafeRawBufferPointer(rebasing: bounce[0..<n]), fua: false)
+                    } catch {
+                        return (.ioError, 0)
+                    }
+                    position += UInt64(n)
+                    done += n
+                }
             }
             return (.ok, 0)
         case .flush:

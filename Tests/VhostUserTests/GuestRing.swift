@@ -25,7 +25,7 @@ final class GuestRing: @unchecked Sendable {
         self.queueSize = queueSize
         if shared {
             memfd = vbd_memfd_create("guest-ring")
-            precondition(memfd >= 0 && ftruncate(memfd, off_t(Self.bytes)) == 0)
+            precondition(memfd >= 0 && ftruncate(memfd, off_t(Self.bytes)) == 0 && vbd_seal_size(memfd) == 0)
             base = mmap(nil, Self.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0)!
         } else {
             memfd = -1

@@ -95,6 +95,11 @@ import Testing
         #expect(throws: VhostUserProtocolError.self) {
             try VhostUserMessage.decode(header: header(.setMemTable, size: wrapping.count), payload: wrapping, fileDescriptorCount: 1)
         }
+        // An mmap offset above Int.max (it trapped the bounds check's subtraction).
+        let farOffset = table([VhostUserMemoryRegion(guestPhysicalAddress: 0, size: 4096, userAddress: 0, mmapOffset: 1 << 63)])
+        #expect(throws: VhostUserProtocolError.self) {
+            try VhostUserMessage.decode(header: header(.setMemTable, size: farOffset.count), payload: farOffset, fileDescriptorCount: 1)
+        }
         let empty = table([VhostUserMemoryRegion(guestPhysicalAddress: 0, size: 0, userAddress: 0, mmapOffset: 0)])
         #expect(throws: VhostUserProtocolError.invalid(request: .setMemTable, detail: "a region of size 0")) {
             try VhostUserMessage.decode(header: header(.setMemTable, size: empty.count), payload: empty, fileDescriptorCount: 1)

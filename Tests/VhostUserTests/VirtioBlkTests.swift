@@ -1,4 +1,6 @@
+import CVBDSys
 import Foundation
+import Synchronization
 import Testing
 import VBDCore
 import VBDStore
@@ -53,6 +55,46 @@ final class ScratchStore {
         let id = guest.blockRequest(type: 8, sector: 0, readLength: 20)
         #expect(try serve(guest, handler) == 21)
         #expect(guest.bytes(at: id.data, count: 20) == Array("vol".utf8) + [UInt8](repeating: 0, count: 17))
+    }
+
+    /// A guest may rewrite a buffer while its write runs: the store is handed a private copy, never
+    /// guest memory (it hashes, compresses and writes the bytes at different moments).
+    @Test func writesReachTheStoreCopiedOutOfGuestMemory() throws {
+        let scratch = try ScratchStore()
+        let guest = GuestRing()
+        let device = WritePointerRecordingDevice(try scratch.store.openExport(named: "vol"))
+        let handler = VirtioBlkRequestHandler(device: device)
+        let pattern = (0..<(3 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 5) }
+        let write = guest.blockRequest(type: 1, sector: 8, data: Array(pattern.prefix(65536)))
+        _ = try serve(guest, handler)
+        #expect(guest.bytes(at: write.status, count: 1) == [0])
+        let guestMemory = UInt(bitPattern: guest.base)..<UInt(bitPattern: guest.base) + UInt(GuestRing.bytes)
+        #expect(!device.pointers.isEmpty)
+        #expect(device.pointers.allSatisfy { !guestMemory.contains($0) }, "the store was given guest memory")
+        var back = [UInt8](repeating: 0, count: 65536)
+        try back.withUnsafeMutableBytes { try scratch.store.openExport(named: "vol").read(offset: 8 * 512, into: $0) }
+        #expect(back == Array(pattern.prefix(65536)))
+    }
+
+    /// Mapping memory the front end can shrink, or past the end of its fd, would fault (SIGBUS)
+    /// on access and take the server down: such a table is refused.
+    @Test func memoryThatCanShrinkOrIsTooShortIsNotMapped() throws {
+        let region = VhostUserMemoryRegion(guestPhysicalAddress: 0, size: 1 << 20, userAddress: 0x7f00_0000_0000, mmapOffset: 0)
+        let unsealed = vbd_memfd_create("unsealed")
+        defer { close(unsealed) }
+        #expect(ftruncate(unsealed, 1 << 20) == 0)
+        #expect(throws: VhostUserProtocolError.self) { try MappedGuestMemory(regions: [region], fileDescriptors: [unsealed]) }
+        let short = vbd_memfd_create("short")
+        defer { close(short) }
+        #expect(ftruncate(short, 4096) == 0 && vbd_seal_size(short) == 0)
+        #expect(throws: VhostUserProtocolError.self) { try MappedGuestMemory(regions: [region], fileDescriptors: [short]) }
+        let offset = VhostUserMemoryRegion(guestPhysicalAddress: 0, size: 4096, userAddress: 0x7f00_0000_0000, mmapOffset: 4096)
+        #expect(throws: VhostUserProtocolError.self) { try MappedGuestMemory(regions: [offset], fileDescriptors: [short]) }
+        let sealed = vbd_memfd_create("sealed")
+        defer { close(sealed) }
+        #expect(ftruncate(sealed, 1 << 20) == 0 && vbd_seal_size(sealed) == 0)
+        let mapped = try MappedGuestMemory(regions: [region], fileDescriptors: [sealed])
+        #expect(mapped.table.pointer(guestPhysical: 0, length: 4096) != nil)
     }
 
     /// Data spread over several descriptors, and a header sharing its descriptor with the data
@@ -189,5 +231,38 @@ final class ScratchStore {
         #expect(bytes[34] == 2)                                      // num_queues
         #expect(u32(36) == 1 << 22 && u32(40) == 32 && u32(44) == 128)
         #expect(u32(48) == 1 << 22 && u32(52) == 32 && bytes[56] == 1)
+    }
+}
+
+/// Records where the data of each write it forwards lives.
+final class WritePointerRecordingDevice: BlockDevice, @unchecked Sendable {
+    let inner: any BlockDevice
+    private let recorded = Mutex<[UInt]>([])
+    var pointers: [UInt] { recorded.withLock { $0 } }
+
+    init(_ inner: any BlockDevice) { self.inner = inner }
+
+    var name: String { inner.name }
+    var deviceDescription: String { inner.deviceDescription }
+    var size: UInt64 { inner.size }
+    var blockSize: Int { inner.blockSize }
+    var isReadOnly: Bool { inner.isReadOnly }
+    func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(BlockDeviceError) {
+        try inner.read(offset: offset, into: buffer)
+    }
+    func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
+        recorded.withLock { $0.append(UInt(bitPattern: data.baseAddress)) }
+        try inner.write(offset: offset, data: data, fua: fua)
+    }
+    func trim(offset: UInt64, length: UInt64, fua: Bool) throws(BlockDeviceError) {
+        try inner.trim(offset: offset, length: length, fua: fua)
+    }
+    func writeZeroes(offset: UInt64, length: UInt64, mayTrim: Bool, fastOnly: Bool, fua: Bool) throws(BlockDeviceError) {
+        try inner.writeZeroes(offset: offset, length: length, mayTrim: mayTrim, fastOnly: fastOnly, fua: fua)
+    }
+    func flush() throws(BlockDeviceError) { try inner.flush() }
+    func prefetch(offset: UInt64, length: UInt64) throws(BlockDeviceError) { try inner.prefetch(offset: offset, length: length) }
+    func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockDeviceError) -> [Extent] {
+        try inner.extents(offset: offset, length: length, maxExtents: maxExtents)
     }
 }

@@ -18,6 +18,12 @@ long vbd_recv_with_fds(int socket, void *buffer, size_t len, int *fds, int max_f
 long vbd_send_with_fds(int socket, const void *buffer, size_t len, const int *fds, int fd_count);
 int vbd_eventfd(unsigned int initial, int nonblocking);
 int vbd_memfd_create(const char *name);
+/* Seals a memfd's size (F_SEAL_SHRINK | F_SEAL_GROW); 0 or -1 with errno. */
+int vbd_seal_size(int fd);
+/* 1 when the file cannot shrink (a memfd with F_SEAL_SHRINK), else 0. */
+int vbd_sealed_against_shrinking(int fd);
+/* Adds O_NONBLOCK to the open file description; 0 or -1 with errno. */
+int vbd_set_nonblocking(int fd);
 
 /* The virtio ring's shared-memory accesses (virtio 1.2 section 2.7.13): the guest runs on other CPUs
    and reads or writes the same memory, so index loads acquire, index stores release, and the
