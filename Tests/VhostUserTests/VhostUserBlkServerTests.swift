@@ -312,7 +312,7 @@ func kickAndWait(kick: Int32, call: Int32, guest: GuestRing, used: UInt16) throw
 
 /// The store's device, with reads held until `expected` of them are in progress at once (at most
 /// 20 s): shows that a queue's requests run concurrently.
-final class ConcurrentReadsDevice: BlockDevice, @unchecked Sendable {
+final class ConcurrentReadsDevice: ForwardingBlockDevice, @unchecked Sendable {
     let inner: any BlockDevice
     let expected: Int
     private let arrived = Mutex(0)
@@ -326,11 +326,6 @@ final class ConcurrentReadsDevice: BlockDevice, @unchecked Sendable {
         self.expected = expected
     }
 
-    var name: String { inner.name }
-    var deviceDescription: String { inner.deviceDescription }
-    var size: UInt64 { inner.size }
-    var blockSize: Int { inner.blockSize }
-    var isReadOnly: Bool { inner.isReadOnly }
 
     func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(BlockDeviceError) {
         let count = arrived.withLock { n -> Int in n += 1; return n }
@@ -343,6 +338,19 @@ final class ConcurrentReadsDevice: BlockDevice, @unchecked Sendable {
     func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
         try inner.write(offset: offset, data: data, fua: fua)
     }
+}
+
+/// A test device that passes every call it does not define to `inner`.
+protocol ForwardingBlockDevice: BlockDevice {
+    var inner: any BlockDevice { get }
+}
+
+extension ForwardingBlockDevice {
+    var name: String { inner.name }
+    var deviceDescription: String { inner.deviceDescription }
+    var size: UInt64 { inner.size }
+    var blockSize: Int { inner.blockSize }
+    var isReadOnly: Bool { inner.isReadOnly }
     func trim(offset: UInt64, length: UInt64, fua: Bool) throws(BlockDeviceError) {
         try inner.trim(offset: offset, length: length, fua: fua)
     }

@@ -235,34 +235,18 @@ final class ScratchStore {
 }
 
 /// Records where the data of each write it forwards lives.
-final class WritePointerRecordingDevice: BlockDevice, @unchecked Sendable {
+final class WritePointerRecordingDevice: ForwardingBlockDevice, @unchecked Sendable {
     let inner: any BlockDevice
     private let recorded = Mutex<[UInt]>([])
     var pointers: [UInt] { recorded.withLock { $0 } }
 
     init(_ inner: any BlockDevice) { self.inner = inner }
 
-    var name: String { inner.name }
-    var deviceDescription: String { inner.deviceDescription }
-    var size: UInt64 { inner.size }
-    var blockSize: Int { inner.blockSize }
-    var isReadOnly: Bool { inner.isReadOnly }
     func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(BlockDeviceError) {
         try inner.read(offset: offset, into: buffer)
     }
     func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
         recorded.withLock { $0.append(UInt(bitPattern: data.baseAddress)) }
         try inner.write(offset: offset, data: data, fua: fua)
-    }
-    func trim(offset: UInt64, length: UInt64, fua: Bool) throws(BlockDeviceError) {
-        try inner.trim(offset: offset, length: length, fua: fua)
-    }
-    func writeZeroes(offset: UInt64, length: UInt64, mayTrim: Bool, fastOnly: Bool, fua: Bool) throws(BlockDeviceError) {
-        try inner.writeZeroes(offset: offset, length: length, mayTrim: mayTrim, fastOnly: fastOnly, fua: fua)
-    }
-    func flush() throws(BlockDeviceError) { try inner.flush() }
-    func prefetch(offset: UInt64, length: UInt64) throws(BlockDeviceError) { try inner.prefetch(offset: offset, length: length) }
-    func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockDeviceError) -> [Extent] {
-        try inner.extents(offset: offset, length: length, maxExtents: maxExtents)
     }
 }
