@@ -1,0 +1,808 @@
+import VBDCore
+
+// MARK: - Notes on the design
+//
+// The metadata of a format-2 store (map nodes, the chunk table, the dedup index, the data file's
+// free-space bitmap) lives in the file `meta` as numbered 4 KiB pages, read on demand through a
+// cache with a byte budget and committed incrementally. The pager is the layer that owns that file.
+//
+// Two slots per page. Page n occupies bytes [2n * 4096, (2n + 2) * 4096): two slots. A commit
+// writes each page it changed into the slot that does not hold the page's committed version, so
+// the committed version survives a crash at any point, and a page keeps its number when it is
+// rewritten: a parent that points at a child by number never changes because the child did. The
+// cost of a commit is therefore the pages that changed (plus the page-table pages that record
+// their new versions), never the size of the store. This is the superblock's two-slot scheme
+// (LMDB's two meta pages) applied to every page; it costs twice the file space of the metadata.
+//
+// The page table records, for every page, which slot holds its committed version and which
+// commit (generation) wrote it, its reference count and its kind. A read goes to exactly that
+// slot and checks the slot's checksum, page number, generation and kind against the table, so a
+// torn write, a lost write, a misdirected write or rot is reported as damage and never read as an
+// older version. A slot written by a commit that did not complete is simply not what the table
+// points at. The page table's own pages are pages too; the directory pages above them hold
+// (page, version) pointers, up to a root pointer in the superblock: a Merkle-style chain of
+// versions from the superblock to every page.
+//
+// Reference counts. Map nodes are shared between the trees of snapshots and shares, so every
+// page has a reference count in its page-table entry; a page whose count drops to 0 is free, but
+// only after the commit that freed it is durable (`pendingFree`), because until then the
+// committed state still points at it. Page-table and directory pages are `structural`: never
+// counted, never freed.
+//
+// Commits. `beginCommit` (store lock held) gives every dirty page its new version, freezes the
+// page objects (an object being written is never modified: a writer asking for it gets a copy)
+// and returns the batch; `writeCommit` encodes and writes the batch without the lock; the caller
+// syncs `meta` and writes the superblock; `finishCommit` (lock held) thaws the objects and makes
+// the pages freed before the commit reusable. Readers and writers of other pages run while a
+// commit writes.
+//
+// Bounded memory. Clean pages are evicted (CLOCK) once the cache passes its budget, but only at
+// `trim`, which the store calls between operations: an operation holds page objects in local
+// variables, and evicting one under it would let a later load of the same page create a second,
+// divergent object. Dirty and frozen pages stay until they are written.
+//
+// Locking: every method needs the store's `mutex`, except `writeCommit`, which touches only the
+// frozen objects of its batch and the file.
+
+/// A metadata page's number in `meta`. 0 is never a page: it means "none".
+struct PageNumber: Hashable, Comparable, CustomStringConvertible {
+    var rawValue: UInt64
+    init(_ rawValue: UInt64) { self.rawValue = rawValue }
+    static let none = PageNumber(0)
+    static func < (a: PageNumber, b: PageNumber) -> Bool { a.rawValue < b.rawValue }
+    var description: String { "meta page \(rawValue)" }
+}
+
+enum PageKind: UInt16, CustomStringConvertible {
+    /// Page-table entries (version, reference count, kind) of `PageTable.fanout` pages.
+    case pageTable = 1
+    /// Pointers to page-table pages or lower directory pages.
+    case pageDirectory = 2
+    case mapLeaf = 3
+    case mapInterior = 4
+    case arrayLeaf = 5
+    case arrayInterior = 6
+    case dedupBucket = 7
+    case blob = 8
+
+    var description: String {
+        switch self {
+        case .pageTable: return "page table"
+        case .pageDirectory: return "page directory"
+        case .mapLeaf: return "map leaf"
+        case .mapInterior: return "map interior node"
+        case .arrayLeaf: return "array leaf"
+        case .arrayInterior: return "array interior node"
+        case .dedupBucket: return "dedup bucket"
+        case .blob: return "blob"
+        }
+    }
+}
+
+/// Which slot holds a page's committed version, and the commit that wrote it.
+/// Packed as `generation << 1 | slot`; 0 = never written.
+struct PageVersion: Equatable, CustomStringConvertible {
+    var packed: UInt64
+    init(packed: UInt64) { self.packed = packed }
+    init(slot: Int, generation: UInt64) {
+        precondition(slot == 0 || slot == 1 && generation < (1 << 62))
+        packed = generation << 1 | UInt64(slot)
+    }
+    static let unwritten = PageVersion(packed: 0)
+    var slot: Int { Int(packed & 1) }
+    var generation: UInt64 { packed >> 1 }
+    var isWritten: Bool { packed != 0 }
+    /// The version a commit of `generation` writes: the other slot.
+    func next(generation: UInt64) -> PageVersion {
+        PageVersion(slot: isWritten ? 1 - slot : 0, generation: generation)
+    }
+    var description: String { isWritten ? "slot \(slot) of generation \(generation)" : "never written" }
+}
+
+/// A decoded metadata page held by the cache.
+protocol MetadataPageObject: AnyObject {
+    static var kind: PageKind { get }
+    /// Decodes a payload of `MetadataPageFile.payloadBytes`; throws on anything malformed.
+    init(decoding payload: UnsafeRawBufferPointer) throws(PageDecodingError)
+    /// Encodes into a zeroed payload of `MetadataPageFile.payloadBytes`.
+    func encode(into payload: UnsafeMutableRawBufferPointer)
+    /// An independent copy (for a writer while the original is being written by a commit).
+    func copy() -> Self
+    /// Memory this object holds, for the cache budget.
+    var residentBytes: Int { get }
+}
+
+struct PageDecodingError: Error, CustomStringConvertible {
+    var reason: String
+    init(_ reason: String) { self.reason = reason }
+    var description: String { reason }
+}
+
+// MARK: - The file: slots and their headers
+
+/// Page slots in `meta`: header, checksum and placement. Pure functions plus thin file I/O.
+enum MetadataPageFile {
+    static let pageBytes = 4096
+    static let headerBytes = 32
+    static let payloadBytes = pageBytes - headerBytes
+    static let formatVersion: UInt16 = 2
+
+    static func slotOffset(_ page: PageNumber, slot: Int) -> UInt64 {
+        (page.rawValue &* 2 &+ UInt64(slot)) &* UInt64(pageBytes)
+    }
+
+    // Header: u64 checksum (XXH3-64 of bytes 8..<4096) | u64 page | u64 generation | u16 kind |
+    // u16 format version | u32 zero.
+
+    /// Fills the header of a slot image whose payload (bytes 32...) is already in place.
+    static func seal(_ slot: UnsafeMutableRawBufferPointer, page: PageNumber, generation: UInt64, kind: PageKind) {
+        precondition(slot.count == pageBytes)
+        slot.storeBytes(of: page.rawValue.littleEndian, toByteOffset: 8, as: UInt64.self)
+        slot.storeBytes(of: generation.littleEndian, toByteOffset: 16, as: UInt64.self)
+        slot.storeBytes(of: kind.rawValue.littleEndian, toByteOffset: 24, as: UInt16.self)
+        slot.storeBytes(of: formatVersion.littleEndian, toByteOffset: 26, as: UInt16.self)
+        slot.storeBytes(of: UInt32(0), toByteOffset: 28, as: UInt32.self)
+        let sum = metadataChecksum(UnsafeRawBufferPointer(rebasing: slot[8...]))
+        slot.storeBytes(of: sum.littleEndian, toByteOffset: 0, as: UInt64.self)
+    }
+
+    /// Why a slot image is not the expected version of `page`, or nil when it is.
+    static func check(_ slot: UnsafeRawBufferPointer, page: PageNumber, version: PageVersion, kind: PageKind) -> String? {
+        precondition(slot.count == pageBytes)
+        let sum = UInt64(littleEndian: slot.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
+        guard sum == metadataChecksum(UnsafeRawBufferPointer(rebasing: slot[8...])) else {
+            return slot.allSatisfy({ $0 == 0 }) ? "its slot \(version.slot) was never written" : "its slot \(version.slot) fails its checksum"
+        }
+        let number = UInt64(littleEndian: slot.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+        let generation = UInt64(littleEndian: slot.loadUnaligned(fromByteOffset: 16, as: UInt64.self))
+        let kindRaw = UInt16(littleEndian: slot.loadUnaligned(fromByteOffset: 24, as: UInt16.self))
+        let format = UInt16(littleEndian: slot.loadUnaligned(fromByteOffset: 26, as: UInt16.self))
+        if number != page.rawValue { return "its slot \(version.slot) holds page \(number) (a misdirected write)" }
+        if format != formatVersion { return "its slot \(version.slot) has format \(format)" }
+        if generation != version.generation {
+            return "its slot \(version.slot) holds generation \(generation), not \(version.generation) (a lost or stale write)"
+        }
+        if kindRaw != kind.rawValue {
+            let found = PageKind(rawValue: kindRaw).map { "\($0)" } ?? "kind \(kindRaw)"
+            return "its slot \(version.slot) holds a \(found), not a \(kind)"
+        }
+        return nil
+    }
+}
+
+// MARK: - Page table
+
+/// One page's record: committed version, reference count, kind.
+struct PageTableEntry: Equatable {
+    var version: PageVersion
+    var refcount: UInt32
+    var kind: UInt16
+
+    static let free = PageTableEntry(version: .unwritten, refcount: 0, kind: 0)
+    /// Page-table and directory pages: owned by the table itself, never counted or freed.
+    static let structural: UInt32 = .max
+    var isStructural: Bool { refcount == PageTableEntry.structural }
+    var isFree: Bool { refcount == 0 }
+}
+
+/// `PageTable.fanout` entries of 16 bytes: u64 version | u32 refcount | u16 kind | u16 zero.
+final class PageTablePage: MetadataPageObject {
+    static let kind = PageKind.pageTable
+    var entries: [PageTableEntry]
+
+    init() { entries = Array(repeating: .free, count: PageTable.fanout) }
+    private init(entries: [PageTableEntry]) { self.entries = entries }
+
+    init(decoding payload: UnsafeRawBufferPointer) throws(PageDecodingError) {
+        entries = []
+        entries.reserveCapacity(PageTable.fanout)
+        for i in 0..<PageTable.fanout {
+            let at = i * 16
+            let version = PageVersion(packed: UInt64(littleEndian: payload.loadUnaligned(fromByteOffset: at, as: UInt64.self)))
+            let refcount = UInt32(littleEndian: payload.loadUnaligned(fromByteOffset: at + 8, as: UInt32.self))
+            let kind = UInt16(littleEndian: payload.loadUnaligned(fromByteOffset: at + 12, as: UInt16.self))
+            if refcount != 0 && kind != 0 && PageKind(rawValue: kind) == nil {
+                throw PageDecodingError("page-table entry \(i) has unknown kind \(kind)")
+            }
+            if refcount != 0 && !version.isWritten && refcount != PageTableEntry.structural {
+                throw PageDecodingError("page-table entry \(i) is in use but was never written")
+            }
+            entries.append(PageTableEntry(version: version, refcount: refcount, kind: kind))
+        }
+    }
+
+    func encode(into payload: UnsafeMutableRawBufferPointer) {
+        for (i, e) in entries.enumerated() {
+            let at = i * 16
+            payload.storeBytes(of: e.version.packed.littleEndian, toByteOffset: at, as: UInt64.self)
+            payload.storeBytes(of: e.refcount.littleEndian, toByteOffset: at + 8, as: UInt32.self)
+            payload.storeBytes(of: e.kind.littleEndian, toByteOffset: at + 12, as: UInt16.self)
+        }
+    }
+
+    func copy() -> PageTablePage { PageTablePage(entries: entries) }
+    var residentBytes: Int { 64 + entries.count * MemoryLayout<PageTableEntry>.stride }
+}
+
+/// `PageTable.fanout` pointers of 16 bytes: u64 page | u64 version (0/0 = none).
+final class PageDirectoryPage: MetadataPageObject {
+    static let kind = PageKind.pageDirectory
+    var children: [(page: PageNumber, version: PageVersion)]
+
+    init() { children = Array(repeating: (.none, .unwritten), count: PageTable.fanout) }
+    private init(children: [(page: PageNumber, version: PageVersion)]) { self.children = children }
+
+    init(decoding payload: UnsafeRawBufferPointer) throws(PageDecodingError) {
+        children = []
+        children.reserveCapacity(PageTable.fanout)
+        for i in 0..<PageTable.fanout {
+            let page = PageNumber(UInt64(littleEndian: payload.loadUnaligned(fromByteOffset: i * 16, as: UInt64.self)))
+            let version = PageVersion(packed: UInt64(littleEndian: payload.loadUnaligned(fromByteOffset: i * 16 + 8, as: UInt64.self)))
+            if (page == .none) != !version.isWritten { throw PageDecodingError("directory pointer \(i) is half written") }
+            children.append((page, version))
+        }
+    }
+
+    func encode(into payload: UnsafeMutableRawBufferPointer) {
+        for (i, c) in children.enumerated() {
+            payload.storeBytes(of: c.page.rawValue.littleEndian, toByteOffset: i * 16, as: UInt64.self)
+            payload.storeBytes(of: c.version.packed.littleEndian, toByteOffset: i * 16 + 8, as: UInt64.self)
+        }
+    }
+
+    func copy() -> PageDirectoryPage { PageDirectoryPage(children: children) }
+    var residentBytes: Int { 64 + children.count * 16 }
+}
+
+/// Where the page table starts: stored in the superblock.
+struct PageTableRoot: Equatable {
+    /// The top page (a page-table page when `levels` is 1, else a directory page).
+    var page: PageNumber
+    var version: PageVersion
+    /// 1 = the root is a page-table page; each level above multiplies the pages covered by `fanout`.
+    var levels: Int
+    /// Pages in the file (allocated or free); numbers at or above it were never handed out.
+    var pageCount: UInt64
+}
+
+enum PageTable {
+    /// Entries per page-table page and pointers per directory page.
+    static let fanout = MetadataPageFile.payloadBytes / 16   // 254
+
+    /// Pages a table of `levels` levels covers.
+    static func capacity(levels: Int) -> UInt64 {
+        var c = UInt64(fanout)
+        for _ in 1..<max(levels, 1) {
+            let (m, o) = c.multipliedReportingOverflow(by: UInt64(fanout))
+            if o { return .max }
+            c = m
+        }
+        return c
+    }
+}
+
+// MARK: - The pager
+
+/// One page of a commit: what `writeCommit` writes where.
+struct CommitPage {
+    var page: PageNumber
+    var kind: PageKind
+    var version: PageVersion
+    var object: any MetadataPageObject
+}
+
+/// What `beginCommit` hands to `writeCommit` and `finishCommit`.
+struct CommitBatch {
+    var generation: UInt64
+    var pages: [CommitPage]
+    /// The root the superblock must name once the pages are durable.
+    var root: PageTableRoot
+}
+
+final class MetadataPager {
+    /// One cached page.
+    final class Frame {
+        var object: any MetadataPageObject
+        var kind: PageKind
+        /// Changed since its version was last assigned (by a commit, or new).
+        var dirty: Bool
+        /// Being written by the commit in progress: immutable until `finishCommit`.
+        var frozen = false
+        /// CLOCK's second chance.
+        var referenced = true
+        init(object: any MetadataPageObject, kind: PageKind, dirty: Bool) {
+            self.object = object
+            self.kind = kind
+            self.dirty = dirty
+        }
+    }
+
+    let file: any StorageFile
+    /// Byte budget of the cache; dirty and frozen pages may exceed it until they are committed.
+    var budgetBytes: Int
+    /// The page table's root as of the changes made so far (the superblock has the committed one).
+    private(set) var root: PageTableRoot
+    /// The generation the next commit writes.
+    private(set) var nextGeneration: UInt64
+
+    private var frames: [PageNumber: Frame] = [:]
+    private var clock: [PageNumber] = []
+    private var clockHand = 0
+    private(set) var residentBytes = 0
+    /// Pages whose count reached 0 since the last `beginCommit`: free once the next commit is durable.
+    private var pendingFree: [PageNumber] = []
+    /// Pages freed before the commit in progress: free once it is durable.
+    private var freeingWithCommit: [PageNumber] = []
+    /// Pages freed while the commit in progress was writing their objects: dropped when it ends.
+    private var freedWhileFrozen: [PageNumber] = []
+    /// Free pages that may be handed out, reused before the file grows.
+    private var reusable: [PageNumber] = []
+    private var reusableSet: Set<PageNumber> = []
+    /// The next page-table page to scan for pages that were free when the store was opened; the
+    /// scan visits each page-table page once, a few per allocation, so an open reads nothing.
+    private var openScanCursor: UInt64 = 0
+    private var openScanEnd: UInt64
+    private(set) var commitInProgress = false
+
+    /// Loads from disk and evictions, for metrics and benchmarks.
+    private(set) var reads = 0
+    private(set) var evictions = 0
+
+    /// The pager of an existing `meta` whose committed root (from the superblock) was written by
+    /// `committedGeneration`. Reads nothing.
+    init(file: any StorageFile, root: PageTableRoot, committedGeneration: UInt64, budgetBytes: Int) {
+        self.file = file
+        self.root = root
+        self.budgetBytes = budgetBytes
+        nextGeneration = committedGeneration + 1
+        openScanEnd = (root.pageCount + UInt64(PageTable.fanout) - 1) / UInt64(PageTable.fanout)
+    }
+
+    /// A new, empty page file: page 1 is the page table's first page; page 0 means "none".
+    static func create(file: any StorageFile, budgetBytes: Int, firstGeneration: UInt64) -> MetadataPager {
+        let pager = MetadataPager(file: file,
+                                  root: PageTableRoot(page: PageNumber(1), version: .unwritten, levels: 1, pageCount: 2),
+                                  committedGeneration: firstGeneration - 1, budgetBytes: budgetBytes)
+        pager.openScanEnd = 0
+        let table = PageTablePage()
+        table.entries[0] = PageTableEntry(version: .unwritten, refcount: PageTableEntry.structural, kind: 0)
+        table.entries[1] = PageTableEntry(version: .unwritten, refcount: PageTableEntry.structural, kind: PageKind.pageTable.rawValue)
+        pager.insertFrame(PageNumber(1), Frame(object: table, kind: .pageTable, dirty: true))
+        return pager
+    }
+
+    // MARK: Cache
+
+    private func insertFrame(_ page: PageNumber, _ frame: Frame) {
+        precondition(frames[page] == nil, "\(page) cached twice")
+        frames[page] = frame
+        clock.append(page)
+        residentBytes += frame.object.residentBytes
+    }
+
+    private func dropFrame(_ page: PageNumber) {
+        if let frame = frames.removeValue(forKey: page) { residentBytes -= frame.object.residentBytes }
+    }
+
+    /// Reads `version` of `page` from its slot, checks it, decodes it.
+    private func load<T: MetadataPageObject>(_ page: PageNumber, version: PageVersion, as: T.Type) throws -> T {
+        guard version.isWritten else {
+            throw StoreError.corrupted("\(page) (\(T.kind)) is in use but was never written")
+        }
+        var slot = [UInt8](repeating: 0, count: MetadataPageFile.pageBytes)
+        var failure: StorageError?
+        slot.withUnsafeMutableBytes { b in
+            do throws(StorageError) {
+                try file.readExactly(into: b, at: MetadataPageFile.slotOffset(page, slot: version.slot))
+            } catch { failure = error }
+        }
+        reads += 1
+        if let failure {
+            if case .io(let m) = failure, m.hasPrefix("short read") {
+                throw StoreError.corrupted("\(page) (\(T.kind), \(version)) is past the end of meta")
+            }
+            throw StoreError(failure)
+        }
+        return try slot.withUnsafeBytes { b throws -> T in
+            if let problem = MetadataPageFile.check(b, page: page, version: version, kind: T.kind) {
+                throw StoreError.corrupted("\(page) (\(T.kind), \(version)): \(problem)")
+            }
+            do {
+                return try T(decoding: UnsafeRawBufferPointer(rebasing: b[MetadataPageFile.headerBytes...]))
+            } catch {
+                throw StoreError.corrupted("\(page) (\(T.kind), \(version)) is malformed: \(error)")
+            }
+        }
+    }
+
+    /// The cached object of `page`, or the one loaded at `version` (known by the caller).
+    private func object<T: MetadataPageObject>(_ page: PageNumber, version: () throws -> PageVersion, as type: T.Type) throws -> T {
+        if let frame = frames[page] {
+            frame.referenced = true
+            guard let object = frame.object as? T else {
+                throw StoreError.corrupted("\(page) is a \(frame.kind), not a \(T.kind)")
+            }
+            return object
+        }
+        let object = try load(page, version: try version(), as: type)
+        insertFrame(page, Frame(object: object, kind: T.kind, dirty: false))
+        return object
+    }
+
+    /// Marks the cached `page` dirty, swapping in a copy if a commit is writing the object.
+    private func makeWritable<T: MetadataPageObject>(_ page: PageNumber, as: T.Type) -> T {
+        let frame = frames[page]!
+        if frame.frozen {
+            let copy = (frame.object as! T).copy()
+            residentBytes += copy.residentBytes - frame.object.residentBytes
+            frame.object = copy
+            frame.frozen = false
+        }
+        frame.dirty = true
+        return frame.object as! T
+    }
+
+    /// A content page, for reading. The object must not be changed (use `writable`).
+    func read<T: MetadataPageObject>(_ page: PageNumber, as type: T.Type) throws -> T {
+        try object(page, version: {
+            let e = try entry(page)
+            guard !e.isFree, !e.isStructural, e.kind == T.kind.rawValue else {
+                throw StoreError.corrupted("\(page) is referenced as a \(T.kind) but the page table has it " +
+                                           (e.isFree ? "free" : "as kind \(e.kind)"))
+            }
+            return e.version
+        }, as: type)
+    }
+
+    /// A content page, for changing: marked dirty (a copy if a commit is writing the cached object).
+    func writable<T: MetadataPageObject>(_ page: PageNumber, as type: T.Type) throws -> T {
+        _ = try read(page, as: type)
+        return makeWritable(page, as: type)
+    }
+
+    /// Evicts clean pages (CLOCK) until the cache is within its budget or only dirty and frozen
+    /// pages are left. Call only between operations (see the notes above).
+    func trim() {
+        guard residentBytes > budgetBytes else { return }
+        var scanned = 0
+        let limit = 2 * clock.count   // the first pass may only clear reference bits
+        while residentBytes > budgetBytes && scanned < limit && !clock.isEmpty {
+            if clockHand >= clock.count { clockHand = 0 }
+            let page = clock[clockHand]
+            scanned += 1
+            guard let frame = frames[page] else {
+                clock.swapAt(clockHand, clock.count - 1); clock.removeLast()
+                continue
+            }
+            if frame.dirty || frame.frozen || page == root.page {
+                clockHand += 1
+            } else if frame.referenced {
+                frame.referenced = false
+                clockHand += 1
+            } else {
+                dropFrame(page)
+                evictions += 1
+                clock.swapAt(clockHand, clock.count - 1); clock.removeLast()
+            }
+        }
+        // Pages dropped elsewhere (freed) leave stale ring entries; compact when they dominate.
+        if clock.count > 2 * frames.count + 64 {
+            clock = clock.filter { frames[$0] != nil }
+            clockHand = 0
+        }
+    }
+
+    var cachedPageCount: Int { frames.count }
+    var dirtyPageCount: Int { frames.values.reduce(0) { $0 + ($1.dirty ? 1 : 0) } }
+
+    // MARK: Page table
+
+    /// The page-table page holding `page`'s entry and the entry's index. Structural pages are read
+    /// with the versions their parents' pointers hold, so the table never needs itself.
+    private func tableLocation(_ page: PageNumber, writable: Bool) throws -> (PageTablePage, Int) {
+        guard page.rawValue < root.pageCount else {
+            throw StoreError.corrupted("\(page) is past the end of the page table (\(root.pageCount) pages)")
+        }
+        var current = root.page
+        var version = root.version
+        var level = root.levels
+        var index = page.rawValue
+        while level > 1 {
+            let v = version
+            var directory = try object(current, version: { v }, as: PageDirectoryPage.self)
+            if writable { directory = makeWritable(current, as: PageDirectoryPage.self) }
+            let span = PageTable.capacity(levels: level - 1)
+            let child = directory.children[Int(index / span)]
+            index %= span
+            guard child.page != .none else { throw StoreError.corrupted("the page table has no page for \(page)") }
+            current = child.page
+            version = child.version
+            level -= 1
+        }
+        let v = version
+        var table = try object(current, version: { v }, as: PageTablePage.self)
+        if writable { table = makeWritable(current, as: PageTablePage.self) }
+        return (table, Int(index))
+    }
+
+    func entry(_ page: PageNumber) throws -> PageTableEntry {
+        let (table, i) = try tableLocation(page, writable: false)
+        return table.entries[i]
+    }
+
+    private func updateEntry(_ page: PageNumber, _ body: (inout PageTableEntry) throws -> Void) throws {
+        let (table, i) = try tableLocation(page, writable: true)
+        try body(&table.entries[i])
+    }
+
+    func refcount(_ page: PageNumber) throws -> UInt32 { try entry(page).refcount }
+
+    // MARK: Allocation and reference counts
+
+    /// A new page holding `object`, with reference count 1, dirty.
+    func allocate<T: MetadataPageObject>(_ object: T) throws -> PageNumber {
+        let page = try takeFreePage()
+        precondition(frames[page] == nil, "free \(page) is still cached")
+        try updateEntry(page) { e in
+            precondition(e.isFree, "\(page) handed out while in use")
+            e = PageTableEntry(version: e.version, refcount: 1, kind: T.kind.rawValue)
+        }
+        insertFrame(page, Frame(object: object, kind: T.kind, dirty: true))
+        return page
+    }
+
+    func retain(_ page: PageNumber) throws {
+        try updateEntry(page) { e in
+            guard !e.isFree, !e.isStructural else {
+                throw StoreError.corrupted("retain of \(e.isFree ? "free" : "structural") \(page)")
+            }
+            // Saturates one below `structural`: a page that reaches it is never freed (a leak,
+            // never a use after free).
+            if e.refcount < PageTableEntry.structural - 1 { e.refcount += 1 }
+        }
+    }
+
+    /// Drops one reference; true when it was the last. The page is then free once the next
+    /// commit is durable, and its cached object is gone.
+    @discardableResult
+    func release(_ page: PageNumber) throws -> Bool {
+        var freed = false
+        try updateEntry(page) { e in
+            guard !e.isFree, !e.isStructural else {
+                throw StoreError.corrupted("release of \(e.isFree ? "free" : "structural") \(page)")
+            }
+            if e.refcount == PageTableEntry.structural - 1 { return }
+            e.refcount -= 1
+            if e.refcount == 0 { freed = true; e.kind = 0 }
+        }
+        if freed {
+            pendingFree.append(page)
+            // A frozen object is still being written; `finishCommit` drops it.
+            if let frame = frames[page] {
+                if frame.frozen { freedWhileFrozen.append(page) } else { dropFrame(page) }
+            }
+        }
+        return freed
+    }
+
+    private func takeFreePage() throws -> PageNumber {
+        if reusable.isEmpty { try scanForPagesFreeAtOpen() }
+        if let page = reusable.popLast() {
+            reusableSet.remove(page)
+            return page
+        }
+        return try extend()
+    }
+
+    /// Visits a few more page-table pages for pages that were free when the store was opened.
+    private func scanForPagesFreeAtOpen() throws {
+        var scanned = 0
+        while reusable.isEmpty && openScanCursor < openScanEnd && scanned < 16 {
+            let first = openScanCursor * UInt64(PageTable.fanout)
+            let (table, _) = try tableLocation(PageNumber(first), writable: false)
+            for (i, e) in table.entries.enumerated().reversed() where e.isFree {
+                let page = PageNumber(first + UInt64(i))
+                // Pages freed since the open are already on their way through `pendingFree`.
+                if page.rawValue < root.pageCount && !reusableSet.contains(page)
+                    && !pendingFree.contains(page) && !freeingWithCommit.contains(page) {
+                    reusable.append(page)
+                    reusableSet.insert(page)
+                }
+            }
+            openScanCursor += 1
+            scanned += 1
+        }
+    }
+
+    /// A page past the current end; grows the page table as needed (its new pages take numbers
+    /// from the end too, and are structural).
+    private func extend() throws -> PageNumber {
+        while true {
+            let page = PageNumber(root.pageCount)
+            root.pageCount += 1
+            try growTable(toCover: page)
+            if try !entry(page).isStructural { return page }
+        }
+    }
+
+    private func newStructuralPage(_ object: any MetadataPageObject, kind: PageKind) throws -> PageNumber {
+        let page = PageNumber(root.pageCount)
+        root.pageCount += 1
+        insertFrame(page, Frame(object: object, kind: kind, dirty: true))
+        return page
+    }
+
+    /// Makes the table tall and wide enough to hold `page`'s entry, and marks every page it creates
+    /// on the way structural.
+    private func growTable(toCover page: PageNumber) throws {
+        var created: [(PageNumber, PageKind)] = []
+        while page.rawValue >= PageTable.capacity(levels: root.levels) {
+            let top = PageDirectoryPage()
+            top.children[0] = (root.page, root.version)
+            let topPage = try newStructuralPage(top, kind: .pageDirectory)
+            root = PageTableRoot(page: topPage, version: .unwritten, levels: root.levels + 1, pageCount: root.pageCount)
+            created.append((topPage, .pageDirectory))
+        }
+        var current = root.page
+        var version = root.version
+        var level = root.levels
+        var index = page.rawValue
+        while level > 1 {
+            let v = version
+            _ = try object(current, version: { v }, as: PageDirectoryPage.self)
+            let directory = makeWritable(current, as: PageDirectoryPage.self)
+            let span = PageTable.capacity(levels: level - 1)
+            let slot = Int(index / span)
+            index %= span
+            if directory.children[slot].page == .none {
+                let kind: PageKind = level == 2 ? .pageTable : .pageDirectory
+                let child = try newStructuralPage(level == 2 ? PageTablePage() : PageDirectoryPage(), kind: kind)
+                // An unwritten pointer lives only until the commit that writes the child.
+                directory.children[slot] = (child, .unwritten)
+                created.append((child, kind))
+            }
+            current = directory.children[slot].page
+            version = directory.children[slot].version
+            level -= 1
+        }
+        for (p, kind) in created {
+            // Each new structural page needs its own entry (which may need more table).
+            try growTable(toCover: p)
+            try updateEntry(p) { $0 = PageTableEntry(version: .unwritten, refcount: PageTableEntry.structural, kind: kind.rawValue) }
+        }
+    }
+
+    // MARK: Commits
+
+    /// With the store lock held: gives every changed page its new version (the slot that does
+    /// not hold its committed one), freezes the objects and returns what to write. Nothing may
+    /// change a frozen object; `writable` hands out copies until `finishCommit`.
+    func beginCommit() throws -> CommitBatch {
+        precondition(!commitInProgress, "one commit at a time")
+        let generation = nextGeneration
+        var pages: [CommitPage] = []
+        // Content pages first: their new versions go into page-table entries, which dirties
+        // page-table pages; then the structural pages, bottom-up from the root.
+        let dirtyContent = frames.filter { $0.value.dirty && $0.value.kind != .pageTable && $0.value.kind != .pageDirectory }
+        for (page, frame) in dirtyContent.sorted(by: { $0.key < $1.key }) {
+            var version = PageVersion.unwritten
+            try updateEntry(page) { e in
+                e.version = e.version.next(generation: generation)
+                version = e.version
+            }
+            pages.append(CommitPage(page: page, kind: frame.kind, version: version, object: frame.object))
+        }
+        func commitStructural(_ page: PageNumber, version: PageVersion, level: Int) -> PageVersion {
+            guard let frame = frames[page], frame.dirty else { return version }
+            if level > 1 {
+                let directory = frame.object as! PageDirectoryPage
+                for i in 0..<directory.children.count where directory.children[i].page != .none {
+                    let c = directory.children[i]
+                    directory.children[i].version = commitStructural(c.page, version: c.version, level: level - 1)
+                }
+            }
+            let next = version.next(generation: generation)
+            pages.append(CommitPage(page: page, kind: frame.kind, version: next, object: frame.object))
+            return next
+        }
+        root.version = commitStructural(root.page, version: root.version, level: root.levels)
+        for p in pages {
+            let frame = frames[p.page]!
+            frame.dirty = false
+            frame.frozen = true
+        }
+        freeingWithCommit = pendingFree
+        pendingFree = []
+        commitInProgress = true
+        nextGeneration += 1
+        return CommitBatch(generation: generation, pages: pages.sorted { $0.page < $1.page }, root: root)
+    }
+
+    /// Without the store lock: encodes and writes the batch's pages into their slots. The caller
+    /// then syncs `meta` and writes the superblock naming `batch.root`.
+    static func writeCommit(_ batch: CommitBatch, to file: any StorageFile) throws(StorageError) {
+        let bytes = MetadataPageFile.pageBytes
+        // Runs of consecutive slots go out in one write of up to 1 MiB.
+        let runPagesMax = 256
+        var buffer = [UInt8](repeating: 0, count: bytes * runPagesMax)
+        var k = 0
+        while k < batch.pages.count {
+            var n = 0
+            let start = MetadataPageFile.slotOffset(batch.pages[k].page, slot: batch.pages[k].version.slot)
+            while k + n < batch.pages.count && n < runPagesMax {
+                let p = batch.pages[k + n]
+                guard MetadataPageFile.slotOffset(p.page, slot: p.version.slot) == start + UInt64(n * bytes) else { break }
+                buffer.withUnsafeMutableBytes { all in
+                    let slot = UnsafeMutableRawBufferPointer(rebasing: all[n * bytes..<(n + 1) * bytes])
+                    slot.initializeMemory(as: UInt8.self, repeating: 0)
+                    p.object.encode(into: UnsafeMutableRawBufferPointer(rebasing: slot[MetadataPageFile.headerBytes...]))
+                    MetadataPageFile.seal(slot, page: p.page, generation: p.version.generation, kind: p.kind)
+                }
+                n += 1
+            }
+            var failure: StorageError?
+            buffer.withUnsafeBytes { b in
+                do throws(StorageError) { try file.write(UnsafeRawBufferPointer(rebasing: b[..<(n * bytes)]), at: start) } catch { failure = error }
+            }
+            if let failure { throw failure }
+            k += n
+        }
+    }
+
+    /// With the store lock held, once the superblock naming `batch.root` is durable: the batch's
+    /// objects may change again, and the pages freed before the commit may be reused.
+    func finishCommit(_ batch: CommitBatch) {
+        precondition(commitInProgress)
+        for p in batch.pages {
+            guard let frame = frames[p.page], frame.object === p.object else { continue }
+            frame.frozen = false
+        }
+        for page in freedWhileFrozen { dropFrame(page) }
+        freedWhileFrozen = []
+        for page in freeingWithCommit {
+            if !reusableSet.contains(page) {
+                reusable.append(page)
+                reusableSet.insert(page)
+            }
+        }
+        freeingWithCommit = []
+        commitInProgress = false
+    }
+
+    /// With the store lock held, after a failed commit: the store is poisoned by the caller (the
+    /// versions handed out may name slots that were never written), so only memory is tidied.
+    func abandonCommit(_ batch: CommitBatch) {
+        for p in batch.pages { frames[p.page]?.frozen = false }
+        for page in freedWhileFrozen { dropFrame(page) }
+        freedWhileFrozen = []
+        pendingFree.append(contentsOf: freeingWithCommit)
+        freeingWithCommit = []
+        commitInProgress = false
+    }
+}
+
+/// Opaque bytes in one page (the image table and other small records): u32 length, then bytes.
+final class BlobPage: MetadataPageObject {
+    static let kind = PageKind.blob
+    static let capacity = MetadataPageFile.payloadBytes - 4
+    var bytes: [UInt8]
+
+    init(bytes: [UInt8]) {
+        precondition(bytes.count <= BlobPage.capacity)
+        self.bytes = bytes
+    }
+
+    init(decoding payload: UnsafeRawBufferPointer) throws(PageDecodingError) {
+        let n = Int(UInt32(littleEndian: payload.loadUnaligned(fromByteOffset: 0, as: UInt32.self)))
+        guard n <= BlobPage.capacity else { throw PageDecodingError("blob length \(n) exceeds a page") }
+        bytes = Array(payload[4..<4 + n])
+    }
+
+    func encode(into payload: UnsafeMutableRawBufferPointer) {
+        payload.storeBytes(of: UInt32(bytes.count).littleEndian, toByteOffset: 0, as: UInt32.self)
+        payload.baseAddress!.advanced(by: 4).copyMemory(from: bytes, byteCount: bytes.count)
+    }
+
+    func copy() -> BlobPage { BlobPage(bytes: bytes) }
+    var residentBytes: Int { 64 + bytes.count }
+}

@@ -1,0 +1,281 @@
+import Testing
+import VBDCore
+import VBDSimulation
+@testable import VBDStore
+
+/// The pager on a simulated disk: the test plays the store's part (the superblock is a variable).
+private final class PagerHarness {
+    let disk: SimulatedDisk
+    var file: any StorageFile
+    var pager: MetadataPager
+    /// What a superblock would hold: the last durable root and its generation.
+    var committedRoot: PageTableRoot?
+    var committedGeneration: UInt64 = 0
+    let budget: Int
+
+    init(seed: UInt64, budget: Int = 64 << 20) throws {
+        disk = SimulatedDisk(seed: seed)
+        let directory = disk.directory()
+        file = try directory.openFile("meta", create: true)
+        try directory.syncDirectory()
+        self.budget = budget
+        pager = MetadataPager.create(file: file, budgetBytes: budget, firstGeneration: 1)
+    }
+
+    /// A complete commit: pages written and synced, then the "superblock" updated.
+    @discardableResult
+    func commit() throws -> CommitBatch {
+        let batch = try pager.beginCommit()
+        try MetadataPager.writeCommit(batch, to: file)
+        try file.sync()
+        committedRoot = batch.root
+        committedGeneration = batch.generation
+        pager.finishCommit(batch)
+        return batch
+    }
+
+    /// Power cut, reboot, and a pager opened from the last committed root.
+    func crashAndReopen() throws {
+        disk.powerLoss()
+        disk.reboot()
+        try reopen()
+    }
+
+    func reopen() throws {
+        file = try disk.directory().openFile("meta", create: false)
+        pager = MetadataPager(file: file, root: committedRoot!, committedGeneration: committedGeneration, budgetBytes: budget)
+    }
+}
+
+private func blob(_ seed: UInt64, _ n: Int = 100) -> [UInt8] {
+    var g = SplitMix64(seed: seed)
+    return (0..<n).map { _ in UInt8(truncatingIfNeeded: g.next()) }
+}
+
+@Suite struct MetadataPagerTests {
+    @Test func pagesSurviveACommitAndAReopenAcrossATwoLevelPageTable() throws {
+        let h = try PagerHarness(seed: 1)
+        var pages: [PageNumber: UInt64] = [:]
+        // More pages than one page-table page covers: the table grows a directory level.
+        for k in 0..<700 as Range<UInt64> {
+            pages[try h.pager.allocate(BlobPage(bytes: blob(k)))] = k
+        }
+        #expect(h.pager.root.levels == 2)
+        try h.commit()
+        try h.reopen()
+        #expect(h.pager.cachedPageCount == 0)
+        for (page, k) in pages {
+            #expect(try h.pager.read(page, as: BlobPage.self).bytes == blob(k))
+            #expect(try h.pager.refcount(page) == 1)
+        }
+        #expect(h.pager.reads >= 700)
+    }
+
+    @Test func aCommitRewritesOnlyWhatChanged() throws {
+        let h = try PagerHarness(seed: 2)
+        var pages: [PageNumber] = []
+        for k in 0..<600 as Range<UInt64> { pages.append(try h.pager.allocate(BlobPage(bytes: blob(k)))) }
+        let first = try h.commit()
+        #expect(first.pages.count > 600)
+        // Change three pages: the commit writes them and the page-table pages that hold their
+        // entries (and the directory above), nothing else.
+        for p in [pages[0], pages[300], pages[599]] {
+            try h.pager.writable(p, as: BlobPage.self).bytes = [1, 2, 3]
+        }
+        let second = try h.commit()
+        let content = second.pages.filter { $0.kind == .blob }.map(\.page)
+        #expect(Set(content) == Set([pages[0], pages[300], pages[599]]))
+        #expect(second.pages.count <= 3 + 3 + 1)
+        // An idle commit writes nothing.
+        #expect(try h.commit().pages.isEmpty)
+    }
+
+    @Test func aCrashAnywhereInACommitLeavesTheLastCommittedStateReadable() throws {
+        for seed in 0..<12 as Range<UInt64> {
+            let h = try PagerHarness(seed: seed)
+            var expected: [PageNumber: [UInt8]] = [:]
+            for k in 0..<280 as Range<UInt64> {
+                let bytes = blob(seed &* 1000 &+ k)
+                expected[try h.pager.allocate(BlobPage(bytes: bytes))] = bytes
+            }
+            try h.commit()
+            // Rewrite half, free some, add more: then cut the power before the "superblock" write.
+            var g = SplitMix64(seed: seed)
+            for (page, _) in expected where g.next() % 2 == 0 {
+                try h.pager.writable(page, as: BlobPage.self).bytes = blob(g.next(), 3000)
+            }
+            for (page, _) in expected where g.next() % 5 == 0 { try h.pager.release(page) }
+            for k in 0..<100 as Range<UInt64> { _ = try h.pager.allocate(BlobPage(bytes: blob(k + 77))) }
+            let batch = try h.pager.beginCommit()
+            try MetadataPager.writeCommit(batch, to: h.file)
+            if seed % 2 == 0 { try h.file.sync() }   // durable pages, but no superblock
+            try h.crashAndReopen()
+            for (page, bytes) in expected {
+                #expect(try h.pager.read(page, as: BlobPage.self).bytes == bytes, "seed \(seed) \(page)")
+                #expect(try h.pager.refcount(page) == 1)
+            }
+        }
+    }
+
+    @Test func rotInTheCommittedSlotIsReportedNeverReadAsTheOlderVersion() throws {
+        let h = try PagerHarness(seed: 3)
+        let page = try h.pager.allocate(BlobPage(bytes: blob(1)))
+        try h.commit()
+        try h.pager.writable(page, as: BlobPage.self).bytes = blob(2)
+        try h.commit()
+        let version = try h.pager.entry(page).version
+        // The other slot (older version) may rot: nothing reads it.
+        h.disk.flipByte(file: "meta", at: Int(MetadataPageFile.slotOffset(page, slot: 1 - version.slot)) + 100)
+        try h.reopen()
+        #expect(try h.pager.read(page, as: BlobPage.self).bytes == blob(2))
+        // The committed slot rots: an error naming the page, not the older bytes.
+        h.disk.flipByte(file: "meta", at: Int(MetadataPageFile.slotOffset(page, slot: version.slot)) + 100)
+        try h.reopen()
+        #expect(throws: StoreError.self) { _ = try h.pager.read(page, as: BlobPage.self) }
+        do { _ = try h.pager.read(page, as: BlobPage.self) } catch let e as StoreError {
+            #expect(e.description.contains("checksum"))
+        }
+    }
+
+    @Test func aLostWriteIsReportedByItsGeneration() throws {
+        let h = try PagerHarness(seed: 4)
+        let page = try h.pager.allocate(BlobPage(bytes: blob(1)))
+        try h.commit()
+        try h.pager.writable(page, as: BlobPage.self).bytes = blob(2)
+        try h.commit()
+        try h.pager.writable(page, as: BlobPage.self).bytes = blob(3)
+        try h.commit()
+        // The disk "forgets" the last write of the page: its slot holds the generation-1 bytes.
+        let version = try h.pager.entry(page).version
+        var old = [UInt8](repeating: 0, count: MetadataPageFile.pageBytes)
+        let otherSlot = MetadataPageFile.slotOffset(page, slot: 1 - version.slot)
+        let mine = MetadataPageFile.slotOffset(page, slot: version.slot)
+        // Slot holding generation 2 is the other one; copy generation 2's slot over generation 3's.
+        try old.withUnsafeMutableBytes { b throws in try h.file.readExactly(into: b, at: otherSlot) }
+        try old.withUnsafeBytes { b throws in try h.file.write(b, at: mine) }
+        try h.reopen()
+        do {
+            _ = try h.pager.read(page, as: BlobPage.self)
+            Issue.record("a stale slot was read")
+        } catch let e as StoreError {
+            #expect(e.description.contains("generation"))
+        }
+        // A page written into another page's slot (a misdirected write) is caught by its number.
+        let other = try h.pager.allocate(BlobPage(bytes: blob(9)))
+        try h.commit()
+        let v = try h.pager.entry(other).version
+        try old.withUnsafeBytes { b throws in try h.file.write(b, at: MetadataPageFile.slotOffset(other, slot: v.slot)) }
+        try h.reopen()
+        do {
+            _ = try h.pager.read(other, as: BlobPage.self)
+            Issue.record("a misdirected write was read")
+        } catch let e as StoreError {
+            #expect(e.description.contains("misdirected"))
+        }
+    }
+
+    @Test func aWriterDuringACommitGetsACopyAndTheCommitWritesTheFrozenBytes() throws {
+        let h = try PagerHarness(seed: 5)
+        let page = try h.pager.allocate(BlobPage(bytes: blob(1)))
+        try h.commit()
+        try h.pager.writable(page, as: BlobPage.self).bytes = blob(2)
+        let batch = try h.pager.beginCommit()
+        let frozen = batch.pages.first { $0.page == page }!.object as! BlobPage
+        // A writer while the commit is in flight: a new object, the frozen one is untouched.
+        let live = try h.pager.writable(page, as: BlobPage.self)
+        #expect(live !== frozen)
+        live.bytes = blob(3)
+        #expect(frozen.bytes == blob(2))
+        try MetadataPager.writeCommit(batch, to: h.file)
+        try h.file.sync()
+        h.committedRoot = batch.root
+        h.committedGeneration = batch.generation
+        h.pager.finishCommit(batch)
+        #expect(try h.pager.read(page, as: BlobPage.self).bytes == blob(3))
+        // Reopened at that commit: generation 2's bytes.
+        let root = h.committedRoot!, generation = h.committedGeneration
+        try h.reopen()
+        #expect(try h.pager.read(page, as: BlobPage.self).bytes == blob(2))
+        _ = (root, generation)
+    }
+
+    @Test func freedPagesAreReusedOnlyAfterTheCommitThatFreesThemIsDurable() throws {
+        let h = try PagerHarness(seed: 6)
+        let a = try h.pager.allocate(BlobPage(bytes: blob(1)))
+        try h.commit()
+        #expect(try h.pager.release(a))
+        let b = try h.pager.allocate(BlobPage(bytes: blob(2)))
+        #expect(b != a)
+        let batch = try h.pager.beginCommit()
+        // While the freeing commit is in flight, still not reusable.
+        let c = try h.pager.allocate(BlobPage(bytes: blob(3)))
+        #expect(c != a)
+        try MetadataPager.writeCommit(batch, to: h.file)
+        try h.file.sync()
+        h.pager.finishCommit(batch)
+        let d = try h.pager.allocate(BlobPage(bytes: blob(4)))
+        #expect(d == a)
+        #expect(try h.pager.read(d, as: BlobPage.self).bytes == blob(4))
+    }
+
+    @Test func pagesFreeWhenTheStoreWasOpenedAreFoundWithoutGrowingTheFile() throws {
+        let h = try PagerHarness(seed: 7)
+        var pages: [PageNumber] = []
+        for k in 0..<400 as Range<UInt64> { pages.append(try h.pager.allocate(BlobPage(bytes: blob(k)))) }
+        try h.commit()
+        for p in pages[100..<200] { try h.pager.release(p) }
+        try h.commit()
+        try h.reopen()
+        let end = h.pager.root.pageCount
+        var reused: Set<PageNumber> = []
+        for k in 0..<100 as Range<UInt64> { reused.insert(try h.pager.allocate(BlobPage(bytes: blob(k + 1000)))) }
+        #expect(h.pager.root.pageCount == end)
+        #expect(reused == Set(pages[100..<200]))
+    }
+
+    @Test func theCacheStaysWithinItsBudgetAndReloadsEvictedPages() throws {
+        let h = try PagerHarness(seed: 8, budget: 64 << 10)
+        var pages: [PageNumber] = []
+        for k in 0..<500 as Range<UInt64> { pages.append(try h.pager.allocate(BlobPage(bytes: blob(k, 2000)))) }
+        // Dirty pages stay until committed.
+        h.pager.trim()
+        #expect(h.pager.cachedPageCount >= 500)
+        try h.commit()
+        h.pager.trim()
+        #expect(h.pager.residentBytes <= 64 << 10)
+        let readsBefore = h.pager.reads
+        for (k, p) in pages.enumerated() {
+            #expect(try h.pager.read(p, as: BlobPage.self).bytes == blob(UInt64(k), 2000))
+            h.pager.trim()
+            #expect(h.pager.residentBytes <= 64 << 10)
+        }
+        #expect(h.pager.reads > readsBefore + 400)
+        #expect(h.pager.evictions > 400)
+    }
+
+    @Test func sharedPagesAreFreedByTheirLastReference() throws {
+        let h = try PagerHarness(seed: 9)
+        let p = try h.pager.allocate(BlobPage(bytes: blob(1)))
+        try h.pager.retain(p)
+        try h.pager.retain(p)
+        #expect(try h.pager.refcount(p) == 3)
+        #expect(try !h.pager.release(p))
+        #expect(try !h.pager.release(p))
+        #expect(try h.pager.release(p))
+        #expect(throws: StoreError.self) { try h.pager.release(p) }
+        #expect(throws: StoreError.self) { try h.pager.retain(p) }
+        #expect(throws: StoreError.self) { _ = try h.pager.read(p, as: BlobPage.self) }
+        // Structural pages cannot be counted.
+        #expect(throws: StoreError.self) { try h.pager.release(PageNumber(1)) }
+        #expect(throws: StoreError.self) { try h.pager.retain(PageNumber(0)) }
+    }
+
+    @Test func aPageOfTheWrongKindOrPastTheEndIsAnError() throws {
+        let h = try PagerHarness(seed: 10)
+        let p = try h.pager.allocate(BlobPage(bytes: blob(1)))
+        try h.commit()
+        try h.reopen()
+        #expect(throws: StoreError.self) { _ = try h.pager.read(p, as: PageTablePage.self) }
+        #expect(throws: StoreError.self) { _ = try h.pager.read(PageNumber(1_000_000), as: BlobPage.self) }
+    }
+}
