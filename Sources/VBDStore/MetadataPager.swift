@@ -64,6 +64,7 @@ enum PageKind: UInt16, CustomStringConvertible {
     case arrayInterior = 6
     case dedupBucket = 7
     case blob = 8
+    case chunkRecords = 9
 
     var description: String {
         switch self {
@@ -75,6 +76,7 @@ enum PageKind: UInt16, CustomStringConvertible {
         case .arrayInterior: return "array interior node"
         case .dedupBucket: return "dedup bucket"
         case .blob: return "blob"
+        case .chunkRecords: return "chunk-table page"
         }
     }
 }
