@@ -6,7 +6,7 @@ extension ControlService {
     /// Space, sharing, dedup and compression figures from `Store.usage()` (one walk of every
     /// map under the store lock), plus cache counters when the store reads through a cache.
     func statistics() throws -> StoreStatistics {
-        let usage = store.usage()
+        let usage = try store.usage()
         let infos = Dictionary(store.list().map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
         let images = usage.images.map { image -> ImageStatistics in
             let info = infos[image.name]

@@ -205,7 +205,7 @@ public final class ControlService: Sendable {
             }
             do {
                 if case .stats = tenancyRequest {
-                    return .tenancy(.stats(tenancy.statistics(storage: tenancy.storageShares(usage: store.usage()))))
+                    return .tenancy(.stats(tenancy.statistics(storage: tenancy.storageShares(usage: try store.usage()))))
                 }
                 return .tenancy(try tenancy.handle(tenancyRequest, actor: actor, imageID: imageID))
             } catch let e as LeaseError {

@@ -203,7 +203,7 @@ struct ImageTransfer {
             throw ControlFailure(code: "io", message: "qemu-img convert failed for \(path): \(outcome.standardError.trimmingSpaces())")
         }
         throttle.finish()
-        return store.usage().images.first { $0.name == name }?.allocatedBytes ?? 0
+        return try store.usage().images.first { $0.name == name }?.allocatedBytes ?? 0
     }
 
     // MARK: Export

@@ -21,6 +21,8 @@ public enum Limits {
     public static let pendingJournalBytesMax = 4 << 20
     /// Journal size at which the store writes a checkpoint and starts a new journal (bounds recovery time).
     public static let journalBytesCheckpoint: UInt64 = 256 << 20
+    /// Default byte budget of the metadata page cache (`serve --metadata-cache`).
+    public static let metadataCacheBytesDefault = 256 << 20
     /// Shortest run of freed data-file pages a flush hole-punches. Scattered frees (overwrites)
     /// stay allocated: a new chunk written there lands on a page the page cache still holds,
     /// where a punched page costs a fresh, zeroed page and a block allocation on the next write

@@ -97,7 +97,8 @@ public final class StoreMetrics: Sendable {
         if let (u, at) = state.withLock({ s in s.lastUsage.map { ($0, s.lastUsageAt!) } }), now - at < usageRefreshInterval {
             return u
         }
-        let u = store.usage()
+        // A metadata page that cannot be read keeps the last figures (fsck names the page).
+        guard let u = try? store.usage() else { return state.withLock { $0.lastUsage } ?? StoreUsage() }
         state.withLock { $0.lastUsage = u; $0.lastUsageAt = now }
         return u
     }

@@ -380,11 +380,26 @@ final class MetadataPager {
         frames[page] = frame
         clock.append(page)
         residentBytes += frame.object.residentBytes
+        if frame.dirty { dirtyFrames += 1 }
+        // Evicting here is safe: only clean pages go, and nothing changes a page it did not get
+        // from `writable` (which makes it dirty). Amortized: after a trim that could not reach the
+        // budget (dirty pages), the next waits for 1/16 of the budget more.
+        if residentBytes > max(budgetBytes, trimFloor) { trim(protecting: page) }
     }
 
     private func dropFrame(_ page: PageNumber) {
-        if let frame = frames.removeValue(forKey: page) { residentBytes -= frame.object.residentBytes }
+        if let frame = frames.removeValue(forKey: page) {
+            residentBytes -= frame.object.residentBytes
+            if frame.dirty { dirtyFrames -= 1 }
+        }
     }
+
+    /// Pages changed since the last commit began.
+    private(set) var dirtyFrames = 0
+    private var trimFloor = 0
+
+    /// True once changed pages take half the budget: the store should commit (bounded memory).
+    var needsCommit: Bool { dirtyFrames * (MetadataPageFile.pageBytes + 512) > budgetBytes / 2 }
 
     /// Reads `version` of `page` from its slot, checks it, decodes it.
     private func load<T: MetadataPageObject>(_ page: PageNumber, version: PageVersion, as: T.Type) throws -> T {
@@ -440,6 +455,7 @@ final class MetadataPager {
             frame.object = copy
             frame.frozen = false
         }
+        if !frame.dirty { dirtyFrames += 1 }
         frame.dirty = true
         return frame.object as! T
     }
@@ -464,7 +480,7 @@ final class MetadataPager {
 
     /// Evicts clean pages (CLOCK) until the cache is within its budget or only dirty and frozen
     /// pages are left. Call only between operations (see the notes above).
-    func trim() {
+    func trim(protecting protected: PageNumber? = nil) {
         guard residentBytes > budgetBytes else { return }
         var scanned = 0
         let limit = 2 * clock.count   // the first pass may only clear reference bits
@@ -476,7 +492,7 @@ final class MetadataPager {
                 clock.swapAt(clockHand, clock.count - 1); clock.removeLast()
                 continue
             }
-            if frame.dirty || frame.frozen || page == root.page {
+            if frame.dirty || frame.frozen || page == root.page || page == protected {
                 clockHand += 1
             } else if frame.referenced {
                 frame.referenced = false
@@ -487,6 +503,7 @@ final class MetadataPager {
                 clock.swapAt(clockHand, clock.count - 1); clock.removeLast()
             }
         }
+        trimFloor = residentBytes > budgetBytes ? residentBytes + budgetBytes / 16 : 0
         // Pages dropped elsewhere (freed) leave stale ring entries; compact when they dominate.
         if clock.count > 2 * frames.count + 64 {
             clock = clock.filter { frames[$0] != nil }
@@ -538,6 +555,11 @@ final class MetadataPager {
     }
 
     func refcount(_ page: PageNumber) throws -> UInt32 { try entry(page).refcount }
+
+    /// Sets a page's count directly: only tests of saturation use it.
+    func overrideRefcount(_ page: PageNumber, _ count: UInt32) throws {
+        try updateEntry(page) { $0.refcount = count }
+    }
 
     // MARK: Allocation and reference counts
 
@@ -679,9 +701,9 @@ final class MetadataPager {
     /// With the store lock held: gives every changed page its new version (the slot that does
     /// not hold its committed one), freezes the objects and returns what to write. Nothing may
     /// change a frozen object; `writable` hands out copies until `finishCommit`.
-    func beginCommit() throws -> CommitBatch {
+    func beginCommit(generation: UInt64? = nil) throws -> CommitBatch {
         precondition(!commitInProgress, "one commit at a time")
-        let generation = nextGeneration
+        let generation = max(generation ?? nextGeneration, nextGeneration)
         var pages: [CommitPage] = []
         // Content pages first: their new versions go into page-table entries, which dirties
         // page-table pages; then the structural pages, bottom-up from the root.
@@ -713,10 +735,11 @@ final class MetadataPager {
             frame.dirty = false
             frame.frozen = true
         }
+        dirtyFrames = 0
         freeingWithCommit = pendingFree
         pendingFree = []
         commitInProgress = true
-        nextGeneration += 1
+        nextGeneration = generation + 1
         return CommitBatch(generation: generation, pages: pages.sorted { $0.page < $1.page }, root: root)
     }
 

@@ -20,7 +20,7 @@
 
 /// A map node in a page: 512 slots (chunk numbers in a leaf, child page numbers above).
 class MapNodePage {
-    static let fanout = 1 << MapNode.fanoutShift
+    static let fanout = MapGeometry.fanout
     static let slotBytes = 6
     static let allOnes48: UInt64 = (1 << 48) - 1
 
@@ -99,14 +99,14 @@ final class MapInteriorPage: MapNodePage, MetadataPageObject {
 }
 
 /// The root of one image's map, in pages.
-struct PagedMapRoot: Equatable {
+struct MapRoot: Equatable {
     var page: PageNumber
     /// Tree height; 1 means the root is a leaf.
     var levels: Int
 
     init(blocks: UInt64) {
         page = .none
-        levels = MapRoot.levels(forBlocks: blocks)
+        levels = MapGeometry.levels(forBlocks: blocks)
     }
 
     init(page: PageNumber, levels: Int) {
@@ -114,8 +114,8 @@ struct PagedMapRoot: Equatable {
         self.levels = levels
     }
 
-    private static func slot(_ block: UInt64, level: Int) -> Int { MapRoot.slot(block, level: level) }
-    private static func span(level: Int) -> UInt64 { MapRoot.span(level: level) }
+    private static func slot(_ block: UInt64, level: Int) -> Int { MapGeometry.slot(block, level: level) }
+    private static func span(level: Int) -> UInt64 { MapGeometry.span(level: level) }
 
     // MARK: Reads
 
@@ -147,7 +147,7 @@ struct PagedMapRoot: Equatable {
     // MARK: Sharing
 
     /// Another root pointing at the same tree: a snapshot or a share. O(1).
-    func retained(pager: MetadataPager) throws -> PagedMapRoot {
+    func retained(pager: MetadataPager) throws -> MapRoot {
         if page != .none { try pager.retain(page) }
         return self
     }
@@ -167,7 +167,7 @@ struct PagedMapRoot: Equatable {
         let slots = level == 1 ? try pager.read(page, as: MapLeafPage.self).slots : try pager.read(page, as: MapInteriorPage.self).slots
         guard try pager.release(page) else { return }
         if level == 1 {
-            for c in slots where c != 0 { refs.releaseChunk(c) }
+            for c in slots where c != 0 { try refs.releaseChunk(c) }
         } else {
             for c in slots where c != 0 { try releaseNode(PageNumber(c), level: level - 1, pager: pager, refs) }
         }
@@ -178,7 +178,7 @@ struct PagedMapRoot: Equatable {
         let copy: PageNumber
         if level == 1 {
             let node = try pager.read(page, as: MapLeafPage.self)
-            for c in node.slots where c != 0 { refs.retainChunk(c) }
+            for c in node.slots where c != 0 { try refs.retainChunk(c) }
             copy = try pager.allocate(node.copy())
         } else {
             let node = try pager.read(page, as: MapInteriorPage.self)
@@ -218,12 +218,12 @@ struct PagedMapRoot: Equatable {
         if level == 1 {
             let old = try pager.read(page, as: MapLeafPage.self).slots[i]
             if old == chunk {
-                if chunk != 0 { refs.releaseChunk(chunk) }   // the caller's extra reference
+                if chunk != 0 { try refs.releaseChunk(chunk) }   // the caller's extra reference
                 return false
             }
             let leaf = try pager.writable(page, as: MapLeafPage.self)
             leaf.slots[i] = chunk
-            if old != 0 { refs.releaseChunk(old) } else { leaf.populated += 1 }
+            if old != 0 { try refs.releaseChunk(old) } else { leaf.populated += 1 }
             if chunk == 0 { leaf.populated -= 1 }
             return leaf.populated == 0
         }
@@ -235,7 +235,7 @@ struct PagedMapRoot: Equatable {
             node.slots[i] = child.rawValue
             node.populated += 1
         } else if try pager.refcount(child) > 1 {
-            if chunk == 0, try PagedMapRoot(page: child, levels: level - 1).lookup(block, pager: pager) == 0 { return false }
+            if chunk == 0, try MapRoot(page: child, levels: level - 1).lookup(block, pager: pager) == 0 { return false }
             child = try shadow(child, level: level - 1, pager: pager, refs)
             try pager.writable(page, as: MapInteriorPage.self).slots[i] = child.rawValue
         }
@@ -278,7 +278,7 @@ struct PagedMapRoot: Equatable {
             }
             let leaf = try pager.writable(page, as: MapLeafPage.self)
             for i in first...last where leaf.slots[i] != 0 {
-                refs.releaseChunk(leaf.slots[i])
+                try refs.releaseChunk(leaf.slots[i])
                 leaf.slots[i] = 0
                 leaf.populated -= 1
             }
@@ -312,7 +312,7 @@ struct PagedMapRoot: Equatable {
 
     /// Makes the tree tall enough for `blocks` (volume resize). The old tree becomes child 0.
     mutating func grow(toBlocks blocks: UInt64, pager: MetadataPager) throws {
-        let target = MapRoot.levels(forBlocks: blocks)
+        let target = MapGeometry.levels(forBlocks: blocks)
         while levels < target {
             if page != .none {
                 let parent = MapInteriorPage()
@@ -368,7 +368,7 @@ struct PagedMapRoot: Equatable {
 
     /// Block ranges whose mapping differs between two trees. Subtrees both trees share (the same
     /// page) are skipped without being read, so the cost follows what changed, not the volume size.
-    static func diff(_ a: PagedMapRoot, _ b: PagedMapRoot, blocks: UInt64, pager: MetadataPager) throws -> [Range<UInt64>] {
+    static func diff(_ a: MapRoot, _ b: MapRoot, blocks: UInt64, pager: MetadataPager) throws -> [Range<UInt64>] {
         var out: [Range<UInt64>] = []
         let levels = max(a.levels, b.levels)
         // A shorter tree is child 0 of empty ancestors: a node is (page, its own level).

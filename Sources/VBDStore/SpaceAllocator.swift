@@ -29,6 +29,20 @@ struct SpaceAllocator {
     /// Sectors freed in memory whose freeing is not yet durable.
     private(set) var deferred: [(sector: UInt64, count: Int)] = []
 
+    init() {}
+
+    /// An allocator whose sectors in use are the set bits of `words` (an open restores it from
+    /// the store's sector map).
+    init(bitmapWords words: [UInt64]) {
+        var n = words.count
+        while n > 0 && words[n - 1] == 0 { n -= 1 }
+        bitmap = Array(words[0..<n])
+        usedSectors = bitmap.reduce(0) { $0 + UInt64($1.nonzeroBitCount) }
+        if let last = bitmap.last {
+            endSector = UInt64(bitmap.count - 1) * 64 + UInt64(64 - last.leadingZeroBitCount)
+        }
+    }
+
     /// Bitmap words scanned before appending instead: bounds allocation time.
     static let scanWordsMax = 2048
 

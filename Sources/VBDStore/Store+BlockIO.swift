@@ -238,14 +238,15 @@ extension Store {
             let first = offset >> UInt64(blockShift), last = (offset + length - 1) >> UInt64(blockShift)
             refs.reserveCapacity(Int(last - first + 1))
             for b in first...last {
-                let c = image.root.lookup(b)
+                // A metadata page that cannot be read is left to the ordinary path to report.
+                guard let c = try? image.root.lookup(b, pager: pager) else { return nil }
                 guard c != 0 && c < zeroAllocatedChunk else {
                     if !zeroBlocksAllowed { return nil }
                     refs.append((0, 0, .zero))
                     continue
                 }
-                let entry = chunks[c]
-                refs.append((cacheKey(c), entry.group, entry.hash))
+                guard let entry = try? chunks.entry(c, pager: pager), let key = try? cacheKey(c) else { return nil }
+                refs.append((key, entry.group, entry.hash))
             }
         }
         let bs = UInt64(1) << UInt64(blockShift)
@@ -305,10 +306,10 @@ extension Store {
             var refs: [Ref] = []
             refs.reserveCapacity(Int(last - first + 1))
             for b in first...last {
-                let c = image.root.lookup(b)
+                let c = try self.metadata { try image.root.lookup(b, pager: self.pager) }
                 if c != 0 && c < zeroAllocatedChunk {
-                    let key = self.cacheKey(c)
-                    refs.append((c, self.chunks[c], key, holdingLock ? 0 : cache?.removalToken(for: key) ?? 0))
+                    let (key, entry) = try self.metadata { (try self.cacheKey(c), try self.chunks.entry(c, pager: self.pager)) }
+                    refs.append((c, entry, key, holdingLock ? 0 : cache?.removalToken(for: key) ?? 0))
                 } else {
                     refs.append((c, .free, 0, 0))
                 }
@@ -344,10 +345,14 @@ extension Store {
                 // Remapped, or the number freed (new generation), since we looked? Then retry;
                 // otherwise it is corruption.
                 let check = { () -> Bool in
-                    guard let image = self.images[id] else { return false }
-                    return image.root.lookup(block) == ref.chunk && self.chunks.contains(ref.chunk)
-                        && self.chunks.generation(ref.chunk) == UInt32(truncatingIfNeeded: ref.key >> 32)
-                        && self.chunks[ref.chunk].location == ref.entry.location
+                    // A metadata page that cannot be read counts as changed: the last attempt,
+                    // holding the lock, reports it.
+                    guard let image = self.images[id],
+                          let now = try? image.root.lookup(block, pager: self.pager), now == ref.chunk,
+                          (try? self.chunks.contains(ref.chunk, pager: self.pager)) == true,
+                          let key = try? self.cacheKey(ref.chunk), key == ref.key,
+                          let entry = try? self.chunks.entry(ref.chunk, pager: self.pager) else { return false }
+                    return entry.location == ref.entry.location
                 }
                 // Holding the lock throughout, nothing can have changed: it is corruption.
                 let unchanged = holdingLock || mutex.withLock(check)
@@ -364,7 +369,9 @@ extension Store {
             mutex.withLock {
                 for (k, bytes) in fromDisk {
                     let ref = refs[k]
-                    if !(chunks.contains(ref.chunk) && cacheKey(ref.chunk) == ref.key) { stale.append(bytes) }
+                    if !((try? chunks.contains(ref.chunk, pager: pager)) == true && (try? cacheKey(ref.chunk)) == ref.key) {
+                        stale.append(bytes)
+                    }
                 }
             }
         }
@@ -494,10 +501,13 @@ extension Store {
             }
         }
         // B: dedup against stored chunks, byte-verified.
-        mutex.withLock {
+        try mutex.withLock { () throws(BlockDeviceError) in
             for i in blocks.indices where !blocks[i].isZero {
-                if let c = findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, group: view.group, volume: view.id) {
-                    retainChunk(c)
+                if let c = try findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, group: view.group, volume: view.id) {
+                    do throws(BlockDeviceError) { try metadata { try retainChunk(c) } } catch {
+                        releaseReservationsLocked(blocks)
+                        throw error
+                    }
                     noteWriteReferenceLocked(c, taken: true)
                     blocks[i].chunk = c
                 }
@@ -526,7 +536,7 @@ extension Store {
         }
         // D: reserve numbers and sectors.
         if misses > 0 {
-            let reserved: Bool = mutex.withLock {
+            let reserved: Bool = try mutex.withLock { () throws(BlockDeviceError) -> Bool in
                 var ok = true
                 for i in blocks.indices where !blocks[i].isZero && blocks[i].chunk == 0 {
                     let sectors = blocks[i].sectorCount
@@ -535,7 +545,12 @@ extension Store {
                         (space.usedSectors + UInt64(sectors)) * UInt64(Limits.sectorBytes) > options.dataBytesMax {
                         ok = false; break
                     }
-                    guard let n = chunks.allocateNumber() else { ok = false; break }
+                    let number: UInt64?
+                    do throws(BlockDeviceError) { number = try metadata { try chunks.allocateNumber(pager: pager) } } catch {
+                        releaseReservationsLocked(blocks)
+                        throw error
+                    }
+                    guard let n = number else { ok = false; break }
                     blocks[i].chunk = n
                     blocks[i].isNew = true
                     blocks[i].sector = space.allocate(sectors)
@@ -575,10 +590,10 @@ extension Store {
                 for i in blocks.indices {
                     var chunk = blocks[i].isZero ? 0 : blocks[i].chunk
                     if blocks[i].isNew {
-                        if let c = findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, group: view.group, volume: view.id) {
+                        if let c = try findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, group: view.group, volume: view.id) {
                             // Someone stored the same bytes meanwhile: use theirs, drop ours.
-                            retainChunk(c)
-                            chunks.returnNumber(blocks[i].chunk)
+                            try retainChunk(c)
+                            try chunks.returnNumber(blocks[i].chunk, pager: pager)
                             space.releaseNow(blocks[i].sector, count: blocks[i].sectorCount)
                             blocks[i].isNew = false
                             blocks[i].chunk = c
@@ -588,10 +603,10 @@ extension Store {
                                                    storedBytes: blocks[i].stored.count, compressed: blocks[i].isCompressed,
                                                    rawBytes: blocks[i].bytes.count)
                             try commit(.chunk(number: chunk, hash: entry.hash, location: entry.location, shape: entry.shape))
-                            retainChunk(chunk)
+                            try retainChunk(chunk)
                             blocks[i].isNew = false
                             if let cache = options.cache {
-                                let key = cacheKey(chunk)
+                                let key = try cacheKey(chunk)
                                 toCache.append((i, key, cache.removalToken(for: key)))
                             }
                         }
@@ -601,7 +616,7 @@ extension Store {
                 // One record for the whole request; it retains on apply, so drop the references
                 // phases B and F took only afterwards.
                 try commit(.mapBatch(image: view.id, mappings: mappings))
-                for m in mappings where m.chunk != 0 { releaseChunk(m.chunk) }
+                for m in mappings where m.chunk != 0 { try releaseChunk(m.chunk) }
             } catch {
                 throw .io("\(error)")
             }
@@ -644,12 +659,25 @@ extension Store {
         mutex.assertOwned("releaseReservationsLocked")
         for b in blocks where !b.isZero && b.chunk != 0 {
             if b.isNew {
-                chunks.returnNumber(b.chunk)
+                // A number that cannot go back on the free stack (a metadata page failed) is
+                // only skipped; its sectors were never named by a record.
+                try? chunks.returnNumber(b.chunk, pager: pager)
                 space.releaseNow(b.sector, count: b.sectorCount)
             } else {
                 if phaseBReferencesNoted { noteWriteReferenceLocked(b.chunk, taken: false) }
-                releaseChunk(b.chunk)
+                // The count stays one too high if the page cannot be changed: a leak, never a free
+                // of a chunk in use (fsck reports it).
+                try? releaseChunk(b.chunk)
             }
+        }
+    }
+
+    /// Metadata access on a block I/O path: a page that cannot be read fails the request.
+    func metadata<T>(_ body: () throws -> T) throws(BlockDeviceError) -> T {
+        do { return try body() } catch let e as StoreError {
+            throw .io("metadata: \(e.description)")
+        } catch {
+            throw .io("metadata: \(error)")
         }
     }
 
@@ -665,17 +693,19 @@ extension Store {
     }
 
     /// With `mutex` held: a stored chunk of the same sharing group and length whose bytes equal `bytes`.
-    func findDuplicateLocked(_ bytes: UnsafeRawBufferPointer, hash: ContentHash, group: SharingGroupID, volume: UInt64) -> UInt64? {
+    func findDuplicateLocked(_ bytes: UnsafeRawBufferPointer, hash: ContentHash, group: SharingGroupID, volume: UInt64) throws(BlockDeviceError) -> UInt64? {
         mutex.assertOwned("findDuplicateLocked")
-        let found = index.firstMatch(hash, hashOf: { self.chunks[UInt64($0)].hash }) { c in
-            let e = chunks[UInt64(c)]
-            guard e.group == group, e.rawBytes == bytes.count else { return false }
-            return withUnsafeTemporaryAllocation(byteCount: bytes.count, alignment: 16) { tmp in
-                do { try loadChunk(UInt64(c), e, cacheKey: cacheKey(UInt64(c)), into: tmp, volume: volume, lockHeld: true) } catch { return false }
-                return memcmp(tmp.baseAddress!, bytes.baseAddress!, bytes.count) == 0
+        return try metadata {
+            try index.firstMatch(hash, pager: pager, hashOf: { try self.chunks.entry($0, pager: self.pager).hash }) { c in
+                let e = try chunks.entry(c, pager: pager)
+                guard e.group == group, e.rawBytes == bytes.count else { return false }
+                let key = try cacheKey(c)
+                return withUnsafeTemporaryAllocation(byteCount: bytes.count, alignment: 16) { tmp in
+                    do { try loadChunk(c, e, cacheKey: key, into: tmp, volume: volume, lockHeld: true) } catch { return false }
+                    return memcmp(tmp.baseAddress!, bytes.baseAddress!, bytes.count) == 0
+                }
             }
         }
-        return found.map { UInt64($0) }
     }
 
     /// After a change: FUA flushes; a large unflushed journal flushes implicitly (bounded memory).
@@ -775,15 +805,16 @@ extension Store {
         var full = false
         while windowStart <= last && !full {
             let windowCount = min(last - windowStart + 1, Self.blocksPerLockHold)
-            let stillThere = mutex.withLock { () -> Bool in
+            let stillThere = try mutex.withLock { () throws(BlockDeviceError) -> Bool in
                 guard let image = images[id], image.record.size >= offset + length else { return false }
                 // Only sharing within the image's own lineage is reported (docs/ARCHITECTURE.md,
                 // "What BLOCK_STATUS reveals"): never that another tenant holds the same bytes.
                 let peers = lineagePeersLocked(of: image)
-                image.root.walk(start: windowStart, count: windowCount, chunkShared: { block, c in
-                    guard c < zeroAllocatedChunk && self.chunks[c].refcount > 1 else { return false }
+                try metadata { try image.root.walk(start: windowStart, count: windowCount, pager: pager, chunkShared: { block, c in
+                    // A count that cannot be read reports the chunk as not shared (advisory only).
+                    guard c < zeroAllocatedChunk, let e = try? self.chunks.entry(c, pager: self.pager), e.refcount > 1 else { return false }
                     guard let peers else { return true }
-                    return peers.contains { $0.root.lookup(block) == c }
+                    return peers.contains { (try? $0.root.lookup(block, pager: self.pager)) == c }
                 }) { startBlock, count, chunk, shared in
                     let flags: ExtentFlags
                     if chunk == 0 { flags = [.hole, .zero] }
@@ -800,7 +831,7 @@ extension Store {
                     }
                     covered = runEnd
                     return true
-                }
+                } }
                 return true
             }
             if !stillThere {

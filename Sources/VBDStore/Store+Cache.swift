@@ -74,9 +74,9 @@ extension Store {
             guard let image = images[id] else { return nil }
             let bs = UInt64(image.record.blockSize)
             guard offset % bs == 0, offset < image.record.size, pageBytes == nil || pageBytes == Int(bs) else { return nil }
-            let c = image.root.lookup(offset / bs)
-            guard c != 0, c < zeroAllocatedChunk else { return nil }
-            return MappedChunk(key: cacheKey(c), owner: CacheOwner(volume: id, group: image.record.group))
+            guard let c = try? image.root.lookup(offset / bs, pager: pager), c != 0, c < zeroAllocatedChunk,
+                  let key = try? cacheKey(c) else { return nil }
+            return MappedChunk(key: key, owner: CacheOwner(volume: id, group: image.record.group))
         }
     }
 }

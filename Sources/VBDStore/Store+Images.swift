@@ -121,10 +121,8 @@ extension Store {
         if next < Int(UInt16.max) { return SharingGroupID(UInt16(next)) }
         var inUse = Set(images.values.map { $0.record.group })
         inUse.insert(0)   // "default"
-        var chunk: UInt64 = 1
-        while chunk < chunks.end {
-            if chunks[chunk].isInstalled { inUse.insert(chunks[chunk].group) }
-            chunk += 1
+        try chunks.records.forEachLeaf(pager: pager) { _, leaf in
+            for r in leaf.elements where r.entry.isInstalled { inUse.insert(r.entry.group) }
         }
         guard let free = (1..<UInt16.max).lazy.map({ SharingGroupID($0) }).first(where: { !inUse.contains($0) }) else {
             throw StoreError.invalidArgument("every one of the \(UInt16.max - 1) sharing groups holds images or blocks")
@@ -282,7 +280,7 @@ extension Store {
             let shift = UInt64(x.record.blockShift)
             let blocks = max(x.record.blockCount, y.record.blockCount)
             let maxSize = max(x.record.size, y.record.size)
-            return MapRoot.diff(x.root, y.root, blocks: blocks).map {
+            return try MapRoot.diff(x.root, y.root, blocks: blocks, pager: pager).map {
                 ($0.lowerBound << shift)..<min($0.upperBound << shift, maxSize)
             }
         }

@@ -8,38 +8,40 @@ extension Store {
     func apply(_ record: JournalRecord) throws {
         switch record {
         case let .chunk(number, hash, location, shape):
-            guard number > 0, number <= ChunkTable.chunkNumberMax, !chunks.contains(number), shape != 0 else {
+            guard number > 0, number <= PagedChunkTable.chunkNumberMax, try !chunks.contains(number, pager: pager), shape != 0 else {
                 throw StoreError.corrupted("journal installs chunk \(number) twice")
             }
             // A fresh chunk has no holder until the map record that follows it in the same frame.
-            chunks.install(ChunkEntry(hash: hash, location: location, shape: shape, refcount: 0), at: number)
-            index.insert(UInt32(number), hash: hash, hashOf: { self.chunks[UInt64($0)].hash })
+            let entry = ChunkEntry(hash: hash, location: location, shape: shape, refcount: 0)
+            try chunks.install(entry, at: number, pager: pager)
+            try index.insert(number, hash: hash, pager: pager)
+            try setSectors(entry.sector, count: entry.sectorCount, inUse: true)
         case let .map(imageID, block, chunk):
             guard let image = images[imageID], block < image.record.blockCount else {
                 throw StoreError.corrupted("journal maps block \(block) of unknown image \(imageID)")
             }
             if chunk != 0 {
-                guard chunk >= zeroAllocatedChunk || chunks.contains(chunk) else {
+                guard try chunk >= zeroAllocatedChunk || chunks.contains(chunk, pager: pager) else {
                     throw StoreError.corrupted("journal names unknown chunk \(chunk)")
                 }
-                retainChunk(chunk)
+                try retainChunk(chunk)
             }
-            image.root.update(block, to: chunk, self)
+            try image.root.update(block, to: chunk, pager: pager, self)
         case let .mapBatch(imageID, mappings):
             guard let image = images[imageID] else {
                 throw StoreError.corrupted("journal maps blocks of unknown image \(imageID)")
             }
             for m in mappings {
                 guard m.block < image.record.blockCount,
-                      m.chunk == 0 || m.chunk >= zeroAllocatedChunk || chunks.contains(m.chunk) else {
+                      try m.chunk == 0 || m.chunk >= zeroAllocatedChunk || chunks.contains(m.chunk, pager: pager) else {
                     throw StoreError.corrupted("journal maps block \(m.block) of image \(imageID) to unknown chunk \(m.chunk)")
                 }
             }
-            for m in mappings where m.chunk != 0 { retainChunk(m.chunk) }
-            for m in mappings { image.root.update(m.block, to: m.chunk, self) }
+            for m in mappings where m.chunk != 0 { try retainChunk(m.chunk) }
+            for m in mappings { try image.root.update(m.block, to: m.chunk, pager: pager, self) }
         case let .clear(imageID, start, count):
             guard let image = images[imageID] else { throw StoreError.corrupted("journal clears unknown image \(imageID)") }
-            image.root.clear(start: start, count: count, self)
+            try image.root.clear(start: start, count: count, pager: pager, self)
         case let .createImage(r):
             guard images[r.id] == nil else { throw StoreError.corrupted("image \(r.id) created twice") }
             images[r.id] = Image(record: r, root: MapRoot(blocks: r.blockCount))
@@ -48,17 +50,17 @@ extension Store {
             guard let source = images[sourceID], images[r.id] == nil else {
                 throw StoreError.corrupted("clone of unknown image \(sourceID)")
             }
-            images[r.id] = Image(record: r, root: source.root.retained())
+            images[r.id] = Image(record: r, root: try source.root.retained(pager: pager))
             nextImageID = max(nextImageID, r.id + 1)
         case let .deleteImage(id):
             guard let image = images.removeValue(forKey: id) else { throw StoreError.corrupted("delete of unknown image \(id)") }
-            image.root.release(self)
+            try image.root.release(pager: pager, self)
             // Shares of a deleted snapshot keep their data; only the origin link goes.
             for other in images.values where other.record.originID == id { other.record.originID = 0 }
         case let .resize(id, size):
             guard let image = images[id] else { throw StoreError.corrupted("resize of unknown image \(id)") }
             image.record.size = size
-            image.root.grow(toBlocks: image.record.blockCount)
+            try image.root.grow(toBlocks: image.record.blockCount, pager: pager)
         case let .renameGroup(group, name):
             // A number has one name: a reused number drops the name of its empty old group.
             for (other, number) in groups where number == group && other != name { groups[other] = nil }
@@ -233,7 +235,7 @@ extension Store {
     }
 
     func checkpointIfJournalLarge() throws {
-        let big = mutex.withLock { journalEnd >= options.checkpointJournalBytes }
+        let big = mutex.withLock { journalEnd >= options.checkpointJournalBytes || pager.needsCommit }
         if big { try checkpoint() }
     }
 }
@@ -314,67 +316,106 @@ extension Store {
     }
 }
 
-// MARK: - Checkpoint and superblock
+// MARK: - Commits (checkpoints) and the superblock
+
+/// A commit between its preparation (store lock held) and its completion.
+struct PreparedCommit {
+    var generation: UInt64
+    var batch: CommitBatch
+    var superblock: [UInt8]
+    /// The generation the other superblock slot names once this one is durable.
+    var keepFrom: UInt64
+    var frees: [(sector: UInt64, count: Int)]
+}
 
 extension Store {
     static let superblockSlotBytes = 4096
-    static let superblockMagic: UInt64 = 0x3150_5553_4442_5600   // "\0VBDSUP1"
-    static let checkpointMagic: UInt32 = 0x4B43_4256             // "VBCK"
-    static let formatVersion: UInt32 = 1
+    static let superblockMagic: UInt64 = 0x3250_5553_4442_5600   // "\0VBDSUP2"
+    /// Format 1 kept all metadata in checkpoint files; such a store is refused with a message.
+    static let superblockMagicFormat1: UInt64 = 0x3150_5553_4442_5600
+    static let imageTableMagic: UInt32 = 0x5449_4256                // "VBIT"
+    static let formatVersion: UInt32 = 2
 
-    /// Writes the whole metadata as a new generation and switches the superblock to it.
-    /// The journal starts empty afterwards.
+    /// Commits the metadata pages changed since the last commit and switches the superblock to
+    /// them; the journal starts empty afterwards. The pages are written without the store lock:
+    /// reads and writes go on meanwhile (only flushes wait), so the stall a commit causes is the
+    /// bookkeeping of its changed pages, not their I/O.
     public func checkpoint() throws {
         try flushMutex.withLock {
             // Most of the data file's dirty pages are synced before the lock is taken: the sync
-            // under it (writeCheckpointLocked) then waits only for what was written in between,
-            // not for seconds of write-back while every request waits for the lock.
+            // under it then waits only for what was written in between.
             if !options.readOnly { do { try dataFile.sync() } catch {
                 mutex.withLock { if failure == nil { failure = "fdatasync of the data file failed (\(error))" } }
                 throw StoreError.io("checkpoint failed: fdatasync of the data file: \(error); the store refuses writes until it is reopened")
             } }
-            mutex.lock()
-            defer { mutex.unlock() }
-            if let poisoned { throw StoreError.io("store is read-only: \(poisoned)") }
-            try writeCheckpointLocked()
-            if spaceReserveInUse.load(ordering: .relaxed) { refillSpaceReserve() }
+            let prepared: PreparedCommit = try mutex.withLock {
+                if let poisoned { throw StoreError.io("store is read-only: \(poisoned)") }
+                return try prepareCommitLocked()
+            }
+            do {
+                try writePreparedCommit(prepared)
+            } catch {
+                mutex.withLock {
+                    pager.abandonCommit(prepared.batch)
+                    if failure == nil { failure = "checkpoint failed: \(error)" }
+                }
+                throw StoreError.io("checkpoint failed: \(error); the store refuses writes until it is reopened")
+            }
+            mutex.withLock {
+                completeCommitLocked(prepared)
+                if spaceReserveInUse.load(ordering: .relaxed) { refillSpaceReserve() }
+            }
         }
     }
 
-    /// With `mutex` (and `flushMutex`) held, or during init.
-    ///
-    /// The previous generation's files stay until the next checkpoint is durable: the older
-    /// superblock slot names them, and recovery falls back to them if the newest checkpoint is
-    /// damaged. A failure before the superblock write leaves the current generation in use and
-    /// the store writable (the new files are removed); a failed data sync or superblock write
-    /// poisons the store.
-    func writeCheckpointLocked() throws {
+    /// The whole commit with `mutex` held throughout (a new store's first commit).
+    func commitHoldingLock() throws {
+        let prepared = try prepareCommitLocked()
+        do { try writePreparedCommit(prepared) } catch {
+            pager.abandonCommit(prepared.batch)
+            failure = "checkpoint failed: \(error)"
+            throw StoreError.io("checkpoint failed: \(error)")
+        }
+        completeCommitLocked(prepared)
+    }
+
+    /// With `mutex` (and `flushMutex`) held: seals the journal, opens the next one and freezes
+    /// the changed pages. A failure leaves the store as it was (and writable, unless a sync failed).
+    func prepareCommitLocked() throws -> PreparedCommit {
+        mutex.assertOwned("prepareCommitLocked")
         if options.readOnly { throw StoreError.io("the store was opened read-only") }
-        let frees = space.takeDeferred()
-        // Normally the next number, whose slot is the previous generation's. After a fallback the
-        // slot of the generation recovery started from must survive until this checkpoint is
-        // durable, so the number skips to the other slot's parity.
+        // Normally the next number, whose superblock slot is the previous generation's. After a
+        // fallback, or a crash in the middle of a commit, the slot of the generation recovery
+        // started from is the only way back until this commit is durable: skip to the other parity.
         var newGeneration = generation + 1
         if let root = fallbackRoot, newGeneration % 2 == root % 2 { newGeneration += 1 }
-        // The generation the other slot names once this one is durable: its files, and every
-        // journal chained after it, stay.
         let keepFrom = fallbackRoot ?? generation
-        let bytes = encodeCheckpoint(generation: newGeneration)
-        var step = "fdatasync of the data file"
-        var superblockTouched = false
+        try storeImageTableLocked()
+        var step = "growing meta"
+        let frees = space.takeDeferred()
         do throws(StorageError) {
-            // Chunks named by the checkpoint (including unflushed writes it captures) first.
+            // Every slot the commit may write exists (written as zeroes, not a hole), so running out of
+            // space cannot happen halfway through the commit's pages.
+            let needed = UInt64(pager.root.pageCount) * 2 * UInt64(MetadataPageFile.pageBytes)
+            let have = try metaFile.size()
+            if have < needed {
+                // Grow by at least 1/8 so that a growing store does not extend the file at every commit.
+                let target = max(needed, have + have / 8)
+                var at = have
+                let zeros = [UInt8](repeating: 0, count: 1 << 20)
+                while at < target {
+                    let n = Int(min(UInt64(zeros.count), target - at))
+                    try writeUsingSpaceReserve(Array(zeros[0..<n]), to: metaFile, at: at)
+                    at += UInt64(n)
+                }
+            }
+            step = "fdatasync of the data file"
+            // Chunks named by the commit (including unflushed writes it captures) first.
             try dataFile.sync()
             // Then the unflushed records and a seal go to this generation's journal, so that this
-            // checkpoint plus its journal equals the next checkpoint: recovery's way back if the
-            // next one is damaged (see `JournalRecord.sealed`).
+            // commit plus its journal equals the next commit: recovery's way back if the next
+            // one is damaged or never completes (see `JournalRecord.sealed`).
             try appendFrameLocked([.sealed(nextGeneration: newGeneration)], step: &step)
-            step = "writing checkpoint-\(newGeneration)"
-            let file = try directory.openFile("checkpoint-\(newGeneration)", create: true)
-            defer { file.close() }
-            try file.truncate(to: 0)
-            try writeUsingSpaceReserve(bytes, to: file, at: 0)
-            try file.sync()
             step = "creating journal-\(newGeneration)"
             let journal = try directory.openFile("journal-\(newGeneration)", create: true)
             do {
@@ -383,245 +424,245 @@ extension Store {
                 // The superblock must never name a file whose directory entry a crash could drop.
                 step = "fsync of the store directory"
                 try directory.syncDirectory()
-                step = "superblock write"
-                superblockTouched = true
-                try writeSuperblock(generation: newGeneration, checkpointBytes: UInt64(bytes.count),
-                                    checkpointChecksum: metadataChecksum(bytes))
             } catch {
                 journal.close()
                 throw error
             }
+            let batch: CommitBatch
+            do { batch = try pager.beginCommit(generation: newGeneration) } catch {
+                journal.close()
+                throw StorageError.io("\(error)")
+            }
             journalFile.close()
             journalFile = journal
+            generation = newGeneration
+            journalSequence = 0
+            journalEnd = 0
+            return PreparedCommit(generation: newGeneration, batch: batch,
+                                  superblock: encodeSuperblock(generation: newGeneration, pageTable: batch.root),
+                                  keepFrom: keepFrom, frees: frees)
         } catch {
             let e: StorageError = error
             space.restoreDeferred(frees)
-            if superblockTouched || step.hasPrefix("fdatasync") {
-                // (A failed journal sync lands here too: the seal frame's pages may be gone.)
-                // Which slot a crash would find is unknown (or dirty data pages may be gone):
-                // only a reopen can tell what is durable.
+            if step.hasPrefix("fdatasync") || step.hasPrefix("fsync") {
+                // Dirty pages may be gone: only a reopen can tell what is durable.
                 failure = "checkpoint failed at \(step) (\(e))"
-            } else if !closed {
-                try? directory.removeFile("checkpoint-\(newGeneration)")
+            } else if !closed && step.hasPrefix("creating") {
                 try? directory.removeFile("journal-\(newGeneration)")
             }
-            // A poisoned store is not merely full: callers that carry on after ENOSPC must not.
             if failure == nil && e == .noSpace { throw StoreError.noSpace }
             throw StoreError.io("checkpoint failed at \(step): \(e)")
         }
-        generation = newGeneration
-        journalSequence = 0
-        journalEnd = 0
-        pending = BinaryWriter()
-        pendingRecordCount = 0
-        fallbackRoot = nil
-        // The new generation is durable; generations before the one the other slot names are
-        // named by no slot and no chain now.
-        removeGenerationFiles { $0 < keepFrom }
-        let punches = space.release(frees, punchRunBytesMin: options.holePunchRunBytesMin)
-        for p in punches { try? dataFile.punchHole(offset: p.offset, length: p.length) }
     }
 
-    func writeSuperblock(generation: UInt64, checkpointBytes: UInt64, checkpointChecksum: UInt64) throws(StorageError) {
-        var w = BinaryWriter(capacity: Store.superblockSlotBytes)
-        w.u64(Store.superblockMagic); w.u32(Store.formatVersion); w.u64(generation); w.u64(secret)
-        w.u64(checkpointBytes); w.u64(checkpointChecksum)
-        w.u64(metadataChecksum(w.bytes))
-        w.raw([UInt8](repeating: 0, count: Store.superblockSlotBytes - w.bytes.count))
-        let slot = UInt64(generation % 2) * UInt64(Store.superblockSlotBytes)
-        try Store.write(w.bytes, to: superblockFile, at: slot)
+    /// Without `mutex`: the commit's pages, then the superblock that names them.
+    func writePreparedCommit(_ prepared: PreparedCommit) throws(StorageError) {
+        try MetadataPager.writeCommit(prepared.batch, to: metaFile)
+        try metaFile.sync()
+        let slot = UInt64(prepared.generation % 2) * UInt64(Store.superblockSlotBytes)
+        try Store.write(prepared.superblock, to: superblockFile, at: slot)
         try superblockFile.sync()
     }
 
-    struct SuperblockSlot { var generation: UInt64; var secret: UInt64; var checkpointBytes: UInt64; var checkpointChecksum: UInt64 }
-
-    /// The valid slots, newest first, and the numbers of slots that were written but fail
-    /// their checks (a slot of zeroes was never written).
-    func readSuperblockSlots() throws -> (valid: [SuperblockSlot], damaged: [Int]) {
-        let bytes = try superblockFile.readAll()
-        var slots: [SuperblockSlot] = []
-        var damaged: [Int] = []
-        for k in 0..<2 {
-            let at = k * Store.superblockSlotBytes
-            // magic 8 | version 4 | generation 8 | secret 8 | checkpoint length 8 | checksum 8 | slot checksum 8
-            guard bytes.count >= at + 52 else { continue }
-            var r = BinaryReader(Array(bytes[at..<at + 52]))
-            guard let magic = try? r.u64(), magic == Store.superblockMagic,
-                  let version = try? r.u32(), version == Store.formatVersion,
-                  let gen = try? r.u64(), let sec = try? r.u64(), let n = try? r.u64(), let sum = try? r.u64(),
-                  let check = try? r.u64(), check == metadataChecksum(Array(bytes[at..<at + 44]))
-            else {
-                if bytes[at..<at + 52].contains(where: { $0 != 0 }) { damaged.append(k) }
-                continue
-            }
-            slots.append(SuperblockSlot(generation: gen, secret: sec, checkpointBytes: n, checkpointChecksum: sum))
-        }
-        return (slots.sorted { $0.generation > $1.generation }, damaged)
+    /// With `mutex` held, once the superblock is durable.
+    func completeCommitLocked(_ prepared: PreparedCommit) {
+        pager.finishCommit(prepared.batch)
+        fallbackRoot = nil
+        // Generations before the one the other slot names are named by no slot and no chain now.
+        removeGenerationFiles { $0 < prepared.keepFrom }
+        let punches = space.release(prepared.frees, punchRunBytesMin: options.holePunchRunBytesMin)
+        for p in punches { try? dataFile.punchHole(offset: p.offset, length: p.length) }
+        pager.trim()
     }
 
-    // MARK: Checkpoint encoding
-
-    func encodeCheckpoint(generation: UInt64) -> [UInt8] {
-        var w = BinaryWriter(capacity: 4096 + chunks.liveCount * 40)
-        w.u32(Store.checkpointMagic); w.u32(Store.formatVersion); w.u64(generation); w.u64(secret)
+    /// With `mutex` held: the image table (images, their map roots, the group names) into its
+    /// paged array, rewriting only the words that changed since the last commit.
+    func storeImageTableLocked() throws {
+        var w = BinaryWriter(capacity: 64 + images.count * 64)
+        w.u32(Store.imageTableMagic)
         w.varint(nextImageID)
         w.varint(UInt64(groups.count))
         for (name, group) in groups.sorted(by: { $0.key < $1.key }) { w.string(name); w.u16(group.rawValue) }
-        // Chunk table: live entries only; reference counts are recomputed from the maps.
-        w.varint(UInt64(chunks.liveCount))
-        if chunks.end > 1 {
-            for n in 1..<chunks.end {
-                let e = chunks[n]
-                guard e.isInstalled else { continue }
-                w.varint(n); w.u64(e.hash.high); w.u64(e.hash.low); w.u64(e.location); w.u32(e.shape)
-            }
-        }
-        // Images and their trees. A node reached a second time is written as a back-reference,
-        // so shared subtrees stay shared (and O(1) snapshots stay O(1) in space) after reload.
-        var ids: [ObjectIdentifier: UInt64] = [:]
         w.varint(UInt64(images.count))
         for image in images.values.sorted(by: { $0.record.id < $1.record.id }) {
             image.record.encode(into: &w)
             w.u8(UInt8(image.root.levels))
-            Store.encodeNode(image.root.node, leaf: image.root.levels == 1, ids: &ids, into: &w)
+            w.u64(image.root.page.rawValue)
         }
-        w.u64(metadataChecksum(w.bytes))
-        return w.bytes
+        let bytes = w.bytes
+        guard bytes != committedImageTable else { return }
+        let words = (bytes.count + 7) / 8
+        for k in 0..<words {
+            let lo = k * 8, hi = min(lo + 8, bytes.count)
+            let oldHi = min(hi, committedImageTable.count)
+            if lo < oldHi && hi == oldHi && bytes[lo..<hi] == committedImageTable[lo..<hi] { continue }
+            var word: UInt64 = 0
+            for (j, b) in bytes[lo..<hi].enumerated() { word |= UInt64(b) << UInt64(8 * j) }
+            try imageTable.set(UInt64(k), word, pager: pager)
+        }
+        committedImageTable = bytes
     }
 
-    /// Node encoding: 0 = empty, 1 = back-reference (id), 2 = new node (slots), ids in visit order.
-    static func encodeNode(_ node: MapNode?, leaf: Bool, ids: inout [ObjectIdentifier: UInt64], into w: inout BinaryWriter) {
-        guard let node else { w.u8(0); return }
-        if let id = ids[ObjectIdentifier(node)] { w.u8(1); w.varint(id); return }
-        ids[ObjectIdentifier(node)] = UInt64(ids.count)
-        w.u8(2)
-        w.varint(UInt64(node.populated))
-        if leaf {
-            for i in 0..<MapNode.fanout where node.entries[i] != 0 { w.u16(UInt16(i)); w.varint(node.entries[i]) }
-        } else {
-            for i in 0..<MapNode.fanout {
-                if let c = node.children[i] {
-                    w.u16(UInt16(i))
-                    encodeNode(c, leaf: c.isLeaf, ids: &ids, into: &w)
-                }
-            }
+    /// Reads the image table `bytes` long from its paged array and installs it.
+    func loadImageTable(bytes count: UInt64, checksum: UInt64) throws {
+        guard count < 1 << 32 else { throw StoreError.corrupted("the image table claims \(count) bytes") }
+        var bytes = [UInt8](repeating: 0, count: Int(count))
+        var k: UInt64 = 0
+        while k * 8 < count {
+            let word = try imageTable.get(k, pager: pager)
+            for j in 0..<8 where Int(k) * 8 + j < bytes.count { bytes[Int(k) * 8 + j] = UInt8(truncatingIfNeeded: word >> UInt64(8 * j)) }
+            k += 1
         }
-    }
-
-    func decodeCheckpoint(_ bytes: [UInt8], expectedGeneration: UInt64) throws {
-        guard bytes.count >= 32 else { throw StoreError.corrupted("checkpoint-\(expectedGeneration) is truncated") }
-        let body = Array(bytes[..<(bytes.count - 8)])
-        var t = BinaryReader(bytes, position: bytes.count - 8)
-        guard let sum = try? t.u64(), sum == metadataChecksum(body) else {
-            throw StoreError.corrupted("checkpoint-\(expectedGeneration) fails its checksum")
-        }
-        var r = BinaryReader(body)
+        guard metadataChecksum(bytes) == checksum else { throw StoreError.corrupted("the image table fails its checksum") }
+        var r = BinaryReader(bytes)
         do {
-            guard try r.u32() == Store.checkpointMagic, try r.u32() == Store.formatVersion,
-                  try r.u64() == expectedGeneration else {
-                throw StoreError.corrupted("checkpoint-\(expectedGeneration) has a wrong header")
-            }
-            secret = try r.u64()
+            guard try r.u32() == Store.imageTableMagic else { throw BinaryReader.Malformed(position: 0) }
             nextImageID = try r.varint()
             groups = [:]
             for _ in 0..<(try r.varint()) {
                 let name = try r.string()
                 groups[name] = SharingGroupID(try r.u16())
             }
-            let live = try r.varint()
-            for _ in 0..<live {
-                let n = try r.varint()
-                let h = try r.u64(), l = try r.u64(), loc = try r.u64(), shape = try r.u32()
-                guard n > 0 && n <= ChunkTable.chunkNumberMax else { throw BinaryReader.Malformed(position: r.position) }
-                chunks.install(ChunkEntry(hash: ContentHash(high: h, low: l), location: loc, shape: shape, refcount: 0), at: n)
-                index.insert(UInt32(n), hash: ContentHash(high: h, low: l), hashOf: { self.chunks[UInt64($0)].hash })
-            }
-            var nodes: [MapNode] = []
+            images = [:]
             for _ in 0..<(try r.varint()) {
                 let record = try ImageRecord.decode(&r)
                 let levels = Int(try r.u8())
-                guard levels >= 1 && levels <= 6 else { throw BinaryReader.Malformed(position: r.position) }
-                let node = try decodeNode(&r, level: levels, nodes: &nodes)
-                images[record.id] = Image(record: record, root: MapRoot(node: node, levels: levels))
+                let page = PageNumber(try r.u64())
+                guard levels >= 1 && levels <= 7, levels >= MapGeometry.levels(forBlocks: record.blockCount) else {
+                    throw BinaryReader.Malformed(position: r.position)
+                }
+                images[record.id] = Image(record: record, root: MapRoot(page: page, levels: levels))
             }
-        } catch let e as StoreError {
-            throw e
         } catch {
-            throw StoreError.corrupted("checkpoint-\(expectedGeneration) is malformed")
+            throw StoreError.corrupted("the image table is malformed")
         }
+        committedImageTable = bytes
     }
 
-    /// Decodes a node; reference counts are rebuilt by counting references (MapTree invariants 1-2).
-    func decodeNode(_ r: inout BinaryReader, level: Int, nodes: inout [MapNode]) throws -> MapNode? {
-        switch try r.u8() {
-        case 0: return nil
-        case 1:
-            let id = Int(try r.varint())
-            guard id < nodes.count, nodes[id].isLeaf == (level == 1) else { throw BinaryReader.Malformed(position: r.position) }
-            nodes[id].retainSaturating()
-            return nodes[id]
-        case 2:
-            let node = MapNode(leaf: level == 1)
-            node.refcount = 1
-            nodes.append(node)
-            let count = try r.varint()
-            guard count >= 1 && count <= UInt64(MapNode.fanout) else { throw BinaryReader.Malformed(position: r.position) }
-            for _ in 0..<count {
-                let i = Int(try r.u16())
-                guard i < MapNode.fanout else { throw BinaryReader.Malformed(position: r.position) }
-                if level == 1 {
-                    let c = try r.varint()
-                    guard c != 0, node.entries[i] == 0, c >= zeroAllocatedChunk || chunks.contains(c) else {
-                        throw BinaryReader.Malformed(position: r.position)
-                    }
-                    node.entries[i] = c
-                    if c < zeroAllocatedChunk {
-                        var e = chunks[c]; e.retainSaturating(); chunks[c] = e
-                    }
-                } else {
-                    guard node.children[i] == nil, let child = try decodeNode(&r, level: level - 1, nodes: &nodes) else {
-                        throw BinaryReader.Malformed(position: r.position)
-                    }
-                    node.children[i] = child
-                }
+    // Superblock slot, format 2 (all little-endian):
+    //   u64 magic | u32 version | u64 generation | u64 secret
+    //   page table: u64 root page | u64 root version | u8 levels | u64 page count
+    //   chunk records: u64 root | u8 levels; free numbers: u64 root | u8 levels; u64 free count;
+    //   u64 end; u64 live count
+    //   dedup buckets: u64 root | u8 levels; u8 level; u64 split; u64 count
+    //   sector map: u64 root | u8 levels
+    //   image table: u64 root | u8 levels | u64 bytes | u64 checksum
+    //   u64 XXH3-64 of everything before it
+    func encodeSuperblock(generation: UInt64, pageTable root: PageTableRoot) -> [UInt8] {
+        var w = BinaryWriter(capacity: Store.superblockSlotBytes)
+        w.u64(Store.superblockMagic); w.u32(Store.formatVersion); w.u64(generation); w.u64(secret)
+        w.u64(root.page.rawValue); w.u64(root.version.packed); w.u8(UInt8(root.levels)); w.u64(root.pageCount)
+        w.u64(chunks.records.root.rawValue); w.u8(UInt8(chunks.records.levels))
+        w.u64(chunks.freeNumbers.root.rawValue); w.u8(UInt8(chunks.freeNumbers.levels))
+        w.u64(chunks.freeCount); w.u64(chunks.end); w.u64(chunks.liveCount)
+        w.u64(index.buckets.root.rawValue); w.u8(UInt8(index.buckets.levels)); w.u8(UInt8(index.level))
+        w.u64(index.split); w.u64(index.count)
+        w.u64(sectorMap.root.rawValue); w.u8(UInt8(sectorMap.levels))
+        w.u64(imageTable.root.rawValue); w.u8(UInt8(imageTable.levels))
+        w.u64(UInt64(committedImageTable.count)); w.u64(metadataChecksum(committedImageTable))
+        w.u64(metadataChecksum(w.bytes))
+        w.raw([UInt8](repeating: 0, count: Store.superblockSlotBytes - w.bytes.count))
+        return w.bytes
+    }
+
+    struct SuperblockSlot {
+        var generation: UInt64
+        var secret: UInt64
+        var pageTable: PageTableRoot
+        var chunks: PagedChunkTable
+        var index: PagedDedupIndex
+        var sectorMap: PagedArray<UInt64>
+        var imageTable: PagedArray<UInt64>
+        var imageTableBytes: UInt64
+        var imageTableChecksum: UInt64
+    }
+
+    static let superblockBytesUsed = 8 + 4 + 8 + 8 + (8 + 8 + 1 + 8) + (9 + 9 + 8 + 8 + 8) + (9 + 1 + 8 + 8) + 9 + (9 + 8 + 8) + 8
+
+    /// The valid slots, newest first, the numbers of slots that were written but fail their
+    /// checks (a slot of zeroes was never written), and whether a format-1 slot was seen.
+    func readSuperblockSlots() throws -> (valid: [SuperblockSlot], damaged: [Int], format1: Bool) {
+        let bytes = try superblockFile.readAll()
+        var slots: [SuperblockSlot] = []
+        var damaged: [Int] = []
+        var format1 = false
+        let n = Store.superblockBytesUsed
+        for k in 0..<2 {
+            let at = k * Store.superblockSlotBytes
+            guard bytes.count >= at + n else {
+                if bytes.count > at && bytes[at...].contains(where: { $0 != 0 }) { damaged.append(k) }
+                continue
             }
-            node.populated = Int(count)
-            return node
-        default:
-            throw BinaryReader.Malformed(position: r.position)
+            var r = BinaryReader(Array(bytes[at..<at + n]))
+            func level(_ v: UInt8) throws(BinaryReader.Malformed) -> Int {
+                guard v >= 1 && v <= 8 else { throw BinaryReader.Malformed(position: 0) }
+                return Int(v)
+            }
+            do {
+                let magic = try r.u64()
+                if magic == Store.superblockMagicFormat1 { format1 = true; continue }
+                guard magic == Store.superblockMagic, try r.u32() == Store.formatVersion else { throw BinaryReader.Malformed(position: 0) }
+                let gen = try r.u64(), sec = try r.u64()
+                let pt = PageTableRoot(page: PageNumber(try r.u64()), version: PageVersion(packed: try r.u64()),
+                                       levels: try level(try r.u8()), pageCount: try r.u64())
+                var c = PagedChunkTable()
+                c.records = PagedArray(root: PageNumber(try r.u64()), levels: try level(try r.u8()))
+                c.freeNumbers = PagedArray(root: PageNumber(try r.u64()), levels: try level(try r.u8()))
+                c.freeCount = try r.u64(); c.end = try r.u64(); c.liveCount = try r.u64()
+                var d = PagedDedupIndex()
+                d.buckets = PagedArray(root: PageNumber(try r.u64()), levels: try level(try r.u8()))
+                d.level = Int(try r.u8()); d.split = try r.u64(); d.count = try r.u64()
+                let sm = PagedArray<UInt64>(root: PageNumber(try r.u64()), levels: try level(try r.u8()))
+                let it = PagedArray<UInt64>(root: PageNumber(try r.u64()), levels: try level(try r.u8()))
+                let itBytes = try r.u64(), itSum = try r.u64()
+                let check = try r.u64()
+                guard check == metadataChecksum(Array(bytes[at..<at + n - 8])), d.level < 64,
+                      d.split < UInt64(1) << UInt64(d.level) || (d.level == 0 && d.split == 0), c.end >= 1 else {
+                    throw BinaryReader.Malformed(position: 0)
+                }
+                slots.append(SuperblockSlot(generation: gen, secret: sec, pageTable: pt, chunks: c, index: d, sectorMap: sm,
+                                            imageTable: it, imageTableBytes: itBytes, imageTableChecksum: itSum))
+            } catch {
+                if bytes[at..<at + n].contains(where: { $0 != 0 }) { damaged.append(k) }
+            }
         }
+        return (slots.sorted { $0.generation > $1.generation }, damaged, format1)
     }
 
     // MARK: Recovery
 
     func recover() throws {
-        let (slots, damagedSlots) = try readSuperblockSlots()
+        let (slots, damagedSlots, format1) = try readSuperblockSlots()
+        if slots.isEmpty && format1 {
+            throw StoreError.notSupported("the store at \(directory.path) has on-disk format 1 (metadata in checkpoint files); " +
+                                          "this vbdtool reads format 2 (metadata pages, docs/FORMAT.md): copy its volumes out with " +
+                                          "the vbdtool that wrote it and import them into a new store")
+        }
         guard !slots.isEmpty else { throw StoreError.corrupted("no valid superblock in \(directory.path)") }
-        // The newest slot whose checkpoint is intact; the older slot's checkpoint is kept until
-        // a newer one is durable, so one damaged file or slot costs at most a generation.
-        var chosen: (slot: SuperblockSlot, bytes: [UInt8])?
+        // The newest slot whose image table reads back intact (which checks the page-table path
+        // to it); the older slot's pages stay untouched until a newer commit is durable.
+        var chosen: SuperblockSlot?
         var damage: [String] = damagedSlots.map { "superblock slot \($0) fails its checksum" }
         for slot in slots {
+            pager = MetadataPager(file: metaFile, root: slot.pageTable, committedGeneration: slot.generation,
+                                  budgetBytes: options.metadataCacheBytes)
+            chunks = slot.chunks
+            index = slot.index
+            sectorMap = slot.sectorMap
+            imageTable = slot.imageTable
+            secret = slot.secret
             do {
-                chosen = (slot, try checkpointBytes(named: slot))
+                try loadImageTable(bytes: slot.imageTableBytes, checksum: slot.imageTableChecksum)
+                chosen = slot
                 break
             } catch let e as StoreError where e.code == "corrupted" {
-                damage.append(e.description)
+                damage.append("generation \(slot.generation): \(e.description)")
             }
         }
-        guard let (slot, bytes) = chosen else {
-            throw StoreError.corrupted("no usable checkpoint: " + damage.joined(separator: "; "))
+        guard let slot = chosen else {
+            throw StoreError.corrupted("no usable commit: " + damage.joined(separator: "; "))
         }
         generation = slot.generation
-        secret = slot.secret
-        try decodeCheckpoint(bytes, expectedGeneration: slot.generation)
-        guard secret == slot.secret else { throw StoreError.corrupted("checkpoint and superblock disagree on the store secret") }
-        // Every chunk in the checkpoint is held by some map (a free one is never written).
-        if chunks.end > 1 {
-            for n in 1..<chunks.end where chunks.contains(n) && chunks[n].refcount == 0 {
-                throw StoreError.corrupted("checkpoint lists chunk \(n) that no map holds")
-            }
-        }
         // Replay the journal's valid prefix.
         let journalName = "journal-\(generation)"
         if options.readOnly {
@@ -634,24 +675,22 @@ extension Store {
         replaying = true
         defer { replaying = false }
         var replayed = try replayJournal(journalFile, name: journalName, generation: generation)
-        // Fell back from a damaged newest generation: a journal sealed for the next generation
-        // continues in that generation's journal, so replaying the chain loses nothing. The last
-        // journal of the chain becomes the current one, and the damaged generation is skipped.
+        // A journal sealed for a later generation continues in that generation's journal (a commit
+        // that did not complete, or one whose superblock slot is damaged): replaying the chain loses
+        // nothing. The last journal of the chain becomes the current one.
         var chain = [generation]
-        if !damage.isEmpty {
-            while let next = replayed.sealedFor, next > generation, directory.fileExists("journal-\(next)") {
-                let nextFile = try directory.openFile("journal-\(next)", create: false)
-                do {
-                    replayed = try replayJournal(nextFile, name: "journal-\(next)", generation: next)
-                } catch {
-                    nextFile.close()
-                    throw error
-                }
-                journalFile.close()
-                journalFile = nextFile
-                generation = next
-                chain.append(next)
+        while let next = replayed.sealedFor, next > generation, directory.fileExists("journal-\(next)") {
+            let nextFile = try directory.openFile("journal-\(next)", create: false)
+            do {
+                replayed = try replayJournal(nextFile, name: "journal-\(next)", generation: next)
+            } catch {
+                nextFile.close()
+                throw error
             }
+            journalFile.close()
+            journalFile = nextFile
+            generation = next
+            chain.append(next)
         }
         journalSequence = UInt64(replayed.frames)
         journalEnd = UInt64(replayed.validBytes)
@@ -661,33 +700,19 @@ extension Store {
             try journalFile.truncate(to: UInt64(replayed.validBytes))
             try journalFile.sync()
         }
+        // The slot recovery started from is the only complete way back until the next commit is
+        // durable; that commit must take the other slot.
+        if chain.count > 1 { fallbackRoot = slot.generation }
         if !damage.isEmpty {
-            // A damaged slot's generation is unknown; a damaged checkpoint was newer than this one.
-            if chain.count > 1 {
-                fallbackRoot = slot.generation
-                recoveryWarnings.append("opened checkpoint-\(slot.generation) although \(damage.joined(separator: "; ")): " +
-                                        "replayed " + chain.map { "journal-\($0)" }.joined(separator: ", ") +
-                                        ", so nothing flushed was lost; the next checkpoint replaces the damaged generation")
-            } else {
-                recoveryWarnings.append("opened checkpoint-\(slot.generation) although \(damage.joined(separator: "; ")): " +
-                                        "if that was the newest generation, changes made after checkpoint-\(slot.generation) " +
-                                        "was superseded are lost, and blocks whose space was reused since read as errors (run fsck)")
-            }
+            recoveryWarnings.append("opened the commit of generation \(slot.generation) although \(damage.joined(separator: "; ")): " +
+                                    "replayed " + chain.map { "journal-\($0)" }.joined(separator: ", ") +
+                                    (chain.count > 1 ? ", so nothing flushed was lost" :
+                                        "; if that was not the newest generation, changes made after it are lost (run fsck)"))
         }
-        // A chunk record always shares its frame with the map record that holds it; drop any
-        // that ended up unheld anyway rather than leak it.
-        if chunks.end > 1 {
-            for n in 1..<chunks.end where chunks.contains(n) && chunks[n].refcount == 0 {
-                let e = chunks[n]
-                index.remove(UInt32(n), hash: e.hash, hashOf: { self.chunks[UInt64($0)].hash })
-                chunks.releaseNumber(n)
-            }
-        }
-        chunks.rebuildFreeList()
         try rebuildSpace()
         guard !options.readOnly else { return }
         // Files outside the generations the slots and the chain name are leftovers of an
-        // interrupted checkpoint. (Everything from the older valid slot on may be a way back.)
+        // interrupted commit. (Everything from the older valid slot on may be a way back.)
         let lowest = slots.map(\.generation).min() ?? generation
         let highest = max(generation, slots.map(\.generation).max() ?? generation)
         removeGenerationFiles { $0 < lowest || $0 > highest }
@@ -696,7 +721,7 @@ extension Store {
     /// Removes the checkpoint and journal files of the generations `doomed` selects.
     func removeGenerationFiles(_ doomed: (UInt64) -> Bool) {
         for name in (try? directory.fileNames()) ?? [] {
-            for prefix in ["checkpoint-", "journal-"] where name.hasPrefix(prefix) {
+            for prefix in ["journal-"] where name.hasPrefix(prefix) {
                 if let g = UInt64(name.dropFirst(prefix.count)), doomed(g) { try? directory.removeFile(name) }
             }
         }
@@ -734,35 +759,15 @@ extension Store {
         return (payloads.count, valid, journalBytes.count, sealedFor)
     }
 
-    /// The checkpoint a superblock slot names, checked against the slot's length and checksum.
-    func checkpointBytes(named slot: SuperblockSlot) throws -> [UInt8] {
-        let name = "checkpoint-\(slot.generation)"
-        let file: any StorageFile
-        do { file = try directory.openFile(name, create: false) } catch .notFound {
-            throw StoreError.corrupted("\(name) named by the superblock is missing")
-        } catch {
-            throw StoreError(error)
-        }
-        defer { file.close() }
-        let bytes: [UInt8]
-        // An I/O error says nothing about the contents: fail the open rather than fall back.
-        do { bytes = try file.readAll() } catch { throw StoreError.io("\(name) cannot be read: \(error)") }
-        guard UInt64(bytes.count) >= slot.checkpointBytes,
-              metadataChecksum(Array(bytes[..<Int(slot.checkpointBytes)])) == slot.checkpointChecksum else {
-            throw StoreError.corrupted("\(name) does not match the superblock")
-        }
-        return Array(bytes[..<Int(slot.checkpointBytes)])
-    }
-
-    /// The allocator follows from the chunk table: everything else in the data file is free.
+    /// The allocator follows from the sector map: everything else in the data file is free.
     func rebuildSpace() throws {
-        space = SpaceAllocator()
-        if chunks.end > 1 {
-            for n in 1..<chunks.end where chunks.contains(n) {
-                let e = chunks[n]
-                space.markUsed(e.sector, count: e.sectorCount)
-            }
+        var words: [UInt64] = []
+        try sectorMap.forEachLeaf(pager: pager) { first, leaf in
+            let at = Int(first)
+            if words.count < at + leaf.elements.count { words.append(contentsOf: repeatElement(0, count: at + leaf.elements.count - words.count)) }
+            for (k, w) in leaf.elements.enumerated() { words[at + k] = w }
         }
+        space = SpaceAllocator(bitmapWords: words)
         // Give back what the crash left allocated but unreferenced past the last live chunk.
         let used = space.endSector * UInt64(Limits.sectorBytes)
         if try dataFile.size() > used && !options.readOnly {

@@ -5,17 +5,17 @@ extension Store {
     /// (the process goes on). Used by tests of recovery.
     public func abandonWithoutFlush() {
         mutex.withLock { closed = true }
-        dataFile.close(); journalFile.close(); superblockFile.close()
+        dataFile.close(); journalFile.close(); superblockFile.close(); metaFile.close()
         directory.unlock()
     }
 
-    /// Bytes of RAM the chunk index structures use (chunk table pages, dedup index, free lists,
-    /// sector bitmap), for the per-unique-block memory figure.
+    /// Bytes of RAM the metadata uses: the cached metadata pages (within the budget once they are
+    /// committed) and the data file's allocation bitmap.
     public var indexMemoryBytes: Int {
-        mutex.withLock { chunks.pageBytes + chunks.freeListBytes + index.slotBytes + space.bitmapBytes }
+        mutex.withLock { pager.residentBytes + space.bitmapBytes }
     }
 
-    public var uniqueChunkCount: Int { mutex.withLock { chunks.liveCount } }
+    public var uniqueChunkCount: Int { mutex.withLock { Int(chunks.liveCount) } }
 
     /// Bytes the data file occupies on disk (what `du` reports, holes excluded) is measured by the
     /// caller; this is what the allocator believes is in use.

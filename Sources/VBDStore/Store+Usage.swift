@@ -33,6 +33,8 @@ public struct StoreUsage: Equatable, Sendable {
     public var dataFileBytes: UInt64 = 0
     public var indexMemoryBytes = 0
 
+    public init() {}
+
     /// Raw chunk bytes per stored byte (LZ4).
     public var compressionRatio: Double { storedBytes == 0 ? 1 : Double(chunkRawBytes) / Double(storedBytes) }
     /// Logical allocated bytes per unique raw byte (dedup, snapshots and shares together).
@@ -42,14 +44,14 @@ public struct StoreUsage: Equatable, Sendable {
 extension Store {
     /// Walks every image's map once. Holds the lock for the walk; cost follows the allocated
     /// blocks of all images, so this is an operator command, not a hot path.
-    public func usage() -> StoreUsage {
+    public func usage() throws -> StoreUsage {
         mutex.lock()
-        defer { mutex.unlock() }
+        defer { mutex.unlock(); pager.trim() }
         var holders: [UInt64: (refs: UInt32, firstImage: UInt64, images: UInt8)] = [:]
         let sorted = images.values.sorted { fullNameLocked($0.record) < fullNameLocked($1.record) }
         // Pass 1: who holds each chunk.
         for image in sorted {
-            image.root.walk(start: 0, count: image.record.blockCount, chunkShared: { _, _ in false }) { _, _, chunk, _ in
+            try image.root.walk(start: 0, count: image.record.blockCount, pager: pager, chunkShared: { _, _ in false }) { _, _, chunk, _ in
                 guard chunk != 0, chunk < zeroAllocatedChunk else { return true }
                 if var h = holders[chunk] {
                     h.refs += 1
@@ -67,12 +69,19 @@ extension Store {
             var u = ImageUsage(name: fullNameLocked(image.record), logicalBytes: image.record.size)
             let bs = UInt64(image.record.blockSize)
             var seenExclusive = Set<UInt64>()
-            image.root.walk(start: 0, count: image.record.blockCount, chunkShared: { _, _ in false }) { block, _, chunk, _ in
+            var sectorCounts: [UInt64: Int] = [:]
+            try image.root.walk(start: 0, count: image.record.blockCount, pager: pager, chunkShared: { _, _ in false }) { _, _, chunk, _ in
+                if chunk != 0, chunk < zeroAllocatedChunk, sectorCounts[chunk] == nil {
+                    sectorCounts[chunk] = (try? chunks.entry(chunk, pager: pager).sectorCount) ?? 0
+                }
+                return true
+            }
+            try image.root.walk(start: 0, count: image.record.blockCount, pager: pager, chunkShared: { _, _ in false }) { block, _, chunk, _ in
                 guard chunk != 0, chunk < zeroAllocatedChunk, let h = holders[chunk] else { return true }
                 let bytes = min(bs, image.record.size - block * bs)
                 u.allocatedBytes += bytes
-                let e = chunks[chunk]
-                let stored = UInt64(e.sectorCount * Limits.sectorBytes)
+                let sectorCount = sectorCounts[chunk] ?? 0
+                let stored = UInt64(sectorCount * Limits.sectorBytes)
                 if h.refs == 1 {
                     u.uniqueBytes += bytes
                 } else {
@@ -85,16 +94,15 @@ extension Store {
             total.logicalAllocatedBytes += u.allocatedBytes
             total.images.append(u)
         }
-        if chunks.end > 1 {
-            for n in 1..<chunks.end where chunks.contains(n) {
-                let e = chunks[n]
+        try chunks.records.forEachLeaf(pager: pager) { _, leaf in
+            for r in leaf.elements where r.entry.isInstalled {
                 total.uniqueChunks += 1
-                total.storedBytes += UInt64(e.sectorCount * Limits.sectorBytes)
-                total.chunkRawBytes += UInt64(e.rawBytes)
+                total.storedBytes += UInt64(r.entry.sectorCount * Limits.sectorBytes)
+                total.chunkRawBytes += UInt64(r.entry.rawBytes)
             }
         }
         total.dataFileBytes = (try? dataFile.size()) ?? 0
-        total.indexMemoryBytes = chunks.pageBytes + chunks.freeListBytes + index.slotBytes + space.bitmapBytes
+        total.indexMemoryBytes = pager.residentBytes + space.bitmapBytes
         return total
     }
 

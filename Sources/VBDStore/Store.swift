@@ -11,23 +11,27 @@ import VBDCache
 // One `Store` owns one store directory:
 //
 //   superblock        two 4 KiB slots; the valid one with the higher generation names the
-//                     current checkpoint (LMDB's two meta pages)
-//   checkpoint-G      the whole metadata at generation G: images, their map trees (sharing
-//                     preserved), the chunk table; checksummed
-//   journal-G         frames of records since checkpoint G (see Journal.swift)
+//                     current commit: the roots of the metadata in `meta` (LMDB's two meta pages)
+//   meta              the metadata as 4 KiB pages: map trees, chunk table, dedup index, the
+//                     data file's sector map, the image table (see MetadataPager.swift)
+//   journal-G         frames of records since commit G (see Journal.swift)
 //   data              chunk bytes, packed in 512-byte sectors (see SpaceAllocator.swift)
 //   lock              the writer's pid; the lock itself is flock() on the directory
 //   reserve           space held back for metadata on a full disk (Store+Persistence.swift)
 //
-// All metadata lives in memory (maps, chunk table, dedup index) and every change to it is a
-// `JournalRecord` that is applied with the same code live and at recovery (`apply`), so replay
-// cannot drift from what the live store did. Reference counts are never journaled: they follow
-// from the records, and fsck recounts them.
+// The metadata lives in pages of `meta`, read on demand through a cache with a byte budget
+// (`Options.metadataCacheBytes`), and every change to it is a `JournalRecord` that is applied
+// with the same code live and at recovery (`apply`), so replay cannot drift from what the live
+// store did. A commit (`checkpoint()`) writes the pages changed since the last one and flips the
+// superblock; an open reads the superblock and replays the journal since the last commit, so
+// neither costs more as the store grows. Reference counts are stored with the pages but never
+// journaled: they follow from the records, and fsck recounts them.
 //
 // Durability (docs/INVARIANTS.md 1): a flush syncs the data file, then appends the pending
 // records as one frame and syncs the journal. A chunk's sectors are never reused before the
-// records freeing it are durable. Recovery = newest valid superblock -> its checkpoint -> the
-// valid frame prefix of its journal (or the older slot's, if the newest is damaged). Control
+// records freeing it are durable. Recovery = newest valid superblock -> its metadata root -> the
+// valid frame prefix of its journal and of the journals chained after it (or the older slot's,
+// if the newest is damaged). Control
 // operations (create, snapshot, share, delete, resize) are applied only once their records are
 // durable (`commitDurably`). A failed sync poisons the store until it is reopened.
 //
@@ -37,17 +41,18 @@ import VBDCache
 //                      hash to stripe i; a write takes its (at most two) stripes in index order.
 //   2. flushMutex      (StoreMutex) one flush or checkpoint at a time: the journal append position
 //                      of a flush in progress, the deferred frees it took, gc's truncation.
-//   3. mutex           (StoreMutex) all metadata: images and their maps, `chunks` (entries,
-//                      free numbers, generations), `index`, `space` (including pages reserved
-//                      while being punched), `pending`, generation/journal counters, `closed`,
-//                      `poisoned`. Functions named *Locked, `cacheKey`, `retainChunk`,
+//   3. mutex           (StoreMutex) all metadata: `pager` (its cache and page table), images
+//                      and their maps, `chunks` (entries, free numbers, generations), `index`,
+//                      `sectorMap`, `space` (including pages reserved while being punched),
+//                      `pending`, generation/journal counters, `closed`, `poisoned`. Functions named *Locked, `cacheKey`, `retainChunk`,
 //                      `releaseChunk` and `loadChunk(lockHeld: true)` need it and assert it in
 //                      debug builds (`StoreMutex.assertOwned`). Hashing, compression, data-file
 //                      I/O and cache copies run outside it; reads take it only to copy out chunk
 //                      entries (and once more to confirm bytes that came from the disk).
 //   4. cache shard locks (BlockCache, CleanPageCache: Synchronization.Mutex) are leaves: taken
 //                      under `mutex` or alone, and never call back into the store.
-// File I/O under `mutex` happens only in checkpoints, gc and a read's last attempt.
+// File I/O under `mutex`: metadata pages read on a cache miss, the commit's seal frame, gc and a
+// read's last attempt. A commit writes its pages with `mutex` released (MetadataPager.swift).
 // The simulator's ControlledScheduler (options.interleaving) sees every StoreMutex operation.
 // docs/ARCHITECTURE.md ("Concurrency") says why a reader that lost a race cannot see wrong bytes.
 
@@ -59,8 +64,11 @@ public final class Store: @unchecked Sendable {
         public var cache: (any ChunkCache)?
         /// Wall clock for creation times (seconds since 1970); the simulator fixes it.
         public var now: @Sendable () -> UInt64 = { UInt64(time(nil)) }
-        /// Journal size that triggers a checkpoint.
+        /// Journal size that triggers a checkpoint (a commit of the metadata pages).
         public var checkpointJournalBytes: UInt64 = Limits.journalBytesCheckpoint
+        /// Bytes of metadata pages kept in memory; pages changed since the last commit stay until
+        /// it, and a commit starts once they pass half of this.
+        public var metadataCacheBytes: Int = Limits.metadataCacheBytesDefault
         /// Unflushed journal bytes that trigger an implicit flush.
         public var pendingJournalBytesMax: Int = Limits.pendingJournalBytesMax
         /// A flush hole-punches freed 4 KiB pages of the data file only in runs of at least this
@@ -98,9 +106,19 @@ public final class Store: @unchecked Sendable {
     let stripeLocks: [StoreMutex]
 
     // Guarded by `mutex`:
-    var chunks = ChunkTable()
-    var index = DedupIndex()
+    var pager: MetadataPager
+    var chunks = PagedChunkTable()
+    var index = PagedDedupIndex()
+    /// Sectors of the data file held by installed chunks, 1 bit per sector: changed only by the
+    /// records (`apply`), so it is exactly what the committed chunk table holds. `space` (the
+    /// allocator, with its deferred frees and reservations) is rebuilt from it at open.
+    var sectorMap = PagedArray<UInt64>()
+    /// The encoded image table (images, their map roots, group names) as bytes in 8-byte words.
+    var imageTable = PagedArray<UInt64>()
     var space = SpaceAllocator()
+    /// The encoded image table as last committed, and the pages holding it.
+    var committedImageTable: [UInt8] = []
+    var imageTablePages: [PageNumber] = []
     var images: [UInt64: Image] = [:]
     var groups: [String: SharingGroupID] = ["default": 0]
     var nextImageID: UInt64 = 1
@@ -143,6 +161,7 @@ public final class Store: @unchecked Sendable {
     var dataFile: any StorageFile
     var journalFile: any StorageFile
     var superblockFile: any StorageFile
+    var metaFile: any StorageFile
 
     final class Image {
         var record: ImageRecord
@@ -185,15 +204,22 @@ public final class Store: @unchecked Sendable {
                 secret = options.secretForNewStore ?? Store.randomSeed()
                 superblockFile = try directory.openFile("superblock", create: true)
                 dataFile = try directory.openFile("data", create: true)
+                metaFile = try directory.openFile("meta", create: true)
                 // Generation 0 exists only until the first checkpoint below replaces it.
                 journalFile = try directory.openFile("journal-0", create: true)
+                pager = MetadataPager.create(file: metaFile, budgetBytes: options.metadataCacheBytes, firstGeneration: 1)
             } else {
                 guard directory.fileExists("superblock") else { throw StorageError.notFound("superblock") }
                 superblockFile = try directory.openFile("superblock", create: false)
                 dataFile = try directory.openFile("data", create: false)
+                guard directory.fileExists("meta") else {
+                    throw StorageError.io("format")
+                }
+                metaFile = try directory.openFile("meta", create: false)
                 // `recover` picks the generation; until then the journal handle points at the
-                // superblock file, which nothing writes through it.
+                // superblock file, which nothing writes through it, and the pager is empty.
                 journalFile = superblockFile
+                pager = MetadataPager.create(file: metaFile, budgetBytes: options.metadataCacheBytes, firstGeneration: 1)
             }
         } catch StorageError.io("exists") {
             directory.unlock()
@@ -201,6 +227,11 @@ public final class Store: @unchecked Sendable {
         } catch StorageError.notFound {
             directory.unlock()
             throw StoreError.notInitialized(path: directory.path)
+        } catch StorageError.io("format") {
+            directory.unlock()
+            throw StoreError.notSupported("the store at \(directory.path) has on-disk format 1 (metadata in checkpoint files); " +
+                                          "this vbdtool reads format 2 (metadata pages, docs/FORMAT.md): copy its volumes out with " +
+                                          "the vbdtool that wrote it and import them into a new store")
         } catch let e as StorageError {
             directory.unlock()
             throw StoreError(e)
@@ -210,7 +241,7 @@ public final class Store: @unchecked Sendable {
             // need it assert it" true for recovery and the first checkpoint too.
             try mutex.withLock { () throws in
                 if create {
-                    try writeCheckpointLocked()
+                    try commitHoldingLock()
                 } else {
                     try recover()
                 }
@@ -241,11 +272,6 @@ public final class Store: @unchecked Sendable {
         return g.next() | 1
     }
 
-    deinit {
-        chunks.deallocate()
-        index.deallocate()
-    }
-
     /// Flushes, writes a checkpoint (so the next open replays nothing) and releases the lock.
     /// A read-only store only releases its lock.
     public func close() throws {
@@ -253,7 +279,7 @@ public final class Store: @unchecked Sendable {
         if alreadyClosed { return }
         defer {
             mutex.withLock { closed = true }
-            dataFile.close(); journalFile.close(); superblockFile.close(); reserveFile?.close()
+            dataFile.close(); journalFile.close(); superblockFile.close(); metaFile.close(); reserveFile?.close()
             directory.unlock()
         }
         if mutex.withLock({ poisoned }) == nil {
@@ -289,39 +315,60 @@ public final class Store: @unchecked Sendable {
 let zeroAllocatedChunk: UInt64 = 1 << 63
 
 extension Store: ChunkReferenceCounter {
-    func retainChunk(_ chunk: UInt64) {
+    func retainChunk(_ chunk: UInt64) throws {
         guard chunk < zeroAllocatedChunk else { return }
         mutex.assertOwned("to retain a chunk")
-        var e = chunks[chunk]
-        precondition(e.isInstalled, "retain of free chunk \(chunk)")
-        e.retainSaturating()
-        chunks[chunk] = e
+        try chunks.update(chunk, pager: pager) { e in
+            guard e.isInstalled else { throw StoreError.corrupted("retain of free chunk \(chunk)") }
+            e.retainSaturating()
+        }
     }
 
-    func releaseChunk(_ chunk: UInt64) {
+    func releaseChunk(_ chunk: UInt64) throws {
         guard chunk < zeroAllocatedChunk else { return }
         mutex.assertOwned("to release a chunk")
-        var e = chunks[chunk]
-        precondition(e.refcount > 0, "chunk \(chunk) released more often than retained")
-        if !e.releaseSaturating() {
-            chunks[chunk] = e
-            return
+        var freed: ChunkEntry?
+        try chunks.update(chunk, pager: pager) { e in
+            guard e.refcount > 0 else { throw StoreError.corrupted("chunk \(chunk) released more often than retained") }
+            if e.releaseSaturating() { freed = e }
         }
-        // Last reference gone: the chunk leaves the index and the cache now (before its number
-        // gets a new generation, so no entry of this generation survives); its sectors are
-        // reusable once this is durable.
-        index.remove(UInt32(chunk), hash: e.hash, hashOf: { self.chunks[UInt64($0)].hash })
-        options.cache?.remove(cacheKey(chunk))
+        guard let e = freed else { return }
+        // Last reference gone: the chunk leaves the index, the sector map and the cache now (before
+        // its number gets a new generation, so no entry of this generation survives); its sectors
+        // are reusable once this is durable.
+        try index.remove(chunk, hash: e.hash, pager: pager)
+        try setSectors(e.sector, count: e.sectorCount, inUse: false)
+        options.cache?.remove(try cacheKey(chunk))
         if !replaying { space.deferFree(e.sector, count: e.sectorCount) }
-        chunks.releaseNumber(chunk)
+        try chunks.releaseNumber(chunk, pager: pager)
     }
 
-    /// With `mutex` held: the cache key of `chunk` as it is now, (generation << 32 | number).
+    /// Marks a chunk's sectors in the persistent sector map (records only: see `sectorMap`).
+    func setSectors(_ sector: UInt64, count: Int, inUse: Bool) throws {
+        var s = sector
+        let end = sector + UInt64(count)
+        while s < end {
+            let word = s >> 6
+            let (leaf, i) = try sectorMap.writableLeaf(word, pager: pager)
+            var bits = leaf.elements[i]
+            while s < end && s >> 6 == word {
+                let bit = UInt64(1) << (s & 63)
+                guard (bits & bit != 0) != inUse else {
+                    throw StoreError.corrupted("sector \(s) of the data file is \(inUse ? "already" : "not") in use")
+                }
+                if inUse { bits |= bit } else { bits &= ~bit }
+                s += 1
+            }
+            leaf.elements[i] = bits
+        }
+    }
+
+    /// With `mutex` held: the cache key of `chunk` as it is now, (generation << 48 | number).
     /// Each reuse of a number has a new key, so a key copied out before a free never names the
     /// next chunk's bytes (see "Stale readers" in docs/ARCHITECTURE.md).
-    func cacheKey(_ chunk: UInt64) -> UInt64 {
+    func cacheKey(_ chunk: UInt64) throws -> UInt64 {
         mutex.assertOwned("cacheKey")
-        return Self.staleReadDefenses ? UInt64(chunks.generation(chunk)) << 32 | chunk : chunk
+        return Self.staleReadDefenses ? UInt64(try chunks.record(chunk, pager: pager).generation) << 48 | chunk : chunk
     }
 
     /// False only in the mutation check of the concurrency simulator (docs/ARCHITECTURE.md,

@@ -20,7 +20,7 @@ private final class CountingReferences: ChunkReferenceCounter {
 
 /// One image of the model: its tree and what every block should read.
 private struct ModelImage {
-    var root: PagedMapRoot
+    var root: MapRoot
     var blocks: UInt64
     var expected: [UInt64: UInt64] = [:]
 }
@@ -68,7 +68,7 @@ private func checkInvariants(_ images: [Int: ModelImage], pager: MetadataPager, 
         let refs = CountingReferences()
         var g = SplitMix64(seed: seed)
         func below(_ n: Int) -> Int { Int(g.next() % UInt64(n)) }
-        var images: [Int: ModelImage] = [0: ModelImage(root: PagedMapRoot(blocks: 5000), blocks: 5000)]
+        var images: [Int: ModelImage] = [0: ModelImage(root: MapRoot(blocks: 5000), blocks: 5000)]
         var nextID = 1
         var committed: (root: PageTableRoot, generation: UInt64)?
         var committedImages = images
@@ -139,7 +139,7 @@ private func checkInvariants(_ images: [Int: ModelImage], pager: MetadataPager, 
                     #expect(try ia.root.lookup(block, pager: pager) == ia.expected[block] ?? 0, "seed \(seed) step \(step)")
                 }
                 let blocks = min(ia.blocks, ib.blocks)
-                let ranges = try PagedMapRoot.diff(ia.root, ib.root, blocks: blocks, pager: pager)
+                let ranges = try MapRoot.diff(ia.root, ib.root, blocks: blocks, pager: pager)
                 var differing: Set<UInt64> = []
                 for r in ranges { for x in r { differing.insert(x) } }
                 var expectedDiff: Set<UInt64> = []
@@ -176,7 +176,7 @@ private func checkInvariants(_ images: [Int: ModelImage], pager: MetadataPager, 
         let pager = MetadataPager.create(file: file, budgetBytes: 1 << 30, firstGeneration: 1)
         let refs = CountingReferences()
         // 3 levels: 512 * 512 * 4 blocks.
-        var volume = PagedMapRoot(blocks: 512 * 512 * 4)
+        var volume = MapRoot(blocks: 512 * 512 * 4)
         #expect(volume.levels == 3)
         for b in stride(from: 0 as UInt64, to: 512 * 512 * 4, by: 997) {
             refs.retainChunk(b + 1)
@@ -203,6 +203,6 @@ private func checkInvariants(_ images: [Int: ModelImage], pager: MetadataPager, 
         #expect(try snapshot.lookup(5, pager: pager) == 0)
         #expect(try volume.lookup(5, pager: pager) == 99_999_999)
         #expect(try snapshot.lookup(997, pager: pager) == 998)
-        #expect(try PagedMapRoot.diff(snapshot, volume, blocks: 512 * 512 * 4, pager: pager) == [5..<6])
+        #expect(try MapRoot.diff(snapshot, volume, blocks: 512 * 512 * 4, pager: pager) == [5..<6])
     }
 }

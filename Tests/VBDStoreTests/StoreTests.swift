@@ -476,7 +476,7 @@ import VBDCache
         try store.share(snapshot: "img@gold", as: "vm1")
         try store.share(snapshot: "img@gold", as: "vm2")
         try store.device(named: "vm1").write(block(seed: 100_000), at: 0)
-        let u = store.usage()
+        let u = try store.usage()
         let vm1 = u.images.first { $0.name == "vm1" }!, vm2 = u.images.first { $0.name == "vm2" }!
         #expect(vm1.allocatedBytes == 512 * 4096)
         #expect(vm1.uniqueBytes == 4096)
