@@ -118,7 +118,7 @@ public final class SimulatedDisk {
     /// a failing sync drops the file's unsynced writes half of the time (Linux's behaviour).
     public func injectRandomFault(using rng: inout SimulationRandom) {
         let call = Call.allCases[rng.below(Call.allCases.count)]
-        let file = ["data", "journal-", "checkpoint-", "superblock", ""][rng.below(5)]
+        let file = ["data", "journal-", "meta", "superblock", ""][rng.below(5)]
         let error: StorageError = (call == .write || call == .truncate) && rng.chance(50) ? .noSpace : .io("injected EIO")
         inject(error, on: call, filePrefix: file, count: 1 + rng.below(2),
                dropsUnsyncedWrites: call == .sync && rng.chance(50))

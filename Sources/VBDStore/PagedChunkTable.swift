@@ -66,6 +66,10 @@ struct PagedChunkTable: Equatable {
     /// Highest number handed out so far + 1 (chunk 0 is never used: it means "zero block").
     var end: UInt64 = 1
     var liveCount: UInt64 = 0
+    /// Numbers handed out by `allocateNumber` and not yet installed or returned (memory only): a
+    /// number can be on the free stack twice (see `allocateNumber`), and a write holds its number
+    /// for a while without the lock.
+    var reserved: Set<UInt64> = []
 
     /// Map slots hold chunk numbers in 48 bits, one value of which means "allocated zeroes".
     static let chunkNumberMax: UInt64 = (1 << 48) - 2
@@ -96,10 +100,14 @@ struct PagedChunkTable: Equatable {
         while freeCount > 0 {
             freeCount -= 1
             let n = try freeNumbers.get(freeCount, pager: pager)
-            if try !records.get(n, pager: pager).entry.isInstalled { return n }
+            if try !reserved.contains(n) && !records.get(n, pager: pager).entry.isInstalled {
+                reserved.insert(n)
+                return n
+            }
         }
         guard end <= PagedChunkTable.chunkNumberMax else { return nil }
         end += 1
+        reserved.insert(end - 1)
         return end - 1
     }
 
@@ -115,6 +123,7 @@ struct PagedChunkTable: Equatable {
         guard !leaf.elements[i].entry.isInstalled else { throw StoreError.corrupted("chunk \(chunk) installed twice") }
         leaf.elements[i].entry = entry
         liveCount += 1
+        reserved.remove(chunk)
     }
 
     private mutating func pushFree(_ chunk: UInt64, pager: MetadataPager) throws {
@@ -124,6 +133,7 @@ struct PagedChunkTable: Equatable {
 
     /// Returns a number from `allocateNumber` that was not used after all.
     mutating func returnNumber(_ chunk: UInt64, pager: MetadataPager) throws {
+        reserved.remove(chunk)
         let (leaf, i) = try records.writableLeaf(chunk, pager: pager)
         leaf.elements[i].generation &+= 1
         try pushFree(chunk, pager: pager)

@@ -72,7 +72,7 @@ import VBDSimulation
 
     func damage(_ disk: SimulatedDisk, newest: UInt64, what: String) {
         if what == "checkpoint" {
-            disk.flipByte(file: "checkpoint-\(newest)", at: 20)
+            try! damageCommittedRoot(disk, generation: newest)
         } else {
             disk.flipByte(file: "superblock", at: Int(newest % 2) * Store.superblockSlotBytes + 16)
         }
@@ -106,7 +106,7 @@ import VBDSimulation
     /// A fallback open writes nothing but the cut of a torn tail: the damaged generation stays
     /// until the next checkpoint. If that checkpoint fails (a transient EIO, a full disk),
     /// opening again once the fault is gone must still find everything.
-    @Test(arguments: [("checkpoint-", SimulatedDisk.Call.write), ("superblock", .write), ("", .syncDirectory),
+    @Test(arguments: [("meta", SimulatedDisk.Call.write), ("superblock", .write), ("", .syncDirectory),
                       ("journal-", .truncate)])
     func failedCheckpointAfterAFallbackLosesNothing(file: String, call: SimulatedDisk.Call) throws {
         let disk = SimulatedDisk(seed: 32)
@@ -251,7 +251,7 @@ import VBDSimulation
     /// A checkpoint that fails after its seal frame is durable (EIO writing the checkpoint file:
     /// the store stays writable), then writes and a control operation, then a successful
     /// checkpoint, then a fallback from it.
-    @Test(arguments: [("checkpoint-", SimulatedDisk.Call.write), ("", .syncDirectory), ("journal-", .truncate)])
+    @Test(arguments: [("meta", SimulatedDisk.Call.write), ("", .syncDirectory), ("journal-", .truncate)])
     func failedCheckpointThenWritesThenFallbackLosesNothing(file: String, call: SimulatedDisk.Call) throws {
         let disk = SimulatedDisk(seed: 36)
         let newest = try buildScenario(disk) { store in

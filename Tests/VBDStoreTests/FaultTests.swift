@@ -208,9 +208,9 @@ import VBDSimulation
             try dev.flush()
             store.abandonWithoutFlush()
         }
-        #expect(disk.fileNames.contains("checkpoint-\(newest - 1)"))
+        #expect(disk.fileNames.contains("journal-\(newest - 1)"))
         if damaged == "checkpoint" {
-            disk.flipByte(file: "checkpoint-\(newest)", at: 20)
+            try! damageCommittedRoot(disk, generation: newest)
         } else {
             disk.flipByte(file: "superblock", at: Int(newest % 2) * Store.superblockSlotBytes + 16)
         }
@@ -315,8 +315,8 @@ import VBDSimulation
         } catch BlockDeviceError.noSpace {}
         #expect(written > 100 && written < 4096)
         try fill.flush()
-        // A checkpoint that finds no room fails with ENOSPC and leaves the store writable.
-        disk.inject(.noSpace, on: .write, filePrefix: "checkpoint-", count: 2)
+        // A commit that finds no room to grow `meta` fails with ENOSPC and leaves the store writable.
+        disk.inject(.noSpace, on: .write, filePrefix: "meta", count: 2)
         #expect(throws: StoreError.noSpace) { try store.checkpoint() }
         disk.removeInjectedFaults()
         // Nothing new fits, but what is stored stays usable and the store stays writable.

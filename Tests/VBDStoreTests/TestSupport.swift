@@ -59,3 +59,14 @@ func simulatedStore(_ disk: SimulatedDisk, create: Bool = false, readOnly: Bool 
     options.repairJournal = repair
     return try Store(directory: disk.directory(), options: options, create: create)
 }
+
+/// Damages the newest commit the way a damaged checkpoint file used to be: one byte of the
+/// page-table root that the superblock slot of `generation` names. The older slot's root (another
+/// slot of the page) is intact, so recovery can fall back to it.
+func damageCommittedRoot(_ disk: SimulatedDisk, generation: UInt64) throws {
+    let superblock = try disk.directory().openFile("superblock", create: false).readAll()
+    let at = Int(generation % 2) * Store.superblockSlotBytes
+    func u64(_ o: Int) -> UInt64 { (0..<8).reduce(0) { $0 | UInt64(superblock[at + o + $1]) << UInt64(8 * $1) } }
+    let page = PageNumber(u64(28)), version = PageVersion(packed: u64(36))
+    disk.flipByte(file: "meta", at: Int(MetadataPageFile.slotOffset(page, slot: version.slot)) + 100)
+}
