@@ -304,10 +304,16 @@ class Checker:
             self.anomaly("server-stop", f"vbdtool serve exited with {rc} on SIGTERM (it flushes, checkpoints and closes)")
 
     def store_generation(self):
-        """The newest checkpoint generation (checkpoint-G in the store directory): each
-        checkpoint, from gc, a flush past --checkpoint-journal-bytes or a clean stop, adds one."""
-        names = [n for n in os.listdir(self.args.store) if n.startswith("checkpoint-")]
-        return max((int(n.split("-", 1)[1]) for n in names if n.split("-", 1)[1].isdigit()), default=0)
+        """The newest committed generation: the higher generation of the superblock's two slots
+        (u64 at byte 12 of each 4096-byte slot; docs/FORMAT.md). Each commit, from gc, a flush
+        past --checkpoint-journal-bytes, a full metadata cache or a clean stop, adds at least one."""
+        try:
+            with open(os.path.join(self.args.store, "superblock"), "rb") as f:
+                data = f.read(8192)
+        except OSError:
+            return 0
+        generations = [int.from_bytes(data[at + 12:at + 20], "little") for at in (0, 4096) if len(data) >= at + 20]
+        return max(generations, default=0)
 
     def images_live(self, kind=None):
         return [i for i in self.images.values() if i.deleted_at is None and (kind is None or i.kind == kind)]

@@ -11,15 +11,8 @@
 // same depth, so a read 100 shares deep walks as many nodes as a read of the original: there is
 // no backing chain.
 //
-// Invariants (fsck checks 1-3 by recounting):
-//  1. A node's `refcount` equals the number of parent slots and image roots that point at it.
-//  2. A chunk's reference count equals the number of slots, in distinct leaves, holding it:
-//     a leaf shared by several trees holds its chunks once (lazy refcounting).
-//  3. `populated` equals the number of non-empty slots; a node with none is never kept
-//     (so an unwritten or fully trimmed range costs no memory).
-//  4. A node is only modified when its refcount is 1. Writing through a shared node first
-//     "shadows" it: a private copy whose children each gain one reference, while the shared
-//     original loses one.
+// Nodes are metadata pages (PagedMapTree.swift has the tree's code and its invariants): a node's
+// reference count is its page's count in the page table, a child pointer is a page number.
 //
 // Chunk number 0 means "no chunk": the block reads as zeroes.
 

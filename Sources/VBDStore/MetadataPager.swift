@@ -299,6 +299,10 @@ struct CommitBatch {
     var pages: [CommitPage]
     /// The root the superblock must name once the pages are durable.
     var root: PageTableRoot
+    /// What the batch's pages and the root were before it: a commit whose pages could not be
+    /// written puts them back (`abandonCommit`).
+    var previousVersions: [PageNumber: PageVersion]
+    var previousRootVersion: PageVersion
 }
 
 final class MetadataPager {
@@ -705,12 +709,15 @@ final class MetadataPager {
         precondition(!commitInProgress, "one commit at a time")
         let generation = max(generation ?? nextGeneration, nextGeneration)
         var pages: [CommitPage] = []
+        var previous: [PageNumber: PageVersion] = [:]
+        let previousRootVersion = root.version
         // Content pages first: their new versions go into page-table entries, which dirties
         // page-table pages; then the structural pages, bottom-up from the root.
         let dirtyContent = frames.filter { $0.value.dirty && $0.value.kind != .pageTable && $0.value.kind != .pageDirectory }
         for (page, frame) in dirtyContent.sorted(by: { $0.key < $1.key }) {
             var version = PageVersion.unwritten
             try updateEntry(page) { e in
+                previous[page] = e.version
                 e.version = e.version.next(generation: generation)
                 version = e.version
             }
@@ -726,6 +733,7 @@ final class MetadataPager {
                 }
             }
             let next = version.next(generation: generation)
+            previous[page] = version
             pages.append(CommitPage(page: page, kind: frame.kind, version: next, object: frame.object))
             return next
         }
@@ -740,7 +748,8 @@ final class MetadataPager {
         pendingFree = []
         commitInProgress = true
         nextGeneration = generation + 1
-        return CommitBatch(generation: generation, pages: pages.sorted { $0.page < $1.page }, root: root)
+        return CommitBatch(generation: generation, pages: pages.sorted { $0.page < $1.page }, root: root,
+                           previousVersions: previous, previousRootVersion: previousRootVersion)
     }
 
     /// Without the store lock: encodes and writes the batch's pages into their slots. The caller
@@ -794,15 +803,37 @@ final class MetadataPager {
         commitInProgress = false
     }
 
-    /// With the store lock held, after a failed commit: the store is poisoned by the caller (the
-    /// versions handed out may name slots that were never written), so only memory is tidied.
-    func abandonCommit(_ batch: CommitBatch) {
+    /// With the store lock held, after a commit whose pages could not all be written (nothing was
+    /// synced and no superblock names them): every page and pointer gets its previous version back
+    /// and is changed again, so the next commit writes it; the pages it would have freed wait for
+    /// that commit. After a failed sync the caller poisons the store instead (`revert` false).
+    func abandonCommit(_ batch: CommitBatch, revert: Bool = false) {
         for p in batch.pages { frames[p.page]?.frozen = false }
         for page in freedWhileFrozen { dropFrame(page) }
         freedWhileFrozen = []
         pendingFree.append(contentsOf: freeingWithCommit)
         freeingWithCommit = []
         commitInProgress = false
+        guard revert else { return }
+        root.version = batch.previousRootVersion
+        for p in batch.pages where p.kind != .pageTable && p.kind != .pageDirectory {
+            // The page-table page holding the entry is in the batch too: it is dirty again below.
+            try? updateEntry(p.page) { $0.version = batch.previousVersions[p.page] ?? $0.version }
+        }
+        func restore(_ page: PageNumber, level: Int) {
+            guard level > 1, let directory = frames[page]?.object as? PageDirectoryPage else { return }
+            for i in 0..<directory.children.count where directory.children[i].page != .none {
+                let child = directory.children[i].page
+                if let old = batch.previousVersions[child] { directory.children[i].version = old }
+                restore(child, level: level - 1)
+            }
+        }
+        restore(root.page, level: root.levels)
+        for p in batch.pages {
+            guard let frame = frames[p.page] else { continue }
+            if !frame.dirty { dirtyFrames += 1 }
+            frame.dirty = true
+        }
     }
 }
 

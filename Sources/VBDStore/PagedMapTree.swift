@@ -8,7 +8,8 @@
 //
 // The invariants are MapTree.swift's (fsck checks them by recounting):
 //  1. A node's page count equals the number of parent slots and image roots that point at it.
-//  2. A chunk's count equals the number of slots, in distinct leaves, holding it.
+//  2. A chunk's count equals the number of slots, in distinct leaves, holding it: a leaf shared
+//     by several trees holds its chunks once (lazy reference counting).
 //  3. `populated` equals the number of non-empty slots; a node with none is never kept.
 //  4. A node is only changed when its count is 1; writing through a shared node first copies it
 //     ("shadows" it), the copy's children gaining one reference each.

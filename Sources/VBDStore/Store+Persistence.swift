@@ -354,12 +354,24 @@ extension Store {
             }
             do {
                 try writePreparedCommit(prepared)
-            } catch {
+            } catch let failed as FailedCommit {
                 mutex.withLock {
-                    pager.abandonCommit(prepared.batch)
-                    if failure == nil { failure = "checkpoint failed: \(error)" }
+                    if failed.wroteNothingDurable {
+                        // Nothing names what was written: take the versions back, and let the next
+                        // commit keep clear of the superblock slot that still names the last one.
+                        pager.abandonCommit(prepared.batch, revert: true)
+                        fallbackRoot = fallbackRoot ?? prepared.keepFrom
+                        space.restoreDeferred(prepared.frees)
+                    } else {
+                        pager.abandonCommit(prepared.batch)
+                        if failure == nil { failure = "checkpoint failed at \(failed.step) (\(failed.error))" }
+                    }
                 }
-                throw StoreError.io("checkpoint failed: \(error); the store refuses writes until it is reopened")
+                if failed.wroteNothingDurable {
+                    if failed.error == .noSpace { throw StoreError.noSpace }
+                    throw StoreError.io("checkpoint failed at \(failed.step): \(failed.error)")
+                }
+                throw StoreError.io("checkpoint failed at \(failed.step): \(failed.error); the store refuses writes until it is reopened")
             }
             mutex.withLock {
                 completeCommitLocked(prepared)
@@ -373,10 +385,18 @@ extension Store {
         let prepared = try prepareCommitLocked()
         do { try writePreparedCommit(prepared) } catch {
             pager.abandonCommit(prepared.batch)
-            failure = "checkpoint failed: \(error)"
-            throw StoreError.io("checkpoint failed: \(error)")
+            failure = "checkpoint failed at \(error.step) (\(error.error))"
+            throw StoreError.io("checkpoint failed at \(error.step): \(error.error)")
         }
         completeCommitLocked(prepared)
+    }
+
+    /// Why `writePreparedCommit` failed, and whether anything it did can matter after a crash.
+    struct FailedCommit: Error {
+        var step: String
+        var error: StorageError
+        /// A page write failed before anything was synced: only unnamed slots were touched.
+        var wroteNothingDurable: Bool
     }
 
     /// With `mutex` (and `flushMutex`) held: seals the journal, opens the next one and freezes
@@ -444,10 +464,10 @@ extension Store {
         } catch {
             let e: StorageError = error
             space.restoreDeferred(frees)
-            if step.hasPrefix("fdatasync") || step.hasPrefix("fsync") {
+            if step.hasPrefix("fdatasync") {
                 // Dirty pages may be gone: only a reopen can tell what is durable.
                 failure = "checkpoint failed at \(step) (\(e))"
-            } else if !closed && step.hasPrefix("creating") {
+            } else if !closed && (step.hasPrefix("creating") || step.hasPrefix("fsync")) {
                 try? directory.removeFile("journal-\(newGeneration)")
             }
             if failure == nil && e == .noSpace { throw StoreError.noSpace }
@@ -456,12 +476,23 @@ extension Store {
     }
 
     /// Without `mutex`: the commit's pages, then the superblock that names them.
-    func writePreparedCommit(_ prepared: PreparedCommit) throws(StorageError) {
-        try MetadataPager.writeCommit(prepared.batch, to: metaFile)
-        try metaFile.sync()
+    func writePreparedCommit(_ prepared: PreparedCommit) throws(FailedCommit) {
+        do { try MetadataPager.writeCommit(prepared.batch, to: metaFile) } catch {
+            throw FailedCommit(step: "writing metadata pages", error: error, wroteNothingDurable: true)
+        }
+        // A failed sync may have dropped written pages that a retried sync would call durable,
+        // and a failed superblock write leaves unknown which slot a crash finds: only a reopen
+        // can tell.
+        do { try metaFile.sync() } catch {
+            throw FailedCommit(step: "fdatasync of meta", error: error, wroteNothingDurable: false)
+        }
         let slot = UInt64(prepared.generation % 2) * UInt64(Store.superblockSlotBytes)
-        try Store.write(prepared.superblock, to: superblockFile, at: slot)
-        try superblockFile.sync()
+        do {
+            try Store.write(prepared.superblock, to: superblockFile, at: slot)
+            try superblockFile.sync()
+        } catch {
+            throw FailedCommit(step: "superblock write", error: error, wroteNothingDurable: false)
+        }
     }
 
     /// With `mutex` held, once the superblock is durable.

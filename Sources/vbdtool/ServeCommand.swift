@@ -40,6 +40,8 @@ struct ServeCommand: AsyncParsableCommand {
     // checkpoint, so the concurrency checker exercises checkpoints racing with I/O.
     @Option(help: ArgumentHelp("Checkpoint whenever a flush finds the journal at least this big (default 256M).", visibility: .hidden))
     var checkpointJournalBytes: String?
+    @Option(help: "Memory for metadata pages (maps, chunk table, dedup index), e.g. 512M (default 256M, at least 1M); pages are read from the store on demand.")
+    var metadataCache: String?
     @Option(help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics (cache tiers, per-volume cache counters, space and sharing).", valueName: "host:port"))
     var metrics: String?
     @Flag(help: "Schedule I/O per domain (mClock: reservation, limit, weight; see docs/ACCOUNTING.md).") var schedule = false
@@ -130,6 +132,12 @@ struct ServeCommand: AsyncParsableCommand {
             }
         }
         if let checkpointJournalBytes { _ = try parseSize(checkpointJournalBytes, option: "--checkpoint-journal-bytes") }
+        if let metadataCache {
+            let bytes = try parseSize(metadataCache, option: "--metadata-cache")
+            guard bytes >= 1 << 20, bytes <= UInt64(Int.max) else {
+                throw ValidationError("--metadata-cache: expected at least 1M, got '\(metadataCache)'")
+            }
+        }
         if let deviceSlots, !(1...1024).contains(deviceSlots) { throw ValidationError("--device-slots: expected 1...1024, got \(deviceSlots)") }
         if reservedSlots < 0 || reservedSlots >= (deviceSlots ?? TenancyService.defaultDeviceParallelism) {
             throw ValidationError("--reserved-slots must be at least 0 and below the device slots (\(deviceSlots ?? TenancyService.defaultDeviceParallelism))")
@@ -236,6 +244,7 @@ struct ServeCommand: AsyncParsableCommand {
         if let checkpointJournalBytes {
             options.checkpointJournalBytes = try parseSize(checkpointJournalBytes, option: "--checkpoint-journal-bytes")
         }
+        if let metadataCache { options.metadataCacheBytes = Int(try parseSize(metadataCache, option: "--metadata-cache")) }
         let opened: Store
         do { opened = try Store.open(path: storePath, options: options) } catch { fail(ControlFailure(error), json: false) }
         let store = opened
