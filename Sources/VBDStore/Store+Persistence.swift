@@ -348,6 +348,14 @@ extension Store {
                 mutex.withLock { if failure == nil { failure = "fdatasync of the data file failed (\(error))" } }
                 throw StoreError.io("checkpoint failed: fdatasync of the data file: \(error); the store refuses writes until it is reopened")
             } }
+            // `meta` grows before the lock is taken (only commits write it, and they hold
+            // `flushMutex`): the commit then finds room for all of its pages.
+            if !options.readOnly {
+                let pages = mutex.withLock { pager.root.pageCount }
+                do throws(StorageError) { try growMeta(toCover: pages + pages / 8) } catch {
+                    throw error == .noSpace ? StoreError.noSpace : StoreError.io("checkpoint failed growing meta: \(error)")
+                }
+            }
             let prepared: PreparedCommit = try mutex.withLock {
                 if let poisoned { throw StoreError.io("store is read-only: \(poisoned)") }
                 return try prepareCommitLocked()
@@ -416,19 +424,7 @@ extension Store {
         do throws(StorageError) {
             // Every slot the commit may write exists (written as zeroes, not a hole), so running out of
             // space cannot happen halfway through the commit's pages.
-            let needed = UInt64(pager.root.pageCount) * 2 * UInt64(MetadataPageFile.pageBytes)
-            let have = try metaFile.size()
-            if have < needed {
-                // Grow by at least 1/8 so that a growing store does not extend the file at every commit.
-                let target = max(needed, have + have / 8)
-                var at = have
-                let zeros = [UInt8](repeating: 0, count: 1 << 20)
-                while at < target {
-                    let n = Int(min(UInt64(zeros.count), target - at))
-                    try writeUsingSpaceReserve(Array(zeros[0..<n]), to: metaFile, at: at)
-                    at += UInt64(n)
-                }
-            }
+            try growMeta(toCover: pager.root.pageCount)
             step = "fdatasync of the data file"
             // Chunks named by the commit (including unflushed writes it captures) first.
             try dataFile.sync()
@@ -472,6 +468,22 @@ extension Store {
             }
             if failure == nil && e == .noSpace { throw StoreError.noSpace }
             throw StoreError.io("checkpoint failed at \(step): \(e)")
+        }
+    }
+
+    /// Extends `meta` with zeroes (not a hole) to hold both slots of `pages` pages, by at least an
+    /// eighth of its size so that a growing store does not extend it at every commit.
+    func growMeta(toCover pages: UInt64) throws(StorageError) {
+        let needed = pages * 2 * UInt64(MetadataPageFile.pageBytes)
+        let have = try metaFile.size()
+        guard have < needed else { return }
+        let target = max(needed, have + have / 8)
+        let zeros = [UInt8](repeating: 0, count: 1 << 20)
+        var at = have
+        while at < target {
+            let n = Int(min(UInt64(zeros.count), target - at))
+            try writeUsingSpaceReserve(n == zeros.count ? zeros : Array(zeros[0..<n]), to: metaFile, at: at)
+            at += UInt64(n)
         }
     }
 
