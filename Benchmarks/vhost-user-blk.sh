@@ -11,8 +11,8 @@
 # requests) and the guest's own CPU use as fio saw it; the load average beside each back end.
 #   Benchmarks/vhost-user-blk.sh                      # VBDTOOL defaults to .build/release/vbdtool
 #   RUNTIME=10 SERVERS="vbd-vhost qsd-vhost" Benchmarks/vhost-user-blk.sh
-#   PROFILE=randread-4k-qd32 Benchmarks/vhost-user-blk.sh   # perf record -g of the vbd servers
-#                                                       # during that job: $OUT/perf-<server>.data
+#   PROFILE="randread-4k-qd1 randwrite-4k-qd32" Benchmarks/vhost-user-blk.sh
+#       # perf record -g of each server during those jobs: $OUT/perf-SERVER-JOB.data
 # OUT (default a new /tmp/vbd-vhost-bench.*) keeps the fio JSON reports, the server logs and the
 # profiles. TCG emulates the guest's CPU, so absolute rates are far below KVM's and the guest's
 # CPU may be what limits a job; the CPU per request on the server side does not depend on that.
@@ -56,8 +56,8 @@ guest() {
             "disk-guest: job "*" start")
                 job=${line#disk-guest: job }; job=${job% start}
                 : > "$OUT/$name.$job.json"
-                if [ "$job" = "$PROFILE" ] && [ "$name" != qsd-vhost ]; then
-                    perf record -q -g -p "$server_pid" -o "$OUT/perf-$name.data" >/dev/null 2>&1 &
+                if [[ " $PROFILE " == *" $job "* ]]; then
+                    perf record -q -g -p "$server_pid" -o "$OUT/perf-$name-$job.data" >/dev/null 2>&1 &
                     perf_pid=$!
                 fi
                 echo "$job start $(cpu_ticks "$server_pid")" >> "$OUT/$name.cpu" ;;

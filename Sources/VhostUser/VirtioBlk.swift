@@ -136,6 +136,20 @@ public struct VirtioBlkRequestHandler: Sendable {
         return f
     }
 
+    /// Whether the chain is a read or write of at most ``quickBytesMax``: one that takes no longer
+    /// than the store's work on a few blocks, so a queue's thread may run it itself (a flush, a
+    /// discard or a large transfer go to an I/O thread, and the queue keeps taking requests meanwhile).
+    public func isQuick(_ chain: DescriptorChain) -> Bool {
+        guard let first = chain.readable.first, first.count >= 4 else { return false }
+        let type = UInt32(littleEndian: first.loadUnaligned(as: UInt32.self))
+        guard type == VirtioBlk.RequestType.read.rawValue || type == VirtioBlk.RequestType.write.rawValue else { return false }
+        let bytes = chain.readable.reduce(0) { $0 + $1.count } + chain.writable.reduce(0) { $0 + $1.count }
+        return bytes <= Self.quickBytesMax + 17
+    }
+
+    /// The largest read or write ``isQuick(_:)`` accepts.
+    static let quickBytesMax = 64 << 10
+
     /// Serves one request chain: header (16 readable bytes), data, status (the last writable byte).
     /// Returns the bytes written into the chain's writable buffers (what the used ring reports),
     /// or nil when the chain has no byte for the status (it cannot be answered; the caller
