@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tables of Benchmarks/vhost-user-blk.sh's run: per fio job, each back end's IOPS, the ratios
 vbd-vhost/qsd-vhost and vbd-vhost/vbd-nbd, the server's CPU time per request and the guest's CPU use.
-    vhost-user-blk-report.py OUT_DIR CLK_TCK SERVER...
+    vhost-user-blk-report.py OUT_DIR CLK_TCK SERVER... [--jobs JOB...]
 OUT_DIR holds SERVER.JOB.json (fio's report), SERVER.cpu (server CPU ticks at each job's start and
 end) and SERVER.load (/proc/loadavg before and after the guest)."""
 import json
@@ -42,7 +42,11 @@ def ratio(a, b):
 
 
 def main():
+    global JOBS
     out, ticks, servers = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    if "--jobs" in servers:
+        JOBS = servers[servers.index("--jobs") + 1:]
+        servers = servers[:servers.index("--jobs")]
     data = {s: load(out, ticks, s) for s in servers}
     print("load average (1, 5, 15 min) before and after each guest:")
     for s in servers:

@@ -24,6 +24,8 @@ RUNTIME=${RUNTIME:-20}
 SPAN_MIB=${SPAN_MIB:-128}
 SERVERS=${SERVERS:-"qsd-vhost vbd-vhost vbd-nbd"}
 PROFILE=${PROFILE:-}
+# JOBS: a subset of the four jobs (for A/B runs of one of them); the tables need all four.
+JOBS=${JOBS:-}
 [ -x "$VBDTOOL" ] || { echo "vhost-user-blk.sh: no $VBDTOOL (swift build -c release)" >&2; exit 1; }
 image=${DISK_GUEST_DIR:-$root/.build/disk-guest-fio}
 bash "$root/scripts/disk-guest-image.sh" "$image" --fio >/dev/null 2>&1
@@ -72,7 +74,7 @@ guest() {
                  -m $guest_mib -smp 1 -nodefaults -display none -no-reboot -serial stdio \
                  -object memory-backend-memfd,id=mem,size=${guest_mib}M,share=on -numa node,memdev=mem \
                  -kernel "$image/vmlinux" -initrd "$image/initramfs.gz" \
-                 -append "console=ttyS0 quiet panic=-1 no_timer_check vbd_mode=fio vbd_runtime=$RUNTIME vbd_span=$SPAN_MIB" \
+                 -append "console=ttyS0 quiet panic=-1 no_timer_check vbd_mode=fio vbd_runtime=$RUNTIME vbd_span=$SPAN_MIB${JOBS:+ vbd_jobs=${JOBS// /,}}" \
                  "$@" 2>&1)
     [ "$result" = PASS ] || { echo "vhost-user-blk.sh: the $name guest did not pass (its console: $OUT/$name.console)" >&2; exit 1; }
 }
@@ -112,4 +114,4 @@ run() {
 
 echo "vhost-user-blk.sh: $(date -u +%FT%TZ), $RUNTIME s per job over $SPAN_MIB MiB, reports in $OUT" >&2
 for s in $SERVERS; do run "$s"; done
-python3 "$here/vhost-user-blk-report.py" "$OUT" "$ticks" $SERVERS
+python3 "$here/vhost-user-blk-report.py" "$OUT" "$ticks" $SERVERS ${JOBS:+--jobs $JOBS}

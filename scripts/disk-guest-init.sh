@@ -13,7 +13,8 @@
 #   vbd_mode=fio      on the raw disk /dev/vda (an initramfs built with disk-guest-image.sh --fio):
 #                     fills the first vbd_span MiB with sequential 1 MiB writes, then runs fio's
 #                     4 KiB random read and random write jobs at queue depth 1 and 32 (libaio,
-#                     O_DIRECT), each for vbd_runtime seconds over that span. Around each job it
+#                     O_DIRECT), each for vbd_runtime seconds over that span (vbd_jobs=a,b: only those,
+#                     named RW-4k-qdN). Around each job it
 #                     prints "disk-guest: job NAME start" and "... end" (the host samples the server's
 #                     CPU time there), then fio's JSON report, each line prefixed "disk-guest: json "
 #   vbd_files=N       files of 1 MiB to write (write and live modes; default 16)
@@ -115,11 +116,10 @@ case "${vbd_mode:-}" in
             sed 's/^/disk-guest: json /' "/tmp/fio/$name.json"
         }
         run_job fill --rw=write --bs=1M --ioengine=libaio --iodepth=4
-        for rw in randread randwrite; do
-            for qd in 1 32; do
-                run_job "$rw-4k-qd$qd" --rw=$rw --bs=4k --ioengine=libaio --iodepth=$qd \
-                    --time_based --runtime="$runtime" --randrepeat=0 --norandommap
-            done
+        for job in $(echo "${vbd_jobs:-randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd1,randwrite-4k-qd32}" | tr , " "); do
+            rw=${job%%-*}; qd=${job##*-qd}
+            run_job "$job" --rw=$rw --bs=4k --ioengine=libaio --iodepth=$qd \
+                --time_based --runtime="$runtime" --randrepeat=0 --norandommap
         done
         say "PASS fio"
         ;;
