@@ -292,9 +292,9 @@ struct ServeCommand: AsyncParsableCommand {
             do {
                 _ = try store.openExport(named: export)
                 let server = VhostUserBlkServer(socketPath: socketPath, exportName: export, queueCountMax: vhostUserQueues,
-                                                tenancy: tenancy,
-                                                // With --schedule, the guests' requests queue with the NBD clients'.
-                                                deviceSlot: { domain, cost in try nbd.waitForDeviceSlot(domain: domain, cost: cost) },
+                                                // The NBD clients' request layer: one admission, lease check,
+                                                // scheduler (--schedule) and ledger for both doors.
+                                                pipeline: nbd.requestPipeline,
                                                 logger: Logger(label: "vbd.vhost-user-blk")) { () throws(BlockDeviceError) in
                     try store.openExport(named: export)
                 }
