@@ -57,6 +57,25 @@ public final class RequestPipeline: Sendable {
     /// What went through each door so far.
     public var doorCounters: [FrontDoor: DoorCounters] { counters.withLock { $0 } }
 
+    /// The per-door counters as metrics (`vbd_door_*{door="nbd"|"vhost-user-blk"}`), for the
+    /// metrics endpoint beside the per-domain ones.
+    public var metrics: [TenancyMetric] {
+        var metrics: [TenancyMetric] = []
+        for (door, c) in doorCounters.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
+            func counter(_ name: String, _ value: UInt64, _ help: String, _ extra: [String: String] = [:]) {
+                metrics.append(TenancyMetric(name: name, labels: ["door": door.rawValue].merging(extra) { a, _ in a },
+                                             value: Double(value), kind: .counter, help: help))
+            }
+            counter("vbd_door_connections_total", c.connectionsAdmitted, "Connections a front door admitted or refused.", ["outcome": "admitted"])
+            counter("vbd_door_connections_total", c.connectionsRefused, "Connections a front door admitted or refused.", ["outcome": "refused"])
+            counter("vbd_door_requests_total", c.requests, "Requests completed through a front door (refused ones included).")
+            counter("vbd_door_requests_refused_by_lease_total", c.refusedByLease, "Requests the lease did not allow.")
+            counter("vbd_door_requests_failed_total", c.failed, "Requests that failed (refusals, full queues, device errors).")
+            counter("vbd_door_bytes_total", c.bytes, "Bytes read, written, discarded or zeroed through a front door.")
+        }
+        return metrics
+    }
+
     fileprivate func count(_ door: FrontDoor, _ update: (inout DoorCounters) -> Void) {
         counters.withLock { update(&$0[door, default: DoorCounters()]) }
     }

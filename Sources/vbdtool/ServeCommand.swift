@@ -320,7 +320,8 @@ struct ServeCommand: AsyncParsableCommand {
             storeMetrics.addSource { sink in
                 // Per-domain accounting, credit and storage charge (issue 6).
                 let stats = tenancy.statistics(storage: tenancy.storageShares(usage: storeMetrics.usage()))
-                for metric in stats.metrics {
+                // And per front door (NBD, vhost-user-blk), from the request layer both share.
+                for metric in stats.metrics + (nbd.requestPipeline?.metrics ?? []) {
                     switch metric.kind {
                     case .counter: sink.counter(metric.name, metric.labels, metric.value, help: metric.help)
                     case .gauge: sink.gauge(metric.name, metric.labels, metric.value, help: metric.help)

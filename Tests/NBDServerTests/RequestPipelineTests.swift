@@ -102,6 +102,13 @@ extension RealServerTests {
             #expect(virtioRequest(handler, type: VirtioBlk.RequestType.write.rawValue, sector: 16) == VirtioBlk.Status.ok.rawValue)
             #expect(service.snapshot().ledger.usage(of: "alice").bytesWritten == 8192)
             #expect(pipeline.doorCounters[.nbd]?.requests == 3 && pipeline.doorCounters[.vhostUserBlk]?.requests == 3)
+            // The metrics endpoint's view of the same counters.
+            let metrics = pipeline.metrics
+            for door in FrontDoor.allCases {
+                #expect(metrics.first { $0.name == "vbd_door_requests_total" && $0.labels["door"] == door.rawValue }?.value == 3)
+                #expect(metrics.first { $0.name == "vbd_door_requests_refused_by_lease_total" && $0.labels["door"] == door.rawValue }?.value == 1)
+                #expect(metrics.first { $0.name == "vbd_door_connections_total" && $0.labels == ["door": door.rawValue, "outcome": "admitted"] }?.value == 1)
+            }
         }
 
         /// With scheduling (one device slot), a virtio-blk request that arrives while an NBD
