@@ -117,7 +117,7 @@ let package = Package(
         ),
         .testTarget(
             name: "NBDServerTests",
-            dependencies: ["NBDServer", "NBDProtocol", "VBDCore", "VBDStore", "VBDCache", .product(name: "NIOCore", package: "swift-nio"),
+            dependencies: ["NBDServer", "NBDProtocol", "VBDCore", "VBDStore", "VBDCache", "VhostUser", .product(name: "NIOCore", package: "swift-nio"),
                            .product(name: "NIOPosix", package: "swift-nio"),
                            .product(name: "NIOEmbedded", package: "swift-nio")]
         ),

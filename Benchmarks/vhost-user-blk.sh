@@ -1,80 +1,117 @@
 #!/usr/bin/env bash
-# A QEMU guest (TCG) measures its disk: 4 KiB O_DIRECT writes then reads, one at a time
-# (scripts/disk-guest-init.sh, vbd_mode=bench), on three back ends of the same guest:
-#   vbd-vhost  vbdtool serve --vhost-user-blk (a fresh volume)
+# One QEMU guest (TCG, memory-backend-memfd,share=on) measures its virtio-blk disk with fio
+# (scripts/disk-guest-init.sh, vbd_mode=fio: libaio, O_DIRECT, 4 KiB random read and random write
+# at queue depth 1 and 32, each job time-bounded) on three back ends, one after the other, in one run:
 #   qsd-vhost  qemu-storage-daemon's vhost-user-blk export of a raw file (the issue's reference)
+#   vbd-vhost  vbdtool serve --vhost-user-blk (a fresh volume)
 #   vbd-nbd    vbdtool serve over NBD on a unix socket, QEMU's NBD client under virtio-blk-pci
-# and prints per back end the guest's elapsed time, operations per second and the server's CPU
-# time per request (utime + stime of the server process over the run / requests).
-#   Benchmarks/vhost-user-blk.sh                 # VBDTOOL defaults to .build/release/vbdtool
-#   VBDTOOL=$PWD/.build/debug/vbdtool OPS=1024 Benchmarks/vhost-user-blk.sh
-# TCG emulates the guest's CPU, so absolute rates are far below KVM's; the ratios between back ends
-# in the same guest are what it shows. Bounded: each guest has 300 s.
+# Per job and back end it reports the guest's IOPS, the ratios vbd-vhost/qsd-vhost and
+# vbd-vhost/vbd-nbd, the server's CPU time per request (utime + stime of the server process from
+# /proc/PID/stat, sampled when the guest prints the job's start and end, over fio's completed
+# requests) and the guest's own CPU use as fio saw it; the load average beside each back end.
+#   Benchmarks/vhost-user-blk.sh                      # VBDTOOL defaults to .build/release/vbdtool
+#   RUNTIME=10 SERVERS="vbd-vhost qsd-vhost" Benchmarks/vhost-user-blk.sh
+#   PROFILE="randread-4k-qd1 randwrite-4k-qd32" Benchmarks/vhost-user-blk.sh
+#       # perf record -g of each server during those jobs: $OUT/perf-SERVER-JOB.data
+# OUT (default a new /tmp/vbd-vhost-bench.*) keeps the fio JSON reports, the server logs and the
+# profiles. TCG emulates the guest's CPU, so absolute rates are far below KVM's and the guest's
+# CPU may be what limits a job; the CPU per request on the server side does not depend on that.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 VBDTOOL=${VBDTOOL:-$root/.build/release/vbdtool}
-OPS=${OPS:-4096}
-SERVERS=${SERVERS:-"vbd-vhost qsd-vhost vbd-nbd"}
-image=${DISK_GUEST_DIR:-$root/.build/disk-guest}
-bash "$root/scripts/disk-guest-image.sh" "$image" >/dev/null 2>&1
-work=$(mktemp -d /tmp/vbd-vhost-bench.XXXXXX)
+RUNTIME=${RUNTIME:-20}
+SPAN_MIB=${SPAN_MIB:-128}
+SERVERS=${SERVERS:-"qsd-vhost vbd-vhost vbd-nbd"}
+PROFILE=${PROFILE:-}
+# JOBS: a subset of the four jobs (for A/B runs of one of them); the tables need all four.
+JOBS=${JOBS:-}
+[ -x "$VBDTOOL" ] || { echo "vhost-user-blk.sh: no $VBDTOOL (swift build -c release)" >&2; exit 1; }
+image=${DISK_GUEST_DIR:-$root/.build/disk-guest-fio}
+bash "$root/scripts/disk-guest-image.sh" "$image" --fio >/dev/null 2>&1
+OUT=${OUT:-$(mktemp -d /tmp/vbd-vhost-bench.XXXXXX)}
+mkdir -p "$OUT"
+work=$(mktemp -d /tmp/vbd-vhost-work.XXXXXX)
 server_pid=""
 cleanup() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 ticks=$(getconf CLK_TCK)
+# utime + stime in clock ticks (fields 14 and 15; the command name, field 2, has no spaces here).
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+guest_mib=512
 
 wait_for_socket() {
     for _ in $(seq 1 300); do [ -S "$1" ] && return 0; sleep 0.1; done
-    echo "no socket $1" >&2; exit 1
+    echo "vhost-user-blk.sh: no socket $1" >&2; exit 1
 }
 
-# guest DISK_ARGS...: boots the bench guest with the given disk options; prints its bench lines.
+# guest NAME DISK_ARGS...: boots the fio guest on the given disk and follows its console: the
+# server's CPU ticks at each job's start and end go to $OUT/NAME.cpu, fio's reports to $OUT/NAME.JOB.json.
 guest() {
-    timeout -k 5 300 qemu-system-x86_64 -accel tcg -cpu qemu64,+rdrand -machine q35 -m 256 -smp 1 \
-        -nodefaults -display none -no-reboot -serial stdio \
-        -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
-        -kernel "$image/vmlinux" -initrd "$image/initramfs.gz" \
-        -append "console=ttyS0 quiet panic=-1 no_timer_check vbd_mode=bench vbd_ops=$OPS" "$@" 2>&1 \
-        | tr -d '\r' | grep '^disk-guest: bench'
+    local name=$1; shift
+    local perf_pid="" line job result=FAIL
+    : > "$OUT/$name.cpu"; : > "$OUT/$name.console"
+    while IFS= read -r line; do
+        line=${line%$'\r'}
+        echo "$line" >> "$OUT/$name.console"
+        case $line in
+            "disk-guest: job "*" start")
+                job=${line#disk-guest: job }; job=${job% start}
+                : > "$OUT/$name.$job.json"
+                if [[ " $PROFILE " == *" $job "* ]]; then
+                    perf record -q -g -p "$server_pid" -o "$OUT/perf-$name-$job.data" >/dev/null 2>&1 &
+                    perf_pid=$!
+                fi
+                echo "$job start $(cpu_ticks "$server_pid")" >> "$OUT/$name.cpu" ;;
+            "disk-guest: job "*" end")
+                echo "$job end $(cpu_ticks "$server_pid")" >> "$OUT/$name.cpu"
+                if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; perf_pid=""; fi ;;
+            "disk-guest: json "*) echo "${line#disk-guest: json }" >> "$OUT/$name.$job.json" ;;
+            "disk-guest: PASS fio") result=PASS ;;
+            "disk-guest: "*) echo "$name: ${line#disk-guest: }" >&2 ;;
+        esac
+    done < <(timeout -k 5 $((120 + 5 * RUNTIME * 3)) qemu-system-x86_64 -accel tcg -cpu qemu64,+rdrand -machine q35 \
+                 -m $guest_mib -smp 1 -nodefaults -display none -no-reboot -serial stdio \
+                 -object memory-backend-memfd,id=mem,size=${guest_mib}M,share=on -numa node,memdev=mem \
+                 -kernel "$image/vmlinux" -initrd "$image/initramfs.gz" \
+                 -append "console=ttyS0 quiet panic=-1 no_timer_check vbd_mode=fio vbd_runtime=$RUNTIME vbd_span=$SPAN_MIB${JOBS:+ vbd_jobs=${JOBS// /,}}" \
+                 "$@" 2>&1)
+    [ "$result" = PASS ] || { echo "vhost-user-blk.sh: the $name guest did not pass (its console: $OUT/$name.console)" >&2; exit 1; }
 }
 
 run() {
-    local name=$1 before after lines
+    local name=$1
     case $name in
         vbd-vhost|vbd-nbd)
             export VBD_STORE=$work/$name-store
             "$VBDTOOL" init >/dev/null
             "$VBDTOOL" create vol --size 256M >/dev/null
-            "$VBDTOOL" serve --unix "$work/nbd.sock" --vhost-user-blk "$work/vhost.sock=vol" >"$work/$name.log" 2>&1 &
+            "$VBDTOOL" serve --unix "$work/nbd.sock" --vhost-user-blk "$work/vhost.sock=vol" >"$OUT/$name.log" 2>&1 &
             server_pid=$!
             wait_for_socket "$work/vhost.sock"; wait_for_socket "$work/nbd.sock" ;;
         qsd-vhost)
+            # The raw file through the host's page cache, as vbd's store files are.
             truncate -s 256M "$work/raw.img"
-            qemu-storage-daemon --blockdev "driver=file,node-name=f,filename=$work/raw.img,cache.direct=on" \
+            qemu-storage-daemon --blockdev "driver=file,node-name=f,filename=$work/raw.img" \
                 --blockdev driver=raw,node-name=d,file=f \
                 --export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$work/vhost.sock,writable=on,num-queues=1" \
-                >"$work/$name.log" 2>&1 &
+                >"$OUT/$name.log" 2>&1 &
             server_pid=$!
             wait_for_socket "$work/vhost.sock" ;;
+        *) echo "vhost-user-blk.sh: unknown server $name" >&2; exit 1 ;;
     esac
-    before=$(cpu_ticks "$server_pid")
+    cut -d' ' -f1-3 /proc/loadavg > "$OUT/$name.load"
     if [ "$name" = vbd-nbd ]; then
-        lines=$(guest -blockdev "driver=nbd,node-name=d,server.type=unix,server.path=$work/nbd.sock,export=vol,cache.direct=on" \
-                      -device virtio-blk-pci,drive=d)
+        guest "$name" -blockdev "driver=nbd,node-name=d,server.type=unix,server.path=$work/nbd.sock,export=vol" \
+                      -device virtio-blk-pci,drive=d
     else
-        lines=$(guest -chardev "socket,id=c,path=$work/vhost.sock" -device vhost-user-blk-pci,chardev=c,num-queues=1)
+        guest "$name" -chardev "socket,id=c,path=$work/vhost.sock" -device vhost-user-blk-pci,chardev=c,num-queues=1
     fi
-    after=$(cpu_ticks "$server_pid")
+    cut -d' ' -f1-3 /proc/loadavg >> "$OUT/$name.load"
     kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=""
-    rm -f "$work/vhost.sock" "$work/nbd.sock"
-    local cpu_us=$(( (after - before) * 1000000 / ticks ))
-    echo "$lines" | while read -r _ _ job ops _ ms _; do
-        printf '%-10s %-16s %6d ops %7d ms %8.0f ops/s\n' "$name" "$job" "$ops" "$ms" "$(awk -v o="$ops" -v m="$ms" 'BEGIN { print (m > 0 ? o * 1000 / m : 0) }')"
-    done
-    printf '%-10s server CPU %d us over %d requests: %.1f us per request\n' "$name" "$cpu_us" $((2 * OPS)) \
-        "$(awk -v c="$cpu_us" -v n="$OPS" 'BEGIN { print c / (2 * n) }')"
+    rm -rf "$work/vhost.sock" "$work/nbd.sock" "$work/raw.img" "$work/$name-store"
 }
 
+echo "vhost-user-blk.sh: $(date -u +%FT%TZ), $RUNTIME s per job over $SPAN_MIB MiB, reports in $OUT" >&2
 for s in $SERVERS; do run "$s"; done
+python3 "$here/vhost-user-blk-report.py" "$OUT" "$ticks" $SERVERS ${JOBS:+--jobs $JOBS}

@@ -2,10 +2,14 @@
 # Builds what the block-device guest tests boot (IntegrationTests/test-vhost-user-blk.sh): the shared
 # kernel (scripts/guest-kernel.sh) and an initramfs with busybox, mke2fs/e2fsck and the libraries they
 # link, the virtio/ext4 modules, and scripts/disk-guest-init.sh as /init.
-#   scripts/disk-guest-image.sh OUT_DIR
-# Writes OUT_DIR/vmlinux and OUT_DIR/initramfs.gz (rebuilt every time, about 2 s).
+#   scripts/disk-guest-image.sh OUT_DIR [--fio]
+# Writes OUT_DIR/vmlinux and OUT_DIR/initramfs.gz (rebuilt every time, about 2 s). With --fio the
+# initramfs carries fio and every library it links as well (Benchmarks/vhost-user-blk.sh): about
+# 30 MiB compressed and 85 MiB in the guest's memory, so the file-system tests leave it out.
 set -euo pipefail
-out=${1:?usage: disk-guest-image.sh OUT_DIR}
+out=${1:?usage: disk-guest-image.sh OUT_DIR [--fio]}
+with_fio=false
+[ "${2:-}" = --fio ] && with_fio=true
 here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -19,9 +23,11 @@ cp /bin/busybox "$root/bin/busybox"
 if ldd /bin/busybox >/dev/null 2>&1; then
     echo "disk-guest-image: /bin/busybox is not static (install busybox-static)" >&2; exit 1
 fi
-for tool in mke2fs e2fsck; do
+tools="mke2fs e2fsck"
+$with_fio && tools="$tools fio"
+for tool in $tools; do
     path=$(command -v "$tool" || true)
-    [ -n "$path" ] || { echo "disk-guest-image: $tool is missing (install e2fsprogs)" >&2; exit 1; }
+    [ -n "$path" ] || { echo "disk-guest-image: $tool is missing (install e2fsprogs, fio)" >&2; exit 1; }
     cp -L "$path" "$root/sbin/$tool"
     # Its libraries at the same paths, and the dynamic loader.
     for lib in $(ldd "$path" | grep -oE '/[^ ]+'); do

@@ -10,8 +10,13 @@
 #   vbd_mode=recover  on a share of a snapshot taken during live mode: mount read-write (ext4 replays
 #                     its journal), verify the write-mode files and the live-a files, count the live-b
 #                     files that made it, unmount and e2fsck
-#   vbd_mode=bench    on the raw disk /dev/vda: vbd_ops 4 KiB writes then reads with O_DIRECT, one at a
-#                     time (busybox dd: sequential, queue depth 1); prints the elapsed time of each
+#   vbd_mode=fio      on the raw disk /dev/vda (an initramfs built with disk-guest-image.sh --fio):
+#                     fills the first vbd_span MiB with sequential 1 MiB writes, then runs fio's
+#                     4 KiB random read and random write jobs at queue depth 1 and 32 (libaio,
+#                     O_DIRECT), each for vbd_runtime seconds over that span (vbd_jobs=a,b: only those,
+#                     named RW-4k-qdN). Around each job it
+#                     prints "disk-guest: job NAME start" and "... end" (the host samples the server's
+#                     CPU time there), then fio's JSON report, each line prefixed "disk-guest: json "
 #   vbd_files=N       files of 1 MiB to write (write and live modes; default 16)
 # Prints "disk-guest: PASS <mode>" or "disk-guest: FAIL <reason>" on the console, then powers off.
 /bin/busybox --install -s /bin
@@ -94,18 +99,29 @@ case "${vbd_mode:-}" in
         /sbin/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail "e2fsck after recovery"; }
         say "PASS recover"
         ;;
-    bench)
+    fio)
         wait_for /dev/vda
-        ops=${vbd_ops:-4096}
-        uptime_ms() { read -r up _ < /proc/uptime; echo $(( ${up%.*} * 1000 + 10 * ${up#*.} )); }
-        t0=$(uptime_ms)
-        dd if=/dev/zero of=/dev/vda bs=4k count="$ops" oflag=direct 2>/dev/null || fail "bench write"
-        t1=$(uptime_ms)
-        dd if=/dev/vda of=/dev/null bs=4k count="$ops" iflag=direct 2>/dev/null || fail "bench read"
-        t2=$(uptime_ms)
-        say "bench write-4k-qd1 $ops ops $((t1 - t0)) ms"
-        say "bench read-4k-qd1 $ops ops $((t2 - t1)) ms"
-        say "PASS bench"
+        span=${vbd_span:-128}M
+        runtime=${vbd_runtime:-20}
+        mkdir -p /tmp/fio
+        # Every job reads or writes the span the fill wrote, so reads find data on every back end
+        # (not holes), and fio's default scramble_buffers keeps written blocks distinct (vbd
+        # deduplicates identical blocks).
+        run_job() {
+            name=$1; shift
+            say "job $name start"
+            /sbin/fio --name="$name" --filename=/dev/vda --direct=1 --size="$span" --output-format=json \
+                --output="/tmp/fio/$name.json" "$@" >/tmp/fio/$name.log 2>&1 || { cat /tmp/fio/$name.log; fail "fio $name"; }
+            say "job $name end"
+            sed 's/^/disk-guest: json /' "/tmp/fio/$name.json"
+        }
+        run_job fill --rw=write --bs=1M --ioengine=libaio --iodepth=4
+        for job in $(echo "${vbd_jobs:-randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd1,randwrite-4k-qd32}" | tr , " "); do
+            rw=${job%%-*}; qd=${job##*-qd}
+            run_job "$job" --rw=$rw --bs=4k --ioengine=libaio --iodepth=$qd \
+                --time_based --runtime="$runtime" --randrepeat=0 --norandommap
+        done
+        say "PASS fio"
         ;;
     verify)
         for letter in $letters; do

@@ -49,8 +49,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         var readPool: NIOThreadPool
         var writePool: NIOThreadPool
         var observer: NBDRequestObserver?
-        var tenancy: TenancyService?
-        var scheduler: NBDIOScheduler?
+        /// The request layer (admission, leases, scheduling, charges); nil without tenancy.
+        var pipeline: RequestPipeline?
     }
 
     private enum Phase {
@@ -96,7 +96,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// When the connection became idle (nil: not idle, or no `idleTimeout`).
     private var idleSince: NIODeadline?
     /// Set once an export is opened under tenancy; nil without tenancy.
-    private var session: TenancySession?
+    private var session: RequestSession?
     /// SO_PEERCRED of a unix-socket client, read when it connected (nil over TCP).
     private let unixCredentials: UnixPeerCredentials?
 
@@ -213,7 +213,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             case .shutdown:
                 beginShutdown(context: context)
             case .leaseEnded(let volume, let domain):
-                if let session, session.domain == domain, session.volume == volume {
+                if let session, session.domain == domain, session.tenancy.volume == volume {
                     logger.info("lease of \(domain) on \(volume) ended: closing after in-flight requests")
                     beginShutdown(context: context)
                 }
@@ -320,7 +320,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 var buffer = context.channel.allocator.buffer(capacity: 64 + rejection.message.utf8.count)
                 NBDReplyEncoder.writeError(rejection, structured: machine.export.structuredReplies, into: &buffer)
                 sendReply(buffer, promise: nil, context: context)
-                charge(operation.command, bytes: 0, deviceTime: .zero, failed: true)
+                // (charged as failed by the request layer when it refused)
                 let completion = machine.requestCompleted()
                 phase = .transmission(machine, device)
                 if case .close = completion { close(context: context) }
@@ -611,10 +611,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// credentials), then checks the export's binding and, when enforced, the domain's lease.
     /// Sets ``session`` for an admitted connection.
     private func refusal(_ device: any BlockDevice, context: ChannelHandlerContext) -> String? {
-        guard let tenancy = environment.tenancy else { return nil }
+        guard let pipeline = environment.pipeline else { return nil }
         let identity = PeerIdentity(certificateSubject: verifiedCertificateSubject(context: context),
                                     unixCredentials: unixCredentials)
-        switch tenancy.openSession(device: device, identity: identity) {
+        switch pipeline.admit(device: device, identity: identity, door: .nbd) {
         case .failure(let refusal):
             return refusal.reason
         case .success(let admitted):
@@ -740,10 +740,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return MeasuredOutcome(outcome: outcome, deviceTime: ContinuousClock.now - started)
         }
         let eventLoop = context.eventLoop
-        if let scheduler = environment.scheduler, let session {
+        // Scheduled: the scheduler (or its refusal, a full queue) completes the promise.
+        var scheduled = false
+        if let session, session.pipeline.schedules {
             let pieces = job.pieceCount
             let tracker = pieces > 1 ? NBDPieceTracker(pieces: pieces) : nil
-            let work = NBDIOScheduler.Job(pieces: pieces) { _, piece, finished in
+            let work: @Sendable (Int, @escaping @Sendable () -> Void) -> Void = { piece, finished in
                 if tracker == nil, let answered = withoutBlocking() {
                     finished()
                     promise.succeed(answered)
@@ -780,10 +782,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                                                     deviceTime: total.deviceTime + (ContinuousClock.now - finishing)))
                 }
             }
-            let cost = IOCost.units(kind: IOKind(operation.command) ?? .flush, bytes: operation.rangeBytes)
             do {
-                try scheduler.submit(work, domain: session.domain, cost: cost)
+                scheduled = try session.schedule(IOKind(operation.command) ?? .flush, bytes: operation.rangeBytes,
+                                                 pieces: pieces, start: work)
             } catch {
+                scheduled = true
                 // Every queue is bounded: a domain with more requests waiting than its queue holds
                 // gets ENOMEM for the excess instead of growing server memory.
                 promise.succeed(MeasuredOutcome(
@@ -791,10 +794,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                                                      structured: job.structured, allocator: job.allocator),
                     deviceTime: .zero))
             }
-        } else if let answered = withoutBlocking() {
-            promise.succeed(answered)
-        } else {
-            pool.runIfActive(eventLoop: eventLoop, run).cascade(to: promise)
+        }
+        if !scheduled {
+            if let answered = withoutBlocking() {
+                promise.succeed(answered)
+            } else {
+                pool.runIfActive(eventLoop: eventLoop, run).cascade(to: promise)
+            }
         }
         let future = promise.futureResult
         let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
@@ -845,17 +851,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Whether the connection's lease allows `command` (always, without enforced leases).
+    /// Whether the connection's lease allows `command` (always, without enforced leases); the
+    /// request layer charges and counts a refusal.
     private func leasePermits(_ command: NBDCommand) -> Bool {
-        guard let tenancy = environment.tenancy, tenancy.leasesEnforced, let session,
-              let kind = IOKind(command) else { return true }
-        return tenancy.permits(session, kind)
+        guard let session, let kind = IOKind(command) else { return true }
+        return session.permits(kind)
     }
 
     private func charge(_ command: NBDCommand, bytes: UInt64, deviceTime: Duration, failed: Bool,
                         sources: ReadSources = ReadSources()) {
-        guard let tenancy = environment.tenancy, let session, let kind = IOKind(command) else { return }
-        tenancy.charge(session, kind, bytes: bytes, deviceTime: deviceTime, failed: failed, sources: sources)
+        guard let session, let kind = IOKind(command) else { return }
+        session.completed(kind, bytes: bytes, deviceTime: deviceTime, failed: failed, sources: sources)
     }
 
     private func requestFinished(payloadBytes: Int, context: ChannelHandlerContext) {

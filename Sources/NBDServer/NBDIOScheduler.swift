@@ -209,3 +209,10 @@ enum NBDWorkChain {
         }
     }
 }
+
+extension NBDIOScheduler: DeviceSlotScheduler {
+    func submit(domain: DomainID, cost: Double, pieces: Int,
+                start: @escaping @Sendable (_ piece: Int, _ finished: @escaping @Sendable () -> Void) -> Void) throws(SchedulerError) {
+        try submit(Job(pieces: pieces) { _, piece, finished in start(piece, finished) }, domain: domain, cost: cost)
+    }
+}

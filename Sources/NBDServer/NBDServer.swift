@@ -25,26 +25,9 @@ import VBDCore
 /// `start` and `stop` may be called from any task; each connection lives on one event loop and
 /// runs device calls on two I/O thread pools (reads, writes).
 public final class NBDServer: Sendable {
-    /// The mClock scheduler once started with scheduling on; other doors queue through it too.
-    private let sharedScheduler = Mutex<NBDIOScheduler?>(nil)
-
-    /// Waits, blocking the calling thread, until the mClock scheduler gives a request of `domain`
-    /// costing `cost` I/O units a device slot: for doors that do not run on SwiftNIO (the
-    /// vhost-user-blk queue threads), so that their requests are scheduled in the same queues as
-    /// the NBD clients'. Returns the call that frees the slot, to be made once the device call is
-    /// done; nil when the server schedules nothing (no `--schedule`). Throws when the domain's
-    /// queue is full.
-    public func waitForDeviceSlot(domain: DomainID, cost: Double) throws(SchedulerError) -> (@Sendable () -> Void)? {
-        guard let scheduler = sharedScheduler.withLock({ $0 }) else { return nil }
-        let granted = DispatchSemaphore(value: 0)
-        let release = Mutex<(@Sendable () -> Void)?>(nil)
-        try scheduler.submit(NBDIOScheduler.Job { _, _, finished in
-            release.withLock { $0 = finished }
-            granted.signal()   // the caller's thread runs the device call, not the dispatching one
-        }, domain: domain, cost: cost)
-        granted.wait()
-        return release.withLock { $0 }
-    }
+    /// The request layer this server's connections go through (nil without tenancy): other doors
+    /// (vhost-user-blk) admit, schedule and charge their requests through it too.
+    public var requestPipeline: RequestPipeline? { configuration.tenancy?.pipeline }
 
     public enum ServerError: Error, CustomStringConvertible {
         case noListenAddress
@@ -156,13 +139,13 @@ public final class NBDServer: Sendable {
                                            timerLoop: tenancyLoop)
             }
             startTenancyTimers(tenancy, scheduler: scheduler, loop: tenancyLoop)
-            sharedScheduler.withLock { $0 = scheduler }
+            tenancy.pipeline.attachScheduler(scheduler)
         }
         let environment = NBDConnectionHandler.Environment(
             exports: configuration.exports, limits: configuration.limits, tlsPolicy: tlsPolicy,
             sslContext: sslContext, verifiesClientCertificates: configuration.tls.caPath != nil,
             readPool: readPool, writePool: writePool, observer: configuration.observer,
-            tenancy: configuration.tenancy?.service, scheduler: scheduler)
+            pipeline: configuration.tenancy?.pipeline)
 
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)

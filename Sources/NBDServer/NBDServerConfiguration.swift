@@ -132,7 +132,10 @@ extension NBDServer {
     /// How the server charges, schedules and admits tenants (docs/ACCOUNTING.md).
     public struct Tenancy: Sendable {
         /// Domains, ledger, credit, policies, leases and audit log; shared with the control interface.
-        public var service: TenancyService
+        public var service: TenancyService { pipeline.tenancy }
+        /// The request layer this server's connections go through (admission, leases, the
+        /// scheduler, charges); other doors (vhost-user-blk) share it to be treated alike.
+        public var pipeline: RequestPipeline
         /// Put the mClock scheduler in front of the I/O pools. Without it requests are still
         /// charged and leases still enforced, but run in arrival order.
         public var scheduling: Bool
@@ -150,9 +153,10 @@ extension NBDServer {
         /// How often balances, charges and usage are written to the state file.
         public var persistInterval: Duration
 
-        public init(service: TenancyService, scheduling: Bool = true, deviceSlots: Int? = nil, reservedSlots: Int = 1,
-                    leaseCheckInterval: Duration = .milliseconds(200), persistInterval: Duration = .seconds(5)) {
-            self.service = service
+        public init(service: TenancyService, pipeline: RequestPipeline? = nil, scheduling: Bool = true, deviceSlots: Int? = nil,
+                    reservedSlots: Int = 1, leaseCheckInterval: Duration = .milliseconds(200), persistInterval: Duration = .seconds(5)) {
+            precondition(pipeline == nil || pipeline!.tenancy === service, "the pipeline must charge the same tenancy")
+            self.pipeline = pipeline ?? RequestPipeline(tenancy: service)
             self.scheduling = scheduling
             self.deviceSlots = deviceSlots
             self.reservedSlots = reservedSlots

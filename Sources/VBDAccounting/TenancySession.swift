@@ -1,8 +1,8 @@
 import VBDCore
 
 /// Who one front-door connection (NBD, vhost-user-blk) is charged to and which image it serves,
-/// and the tenancy checks every door makes the same way: admission when the export opens, the
-/// lease before each request, the charge after it. Scheduling stays with each door.
+/// and the tenancy checks behind every door: admission when the export opens, the lease before
+/// each request, the charge after it. Doors reach them through ``RequestPipeline``.
 public struct TenancySession: Sendable, Equatable {
     public var domain: DomainID
     public var volume: String

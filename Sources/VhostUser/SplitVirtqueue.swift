@@ -86,6 +86,11 @@ public final class SplitVirtqueue: @unchecked Sendable {
         return head
     }
 
+    /// Whether the guest has made a chain available that ``nextAvailable()`` has not taken yet.
+    public var hasAvailable: Bool {
+        vbd_load_acquire_u16(available + 2) != lastAvailableIndex
+    }
+
     /// The buffers of the chain starting at `head`: readable ones first, then writable ones.
     public func chain(head: UInt16) throws(VirtqueueError) -> DescriptorChain {
         var chain = DescriptorChain(head: head)

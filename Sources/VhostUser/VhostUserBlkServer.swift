@@ -18,8 +18,7 @@ public final class VhostUserBlkServer: @unchecked Sendable {
     public let exportName: String
     private let openDevice: @Sendable () throws(BlockDeviceError) -> any BlockDevice
     private let queueCountMax: Int
-    private let tenancy: TenancyService?
-    private let deviceSlot: VirtioBlkRequestHandler.DeviceSlotWait?
+    private let pipeline: RequestPipeline?
     private let logger: Logger
     private let state = Mutex(State())
     private let finished = DispatchSemaphore(value: 0)
@@ -31,15 +30,13 @@ public final class VhostUserBlkServer: @unchecked Sendable {
         var connections = 0
     }
 
-    /// With `tenancy`, a front end is admitted by what its unix credentials prove (SO_PEERCRED:
-    /// `--peer-domain`), as an NBD client on the unix socket is; its requests are lease-checked and charged.
-    /// `deviceSlot` (with `tenancy`) queues each request in the I/O scheduler the NBD door uses.
-    public init(socketPath: String, exportName: String, queueCountMax: Int = 4, tenancy: TenancyService? = nil,
-                deviceSlot: VirtioBlkRequestHandler.DeviceSlotWait? = nil, logger: Logger,
-                openDevice: @escaping @Sendable () throws(BlockDeviceError) -> any BlockDevice) {
+    /// With `pipeline` (the request layer the NBD server's connections go through), a front end is
+    /// admitted by what its unix credentials prove (SO_PEERCRED: `--peer-domain`), as an NBD client
+    /// on the unix socket is; its requests are lease-checked, scheduled and charged by that layer.
+    public init(socketPath: String, exportName: String, queueCountMax: Int = 4, pipeline: RequestPipeline? = nil,
+                logger: Logger, openDevice: @escaping @Sendable () throws(BlockDeviceError) -> any BlockDevice) {
         self.socketPath = socketPath
-        self.tenancy = tenancy
-        self.deviceSlot = deviceSlot
+        self.pipeline = pipeline
         self.exportName = exportName
         self.queueCountMax = queueCountMax
         self.logger = logger
@@ -136,23 +133,23 @@ public final class VhostUserBlkServer: @unchecked Sendable {
             logger.error("vhost-user-blk: cannot open export \(exportName): \(error)")
             return
         }
-        var tenancySession: (service: TenancyService, session: TenancySession)?
-        if let tenancy {
+        var requestSession: RequestSession?
+        if let pipeline {
             var credentials = UnixPeerCredentials()
             var length = socklen_t(MemoryLayout<UnixPeerCredentials>.size)
             let identity = getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) == 0
                 ? PeerIdentity(unixCredentials: credentials) : PeerIdentity.unauthenticated
-            switch tenancy.openSession(device: device, identity: identity) {
+            switch pipeline.admit(device: device, identity: identity, door: .vhostUserBlk) {
             case .failure(let refusal):
                 logger.error("vhost-user-blk: front end refused", metadata: ["export": "\(exportName)", "reason": "\(refusal)"])
                 return
             case .success(let session):
-                tenancySession = (tenancy, session)
+                requestSession = session
             }
         }
         logger.notice("vhost-user-blk: front end connected",
-                      metadata: ["export": "\(exportName)", "socket": "\(socketPath)", "domain": "\(tenancySession?.session.domain.name ?? "-")"])
-        let session = VhostUserBlkSession(handler: VirtioBlkRequestHandler(device: device, tenancy: tenancySession, deviceSlot: deviceSlot),
+                      metadata: ["export": "\(exportName)", "socket": "\(socketPath)", "domain": "\(requestSession?.domain.name ?? "-")"])
+        let session = VhostUserBlkSession(handler: VirtioBlkRequestHandler(device: device, session: requestSession),
                                           queueCountMax: queueCountMax, logger: logger)
         defer {
             let completed = session.close()

@@ -91,22 +91,16 @@ public struct VirtioBlkRequestHandler: Sendable {
     public let segmentsMax: UInt32
     public let rangeSegmentsMax: UInt32
     public let rangeSectorsMax: UInt32
-    /// The connection's tenancy (nil: none): the lease is checked before each request and the
-    /// request charged after it, by the same code the NBD door uses (``TenancySession``).
-    public let tenancy: (service: TenancyService, session: TenancySession)?
-    /// With tenancy: waits for the device slot the I/O scheduler grants a request of the
-    /// session's domain and returns the call that frees it (nil when nothing is scheduled).
-    public let deviceSlot: DeviceSlotWait?
+    /// The connection's session in the request layer both doors share (nil: no tenancy): the
+    /// lease is checked before each request, the request waits for its device slot and is charged
+    /// after it, by the code NBD requests go through.
+    public let session: RequestSession?
     private let identifier: [UInt8]
 
-    public typealias DeviceSlotWait = @Sendable (_ domain: DomainID, _ cost: Double) throws -> (@Sendable () -> Void)?
-
-    public init(device: any BlockDevice, tenancy: (service: TenancyService, session: TenancySession)? = nil,
-                deviceSlot: DeviceSlotWait? = nil,
+    public init(device: any BlockDevice, session: RequestSession? = nil,
                 segmentsMax: UInt32 = 126, rangeSegmentsMax: UInt32 = 32, rangeSectorsMax: UInt32 = 1 << 22) {
         self.device = device
-        self.tenancy = tenancy
-        self.deviceSlot = deviceSlot
+        self.session = session
         self.segmentsMax = segmentsMax
         self.rangeSegmentsMax = rangeSegmentsMax
         self.rangeSectorsMax = rangeSectorsMax
@@ -136,6 +130,20 @@ public struct VirtioBlkRequestHandler: Sendable {
         return f
     }
 
+    /// Whether the chain is a read or write of at most ``quickBytesMax``: one that takes no longer
+    /// than the store's work on a few blocks, so a queue's thread may run it itself (a flush, a
+    /// discard or a large transfer go to an I/O thread, and the queue keeps taking requests meanwhile).
+    public func isQuick(_ chain: DescriptorChain) -> Bool {
+        guard let first = chain.readable.first, first.count >= 4 else { return false }
+        let type = UInt32(littleEndian: first.loadUnaligned(as: UInt32.self))
+        guard type == VirtioBlk.RequestType.read.rawValue || type == VirtioBlk.RequestType.write.rawValue else { return false }
+        let bytes = chain.readable.reduce(0) { $0 + $1.count } + chain.writable.reduce(0) { $0 + $1.count }
+        return bytes <= Self.quickBytesMax + 17
+    }
+
+    /// The largest read or write ``isQuick(_:)`` accepts.
+    static let quickBytesMax = 64 << 10
+
     /// Serves one request chain: header (16 readable bytes), data, status (the last writable byte).
     /// Returns the bytes written into the chain's writable buffers (what the used ring reports),
     /// or nil when the chain has no byte for the status (it cannot be answered; the caller
@@ -150,10 +158,10 @@ public struct VirtioBlkRequestHandler: Sendable {
         var usage = Usage()
         let started = ContinuousClock.now
         let (result, dataWritten) = serve(readable: chain.readable, inData: inData, usage: &usage)
-        if let tenancy, let kind = usage.kind {
+        if let session, let kind = usage.kind, !usage.refused {
             // Device time from the scheduler's grant, not from the arrival: waiting is not charged.
-            tenancy.service.charge(tenancy.session, kind, bytes: usage.bytes, deviceTime: ContinuousClock.now - (usage.granted ?? started),
-                                   failed: result != .ok, sources: usage.sources)
+            session.completed(kind, bytes: usage.bytes, deviceTime: ContinuousClock.now - (usage.granted ?? started),
+                              failed: result != .ok, sources: usage.sources)
         }
         status.storeBytes(of: result.rawValue, as: UInt8.self)
         return UInt32(clamping: dataWritten + 1)
@@ -167,20 +175,23 @@ public struct VirtioBlkRequestHandler: Sendable {
         var sources = ReadSources()
         /// When the request got its device slot (nil: it never did, or nothing is scheduled).
         var granted: ContinuousClock.Instant?
+        /// The lease refused it (the request layer charged and counted it already).
+        var refused = false
     }
 
     /// Whether the connection's lease allows the request (always without tenancy).
-    private func permitted(_ kind: IOKind) -> Bool {
-        guard let tenancy, tenancy.service.leasesEnforced else { return true }
-        return tenancy.service.permits(tenancy.session, kind)
+    private func permitted(_ kind: IOKind, _ usage: inout Usage) -> Bool {
+        guard let session, !session.permits(kind) else { return true }
+        usage.refused = true
+        return false
     }
 
     /// Waits for the scheduler's device slot for a request of `kind` moving `bytes`; returns the
     /// call that frees it, or nil when the domain's queue is full (the request fails).
     private func acquireSlot(_ kind: IOKind, usage: inout Usage) -> (@Sendable () -> Void)? {
-        guard let tenancy, let deviceSlot else { return {} }
+        guard let session else { return {} }
         do {
-            let release = try deviceSlot(tenancy.session.domain, IOCost.units(kind: kind, bytes: usage.bytes)) ?? {}
+            let release = try session.waitForSlot(kind, bytes: usage.bytes)
             usage.granted = ContinuousClock.now
             return release
         } catch {
@@ -203,7 +214,7 @@ public struct VirtioBlkRequestHandler: Sendable {
         switch request {
         case .read:
             usage.kind = .read
-            guard permitted(.read), outData.isEmpty, let offset = range(sector: sector, bytes: UInt64(inTotal)) else { return (.ioError, 0) }
+            guard permitted(.read, &usage), outData.isEmpty, let offset = range(sector: sector, bytes: UInt64(inTotal)) else { return (.ioError, 0) }
             usage.bytes = UInt64(inTotal)
             guard let release = acquireSlot(.read, usage: &usage) else { return (.ioError, 0) }
             defer { release() }
@@ -216,7 +227,7 @@ public struct VirtioBlkRequestHandler: Sendable {
         case .write:
             let outTotal = outData.reduce(0) { $0 + $1.count }
             usage.kind = .write
-            guard permitted(.write), inTotal == 0, let offset = range(sector: sector, bytes: UInt64(outTotal)) else { return (.ioError, 0) }
+            guard permitted(.write, &usage), inTotal == 0, let offset = range(sector: sector, bytes: UInt64(outTotal)) else { return (.ioError, 0) }
             guard !device.isReadOnly else { return (.ioError, 0) }
             usage.bytes = UInt64(outTotal)
             guard let release = acquireSlot(.write, usage: &usage) else { return (.ioError, 0) }
@@ -245,7 +256,7 @@ public struct VirtioBlkRequestHandler: Sendable {
             return (.ok, 0)
         case .flush:
             usage.kind = .flush
-            guard permitted(.flush), let release = acquireSlot(.flush, usage: &usage) else { return (.ioError, 0) }
+            guard permitted(.flush, &usage), let release = acquireSlot(.flush, usage: &usage) else { return (.ioError, 0) }
             defer { release() }
             do { try device.flush() } catch { return (.ioError, 0) }
             return (.ok, 0)
@@ -262,7 +273,7 @@ public struct VirtioBlkRequestHandler: Sendable {
             let outTotal = outData.reduce(0) { $0 + $1.count }
             let kind: IOKind = request == .discard ? .trim : .writeZeroes
             usage.kind = kind
-            guard permitted(kind), inTotal == 0, outTotal > 0, outTotal % VirtioBlk.rangeSegmentBytes == 0 else { return (.ioError, 0) }
+            guard permitted(kind, &usage), inTotal == 0, outTotal > 0, outTotal % VirtioBlk.rangeSegmentBytes == 0 else { return (.ioError, 0) }
             let count = outTotal / VirtioBlk.rangeSegmentBytes
             guard count <= Int(rangeSegmentsMax) else { return (.ioError, 0) }
             guard !device.isReadOnly else { return (.ioError, 0) }

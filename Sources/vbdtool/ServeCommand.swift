@@ -301,9 +301,9 @@ struct ServeCommand: AsyncParsableCommand {
             do {
                 _ = try store.openExport(named: export)
                 let server = VhostUserBlkServer(socketPath: socketPath, exportName: export, queueCountMax: vhostUserQueues,
-                                                tenancy: tenancy,
-                                                // With --schedule, the guests' requests queue with the NBD clients'.
-                                                deviceSlot: { domain, cost in try nbd.waitForDeviceSlot(domain: domain, cost: cost) },
+                                                // The NBD clients' request layer: one admission, lease check,
+                                                // scheduler (--schedule) and ledger for both doors.
+                                                pipeline: nbd.requestPipeline,
                                                 logger: Logger(label: "vbd.vhost-user-blk")) { () throws(BlockDeviceError) in
                     try store.openExport(named: export)
                 }
@@ -329,7 +329,8 @@ struct ServeCommand: AsyncParsableCommand {
             storeMetrics.addSource { sink in
                 // Per-domain accounting, credit and storage charge (issue 6).
                 let stats = tenancy.statistics(storage: tenancy.storageShares(usage: storeMetrics.usage()))
-                for metric in stats.metrics {
+                // And per front door (NBD, vhost-user-blk), from the request layer both share.
+                for metric in stats.metrics + (nbd.requestPipeline?.metrics ?? []) {
                     switch metric.kind {
                     case .counter: sink.counter(metric.name, metric.labels, metric.value, help: metric.help)
                     case .gauge: sink.gauge(metric.name, metric.labels, metric.value, help: metric.help)

@@ -6,8 +6,8 @@ import Testing
 import VBDAccounting
 import VBDCore
 
-/// `NBDServer.waitForDeviceSlot`: how a door outside SwiftNIO (vhost-user-blk) queues its requests
-/// in the same mClock scheduler as the NBD clients.
+/// `RequestSession.waitForSlot`: how a door outside SwiftNIO (vhost-user-blk) queues its requests
+/// in the mClock scheduler the NBD server attached to the request layer.
 @Suite struct DeviceSlotTests {
     func server(scheduling: Bool, store: TemporaryStore) async throws -> NBDServer {
         let service = try TenancyService(configuration: .init())
@@ -18,18 +18,24 @@ import VBDCore
         return server
     }
 
+    func session(_ server: NBDServer) throws -> RequestSession {
+        let pipeline = try #require(server.requestPipeline)
+        return try pipeline.admit(device: MemoryBlockDevice(name: "vol", size: 1 << 20), identity: .unauthenticated,
+                                  door: .vhostUserBlk).get()
+    }
+
     @Test func aSecondRequestWaitsForTheOnlySlot() async throws {
         let store = try TemporaryStore()
         defer { store.close() }
         let server = try await server(scheduling: true, store: store)
-        let first = try #require(try server.waitForDeviceSlot(domain: "a", cost: 1))
-        // A second request (another domain, as another door's would be) gets the slot only once
-        // the first frees it.
+        let session = try session(server)
+        let first = try session.waitForSlot(.read, bytes: 4096)
+        // A second request gets the slot only once the first frees it.
         let second = DispatchSemaphore(value: 0)
         let secondRelease = Mutex<(@Sendable () -> Void)?>(nil)
         Thread {
-            let release = try? server.waitForDeviceSlot(domain: "b", cost: 1)
-            secondRelease.withLock { $0 = release ?? nil }
+            let release = try? session.waitForSlot(.read, bytes: 4096)
+            secondRelease.withLock { $0 = release }
             second.signal()
         }.start()
         // Not granted while the slot is taken (were it granted, this wait would end at once).
@@ -45,7 +51,12 @@ import VBDCore
         let store = try TemporaryStore()
         defer { store.close() }
         let server = try await server(scheduling: false, store: store)
-        #expect(try server.waitForDeviceSlot(domain: "a", cost: 1) == nil)
+        let session = try session(server)
+        #expect(!session.pipeline.schedules)
+        // Two slots at once: nothing is scheduled, so nothing waits.
+        let first = try session.waitForSlot(.read, bytes: 4096)
+        let second = try session.waitForSlot(.read, bytes: 4096)
+        first(); second()
         await server.stop()
     }
 }

@@ -116,7 +116,7 @@ func kickAndWait(kick: Int32, call: Int32, guest: GuestRing, used: UInt16) throw
     func server(_ scratch: ScratchStore, export: String = "vol", tenancy: TenancyService? = nil) throws -> VhostUserBlkServer {
         let path = scratch.directory.appendingPathComponent("\(export.replacingOccurrences(of: "@", with: "-")).sock").path
         let store = scratch.store
-        let server = VhostUserBlkServer(socketPath: path, exportName: export, queueCountMax: 2, tenancy: tenancy,
+        let server = VhostUserBlkServer(socketPath: path, exportName: export, queueCountMax: 2, pipeline: tenancy.map { RequestPipeline(tenancy: $0) },
                                         logger: Logger(label: "test")) { () throws(BlockDeviceError) in
             try store.openExport(named: export)
         }
