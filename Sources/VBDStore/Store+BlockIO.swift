@@ -670,6 +670,11 @@ extension Store {
         let found = index.firstMatch(hash, hashOf: { self.chunks[UInt64($0)].hash }) { c in
             let e = chunks[UInt64(c)]
             guard e.group == group, e.rawBytes == bytes.count else { return false }
+            // A block the cache holds is compared where it lies (a main-tier entry is the chunk's
+            // verified bytes, see isTrustedHit); otherwise it is loaded and verified, then compared.
+            if let cache = options.cache, let same = cache.equals(cacheKey(UInt64(c)), bytes: bytes, group: group) {
+                return same
+            }
             return withUnsafeTemporaryAllocation(byteCount: bytes.count, alignment: 16) { tmp in
                 do { try loadChunk(UInt64(c), e, cacheKey: cacheKey(UInt64(c)), into: tmp, volume: volume, lockHeld: true) } catch { return false }
                 return memcmp(tmp.baseAddress!, bytes.baseAddress!, bytes.count) == 0
