@@ -185,7 +185,7 @@ for server in $SERVERS; do
     fi
     echo "load before $server: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/environment.txt"
     for job in $JOBS; do
-        printf '   %-20s' "$job" >&2
+        printf '   %-24s' "$job" >&2
         NBD_URI="$uri" FIO_RUNTIME="$FIO_RUNTIME" FIO_RAMP="$FIO_RAMP" \
             timeout $((FIO_RUNTIME + FIO_RAMP + 60)) \
             fio --output-format=json --output="$OUT/$server/$job.json" "$here/fio/$job.fio" >/dev/null &

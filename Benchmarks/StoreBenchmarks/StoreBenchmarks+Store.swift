@@ -158,6 +158,58 @@ func storeBenchmarks() {
         StoreFixture.stop()
     }
 
+    // Issue 14's in-process targets, per core: one sample is one 1 MiB request (256 data set
+    // blocks) written by one thread, with the product's cache as `vbdtool serve` has it; the
+    // request is prepared before the measurement starts. MB/s per core = 1 MiB / cpuTotal.
+    let perRequest = Benchmark.Configuration(
+        metrics: [.wallClock, .cpuTotal, .throughput, .mallocCountTotal],
+        scalingFactor: .one,
+        maxDuration: .seconds(4),
+        maxIterations: 2000
+    )
+    let requestBlocks = 256
+
+    // Store: unique writes, 1 MiB requests of data set blocks, each block stamped unique (fresh
+    // LBAs of a 1 TiB volume: no overwrites); implicit flushes amortized.
+    Benchmark("Store.uniqueWrite.1MiB", configuration: perRequest) { benchmark in
+        let f = StoreFixture.current!
+        let data = DataSet.shared
+        let request = UnsafeMutableRawBufferPointer.allocate(byteCount: requestBlocks * blockBytes, alignment: 4096)
+        defer { request.deallocate() }
+        for k in 0..<requestBlocks {
+            let slot = UnsafeMutableRawBufferPointer(rebasing: request[k * blockBytes..<(k + 1) * blockBytes])
+            slot.copyMemory(from: data.block(Int((f.counter + UInt64(k)) % UInt64(data.count))))
+            slot.storeBytes(of: (f.counter + UInt64(k)) | 0x8000_0000_0000_0000, toByteOffset: 0, as: UInt64.self)
+        }
+        benchmark.startMeasurement()
+        try f.volume.write(offset: f.counter * UInt64(blockBytes), data: UnsafeRawBufferPointer(request), fua: false)
+        benchmark.stopMeasurement()
+        f.counter += UInt64(requestBlocks)
+    } setup: {
+        try StoreFixture.start(cache: .blockCache)
+    } teardown: {
+        StoreFixture.stop()
+    }
+
+    // Store: duplicate writes, 1 MiB requests: blocks k..<k+256 of the 64 MiB written in setup
+    // (each already stored at LBA k...) written again at LBA filledBlocks + k: hash, index hit,
+    // byte comparison against the cached block, map update.
+    Benchmark("Store.duplicateWrite.1MiB", configuration: perRequest) { benchmark in
+        let f = StoreFixture.current!
+        let data = DataSet.shared
+        let k = Int(f.counter % UInt64(filledBlocks / requestBlocks)) * requestBlocks
+        let request = UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(data.bytes)[k * blockBytes..<(k + requestBlocks) * blockBytes])
+        benchmark.startMeasurement()
+        try f.volume.write(offset: UInt64((filledBlocks + k) * blockBytes), data: request, fua: false)
+        benchmark.stopMeasurement()
+        f.counter += 1
+    } setup: {
+        precondition(DataSet.shared.count >= filledBlocks, "the duplicate benchmark needs \(filledBlocks) data set blocks")
+        try StoreFixture.start(cache: .blockCache, fill: filledBlocks)
+    } teardown: {
+        StoreFixture.stop()
+    }
+
     // Store: overwrite of 64 KiB of incompressible bytes at a random aligned offset in the first
     // 256 MiB, with the product's cache: one scheduled piece of the hostile-workload bulk writer
     // (Benchmarks/hostile.sh). Every block is new, fails to compress and replaces an older one.
