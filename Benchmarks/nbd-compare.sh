@@ -10,6 +10,8 @@
 # Benchmarks/fio/ (fio's libnbd engine, one connection), stop it. Reads therefore read real ext4
 # blocks, and the write jobs write fresh, ~2:1 compressible data. Jobs run in a fixed order
 # (reads first, then writes, then the mix) against a server that is started afresh.
+# randwrite-dup-4k-qd32 writes one non-zero content over and over (duplicate writes); the table
+# ends with its IOPS divided by randwrite-4k-qd32's (unique writes) for every server.
 #
 # Servers (SERVERS selects and orders them):
 #   vbd            $VBDTOOL init/create/serve; the three commands can be replaced by VBD_INIT_CMD,
@@ -45,7 +47,7 @@ vbd_overridden=0
 [ -n "${VBD_INIT_CMD:-}" ] || VBD_INIT_CMD='{VBDTOOL} init --store {STORE}'
 [ -n "${VBD_CREATE_CMD:-}" ] || VBD_CREATE_CMD='{VBDTOOL} create {NAME} --size {SIZE} --store {STORE}'
 [ -n "${VBD_SERVE_CMD:-}" ] || VBD_SERVE_CMD='{VBDTOOL} serve --store {STORE} --listen 127.0.0.1:{PORT}'
-JOBS="${JOBS:-randread-4k-qd1 randread-4k-qd32 seqread-1m-qd8 randwrite-4k-qd1 randwrite-4k-qd32 seqwrite-1m-qd8 randrw70-4k-qd16}"
+JOBS="${JOBS:-randread-4k-qd1 randread-4k-qd32 seqread-1m-qd8 randwrite-4k-qd1 randwrite-4k-qd32 randwrite-dup-4k-qd32 seqwrite-1m-qd8 randrw70-4k-qd16}"
 SERVERS="${SERVERS:-vbd nbdkit-memory nbdkit-file qemu-nbd qemu-nbd-direct}"
 OUT="${OUT:-$here/results/nbd-compare-$(date -u +%Y%m%dT%H%M%SZ)}"
 PY=/usr/bin/python3
@@ -183,7 +185,7 @@ for server in $SERVERS; do
     fi
     echo "load before $server: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/environment.txt"
     for job in $JOBS; do
-        printf '   %-20s' "$job" >&2
+        printf '   %-24s' "$job" >&2
         NBD_URI="$uri" FIO_RUNTIME="$FIO_RUNTIME" FIO_RAMP="$FIO_RAMP" \
             timeout $((FIO_RUNTIME + FIO_RAMP + 60)) \
             fio --output-format=json --output="$OUT/$server/$job.json" "$here/fio/$job.fio" >/dev/null &
@@ -259,6 +261,16 @@ for name, cells in rows:
             c = cells[p]
             line.append("-" if v is None or c is None or c[0] == 0 else f"{v[0] / c[0]:.2f}")
     print("| " + " | ".join(line) + " |")
+
+# Duplicate writes against unique ones, per server (issue 14's target for vbd: >= 2x).
+pairs = []
+for s in servers:
+    dup, unique = result(s, "randwrite-dup-4k-qd32", "write"), result(s, "randwrite-4k-qd32", "write")
+    if dup and unique and unique[0] > 0:
+        pairs.append(f"{s} {dup[0] / unique[0]:.2f}x (CPU {dup[3]:.1f} / {unique[3]:.1f} us/IO)")
+if pairs:
+    print()
+    print("duplicate / unique 4k write IOPS (randwrite-dup-4k-qd32 / randwrite-4k-qd32): " + "; ".join(pairs))
 EOF
 echo "nbd-compare: results in $OUT" >&2
 [ ${#failed[@]} -eq 0 ] || { echo "nbd-compare: failed to start: ${failed[*]}" >&2; exit 1; }

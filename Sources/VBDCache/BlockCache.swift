@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 import VBDCore
 
@@ -116,6 +119,20 @@ public final class BlockCache: Sendable {
     /// Forgets `key` in both tiers. The store calls it when it frees the chunk, before reusing the key.
     public func remove(_ key: UInt64) {
         _ = shard(for: key).state.withLock { $0.remove(key) }
+    }
+
+    /// Whether the main tier's block for `key`, inserted by `group`, equals `bytes`: compared in
+    /// place under the shard's lock, with no copy out. Nil when the main tier does not hold it for
+    /// that group and size (the caller then loads the block the ordinary way). Not an access:
+    /// statistics and eviction order are unchanged. The store's dedup verification uses it.
+    public func equals(_ key: UInt64, bytes: UnsafeRawBufferPointer, group: SharingGroupID) -> Bool? {
+        guard bytes.count > 0 else { return nil }
+        return shard(for: key).state.withLock { shard -> Bool? in
+            shard.main.peek(key) { block -> Bool? in
+                guard block.owner.group == group, block.bytes.count == bytes.count else { return nil }
+                return block.bytes.withUnsafeBytes { memcmp($0.baseAddress!, bytes.baseAddress!, bytes.count) == 0 }
+            } ?? nil
+        }
     }
 
     /// True if either tier holds `key` (whatever its group). Not an access; for tests and tools.

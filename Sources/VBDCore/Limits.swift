@@ -28,6 +28,13 @@ public enum Limits {
     /// where a punched page costs a fresh, zeroed page and a block allocation on the next write
     /// (Benchmarks/README.md). Deleting a volume frees long runs, which go back to the file system.
     public static let holePunchRunBytesMin: UInt64 = 1 << 20
+    /// Most free space a flush keeps in the data file for reuse (as much as the writes around the
+    /// frees allocated) before it punches long freed runs: overwriting a volume frees long runs at
+    /// every flush, and the next writes landing in punched pages refault them
+    /// (Benchmarks/README.md, "Issue 14, second round"). One implicit flush's worth of 1 MiB
+    /// overwrites freed ~250 MiB there (`pendingJournalBytesMax` of journal names ~500 MiB of
+    /// writes), so 1 GiB keeps a steady overwrite from punching anything.
+    public static let unpunchedFreeBytesMax: UInt64 = 1 << 30
 
     // MARK: NBD (doc/proto.md; nbdkit's limits where the spec leaves it open)
 

@@ -84,6 +84,7 @@ public final class ConcurrentSimulation: @unchecked Sendable {
         options.checkpointJournalBytes = UInt64(2048 << rng.below(6))
         // Every freed page is punched at once: the punch and its races stay in every run.
         options.holePunchRunBytesMin = 4096
+        options.unpunchedFreeBytesMax = 0
         options.interleaving = scheduler
         // A few blocks' worth of cache: chunks come and go, and freed numbers are reused at once.
         let cacheBlocks = 2 + rng.below(30)

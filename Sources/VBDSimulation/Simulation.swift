@@ -138,6 +138,7 @@ public final class Simulation {
         options.checkpointJournalBytes = UInt64(1024 << rng.below(7))
         // Every freed page is punched at once: the punch and its races stay in every run.
         options.holePunchRunBytesMin = 4096
+        options.unpunchedFreeBytesMax = 0
         options.spaceReserveBytes = 16 << 10
         var p: [[UInt8]] = []
         var g = SimulationRandom(seed: seed ^ 0xA5A5)

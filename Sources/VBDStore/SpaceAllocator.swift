@@ -4,7 +4,9 @@ import VBDCore
 //
 // The data file is an array of 512-byte sectors; each chunk occupies a run of them. A bitmap
 // (1 bit per sector) says which are in use. Allocation is next-fit from a cursor with a bounded
-// scan, falling back to appending at the end, so a write never scans the whole bitmap.
+// scan, falling back to appending at the end, so a write never scans the whole bitmap. Each
+// release moves the cursor to the lowest word it freed, so the writes after a flush fill the
+// space that flush gave back.
 //
 // Freed space is not reusable at once. Until the journal records that freed it are durable, a
 // crash would bring back a state in which the old chunk still lives there, so overwriting it
@@ -15,6 +17,15 @@ import VBDCore
 // the scattered frees of overwrites, stay allocated in the file: allocation reuses them, and
 // writing into a page the page cache holds is far cheaper than into a punched one. `gc` punches
 // every free page.
+//
+// Long runs are punched only beyond a budget of free space kept for reuse: overwriting a volume
+// frees long runs at every flush, and punching them only for the next writes to refault the
+// same pages (a zeroed page, a block allocation, a discard) cost more than the writes' own copy
+// (Benchmarks/README.md, "Issue 14, second round"). The budget is twice what the writers
+// allocated while those frees were recorded (they will want as much again before the next
+// flush; halved per flush without writes), capped by `Store.Options.unpunchedFreeBytesMax`; frees with no
+// writes around them (a deleted volume, a trim) are punched as before. Punched pages are tracked (`punchedPages`) so the budget counts
+// only free space that still occupies the file.
 //
 // The punch runs outside the store lock, so the pages being punched stay marked in use until it
 // has finished (`releaseReservingPunches`, `finishPunches`): otherwise a writer could take those
@@ -28,6 +39,20 @@ struct SpaceAllocator {
     private var cursor: Int = 0
     /// Sectors freed in memory whose freeing is not yet durable.
     private(set) var deferred: [(sector: UInt64, count: Int)] = []
+    /// One bit per 4 KiB page of the file: free and hole-punched (no file block behind it).
+    private var punchedPages: [UInt64] = []
+    /// Sectors of the pages in `punchedPages` (8 per page).
+    private(set) var punchedFreeSectors: UInt64 = 0
+
+    /// Free sectors inside the file that still occupy file blocks (freed, not punched).
+    var unpunchedFreeSectors: UInt64 { endSector - usedSectors - punchedFreeSectors }
+    /// Sectors `allocate` handed out since the last `takeDeferred`.
+    private var allocatedSinceTake: UInt64 = 0
+    /// Sectors allocated between the last two `takeDeferred` calls (while the frees being
+    /// released were recorded), or half the previous figure if that is more: flushes that follow
+    /// each other closely (several writers finding the journal full) must not read as "no
+    /// writes". What a release keeps unpunched for reuse.
+    private(set) var recentlyAllocatedSectors: UInt64 = 0
 
     init() {}
 
@@ -56,6 +81,28 @@ struct SpaceAllocator {
         }
         usedSectors += UInt64(count)
         if end > endSector { endSector = end }
+        if punchedFreeSectors > 0 { unmarkPunched(firstPage: sector >> 3, lastPage: (end - 1) >> 3) }
+    }
+
+    /// Pages about to hold data again are no longer punched (the write gives them a block).
+    private mutating func unmarkPunched(firstPage: UInt64, lastPage: UInt64) {
+        for p in firstPage...lastPage {
+            let w = Int(p >> 6), b = p & 63
+            guard w < punchedPages.count, punchedPages[w] & (1 << b) != 0 else { continue }
+            punchedPages[w] &= ~(1 << b)
+            punchedFreeSectors -= 8
+        }
+    }
+
+    /// Records that the pages of `range` (4 KiB-aligned, free) were hole-punched.
+    private mutating func markPunched(_ range: (offset: UInt64, length: UInt64)) {
+        for p in range.offset / 4096..<(range.offset + range.length) / 4096 {
+            let w = Int(p >> 6), b = p & 63
+            if punchedPages.count <= w { punchedPages.append(contentsOf: repeatElement(0, count: w + 1 - punchedPages.count)) }
+            guard punchedPages[w] & (1 << b) == 0 else { continue }
+            punchedPages[w] |= 1 << b
+            punchedFreeSectors += 8
+        }
     }
 
     private mutating func ensure(_ sectors: UInt64) {
@@ -77,6 +124,7 @@ struct SpaceAllocator {
     /// for a word (64 sectors) at a time with bit operations, for at most `scanWordsMax` words.
     mutating func allocate(_ count: Int) -> UInt64 {
         precondition(count > 0)
+        allocatedSinceTake += UInt64(count)
         let freeInside = endSector - usedSectors
         // Reuse holes only when there is a fair amount of free space, so small holes in a full
         // file do not make every allocation scan; runs longer than a word are always appended.
@@ -121,6 +169,8 @@ struct SpaceAllocator {
     /// Takes the deferred frees recorded so far; the caller releases them after its flush.
     mutating func takeDeferred() -> [(sector: UInt64, count: Int)] {
         defer { deferred.removeAll() }
+        recentlyAllocatedSectors = max(allocatedSinceTake, recentlyAllocatedSectors / 2)
+        allocatedSinceTake = 0
         return deferred
     }
 
@@ -130,11 +180,16 @@ struct SpaceAllocator {
     }
 
     /// Marks sectors free; returns the 4 KiB-aligned byte ranges that are now entirely free and
-    /// at least `punchRunBytesMin` long, to be hole-punched.
-    mutating func release(_ frees: [(sector: UInt64, count: Int)],
-                          punchRunBytesMin: UInt64 = 4096) -> [(offset: UInt64, length: UInt64)] {
+    /// at least `punchRunBytesMin` long, to be hole-punched. With `unpunchedFreeBytesMax` above
+    /// zero, only as many of those runs (in file order) as bring the free space still occupying
+    /// the file down to the budget, twice `recentlyAllocatedSectors` but at most
+    /// `unpunchedFreeBytesMax`; the rest stay for reuse (see the notes).
+    mutating func release(_ frees: [(sector: UInt64, count: Int)], punchRunBytesMin: UInt64 = 4096,
+                          unpunchedFreeBytesMax: UInt64 = 0) -> [(offset: UInt64, length: UInt64)] {
         var pages = Set<UInt64>()
+        var lowestWord = Int.max
         for (sector, count) in frees {
+            lowestWord = min(lowestWord, Int(sector >> 6))
             for s in sector..<sector + UInt64(count) {
                 let w = Int(s >> 6), b = s & 63
                 precondition(bitmap[w] & (1 << b) != 0, "sector \(s) freed twice")
@@ -145,6 +200,10 @@ struct SpaceAllocator {
             let first = sector >> 3, last = (sector + UInt64(count) - 1) >> 3
             for p in first...last { pages.insert(p) }
         }
+        // The next allocations look here first: the space just freed, whose pages the file (and
+        // likely the page cache) still holds. A cursor left where a scan last failed would make
+        // every write until the next flush append, and the freed space pile up until punched.
+        if lowestWord < bitmap.count { cursor = lowestWord }
         var punch: [(offset: UInt64, length: UInt64)] = []
         for p in pages.sorted() {
             // 8 sectors per 4 KiB page: all free (one byte of the bitmap), and inside the file's
@@ -158,7 +217,20 @@ struct SpaceAllocator {
                 }
             }
         }
-        return punchRunBytesMin <= 4096 ? punch : punch.filter { $0.length >= punchRunBytesMin }
+        let long = punchRunBytesMin <= 4096 ? punch : punch.filter { $0.length >= punchRunBytesMin }
+        guard unpunchedFreeBytesMax > 0 else { return long }
+        // Twice the recent allocations: frees arrive in bursts at flushes while allocations
+        // spread over the interval, so what one interval did not reuse is still wanted next.
+        let budget = min(unpunchedFreeBytesMax, 2 * recentlyAllocatedSectors * UInt64(Limits.sectorBytes))
+        let unpunchedFreeBytes = unpunchedFreeSectors * UInt64(Limits.sectorBytes)
+        guard unpunchedFreeBytes > budget else { return [] }
+        var excess = unpunchedFreeBytes - budget
+        var chosen: [(offset: UInt64, length: UInt64)] = []
+        for run in long where excess > 0 {
+            chosen.append(run)
+            excess -= min(excess, run.length)
+        }
+        return chosen
     }
 
     /// Every fully free 4 KiB page inside the file, as runs, each marked in use until
@@ -198,16 +270,20 @@ struct SpaceAllocator {
 
     /// `release`, but the pages to punch stay marked in use (not counted in `usedSectors`) until
     /// `finishPunches`, so no allocation can take them while the punch runs outside the lock.
-    mutating func releaseReservingPunches(_ frees: [(sector: UInt64, count: Int)],
-                                          punchRunBytesMin: UInt64) -> [(offset: UInt64, length: UInt64)] {
-        let punches = release(frees, punchRunBytesMin: punchRunBytesMin)
+    mutating func releaseReservingPunches(_ frees: [(sector: UInt64, count: Int)], punchRunBytesMin: UInt64,
+                                          unpunchedFreeBytesMax: UInt64 = 0) -> [(offset: UInt64, length: UInt64)] {
+        let punches = release(frees, punchRunBytesMin: punchRunBytesMin, unpunchedFreeBytesMax: unpunchedFreeBytesMax)
         for p in punches { setPageBits(p, inUse: true) }
         return punches
     }
 
-    /// The punches from `releaseReservingPunches` are done (or failed): their pages are free.
-    mutating func finishPunches(_ punches: [(offset: UInt64, length: UInt64)]) {
-        for p in punches { setPageBits(p, inUse: false) }
+    /// The punches from `releaseReservingPunches` are done: their pages are free and, unless
+    /// `punched` is false (the punch failed), hold no file blocks.
+    mutating func finishPunches(_ punches: [(offset: UInt64, length: UInt64)], punched: Bool = true) {
+        for p in punches {
+            setPageBits(p, inUse: false)
+            if punched { markPunched(p) }
+        }
     }
 
     private mutating func setPageBits(_ range: (offset: UInt64, length: UInt64), inUse: Bool) {
@@ -232,5 +308,10 @@ struct SpaceAllocator {
         endSector = end
         bitmap.removeLast(bitmap.count - Int((end + 63) >> 6))
         if cursor >= bitmap.count { cursor = 0 }
+        // Pages past the new end are gone from the file; count only those before it.
+        let pages = (end + 7) >> 3
+        if punchedPages.count > Int((pages + 63) >> 6) { punchedPages.removeLast(punchedPages.count - Int((pages + 63) >> 6)) }
+        if pages & 63 != 0, let lastWord = punchedPages.indices.last { punchedPages[lastWord] &= (1 << (pages & 63)) - 1 }
+        punchedFreeSectors = 8 * UInt64(punchedPages.reduce(0) { $0 + $1.nonzeroBitCount })
     }
 }

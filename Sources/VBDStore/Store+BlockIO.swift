@@ -700,6 +700,11 @@ extension Store {
                 let e = try chunks.entry(c, pager: pager)
                 guard e.group == group, e.rawBytes == bytes.count else { return false }
                 let key = try cacheKey(c)
+                // A block the cache holds is compared where it lies (a main-tier entry is the chunk's
+                // verified bytes, see isTrustedHit); otherwise it is loaded and verified, then compared.
+                if let cache = options.cache, let same = cache.equals(key, bytes: bytes, group: group) {
+                    return same
+                }
                 return withUnsafeTemporaryAllocation(byteCount: bytes.count, alignment: 16) { tmp in
                     do { try loadChunk(c, e, cacheKey: key, into: tmp, volume: volume, lockHeld: true) } catch { return false }
                     return memcmp(tmp.baseAddress!, bytes.baseAddress!, bytes.count) == 0

@@ -220,7 +220,8 @@ extension Store {
         // The pages to punch stay reserved until punched: a writer taking them in between would
         // have its acknowledged chunk erased by the punch (see SpaceAllocator.swift).
         let punches = mutex.withLock {
-            space.releaseReservingPunches(frees, punchRunBytesMin: options.holePunchRunBytesMin)
+            space.releaseReservingPunches(frees, punchRunBytesMin: options.holePunchRunBytesMin,
+                                          unpunchedFreeBytesMax: options.unpunchedFreeBytesMax)
         }
         punchReserved(punches)
     }
@@ -513,7 +514,8 @@ extension Store {
         fallbackRoot = nil
         // Generations before the one the other slot names are named by no slot and no chain now.
         removeGenerationFiles { $0 < prepared.keepFrom }
-        let punches = space.release(prepared.frees, punchRunBytesMin: options.holePunchRunBytesMin)
+        let punches = space.release(prepared.frees, punchRunBytesMin: options.holePunchRunBytesMin,
+                                    unpunchedFreeBytesMax: options.unpunchedFreeBytesMax)
         for p in punches { try? dataFile.punchHole(offset: p.offset, length: p.length) }
         pager.trim()
     }

@@ -75,6 +75,10 @@ public final class Store: @unchecked Sendable {
         /// many bytes; shorter runs stay allocated for new chunks (SpaceAllocator.swift). `gc`
         /// punches every free page. 4096 punches every free page at every flush.
         public var holePunchRunBytesMin: UInt64 = Limits.holePunchRunBytesMin
+        /// Most free bytes a flush keeps in the data file for reuse before punching long runs, as
+        /// much as writes allocated meanwhile (SpaceAllocator.swift; 0: punch every long run at
+        /// once). `gc` punches regardless.
+        public var unpunchedFreeBytesMax: UInt64 = Limits.unpunchedFreeBytesMax
         /// The store secret for a new store; nil = from the system CSPRNG. The simulator fixes it
         /// so that a seed replays exactly.
         public var secretForNewStore: UInt64?

@@ -173,4 +173,12 @@ public protocol ChunkCache: AnyObject, Sendable {
     func removalToken(for key: UInt64) -> UInt64
     /// Inserts unless `key` may have been removed since `token` (then it does nothing).
     func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, volume: UInt64, group: SharingGroupID, ifUnremovedSince token: UInt64)
+    /// Whether the cached block of `key` (inserted by `group`, verified on entry) equals `bytes`,
+    /// compared where it lies; nil when the answer needs the chunk loaded (not held, another tier).
+    func equals(_ key: UInt64, bytes: UnsafeRawBufferPointer, group: SharingGroupID) -> Bool?
+}
+
+extension ChunkCache {
+    /// A cache that cannot compare in place: dedup verification loads the chunk.
+    public func equals(_ key: UInt64, bytes: UnsafeRawBufferPointer, group: SharingGroupID) -> Bool? { nil }
 }

@@ -27,6 +27,29 @@ import VBDCore
         #expect(stats.bytesHeld == 4096 && stats.entries == 1)
     }
 
+    /// The store's dedup verification compares against the main tier in place: equal bytes,
+    /// different bytes, and no answer (nil) for another group, another size, a block not held or
+    /// removed. Not an access: the statistics do not move.
+    @Test func equalsComparesTheMainTierBlockInPlaceForItsGroupOnly() {
+        let cache = smallCache(mainBlocks: 2, lastChanceBlocks: 4)
+        let bytes = blockBytes(for: 7)
+        cache.insert(7, bytes, owner: alice)
+        let before = cache.statistics
+        var other = bytes
+        other[4095] ^= 1
+        bytes.withUnsafeBytes { #expect(cache.equals(7, bytes: $0, group: alice.group) == true) }
+        bytes.withUnsafeBytes { #expect(cache.equals(7, bytes: $0, group: aliceClone.group) == true, "same group, other volume") }
+        other.withUnsafeBytes { #expect(cache.equals(7, bytes: $0, group: alice.group) == false) }
+        bytes.withUnsafeBytes { #expect(cache.equals(7, bytes: $0, group: mallory.group) == nil, "another group's block") }
+        bytes.withUnsafeBytes { #expect(cache.equals(8, bytes: $0, group: alice.group) == nil, "not held") }
+        Array(bytes[0..<512]).withUnsafeBytes { #expect(cache.equals(7, bytes: $0, group: alice.group) == nil, "other size") }
+        let after = cache.statistics
+        #expect(after.hits == before.hits && after.misses == before.misses && after.isolationRefusals == before.isolationRefusals)
+        cache.insert(8, blockBytes(for: 8), owner: alice)
+        cache.remove(8)
+        blockBytes(for: 8).withUnsafeBytes { #expect(cache.equals(8, bytes: $0, group: alice.group) == nil, "removed") }
+    }
+
     @Test func removeForgetsBlockInBothTiers() {
         let cache = smallCache(mainBlocks: 4, lastChanceBlocks: 64)
         for key in 0..<20 as Range<UInt64> { cache.insert(key, blockBytes(for: key), owner: alice) }

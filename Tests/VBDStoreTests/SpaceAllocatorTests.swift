@@ -62,4 +62,69 @@ import Testing
         space.finishPunches(all)
         #expect(space.usedSectors == used + 8)
     }
+
+    /// Long freed runs stay in the file for reuse as far as writes allocated while they were
+    /// freed (an overwrite), up to the cap; frees with no writes around them (a delete) are
+    /// punched. Punched pages do not count against the budget, and stop counting as punched
+    /// once an allocation takes them.
+    @Test func longRunsFreedByOverwritesStayForReuseUpToTheBudget() {
+        let mib = 1 << 20, pageSectors = 8
+        var space = SpaceAllocator()
+        // 4 MiB written: 1024 pages of 8 sectors, in order.
+        let pages = (0..<1024).map { _ in space.allocate(pageSectors) }
+        _ = space.takeDeferred()   // a flush: the fill's allocations are history
+        // An overwrite of the first 2 MiB: 2 MiB allocated while the old 2 MiB are freed.
+        for k in 0..<512 {
+            _ = space.allocate(pageSectors)
+            space.deferFree(pages[k], count: pageSectors)
+        }
+        var frees = space.takeDeferred()
+        #expect(space.recentlyAllocatedSectors == UInt64(512 * pageSectors))
+        var punches = space.releaseReservingPunches(frees, punchRunBytesMin: UInt64(mib), unpunchedFreeBytesMax: 64 << 20)
+        #expect(punches.isEmpty, "an overwrite's freed run stays for the writes that follow")
+        #expect(space.unpunchedFreeSectors == UInt64(512 * pageSectors))
+        // The cap bounds what stays: with 1 MiB allowed, 1 MiB of the 2 MiB run is punched.
+        var capped = SpaceAllocator()
+        let cappedPages = (0..<1024).map { _ in capped.allocate(pageSectors) }
+        _ = capped.takeDeferred()
+        for k in 0..<512 { _ = capped.allocate(pageSectors); capped.deferFree(cappedPages[k], count: pageSectors) }
+        let cappedPunches = capped.releaseReservingPunches(capped.takeDeferred(), punchRunBytesMin: UInt64(mib),
+                                                           unpunchedFreeBytesMax: UInt64(mib))
+        #expect(cappedPunches.map(\.length) == [UInt64(2 * mib)], "one run, punched whole: it is all the excess's")
+        // A delete: the last 2 MiB freed with nothing allocated meanwhile are punched.
+        for k in 512..<1024 { space.deferFree(pages[k], count: pageSectors) }
+        frees = space.takeDeferred()
+        punches = space.releaseReservingPunches(frees, punchRunBytesMin: UInt64(mib), unpunchedFreeBytesMax: 64 << 20)
+        #expect(punches.count == 1 && punches[0].offset == 512 * 4096 && punches[0].length == UInt64(2 * mib))
+        let free = space.endSector - space.usedSectors
+        space.finishPunches(punches)
+        #expect(space.punchedFreeSectors == UInt64(512 * pageSectors))
+        #expect(space.unpunchedFreeSectors == free - UInt64(512 * pageSectors))
+        // Budget 0 is the old policy: every long run is punched at once.
+        var eager = SpaceAllocator()
+        let eagerPages = (0..<512).map { _ in eager.allocate(pageSectors) }
+        for k in 0..<512 { _ = eager.allocate(pageSectors); eager.deferFree(eagerPages[k], count: pageSectors) }
+        #expect(eager.releaseReservingPunches(eager.takeDeferred(), punchRunBytesMin: UInt64(mib)).count == 1)
+    }
+
+    /// An allocation that lands in a punched page gives it a file block again: it no longer
+    /// counts as punched, and the free rest of the file is counted as unpunched.
+    @Test func allocatingInAPunchedPageEndsItsPunchedState() {
+        var space = SpaceAllocator()
+        let pages = (0..<256).map { _ in space.allocate(8) }
+        let punches = space.releaseReservingPunches(pages.map { (sector: $0, count: 8) }, punchRunBytesMin: 4096)
+        #expect(punches.count == 1 && punches[0].length == 256 * 4096)
+        space.finishPunches(punches)
+        #expect(space.punchedFreeSectors == 256 * 8 && space.unpunchedFreeSectors == 0)
+        // Scattered allocations of 2 sectors reuse the punched pages.
+        var taken = Set<UInt64>()
+        for _ in 0..<64 { taken.insert(space.allocate(2) >> 3) }
+        #expect(space.endSector == 256 * 8, "the holes were reused")
+        #expect(space.punchedFreeSectors == UInt64(256 - taken.count) * 8)
+        #expect(space.unpunchedFreeSectors == UInt64(taken.count) * 8 - 64 * 2)
+        // gc re-punches every free page: afterwards every wholly free page counts as punched.
+        let all = space.reserveFreePagesForPunching()
+        space.finishPunches(all)
+        #expect(space.punchedFreeSectors == all.reduce(0) { $0 + $1.length } / 512)
+    }
 }
