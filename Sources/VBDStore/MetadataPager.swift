@@ -526,6 +526,14 @@ final class MetadataPager {
         guard page.rawValue < root.pageCount else {
             throw StoreError.corrupted("\(page) is past the end of the page table (\(root.pageCount) pages)")
         }
+        return try descend(to: page, writable: writable)
+    }
+
+    /// Walks from the root to the page-table page holding `page`'s entry. `writable` marks the
+    /// path dirty; `makeMissing` (given only with `writable`) makes a child the path lacks, at the
+    /// level given (1 = a page-table page), instead of failing.
+    private func descend(to page: PageNumber, writable: Bool,
+                         makeMissing: ((_ level: Int) throws -> PageNumber)? = nil) throws -> (PageTablePage, Int) {
         var current = root.page
         var version = root.version
         var level = root.levels
@@ -535,11 +543,15 @@ final class MetadataPager {
             var directory = try object(current, version: { v }, as: PageDirectoryPage.self)
             if writable { directory = makeWritable(current, as: PageDirectoryPage.self) }
             let span = PageTable.capacity(levels: level - 1)
-            let child = directory.children[Int(index / span)]
+            let slot = Int(index / span)
             index %= span
-            guard child.page != .none else { throw StoreError.corrupted("the page table has no page for \(page)") }
-            current = child.page
-            version = child.version
+            if directory.children[slot].page == .none {
+                guard let makeMissing else { throw StoreError.corrupted("the page table has no page for \(page)") }
+                // An unwritten pointer lives only until the commit that writes the child.
+                directory.children[slot] = (try makeMissing(level - 1), .unwritten)
+            }
+            current = directory.children[slot].page
+            version = directory.children[slot].version
             level -= 1
         }
         let v = version
@@ -671,27 +683,11 @@ final class MetadataPager {
             root = PageTableRoot(page: topPage, version: .unwritten, levels: root.levels + 1, pageCount: root.pageCount)
             created.append((topPage, .pageDirectory))
         }
-        var current = root.page
-        var version = root.version
-        var level = root.levels
-        var index = page.rawValue
-        while level > 1 {
-            let v = version
-            _ = try object(current, version: { v }, as: PageDirectoryPage.self)
-            let directory = makeWritable(current, as: PageDirectoryPage.self)
-            let span = PageTable.capacity(levels: level - 1)
-            let slot = Int(index / span)
-            index %= span
-            if directory.children[slot].page == .none {
-                let kind: PageKind = level == 2 ? .pageTable : .pageDirectory
-                let child = try newStructuralPage(level == 2 ? PageTablePage() : PageDirectoryPage(), kind: kind)
-                // An unwritten pointer lives only until the commit that writes the child.
-                directory.children[slot] = (child, .unwritten)
-                created.append((child, kind))
-            }
-            current = directory.children[slot].page
-            version = directory.children[slot].version
-            level -= 1
+        _ = try descend(to: page, writable: true) { level in
+            let kind: PageKind = level == 1 ? .pageTable : .pageDirectory
+            let child = try self.newStructuralPage(level == 1 ? PageTablePage() : PageDirectoryPage(), kind: kind)
+            created.append((child, kind))
+            return child
         }
         for (p, kind) in created {
             // Each new structural page needs its own entry (which may need more table).
