@@ -684,6 +684,8 @@ extension Store {
                                           "the vbdtool that wrote it and import them into a new store")
         }
         guard !slots.isEmpty else { throw StoreError.corrupted("no valid superblock in \(directory.path)") }
+        guard directory.fileExists("meta") else { throw StoreError.corrupted("meta, which the superblock names, is missing") }
+        metaFile = try directory.openFile("meta", create: false)
         // The newest slot whose image table reads back intact (which checks the page-table path
         // to it); the older slot's pages stay untouched until a newer commit is durable.
         var chosen: SuperblockSlot?

@@ -216,12 +216,10 @@ public final class Store: @unchecked Sendable {
                 guard directory.fileExists("superblock") else { throw StorageError.notFound("superblock") }
                 superblockFile = try directory.openFile("superblock", create: false)
                 dataFile = try directory.openFile("data", create: false)
-                guard directory.fileExists("meta") else {
-                    throw StorageError.io("format")
-                }
-                metaFile = try directory.openFile("meta", create: false)
-                // `recover` picks the generation; until then the journal handle points at the
-                // superblock file, which nothing writes through it, and the pager is empty.
+                // `recover` opens `meta` (after the superblock says which format this is) and picks
+                // the generation; until then the journal and meta handles point at the superblock
+                // file, which nothing writes through them, and the pager is empty.
+                metaFile = superblockFile
                 journalFile = superblockFile
                 pager = MetadataPager.create(file: metaFile, budgetBytes: options.metadataCacheBytes, firstGeneration: 1)
             }
@@ -231,11 +229,6 @@ public final class Store: @unchecked Sendable {
         } catch StorageError.notFound {
             directory.unlock()
             throw StoreError.notInitialized(path: directory.path)
-        } catch StorageError.io("format") {
-            directory.unlock()
-            throw StoreError.notSupported("the store at \(directory.path) has on-disk format 1 (metadata in checkpoint files); " +
-                                          "this vbdtool reads format 2 (metadata pages, docs/FORMAT.md): copy its volumes out with " +
-                                          "the vbdtool that wrote it and import them into a new store")
         } catch let e as StorageError {
             directory.unlock()
             throw StoreError(e)
