@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Metadata at scale (issue 15): builds a store of CHUNKS unique 4 KiB blocks and measures what the
+# metadata costs as it grows.
+#
+#   VBDTOOL=.build/release/vbdtool Benchmarks/metadata-scale.sh CHUNKS [METADATA_CACHE]
+#
+# 1. fill: fio writes CHUNKS * 4 KiB of fresh, 2:1 compressible data over NBD (one chunk per
+#    block: refill_buffers), then `vbdtool gc` commits it;
+# 2. commit stall: a QD1 4 KiB random reader runs for STALL_SECONDS (default 20) beside a QD8
+#    random writer of fresh data; `vbdtool gc` (a flush and a commit of every changed metadata
+#    page) runs STALL_GC_COUNT times (default 3) in the middle. Printed: the reader's largest
+#    latency, its p99.9, the same reader's largest latency with no gc (a second run), and how
+#    long each gc took;
+# 3. open: the server stops cleanly (a commit), then `vbdtool list` (which opens the store
+#    itself, reads the superblock and replays the journal) is timed, and so is a second serve's
+#    start until its socket answers;
+# 4. sizes: the data file, meta, and the server's peak RSS (VmHWM) against the metadata cache.
+# Everything runs in a temporary directory (TMPDIR) that is removed at the end.
+set -euo pipefail
+chunks=${1:?usage: metadata-scale.sh CHUNKS [METADATA_CACHE]}
+cache=${2:-256M}
+vbdtool=${VBDTOOL:-$(cd "$(dirname "$0")/.." && pwd)/.build/release/vbdtool}
+stall_seconds=${STALL_SECONDS:-20}
+gc_count=${STALL_GC_COUNT:-3}
+work=$(mktemp -d "${TMPDIR:-/tmp}/vbd-scale.XXXXXX")
+store=$work/store
+sock=$work/nbd.sock
+server=
+cleanup() {
+    [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+now() { date +%s.%N; }
+serve() {
+    # A small block cache, so that the peak RSS is mostly metadata.
+    "$vbdtool" serve --store "$store" --unix "$sock" --metadata-cache "$cache" --cache-size 64M --last-chance-size 0 --log-level warning &
+    server=$!
+    for _ in $(seq 1 600); do
+        [ -S "$sock" ] && nbdinfo --size "nbd+unix:///vol?socket=$sock" >/dev/null 2>&1 && return 0
+        sleep 0.05
+    done
+    echo "server did not start" >&2; exit 1
+}
+stop() { kill -TERM "$server"; wait "$server" || true; server=; }
+fio_job() {  # name, extra fio options...
+    local name=$1; shift
+    fio --name="$name" --ioengine=nbd --uri="nbd+unix:///vol?socket=$sock" --output-format=json \
+        --refill_buffers=1 --buffer_compress_percentage=50 --buffer_compress_chunk=4096 "$@"
+}
+
+bytes=$((chunks * 4096))
+"$vbdtool" init --store "$store" >/dev/null
+"$vbdtool" create --store "$store" vol --size "$bytes" >/dev/null
+serve
+echo "store: $chunks chunks ($((bytes >> 20)) MiB of unique 4 KiB blocks), metadata cache $cache, vbdtool $vbdtool"
+
+t0=$(now)
+fio_job fill --rw=write --bs=1M --iodepth=8 --size="$bytes" >"$work/fill.json"
+t1=$(now)
+"$vbdtool" gc --store "$store" >/dev/null
+t2=$(now)
+printf 'fill: %.1f s (%.0f MiB/s), first gc (commit of the fill): %.2f s\n' \
+    "$(echo "$t1 - $t0" | bc)" "$(echo "$bytes / 1048576 / ($t1 - $t0)" | bc -l)" "$(echo "$t2 - $t1" | bc)"
+
+reader() {  # prints max and p99.9 latency in ms of a QD1 4k random reader
+    fio_job reader --rw=randread --bs=4k --iodepth=1 --time_based=1 --runtime="$stall_seconds" \
+        --lat_percentiles=1 --clat_percentiles=0 --percentile_list=99.9 >"$work/$1.json" 2>"$work/$1.err" || { cat "$work/$1.err" >&2; exit 1; }
+    /usr/bin/python3 -c '
+import json, sys
+text = open(sys.argv[1]).read()
+j = json.loads(text[text.index("{"):])["jobs"][0]["read"]["lat_ns"]   # fio prints a line before its JSON
+p = j.get("percentile", {})
+print("%.1f %.2f" % (j["max"] / 1e6, float(next(iter(p.values()), 0)) / 1e6))' "$work/$1.json"
+}
+writer() {
+    fio_job writer --rw=randwrite --bs=4k --iodepth=8 --time_based=1 --runtime="$stall_seconds" >/dev/null
+}
+
+# Baseline: reader beside the writer, no gc.
+writer & w=$!
+base=$(reader base)
+wait $w
+# With commits in the middle.
+writer & w=$!
+reader gc >"$work/gc-result" & r=$!
+sleep $((stall_seconds / 4))
+gcs=()
+for _ in $(seq 1 "$gc_count"); do
+    s=$(now); "$vbdtool" gc --store "$store" >/dev/null; e=$(now)
+    gcs+=("$(printf '%.3f' "$(echo "$e - $s" | bc)")")
+    sleep 1
+done
+wait $r; wait $w
+withgc=$(cat "$work/gc-result")
+echo "QD1 4k reader beside a QD8 writer, ${stall_seconds} s: max / p99.9 latency (ms)"
+echo "  without gc: $base"
+echo "  with $gc_count gc: $withgc   (gc took ${gcs[*]} s)"
+
+rss=$(awk '/VmHWM/ {print $2 " " $3}' "/proc/$server/status")
+stop
+s=$(now); "$vbdtool" list --store "$store" >/dev/null; e=$(now)
+printf 'open after a clean stop: vbdtool list %.3f s\n' "$(echo "$e - $s" | bc)"
+s=$(now); serve; e=$(now)
+printf '                         serve until its socket answers %.3f s\n' "$(echo "$e - $s" | bc)"
+stop
+echo "data file $(du -h --apparent-size "$store/data" | cut -f1), meta $(du -h --apparent-size "$store/meta" | cut -f1) ($(du -h "$store/meta" | cut -f1) on disk), server peak RSS $rss"
