@@ -128,7 +128,7 @@ extension Store {
     /// With `mutex` held: writes the queued records and then `records` as one frame at the end
     /// of the current journal and syncs it; the queue is empty afterwards. `step` names the step
     /// that was running when an error is thrown ("journal write" changed nothing durable).
-    func appendFrameLocked(_ records: [JournalRecord], step: inout String) throws(StorageError) {
+    func appendFrameLocked(_ records: [JournalRecord], step: inout String, sync: Bool = true) throws(StorageError) {
         mutex.assertOwned("appendFrameLocked")
         var batch = BinaryWriter(capacity: pending.bytes.count + 256)
         batch.raw(pending.bytes)
@@ -136,8 +136,10 @@ extension Store {
         let frame = JournalFrame.encode(generation: generation, sequence: journalSequence, payload: batch.bytes)
         step = "journal write"
         try writeUsingSpaceReserve(frame, to: journalFile, at: journalEnd)
-        step = "fdatasync of journal-\(generation)"
-        try journalFile.sync()
+        if sync {
+            step = "fdatasync of journal-\(generation)"
+            try journalFile.sync()
+        }
         journalEnd += UInt64(frame.count)
         journalSequence += 1
         pending = BinaryWriter()
@@ -327,6 +329,9 @@ struct PreparedCommit {
     /// The generation the other superblock slot names once this one is durable.
     var keepFrom: UInt64
     var frees: [(sector: UInt64, count: Int)]
+    /// The journal that got the seal frame, written but not yet synced: `writePreparedCommit`
+    /// syncs the data file and then it, before any page.
+    var sealedJournal: any StorageFile
 }
 
 extension Store {
@@ -357,9 +362,20 @@ extension Store {
                     throw error == .noSpace ? StoreError.noSpace : StoreError.io("checkpoint failed growing meta: \(error)")
                 }
             }
-            let prepared: PreparedCommit = try mutex.withLock {
-                if let poisoned { throw StoreError.io("store is read-only: \(poisoned)") }
-                return try prepareCommitLocked()
+            // The next journal is created, synced and its directory entry made durable before the
+            // lock is taken too: I/O under the lock is only the seal frame's write.
+            let newGeneration = mutex.withLock { nextCommitGeneration }
+            let journal = try createJournal(generation: newGeneration)
+            let prepared: PreparedCommit
+            do {
+                prepared = try mutex.withLock {
+                    if let poisoned { throw StoreError.io("store is read-only: \(poisoned)") }
+                    return try prepareCommitLocked(journal: journal, generation: newGeneration)
+                }
+            } catch {
+                journal.close()
+                if !closed { try? directory.removeFile("journal-\(newGeneration)") }
+                throw error
             }
             do {
                 try writePreparedCommit(prepared)
@@ -391,7 +407,8 @@ extension Store {
 
     /// The whole commit with `mutex` held throughout (a new store's first commit).
     func commitHoldingLock() throws {
-        let prepared = try prepareCommitLocked()
+        let newGeneration = nextCommitGeneration
+        let prepared = try prepareCommitLocked(journal: try createJournal(generation: newGeneration), generation: newGeneration)
         do { try writePreparedCommit(prepared) } catch {
             pager.abandonCommit(prepared.batch)
             failure = "checkpoint failed at \(error.step) (\(error.error))"
@@ -410,14 +427,46 @@ extension Store {
 
     /// With `mutex` (and `flushMutex`) held: seals the journal, opens the next one and freezes
     /// the changed pages. A failure leaves the store as it was (and writable, unless a sync failed).
-    func prepareCommitLocked() throws -> PreparedCommit {
-        mutex.assertOwned("prepareCommitLocked")
-        if options.readOnly { throw StoreError.io("the store was opened read-only") }
-        // Normally the next number, whose superblock slot is the previous generation's. After a
-        // fallback, or a crash in the middle of a commit, the slot of the generation recovery
-        // started from is the only way back until this commit is durable: skip to the other parity.
+    /// The generation the next commit writes. Normally the next number, whose superblock slot is
+    /// the previous generation's. After a fallback, or a crash in the middle of a commit, the slot
+    /// of the generation recovery started from is the only way back until this commit is durable:
+    /// skip to the other parity. Changes only with a commit (`flushMutex`).
+    var nextCommitGeneration: UInt64 {
         var newGeneration = generation + 1
         if let root = fallbackRoot, newGeneration % 2 == root % 2 { newGeneration += 1 }
+        return newGeneration
+    }
+
+    /// A new, empty, synced `journal-G` whose directory entry is durable: the superblock must never
+    /// name a file a crash could drop.
+    func createJournal(generation: UInt64) throws -> any StorageFile {
+        var step = "creating journal-\(generation)"
+        do throws(StorageError) {
+            let journal = try directory.openFile("journal-\(generation)", create: true)
+            do {
+                try journal.truncate(to: 0)
+                try journal.sync()
+                step = "fsync of the store directory"
+                try directory.syncDirectory()
+            } catch {
+                journal.close()
+                throw error
+            }
+            return journal
+        } catch {
+            if !closed { try? directory.removeFile("journal-\(generation)") }
+            if error == .noSpace { throw StoreError.noSpace }
+            throw StoreError.io("checkpoint failed at \(step): \(error)")
+        }
+    }
+
+    /// With `mutex` (and `flushMutex`) held: seals the journal (a write; `writePreparedCommit`
+    /// syncs it), switches to `journal`, and freezes the changed pages. A failure leaves the store
+    /// as it was and writable.
+    func prepareCommitLocked(journal: any StorageFile, generation newGeneration: UInt64) throws -> PreparedCommit {
+        mutex.assertOwned("prepareCommitLocked")
+        if options.readOnly { throw StoreError.io("the store was opened read-only") }
+        precondition(newGeneration == nextCommitGeneration, "the commit's generation changed under flushMutex")
         let keepFrom = fallbackRoot ?? generation
         try storeImageTableLocked()
         var step = "growing meta"
@@ -426,48 +475,27 @@ extension Store {
             // Every slot the commit may write exists (written as zeroes, not a hole), so running out of
             // space cannot happen halfway through the commit's pages.
             try growMeta(toCover: pager.root.pageCount)
-            step = "fdatasync of the data file"
-            // Chunks named by the commit (including unflushed writes it captures) first.
-            try dataFile.sync()
-            // Then the unflushed records and a seal go to this generation's journal, so that this
+            // The unflushed records and a seal go to this generation's journal, so that this
             // commit plus its journal equals the next commit: recovery's way back if the next
-            // one is damaged or never completes (see `JournalRecord.sealed`).
-            try appendFrameLocked([.sealed(nextGeneration: newGeneration)], step: &step)
-            step = "creating journal-\(newGeneration)"
-            let journal = try directory.openFile("journal-\(newGeneration)", create: true)
-            do {
-                try journal.truncate(to: 0)
-                try journal.sync()
-                // The superblock must never name a file whose directory entry a crash could drop.
-                step = "fsync of the store directory"
-                try directory.syncDirectory()
-            } catch {
-                journal.close()
-                throw error
-            }
+            // one is damaged or never completes (see `JournalRecord.sealed`). The chunks they
+            // name and the frame itself are synced after the lock is released, before any page.
+            try appendFrameLocked([.sealed(nextGeneration: newGeneration)], step: &step, sync: false)
             let batch: CommitBatch
             do { batch = try pager.beginCommit(generation: newGeneration) } catch {
-                journal.close()
                 throw StorageError.io("\(error)")
             }
-            journalFile.close()
+            let sealed = journalFile
             journalFile = journal
             generation = newGeneration
             journalSequence = 0
             journalEnd = 0
             return PreparedCommit(generation: newGeneration, batch: batch,
                                   superblock: encodeSuperblock(generation: newGeneration, pageTable: batch.root),
-                                  keepFrom: keepFrom, frees: frees)
+                                  keepFrom: keepFrom, frees: frees, sealedJournal: sealed)
         } catch {
             let e: StorageError = error
             space.restoreDeferred(frees)
-            if step.hasPrefix("fdatasync") {
-                // Dirty pages may be gone: only a reopen can tell what is durable.
-                failure = "checkpoint failed at \(step) (\(e))"
-            } else if !closed && (step.hasPrefix("creating") || step.hasPrefix("fsync")) {
-                try? directory.removeFile("journal-\(newGeneration)")
-            }
-            if failure == nil && e == .noSpace { throw StoreError.noSpace }
+            if e == .noSpace { throw StoreError.noSpace }
             throw StoreError.io("checkpoint failed at \(step): \(e)")
         }
     }
@@ -490,6 +518,14 @@ extension Store {
 
     /// Without `mutex`: the commit's pages, then the superblock that names them.
     func writePreparedCommit(_ prepared: PreparedCommit) throws(FailedCommit) {
+        defer { prepared.sealedJournal.close() }
+        // The chunks the sealed records name, then the seal frame: both before any page.
+        do { try dataFile.sync() } catch {
+            throw FailedCommit(step: "fdatasync of the data file", error: error, wroteNothingDurable: false)
+        }
+        do { try prepared.sealedJournal.sync() } catch {
+            throw FailedCommit(step: "fdatasync of the sealed journal", error: error, wroteNothingDurable: false)
+        }
         do { try MetadataPager.writeCommit(prepared.batch, to: metaFile) } catch {
             throw FailedCommit(step: "writing metadata pages", error: error, wroteNothingDurable: true)
         }
