@@ -516,7 +516,6 @@ final class MetadataPager {
     }
 
     var cachedPageCount: Int { frames.count }
-    var dirtyPageCount: Int { frames.values.reduce(0) { $0 + ($1.dirty ? 1 : 0) } }
 
     // MARK: Page table
 

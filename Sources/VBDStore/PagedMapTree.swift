@@ -38,8 +38,6 @@ class MapNodePage {
         self.populated = populated
     }
 
-    class var isLeaf: Bool { fatalError("abstract") }
-
     fileprivate static func decodeSlots(_ payload: UnsafeRawBufferPointer, leaf: Bool) throws(PageDecodingError) -> ([UInt64], Int) {
         var slots = [UInt64](repeating: 0, count: fanout)
         var count = 0
@@ -75,7 +73,6 @@ class MapNodePage {
 
 final class MapLeafPage: MapNodePage, MetadataPageObject {
     static let kind = PageKind.mapLeaf
-    override class var isLeaf: Bool { true }
     required init() { super.init() }
     override init(slots: [UInt64], populated: Int) { super.init(slots: slots, populated: populated) }
     init(decoding payload: UnsafeRawBufferPointer) throws(PageDecodingError) {
@@ -88,7 +85,6 @@ final class MapLeafPage: MapNodePage, MetadataPageObject {
 
 final class MapInteriorPage: MapNodePage, MetadataPageObject {
     static let kind = PageKind.mapInterior
-    override class var isLeaf: Bool { false }
     required init() { super.init() }
     override init(slots: [UInt64], populated: Int) { super.init(slots: slots, populated: populated) }
     init(decoding payload: UnsafeRawBufferPointer) throws(PageDecodingError) {
@@ -129,20 +125,6 @@ struct MapRoot: Equatable {
             level -= 1
         }
         return 0
-    }
-
-    /// The chunk at `block` and whether any node on its path is shared with another image.
-    func lookupWithSharing(_ block: UInt64, pager: MetadataPager) throws -> (chunk: UInt64, sharedPath: Bool) {
-        var page = self.page
-        var level = levels
-        var shared = false
-        while page != .none {
-            if !shared, try pager.refcount(page) > 1 { shared = true }
-            if level == 1 { return (try pager.read(page, as: MapLeafPage.self).slots[Self.slot(block, level: 1)], shared) }
-            page = PageNumber(try pager.read(page, as: MapInteriorPage.self).slots[Self.slot(block, level: level)])
-            level -= 1
-        }
-        return (0, shared)
     }
 
     // MARK: Sharing

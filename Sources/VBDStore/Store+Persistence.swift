@@ -858,16 +858,3 @@ extension Store {
         }
     }
 }
-
-extension SpaceAllocator {
-    func pageIsFree(_ offset: UInt64, length: UInt64) -> Bool {
-        var s = offset / UInt64(Limits.sectorBytes)
-        let end = (offset + length) / UInt64(Limits.sectorBytes)
-        while s < end {
-            let w = Int(s >> 6)
-            if w < bitmap.count && bitmap[w] & (1 << (s & 63)) != 0 { return false }
-            s += 1
-        }
-        return true
-    }
-}

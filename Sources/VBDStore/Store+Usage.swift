@@ -69,18 +69,16 @@ extension Store {
             var u = ImageUsage(name: fullNameLocked(image.record), logicalBytes: image.record.size)
             let bs = UInt64(image.record.blockSize)
             var seenExclusive = Set<UInt64>()
-            var sectorCounts: [UInt64: Int] = [:]
-            try image.root.walk(start: 0, count: image.record.blockCount, pager: pager, chunkShared: { _, _ in false }) { _, _, chunk, _ in
-                if chunk != 0, chunk < zeroAllocatedChunk, sectorCounts[chunk] == nil {
-                    sectorCounts[chunk] = (try? chunks.entry(chunk, pager: pager).sectorCount) ?? 0
-                }
-                return true
-            }
+            var failure: (any Error)?
             try image.root.walk(start: 0, count: image.record.blockCount, pager: pager, chunkShared: { _, _ in false }) { block, _, chunk, _ in
                 guard chunk != 0, chunk < zeroAllocatedChunk, let h = holders[chunk] else { return true }
                 let bytes = min(bs, image.record.size - block * bs)
                 u.allocatedBytes += bytes
-                let sectorCount = sectorCounts[chunk] ?? 0
+                let sectorCount: Int
+                do { sectorCount = try chunks.entry(chunk, pager: pager).sectorCount } catch {
+                    failure = error
+                    return false
+                }
                 let stored = UInt64(sectorCount * Limits.sectorBytes)
                 if h.refs == 1 {
                     u.uniqueBytes += bytes
@@ -91,6 +89,7 @@ extension Store {
                 u.fairStoredBytes += Double(stored) / Double(h.refs)
                 return true
             }
+            if let failure { throw failure }
             total.logicalAllocatedBytes += u.allocatedBytes
             total.images.append(u)
         }
