@@ -23,6 +23,10 @@ public enum Limits {
     public static let journalBytesCheckpoint: UInt64 = 256 << 20
     /// Default byte budget of the metadata page cache (`serve --metadata-cache`).
     public static let metadataCacheBytesDefault = 256 << 20
+    /// Changed metadata pages that start a commit whatever the cache's size: the part of a
+    /// commit done under the store lock visits each changed page, so this bounds the stall a
+    /// commit causes (Benchmarks/README.md, "Issue 15").
+    public static let commitDirtyPagesMax = 8192
     /// Shortest run of freed data-file pages a flush hole-punches. Scattered frees (overwrites)
     /// stay allocated: a new chunk written there lands on a page the page cache still holds,
     /// where a punched page costs a fresh, zeroed page and a block allocation on the next write

@@ -82,6 +82,9 @@ public final class ConcurrentSimulation: @unchecked Sendable {
         options.hashFunction = rng.chance(30) ? .weak(bits: 6) : .xxh3
         options.pendingJournalBytesMax = 256 << rng.below(6)
         options.checkpointJournalBytes = UInt64(2048 << rng.below(6))
+        // Writers start commits once this many pages changed; from the seed, not the generator,
+        // so that the seeds recorded before this option keep their interleavings.
+        options.commitDirtyPagesMax = 8 << Int(seed % 7)
         // Every freed page is punched at once: the punch and its races stay in every run.
         options.holePunchRunBytesMin = 4096
         options.unpunchedFreeBytesMax = 0

@@ -136,6 +136,8 @@ public final class Simulation {
         options.hashFunction = rng.chance(35) ? .weak(bits: 6) : .xxh3
         options.pendingJournalBytesMax = 128 << rng.below(6)
         options.checkpointJournalBytes = UInt64(1024 << rng.below(7))
+        // Writers start commits once this many pages changed (from the seed: see ConcurrentSimulation).
+        options.commitDirtyPagesMax = 8 << Int(seed % 7)
         // Every freed page is punched at once: the punch and its races stay in every run.
         options.holePunchRunBytesMin = 4096
         options.unpunchedFreeBytesMax = 0

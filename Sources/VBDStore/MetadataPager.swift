@@ -384,7 +384,7 @@ final class MetadataPager {
         frames[page] = frame
         clock.append(page)
         residentBytes += frame.object.residentBytes
-        if frame.dirty { dirtyFrames += 1 }
+        if frame.dirty { noteDirtied(page) }
         // Evicting here is safe: only clean pages go, and nothing changes a page it did not get
         // from `writable` (which makes it dirty). Amortized: after a trim that could not reach the
         // budget (dirty pages), the next waits for 1/16 of the budget more.
@@ -400,7 +400,18 @@ final class MetadataPager {
 
     /// Pages changed since the last commit began.
     private(set) var dirtyFrames = 0
+    /// Every page that became dirty since the last commit began, so that a commit visits only
+    /// those (never the whole cache) under the store lock. May hold pages since dropped or
+    /// cleaned, and a page more than once: `beginCommit` checks each against its frame.
+    private var dirtiedPages: [PageNumber] = []
     private var trimFloor = 0
+    /// Frames `trim` has visited since it last evicted one (across calls).
+    private var fruitlessScans = 0
+
+    private func noteDirtied(_ page: PageNumber) {
+        dirtyFrames += 1
+        dirtiedPages.append(page)
+    }
 
     /// True once changed pages take half the budget: the store should commit (bounded memory).
     var needsCommit: Bool { dirtyFrames * (MetadataPageFile.pageBytes + 512) > budgetBytes / 2 }
@@ -459,7 +470,7 @@ final class MetadataPager {
             frame.object = copy
             frame.frozen = false
         }
-        if !frame.dirty { dirtyFrames += 1 }
+        if !frame.dirty { noteDirtied(page) }
         frame.dirty = true
         return frame.object as! T
     }
@@ -482,13 +493,21 @@ final class MetadataPager {
         return makeWritable(page, as: type)
     }
 
+    /// Frames one `trim` visits at most: it runs under the store lock, and after a large commit
+    /// turns many dirty pages clean the cache may be far over budget. What one call leaves, the
+    /// next inserts (or the caller's loop, `trimmed` false) take.
+    static let trimScanMax = 8192
+
     /// Evicts clean pages (CLOCK) until the cache is within its budget or only dirty and frozen
-    /// pages are left. Call only between operations (see the notes above).
-    func trim(protecting protected: PageNumber? = nil) {
-        guard residentBytes > budgetBytes else { return }
+    /// pages are left, visiting at most `trimScanMax` frames. Call only between operations (see
+    /// the notes above). Returns false when it stopped at that bound with work left.
+    @discardableResult
+    func trim(protecting protected: PageNumber? = nil) -> Bool {
+        guard residentBytes > budgetBytes else { fruitlessScans = 0; return true }
         var scanned = 0
-        let limit = 2 * clock.count   // the first pass may only clear reference bits
-        while residentBytes > budgetBytes && scanned < limit && !clock.isEmpty {
+        // Two whole turns without an eviction (the first may only clear reference bits) mean
+        // only dirty, frozen or protected pages are left.
+        while residentBytes > budgetBytes && scanned < Self.trimScanMax && fruitlessScans < 2 * clock.count && !clock.isEmpty {
             if clockHand >= clock.count { clockHand = 0 }
             let page = clock[clockHand]
             scanned += 1
@@ -498,21 +517,29 @@ final class MetadataPager {
             }
             if frame.dirty || frame.frozen || page == root.page || page == protected {
                 clockHand += 1
+                fruitlessScans += 1
             } else if frame.referenced {
                 frame.referenced = false
                 clockHand += 1
+                fruitlessScans += 1
             } else {
                 dropFrame(page)
                 evictions += 1
+                fruitlessScans = 0
                 clock.swapAt(clockHand, clock.count - 1); clock.removeLast()
             }
         }
-        trimFloor = residentBytes > budgetBytes ? residentBytes + budgetBytes / 16 : 0
+        let withinBudget = residentBytes <= budgetBytes
+        let stuck = !withinBudget && (fruitlessScans >= 2 * clock.count || clock.isEmpty)
+        let stoppedAtBound = !withinBudget && !stuck
+        if stuck { fruitlessScans = 0 }
+        trimFloor = stuck ? residentBytes + budgetBytes / 16 : 0
         // Pages dropped elsewhere (freed) leave stale ring entries; compact when they dominate.
         if clock.count > 2 * frames.count + 64 {
             clock = clock.filter { frames[$0] != nil }
             clockHand = 0
         }
+        return !stoppedAtBound
     }
 
     var cachedPageCount: Int { frames.count }
@@ -639,11 +666,12 @@ final class MetadataPager {
         while reusable.isEmpty && openScanCursor < openScanEnd && scanned < 16 {
             let first = openScanCursor * UInt64(PageTable.fanout)
             let (table, _) = try tableLocation(PageNumber(first), writable: false)
+            var freedSinceOpen: Set<PageNumber>?
             for (i, e) in table.entries.enumerated().reversed() where e.isFree {
                 let page = PageNumber(first + UInt64(i))
                 // Pages freed since the open are already on their way through `pendingFree`.
-                if page.rawValue < root.pageCount && !reusableSet.contains(page)
-                    && !pendingFree.contains(page) && !freeingWithCommit.contains(page) {
+                if freedSinceOpen == nil { freedSinceOpen = Set(pendingFree).union(freeingWithCommit) }
+                if page.rawValue < root.pageCount && !reusableSet.contains(page) && !freedSinceOpen!.contains(page) {
                     reusable.append(page)
                     reusableSet.insert(page)
                 }
@@ -708,8 +736,17 @@ final class MetadataPager {
         let previousRootVersion = root.version
         // Content pages first: their new versions go into page-table entries, which dirties
         // page-table pages; then the structural pages, bottom-up from the root.
-        let dirtyContent = frames.filter { $0.value.dirty && $0.value.kind != .pageTable && $0.value.kind != .pageDirectory }
-        for (page, frame) in dirtyContent.sorted(by: { $0.key < $1.key }) {
+        var dirtyContent: [(PageNumber, Frame)] = []
+        dirtyContent.reserveCapacity(dirtyFrames)
+        dirtiedPages.sort()
+        var last = PageNumber.none
+        for page in dirtiedPages where page != last {
+            last = page
+            guard let frame = frames[page], frame.dirty, frame.kind != .pageTable, frame.kind != .pageDirectory else { continue }
+            dirtyContent.append((page, frame))
+        }
+        dirtiedPages = []
+        for (page, frame) in dirtyContent {
             var version = PageVersion.unwritten
             try updateEntry(page) { e in
                 previous[page] = e.version
@@ -739,6 +776,7 @@ final class MetadataPager {
             frame.frozen = true
         }
         dirtyFrames = 0
+        dirtiedPages = []
         freeingWithCommit = pendingFree
         pendingFree = []
         commitInProgress = true
@@ -826,7 +864,7 @@ final class MetadataPager {
         restore(root.page, level: root.levels)
         for p in batch.pages {
             guard let frame = frames[p.page] else { continue }
-            if !frame.dirty { dirtyFrames += 1 }
+            if !frame.dirty { noteDirtied(p.page) }
             frame.dirty = true
         }
     }

@@ -233,39 +233,46 @@ struct SpaceAllocator {
         return chosen
     }
 
-    /// Every fully free 4 KiB page inside the file, as runs, each marked in use until
-    /// `finishPunches` (as `releaseReservingPunches`): what `gc` punches.
-    mutating func reserveFreePagesForPunching() -> [(offset: UInt64, length: UInt64)] {
+    /// Every fully free 4 KiB page inside the file that still has file blocks (not punched yet),
+    /// as runs, each marked in use until `finishPunches` (as `releaseReservingPunches`): what `gc`
+    /// punches. At most `pageCount` pages from `firstPage` are looked at, so that `gc` holds the
+    /// store lock in bounded steps; `nextPage` is where the next call goes on, nil at the end.
+    mutating func reserveFreePagesForPunching(fromPage firstPage: UInt64 = 0, pageCount: UInt64 = .max)
+        -> (punches: [(offset: UInt64, length: UInt64)], nextPage: UInt64?) {
         var punch: [(offset: UInt64, length: UInt64)] = []
+        func take(_ p: UInt64, _ n: UInt64) {
+            if let last = punch.last, last.offset + last.length == p * 4096 {
+                punch[punch.count - 1].length += n * 4096
+            } else {
+                punch.append((p * 4096, n * 4096))
+            }
+        }
         let pages = endSector / 8
-        var p: UInt64 = 0
-        while p < pages {
+        let stop = pageCount >= pages ? pages : min(pages, firstPage + pageCount)
+        var p = firstPage
+        while p < stop {
             let w = Int((p * 8) >> 6), shift = (p * 8) & 63
             if w < bitmap.count && bitmap[w] == ~0 && shift == 0 {
                 p += 8   // a whole word in use: nothing to punch
                 continue
             }
-            if w < bitmap.count && bitmap[w] == 0 && shift == 0 && p + 8 <= pages {
-                // A whole bitmap word (8 pages) free: take it at once.
-                if let last = punch.last, last.offset + last.length == p * 4096 {
-                    punch[punch.count - 1].length += 8 * 4096
-                } else {
-                    punch.append((p * 4096, 8 * 4096))
-                }
+            // Pages already punched have no file blocks left to give back.
+            let punchedByte = Int(p >> 6) < punchedPages.count ? (punchedPages[Int(p >> 6)] >> (p & 63)) & 0xFF : 0
+            if w < bitmap.count && bitmap[w] == 0 && shift == 0 && p + 8 <= stop && punchedByte == 0 {
+                take(p, 8)   // a whole bitmap word (8 pages) free: take it at once
                 p += 8
                 continue
             }
-            if w >= bitmap.count || (bitmap[w] >> shift) & 0xFF == 0 {
-                if let last = punch.last, last.offset + last.length == p * 4096 {
-                    punch[punch.count - 1].length += 4096
-                } else {
-                    punch.append((p * 4096, 4096))
-                }
-            }
+            if (w >= bitmap.count || (bitmap[w] >> shift) & 0xFF == 0) && !isPunched(p) { take(p, 1) }
             p += 1
         }
         for r in punch { setPageBits(r, inUse: true) }
-        return punch
+        return (punch, stop < pages ? stop : nil)
+    }
+
+    private func isPunched(_ page: UInt64) -> Bool {
+        let w = Int(page >> 6)
+        return w < punchedPages.count && punchedPages[w] & (1 << (page & 63)) != 0
     }
 
     /// `release`, but the pages to punch stay marked in use (not counted in `usedSectors`) until

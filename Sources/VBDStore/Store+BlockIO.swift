@@ -467,6 +467,7 @@ extension Store {
         do {
             defer { mutex.unlock() }
             guard !closed, poisoned == nil, pending.bytes.count < options.pendingJournalBytesMax,
+                  pager.dirtyFrames < options.commitDirtyPagesMax,
                   let (v, _) = try? viewLocked(id), !v.readOnly else { return false }
             let (end, overflow) = offset.addingReportingOverflow(length)
             guard !overflow, end <= v.size, offset % UInt64(v.blockSize) == 0,
@@ -714,9 +715,19 @@ extension Store {
     }
 
     /// After a change: FUA flushes; a large unflushed journal flushes implicitly (bounded memory).
+    /// Enough changed metadata pages start a commit (bounded commit stalls), unless a flush or
+    /// commit is already under way: then the writer goes on, and waits only once twice as many
+    /// pages have changed (bounded memory).
     func afterChange(fua: Bool) throws(BlockDeviceError) {
-        let big = mutex.withLock { pending.bytes.count >= options.pendingJournalBytesMax }
-        if fua || big { try flushForDevice() }
+        let (big, dirty) = mutex.withLock { (pending.bytes.count >= options.pendingJournalBytesMax, pager.dirtyFrames) }
+        if fua || big || dirty >= 2 * options.commitDirtyPagesMax { try flushForDevice(); return }
+        if dirty >= options.commitDirtyPagesMax {
+            do { try flushUnlessOneIsUnderWay() } catch let e as StoreError {
+                throw e == .noSpace ? .noSpace : .io(e.description)
+            } catch {
+                throw .io("\(error)")
+            }
+        }
     }
 
     /// `flush()` with its error mapped for a block device (NBD FLUSH, FUA, implicit flushes).

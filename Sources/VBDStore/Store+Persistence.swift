@@ -159,6 +159,17 @@ extension Store {
         try checkpointIfJournalLarge()
     }
 
+    /// `flush()`, unless another thread is flushing or committing (which then covers the need).
+    func flushUnlessOneIsUnderWay() throws {
+        guard flushMutex.tryLock() else { return }
+        do {
+            defer { flushMutex.unlock() }
+            try flushLocked()
+            if spaceReserveInUse.load(ordering: .relaxed) { refillSpaceReserve() }
+        }
+        try checkpointIfJournalLarge()
+    }
+
     /// With `flushMutex` held.
     func flushLocked() throws {
         let (batch, frees, seq, gen, poison) = mutex.withLock { () -> ([UInt8], [(sector: UInt64, count: Int)], UInt64, UInt64, String?) in
@@ -238,7 +249,8 @@ extension Store {
     }
 
     func checkpointIfJournalLarge() throws {
-        let big = mutex.withLock { journalEnd >= options.checkpointJournalBytes || pager.needsCommit }
+        let big = mutex.withLock { journalEnd >= options.checkpointJournalBytes
+            || pager.needsCommit || pager.dirtyFrames >= options.commitDirtyPagesMax }
         if big { try checkpoint() }
     }
 }
@@ -398,11 +410,24 @@ extension Store {
                 }
                 throw StoreError.io("checkpoint failed at \(failed.step): \(failed.error); the store refuses writes until it is reopened")
             }
-            mutex.withLock {
-                completeCommitLocked(prepared)
+            let punches = mutex.withLock {
+                let punches = completeCommitLocked(prepared)
                 if spaceReserveInUse.load(ordering: .relaxed) { refillSpaceReserve() }
+                return punches
             }
+            finishCommitUnlocked(prepared, punches: punches)
         }
+    }
+
+    /// After `completeCommitLocked`, without `mutex` (but with `flushMutex`, which every journal
+    /// creation holds): the work whose cost grows with the commit or the store, done so that the
+    /// store lock is held only in bounded steps.
+    func finishCommitUnlocked(_ prepared: PreparedCommit, punches: [(offset: UInt64, length: UInt64)]) {
+        punchReserved(punches)
+        // Generations before the one the other slot names are named by no slot and no chain now.
+        removeGenerationFiles { $0 < prepared.keepFrom }
+        // The commit made its pages clean: the cache may now be far over budget.
+        while !mutex.withLock({ pager.trim() }) {}
     }
 
     /// The whole commit with `mutex` held throughout (a new store's first commit).
@@ -414,7 +439,11 @@ extension Store {
             failure = "checkpoint failed at \(error.step) (\(error.error))"
             throw StoreError.io("checkpoint failed at \(error.step): \(error.error)")
         }
-        completeCommitLocked(prepared)
+        let punches = completeCommitLocked(prepared)
+        for p in punches { try? dataFile.punchHole(offset: p.offset, length: p.length) }
+        space.finishPunches(punches)
+        removeGenerationFiles { $0 < prepared.keepFrom }
+        pager.trim()
     }
 
     /// Why `writePreparedCommit` failed, and whether anything it did can matter after a crash.
@@ -544,16 +573,13 @@ extension Store {
         }
     }
 
-    /// With `mutex` held, once the superblock is durable.
-    func completeCommitLocked(_ prepared: PreparedCommit) {
+    /// With `mutex` held, once the superblock is durable. Returns the freed runs to punch, which
+    /// stay reserved until `punchReserved` has punched them (outside the lock).
+    func completeCommitLocked(_ prepared: PreparedCommit) -> [(offset: UInt64, length: UInt64)] {
         pager.finishCommit(prepared.batch)
         fallbackRoot = nil
-        // Generations before the one the other slot names are named by no slot and no chain now.
-        removeGenerationFiles { $0 < prepared.keepFrom }
-        let punches = space.release(prepared.frees, punchRunBytesMin: options.holePunchRunBytesMin,
-                                    unpunchedFreeBytesMax: options.unpunchedFreeBytesMax)
-        for p in punches { try? dataFile.punchHole(offset: p.offset, length: p.length) }
-        pager.trim()
+        return space.releaseReservingPunches(prepared.frees, punchRunBytesMin: options.holePunchRunBytesMin,
+                                             unpunchedFreeBytesMax: options.unpunchedFreeBytesMax)
     }
 
     /// With `mutex` held: the image table (images, their map roots, the group names) into its

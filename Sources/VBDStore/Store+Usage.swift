@@ -116,19 +116,32 @@ extension Store {
         // (its frees are punched); the journal stays, and the data file is still trimmed.
         do { try checkpoint() } catch StoreError.noSpace {}
         try flushMutex.withLock {
-            // Flushes punch only long runs of freed pages; the scattered rest goes back now.
-            punchReserved(mutex.withLock { space.reserveFreePagesForPunching() })
-            try mutex.withLock { () throws in
-                let end = space.endSectorInUse * UInt64(Limits.sectorBytes)
-                if try dataFile.size() > end {
-                    try dataFile.truncate(to: end)
-                    try dataFile.sync()
-                    space.trimEnd()
-                }
+            // Flushes punch only long runs of freed pages; the scattered rest goes back now, a
+            // slice of the file per hold of the store lock.
+            var next: UInt64? = 0
+            while let from = next {
+                let slice = mutex.withLock { space.reserveFreePagesForPunching(fromPage: from, pageCount: Store.gcPagesPerHold) }
+                punchReserved(slice.punches)
+                next = slice.nextPage
             }
+            let truncated = try mutex.withLock { () throws -> Bool in
+                let end = space.endSectorInUse * UInt64(Limits.sectorBytes)
+                guard try dataFile.size() > end else { return false }
+                // Its free tail was punched above, so the truncate has little left to free.
+                try dataFile.truncate(to: end)
+                space.trimEnd()
+                return true
+            }
+            if truncated { try dataFile.sync() }
         }
         return (before, (try? dataFile.size()) ?? 0)
     }
+}
+
+extension Store {
+    /// Data-file pages `gc` examines per hold of the store lock (1 GiB of file, well under a
+    /// millisecond of bitmap scanning).
+    static let gcPagesPerHold: UInt64 = 1 << 18
 }
 
 extension SpaceAllocator {

@@ -67,8 +67,10 @@ public final class Store: @unchecked Sendable {
         /// Journal size that triggers a checkpoint (a commit of the metadata pages).
         public var checkpointJournalBytes: UInt64 = Limits.journalBytesCheckpoint
         /// Bytes of metadata pages kept in memory; pages changed since the last commit stay until
-        /// it, and a commit starts once they pass half of this.
+        /// it, and a commit starts once they pass half of this (or `commitDirtyPagesMax`).
         public var metadataCacheBytes: Int = Limits.metadataCacheBytesDefault
+        /// Changed metadata pages that start a commit even when the cache has room for more.
+        public var commitDirtyPagesMax: Int = Limits.commitDirtyPagesMax
         /// Unflushed journal bytes that trigger an implicit flush.
         public var pendingJournalBytesMax: Int = Limits.pendingJournalBytesMax
         /// A flush hole-punches freed 4 KiB pages of the data file only in runs of at least this
@@ -195,7 +197,7 @@ public final class Store: @unchecked Sendable {
     public init(directory: any StorageDirectory, options: Options, create: Bool) throws {
         self.directory = directory
         self.options = options
-        mutex = StoreMutex(scheduler: options.interleaving)
+        mutex = StoreMutex(scheduler: options.interleaving, traced: true)
         flushMutex = StoreMutex(scheduler: options.interleaving)
         stripeLocks = (0..<Store.stripeCount).map { _ in StoreMutex(scheduler: options.interleaving) }
         do {

@@ -1,3 +1,5 @@
+import Dispatch
+import Foundation
 import Synchronization
 import VBDCache
 import VBDCore
@@ -83,19 +85,44 @@ final class StoreMutex: @unchecked Sendable {
     private let owner = Atomic<UInt>(0)
     #endif
 
-    init(scheduler: (any InterleavingScheduler)? = nil) {
+    /// `VBD_LOCK_TRACE_MS=N` in the environment: every hold of a traced mutex (the store's
+    /// `mutex`) longer than N ms is printed to stderr with the place that took it (how the commit
+    /// stalls of issue 15 were found; docs/TESTING.md).
+    static let traceThresholdNanos: UInt64? = ProcessInfo.processInfo.environment["VBD_LOCK_TRACE_MS"]
+        .flatMap(Double.init).map { UInt64($0 * 1_000_000) }
+    /// Where and when the holder took the lock, when tracing. Written only by the holder.
+    private var tracedSite: (file: StaticString, line: UInt, since: UInt64) = ("", 0, 0)
+
+    private let traced: Bool
+
+    init(scheduler: (any InterleavingScheduler)? = nil, traced: Bool = false) {
         self.scheduler = scheduler
+        self.traced = traced && Self.traceThresholdNanos != nil
         pthread_mutex_init(m, nil)
+    }
+
+    @inline(__always) private func traceAcquired(_ file: StaticString, _ line: UInt) {
+        if traced { tracedSite = (file, line, DispatchTime.now().uptimeNanoseconds) }
+    }
+
+    @inline(__always) private func traceReleasing() {
+        guard traced, let threshold = Self.traceThresholdNanos else { return }
+        let held = DispatchTime.now().uptimeNanoseconds - tracedSite.since
+        if held > threshold {
+            FileHandle.standardError.write(Data("vbd lock trace: held \(String(format: "%.2f", Double(held) / 1e6)) ms, taken at \(tracedSite.file):\(tracedSite.line)\n".utf8))
+        }
     }
     deinit { pthread_mutex_destroy(m); m.deallocate() }
 
-    @inline(__always) func lock() {
+    @inline(__always) func lock(file: StaticString = #fileID, line: UInt = #line) {
         scheduler?.acquire(ObjectIdentifier(self))
         pthread_mutex_lock(m)
         didAcquire()
+        traceAcquired(file, line)
     }
 
     @inline(__always) func unlock() {
+        traceReleasing()
         #if DEBUG
         precondition(isOwnedByCurrentThread, "unlock of a StoreMutex this thread does not hold")
         owner.store(0, ordering: .relaxed)
@@ -105,33 +132,36 @@ final class StoreMutex: @unchecked Sendable {
     }
 
     /// Takes the lock only if it is free right now.
-    @inline(__always) func tryLock() -> Bool {
+    @inline(__always) func tryLock(file: StaticString = #fileID, line: UInt = #line) -> Bool {
         if let decided = scheduler?.tryAcquire(ObjectIdentifier(self)) {
             guard decided else { return false }
             pthread_mutex_lock(m)   // free: the scheduler runs one thread at a time
             didAcquire()
+            traceAcquired(file, line)
             return true
         }
         guard pthread_mutex_trylock(m) == 0 else { return false }
         didAcquire()
+        traceAcquired(file, line)
         return true
     }
 
     /// Takes the lock if it becomes free within `wait`, retrying without sleeping; false otherwise.
     /// Under a scheduler one attempt decides (waiting in real time would make runs unrepeatable).
-    func tryLock(spinningFor wait: Duration) -> Bool {
-        if tryLock() { return true }
+    func tryLock(spinningFor wait: Duration, file: StaticString = #fileID, line: UInt = #line) -> Bool {
+        if tryLock(file: file, line: line) { return true }
         if scheduler != nil { return false }
         let deadline = ContinuousClock.now + wait
         while ContinuousClock.now < deadline {
             sched_yield()
-            if tryLock() { return true }
+            if tryLock(file: file, line: line) { return true }
         }
         return false
     }
 
-    @inline(__always) func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
-        lock(); defer { unlock() }
+    @inline(__always) func withLock<T, E: Error>(file: StaticString = #fileID, line: UInt = #line,
+                                                _ body: () throws(E) -> T) throws(E) -> T {
+        lock(file: file, line: line); defer { unlock() }
         return try body()
     }
 

@@ -253,6 +253,58 @@ private func blob(_ seed: UInt64, _ n: Int = 100) -> [UInt8] {
         #expect(h.pager.evictions > 400)
     }
 
+    /// A commit visits the pages that changed, each once, whatever else is cached: pages changed
+    /// twice, freed after changing, or new since the last commit.
+    @Test func aCommitTakesEachChangedPageOnceAmongManyCleanOnes() throws {
+        let h = try PagerHarness(seed: 9)
+        var pages: [PageNumber] = []
+        for k in 0..<3000 as Range<UInt64> { pages.append(try h.pager.allocate(BlobPage(bytes: blob(k)))) }
+        try h.commit()
+        for p in pages { _ = try h.pager.read(p, as: BlobPage.self) }   // all cached and clean
+        try h.pager.writable(pages[10], as: BlobPage.self).bytes = [1]
+        try h.pager.writable(pages[10], as: BlobPage.self).bytes = [2]
+        try h.pager.writable(pages[2000], as: BlobPage.self).bytes = [3]
+        try h.pager.writable(pages[2999], as: BlobPage.self).bytes = [4]
+        try h.pager.release(pages[2999])
+        let added = try h.pager.allocate(BlobPage(bytes: [5]))
+        let batch = try h.commit()
+        let content = batch.pages.filter { $0.kind == .blob }.map(\.page)
+        #expect(content.sorted() == [pages[10], pages[2000], added].sorted())
+        #expect(Set(batch.pages.map(\.page)).count == batch.pages.count, "no page twice")
+        try h.reopen()
+        #expect(try h.pager.read(pages[10], as: BlobPage.self).bytes == [2])
+        #expect(try h.pager.read(added, as: BlobPage.self).bytes == [5])
+    }
+
+    /// A trim runs under the store lock: one call visits at most `trimScanMax` frames, and the
+    /// calls that follow (the commit's loop, later inserts) bring the cache within budget. With
+    /// only dirty pages left a trim gives up after two turns instead of spinning.
+    @Test func aTrimIsBoundedAndRepeatedTrimsReachTheBudget() throws {
+        let budget = 64 << 10
+        let h = try PagerHarness(seed: 10, budget: 16 << 20)
+        var pages: [PageNumber] = []
+        for k in 0..<20_000 as Range<UInt64> { pages.append(try h.pager.allocate(BlobPage(bytes: blob(k, 60)))) }
+        try h.commit()
+        h.pager.budgetBytes = budget
+        var calls = 0
+        var evictionsAfterFirstCall = -1
+        while !h.pager.trim() {
+            calls += 1
+            if calls == 1 { evictionsAfterFirstCall = h.pager.evictions }
+            #expect(calls < 100)
+            if calls >= 100 { break }
+        }
+        #expect(calls >= 2, "20,000 referenced frames take more than one bounded call")
+        #expect(evictionsAfterFirstCall == 0, "the first call only cleared reference bits")
+        #expect(h.pager.residentBytes <= budget)
+        // Only dirty pages: every one is changed, nothing can go; the trim reports it is done.
+        for p in pages.prefix(6000) { _ = try h.pager.writable(p, as: BlobPage.self) }
+        calls = 0
+        while !h.pager.trim() { calls += 1; if calls >= 100 { break } }
+        #expect(calls < 100)
+        #expect(h.pager.cachedPageCount >= 6000)
+    }
+
     @Test func sharedPagesAreFreedByTheirLastReference() throws {
         let h = try PagerHarness(seed: 9)
         let p = try h.pager.allocate(BlobPage(bytes: blob(1)))

@@ -53,7 +53,7 @@ import Testing
         #expect(every.release([(0, 8), (16, 8)], punchRunBytesMin: 4096).map(\.offset) == [0, 8192])
         // gc: every free page, reserved (marked in use) until the punch is done.
         let used = space.usedSectors
-        let all = space.reserveFreePagesForPunching()
+        let all = space.reserveFreePagesForPunching().punches
         #expect(all.reduce(0) { $0 + $1.length } == 384 * 4096, "128 scattered pages and the 256-page run")
         #expect(all.first?.offset == 0 && all.first?.length == 4096)
         #expect(space.usedSectors == used, "reservation does not count as use")
@@ -122,9 +122,53 @@ import Testing
         #expect(space.endSector == 256 * 8, "the holes were reused")
         #expect(space.punchedFreeSectors == UInt64(256 - taken.count) * 8)
         #expect(space.unpunchedFreeSectors == UInt64(taken.count) * 8 - 64 * 2)
-        // gc re-punches every free page: afterwards every wholly free page counts as punched.
-        let all = space.reserveFreePagesForPunching()
-        space.finishPunches(all)
-        #expect(space.punchedFreeSectors == all.reduce(0) { $0 + $1.length } / 512)
+        // gc punches only what still has file blocks: the wholly free pages are all punched already.
+        let punchedBefore = space.punchedFreeSectors
+        let all = space.reserveFreePagesForPunching().punches
+        #expect(all.isEmpty, "pages already punched are not punched again")
+        #expect(space.punchedFreeSectors == punchedBefore)
+    }
+
+    /// gc walks the file in slices (one store-lock hold each): the slices together reserve exactly
+    /// what one walk of the whole file does, and a page already punched is left alone.
+    @Test func gcSlicesTogetherReserveWhatOneWalkDoes() {
+        func scattered() -> SpaceAllocator {
+            var space = SpaceAllocator()
+            var rng = SplitMix64(seed: 7)
+            let runs = (0..<3000).map { _ in (sector: space.allocate(Int(rng.next() % 24) + 1), count: 0) }
+            var frees: [(sector: UInt64, count: Int)] = []
+            var previous: UInt64 = 0
+            for r in runs.dropFirst() { if rng.next() % 3 != 0 { frees.append((previous, Int(r.sector - previous))) }; previous = r.sector }
+            // The first quarter of the frees is punched at release (a deleted volume).
+            let punched = space.releaseReservingPunches(Array(frees.prefix(frees.count / 4)), punchRunBytesMin: 4096)
+            space.finishPunches(punched)
+            _ = space.release(Array(frees.dropFirst(frees.count / 4)), punchRunBytesMin: 1 << 30)
+            return space
+        }
+        var whole = scattered()
+        let once = whole.reserveFreePagesForPunching()
+        #expect(once.nextPage == nil)
+        var sliced = scattered()
+        var pieces: [(offset: UInt64, length: UInt64)] = []
+        var next: UInt64? = 0
+        var holds = 0
+        while let from = next {
+            let slice = sliced.reserveFreePagesForPunching(fromPage: from, pageCount: 37)
+            pieces += slice.punches
+            next = slice.nextPage
+            holds += 1
+        }
+        #expect(holds > 10)
+        func pages(_ runs: [(offset: UInt64, length: UInt64)]) -> Set<UInt64> {
+            Set(runs.flatMap { r in (r.offset / 4096..<(r.offset + r.length) / 4096).map { $0 } })
+        }
+        #expect(!once.punches.isEmpty)
+        #expect(pages(pieces) == pages(once.punches))
+        #expect(sliced.usedSectors == whole.usedSectors)
+        // Nothing already punched is taken again.
+        var fresh = scattered()
+        let firstGC = fresh.reserveFreePagesForPunching().punches
+        fresh.finishPunches(firstGC)
+        #expect(fresh.reserveFreePagesForPunching().punches.isEmpty)
     }
 }

@@ -491,6 +491,33 @@ import VBDCache
         try store.close()
     }
 
+    /// Commits start once `commitDirtyPagesMax` metadata pages changed, whatever the cache's
+    /// budget: what a commit does under the store lock stays bounded. The data survives them.
+    @Test func aCommitStartsOnceEnoughPagesChanged() throws {
+        let dir = TemporaryStoreDirectory()
+        var options = Store.Options()
+        options.commitDirtyPagesMax = 16
+        let store = try Store.initialize(path: dir.path, options: options)
+        try store.createVolume(name: "v", size: 1 << 30)
+        let dev = try store.device(named: "v")
+        let first = store.mutex.withLock { store.generation }
+        var rng = SplitMix64(seed: 3)
+        var written: [UInt64: UInt64] = [:]
+        for i in 0..<600 as Range<UInt64> {
+            let at = (rng.next() % (1 << 18)) * 4096   // far apart: each write changes its own map pages
+            try dev.write(block(seed: i), at: at)
+            written[at] = i
+            #expect(store.mutex.withLock { store.pager.dirtyFrames } <= 16 + 64, "changed pages stay near the bound")
+        }
+        let commits = store.mutex.withLock { store.generation } - first
+        #expect(commits >= 5)
+        try store.close()
+        let again = try Store.open(path: dir.path)
+        for (at, seed) in written { #expect(try again.device(named: "v").read(4096, at: at) == block(seed: seed)) }
+        #expect(again.fsck().isClean)
+        try again.close()
+    }
+
     @Test func gcTrimsTheDataFile() throws {
         let dir = TemporaryStoreDirectory()
         let store = try Store.initialize(path: dir.path)
