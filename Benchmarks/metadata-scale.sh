@@ -9,18 +9,25 @@
 # 2. commit stall: a QD1 4 KiB random reader runs for STALL_SECONDS (default 20) beside a QD8
 #    random writer of fresh data; `vbdtool gc` (a flush and a commit of every changed metadata
 #    page) runs STALL_GC_COUNT times (default 3) in the middle. Printed: the reader's largest
-#    latency, its p99.9, the same reader's largest latency with no gc (a second run), and how
-#    long each gc took;
+#    latency, its p99.9, the same reader's largest latency with no gc and with no writer either
+#    (earlier runs: the machine's own noise), and how long each gc took. With
+#    VBD_LOCK_TRACE_MS=N the server prints every hold of the store lock longer than N ms;
 # 3. open: the server stops cleanly (a commit), then `vbdtool list` (which opens the store
 #    itself, reads the superblock and replays the journal) is timed, and so is a second serve's
 #    start until its socket answers;
-# 4. sizes: the data file, meta, and the server's peak RSS (VmHWM) against the metadata cache.
+# 4. sizes: the data file, meta, and the server's peak RSS (VmHWM) against the metadata cache;
+# 5. rates (RATES_SECONDS, default 15; 0 skips): 4 KiB random reads and writes at QD16 with a
+#    metadata cache of a tenth of the metadata, then with one that holds all of it, and the ratio.
+# COMPRESS (default 50) is fio's buffer_compress_percentage: 95 keeps a 32 M-chunk store's data
+# file within a small disk (every block is still unique).
 # Everything runs in a temporary directory (TMPDIR) that is removed at the end.
 set -euo pipefail
 chunks=${1:?usage: metadata-scale.sh CHUNKS [METADATA_CACHE]}
 cache=${2:-256M}
 vbdtool=${VBDTOOL:-$(cd "$(dirname "$0")/.." && pwd)/.build/release/vbdtool}
 stall_seconds=${STALL_SECONDS:-20}
+rates_seconds=${RATES_SECONDS:-15}
+compress=${COMPRESS:-50}
 gc_count=${STALL_GC_COUNT:-3}
 work=$(mktemp -d "${TMPDIR:-/tmp}/vbd-scale.XXXXXX")
 store=$work/store
@@ -33,9 +40,9 @@ cleanup() {
 trap cleanup EXIT
 
 now() { date +%s.%N; }
-serve() {
+serve() {  # [METADATA_CACHE]
     # A small block cache, so that the peak RSS is mostly metadata.
-    "$vbdtool" serve --store "$store" --unix "$sock" --metadata-cache "$cache" --cache-size 64M --last-chance-size 0 --log-level warning &
+    "$vbdtool" serve --store "$store" --unix "$sock" --metadata-cache "${1:-$cache}" --cache-size 64M --last-chance-size 0 --log-level warning &
     server=$!
     for _ in $(seq 1 600); do
         [ -S "$sock" ] && nbdinfo --size "nbd+unix:///vol?socket=$sock" >/dev/null 2>&1 && return 0
@@ -47,7 +54,7 @@ stop() { kill -TERM "$server"; wait "$server" || true; server=; }
 fio_job() {  # name, extra fio options...
     local name=$1; shift
     fio --name="$name" --ioengine=nbd --uri="nbd+unix:///vol?socket=$sock" --output-format=json \
-        --refill_buffers=1 --buffer_compress_percentage=50 --buffer_compress_chunk=4096 "$@"
+        --refill_buffers=1 --buffer_compress_percentage="$compress" --buffer_compress_chunk=4096 "$@"
 }
 
 bytes=$((chunks * 4096))
@@ -78,7 +85,8 @@ writer() {
     fio_job writer --rw=randwrite --bs=4k --iodepth=8 --time_based=1 --runtime="$stall_seconds" >/dev/null
 }
 
-# Baseline: reader beside the writer, no gc.
+# Baselines: the reader alone (the machine's own noise), then beside the writer with no gc.
+alone=$(reader alone)
 writer & w=$!
 base=$(reader base)
 wait $w
@@ -95,6 +103,7 @@ done
 wait $r; wait $w
 withgc=$(cat "$work/gc-result")
 echo "QD1 4k reader beside a QD8 writer, ${stall_seconds} s: max / p99.9 latency (ms)"
+echo "  reader alone:    $alone"
 echo "  without gc: $base"
 echo "  with $gc_count gc: $withgc   (gc took ${gcs[*]} s)"
 
@@ -106,3 +115,31 @@ s=$(now); serve; e=$(now)
 printf '                         serve until its socket answers %.3f s\n' "$(echo "$e - $s" | bc)"
 stop
 echo "data file $(du -h --apparent-size "$store/data" | cut -f1), meta $(du -h --apparent-size "$store/meta" | cut -f1) ($(du -h "$store/meta" | cut -f1) on disk), server peak RSS $rss"
+
+[ "$rates_seconds" -gt 0 ] || exit 0
+# Pages in use are half of meta (two slots per page); the small cache is a tenth of them.
+metadata_bytes=$(( $(stat -c %s "$store/meta") / 2 ))
+small=$(( metadata_bytes / 10 ))
+large=$(( metadata_bytes * 2 ))
+iops() {  # rw -> IOPS of a QD16 4 KiB job
+    fio_job "$1" --rw="$1" --bs=4k --iodepth=16 --time_based=1 --runtime="$rates_seconds" >"$work/$1.json"
+    /usr/bin/python3 -c '
+import json, sys
+text = open(sys.argv[1]).read()
+j = json.loads(text[text.index("{"):])["jobs"][0]
+print("%.0f" % (j["read"]["iops"] + j["write"]["iops"]))' "$work/$1.json"
+}
+declare -A rate
+for size in "$small" "$large"; do
+    serve "$size"
+    rate[$size,randread]=$(iops randread)
+    rate[$size,randwrite]=$(iops randwrite)
+    stop
+done
+echo "4k QD16 rates, ${rates_seconds} s each (metadata $((metadata_bytes >> 20)) MiB):"
+for rw in randread randwrite; do
+    printf '  %-9s cache %6d MiB: %7d IOPS   cache %6d MiB: %7d IOPS   ratio %.2f\n' "$rw" \
+        $((small >> 20)) "${rate[$small,$rw]}" $((large >> 20)) "${rate[$large,$rw]}" \
+        "$(echo "${rate[$small,$rw]} / ${rate[$large,$rw]}" | bc -l)"
+done
+

@@ -291,6 +291,8 @@ struct CommitPage {
     var kind: PageKind
     var version: PageVersion
     var object: any MetadataPageObject
+    /// The cached frame, so that finishing the commit looks nothing up (MetadataPager only).
+    fileprivate var frame: MetadataPager.Frame?
 }
 
 /// What `beginCommit` hands to `writeCommit` and `finishCommit`.
@@ -384,7 +386,7 @@ final class MetadataPager {
         frames[page] = frame
         clock.append(page)
         residentBytes += frame.object.residentBytes
-        if frame.dirty { noteDirtied(page) }
+        if frame.dirty { noteDirtied(page, frame) }
         // Evicting here is safe: only clean pages go, and nothing changes a page it did not get
         // from `writable` (which makes it dirty). Amortized: after a trim that could not reach the
         // budget (dirty pages), the next waits for 1/16 of the budget more.
@@ -395,6 +397,7 @@ final class MetadataPager {
         if let frame = frames.removeValue(forKey: page) {
             residentBytes -= frame.object.residentBytes
             if frame.dirty { dirtyFrames -= 1 }
+            frame.dirty = false   // gone: `beginCommit` skips its `dirtiedPages` entry
         }
     }
 
@@ -403,14 +406,14 @@ final class MetadataPager {
     /// Every page that became dirty since the last commit began, so that a commit visits only
     /// those (never the whole cache) under the store lock. May hold pages since dropped or
     /// cleaned, and a page more than once: `beginCommit` checks each against its frame.
-    private var dirtiedPages: [PageNumber] = []
+    private var dirtiedPages: [(page: PageNumber, frame: Frame)] = []
     private var trimFloor = 0
     /// Frames `trim` has visited since it last evicted one (across calls).
     private var fruitlessScans = 0
 
-    private func noteDirtied(_ page: PageNumber) {
+    private func noteDirtied(_ page: PageNumber, _ frame: Frame) {
         dirtyFrames += 1
-        dirtiedPages.append(page)
+        dirtiedPages.append((page, frame))
     }
 
     /// True once changed pages take half the budget: the store should commit (bounded memory).
@@ -470,7 +473,7 @@ final class MetadataPager {
             frame.object = copy
             frame.frozen = false
         }
-        if !frame.dirty { noteDirtied(page) }
+        if !frame.dirty { noteDirtied(page, frame) }
         frame.dirty = true
         return frame.object as! T
     }
@@ -738,23 +741,33 @@ final class MetadataPager {
         // page-table pages; then the structural pages, bottom-up from the root.
         var dirtyContent: [(PageNumber, Frame)] = []
         dirtyContent.reserveCapacity(dirtyFrames)
-        dirtiedPages.sort()
-        var last = PageNumber.none
-        for page in dirtiedPages where page != last {
-            last = page
-            guard let frame = frames[page], frame.dirty, frame.kind != .pageTable, frame.kind != .pageDirectory else { continue }
+        // A frame is listed once per turn from clean to dirty, and a dropped one is no longer
+        // dirty (`dropFrame`): taking each dirty frame once needs no lookup in `frames`.
+        dirtiedPages.sort { $0.page < $1.page }
+        for (page, frame) in dirtiedPages where frame.dirty && frame.kind != .pageTable && frame.kind != .pageDirectory {
+            if let last = dirtyContent.last, last.0 == page { continue }
             dirtyContent.append((page, frame))
         }
         dirtiedPages = []
+        pages.reserveCapacity(dirtyContent.count + 16)
+        previous.reserveCapacity(dirtyContent.count + 16)
+        // In page order, consecutive pages mostly share their page-table page: it is looked up
+        // once per run, not once per page (this loop is most of a commit's time under the lock).
+        let fanout = UInt64(PageTable.fanout)
+        var table: (first: UInt64, page: PageTablePage)?
         for (page, frame) in dirtyContent {
-            var version = PageVersion.unwritten
-            try updateEntry(page) { e in
-                previous[page] = e.version
-                e.version = e.version.next(generation: generation)
-                version = e.version
-            }
-            pages.append(CommitPage(page: page, kind: frame.kind, version: version, object: frame.object))
+            let first = page.rawValue / fanout * fanout
+            if table?.first != first { table = (first, try tableLocation(page, writable: true).0) }
+            let entries = table!.page
+            let i = Int(page.rawValue - first)
+            previous[page] = entries.entries[i].version
+            let version = entries.entries[i].version.next(generation: generation)
+            entries.entries[i].version = version
+            pages.append(CommitPage(page: page, kind: frame.kind, version: version, object: frame.object, frame: frame))
+            frame.dirty = false
+            frame.frozen = true
         }
+        let contentCount = pages.count
         func commitStructural(_ page: PageNumber, version: PageVersion, level: Int) -> PageVersion {
             guard let frame = frames[page], frame.dirty else { return version }
             if level > 1 {
@@ -766,14 +779,23 @@ final class MetadataPager {
             }
             let next = version.next(generation: generation)
             previous[page] = version
-            pages.append(CommitPage(page: page, kind: frame.kind, version: next, object: frame.object))
+            pages.append(CommitPage(page: page, kind: frame.kind, version: next, object: frame.object, frame: frame))
+            frame.dirty = false
+            frame.frozen = true
             return next
         }
         root.version = commitStructural(root.page, version: root.version, level: root.levels)
-        for p in pages {
-            let frame = frames[p.page]!
-            frame.dirty = false
-            frame.frozen = true
+        // The content pages are in page order already: merge the few structural ones in.
+        let structural = pages[contentCount...].sorted { $0.page < $1.page }
+        var ordered: [CommitPage] = []
+        ordered.reserveCapacity(pages.count)
+        var c = 0, s = structural.startIndex
+        while c < contentCount || s < structural.endIndex {
+            if s == structural.endIndex || (c < contentCount && pages[c].page < structural[s].page) {
+                ordered.append(pages[c]); c += 1
+            } else {
+                ordered.append(structural[s]); s += 1
+            }
         }
         dirtyFrames = 0
         dirtiedPages = []
@@ -781,7 +803,7 @@ final class MetadataPager {
         pendingFree = []
         commitInProgress = true
         nextGeneration = generation + 1
-        return CommitBatch(generation: generation, pages: pages.sorted { $0.page < $1.page }, root: root,
+        return CommitBatch(generation: generation, pages: ordered, root: root,
                            previousVersions: previous, previousRootVersion: previousRootVersion)
     }
 
@@ -821,7 +843,8 @@ final class MetadataPager {
     func finishCommit(_ batch: CommitBatch) {
         precondition(commitInProgress)
         for p in batch.pages {
-            guard let frame = frames[p.page], frame.object === p.object else { continue }
+            // A writer that changed the page meanwhile got a copy and unfroze the frame itself.
+            guard let frame = p.frame, frame.object === p.object else { continue }
             frame.frozen = false
         }
         for page in freedWhileFrozen { dropFrame(page) }
@@ -864,7 +887,7 @@ final class MetadataPager {
         restore(root.page, level: root.levels)
         for p in batch.pages {
             guard let frame = frames[p.page] else { continue }
-            if !frame.dirty { noteDirtied(p.page) }
+            if !frame.dirty { noteDirtied(p.page, frame) }
             frame.dirty = true
         }
     }

@@ -498,21 +498,25 @@ extension Store {
         precondition(newGeneration == nextCommitGeneration, "the commit's generation changed under flushMutex")
         let keepFrom = fallbackRoot ?? generation
         try storeImageTableLocked()
+        mutex.traceStep("image-table")
         var step = "growing meta"
         let frees = space.takeDeferred()
         do throws(StorageError) {
             // Every slot the commit may write exists (written as zeroes, not a hole), so running out of
             // space cannot happen halfway through the commit's pages.
             try growMeta(toCover: pager.root.pageCount)
+            mutex.traceStep("grow-meta")
             // The unflushed records and a seal go to this generation's journal, so that this
             // commit plus its journal equals the next commit: recovery's way back if the next
             // one is damaged or never completes (see `JournalRecord.sealed`). The chunks they
             // name and the frame itself are synced after the lock is released, before any page.
             try appendFrameLocked([.sealed(nextGeneration: newGeneration)], step: &step, sync: false)
+            mutex.traceStep("seal-frame")
             let batch: CommitBatch
             do { batch = try pager.beginCommit(generation: newGeneration) } catch {
                 throw StorageError.io("\(error)")
             }
+            mutex.traceStep("begin-commit")
             let sealed = journalFile
             journalFile = journal
             generation = newGeneration
@@ -577,6 +581,7 @@ extension Store {
     /// stay reserved until `punchReserved` has punched them (outside the lock).
     func completeCommitLocked(_ prepared: PreparedCommit) -> [(offset: UInt64, length: UInt64)] {
         pager.finishCommit(prepared.batch)
+        mutex.traceStep("finish-commit")
         fallbackRoot = nil
         return space.releaseReservingPunches(prepared.frees, punchRunBytesMin: options.holePunchRunBytesMin,
                                              unpunchedFreeBytesMax: options.unpunchedFreeBytesMax)

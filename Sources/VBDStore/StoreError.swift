@@ -91,7 +91,15 @@ final class StoreMutex: @unchecked Sendable {
     static let traceThresholdNanos: UInt64? = ProcessInfo.processInfo.environment["VBD_LOCK_TRACE_MS"]
         .flatMap(Double.init).map { UInt64($0 * 1_000_000) }
     /// Where and when the holder took the lock, when tracing. Written only by the holder.
-    private var tracedSite: (file: StaticString, line: UInt, since: UInt64) = ("", 0, 0)
+    private var tracedSite: (file: StaticString, line: UInt, since: UInt64, cpuSince: UInt64) = ("", 0, 0, 0)
+
+    /// CPU time of the calling thread: a hold's wall time minus this is time the holder waited
+    /// (for the CPU, the disk or a page fault).
+    private static var threadCPUNanos: UInt64 {
+        var t = timespec()
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t)
+        return UInt64(t.tv_sec) * 1_000_000_000 + UInt64(t.tv_nsec)
+    }
 
     private let traced: Bool
 
@@ -101,15 +109,33 @@ final class StoreMutex: @unchecked Sendable {
         pthread_mutex_init(m, nil)
     }
 
+    /// Steps of the current hold marked with `traceStep`, when tracing. Written only by the holder.
+    private var tracedSteps: [(name: StaticString, at: UInt64)] = []
+
     @inline(__always) private func traceAcquired(_ file: StaticString, _ line: UInt) {
-        if traced { tracedSite = (file, line, DispatchTime.now().uptimeNanoseconds) }
+        if traced {
+            tracedSite = (file, line, DispatchTime.now().uptimeNanoseconds, Self.threadCPUNanos)
+            tracedSteps.removeAll(keepingCapacity: true)
+        }
+    }
+
+    /// Marks the end of a step of a long hold; a traced hold over the threshold prints each step's share.
+    @inline(__always) func traceStep(_ name: StaticString) {
+        if traced { tracedSteps.append((name, DispatchTime.now().uptimeNanoseconds)) }
     }
 
     @inline(__always) private func traceReleasing() {
         guard traced, let threshold = Self.traceThresholdNanos else { return }
         let held = DispatchTime.now().uptimeNanoseconds - tracedSite.since
         if held > threshold {
-            FileHandle.standardError.write(Data("vbd lock trace: held \(String(format: "%.2f", Double(held) / 1e6)) ms, taken at \(tracedSite.file):\(tracedSite.line)\n".utf8))
+            var since = tracedSite.since
+            var steps = ""
+            for step in tracedSteps {
+                steps += " \(step.name) \(String(format: "%.2f", Double(step.at - since) / 1e6))"
+                since = step.at
+            }
+            let cpu = Self.threadCPUNanos - tracedSite.cpuSince
+            FileHandle.standardError.write(Data("vbd lock trace: held \(String(format: "%.2f", Double(held) / 1e6)) ms (\(String(format: "%.2f", Double(cpu) / 1e6)) ms on the CPU), taken at \(tracedSite.file):\(tracedSite.line)\(steps)\n".utf8))
         }
     }
     deinit { pthread_mutex_destroy(m); m.deallocate() }
