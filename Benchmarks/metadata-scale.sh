@@ -42,7 +42,9 @@ trap cleanup EXIT
 now() { date +%s.%N; }
 serve() {  # [METADATA_CACHE]
     # A small block cache, so that the peak RSS is mostly metadata.
-    "$vbdtool" serve --store "$store" --unix "$sock" --metadata-cache "${1:-$cache}" --cache-size 64M --last-chance-size 0 --log-level warning &
+    # The lock trace (1 ms and longer) shows what each long hold of the store lock was doing.
+    VBD_LOCK_TRACE_MS=${VBD_LOCK_TRACE_MS:-1} "$vbdtool" serve --store "$store" --unix "$sock" --metadata-cache "${1:-$cache}" \
+        --cache-size 64M --last-chance-size 0 --log-level warning 2>>"$work/server.err" &
     server=$!
     for _ in $(seq 1 600); do
         [ -S "$sock" ] && nbdinfo --size "nbd+unix:///vol?socket=$sock" >/dev/null 2>&1 && return 0
@@ -68,6 +70,7 @@ fio_job fill --rw=write --bs=1M --iodepth=8 --size="$bytes" >"$work/fill.json"
 t1=$(now)
 "$vbdtool" gc --store "$store" >/dev/null
 t2=$(now)
+: >"$work/server.err"   # the lock summary below covers the stall runs, not the fill
 printf 'fill: %.1f s (%.0f MiB/s), first gc (commit of the fill): %.2f s\n' \
     "$(echo "$t1 - $t0" | bc)" "$(echo "$bytes / 1048576 / ($t1 - $t0)" | bc -l)" "$(echo "$t2 - $t1" | bc)"
 
@@ -107,6 +110,24 @@ echo "  reader alone:    $alone"
 echo "  without gc: $base"
 echo "  with $gc_count gc: $withgc   (gc took ${gcs[*]} s)"
 
+# The store lock's longest holds by a commit (prepare and completion) and by anything else,
+# wall time and the holder's CPU time (the difference is time it waited for the CPU or a disk).
+/usr/bin/python3 - "$work/server.err" <<'PY'
+import re, sys
+worst = {}
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"vbd lock trace: held ([0-9.]+) ms \(([0-9.]+) ms on the CPU\), taken at (\S+)", line)
+    if not m: continue
+    wall, cpu, site = float(m.group(1)), float(m.group(2)), m.group(3)
+    kind = "commit" if "Persistence" in site else "other"
+    w = worst.setdefault(kind, [0.0, 0.0, 0.0, ""])
+    if wall > w[0]: w[0], w[3] = wall, site
+    w[1] = max(w[1], cpu)
+    w[2] += 1
+for kind, (wall, cpu, n, site) in sorted(worst.items()):
+    print("store lock, %-6s holds of 1 ms or more during the stall runs: %5d, longest %.1f ms wall (%s), longest on the CPU %.1f ms" % (kind, n, wall, site, cpu))
+PY
+: >"$work/server.err"
 rss=$(awk '/VmHWM/ {print $2 " " $3}' "/proc/$server/status")
 stop
 s=$(now); "$vbdtool" list --store "$store" >/dev/null; e=$(now)

@@ -160,6 +160,24 @@ struct PagedArray<Element: PagedArrayElement>: Equatable {
         try visit(root, level: levels, base: 0)
     }
 
+    /// `forEachLeaf` for the leaves holding indices in `range` only (whole leaves: a leaf that
+    /// starts before the range is visited if it reaches into it).
+    func forEachLeaf(in range: Range<UInt64>, pager: MetadataPager, _ body: (UInt64, Leaf) throws -> Void) throws {
+        func visit(_ page: PageNumber, level: Int, base: UInt64) throws {
+            guard page != .none else { return }
+            if level == 1 { try body(base, try pager.read(page, as: Leaf.self)); return }
+            let span = Self.capacity(levels: level - 1)
+            let node = try pager.read(page, as: ArrayInteriorPage.self)
+            for (k, child) in node.children.enumerated() where child != .none {
+                let childBase = base + UInt64(k) * span
+                guard childBase < range.upperBound else { break }
+                if childBase + span <= range.lowerBound { continue }
+                try visit(child, level: level - 1, base: childBase)
+            }
+        }
+        try visit(root, level: levels, base: 0)
+    }
+
     /// Every page of the tree, for fsck's reference count.
     func forEachPage(pager: MetadataPager, _ body: (PageNumber) throws -> Void) throws {
         func visit(_ page: PageNumber, level: Int) throws {

@@ -42,66 +42,111 @@ public struct StoreUsage: Equatable, Sendable {
 }
 
 extension Store {
-    /// Walks every image's map once. Holds the lock for the walk; cost follows the allocated
-    /// blocks of all images, so this is an operator command, not a hot path.
-    public func usage() throws -> StoreUsage {
-        mutex.lock()
-        defer { mutex.unlock(); pager.trim() }
-        var holders: [UInt64: (refs: UInt32, firstImage: UInt64, images: UInt8)] = [:]
-        let sorted = images.values.sorted { fullNameLocked($0.record) < fullNameLocked($1.record) }
-        // Pass 1: who holds each chunk.
-        for image in sorted {
-            try image.root.walk(start: 0, count: image.record.blockCount, pager: pager, chunkShared: { _, _ in false }) { _, _, chunk, _ in
-                guard chunk != 0, chunk < zeroAllocatedChunk else { return true }
-                if var h = holders[chunk] {
-                    h.refs += 1
-                    if h.firstImage != image.record.id { h.images = 2 }
-                    holders[chunk] = h
-                } else {
-                    holders[chunk] = (1, image.record.id, 1)
+    /// Map blocks (or chunk records) `usage` visits per hold of the store lock: a few
+    /// milliseconds at most, so that a metrics scrape of a large store never stalls I/O for long.
+    static let usageElementsPerHold: UInt64 = 1 << 15
+
+    /// Walks every image's map once, a window of blocks per hold of the store lock. The cost
+    /// follows the allocated blocks of all images, so this is an operator command (and a metrics
+    /// refresh), not a hot path; the figures are as of the walk, not of one instant (an image
+    /// deleted during it is left out, writes during it are counted where the walk finds them).
+    public func usage() throws -> StoreUsage { try usage(elementsPerHold: Self.usageElementsPerHold) }
+
+    /// `usage()` with another window (tests walk tiny windows to cross many holds).
+    func usage(elementsPerHold window: UInt64) throws -> StoreUsage {
+        let ids: [UInt64] = mutex.withLock {
+            images.values.sorted { fullNameLocked($0.record) < fullNameLocked($1.record) }.map(\.record.id)
+        }
+        /// Calls `body` under the lock for each window of `id`'s blocks, while the image exists.
+        func forEachWindow(of id: UInt64, _ body: (Image, UInt64, UInt64) throws -> Void) throws {
+            var start: UInt64 = 0
+            while true {
+                let more: Bool = try mutex.withLock {
+                    guard let image = images[id], start < image.record.blockCount else { return false }
+                    let count = min(window, image.record.blockCount - start)
+                    try body(image, start, count)
+                    start += count
+                    return start < image.record.blockCount
                 }
-                return true
+                if !more { return }
+            }
+        }
+        var holders: [UInt64: (refs: UInt32, firstImage: UInt64, images: UInt8)] = [:]
+        // Pass 1: who holds each chunk.
+        for id in ids {
+            try forEachWindow(of: id) { image, start, count in
+                try image.root.walk(start: start, count: count, pager: pager, chunkShared: { _, _ in false }) { _, _, chunk, _ in
+                    guard chunk != 0, chunk < zeroAllocatedChunk else { return true }
+                    if var h = holders[chunk] {
+                        h.refs += 1
+                        if h.firstImage != id { h.images = 2 }
+                        holders[chunk] = h
+                    } else {
+                        holders[chunk] = (1, id, 1)
+                    }
+                    return true
+                }
             }
         }
         // Pass 2: per image figures.
         var total = StoreUsage()
-        for image in sorted {
-            var u = ImageUsage(name: fullNameLocked(image.record), logicalBytes: image.record.size)
-            let bs = UInt64(image.record.blockSize)
+        for id in ids {
+            var u: ImageUsage?
             var seenExclusive = Set<UInt64>()
-            var failure: (any Error)?
-            try image.root.walk(start: 0, count: image.record.blockCount, pager: pager, chunkShared: { _, _ in false }) { block, _, chunk, _ in
-                guard chunk != 0, chunk < zeroAllocatedChunk, let h = holders[chunk] else { return true }
-                let bytes = min(bs, image.record.size - block * bs)
-                u.allocatedBytes += bytes
-                let sectorCount: Int
-                do { sectorCount = try chunks.entry(chunk, pager: pager).sectorCount } catch {
-                    failure = error
-                    return false
+            try forEachWindow(of: id) { image, start, count in
+                if u == nil { u = ImageUsage(name: fullNameLocked(image.record), logicalBytes: image.record.size) }
+                let bs = UInt64(image.record.blockSize)
+                var failure: (any Error)?
+                try image.root.walk(start: start, count: count, pager: pager, chunkShared: { _, _ in false }) { block, _, chunk, _ in
+                    guard chunk != 0, chunk < zeroAllocatedChunk, let h = holders[chunk] else { return true }
+                    let bytes = min(bs, image.record.size - block * bs)
+                    u!.allocatedBytes += bytes
+                    let sectorCount: Int
+                    do { sectorCount = try chunks.entry(chunk, pager: pager).sectorCount } catch {
+                        failure = error
+                        return false
+                    }
+                    let stored = UInt64(sectorCount * Limits.sectorBytes)
+                    if h.refs == 1 {
+                        u!.uniqueBytes += bytes
+                    } else {
+                        u!.sharedBytes += bytes
+                    }
+                    if h.images == 1 && seenExclusive.insert(chunk).inserted { u!.exclusiveStoredBytes += stored }
+                    u!.fairStoredBytes += Double(stored) / Double(h.refs)
+                    return true
                 }
-                let stored = UInt64(sectorCount * Limits.sectorBytes)
-                if h.refs == 1 {
-                    u.uniqueBytes += bytes
-                } else {
-                    u.sharedBytes += bytes
-                }
-                if h.images == 1 && seenExclusive.insert(chunk).inserted { u.exclusiveStoredBytes += stored }
-                u.fairStoredBytes += Double(stored) / Double(h.refs)
-                return true
+                if let failure { throw failure }
             }
-            if let failure { throw failure }
+            // An image deleted before its first window is left out; an empty one still counts.
+            if u == nil {
+                u = mutex.withLock { images[id].map { ImageUsage(name: fullNameLocked($0.record), logicalBytes: $0.record.size) } }
+            }
+            guard let u else { continue }
             total.logicalAllocatedBytes += u.allocatedBytes
             total.images.append(u)
         }
-        try chunks.records.forEachLeaf(pager: pager) { _, leaf in
-            for r in leaf.elements where r.entry.isInstalled {
-                total.uniqueChunks += 1
-                total.storedBytes += UInt64(r.entry.sectorCount * Limits.sectorBytes)
-                total.chunkRawBytes += UInt64(r.entry.rawBytes)
+        // The chunk table, a range of records per hold.
+        let leafElements = UInt64(PagedArray<ChunkRecord>.Leaf.capacity)
+        let recordsPerHold = max(leafElements, window / leafElements * leafElements)
+        var first: UInt64 = 0
+        while true {
+            let more: Bool = try mutex.withLock {
+                try chunks.records.forEachLeaf(in: first..<(first + recordsPerHold), pager: pager) { _, leaf in
+                    for r in leaf.elements where r.entry.isInstalled {
+                        total.uniqueChunks += 1
+                        total.storedBytes += UInt64(r.entry.sectorCount * Limits.sectorBytes)
+                        total.chunkRawBytes += UInt64(r.entry.rawBytes)
+                    }
+                }
+                first += recordsPerHold
+                return first < PagedArray<ChunkRecord>.capacity(levels: chunks.records.levels)
+                    && chunks.records.root != .none
             }
+            if !more { break }
         }
         total.dataFileBytes = (try? dataFile.size()) ?? 0
-        total.indexMemoryBytes = pager.residentBytes + space.bitmapBytes
+        total.indexMemoryBytes = mutex.withLock { pager.residentBytes + space.bitmapBytes }
         return total
     }
 

@@ -488,6 +488,10 @@ import VBDCache
         #expect(u.uniqueChunks == 513)
         #expect(u.compressionRatio > 1.1)
         #expect(u.dedupRatio > 3.5)
+        // Walked seven blocks (and records) per hold of the store lock, the figures are the same.
+        var windowed = try store.usage(elementsPerHold: 7)
+        windowed.indexMemoryBytes = u.indexMemoryBytes   // the cache may hold other pages by now
+        #expect(windowed == u)
         try store.close()
     }
 
