@@ -293,17 +293,18 @@ struct CommitPage {
     var object: any MetadataPageObject
     /// The cached frame, so that finishing the commit looks nothing up (MetadataPager only).
     fileprivate var frame: MetadataPager.Frame?
+    /// The version the page had before: a commit whose pages could not be written puts it back.
+    var previousVersion: PageVersion
 }
 
 /// What `beginCommit` hands to `writeCommit` and `finishCommit`.
 struct CommitBatch {
     var generation: UInt64
+    /// In no particular order (`writeCommit` sorts them, outside the store lock).
     var pages: [CommitPage]
     /// The root the superblock must name once the pages are durable.
     var root: PageTableRoot
-    /// What the batch's pages and the root were before it: a commit whose pages could not be
-    /// written puts them back (`abandonCommit`).
-    var previousVersions: [PageNumber: PageVersion]
+    /// What the root was before: a commit whose pages could not be written puts it back.
     var previousRootVersion: PageVersion
 }
 
@@ -734,40 +735,42 @@ final class MetadataPager {
     func beginCommit(generation: UInt64? = nil) throws -> CommitBatch {
         precondition(!commitInProgress, "one commit at a time")
         let generation = max(generation ?? nextGeneration, nextGeneration)
-        var pages: [CommitPage] = []
-        var previous: [PageNumber: PageVersion] = [:]
         let previousRootVersion = root.version
+        // Everything here runs under the store lock and visits each changed page: no sorting,
+        // hashing or lookups per page that can wait for `writeCommit` (outside the lock).
+        var pages: [CommitPage] = []
+        pages.reserveCapacity(dirtyFrames + 16)
         // Content pages first: their new versions go into page-table entries, which dirties
-        // page-table pages; then the structural pages, bottom-up from the root.
-        var dirtyContent: [(PageNumber, Frame)] = []
-        dirtyContent.reserveCapacity(dirtyFrames)
-        // A frame is listed once per turn from clean to dirty, and a dropped one is no longer
-        // dirty (`dropFrame`): taking each dirty frame once needs no lookup in `frames`.
-        dirtiedPages.sort { $0.page < $1.page }
-        for (page, frame) in dirtiedPages where frame.dirty && frame.kind != .pageTable && frame.kind != .pageDirectory {
-            if let last = dirtyContent.last, last.0 == page { continue }
-            dirtyContent.append((page, frame))
-        }
-        dirtiedPages = []
-        pages.reserveCapacity(dirtyContent.count + 16)
-        previous.reserveCapacity(dirtyContent.count + 16)
-        // In page order, consecutive pages mostly share their page-table page: it is looked up
-        // once per run, not once per page (this loop is most of a commit's time under the lock).
+        // page-table pages; then the structural pages, bottom-up from the root. A frame is listed
+        // once per turn from clean to dirty, and one taken (or dropped) is no longer dirty, so
+        // each is taken once.
         let fanout = UInt64(PageTable.fanout)
-        var table: (first: UInt64, page: PageTablePage)?
-        for (page, frame) in dirtyContent {
+        // Page-table pages made writable so far, by their first page: one lookup per page here
+        // instead of a walk from the root.
+        var tables: [UInt64: PageTablePage] = [:]
+        let listed = dirtiedPages
+        dirtiedPages = []   // what the loop dirties (page-table pages) is found by the walk below
+        for (page, frame) in listed where frame.dirty && frame.kind != .pageTable && frame.kind != .pageDirectory {
             let first = page.rawValue / fanout * fanout
-            if table?.first != first { table = (first, try tableLocation(page, writable: true).0) }
-            let entries = table!.page
+            let entries: PageTablePage
+            if let known = tables[first] {
+                entries = known
+            } else {
+                do { entries = try tableLocation(page, writable: true).0 } catch {
+                    dirtiedPages = listed + dirtiedPages   // a damaged page table: keep every change listed
+                    throw error
+                }
+                tables[first] = entries
+            }
             let i = Int(page.rawValue - first)
-            previous[page] = entries.entries[i].version
-            let version = entries.entries[i].version.next(generation: generation)
+            let previous = entries.entries[i].version
+            let version = previous.next(generation: generation)
             entries.entries[i].version = version
-            pages.append(CommitPage(page: page, kind: frame.kind, version: version, object: frame.object, frame: frame))
+            pages.append(CommitPage(page: page, kind: frame.kind, version: version, object: frame.object,
+                                    frame: frame, previousVersion: previous))
             frame.dirty = false
             frame.frozen = true
         }
-        let contentCount = pages.count
         func commitStructural(_ page: PageNumber, version: PageVersion, level: Int) -> PageVersion {
             guard let frame = frames[page], frame.dirty else { return version }
             if level > 1 {
@@ -778,33 +781,20 @@ final class MetadataPager {
                 }
             }
             let next = version.next(generation: generation)
-            previous[page] = version
-            pages.append(CommitPage(page: page, kind: frame.kind, version: next, object: frame.object, frame: frame))
+            pages.append(CommitPage(page: page, kind: frame.kind, version: next, object: frame.object,
+                                    frame: frame, previousVersion: version))
             frame.dirty = false
             frame.frozen = true
             return next
         }
         root.version = commitStructural(root.page, version: root.version, level: root.levels)
-        // The content pages are in page order already: merge the few structural ones in.
-        let structural = pages[contentCount...].sorted { $0.page < $1.page }
-        var ordered: [CommitPage] = []
-        ordered.reserveCapacity(pages.count)
-        var c = 0, s = structural.startIndex
-        while c < contentCount || s < structural.endIndex {
-            if s == structural.endIndex || (c < contentCount && pages[c].page < structural[s].page) {
-                ordered.append(pages[c]); c += 1
-            } else {
-                ordered.append(structural[s]); s += 1
-            }
-        }
         dirtyFrames = 0
         dirtiedPages = []
         freeingWithCommit = pendingFree
         pendingFree = []
         commitInProgress = true
         nextGeneration = generation + 1
-        return CommitBatch(generation: generation, pages: ordered, root: root,
-                           previousVersions: previous, previousRootVersion: previousRootVersion)
+        return CommitBatch(generation: generation, pages: pages, root: root, previousRootVersion: previousRootVersion)
     }
 
     /// Without the store lock: encodes and writes the batch's pages into their slots. The caller
@@ -813,6 +803,8 @@ final class MetadataPager {
         let bytes = MetadataPageFile.pageBytes
         // Runs of consecutive slots go out in one write of up to 1 MiB.
         let runPagesMax = 256
+        var batch = batch
+        batch.pages.sort { $0.page < $1.page }
         var buffer = [UInt8](repeating: 0, count: bytes * runPagesMax)
         var k = 0
         while k < batch.pages.count {
@@ -874,13 +866,15 @@ final class MetadataPager {
         root.version = batch.previousRootVersion
         for p in batch.pages where p.kind != .pageTable && p.kind != .pageDirectory {
             // The page-table page holding the entry is in the batch too: it is dirty again below.
-            try? updateEntry(p.page) { $0.version = batch.previousVersions[p.page] ?? $0.version }
+            try? updateEntry(p.page) { $0.version = p.previousVersion }
         }
+        var previousVersions: [PageNumber: PageVersion] = [:]
+        for p in batch.pages { previousVersions[p.page] = p.previousVersion }
         func restore(_ page: PageNumber, level: Int) {
             guard level > 1, let directory = frames[page]?.object as? PageDirectoryPage else { return }
             for i in 0..<directory.children.count where directory.children[i].page != .none {
                 let child = directory.children[i].page
-                if let old = batch.previousVersions[child] { directory.children[i].version = old }
+                if let old = previousVersions[child] { directory.children[i].version = old }
                 restore(child, level: level - 1)
             }
         }

@@ -716,11 +716,11 @@ extension Store {
 
     /// After a change: FUA flushes; a large unflushed journal flushes implicitly (bounded memory).
     /// Enough changed metadata pages start a commit (bounded commit stalls), unless a flush or
-    /// commit is already under way: then the writer goes on, and waits only once twice as many
-    /// pages have changed (bounded memory).
+    /// commit is already under way: then the writer goes on, and waits only once half as many
+    /// again have changed (what the next commit does under the lock stays bounded too).
     func afterChange(fua: Bool) throws(BlockDeviceError) {
         let (big, dirty) = mutex.withLock { (pending.bytes.count >= options.pendingJournalBytesMax, pager.dirtyFrames) }
-        if fua || big || dirty >= 2 * options.commitDirtyPagesMax { try flushForDevice(); return }
+        if fua || big || dirty >= options.commitDirtyPagesMax + options.commitDirtyPagesMax / 2 { try flushForDevice(); return }
         if dirty >= options.commitDirtyPagesMax {
             do { try flushUnlessOneIsUnderWay() } catch let e as StoreError {
                 throw e == .noSpace ? .noSpace : .io(e.description)
