@@ -28,6 +28,10 @@ import Glibc
 //   E  (no lock) write the chunk bytes
 //   F  (lock)    re-check dedup (a concurrent writer may have stored the same bytes), then
 //                journal the chunks and the map updates
+// The re-check of F is needed only for a content another write had in flight at the same time:
+// phase B claims each new content's hash (`newContentInFlight`) and phase F probes the index
+// again only for a hash that two writes claimed at once; either write that saw the other's claim
+// looks again, and a write that begins after the other published finds its chunk in phase B.
 // Partial blocks are read-modify-written under a stripe lock per block, so two concurrent
 // partial writes to one block do not lose each other's bytes.
 
@@ -394,6 +398,8 @@ extension Store {
         var isCompressed = false
         var sector: UInt64 = 0
         var sectorCount: Int { (stored.count + Limits.sectorBytes - 1) / Limits.sectorBytes }
+        /// Phase B claimed `hash` in `newContentInFlight`; dropped in phase F or on failure.
+        var claimed = false
     }
 
     func write(image id: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
@@ -501,7 +507,13 @@ extension Store {
                 blocks[i].hash = contentHash(blocks[i].bytes, group: view.group)
             }
         }
-        // B: dedup against stored chunks, byte-verified.
+        // Claims still held when a phase fails are dropped on the way out.
+        defer {
+            if blocks.contains(where: \.claimed) {
+                mutex.withLock { for i in blocks.indices where blocks[i].claimed { dropNewContentClaimLocked(&blocks[i]) } }
+            }
+        }
+        // B: dedup against stored chunks, byte-verified; what is new is claimed until phase F.
         try mutex.withLock { () throws(BlockDeviceError) in
             for i in blocks.indices where !blocks[i].isZero {
                 if let c = try findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, group: view.group, volume: view.id) {
@@ -511,6 +523,8 @@ extension Store {
                     }
                     noteWriteReferenceLocked(c, taken: true)
                     blocks[i].chunk = c
+                } else {
+                    claimNewContentLocked(&blocks[i])
                 }
             }
         }
@@ -591,7 +605,9 @@ extension Store {
                 for i in blocks.indices {
                     var chunk = blocks[i].isZero ? 0 : blocks[i].chunk
                     if blocks[i].isNew {
-                        if let c = try findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, group: view.group, volume: view.id) {
+                        // Only a content another write claimed meanwhile can have been stored since phase B.
+                        let contended = dropNewContentClaimLocked(&blocks[i])
+                        if contended, let c = try findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, group: view.group, volume: view.id) {
                             // Someone stored the same bytes meanwhile: use theirs, drop ours.
                             try retainChunk(c)
                             try chunks.returnNumber(blocks[i].chunk, pager: pager)
@@ -672,6 +688,32 @@ extension Store {
             }
         }
     }
+
+    /// With `mutex` held: phase B found no stored chunk for the block's content; records that this
+    /// write is about to store it, so a write of the same content overlapping it re-checks.
+    private func claimNewContentLocked(_ block: inout PendingBlock) {
+        mutex.assertOwned("claimNewContentLocked")
+        newContentInFlight[block.hash, default: NewContentClaim()].claim()
+        block.claimed = true
+    }
+
+    /// With `mutex` held: drops the block's claim (if it holds one). Returns whether another write
+    /// claimed the same content while this claim was held (then its chunk may exist by now).
+    @discardableResult
+    private func dropNewContentClaimLocked(_ block: inout PendingBlock) -> Bool {
+        mutex.assertOwned("dropNewContentClaimLocked")
+        guard block.claimed else { return false }
+        block.claimed = false
+        guard let position = newContentInFlight.index(forKey: block.hash) else {
+            preconditionFailure("a claimed content is missing from newContentInFlight")
+        }
+        let contended = newContentInFlight.values[position].overlapped
+        if newContentInFlight.values[position].drop() { newContentInFlight.remove(at: position) }
+        return contended
+    }
+
+    /// Contents claimed by writes in flight (tests check that none outlive their write).
+    var newContentInFlightCount: Int { mutex.withLock { newContentInFlight.count } }
 
     /// Metadata access on a block I/O path: a page that cannot be read fails the request.
     func metadata<T>(_ body: () throws -> T) throws(BlockDeviceError) -> T {

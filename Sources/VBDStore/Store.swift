@@ -148,6 +148,9 @@ public final class Store: @unchecked Sendable {
     /// References that writes in flight took in phase B (dedup) and have not yet put into a map
     /// (phase F), per chunk: fsck, which can run between the two, counts them as references.
     var writeReferences: [UInt64: UInt32] = [:]
+    /// New contents (by hash) that writes in flight found unstored in phase B and have not yet
+    /// published (phase F): one entry per content, so bounded by the blocks of requests in flight.
+    var newContentInFlight: [ContentHash: NewContentClaim] = [:]
     /// Incomplete volumes (see `createIncompleteVolume`) whose filler is running in this process.
     var incompleteInUse: Set<String> = []
     /// Why writes are refused: an earlier failure, or a read-only open.
@@ -378,4 +381,22 @@ extension Store: ChunkReferenceCounter {
     #else
     static let staleReadDefenses = true
     #endif
+}
+
+/// Writes in flight that are storing one new content (see `Store.newContentInFlight`).
+struct NewContentClaim {
+    private(set) var writers = 0
+    /// Two claims were held at once since the entry was made: every holder re-checks dedup.
+    private(set) var overlapped = false
+
+    mutating func claim() {
+        if writers > 0 { overlapped = true }
+        writers += 1
+    }
+
+    /// Returns true when no claim is left (the entry goes).
+    mutating func drop() -> Bool {
+        writers -= 1
+        return writers == 0
+    }
 }
