@@ -51,6 +51,16 @@ struct PageNumber: Hashable, Comparable, CustomStringConvertible {
     static let none = PageNumber(0)
     static func < (a: PageNumber, b: PageNumber) -> Bool { a.rawValue < b.rawValue }
     var description: String { "meta page \(rawValue)" }
+
+    // Every metadata access looks a page number up in the cache; the default SipHash was 16 % of
+    // a 1 MiB write's samples (Benchmarks/README.md, issue 14 round 3). Page numbers come from the
+    // store itself, never from a client, so a multiplicative mix is enough (no flooding to fear).
+    func hash(into hasher: inout Hasher) { hasher.combine(rawValue) }
+    func _rawHashValue(seed: Int) -> Int {
+        var x = rawValue &+ UInt64(UInt(bitPattern: seed))
+        x = (x ^ (x >> 31)) &* 0x9E37_79B9_7F4A_7C15
+        return Int(truncatingIfNeeded: x ^ (x >> 29))
+    }
 }
 
 enum PageKind: UInt16, CustomStringConvertible {
