@@ -102,6 +102,10 @@ let package = Package(
             ]
         ),
         .executableTarget(
+            name: "vbd-rados-bench",
+            dependencies: ["VBDRados", "VBDCore"]
+        ),
+        .executableTarget(
             name: "vbd-sim",
             dependencies: [
                 "VBDSimulation",

@@ -8,8 +8,11 @@
 # After `start`, DIR/ceph.conf is all a client needs (it names the monitor and the client keyring),
 # e.g. `rados -c DIR/ceph.conf -p vbd ls`. Several clusters in different directories can run at once.
 # The data lives in RAM (memstore): stopping the cluster loses it; DIR is left for the caller to remove.
+# With VBD_CEPH_OWNER_PID=PID in the environment, `start` also leaves a watchdog that stops the
+# cluster once that process is gone, so a test run that crashes leaves no daemons behind.
 set -euo pipefail
 
+script=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 usage() { echo "usage: $0 start DIR [PORT] | stop DIR" >&2; exit 2; }
 fail() { echo "ceph-micro-cluster: $*" >&2; exit 1; }
 
@@ -179,6 +182,12 @@ start)
     for attempt in $(seq 1 "$attempts"); do
         port=${3:-$(free_port)}
         if start_cluster "$dir" "$port"; then
+            if [ -n "${VBD_CEPH_OWNER_PID:-}" ]; then
+                owner=$VBD_CEPH_OWNER_PID
+                # Polls once a second: the owner's exit is no event this script can wait on.
+                setsid bash -c "while [ -r /proc/$owner/stat ] && ! grep -q '^$owner ([^)]*) Z' /proc/$owner/stat; do sleep 1; done; exec bash '$script' stop '$dir'" \
+                    </dev/null >"$dir/log/watchdog.out" 2>&1 &
+            fi
             echo "$dir/ceph.conf"
             exit 0
         fi

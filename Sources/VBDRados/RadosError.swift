@@ -16,6 +16,7 @@ public struct RadosError: Error, Equatable, CustomStringConvertible {
     }
 
     public var description: String {
-        "rados \(operation): \(String(cString: strerror(code))) (errno \(code))"
+        if code >= 4095 { return "rados \(operation): compared bytes differ at offset \(code - 4095)" }
+        return "rados \(operation): \(String(cString: strerror(code))) (errno \(code))"
     }
 }
