@@ -44,19 +44,27 @@ do {
         if inFlight == 1 {
             for i in 0..<count { try body(i) }
         } else {
+            // One thread per operation in flight (concurrentPerform would stop at the core count).
             nonisolated(unsafe) let f = failures
-            DispatchQueue.concurrentPerform(iterations: inFlight) { worker in
-                var i = worker
-                while i < count {
-                    do { try body(i) } catch { f[i] = "\(error)" }
-                    i += inFlight
+            let group = DispatchGroup()
+            for worker in 0..<inFlight {
+                group.enter()
+                Thread.detachNewThread {
+                    var i = worker
+                    while i < count {
+                        do { try body(i) } catch { f[i] = "\(error)" }
+                        i += inFlight
+                    }
+                    group.leave()
                 }
             }
+            group.wait()
         }
         let seconds = now() - start
         if let failure = failures.compactMap({ $0 }).first { throw MicroBenchError(message: "\(label): \(failure)") }
         let latency = seconds / Double(count) * Double(inFlight) * 1e6
-        print(String(format: "%-34@ %2d in flight: %8.0f ops/s  %7.0f us per op", label as NSString, inFlight, Double(count) / seconds, latency))
+        let padded = label.padding(toLength: 38, withPad: " ", startingAt: 0)
+        print(padded + String(format: "%3d in flight: %7.0f ops/s %7.0f us per op", inFlight, Double(count) / seconds, latency))
     }
     struct MicroBenchError: Error { var message: String }
     nonisolated(unsafe) let sharedNames = names
