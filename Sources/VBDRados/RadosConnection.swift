@@ -9,7 +9,9 @@ import Glibc
 /// Thread safety: librados' cluster handle and its I/O contexts are safe to use from several
 /// threads at once, except that changing an I/O context's namespace is not; ``RadosPool`` fixes its
 /// namespace when it is opened and never changes it, so every type here may be shared across threads.
-/// `close()` must not race with I/O still running on the connection's pools.
+/// Closing: a pool keeps its connection alive (librados must not shut down under an open I/O
+/// context), so `close()` on the connection takes effect when its last pool is closed, and refuses
+/// new pools and calls from then on. `close()` must not race with I/O still running on that object.
 public final class RadosConnection: @unchecked Sendable {
     /// Settings a connection is opened with.
     public struct Options: Sendable {
@@ -26,8 +28,14 @@ public final class RadosConnection: @unchecked Sendable {
         }
     }
 
-    /// The `rados_t` as a bit pattern (0 once closed): raw pointers are not Sendable.
-    private let state: Mutex<UInt>
+    private struct State {
+        /// The `rados_t` as a bit pattern (0 once shut down): raw pointers are not Sendable.
+        var cluster: UInt
+        /// Pools opened on the connection and not closed yet: librados must not shut down under them.
+        var openPools = 0
+        var closeRequested = false
+    }
+    private let state: Mutex<State>
     /// For messages: the ceph.conf the connection was opened from.
     public let configurationFile: String
 
@@ -48,23 +56,50 @@ public final class RadosConnection: @unchecked Sendable {
         }
         rc = rados_connect(cluster)
         if rc != 0 { throw fail("connect with \(options.configurationFile)", rc) }
-        state = Mutex(UInt(bitPattern: cluster))
+        state = Mutex(State(cluster: UInt(bitPattern: cluster)))
         configurationFile = options.configurationFile
     }
 
-    deinit { close() }
+    deinit { shutDown() }
 
-    /// Shuts the connection down. Close the pools opened on it first (they keep it open).
+    /// Closes the connection: at once, or when the last pool opened on it is closed.
     public func close() {
-        state.withLock { cluster in
-            if let handle = rados_t(bitPattern: cluster) { rados_shutdown(handle) }
-            cluster = 0
+        let now = state.withLock { s -> Bool in
+            s.closeRequested = true
+            return s.openPools == 0
+        }
+        if now { shutDown() }
+    }
+
+    private func shutDown() {
+        state.withLock { s in
+            if let handle = rados_t(bitPattern: s.cluster) { rados_shutdown(handle) }
+            s.cluster = 0
         }
     }
 
     func handle(_ operation: @autoclosure () -> String) throws(RadosError) -> rados_t {
-        guard let handle = rados_t(bitPattern: state.withLock { $0 }) else { throw RadosError(operation(), code: ENOTCONN) }
+        guard let handle = rados_t(bitPattern: state.withLock { $0.closeRequested ? 0 : $0.cluster }) else {
+            throw RadosError(operation(), code: ENOTCONN)
+        }
         return handle
+    }
+
+    /// Registers a pool about to be opened; nil once the connection is closed.
+    fileprivate func retainForPool() -> rados_t? {
+        state.withLock { s -> UInt in
+            guard !s.closeRequested, s.cluster != 0 else { return 0 }
+            s.openPools += 1
+            return s.cluster
+        }.flatMapHandle()
+    }
+
+    fileprivate func releaseForPool() {
+        let now = state.withLock { s -> Bool in
+            s.openPools -= 1
+            return s.openPools == 0 && s.closeRequested
+        }
+        if now { shutDown() }
     }
 
     /// The address this client talks from, e.g. `v2:127.0.0.1:0/2749102874`: what a blocklist entry
@@ -121,10 +156,13 @@ public final class RadosPool: @unchecked Sendable {
     private let state: Mutex<UInt>
 
     init(connection: RadosConnection, pool: String, namespace: String) throws(RadosError) {
-        let cluster = try connection.handle("open pool \(pool)")
+        guard let cluster = connection.retainForPool() else { throw RadosError("open pool \(pool)", code: ENOTCONN) }
         var ioctx: rados_ioctx_t?
         let rc = rados_ioctx_create(cluster, pool, &ioctx)
-        guard rc == 0, let ioctx else { throw RadosError("open pool \(pool)", code: rc) }
+        guard rc == 0, let ioctx else {
+            connection.releaseForPool()
+            throw RadosError("open pool \(pool)", code: rc)
+        }
         rados_ioctx_set_namespace(ioctx, namespace)
         self.connection = connection
         self.pool = pool
@@ -136,13 +174,14 @@ public final class RadosPool: @unchecked Sendable {
 
     /// Waits for this context's outstanding asynchronous operations, then releases it.
     public func close() {
-        state.withLock { ioctx in
-            if let handle = rados_ioctx_t(bitPattern: ioctx) {
-                _ = rados_aio_flush(handle)
-                rados_ioctx_destroy(handle)
-            }
+        let closed = state.withLock { ioctx -> Bool in
+            guard let handle = rados_ioctx_t(bitPattern: ioctx) else { return false }
+            _ = rados_aio_flush(handle)
+            rados_ioctx_destroy(handle)
             ioctx = 0
+            return true
         }
+        if closed { connection.releaseForPool() }
     }
 
     /// "pool/namespace/object", for messages.
@@ -378,4 +417,8 @@ extension RadosError {
 
     /// True when a `cmpext` step found different bytes.
     public var isExtentMismatch: Bool { code >= Self.maxErrno }
+}
+
+private extension UInt {
+    func flatMapHandle() -> rados_t? { rados_t(bitPattern: self) }
 }

@@ -39,8 +39,13 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
     }
     private let lockState = Mutex(LockState())
 
-    public init(pool: RadosPool, stripeBytes: UInt64 = 4 << 20, lockDurationSeconds: Int = 30, inFlightMax: Int = 64) {
+    /// Called once when the directory's lock is lost, with the reason (from the renewal thread).
+    public let onLockLost: @Sendable (String) -> Void
+
+    public init(pool: RadosPool, stripeBytes: UInt64 = 4 << 20, lockDurationSeconds: Int = 30, inFlightMax: Int = 64,
+                onLockLost: @escaping @Sendable (String) -> Void = { _ in }) {
         precondition(stripeBytes > 0 && stripeBytes % 4096 == 0)
+        self.onLockLost = onLockLost
         self.pool = pool
         self.stripeBytes = stripeBytes
         self.lockDurationSeconds = lockDurationSeconds
@@ -144,6 +149,9 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
     }
 
     private func takeLock(exclusive: Bool) throws(StorageError) {
+        // Already ours (e.g. taken over just before the store opened the directory): keep it.
+        let current = lockState.withLock { $0 }
+        if let held = current.lock, let keeper = current.keeper, held.exclusive == exclusive, keeper.isHeld { return }
         let lock: RadosLock
         do {
             lock = try RadosLock(pool: pool, object: Self.lockObject, exclusive: exclusive, durationSeconds: lockDurationSeconds)
@@ -159,7 +167,7 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
     }
 
     private func install(_ lock: RadosLock) {
-        let keeper = RadosLockKeeper(lock: lock)
+        let keeper = RadosLockKeeper(lock: lock, onLost: onLockLost)
         let old = lockState.withLock { s in
             defer { s = LockState(lock: lock, keeper: keeper) }
             return s

@@ -32,6 +32,8 @@ final class MicroCluster: Sendable {
         directory = NSTemporaryDirectory() + "vbd-ceph-" + UUID().uuidString
         let (status, output) = Self.runScript(["start", directory])
         guard status == 0 else {
+            _ = Self.runScript(["stop", directory])
+            try? FileManager.default.removeItem(atPath: directory)
             throw MicroClusterError(message: "scripts/ceph-micro-cluster.sh start failed (exit \(status)): \(output)")
         }
         configurationFile = directory + "/ceph.conf"

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 import VBDCore
 @testable import VBDRados
@@ -140,6 +141,40 @@ func pattern(seed: UInt64, count: Int = 4096) -> [UInt8] {
         #expect(throws: RadosChunkError.self) { try chunks.read(name) }
         try pool.remove(name.objectName)
         #expect(throws: RadosChunkError.self) { try chunks.read(name) }
+    }
+
+    /// Two hosts with four threads each store and release the same chunks at once: every create,
+    /// share and last release races with the others. Each thread checks what it reads back, and in
+    /// the end no reference is lost or left over: every object is gone.
+    @Test func racingStoresAndReleasesFromTwoHosts() throws {
+        let hosts = [try cluster.connect(), try cluster.connect()]
+        let namespace = try cluster.freshPool(hosts[0], prefix: "race").namespace
+        let stores = try hosts.map { try chunks(try $0.openPool("vbd", namespace: namespace)) }
+        let contents = (0..<24).map { pattern(seed: 500 + UInt64($0), count: 1024) }
+        let failures = Mutex<[String]>([])
+        let group = DispatchGroup()
+        for worker in 0..<8 {
+            group.enter()
+            let chunks = stores[worker % 2]
+            Thread.detachNewThread {
+                defer { group.leave() }
+                do {
+                    for round in 0..<3 {
+                        for (i, bytes) in contents.enumerated() {
+                            let reference = try ChunkReference(family: "w\(worker)", chunk: UInt64(i), generation: UInt64(round))
+                            let outcome = try chunks.store(bytes, reference: reference)
+                            if try chunks.read(outcome.name) != bytes { throw MicroClusterError(message: "chunk \(i) read back wrong") }
+                            try chunks.release(outcome.name, reference: reference)
+                        }
+                    }
+                } catch {
+                    failures.withLock { $0.append("worker \(worker): \(error)") }
+                }
+            }
+        }
+        group.wait()
+        #expect(failures.withLock { $0 } == [])
+        #expect(try stores[0].objectNames() == [])
     }
 }
 

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 import VBDCore
 import VBDStore
@@ -64,5 +65,52 @@ import VBDStore
             _ = try Store(directory: RadosDirectory(pool: try hostB.openPool("vbd", namespace: poolA.namespace)), options: options(), create: false)
         }
         try store.close()
+    }
+
+    /// Host A hangs with the store open. Host B takes the store over once A's lock expired, replays
+    /// A's journal and has every write A flushed; A, when it wakes up, can no longer commit.
+    @Test func takeoverFromAHungHostKeepsFlushedWritesAndFencesIt() throws {
+        let hostA = try cluster.connect(timeoutSeconds: 10), hostB = try cluster.connect()
+        let poolA = try cluster.freshPool(hostA, prefix: "handover")
+        let lostReason = Mutex<String?>(nil)
+        let directoryA = RadosDirectory(pool: poolA, stripeBytes: 1 << 20, lockDurationSeconds: 2,
+                                        onLockLost: { reason in lostReason.withLock { $0 = reason } })
+        let storeA = try Store(directory: directoryA, options: options(), create: true)
+        try storeA.createVolume(name: "vm0", size: 1 << 20)
+        let deviceA = try storeA.device(named: "vm0")
+        let blocks = (0..<16).map { pattern(seed: 2000 + UInt64($0)) }
+        for (i, bytes) in blocks.enumerated() {
+            try bytes.withUnsafeBytes { try deviceA.write(offset: UInt64(i) * 4096, data: $0, fua: false) }
+        }
+        try deviceA.flush()
+        directoryA.lockKeeper!.stop()  // A hangs: its lock will expire
+
+        let directoryB = RadosDirectory(pool: try hostB.openPool("vbd", namespace: poolA.namespace), stripeBytes: 1 << 20,
+                                        lockDurationSeconds: 2)
+        let fenced = try directoryB.takeOver(waitingUpTo: 15)
+        #expect(fenced.count == 1)
+        let storeB = try Store(directory: directoryB, options: options(), create: false)
+        let deviceB = try storeB.device(named: "vm0")
+        for (i, bytes) in blocks.enumerated() {
+            var out = [UInt8](repeating: 0, count: 4096)
+            try out.withUnsafeMutableBytes { try deviceB.read(offset: UInt64(i) * 4096, into: $0) }
+            #expect(out == bytes, "block \(i)")
+        }
+
+        // A wakes up and tries to commit a write: refused.
+        let late = pattern(seed: 9)
+        _ = try? late.withUnsafeBytes { try deviceA.write(offset: 0, data: $0, fua: false) }
+        #expect(throws: (any Error).self) { try deviceA.flush() }
+        #expect(lostReason.withLock { $0 } != nil)
+        _ = try? storeA.close()
+
+        // B goes on; its view never saw A's late write.
+        var first = [UInt8](repeating: 0, count: 4096)
+        try first.withUnsafeMutableBytes { try deviceB.read(offset: 0, into: $0) }
+        #expect(first == blocks[0])
+        try late.withUnsafeBytes { try deviceB.write(offset: 4096 * 20, data: $0, fua: false) }
+        try deviceB.flush()
+        #expect(storeB.fsck().isClean)
+        try storeB.close()
     }
 }
