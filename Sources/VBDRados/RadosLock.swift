@@ -50,8 +50,15 @@ public final class RadosLock: Sendable {
         self.cookie = "\(instance)-\(String(random.next() as UInt64, radix: 16))"
     }
 
+    /// When the last successful lock or renewal call was sent (monotonic seconds): the OSD counts
+    /// the duration from when it ran the call, which is later, so the lock lasts at least until
+    /// this plus the duration.
+    private let sentAtLastSuccess = Mutex<Double>(0)
+    public var confirmedAt: Double { sentAtLastSuccess.withLock { $0 } }
+
     private func lock(flags: UInt8, operation: String) throws(RadosError) {
         let ioctx = try pool.handle("\(operation) \(pool.describe(object))")
+        let sentAt = monotonicSeconds()
         var duration = timeval(tv_sec: durationSeconds, tv_usec: 0)
         let description = "vbd " + (exclusive ? "owner" : "reader")
         let rc: Int32
@@ -61,6 +68,7 @@ public final class RadosLock: Sendable {
             rc = rados_lock_shared(ioctx, object, lockName, cookie, Self.sharedTag, description, &duration, flags)
         }
         if rc != 0 { throw RadosError("\(operation) \(pool.describe(object))", code: rc) }
+        sentAtLastSuccess.withLock { $0 = max($0, sentAt) }
     }
 
     /// Takes the lock; EBUSY when someone else holds it.
@@ -204,11 +212,12 @@ public final class RadosLockKeeper: @unchecked Sendable {
     private let timer: DispatchSourceTimer
     private let onLost: @Sendable (String) -> Void
 
-    /// Starts renewing `lock`, which the caller has just acquired.
+    /// Starts renewing `lock`, which the caller has just acquired (its validity counts from the
+    /// moment the acquiring call was sent).
     public init(lock: RadosLock, onLost: @escaping @Sendable (String) -> Void = { _ in }) {
         self.lock = lock
         self.onLost = onLost
-        self.state = Mutex(State(lastConfirmed: monotonicSeconds()))
+        self.state = Mutex(State(lastConfirmed: lock.confirmedAt))
         self.queue = DispatchQueue(label: "vbd.rados.lock-keeper")
         self.timer = DispatchSource.makeTimerSource(queue: queue)
         let interval = Double(lock.durationSeconds) / 3
@@ -222,10 +231,10 @@ public final class RadosLockKeeper: @unchecked Sendable {
     /// Renews at once (also what the timer does).
     func renewNow() {
         if state.withLock({ $0.stopped || $0.lostReason != nil }) { return }
-        let started = monotonicSeconds()
         do {
             try lock.renew()
-            state.withLock { $0.lastConfirmed = started }
+            let confirmed = lock.confirmedAt
+            state.withLock { $0.lastConfirmed = max($0.lastConfirmed, confirmed) }
         } catch {
             markLost("renewing the lock on \(lock.pool.describe(lock.object)) failed: \(error)")
         }

@@ -141,16 +141,17 @@ extension StorageFile {
         let hostA = try cluster.connect(timeoutSeconds: 10), hostB = try cluster.connect()
         let poolA = try cluster.freshPool(hostA, prefix: "fence")
         let poolB = try hostB.openPool("vbd", namespace: poolA.namespace)
-        let a = RadosDirectory(pool: poolA, stripeBytes: 4096, lockDurationSeconds: 2)
-        let b = RadosDirectory(pool: poolB, stripeBytes: 4096, lockDurationSeconds: 2)
+        let a = RadosDirectory(pool: poolA, stripeBytes: 4096, lockDurationSeconds: 3)
+        let b = RadosDirectory(pool: poolB, stripeBytes: 4096, lockDurationSeconds: 3)
         try a.lockExclusive()
         let fileA = try a.openFile("journal", create: true)
         try fileA.write(pattern(seed: 8, count: 100), at: 0)
         try fileA.sync()
         try poolA.writeFull("probe", [1])  // the old owner can write before the takeover
 
-        // A live owner keeps its volume: the takeover gives up while A renews.
-        #expect(throws: StorageError.self) { try b.takeOver(waitingUpTo: 3) }
+        // A live owner keeps its volume: B gives up after waiting longer than the lock lasts
+        // without renewal, so A's background renewals are what kept it.
+        #expect(throws: StorageError.self) { try b.takeOver(waitingUpTo: 4) }
         #expect(a.lockLostReason == nil)
 
         a.lockKeeper!.stop()  // A hangs: no more renewals
