@@ -18,6 +18,12 @@ fail() { echo "ceph-micro-cluster: $*" >&2; exit 1; }
 
 # The caller's Ceph environment must not redirect our commands to another cluster.
 unset CEPH_ARGS CEPH_CONF
+# The daemons outlive this script: they must not inherit the caller's descriptors (a test runner's
+# pipes and sockets would stay open as long as the cluster runs). 255 is bash's own script handle.
+for fd_path in /proc/$$/fd/*; do
+    fd=${fd_path##*/}
+    if [ "$fd" -gt 2 ] && [ "$fd" -ne 255 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+done
 
 readonly START_TIMEOUT_SECONDS=60
 readonly STOP_TIMEOUT_SECONDS=10
