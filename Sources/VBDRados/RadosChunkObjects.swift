@@ -260,6 +260,29 @@ public final class RadosChunkObjects: Sendable {
         return bytes
     }
 
+    /// Releases every reference that its holder no longer claims: after a crash, references taken
+    /// by a family whose metadata never recorded them (or recorded their release). Tags that are not
+    /// ``ChunkReference``s are left alone. Objects whose last reference goes are removed by the OSD.
+    /// Returns what was released. A full listing of the group: a maintenance pass, not the I/O path;
+    /// `isClaimed` must answer from the holders' committed metadata.
+    @discardableResult
+    public func releaseUnclaimed(isClaimed: (ChunkObjectName, ChunkReference) throws -> Bool) throws -> [(ChunkObjectName, ChunkReference)] {
+        var released: [(ChunkObjectName, ChunkReference)] = []
+        for name in try objectNames() {
+            let tags: [String]
+            do { tags = try referenceTags(name) } catch {
+                // Gone since the listing (its last reference was released meanwhile): nothing to sweep.
+                if case .rados(let failure) = error, failure.code == ENOENT { continue }
+                throw error
+            }
+            for reference in tags.compactMap(ChunkReference.init(tag:)) where try !isClaimed(name, reference) {
+                try release(name, reference: reference)
+                released.append((name, reference))
+            }
+        }
+        return released
+    }
+
     /// Every chunk object of this group in the pool's namespace (a full listing: for checks and
     /// leak searches, not for the I/O path).
     public func objectNames() throws(RadosChunkError) -> [ChunkObjectName] {

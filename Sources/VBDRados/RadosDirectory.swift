@@ -453,6 +453,21 @@ final class RadosFile: StorageFile, @unchecked Sendable {
         }
     }
 
+    /// One buffer for the whole gather, so a journal frame of many parts is one operation per
+    /// stripe rather than one per part.
+    func write(gathering parts: [UnsafeRawBufferPointer], at offset: UInt64) throws(StorageError) {
+        let total = parts.reduce(0) { $0 + $1.count }
+        guard total > 0 else { return }
+        let joined = UnsafeMutableRawBufferPointer.allocate(byteCount: total, alignment: 16)
+        defer { joined.deallocate() }
+        var at = 0
+        for part in parts where part.count > 0 {
+            UnsafeMutableRawBufferPointer(rebasing: joined[at..<at + part.count]).copyMemory(from: part)
+            at += part.count
+        }
+        try write(UnsafeRawBufferPointer(joined), at: offset)
+    }
+
     func truncate(to newSize: UInt64) throws(StorageError) {
         try change { s throws(StorageError) in
             if newSize < s.size {

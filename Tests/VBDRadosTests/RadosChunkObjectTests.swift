@@ -176,6 +176,30 @@ func pattern(seed: UInt64, count: Int = 4096) -> [UInt8] {
         #expect(failures.withLock { $0 } == [])
         #expect(try stores[0].objectNames() == [])
     }
+
+    /// A host crashed after taking references it never recorded: the sweep finds them by their
+    /// tags and releases them, keeping every reference a holder still claims.
+    @Test func unclaimedReferencesAreFoundAndReleased() throws {
+        let connection = try cluster.connect()
+        let chunks = try chunks(try cluster.freshPool(connection, prefix: "sweep"))
+        let shared = pattern(seed: 60), onlyCrashed = pattern(seed: 61)
+        let kept = try ChunkReference(family: "live", chunk: 1, generation: 4)
+        let leaked = try ChunkReference(family: "crashed", chunk: 2, generation: 9)
+        let leakedToo = try ChunkReference(family: "crashed", chunk: 3, generation: 9)
+        let sharedName = try chunks.store(shared, reference: kept).name
+        _ = try chunks.store(shared, reference: leaked)
+        let orphanName = try chunks.store(onlyCrashed, reference: leakedToo).name
+        // A foreign tag (not a ChunkReference) is never touched.
+        try chunks.pool.operate(sharedName.objectName) { $0.call("refcount", "get", input: RefcountClass.get(tag: "someone-else")) }
+
+        // The committed metadata of "crashed" says it holds nothing; "live" holds chunk 1 at generation 4.
+        let released = try chunks.releaseUnclaimed { _, reference in reference == kept }
+        #expect(Set(released.map(\.1)) == [leaked, leakedToo])
+        #expect(Set(try chunks.referenceTags(sharedName)) == [kept.tag, "someone-else"])
+        #expect(try !chunks.pool.exists(orphanName.objectName))
+        #expect(try chunks.read(sharedName) == shared)
+        #expect(try chunks.releaseUnclaimed { _, reference in reference == kept }.isEmpty)
+    }
 }
 
 /// Parsing needs no cluster.

@@ -20,7 +20,7 @@ extension StorageFile {
     let cluster: MicroCluster
     init() throws { cluster = try MicroCluster.get() }
 
-    /// Random writes, truncates and punches over small stripes, checked after every step against
+    /// Random writes (plain and gathered), truncates and punches over small stripes, checked after every step against
     /// the same steps on an array; then synced, and the file reopened from another client.
     @Test func fileFollowsTheStorageContract() throws {
         let connection = try cluster.connect()
@@ -35,7 +35,17 @@ extension StorageFile {
             if choice < 6 {
                 let offset = rng.next() % (6 * stripe)
                 let bytes = pattern(seed: rng.next(), count: Int(rng.next() % (2 * stripe)) + 1)
-                try file.write(bytes, at: offset)
+                if choice < 3 {
+                    try file.write(bytes, at: offset)
+                } else {
+                    // A gathered write of random parts (some empty) equals one write of their concatenation.
+                    var cuts = (0..<Int(rng.next() % 6)).map { _ in Int(rng.next() % UInt64(bytes.count + 1)) }
+                    cuts = ([0] + cuts + [bytes.count]).sorted()
+                    try bytes.withUnsafeBytes { all in
+                        let parts = zip(cuts, cuts.dropFirst()).map { UnsafeRawBufferPointer(rebasing: all[$0..<$1]) }
+                        try file.write(gathering: parts, at: offset)
+                    }
+                }
                 let end = Int(offset) + bytes.count
                 if model.count < end { model += [UInt8](repeating: 0, count: end - model.count) }
                 model.replaceSubrange(Int(offset)..<end, with: bytes)
