@@ -87,11 +87,12 @@ public final class RadosConnection: @unchecked Sendable {
 
     /// Registers a pool about to be opened; nil once the connection is closed.
     fileprivate func retainForPool() -> rados_t? {
-        state.withLock { s -> UInt in
+        let bits = state.withLock { s -> UInt in
             guard !s.closeRequested, s.cluster != 0 else { return 0 }
             s.openPools += 1
             return s.cluster
-        }.flatMapHandle()
+        }
+        return rados_t(bitPattern: bits)
     }
 
     fileprivate func releaseForPool() {
@@ -123,9 +124,10 @@ public final class RadosConnection: @unchecked Sendable {
         rados_get_instance_id(try handle("get instance id"))
     }
 
-    /// Adds `address` to the cluster's blocklist for `seconds`: every OSD then refuses that client's
-    /// operations (EBLOCKLISTED), including writes it already sent. Returns once the monitors have
-    /// committed the entry; ``waitForLatestMap()`` makes this client see it before its next operation.
+    /// Adds `address` to the cluster's blocklist for `seconds`: an OSD that has the map with the
+    /// entry refuses that client's operations (EBLOCKLISTED), also ones sent before. Returns once the
+    /// monitors have committed the entry; ``waitForLatestMap()`` makes this client's next operations
+    /// carry that map to the OSDs.
     public func blocklist(address: String, seconds: UInt32) throws(RadosError) {
         let cluster = try handle("blocklist add \(address)")
         let rc = address.withCString { rados_blocklist_add(cluster, UnsafeMutablePointer(mutating: $0), seconds) }
@@ -208,9 +210,7 @@ public final class RadosPool: @unchecked Sendable {
 
     /// The whole object's bytes (ENOENT when it does not exist).
     public func readAll(_ object: String) throws(RadosError) -> [UInt8] {
-        var size: UInt64 = 0
-        try stat(object, size: &size)
-        var bytes = [UInt8](repeating: 0, count: Int(size))
+        var bytes = [UInt8](repeating: 0, count: Int(try size(of: object)))
         var failure: RadosError?
         let n = bytes.withUnsafeMutableBytes { b -> Int in
             do throws(RadosError) { return try read(object, into: b, at: 0) } catch { failure = error; return 0 }
@@ -220,10 +220,10 @@ public final class RadosPool: @unchecked Sendable {
         return bytes
     }
 
-    /// Object size; throws ENOENT for a missing object.
-    @discardableResult
-    public func stat(_ object: String, size: inout UInt64) throws(RadosError) -> UInt64 {
+    /// The object's size; throws ENOENT for a missing object.
+    public func size(of object: String) throws(RadosError) -> UInt64 {
         let ioctx = try handle("stat \(describe(object))")
+        var size: UInt64 = 0
         var mtime: time_t = 0
         let rc = rados_stat(ioctx, object, &size, &mtime)
         if rc != 0 { throw RadosError("stat \(describe(object))", code: rc) }
@@ -232,8 +232,7 @@ public final class RadosPool: @unchecked Sendable {
 
     /// True when the object exists.
     public func exists(_ object: String) throws(RadosError) -> Bool {
-        var size: UInt64 = 0
-        do { try stat(object, size: &size); return true } catch where error.code == ENOENT { return false }
+        do { _ = try size(of: object); return true } catch where error.code == ENOENT { return false }
     }
 
     /// Replaces the object's bytes (creating it).
@@ -417,8 +416,4 @@ extension RadosError {
 
     /// True when a `cmpext` step found different bytes.
     public var isExtentMismatch: Bool { code >= Self.maxErrno }
-}
-
-private extension UInt {
-    func flatMapHandle() -> rados_t? { rados_t(bitPattern: self) }
 }
