@@ -384,6 +384,11 @@ public final class RadosWriteOperation {
         value.withUnsafeBytes { rados_write_op_setxattr(handle, name, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
     }
 
+    public func removeAttribute(_ name: String) {
+        steps.append("rmxattr(\(name))")
+        rados_write_op_rmxattr(handle, name)
+    }
+
     /// Fails the whole operation (ECANCELED) unless the attribute equals `value` (a missing
     /// attribute compares as empty).
     public func assertAttribute(_ name: String, equals value: [UInt8]) {

@@ -84,8 +84,18 @@ public final class RadosLock: Sendable {
     }
 
     /// Gives the lock up (a lock that is no longer ours is not an error).
+    ///
+    /// An exclusive holder first erases its address from the lock object (only if it is still its
+    /// own): it has stopped writing, so whoever takes the lock next has nobody to fence, and must not
+    /// blocklist a client that may go on serving other objects.
     public func release() {
         guard let ioctx = try? pool.handle("unlock") else { return }
+        if exclusive, let address = recordedAddress.withLock({ $0 }) {
+            try? pool.operate(object) { op in
+                op.assertAttribute(Self.holderAttribute, equals: Array(address.utf8))
+                op.removeAttribute(Self.holderAttribute)
+            }
+        }
         _ = rados_unlock(ioctx, object, lockName, cookie)
     }
 
@@ -124,7 +134,11 @@ public final class RadosLock: Sendable {
     private func recordHolder() throws(RadosError) {
         let address = try pool.connection.clientAddress()
         try pool.setAttribute(object, Self.holderAttribute, Array(address.utf8))
+        recordedAddress.withLock { $0 = address }
     }
+
+    /// The address this holder wrote into the lock object, if it did.
+    private let recordedAddress = Mutex<String?>(nil)
 
     /// Takes an exclusive lock that another client may hold, and fences that client.
     ///

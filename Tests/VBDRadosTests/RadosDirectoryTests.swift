@@ -144,6 +144,25 @@ extension StorageFile {
         a.unlock()
     }
 
+    /// An orderly handover (A commits and unlocks, B takes over) fences nobody: A's client goes on
+    /// working, e.g. for the other volumes it serves.
+    @Test func cleanHandoverFencesNobody() throws {
+        let hostA = try cluster.connect(), hostB = try cluster.connect()
+        let poolA = try cluster.freshPool(hostA, prefix: "handover")
+        let a = RadosDirectory(pool: poolA, stripeBytes: 4096, lockDurationSeconds: 3)
+        let b = RadosDirectory(pool: try hostB.openPool("vbd", namespace: poolA.namespace), stripeBytes: 4096, lockDurationSeconds: 3)
+        try a.lockExclusive()
+        let file = try a.openFile("journal", create: true)
+        try file.write([1, 2, 3], at: 0)
+        try file.sync()
+        file.close()
+        a.unlock()
+        #expect(try b.takeOver(waitingUpTo: 5) == [])
+        try poolA.writeFull("a-still-works", [4])
+        #expect(try b.openFile("journal", create: false).read(3, at: 0) == [1, 2, 3])
+        b.unlock()
+    }
+
     /// A server that stops renewing (hung, cut off) loses its volume: after the lock expires the
     /// other server takes it over and blocklists the old one, whose writes then fail in the OSD;
     /// the old server's own directory refuses to commit.
