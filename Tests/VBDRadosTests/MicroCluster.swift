@@ -31,7 +31,8 @@ final class MicroCluster: Sendable {
     private init() throws(MicroClusterError) {
         directory = NSTemporaryDirectory() + "vbd-ceph-" + UUID().uuidString
         let (status, output) = Self.runScript(["start", directory])
-        guard status == 0 else {
+        // The script prints the conf path last on success (also checked in case the exit status was lost).
+        guard status == 0, output.contains(directory + "/ceph.conf") else {
             _ = Self.runScript(["stop", directory])
             try? FileManager.default.removeItem(atPath: directory)
             throw MicroClusterError(message: "scripts/ceph-micro-cluster.sh start failed (exit \(status)): \(output)")
@@ -66,7 +67,10 @@ final class MicroCluster: Sendable {
         let rc = posix_spawn(&pid, "/bin/bash", &actions, nil, &cArgv, &cEnvp)
         guard rc == 0 else { return (127, "cannot run \(scriptPath): \(String(cString: strerror(rc)))") }
         var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        while waitpid(pid, &status, 0) < 0 {
+            if errno == EINTR { continue }
+            return (126, "waitpid \(pid): \(String(cString: strerror(errno)))")
+        }
         let output = (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? ""
         // WIFEXITED / WEXITSTATUS, which Glibc does not export to Swift.
         let exitCode: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
