@@ -157,7 +157,7 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
             lock = try RadosLock(pool: pool, object: Self.lockObject, exclusive: exclusive, durationSeconds: lockDurationSeconds)
             try lock.acquire()
         } catch where error.code == EBUSY || error.code == EEXIST {
-            let holders = (try? RadosLock.holders(pool: pool, object: Self.lockObject, lockName: "vbd.owner")) ?? []
+            let holders = (try? RadosLock.holders(pool: pool, object: Self.lockObject, lockName: RadosLock.ownerLockName)) ?? []
             let who = holders.map { "\($0.client) at \($0.address)" }.joined(separator: ", ")
             throw .locked("store at \(path) is in use by \(who.isEmpty ? "another client" : who); it expires \(lockDurationSeconds) s after its holder stops renewing it")
         } catch {
@@ -222,7 +222,7 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
         switch error.code {
         case ENOSPC, EDQUOT: return .noSpace
         case ENOENT: return .notFound(error.description)
-        case 108: return .locked("\(error.description): this client was fenced (blocklisted) after another server took the store over")
+        case RadosError.blocklisted: return .locked("\(error.description): this client was fenced (blocklisted) after another server took the store over")
         default: return .io(error.description)
         }
     }
@@ -242,8 +242,6 @@ final class AsyncOperations: @unchecked Sendable {
     }
 
     deinit { _ = waitAll() }
-
-    var count: Int { pending.count }
 
     private func makeCompletion() -> rados_completion_t? {
         var completion: rados_completion_t?

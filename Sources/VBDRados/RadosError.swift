@@ -10,13 +10,17 @@ public struct RadosError: Error, Equatable, CustomStringConvertible {
     /// The positive errno (librados returns it negated).
     public var code: Int32
 
+    /// EBLOCKLISTED: what an OSD answers a client that was fenced (Ceph defines it as ESHUTDOWN).
+    public static let blocklisted = ESHUTDOWN
+
     public init(_ operation: String, code: Int32) {
         self.operation = operation
         self.code = code < 0 ? -code : code
     }
 
     public var description: String {
-        if code >= 4095 { return "rados \(operation): compared bytes differ at offset \(code - 4095)" }
-        return "rados \(operation): \(String(cString: strerror(code))) (errno \(code))"
+        if isExtentMismatch { return "rados \(operation): compared bytes differ at offset \(code - Self.maxErrno)" }
+        let fenced = code == Self.blocklisted ? ", EBLOCKLISTED: this client was fenced" : ""
+        return "rados \(operation): \(String(cString: strerror(code))) (errno \(code)\(fenced))"
     }
 }

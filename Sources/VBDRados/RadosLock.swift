@@ -37,7 +37,10 @@ public final class RadosLock: Sendable {
     /// The `tag` all shared holders of a lock present (cls_lock requires one tag per shared lock).
     static let sharedTag = "vbd.readers"
 
-    public init(pool: RadosPool, object: String, lockName: String = "vbd.owner", exclusive: Bool,
+    /// The name of the lock vbd takes on a family's lock object (cls_lock keeps locks by name).
+    public static let ownerLockName = "vbd.owner"
+
+    public init(pool: RadosPool, object: String, lockName: String = RadosLock.ownerLockName, exclusive: Bool,
                 durationSeconds: Int) throws(RadosError) {
         precondition(durationSeconds > 0, "a lock without expiry cannot be taken over")
         self.pool = pool

@@ -191,7 +191,7 @@ extension StorageFile {
         // operation on the object first carries the new map's epoch to its placement group.
         #expect(try poolB.readAll("probe") == [1])
         let refused = #expect(throws: RadosError.self) { try poolA.writeFull("probe", [2]) }
-        #expect(refused?.code == 108)
+        #expect(refused?.code == RadosError.blocklisted)
         #expect(try poolB.readAll("probe") == [1])
         #expect(throws: StorageError.self) { try fileA.write([9], at: 0) }
         #expect(a.lockLostReason != nil)
