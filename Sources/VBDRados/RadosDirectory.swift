@@ -194,13 +194,16 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
         return fenced
     }
 
+    /// A lock already lost is not released: it is no longer ours, and the calls could only wait
+    /// for a cluster that does not answer.
     public func unlock() {
         let old = lockState.withLock { s in
             defer { s = LockState() }
             return s
         }
+        let lost = old.keeper?.lostReason != nil
         old.keeper?.stop()
-        old.lock?.release()
+        if !lost { old.lock?.release() }
     }
 
     /// Why this directory may no longer change anything, or nil. A directory without a lock (tests

@@ -216,7 +216,8 @@ func monotonicSeconds() -> Double {
 /// Renews a ``RadosLock`` in the background, at a third of its duration, and says when it can no
 /// longer vouch for it: a renewal was refused (the lock was broken or taken over), or none
 /// succeeded for longer than the lock lasts (the cluster was unreachable, so another server may have
-/// taken the lock after its expiry). From then on ``isHeld`` is false for good.
+/// taken the lock after its expiry). From then on ``isHeld`` is false for good, and `onLost` has
+/// been called once (from a background queue) with the reason.
 public final class RadosLockKeeper: @unchecked Sendable {
     public let lock: RadosLock
     private struct State {
@@ -227,6 +228,11 @@ public final class RadosLockKeeper: @unchecked Sendable {
     private let state: Mutex<State>
     private let queue: DispatchQueue
     private let timer: DispatchSourceTimer
+    /// Checks the lock's validity on a queue of its own: a renewal can block for the whole
+    /// operation timeout when the cluster does not answer, and the loss must be reported when the
+    /// lock's time runs out, not when that call finally returns.
+    private let expiryQueue: DispatchQueue
+    private let expiryTimer: DispatchSourceTimer
     private let onLost: @Sendable (String) -> Void
 
     /// Starts renewing `lock`, which the caller has just acquired (its validity counts from the
@@ -239,11 +245,23 @@ public final class RadosLockKeeper: @unchecked Sendable {
         self.timer = DispatchSource.makeTimerSource(queue: queue)
         let interval = Double(lock.durationSeconds) / 3
         timer.schedule(deadline: .now() + interval, repeating: interval)
+        self.expiryQueue = DispatchQueue(label: "vbd.rados.lock-expiry")
+        self.expiryTimer = DispatchSource.makeTimerSource(queue: expiryQueue)
         timer.setEventHandler { [weak self] in self?.renewNow() }
+        let check = max(Double(lock.durationSeconds) / 10, 0.05)
+        expiryTimer.schedule(deadline: .now() + check, repeating: check)
+        expiryTimer.setEventHandler { [weak self] in
+            guard let self, !self.state.withLock({ $0.stopped }) else { return }
+            _ = self.lostReason
+        }
         timer.resume()
+        expiryTimer.resume()
     }
 
-    deinit { timer.cancel() }
+    deinit {
+        timer.cancel()
+        expiryTimer.cancel()
+    }
 
     /// Renews at once (also what the timer does).
     func renewNow() {
@@ -283,9 +301,15 @@ public final class RadosLockKeeper: @unchecked Sendable {
     public var isHeld: Bool { lostReason == nil }
 
     /// Stops renewing (the lock then expires unless released) and waits for a running renewal.
+    /// A lost lock's renewal may still be blocked in librados (an unreachable cluster) and can no
+    /// longer succeed (MUST_RENEW of an expired lock fails): then this does not wait for it.
     public func stop() {
-        state.withLock { $0.stopped = true }
+        let lost = state.withLock { s -> Bool in
+            s.stopped = true
+            return s.lostReason != nil
+        }
         timer.cancel()
-        queue.sync {}
+        expiryTimer.cancel()
+        if !lost { queue.sync {} }
     }
 }

@@ -28,6 +28,25 @@ final class MicroCluster: Sendable {
             .appendingPathComponent("scripts/ceph-micro-cluster.sh").path
     }
 
+    /// A cluster of its own, for a test that breaks it (stop it with ``stop()``).
+    static func startPrivate() throws -> MicroCluster {
+        try MicroCluster()
+    }
+
+    /// Stops the cluster and removes its directory.
+    func stop() {
+        _ = Self.runScript(["stop", directory])
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    /// Kills the OSD (SIGKILL): the cluster then answers no object operation.
+    func killOSD() throws {
+        let pidText = try String(contentsOfFile: directory + "/run/osd.0.pid", encoding: .utf8)
+        guard let pid = pid_t(pidText.trimmingCharacters(in: .whitespacesAndNewlines)), kill(pid, SIGKILL) == 0 else {
+            throw MicroClusterError(message: "cannot kill the OSD (pid file says '\(pidText)')")
+        }
+    }
+
     private init() throws(MicroClusterError) {
         directory = NSTemporaryDirectory() + "vbd-ceph-" + UUID().uuidString
         let (status, output) = Self.runScript(["start", directory])
@@ -40,6 +59,7 @@ final class MicroCluster: Sendable {
         configurationFile = directory + "/ceph.conf"
         let directory = self.directory
         atexit_b {
+            guard FileManager.default.fileExists(atPath: directory) else { return }
             _ = MicroCluster.runScript(["stop", directory])
             try? FileManager.default.removeItem(atPath: directory)
         }

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 import VBDCore
 import VBDStore
@@ -225,5 +226,34 @@ extension StorageFile {
         if case .locked = refusal {} else { Issue.record("sync after losing the lock: \(String(describing: refusal))") }
         #expect(throws: StorageError.self) { try a.openFile("other", create: true) }
         b.unlock()
+    }
+
+    /// The cluster stops answering while a server owns a volume: the loss is reported when the
+    /// lock's time runs out (not when the blocked renewal times out, much later), and from then on
+    /// the directory refuses to commit. On a cluster of its own, whose OSD the test kills.
+    @Test func unreachableClusterIsReportedWhenTheLockRunsOut() throws {
+        let doomed = try MicroCluster.startPrivate()
+        defer { doomed.stop() }
+        // Operations time out only after twice the lock's duration: the report must come first.
+        let connection = try doomed.connect(timeoutSeconds: 4)
+        let pool = try doomed.freshPool(connection, prefix: "unreachable")
+        let lost = DispatchSemaphore(value: 0)
+        let reason = Mutex<String?>(nil)
+        let directory = RadosDirectory(pool: pool, stripeBytes: 4096, lockDurationSeconds: 2, onLockLost: { why in
+            reason.withLock { $0 = why }
+            lost.signal()
+        })
+        try directory.lockExclusive()
+        let file = try directory.openFile("journal", create: true)
+        try file.write([1], at: 0)
+        try file.sync()
+
+        try doomed.killOSD()
+        // The bound only turns a missing report into a failure; the report itself is the event.
+        #expect(lost.wait(timeout: .now() + 30) == .success)
+        #expect(reason.withLock { $0 }?.contains("no renewal") == true)
+        let refusal = #expect(throws: StorageError.self) { try file.write([2], at: 1) }
+        if case .locked = refusal {} else { Issue.record("write after the loss: \(String(describing: refusal))") }
+        directory.unlock()
     }
 }
