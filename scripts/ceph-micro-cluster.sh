@@ -9,7 +9,7 @@
 # e.g. `rados -c DIR/ceph.conf -p vbd ls`. Several clusters in different directories can run at once.
 # The data lives in RAM (memstore): stopping the cluster loses it; DIR is left for the caller to remove.
 # With VBD_CEPH_OWNER_PID=PID in the environment, `start` also leaves a watchdog that stops the
-# cluster once that process is gone, so a test run that crashes leaves no daemons behind.
+# cluster and removes DIR once that process is gone, so a test run that crashes leaves nothing behind.
 set -euo pipefail
 
 script=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
@@ -193,7 +193,7 @@ start)
             if [ -n "${VBD_CEPH_OWNER_PID:-}" ]; then
                 owner=$VBD_CEPH_OWNER_PID
                 # Polls once a second: the owner's exit is no event this script can wait on.
-                setsid bash -c "while [ -r /proc/$owner/stat ] && ! grep -q '^$owner ([^)]*) Z' /proc/$owner/stat; do sleep 1; done; exec bash '$script' stop '$dir'" \
+                setsid bash -c "while [ -r /proc/$owner/stat ] && ! grep -q '^$owner ([^)]*) Z' /proc/$owner/stat; do sleep 1; done; bash '$script' stop '$dir'; rm -rf '$dir'" \
                     </dev/null >"$dir/log/watchdog.out" 2>&1 &
             fi
             echo "$dir/ceph.conf"
