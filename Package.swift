@@ -3,6 +3,7 @@ import PackageDescription
 
 // Dependency direction (no cycles):
 //   VBDCore  <-  VBDCache, VBDStore  <-  VBDSimulation
+//   CRados + VBDStore  <-  VBDRados (the Ceph RADOS backend, docs/RADOS.md)
 //   VhostUser (VBDCore + CVBDSys + VBDAccounting)  <-  vbdtool
 //   NBDProtocol (NIOCore + VBDCore)  <-  NBDServer (NIOPosix, NIOSSL)  <-  VBDControl  <-  vbdtool
 // Release builds leave out the run-time exclusivity checks of the targets on the I/O path; the
@@ -33,6 +34,7 @@ let package = Package(
     targets: [
         .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
         .systemLibrary(name: "CXXHash", pkgConfig: "libxxhash", providers: [.apt(["libxxhash-dev"])]),
+        .systemLibrary(name: "CRados", providers: [.apt(["librados-dev"])]),
         .target(name: "CVBDSys"),
         .target(
             name: "VBDCore",
@@ -48,6 +50,10 @@ let package = Package(
             name: "VBDStore",
             dependencies: ["VBDCore", "VBDCache", "CVBDSys"],
             swiftSettings: ioPathSettings
+        ),
+        .target(
+            name: "VBDRados",
+            dependencies: ["CRados", "VBDCore", "VBDStore"]
         ),
         .target(
             name: "VBDSimulation",
@@ -107,6 +113,10 @@ let package = Package(
             ]
         ),
         .executableTarget(
+            name: "vbd-rados-bench",
+            dependencies: ["VBDRados", "VBDCore"]
+        ),
+        .executableTarget(
             name: "vbd-sim",
             dependencies: [
                 "VBDSimulation",
@@ -118,6 +128,7 @@ let package = Package(
         .testTarget(name: "VBDToolTests", dependencies: ["VBDControl", "VBDStore", "VBDCore"]),
         .testTarget(name: "VBDCacheTests", dependencies: ["VBDCache", "VBDCore"], resources: [.copy("Traces")]),
         .testTarget(name: "VBDStoreTests", dependencies: ["VBDStore", "VBDCore", "VBDSimulation"]),
+        .testTarget(name: "VBDRadosTests", dependencies: ["VBDRados", "VBDStore", "VBDCore"]),
         .testTarget(name: "VBDAccountingTests", dependencies: ["VBDAccounting", "VBDCore", "VBDStore"]),
         .testTarget(name: "VBDMetricsTests", dependencies: ["VBDMetrics", "VBDStore", "VBDCache"]),
         .testTarget(name: "VBDSimulationTests", dependencies: ["VBDSimulation", "VBDStore"]),

@@ -1,0 +1,293 @@
+import VBDCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Who holds a reference to a chunk object: a chunk number of a volume family, at a generation.
+///
+/// The reference's `refcount` tag is this triple, so after a crash every tag on an object names a
+/// holder that can be asked whether it still claims the chunk; a tag no holder claims is a leaked
+/// reference and is released with ``RadosChunkObjects/release(_:reference:)``. The generation makes
+/// tags unique: `refcount` retires a tag once it is put, so a holder that takes the same chunk again
+/// must use a new generation.
+public struct ChunkReference: Hashable, Sendable, CustomStringConvertible {
+    public var family: String
+    public var chunk: UInt64
+    public var generation: UInt64
+
+    public init(family: String, chunk: UInt64, generation: UInt64) throws(RadosChunkError) {
+        guard RadosChunkObjects.isValidIdentifier(family) else { throw .invalidIdentifier(family) }
+        self.family = family
+        self.chunk = chunk
+        self.generation = generation
+    }
+
+    /// Parses a tag read back from an object (`family:chunk:generation`, numbers in hexadecimal).
+    public init?(tag: String) {
+        let parts = tag.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 3, RadosChunkObjects.isValidIdentifier(String(parts[0])),
+              let chunk = UInt64(parts[1], radix: 16), let generation = UInt64(parts[2], radix: 16) else { return nil }
+        self.family = String(parts[0])
+        self.chunk = chunk
+        self.generation = generation
+    }
+
+    public var tag: String { "\(family):\(String(chunk, radix: 16)):\(String(generation, radix: 16))" }
+    public var description: String { tag }
+}
+
+/// The name of one chunk object: `chunk.<group>.<hash>`, or `chunk.<group>.<hash>.<n>` for the n-th
+/// different content that hashed the same (a collision) within the sharing group.
+public struct ChunkObjectName: Hashable, Sendable, CustomStringConvertible {
+    public var group: String
+    public var hash: ContentHash
+    /// 0 for the first content with this hash; 1, 2, ... for colliding contents.
+    public var collisionIndex: Int
+
+    public var objectName: String {
+        "chunk.\(group).\(hash)" + (collisionIndex > 0 ? ".\(collisionIndex)" : "")
+    }
+
+    public var description: String { objectName }
+
+    public init(group: String, hash: ContentHash, collisionIndex: Int) {
+        self.group = group
+        self.hash = hash
+        self.collisionIndex = collisionIndex
+    }
+
+    /// Parses an object name; nil for an object that is not a chunk.
+    public init?(objectName: String) {
+        let parts = objectName.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3 || parts.count == 4, parts[0] == "chunk", parts[2].count == 32,
+              let high = UInt64(parts[2].prefix(16), radix: 16), let low = UInt64(parts[2].suffix(16), radix: 16)
+        else { return nil }
+        var index = 0
+        if parts.count == 4 {
+            guard let n = Int(parts[3]), n > 0 else { return nil }
+            index = n
+        }
+        self.init(group: String(parts[1]), hash: ContentHash(high: high, low: low), collisionIndex: index)
+    }
+}
+
+public enum RadosChunkError: Error, Equatable, CustomStringConvertible {
+    case rados(RadosError)
+    /// An object's bytes do not hash to the hash in its name: it was damaged after it was written.
+    case corrupt(object: String, detail: String)
+    /// More different contents with one hash than the collision names allow (a broken hash, or
+    /// objects planted by someone else).
+    case tooManyCollisions(ContentHash)
+    /// The object kept changing under the store (deleted and re-created by others) for every attempt.
+    case contended(object: String)
+    case invalidIdentifier(String)
+
+    public var description: String {
+        switch self {
+        case .rados(let e): return e.description
+        case .corrupt(let object, let detail): return "chunk object \(object) is corrupt: \(detail)"
+        case .tooManyCollisions(let hash): return "more than \(RadosChunkObjects.collisionNamesMax) different chunks have hash \(hash)"
+        case .contended(let object): return "chunk object \(object) changed under every attempt to reference it"
+        case .invalidIdentifier(let s): return "'\(s)' is not a valid sharing group or family name (use 1-64 of A-Z a-z 0-9 _ -)"
+        }
+    }
+}
+
+/// What ``RadosChunkObjects/store(_:reference:)`` did.
+public struct ChunkStoreOutcome: Sendable, Equatable {
+    /// The object now holding the caller's reference.
+    public var name: ChunkObjectName
+    /// True when the object was created; false when an object with the same bytes was shared.
+    public var created: Bool
+    /// How many objects with the same hash but other bytes were passed over (0 without a collision).
+    public var collisionsPassed: Int
+}
+
+/// Content-addressed chunk objects shared by the volumes of one sharing group, reference-counted
+/// in the OSDs by Ceph's `refcount` object class.
+///
+/// - Creating a chunk is one compound operation: create-exclusive + write_full + length attribute +
+///   `refcount.set [tag]`. Either the object appears whole with its first reference or not at all.
+/// - Sharing an existing object is one compound operation too: compare the length attribute and
+///   every byte (`cmpext`), then `refcount.get tag`. The OSD runs the steps atomically, so the bytes
+///   compared are the bytes referenced: verify-before-share holds even while another host deletes
+///   and re-creates the object between two of our operations.
+/// - A hash collision (same name, other bytes) never shares: the next collision name is tried.
+/// - Every read re-hashes the bytes and compares with the name.
+///
+/// Thread safety: as safe as its ``RadosPool`` (any number of threads).
+public final class RadosChunkObjects: Sendable {
+    public let pool: RadosPool
+    public let group: String
+    public let hashFunction: HashFunction
+    public let hashSeed: UInt64
+    /// Reads fetch up to this many bytes in one round trip; larger objects take a second one.
+    public let readSizeHint: Int
+
+    /// Collision names per hash: 0 (the plain name) up to this.
+    public static let collisionNamesMax = 8
+    /// Attempts per name when the object disappears between our create and our share.
+    static let raceAttemptsMax = 16
+    static let lengthAttribute = "vbd.length"
+
+    public init(pool: RadosPool, group: String, hashFunction: HashFunction = .xxh3, hashSeed: UInt64,
+                readSizeHint: Int = 64 << 10) throws(RadosChunkError) {
+        guard Self.isValidIdentifier(group) else { throw .invalidIdentifier(group) }
+        self.pool = pool
+        self.group = group
+        self.hashFunction = hashFunction
+        self.hashSeed = hashSeed
+        self.readSizeHint = readSizeHint
+    }
+
+    static func isValidIdentifier(_ s: String) -> Bool {
+        !s.isEmpty && s.utf8.count <= 64 && s.utf8.allSatisfy { c in
+            (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5A) || (c >= 0x61 && c <= 0x7A) || c == 0x5F || c == 0x2D
+        }
+    }
+
+    public func hash(_ bytes: UnsafeRawBufferPointer) -> ContentHash {
+        hashFunction.hash(bytes, seed: hashSeed)
+    }
+
+    /// Stores `bytes` under `reference`: creates the chunk object or, when one with the same bytes
+    /// exists, adds the reference to it.
+    public func store(_ bytes: [UInt8], reference: ChunkReference) throws(RadosChunkError) -> ChunkStoreOutcome {
+        var outcome: Result<ChunkStoreOutcome, RadosChunkError>!
+        bytes.withUnsafeBytes { b in
+            do throws(RadosChunkError) { outcome = .success(try store(b, reference: reference)) } catch { outcome = .failure(error) }
+        }
+        return try outcome.get()
+    }
+
+    public func store(_ bytes: UnsafeRawBufferPointer, reference: ChunkReference) throws(RadosChunkError) -> ChunkStoreOutcome {
+        let hash = hash(bytes)
+        let length = Array(String(bytes.count).utf8)
+        let tag = reference.tag
+        for index in 0...Self.collisionNamesMax {
+            let name = ChunkObjectName(group: group, hash: hash, collisionIndex: index)
+            let object = name.objectName
+            var collided = false
+            for _ in 0..<Self.raceAttemptsMax {
+                do {
+                    try pool.operate(object) { op in
+                        op.createExclusive()
+                        op.writeFull(bytes)
+                        op.setAttribute(Self.lengthAttribute, length)
+                        op.call(RefcountClass.name, "set", input: RefcountClass.set(tags: [tag]))
+                    }
+                    return ChunkStoreOutcome(name: name, created: true, collisionsPassed: index)
+                } catch where error.code == EEXIST {
+                    // Someone stored this hash first: share it if, and only if, the bytes are ours.
+                } catch {
+                    throw .rados(error)
+                }
+                do {
+                    try pool.operate(object) { op in
+                        op.assertAttribute(Self.lengthAttribute, equals: length)
+                        if bytes.count > 0 { op.assertBytes(bytes, at: 0) }
+                        op.call(RefcountClass.name, "get", input: RefcountClass.get(tag: tag))
+                    }
+                    return ChunkStoreOutcome(name: name, created: false, collisionsPassed: index)
+                } catch where error.code == ENOENT {
+                    continue  // its last reference went meanwhile: create it again
+                } catch where error.code == ECANCELED || error.isExtentMismatch {
+                    collided = true
+                    break
+                } catch {
+                    throw .rados(error)
+                }
+            }
+            if !collided { throw .contended(object: pool.describe(object)) }
+        }
+        throw .tooManyCollisions(hash)
+    }
+
+    /// Adds a reference to an object already known to hold the right bytes (e.g. a clone of a
+    /// chunk map): no comparison needed. Throws ENOENT when the object is gone.
+    public func retain(_ name: ChunkObjectName, reference: ChunkReference) throws(RadosChunkError) {
+        do {
+            try pool.operate(name.objectName) { op in
+                op.call(RefcountClass.name, "get", input: RefcountClass.get(tag: reference.tag))
+            }
+        } catch { throw .rados(error) }
+    }
+
+    /// Drops `reference`; the OSD removes the object with its last reference. Idempotent: releasing
+    /// a reference that is not held (or an object that is gone) does nothing.
+    public func release(_ name: ChunkObjectName, reference: ChunkReference) throws(RadosChunkError) {
+        do {
+            try pool.operate(name.objectName) { op in
+                op.call(RefcountClass.name, "put", input: RefcountClass.put(tag: reference.tag))
+            }
+        } catch where error.code == ENOENT {
+            return
+        } catch { throw .rados(error) }
+    }
+
+    /// The references an object holds, as tags (for finding references no holder claims).
+    /// Tags that are not ``ChunkReference``s (written by something else) are returned as well.
+    public func referenceTags(_ name: ChunkObjectName) throws(RadosChunkError) -> [String] {
+        let reply: [UInt8]
+        do {
+            reply = try pool.callReading(name.objectName, objectClass: RefcountClass.name, method: "read", input: RefcountClass.read())
+        } catch { throw .rados(error) }
+        guard let tags = RefcountClass.decodeReadReply(reply) else {
+            throw .corrupt(object: pool.describe(name.objectName), detail: "undecodable refcount.read reply of \(reply.count) bytes")
+        }
+        return tags
+    }
+
+    /// The chunk's bytes, verified against the hash in its name.
+    public func read(_ name: ChunkObjectName) throws(RadosChunkError) -> [UInt8] {
+        let object = name.objectName
+        var bytes = [UInt8](repeating: 0, count: readSizeHint)
+        var failure: RadosError?
+        let n = bytes.withUnsafeMutableBytes { b -> Int in
+            do throws(RadosError) { return try pool.read(object, into: b, at: 0) } catch { failure = error; return 0 }
+        }
+        if let failure { throw .rados(failure) }
+        if n == bytes.count {
+            // Possibly longer than the hint: fetch the whole object.
+            do { bytes = try pool.readAll(object) } catch { throw .rados(error) }
+        } else {
+            bytes.removeLast(bytes.count - n)
+        }
+        let actual = bytes.withUnsafeBytes { hash($0) }
+        guard actual == name.hash else {
+            throw .corrupt(object: pool.describe(object), detail: "its \(bytes.count) bytes hash to \(actual), not to the \(name.hash) its name says")
+        }
+        return bytes
+    }
+
+    /// Releases every reference that its holder no longer claims: after a crash, references taken
+    /// by a family whose metadata never recorded them (or recorded their release). Tags that are not
+    /// ``ChunkReference``s are left alone. Objects whose last reference goes are removed by the OSD.
+    /// Returns what was released. A full listing of the group: a maintenance pass, not the I/O path;
+    /// `isClaimed` must answer from the holders' committed metadata.
+    @discardableResult
+    public func releaseUnclaimed(isClaimed: (ChunkObjectName, ChunkReference) throws -> Bool) throws -> [(ChunkObjectName, ChunkReference)] {
+        var released: [(ChunkObjectName, ChunkReference)] = []
+        for name in try objectNames() {
+            let tags: [String]
+            do { tags = try referenceTags(name) } catch {
+                // Gone since the listing (its last reference was released meanwhile): nothing to sweep.
+                if case .rados(let failure) = error, failure.code == ENOENT { continue }
+                throw error
+            }
+            for reference in tags.compactMap(ChunkReference.init(tag:)) where try !isClaimed(name, reference) {
+                try release(name, reference: reference)
+                released.append((name, reference))
+            }
+        }
+        return released
+    }
+
+    /// Every chunk object of this group in the pool's namespace (a full listing: for checks and
+    /// leak searches, not for the I/O path).
+    public func objectNames() throws(RadosChunkError) -> [ChunkObjectName] {
+        do {
+            return try pool.objectNames().compactMap(ChunkObjectName.init(objectName:)).filter { $0.group == group }
+        } catch { throw .rados(error) }
+    }
+}

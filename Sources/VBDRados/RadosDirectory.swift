@@ -1,0 +1,552 @@
+import CRados
+import Synchronization
+import VBDStore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The store's ``StorageDirectory`` over RADOS objects in one pool namespace (one volume family).
+///
+/// A file `NAME` is a head object `file.NAME`, whose attributes hold the file's durable size and
+/// an upper bound on its stripe numbers, and its bytes striped over objects `stripe.NAME.<n>` of
+/// `stripeBytes` each (a missing stripe, or the part past a stripe object's end, reads as zeroes).
+/// How the contract of StorageIO.swift is met:
+/// 1. `write` sends the stripe writes asynchronously and returns; a later read of the same
+///    object from this client is ordered after them by the OSD, so it sees the bytes.
+/// 2. `sync` waits for every write, truncate and punch sent before it, then writes the size.
+/// 3. A crash may leave any subset of the unsynced stripe writes (each one whole).
+/// 4. Creating and removing a file are synchronous object operations, durable when they return.
+///    `syncDirectory` only checks that the lock is still held.
+/// Bytes past the durable size that unsynced writes left behind are cleared by the first change
+/// after the file is opened, so they cannot reappear when the file grows again; the stripe bound is
+/// written before any stripe beyond it, so that clean-up knows where to stop.
+///
+/// `lockExclusive` takes a ``RadosLock`` with an expiry and renews it in the background; once the
+/// lock is lost (taken over, broken, or not renewed in time) every change to any file of this
+/// directory fails with `.locked`, so a server that lost its volume stops committing. Fencing by
+/// blocklisting (``takeOver(waitingUpTo:force:)``) stops the writes it had already sent.
+public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
+    public let pool: RadosPool
+    public let stripeBytes: UInt64
+    public let lockDurationSeconds: Int
+    /// Most asynchronous operations a file keeps in flight before `write` waits for the oldest.
+    public let inFlightMax: Int
+    public static let lockObject = "directory.lock"
+
+    private struct LockState {
+        var lock: RadosLock?
+        var keeper: RadosLockKeeper?
+    }
+    private let lockState = Mutex(LockState())
+
+    /// Called once when the directory's lock is lost, with the reason (from the renewal thread).
+    public let onLockLost: @Sendable (String) -> Void
+
+    public init(pool: RadosPool, stripeBytes: UInt64 = 4 << 20, lockDurationSeconds: Int = 30, inFlightMax: Int = 64,
+                onLockLost: @escaping @Sendable (String) -> Void = { _ in }) {
+        precondition(stripeBytes > 0 && stripeBytes % 4096 == 0)
+        self.onLockLost = onLockLost
+        self.pool = pool
+        self.stripeBytes = stripeBytes
+        self.lockDurationSeconds = lockDurationSeconds
+        self.inFlightMax = inFlightMax
+    }
+
+    deinit { unlock() }
+
+    public var path: String { "rados:" + pool.describe("") }
+
+    static func headObject(_ name: String) -> String { "file." + name }
+    static func stripeObject(_ name: String, _ index: UInt64) -> String {
+        let hex = String(index, radix: 16)
+        return "stripe.\(name).\(String(repeating: "0", count: max(0, 8 - hex.count)))\(hex)"
+    }
+    static let sizeAttribute = "vbd.size"
+    static let stripeBoundAttribute = "vbd.stripe-bound"
+
+    private func validate(_ name: String) throws(StorageError) {
+        guard !name.isEmpty, !name.contains("/"), name.utf8.count <= 200 else {
+            throw .io("invalid file name '\(name)' for \(path)")
+        }
+    }
+
+    // MARK: StorageDirectory
+
+    public func openFile(_ name: String, create: Bool) throws(StorageError) -> any StorageFile {
+        try validate(name)
+        let head = Self.headObject(name)
+        if create {
+            try checkLock()
+            do {
+                try pool.operate(head) { op in
+                    op.createExclusive()
+                    op.setAttribute(Self.sizeAttribute, Array("0".utf8))
+                    op.setAttribute(Self.stripeBoundAttribute, Array("0".utf8))
+                }
+            } catch where error.code == EEXIST {
+                // It exists: open it as it is.
+            } catch {
+                throw Self.storageError(error)
+            }
+        }
+        let size = try readNumber(head, Self.sizeAttribute, name: name)
+        let bound = try readNumber(head, Self.stripeBoundAttribute, name: name)
+        return RadosFile(directory: self, name: name, durableSize: size, stripeBound: bound)
+    }
+
+    private func readNumber(_ head: String, _ attribute: String, name: String) throws(StorageError) -> UInt64 {
+        let value: [UInt8]?
+        do { value = try pool.attribute(head, attribute) } catch where error.code == ENOENT {
+            throw .notFound(path + "/" + name)
+        } catch { throw Self.storageError(error) }
+        guard let value, let number = UInt64(String(decoding: value, as: UTF8.self)) else {
+            throw .io("\(pool.describe(head)): attribute \(attribute) is missing or not a number")
+        }
+        return number
+    }
+
+    public func fileExists(_ name: String) -> Bool {
+        (try? pool.exists(Self.headObject(name))) ?? false
+    }
+
+    /// Removes the stripes first and the head last: a crash in between leaves a file that still
+    /// exists (its removal was not durable yet) rather than stripes that a new file of the same name
+    /// would inherit.
+    public func removeFile(_ name: String) throws(StorageError) {
+        try validate(name)
+        try checkLock()
+        let head = Self.headObject(name)
+        let size: UInt64, bound: UInt64
+        do {
+            size = try readNumber(head, Self.sizeAttribute, name: name)
+            bound = try readNumber(head, Self.stripeBoundAttribute, name: name)
+        } catch .notFound { return }
+        let stripes = max(bound, (size + stripeBytes - 1) / stripeBytes)
+        let batch = AsyncOperations(pool: pool, limit: inFlightMax)
+        for index in 0..<stripes {
+            batch.submitRemove(Self.stripeObject(name, index))
+        }
+        if let error = batch.waitAll() { throw Self.storageError(error) }
+        do { try pool.remove(head) } catch { throw Self.storageError(error) }
+    }
+
+    public func fileNames() throws(StorageError) -> [String] {
+        do {
+            return try pool.objectNames().compactMap { $0.hasPrefix("file.") ? String($0.dropFirst(5)) : nil }
+        } catch { throw Self.storageError(error) }
+    }
+
+    public func syncDirectory() throws(StorageError) {
+        try checkLock()
+    }
+
+    public func lockExclusive() throws(StorageError) {
+        try takeLock(exclusive: true)
+    }
+
+    public func lockShared() throws(StorageError) {
+        try takeLock(exclusive: false)
+    }
+
+    private func takeLock(exclusive: Bool) throws(StorageError) {
+        // Already ours (e.g. taken over just before the store opened the directory): keep it.
+        let current = lockState.withLock { $0 }
+        if let held = current.lock, let keeper = current.keeper, held.exclusive == exclusive, keeper.isHeld { return }
+        let lock: RadosLock
+        do {
+            lock = try RadosLock(pool: pool, object: Self.lockObject, exclusive: exclusive, durationSeconds: lockDurationSeconds)
+            try lock.acquire()
+        } catch where error.code == EBUSY || error.code == EEXIST {
+            let holders = (try? RadosLock.holders(pool: pool, object: Self.lockObject, lockName: RadosLock.ownerLockName)) ?? []
+            let who = holders.map { "\($0.client) at \($0.address)" }.joined(separator: ", ")
+            throw .locked("store at \(path) is in use by \(who.isEmpty ? "another client" : who); it expires \(lockDurationSeconds) s after its holder stops renewing it")
+        } catch {
+            throw Self.storageError(error)
+        }
+        install(lock)
+    }
+
+    private func install(_ lock: RadosLock) {
+        let keeper = RadosLockKeeper(lock: lock, onLost: onLockLost)
+        let old = lockState.withLock { s in
+            defer { s = LockState(lock: lock, keeper: keeper) }
+            return s
+        }
+        old.keeper?.stop()
+        old.lock?.release()
+    }
+
+    /// Takes the directory over from a server that holds it, fencing that server
+    /// (``RadosLock/takeOver(waitingUpTo:force:blocklistSeconds:)``). Returns the fenced addresses.
+    @discardableResult
+    public func takeOver(waitingUpTo seconds: Double, force: Bool = false) throws(StorageError) -> [String] {
+        let fenced: [String]
+        let lock: RadosLock
+        do {
+            lock = try RadosLock(pool: pool, object: Self.lockObject, exclusive: true, durationSeconds: lockDurationSeconds)
+            fenced = try lock.takeOver(waitingUpTo: seconds, force: force)
+        } catch where error.code == EBUSY {
+            throw .locked("store at \(path) is still held and renewed by its owner after \(seconds) s")
+        } catch {
+            throw Self.storageError(error)
+        }
+        install(lock)
+        return fenced
+    }
+
+    /// A lock already lost is not released: it is no longer ours, and the calls could only wait
+    /// for a cluster that does not answer.
+    public func unlock() {
+        let old = lockState.withLock { s in
+            defer { s = LockState() }
+            return s
+        }
+        let lost = old.keeper?.lostReason != nil
+        old.keeper?.stop()
+        if !lost { old.lock?.release() }
+    }
+
+    /// Why this directory may no longer change anything, or nil. A directory without a lock (tests
+    /// of the file layer alone) is not restricted.
+    public var lockLostReason: String? {
+        lockState.withLock { $0.keeper }?.lostReason
+    }
+
+    /// The lock keeper, for tests that stop renewal to play a server that hangs.
+    public var lockKeeper: RadosLockKeeper? { lockState.withLock { $0.keeper } }
+
+    func checkLock() throws(StorageError) {
+        if let reason = lockLostReason {
+            throw .locked("store at \(path) is no longer ours (\(reason)); it must stop committing")
+        }
+    }
+
+    static func storageError(_ error: RadosError) -> StorageError {
+        switch error.code {
+        case ENOSPC, EDQUOT: return .noSpace
+        case ENOENT: return .notFound(error.description)
+        case RadosError.blocklisted: return .locked("\(error.description): this client was fenced (blocklisted) after another server took the store over")
+        default: return .io(error.description)
+        }
+    }
+}
+
+/// Asynchronous operations whose completions are collected later; at most `limit` in flight.
+/// Not thread-safe: one owner at a time (a file's mutex, or the thread that took them over to wait).
+final class AsyncOperations: @unchecked Sendable {
+    let pool: RadosPool
+    let limit: Int
+    private var pending: [(completion: rados_completion_t, what: String, missingOK: Bool)] = []
+    private var firstError: RadosError?
+
+    init(pool: RadosPool, limit: Int) {
+        self.pool = pool
+        self.limit = limit
+    }
+
+    deinit { _ = waitAll() }
+
+    private func makeCompletion() -> rados_completion_t? {
+        var completion: rados_completion_t?
+        let rc = rados_aio_create_completion2(nil, nil, &completion)
+        if rc != 0 { record(RadosError("create completion", code: rc)) }
+        return completion
+    }
+
+    private func record(_ error: RadosError) {
+        if firstError == nil { firstError = error }
+    }
+
+    private func submitted(_ rc: Int32, _ completion: rados_completion_t, _ what: String, missingOK: Bool) {
+        if rc != 0 {
+            rados_aio_release(completion)
+            record(RadosError(what, code: rc))
+            return
+        }
+        pending.append((completion, what, missingOK))
+        if pending.count >= limit { waitOldest(pending.count / 2) }
+    }
+
+    func submitWrite(_ object: String, _ bytes: UnsafeRawBufferPointer, at offset: UInt64) {
+        guard let ioctx = try? pool.handle("write"), let completion = makeCompletion() else { return record(RadosError("write \(pool.describe(object))", code: EBADF)) }
+        // librados copies the bytes before it returns.
+        let rc = rados_aio_write(ioctx, object, completion, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count, offset)
+        submitted(rc, completion, "write \(pool.describe(object))", missingOK: false)
+    }
+
+    func submitRemove(_ object: String) {
+        guard let ioctx = try? pool.handle("remove"), let completion = makeCompletion() else { return record(RadosError("remove \(pool.describe(object))", code: EBADF)) }
+        let rc = rados_aio_remove(ioctx, object, completion)
+        submitted(rc, completion, "remove \(pool.describe(object))", missingOK: true)
+    }
+
+    /// A write operation on an object that may not exist (then there is nothing to change).
+    func submitOnExisting(_ object: String, _ summary: String, _ build: (rados_write_op_t) -> Void) {
+        guard let ioctx = try? pool.handle(summary), let completion = makeCompletion() else { return record(RadosError("\(summary) \(pool.describe(object))", code: EBADF)) }
+        let op = rados_create_write_op()!
+        defer { rados_release_write_op(op) }
+        rados_write_op_assert_exists(op)
+        build(op)
+        let rc = rados_aio_write_op_operate(op, ioctx, completion, object, nil, 0)
+        submitted(rc, completion, "\(summary) \(pool.describe(object))", missingOK: true)
+    }
+
+    private func waitOldest(_ n: Int) {
+        for entry in pending.prefix(n) {
+            rados_aio_wait_for_complete(entry.completion)
+            let rc = rados_aio_get_return_value(entry.completion)
+            rados_aio_release(entry.completion)
+            if rc < 0 && !(entry.missingOK && rc == -ENOENT) { record(RadosError(entry.what, code: rc)) }
+        }
+        pending.removeFirst(min(n, pending.count))
+    }
+
+    /// Waits for every operation; returns the first failure since the last call, if any.
+    func waitAll() -> RadosError? {
+        waitOldest(pending.count)
+        defer { firstError = nil }
+        return firstError
+    }
+
+    /// Hands the pending operations over to `other` (to wait for them outside a lock).
+    func moveAll(to other: AsyncOperations) {
+        other.pending += pending
+        if let firstError { other.record(firstError) }
+        pending = []
+        firstError = nil
+    }
+}
+
+/// One file of a ``RadosDirectory``. Safe to use from several threads: the size and the list of
+/// operations in flight are behind a mutex; reads go to librados without it.
+final class RadosFile: StorageFile, @unchecked Sendable {
+    private let directory: RadosDirectory
+    private let name: String
+    private let head: String
+    private let stripeBytes: UInt64
+
+    private struct State {
+        var size: UInt64
+        var durableSize: UInt64
+        /// No stripe at or past this number exists (durable: written before such a stripe is).
+        var stripeBound: UInt64
+        var durableStripeBound: UInt64
+        /// Cleared the stale bytes past `durableSize` since the open (done before the first change).
+        var cleaned = false
+        var closed = false
+        var operations: AsyncOperations
+    }
+    private let state: Mutex<State>
+
+    init(directory: RadosDirectory, name: String, durableSize: UInt64, stripeBound: UInt64) {
+        self.directory = directory
+        self.name = name
+        self.head = RadosDirectory.headObject(name)
+        self.stripeBytes = directory.stripeBytes
+        self.state = Mutex(State(size: durableSize, durableSize: durableSize, stripeBound: stripeBound,
+                                 durableStripeBound: stripeBound,
+                                 operations: AsyncOperations(pool: directory.pool, limit: directory.inFlightMax)))
+    }
+
+    deinit { close() }
+
+    private var pool: RadosPool { directory.pool }
+
+    private func stripes(covering size: UInt64) -> UInt64 { (size + stripeBytes - 1) / stripeBytes }
+
+    // MARK: Reads
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) -> Int {
+        let size = state.withLock { $0.size }
+        guard offset < size, buffer.count > 0 else { return 0 }
+        let count = Int(min(UInt64(buffer.count), size - offset))
+        var done = 0
+        while done < count {
+            let at = offset + UInt64(done)
+            let index = at / stripeBytes
+            let within = at % stripeBytes
+            let n = min(count - done, Int(stripeBytes - within))
+            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + n])
+            var got = 0
+            do {
+                got = try pool.read(RadosDirectory.stripeObject(name, index), into: part, at: within)
+            } catch where error.code == ENOENT {
+                got = 0
+            } catch {
+                throw RadosDirectory.storageError(error)
+            }
+            if got < n { UnsafeMutableRawBufferPointer(rebasing: part[got...]).initializeMemory(as: UInt8.self, repeating: 0) }
+            done += n
+        }
+        return count
+    }
+
+    func size() throws(StorageError) -> UInt64 {
+        state.withLock { $0.size }
+    }
+
+    // MARK: Changes
+
+    /// Runs a change under the state mutex after the checks every change needs: the directory's
+    /// lock still held, the file open, and the stale bytes from before the open cleared.
+    private func change(_ body: (inout State) throws(StorageError) -> Void) throws(StorageError) {
+        try directory.checkLock()
+        var failure: StorageError?
+        state.withLock { s in
+            do throws(StorageError) {
+                guard !s.closed else { throw .io("\(pool.describe(head)): file is closed") }
+                if !s.cleaned {
+                    clearPastDurableSize(&s)
+                    s.cleaned = true
+                }
+                try body(&s)
+            } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+
+    /// Unsynced writes of an earlier holder may have left bytes past the durable size; a file that
+    /// grows must read zeroes there, as a file system's would.
+    private func clearPastDurableSize(_ s: inout State) {
+        let keep = s.durableSize
+        let firstGone = stripes(covering: keep)
+        if keep % stripeBytes != 0 {
+            let within = keep % stripeBytes
+            s.operations.submitOnExisting(RadosDirectory.stripeObject(name, keep / stripeBytes), "truncate") { op in
+                rados_write_op_truncate(op, within)
+            }
+        }
+        if s.stripeBound > firstGone {
+            for index in firstGone..<s.stripeBound { s.operations.submitRemove(RadosDirectory.stripeObject(name, index)) }
+        }
+    }
+
+    /// Makes the stripe bound cover `index` durably before anything is written to that stripe.
+    private func raiseStripeBound(_ s: inout State, toCover index: UInt64) throws(StorageError) {
+        guard index >= s.stripeBound else { return }
+        // Headroom, so that a growing file rewrites the head once per 16 stripes, not per stripe.
+        let bound = index + 16
+        do {
+            try pool.operate(head) { op in
+                op.assertExists()
+                op.setAttribute(RadosDirectory.stripeBoundAttribute, Array(String(bound).utf8))
+            }
+        } catch { throw RadosDirectory.storageError(error) }
+        s.stripeBound = bound
+        s.durableStripeBound = bound
+    }
+
+    func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
+        guard bytes.count > 0 else { return }
+        try change { s throws(StorageError) in
+            let end = offset + UInt64(bytes.count)
+            try raiseStripeBound(&s, toCover: (end - 1) / stripeBytes)
+            var done = 0
+            while done < bytes.count {
+                let at = offset + UInt64(done)
+                let within = at % stripeBytes
+                let n = min(bytes.count - done, Int(stripeBytes - within))
+                s.operations.submitWrite(RadosDirectory.stripeObject(name, at / stripeBytes),
+                                         UnsafeRawBufferPointer(rebasing: bytes[done..<done + n]), at: within)
+                done += n
+            }
+            s.size = max(s.size, end)
+        }
+    }
+
+    /// One buffer for the whole gather, so a journal frame of many parts is one operation per
+    /// stripe rather than one per part.
+    func write(gathering parts: [UnsafeRawBufferPointer], at offset: UInt64) throws(StorageError) {
+        let total = parts.reduce(0) { $0 + $1.count }
+        guard total > 0 else { return }
+        let joined = UnsafeMutableRawBufferPointer.allocate(byteCount: total, alignment: 16)
+        defer { joined.deallocate() }
+        var at = 0
+        for part in parts where part.count > 0 {
+            UnsafeMutableRawBufferPointer(rebasing: joined[at..<at + part.count]).copyMemory(from: part)
+            at += part.count
+        }
+        try write(UnsafeRawBufferPointer(joined), at: offset)
+    }
+
+    func truncate(to newSize: UInt64) throws(StorageError) {
+        try change { s throws(StorageError) in
+            if newSize < s.size {
+                let firstGone = stripes(covering: newSize)
+                let last = max(stripes(covering: s.size), s.stripeBound)
+                if newSize % stripeBytes != 0 {
+                    let within = newSize % stripeBytes
+                    s.operations.submitOnExisting(RadosDirectory.stripeObject(name, newSize / stripeBytes), "truncate") { op in
+                        rados_write_op_truncate(op, within)
+                    }
+                }
+                if last > firstGone {
+                    for index in firstGone..<last { s.operations.submitRemove(RadosDirectory.stripeObject(name, index)) }
+                }
+                // Lowered in the head by the next sync, after the removals completed.
+                s.stripeBound = firstGone
+            }
+            s.size = newSize
+        }
+    }
+
+    func punchHole(offset: UInt64, length: UInt64) throws(StorageError) {
+        guard length > 0 else { return }
+        try change { s throws(StorageError) in
+            let end = min(offset + length, max(s.size, stripes(covering: s.size) * stripeBytes))
+            var at = offset
+            while at < end {
+                let index = at / stripeBytes
+                let within = at % stripeBytes
+                let n = min(end - at, stripeBytes - within)
+                let object = RadosDirectory.stripeObject(name, index)
+                if within == 0 && n == stripeBytes {
+                    s.operations.submitRemove(object)
+                } else {
+                    s.operations.submitOnExisting(object, "zero") { op in rados_write_op_zero(op, within, n) }
+                }
+                at += n
+            }
+        }
+    }
+
+    func sync() throws(StorageError) {
+        try directory.checkLock()
+        // Wait outside the mutex, so reads and new writes go on meanwhile.
+        let waiting = AsyncOperations(pool: pool, limit: Int.max)
+        let (size, bound, durableSize, durableBound) = state.withLock { s in
+            s.operations.moveAll(to: waiting)
+            return (s.size, s.stripeBound, s.durableSize, s.durableStripeBound)
+        }
+        if let error = waiting.waitAll() { throw RadosDirectory.storageError(error) }
+        guard size != durableSize || bound != durableBound else { return }
+        try directory.checkLock()
+        // Under the mutex: a concurrent write may have raised the bound in the head meanwhile, and
+        // that must not be overwritten by the lower value seen above. A concurrent truncate's lower
+        // bound waits for the next sync (its removals have not been waited for).
+        var failure: StorageError?
+        state.withLock { s in
+            let durable = max(bound, s.stripeBound)
+            do throws(RadosError) {
+                try pool.operate(head) { op in
+                    op.assertExists()
+                    op.setAttribute(RadosDirectory.sizeAttribute, Array(String(size).utf8))
+                    op.setAttribute(RadosDirectory.stripeBoundAttribute, Array(String(durable).utf8))
+                }
+                s.durableSize = size
+                s.durableStripeBound = durable
+            } catch { failure = RadosDirectory.storageError(error) }
+        }
+        if let failure { throw failure }
+    }
+
+    /// Waits for the operations in flight (their results are dropped: unsynced changes may be lost).
+    func close() {
+        let waiting = AsyncOperations(pool: directory.pool, limit: Int.max)
+        state.withLock { s in
+            s.closed = true
+            s.operations.moveAll(to: waiting)
+        }
+        _ = waiting.waitAll()
+    }
+}

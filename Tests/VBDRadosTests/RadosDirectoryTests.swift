@@ -1,0 +1,259 @@
+import Foundation
+import Synchronization
+import Testing
+import VBDCore
+import VBDStore
+@testable import VBDRados
+
+extension StorageFile {
+    func write(_ bytes: [UInt8], at offset: UInt64) throws {
+        try bytes.withUnsafeBytes { (b: UnsafeRawBufferPointer) throws in try write(b, at: offset) }
+    }
+
+    func read(_ count: Int, at offset: UInt64) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0xEE, count: count)
+        let n = try out.withUnsafeMutableBytes { (b: UnsafeMutableRawBufferPointer) throws -> Int in try read(into: b, at: offset) }
+        return Array(out.prefix(n))
+    }
+}
+
+@Suite(.serialized) struct RadosDirectoryTests {
+    let cluster: MicroCluster
+    init() throws { cluster = try MicroCluster.get() }
+
+    /// Random writes (plain and gathered), truncates and punches over small stripes, checked after every step against
+    /// the same steps on an array; then synced, and the file reopened from another client.
+    @Test func fileFollowsTheStorageContract() throws {
+        let connection = try cluster.connect()
+        let pool = try cluster.freshPool(connection, prefix: "contract")
+        let stripe: UInt64 = 8192
+        let directory = RadosDirectory(pool: pool, stripeBytes: stripe)
+        let file = try directory.openFile("data", create: true)
+        var model: [UInt8] = []
+        var rng = SplitMix64(seed: 11)
+        for step in 0..<160 {
+            let choice = rng.next() % 10
+            if choice < 6 {
+                let offset = rng.next() % (6 * stripe)
+                let bytes = pattern(seed: rng.next(), count: Int(rng.next() % (2 * stripe)) + 1)
+                if choice < 3 {
+                    try file.write(bytes, at: offset)
+                } else {
+                    // A gathered write of random parts (some empty) equals one write of their concatenation.
+                    var cuts = (0..<Int(rng.next() % 6)).map { _ in Int(rng.next() % UInt64(bytes.count + 1)) }
+                    cuts = ([0] + cuts + [bytes.count]).sorted()
+                    try bytes.withUnsafeBytes { all in
+                        let parts = zip(cuts, cuts.dropFirst()).map { UnsafeRawBufferPointer(rebasing: all[$0..<$1]) }
+                        try file.write(gathering: parts, at: offset)
+                    }
+                }
+                let end = Int(offset) + bytes.count
+                if model.count < end { model += [UInt8](repeating: 0, count: end - model.count) }
+                model.replaceSubrange(Int(offset)..<end, with: bytes)
+            } else if choice < 8 {
+                let size = Int(rng.next() % (7 * stripe))
+                try file.truncate(to: UInt64(size))
+                if size < model.count { model.removeLast(model.count - size) } else { model += [UInt8](repeating: 0, count: size - model.count) }
+            } else {
+                let offset = Int(rng.next() % (6 * stripe)), length = Int(rng.next() % (3 * stripe)) + 1
+                try file.punchHole(offset: UInt64(offset), length: UInt64(length))
+                let end = min(offset + length, model.count)
+                if offset < end { model.replaceSubrange(offset..<end, with: [UInt8](repeating: 0, count: end - offset)) }
+            }
+            if step % 7 == 0 { try file.sync() }
+            #expect(try file.size() == UInt64(model.count), "step \(step)")
+            let at = Int(rng.next() % UInt64(max(model.count, 1)))
+            let want = Array(model[min(at, model.count)...].prefix(3 * Int(stripe)))
+            #expect(try file.read(3 * Int(stripe), at: UInt64(at)) == want, "step \(step)")
+        }
+        #expect(try file.read(model.count + 100, at: 0) == model)
+        #expect(try file.read(10, at: UInt64(model.count)).isEmpty)
+        try file.sync()
+
+        // Another host sees exactly the synced file.
+        let other = try cluster.connect()
+        let otherDirectory = RadosDirectory(pool: try other.openPool("vbd", namespace: pool.namespace), stripeBytes: stripe)
+        let reopened = try otherDirectory.openFile("data", create: false)
+        #expect(try reopened.size() == UInt64(model.count))
+        #expect(try reopened.read(model.count, at: 0) == model)
+        reopened.close()
+        file.close()
+    }
+
+    @Test func directoryListsCreatesAndRemovesFiles() throws {
+        let connection = try cluster.connect()
+        let pool = try cluster.freshPool(connection, prefix: "dir")
+        let directory = RadosDirectory(pool: pool, stripeBytes: 4096)
+        #expect(throws: StorageError.self) { try directory.openFile("journal.1", create: false) }
+        let journal = try directory.openFile("journal.1", create: true)
+        try journal.write(pattern(seed: 5, count: 10_000), at: 0)
+        try journal.sync()
+        journal.close()
+        _ = try directory.openFile("superblock", create: true)
+        try directory.syncDirectory()
+        #expect(Set(try directory.fileNames()) == ["journal.1", "superblock"])
+        #expect(directory.fileExists("journal.1"))
+
+        try directory.removeFile("journal.1")
+        #expect(!directory.fileExists("journal.1"))
+        #expect(try directory.fileNames() == ["superblock"])
+        // Its stripes went with it: only the other file's head object is left.
+        #expect(try pool.objectNames() == ["file.superblock"])
+        // A new file of the same name starts empty.
+        let fresh = try directory.openFile("journal.1", create: true)
+        #expect(try fresh.size() == 0)
+        try fresh.truncate(to: 10_000)
+        #expect(try fresh.read(10_000, at: 0) == [UInt8](repeating: 0, count: 10_000))
+    }
+
+    /// Writes that were never synced may land in the stripes while the durable size stays short;
+    /// when the file is reopened and grows again, the range they covered reads as zeroes.
+    @Test func unsyncedBytesPastTheDurableSizeDoNotReappear() throws {
+        let connection = try cluster.connect()
+        let pool = try cluster.freshPool(connection, prefix: "stale")
+        let directory = RadosDirectory(pool: pool, stripeBytes: 4096)
+        let file = try directory.openFile("journal", create: true)
+        try file.write(pattern(seed: 6, count: 1000), at: 0)
+        try file.sync()
+        try file.write(pattern(seed: 7, count: 20_000), at: 1000)  // never synced
+        file.close()  // the writes complete; the size stays 1000 (a crash before the sync)
+
+        let reopened = try directory.openFile("journal", create: false)
+        #expect(try reopened.size() == 1000)
+        try reopened.write([1, 2, 3], at: 30_000)
+        var want = pattern(seed: 6, count: 1000) + [UInt8](repeating: 0, count: 29_000)
+        want += [1, 2, 3]
+        #expect(try reopened.read(30_003, at: 0) == want)
+    }
+
+    /// One writer at a time: a second client is refused, readers too, until the writer unlocks.
+    @Test func exclusiveLockRefusesOthers() throws {
+        let hostA = try cluster.connect(), hostB = try cluster.connect()
+        let poolA = try cluster.freshPool(hostA, prefix: "lock")
+        let a = RadosDirectory(pool: poolA)
+        let b = RadosDirectory(pool: try hostB.openPool("vbd", namespace: poolA.namespace))
+        try a.lockExclusive()
+        let refusal = #expect(throws: StorageError.self) { try b.lockExclusive() }
+        guard case .locked(let message) = refusal else { Issue.record("not .locked: \(String(describing: refusal))"); return }
+        #expect(message.contains("client.\(try hostA.instanceID())"))
+        #expect(throws: StorageError.self) { try b.lockShared() }
+        a.unlock()
+        try b.lockShared()
+        #expect(throws: StorageError.self) { try a.lockExclusive() }
+        b.unlock()
+        try a.lockExclusive()
+        a.unlock()
+    }
+
+    /// An orderly handover (A commits and unlocks, B takes over) fences nobody: A's client goes on
+    /// working, e.g. for the other volumes it serves.
+    @Test func cleanHandoverFencesNobody() throws {
+        let hostA = try cluster.connect(), hostB = try cluster.connect()
+        let poolA = try cluster.freshPool(hostA, prefix: "handover")
+        let a = RadosDirectory(pool: poolA, stripeBytes: 4096, lockDurationSeconds: 3)
+        let b = RadosDirectory(pool: try hostB.openPool("vbd", namespace: poolA.namespace), stripeBytes: 4096, lockDurationSeconds: 3)
+        try a.lockExclusive()
+        let file = try a.openFile("journal", create: true)
+        try file.write([1, 2, 3], at: 0)
+        try file.sync()
+        file.close()
+        a.unlock()
+        #expect(try b.takeOver(waitingUpTo: 5) == [])
+        try poolA.writeFull("a-still-works", [4])
+        #expect(try b.openFile("journal", create: false).read(3, at: 0) == [1, 2, 3])
+        b.unlock()
+    }
+
+    /// A server that stops renewing (hung, cut off) loses its volume: after the lock expires the
+    /// other server takes it over and blocklists the old one, whose writes then fail in the OSD;
+    /// the old server's own directory refuses to commit.
+    @Test func takeoverAfterExpiryFencesTheOldOwner() throws {
+        let hostA = try cluster.connect(timeoutSeconds: 10), hostB = try cluster.connect()
+        let poolA = try cluster.freshPool(hostA, prefix: "fence")
+        let poolB = try hostB.openPool("vbd", namespace: poolA.namespace)
+        let a = RadosDirectory(pool: poolA, stripeBytes: 4096, lockDurationSeconds: 3)
+        let b = RadosDirectory(pool: poolB, stripeBytes: 4096, lockDurationSeconds: 3)
+        try a.lockExclusive()
+        let fileA = try a.openFile("journal", create: true)
+        try fileA.write(pattern(seed: 8, count: 100), at: 0)
+        try fileA.sync()
+        try poolA.writeFull("probe", [1])  // the old owner can write before the takeover
+
+        // A live owner keeps its volume: B gives up after waiting longer than the lock lasts
+        // without renewal, so A's background renewals are what kept it.
+        #expect(throws: StorageError.self) { try b.takeOver(waitingUpTo: 4) }
+        #expect(a.lockLostReason == nil)
+
+        a.lockKeeper!.stop()  // A hangs: no more renewals
+        let fenced = try b.takeOver(waitingUpTo: 15)
+        #expect(fenced.contains { RadosLock.sameClient($0, (try? hostA.clientAddress()) ?? "") })
+
+        // The OSD refuses A's writes (EBLOCKLISTED = ESHUTDOWN), not only A's own bookkeeping. B's
+        // operation on the object first carries the new map's epoch to its placement group.
+        #expect(try poolB.readAll("probe") == [1])
+        let refused = #expect(throws: RadosError.self) { try poolA.writeFull("probe", [2]) }
+        #expect(refused?.code == RadosError.blocklisted)
+        #expect(try poolB.readAll("probe") == [1])
+        #expect(throws: StorageError.self) { try fileA.write([9], at: 0) }
+        #expect(a.lockLostReason != nil)
+
+        // B owns the volume and sees A's synced bytes.
+        let fileB = try b.openFile("journal", create: false)
+        #expect(try fileB.read(100, at: 0) == pattern(seed: 8, count: 100))
+        try fileB.write([7], at: 100)
+        try fileB.sync()
+        b.unlock()
+    }
+
+    /// An owner whose lock was broken learns it at its next renewal and stops committing.
+    @Test func brokenLockIsReportedAndStopsCommits() throws {
+        let hostA = try cluster.connect(timeoutSeconds: 10), hostB = try cluster.connect()
+        let poolA = try cluster.freshPool(hostA, prefix: "broken")
+        let a = RadosDirectory(pool: poolA, stripeBytes: 4096, lockDurationSeconds: 30)
+        let b = RadosDirectory(pool: try hostB.openPool("vbd", namespace: poolA.namespace), stripeBytes: 4096, lockDurationSeconds: 30)
+        try a.lockExclusive()
+        let fileA = try a.openFile("meta", create: true)
+        try fileA.write([1, 2, 3], at: 0)
+        try fileA.sync()
+
+        // The operator declares A dead: B breaks the lock at once (fencing A first).
+        let fenced = try b.takeOver(waitingUpTo: 5, force: true)
+        #expect(fenced.count == 1)
+        #expect(a.lockLostReason == nil)  // A has not noticed yet
+        a.lockKeeper!.renewNow()
+        #expect(a.lockLostReason != nil)
+        let refusal = #expect(throws: StorageError.self) { try fileA.sync() }
+        if case .locked = refusal {} else { Issue.record("sync after losing the lock: \(String(describing: refusal))") }
+        #expect(throws: StorageError.self) { try a.openFile("other", create: true) }
+        b.unlock()
+    }
+
+    /// The cluster stops answering while a server owns a volume: the loss is reported when the
+    /// lock's time runs out (not when the blocked renewal times out, much later), and from then on
+    /// the directory refuses to commit. On a cluster of its own, whose OSD the test kills.
+    @Test func unreachableClusterIsReportedWhenTheLockRunsOut() throws {
+        let doomed = try MicroCluster.startPrivate()
+        defer { doomed.stop() }
+        // Operations time out only after twice the lock's duration: the report must come first.
+        let connection = try doomed.connect(timeoutSeconds: 4)
+        let pool = try doomed.freshPool(connection, prefix: "unreachable")
+        let lost = DispatchSemaphore(value: 0)
+        let reason = Mutex<String?>(nil)
+        let directory = RadosDirectory(pool: pool, stripeBytes: 4096, lockDurationSeconds: 2, onLockLost: { why in
+            reason.withLock { $0 = why }
+            lost.signal()
+        })
+        try directory.lockExclusive()
+        let file = try directory.openFile("journal", create: true)
+        try file.write([1], at: 0)
+        try file.sync()
+
+        try doomed.killOSD()
+        // The bound only turns a missing report into a failure; the report itself is the event.
+        #expect(lost.wait(timeout: .now() + 30) == .success)
+        #expect(reason.withLock { $0 }?.contains("no renewal") == true)
+        let refusal = #expect(throws: StorageError.self) { try file.write([2], at: 1) }
+        if case .locked = refusal {} else { Issue.record("write after the loss: \(String(describing: refusal))") }
+        directory.unlock()
+    }
+}
