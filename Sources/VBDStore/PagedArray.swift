@@ -148,16 +148,7 @@ struct PagedArray<Element: PagedArrayElement>: Equatable {
     /// Calls `body` with each present leaf's first index and the leaf, in index order, for fsck and
     /// for bulk scans; absent leaves (all zero) are skipped.
     func forEachLeaf(pager: MetadataPager, _ body: (UInt64, Leaf) throws -> Void) throws {
-        func visit(_ page: PageNumber, level: Int, base: UInt64) throws {
-            guard page != .none else { return }
-            if level == 1 { try body(base, try pager.read(page, as: Leaf.self)); return }
-            let span = Self.capacity(levels: level - 1)
-            let node = try pager.read(page, as: ArrayInteriorPage.self)
-            for (k, child) in node.children.enumerated() where child != .none {
-                try visit(child, level: level - 1, base: base + UInt64(k) * span)
-            }
-        }
-        try visit(root, level: levels, base: 0)
+        try forEachLeaf(in: 0..<UInt64.max, pager: pager, body)
     }
 
     /// `forEachLeaf` for the leaves holding indices in `range` only (whole leaves: a leaf that
@@ -171,7 +162,8 @@ struct PagedArray<Element: PagedArrayElement>: Equatable {
             for (k, child) in node.children.enumerated() where child != .none {
                 let childBase = base + UInt64(k) * span
                 guard childBase < range.upperBound else { break }
-                if childBase + span <= range.lowerBound { continue }
+                let (childEnd, overflow) = childBase.addingReportingOverflow(span)
+                if !overflow && childEnd <= range.lowerBound { continue }
                 try visit(child, level: level - 1, base: childBase)
             }
         }
