@@ -70,6 +70,7 @@ fio_job fill --rw=write --bs=1M --iodepth=8 --size="$bytes" >"$work/fill.json"
 t1=$(now)
 "$vbdtool" gc --store "$store" >/dev/null
 t2=$(now)
+[ -z "${TRACE_OUT:-}" ] || cp "$work/server.err" "$TRACE_OUT.fill"   # TRACE_OUT=F keeps the traces
 : >"$work/server.err"   # the lock summary below covers the stall runs, not the fill
 printf 'fill: %.1f s (%.0f MiB/s), first gc (commit of the fill): %.2f s\n' \
     "$(echo "$t1 - $t0" | bc)" "$(echo "$bytes / 1048576 / ($t1 - $t0)" | bc -l)" "$(echo "$t2 - $t1" | bc)"
@@ -127,6 +128,7 @@ for line in open(sys.argv[1], errors="replace"):
 for kind, (wall, cpu, n, site) in sorted(worst.items()):
     print("store lock, %-6s holds of 1 ms or more during the stall runs: %5d, longest %.1f ms wall (%s), longest on the CPU %.1f ms" % (kind, n, wall, site, cpu))
 PY
+[ -z "${TRACE_OUT:-}" ] || cp "$work/server.err" "$TRACE_OUT"
 : >"$work/server.err"
 rss=$(awk '/VmHWM/ {print $2 " " $3}' "/proc/$server/status")
 stop

@@ -26,7 +26,7 @@ public enum Limits {
     /// Changed metadata pages that start a commit whatever the cache's size: the part of a
     /// commit done under the store lock visits each changed page, so this bounds the stall a
     /// commit causes (Benchmarks/README.md, "Issue 15").
-    public static let commitDirtyPagesMax = 8192
+    public static let commitDirtyPagesMax = 4096
     /// Shortest run of freed data-file pages a flush hole-punches. Scattered frees (overwrites)
     /// stay allocated: a new chunk written there lands on a page the page cache still holds,
     /// where a punched page costs a fresh, zeroed page and a block allocation on the next write

@@ -1,3 +1,4 @@
+import Foundation
 import VBDCache
 import VBDCore
 
@@ -416,6 +417,15 @@ extension Store {
                 return punches
             }
             finishCommitUnlocked(prepared, punches: punches)
+            if StoreMutex.traceThresholdNanos != nil {
+                let figures = mutex.withLock {
+                    "pages \(prepared.batch.pages.count), frees \(prepared.frees.count), punches \(punches.count), " +
+                    "cache \(pager.residentBytes >> 20) MiB in \(pager.cachedPageCount) pages, bitmap \(space.bitmapBytes >> 20) MiB"
+                }
+                let statm = (try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8)) ?? ""
+                let rss = (statm.split(separator: " ").dropFirst().first.flatMap { UInt64($0) } ?? 0) * 4096
+                FileHandle.standardError.write(Data("vbd commit trace: generation \(prepared.generation): \(figures), process RSS \(rss >> 20) MiB\n".utf8))
+            }
         }
     }
 
@@ -583,6 +593,7 @@ extension Store {
         pager.finishCommit(prepared.batch)
         mutex.traceStep("finish-commit")
         fallbackRoot = nil
+        defer { mutex.traceStep("release-frees") }
         return space.releaseReservingPunches(prepared.frees, punchRunBytesMin: options.holePunchRunBytesMin,
                                              unpunchedFreeBytesMax: options.unpunchedFreeBytesMax)
     }
