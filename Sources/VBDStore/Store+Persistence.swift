@@ -1,5 +1,7 @@
-import Foundation
 import VBDCache
+#if canImport(Glibc)
+import Glibc
+#endif
 import VBDCore
 
 // MARK: - Records: one code path for live changes and for replay
@@ -422,9 +424,9 @@ extension Store {
                     "pages \(prepared.batch.pages.count), frees \(prepared.frees.count), punches \(punches.count), " +
                     "cache \(pager.residentBytes >> 20) MiB in \(pager.cachedPageCount) pages, bitmap \(space.bitmapBytes >> 20) MiB"
                 }
-                let statm = (try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8)) ?? ""
-                let rss = (statm.split(separator: " ").dropFirst().first.flatMap { UInt64($0) } ?? 0) * 4096
-                FileHandle.standardError.write(Data("vbd commit trace: generation \(prepared.generation): \(figures), process RSS \(rss >> 20) MiB\n".utf8))
+                var usage = rusage()
+                getrusage(RUSAGE_SELF.rawValue, &usage)
+                StoreMutex.writeToStandardError("vbd commit trace: generation \(prepared.generation): \(figures), process peak RSS \(usage.ru_maxrss >> 10) MiB\n")
             }
         }
     }

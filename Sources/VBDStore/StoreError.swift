@@ -1,5 +1,3 @@
-import Dispatch
-import Foundation
 import Synchronization
 import VBDCache
 import VBDCore
@@ -88,18 +86,35 @@ final class StoreMutex: @unchecked Sendable {
     /// `VBD_LOCK_TRACE_MS=N` in the environment: every hold of a traced mutex (the store's
     /// `mutex`) longer than N ms is printed to stderr with the place that took it (how the commit
     /// stalls of issue 15 were found; docs/TESTING.md).
-    static let traceThresholdNanos: UInt64? = ProcessInfo.processInfo.environment["VBD_LOCK_TRACE_MS"]
-        .flatMap(Double.init).map { UInt64($0 * 1_000_000) }
+    /// (Read with getenv, not Foundation: the store links into the static guest tools.)
+    static let traceThresholdNanos: UInt64? = getenv("VBD_LOCK_TRACE_MS")
+        .flatMap { Double(String(cString: $0)) }.map { UInt64($0 * 1_000_000) }
+
+    /// Nanoseconds of `clock`.
+    static func nanos(_ clock: clockid_t) -> UInt64 {
+        var t = timespec()
+        clock_gettime(clock, &t)
+        return UInt64(t.tv_sec) * 1_000_000_000 + UInt64(t.tv_nsec)
+    }
+
+    /// One line of a trace to file descriptor 2.
+    static func writeToStandardError(_ line: String) {
+        var line = line
+        line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+    }
+
+    /// Milliseconds with two decimals (no Foundation formatting here).
+    static func milliseconds(_ nanos: UInt64) -> String {
+        let hundredths = nanos / 10_000
+        let fraction = hundredths % 100
+        return "\(hundredths / 100).\(fraction < 10 ? "0" : "")\(fraction)"
+    }
     /// Where and when the holder took the lock, when tracing. Written only by the holder.
     private var tracedSite: (file: StaticString, line: UInt, since: UInt64, cpuSince: UInt64) = ("", 0, 0, 0)
 
     /// CPU time of the calling thread: a hold's wall time minus this is time the holder waited
     /// (for the CPU, the disk or a page fault).
-    private static var threadCPUNanos: UInt64 {
-        var t = timespec()
-        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t)
-        return UInt64(t.tv_sec) * 1_000_000_000 + UInt64(t.tv_nsec)
-    }
+    private static var threadCPUNanos: UInt64 { nanos(CLOCK_THREAD_CPUTIME_ID) }
 
     private let traced: Bool
 
@@ -114,28 +129,28 @@ final class StoreMutex: @unchecked Sendable {
 
     @inline(__always) private func traceAcquired(_ file: StaticString, _ line: UInt) {
         if traced {
-            tracedSite = (file, line, DispatchTime.now().uptimeNanoseconds, Self.threadCPUNanos)
+            tracedSite = (file, line, Self.nanos(CLOCK_MONOTONIC), Self.threadCPUNanos)
             tracedSteps.removeAll(keepingCapacity: true)
         }
     }
 
     /// Marks the end of a step of a long hold; a traced hold over the threshold prints each step's share.
     @inline(__always) func traceStep(_ name: StaticString) {
-        if traced { tracedSteps.append((name, DispatchTime.now().uptimeNanoseconds)) }
+        if traced { tracedSteps.append((name, Self.nanos(CLOCK_MONOTONIC))) }
     }
 
     @inline(__always) private func traceReleasing() {
         guard traced, let threshold = Self.traceThresholdNanos else { return }
-        let held = DispatchTime.now().uptimeNanoseconds - tracedSite.since
+        let held = Self.nanos(CLOCK_MONOTONIC) - tracedSite.since
         if held > threshold {
             var since = tracedSite.since
             var steps = ""
             for step in tracedSteps {
-                steps += " \(step.name) \(String(format: "%.2f", Double(step.at - since) / 1e6))"
+                steps += " \(step.name) \(Self.milliseconds(step.at - since))"
                 since = step.at
             }
             let cpu = Self.threadCPUNanos - tracedSite.cpuSince
-            FileHandle.standardError.write(Data("vbd lock trace: held \(String(format: "%.2f", Double(held) / 1e6)) ms (\(String(format: "%.2f", Double(cpu) / 1e6)) ms on the CPU), taken at \(tracedSite.file):\(tracedSite.line)\(steps)\n".utf8))
+            Self.writeToStandardError("vbd lock trace: held \(Self.milliseconds(held)) ms (\(Self.milliseconds(cpu)) ms on the CPU), taken at \(tracedSite.file):\(tracedSite.line)\(steps)\n")
         }
     }
     deinit { pthread_mutex_destroy(m); m.deallocate() }
