@@ -155,16 +155,18 @@ extension Store {
 extension Store {
     /// Makes every write completed before this call durable (NBD FLUSH; FUA).
     public func flush() throws {
-        try flushMutex.withLock {
-            try flushLocked()
-            if spaceReserveInUse.load(ordering: .relaxed) { refillSpaceReserve() }
-        }
-        try checkpointIfJournalLarge()
+        flushMutex.lock()
+        try flushAndUnlock()
     }
 
     /// `flush()`, unless another thread is flushing or committing (which then covers the need).
     func flushUnlessOneIsUnderWay() throws {
         guard flushMutex.tryLock() else { return }
+        try flushAndUnlock()
+    }
+
+    /// With `flushMutex` taken by the caller: the flush, the lock's release, then a commit if due.
+    private func flushAndUnlock() throws {
         do {
             defer { flushMutex.unlock() }
             try flushLocked()
