@@ -329,6 +329,10 @@ final class MetadataPager {
         var frozen = false
         /// CLOCK's second chance.
         var referenced = true
+        /// What `residentBytes` counts for this frame: its object's size when it was last
+        /// measured (inserted, copied, or taken by a commit). Objects change size in place (a
+        /// dedup bucket grows), so a drop subtracts what was added, never a fresh measure.
+        var chargedBytes = 0
         init(object: any MetadataPageObject, kind: PageKind, dirty: Bool) {
             self.object = object
             self.kind = kind
@@ -396,7 +400,7 @@ final class MetadataPager {
         precondition(frames[page] == nil, "\(page) cached twice")
         frames[page] = frame
         clock.append(page)
-        residentBytes += frame.object.residentBytes
+        recharge(frame)
         if frame.dirty { noteDirtied(page, frame) }
         // Evicting here is safe: only clean pages go, and nothing changes a page it did not get
         // from `writable` (which makes it dirty). Amortized: after a trim that could not reach the
@@ -406,10 +410,20 @@ final class MetadataPager {
 
     private func dropFrame(_ page: PageNumber) {
         if let frame = frames.removeValue(forKey: page) {
-            residentBytes -= frame.object.residentBytes
+            residentBytes -= frame.chargedBytes
             if frame.dirty { dirtyFrames -= 1 }
             frame.dirty = false   // gone: `beginCommit` skips its `dirtiedPages` entry
         }
+    }
+
+    /// What a cached page costs beyond its object: the frame, its dictionary slot and ring entry.
+    static let frameOverheadBytes = 96
+
+    /// Measures `frame`'s object again and moves `residentBytes` by the difference.
+    private func recharge(_ frame: Frame) {
+        let bytes = frame.object.residentBytes + Self.frameOverheadBytes
+        residentBytes += bytes - frame.chargedBytes
+        frame.chargedBytes = bytes
     }
 
     /// Pages changed since the last commit began.
@@ -479,10 +493,9 @@ final class MetadataPager {
     private func makeWritable<T: MetadataPageObject>(_ page: PageNumber, as: T.Type) -> T {
         let frame = frames[page]!
         if frame.frozen {
-            let copy = (frame.object as! T).copy()
-            residentBytes += copy.residentBytes - frame.object.residentBytes
-            frame.object = copy
+            frame.object = (frame.object as! T).copy()
             frame.frozen = false
+            recharge(frame)
         }
         if !frame.dirty { noteDirtied(page, frame) }
         frame.dirty = true
@@ -557,6 +570,12 @@ final class MetadataPager {
     }
 
     var cachedPageCount: Int { frames.count }
+
+    /// Every cached frame measured now (tests compare it with `residentBytes`, which dirty pages
+    /// that grew since they were charged may trail until the next commit takes them).
+    var measuredResidentBytes: Int {
+        frames.values.reduce(0) { $0 + $1.object.residentBytes + Self.frameOverheadBytes }
+    }
 
     // MARK: Page table
 
@@ -780,6 +799,7 @@ final class MetadataPager {
                                     frame: frame, previousVersion: previous))
             frame.dirty = false
             frame.frozen = true
+            recharge(frame)   // its final size: changes since it was charged are in it now
         }
         func commitStructural(_ page: PageNumber, version: PageVersion, level: Int) -> PageVersion {
             guard let frame = frames[page], frame.dirty else { return version }
@@ -795,6 +815,7 @@ final class MetadataPager {
                                     frame: frame, previousVersion: version))
             frame.dirty = false
             frame.frozen = true
+            recharge(frame)
             return next
         }
         root.version = commitStructural(root.page, version: root.version, level: root.levels)

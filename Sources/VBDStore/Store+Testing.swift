@@ -15,6 +15,9 @@ extension Store {
         mutex.withLock { pager.residentBytes + space.bitmapBytes }
     }
 
+    /// What the metadata cache's pages hold, measured page by page now.
+    public var metadataCacheMeasuredBytes: Int { mutex.withLock { pager.measuredResidentBytes } }
+
     public var uniqueChunkCount: Int { mutex.withLock { Int(chunks.liveCount) } }
 
     /// Bytes the data file occupies on disk (what `du` reports, holes excluded) is measured by the

@@ -45,15 +45,19 @@ extension Store {
     /// Map blocks (or chunk records) `usage` visits per hold of the store lock: a few
     /// milliseconds at most, so that a metrics scrape of a large store never stalls I/O for long.
     static let usageElementsPerHold: UInt64 = 1 << 15
+    /// Chunk numbers one pass of `usage` counts holders for: its two arrays take 8 bytes per
+    /// chunk number (32 MiB), whatever the store's size; a store with more chunks takes more passes.
+    static let usageChunksPerPass: UInt64 = 1 << 22
 
-    /// Walks every image's map once, a window of blocks per hold of the store lock. The cost
-    /// follows the allocated blocks of all images, so this is an operator command (and a metrics
-    /// refresh), not a hot path; the figures are as of the walk, not of one instant (an image
-    /// deleted during it is left out, writes during it are counted where the walk finds them).
+    /// Walks every image's map, a window of blocks per hold of the store lock, twice per range of
+    /// chunk numbers. The cost follows the allocated blocks of all images, so this is an operator
+    /// command (and a metrics refresh), not a hot path; the figures are as of the walk, not of one
+    /// instant (an image deleted during it is left out, writes during it are counted where the
+    /// walk finds them).
     public func usage() throws -> StoreUsage { try usage(elementsPerHold: Self.usageElementsPerHold) }
 
-    /// `usage()` with another window (tests walk tiny windows to cross many holds).
-    func usage(elementsPerHold window: UInt64) throws -> StoreUsage {
+    /// `usage()` with other windows (tests walk tiny ones to cross many holds and passes).
+    func usage(elementsPerHold window: UInt64, chunksPerPass: UInt64 = Store.usageChunksPerPass) throws -> StoreUsage {
         let ids: [UInt64] = mutex.withLock {
             images.values.sorted { fullNameLocked($0.record) < fullNameLocked($1.record) }.map(\.record.id)
         }
@@ -71,79 +75,94 @@ extension Store {
                 if !more { return }
             }
         }
-        var holders: [UInt64: (refs: UInt32, firstImage: UInt64, images: UInt8)] = [:]
-        // Pass 1: who holds each chunk.
-        for id in ids {
-            try forEachWindow(of: id) { image, start, count in
-                try image.root.walk(start: start, count: count, pager: pager, chunkShared: { _, _ in false }) { _, _, chunk, _ in
-                    guard chunk != 0, chunk < zeroAllocatedChunk else { return true }
-                    if var h = holders[chunk] {
-                        h.refs += 1
-                        if h.firstImage != id { h.images = 2 }
-                        holders[chunk] = h
-                    } else {
-                        holders[chunk] = (1, id, 1)
-                    }
-                    return true
-                }
-            }
+        var figures: [ImageUsage?] = mutex.withLock {
+            ids.map { id in images[id].map { ImageUsage(name: fullNameLocked($0.record), logicalBytes: $0.record.size) } }
         }
-        // Pass 2: per image figures.
         var total = StoreUsage()
-        for id in ids {
-            var u: ImageUsage?
-            var seenExclusive = Set<UInt64>()
-            try forEachWindow(of: id) { image, start, count in
-                if u == nil { u = ImageUsage(name: fullNameLocked(image.record), logicalBytes: image.record.size) }
-                let bs = UInt64(image.record.blockSize)
-                var failure: (any Error)?
-                try image.root.walk(start: start, count: count, pager: pager, chunkShared: { _, _ in false }) { block, _, chunk, _ in
-                    guard chunk != 0, chunk < zeroAllocatedChunk, let h = holders[chunk] else { return true }
-                    let bytes = min(bs, image.record.size - block * bs)
-                    u!.allocatedBytes += bytes
-                    let sectorCount: Int
-                    do { sectorCount = try chunks.entry(chunk, pager: pager).sectorCount } catch {
-                        failure = error
-                        return false
+        // Per chunk number of the pass: the blocks that hold it, and the one image holding it
+        // (index + 1), or `manyImages`.
+        let manyImages = UInt32.max
+        var holders: [UInt32] = []
+        var holderImage: [UInt32] = []
+        var first: UInt64 = 1
+        while true {
+            let end = mutex.withLock { chunks.end }
+            guard first < end else { break }
+            let count = Int(min(chunksPerPass, end - first))
+            let range = first..<(first + UInt64(count))
+            holders = Array(repeating: 0, count: count)
+            holderImage = Array(repeating: 0, count: count)
+            // Who holds each chunk of the range.
+            for (index, id) in ids.enumerated() where figures[index] != nil {
+                let me = UInt32(index + 1)
+                try forEachWindow(of: id) { image, start, blocks in
+                    try image.root.walk(start: start, count: blocks, pager: pager, chunkShared: { _, _ in false }) { _, _, chunk, _ in
+                        guard range.contains(chunk) else { return true }
+                        let k = Int(chunk - range.lowerBound)
+                        if holders[k] < UInt32.max { holders[k] += 1 }
+                        holderImage[k] = holderImage[k] == 0 || holderImage[k] == me ? me : manyImages
+                        return true
                     }
-                    let stored = UInt64(sectorCount * Limits.sectorBytes)
-                    if h.refs == 1 {
-                        u!.uniqueBytes += bytes
-                    } else {
-                        u!.sharedBytes += bytes
-                    }
-                    if h.images == 1 && seenExclusive.insert(chunk).inserted { u!.exclusiveStoredBytes += stored }
-                    u!.fairStoredBytes += Double(stored) / Double(h.refs)
-                    return true
                 }
-                if let failure { throw failure }
             }
-            // An image deleted before its first window is left out; an empty one still counts.
-            if u == nil {
-                u = mutex.withLock { images[id].map { ImageUsage(name: fullNameLocked($0.record), logicalBytes: $0.record.size) } }
+            // Per image figures of the blocks holding a chunk of the range.
+            for (index, id) in ids.enumerated() where figures[index] != nil {
+                try forEachWindow(of: id) { image, start, blocks in
+                    let bs = UInt64(image.record.blockSize)
+                    var failure: (any Error)?
+                    try image.root.walk(start: start, count: blocks, pager: pager, chunkShared: { _, _ in false }) { block, _, chunk, _ in
+                        guard range.contains(chunk) else { return true }
+                        let k = Int(chunk - range.lowerBound)
+                        guard holders[k] > 0 else { return true }   // stored after the first walk passed
+                        let bytes = min(bs, image.record.size - block * bs)
+                        let sectorCount: Int
+                        do { sectorCount = try chunks.entry(chunk, pager: pager).sectorCount } catch {
+                            failure = error
+                            return false
+                        }
+                        figures[index]!.allocatedBytes += bytes
+                        if holders[k] == 1 {
+                            figures[index]!.uniqueBytes += bytes
+                        } else {
+                            figures[index]!.sharedBytes += bytes
+                        }
+                        figures[index]!.fairStoredBytes += Double(sectorCount * Limits.sectorBytes) / Double(holders[k])
+                        return true
+                    }
+                    if let failure { throw failure }
+                }
             }
-            guard let u else { continue }
+            // The chunk table's records of the range, a run of leaves per hold: store-wide
+            // figures, and the chunks only one image holds.
+            let leafElements = UInt64(PagedArray<ChunkRecord>.Leaf.capacity)
+            let recordsPerHold = max(leafElements, window / leafElements * leafElements)
+            var next = range.lowerBound / leafElements * leafElements
+            while next < range.upperBound {
+                try mutex.withLock {
+                    try chunks.records.forEachLeaf(in: next..<min(next + recordsPerHold, range.upperBound), pager: pager) { leafFirst, leaf in
+                        for (i, r) in leaf.elements.enumerated() where r.entry.isInstalled {
+                            let chunk = leafFirst + UInt64(i)
+                            guard range.contains(chunk) else { continue }
+                            let stored = UInt64(r.entry.sectorCount * Limits.sectorBytes)
+                            total.uniqueChunks += 1
+                            total.storedBytes += stored
+                            total.chunkRawBytes += UInt64(r.entry.rawBytes)
+                            let image = holderImage[Int(chunk - range.lowerBound)]
+                            if image != 0 && image != manyImages { figures[Int(image) - 1]?.exclusiveStoredBytes += stored }
+                        }
+                    }
+                }
+                next += recordsPerHold
+            }
+            first = range.upperBound
+        }
+        holders = []
+        holderImage = []
+        for (index, id) in ids.enumerated() {
+            // An image deleted during the walk is left out.
+            guard let u = figures[index], mutex.withLock({ images[id] != nil }) else { continue }
             total.logicalAllocatedBytes += u.allocatedBytes
             total.images.append(u)
-        }
-        // The chunk table, a range of records per hold.
-        let leafElements = UInt64(PagedArray<ChunkRecord>.Leaf.capacity)
-        let recordsPerHold = max(leafElements, window / leafElements * leafElements)
-        var first: UInt64 = 0
-        while true {
-            let more: Bool = try mutex.withLock {
-                try chunks.records.forEachLeaf(in: first..<(first + recordsPerHold), pager: pager) { _, leaf in
-                    for r in leaf.elements where r.entry.isInstalled {
-                        total.uniqueChunks += 1
-                        total.storedBytes += UInt64(r.entry.sectorCount * Limits.sectorBytes)
-                        total.chunkRawBytes += UInt64(r.entry.rawBytes)
-                    }
-                }
-                first += recordsPerHold
-                return first < PagedArray<ChunkRecord>.capacity(levels: chunks.records.levels)
-                    && chunks.records.root != .none
-            }
-            if !more { break }
         }
         total.dataFileBytes = (try? dataFile.size()) ?? 0
         total.indexMemoryBytes = mutex.withLock { pager.residentBytes + space.bitmapBytes }

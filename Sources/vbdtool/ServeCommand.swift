@@ -226,7 +226,6 @@ struct ServeCommand: AsyncParsableCommand {
         // Before anything can announce "serving": a SIGTERM sent the moment a supervisor sees that
         // line must stop the server cleanly, not kill it with the default action.
         let stopSignals = SignalWaiter(for: [SIGINT, SIGTERM])
-        Self.tuneAllocator()
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)

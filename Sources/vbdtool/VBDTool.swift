@@ -14,7 +14,6 @@ import Glibc
 ///
 /// Exit status: 0 success; 1 the command failed (message on stderr; with --json a JSON object
 /// with `code` and `message`); 2 `fsck` found problems; 64 bad usage (unknown option, bad size).
-@main
 struct VBDTool: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vbdtool",

@@ -253,6 +253,32 @@ private func blob(_ seed: UInt64, _ n: Int = 100) -> [UInt8] {
         #expect(h.pager.evictions > 400)
     }
 
+    /// Pages change size in place (a dedup bucket grows, a blob is rewritten): the cache's count
+    /// follows what each page holds once a commit takes it, and an eviction takes off what was
+    /// counted, so the count neither drifts below what the cache holds nor lets it pass its budget.
+    @Test func theCacheCountsPagesThatGrewInPlace() throws {
+        let budget = 256 << 10
+        let h = try PagerHarness(seed: 11, budget: 64 << 20)
+        var pages: [PageNumber] = []
+        for k in 0..<400 as Range<UInt64> { pages.append(try h.pager.allocate(BlobPage(bytes: blob(k, 8)))) }
+        try h.commit()
+        #expect(h.pager.residentBytes == h.pager.measuredResidentBytes)
+        for (k, p) in pages.enumerated() { try h.pager.writable(p, as: BlobPage.self).bytes = blob(UInt64(k), 3000) }
+        try h.commit()
+        #expect(h.pager.residentBytes == h.pager.measuredResidentBytes)
+        #expect(h.pager.residentBytes > 400 * 3000)
+        h.pager.budgetBytes = budget
+        while !h.pager.trim() {}
+        #expect(h.pager.residentBytes == h.pager.measuredResidentBytes)
+        #expect(h.pager.measuredResidentBytes <= budget)
+        for (k, p) in pages.enumerated() {
+            #expect(try h.pager.read(p, as: BlobPage.self).bytes == blob(UInt64(k), 3000))
+        }
+        h.pager.trim()
+        #expect(h.pager.residentBytes == h.pager.measuredResidentBytes)
+        #expect(h.pager.measuredResidentBytes <= budget + 4096 + MetadataPager.frameOverheadBytes)
+    }
+
     /// A commit visits the pages that changed, each once, whatever else is cached: pages changed
     /// twice, freed after changing, or new since the last commit.
     @Test func aCommitTakesEachChangedPageOnceAmongManyCleanOnes() throws {
