@@ -4,32 +4,6 @@ import VBDCore
 import VBDSimulation
 @testable import VBDStore
 
-/// Runs `action` once, on the calling thread, when a store lock is released for the `n`-th time
-/// after `arm(after:_:)`: a chosen point between two phases of a write.
-final class RunAtUnlock: InterleavingScheduler, @unchecked Sendable {
-    private var action: (() -> Void)?
-    private var remaining = 0
-    private var running = false
-
-    func arm(after releases: Int, _ action: @escaping () -> Void) {
-        remaining = releases
-        self.action = action
-    }
-
-    func acquire(_ lock: ObjectIdentifier) {}
-    func tryAcquire(_ lock: ObjectIdentifier) -> Bool? { nil }
-    func yield() {}
-    func release(_ lock: ObjectIdentifier) {
-        guard !running, action != nil else { return }
-        remaining -= 1
-        guard remaining == 0, let action else { return }
-        self.action = nil
-        running = true
-        action()
-        running = false
-    }
-}
-
 /// Phase F of a write probes the dedup index again only for contents another write claimed while
 /// it was in flight (`Store.newContentInFlight`). Two writes of one new content that overlap must
 /// still end as one chunk, whichever publishes first.

@@ -4,32 +4,12 @@ import VBDCore
 import VBDSimulation
 @testable import VBDStore
 
-/// Runs `action` once, on the calling thread, the next time a store lock is released after
-/// `arm()`: the exact moment a reader has copied its chunk numbers out and let go of `mutex`.
-final class RunAtNextUnlock: InterleavingScheduler, @unchecked Sendable {
-    private var action: (() -> Void)?
-    private var running = false
-
-    func arm(_ action: @escaping () -> Void) { self.action = action }
-
-    func acquire(_ lock: ObjectIdentifier) {}
-    func tryAcquire(_ lock: ObjectIdentifier) -> Bool? { nil }
-    func yield() {}
-    func release(_ lock: ObjectIdentifier) {
-        guard !running, let action else { return }
-        self.action = nil
-        running = true
-        action()
-        running = false
-    }
-}
-
 /// Item 1 of issue 12: a chunk number freed and reused while a reader still holds it must end as
 /// a retry or a correct read, never as another volume's bytes.
 @Suite struct StaleReaderTests {
     struct Fixture {
         let store: Store
-        let hook = RunAtNextUnlock()
+        let hook = RunAtUnlock()
         let t: VolumeDevice
         let w: VolumeDevice
 

@@ -70,3 +70,30 @@ func damageCommittedRoot(_ disk: SimulatedDisk, generation: UInt64) throws {
     let page = PageNumber(u64(28)), version = PageVersion(packed: u64(36))
     disk.flipByte(file: "meta", at: Int(MetadataPageFile.slotOffset(page, slot: version.slot)) + 100)
 }
+
+/// Runs `action` once, on the calling thread, when a store lock is released for the `n`-th time
+/// after `arm(after:_:)` (the next time by default): a chosen point between two phases of a
+/// write, or the moment a reader has copied its chunk numbers out and let go of `mutex`.
+final class RunAtUnlock: InterleavingScheduler, @unchecked Sendable {
+    private var action: (() -> Void)?
+    private var remaining = 0
+    private var running = false
+
+    func arm(after releases: Int = 1, _ action: @escaping () -> Void) {
+        remaining = releases
+        self.action = action
+    }
+
+    func acquire(_ lock: ObjectIdentifier) {}
+    func tryAcquire(_ lock: ObjectIdentifier) -> Bool? { nil }
+    func yield() {}
+    func release(_ lock: ObjectIdentifier) {
+        guard !running, action != nil else { return }
+        remaining -= 1
+        guard remaining == 0, let action else { return }
+        self.action = nil
+        running = true
+        action()
+        running = false
+    }
+}
