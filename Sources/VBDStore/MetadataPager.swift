@@ -111,6 +111,20 @@ struct PageVersion: Equatable, CustomStringConvertible {
     var description: String { isWritten ? "slot \(slot) of generation \(generation)" : "never written" }
 }
 
+/// A content page a probe needed and the cache did not hold (`MetadataPager.missesThrow`).
+struct PageMiss: Error, @unchecked Sendable {
+    var page: PageNumber
+    var version: PageVersion
+    var kind: PageKind
+    /// Decodes the page's payload into its object type.
+    var decode: (UnsafeRawBufferPointer) throws(PageDecodingError) -> any MetadataPageObject
+
+    /// Reads and decodes the page; touches no pager state.
+    func read(from file: any StorageFile) throws -> any MetadataPageObject {
+        try MetadataPager.readPage(page, version: version, kind: kind, from: file, decode: decode)
+    }
+}
+
 /// A decoded metadata page held by the cache.
 protocol MetadataPageObject: AnyObject {
     static var kind: PageKind { get }
@@ -369,6 +383,8 @@ final class MetadataPager {
 
     /// Loads from disk and evictions, for metrics and benchmarks.
     private(set) var reads = 0
+    /// Of `reads`, the pages read by a probe's caller without the store lock (`adopt`).
+    private(set) var readsOutsideLock = 0
     private(set) var evictions = 0
 
     /// The pager of an existing `meta` whose committed root (from the superblock) was written by
@@ -446,8 +462,16 @@ final class MetadataPager {
 
     /// Reads `version` of `page` from its slot, checks it, decodes it.
     private func load<T: MetadataPageObject>(_ page: PageNumber, version: PageVersion, as: T.Type) throws -> T {
+        reads += 1
+        return try Self.readPage(page, version: version, kind: T.kind, from: file) { b throws(PageDecodingError) in try T(decoding: b) } as! T
+    }
+
+    /// One page read from `file`, checked and decoded: no pager state, so it runs without the
+    /// store lock (`PageMiss`).
+    static func readPage(_ page: PageNumber, version: PageVersion, kind: PageKind, from file: any StorageFile,
+                         decode: (UnsafeRawBufferPointer) throws(PageDecodingError) -> any MetadataPageObject) throws -> any MetadataPageObject {
         guard version.isWritten else {
-            throw StoreError.corrupted("\(page) (\(T.kind)) is in use but was never written")
+            throw StoreError.corrupted("\(page) (\(kind)) is in use but was never written")
         }
         var slot = [UInt8](repeating: 0, count: MetadataPageFile.pageBytes)
         var failure: StorageError?
@@ -456,23 +480,50 @@ final class MetadataPager {
                 try file.readExactly(into: b, at: MetadataPageFile.slotOffset(page, slot: version.slot))
             } catch { failure = error }
         }
-        reads += 1
         if let failure {
             if case .io(let m) = failure, m.hasPrefix("short read") {
-                throw StoreError.corrupted("\(page) (\(T.kind), \(version)) is past the end of meta")
+                throw StoreError.corrupted("\(page) (\(kind), \(version)) is past the end of meta")
             }
             throw StoreError(failure)
         }
-        return try slot.withUnsafeBytes { b throws -> T in
-            if let problem = MetadataPageFile.check(b, page: page, version: version, kind: T.kind) {
-                throw StoreError.corrupted("\(page) (\(T.kind), \(version)): \(problem)")
+        return try slot.withUnsafeBytes { b throws -> any MetadataPageObject in
+            if let problem = MetadataPageFile.check(b, page: page, version: version, kind: kind) {
+                throw StoreError.corrupted("\(page) (\(kind), \(version)): \(problem)")
             }
             do {
-                return try T(decoding: UnsafeRawBufferPointer(rebasing: b[MetadataPageFile.headerBytes...]))
+                return try decode(UnsafeRawBufferPointer(rebasing: b[MetadataPageFile.headerBytes...]))
             } catch {
-                throw StoreError.corrupted("\(page) (\(T.kind), \(version)) is malformed: \(error)")
+                throw StoreError.corrupted("\(page) (\(kind), \(version)) is malformed: \(error)")
             }
         }
+    }
+
+    // MARK: Pages read without the store lock
+
+    /// While true, a content page that is not cached is not read: it is noted in `misses` and
+    /// `PageMiss` is thrown, so that a probe under the store lock learns which pages an operation
+    /// needs, and the store reads them after letting go of the lock (`Store.loadPagesOutsideLock`).
+    /// Page-table pages are still read in place: few, and mostly cached.
+    var missesThrow = false
+    private(set) var misses: [PageMiss] = []
+
+    /// Takes the misses noted so far (each page once).
+    func takeMisses() -> [PageMiss] {
+        defer { misses = [] }
+        var seen = Set<PageNumber>()
+        return misses.filter { seen.insert($0.page).inserted }
+    }
+
+    /// A page read outside the lock joins the cache, unless it is cached meanwhile or the page
+    /// table no longer names that version (a commit wrote a newer one, or the page was freed):
+    /// a (page, version) pair names one content for good, so an equal version is these bytes.
+    func adopt(_ miss: PageMiss, _ object: any MetadataPageObject) {
+        guard frames[miss.page] == nil,
+              let e = try? entry(miss.page), !e.isFree, !e.isStructural,
+              e.kind == miss.kind.rawValue, e.version == miss.version else { return }
+        reads += 1
+        readsOutsideLock += 1
+        insertFrame(miss.page, Frame(object: object, kind: miss.kind, dirty: false))
     }
 
     /// The cached object of `page`, or the one loaded at `version` (known by the caller).
@@ -484,7 +535,12 @@ final class MetadataPager {
             }
             return object
         }
-        let object = try load(page, version: try version(), as: type)
+        let version = try version()
+        if missesThrow && T.kind != .pageTable && T.kind != .pageDirectory {
+            misses.append(PageMiss(page: page, version: version, kind: T.kind) { b throws(PageDecodingError) in try T(decoding: b) })
+            throw misses.last!
+        }
+        let object = try load(page, version: version, as: type)
         insertFrame(page, Frame(object: object, kind: T.kind, dirty: false))
         return object
     }

@@ -320,6 +320,12 @@ extension Store {
             }
             return (v, refs)
         }
+        if !holdingLock {
+            loadPagesOutsideLock {
+                guard let (v, image) = try? self.viewLocked(id), (try? self.checkRange(v, offset: offset, length: length)) != nil else { return }
+                self.probeRead(image, blocks: (offset >> UInt64(v.blockShift))...((offset + length - 1) >> UInt64(v.blockShift)))
+            }
+        }
         if holdingLock { mutex.lock() }
         defer { if holdingLock { mutex.unlock() } }
         let (view, refs) = holdingLock ? try copyRefs() : try mutex.withLock(copyRefs)
@@ -514,6 +520,7 @@ extension Store {
             }
         }
         // B: dedup against stored chunks, byte-verified; what is new is claimed until phase F.
+        loadPagesOutsideLock { probeDedup(blocks.lazy.filter { !$0.isZero }.map(\.hash)) }
         try mutex.withLock { () throws(BlockDeviceError) in
             for i in blocks.indices where !blocks[i].isZero {
                 if let c = try findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, group: view.group, volume: view.id) {
@@ -591,6 +598,10 @@ extension Store {
                     cache.insert(key, bytes: blocks[i].bytes, volume: view.id, group: view.group, ifUnremovedSince: token)
                 }
             }
+        }
+        loadPagesOutsideLock {
+            guard let image = images[view.id] else { return }
+            probeWrite(image, blocks: blocks.map { ($0.block, $0.chunk, $0.isNew ? $0.hash : nil) })
         }
         try mutex.withLock { () throws(BlockDeviceError) in
             // From here to the end of this hold the phase-B references become map references.

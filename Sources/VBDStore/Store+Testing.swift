@@ -15,6 +15,9 @@ extension Store {
         mutex.withLock { pager.residentBytes + space.bitmapBytes }
     }
 
+    /// Metadata pages read from `meta`: all of them, and those read without the store lock.
+    public var metadataPageReads: (all: Int, outsideLock: Int) { mutex.withLock { (pager.reads, pager.readsOutsideLock) } }
+
     /// What the metadata cache's pages hold, measured page by page now.
     public var metadataCacheMeasuredBytes: Int { mutex.withLock { pager.measuredResidentBytes } }
 

@@ -151,6 +151,8 @@ public final class Store: @unchecked Sendable {
     /// New contents (by hash) that writes in flight found unstored in phase B and have not yet
     /// published (phase F): one entry per content, so bounded by the blocks of requests in flight.
     var newContentInFlight: [ContentHash: NewContentClaim] = [:]
+    /// `pager.reads` when the last probe ended (Store+PageMisses.swift).
+    var pageReadsAtLastProbe = -1
     /// Incomplete volumes (see `createIncompleteVolume`) whose filler is running in this process.
     var incompleteInUse: Set<String> = []
     /// Why writes are refused: an earlier failure, or a read-only open.

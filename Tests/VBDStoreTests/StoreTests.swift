@@ -478,6 +478,53 @@ import VBDCache
     }
 }
 
+@Suite struct PageMissTests {
+    /// A store whose metadata is many times its cache: reads and writes of blocks whose pages are
+    /// not cached read those pages after letting go of the store lock (a probe finds them first),
+    /// not while holding it; the data is right either way.
+    @Test func uncachedMetadataIsReadWithoutTheStoreLock() throws {
+        let dir = TemporaryStoreDirectory()
+        var options = Store.Options()
+        options.metadataCacheBytes = 256 << 10
+        options.commitDirtyPagesMax = 64
+        let count = 32_768
+        do {
+            let store = try Store.initialize(path: dir.path, options: options)
+            try store.createVolume(name: "v", size: UInt64(count) * 4096)
+            let v = try store.device(named: "v")
+            for n in stride(from: 0, to: count, by: 64) {
+                var buf = [UInt8](repeating: 0, count: 4096 * 64)
+                for k in 0..<64 { withUnsafeBytes(of: UInt64(n + k + 1)) { buf.replaceSubrange(k * 4096..<k * 4096 + 8, with: $0) } }
+                try v.write(buf, at: UInt64(n) * 4096)
+            }
+            try store.close()
+        }
+        let store = try Store.open(path: dir.path, options: options)
+        let v = try store.device(named: "v")
+        var g = SplitMix64(seed: 3)
+        let before = store.metadataPageReads
+        for _ in 0..<400 {
+            let i = Int(g.next() % UInt64(count))
+            let got = try v.read(4096, at: UInt64(i) * 4096)
+            #expect(got.withUnsafeBytes { $0.load(as: UInt64.self) } == UInt64(i + 1))
+        }
+        let afterReads = store.metadataPageReads
+        print("reads: \(afterReads.all - before.all) pages, \(afterReads.outsideLock - before.outsideLock) outside")
+        for _ in 0..<400 {
+            let i = Int(g.next() % UInt64(count))
+            try v.write(block(seed: UInt64(count + i)), at: UInt64(i) * 4096)
+            #expect(try v.read(4096, at: UInt64(i) * 4096) == block(seed: UInt64(count + i)))
+        }
+        let after = store.metadataPageReads
+        let all = after.all - before.all, outside = after.outsideLock - before.outsideLock
+        print("metadata pages read: \(all), of them without the store lock: \(outside)")
+        #expect(all > 400, "the pages were not cached")
+        #expect(outside * 10 >= all * 8, "\(outside) of \(all) pages read without the lock")
+        #expect(store.fsck().isClean)
+        try store.close()
+    }
+}
+
 @Suite struct UsageTests {
     @Test func sharesUseAlmostNoNewSpaceAndFairSharesAddUp() throws {
         let dir = TemporaryStoreDirectory()
