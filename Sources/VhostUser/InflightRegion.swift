@@ -177,8 +177,9 @@ public final class InflightMemory: @unchecked Sendable {
         }
     }
 
-    /// Maps `[mmapOffset, +mmapSize)` of `fileDescriptor` (taking ownership of it) once it is
-    /// checked to hold every queue's region and to be sealed against shrinking.
+    /// Maps `[mmapOffset, +mmapSize)` of `fileDescriptor` once it is checked to hold every queue's
+    /// region and to be sealed against shrinking; owns (and closes) the fd from then on. On a
+    /// throw the caller still owns it.
     public init(fileDescriptor fd: Int32, mmapSize: UInt64, mmapOffset: UInt64, queueCount: UInt16, queueSize: UInt16,
                 request: VhostUserRequest = .setInflightFD) throws(VhostUserProtocolError) {
         guard (1...64).contains(queueCount), queueSize > 0, queueSize & (queueSize - 1) == 0 else {

@@ -184,9 +184,10 @@ public final class VhostUserBlkSession: @unchecked Sendable {
             answer.fileDescriptors = [area.fileDescriptor]
             natural = answer
         case .setInflightFD(let description):
-            let area = try InflightMemory(fileDescriptor: fds.removeFirst(), mmapSize: description.mmapSize,
+            let area = try InflightMemory(fileDescriptor: fds[0], mmapSize: description.mmapSize,
                                           mmapOffset: description.mmapOffset, queueCount: description.queueCount,
                                           queueSize: description.queueSize)
+            fds.removeFirst()   // the area owns it now (on a throw the defer above closes it)
             try replaceInflight(with: area)
         case .setConfig(let access):
             // Nothing in this device's config space is writable (no VIRTIO_BLK_F_CONFIG_WCE).

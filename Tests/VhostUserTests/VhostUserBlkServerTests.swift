@@ -350,6 +350,27 @@ func kickAndWait(kick: Int32, call: Int32, guest: GuestRing, used: UInt16) throw
         #expect(region.counter(9) == 3)   // after the highest counter still in flight (head 3: 2)
     }
 
+    /// An inflight area the back end could lose under its mapping (not sealed against shrinking)
+    /// or too small for its queues is refused: the connection closes, the server serves the next one.
+    @Test func anInflightAreaThatCanShrinkOrIsTooSmallIsRefused() throws {
+        let scratch = try ScratchStore()
+        let server = try server(scratch)
+        defer { server.stop() }
+        let needed = InflightLayout.queueRegionBytes(queueSize: 16)
+        for (sealed, size) in [(false, needed), (true, needed - 64)] {
+            let fd = vbd_memfd_create("inflight")
+            defer { close(fd) }
+            try #require(fd >= 0 && ftruncate(fd, off_t(size)) == 0)
+            if sealed { try #require(vbd_seal_size(fd) == 0) }
+            let front = try FrontEnd(path: server.socketPath)
+            try front.send(.setInflightFD, VhostUserInflight(mmapSize: UInt64(size), mmapOffset: 0, queueCount: 1, queueSize: 16).encoded(),
+                           fds: [fd], needReply: true)
+            var byte: UInt8 = 0
+            #expect(recv(front.fd, &byte, 1, 0) == 0)
+        }
+        #expect(server.connectionsAccepted == 2)
+    }
+
     /// A guest that publishes a looping chain stops only its queue: the err eventfd fires, the
     /// connection stays, and the queue serves again once the front end sets it up anew.
     @Test func aBrokenRingStopsOnlyThatQueue() throws {
