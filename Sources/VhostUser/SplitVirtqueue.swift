@@ -35,6 +35,12 @@ public final class SplitVirtqueue: @unchecked Sendable {
     public private(set) var usedIndex: UInt16
     /// The used index at the last notification; nil until the first (then notify unconditionally).
     private var signalledUsedIndex: UInt16?
+    /// Inflight I/O tracking (INFLIGHT_SHMFD), when the front end set up a region for this queue.
+    public let inflight: InflightQueueRegion?
+    /// Heads a previous back end had taken and not completed, newest first (taken from the end).
+    private var resubmit: [UInt16] = []
+    /// The inflight counter the next head taken from the available ring gets.
+    private var inflightCounter: UInt64 = 1
 
     static let descriptorBytes = 16
     static let flagNext: UInt16 = 1
@@ -45,9 +51,12 @@ public final class SplitVirtqueue: @unchecked Sendable {
     /// Places the rings at `addresses` (the front end's virtual addresses, as SET_VRING_ADDR gives
     /// them) and checks that each lies wholly in mapped memory with the alignment the spec requires.
     /// `usedIndex` is read from the ring; when it is behind `lastAvailableIndex` (the front end's
-    /// SET_VRING_BASE) the device restarts from it: requests taken but never completed are taken again.
+    /// SET_VRING_BASE) the device restarts from it: requests taken but never completed are taken
+    /// again (right for a device that completes in order). With an `inflight` region the region
+    /// decides instead: the heads it holds in flight are served first, in the order they were
+    /// taken, and the available ring resumes after the used ones and those.
     public init(size: UInt32, addresses: Addresses, memory: GuestMemoryTable, lastAvailableIndex: UInt16,
-                eventIndex: Bool, indirectDescriptors: Bool) throws(VirtqueueError) {
+                eventIndex: Bool, indirectDescriptors: Bool, inflight: InflightQueueRegion? = nil) throws(VirtqueueError) {
         guard size > 0, size <= VhostUserLimits.queueSizeMax, size & (size - 1) == 0 else { throw .badSize(size) }
         let n = UInt64(size)
         let tableBytes = 16 * n
@@ -70,11 +79,27 @@ public final class SplitVirtqueue: @unchecked Sendable {
         self.indirectDescriptors = indirectDescriptors
         let usedNow = vbd_load_acquire_u16(u + 2)
         self.usedIndex = usedNow
-        self.lastAvailableIndex = usedNow == lastAvailableIndex ? lastAvailableIndex : usedNow
+        self.inflight = inflight
+        if let inflight {
+            guard UInt32(inflight.queueSize) == size else {
+                throw .inflight(.queueSizeMismatch(region: inflight.queueSize, queue: UInt16(truncatingIfNeeded: size)))
+            }
+            let recovery: InflightQueueRegion.Recovery
+            do { recovery = try inflight.recover(usedIndex: usedNow) } catch { throw .inflight(error) }
+            self.resubmit = recovery.resubmit.reversed()
+            self.inflightCounter = recovery.nextCounter
+            self.lastAvailableIndex = usedNow &+ UInt16(recovery.resubmit.count)
+        } else {
+            self.lastAvailableIndex = usedNow == lastAvailableIndex ? lastAvailableIndex : usedNow
+        }
     }
+
+    /// Heads still to be served again from a previous back end's inflight region.
+    public var resubmitting: Int { resubmit.count }
 
     /// The next chain head the guest made available, or nil when there is none.
     public func nextAvailable() throws(VirtqueueError) -> UInt16? {
+        if let head = resubmit.popLast() { return head }   // checked against the queue size when found
         let availableIndex = vbd_load_acquire_u16(available + 2)   // pairs with the driver's release of idx
         let pending = availableIndex &- lastAvailableIndex
         guard pending != 0 else { return nil }
@@ -83,12 +108,16 @@ public final class SplitVirtqueue: @unchecked Sendable {
         let head = UInt16(littleEndian: (available + 4 + 2 * slot).loadUnaligned(as: UInt16.self))
         guard UInt32(head) < size else { throw .descriptorIndexOutOfRange(head) }
         lastAvailableIndex &+= 1
+        if let inflight {
+            inflight.taken(head: head, counter: inflightCounter)
+            inflightCounter &+= 1
+        }
         return head
     }
 
     /// Whether the guest has made a chain available that ``nextAvailable()`` has not taken yet.
     public var hasAvailable: Bool {
-        vbd_load_acquire_u16(available + 2) != lastAvailableIndex
+        !resubmit.isEmpty || vbd_load_acquire_u16(available + 2) != lastAvailableIndex
     }
 
     /// The buffers of the chain starting at `head`: readable ones first, then writable ones.
@@ -126,14 +155,19 @@ public final class SplitVirtqueue: @unchecked Sendable {
                 inIndirect = true
                 continue
             }
-            guard let buffers = memory.buffers(guestPhysical: address, length: UInt64(length)) else {
-                throw .bufferOutsideMemory(address: address, length: length)
-            }
-            if flags & Self.flagWrite != 0 {
-                chain.writable += buffers
+            let writable = flags & Self.flagWrite != 0
+            guard writable || chain.writable.isEmpty else { throw .readableAfterWritable }
+            if length == 0 {
+                // Nothing to read or write (and no buffer: the status byte is the last writable one).
+            } else if let pointer = memory.pointer(guestPhysical: address, length: UInt64(length)) {
+                // In one region (nearly always): no list of pieces to build.
+                let buffer = UnsafeMutableRawBufferPointer(start: pointer, count: Int(length))
+                if writable { chain.writable.append(buffer) } else { chain.readable.append(buffer) }
             } else {
-                guard chain.writable.isEmpty else { throw .readableAfterWritable }
-                chain.readable += buffers
+                guard let buffers = memory.buffers(guestPhysical: address, length: UInt64(length)) else {
+                    throw .bufferOutsideMemory(address: address, length: length)
+                }
+                if writable { chain.writable += buffers } else { chain.readable += buffers }
             }
             guard flags & Self.flagNext != 0 else { return chain }
             index = UInt32(next)
@@ -143,12 +177,14 @@ public final class SplitVirtqueue: @unchecked Sendable {
     /// Returns `head` to the guest with `writtenBytes` written into its writable buffers, and
     /// publishes the new used index (release: the element is visible before the index).
     public func complete(head: UInt16, writtenBytes: UInt32) {
+        inflight?.completing(head: head)
         let slot = Int(usedIndex % UInt16(truncatingIfNeeded: size))
         let element = used + 4 + 8 * slot
         element.storeBytes(of: UInt32(head).littleEndian, as: UInt32.self)
         (element + 4).storeBytes(of: writtenBytes.littleEndian, as: UInt32.self)
         usedIndex &+= 1
         vbd_store_release_u16(used + 2, usedIndex.littleEndian)
+        inflight?.completed(head: head, usedIndex: usedIndex)
     }
 
     /// Whether the guest wants an interrupt for what was completed since the last one
@@ -169,6 +205,7 @@ public final class SplitVirtqueue: @unchecked Sendable {
     /// `lastAvailableIndex` available; then tells whether more arrived meanwhile (the caller must
     /// process again rather than sleep, or a kick the guest skipped would be lost).
     public func armKickAndCheckEmpty() -> Bool {
+        guard resubmit.isEmpty else { return false }
         if eventIndex {
             vbd_store_release_u16(used + 4 + 8 * Int(size), lastAvailableIndex.littleEndian)
         }
@@ -203,6 +240,7 @@ public enum VirtqueueError: Error, Equatable, Sendable, CustomStringConvertible 
     case badIndirectLength(UInt32)
     case bufferOutsideMemory(address: UInt64, length: UInt32)
     case readableAfterWritable
+    case inflight(InflightError)
 
     public var description: String {
         switch self {
@@ -218,6 +256,7 @@ public enum VirtqueueError: Error, Equatable, Sendable, CustomStringConvertible 
         case let .badIndirectLength(l): return "an indirect table of \(l) bytes (a non-zero multiple of 16 expected)"
         case let .bufferOutsideMemory(address, length): return "buffer [0x\(String(address, radix: 16)), +\(length)) is outside guest memory"
         case .readableAfterWritable: return "a device-readable descriptor after a device-writable one"
+        case let .inflight(error): return "\(error)"
         }
     }
 }

@@ -28,6 +28,8 @@ public final class VhostUserBlkServer: @unchecked Sendable {
         var connectionFD: Int32 = -1
         var stopping = false
         var connections = 0
+        /// Whose lease the current connection is served under (nil: none, or no tenancy).
+        var connectionTenancy: TenancySession?
     }
 
     /// With `pipeline` (the request layer the NBD server's connections go through), a front end is
@@ -41,6 +43,28 @@ public final class VhostUserBlkServer: @unchecked Sendable {
         self.queueCountMax = queueCountMax
         self.logger = logger
         self.openDevice = openDevice
+        // A lease that ends (expired, revoked, released) closes the connection it admitted, as
+        // the NBD server closes its connections: the front end's rings stop, and a reconnect is
+        // admitted again only with a new lease.
+        pipeline?.tenancy.addLeaseEndObserver { [weak self] lease, end in
+            self?.leaseEnded(lease, end)
+        }
+    }
+
+    private func leaseEnded(_ lease: Lease, _ end: LeaseEnd) {
+        let closed = state.withLock { state -> Bool in
+            guard state.connectionFD >= 0, let tenancy = state.connectionTenancy,
+                  tenancy.domain == lease.domain, tenancy.volume == lease.volume else { return false }
+            // The serving thread sees the end of the stream, stops the queues (requests in
+            // flight complete first) and closes the fd; shutting down under the lock keeps
+            // the number from being reused meanwhile.
+            shutdown(state.connectionFD, Int32(SHUT_RDWR))
+            return true
+        }
+        if closed {
+            logger.notice("vhost-user-blk: lease \(end.rawValue): closing the front end's connection",
+                          metadata: ["export": "\(exportName)", "domain": "\(lease.domain)", "volume": "\(lease.volume)"])
+        }
     }
 
     /// Connections accepted so far (tests wait on reconnects with it).
@@ -122,6 +146,7 @@ public final class VhostUserBlkServer: @unchecked Sendable {
             serve(connection: fd)
             state.withLock { state in
                 state.connectionFD = -1
+                state.connectionTenancy = nil
                 close(fd)
             }
         }
@@ -146,6 +171,13 @@ public final class VhostUserBlkServer: @unchecked Sendable {
             case .success(let session):
                 requestSession = session
             }
+            // Published before the first request; a lease that ended between the admission and
+            // here would have found no connection to close, so it is checked once more.
+            state.withLock { $0.connectionTenancy = requestSession?.tenancy }
+            if let tenancy = requestSession?.tenancy, !pipeline.tenancy.permits(tenancy, .read) {
+                logger.notice("vhost-user-blk: the lease ended while the front end was admitted", metadata: ["export": "\(exportName)"])
+                return
+            }
         }
         logger.notice("vhost-user-blk: front end connected",
                       metadata: ["export": "\(exportName)", "socket": "\(socketPath)", "domain": "\(requestSession?.domain.name ?? "-")"])
@@ -161,7 +193,7 @@ public final class VhostUserBlkServer: @unchecked Sendable {
             do {
                 guard let (header, payload, fds) = try connection.receive() else { return }
                 if let reply = try session.handle(header: header, payload: payload, fileDescriptors: fds) {
-                    try connection.send(reply)
+                    try connection.send(reply.bytes, fileDescriptors: reply.fileDescriptors)
                 }
             } catch {
                 if !state.withLock({ $0.stopping }) {
@@ -218,8 +250,19 @@ public struct VhostUserConnection {
         }
     }
 
-    public func send(_ bytes: [UInt8]) throws(VhostUserProtocolError) {
+    /// Sends `bytes`, with `fileDescriptors` (SCM_RIGHTS) on the first part.
+    public func send(_ bytes: [UInt8], fileDescriptors: [Int32] = []) throws(VhostUserProtocolError) {
         var done = 0
+        if !fileDescriptors.isEmpty {
+            var n: Int
+            repeat {
+                n = bytes.withUnsafeBytes { raw in
+                    fileDescriptors.withUnsafeBufferPointer { vbd_send_with_fds(fd, raw.baseAddress, raw.count, $0.baseAddress, Int32($0.count)) }
+                }
+            } while n < 0 && errno == EINTR
+            if n <= 0 { throw .connection("sendmsg: \(String(cString: strerror(errno)))") }
+            done = n
+        }
         while done < bytes.count {
             let n = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress! + done, $0.count - done, Int32(MSG_NOSIGNAL)) }
             if n < 0 && errno == EINTR { continue }

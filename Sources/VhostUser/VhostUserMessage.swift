@@ -168,6 +168,28 @@ public struct VhostUserConfigAccess: Equatable, Sendable {
     public var bytes: [UInt8]
 }
 
+/// GET_INFLIGHT_FD / SET_INFLIGHT_FD's "inflight description": the area's size and offset in its
+/// fd, and the queues and queue size it tracks (24 bytes with the C struct's tail padding).
+public struct VhostUserInflight: Equatable, Sendable {
+    public static let byteCount = 24
+    public var mmapSize: UInt64
+    public var mmapOffset: UInt64
+    public var queueCount: UInt16
+    public var queueSize: UInt16
+    public init(mmapSize: UInt64, mmapOffset: UInt64, queueCount: UInt16, queueSize: UInt16) {
+        self.mmapSize = mmapSize
+        self.mmapOffset = mmapOffset
+        self.queueCount = queueCount
+        self.queueSize = queueSize
+    }
+
+    public func encoded() -> [UInt8] {
+        var w = ByteWriter()
+        w.u64(mmapSize); w.u64(mmapOffset); w.u16(queueCount); w.u16(queueSize); w.u32(0)
+        return w.bytes
+    }
+}
+
 /// A decoded request: the payload checked against the request's layout.
 public enum VhostUserMessage: Equatable, Sendable {
     case getFeatures
@@ -190,6 +212,8 @@ public enum VhostUserMessage: Equatable, Sendable {
     case getConfig(VhostUserConfigAccess)
     case setConfig(VhostUserConfigAccess)
     case getMaxMemSlots
+    case getInflightFD(VhostUserInflight)
+    case setInflightFD(VhostUserInflight)
 
     /// Decodes `payload` for `header`, checking the number of file descriptors that came with it.
     public static func decode(header: VhostUserHeader, payload: [UInt8], fileDescriptorCount fds: Int) throws(VhostUserProtocolError) -> VhostUserMessage {
@@ -295,6 +319,18 @@ public enum VhostUserMessage: Equatable, Sendable {
             try noDescriptors(); return .getConfig(try config())
         case .setConfig:
             try noDescriptors(); return .setConfig(try config())
+        case .getInflightFD, .setInflightFD:
+            try exactly(VhostUserInflight.byteCount)
+            let inflight = VhostUserInflight(mmapSize: reader.u64(), mmapOffset: reader.u64(), queueCount: reader.u16(), queueSize: reader.u16())
+            guard inflight.queueCount > 0, inflight.queueSize > 0, inflight.queueSize & (inflight.queueSize - 1) == 0 else {
+                throw .invalid(request: request, detail: "\(inflight.queueCount) queues of size \(inflight.queueSize) (a power of two)")
+            }
+            if request == .getInflightFD {
+                try noDescriptors()
+                return .getInflightFD(inflight)
+            }
+            guard fds == 1 else { throw .missingFileDescriptor(request: request, expected: 1, got: fds) }
+            return .setInflightFD(inflight)
         default:
             throw .unknownRequest(header.request)
         }

@@ -152,9 +152,17 @@ public struct VirtioBlkRequestHandler: Sendable {
         let writableTotal = chain.writable.reduce(0) { $0 + $1.count }
         guard writableTotal >= 1, let statusBuffer = chain.writable.last else { return nil }
         let status = statusBuffer.baseAddress! + (statusBuffer.count - 1)
-        var inData = chain.writable
-        inData[inData.count - 1] = UnsafeMutableRawBufferPointer(rebasing: statusBuffer[..<(statusBuffer.count - 1)])
-        inData.removeAll { $0.count == 0 }
+        // The data buffers: all but the status byte. Linux gives the status its own 1-byte
+        // descriptor, so that case slices without copying the list (no allocation per request).
+        let inData: ArraySlice<UnsafeMutableRawBufferPointer>
+        if statusBuffer.count == 1 {
+            inData = chain.writable.dropLast()
+        } else {
+            var buffers = chain.writable
+            buffers[buffers.count - 1] = UnsafeMutableRawBufferPointer(rebasing: statusBuffer[..<(statusBuffer.count - 1)])
+            buffers.removeAll { $0.count == 0 }
+            inData = buffers[...]
+        }
         var usage = Usage()
         let started = ContinuousClock.now
         let (result, dataWritten) = serve(readable: chain.readable, inData: inData, usage: &usage)
@@ -199,16 +207,24 @@ public struct VirtioBlkRequestHandler: Sendable {
         }
     }
 
-    private func serve(readable: [UnsafeMutableRawBufferPointer], inData: [UnsafeMutableRawBufferPointer],
+    private func serve(readable: [UnsafeMutableRawBufferPointer], inData: ArraySlice<UnsafeMutableRawBufferPointer>,
                        usage: inout Usage) -> (VirtioBlk.Status, Int) {
-        let readableTotal = readable.reduce(0) { $0 + $1.count }
-        guard readableTotal >= 16 else { return (.ioError, 0) }
-        let header = gather(readable, skip: 0, count: 16)
-        var reader = ByteReader(header)
-        let type = reader.u32()
-        _ = reader.u32()   // ioprio
-        let sector = reader.u64()
-        let outData = slice(readable, skip: 16)
+        let type: UInt32, sector: UInt64
+        let outData: ArraySlice<UnsafeMutableRawBufferPointer>
+        if let first = readable.first, first.count >= 16 {
+            // The header in one buffer (as Linux sends it): read in place, no copy.
+            type = UInt32(littleEndian: first.loadUnaligned(as: UInt32.self))
+            sector = UInt64(littleEndian: first.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+            outData = first.count == 16 ? readable.dropFirst() : slice(readable, skip: 16)[...]
+        } else {
+            let readableTotal = readable.reduce(0) { $0 + $1.count }
+            guard readableTotal >= 16 else { return (.ioError, 0) }
+            var reader = ByteReader(gather(readable, skip: 0, count: 16))
+            type = reader.u32()
+            _ = reader.u32()   // ioprio
+            sector = reader.u64()
+            outData = slice(readable, skip: 16)[...]
+        }
         let inTotal = inData.reduce(0) { $0 + $1.count }
         guard let request = VirtioBlk.RequestType(rawValue: type) else { return (.unsupported, 0) }
         switch request {
@@ -322,7 +338,7 @@ public struct VirtioBlkRequestHandler: Sendable {
 
 /// Copies `count` bytes starting `skip` bytes into the concatenation of `buffers` (the caller has
 /// checked that they hold that many).
-func gather(_ buffers: [UnsafeMutableRawBufferPointer], skip: Int, count: Int) -> [UInt8] {
+func gather(_ buffers: some Collection<UnsafeMutableRawBufferPointer>, skip: Int, count: Int) -> [UInt8] {
     var out: [UInt8] = []
     out.reserveCapacity(count)
     var skip = skip

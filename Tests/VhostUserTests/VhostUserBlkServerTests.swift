@@ -61,8 +61,27 @@ final class FrontEnd {
 
     func u64(_ bytes: [UInt8]) -> UInt64 { bytes.reversed().reduce(0) { $0 << 8 | UInt64($1) } }
 
+    /// Reads one reply that may carry file descriptors (GET_INFLIGHT_FD's).
+    func replyWithDescriptors(to request: VhostUserRequest) throws -> ([UInt8], [Int32]) {
+        var header = [UInt8](repeating: 0, count: 12)
+        var fds = [Int32](repeating: -1, count: 8)
+        var fdCount: Int32 = 0, truncated: Int32 = 0
+        let received = header.withUnsafeMutableBytes { raw in
+            fds.withUnsafeMutableBufferPointer { vbd_recv_with_fds(fd, raw.baseAddress, 12, $0.baseAddress, 8, &fdCount, &truncated) }
+        }
+        try #require(received == 12)
+        #expect(header[0] == UInt8(request.rawValue) && header[4] == 5)
+        let size = Int(header[8]) | Int(header[9]) << 8
+        var payload = [UInt8](repeating: 0, count: size)
+        if size > 0 { try #require(recv(fd, &payload, size, Int32(MSG_WAITALL)) == size) }
+        return (payload, Array(fds[0..<Int(fdCount)]))
+    }
+
     /// The start-up QEMU's vhost-user-blk does: features, memory, one ring, enable.
-    func setUp(guest: GuestRing, kick: Int32, call: Int32) throws {
+    /// With `inflight` (an INFLIGHT_SHMFD area: fd and size) it is passed with SET_INFLIGHT_FD
+    /// before the memory table, as QEMU does when it starts the device.
+    func setUp(guest: GuestRing, kick: Int32, call: Int32, inflight: (fd: Int32, bytes: UInt64)? = nil,
+               base: UInt32 = 0) throws {
         try send(.getFeatures)
         let features = u64(try reply(to: .getFeatures))
         #expect(features & VirtioFeature.vhostUserProtocolFeatures != 0 && features & VirtioBlk.Feature.flush != 0)
@@ -79,6 +98,11 @@ final class FrontEnd {
         #expect(configReply.count == 72 && u64(Array(configReply[12..<20])) == 2048)
         try send(.setOwner)
         try send(.setFeatures, vhostUserU64(features & ~VirtioFeature.eventIndex))
+        if let inflight {
+            let description = VhostUserInflight(mmapSize: inflight.bytes, mmapOffset: 0, queueCount: 1, queueSize: UInt16(guest.queueSize))
+            try send(.setInflightFD, description.encoded(), fds: [inflight.fd], needReply: true)
+            #expect(u64(try reply(to: .setInflightFD)) == 0)
+        }
         var table = ByteWriter()
         table.u32(1); table.u32(0)
         let r = guest.region
@@ -86,7 +110,7 @@ final class FrontEnd {
         try send(.setMemTable, table.bytes, fds: [guest.memfd], needReply: true)
         #expect(u64(try reply(to: .setMemTable)) == 0)
         try send(.setVringNum, vhostUserVringState(index: 0, num: guest.queueSize))
-        try send(.setVringBase, vhostUserVringState(index: 0, num: 0))
+        try send(.setVringBase, vhostUserVringState(index: 0, num: base))
         var address = ByteWriter()
         address.u32(0); address.u32(0)
         address.u64(guest.addresses.descriptorTable); address.u64(guest.addresses.usedRing); address.u64(guest.addresses.availableRing); address.u64(0)
@@ -99,6 +123,16 @@ final class FrontEnd {
 }
 
 func eventfd() -> Int32 { vbd_eventfd(0, 0) }
+
+/// Waits (at most 60 s each) for call eventfd signals until the used index reaches `used`, without kicking.
+func waitForUsed(call: Int32, guest: GuestRing, used: UInt16) throws {
+    while guest.usedIndex != used {
+        var p = pollfd(fd: call, events: Int16(POLLIN), revents: 0)
+        try #require(poll(&p, 1, 60_000) == 1, "no call eventfd signal within 60 s")
+        var count: UInt64 = 0
+        _ = read(call, &count, 8)
+    }
+}
 
 /// Kicks, then waits (at most 60 s) until the call eventfd fires and the used index reaches `used`.
 func kickAndWait(kick: Int32, call: Int32, guest: GuestRing, used: UInt16) throws {
@@ -218,6 +252,123 @@ func kickAndWait(kick: Int32, call: Int32, guest: GuestRing, used: UInt16) throw
         let usage = tenancy.snapshot().ledger.usage(of: tenant)
         #expect(usage.operations[.read] == 1 && usage.operations[.write] == 1)
         #expect(usage.failedOperations == 1 && usage.bytesRead == 8192 && usage.bytesWritten == 0)
+    }
+
+    /// A lease that ends closes the connection it admitted, as an NBD connection closes: the
+    /// front end sees the end of the stream, and a reconnect without a new lease is refused.
+    @Test func aRevokedLeaseClosesTheConnection() throws {
+        let scratch = try ScratchStore()
+        let tenant: DomainID = "tenant-a"
+        let tenancy = try TenancyService(configuration: .init(resolver: DomainResolver(unixPeerDomains: [.uid(getuid()): .domain(tenant)]),
+                                                              leasesEnforced: true))
+        let server = try server(scratch, tenancy: tenancy)
+        defer { server.stop() }
+        try tenancy.grantLease(volume: "vol", domain: tenant, mode: .write, duration: .seconds(3600), actor: "test")
+        let front = try FrontEnd(path: server.socketPath)
+        let guest = GuestRing(shared: true)
+        let kick = eventfd(), call = eventfd()
+        defer { close(kick); close(call) }
+        try front.setUp(guest: guest, kick: kick, call: call)
+        let write = guest.blockRequest(type: 1, sector: 0, data: [UInt8](repeating: 7, count: 4096), firstDescriptor: 0)
+        try kickAndWait(kick: kick, call: call, guest: guest, used: 1)
+        #expect(guest.bytes(at: write.status, count: 1) == [0])
+
+        try tenancy.revokeLease(volume: "vol", domain: tenant, actor: "test")
+        // The end of the stream, not the 60 s receive timeout FrontEnd sets (-1, EAGAIN).
+        var byte: UInt8 = 0
+        #expect(recv(front.fd, &byte, 1, 0) == 0)
+        let again = try FrontEnd(path: server.socketPath)
+        #expect(recv(again.fd, &byte, 1, 0) == 0)
+    }
+
+    /// INFLIGHT_SHMFD: the area this back end hands out records the heads it takes; a back end
+    /// that starts on an area a previous one left with heads in flight (it died after taking them)
+    /// serves exactly those again, before anything new and without a kick, and answers them.
+    @Test func requestsLeftInFlightAreServedByTheNextBackEnd() throws {
+        let scratch = try ScratchStore()
+        let guest = GuestRing(shared: true)
+        let kick = eventfd(), call = eventfd()
+        defer { close(kick); close(call) }
+        let patternA = [UInt8](repeating: 0xa1, count: 4096), patternB = (0..<4096).map { UInt8(truncatingIfNeeded: $0 * 7) }
+        var area: (fd: Int32, bytes: UInt64, base: UnsafeMutableRawPointer)
+        do {
+            let server = try server(scratch)
+            defer { server.stop() }
+            let front = try FrontEnd(path: server.socketPath)
+            try front.send(.getProtocolFeatures)
+            #expect(front.u64(try front.reply(to: .getProtocolFeatures)) & VhostUserProtocolFeature.inflightSharedMemory != 0)
+            try front.send(.getInflightFD, VhostUserInflight(mmapSize: 0, mmapOffset: 0, queueCount: 1, queueSize: UInt16(guest.queueSize)).encoded())
+            let (payload, fds) = try front.replyWithDescriptors(to: .getInflightFD)
+            try #require(payload.count == VhostUserInflight.byteCount && fds.count == 1)
+            let bytes = front.u64(Array(payload[0..<8]))
+            #expect(bytes == UInt64(InflightLayout.queueRegionBytes(queueSize: UInt16(guest.queueSize))))
+            let mapped = try #require(mmap(nil, Int(bytes), PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0))
+            area = (fds[0], bytes, mapped)
+            try front.setUp(guest: guest, kick: kick, call: call, inflight: (area.fd, area.bytes))
+            let write = guest.blockRequest(type: 1, sector: 0, data: patternA, firstDescriptor: 0)
+            try kickAndWait(kick: kick, call: call, guest: guest, used: 1)
+            #expect(guest.bytes(at: write.status, count: 1) == [0])
+            let region = InflightQueueRegion(base: area.base, queueSize: UInt16(guest.queueSize))
+            #expect(region.version == 1 && region.usedIndex == 1 && !region.isInflight(0) && region.counter(0) == 1)
+            // The ring stops; two more requests arrive, and the area is left as a back end that
+            // took both and died leaves it.
+            try front.send(.getVringBase, vhostUserVringState(index: 0, num: 0))
+            #expect(try front.reply(to: .getVringBase) == vhostUserVringState(index: 0, num: 1))
+        }
+        defer { munmap(area.base, Int(area.bytes)); close(area.fd) }
+        // The previous back end took both and answered the second (the read) first: out of
+        // order, so the used index alone (2) no longer says which one is still unanswered.
+        let writeB = guest.blockRequest(type: 1, sector: 8, data: patternB, firstDescriptor: 3)
+        let readA = guest.blockRequest(type: 0, sector: 0, readLength: 4096, firstDescriptor: 6)
+        guest.write(patternA, at: readA.data)
+        guest.write([0], at: readA.status)
+        let element = guest.base + GuestRing.usedOffset + 4 + 8 * 1
+        element.storeBytes(of: UInt32(6), as: UInt32.self)
+        (element + 4).storeBytes(of: UInt32(4097), as: UInt32.self)
+        vbd_store_release_u16(guest.base + GuestRing.usedOffset + 2, 2)
+        for (head, counter, inflight) in [(UInt16(3), UInt64(2), UInt8(1)), (6, 3, 0)] {
+            let entry = area.base + 16 + 16 * Int(head)
+            (entry + 8).storeBytes(of: counter, as: UInt64.self)
+            entry.storeBytes(of: inflight, as: UInt8.self)
+        }
+        (area.base + 12).storeBytes(of: UInt16(6), as: UInt16.self)   // last_batch_head
+        (area.base + 14).storeBytes(of: UInt16(2), as: UInt16.self)   // used_idx
+
+        // The next back end: QEMU passes the area back and sets the base to the used index.
+        let server = try server(scratch)
+        defer { server.stop() }
+        let front = try FrontEnd(path: server.socketPath)
+        try front.setUp(guest: guest, kick: kick, call: call, inflight: (area.fd, area.bytes), base: 2)
+        try waitForUsed(call: call, guest: guest, used: 3)
+        #expect(guest.usedElement(2).id == 3)   // the write left in flight, not the answered read again
+        #expect(guest.bytes(at: writeB.status, count: 1) == [0])
+        let readB = guest.blockRequest(type: 0, sector: 8, readLength: 4096, firstDescriptor: 9)
+        try kickAndWait(kick: kick, call: call, guest: guest, used: 4)
+        #expect(guest.usedElement(3).id == 9 && guest.bytes(at: readB.data, count: 4096) == patternB)
+        let region = InflightQueueRegion(base: area.base, queueSize: UInt16(guest.queueSize))
+        #expect((0..<UInt16(guest.queueSize)).allSatisfy { !region.isInflight($0) } && region.usedIndex == 4)
+        #expect(region.counter(9) == 3)   // after the highest counter still in flight (head 3: 2)
+    }
+
+    /// An inflight area the back end could lose under its mapping (not sealed against shrinking)
+    /// or too small for its queues is refused: the connection closes, the server serves the next one.
+    @Test func anInflightAreaThatCanShrinkOrIsTooSmallIsRefused() throws {
+        let scratch = try ScratchStore()
+        let server = try server(scratch)
+        defer { server.stop() }
+        let needed = InflightLayout.queueRegionBytes(queueSize: 16)
+        for (sealed, size) in [(false, needed), (true, needed - 64)] {
+            let fd = vbd_memfd_create("inflight")
+            defer { close(fd) }
+            try #require(fd >= 0 && ftruncate(fd, off_t(size)) == 0)
+            if sealed { try #require(vbd_seal_size(fd) == 0) }
+            let front = try FrontEnd(path: server.socketPath)
+            try front.send(.setInflightFD, VhostUserInflight(mmapSize: UInt64(size), mmapOffset: 0, queueCount: 1, queueSize: 16).encoded(),
+                           fds: [fd], needReply: true)
+            var byte: UInt8 = 0
+            #expect(recv(front.fd, &byte, 1, 0) == 0)
+        }
+        #expect(server.connectionsAccepted == 2)
     }
 
     /// A guest that publishes a looping chain stops only its queue: the err eventfd fires, the
