@@ -192,8 +192,9 @@ public final class RadosLock: Sendable {
                     whileWaiting(current)
                 }
                 if monotonicSeconds() >= deadline { throw error }
-                // The holder renews at a third of the duration: polling at a tenth of it sees the expiry soon after it happens.
-                usleep(UInt32(min(Double(durationSeconds) / 10, 0.5) * 1_000_000))
+                // A handover frees the lock at any moment and the client waits meanwhile: poll often
+                // (two small operations each time), and at least ten times per lock duration.
+                usleep(UInt32(min(Double(durationSeconds) / 10, 0.1) * 1_000_000))
             }
         }
         // Read only now that the lock is ours: a holder that handed over while we waited has erased it.
