@@ -21,7 +21,9 @@
 # clone, default 64), FIO_RUNTIME (s, default 12), FIO_RAMP (s, default 2), VBDTOOL (default
 # .build/release/vbdtool), PORT (vbd's NBD port, default 10871; qemu-nbd uses PORT+1), QEMU_CACHE
 # (qemu-nbd's --cache, default writeback: librbd's cache on),
-# OUT (results dir, default Benchmarks/results/rados-compare-<UTC time>), KEEP=1 keeps the work dir.
+# OUT (results dir, default Benchmarks/results/rados-compare-<UTC time>), KEEP=1 keeps the work dir,
+# VBD_SERVE_OPTIONS (more options for vbd's serve, e.g. "--lock-duration 120": on a machine at load
+# 10 a 2 GiB fill starved the lock's renewal for 30 s, docs/RADOS.md "Known limits").
 # Output: a table on stdout and in $OUT/table.md; raw fio JSON in $OUT.
 # Memory: memstore keeps everything in RAM: about SIZE for each image, plus RBD's copied-up objects
 # (4 MiB for every object a clone writes into; with the defaults about 1.7 GiB).
@@ -118,9 +120,11 @@ echo "rados-compare: SIZE=$SIZE CLONES=$CLONES CLONE_WRITES=$CLONE_WRITES FIO_RU
 # --- vbd on RADOS, over NBD ---
 "$VBDTOOL" init "${R[@]}" >/dev/null
 "$VBDTOOL" create bench --size "$SIZE" "${R[@]}" >/dev/null
-"$VBDTOOL" serve "${R[@]}" --listen "127.0.0.1:$PORT" >"$OUT/vbd-serve.log" 2>&1 &
+# shellcheck disable=SC2086 # VBD_SERVE_OPTIONS is a list of options
+"$VBDTOOL" serve "${R[@]}" --listen "127.0.0.1:$PORT" ${VBD_SERVE_OPTIONS:-} >"$OUT/vbd-serve.log" 2>&1 &
 vbd_pid=$!; pids+=("$vbd_pid")
 wait_port "$PORT"
+echo "rados-compare: vbd serve options: ${VBD_SERVE_OPTIONS:-(none)}" | tee -a "$OUT/setup.txt"
 measure vbd --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/bench"
 
 # --- RBD: qemu-nbd over librbd, then fio's rbd engine ---

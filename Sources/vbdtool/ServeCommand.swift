@@ -417,7 +417,7 @@ struct ServeCommand: AsyncParsableCommand {
         if case .lockLost = stopReason {
             // Nothing is committed; the lock, no longer ours, is not released.
             _ = try? store.close()
-            logger.error("stopped without committing: the store is owned by another server", metadata: ["store": "\(servedStore)"])
+            logger.error("stopped without committing: this server no longer owns the store", metadata: ["store": "\(servedStore)"])
             throw ExitCode(1)
         }
         do {

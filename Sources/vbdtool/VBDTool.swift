@@ -92,8 +92,8 @@ struct RadosOptions: ParsableArguments {
     }
 }
 
-/// Opens the RADOS store at `location` as a command that runs without a server does; errors
-/// become failures that name the store and say what to do.
+/// Opens the RADOS store at `location` (for `init`, `serve`, and the commands that find no server);
+/// errors become failures that name the store and say what to do.
 func openRadosStore(_ location: RadosStoreLocation, options: Store.Options, create: Bool,
                     ownership: RadosOwnership = .acquire, lockDurationSeconds: Int = 30,
                     onLockLost: @escaping @Sendable (String) -> Void = { _ in },
