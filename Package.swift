@@ -4,7 +4,7 @@ import PackageDescription
 // Dependency direction (no cycles):
 //   VBDCore  <-  VBDCache, VBDStore  <-  VBDSimulation
 //   CRados + VBDStore  <-  VBDRados (the Ceph RADOS backend, docs/RADOS.md)
-//   VhostUser (VBDCore + CVBDSys + VBDAccounting)  <-  vbdtool
+//   VhostUser (VBDCore + CVBDSys + VBDAccounting), VBDRados  <-  vbdtool
 //   NBDProtocol (NIOCore + VBDCore)  <-  NBDServer (NIOPosix, NIOSSL)  <-  VBDControl  <-  vbdtool
 // Release builds leave out the run-time exclusivity checks of the targets on the I/O path; the
 // compile-time checks stay, and debug builds (the tests, the checkers) keep both. Under the store
@@ -107,7 +107,7 @@ let package = Package(
         .executableTarget(
             name: "vbdtool",
             dependencies: [
-                "CVBDSys", "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl", "VBDMetrics", "VBDAccounting", "VhostUser",
+                "CVBDSys", "VBDCore", "VBDStore", "VBDCache", "NBDServer", "VBDControl", "VBDMetrics", "VBDAccounting", "VhostUser", "VBDRados",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -34,3 +34,13 @@ if [ ${#missing[@]} -gt 0 ] || [ ${#missing_ceph[@]} -gt 0 ]; then
     fi
 fi
 command -v swift >/dev/null || { echo "setup: swift 6.x is required on PATH" >&2; exit 1; }
+# Benchmarks/rados-compare.sh serves an RBD image with qemu-nbd, whose rbd driver is in
+# qemu-block-extra (fio's rbd engine and the rbd CLI come with fio and ceph-common above).
+mapfile -t missing_benchmark < <(not_installed qemu-block-extra)
+if [ ${#missing_benchmark[@]} -gt 0 ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    echo "setup: installing ${missing_benchmark[*]}"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing_benchmark[@]}" >/dev/null
+fi

@@ -40,8 +40,11 @@ public enum ControlClient {
 
     /// Runs `request` in the server if one answers, else locally against the store: opened
     /// read-only for a request that only reads it, else with `options` (a repair sets its
-    /// journal callback there). Recovery warnings go to stderr.
+    /// journal callback there). Recovery warnings go to stderr. `openStore` opens a store that
+    /// does not live in the files at `storePath` (a RADOS store); `storePath` is then only where
+    /// the control socket and the tenancy state are.
     public static func run(_ request: ControlRequest, storePath: String, options: Store.Options = Store.Options(),
+                           openStore: ((Store.Options) throws -> Store)? = nil,
                            progress: @escaping ProgressSink) throws(ControlFailure) -> ControlResult {
         if let result = try sendIfServed(request, storePath: storePath, progress: progress) { return result }
         if request == .ping {
@@ -50,7 +53,9 @@ public enum ControlClient {
         var options = options
         if request.onlyReadsStore && options.repairJournal == nil { options.readOnly = true }
         let store: Store
-        do { store = try Store.open(path: storePath, options: options) } catch { throw ControlFailure(error) }
+        do {
+            store = try openStore?(options) ?? Store.open(path: storePath, options: options)
+        } catch { throw ControlFailure(error) }
         for warning in store.recoveryWarnings {
             FileHandle.standardError.write(Data("vbdtool: warning: \(warning)\n".utf8))
         }

@@ -177,14 +177,15 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
     }
 
     /// Takes the directory over from a server that holds it, fencing that server
-    /// (``RadosLock/takeOver(waitingUpTo:force:blocklistSeconds:)``). Returns the fenced addresses.
+    /// (``RadosLock/takeOver(waitingUpTo:force:blocklistSeconds:whileWaiting:)``). Returns the fenced addresses.
     @discardableResult
-    public func takeOver(waitingUpTo seconds: Double, force: Bool = false) throws(StorageError) -> [String] {
+    public func takeOver(waitingUpTo seconds: Double, force: Bool = false,
+                         whileWaiting: ([RadosLockHolder]) -> Void = { _ in }) throws(StorageError) -> [String] {
         let fenced: [String]
         let lock: RadosLock
         do {
             lock = try RadosLock(pool: pool, object: Self.lockObject, exclusive: true, durationSeconds: lockDurationSeconds)
-            fenced = try lock.takeOver(waitingUpTo: seconds, force: force)
+            fenced = try lock.takeOver(waitingUpTo: seconds, force: force, whileWaiting: whileWaiting)
         } catch where error.code == EBUSY {
             throw .locked("store at \(path) is still held and renewed by its owner after \(seconds) s")
         } catch {

@@ -145,35 +145,38 @@ public final class RadosLock: Sendable {
 
     /// Takes an exclusive lock that another client may hold, and fences that client.
     ///
-    /// Without `force` it waits (up to `waitingUpTo` seconds) for the holder's lock to expire, which
-    /// happens only if the holder stopped renewing it; a live holder keeps it and this throws EBUSY.
-    /// With `force` the holder is declared dead now: it is blocklisted first and its lock broken.
-    /// Either way every previous holder's address is blocklisted for `blocklistSeconds` before this
-    /// returns, and this client waits for the OSD map that carries the blocklist, so the old
-    /// holder's writes are refused from here on.
-    /// Returns the addresses it blocklisted.
+    /// Without `force` it waits (up to `waitingUpTo` seconds) for the holder to hand the lock over
+    /// (release it) or for its lock to expire, which happens only if the holder stopped renewing it;
+    /// a live holder keeps it and this throws EBUSY. With `force` the holder is declared dead now:
+    /// it is blocklisted first and its lock broken.
+    /// Once the lock is ours, the holder recorded in the lock object is blocklisted for
+    /// `blocklistSeconds`: a holder that released cleanly erased its record, so only one that lost
+    /// the lock without handing it over is fenced (a holder seen while waiting that then released
+    /// is not). This client waits for the OSD map that carries the blocklist before returning, so
+    /// the old holder's writes are refused from here on. Returns the addresses it blocklisted.
+    /// `whileWaiting` is called once, with the holders, when the lock is first found taken.
     @discardableResult
-    public func takeOver(waitingUpTo seconds: Double, force: Bool = false,
-                         blocklistSeconds: UInt32 = 3600) throws(RadosError) -> [String] {
+    public func takeOver(waitingUpTo seconds: Double, force: Bool = false, blocklistSeconds: UInt32 = 3600,
+                         whileWaiting: ([RadosLockHolder]) -> Void = { _ in }) throws(RadosError) -> [String] {
         precondition(exclusive, "only an exclusive lock is taken over")
         let ownAddress = try pool.connection.clientAddress()
-        var previous: [String] = []
-        func remember(_ address: String) {
-            if !address.isEmpty && !Self.sameClient(address, ownAddress) && !previous.contains(where: { Self.sameClient($0, address) }) {
-                previous.append(address)
+        var fenced: [String] = []
+        func fence(_ addresses: [String]) throws(RadosError) {
+            var added = false
+            for address in addresses where !address.isEmpty && !Self.sameClient(address, ownAddress)
+                && !fenced.contains(where: { Self.sameClient($0, address) }) {
+                try pool.connection.blocklist(address: address, seconds: blocklistSeconds)
+                fenced.append(address)
+                added = true
             }
+            if added { try pool.connection.waitForLatestMap() }
         }
-        func fence() throws(RadosError) {
-            for address in previous { try pool.connection.blocklist(address: address, seconds: blocklistSeconds) }
-            if !previous.isEmpty { try pool.connection.waitForLatestMap() }
-        }
-        if let recorded = try? pool.attribute(object, Self.holderAttribute) { remember(String(decoding: recorded, as: UTF8.self)) }
         let deadline = monotonicSeconds() + seconds
+        var reportedWaiting = false
         while true {
             let current = try holders()
-            for holder in current { remember(holder.address) }
             if force && !current.isEmpty {
-                try fence()
+                try fence(current.map(\.address))
                 let ioctx = try pool.handle("break lock \(pool.describe(object))")
                 for holder in current where holder.cookie != cookie {
                     let rc = rados_break_lock(ioctx, object, lockName, holder.client, holder.cookie)
@@ -184,14 +187,22 @@ public final class RadosLock: Sendable {
                 try lock(flags: 0, operation: "lock exclusive")
                 break
             } catch where error.code == EBUSY {
+                if !reportedWaiting {
+                    reportedWaiting = true
+                    whileWaiting(current)
+                }
                 if monotonicSeconds() >= deadline { throw error }
-                // The holder renews at a third of the duration: polling at a tenth of it sees the expiry soon after it happens.
-                usleep(UInt32(min(Double(durationSeconds) / 10, 0.5) * 1_000_000))
+                // A handover frees the lock at any moment and the client waits meanwhile: poll often
+                // (two small operations each time), and at least ten times per lock duration.
+                usleep(UInt32(min(Double(durationSeconds) / 10, 0.1) * 1_000_000))
             }
         }
-        try fence()
+        // Read only now that the lock is ours: a holder that handed over while we waited has erased it.
+        if let recorded = try pool.attribute(object, Self.holderAttribute) {
+            try fence([String(decoding: recorded, as: UTF8.self)])
+        }
         try recordHolder()
-        return previous
+        return fenced
     }
 
     /// Addresses name the same client when they differ only in the protocol prefix (`v2:`).

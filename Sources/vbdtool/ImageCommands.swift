@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import VBDControl
 import VBDCore
+import VBDRados
 import VBDStore
 
 struct InitCommand: ParsableCommand {
@@ -10,6 +11,16 @@ struct InitCommand: ParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func run() throws {
+        if let location = store.rados.location {
+            do {
+                let created = try openRadosStore(location, options: Store.Options(), create: true).store
+                try created.close()
+            } catch {
+                fail(ControlFailure(error), json: output.json)
+            }
+            if output.json { JSON.print(["store": location.description]) } else { print("initialised an empty store at \(location)") }
+            return
+        }
         let path = store.path
         do {
             let created = try Store.initialize(path: path)

@@ -9,6 +9,7 @@ import VBDCache
 import VBDControl
 import VBDCore
 import VBDMetrics
+import VBDRados
 import VBDStore
 import VhostUser
 
@@ -23,6 +24,10 @@ struct ServeCommand: AsyncParsableCommand {
             Export names are VOLUME and VOLUME@SNAPSHOT; new volumes, snapshots and shares are served at once. \
             While serving, the other vbdtool commands run inside this process through DIR/control.sock. \
             SIGINT or SIGTERM stops cleanly: NBD clients are let finish, the store is flushed, checkpointed and closed.
+            With --rados the server owns the store under a RADOS lock with an expiry, and SIGTERM hands it over: \
+            after the clean stop the lock is free for `serve --take-over` on another host, which fences nobody. \
+            A server whose lock is lost (taken over, blocklisted, or not renewed in time) refuses every write \
+            from then on, closes its NBD connections and exits with status 1.
             """)
     @Option(help: ArgumentHelp("TCP address to listen on (default 127.0.0.1:10809 unless --unix is given).", valueName: "host:port"))
     var listen: String?
@@ -72,6 +77,15 @@ struct ServeCommand: AsyncParsableCommand {
     var vhostUserBlk: [String] = []
     @Option(help: ArgumentHelp("Queues each vhost-user-blk device offers (QEMU's num-queues may use up to this many).", valueName: "n"))
     var vhostUserQueues: Int = 4
+    @Flag(help: "With --rados: wait (up to --take-over-wait) for the server that owns the store to hand it over (SIGTERM stops it cleanly) or for its lock to expire, then fence it if it did not hand over, replay the journal and serve.")
+    var takeOver = false
+    @Option(help: ArgumentHelp("With --take-over: seconds to wait for the owner to hand over.", valueName: "seconds"))
+    var takeOverWait: Int = 60
+    @Flag(help: "With --take-over: declare the owner dead now: blocklist it in the cluster and break its lock, without waiting. Only when that host is known to be down or stuck.")
+    var force = false
+    // Hidden: for tests. How long the RADOS lock lasts without a renewal (renewed every third of it).
+    @Option(help: ArgumentHelp("With --rados: seconds the store's lock lasts unless renewed (default 30).", visibility: .hidden))
+    var lockDuration: Int = 30
     @OptionGroup var store: StoreOptions
 
     /// --vhost-user-blk SOCKET=EXPORT, split at the last '=' (export names never hold one).
@@ -94,6 +108,10 @@ struct ServeCommand: AsyncParsableCommand {
     }
 
     func validate() throws {
+        if (takeOver || force) && store.rados.pool == nil { throw ValidationError("--take-over and --force need --rados POOL") }
+        if force && !takeOver { throw ValidationError("--force goes with --take-over") }
+        guard (0...3600).contains(takeOverWait) else { throw ValidationError("--take-over-wait: expected 0...3600 seconds, got \(takeOverWait)") }
+        guard (2...600).contains(lockDuration) else { throw ValidationError("--lock-duration: expected 2...600 seconds, got \(lockDuration)") }
         if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("--tls-cert and --tls-key go together") }
         if tlsRequired && tlsCert == nil { throw ValidationError("--tls-required needs --tls-cert and --tls-key") }
         if let listen { _ = try Self.parseListen(listen) }
@@ -225,7 +243,7 @@ struct ServeCommand: AsyncParsableCommand {
     func run() async throws {
         // Before anything can announce "serving": a SIGTERM sent the moment a supervisor sees that
         // line must stop the server cleanly, not kill it with the default action.
-        let stopSignals = SignalWaiter(for: [SIGINT, SIGTERM])
+        let stopEvents = StopWaiter(signals: [SIGINT, SIGTERM])
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
@@ -245,7 +263,36 @@ struct ServeCommand: AsyncParsableCommand {
         }
         if let metadataCache { options.metadataCacheBytes = Int(try parseSize(metadataCache, option: "--metadata-cache")) }
         let opened: Store
-        do { opened = try Store.open(path: storePath, options: options) } catch { fail(ControlFailure(error), json: false) }
+        var servedStore = storePath
+        if let location = self.store.rados.location {
+            servedStore = location.description
+            do {
+                try ensureHostDirectory(storePath)
+                let ownership: RadosOwnership = takeOver ? .takeOver(waitingUpTo: Double(takeOverWait), force: force) : .acquire
+                if takeOver {
+                    logger.notice("taking the store over", metadata: ["store": "\(location)", "force": "\(force)", "wait": "\(takeOverWait) s"])
+                }
+                let result = try openRadosStore(location, options: options, create: false, ownership: ownership,
+                                                lockDurationSeconds: lockDuration,
+                                                onLockLost: { reason in stopEvents.post(.lockLost(reason)) },
+                                                whileWaiting: { holders in
+                    logger.notice("waiting for the owner to hand the store over", metadata: [
+                        "store": "\(location)", "owner": "\(holders.map { "\($0.client) at \($0.address)" }.joined(separator: ", "))"])
+                })
+                opened = result.store
+                let fenced = result.fenced
+                if !fenced.isEmpty {
+                    logger.warning("fenced the previous owner (blocklisted in the cluster): it did not hand the store over",
+                                   metadata: ["store": "\(location)", "blocklisted": "\(fenced.joined(separator: ", "))"])
+                }
+                logger.notice("owning the store", metadata: ["store": "\(location)", "lock": "\(RadosDirectory.lockObject)",
+                                                            "lock-duration": "\(lockDuration) s"])
+            } catch {
+                fail(ControlFailure(error), json: false)
+            }
+        } else {
+            do { opened = try Store.open(path: storePath, options: options) } catch { fail(ControlFailure(error), json: false) }
+        }
         let store = opened
         for warning in store.recoveryWarnings { logger.warning("\(warning)") }
 
@@ -279,7 +326,7 @@ struct ServeCommand: AsyncParsableCommand {
         var addresses: [String] = []
         if let tcp { addresses.append("\(tcp.host):\(nbd.tcpPort ?? tcp.port)") }
         if let unix { addresses.append("unix:\(absolutePath(unix))") }
-        let status = ServerStatus(pid: getpid(), storePath: storePath, nbdAddresses: addresses)
+        let status = ServerStatus(pid: getpid(), storePath: servedStore, nbdAddresses: addresses)
         let cleanPageInterface = ControlService.cleanPageInterface(cache: cache, store: store, tenancy: tenancy)
         let control = ControlServer(socketPath: ControlClient.socketPath(forStore: storePath),
                                     service: ControlService(store: store, storePath: storePath, cache: cache, status: status,
@@ -347,19 +394,33 @@ struct ServeCommand: AsyncParsableCommand {
             metricsServer = server
             logger.notice("metrics", metadata: ["url": "http://\(host):\(server.port ?? port)/metrics"])
         }
-        logger.notice("serving", metadata: ["store": "\(storePath)", "nbd": "\(addresses.joined(separator: ", "))",
+        logger.notice("serving", metadata: ["store": "\(servedStore)", "nbd": "\(addresses.joined(separator: ", "))",
                                             "volumes": "\(store.list().count)"])
 
-        let signalNumber = await stopSignals.first()
-        logger.notice("shutting down", metadata: ["signal": "\(signalNumber)"])
+        let stopReason = await stopEvents.first()
+        switch stopReason {
+        case .signal(let number):
+            logger.notice("shutting down", metadata: ["signal": "\(number)"])
+        case .lockLost(let reason):
+            // Another server owns the store now (or may, once the lock expired): nothing may be
+            // committed from here on. The store already refuses every change; stop serving.
+            logger.critical("lost the ownership of the store: refusing every write, closing NBD connections and exiting",
+                            metadata: ["store": "\(servedStore)", "reason": "\(reason)"])
+        }
         // The guests' queues stop first: nothing writes once the store starts closing.
         for server in vhostServers { server.stop() }
         await nbd.stop()
         await metricsServer?.stop()
         control.stop()
         do { try tenancy.persist() } catch { logger.error("saving accounting state failed: \(error)") }
+        if case .lockLost = stopReason {
+            // Nothing is committed; the lock, no longer ours, is not released.
+            _ = try? store.close()
+            logger.error("stopped without committing: this server no longer owns the store", metadata: ["store": "\(servedStore)"])
+            throw ExitCode(1)
+        }
         do {
-            try store.close()   // flushes and checkpoints
+            try store.close()   // flushes, checkpoints and (on RADOS) releases the lock: the handover
         } catch {
             logger.error("closing the store failed: \(error)")
             throw ExitCode(1)
@@ -368,32 +429,48 @@ struct ServeCommand: AsyncParsableCommand {
     }
 }
 
-/// Turns SIGINT/SIGTERM into an async event (DispatchSource: no work in a signal handler). The
-/// signals are caught from `init` on; one that arrives before `first()` is waited for is kept.
-final class SignalWaiter {
-    private let sources: [any DispatchSourceSignal]
-    private let stream: AsyncStream<Int32>
+/// Why the server stops.
+enum StopReason: Sendable {
+    case signal(Int32)
+    /// The store's RADOS lock was lost (taken over, broken, blocklisted or expired).
+    case lockLost(String)
+}
 
-    init(for signals: [Int32]) {
+/// Turns SIGINT/SIGTERM, and a lost store lock, into an async event (DispatchSource: no work in a
+/// signal handler). The signals are caught from `init` on; an event that arrives before `first()`
+/// is waited for is kept. Unchecked Sendable: `sources` is only written in `init`, and the stream
+/// and its continuation are thread-safe.
+final class StopWaiter: @unchecked Sendable {
+    private let sources: [any DispatchSourceSignal]
+    private let stream: AsyncStream<StopReason>
+    private let continuation: AsyncStream<StopReason>.Continuation
+
+    init(signals: [Int32]) {
         let queue = DispatchQueue(label: "vbd.signals")
-        let (stream, continuation) = AsyncStream.makeStream(of: Int32.self)
+        let (stream, continuation) = AsyncStream.makeStream(of: StopReason.self)
         var sources: [any DispatchSourceSignal] = []
         for number in signals {
             signal(number, SIG_IGN)   // the default action would kill us before the source sees it
             let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
-            source.setEventHandler { continuation.yield(number) }
+            source.setEventHandler { continuation.yield(.signal(number)) }
             source.resume()
             sources.append(source)
         }
         self.sources = sources
         self.stream = stream
+        self.continuation = continuation
     }
 
-    /// The first signal caught; stops catching them.
-    func first() async -> Int32 {
-        var first: Int32 = 0
-        for await number in stream {
-            first = number
+    /// Reports an event other than a signal (from any thread).
+    func post(_ reason: StopReason) {
+        continuation.yield(reason)
+    }
+
+    /// The first event; stops catching signals.
+    func first() async -> StopReason {
+        var first = StopReason.signal(0)
+        for await reason in stream {
+            first = reason
             break
         }
         for source in sources { source.cancel() }

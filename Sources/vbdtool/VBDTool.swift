@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import VBDControl
 import VBDCore
+import VBDRados
 import VBDStore
 
 #if canImport(Glibc)
@@ -32,10 +33,11 @@ struct VBDTool: AsyncParsableCommand {
     )
 }
 
-/// `--store PATH` (or $VBD_STORE, or ./vbd-data).
+/// `--store PATH` (or $VBD_STORE, or ./vbd-data), and `--rados POOL ...` for a store in Ceph.
 struct StoreOptions: ParsableArguments {
-    @Option(name: .long, help: ArgumentHelp("Store directory (default: $VBD_STORE, else ./vbd-data).", valueName: "path"))
+    @Option(name: .long, help: ArgumentHelp("Store directory (default: $VBD_STORE, else ./vbd-data). With --rados: this host's directory for the control socket and the accounting state (created if missing).", valueName: "path"))
     var store: String?
+    @OptionGroup var rados: RadosOptions
 
     static let environmentVariable = "VBD_STORE"
     static let defaultPath = "./vbd-data"
@@ -51,6 +53,70 @@ struct StoreOptions: ParsableArguments {
 struct OutputOptions: ParsableArguments {
     @Flag(name: .long, help: "Print machine-readable JSON instead of a table.")
     var json = false
+}
+
+/// `--rados POOL [--ceph-conf FILE] [--ceph-user NAME] [--namespace NS]`: the store lives in a
+/// namespace of a Ceph RADOS pool (docs/RADOS.md) instead of the files under --store.
+struct RadosOptions: ParsableArguments {
+    @Option(name: .customLong("rados"), help: ArgumentHelp("Keep the store in this Ceph RADOS pool (one store per --namespace) instead of local files.", valueName: "pool"))
+    var pool: String?
+    @Option(name: .customLong("ceph-conf"), help: ArgumentHelp("With --rados: the ceph.conf naming the monitors and the keyring (default: $CEPH_CONF, else /etc/ceph/ceph.conf).", valueName: "file"))
+    var configurationFile: String?
+    @Option(name: .customLong("ceph-user"), help: ArgumentHelp("With --rados: the cephx user, without 'client.' (default admin).", valueName: "name"))
+    var user: String?
+    @Option(name: .customLong("namespace"), help: ArgumentHelp("With --rados: the pool namespace that holds the store (default '\(RadosOptions.defaultNamespace)').", valueName: "ns"))
+    var namespace: String?
+
+    static let defaultNamespace = "default"
+
+    func validate() throws {
+        if pool == nil {
+            for (option, value) in [("--ceph-conf", configurationFile), ("--ceph-user", user), ("--namespace", namespace)] where value != nil {
+                throw ValidationError("\(option) needs --rados POOL")
+            }
+            return
+        }
+        if pool!.isEmpty { throw ValidationError("--rados: the pool name is empty") }
+        if let configurationFile, access(configurationFile, R_OK) != 0 {
+            throw ValidationError("--ceph-conf: cannot read '\(configurationFile)': \(String(cString: strerror(errno)))")
+        }
+    }
+
+    /// The store's place in the cluster; nil for a store in local files.
+    var location: RadosStoreLocation? {
+        guard let pool else { return nil }
+        let environment = ProcessInfo.processInfo.environment["CEPH_CONF"].flatMap { $0.isEmpty ? nil : $0 }
+        return RadosStoreLocation(configurationFile: absolutePath(configurationFile ?? environment ?? "/etc/ceph/ceph.conf"),
+                                  user: user ?? "admin", pool: pool, namespace: namespace ?? Self.defaultNamespace)
+    }
+}
+
+/// Opens the RADOS store at `location` (for `init`, `serve`, and the commands that find no server);
+/// errors become failures that name the store and say what to do.
+func openRadosStore(_ location: RadosStoreLocation, options: Store.Options, create: Bool,
+                    ownership: RadosOwnership = .acquire, lockDurationSeconds: Int = 30,
+                    onLockLost: @escaping @Sendable (String) -> Void = { _ in },
+                    whileWaiting: ([RadosLockHolder]) -> Void = { _ in }) throws(ControlFailure) -> (store: Store, fenced: [String]) {
+    do {
+        return try RadosStore.open(location, options: options, create: create, ownership: ownership,
+                                   lockDurationSeconds: lockDurationSeconds, onLockLost: onLockLost, whileWaiting: whileWaiting)
+    } catch StoreError.notInitialized {
+        throw ControlFailure(code: "not-initialized",
+                             message: "no store at \(location): run `vbdtool init --rados \(location.pool) --namespace \(location.namespace)` first")
+    } catch StoreError.alreadyInitialized {
+        throw ControlFailure(code: "already-initialized", message: "a store already exists at \(location)")
+    } catch let error as RadosError {
+        throw ControlFailure(code: "io", message: "\(location) (\(location.configurationFile)): \(error)")
+    } catch {
+        throw ControlFailure(error)
+    }
+}
+
+/// Creates the host's directory of a RADOS store (control socket, accounting state) if missing.
+func ensureHostDirectory(_ path: String) throws(ControlFailure) {
+    do { try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true) } catch {
+        throw ControlFailure(code: "io", message: "cannot create the directory \(path) for the control socket and accounting state: \(error.localizedDescription)")
+    }
 }
 
 func absolutePath(_ path: String) -> String {
@@ -84,7 +150,11 @@ func perform(_ request: ControlRequest, store: StoreOptions, output: OutputOptio
              options: Store.Options = Store.Options()) throws -> ControlResult {
     let renderer = ProgressRenderer(enabled: !output.json && isatty(STDOUT_FILENO) == 1 && isatty(STDERR_FILENO) == 1)
     do {
-        let result = try ControlClient.run(request, storePath: store.path, options: options) { renderer.update($0) }
+        if store.rados.location != nil { try ensureHostDirectory(store.path) }
+        let opener: ((Store.Options) throws -> Store)? = store.rados.location.map { location in
+            { options in try openRadosStore(location, options: options, create: false).store }
+        }
+        let result = try ControlClient.run(request, storePath: store.path, options: options, openStore: opener) { renderer.update($0) }
         renderer.finish()
         return result
     } catch {

@@ -164,6 +164,37 @@ extension StorageFile {
         b.unlock()
     }
 
+    /// The handover `vbdtool serve --take-over` does: B starts waiting while A still owns the
+    /// store, then A unlocks cleanly. B must not fence A, although it saw A holding the lock.
+    @Test func handoverWhileTheTakerWaitsFencesNobody() throws {
+        let hostA = try cluster.connect(), hostB = try cluster.connect()
+        let poolA = try cluster.freshPool(hostA, prefix: "waiting")
+        // Long enough that only A's release, never its expiry, can let B in.
+        let a = RadosDirectory(pool: poolA, stripeBytes: 4096, lockDurationSeconds: 60)
+        let b = RadosDirectory(pool: try hostB.openPool("vbd", namespace: poolA.namespace), stripeBytes: 4096, lockDurationSeconds: 60)
+        try a.lockExclusive()
+        let seenHolders = Mutex<[RadosLockHolder]>([])
+        let waiting = DispatchSemaphore(value: 0), done = DispatchSemaphore(value: 0)
+        let outcome = Mutex<Result<[String], StorageError>?>(nil)
+        DispatchQueue.global().async {
+            let result = Result { () throws(StorageError) in
+                try b.takeOver(waitingUpTo: 30) { holders in
+                    seenHolders.withLock { $0 = holders }
+                    waiting.signal()
+                }
+            }
+            outcome.withLock { $0 = result }
+            done.signal()
+        }
+        try #require(waiting.wait(timeout: .now() + 30) == .success, "B never found the lock taken")
+        #expect(seenHolders.withLock { $0.count } == 1)
+        a.unlock()
+        try #require(done.wait(timeout: .now() + 40) == .success, "B's takeover did not return")
+        #expect(try outcome.withLock { $0 }!.get() == [])
+        try poolA.writeFull("a-still-works", [4])   // A's client was not blocklisted
+        b.unlock()
+    }
+
     /// A server that stops renewing (hung, cut off) loses its volume: after the lock expires the
     /// other server takes it over and blocklists the old one, whose writes then fail in the OSD;
     /// the old server's own directory refuses to commit.

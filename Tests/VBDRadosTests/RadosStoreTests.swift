@@ -67,6 +67,31 @@ import VBDStore
         try store.close()
     }
 
+    /// `RadosStore.open`, as vbdtool opens a store: a missing store is named by its location, a
+    /// second owner is refused with the owner's name, and after the owner closes the store the next
+    /// one opens it without fencing anybody.
+    @Test func radosStoreOpenNamesTheOwnerAndHandsOverCleanly() throws {
+        let location = RadosStoreLocation(configurationFile: cluster.configurationFile, pool: "vbd",
+                                          namespace: "open-" + UUID().uuidString.prefix(8).lowercased())
+        #expect(throws: StoreError.notInitialized(path: location.description)) {
+            _ = try RadosStore.open(location, options: options(), create: false)
+        }
+        let (a, fencedByA) = try RadosStore.open(location, options: options(), create: true)
+        #expect(fencedByA == [])
+        try a.createVolume(name: "vm0", size: 1 << 20)
+        do {
+            _ = try RadosStore.open(location, options: options(), create: false)
+            Issue.record("a second owner was let in")
+        } catch let StoreError.locked(message) {
+            #expect(message.contains("is owned by client."), "\(message)")
+        }
+        try a.close()
+        let (b, fencedByB) = try RadosStore.open(location, options: options(), create: false)
+        #expect(fencedByB == [])
+        #expect(b.list().map(\.name) == ["vm0"])
+        try b.close()
+    }
+
     /// Host A hangs with the store open. Host B takes the store over once A's lock expired, replays
     /// A's journal and has every write A flushed; A, when it wakes up, can no longer commit.
     @Test func takeoverFromAHungHostKeepsFlushedWritesAndFencesIt() throws {
