@@ -21,19 +21,22 @@ extension Store {
     /// pages without the lock, adds them to the cache, and repeats until the probe misses
     /// nothing or after `pageProbeRoundsMax` rounds. `probe` must only read metadata; it is told
     /// to carry on past a `PageMiss` (each item in its own `try?`) so that one round finds the
-    /// misses of all its items. Skipped while nothing was read from `meta` since the last probe and while the cache has never evicted a page: then the working set is cached,
-    /// and the probe would only cost CPU.
+    /// misses of all its items. Skipped (without taking the lock) once a probe found everything
+    /// cached and the cache never evicted a page, until a page is read in place or evicted: then
+    /// the working set is cached, and the probe would only cost CPU and a lock hold.
     func loadPagesOutsideLock(_ probe: () -> Void) {
+        guard pageProbeWanted.load(ordering: .relaxed) else { return }
         var loaded: [(PageMiss, any MetadataPageObject)] = []
         for round in 0...Self.pageProbeRoundsMax {
             let misses: [PageMiss] = mutex.withLock {
                 for (miss, object) in loaded { pager.adopt(miss, object) }
-                guard round < Self.pageProbeRoundsMax, pager.evictions > 0 || pager.reads != pageReadsAtLastProbe else { return [] }
+                guard round < Self.pageProbeRoundsMax else { return [] }
                 pager.missesThrow = true
                 probe()
                 pager.missesThrow = false
-                pageReadsAtLastProbe = pager.reads
-                return pager.takeMisses()
+                let misses = pager.takeMisses()
+                if misses.isEmpty && pager.evictions == 0 { pageProbeWanted.store(false, ordering: .relaxed) }
+                return misses
             }
             guard !misses.isEmpty else { return }
             loaded = []

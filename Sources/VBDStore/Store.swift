@@ -151,8 +151,10 @@ public final class Store: @unchecked Sendable {
     /// New contents (by hash) that writes in flight found unstored in phase B and have not yet
     /// published (phase F): one entry per content, so bounded by the blocks of requests in flight.
     var newContentInFlight: [ContentHash: NewContentClaim] = [:]
-    /// `pager.reads` when the last probe ended (Store+PageMisses.swift).
-    var pageReadsAtLastProbe = -1
+    /// Whether the block I/O paths probe for uncached metadata pages before their locked steps
+    /// (Store+PageMisses.swift): off once a probe found everything cached with nothing ever
+    /// evicted, on again when a page is read in place or evicted.
+    let pageProbeWanted = Atomic<Bool>(true)
     /// Incomplete volumes (see `createIncompleteVolume`) whose filler is running in this process.
     var incompleteInUse: Set<String> = []
     /// Why writes are refused: an earlier failure, or a read-only open.
@@ -246,9 +248,12 @@ public final class Store: @unchecked Sendable {
             try mutex.withLock { () throws in
                 if create {
                     try commitHoldingLock()
+                    // Every page of a new store is in memory: nothing to probe for until one is evicted.
+                    pageProbeWanted.store(false, ordering: .relaxed)
                 } else {
                     try recover()
                 }
+                pager.readInPlace = { [weak self] in self?.pageProbeWanted.store(true, ordering: .relaxed) }
             }
             if !options.readOnly { refillSpaceReserve() }
         } catch {

@@ -279,6 +279,29 @@ private func blob(_ seed: UInt64, _ n: Int = 100) -> [UInt8] {
         #expect(h.pager.measuredResidentBytes <= budget + 4096 + MetadataPager.frameOverheadBytes)
     }
 
+    /// Page-table pages are never evicted: a commit looks up the entry of each page it writes
+    /// under the store lock, which must not wait for reads. Reading an evicted content page
+    /// then reads that page alone.
+    @Test func pageTablePagesStayCachedWhileContentPagesGo() throws {
+        let h = try PagerHarness(seed: 12)
+        var pages: [PageNumber] = []
+        for k in 0..<2000 as Range<UInt64> { pages.append(try h.pager.allocate(BlobPage(bytes: blob(k, 50)))) }
+        try h.commit()
+        try h.reopen()   // nothing cached
+        for p in pages { _ = try h.pager.read(p, as: BlobPage.self) }
+        h.pager.budgetBytes = 1
+        while !h.pager.trim() {}
+        let tablePages = h.pager.cachedPageCount
+        #expect(tablePages >= 2000 / PageTable.fanout, "the page table's pages are still cached")
+        #expect(tablePages < 2000 / PageTable.fanout + 4)
+        let before = h.pager.reads
+        for p in pages.prefix(50) {
+            _ = try h.pager.read(p, as: BlobPage.self)
+            h.pager.trim()
+        }
+        #expect(h.pager.reads == before + 50, "one read per content page, none for its page-table page")
+    }
+
     /// A commit visits the pages that changed, each once, whatever else is cached: pages changed
     /// twice, freed after changing, or new since the last commit.
     @Test func aCommitTakesEachChangedPageOnceAmongManyCleanOnes() throws {
