@@ -313,13 +313,7 @@ struct PagedDedupIndex: Equatable {
         var page = PageNumber(try buckets.get(bucket, pager: pager))
         while page != .none {
             let b = try pager.read(page, as: DedupBucketPage.self)
-            // Scanned through buffer pointers: this loop over ~190 entries was half of a removal's samples.
-            let found = b.chunks.withUnsafeBufferPointer { chunks in
-                b.fingerprints.withUnsafeBufferPointer { fingerprints in
-                    chunks.indices.first { chunks[$0] == chunk && fingerprints[$0] == fp }
-                }
-            }
-            if let k = found {
+            if let k = (0..<b.chunks.count).first(where: { b.chunks[$0] == chunk && b.fingerprints[$0] == fp }) {
                 let w = try pager.writable(page, as: DedupBucketPage.self)
                 w.chunks.swapAt(k, w.chunks.count - 1); w.chunks.removeLast()
                 w.fingerprints.swapAt(k, w.fingerprints.count - 1); w.fingerprints.removeLast()
