@@ -75,12 +75,34 @@ struct PagedArray<Element: PagedArrayElement>: Equatable {
     var root: PageNumber = .none
     /// 1 = the root is a leaf.
     var levels: Int = 1
+    /// The leaf `writableLeaf` handed out last. A write changes the records of consecutive chunk
+    /// numbers (and sector-map words) many times per request, so most calls hit it and skip the
+    /// descent. Not part of the array's value (`==` ignores it).
+    private var lastWritable: WritableLeaf?
+
+    /// A leaf made writable in the pager's generation `generation`. It is still the object to
+    /// change while the pager is in that generation: a dirty page is neither evicted nor frozen
+    /// until a commit begins, which starts the next generation (and generations only grow).
+    private struct WritableLeaf {
+        let pager: MetadataPager
+        let generation: UInt64
+        let first: UInt64
+        let leaf: Leaf
+
+        func holds(_ index: UInt64, in pager: MetadataPager) -> Leaf? {
+            guard pager === self.pager, pager.nextGeneration == generation,
+                  index >= first, index - first < UInt64(Leaf.capacity) else { return nil }
+            return leaf
+        }
+    }
 
     init() {}
     init(root: PageNumber, levels: Int) {
         self.root = root
         self.levels = levels
     }
+
+    static func == (a: PagedArray, b: PagedArray) -> Bool { a.root == b.root && a.levels == b.levels }
 
     typealias Leaf = ArrayLeafPage<Element>
 
@@ -96,6 +118,7 @@ struct PagedArray<Element: PagedArrayElement>: Equatable {
     }
 
     func get(_ index: UInt64, pager: MetadataPager) throws -> Element {
+        if let leaf = lastWritable?.holds(index, in: pager) { return leaf.elements[Int(index % UInt64(Leaf.capacity))] }
         guard index < Self.capacity(levels: levels) else { return .zero }
         var page = root
         var level = levels
@@ -112,6 +135,7 @@ struct PagedArray<Element: PagedArrayElement>: Equatable {
 
     /// The leaf holding `index`, for changing it in place (created if absent), and the position in it.
     mutating func writableLeaf(_ index: UInt64, pager: MetadataPager) throws -> (Leaf, Int) {
+        if let leaf = lastWritable?.holds(index, in: pager) { return (leaf, Int(index % UInt64(Leaf.capacity))) }
         while index >= Self.capacity(levels: levels) {
             if root != .none {
                 let top = ArrayInteriorPage()
@@ -137,7 +161,9 @@ struct PagedArray<Element: PagedArrayElement>: Equatable {
             i %= span
             level -= 1
         }
-        return (try pager.writable(page, as: Leaf.self), Int(i))
+        let leaf = try pager.writable(page, as: Leaf.self)
+        lastWritable = WritableLeaf(pager: pager, generation: pager.nextGeneration, first: index - i, leaf: leaf)
+        return (leaf, Int(i))
     }
 
     mutating func set(_ index: UInt64, _ value: Element, pager: MetadataPager) throws {

@@ -181,48 +181,78 @@ struct MapRoot: Equatable {
     /// Maps `block` to `chunk`. The caller has already counted one reference to `chunk` for this
     /// slot; the chunk previously there loses one.
     mutating func update(_ block: UInt64, to chunk: UInt64, pager: MetadataPager, _ refs: ChunkReferenceCounter) throws {
-        if chunk == 0 && page == .none { return }
+        try update([BlockMapping(block: block, chunk: chunk)], pager: pager, refs)
+    }
+
+    /// `update` for each mapping in order. A run of consecutive mappings whose blocks share a leaf
+    /// (a sequential write's blocks) is applied with one descent and at most one page made
+    /// writable, instead of one of each per block.
+    mutating func update(_ mappings: [BlockMapping], pager: MetadataPager, _ refs: ChunkReferenceCounter) throws {
+        var start = mappings.startIndex
+        while start < mappings.endIndex {
+            let leaf = mappings[start].block >> UInt64(MapGeometry.fanoutShift)
+            var end = start + 1
+            while end < mappings.endIndex && mappings[end].block >> UInt64(MapGeometry.fanoutShift) == leaf { end += 1 }
+            try updateRun(mappings[start..<end], pager: pager, refs)
+            start = end
+        }
+    }
+
+    /// Applies mappings whose blocks are all in one leaf.
+    private mutating func updateRun(_ run: ArraySlice<BlockMapping>, pager: MetadataPager, _ refs: ChunkReferenceCounter) throws {
+        let unmapsOnly = !run.contains { $0.chunk != 0 }
+        if unmapsOnly && page == .none { return }
         if page == .none { page = try Self.newNode(level: levels, pager: pager) }
         if try pager.refcount(page) > 1 {
             // Unmapping what is not mapped needs no private copy.
-            if chunk == 0, try lookup(block, pager: pager) == 0 { return }
+            if unmapsOnly, try !run.contains(where: { try lookup($0.block, pager: pager) != 0 }) { return }
             page = try Self.shadow(page, level: levels, pager: pager, refs)
         }
-        if try Self.update(page, level: levels, block: block, chunk: chunk, pager: pager, refs) {
+        if try Self.updateRun(page, level: levels, run, pager: pager, refs) {
             try Self.releaseNode(page, level: levels, pager: pager, refs)
             page = .none
         }
     }
 
-    /// Returns true when the node at `page` became empty (the caller drops it).
-    private static func update(_ page: PageNumber, level: Int, block: UInt64, chunk: UInt64,
-                               pager: MetadataPager, _ refs: ChunkReferenceCounter) throws -> Bool {
-        let i = slot(block, level: level)
+    /// Returns true when the node at `page` became empty (the caller drops it). `run`'s blocks
+    /// are all in one leaf, so they take the same slot at every level above it.
+    private static func updateRun(_ page: PageNumber, level: Int, _ run: ArraySlice<BlockMapping>,
+                                  pager: MetadataPager, _ refs: ChunkReferenceCounter) throws -> Bool {
         if level == 1 {
-            let old = try pager.read(page, as: MapLeafPage.self).slots[i]
-            if old == chunk {
-                if chunk != 0 { try refs.releaseChunk(chunk) }   // the caller's extra reference
-                return false
+            let current = try pager.read(page, as: MapLeafPage.self)
+            var leaf: MapLeafPage?   // made writable at the first slot that really changes
+            for m in run {
+                let i = slot(m.block, level: 1)
+                let old = (leaf ?? current).slots[i]
+                if old == m.chunk {
+                    if m.chunk != 0 { try refs.releaseChunk(m.chunk) }   // the caller's extra reference
+                    continue
+                }
+                let changing = try leaf ?? pager.writable(page, as: MapLeafPage.self)
+                leaf = changing
+                changing.slots[i] = m.chunk
+                if old != 0 { try refs.releaseChunk(old) } else { changing.populated += 1 }
+                if m.chunk == 0 { changing.populated -= 1 }
             }
-            let leaf = try pager.writable(page, as: MapLeafPage.self)
-            leaf.slots[i] = chunk
-            if old != 0 { try refs.releaseChunk(old) } else { leaf.populated += 1 }
-            if chunk == 0 { leaf.populated -= 1 }
-            return leaf.populated == 0
+            return leaf.map { $0.populated == 0 } ?? false
         }
+        let i = slot(run[run.startIndex].block, level: level)
         var child = PageNumber(try pager.read(page, as: MapInteriorPage.self).slots[i])
+        let unmapsOnly = !run.contains { $0.chunk != 0 }
         if child == .none {
-            if chunk == 0 { return false }
+            if unmapsOnly { return false }
             child = try newNode(level: level - 1, pager: pager)
             let node = try pager.writable(page, as: MapInteriorPage.self)
             node.slots[i] = child.rawValue
             node.populated += 1
         } else if try pager.refcount(child) > 1 {
-            if chunk == 0, try MapRoot(page: child, levels: level - 1).lookup(block, pager: pager) == 0 { return false }
+            if unmapsOnly, try !run.contains(where: { try MapRoot(page: child, levels: level - 1).lookup($0.block, pager: pager) != 0 }) {
+                return false
+            }
             child = try shadow(child, level: level - 1, pager: pager, refs)
             try pager.writable(page, as: MapInteriorPage.self).slots[i] = child.rawValue
         }
-        if try update(child, level: level - 1, block: block, chunk: chunk, pager: pager, refs) {
+        if try updateRun(child, level: level - 1, run, pager: pager, refs) {
             try releaseNode(child, level: level - 1, pager: pager, refs)
             let node = try pager.writable(page, as: MapInteriorPage.self)
             node.slots[i] = 0

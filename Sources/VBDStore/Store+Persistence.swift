@@ -41,7 +41,7 @@ extension Store {
                 }
             }
             for m in mappings where m.chunk != 0 { try retainChunk(m.chunk) }
-            for m in mappings { try image.root.update(m.block, to: m.chunk, pager: pager, self) }
+            try image.root.update(mappings, pager: pager, self)
         case let .clear(imageID, start, count):
             guard let image = images[imageID] else { throw StoreError.corrupted("journal clears unknown image \(imageID)") }
             try image.root.clear(start: start, count: count, pager: pager, self)

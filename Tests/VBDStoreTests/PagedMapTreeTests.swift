@@ -76,7 +76,31 @@ private func checkInvariants(_ images: [Int: ModelImage], pager: MetadataPager, 
         for step in 0..<1500 {
             let ids = images.keys.sorted()
             switch below(100) {
-            case 0..<60:   // write one block (a cluster of blocks so leaves are shared and split)
+            case 0..<30:   // a batch, as a write request's record applies it: several blocks in one
+                           // leaf, some twice, some unmapped, some to the chunk they hold, runs across leaves
+                guard let id = ids.randomElement(using: &g) else { break }
+                var image = images[id]!
+                var block = UInt64(below(Int(image.blocks)))
+                var batch: [BlockMapping] = []
+                for _ in 0..<(1 + below(40)) {
+                    switch below(10) {
+                    case 0: block = UInt64(below(Int(image.blocks)))
+                    case 1: block = batch.randomElement(using: &g)?.block ?? block
+                    default: block = min(block + 1, image.blocks - 1)
+                    }
+                    let chunk: UInt64 = switch below(10) {
+                    case 0: 0
+                    case 1: zeroAllocatedChunk
+                    case 2: image.expected[block] ?? 0
+                    default: UInt64(1 + below(300))
+                    }
+                    batch.append(BlockMapping(block: block, chunk: chunk))
+                    image.expected[block] = chunk == 0 ? nil : chunk
+                }
+                for m in batch { refs.retainChunk(m.chunk) }   // the record retains all, then maps
+                try image.root.update(batch, pager: pager, refs)
+                images[id] = image
+            case 30..<60:  // write one block (a cluster of blocks so leaves are shared and split)
                 guard let id = ids.randomElement(using: &g) else { break }
                 var image = images[id]!
                 let block = UInt64(below(Int(image.blocks)))
