@@ -635,6 +635,11 @@ final class MetadataPager {
 
     var cachedPageCount: Int { frames.count }
 
+    /// What the cached page-table pages (never evicted) are counted at.
+    var pageTableBytes: Int {
+        frames.values.reduce(0) { $0 + ($1.kind == .pageTable || $1.kind == .pageDirectory ? $1.chargedBytes : 0) }
+    }
+
     /// Every cached frame measured now (tests compare it with `residentBytes`, which dirty pages
     /// that grew since they were charged may trail until the next commit takes them).
     var measuredResidentBytes: Int {
