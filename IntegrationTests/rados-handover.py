@@ -245,16 +245,21 @@ def scenario_killed(args, store_args):
               f"{writer.written} written in all; longest stall {writer.longest_stall:.2f} s "
               f"(includes starting B)", flush=True)
     finally:
-        if failures:
-            a.dump()
-            if b:
-                b.dump()
-        a.stop()
-        a.check_no_crash()
+        stop_both(a, b)
+
+
+def stop_both(a, b):
+    """Stops A and (if started) B, dumping their logs when a check failed; B must stop cleanly."""
+    if failures:
+        a.dump()
         if b:
-            b.stop()
-            b.check_no_crash()
-            check(b.process.returncode == 0 and b.logged("stopped cleanly"), "B did not stop cleanly")
+            b.dump()
+    a.stop()
+    a.check_no_crash()
+    if b:
+        b.stop()
+        b.check_no_crash()
+        check(b.process.returncode == 0 and b.logged("stopped cleanly"), "B did not stop cleanly")
 
 
 def scenario_orderly(args, store_args):
@@ -287,16 +292,7 @@ def scenario_orderly(args, store_args):
         print(f"orderly: {at_handover} blocks acknowledged when A was told to hand over, 0 lost; "
               f"{writer.written} written in all; longest stall {writer.longest_stall:.2f} s", flush=True)
     finally:
-        if failures:
-            a.dump()
-            if b:
-                b.dump()
-        a.stop()
-        a.check_no_crash()
-        if b:
-            b.stop()
-            b.check_no_crash()
-            check(b.process.returncode == 0 and b.logged("stopped cleanly"), "B did not stop cleanly")
+        stop_both(a, b)
 
 
 def scenario_fenced(args, store_args):
