@@ -217,17 +217,24 @@ class Writer(threading.Thread):
         return None
 
 
+def start_writer(a, args, b_socket, keep):
+    """Waits for A to serve and starts a writer on A that reconnects to B's socket; None on failure."""
+    if not check(a.wait_for("serving", 60), "A did not start serving"):
+        return None
+    writer = Writer([a.uri(), "nbd+unix:///vol?socket=" + os.path.join(args.tmp, b_socket)], keep=keep, blocks=args.blocks)
+    writer.start()
+    if not check(writer.milestone.wait(120) and writer.outcome is None, f"the writer never got going: {writer.outcome}"):
+        return None
+    return writer
+
+
 def scenario_killed(args, store_args):
     print("== killed: A dies with SIGKILL mid-write, B takes over with --force", flush=True)
     a = Server("killed-a", args, args.tmp, store_args)
     b = None
     try:
-        if not check(a.wait_for("serving", 60), "A did not start serving"):
-            return
-        writer = Writer([a.uri(), "nbd+unix:///vol?socket=" + os.path.join(args.tmp, "killed-b.sock")],
-                        keep="flushed", blocks=args.blocks)
-        writer.start()
-        if not check(writer.milestone.wait(120) and writer.outcome is None, f"the writer never got going: {writer.outcome}"):
+        writer = start_writer(a, args, "killed-b.sock", keep="flushed")
+        if not writer:
             return
         a.process.kill()
         a.process.wait()
@@ -267,12 +274,8 @@ def scenario_orderly(args, store_args):
     a = Server("orderly-a", args, args.tmp, store_args)
     b = None
     try:
-        if not check(a.wait_for("serving", 60), "A did not start serving"):
-            return
-        writer = Writer([a.uri(), "nbd+unix:///vol?socket=" + os.path.join(args.tmp, "orderly-b.sock")],
-                        keep="acknowledged", blocks=args.blocks)
-        writer.start()
-        if not check(writer.milestone.wait(120) and writer.outcome is None, f"the writer never got going: {writer.outcome}"):
+        writer = start_writer(a, args, "orderly-b.sock", keep="acknowledged")
+        if not writer:
             return
         b = Server("orderly-b", args, args.tmp, store_args, ["--take-over"])
         if not check(b.wait_for("waiting for the owner to hand the store over", 60), "B did not wait for A"):
