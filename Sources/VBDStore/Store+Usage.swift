@@ -79,58 +79,54 @@ extension Store {
             ids.map { id in images[id].map { ImageUsage(name: fullNameLocked($0.record), logicalBytes: $0.record.size) } }
         }
         var total = StoreUsage()
-        // Per chunk number of the pass: the blocks that hold it, and the one image holding it
-        // (index + 1), or `manyImages`.
-        let manyImages = UInt32.max
-        var holders: [UInt32] = []
-        var holderImage: [UInt32] = []
+        /// Calls `body` with each block of every image that maps a chunk of `range` (with the
+        /// image's index and the chunk's position in the range), a window of blocks per hold.
+        func forEachBlock(holding range: Range<UInt64>,
+                          _ body: (_ index: Int, _ image: Image, _ block: UInt64, _ chunk: UInt64, _ k: Int) throws -> Void) throws {
+            for (index, id) in ids.enumerated() where figures[index] != nil {
+                try forEachWindow(of: id) { image, start, blocks in
+                    var failure: (any Error)?
+                    try image.root.walk(start: start, count: blocks, pager: pager, chunkShared: { _, _ in false }) { block, _, chunk, _ in
+                        guard range.contains(chunk) else { return true }
+                        do { try body(index, image, block, chunk, Int(chunk - range.lowerBound)) } catch {
+                            failure = error
+                            return false
+                        }
+                        return true
+                    }
+                    if let failure { throw failure }
+                }
+            }
+        }
         var first: UInt64 = 1
         while true {
             let end = mutex.withLock { chunks.end }
             guard first < end else { break }
             let count = Int(min(chunksPerPass, end - first))
             let range = first..<(first + UInt64(count))
-            holders = Array(repeating: 0, count: count)
-            holderImage = Array(repeating: 0, count: count)
-            // Who holds each chunk of the range.
-            for (index, id) in ids.enumerated() where figures[index] != nil {
+            // Per chunk number of the range: the blocks that hold it, and the one image holding it
+            // (index + 1), or `manyImages`.
+            let manyImages = UInt32.max
+            var holders = [UInt32](repeating: 0, count: count)
+            var holderImage = [UInt32](repeating: 0, count: count)
+            try forEachBlock(holding: range) { index, _, _, _, k in
                 let me = UInt32(index + 1)
-                try forEachWindow(of: id) { image, start, blocks in
-                    try image.root.walk(start: start, count: blocks, pager: pager, chunkShared: { _, _ in false }) { _, _, chunk, _ in
-                        guard range.contains(chunk) else { return true }
-                        let k = Int(chunk - range.lowerBound)
-                        if holders[k] < UInt32.max { holders[k] += 1 }
-                        holderImage[k] = holderImage[k] == 0 || holderImage[k] == me ? me : manyImages
-                        return true
-                    }
-                }
+                if holders[k] < UInt32.max { holders[k] += 1 }
+                holderImage[k] = holderImage[k] == 0 || holderImage[k] == me ? me : manyImages
             }
             // Per image figures of the blocks holding a chunk of the range.
-            for (index, id) in ids.enumerated() where figures[index] != nil {
-                try forEachWindow(of: id) { image, start, blocks in
-                    let bs = UInt64(image.record.blockSize)
-                    var failure: (any Error)?
-                    try image.root.walk(start: start, count: blocks, pager: pager, chunkShared: { _, _ in false }) { block, _, chunk, _ in
-                        guard range.contains(chunk) else { return true }
-                        let k = Int(chunk - range.lowerBound)
-                        guard holders[k] > 0 else { return true }   // stored after the first walk passed
-                        let bytes = min(bs, image.record.size - block * bs)
-                        let sectorCount: Int
-                        do { sectorCount = try chunks.entry(chunk, pager: pager).sectorCount } catch {
-                            failure = error
-                            return false
-                        }
-                        figures[index]!.allocatedBytes += bytes
-                        if holders[k] == 1 {
-                            figures[index]!.uniqueBytes += bytes
-                        } else {
-                            figures[index]!.sharedBytes += bytes
-                        }
-                        figures[index]!.fairStoredBytes += Double(sectorCount * Limits.sectorBytes) / Double(holders[k])
-                        return true
-                    }
-                    if let failure { throw failure }
+            try forEachBlock(holding: range) { index, image, block, chunk, k in
+                guard holders[k] > 0 else { return }   // stored after the first walk passed
+                let bs = UInt64(image.record.blockSize)
+                let bytes = min(bs, image.record.size - block * bs)
+                let sectorCount = try chunks.entry(chunk, pager: pager).sectorCount
+                figures[index]!.allocatedBytes += bytes
+                if holders[k] == 1 {
+                    figures[index]!.uniqueBytes += bytes
+                } else {
+                    figures[index]!.sharedBytes += bytes
                 }
+                figures[index]!.fairStoredBytes += Double(sectorCount * Limits.sectorBytes) / Double(holders[k])
             }
             // The chunk table's records of the range, a run of leaves per hold: store-wide
             // figures, and the chunks only one image holds.
@@ -156,8 +152,6 @@ extension Store {
             }
             first = range.upperBound
         }
-        holders = []
-        holderImage = []
         for (index, id) in ids.enumerated() {
             // An image deleted during the walk is left out.
             guard let u = figures[index], mutex.withLock({ images[id] != nil }) else { continue }
