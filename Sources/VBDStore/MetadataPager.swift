@@ -76,6 +76,9 @@ enum PageKind: UInt16, CustomStringConvertible {
     case blob = 8
     case chunkRecords = 9
 
+    /// The page table's own pages (its entries and directories), as opposed to content pages.
+    var isStructural: Bool { self == .pageTable || self == .pageDirectory }
+
     var description: String {
         switch self {
         case .pageTable: return "page table"
@@ -463,7 +466,7 @@ final class MetadataPager {
     /// Reads `version` of `page` from its slot, checks it, decodes it.
     private func load<T: MetadataPageObject>(_ page: PageNumber, version: PageVersion, as: T.Type) throws -> T {
         reads += 1
-        readInPlace?()
+        onPageReadOrEvicted?()
         return try Self.readPage(page, version: version, kind: T.kind, from: file) { b throws(PageDecodingError) in try T(decoding: b) } as! T
     }
 
@@ -507,7 +510,7 @@ final class MetadataPager {
     /// Page-table pages are still read in place: few, and mostly cached.
     var missesThrow = false
     /// Called when a page is read in place or evicted: the store probes again (`Store.pageProbeWanted`).
-    var readInPlace: (() -> Void)?
+    var onPageReadOrEvicted: (() -> Void)?
     private(set) var misses: [PageMiss] = []
 
     /// Takes the misses noted so far (each page once).
@@ -539,7 +542,7 @@ final class MetadataPager {
             return object
         }
         let version = try version()
-        if missesThrow && T.kind != .pageTable && T.kind != .pageDirectory {
+        if missesThrow && !T.kind.isStructural {
             misses.append(PageMiss(page: page, version: version, kind: T.kind) { b throws(PageDecodingError) in try T(decoding: b) })
             throw misses.last!
         }
@@ -603,9 +606,8 @@ final class MetadataPager {
             }
             // Page-table pages stay once read: a commit looks up the entry of every page it
             // writes, and reading them back under the store lock cost a 32 M-chunk commit 713 ms.
-            // They are 1/254 of the pages they describe.
-            if frame.dirty || frame.frozen || frame.kind == .pageTable || frame.kind == .pageDirectory
-                || page == root.page || page == protected {
+            // They are 1/254 of the pages they describe. (The page table's root is one of them.)
+            if frame.dirty || frame.frozen || frame.kind.isStructural || page == protected {
                 clockHand += 1
                 fruitlessScans += 1
             } else if frame.referenced {
@@ -615,7 +617,7 @@ final class MetadataPager {
             } else {
                 dropFrame(page)
                 evictions += 1
-                readInPlace?()
+                onPageReadOrEvicted?()
                 fruitlessScans = 0
                 clock.swapAt(clockHand, clock.count - 1); clock.removeLast()
             }
@@ -637,7 +639,7 @@ final class MetadataPager {
 
     /// What the cached page-table pages (never evicted) are counted at.
     var pageTableBytes: Int {
-        frames.values.reduce(0) { $0 + ($1.kind == .pageTable || $1.kind == .pageDirectory ? $1.chargedBytes : 0) }
+        frames.values.reduce(0) { $0 + ($1.kind.isStructural ? $1.chargedBytes : 0) }
     }
 
     /// Every cached frame measured now (tests compare it with `residentBytes`, which dirty pages
@@ -848,7 +850,7 @@ final class MetadataPager {
         var tables: [UInt64: PageTablePage] = [:]
         let listed = dirtiedPages
         dirtiedPages = []   // what the loop dirties (page-table pages) is found by the walk below
-        for (page, frame) in listed where frame.dirty && frame.kind != .pageTable && frame.kind != .pageDirectory {
+        for (page, frame) in listed where frame.dirty && !frame.kind.isStructural {
             let first = page.rawValue / fanout * fanout
             let entries: PageTablePage
             if let known = tables[first] {
@@ -964,7 +966,7 @@ final class MetadataPager {
         commitInProgress = false
         guard revert else { return }
         root.version = batch.previousRootVersion
-        for p in batch.pages where p.kind != .pageTable && p.kind != .pageDirectory {
+        for p in batch.pages where !p.kind.isStructural {
             // The page-table page holding the entry is in the batch too: it is dirty again below.
             try? updateEntry(p.page) { $0.version = p.previousVersion }
         }

@@ -253,7 +253,7 @@ public final class Store: @unchecked Sendable {
                 } else {
                     try recover()
                 }
-                pager.readInPlace = { [weak self] in self?.pageProbeWanted.store(true, ordering: .relaxed) }
+                pager.onPageReadOrEvicted = { [weak self] in self?.pageProbeWanted.store(true, ordering: .relaxed) }
             }
             if !options.readOnly { refillSpaceReserve() }
         } catch {
