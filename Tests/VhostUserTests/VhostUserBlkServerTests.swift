@@ -223,13 +223,19 @@ func kickAndWait(kick: Int32, call: Int32, guest: GuestRing, used: UInt16) throw
         #expect(guest.bytes(at: write.status, count: 1) == [1])
     }
 
+    /// Tenancy with leases enforced and this process's uid mapped to `tenant` (as
+    /// `--peer-domain uid:N=DOMAIN` does).
+    private func tenancyEnforcingLeases(thisUIDAs tenant: DomainID) throws -> TenancyService {
+        try TenancyService(configuration: .init(resolver: DomainResolver(unixPeerDomains: [.uid(getuid()): .domain(tenant)]),
+                                                leasesEnforced: true))
+    }
+
     /// The door admits, lease-checks and charges through the same TenancyService calls as NBD:
     /// this process's uid is mapped to a domain (as `--peer-domain uid:N=DOMAIN` does).
     @Test func leasesAndChargesApplyToTheDoor() throws {
         let scratch = try ScratchStore()
         let tenant: DomainID = "tenant-a"
-        let tenancy = try TenancyService(configuration: .init(resolver: DomainResolver(unixPeerDomains: [.uid(getuid()): .domain(tenant)]),
-                                                              leasesEnforced: true))
+        let tenancy = try tenancyEnforcingLeases(thisUIDAs: tenant)
         let server = try server(scratch, tenancy: tenancy)
         defer { server.stop() }
         // Without a lease the front end is refused: the connection closes before any reply.
@@ -259,8 +265,7 @@ func kickAndWait(kick: Int32, call: Int32, guest: GuestRing, used: UInt16) throw
     @Test func aRevokedLeaseClosesTheConnection() throws {
         let scratch = try ScratchStore()
         let tenant: DomainID = "tenant-a"
-        let tenancy = try TenancyService(configuration: .init(resolver: DomainResolver(unixPeerDomains: [.uid(getuid()): .domain(tenant)]),
-                                                              leasesEnforced: true))
+        let tenancy = try tenancyEnforcingLeases(thisUIDAs: tenant)
         let server = try server(scratch, tenancy: tenancy)
         defer { server.stop() }
         try tenancy.grantLease(volume: "vol", domain: tenant, mode: .write, duration: .seconds(3600), actor: "test")
