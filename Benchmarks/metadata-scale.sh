@@ -10,7 +10,9 @@
 #    random writer of fresh data; `vbdtool gc` (a flush and a commit of every changed metadata
 #    page) runs STALL_GC_COUNT times (default 3) in the middle. Printed: the reader's largest
 #    latency, its p99.9, the same reader's largest latency with no gc and with no writer either
-#    (earlier runs: the machine's own noise), and how long each gc took. With
+#    (earlier runs: the machine's own noise), and how long each gc took; then, from fio's log of
+#    every read and the server's commit trace (both in wall-clock time), the largest latency of the
+#    reads that overlapped a commit (gc's or one the writer started) and of the others. With
 #    VBD_LOCK_TRACE_MS=N the server prints every hold of the store lock longer than N ms;
 # 3. open: the server stops cleanly (a commit), then `vbdtool list` (which opens the store
 #    itself, reads the superblock and replays the journal) is timed, and so is a second serve's
@@ -71,13 +73,20 @@ t1=$(now)
 "$vbdtool" gc --store "$store" >/dev/null
 t2=$(now)
 [ -z "${TRACE_OUT:-}" ] || cp "$work/server.err" "$TRACE_OUT.fill"   # TRACE_OUT=F keeps the traces
+cache_peak() {  # the metadata cache's largest count at the end of a commit in the server's trace
+    /usr/bin/python3 -c '
+import re, sys
+sizes = [int(m.group(1)) for m in re.finditer(r"vbd commit trace: .*?cache (\d+) KiB", open(sys.argv[1], errors="replace").read())]
+print("%d commits, metadata cache at most %.1f MiB after one" % (len(sizes), max(sizes) / 1024.0) if sizes else "no commit traced")' "$work/server.err"
+}
+echo "fill: $(cache_peak) (budget $cache)"
 : >"$work/server.err"   # the lock summary below covers the stall runs, not the fill
 printf 'fill: %.1f s (%.0f MiB/s), first gc (commit of the fill): %.2f s\n' \
     "$(echo "$t1 - $t0" | bc)" "$(echo "$bytes / 1048576 / ($t1 - $t0)" | bc -l)" "$(echo "$t2 - $t1" | bc)"
 
-reader() {  # prints max and p99.9 latency in ms of a QD1 4k random reader
+reader() {  # prints max and p99.9 latency in ms of a QD1 4k random reader; every I/O in $work/$1_lat.1.log
     fio_job reader --rw=randread --bs=4k --iodepth=1 --time_based=1 --runtime="$stall_seconds" \
-        --lat_percentiles=1 --clat_percentiles=0 --percentile_list=99.9 >"$work/$1.json" 2>"$work/$1.err" || { cat "$work/$1.err" >&2; exit 1; }
+        --write_lat_log="$work/$1" --log_avg_msec=0 --log_unix_epoch=1 --lat_percentiles=1 --clat_percentiles=0 --percentile_list=99.9 >"$work/$1.json" 2>"$work/$1.err" || { cat "$work/$1.err" >&2; exit 1; }
     /usr/bin/python3 -c '
 import json, sys
 text = open(sys.argv[1]).read()
@@ -111,13 +120,44 @@ echo "  reader alone:    $alone"
 echo "  without gc: $base"
 echo "  with $gc_count gc: $withgc   (gc took ${gcs[*]} s)"
 
+# The reader's I/Os that overlapped a commit (from its start, which syncs the data file, to its
+# end; the server's commit trace gives both in wall-clock time): the stall a commit causes,
+# apart from the stalls the writer and the machine cause at other times.
+/usr/bin/python3 - "$work/server.err" "$work/base_lat.1.log" "$work/gc_lat.1.log" <<'PY'
+import bisect, re, sys
+commits = sorted((float(a), float(b)) for a, b in
+                 re.findall(r"vbd commit trace: .* from ([0-9.]+) to ([0-9.]+)", open(sys.argv[1], errors="replace").read()))
+starts = [c[0] for c in commits]
+holds = [(float(r) - float(h) / 1000, float(r), float(h)) for h, r in
+         re.findall(r"vbd lock trace: held ([0-9.]+) ms .*?, released at ([0-9.]+),", open(sys.argv[1], errors="replace").read())]
+for name, path in (("without gc", sys.argv[2]), ("with gc", sys.argv[3])):
+    during, outside, seen = [], [], set()
+    worst = (0, 0.0, 0.0)
+    for line in open(path):
+        fields = line.split(",")
+        end, latency = int(fields[0]) / 1000.0, int(fields[1])
+        start = end - latency / 1e9
+        worst = max(worst, (latency, start, end))
+        # fio stamps the completion in whole milliseconds: widen the I/O by one on each side.
+        i = bisect.bisect_right(starts, end + 0.001)
+        hit = next((k for k in range(i - 1, max(-1, i - 4), -1) if commits[k][1] >= start - 0.001), None)
+        if hit is None: outside.append(latency)
+        else: during.append(latency); seen.add(hit)
+    top = lambda xs: "%.1f ms" % (max(xs) / 1e6) if xs else "-"
+    print("  %-10s reader I/Os during the %d commits they overlapped: %d, max %s; at other times: %d, max %s"
+          % (name, len(seen), len(during), top(during), len(outside), top(outside)))
+    overlapping = [h for h in holds if h[1] >= worst[1] - 0.001 and h[0] <= worst[2] + 0.001]
+    print("  %-10s the slowest read overlapped %d store-lock holds of 1 ms or more, the longest %.1f ms"
+          % ("", len(overlapping), max((h[2] for h in overlapping), default=0)))
+PY
+echo "stall runs: $(cache_peak) (budget $cache)"
 # The store lock's longest holds by a commit (prepare and completion) and by anything else,
 # wall time and the holder's CPU time (the difference is time it waited for the CPU or a disk).
 /usr/bin/python3 - "$work/server.err" <<'PY'
 import re, sys
 worst = {}
 for line in open(sys.argv[1], errors="replace"):
-    m = re.match(r"vbd lock trace: held ([0-9.]+) ms \(([0-9.]+) ms on the CPU\), taken at (\S+)", line)
+    m = re.match(r"vbd lock trace: held ([0-9.]+) ms \(([0-9.]+) ms on the CPU\), released at [0-9.]+, taken at (\S+)", line)
     if not m: continue
     wall, cpu, site = float(m.group(1)), float(m.group(2)), m.group(3)
     kind = "commit" if "Persistence" in site else "other"

@@ -365,6 +365,7 @@ extension Store {
     /// bookkeeping of its changed pages, not their I/O.
     public func checkpoint() throws {
         try flushMutex.withLock {
+            let tracedStart = StoreMutex.traceThresholdNanos != nil ? StoreMutex.wallClockSeconds() : ""
             // Most of the data file's dirty pages are synced before the lock is taken: the sync
             // under it then waits only for what was written in between.
             if !options.readOnly { do { try dataFile.sync() } catch {
@@ -424,11 +425,12 @@ extension Store {
             if StoreMutex.traceThresholdNanos != nil {
                 let figures = mutex.withLock {
                     "pages \(prepared.batch.pages.count), frees \(prepared.frees.count), punches \(punches.count), " +
-                    "cache \(pager.residentBytes >> 20) MiB in \(pager.cachedPageCount) pages, bitmap \(space.bitmapBytes >> 20) MiB"
+                    "cache \(pager.residentBytes >> 10) KiB in \(pager.cachedPageCount) pages, bitmap \(space.bitmapBytes >> 20) MiB"
                 }
                 var usage = rusage()
                 getrusage(RUSAGE_SELF.rawValue, &usage)
-                StoreMutex.writeToStandardError("vbd commit trace: generation \(prepared.generation): \(figures), process peak RSS \(usage.ru_maxrss >> 10) MiB\n")
+                StoreMutex.writeToStandardError("vbd commit trace: generation \(prepared.generation): \(figures), process peak RSS \(usage.ru_maxrss >> 10) MiB, " +
+                                                "from \(tracedStart) to \(StoreMutex.wallClockSeconds())\n")
             }
         }
     }

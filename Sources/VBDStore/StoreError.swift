@@ -103,6 +103,14 @@ final class StoreMutex: @unchecked Sendable {
         line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
     }
 
+    /// The wall clock as seconds since 1970 with three decimals, so that a trace line can be set
+    /// beside a client's own latency log.
+    static func wallClockSeconds() -> String {
+        let millis = nanos(CLOCK_REALTIME) / 1_000_000
+        let fraction = String(millis % 1000)
+        return "\(millis / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)"
+    }
+
     /// Milliseconds with two decimals (no Foundation formatting here).
     static func milliseconds(_ nanos: UInt64) -> String {
         let hundredths = nanos / 10_000
@@ -150,7 +158,7 @@ final class StoreMutex: @unchecked Sendable {
                 since = step.at
             }
             let cpu = Self.threadCPUNanos - tracedSite.cpuSince
-            Self.writeToStandardError("vbd lock trace: held \(Self.milliseconds(held)) ms (\(Self.milliseconds(cpu)) ms on the CPU), taken at \(tracedSite.file):\(tracedSite.line)\(steps)\n")
+            Self.writeToStandardError("vbd lock trace: held \(Self.milliseconds(held)) ms (\(Self.milliseconds(cpu)) ms on the CPU), released at \(Self.wallClockSeconds()), taken at \(tracedSite.file):\(tracedSite.line)\(steps)\n")
         }
     }
     deinit { pthread_mutex_destroy(m); m.deallocate() }
