@@ -22,7 +22,9 @@
 #    metadata cache of a tenth of the metadata, then with one that holds all of it, and the ratio.
 # COMPRESS (default 50) is fio's buffer_compress_percentage: 95 keeps a 32 M-chunk store's data
 # file within a small disk (every block is still unique).
-# Everything runs in a temporary directory (TMPDIR) that is removed at the end.
+# Everything runs in a temporary directory (TMPDIR) that is removed at the end, except the store
+# when STORE=DIR names where it lives: then it is kept (DIR.filled records the chunks), a later run
+# with the same DIR measures it without filling again, and FILL_ONLY=1 stops after the fill.
 set -euo pipefail
 chunks=${1:?usage: metadata-scale.sh CHUNKS [METADATA_CACHE]}
 cache=${2:-256M}
@@ -32,7 +34,9 @@ rates_seconds=${RATES_SECONDS:-15}
 compress=${COMPRESS:-50}
 gc_count=${STALL_GC_COUNT:-3}
 work=$(mktemp -d "${TMPDIR:-/tmp}/vbd-scale.XXXXXX")
-store=$work/store
+# STORE=DIR keeps the store in DIR after the run, and a later run with the same DIR (and CHUNKS)
+# skips the fill: a 32 M-chunk fill can run while the machine is busy and the measurements later.
+store=${STORE:-$work/store}
 sock=$work/nbd.sock
 server=
 cleanup() {
@@ -62,27 +66,39 @@ fio_job() {  # name, extra fio options...
 }
 
 bytes=$((chunks * 4096))
-"$vbdtool" init --store "$store" >/dev/null
-"$vbdtool" create --store "$store" vol --size "$bytes" >/dev/null
+filled=0
+if [ -n "${STORE:-}" ] && [ -e "$store.filled" ]; then
+    [ "$(cat "$store.filled")" = "$chunks" ] || { echo "$store holds a store of $(cat "$store.filled") chunks, not $chunks" >&2; exit 1; }
+    filled=1
+else
+    "$vbdtool" init --store "$store" >/dev/null
+    "$vbdtool" create --store "$store" vol --size "$bytes" >/dev/null
+fi
 serve
 echo "store: $chunks chunks ($((bytes >> 20)) MiB of unique 4 KiB blocks), metadata cache $cache, vbdtool $vbdtool"
 
-t0=$(now)
-fio_job fill --rw=write --bs=1M --iodepth=8 --size="$bytes" >"$work/fill.json"
-t1=$(now)
-"$vbdtool" gc --store "$store" >/dev/null
-t2=$(now)
-[ -z "${TRACE_OUT:-}" ] || cp "$work/server.err" "$TRACE_OUT.fill"   # TRACE_OUT=F keeps the traces
 cache_peak() {  # the metadata cache's largest count at the end of a commit in the server's trace
     /usr/bin/python3 -c '
 import re, sys
 sizes = [int(m.group(1)) for m in re.finditer(r"vbd commit trace: .*?cache (\d+) KiB", open(sys.argv[1], errors="replace").read())]
 print("%d commits, metadata cache at most %.1f MiB after one" % (len(sizes), max(sizes) / 1024.0) if sizes else "no commit traced")' "$work/server.err"
 }
-echo "fill: $(cache_peak) (budget $cache)"
+if [ $filled = 0 ]; then
+    t0=$(now)
+    fio_job fill --rw=write --bs=1M --iodepth=8 --size="$bytes" >"$work/fill.json"
+    t1=$(now)
+    "$vbdtool" gc --store "$store" >/dev/null
+    t2=$(now)
+    [ -z "${TRACE_OUT:-}" ] || cp "$work/server.err" "$TRACE_OUT.fill"   # TRACE_OUT=F keeps the traces
+    echo "fill: $(cache_peak) (budget $cache)"
+    printf 'fill: %.1f s (%.0f MiB/s), first gc (commit of the fill): %.2f s\n' \
+        "$(echo "$t1 - $t0" | bc)" "$(echo "$bytes / 1048576 / ($t1 - $t0)" | bc -l)" "$(echo "$t2 - $t1" | bc)"
+    [ -z "${STORE:-}" ] || echo "$chunks" >"$store.filled"
+else
+    echo "fill: skipped, $store was filled by an earlier run"
+fi
 : >"$work/server.err"   # the lock summary below covers the stall runs, not the fill
-printf 'fill: %.1f s (%.0f MiB/s), first gc (commit of the fill): %.2f s\n' \
-    "$(echo "$t1 - $t0" | bc)" "$(echo "$bytes / 1048576 / ($t1 - $t0)" | bc -l)" "$(echo "$t2 - $t1" | bc)"
+[ -z "${FILL_ONLY:-}" ] || exit 0   # FILL_ONLY=1 (with STORE): fill and stop
 
 reader() {  # prints max and p99.9 latency in ms of a QD1 4k random reader; every I/O in $work/$1_lat.1.log
     fio_job reader --rw=randread --bs=4k --iodepth=1 --time_based=1 --runtime="$stall_seconds" \

@@ -19,6 +19,12 @@ void vbd_tune_allocator(int mmap_threshold, int trim_threshold, int arena_max) {
     mallopt(M_ARENA_MAX, arena_max);
 }
 
+void vbd_malloc_figures(size_t *in_use, size_t *free_in_heap) {
+    struct mallinfo2 info = mallinfo2();
+    *in_use = info.uordblks + info.hblkhd;
+    *free_in_heap = info.fordblks;
+}
+
 #define VBD_FDS_MAX 64
 
 long vbd_recv_with_fds(int socket, void *buffer, size_t len, int *fds, int max_fds, int *fd_count,

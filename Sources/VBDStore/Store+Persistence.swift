@@ -429,7 +429,7 @@ extension Store {
                 }
                 var usage = rusage()
                 getrusage(RUSAGE_SELF.rawValue, &usage)
-                StoreMutex.writeToStandardError("vbd commit trace: generation \(prepared.generation): \(figures), process peak RSS \(usage.ru_maxrss >> 10) MiB, " +
+                StoreMutex.writeToStandardError("vbd commit trace: generation \(prepared.generation): \(figures), \(StoreMutex.memoryFigures()), process peak RSS \(usage.ru_maxrss >> 10) MiB, " +
                                                 "from \(tracedStart) to \(StoreMutex.wallClockSeconds())\n")
             }
         }

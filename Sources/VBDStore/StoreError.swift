@@ -1,3 +1,4 @@
+import CVBDSys
 import Synchronization
 import VBDCache
 import VBDCore
@@ -109,6 +110,26 @@ final class StoreMutex: @unchecked Sendable {
         let millis = nanos(CLOCK_REALTIME) / 1_000_000
         let fraction = String(millis % 1000)
         return "\(millis / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)"
+    }
+
+    /// The process's resident memory now and what malloc holds, for the commit trace: what the
+    /// program uses (`in use`), what malloc keeps free for reuse, and what it maps directly.
+    static func memoryFigures() -> String {
+        var rss = "?"
+        let fd = open("/proc/self/statm", O_RDONLY)
+        if fd >= 0 {
+            var buffer = [UInt8](repeating: 0, count: 128)
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            close(fd)
+            // statm: total size, then resident, in pages.
+            if n > 0, let fields = String(decoding: buffer[..<n], as: UTF8.self).split(separator: " ").dropFirst().first,
+               let pages = Int(fields) {
+                rss = String((pages * Int(sysconf(Int32(_SC_PAGESIZE)))) >> 20)
+            }
+        }
+        var inUse = 0, freeInHeap = 0
+        vbd_malloc_figures(&inUse, &freeInHeap)
+        return "RSS \(rss) MiB, malloc in use \(inUse >> 20) MiB (free in its heap \(freeInHeap >> 20) MiB)"
     }
 
     /// Milliseconds with two decimals (no Foundation formatting here).

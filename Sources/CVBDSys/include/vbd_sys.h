@@ -7,6 +7,9 @@ int vbd_punch_hole(int fd, long long offset, long long length);
 /* malloc tuning (malloc.h is not part of Swift's Glibc module): large allocations up to
    mmap_threshold bytes come from the heap, which is trimmed only past trim_threshold free bytes. */
 void vbd_tune_allocator(int mmap_threshold, int trim_threshold, int arena_max);
+/* What malloc holds (mallinfo2): bytes the program has allocated (heap and mmapped), and bytes
+   free inside malloc's heap, kept for reuse rather than returned. */
+void vbd_malloc_figures(size_t *in_use, size_t *free_in_heap);
 
 /* vhost-user: file descriptors passed with SCM_RIGHTS (the CMSG_* macros are not callable from Swift).
    Receives up to len bytes and at most max_fds descriptors (close-on-exec); *fd_count is how many
