@@ -71,7 +71,7 @@ let package = Package(
         .target(
             name: "NBDServer",
             dependencies: [
-                "VBDCore", "NBDProtocol", "VBDAccounting",
+                "VBDCore", "NBDProtocol", "VBDAccounting", "CVBDSys",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),

@@ -4,6 +4,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include "vbd_sys.h"
 
@@ -17,6 +18,29 @@ void vbd_tune_allocator(int mmap_threshold, int trim_threshold, int arena_max) {
     mallopt(M_MMAP_THRESHOLD, mmap_threshold);
     mallopt(M_TRIM_THRESHOLD, trim_threshold);
     mallopt(M_ARENA_MAX, arena_max);
+}
+
+/* The kernel's struct sched_attr (include/uapi/linux/sched/types.h), not in glibc's headers. */
+struct vbd_sched_attr {
+    uint32_t size;
+    uint32_t sched_policy;
+    uint64_t sched_flags;
+    int32_t sched_nice;
+    uint32_t sched_priority;
+    uint64_t sched_runtime;
+    uint64_t sched_deadline;
+    uint64_t sched_period;
+    uint32_t sched_util_min;
+    uint32_t sched_util_max;
+};
+
+int vbd_request_time_slice(unsigned long long nanos) {
+    struct vbd_sched_attr attr;
+    memset(&attr, 0, sizeof attr);
+    if (syscall(SYS_sched_getattr, 0, &attr, sizeof attr, 0) != 0) return -1;
+    attr.size = sizeof attr;
+    attr.sched_runtime = nanos;
+    return (int)syscall(SYS_sched_setattr, 0, &attr, 0);
 }
 
 void vbd_malloc_figures(size_t *in_use, size_t *free_in_heap) {

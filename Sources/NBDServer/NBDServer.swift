@@ -100,6 +100,7 @@ public final class NBDServer: Sendable {
         let writePool = NIOThreadPool(numberOfThreads: max(1, configuration.ioThreadsPerPool))
         readPool.start()
         writePool.start()
+        IOThreadSlices.request(eventLoops: group)
         // Timers get a thread of their own rather than a connection's event loop: a limited
         // domain's requests are released by timer (thousands a second under a flood), and the
         // periodic persistence writes and syncs a file; neither should hold up the requests of

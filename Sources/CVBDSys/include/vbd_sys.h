@@ -7,6 +7,11 @@ int vbd_punch_hole(int fd, long long offset, long long length);
 /* malloc tuning (malloc.h is not part of Swift's Glibc module): large allocations up to
    mmap_threshold bytes come from the heap, which is trimmed only past trim_threshold free bytes. */
 void vbd_tune_allocator(int mmap_threshold, int trim_threshold, int arena_max);
+/* Asks the kernel's EEVDF scheduler (Linux 6.12 and later) for a time slice of `nanos` for the
+   calling thread, keeping its policy and nice value. A thread that sleeps most of the time and
+   asks for a short slice preempts CPU-bound threads sooner when it wakes. 0, or -1 with errno
+   (older kernels ignore the value or refuse it). */
+int vbd_request_time_slice(unsigned long long nanos);
 /* What malloc holds (mallinfo2): bytes the program has allocated (heap and mmapped), and bytes
    free inside malloc's heap, kept for reuse rather than returned. */
 void vbd_malloc_figures(size_t *in_use, size_t *free_in_heap);
