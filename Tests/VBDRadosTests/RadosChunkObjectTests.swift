@@ -53,23 +53,25 @@ func pattern(seed: UInt64, count: Int = 4096) -> [UInt8] {
         let hash = bytes.withUnsafeBytes { chunks.hash($0) }
         let plain = ChunkObjectName(group: "g1", hash: hash, collisionIndex: 0)
 
-        // Same length and length attribute, one byte different: only the byte comparison catches it.
+        // Same header, length and length attribute, one byte different: only the byte comparison catches it.
         var impostor = bytes
         impostor[4000] ^= 0x01
-        try pool.writeFull(plain.objectName, impostor)
-        try pool.setAttribute(plain.objectName, RadosChunkObjects.lengthAttribute, Array("4096".utf8))
-        // And under the first collision name, the right bytes followed by more: only the length catches it.
+        let impostorObject = impostor.withUnsafeBytes { RadosChunkObjects.objectBytes(form: .raw, rawLength: 4096, stored: $0) }
+        try pool.writeFull(plain.objectName, impostorObject)
+        try pool.setAttribute(plain.objectName, RadosChunkObjects.lengthAttribute, Array(String(impostorObject.count).utf8))
+        // And under the first collision name, the right object followed by more: only the length catches it.
         let longer = ChunkObjectName(group: "g1", hash: hash, collisionIndex: 1)
-        try pool.writeFull(longer.objectName, bytes + [0])
-        try pool.setAttribute(longer.objectName, RadosChunkObjects.lengthAttribute, Array("4097".utf8))
+        let longerObject = bytes.withUnsafeBytes { RadosChunkObjects.objectBytes(form: .raw, rawLength: 4096, stored: $0) } + [0]
+        try pool.writeFull(longer.objectName, longerObject)
+        try pool.setAttribute(longer.objectName, RadosChunkObjects.lengthAttribute, Array(String(longerObject.count).utf8))
 
         let outcome = try chunks.store(bytes, reference: ChunkReference(family: "v", chunk: 1, generation: 1))
         #expect(outcome.created)
         #expect(outcome.collisionsPassed == 2)
         #expect(outcome.name == ChunkObjectName(group: "g1", hash: hash, collisionIndex: 2))
         #expect(try chunks.read(outcome.name) == bytes)
-        #expect(try pool.readAll(plain.objectName) == impostor)
-        #expect(try pool.readAll(longer.objectName) == bytes + [0])
+        #expect(try pool.readAll(plain.objectName) == impostorObject)
+        #expect(try pool.readAll(longer.objectName) == longerObject)
 
         // A second store of the same bytes shares the verified object, not the impostors.
         let again = try chunks.store(bytes, reference: ChunkReference(family: "v", chunk: 2, generation: 1))
@@ -130,9 +132,9 @@ func pattern(seed: UInt64, count: Int = 4096) -> [UInt8] {
         let connection = try cluster.connect()
         let pool = try cluster.freshPool(connection, prefix: "corrupt")
         let chunks = try chunks(pool)
-        var bytes = pattern(seed: 4)
-        let name = try chunks.store(bytes, reference: ChunkReference(family: "v", chunk: 0, generation: 1)).name
-        bytes[17] ^= 0x80
+        let name = try chunks.store(pattern(seed: 4), reference: ChunkReference(family: "v", chunk: 0, generation: 1)).name
+        var bytes = try pool.readAll(name.objectName)
+        bytes[RadosChunkObjects.headerBytes + 17] ^= 0x80
         try pool.writeFull(name.objectName, bytes)
         let caught = #expect(throws: RadosChunkError.self) { _ = try chunks.read(name) }
         if case .corrupt(let object, _) = caught { #expect(object.hasSuffix(name.objectName)) } else { Issue.record("not .corrupt: \(String(describing: caught))") }
@@ -141,6 +143,53 @@ func pattern(seed: UInt64, count: Int = 4096) -> [UInt8] {
         #expect(throws: RadosChunkError.self) { try chunks.read(name) }
         try pool.remove(name.objectName)
         #expect(throws: RadosChunkError.self) { try chunks.read(name) }
+    }
+
+    /// A chunk kept LZ4-compressed is named by the hash of its raw bytes, shared by a second family
+    /// storing the same compressed form, and read back raw after its decoding was verified; the same
+    /// chunk stored raw by a third family gets an object of its own (not shared, still right).
+    /// Damage to the compressed bytes or to the header's raw length is caught on read.
+    @Test func compressedChunksAreNamedByTheirRawContent() throws {
+        let connection = try cluster.connect()
+        let pool = try cluster.freshPool(connection, prefix: "lz4")
+        let chunks = try chunks(pool)
+        let raw = (0..<4096).map { UInt8(truncatingIfNeeded: ($0 / 64) &* 7) }  // compresses well
+        var compressed = [UInt8](repeating: 0, count: BlockCompression.bound(raw.count))
+        let storedCount = try #require(raw.withUnsafeBytes { source in
+            compressed.withUnsafeMutableBytes { BlockCompression.compress(source, into: $0) }
+        })
+        compressed.removeLast(compressed.count - storedCount)
+        #expect(storedCount < raw.count / 4)
+        let hash = raw.withUnsafeBytes { chunks.hash($0) }
+
+        let first = try compressed.withUnsafeBytes {
+            try chunks.store(stored: $0, form: .lz4, rawLength: raw.count, contentHash: hash,
+                             reference: ChunkReference(family: "a", chunk: 1, generation: 1))
+        }
+        #expect(first.created && first.name.hash == hash && first.name.collisionIndex == 0)
+        #expect(try pool.size(of: first.name.objectName) == UInt64(RadosChunkObjects.headerBytes + storedCount))
+        #expect(try chunks.read(first.name) == raw)
+        let second = try compressed.withUnsafeBytes {
+            try chunks.store(stored: $0, form: .lz4, rawLength: raw.count, contentHash: hash,
+                             reference: ChunkReference(family: "b", chunk: 5, generation: 1))
+        }
+        #expect(!second.created && second.name == first.name)
+        let rawForm = try chunks.store(raw, reference: ChunkReference(family: "c", chunk: 2, generation: 1))
+        #expect(rawForm.created && rawForm.name.hash == hash && rawForm.name.collisionIndex == 1)
+        #expect(try chunks.read(rawForm.name) == raw)
+
+        let good = try pool.readAll(first.name.objectName)
+        var damaged = good
+        damaged[damaged.count - 3] ^= 0x5A
+        try pool.writeFull(first.name.objectName, damaged)
+        #expect(throws: RadosChunkError.self) { try chunks.read(first.name) }
+        var longerRaw = good
+        longerRaw[4] &+= 1  // the raw length, one more than the bytes decode to
+        try pool.writeFull(first.name.objectName, longerRaw)
+        let caught = #expect(throws: RadosChunkError.self) { try chunks.read(first.name) }
+        if case .corrupt = caught {} else { Issue.record("not .corrupt: \(String(describing: caught))") }
+        try pool.writeFull(first.name.objectName, good)
+        #expect(try chunks.read(first.name) == raw)
     }
 
     /// Two hosts with four threads each store and release the same chunks at once: every create,
