@@ -81,6 +81,8 @@ public enum RadosChunkError: Error, Equatable, CustomStringConvertible {
     /// The object kept changing under the store (deleted and re-created by others) for every attempt.
     case contended(object: String)
     case invalidIdentifier(String)
+    /// A sweep of a family whose exclusive lock this client does not hold (or no longer holds).
+    case notOwner(family: String, detail: String)
 
     public var description: String {
         switch self {
@@ -89,6 +91,7 @@ public enum RadosChunkError: Error, Equatable, CustomStringConvertible {
         case .tooManyCollisions(let hash): return "more than \(RadosChunkObjects.collisionNamesMax) different chunks have hash \(hash)"
         case .contended(let object): return "chunk object \(object) changed under every attempt to reference it"
         case .invalidIdentifier(let s): return "'\(s)' is not a valid sharing group or family name (use 1-64 of A-Z a-z 0-9 _ -)"
+        case .notOwner(let family, let detail): return "cannot sweep the references of family \(family): \(detail)"
         }
     }
 }
@@ -354,6 +357,47 @@ public final class RadosChunkObjects: Sendable {
             for reference in tags.compactMap(ChunkReference.init(tag:)) where try !isClaimed(name, reference) {
                 try release(name, reference: reference)
                 released.append((name, reference))
+            }
+        }
+        return released
+    }
+
+    /// The leak sweep for one family, run by its owner: releases the references of `family` (its
+    /// directory's namespace names it) that `isClaimed` (answering from the family's committed
+    /// metadata) does not claim, and leaves every other family's tags alone, since their owners may
+    /// be between a `store` and the durable record that claims it.
+    ///
+    /// `family` must hold its exclusive lock, checked before each release; the releases go through
+    /// the family's own data client, so that a takeover which fences the family's owner also stops
+    /// its sweep (the OSDs refuse the late puts), exactly as it stops the owner's writes.
+    @discardableResult
+    public func sweep(family: RadosDirectory, isClaimed: (ChunkObjectName, ChunkReference) throws -> Bool) throws -> [(ChunkObjectName, ChunkReference)] {
+        let name = family.pool.namespace
+        guard Self.isValidIdentifier(name) else { throw RadosChunkError.invalidIdentifier(name) }
+        func checkOwned() throws(RadosChunkError) {
+            guard family.ownsExclusively else {
+                throw .notOwner(family: name, detail: family.lockLostReason ?? "its directory \(family.path) does not hold its exclusive lock")
+            }
+        }
+        try checkOwned()
+        let releaser: RadosChunkObjects
+        do {
+            releaser = try RadosChunkObjects(pool: family.pool.connection.openPool(pool.pool, namespace: pool.namespace), group: group,
+                                             hashFunction: hashFunction, hashSeed: hashSeed, readSizeHint: readSizeHint)
+        } catch let error as RadosError { throw RadosChunkError.rados(error) }
+        defer { releaser.pool.close() }
+        var released: [(ChunkObjectName, ChunkReference)] = []
+        for object in try releaser.objectNames() {
+            let tags: [String]
+            do { tags = try releaser.referenceTags(object) } catch {
+                if case .rados(let failure) = error, failure.code == ENOENT { continue }
+                throw error
+            }
+            for reference in tags.compactMap(ChunkReference.init(tag:)) where reference.family == name {
+                guard try !isClaimed(object, reference) else { continue }
+                try checkOwned()
+                try releaser.release(object, reference: reference)
+                released.append((object, reference))
             }
         }
         return released

@@ -265,6 +265,13 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
         lockState.withLock { $0.keeper }?.lostReason
     }
 
+    /// True while this directory holds its exclusive lock (taken, and not lost).
+    public var ownsExclusively: Bool {
+        let held = lockState.withLock { $0 }
+        guard let lock = held.lock, let keeper = held.keeper else { return false }
+        return lock.exclusive && keeper.isHeld
+    }
+
     /// The lock keeper, for tests that stop renewal to play a server that hangs.
     public var lockKeeper: RadosLockKeeper? { lockState.withLock { $0.keeper } }
 

@@ -192,6 +192,63 @@ func pattern(seed: UInt64, count: Int = 4096) -> [UInt8] {
         #expect(try chunks.read(first.name) == raw)
     }
 
+    /// The sweep judges only the family it owns, through that family's own client: another
+    /// family's leaked tags are left to its owner, a directory without its lock cannot sweep, and
+    /// once the family is taken over by force (its owner fenced) the old owner's late sweep is
+    /// refused by the OSD before it releases anything.
+    @Test func sweepJudgesOnlyTheOwnedFamily() throws {
+        let hostA = try cluster.connect(timeoutSeconds: 10), hostB = try cluster.connect()
+        let familyA = RadosDirectory(pool: try cluster.freshPool(hostA, prefix: "fam"))
+        let familyB = RadosDirectory(pool: try cluster.freshPool(hostB, prefix: "fam"))
+        try familyA.lockExclusive()
+        try familyB.lockExclusive()
+        let chunkNamespace = try cluster.freshPool(hostA, prefix: "chunks").namespace
+        // Host A's client for the chunk namespace is not its family's data client: the sweep must
+        // still release through the latter, which a takeover of the family fences.
+        let chunksA = try chunks(try cluster.connect(timeoutSeconds: 10).openPool("vbd", namespace: chunkNamespace))
+        let chunksB = try chunks(try hostB.openPool("vbd", namespace: chunkNamespace))
+        let a = familyA.pool.namespace, b = familyB.pool.namespace
+        let kept = try ChunkReference(family: a, chunk: 1, generation: 1)
+        let leakedA = try ChunkReference(family: a, chunk: 2, generation: 1)
+        let leakedB = try ChunkReference(family: b, chunk: 3, generation: 1)
+        let shared = pattern(seed: 70), other = pattern(seed: 71)
+        let sharedName = try chunksA.store(shared, reference: kept).name
+        _ = try chunksA.store(shared, reference: leakedA)
+        let otherName = try chunksB.store(other, reference: leakedB).name
+
+        // Without the family's lock there is no sweep.
+        let familyAWithoutLock = RadosDirectory(pool: try hostB.openPool("vbd", namespace: a))
+        let refusal = #expect(throws: RadosChunkError.self) { try chunksB.sweep(family: familyAWithoutLock) { _, _ in false } }
+        if case .notOwner = refusal {} else { Issue.record("not .notOwner: \(String(describing: refusal))") }
+
+        // A's owner releases A's unclaimed tag and nothing of B's (B's owner may be mid-write).
+        let released = try chunksA.sweep(family: familyA) { _, reference in reference == kept }
+        #expect(released.map(\.1) == [leakedA])
+        #expect(try chunksA.referenceTags(sharedName) == [kept.tag])
+        #expect(try chunksA.referenceTags(otherName) == [leakedB.tag])
+        // B's owner sweeps B: the last reference goes, and the object with it.
+        #expect(try chunksB.sweep(family: familyB) { _, _ in false }.map(\.1) == [leakedB])
+        #expect(try !chunksB.pool.exists(otherName.objectName))
+
+        // Family A is taken over by force while its old owner has not noticed yet.
+        let leakedAgain = try ChunkReference(family: a, chunk: 4, generation: 1)
+        _ = try chunksB.store(shared, reference: leakedAgain)
+        let taker = RadosDirectory(pool: try hostB.openPool("vbd", namespace: a))
+        #expect(try taker.takeOver(waitingUpTo: 5, force: true).count == 2)
+        #expect(familyA.ownsExclusively)
+        // B's read brings the map with the blocklist entry to the object's placement group.
+        #expect(Set(try chunksB.referenceTags(sharedName)) == [kept.tag, leakedAgain.tag])
+        let fenced = #expect(throws: RadosChunkError.self) { try chunksA.sweep(family: familyA) { _, reference in reference == kept } }
+        if case .rados(let failure) = fenced { #expect(failure.code == RadosError.blocklisted, "\(failure)") } else {
+            Issue.record("the fenced owner's sweep: \(String(describing: fenced))")
+        }
+        #expect(Set(try chunksB.referenceTags(sharedName)) == [kept.tag, leakedAgain.tag])
+        // The new owner sweeps A.
+        #expect(try chunksB.sweep(family: taker) { _, reference in reference == kept }.map(\.1) == [leakedAgain])
+        taker.unlock()
+        familyB.unlock()
+    }
+
     /// Two hosts with four threads each store and release the same chunks at once: every create,
     /// share and last release races with the others. Each thread checks what it reads back, and in
     /// the end no reference is lost or left over: every object is gone.
