@@ -53,7 +53,7 @@ let package = Package(
         ),
         .target(
             name: "VBDRados",
-            dependencies: ["CRados", "VBDCore", "VBDStore"]
+            dependencies: ["CRados", "VBDCore", "VBDStore", .product(name: "Logging", package: "swift-log")]
         ),
         .target(
             name: "VBDSimulation",
@@ -128,7 +128,7 @@ let package = Package(
         .testTarget(name: "VBDToolTests", dependencies: ["VBDControl", "VBDStore", "VBDCore"]),
         .testTarget(name: "VBDCacheTests", dependencies: ["VBDCache", "VBDCore"], resources: [.copy("Traces")]),
         .testTarget(name: "VBDStoreTests", dependencies: ["VBDStore", "VBDCore", "VBDSimulation"]),
-        .testTarget(name: "VBDRadosTests", dependencies: ["VBDRados", "VBDStore", "VBDCore"]),
+        .testTarget(name: "VBDRadosTests", dependencies: ["VBDRados", "VBDStore", "VBDCore", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "VBDAccountingTests", dependencies: ["VBDAccounting", "VBDCore", "VBDStore"]),
         .testTarget(name: "VBDMetricsTests", dependencies: ["VBDMetrics", "VBDStore", "VBDCache"]),
         .testTarget(name: "VBDSimulationTests", dependencies: ["VBDSimulation", "VBDStore"]),

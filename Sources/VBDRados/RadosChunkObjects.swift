@@ -81,6 +81,8 @@ public enum RadosChunkError: Error, Equatable, CustomStringConvertible {
     /// The object kept changing under the store (deleted and re-created by others) for every attempt.
     case contended(object: String)
     case invalidIdentifier(String)
+    /// A sweep of a family whose exclusive lock this client does not hold (or no longer holds).
+    case notOwner(family: String, detail: String)
 
     public var description: String {
         switch self {
@@ -89,8 +91,17 @@ public enum RadosChunkError: Error, Equatable, CustomStringConvertible {
         case .tooManyCollisions(let hash): return "more than \(RadosChunkObjects.collisionNamesMax) different chunks have hash \(hash)"
         case .contended(let object): return "chunk object \(object) changed under every attempt to reference it"
         case .invalidIdentifier(let s): return "'\(s)' is not a valid sharing group or family name (use 1-64 of A-Z a-z 0-9 _ -)"
+        case .notOwner(let family, let detail): return "cannot sweep the references of family \(family): \(detail)"
         }
     }
+}
+
+/// How a chunk's bytes are kept in its object (the store keeps a chunk compressed when that saves
+/// space, raw otherwise).
+public enum ChunkForm: UInt8, Sendable, Equatable {
+    case raw = 0
+    /// LZ4 block compression (``BlockCompression``).
+    case lz4 = 1
 }
 
 /// What ``RadosChunkObjects/store(_:reference:)`` did.
@@ -113,7 +124,14 @@ public struct ChunkStoreOutcome: Sendable, Equatable {
 ///   compared are the bytes referenced: verify-before-share holds even while another host deletes
 ///   and re-creates the object between two of our operations.
 /// - A hash collision (same name, other bytes) never shares: the next collision name is tried.
-/// - Every read re-hashes the bytes and compares with the name.
+/// - Every read decodes the bytes and compares the hash of the raw chunk with the name.
+///
+/// An object is an 8-byte header (`vc`, the ``ChunkForm``, a zero byte, the raw length as a
+/// little-endian UInt32) followed by the stored bytes; its name's hash is the hash of the raw
+/// chunk, whatever its form. The header is part of the bytes compared before sharing, so a share
+/// takes the same form and raw length as well as the same bytes. Two holders that store the same
+/// raw chunk in different forms get two objects (the second under a collision name): correct,
+/// only not shared.
 ///
 /// Thread safety: as safe as its ``RadosPool`` (any number of threads).
 public final class RadosChunkObjects: Sendable {
@@ -129,6 +147,20 @@ public final class RadosChunkObjects: Sendable {
     /// Attempts per name when the object disappears between our create and our share.
     static let raceAttemptsMax = 16
     static let lengthAttribute = "vbd.length"
+    static let headerBytes = 8
+    static let magic: [UInt8] = Array("vc".utf8)
+
+    /// The object's bytes for a chunk: the header, then the stored bytes.
+    static func objectBytes(form: ChunkForm, rawLength: Int, stored: UnsafeRawBufferPointer) -> [UInt8] {
+        var object = [UInt8]()
+        object.reserveCapacity(headerBytes + stored.count)
+        object += magic
+        object.append(form.rawValue)
+        object.append(0)
+        withUnsafeBytes(of: UInt32(rawLength).littleEndian) { object += $0 }
+        object += stored
+        return object
+    }
 
     public init(pool: RadosPool, group: String, hashFunction: HashFunction = .xxh3, hashSeed: UInt64,
                 readSizeHint: Int = 64 << 10) throws(RadosChunkError) {
@@ -160,8 +192,31 @@ public final class RadosChunkObjects: Sendable {
         return try outcome.get()
     }
 
+    /// Stores a raw chunk (the ``ChunkForm/raw`` form) under `reference`.
     public func store(_ bytes: UnsafeRawBufferPointer, reference: ChunkReference) throws(RadosChunkError) -> ChunkStoreOutcome {
-        let hash = hash(bytes)
+        try store(stored: bytes, form: .raw, rawLength: bytes.count, contentHash: hash(bytes), reference: reference)
+    }
+
+    /// Stores a chunk in its stored form: `stored` is the raw chunk of `rawLength` bytes in `form`,
+    /// and `contentHash` the hash of the raw chunk with this object set's function and seed (the
+    /// caller has it from its dedup lookup). A wrong hash cannot make anyone share wrong bytes (a
+    /// share compares the bytes), and the next read of the object reports it as corrupt.
+    public func store(stored: UnsafeRawBufferPointer, form: ChunkForm, rawLength: Int, contentHash hash: ContentHash,
+                      reference: ChunkReference) throws(RadosChunkError) -> ChunkStoreOutcome {
+        precondition(rawLength >= 0 && rawLength <= Int(UInt32.max) && (form != .raw || stored.count == rawLength),
+                     "a raw chunk's stored bytes are its raw bytes")
+        let object = Self.objectBytes(form: form, rawLength: rawLength, stored: stored)
+        var outcome: Result<ChunkStoreOutcome, RadosChunkError>!
+        object.withUnsafeBytes { bytes in
+            do throws(RadosChunkError) {
+                outcome = .success(try storeObject(bytes, hash: hash, reference: reference))
+            } catch { outcome = .failure(error) }
+        }
+        return try outcome.get()
+    }
+
+    /// Creates or shares the object whose bytes (header included) are `bytes`.
+    private func storeObject(_ bytes: UnsafeRawBufferPointer, hash: ContentHash, reference: ChunkReference) throws(RadosChunkError) -> ChunkStoreOutcome {
         let length = Array(String(bytes.count).utf8)
         let tag = reference.tag
         for index in 0...Self.collisionNamesMax {
@@ -185,7 +240,7 @@ public final class RadosChunkObjects: Sendable {
                 do {
                     try pool.operate(object) { op in
                         op.assertAttribute(Self.lengthAttribute, equals: length)
-                        if bytes.count > 0 { op.assertBytes(bytes, at: 0) }
+                        op.assertBytes(bytes, at: 0)
                         op.call(RefcountClass.name, "get", input: RefcountClass.get(tag: tag))
                     }
                     return ChunkStoreOutcome(name: name, created: false, collisionsPassed: index)
@@ -238,7 +293,7 @@ public final class RadosChunkObjects: Sendable {
         return tags
     }
 
-    /// The chunk's bytes, verified against the hash in its name.
+    /// The raw chunk, decoded from its object and verified against the hash in its name.
     public func read(_ name: ChunkObjectName) throws(RadosChunkError) -> [UInt8] {
         let object = name.objectName
         var bytes = [UInt8](repeating: 0, count: readSizeHint)
@@ -253,11 +308,35 @@ public final class RadosChunkObjects: Sendable {
         } else {
             bytes.removeLast(bytes.count - n)
         }
-        let actual = bytes.withUnsafeBytes { hash($0) }
+        let raw = try decode(bytes, object: object)
+        let actual = raw.withUnsafeBytes { hash($0) }
         guard actual == name.hash else {
-            throw .corrupt(object: pool.describe(object), detail: "its \(bytes.count) bytes hash to \(actual), not to the \(name.hash) its name says")
+            throw .corrupt(object: pool.describe(object), detail: "its \(raw.count) raw bytes hash to \(actual), not to the \(name.hash) its name says")
         }
-        return bytes
+        return raw
+    }
+
+    /// The raw chunk an object's bytes hold; `.corrupt` when the header or the stored bytes are damaged.
+    private func decode(_ bytes: [UInt8], object: String) throws(RadosChunkError) -> [UInt8] {
+        func corrupt(_ detail: String) -> RadosChunkError { .corrupt(object: pool.describe(object), detail: detail) }
+        guard bytes.count >= Self.headerBytes, Array(bytes[0..<2]) == Self.magic, bytes[3] == 0 else {
+            throw corrupt("its \(bytes.count) bytes do not start with a chunk header")
+        }
+        guard let form = ChunkForm(rawValue: bytes[2]) else { throw corrupt("unknown chunk form \(bytes[2])") }
+        let rawLength = bytes.withUnsafeBytes { Int(UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 4, as: UInt32.self))) }
+        let stored = bytes[Self.headerBytes...]
+        switch form {
+        case .raw:
+            guard stored.count == rawLength else { throw corrupt("\(stored.count) stored bytes for a raw chunk of \(rawLength)") }
+            return Array(stored)
+        case .lz4:
+            var raw = [UInt8](repeating: 0, count: rawLength)
+            let decoded = raw.withUnsafeMutableBytes { out in
+                stored.withUnsafeBytes { BlockCompression.decompress($0, into: out) }
+            }
+            guard decoded else { throw corrupt("its \(stored.count) LZ4 bytes do not decode to \(rawLength) bytes") }
+            return raw
+        }
     }
 
     /// Releases every reference that its holder no longer claims: after a crash, references taken
@@ -278,6 +357,47 @@ public final class RadosChunkObjects: Sendable {
             for reference in tags.compactMap(ChunkReference.init(tag:)) where try !isClaimed(name, reference) {
                 try release(name, reference: reference)
                 released.append((name, reference))
+            }
+        }
+        return released
+    }
+
+    /// The leak sweep for one family, run by its owner: releases the references of `family` (its
+    /// directory's namespace names it) that `isClaimed` (answering from the family's committed
+    /// metadata) does not claim, and leaves every other family's tags alone, since their owners may
+    /// be between a `store` and the durable record that claims it.
+    ///
+    /// `family` must hold its exclusive lock, checked before each release; the releases go through
+    /// the family's own data client, so that a takeover which fences the family's owner also stops
+    /// its sweep (the OSDs refuse the late puts), exactly as it stops the owner's writes.
+    @discardableResult
+    public func sweep(family: RadosDirectory, isClaimed: (ChunkObjectName, ChunkReference) throws -> Bool) throws -> [(ChunkObjectName, ChunkReference)] {
+        let name = family.pool.namespace
+        guard Self.isValidIdentifier(name) else { throw RadosChunkError.invalidIdentifier(name) }
+        func checkOwned() throws(RadosChunkError) {
+            guard family.ownsExclusively else {
+                throw .notOwner(family: name, detail: family.lockLostReason ?? "its directory \(family.path) does not hold its exclusive lock")
+            }
+        }
+        try checkOwned()
+        let releaser: RadosChunkObjects
+        do {
+            releaser = try RadosChunkObjects(pool: family.pool.connection.openPool(pool.pool, namespace: pool.namespace), group: group,
+                                             hashFunction: hashFunction, hashSeed: hashSeed, readSizeHint: readSizeHint)
+        } catch let error as RadosError { throw RadosChunkError.rados(error) }
+        defer { releaser.pool.close() }
+        var released: [(ChunkObjectName, ChunkReference)] = []
+        for object in try releaser.objectNames() {
+            let tags: [String]
+            do { tags = try releaser.referenceTags(object) } catch {
+                if case .rados(let failure) = error, failure.code == ENOENT { continue }
+                throw error
+            }
+            for reference in tags.compactMap(ChunkReference.init(tag:)) where reference.family == name {
+                guard try !isClaimed(object, reference) else { continue }
+                try checkOwned()
+                try releaser.release(object, reference: reference)
+                released.append((object, reference))
             }
         }
         return released

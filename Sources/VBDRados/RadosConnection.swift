@@ -36,8 +36,10 @@ public final class RadosConnection: @unchecked Sendable {
         var closeRequested = false
     }
     private let state: Mutex<State>
+    /// The settings it was opened with (``newInstance()`` opens another client with them).
+    public let options: Options
     /// For messages: the ceph.conf the connection was opened from.
-    public let configurationFile: String
+    public var configurationFile: String { options.configurationFile }
 
     public init(_ options: Options) throws(RadosError) {
         var cluster: rados_t?
@@ -57,7 +59,14 @@ public final class RadosConnection: @unchecked Sendable {
         rc = rados_connect(cluster)
         if rc != 0 { throw fail("connect with \(options.configurationFile)", rc) }
         state = Mutex(State(cluster: UInt(bitPattern: cluster)))
-        configurationFile = options.configurationFile
+        self.options = options
+    }
+
+    /// Another client instance with the same settings: its own global id, address, operation
+    /// queues and OSD sessions, so its operations never wait behind this one's (and a blocklist
+    /// entry for one of them does not fence the other).
+    public func newInstance() throws(RadosError) -> RadosConnection {
+        try RadosConnection(options)
     }
 
     deinit { shutDown() }

@@ -1,4 +1,5 @@
 import CRados
+import Logging
 import Synchronization
 import VBDStore
 #if canImport(Glibc)
@@ -25,13 +26,23 @@ import Glibc
 /// lock is lost (taken over, broken, or not renewed in time) every change to any file of this
 /// directory fails with `.locked`, so a server that lost its volume stops committing. Fencing by
 /// blocklisting (``takeOver(waitingUpTo:force:)``) stops the writes it had already sent.
+///
+/// The lock is taken and renewed through a client instance of its own (opened with the same
+/// settings as `pool`'s for each lock taken): renewals must not queue behind the files' writes in
+/// `pool`'s client, or a busy holder loses its lock. The holder record names both instances, and a
+/// takeover fences both.
 public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
     public let pool: RadosPool
     public let stripeBytes: UInt64
     public let lockDurationSeconds: Int
     /// Most asynchronous operations a file keeps in flight before `write` waits for the oldest.
     public let inFlightMax: Int
+    /// Most bytes of writes a file keeps in flight (sent, not answered) before `write` waits: well
+    /// below librados' in-flight throttle (`objecter_inflight_op_bytes`, 100 MiB by default), so
+    /// that the client's other operations are not held in it behind one file's writes.
+    public let inFlightBytesMax: Int
     public static let lockObject = "directory.lock"
+    let logger: Logger
 
     private struct LockState {
         var lock: RadosLock?
@@ -43,13 +54,16 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
     public let onLockLost: @Sendable (String) -> Void
 
     public init(pool: RadosPool, stripeBytes: UInt64 = 4 << 20, lockDurationSeconds: Int = 30, inFlightMax: Int = 64,
+                inFlightBytesMax: Int = 16 << 20, logger: Logger = Logger(label: "vbd.rados"),
                 onLockLost: @escaping @Sendable (String) -> Void = { _ in }) {
-        precondition(stripeBytes > 0 && stripeBytes % 4096 == 0)
+        precondition(stripeBytes > 0 && stripeBytes % 4096 == 0 && inFlightMax > 0 && inFlightBytesMax > 0)
         self.onLockLost = onLockLost
         self.pool = pool
         self.stripeBytes = stripeBytes
         self.lockDurationSeconds = lockDurationSeconds
         self.inFlightMax = inFlightMax
+        self.inFlightBytesMax = inFlightBytesMax
+        self.logger = logger
     }
 
     deinit { unlock() }
@@ -154,26 +168,63 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
         if let held = current.lock, let keeper = current.keeper, held.exclusive == exclusive, keeper.isHeld { return }
         let lock: RadosLock
         do {
-            lock = try RadosLock(pool: pool, object: Self.lockObject, exclusive: exclusive, durationSeconds: lockDurationSeconds)
-            try lock.acquire()
-        } catch where error.code == EBUSY || error.code == EEXIST {
-            let holders = (try? RadosLock.holders(pool: pool, object: Self.lockObject, lockName: RadosLock.ownerLockName)) ?? []
-            let who = holders.map { "\($0.client) at \($0.address)" }.joined(separator: ", ")
-            throw .locked("store at \(path) is in use by \(who.isEmpty ? "another client" : who); it expires \(lockDurationSeconds) s after its holder stops renewing it")
+            lock = try makeLock(exclusive: exclusive)
         } catch {
+            throw Self.storageError(error)
+        }
+        do {
+            try lock.acquire()
+        } catch {
+            Self.close(lock)
+            if error.code == EBUSY || error.code == EEXIST {
+                let holders = (try? RadosLock.holders(pool: pool, object: Self.lockObject, lockName: RadosLock.ownerLockName)) ?? []
+                let who = holders.map { "\($0.client) at \($0.address)" }.joined(separator: ", ")
+                throw .locked("store at \(path) is in use by \(who.isEmpty ? "another client" : who); it expires \(lockDurationSeconds) s after its holder stops renewing it")
+            }
             throw Self.storageError(error)
         }
         install(lock)
     }
 
+    /// A lock on a client instance of its own, naming `pool`'s client as the one writing the data.
+    private func makeLock(exclusive: Bool) throws(RadosError) -> RadosLock {
+        let connection = try pool.connection.newInstance()
+        do {
+            let lockPool = try connection.openPool(pool.pool, namespace: pool.namespace)
+            return try RadosLock(pool: lockPool, object: Self.lockObject, exclusive: exclusive, durationSeconds: lockDurationSeconds,
+                                 dataClients: [pool.connection])
+        } catch {
+            connection.close()
+            throw error
+        }
+    }
+
+    /// Closes the lock's own client instance (after its lock was released, or never taken).
+    private static func close(_ lock: RadosLock) {
+        lock.pool.close()
+        lock.pool.connection.close()
+    }
+
     private func install(_ lock: RadosLock) {
-        let keeper = RadosLockKeeper(lock: lock, onLost: onLockLost)
+        let keeper = RadosLockKeeper(lock: lock, logger: logger, onLost: onLockLost)
         let old = lockState.withLock { s in
             defer { s = LockState(lock: lock, keeper: keeper) }
             return s
         }
-        old.keeper?.stop()
-        old.lock?.release()
+        Self.retire(old)
+    }
+
+    /// Stops renewing and releases the lock. A lock already lost is not released: it is no longer
+    /// ours, and the calls could only wait for a cluster that does not answer; its client instance
+    /// is then closed when the last reference goes (a renewal may still be blocked in it).
+    private static func retire(_ held: LockState) {
+        guard let lock = held.lock else { return }
+        let lost = held.keeper?.lostReason != nil
+        held.keeper?.stop()
+        if !lost {
+            lock.release()
+            close(lock)
+        }
     }
 
     /// Takes the directory over from a server that holds it, fencing that server
@@ -184,33 +235,41 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
         let fenced: [String]
         let lock: RadosLock
         do {
-            lock = try RadosLock(pool: pool, object: Self.lockObject, exclusive: true, durationSeconds: lockDurationSeconds)
-            fenced = try lock.takeOver(waitingUpTo: seconds, force: force, whileWaiting: whileWaiting)
-        } catch where error.code == EBUSY {
-            throw .locked("store at \(path) is still held and renewed by its owner after \(seconds) s")
+            lock = try makeLock(exclusive: true)
         } catch {
+            throw Self.storageError(error)
+        }
+        do {
+            fenced = try lock.takeOver(waitingUpTo: seconds, force: force, whileWaiting: whileWaiting)
+        } catch {
+            Self.close(lock)
+            if error.code == EBUSY { throw .locked("store at \(path) is still held and renewed by its owner after \(seconds) s") }
             throw Self.storageError(error)
         }
         install(lock)
         return fenced
     }
 
-    /// A lock already lost is not released: it is no longer ours, and the calls could only wait
-    /// for a cluster that does not answer.
+    /// A lock already lost is not released (see `retire`).
     public func unlock() {
         let old = lockState.withLock { s in
             defer { s = LockState() }
             return s
         }
-        let lost = old.keeper?.lostReason != nil
-        old.keeper?.stop()
-        if !lost { old.lock?.release() }
+        Self.retire(old)
     }
 
     /// Why this directory may no longer change anything, or nil. A directory without a lock (tests
     /// of the file layer alone) is not restricted.
     public var lockLostReason: String? {
         lockState.withLock { $0.keeper }?.lostReason
+    }
+
+    /// True while this directory holds its exclusive lock (taken, and not lost).
+    public var ownsExclusively: Bool {
+        let held = lockState.withLock { $0 }
+        guard let lock = held.lock, let keeper = held.keeper else { return false }
+        return lock.exclusive && keeper.isHeld
     }
 
     /// The lock keeper, for tests that stop renewal to play a server that hangs.
@@ -232,17 +291,78 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
     }
 }
 
-/// Asynchronous operations whose completions are collected later; at most `limit` in flight.
+/// The bytes of one file's writes that were sent and not yet answered, held below `bytesMax`.
+///
+/// Counted from the completions' callbacks (librados' finisher thread), not when the file waits
+/// for them: writes that a `sync` is waiting for outside the file's mutex still count, so the bound
+/// holds for the file as a whole.
+final class InFlightBudget: @unchecked Sendable {
+    let bytesMax: Int
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    /// Guarded by `mutex`.
+    private var bytes = 0
+
+    init(bytesMax: Int) {
+        self.bytesMax = bytesMax
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(condition, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(condition)
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+        condition.deallocate()
+    }
+
+    /// Waits until `count` more bytes fit. A write larger than the whole budget waits until
+    /// nothing else is in flight, then goes alone.
+    func take(_ count: Int) {
+        pthread_mutex_lock(mutex)
+        while bytes > 0 && bytes + count > bytesMax { pthread_cond_wait(condition, mutex) }
+        bytes += count
+        pthread_mutex_unlock(mutex)
+    }
+
+    func give(_ count: Int) {
+        pthread_mutex_lock(mutex)
+        bytes -= count
+        pthread_cond_broadcast(condition)
+        pthread_mutex_unlock(mutex)
+    }
+
+    var inFlight: Int {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return bytes
+    }
+}
+
+/// What a write's completion gives back to its file's budget (the callback's argument).
+private final class BudgetRefund {
+    let budget: InFlightBudget
+    let bytes: Int
+    init(budget: InFlightBudget, bytes: Int) {
+        self.budget = budget
+        self.bytes = bytes
+    }
+}
+
+/// Asynchronous operations whose completions are collected later; at most `limit` in flight, and
+/// writes hold their bytes in `budget` (shared by every batch of one file) until they complete.
 /// Not thread-safe: one owner at a time (a file's mutex, or the thread that took them over to wait).
 final class AsyncOperations: @unchecked Sendable {
     let pool: RadosPool
     let limit: Int
+    let budget: InFlightBudget?
     private var pending: [(completion: rados_completion_t, what: String, missingOK: Bool)] = []
     private var firstError: RadosError?
 
-    init(pool: RadosPool, limit: Int) {
+    init(pool: RadosPool, limit: Int, budget: InFlightBudget? = nil) {
         self.pool = pool
         self.limit = limit
+        self.budget = budget
     }
 
     deinit { _ = waitAll() }
@@ -269,10 +389,29 @@ final class AsyncOperations: @unchecked Sendable {
     }
 
     func submitWrite(_ object: String, _ bytes: UnsafeRawBufferPointer, at offset: UInt64) {
-        guard let ioctx = try? pool.handle("write"), let completion = makeCompletion() else { return record(RadosError("write \(pool.describe(object))", code: EBADF)) }
+        guard let ioctx = try? pool.handle("write") else { return record(RadosError("write \(pool.describe(object))", code: EBADF)) }
+        var completion: rados_completion_t?
+        var refund: Unmanaged<BudgetRefund>?
+        let rc: Int32
+        if let budget {
+            budget.take(bytes.count)
+            refund = Unmanaged.passRetained(BudgetRefund(budget: budget, bytes: bytes.count))
+            rc = rados_aio_create_completion2(refund!.toOpaque(), { _, argument in
+                let refund = Unmanaged<BudgetRefund>.fromOpaque(argument!).takeRetainedValue()
+                refund.budget.give(refund.bytes)
+            }, &completion)
+        } else {
+            rc = rados_aio_create_completion2(nil, nil, &completion)
+        }
+        guard rc == 0, let completion else {
+            if let refund { refund.takeRetainedValue().budget.give(bytes.count) }
+            return record(RadosError("create completion", code: rc))
+        }
         // librados copies the bytes before it returns.
-        let rc = rados_aio_write(ioctx, object, completion, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count, offset)
-        submitted(rc, completion, "write \(pool.describe(object))", missingOK: false)
+        let submitRC = rados_aio_write(ioctx, object, completion, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count, offset)
+        // Not sent: the callback will never run.
+        if submitRC != 0, let refund { refund.takeRetainedValue().budget.give(bytes.count) }
+        submitted(submitRC, completion, "write \(pool.describe(object))", missingOK: false)
     }
 
     func submitRemove(_ object: String) {
@@ -338,15 +477,19 @@ final class RadosFile: StorageFile, @unchecked Sendable {
         var operations: AsyncOperations
     }
     private let state: Mutex<State>
+    /// The file's write bytes in flight, across the batch being written and those a `sync` waits for.
+    let budget: InFlightBudget
 
     init(directory: RadosDirectory, name: String, durableSize: UInt64, stripeBound: UInt64) {
+        let budget = InFlightBudget(bytesMax: directory.inFlightBytesMax)
+        self.budget = budget
         self.directory = directory
         self.name = name
         self.head = RadosDirectory.headObject(name)
         self.stripeBytes = directory.stripeBytes
         self.state = Mutex(State(size: durableSize, durableSize: durableSize, stripeBound: stripeBound,
                                  durableStripeBound: stripeBound,
-                                 operations: AsyncOperations(pool: directory.pool, limit: directory.inFlightMax)))
+                                 operations: AsyncOperations(pool: directory.pool, limit: directory.inFlightMax, budget: budget)))
     }
 
     deinit { close() }

@@ -1,5 +1,6 @@
 import CRados
 import Dispatch
+import Logging
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -18,12 +19,20 @@ public struct RadosLockHolder: Sendable, Equatable {
 /// loses it after `durationSeconds`, and the next `acquire` by anyone succeeds.
 ///
 /// Expiry alone does not stop a holder that is merely slow or cut off: its writes already sent may
-/// still land. ``takeOver(waitingUpTo:force:)`` therefore blocklists the previous holder's address
-/// before it returns (fencing, as RBD's exclusive lock does), after which the OSDs refuse that
-/// client's operations. The address of the current holder is kept in an attribute of the lock
-/// object, because an expired lock no longer lists its holder.
+/// still land. ``takeOver(waitingUpTo:force:)`` therefore blocklists the previous holder's client
+/// instances before it returns (fencing, as RBD's exclusive lock does), after which the OSDs refuse
+/// their operations. The holder's addresses are kept in an attribute of the lock object (the holder
+/// record), because an expired lock no longer lists its holder.
+///
+/// The lock is taken and renewed through `pool`'s client; the holder writes its data through the
+/// `dataClients`, other instances, so that a renewal never queues behind data writes (in
+/// librados' in-flight throttle, its OSD session, the OSD's queue for that client). The holder record
+/// names every one of them, and a takeover fences them all.
 public final class RadosLock: Sendable {
+    /// The pool (and client instance) the lock is taken and renewed through.
     public let pool: RadosPool
+    /// The holder's other client instances, which write its data: fenced together with `pool`'s.
+    public let dataClients: [RadosConnection]
     public let object: String
     public let lockName: String
     /// Names this holder (one per process and lock; a renewal must present the same cookie).
@@ -41,9 +50,10 @@ public final class RadosLock: Sendable {
     public static let ownerLockName = "vbd.owner"
 
     public init(pool: RadosPool, object: String, lockName: String = RadosLock.ownerLockName, exclusive: Bool,
-                durationSeconds: Int) throws(RadosError) {
+                durationSeconds: Int, dataClients: [RadosConnection] = []) throws(RadosError) {
         precondition(durationSeconds > 0, "a lock without expiry cannot be taken over")
         self.pool = pool
+        self.dataClients = dataClients
         self.object = object
         self.lockName = lockName
         self.exclusive = exclusive
@@ -88,14 +98,14 @@ public final class RadosLock: Sendable {
 
     /// Gives the lock up (a lock that is no longer ours is not an error).
     ///
-    /// An exclusive holder first erases its address from the lock object (only if it is still its
+    /// An exclusive holder first erases its record from the lock object (only if it is still its
     /// own): it has stopped writing, so whoever takes the lock next has nobody to fence, and must not
     /// blocklist a client that may go on serving other objects.
     public func release() {
         guard let ioctx = try? pool.handle("unlock") else { return }
-        if exclusive, let address = recordedAddress.withLock({ $0 }) {
+        if exclusive, let record = recordedHolder.withLock({ $0 }) {
             try? pool.operate(object) { op in
-                op.assertAttribute(Self.holderAttribute, equals: Array(address.utf8))
+                op.assertAttribute(Self.holderAttribute, equals: Array(record.utf8))
                 op.removeAttribute(Self.holderAttribute)
             }
         }
@@ -132,16 +142,29 @@ public final class RadosLock: Sendable {
         }
     }
 
-    /// Notes this client's address on the lock object, so that whoever takes the lock over after it
-    /// expired knows which client to fence.
-    private func recordHolder() throws(RadosError) {
-        let address = try pool.connection.clientAddress()
-        try pool.setAttribute(object, Self.holderAttribute, Array(address.utf8))
-        recordedAddress.withLock { $0 = address }
+    /// The addresses of this holder's client instances: the lock's own first, then the data clients'.
+    public func ownAddresses() throws(RadosError) -> [String] {
+        var addresses = [try pool.connection.clientAddress()]
+        for client in dataClients { addresses.append(try client.clientAddress()) }
+        return addresses
     }
 
-    /// The address this holder wrote into the lock object, if it did.
-    private let recordedAddress = Mutex<String?>(nil)
+    /// Notes this holder's client addresses on the lock object (one per line), so that whoever
+    /// takes the lock over after it expired knows which clients to fence.
+    private func recordHolder() throws(RadosError) {
+        let record = try ownAddresses().joined(separator: "\n")
+        try pool.setAttribute(object, Self.holderAttribute, Array(record.utf8))
+        recordedHolder.withLock { $0 = record }
+    }
+
+    /// The record this holder wrote into the lock object, if it did.
+    private let recordedHolder = Mutex<String?>(nil)
+
+    /// The addresses in a holder record (a record written before the data had instances of their
+    /// own holds one address).
+    static func addresses(inRecord record: [UInt8]) -> [String] {
+        String(decoding: record, as: UTF8.self).split(separator: "\n").map(String.init).filter { !$0.isEmpty }
+    }
 
     /// Takes an exclusive lock that another client may hold, and fences that client.
     ///
@@ -152,24 +175,30 @@ public final class RadosLock: Sendable {
     /// Once the lock is ours, the holder recorded in the lock object is blocklisted for
     /// `blocklistSeconds`: a holder that released cleanly erased its record, so only one that lost
     /// the lock without handing it over is fenced (a holder seen while waiting that then released
-    /// is not). This client waits for the OSD map that carries the blocklist before returning, so
-    /// the old holder's writes are refused from here on. Returns the addresses it blocklisted.
+    /// is not). The record names all the holder's client instances (the one that renewed the lock
+    /// and the ones that wrote its data), and all are fenced. This holder's instances wait for the
+    /// OSD map that carries the blocklist before returning, so that their first operation on an
+    /// object brings the entry to its placement group and the old holder's writes are refused from
+    /// then on. Returns the addresses it blocklisted.
     /// `whileWaiting` is called once, with the holders, when the lock is first found taken.
     @discardableResult
     public func takeOver(waitingUpTo seconds: Double, force: Bool = false, blocklistSeconds: UInt32 = 3600,
                          whileWaiting: ([RadosLockHolder]) -> Void = { _ in }) throws(RadosError) -> [String] {
         precondition(exclusive, "only an exclusive lock is taken over")
-        let ownAddress = try pool.connection.clientAddress()
+        let own = try ownAddresses()
         var fenced: [String] = []
         func fence(_ addresses: [String]) throws(RadosError) {
             var added = false
-            for address in addresses where !address.isEmpty && !Self.sameClient(address, ownAddress)
+            for address in addresses where !address.isEmpty && !own.contains(where: { Self.sameClient($0, address) })
                 && !fenced.contains(where: { Self.sameClient($0, address) }) {
                 try pool.connection.blocklist(address: address, seconds: blocklistSeconds)
                 fenced.append(address)
                 added = true
             }
-            if added { try pool.connection.waitForLatestMap() }
+            if added {
+                try pool.connection.waitForLatestMap()
+                for client in dataClients { try client.waitForLatestMap() }
+            }
         }
         let deadline = monotonicSeconds() + seconds
         var reportedWaiting = false
@@ -199,7 +228,7 @@ public final class RadosLock: Sendable {
         }
         // Read only now that the lock is ours: a holder that handed over while we waited has erased it.
         if let recorded = try pool.attribute(object, Self.holderAttribute) {
-            try fence([String(decoding: recorded, as: UTF8.self)])
+            try fence(Self.addresses(inRecord: recorded))
         }
         try recordHolder()
         return fenced
@@ -229,12 +258,18 @@ func monotonicSeconds() -> Double {
 /// succeeded for longer than the lock lasts (the cluster was unreachable, so another server may have
 /// taken the lock after its expiry). From then on ``isHeld`` is false for good, and `onLost` has
 /// been called once (from a background queue) with the reason.
+///
+/// Every renewal's round trip is traced: logged at debug level, and as a warning when it took more
+/// than a third of the duration (the interval between renewals), since three times that loses the lock.
 public final class RadosLockKeeper: @unchecked Sendable {
     public let lock: RadosLock
+    private let logger: Logger
     private struct State {
         var lastConfirmed: Double
         var lostReason: String?
         var stopped = false
+        var renewals = 0
+        var longestRoundTrip = 0.0
     }
     private let state: Mutex<State>
     private let queue: DispatchQueue
@@ -248,8 +283,10 @@ public final class RadosLockKeeper: @unchecked Sendable {
 
     /// Starts renewing `lock`, which the caller has just acquired (its validity counts from the
     /// moment the acquiring call was sent).
-    public init(lock: RadosLock, onLost: @escaping @Sendable (String) -> Void = { _ in }) {
+    public init(lock: RadosLock, logger: Logger = Logger(label: "vbd.rados.lock"),
+                onLost: @escaping @Sendable (String) -> Void = { _ in }) {
         self.lock = lock
+        self.logger = logger
         self.onLost = onLost
         self.state = Mutex(State(lastConfirmed: lock.confirmedAt))
         self.queue = DispatchQueue(label: "vbd.rados.lock-keeper")
@@ -277,13 +314,39 @@ public final class RadosLockKeeper: @unchecked Sendable {
     /// Renews at once (also what the timer does).
     func renewNow() {
         if state.withLock({ $0.stopped || $0.lostReason != nil }) { return }
+        let sentAt = monotonicSeconds()
         do {
             try lock.renew()
-            let confirmed = lock.confirmedAt
-            state.withLock { $0.lastConfirmed = max($0.lastConfirmed, confirmed) }
         } catch {
-            markLost("renewing the lock on \(lock.pool.describe(lock.object)) failed: \(error)")
+            let roundTrip = monotonicSeconds() - sentAt
+            markLost("renewing the lock on \(lock.pool.describe(lock.object)) failed after \(Self.format(roundTrip)) s: \(error)")
+            return
         }
+        let roundTrip = monotonicSeconds() - sentAt
+        let confirmed = lock.confirmedAt
+        state.withLock {
+            $0.lastConfirmed = max($0.lastConfirmed, confirmed)
+            $0.renewals += 1
+            $0.longestRoundTrip = max($0.longestRoundTrip, roundTrip)
+        }
+        let metadata: Logger.Metadata = ["lock": "\(lock.pool.describe(lock.object))", "round-trip": "\(Self.format(roundTrip)) s",
+                                         "duration": "\(lock.durationSeconds) s"]
+        if roundTrip > Double(lock.durationSeconds) / 3 {
+            logger.warning("renewing the lock took more than a third of its duration", metadata: metadata)
+        } else {
+            logger.debug("renewed the lock", metadata: metadata)
+        }
+    }
+
+    /// Renewals that succeeded, and the longest round trip among them (seconds).
+    public var renewalStatistics: (count: Int, longestRoundTrip: Double) {
+        state.withLock { ($0.renewals, $0.longestRoundTrip) }
+    }
+
+    static func format(_ seconds: Double) -> String {
+        let milliseconds = Int((seconds * 1000).rounded())
+        let fraction = String(milliseconds % 1000)
+        return "\(milliseconds / 1000)." + String(repeating: "0", count: 3 - fraction.count) + fraction
     }
 
     private func markLost(_ reason: String) {

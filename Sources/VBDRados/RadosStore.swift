@@ -1,4 +1,5 @@
 import CRados
+import Logging
 import VBDStore
 #if canImport(Glibc)
 import Glibc
@@ -44,6 +45,7 @@ public enum RadosStore {
     /// `whileWaiting` is called once with the holders when the lock is found taken.
     public static func openDirectory(_ location: RadosStoreLocation, ownership: RadosOwnership, readOnly: Bool,
                                      lockDurationSeconds: Int = 30, operationTimeoutSeconds: Int = 30,
+                                     logger: Logger = Logger(label: "vbd.rados"),
                                      onLockLost: @escaping @Sendable (String) -> Void = { _ in },
                                      whileWaiting: ([RadosLockHolder]) -> Void = { _ in })
         throws -> (directory: RadosDirectory, fenced: [String]) {
@@ -56,7 +58,7 @@ public enum RadosStore {
             connection.close()
             throw error
         }
-        let directory = RadosDirectory(pool: pool, lockDurationSeconds: lockDurationSeconds, onLockLost: onLockLost)
+        let directory = RadosDirectory(pool: pool, lockDurationSeconds: lockDurationSeconds, logger: logger, onLockLost: onLockLost)
         if readOnly { return (directory, []) }
         var wait = 0.0, force = false
         if case let .takeOver(seconds, forced) = ownership {
@@ -81,11 +83,12 @@ public enum RadosStore {
     /// last reference to the store.
     public static func open(_ location: RadosStoreLocation, options: Store.Options, create: Bool,
                             ownership: RadosOwnership = .acquire, lockDurationSeconds: Int = 30,
+                            logger: Logger = Logger(label: "vbd.rados"),
                             onLockLost: @escaping @Sendable (String) -> Void = { _ in },
                             whileWaiting: ([RadosLockHolder]) -> Void = { _ in })
         throws -> (store: Store, fenced: [String]) {
         let (directory, fenced) = try openDirectory(location, ownership: ownership, readOnly: options.readOnly,
-                                                    lockDurationSeconds: lockDurationSeconds, onLockLost: onLockLost,
+                                                    lockDurationSeconds: lockDurationSeconds, logger: logger, onLockLost: onLockLost,
                                                     whileWaiting: whileWaiting)
         do {
             return (try Store(directory: directory, options: options, create: create), fenced)

@@ -256,7 +256,7 @@ struct ServeCommand: AsyncParsableCommand {
                     logger.notice("taking the store over", metadata: ["store": "\(location)", "force": "\(force)", "wait": "\(takeOverWait) s"])
                 }
                 let result = try openRadosStore(location, options: options, create: false, ownership: ownership,
-                                                lockDurationSeconds: lockDuration,
+                                                lockDurationSeconds: lockDuration, logger: logger,
                                                 onLockLost: { reason in stopEvents.post(.lockLost(reason)) },
                                                 whileWaiting: { holders in
                     logger.notice("waiting for the owner to hand the store over", metadata: [

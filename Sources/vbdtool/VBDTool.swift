@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Logging
 import VBDControl
 import VBDCore
 import VBDRados
@@ -95,11 +96,13 @@ struct RadosOptions: ParsableArguments {
 /// errors become failures that name the store and say what to do.
 func openRadosStore(_ location: RadosStoreLocation, options: Store.Options, create: Bool,
                     ownership: RadosOwnership = .acquire, lockDurationSeconds: Int = 30,
+                    logger: Logger = Logger(label: "vbd.rados"),
                     onLockLost: @escaping @Sendable (String) -> Void = { _ in },
                     whileWaiting: ([RadosLockHolder]) -> Void = { _ in }) throws(ControlFailure) -> (store: Store, fenced: [String]) {
     do {
         return try RadosStore.open(location, options: options, create: create, ownership: ownership,
-                                   lockDurationSeconds: lockDurationSeconds, onLockLost: onLockLost, whileWaiting: whileWaiting)
+                                   lockDurationSeconds: lockDurationSeconds, logger: logger, onLockLost: onLockLost,
+                                   whileWaiting: whileWaiting)
     } catch StoreError.notInitialized {
         throw ControlFailure(code: "not-initialized",
                              message: "no store at \(location): run `vbdtool init --rados \(location.pool) --namespace \(location.namespace)` first")

@@ -41,9 +41,38 @@ final class MicroCluster: Sendable {
 
     /// Kills the OSD (SIGKILL): the cluster then answers no object operation.
     func killOSD() throws {
+        guard kill(try osdPID(), SIGKILL) == 0 else { throw MicroClusterError(message: "cannot kill the OSD: \(String(cString: strerror(errno)))") }
+    }
+
+    func osdPID() throws -> pid_t {
         let pidText = try String(contentsOfFile: directory + "/run/osd.0.pid", encoding: .utf8)
-        guard let pid = pid_t(pidText.trimmingCharacters(in: .whitespacesAndNewlines)), kill(pid, SIGKILL) == 0 else {
-            throw MicroClusterError(message: "cannot kill the OSD (pid file says '\(pidText)')")
+        guard let pid = pid_t(pidText.trimmingCharacters(in: .whitespacesAndNewlines)) else {
+            throw MicroClusterError(message: "no OSD pid in \(directory)/run/osd.0.pid ('\(pidText)')")
+        }
+        return pid
+    }
+
+    /// Starves the OSD of CPU, as a machine loaded by other work does: it runs `runMilliseconds`
+    /// of every 200 (SIGCONT, then SIGSTOP for the rest) until the returned function is called,
+    /// which lets it run freely again.
+    func starveOSD(runMilliseconds: Int) throws -> @Sendable () -> Void {
+        precondition(runMilliseconds > 0 && runMilliseconds < 200)
+        let pid = try osdPID()
+        let stopping = Atomic<Bool>(false)
+        let finished = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            while !stopping.load(ordering: .relaxed) {
+                usleep(UInt32(runMilliseconds * 1000))
+                kill(pid, SIGSTOP)
+                usleep(UInt32((200 - runMilliseconds) * 1000))
+                kill(pid, SIGCONT)
+            }
+            kill(pid, SIGCONT)
+            finished.signal()
+        }
+        return {
+            stopping.store(true, ordering: .relaxed)
+            finished.wait()
         }
     }
 

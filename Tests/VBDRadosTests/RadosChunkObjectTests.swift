@@ -53,23 +53,25 @@ func pattern(seed: UInt64, count: Int = 4096) -> [UInt8] {
         let hash = bytes.withUnsafeBytes { chunks.hash($0) }
         let plain = ChunkObjectName(group: "g1", hash: hash, collisionIndex: 0)
 
-        // Same length and length attribute, one byte different: only the byte comparison catches it.
+        // Same header, length and length attribute, one byte different: only the byte comparison catches it.
         var impostor = bytes
         impostor[4000] ^= 0x01
-        try pool.writeFull(plain.objectName, impostor)
-        try pool.setAttribute(plain.objectName, RadosChunkObjects.lengthAttribute, Array("4096".utf8))
-        // And under the first collision name, the right bytes followed by more: only the length catches it.
+        let impostorObject = impostor.withUnsafeBytes { RadosChunkObjects.objectBytes(form: .raw, rawLength: 4096, stored: $0) }
+        try pool.writeFull(plain.objectName, impostorObject)
+        try pool.setAttribute(plain.objectName, RadosChunkObjects.lengthAttribute, Array(String(impostorObject.count).utf8))
+        // And under the first collision name, the right object followed by more: only the length catches it.
         let longer = ChunkObjectName(group: "g1", hash: hash, collisionIndex: 1)
-        try pool.writeFull(longer.objectName, bytes + [0])
-        try pool.setAttribute(longer.objectName, RadosChunkObjects.lengthAttribute, Array("4097".utf8))
+        let longerObject = bytes.withUnsafeBytes { RadosChunkObjects.objectBytes(form: .raw, rawLength: 4096, stored: $0) } + [0]
+        try pool.writeFull(longer.objectName, longerObject)
+        try pool.setAttribute(longer.objectName, RadosChunkObjects.lengthAttribute, Array(String(longerObject.count).utf8))
 
         let outcome = try chunks.store(bytes, reference: ChunkReference(family: "v", chunk: 1, generation: 1))
         #expect(outcome.created)
         #expect(outcome.collisionsPassed == 2)
         #expect(outcome.name == ChunkObjectName(group: "g1", hash: hash, collisionIndex: 2))
         #expect(try chunks.read(outcome.name) == bytes)
-        #expect(try pool.readAll(plain.objectName) == impostor)
-        #expect(try pool.readAll(longer.objectName) == bytes + [0])
+        #expect(try pool.readAll(plain.objectName) == impostorObject)
+        #expect(try pool.readAll(longer.objectName) == longerObject)
 
         // A second store of the same bytes shares the verified object, not the impostors.
         let again = try chunks.store(bytes, reference: ChunkReference(family: "v", chunk: 2, generation: 1))
@@ -130,9 +132,9 @@ func pattern(seed: UInt64, count: Int = 4096) -> [UInt8] {
         let connection = try cluster.connect()
         let pool = try cluster.freshPool(connection, prefix: "corrupt")
         let chunks = try chunks(pool)
-        var bytes = pattern(seed: 4)
-        let name = try chunks.store(bytes, reference: ChunkReference(family: "v", chunk: 0, generation: 1)).name
-        bytes[17] ^= 0x80
+        let name = try chunks.store(pattern(seed: 4), reference: ChunkReference(family: "v", chunk: 0, generation: 1)).name
+        var bytes = try pool.readAll(name.objectName)
+        bytes[RadosChunkObjects.headerBytes + 17] ^= 0x80
         try pool.writeFull(name.objectName, bytes)
         let caught = #expect(throws: RadosChunkError.self) { _ = try chunks.read(name) }
         if case .corrupt(let object, _) = caught { #expect(object.hasSuffix(name.objectName)) } else { Issue.record("not .corrupt: \(String(describing: caught))") }
@@ -141,6 +143,110 @@ func pattern(seed: UInt64, count: Int = 4096) -> [UInt8] {
         #expect(throws: RadosChunkError.self) { try chunks.read(name) }
         try pool.remove(name.objectName)
         #expect(throws: RadosChunkError.self) { try chunks.read(name) }
+    }
+
+    /// A chunk kept LZ4-compressed is named by the hash of its raw bytes, shared by a second family
+    /// storing the same compressed form, and read back raw after its decoding was verified; the same
+    /// chunk stored raw by a third family gets an object of its own (not shared, still right).
+    /// Damage to the compressed bytes or to the header's raw length is caught on read.
+    @Test func compressedChunksAreNamedByTheirRawContent() throws {
+        let connection = try cluster.connect()
+        let pool = try cluster.freshPool(connection, prefix: "lz4")
+        let chunks = try chunks(pool)
+        let raw = (0..<4096).map { UInt8(truncatingIfNeeded: ($0 / 64) &* 7) }  // compresses well
+        var compressed = [UInt8](repeating: 0, count: BlockCompression.bound(raw.count))
+        let storedCount = try #require(raw.withUnsafeBytes { source in
+            compressed.withUnsafeMutableBytes { BlockCompression.compress(source, into: $0) }
+        })
+        compressed.removeLast(compressed.count - storedCount)
+        #expect(storedCount < raw.count / 4)
+        let hash = raw.withUnsafeBytes { chunks.hash($0) }
+
+        let first = try compressed.withUnsafeBytes {
+            try chunks.store(stored: $0, form: .lz4, rawLength: raw.count, contentHash: hash,
+                             reference: ChunkReference(family: "a", chunk: 1, generation: 1))
+        }
+        #expect(first.created && first.name.hash == hash && first.name.collisionIndex == 0)
+        #expect(try pool.size(of: first.name.objectName) == UInt64(RadosChunkObjects.headerBytes + storedCount))
+        #expect(try chunks.read(first.name) == raw)
+        let second = try compressed.withUnsafeBytes {
+            try chunks.store(stored: $0, form: .lz4, rawLength: raw.count, contentHash: hash,
+                             reference: ChunkReference(family: "b", chunk: 5, generation: 1))
+        }
+        #expect(!second.created && second.name == first.name)
+        let rawForm = try chunks.store(raw, reference: ChunkReference(family: "c", chunk: 2, generation: 1))
+        #expect(rawForm.created && rawForm.name.hash == hash && rawForm.name.collisionIndex == 1)
+        #expect(try chunks.read(rawForm.name) == raw)
+
+        let good = try pool.readAll(first.name.objectName)
+        var damaged = good
+        damaged[damaged.count - 3] ^= 0x5A
+        try pool.writeFull(first.name.objectName, damaged)
+        #expect(throws: RadosChunkError.self) { try chunks.read(first.name) }
+        var longerRaw = good
+        longerRaw[4] &+= 1  // the raw length, one more than the bytes decode to
+        try pool.writeFull(first.name.objectName, longerRaw)
+        let caught = #expect(throws: RadosChunkError.self) { try chunks.read(first.name) }
+        if case .corrupt = caught {} else { Issue.record("not .corrupt: \(String(describing: caught))") }
+        try pool.writeFull(first.name.objectName, good)
+        #expect(try chunks.read(first.name) == raw)
+    }
+
+    /// The sweep judges only the family it owns, through that family's own client: another
+    /// family's leaked tags are left to its owner, a directory without its lock cannot sweep, and
+    /// once the family is taken over by force (its owner fenced) the old owner's late sweep is
+    /// refused by the OSD before it releases anything.
+    @Test func sweepJudgesOnlyTheOwnedFamily() throws {
+        let hostA = try cluster.connect(timeoutSeconds: 10), hostB = try cluster.connect()
+        let familyA = RadosDirectory(pool: try cluster.freshPool(hostA, prefix: "fam"))
+        let familyB = RadosDirectory(pool: try cluster.freshPool(hostB, prefix: "fam"))
+        try familyA.lockExclusive()
+        try familyB.lockExclusive()
+        let chunkNamespace = try cluster.freshPool(hostA, prefix: "chunks").namespace
+        // Host A's client for the chunk namespace is not its family's data client: the sweep must
+        // still release through the latter, which a takeover of the family fences.
+        let chunksA = try chunks(try cluster.connect(timeoutSeconds: 10).openPool("vbd", namespace: chunkNamespace))
+        let chunksB = try chunks(try hostB.openPool("vbd", namespace: chunkNamespace))
+        let a = familyA.pool.namespace, b = familyB.pool.namespace
+        let kept = try ChunkReference(family: a, chunk: 1, generation: 1)
+        let leakedA = try ChunkReference(family: a, chunk: 2, generation: 1)
+        let leakedB = try ChunkReference(family: b, chunk: 3, generation: 1)
+        let shared = pattern(seed: 70), other = pattern(seed: 71)
+        let sharedName = try chunksA.store(shared, reference: kept).name
+        _ = try chunksA.store(shared, reference: leakedA)
+        let otherName = try chunksB.store(other, reference: leakedB).name
+
+        // Without the family's lock there is no sweep.
+        let familyAWithoutLock = RadosDirectory(pool: try hostB.openPool("vbd", namespace: a))
+        let refusal = #expect(throws: RadosChunkError.self) { try chunksB.sweep(family: familyAWithoutLock) { _, _ in false } }
+        if case .notOwner = refusal {} else { Issue.record("not .notOwner: \(String(describing: refusal))") }
+
+        // A's owner releases A's unclaimed tag and nothing of B's (B's owner may be mid-write).
+        let released = try chunksA.sweep(family: familyA) { _, reference in reference == kept }
+        #expect(released.map(\.1) == [leakedA])
+        #expect(try chunksA.referenceTags(sharedName) == [kept.tag])
+        #expect(try chunksA.referenceTags(otherName) == [leakedB.tag])
+        // B's owner sweeps B: the last reference goes, and the object with it.
+        #expect(try chunksB.sweep(family: familyB) { _, _ in false }.map(\.1) == [leakedB])
+        #expect(try !chunksB.pool.exists(otherName.objectName))
+
+        // Family A is taken over by force while its old owner has not noticed yet.
+        let leakedAgain = try ChunkReference(family: a, chunk: 4, generation: 1)
+        _ = try chunksB.store(shared, reference: leakedAgain)
+        let taker = RadosDirectory(pool: try hostB.openPool("vbd", namespace: a))
+        #expect(try taker.takeOver(waitingUpTo: 5, force: true).count == 2)
+        #expect(familyA.ownsExclusively)
+        // B's read brings the map with the blocklist entry to the object's placement group.
+        #expect(Set(try chunksB.referenceTags(sharedName)) == [kept.tag, leakedAgain.tag])
+        let fenced = #expect(throws: RadosChunkError.self) { try chunksA.sweep(family: familyA) { _, reference in reference == kept } }
+        if case .rados(let failure) = fenced { #expect(failure.code == RadosError.blocklisted, "\(failure)") } else {
+            Issue.record("the fenced owner's sweep: \(String(describing: fenced))")
+        }
+        #expect(Set(try chunksB.referenceTags(sharedName)) == [kept.tag, leakedAgain.tag])
+        // The new owner sweeps A.
+        #expect(try chunksB.sweep(family: taker) { _, reference in reference == kept }.map(\.1) == [leakedAgain])
+        taker.unlock()
+        familyB.unlock()
     }
 
     /// Two hosts with four threads each store and release the same chunks at once: every create,
