@@ -455,6 +455,7 @@ extension Store {
             }
         }
         try storeBlocks(&blocks, view: view)
+        try journalQueuedRecords()
         try afterChange(fua: fua)
     }
 
@@ -478,7 +479,7 @@ extension Store {
         let view: ImageView
         do {
             defer { mutex.unlock() }
-            guard !closed, poisoned == nil, pending.bytes.count < options.pendingJournalBytesMax,
+            guard !closed, poisoned == nil, unflushedJournalBytesLocked < options.pendingJournalBytesMax,
                   pager.dirtyFrames < options.commitDirtyPagesMax,
                   let (v, _) = try? viewLocked(id), !v.readOnly else { return false }
             let (end, overflow) = offset.addingReportingOverflow(length)
@@ -494,6 +495,7 @@ extension Store {
                                        bytes: UnsafeRawBufferPointer(rebasing: data[k * bs..<(k + 1) * bs])))
         }
         try storeBlocks(&blocks, view: view)
+        try journalQueuedRecords()
         return true
     }
 
@@ -772,7 +774,7 @@ extension Store {
     /// commit is already under way: then the writer goes on, and waits only once half as many
     /// again have changed (what the next commit does under the lock stays bounded too).
     func afterChange(fua: Bool) throws(BlockDeviceError) {
-        let (big, dirty) = mutex.withLock { (pending.bytes.count >= options.pendingJournalBytesMax, pager.dirtyFrames) }
+        let (big, dirty) = mutex.withLock { (unflushedJournalBytesLocked >= options.pendingJournalBytesMax, pager.dirtyFrames) }
         if fua || big || dirty >= options.commitDirtyPagesMax + options.commitDirtyPagesMax / 2 { try flushForDevice(); return }
         if dirty >= options.commitDirtyPagesMax {
             do { try flushUnlessOneIsUnderWay() } catch let e as StoreError {
@@ -847,6 +849,7 @@ extension Store {
             zeros.initializeMemory(as: UInt8.self, repeating: 0)
             try write(image: id, offset: lo, data: UnsafeRawBufferPointer(zeros), fua: false)
         }
+        try journalQueuedRecords()
         try afterChange(fua: fua)
     }
 
