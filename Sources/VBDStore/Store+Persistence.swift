@@ -1030,6 +1030,10 @@ extension Store {
         /// Record frames no marker covers were replayed because they were written in this epoch:
         /// their data must be synced before a marker may cover them.
         var replayedUncovered = false
+        /// The last marker names the current epoch: frames appended now need no new marker.
+        var markedInThisEpoch = false
+        /// Where the frames a marker covers end (all valid bytes unless some were dropped).
+        var coveredSequence: UInt64 = 0
     }
 
     /// Replays the valid frames of one generation's journal that may be trusted: all of them when
@@ -1070,7 +1074,8 @@ extension Store {
             }
         }
         let trustedBelow = sameEpoch || formatTwo ? UInt64(frames.count) : covered
-        var result = ReplayedJournal(frames: frames.count, validBytes: valid, fileBytes: journalBytes.count)
+        var result = ReplayedJournal(frames: frames.count, validBytes: valid, fileBytes: journalBytes.count,
+                                     markedInThisEpoch: sameEpoch, coveredSequence: covered)
         for (k, records) in frames.enumerated() {
             let sequence = UInt64(k)
             guard !voided.contains(where: { $0.contains(sequence) }),
@@ -1103,6 +1108,14 @@ extension Store {
                 throw StoreError.io("recovery: fdatasync of the data file failed (\(error)): the writes the killed process " +
                                     "acknowledged cannot be made durable; the store was not changed")
             }
+        }
+        // Nothing to cover, drop or cut, and new frames would follow a marker of this epoch: an
+        // open after a clean close or a flush writes nothing.
+        if !replayed.replayedUncovered && replayed.droppedFrom == nil && replayed.markedInThisEpoch
+            && replayed.fileBytes == replayed.validBytes && !earlier.contains(where: \.replayed.replayedUncovered) {
+            journalDurableBelow = replayed.coveredSequence
+            journalCoveredEnd = journalEnd
+            return
         }
         for e in earlier where e.replayed.replayedUncovered {
             let sequence = UInt64(e.replayed.frames)
