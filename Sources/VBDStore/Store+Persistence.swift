@@ -73,9 +73,14 @@ extension Store {
         }
     }
 
-    /// Applies a live change and queues its record for the journal. `mutex` held.
+    /// Applies a live change and queues its record for the journal. `mutex` held. A change that
+    /// fails part way (a metadata page that cannot be read) may leave memory changed where the
+    /// journal never will be: only a reopen is safe then, as after a failed sync.
     func commit(_ record: JournalRecord) throws {
-        try apply(record)
+        do { try apply(record) } catch {
+            if failure == nil { failure = "a change could not be applied whole (\(error))" }
+            throw error
+        }
         let before = pending.bytes.count
         record.encode(into: &pending)
         pendingRecordCount += 1
@@ -1109,22 +1114,28 @@ extension Store {
                                     "acknowledged cannot be made durable; the store was not changed")
             }
         }
+        // A journal trusted within this epoch may hold markers the killed process wrote but did
+        // not sync (a flush or commit in progress): synced now, so that what they cover (and a
+        // seal that chains to the next journal) survives a power cut from here on.
+        for e in earlier where e.replayed.replayedUncovered || e.replayed.markedInThisEpoch {
+            if e.replayed.replayedUncovered {
+                let sequence = UInt64(e.replayed.frames)
+                let frame = JournalFrame.encode(generation: e.generation, sequence: sequence,
+                                                payload: encoded(markerRecord(durableBelow: sequence)))
+                let end = UInt64(e.replayed.validBytes + frame.count)
+                try writeUsingSpaceReserve(frame, to: e.file, at: UInt64(e.replayed.validBytes))
+                if try e.file.size() > end { try e.file.truncate(to: end) }
+            }
+            try e.file.sync()
+        }
         // Nothing to cover, drop or cut, and new frames would follow a marker of this epoch: an
-        // open after a clean close or a flush writes nothing.
+        // open after a clean close or a flush writes nothing (it only syncs).
         if !replayed.replayedUncovered && replayed.droppedFrom == nil && replayed.markedInThisEpoch
-            && replayed.fileBytes == replayed.validBytes && !earlier.contains(where: \.replayed.replayedUncovered) {
+            && replayed.fileBytes == replayed.validBytes {
+            try journalFile.sync()
             journalDurableBelow = replayed.coveredSequence
             journalCoveredEnd = journalEnd
             return
-        }
-        for e in earlier where e.replayed.replayedUncovered {
-            let sequence = UInt64(e.replayed.frames)
-            let frame = JournalFrame.encode(generation: e.generation, sequence: sequence,
-                                            payload: encoded(markerRecord(durableBelow: sequence)))
-            let end = UInt64(e.replayed.validBytes + frame.count)
-            try writeUsingSpaceReserve(frame, to: e.file, at: UInt64(e.replayed.validBytes))
-            if try e.file.size() > end { try e.file.truncate(to: end) }
-            try e.file.sync()
         }
         let sequence = journalSequence
         let voided = replayed.droppedFrom.map { $0..<sequence } ?? 0..<0
