@@ -8,7 +8,7 @@ import VBDCache
 // the checkpoint generation, a sequence number and a checksum, so recovery reads whole frames in
 // order and stops at the first torn or stale one.
 //
-// Two promises, two kinds of frame (docs/INVARIANTS.md 1 and 2):
+// Two promises, two kinds of frame (docs/INVARIANTS.md 1, "A kill of the process" and power cuts):
 // - Where unsynced writes outlive the process (local files: `unsyncedWritesEpoch`), a write is
 //   acknowledged only once its records are in the journal file as a frame, written after the
 //   chunk bytes they name and not synced: a killed process leaves both in the page cache.

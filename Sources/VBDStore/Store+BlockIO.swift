@@ -469,9 +469,12 @@ extension Store {
     /// the write is not block-aligned (a read-modify-write may read the disk) or larger than
     /// ``writeWithoutBlockingBytesMax``, or the request is invalid (the ordinary write then reports
     /// the error). Saves an event loop the hop to an I/O thread and back, which cost more CPU than
-    /// the write itself (Benchmarks/README.md). Two waits remain possible: the page-cache write on
-    /// the kernel's dirty-page throttling, which every writer of the file shares, and the read of a
-    /// dedup candidate that is not in the cache (verified byte for byte under the lock, like any write).
+    /// the write itself (Benchmarks/README.md). Three waits remain possible: the page-cache writes
+    /// (of the data and of the journal frame) on the kernel's dirty-page throttling, which every
+    /// writer of the file shares; `journalMutex`, held by another writer appending (its frame may
+    /// carry this write's records too), a flush writing its marker or a commit writing its seal;
+    /// and the read of a dedup candidate that is not in the cache (verified byte for byte under
+    /// the lock, like any write).
     func writeWithoutBlocking(image id: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws(BlockDeviceError) -> Bool {
         let length = UInt64(data.count)
         guard length > 0, data.count <= Self.writeWithoutBlockingBytesMax,

@@ -1037,7 +1037,7 @@ extension Store {
         var replayedUncovered = false
         /// The last marker names the current epoch: frames appended now need no new marker.
         var markedInThisEpoch = false
-        /// Where the frames a marker covers end (all valid bytes unless some were dropped).
+        /// The largest `durableBelow` of its markers.
         var coveredSequence: UInt64 = 0
     }
 
@@ -1049,25 +1049,32 @@ extension Store {
     func replayJournal(_ file: any StorageFile, name: String, generation: UInt64) throws -> ReplayedJournal {
         let journalBytes = try file.readAll()
         let (payloads, valid) = JournalFrame.decodeValidPrefix(journalBytes, generation: generation)
-        var frames: [[JournalRecord]] = []
-        frames.reserveCapacity(payloads.count)
-        var lastMarker: JournalMarker?
-        var covered: UInt64 = 0
-        var voided: [Range<UInt64>] = []
-        for (k, payload) in payloads.enumerated() {
-            var r = BinaryReader(payload)
+        // Two passes, so that only the markers are held: the first finds what may be trusted,
+        // the second decodes each frame again and applies it.
+        func records(of k: Int) throws -> [JournalRecord] {
+            var r = BinaryReader(payloads[k])
             var records: [JournalRecord] = []
             while r.remaining > 0 {
                 do { records.append(try JournalRecord.decode(&r)) } catch {
                     throw StoreError.corrupted("\(name) frame \(k) has a malformed record")
                 }
-                if case .marker(let m) = records.last! {
-                    lastMarker = m
-                    covered = max(covered, m.durableBelow)
-                    if !m.voided.isEmpty { voided.append(m.voided) }
-                }
             }
-            frames.append(records)
+            return records
+        }
+        var lastMarker: JournalMarker?
+        var covered: UInt64 = 0
+        var voided: [Range<UInt64>] = []
+        var holdsRecords: [Bool] = []
+        holdsRecords.reserveCapacity(payloads.count)
+        for k in payloads.indices {
+            var others = false
+            for record in try records(of: k) {
+                guard case .marker(let m) = record else { others = true; continue }
+                lastMarker = m
+                covered = max(covered, m.durableBelow)
+                if !m.voided.isEmpty { voided.append(m.voided) }
+            }
+            holdsRecords.append(others)
         }
         let formatTwo = lastMarker == nil
         let sameEpoch = lastMarker.map { !$0.epoch.isEmpty && $0.epoch == unsyncedWritesEpoch } ?? false
@@ -1078,19 +1085,18 @@ extension Store {
                 throw StoreError.corrupted(found.description)
             }
         }
-        let trustedBelow = sameEpoch || formatTwo ? UInt64(frames.count) : covered
-        var result = ReplayedJournal(frames: frames.count, validBytes: valid, fileBytes: journalBytes.count,
+        let trustedBelow = sameEpoch || formatTwo ? UInt64(payloads.count) : covered
+        var result = ReplayedJournal(frames: payloads.count, validBytes: valid, fileBytes: journalBytes.count,
                                      markedInThisEpoch: sameEpoch, coveredSequence: covered)
-        for (k, records) in frames.enumerated() {
+        for k in payloads.indices where holdsRecords[k] {
             let sequence = UInt64(k)
-            guard !voided.contains(where: { $0.contains(sequence) }),
-                  records.contains(where: { if case .marker = $0 { return false } else { return true } }) else { continue }
+            guard !voided.contains(where: { $0.contains(sequence) }) else { continue }
             guard sequence < trustedBelow else {
                 if result.droppedFrom == nil { result.droppedFrom = sequence }
                 continue
             }
             if sequence >= covered && !formatTwo { result.replayedUncovered = true }
-            for record in records {
+            for record in try records(of: k) {
                 try apply(record)
                 if case .sealed(let next) = record { result.sealedFor = next }
             }

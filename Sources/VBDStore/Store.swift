@@ -27,7 +27,7 @@ import VBDCache
 // neither costs more as the store grows. Reference counts are stored with the pages but never
 // journaled: they follow from the records, and fsck recounts them.
 //
-// Durability (docs/INVARIANTS.md 1 and 2): on local files a write is acknowledged once its
+// Durability (docs/INVARIANTS.md 1): on local files a write is acknowledged once its
 // records are written (not synced) to the journal, after the chunk bytes they name, so a killed
 // process loses no acknowledged write; a flush syncs the data file, then writes a marker that
 // covers those records and syncs the journal, so a power cut loses only what no flush covered

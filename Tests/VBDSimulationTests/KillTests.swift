@@ -169,7 +169,7 @@ import VBDStore
                 line.hasPrefix("flushed ") ? UInt64(line.dropFirst(8)) : nil
             }.max()
             #expect(flushed != nil, "seed \(seed) iteration \(iteration): killed before any flush was acknowledged")
-            // Every write that returned must survive the kill, flushed or not (INVARIANTS.md 2).
+            // Every write that returned must survive the kill, flushed or not (docs/INVARIANTS.md 1).
             let acknowledged = lines.compactMap { line -> UInt64? in
                 line.hasPrefix("wrote ") ? UInt64(line.dropFirst(6)) : nil
             }.max()

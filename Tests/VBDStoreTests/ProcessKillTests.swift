@@ -3,8 +3,8 @@ import VBDCore
 import VBDSimulation
 @testable import VBDStore
 
-/// Acknowledged writes survive a kill of the process (docs/INVARIANTS.md 2), and the power-cut
-/// contract stays as it was (1): on a simulated disk that models both a kill (unsynced writes
+/// Acknowledged writes survive a kill of the process (docs/INVARIANTS.md 1, "A kill of the process"), and the power-cut
+/// contract stays as it was: on a simulated disk that models both a kill (unsynced writes
 /// kept, same boot) and a power cut (unsynced writes kept, dropped or torn at random, new boot).
 @Suite struct ProcessKillTests {
     static let volumeBytes = 1 << 20
