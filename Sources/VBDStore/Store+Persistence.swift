@@ -626,7 +626,7 @@ extension Store {
 
     /// A new, synced `journal-G` whose directory entry is durable (the superblock must never name
     /// a file a crash could drop), holding one frame: a marker naming the epoch its frames will be
-    /// written in (`JournalFrame.firstMarkerBytes` long).
+    /// written in (`firstMarkerFrame`).
     func createJournal(generation: UInt64) throws -> any StorageFile {
         var step = "creating journal-\(generation)"
         do throws(StorageError) {
