@@ -17,8 +17,8 @@ import VBDCache
 //   names durable data") and syncs the journal. After a power cut only frames a marker covers
 //   are replayed, so a replayed record never names data that is not durable, and each request's
 //   records (one frame) apply whole or not at all.
-// Each marker names the epoch it was written in; every open and every new journal writes one
-// first. Recovery trusts every valid frame when the last marker's epoch is the current one (the
+// Each marker names the epoch it was written in; a new journal starts with one, and an open
+// writes one before anything else unless the last one already names this epoch and covers all. Recovery trusts every valid frame when the last marker's epoch is the current one (the
 // process died, the machine did not), and only covered frames otherwise; a recovery that drops
 // uncovered frames writes a marker that voids them, since a frame in the middle of a journal
 // cannot be cut out. Where unsynced writes die with the process (RADOS), records wait in memory
@@ -129,16 +129,6 @@ struct JournalMarker: Equatable {
     var epoch: String
 
     static let epochBytesMax = 128
-
-    /// The marker in `payload`'s records, if any (a marker frame holds one, as its last record).
-    static func find(in payload: [UInt8]) -> JournalMarker? {
-        var r = BinaryReader(payload)
-        var found: JournalMarker?
-        while r.remaining > 0, let record = try? JournalRecord.decode(&r) {
-            if case .marker(let m) = record { found = m }
-        }
-        return found
-    }
 }
 
 struct BlockMapping: Equatable {
