@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CPU the server spends per byte written: `nbdcopy` writes SIZE_MIB of incompressible data to a
-# fresh store through `vbdtool serve` (unix socket, one connection, 16 requests in flight) at each
-# request size, and the server's user+system CPU time and minor page faults (from /proc) are
-# printed. With VBDTOOL_BASELINE set, each run is repeated with that binary, interleaved, so two
+# fresh store through `vbdtool serve` (unix socket, one connection, REQUESTS requests in flight,
+# 16 by default) at each request size, and the server's user+system CPU time, minor page faults
+# (from /proc) and the copy's wall time are printed. With VBDTOOL_BASELINE set, each run is repeated with that binary, interleaved, so two
 # builds can be compared on the same machine state.
 #
 #   swift build -c release --product vbdtool
@@ -19,6 +19,7 @@ VBDTOOL_BASELINE="${VBDTOOL_BASELINE:-}"
 SIZE_MIB="${SIZE_MIB:-256}"
 REQUEST_SIZES="${REQUEST_SIZES:-65536 1048576 4194304}"
 REPEAT="${REPEAT:-2}"
+REQUESTS="${REQUESTS:-16}"
 for tool in nbdcopy; do command -v "$tool" >/dev/null || { echo "SKIP: $tool missing"; exit 77; }; done
 [ -x "$VBDTOOL" ] || { echo "SKIP: $VBDTOOL not built (swift build -c release --product vbdtool)"; exit 77; }
 
@@ -39,16 +40,21 @@ run() { # binary request-size ; prints one table row
     for _ in $(seq 1 100); do [ -S "$sock" ] && break; sleep 0.1; done
     sleep 0.5
     read -r -a before < <(awk '{print $10, $14 + $15}' "/proc/$server_pid/stat")
-    timeout 120 nbdcopy --connections=1 --request-size="$request" --requests=16 "$work/data.img" "nbd+unix:///v?socket=$sock"
+    local started ended
+    started=$(date +%s%N)
+    timeout 120 nbdcopy --connections=1 --request-size="$request" --requests="$REQUESTS" "$work/data.img" "nbd+unix:///v?socket=$sock"
+    ended=$(date +%s%N)
     read -r -a after < <(awk '{print $10, $14 + $15}' "/proc/$server_pid/stat")
     stop_server
     local cpu_ticks=$((after[1] - before[1])) faults=$((after[0] - before[0]))
-    awk -v name="$(basename "$binary")" -v rs="$request" -v t="$cpu_ticks" -v hz="$ticks_per_second" -v mib="$SIZE_MIB" -v f="$faults" \
-        'BEGIN { printf "| %s | %d KiB | %.2f | %.0f | %.1f |\n", name, rs / 1024, t / hz, 1000 * t / hz / (mib / 1024), f / (mib * 256) }'
+    awk -v name="$binary" -v rs="$request" -v t="$cpu_ticks" -v hz="$ticks_per_second" -v mib="$SIZE_MIB" -v f="$faults" \
+        -v ns="$((ended - started))" \
+        'BEGIN { n = mib * 1048576 / rs; printf "| %s | %d KiB | %.2f | %.0f | %.1f | %.1f | %.1f |\n", name, rs / 1024, t / hz,
+                 1000 * t / hz / (mib / 1024), f / (mib * 256), 1e6 * t / hz / n, ns / 1000 / n }'
 }
 
-echo "| binary | request size | server CPU (s) for $SIZE_MIB MiB | CPU ms per GiB | minor faults per 4 KiB written |"
-echo "|---|---|---|---|---|"
+echo "| binary | request size | server CPU (s) for $SIZE_MIB MiB | CPU ms per GiB | minor faults per 4 KiB written | server CPU us per request | wall us per request (QD $REQUESTS) |"
+echo "|---|---|---|---|---|---|---|"
 for request in $REQUEST_SIZES; do
     for _ in $(seq 1 "$REPEAT"); do
         [ -n "$VBDTOOL_BASELINE" ] && run "$VBDTOOL_BASELINE" "$request"

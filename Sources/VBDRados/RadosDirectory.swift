@@ -69,6 +69,9 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
     deinit { unlock() }
 
     public var path: String { "rados:" + pool.describe("") }
+    /// A write is an asynchronous librados operation that dies with the process until `sync`
+    /// waits for it: unsynced journal frames are never trusted, so the store journals at flush.
+    public var unsyncedWritesEpoch: String? { nil }
 
     static func headObject(_ name: String) -> String { "file." + name }
     static func stripeObject(_ name: String, _ index: UInt64) -> String {

@@ -29,6 +29,7 @@ public final class HookedDirectory: StorageDirectory {
     public func lockShared() throws(StorageError) { try base.lockShared() }
     public func unlock() { base.unlock() }
     public var path: String { base.path }
+    public var unsyncedWritesEpoch: String? { base.unsyncedWritesEpoch }
 }
 
 final class HookedFile: StorageFile {

@@ -12,6 +12,11 @@ import VBDStore
 // crash before that drops a created file and brings a removed one back.
 // A crash can also be scheduled after the N-th mutating call, so it can strike between any two
 // steps of a flush or checkpoint: that call and every later one fail with `.crashed`.
+// Two kinds of crash: a power cut (the above; the machine boots again, so the disk's epoch
+// changes) and a kill of the process, after which the disk holds every write the process made,
+// synced or not, in the same epoch: the page cache outlives the process. A disk made with
+// `unsyncedWritesSurviveProcess: false` models storage whose unsynced writes die with the
+// process (RADOS): a kill then loses them as a power cut does, and the disk names no epoch.
 //
 // Faults short of a crash: `inject` makes chosen calls fail with EIO or ENOSPC, a failed sync
 // may drop the file's unsynced writes while reporting success on the next sync (what Linux
@@ -93,10 +98,20 @@ public final class SimulatedDisk {
     public private(set) var isCrashed = false
     /// Mutating calls left before the scheduled crash; nil = none scheduled.
     public var crashCountdown: Int?
+    /// What the scheduled crash is.
+    public var scheduledCrash = Crash.powerLoss
+    public enum Crash: Sendable, Equatable { case powerLoss, processKill }
+    /// The last crash, until the next one.
+    public private(set) var lastCrash: Crash?
+    /// Counts boots: a power cut starts a new one (the store's `unsyncedWritesEpoch`).
+    public private(set) var boot = 1
+    /// Whether unsynced writes outlive the process that made them (local files) or not (RADOS).
+    public let unsyncedWritesSurviveProcess: Bool
     public private(set) var mutatingCalls = 0
 
-    public init(seed: UInt64) {
+    public init(seed: UInt64, unsyncedWritesSurviveProcess: Bool = true) {
         rng = SimulationRandom(seed: seed ^ 0xD15C)
+        self.unsyncedWritesSurviveProcess = unsyncedWritesSurviveProcess
     }
 
     /// A directory view of this disk for one `Store`.
@@ -152,13 +167,39 @@ public final class SimulatedDisk {
         if isCrashed { throw .crashed }
         mutatingCalls += 1
         if let n = crashCountdown {
-            if n <= 0 { powerLoss(); throw .crashed }
+            if n <= 0 {
+                if scheduledCrash == .processKill { processKill() } else { powerLoss() }
+                throw .crashed
+            }
             crashCountdown = n - 1
         }
     }
 
-    /// Cuts the power: unsynced operations are kept, dropped or torn at random.
+    /// Cuts the power: unsynced operations are kept, dropped or torn at random, and the machine
+    /// boots again (a new epoch).
     public func powerLoss() {
+        loseUnsyncedOperations()
+        boot += 1
+        lastCrash = .powerLoss
+        isCrashed = true
+        locked = false
+        readers = 0
+    }
+
+    /// Kills the process using the disk: every call of it fails from now on and its lock goes.
+    /// On local files the disk keeps all it wrote, synced or not (nothing becomes durable that
+    /// was not); where unsynced writes die with the process they are lost as in a power cut.
+    public func processKill() {
+        if !unsyncedWritesSurviveProcess { loseUnsyncedOperations() }
+        lastCrash = .processKill
+        isCrashed = true
+        locked = false
+        readers = 0
+    }
+
+    /// Each unsynced operation is kept, dropped or torn at random; directory changes since the
+    /// last directory sync are undone.
+    func loseUnsyncedOperations() {
         // Directory changes since the last directory sync are undone first.
         for (name, file) in files where !file.entryIsDurable { files[name] = nil }
         for (name, file) in removedBeforeDirectorySync { files[name] = file }
@@ -193,15 +234,14 @@ public final class SimulatedDisk {
             file.unsynced = []
             file.holes = file.holes.filter { $0 < file.sectorCount }
         }
-        isCrashed = true
-        locked = false
-        readers = 0
     }
 
-    /// Power is back: the disk holds what survived; a new store may open it.
+    /// Power is back, or a new process starts after a kill: the disk holds what survived; a new
+    /// store may open it.
     public func reboot() {
         isCrashed = false
         crashCountdown = nil
+        scheduledCrash = .powerLoss
         locked = false
         readers = 0
     }
@@ -224,6 +264,7 @@ final class SimulatedDirectory: StorageDirectory {
     init(disk: SimulatedDisk) { self.disk = disk }
 
     var path: String { "sim:" }
+    var unsyncedWritesEpoch: String? { disk.unsyncedWritesSurviveProcess ? "sim-boot-\(disk.boot)" : nil }
 
     func openFile(_ name: String, create: Bool) throws(StorageError) -> any StorageFile {
         if disk.isCrashed { throw .crashed }

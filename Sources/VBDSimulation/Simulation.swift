@@ -5,13 +5,16 @@ import VBDStore
 //
 // One seed = one deterministic run: store options, volume shapes, a random workload of writes
 // (aligned, unaligned, duplicate, zero), trims, write-zeroes, flushes, snapshots, shares,
-// deletes, resizes, checkpoints, gc, clean reopens and power cuts (immediate or scheduled to
-// strike inside a later call, so every gap between two steps of a flush or checkpoint is hit).
+// deletes, resizes, checkpoints, gc, clean reopens, power cuts (immediate or scheduled to
+// strike inside a later call, so every gap between two steps of a flush or checkpoint is hit)
+// and kills of the process (scheduled the same way; the disk keeps its unsynced writes).
 //
 // The model knows, per image, the current bytes and, per block, the contents it may hold after
 // a crash: what was durable at the last completed flush plus every content written since. After
 // each power cut the store is reopened and checked:
-//   1. every block reads one of its allowed contents: never a mix, never garbage;
+//   1. every block reads one of its allowed contents: never a mix, never garbage; after a kill,
+//      the content last written (every acknowledged write survives, flushed or not), or for the
+//      blocks of the request the kill interrupted, that or what they held before it;
 //   2. an image exists iff it was created durably (or its creation was in flight);
 //   3. a snapshot or share that exists holds exactly its source's contents at that moment;
 //   4. fsck is clean: reference counts, maps, dedup index, space map and every chunk's hash.
@@ -41,6 +44,8 @@ public struct SimulationSummary: Sendable {
     public var seed: UInt64
     public var steps = 0
     public var crashes = 0
+    /// Crashes that were kills of the process (the rest were power cuts).
+    public var kills = 0
     public var cleanReopens = 0
     public var checkpoints = 0
     public var snapshots = 0
@@ -63,6 +68,9 @@ public final class Simulation {
         var bytes: [UInt8]
         /// Contents each block may hold after a crash: durable first, then later writes.
         var allowed: [Int: [[UInt8]]] = [:]
+        /// What the blocks of the request in flight held before it, until it returns: after a kill
+        /// that interrupted it each of them may hold either.
+        var beforeRequest: [Int: [UInt8]] = [:]
         /// Its creation (or deletion) may or may not have reached the disk.
         var inDoubt = false
         var deletionInDoubt = false
@@ -87,6 +95,7 @@ public final class Simulation {
             for b in blocks {
                 let lo = b * blockSize, hi = min((b + 1) * blockSize, bytes.count)
                 if allowed[b] == nil { allowed[b] = [Array(bytes[lo..<hi])] }
+                if beforeRequest[b] == nil { beforeRequest[b] = Array(bytes[lo..<hi]) }
                 allowed[b]!.append(Array(newBytes[lo..<hi]))
             }
             bytes = newBytes
@@ -105,6 +114,10 @@ public final class Simulation {
     var faultRng: SimulationRandom
     /// Percent of steps with a fault armed (0 = none).
     public var faultPercent = 3
+    /// Draws for kills of the process, a stream of its own like `faultRng`.
+    var killRng: SimulationRandom
+    /// Percent of steps with a kill scheduled (when no power cut is).
+    public var killPercent = 4
     /// Draws for bit rot, a stream of its own like `faultRng`.
     var corruptionRng: SimulationRandom
     /// Percent of steps after which a byte of the data file is flipped at rest and checked (0 = none).
@@ -128,7 +141,10 @@ public final class Simulation {
         rng = SimulationRandom(seed: seed)
         faultRng = SimulationRandom(seed: seed ^ 0xFA17)
         corruptionRng = SimulationRandom(seed: seed ^ 0xB17F)
-        disk = SimulatedDisk(seed: seed)
+        killRng = SimulationRandom(seed: seed ^ 0x4B11)
+        // Every eighth seed models RADOS: unsynced writes die with the process, records wait for
+        // flushes, and a kill is checked as a power cut.
+        disk = SimulatedDisk(seed: seed, unsyncedWritesSurviveProcess: seed % 8 != 7)
         summary = SimulationSummary(seed: seed)
         blockSize = rng.chance(50) ? 512 : 4096
         options.now = { 1_700_000_000 }
@@ -187,6 +203,11 @@ public final class Simulation {
     func oneStep() throws {
         if rng.chance(4) && disk.crashCountdown == nil {
             disk.crashCountdown = rng.below(12)
+            disk.scheduledCrash = .powerLoss
+        }
+        if killRng.below(100) < killPercent && disk.crashCountdown == nil {
+            disk.crashCountdown = killRng.below(12)
+            disk.scheduledCrash = .processKill
         }
         let roll = rng.below(100)
         log("roll \(roll) crashCountdown \(String(describing: disk.crashCountdown))")
@@ -232,9 +253,10 @@ public final class Simulation {
         if disk.faultsFired > faultsBefore && !disk.isCrashed { try afterInjectedFault(nil) }
         if disk.isCrashed {
             disk.removeInjectedFaults()
-            log("power lost; recovering")
             try recoverFromCrash()
         }
+        // The request returned, failed or was recovered from: it is no longer in flight.
+        for m in model.values { m.beforeRequest = [:] }
     }
 
     // MARK: Operations
@@ -482,12 +504,19 @@ public final class Simulation {
 
     func recoverFromCrash() throws {
         summary.crashes += 1
+        // After a kill on storage whose unsynced writes outlive the process, every acknowledged
+        // write must be back; unless the power fails during recovery, checked as a power cut.
+        var killed = disk.lastCrash == .processKill && disk.unsyncedWritesSurviveProcess
+        if disk.lastCrash == .processKill { summary.kills += 1 }
+        log(disk.lastCrash == .processKill ? "process killed; recovering" : "power lost; recovering")
         store?.abandonWithoutFlush()
         store = nil
         disk.reboot()
         // Sometimes the power fails again during recovery itself.
         if rng.chance(20) {
+            killed = false
             disk.crashCountdown = rng.below(3)
+            disk.scheduledCrash = .powerLoss
             if let s = try? Store(directory: disk.directory(), options: options, create: false) {
                 s.abandonWithoutFlush()
             }
@@ -495,7 +524,7 @@ public final class Simulation {
             disk.reboot()
         }
         store = try reopen()
-        try checkAfterCrash()
+        try checkAfterCrash(killed: killed)
         try checkFsck()
     }
 
@@ -506,12 +535,13 @@ public final class Simulation {
         return out
     }
 
-    func checkAfterCrash() throws {
+    /// `killed`: the process was killed, and every write it acknowledged must read back.
+    func checkAfterCrash(killed: Bool = false) throws {
         let present = Dictionary(uniqueKeysWithValues: store!.list().map { ($0.name, $0) })
         for (name, m) in model {
             guard let info = present[name] else {
                 if m.inDoubt || m.deletionInDoubt { model[name] = nil; continue }
-                throw fail("\(name) vanished after a crash")
+                throw fail("\(name) vanished after a \(killed ? "kill" : "crash")")
             }
             if m.deletionInDoubt { m.deletionInDoubt = false }
             if let old = m.oldSizeInDoubt {
@@ -530,14 +560,16 @@ public final class Simulation {
                     let lo = b * blockSize, hi = min(lo + blockSize, actual.count)
                     let got = Array(actual[lo..<hi])
                     // A block recorded while it was the partial last block reads zero-padded after growth.
-                    let allowed = (m.allowed[b] ?? [m.block(b)]).map { $0.count < got.count ? $0 + [UInt8](repeating: 0, count: got.count - $0.count) : $0 }
+                    let possible = killed ? [m.block(b)] + (m.beforeRequest[b].map { [$0] } ?? []) : (m.allowed[b] ?? [m.block(b)])
+                    let allowed = possible.map { $0.count < got.count ? $0 + [UInt8](repeating: 0, count: got.count - $0.count) : $0 }
                     if !allowed.contains(got) {
                         if trace {
                             print("actual:  \(got.prefix(24).map { String($0) })")
                             for a in allowed { print("allowed: \(a.prefix(24).map { String($0) })") }
                             print("differing bytes vs last allowed: \(zip(got, allowed.last!).enumerated().filter { $0.element.0 != $0.element.1 }.map { $0.offset }.prefix(40))")
                         }
-                        throw fail("\(name) block \(b) holds contents that were never written (\(allowed.count) allowed)")
+                        throw fail(killed ? "\(name) block \(b) lost an acknowledged write in a kill of the process"
+                                          : "\(name) block \(b) holds contents that were never written (\(allowed.count) allowed)")
                     }
                 }
             }

@@ -4,15 +4,28 @@ import VBDCache
 // MARK: - Notes on the design
 //
 // The journal is the store's write-ahead log of metadata. Block data goes to the data file first;
-// a journal record then says which chunk lives where and which block maps to it. Records wait in
-// memory until a flush, which (1) syncs the data file, (2) appends them as one frame, (3) syncs
-// the journal. A frame carries the checkpoint generation, a sequence number and a checksum, so
-// recovery replays whole frames in order and stops at the first torn or stale one: a flush batch
-// is all-or-nothing, and every chunk a replayed record names was synced before the record.
-// Only the last frame can be torn (each frame is synced before the next is written, and a
-// failed sync stops all further flushes), so a bad frame followed by a valid frame of the same
-// generation is corruption: opening refuses (``JournalDamage``) instead of dropping the
-// acknowledged frames behind it.
+// a journal record then says which chunk lives where and which block maps to it. Frames carry
+// the checkpoint generation, a sequence number and a checksum, so recovery reads whole frames in
+// order and stops at the first torn or stale one.
+//
+// Two promises, two kinds of frame (docs/INVARIANTS.md 1, "A kill of the process" and power cuts):
+// - Where unsynced writes outlive the process (local files: `unsyncedWritesEpoch`), a write is
+//   acknowledged only once its records are in the journal file as a frame, written after the
+//   chunk bytes they name and not synced: a killed process leaves both in the page cache.
+//   Writers in flight together share one frame (`journalQueuedRecords`).
+// - A flush syncs the data file, then writes a marker ("every record frame below sequence S
+//   names durable data") and syncs the journal. After a power cut only frames a marker covers
+//   are replayed, so a replayed record never names data that is not durable, and each request's
+//   records (one frame) apply whole or not at all.
+// Each marker names the epoch it was written in; a new journal starts with one, and an open
+// writes one before anything else unless the last one already names this epoch and covers all. Recovery trusts every valid frame when the last marker's epoch is the current one (the
+// process died, the machine did not), and only covered frames otherwise; a recovery that drops
+// uncovered frames writes a marker that voids them, since a frame in the middle of a journal
+// cannot be cut out. Where unsynced writes die with the process (RADOS), records wait in memory
+// and a flush writes them after the data sync in one frame whose marker covers the frame itself.
+// A bad frame followed by valid frames is corruption (``JournalDamage``) when the valid frames
+// prove the bad one was synced: within the epoch, any later frame; after a power cut, two later
+// markers (a flush writes its marker only after the previous flush's sync returned).
 //
 // Frame: magic u32 | generation u64 | sequence u64 | payload length u32 | payload | xxh3-64 u64
 // (checksum over everything from generation to the end of the payload).
@@ -39,6 +52,8 @@ enum JournalRecord: Equatable {
     /// so if checkpoint `nextGeneration` is damaged, recovery replays this journal and then
     /// journal-`nextGeneration` and loses nothing.
     case sealed(nextGeneration: UInt64)
+    /// Which record frames before it name durable data, and in which epoch it was written.
+    case marker(JournalMarker)
 
     func encode(into w: inout BinaryWriter) {
         switch self {
@@ -63,6 +78,9 @@ enum JournalRecord: Equatable {
             w.u8(8); w.u16(group.rawValue); w.string(name)
         case let .sealed(nextGeneration):
             w.u8(10); w.varint(nextGeneration)
+        case let .marker(m):
+            w.u8(11); w.varint(m.durableBelow); w.varint(m.voided.lowerBound); w.varint(m.voided.upperBound)
+            w.string(m.epoch)
         }
     }
 
@@ -88,9 +106,29 @@ enum JournalRecord: Equatable {
             for _ in 0..<n { mappings.append(BlockMapping(block: try r.varint(), chunk: try r.varint())) }
             return .mapBatch(image: image, mappings: mappings)
         case 10: return .sealed(nextGeneration: try r.varint())
+        case 11:
+            let below = try r.varint(), voidFrom = try r.varint(), voidTo = try r.varint()
+            guard voidFrom <= voidTo else { throw BinaryReader.Malformed(position: r.position) }
+            return .marker(JournalMarker(durableBelow: below, voided: voidFrom..<voidTo,
+                                         epoch: try r.string(maxBytes: JournalMarker.epochBytesMax)))
         default: throw BinaryReader.Malformed(position: r.position)
         }
     }
+}
+
+/// A flush's (or an open's) statement about the frames before it (see the notes above).
+struct JournalMarker: Equatable {
+    /// Every record frame with a lower sequence number, unless voided, names only data that was
+    /// synced before this marker was written.
+    var durableBelow: UInt64
+    /// Record frames a recovery after a power cut dropped: never replayed, though they stay in
+    /// the file (a marker after them covers earlier frames, so they cannot be cut out).
+    var voided: Range<UInt64>
+    /// The directory's `unsyncedWritesEpoch` when the marker was written ("" = none): frames
+    /// after it, up to the next marker, were written in that epoch.
+    var epoch: String
+
+    static let epochBytesMax = 128
 }
 
 struct BlockMapping: Equatable {
@@ -104,6 +142,9 @@ enum JournalFrame {
     static let trailerBytes = 8
     /// A frame larger than this is corrupt (pending records are capped far below it).
     static let payloadBytesMax = 1 << 30
+
+    /// Bytes a frame of `payloadBytes` takes in the file.
+    static func bytes(payload payloadBytes: Int) -> Int { headerBytes + payloadBytes + trailerBytes }
 
     static func encode(generation: UInt64, sequence: UInt64, payload: [UInt8]) -> [UInt8] {
         var w = BinaryWriter(capacity: payload.count + headerBytes + trailerBytes)
@@ -159,9 +200,12 @@ enum JournalFrame {
             var t = BinaryReader(bytes, position: end)
             guard let stored = try? t.u64(), stored == sum else { at += 1; continue }
             var records = 0
+            var isMarker = false
             var p = BinaryReader(Array(bytes[(at + headerBytes)..<end]))
-            while p.remaining > 0, (try? JournalRecord.decode(&p)) != nil { records += 1 }
-            found.append(JournalDamage.Frame(sequence: s, offset: at, payloadBytes: Int(n), records: records))
+            while p.remaining > 0, let record = try? JournalRecord.decode(&p) {
+                if case .marker = record { isMarker = true } else { records += 1 }
+            }
+            found.append(JournalDamage.Frame(sequence: s, offset: at, payloadBytes: Int(n), records: records, holdsMarker: isMarker))
             at = end + trailerBytes
         }
         return found
@@ -176,6 +220,8 @@ public struct JournalDamage: Sendable, Equatable, CustomStringConvertible {
         public var offset: Int
         public var payloadBytes: Int
         public var records: Int
+        /// It holds a marker (docs/FORMAT.md): two of them after a bad frame prove it was synced.
+        public var holdsMarker: Bool
     }
     public var journal: String
     /// Sequence number and byte offset of the first frame that fails its checks.
@@ -186,11 +232,14 @@ public struct JournalDamage: Sendable, Equatable, CustomStringConvertible {
     /// The valid frames found after the bad one.
     public var followingFrames: [Frame]
 
-    /// Nil when nothing valid follows the first bad frame (a torn tail, which is normal).
-    init?(journal: String, bytes: [UInt8], validBytes: Int, validFrames: Int, generation: UInt64) {
+    /// Nil when what follows the first bad frame does not prove it was synced (a torn tail,
+    /// which is normal): within the epoch that wrote the journal (`sameEpoch`) any valid frame
+    /// after it does, since only the last write of a killed process can be torn; after a power
+    /// cut unsynced frames land in any order, and only two markers after it do.
+    init?(journal: String, bytes: [UInt8], validBytes: Int, validFrames: Int, generation: UInt64, sameEpoch: Bool) {
         let following = JournalFrame.validFrames(in: bytes, after: validBytes, generation: generation,
                                                  sequenceAbove: UInt64(validFrames))
-        guard !following.isEmpty else { return nil }
+        guard !following.isEmpty, sameEpoch || following.filter(\.holdsMarker).count >= 2 else { return nil }
         self.journal = journal
         badFrame = UInt64(validFrames)
         badOffset = validBytes

@@ -24,6 +24,21 @@ public final class PosixDirectory: StorageDirectory {
 
     deinit { unlock() }
 
+    /// The kernel's boot id: a process killed on this boot left its unsynced writes in the page
+    /// cache, where the next process of the same boot reads them.
+    public var unsyncedWritesEpoch: String? { PosixDirectory.bootID }
+
+    /// Read once: it changes only with a reboot. Nil when /proc is not mounted (then unsynced
+    /// frames are never trusted, which is what a power cut needs).
+    static let bootID: String? = {
+        guard let f = fopen("/proc/sys/kernel/random/boot_id", "r") else { return nil }
+        defer { fclose(f) }
+        var line = [CChar](repeating: 0, count: 64)
+        guard fgets(&line, Int32(line.count), f) != nil else { return nil }
+        let id = String(cString: line).trimmingNewline
+        return id.isEmpty ? nil : "boot:" + id
+    }()
+
     public func openFile(_ name: String, create: Bool) throws(StorageError) -> any StorageFile {
         let full = path + "/" + name
         let fd = open(full, O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0), 0o644)
@@ -218,5 +233,14 @@ extension String {
         while let c = s.first, c == " " || c == "\n" || c == "\0" { s.removeFirst() }
         while let c = s.last, c == " " || c == "\n" || c == "\0" { s.removeLast() }
         return String(s)
+    }
+}
+
+extension String {
+    /// Without the line end `fgets` keeps.
+    fileprivate var trimmingNewline: String {
+        var s = self
+        while s.last == "\n" || s.last == "\r" { s.removeLast() }
+        return s
     }
 }

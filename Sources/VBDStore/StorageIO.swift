@@ -12,6 +12,9 @@
 ///    directory entry is metadata of the directory, not of the file: fsync(2) on Linux).
 /// 5. A failed `sync` may have dropped the unsynced writes, and a later `sync` may then report
 ///    success without writing them (Linux after a writeback error): the caller must not retry.
+/// 6. While the directory's ``StorageDirectory/unsyncedWritesEpoch`` stays the same, every
+///    returned `write` survives the death of the process that made it, synced or not (the
+///    kernel's page cache holds it); a crash that ends the epoch falls under 3.
 public protocol StorageFile: AnyObject {
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) -> Int
     func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError)
@@ -40,6 +43,11 @@ public protocol StorageDirectory: AnyObject {
     func unlock()
     /// Human-readable location, for messages.
     var path: String { get }
+    /// Names the span in which writes that were not synced outlive the process that made them:
+    /// for local files the kernel's boot (its boot_id), since the page cache keeps them until
+    /// they are written back; nil where they die with the process (RADOS's asynchronous
+    /// operations). Recovery trusts unsynced journal frames only within the epoch that wrote them.
+    var unsyncedWritesEpoch: String? { get }
 }
 
 public enum StorageError: Error, Equatable, CustomStringConvertible {

@@ -455,6 +455,7 @@ extension Store {
             }
         }
         try storeBlocks(&blocks, view: view)
+        try journalQueuedRecords()
         try afterChange(fua: fua)
     }
 
@@ -468,9 +469,12 @@ extension Store {
     /// the write is not block-aligned (a read-modify-write may read the disk) or larger than
     /// ``writeWithoutBlockingBytesMax``, or the request is invalid (the ordinary write then reports
     /// the error). Saves an event loop the hop to an I/O thread and back, which cost more CPU than
-    /// the write itself (Benchmarks/README.md). Two waits remain possible: the page-cache write on
-    /// the kernel's dirty-page throttling, which every writer of the file shares, and the read of a
-    /// dedup candidate that is not in the cache (verified byte for byte under the lock, like any write).
+    /// the write itself (Benchmarks/README.md). Three waits remain possible: the page-cache writes
+    /// (of the data and of the journal frame) on the kernel's dirty-page throttling, which every
+    /// writer of the file shares; `journalMutex`, held by another writer appending (its frame may
+    /// carry this write's records too), a flush writing its marker or a commit writing its seal;
+    /// and the read of a dedup candidate that is not in the cache (verified byte for byte under
+    /// the lock, like any write).
     func writeWithoutBlocking(image id: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws(BlockDeviceError) -> Bool {
         let length = UInt64(data.count)
         guard length > 0, data.count <= Self.writeWithoutBlockingBytesMax,
@@ -478,7 +482,7 @@ extension Store {
         let view: ImageView
         do {
             defer { mutex.unlock() }
-            guard !closed, poisoned == nil, pending.bytes.count < options.pendingJournalBytesMax,
+            guard !closed, poisoned == nil, unflushedJournalBytesLocked < options.pendingJournalBytesMax,
                   pager.dirtyFrames < options.commitDirtyPagesMax,
                   let (v, _) = try? viewLocked(id), !v.readOnly else { return false }
             let (end, overflow) = offset.addingReportingOverflow(length)
@@ -494,6 +498,7 @@ extension Store {
                                        bytes: UnsafeRawBufferPointer(rebasing: data[k * bs..<(k + 1) * bs])))
         }
         try storeBlocks(&blocks, view: view)
+        try journalQueuedRecords()
         return true
     }
 
@@ -772,7 +777,7 @@ extension Store {
     /// commit is already under way: then the writer goes on, and waits only once half as many
     /// again have changed (what the next commit does under the lock stays bounded too).
     func afterChange(fua: Bool) throws(BlockDeviceError) {
-        let (big, dirty) = mutex.withLock { (pending.bytes.count >= options.pendingJournalBytesMax, pager.dirtyFrames) }
+        let (big, dirty) = mutex.withLock { (unflushedJournalBytesLocked >= options.pendingJournalBytesMax, pager.dirtyFrames) }
         if fua || big || dirty >= options.commitDirtyPagesMax + options.commitDirtyPagesMax / 2 { try flushForDevice(); return }
         if dirty >= options.commitDirtyPagesMax {
             do { try flushUnlessOneIsUnderWay() } catch let e as StoreError {
@@ -847,6 +852,7 @@ extension Store {
             zeros.initializeMemory(as: UInt8.self, repeating: 0)
             try write(image: id, offset: lo, data: UnsafeRawBufferPointer(zeros), fua: false)
         }
+        try journalQueuedRecords()
         try afterChange(fua: fua)
     }
 

@@ -68,19 +68,30 @@ extension Store {
             // A number has one name: a reused number drops the name of its empty old group.
             for (other, number) in groups where number == group && other != name { groups[other] = nil }
             groups[name] = group
-        case .sealed:
-            break  // read by recovery (`replayJournal`); it changes nothing
+        case .sealed, .marker:
+            break  // read by recovery (`replayJournal`); they change nothing
         }
     }
 
-    /// Applies a live change and queues its record for the next flush. `mutex` held.
+    /// Applies a live change and queues its record for the journal. `mutex` held. A change that
+    /// fails part way (a metadata page that cannot be read) may leave memory changed where the
+    /// journal never will be: only a reopen is safe then, as after a failed sync.
     func commit(_ record: JournalRecord) throws {
-        try apply(record)
+        do { try apply(record) } catch {
+            if failure == nil { failure = "a change could not be applied whole (\(error))" }
+            throw error
+        }
+        let before = pending.bytes.count
         record.encode(into: &pending)
         pendingRecordCount += 1
+        recordBytesQueued += UInt64(pending.bytes.count - before)
     }
 
-    var pendingBytes: Int { pending.bytes.count }
+    /// With `mutex` held: journal bytes no flush covers yet, queued or written (a large amount
+    /// triggers an implicit flush, which bounds memory and what a power cut may lose).
+    var unflushedJournalBytesLocked: Int { pending.bytes.count + Int(journalEnd - journalCoveredEnd) }
+
+    var unflushedJournalBytes: Int { mutex.withLock { unflushedJournalBytesLocked } }
 
     /// Runs a control operation (create, snapshot, share, delete, resize): `plan` validates it
     /// under `mutex` and returns its records, which are made durable in a frame of their own
@@ -95,6 +106,8 @@ extension Store {
     func commitDurably<T>(_ plan: () throws -> (records: [JournalRecord], result: () -> T)) throws -> T {
         let result: T = try flushMutex.withLock {
             try flushLocked()
+            journalMutex.lock()
+            defer { journalMutex.unlock() }
             mutex.lock()
             defer { mutex.unlock() }
             try checkOpen()
@@ -102,9 +115,9 @@ extension Store {
             guard !records.isEmpty else { return result() }
             var step = "fdatasync of the data file"
             do throws(StorageError) {
-                // Writes queued since the flush above name chunks that are not synced yet.
-                if !pending.bytes.isEmpty { try dataFile.sync() }
-                try appendFrameLocked(records, step: &step)
+                // Writes queued or journaled since the flush above name chunks not synced yet.
+                if !pending.bytes.isEmpty || journalEnd > journalCoveredEnd { try dataFile.sync() }
+                try appendFrameLocked(records, step: &step, marked: true)
             } catch {
                 let e: StorageError = error
                 if step != "journal write" {
@@ -128,14 +141,17 @@ extension Store {
         _ = try? flush()
         return result
     }
-    /// With `mutex` held: writes the queued records and then `records` as one frame at the end
-    /// of the current journal and syncs it; the queue is empty afterwards. `step` names the step
-    /// that was running when an error is thrown ("journal write" changed nothing durable).
-    func appendFrameLocked(_ records: [JournalRecord], step: inout String, sync: Bool = true) throws(StorageError) {
+    /// With `mutex` and `journalMutex` held (or in init): writes the queued records and then
+    /// `records` as one frame at the end of the current journal, and syncs it unless `sync` is
+    /// false; the queue is empty afterwards. `marked`: every chunk the records name is durable
+    /// already, so the frame ends with a marker that covers it. `step` names the step that was
+    /// running when an error is thrown ("journal write" changed nothing durable).
+    func appendFrameLocked(_ records: [JournalRecord], step: inout String, sync: Bool = true, marked: Bool) throws(StorageError) {
         mutex.assertOwned("appendFrameLocked")
         var batch = BinaryWriter(capacity: pending.bytes.count + 256)
         batch.raw(pending.bytes)
         for r in records { r.encode(into: &batch) }
+        if marked { markerRecord(durableBelow: journalSequence + 1).encode(into: &batch) }
         let frame = JournalFrame.encode(generation: generation, sequence: journalSequence, payload: batch.bytes)
         step = "journal write"
         try writeUsingSpaceReserve(frame, to: journalFile, at: journalEnd)
@@ -145,8 +161,103 @@ extension Store {
         }
         journalEnd += UInt64(frame.count)
         journalSequence += 1
+        if marked && sync {
+            journalDurableBelow = journalSequence
+            journalCoveredEnd = journalEnd
+        }
         pending = BinaryWriter()
         pendingRecordCount = 0
+        recordBytesJournaled = recordBytesQueued
+    }
+
+    /// A marker written now: frames below `durableBelow` name durable data, and the frames after
+    /// it are written in this epoch.
+    func markerRecord(durableBelow: UInt64, voided: Range<UInt64> = 0..<0) -> JournalRecord {
+        .marker(JournalMarker(durableBelow: durableBelow, voided: voided, epoch: unsyncedWritesEpoch ?? ""))
+    }
+
+    /// Frame 0 of a new journal: a marker that covers nothing and names the epoch.
+    func firstMarkerFrame(generation: UInt64) -> [UInt8] {
+        JournalFrame.encode(generation: generation, sequence: 0, payload: encoded(markerRecord(durableBelow: 0)))
+    }
+
+    func encoded(_ record: JournalRecord) -> [UInt8] {
+        var w = BinaryWriter()
+        record.encode(into: &w)
+        return w.bytes
+    }
+}
+
+// MARK: - Journaling writes before they are acknowledged
+
+extension Store {
+    /// Called by a writer after its records are queued and before its write is acknowledged:
+    /// puts every record queued so far into the journal file (not synced), unless a writer that
+    /// got `journalMutex` first already did. Concurrent writers thus share one frame. Where
+    /// unsynced writes die with the process (RADOS) it does nothing: records wait for a flush.
+    func journalQueuedRecords() throws(BlockDeviceError) {
+        guard journalsWrites else { return }
+        let ticket = mutex.withLock { recordBytesQueued }
+        journalMutex.lock()
+        defer { journalMutex.unlock() }
+        guard recordBytesJournaled < ticket else { return }
+        do throws(StorageError) { _ = try writeQueuedRecordsLocked(takingFrees: false) } catch {
+            throw error == .noSpace ? .noSpace : .io("journal write: \(error)")
+        }
+    }
+
+    /// With `journalMutex` held and `mutex` not: writes the records queued so far as one frame at
+    /// the end of the current journal, without a sync. Returns the sequence number the next frame
+    /// gets (every record queued before the call is in a frame below it) and, with `takingFrees`,
+    /// the frees those records deferred, taken in the same hold of `mutex` so that none of a
+    /// later record is among them. A failed write puts the records and frees back.
+    func writeQueuedRecordsLocked(takingFrees: Bool) throws(StorageError) -> (nextSequence: UInt64, frees: [(sector: UInt64, count: Int)]) {
+        journalMutex.assertOwned("writeQueuedRecordsLocked")
+        let (payload, queued, file, gen, seq, at, frees) = mutex.withLock {
+            let payload = pending.bytes
+            pending = BinaryWriter()
+            pendingRecordCount = 0
+            return (payload, recordBytesQueued, journalFile, generation, journalSequence, journalEnd,
+                    takingFrees ? space.takeDeferred() : [])
+        }
+        guard !payload.isEmpty else {
+            recordBytesJournaled = queued
+            return (seq, frees)
+        }
+        let frame = JournalFrame.encode(generation: gen, sequence: seq, payload: payload)
+        do {
+            try writeUsingSpaceReserve(frame, to: file, at: at)
+        } catch {
+            restorePending(payload, frees)
+            throw error
+        }
+        mutex.withLock {
+            journalSequence = seq + 1
+            journalEnd = at + UInt64(frame.count)
+        }
+        recordBytesJournaled = queued
+        return (seq + 1, frees)
+    }
+
+    /// With `journalMutex` held and `mutex` not: a frame of `carried` records (taken from the
+    /// queue before the data file's sync) and a marker after them, not synced. The marker covers
+    /// the frame itself when it carries records, else the frames below `durableBelow`. Returns
+    /// the marker's coverage and the journal's end after it.
+    func writeMarkerLocked(carrying carried: [UInt8], durableBelow: UInt64) throws(StorageError) -> (durableBelow: UInt64, end: UInt64) {
+        journalMutex.assertOwned("writeMarkerLocked")
+        let (file, gen, seq, at) = mutex.withLock { (journalFile, generation, journalSequence, journalEnd) }
+        var payload = BinaryWriter(capacity: carried.count + 64)
+        payload.raw(carried)
+        let covered = carried.isEmpty ? durableBelow : seq + 1
+        markerRecord(durableBelow: covered).encode(into: &payload)
+        let frame = JournalFrame.encode(generation: gen, sequence: seq, payload: payload.bytes)
+        try writeUsingSpaceReserve(frame, to: file, at: at)
+        let end = at + UInt64(frame.count)
+        mutex.withLock {
+            journalSequence = seq + 1
+            journalEnd = end
+        }
+        return (covered, end)
     }
 }
 
@@ -175,41 +286,64 @@ extension Store {
         try checkpointIfJournalLarge()
     }
 
-    /// With `flushMutex` held.
+    /// With `flushMutex` held: (1) every record queued so far goes to the journal (or, where
+    /// writes are not journaled at once, is taken for this flush's frame), with the frees it
+    /// deferred; (2) the data file is synced; (3) a marker covering those records is written and
+    /// the journal synced; (4) the frees are released.
     func flushLocked() throws {
-        let (batch, frees, seq, gen, poison) = mutex.withLock { () -> ([UInt8], [(sector: UInt64, count: Int)], UInt64, UInt64, String?) in
-            let b = pending.bytes
-            pending = BinaryWriter()
-            pendingRecordCount = 0
-            return (b, space.takeDeferred(), journalSequence, generation, poisoned)
+        var carried: [UInt8] = []
+        var frees: [(sector: UInt64, count: Int)] = []
+        var coveredBelow: UInt64 = 0
+        var poison: String?
+        var nothingNew = false
+        do throws(StorageError) {
+            try journalMutex.withLock { () throws(StorageError) in
+                if journalsWrites {
+                    (coveredBelow, frees) = try writeQueuedRecordsLocked(takingFrees: true)
+                }
+                mutex.withLock {
+                    poison = poisoned
+                    if !journalsWrites {
+                        carried = pending.bytes
+                        pending = BinaryWriter()
+                        pendingRecordCount = 0
+                        frees = space.takeDeferred()
+                    }
+                    nothingNew = carried.isEmpty && frees.isEmpty && journalEnd <= journalCoveredEnd
+                }
+            }
+        } catch {
+            throw error == .noSpace ? StoreError.noSpace : StoreError.io("flush failed: journal write: \(error)")
         }
         if let poison {
-            restorePending(batch, frees)
+            restorePending(carried, frees)
             throw StoreError.io("store is read-only: \(poison)")
         }
+        let gen = mutex.withLock { generation }
         var step = "fdatasync of the data file"
         do throws(StorageError) {
-            // 1. The chunks the records name are durable before the records.
+            // 2. The chunks the records name are durable before any marker says so.
             try dataFile.sync()
-            if !batch.isEmpty {
-                // 2. One frame: replay applies it whole or not at all.
-                let frame = JournalFrame.encode(generation: gen, sequence: seq, payload: batch)
-                let at = mutex.withLock { journalEnd }
+            if !nothingNew {
+                // 3. Replay applies a covered frame whole; an uncovered one only within its epoch.
                 step = "journal write"
-                try writeUsingSpaceReserve(frame, to: journalFile, at: at)
+                let marker = try journalMutex.withLock { () throws(StorageError) in
+                    try writeMarkerLocked(carrying: carried, durableBelow: coveredBelow)
+                }
+                carried = []
                 step = "fdatasync of journal-\(gen)"
                 try journalFile.sync()
                 mutex.withLock {
-                    journalEnd = at + UInt64(frame.count)
-                    journalSequence = seq + 1
+                    journalDurableBelow = max(journalDurableBelow, marker.durableBelow)
+                    journalCoveredEnd = max(journalCoveredEnd, marker.end)
                 }
             }
         } catch {
             let e: StorageError = error
-            // Nothing of this batch counts as written: a torn frame fails its checksum and the
-            // next attempt overwrites it at the same offset. Put the batch back in front of what
-            // came since, so the journal never has a gap.
-            restorePending(batch, frees)
+            // Nothing of this batch counts as durable: a torn frame fails its checksum and the
+            // next attempt writes after the valid ones. Carried records go back in front of what
+            // came since, so the journal never has a gap; the frees wait for the next flush.
+            restorePending(carried, frees)
             // A failed sync may have dropped dirty pages that a retried sync would then call
             // durable: no later flush may succeed. A failed write changed nothing durable.
             if step != "journal write" {
@@ -218,7 +352,7 @@ extension Store {
             }
             throw e == .noSpace ? StoreError.noSpace : StoreError.io("flush failed: \(step): \(e)")
         }
-        // 3. The frees in this batch are durable: the space may be reused and given back.
+        // 4. The frees in this batch are durable: the space may be reused and given back.
         try releaseFrees(frees)
     }
 
@@ -347,8 +481,11 @@ struct PreparedCommit {
     var keepFrom: UInt64
     var frees: [(sector: UInt64, count: Int)]
     /// The journal that got the seal frame, written but not yet synced: `writePreparedCommit`
-    /// syncs the data file and then it, before any page.
+    /// syncs the data file, writes `sealMarker` after the seal frame (at `sealMarkerOffset`) and
+    /// syncs the journal, before any page.
     var sealedJournal: any StorageFile
+    var sealMarker: [UInt8]
+    var sealMarkerOffset: UInt64
 }
 
 extension Store {
@@ -357,7 +494,10 @@ extension Store {
     /// Format 1 kept all metadata in checkpoint files; such a store is refused with a message.
     static let superblockMagicFormat1: UInt64 = 0x3150_5553_4442_5600
     static let imageTableMagic: UInt32 = 0x5449_4256                // "VBIT"
-    static let formatVersion: UInt32 = 2
+    /// 3: journals hold markers (docs/FORMAT.md). A version-2 store is read: its journals have
+    /// no marker, and each of their frames was synced after its data (see `replayJournal`).
+    static let formatVersion: UInt32 = 3
+    static let formatVersionsRead: ClosedRange<UInt32> = 2...3
 
     /// Commits the metadata pages changed since the last commit and switches the superblock to
     /// them; the journal starts empty afterwards. The pages are written without the store lock:
@@ -386,9 +526,12 @@ extension Store {
             let journal = try createJournal(generation: newGeneration)
             let prepared: PreparedCommit
             do {
-                prepared = try mutex.withLock {
-                    if let poisoned { throw StoreError.io("store is read-only: \(poisoned)") }
-                    return try prepareCommitLocked(journal: journal, generation: newGeneration)
+                // The seal frame and the switch of journals are appends: `journalMutex` first.
+                prepared = try journalMutex.withLock {
+                    try mutex.withLock {
+                        if let poisoned { throw StoreError.io("store is read-only: \(poisoned)") }
+                        return try prepareCommitLocked(journal: journal, generation: newGeneration)
+                    }
                 }
             } catch {
                 journal.close()
@@ -446,7 +589,8 @@ extension Store {
         while !mutex.withLock({ pager.trim() }) {}
     }
 
-    /// The whole commit with `mutex` held throughout (a new store's first commit).
+    /// The whole commit with `mutex` held throughout (a new store's first commit; nothing else
+    /// runs yet, so `journalMutex` is not taken).
     func commitHoldingLock() throws {
         let newGeneration = nextCommitGeneration
         let prepared = try prepareCommitLocked(journal: try createJournal(generation: newGeneration), generation: newGeneration)
@@ -482,14 +626,16 @@ extension Store {
         return newGeneration
     }
 
-    /// A new, empty, synced `journal-G` whose directory entry is durable: the superblock must never
-    /// name a file a crash could drop.
+    /// A new, synced `journal-G` whose directory entry is durable (the superblock must never name
+    /// a file a crash could drop), holding one frame: a marker naming the epoch its frames will be
+    /// written in (`firstMarkerFrame`).
     func createJournal(generation: UInt64) throws -> any StorageFile {
         var step = "creating journal-\(generation)"
         do throws(StorageError) {
             let journal = try directory.openFile("journal-\(generation)", create: true)
             do {
                 try journal.truncate(to: 0)
+                try Store.write(firstMarkerFrame(generation: generation), to: journal, at: 0)
                 try journal.sync()
                 step = "fsync of the store directory"
                 try directory.syncDirectory()
@@ -526,21 +672,30 @@ extension Store {
             // commit plus its journal equals the next commit: recovery's way back if the next
             // one is damaged or never completes (see `JournalRecord.sealed`). The chunks they
             // name and the frame itself are synced after the lock is released, before any page.
-            try appendFrameLocked([.sealed(nextGeneration: newGeneration)], step: &step, sync: false)
+            try appendFrameLocked([.sealed(nextGeneration: newGeneration)], step: &step, sync: false, marked: false)
             mutex.traceStep("seal-frame")
             let batch: CommitBatch
             do { batch = try pager.beginCommit(generation: newGeneration) } catch {
                 throw StorageError.io("\(error)")
             }
             mutex.traceStep("begin-commit")
+            // The seal frame is not covered yet: its chunks are synced after the lock is released,
+            // and only then may a marker say so (`writePreparedCommit`).
+            let sealMarker = JournalFrame.encode(generation: generation, sequence: journalSequence,
+                                                 payload: encoded(markerRecord(durableBelow: journalSequence)))
+            let sealMarkerOffset = journalEnd
             let sealed = journalFile
             journalFile = journal
             generation = newGeneration
-            journalSequence = 0
-            journalEnd = 0
+            let first = UInt64(firstMarkerFrame(generation: newGeneration).count)
+            journalSequence = 1
+            journalEnd = first
+            journalDurableBelow = 1
+            journalCoveredEnd = first
             return PreparedCommit(generation: newGeneration, batch: batch,
                                   superblock: encodeSuperblock(generation: newGeneration, pageTable: batch.root),
-                                  keepFrom: keepFrom, frees: frees, sealedJournal: sealed)
+                                  keepFrom: keepFrom, frees: frees, sealedJournal: sealed,
+                                  sealMarker: sealMarker, sealMarkerOffset: sealMarkerOffset)
         } catch {
             let e: StorageError = error
             space.restoreDeferred(frees)
@@ -571,6 +726,13 @@ extension Store {
         // The chunks the sealed records name, then the seal frame: both before any page.
         do { try dataFile.sync() } catch {
             throw FailedCommit(step: "fdatasync of the data file", error: error, wroteNothingDurable: false)
+        }
+        // Without the marker a recovery after a power cut would not apply the seal, and would lose
+        // the next journal's flushed frames: a failure here poisons, like a failed sync.
+        do {
+            try writeUsingSpaceReserve(prepared.sealMarker, to: prepared.sealedJournal, at: prepared.sealMarkerOffset)
+        } catch {
+            throw FailedCommit(step: "writing the sealed journal's marker", error: error, wroteNothingDurable: false)
         }
         do { try prepared.sealedJournal.sync() } catch {
             throw FailedCommit(step: "fdatasync of the sealed journal", error: error, wroteNothingDurable: false)
@@ -730,7 +892,7 @@ extension Store {
             do {
                 let magic = try r.u64()
                 if magic == Store.superblockMagicFormat1 { format1 = true; continue }
-                guard magic == Store.superblockMagic, try r.u32() == Store.formatVersion else { throw BinaryReader.Malformed(position: 0) }
+                guard magic == Store.superblockMagic, Store.formatVersionsRead.contains(try r.u32()) else { throw BinaryReader.Malformed(position: 0) }
                 let gen = try r.u64(), sec = try r.u64()
                 let pt = PageTableRoot(page: PageNumber(try r.u64()), version: PageVersion(packed: try r.u64()),
                                        levels: try level(try r.u8()), pageCount: try r.u64())
@@ -810,26 +972,29 @@ extension Store {
         // that did not complete, or one whose superblock slot is damaged): replaying the chain loses
         // nothing. The last journal of the chain becomes the current one.
         var chain = [generation]
+        // The journals before the last one, kept open until the whole chain has replayed: those
+        // with frames trusted only within this epoch get a marker covering them too.
+        var earlier: [(file: any StorageFile, generation: UInt64, replayed: ReplayedJournal)] = []
+        defer { for e in earlier { e.file.close() } }
         while let next = replayed.sealedFor, next > generation, directory.fileExists("journal-\(next)") {
             let nextFile = try directory.openFile("journal-\(next)", create: false)
+            let nextReplayed: ReplayedJournal
             do {
-                replayed = try replayJournal(nextFile, name: "journal-\(next)", generation: next)
+                nextReplayed = try replayJournal(nextFile, name: "journal-\(next)", generation: next)
             } catch {
                 nextFile.close()
                 throw error
             }
-            journalFile.close()
+            earlier.append((journalFile, generation, replayed))
+            replayed = nextReplayed
             journalFile = nextFile
             generation = next
             chain.append(next)
         }
         journalSequence = UInt64(replayed.frames)
         journalEnd = UInt64(replayed.validBytes)
-        if replayed.fileBytes > replayed.validBytes && !options.readOnly {
-            // A torn or unfinished frame from the crash (or, after an explicit repair, what the
-            // operator agreed to drop): cut it so new frames follow valid ones.
-            try journalFile.truncate(to: UInt64(replayed.validBytes))
-            try journalFile.sync()
+        if !options.readOnly {
+            try markRecoveredJournals(earlier: earlier, current: replayed)
         }
         // The slot recovery started from is the only complete way back until the next commit is
         // durable; that commit must take the other slot.
@@ -858,36 +1023,145 @@ extension Store {
         }
     }
 
-    /// Replays the valid frames of one generation's journal. A bad frame with valid frames after
-    /// it is corruption (or, with the operator's consent, a repair). `sealedFor`: the generation
-    /// named by a seal that is the journal's last record.
-    func replayJournal(_ file: any StorageFile, name: String, generation: UInt64) throws
-        -> (frames: Int, validBytes: Int, fileBytes: Int, sealedFor: UInt64?) {
+    /// What replaying one journal found.
+    struct ReplayedJournal {
+        /// Valid frames (the next frame's sequence number) and the bytes they take.
+        var frames: Int
+        var validBytes: Int
+        var fileBytes: Int
+        /// The generation named by a seal that was replayed.
+        var sealedFor: UInt64?
+        /// Record frames from this sequence on were not replayed: written but not covered by a
+        /// marker, and not in the current epoch (a power cut). A new marker voids them.
+        var droppedFrom: UInt64?
+        /// Record frames no marker covers were replayed because they were written in this epoch:
+        /// their data must be synced before a marker may cover them.
+        var replayedUncovered = false
+        /// The last marker names the current epoch: frames appended now need no new marker.
+        var markedInThisEpoch = false
+        /// The largest `durableBelow` of its markers.
+        var coveredSequence: UInt64 = 0
+    }
+
+    /// Replays the valid frames of one generation's journal that may be trusted: all of them when
+    /// its last marker names the current epoch (the process died, the machine did not) or it has
+    /// no marker (format 2 synced each frame after its data), else those its markers cover. A bad
+    /// frame with valid frames after it that prove it was synced is corruption (or, with the
+    /// operator's consent, a repair); see ``JournalDamage``.
+    func replayJournal(_ file: any StorageFile, name: String, generation: UInt64) throws -> ReplayedJournal {
         let journalBytes = try file.readAll()
         let (payloads, valid) = JournalFrame.decodeValidPrefix(journalBytes, generation: generation)
+        // Two passes, so that only the markers are held: the first finds what may be trusted,
+        // the second decodes each frame again and applies it.
+        func records(of k: Int) throws -> [JournalRecord] {
+            var r = BinaryReader(payloads[k])
+            var records: [JournalRecord] = []
+            while r.remaining > 0 {
+                do { records.append(try JournalRecord.decode(&r)) } catch {
+                    throw StoreError.corrupted("\(name) frame \(k) has a malformed record")
+                }
+            }
+            return records
+        }
+        var lastMarker: JournalMarker?
+        var covered: UInt64 = 0
+        var voided: [Range<UInt64>] = []
+        var holdsRecords: [Bool] = []
+        holdsRecords.reserveCapacity(payloads.count)
+        for k in payloads.indices {
+            var others = false
+            for record in try records(of: k) {
+                guard case .marker(let m) = record else { others = true; continue }
+                lastMarker = m
+                covered = max(covered, m.durableBelow)
+                if !m.voided.isEmpty { voided.append(m.voided) }
+            }
+            holdsRecords.append(others)
+        }
+        let formatTwo = lastMarker == nil
+        let sameEpoch = lastMarker.map { !$0.epoch.isEmpty && $0.epoch == unsyncedWritesEpoch } ?? false
         if valid < journalBytes.count,
            let found = JournalDamage(journal: name, bytes: journalBytes, validBytes: valid,
-                                     validFrames: payloads.count, generation: generation) {
-            // Valid frames after a bad one were acknowledged flushes: not a torn tail.
+                                     validFrames: payloads.count, generation: generation, sameEpoch: sameEpoch || formatTwo) {
             guard let repair = options.repairJournal, !options.readOnly, repair(found) else {
                 throw StoreError.corrupted(found.description)
             }
         }
-        var last: JournalRecord?
-        for (k, payload) in payloads.enumerated() {
-            var r = BinaryReader(payload)
-            while r.remaining > 0 {
-                let record: JournalRecord
-                do { record = try JournalRecord.decode(&r) } catch {
-                    throw StoreError.corrupted("\(name) frame \(k) has a malformed record")
-                }
+        let trustedBelow = sameEpoch || formatTwo ? UInt64(payloads.count) : covered
+        var result = ReplayedJournal(frames: payloads.count, validBytes: valid, fileBytes: journalBytes.count,
+                                     markedInThisEpoch: sameEpoch, coveredSequence: covered)
+        for k in payloads.indices where holdsRecords[k] {
+            let sequence = UInt64(k)
+            guard !voided.contains(where: { $0.contains(sequence) }) else { continue }
+            guard sequence < trustedBelow else {
+                if result.droppedFrom == nil { result.droppedFrom = sequence }
+                continue
+            }
+            if sequence >= covered && !formatTwo { result.replayedUncovered = true }
+            for record in try records(of: k) {
                 try apply(record)
-                last = record
+                if case .sealed(let next) = record { result.sealedFor = next }
             }
         }
-        var sealedFor: UInt64?
-        if case .sealed(let next) = last { sealedFor = next }
-        return (payloads.count, valid, journalBytes.count, sealedFor)
+        return result
+    }
+
+    /// After replaying the journals of a writable open: the current one gets a marker for the
+    /// frames that follow (they are written in this epoch), covering what was replayed (after
+    /// syncing the data a killed process left unsynced) and voiding what was dropped; then its
+    /// torn tail is cut and it is synced. Earlier journals of the chain whose frames were
+    /// trusted only within this epoch get a covering marker too, or a power cut would stop the
+    /// chain at an uncovered seal and lose what later journals flushed. Before this, nothing may
+    /// be journaled.
+    func markRecoveredJournals(earlier: [(file: any StorageFile, generation: UInt64, replayed: ReplayedJournal)],
+                               current replayed: ReplayedJournal) throws {
+        if replayed.replayedUncovered || earlier.contains(where: \.replayed.replayedUncovered) {
+            // The killed process acknowledged these writes; from here they survive a power cut too.
+            do { try dataFile.sync() } catch {
+                throw StoreError.io("recovery: fdatasync of the data file failed (\(error)): the writes the killed process " +
+                                    "acknowledged cannot be made durable; the store was not changed")
+            }
+        }
+        // A journal trusted within this epoch may hold markers the killed process wrote but did
+        // not sync (a flush or commit in progress): synced now, so that what they cover (and a
+        // seal that chains to the next journal) survives a power cut from here on.
+        for e in earlier where e.replayed.replayedUncovered || e.replayed.markedInThisEpoch {
+            if e.replayed.replayedUncovered {
+                let sequence = UInt64(e.replayed.frames)
+                let frame = JournalFrame.encode(generation: e.generation, sequence: sequence,
+                                                payload: encoded(markerRecord(durableBelow: sequence)))
+                let end = UInt64(e.replayed.validBytes + frame.count)
+                try writeUsingSpaceReserve(frame, to: e.file, at: UInt64(e.replayed.validBytes))
+                if try e.file.size() > end { try e.file.truncate(to: end) }
+            }
+            try e.file.sync()
+        }
+        // Nothing to cover, drop or cut, and new frames would follow a marker of this epoch: an
+        // open after a clean close or a flush writes nothing (it only syncs).
+        if !replayed.replayedUncovered && replayed.droppedFrom == nil && replayed.markedInThisEpoch
+            && replayed.fileBytes == replayed.validBytes {
+            try journalFile.sync()
+            journalDurableBelow = replayed.coveredSequence
+            journalCoveredEnd = journalEnd
+            return
+        }
+        let sequence = journalSequence
+        let voided = replayed.droppedFrom.map { $0..<sequence } ?? 0..<0
+        let frame = JournalFrame.encode(generation: generation, sequence: sequence,
+                                        payload: encoded(markerRecord(durableBelow: sequence, voided: voided)))
+        try writeUsingSpaceReserve(frame, to: journalFile, at: journalEnd)
+        journalSequence += 1
+        journalEnd += UInt64(frame.count)
+        // A torn or unfinished frame from the crash (or, after an explicit repair, what the
+        // operator agreed to drop) lies past the marker: cut it.
+        if try journalFile.size() > journalEnd { try journalFile.truncate(to: journalEnd) }
+        try journalFile.sync()
+        journalDurableBelow = sequence
+        journalCoveredEnd = journalEnd
+        if let dropped = replayed.droppedFrom {
+            recoveryWarnings.append("journal-\(generation): frames \(dropped)..<\(sequence) were written but not flushed before " +
+                                    "the machine went down (a new boot): dropped, as the crash contract allows")
+        }
     }
 
     /// The allocator follows from the sector map: everything else in the data file is free.

@@ -27,11 +27,15 @@ import VBDCache
 // neither costs more as the store grows. Reference counts are stored with the pages but never
 // journaled: they follow from the records, and fsck recounts them.
 //
-// Durability (docs/INVARIANTS.md 1): a flush syncs the data file, then appends the pending
-// records as one frame and syncs the journal. A chunk's sectors are never reused before the
-// records freeing it are durable. Recovery = newest valid superblock -> its metadata root -> the
-// valid frame prefix of its journal and of the journals chained after it (or the older slot's,
-// if the newest is damaged). Control
+// Durability (docs/INVARIANTS.md 1): on local files a write is acknowledged once its
+// records are written (not synced) to the journal, after the chunk bytes they name, so a killed
+// process loses no acknowledged write; a flush syncs the data file, then writes a marker that
+// covers those records and syncs the journal, so a power cut loses only what no flush covered
+// (where unsynced writes die with the process, RADOS, records wait in memory for the flush's
+// frame instead; see Journal.swift). A chunk's sectors are never reused before the records
+// freeing it are covered by a durable marker. Recovery = newest valid superblock -> its metadata
+// root -> the trusted frames of its journal and of the journals chained after it (or the older
+// slot's, if the newest is damaged). Control
 // operations (create, snapshot, share, delete, resize) are applied only once their records are
 // durable (`commitDurably`). A failed sync poisons the store until it is reopened.
 //
@@ -39,8 +43,12 @@ import VBDCache
 // lock may only take locks further down this list):
 //   1. stripeLocks[i]  (StoreMutex x 64) a partial-block read-modify-write of the blocks that
 //                      hash to stripe i; a write takes its (at most two) stripes in index order.
-//   2. flushMutex      (StoreMutex) one flush or checkpoint at a time: the journal append position
-//                      of a flush in progress, the deferred frees it took, gc's truncation.
+//   2. flushMutex      (StoreMutex) one flush or checkpoint at a time: the deferred frees a flush
+//                      took, the journal file (a checkpoint switches it), gc's truncation.
+//   2a. journalMutex   (StoreMutex) one append to the journal at a time, so frames land in the
+//                      order their records were queued: `recordBytesJournaled`; changes of
+//                      `journalSequence` and `journalEnd` (made with `mutex` held too). Held for
+//                      one unsynced write; syncs run without it.
 //   3. mutex           (StoreMutex) all metadata: `pager` (its cache and page table), images
 //                      and their maps, `chunks` (entries, free numbers, generations), `index`,
 //                      `sectorMap`, `space` (including pages reserved while being punched),
@@ -71,7 +79,8 @@ public final class Store: @unchecked Sendable {
         public var metadataCacheBytes: Int = Limits.metadataCacheBytesDefault
         /// Changed metadata pages that start a commit even when the cache has room for more.
         public var commitDirtyPagesMax: Int = Limits.commitDirtyPagesMax
-        /// Unflushed journal bytes that trigger an implicit flush.
+        /// Journal bytes no flush covers yet (queued, or journaled but not synced) that trigger an
+        /// implicit flush.
         public var pendingJournalBytesMax: Int = Limits.pendingJournalBytesMax
         /// A flush hole-punches freed 4 KiB pages of the data file only in runs of at least this
         /// many bytes; shorter runs stay allocated for new chunks (SpaceAllocator.swift). `gc`
@@ -108,6 +117,12 @@ public final class Store: @unchecked Sendable {
     let options: Options
     let mutex: StoreMutex
     let flushMutex: StoreMutex
+    let journalMutex: StoreMutex
+    /// Records are written to the journal before a write is acknowledged (Journal.swift): where
+    /// unsynced writes outlive the process, and the store is writable.
+    let journalsWrites: Bool
+    /// The directory's epoch (see ``StorageDirectory/unsyncedWritesEpoch``), read once at open.
+    let unsyncedWritesEpoch: String?
     /// Serialize read-modify-write of partial blocks (see Store+BlockIO.swift).
     let stripeLocks: [StoreMutex]
 
@@ -130,6 +145,13 @@ public final class Store: @unchecked Sendable {
     var nextImageID: UInt64 = 1
     var pending = BinaryWriter()
     var pendingRecordCount = 0
+    /// Bytes of records queued since the store opened: a writer's ticket, whose records are in
+    /// the journal once `recordBytesJournaled` (guarded by `journalMutex`) reaches it.
+    var recordBytesQueued: UInt64 = 0
+    /// Record frames of the current journal below this sequence number are covered by a durable
+    /// marker; the journal's end just after that marker.
+    var journalDurableBelow: UInt64 = 0
+    var journalCoveredEnd: UInt64 = 0
     /// The generation whose journal is current (frames are appended to `journal-<generation>`).
     var generation: UInt64 = 0
     /// After a fallback: the generation of the superblock slot recovery started from. Its slot is
@@ -140,6 +162,8 @@ public final class Store: @unchecked Sendable {
     var journalSequence: UInt64 = 0
     var journalEnd: UInt64 = 0
     var replaying = false
+    // Guarded by `journalMutex`:
+    var recordBytesJournaled: UInt64 = 0
     var closed = false
     /// Set when a sync failed (or a superblock write): what the disk holds is unknown, and a
     /// retried fsync may report success for pages Linux already dropped, so nothing that needs
@@ -206,6 +230,9 @@ public final class Store: @unchecked Sendable {
         self.options = options
         mutex = StoreMutex(scheduler: options.interleaving, traced: true)
         flushMutex = StoreMutex(scheduler: options.interleaving)
+        journalMutex = StoreMutex(scheduler: options.interleaving)
+        unsyncedWritesEpoch = directory.unsyncedWritesEpoch
+        journalsWrites = unsyncedWritesEpoch != nil && !options.readOnly
         stripeLocks = (0..<Store.stripeCount).map { _ in StoreMutex(scheduler: options.interleaving) }
         do {
             if options.readOnly { try directory.lockShared() } else { try directory.lockExclusive() }

@@ -73,7 +73,7 @@ struct VBDSim: ParsableCommand {
         let list: [UInt64] = seed.map { [$0] } ?? (0..<seeds).map { firstSeed + UInt64($0) }
         if concurrent { return try runConcurrent(list) }
         var failures = 0
-        var crashes = 0
+        var crashes = 0, kills = 0
         var faults = 0
         var flips = 0, flipsFoundByFsck = 0, flipsFoundByReads = 0
         for s in list {
@@ -84,6 +84,7 @@ struct VBDSim: ParsableCommand {
                 simulation.flipPercent = flipPercent
                 let summary = try simulation.run(steps: steps)
                 crashes += summary.crashes
+                kills += summary.kills
                 faults += summary.faults
                 flips += summary.flips
                 flipsFoundByFsck += summary.flipsFoundByFsck
@@ -95,7 +96,7 @@ struct VBDSim: ParsableCommand {
             }
             fflush(nil)
         }
-        print("vbd-sim: \(list.count - failures) passed, \(failures) failed (\(crashes) crashes recovered, \(faults) injected faults, "
+        print("vbd-sim: \(list.count - failures) passed, \(failures) failed (\(crashes) crashes recovered, \(kills) of them kills of the process, \(faults) injected faults, "
               + "\(flips) bytes flipped at rest: \(flipsFoundByFsck) caught by fsck, \(flipsFoundByReads) also by a read, "
               + "the rest in unused space; \(steps) steps per seed)")
         if failures > 0 { throw ExitCode(1) }

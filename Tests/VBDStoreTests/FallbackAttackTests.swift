@@ -45,6 +45,24 @@ import VBDSimulation
         return newest
     }
 
+    /// Every file of the disk with its bytes (an open that only syncs leaves them as they were).
+    func fileContents(_ disk: SimulatedDisk) throws -> [String: [UInt8]] {
+        var files: [String: [UInt8]] = [:]
+        for name in disk.fileNames { files[name] = try disk.directory().openFile(name, create: false).readAll() }
+        return files
+    }
+
+    /// Where each valid frame of a journal ends.
+    func frameEnds(_ disk: SimulatedDisk, _ journal: String) throws -> [Int] {
+        let bytes = try disk.directory().openFile(journal, create: false).readAll()
+        let generation = UInt64(journal.dropFirst("journal-".count))!
+        var end = 0
+        return JournalFrame.decodeValidPrefix(bytes, generation: generation).payloads.map {
+            end += JournalFrame.bytes(payload: $0.count)
+            return end
+        }
+    }
+
     /// Everything acknowledged by the scenario, as a list of what is wrong (empty when right).
     func problems(in store: Store) -> [String] {
         var found: [String] = []
@@ -112,10 +130,10 @@ import VBDSimulation
         let disk = SimulatedDisk(seed: 32)
         let newest = try buildScenario(disk)
         damage(disk, newest: newest, what: "checkpoint")
-        let callsBefore = disk.mutatingCalls
+        let filesBefore = try fileContents(disk)
         let store = try simulatedStore(disk)
         #expect(problems(in: store) == [])
-        #expect(disk.mutatingCalls == callsBefore, "the fallback open wrote")
+        #expect(try fileContents(disk) == filesBefore, "the fallback open wrote")
         disk.inject(.io("injected EIO"), on: call, filePrefix: file)
         #expect(throws: (any Error).self) { try store.checkpoint() }
         #expect(disk.faultsFired == 1)
@@ -272,17 +290,27 @@ import VBDSimulation
         try store.close()
     }
 
-    /// Damage to the seal frame itself (journal-G's last frame) together with the newest
-    /// checkpoint: recovery cannot chain, and must then not claim that nothing was lost.
+    /// Damage to the seal frame itself (journal-G's last record frame) together with the newest
+    /// checkpoint: the open refuses, and after a repair recovery cannot chain, and must then not
+    /// claim that nothing was lost.
     @Test func damagedSealFrameIsNotReportedAsLossless() throws {
         let disk = SimulatedDisk(seed: 37)
         let newest = try buildScenario(disk)
         damage(disk, newest: newest, what: "checkpoint")
         let previous = "journal-\(newest - 1)"
-        disk.flipByte(file: previous, at: disk.size(of: previous) - 3)   // the seal frame's checksum
-        let store = try simulatedStore(disk, readOnly: true)
-        #expect(store.recoveryWarnings.count == 1)
-        #expect(store.recoveryWarnings.first?.contains("nothing flushed was lost") == false)
+        // The seal frame is the last but one: the marker that covers it follows.
+        let frames = try frameEnds(disk, previous)
+        disk.flipByte(file: previous, at: frames[frames.count - 2] - 3)   // the seal frame's checksum
+        // The marker after the seal frame proves it was synced: damage, not a torn tail.
+        #expect {
+            _ = try simulatedStore(disk, readOnly: true)
+        } throws: { error in
+            "\(error)".contains("\(previous) frame \(frames.count - 2) at offset")
+        }
+        // A repair drops it, so recovery cannot chain: it must not claim that nothing was lost.
+        let store = try simulatedStore(disk, repair: { _ in true })
+        #expect(!store.recoveryWarnings.isEmpty)
+        #expect(!store.recoveryWarnings.contains { $0.contains("nothing flushed was lost") })
         try store.close()
     }
 

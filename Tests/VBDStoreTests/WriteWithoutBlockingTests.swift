@@ -61,14 +61,14 @@ import VBDSimulation
 
         // A journal due for a flush: the ordinary write flushes, so this one declines.
         var k: UInt64 = 0
-        while store.pendingBytes < options.pendingJournalBytesMax {
+        while store.unflushedJournalBytes < options.pendingJournalBytesMax {
             #expect(try attempt(a, block(seed: 100 + k), at: (k % 256) * 4096))
             k += 1
         }
         #expect(try !attempt(a, block(seed: 7), at: 0))
         #expect(try a.read(4096, at: 0) != block(seed: 7))
         try a.write(block(seed: 7), at: 0)
-        #expect(store.pendingBytes < options.pendingJournalBytesMax, "the ordinary write flushed")
+        #expect(store.unflushedJournalBytes < options.pendingJournalBytesMax, "the ordinary write flushed")
         #expect(try attempt(a, block(seed: 8), at: 0))
         try store.flush()
         #expect(store.fsck().isClean)
