@@ -198,6 +198,44 @@ import VBDSimulation
         try again.close()
     }
 
+    /// A write acknowledged while a flush syncs the data file is journaled after the frames that
+    /// flush's marker covers, but before the marker: the marker does not cover it. A flush called
+    /// after the write returned must cover it, or a power cut after that flush loses it.
+    @Test func aWriteJournaledWhileAFlushSyncsTheDataIsCoveredByTheNextFlush() throws {
+        let disk = SimulatedDisk(seed: 15)
+        var duringDataSync: (() -> Void)?
+        let directory = HookedDirectory(disk.directory()) { file, operation in
+            guard file == "data", operation == .sync, let action = duringDataSync else { return }
+            duringDataSync = nil
+            action()
+        }
+        var options = Store.Options()
+        options.secretForNewStore = 7
+        let store = try Store(directory: directory, options: options, create: true)
+        try store.createVolume(name: "v", size: UInt64(Self.volumeBytes))
+        let dev = try store.device(named: "v")
+        var model = Model()
+        try dev.write(block(seed: 700), at: 0); model.write(block(seed: 700), at: 0)
+        try dev.flush()
+        // Something for the next flush to cover, so that it writes a marker.
+        try dev.write(block(seed: 701), at: 2 * 4096); model.write(block(seed: 701), at: 2 * 4096)
+        // Acknowledged between the flush's journal write and its marker (to a block that was
+        // unmapped, so it frees nothing).
+        duringDataSync = { try! dev.write(block(seed: 702), at: 4096) }
+        try dev.flush()
+        #expect(duringDataSync == nil, "the flush synced no data")
+        model.write(block(seed: 702), at: 4096)
+        // The write above returned before this flush was called: the flush makes it durable.
+        try dev.flush()
+        store.abandonWithoutFlush()
+        disk.powerLoss()
+        disk.reboot()
+        let after = try simulatedStore(disk)
+        #expect(try contents(after) == model.bytes, "a write acknowledged before a flush was lost by a power cut after it")
+        #expect(after.fsck().isClean)
+        try after.close()
+    }
+
     /// Where unsynced writes die with the process (RADOS), writes are not journaled at once
     /// (records wait for the flush's frame, as before), and a kill keeps what was flushed.
     @Test func whereUnsyncedWritesDieWithTheProcessRecordsWaitForTheFlush() throws {
