@@ -236,6 +236,33 @@ import VBDSimulation
         try after.close()
     }
 
+    /// A failed fdatasync of the data file may have dropped the dirty pages of writes acknowledged
+    /// before it (Linux marks them clean after a writeback error), and the store says to reopen.
+    /// The reopen, in the same boot, must not trust the journal frames of those writes: their
+    /// chunks' bytes are gone, so a block would map to bytes that fail their hash. Each such
+    /// write reads as before it or as written, and fsck finds nothing.
+    @Test func aReopenAfterAFailedDataSyncDoesNotTrustFramesWhoseDataItDropped() throws {
+        let disk = SimulatedDisk(seed: 16)
+        var model = Model()
+        let store = try simulatedStore(disk, create: true)
+        try store.createVolume(name: "v", size: UInt64(Self.volumeBytes))
+        let dev = try store.device(named: "v")
+        try dev.write(block(seed: 800), at: 0); model.write(block(seed: 800), at: 0)
+        try dev.flush()
+        // Journaled (unsynced) before it is acknowledged; its chunk is in the page cache only.
+        try dev.write(block(seed: 801), at: 4096)
+        disk.inject(.io("injected EIO"), on: .sync, filePrefix: "data", dropsUnsyncedWrites: true)
+        #expect(throws: (any Error).self) { try dev.flush() }
+        _ = try? store.close()   // poisoned: closes without a checkpoint
+        let reopened = try simulatedStore(disk)
+        let written = try? reopened.device(named: "v").read(4096, at: 4096)
+        #expect(written == block(seed: 801) || written == [UInt8](repeating: 0, count: 4096),
+                "a block maps to a chunk whose bytes the failed sync dropped")
+        #expect(try reopened.device(named: "v").read(4096, at: 0) == Array(model.bytes[0..<4096]))
+        #expect(reopened.fsck().isClean)
+        try? reopened.close()
+    }
+
     /// Where unsynced writes die with the process (RADOS), writes are not journaled at once
     /// (records wait for the flush's frame, as before), and a kill keeps what was flushed.
     @Test func whereUnsyncedWritesDieWithTheProcessRecordsWaitForTheFlush() throws {
