@@ -242,8 +242,9 @@ extension Store {
     /// With `journalMutex` held and `mutex` not: a frame of `carried` records (taken from the
     /// queue before the data file's sync) and a marker after them, not synced. The marker covers
     /// the frame itself when it carries records, else the frames below `durableBelow`. Returns
-    /// the marker's coverage and the journal's end after it.
-    func writeMarkerLocked(carrying carried: [UInt8], durableBelow: UInt64) throws(StorageError) -> (durableBelow: UInt64, end: UInt64) {
+    /// the marker's coverage and the journal's end after it, or nil for the end when writers
+    /// journaled frames since `durableBelow` was taken: the marker does not cover those.
+    func writeMarkerLocked(carrying carried: [UInt8], durableBelow: UInt64) throws(StorageError) -> (durableBelow: UInt64, end: UInt64?) {
         journalMutex.assertOwned("writeMarkerLocked")
         let (file, gen, seq, at) = mutex.withLock { (journalFile, generation, journalSequence, journalEnd) }
         var payload = BinaryWriter(capacity: carried.count + 64)
@@ -257,7 +258,9 @@ extension Store {
             journalSequence = seq + 1
             journalEnd = end
         }
-        return (covered, end)
+        // Where writes wait for the flush (RADOS), no frame can come between.
+        let coversAll = !carried.isEmpty || !journalsWrites || seq == durableBelow
+        return (covered, coversAll ? end : nil)
     }
 }
 
@@ -335,7 +338,9 @@ extension Store {
                 try journalFile.sync()
                 mutex.withLock {
                     journalDurableBelow = max(journalDurableBelow, marker.durableBelow)
-                    journalCoveredEnd = max(journalCoveredEnd, marker.end)
+                    // Frames journaled between the queue's write and the marker stay uncovered:
+                    // the next flush (or control operation) must sync the data and cover them.
+                    if let end = marker.end { journalCoveredEnd = max(journalCoveredEnd, end) }
                 }
             }
         } catch {
