@@ -201,6 +201,9 @@ extension Store {
         journalMutex.lock()
         defer { journalMutex.unlock() }
         guard recordBytesJournaled < ticket else { return }
+        // After a failed sync the journal may hold less than `journalEnd` says (Linux may have
+        // dropped its unsynced frames): a frame written there would follow a gap.
+        if let poison = mutex.withLock({ poisoned }) { throw .io("store is read-only after an earlier failure: \(poison)") }
         do throws(StorageError) { _ = try writeQueuedRecordsLocked(takingFrees: false) } catch {
             throw error == .noSpace ? .noSpace : .io("journal write: \(error)")
         }
