@@ -268,9 +268,9 @@ import VBDSimulation
     }
 
     /// A failed fdatasync of the journal may drop its unsynced frames and poisons the store. A
-    /// change that still reaches the journal after that (a trim: `zero` does not check the
-    /// poison) lands past the dropped frames, behind a gap; within the boot a valid frame after
-    /// a bad one is corruption, so the reopen the store asks for would refuse to open it.
+    /// change that still reached the journal after that (a trim, which did not check the poison)
+    /// would land past the dropped frames, behind a gap; within the boot a valid frame after a
+    /// bad one is corruption, so the reopen the store asks for would refuse to open it.
     @Test func aChangeAfterAFailedJournalSyncDoesNotMakeTheReopenRefuse() throws {
         let disk = SimulatedDisk(seed: 17)
         let store = try simulatedStore(disk, create: true)
