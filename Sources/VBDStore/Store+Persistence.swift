@@ -302,6 +302,8 @@ extension Store {
         var coveredBelow: UInt64 = 0
         var poison: String?
         var nothingNew = false
+        // The journal's end once the queue is written: the marker covers the frames before it.
+        var queuedEnd: UInt64 = 0
         do throws(StorageError) {
             try journalMutex.withLock { () throws(StorageError) in
                 if journalsWrites {
@@ -316,6 +318,7 @@ extension Store {
                         frees = space.takeDeferred()
                     }
                     nothingNew = carried.isEmpty && frees.isEmpty && journalEnd <= journalCoveredEnd
+                    queuedEnd = journalEnd
                 }
             }
         } catch {
@@ -343,7 +346,7 @@ extension Store {
                     journalDurableBelow = max(journalDurableBelow, marker.durableBelow)
                     // Frames journaled between the queue's write and the marker stay uncovered:
                     // the next flush (or control operation) must sync the data and cover them.
-                    if let end = marker.end { journalCoveredEnd = max(journalCoveredEnd, end) }
+                    journalCoveredEnd = max(journalCoveredEnd, marker.end ?? queuedEnd)
                 }
             }
         } catch {
