@@ -804,6 +804,7 @@ extension Store {
             let (v, _) = try viewLocked(id)
             if v.readOnly { throw .readOnly(name: v.name) }
             try checkRange(v, offset: offset, length: length)
+            if let poisoned { throw .io("store is read-only after an earlier failure: \(poisoned)") }
             return v
         }
         guard length > 0 else { return }

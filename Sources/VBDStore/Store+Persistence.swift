@@ -201,6 +201,9 @@ extension Store {
         journalMutex.lock()
         defer { journalMutex.unlock() }
         guard recordBytesJournaled < ticket else { return }
+        // After a failed sync the journal may hold less than `journalEnd` says (Linux may have
+        // dropped its unsynced frames): a frame written there would follow a gap.
+        if let poison = mutex.withLock({ poisoned }) { throw .io("store is read-only after an earlier failure: \(poison)") }
         do throws(StorageError) { _ = try writeQueuedRecordsLocked(takingFrees: false) } catch {
             throw error == .noSpace ? .noSpace : .io("journal write: \(error)")
         }
@@ -242,8 +245,9 @@ extension Store {
     /// With `journalMutex` held and `mutex` not: a frame of `carried` records (taken from the
     /// queue before the data file's sync) and a marker after them, not synced. The marker covers
     /// the frame itself when it carries records, else the frames below `durableBelow`. Returns
-    /// the marker's coverage and the journal's end after it.
-    func writeMarkerLocked(carrying carried: [UInt8], durableBelow: UInt64) throws(StorageError) -> (durableBelow: UInt64, end: UInt64) {
+    /// the marker's coverage and the journal's end after it, or nil for the end when writers
+    /// journaled frames since `durableBelow` was taken: the marker does not cover those.
+    func writeMarkerLocked(carrying carried: [UInt8], durableBelow: UInt64) throws(StorageError) -> (durableBelow: UInt64, end: UInt64?) {
         journalMutex.assertOwned("writeMarkerLocked")
         let (file, gen, seq, at) = mutex.withLock { (journalFile, generation, journalSequence, journalEnd) }
         var payload = BinaryWriter(capacity: carried.count + 64)
@@ -257,7 +261,9 @@ extension Store {
             journalSequence = seq + 1
             journalEnd = end
         }
-        return (covered, end)
+        // Where writes wait for the flush (RADOS), no frame can come between.
+        let coversAll = !carried.isEmpty || !journalsWrites || seq == durableBelow
+        return (covered, coversAll ? end : nil)
     }
 }
 
@@ -296,6 +302,8 @@ extension Store {
         var coveredBelow: UInt64 = 0
         var poison: String?
         var nothingNew = false
+        // The journal's end once the queue is written: the marker covers the frames before it.
+        var queuedEnd: UInt64 = 0
         do throws(StorageError) {
             try journalMutex.withLock { () throws(StorageError) in
                 if journalsWrites {
@@ -310,6 +318,7 @@ extension Store {
                         frees = space.takeDeferred()
                     }
                     nothingNew = carried.isEmpty && frees.isEmpty && journalEnd <= journalCoveredEnd
+                    queuedEnd = journalEnd
                 }
             }
         } catch {
@@ -335,7 +344,9 @@ extension Store {
                 try journalFile.sync()
                 mutex.withLock {
                     journalDurableBelow = max(journalDurableBelow, marker.durableBelow)
-                    journalCoveredEnd = max(journalCoveredEnd, marker.end)
+                    // Frames journaled between the queue's write and the marker stay uncovered:
+                    // the next flush (or control operation) must sync the data and cover them.
+                    journalCoveredEnd = max(journalCoveredEnd, marker.end ?? queuedEnd)
                 }
             }
         } catch {

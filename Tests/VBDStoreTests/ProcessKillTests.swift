@@ -198,6 +198,97 @@ import VBDSimulation
         try again.close()
     }
 
+    /// A write acknowledged while a flush syncs the data file is journaled after the frames that
+    /// flush's marker covers, but before the marker: the marker does not cover it. A flush called
+    /// after the write returned must cover it, or a power cut after that flush loses it.
+    @Test func aWriteJournaledWhileAFlushSyncsTheDataIsCoveredByTheNextFlush() throws {
+        let disk = SimulatedDisk(seed: 15)
+        var duringDataSync: (() -> Void)?
+        let directory = HookedDirectory(disk.directory()) { file, operation in
+            guard file == "data", operation == .sync, let action = duringDataSync else { return }
+            duringDataSync = nil
+            action()
+        }
+        var options = Store.Options()
+        options.secretForNewStore = 7
+        let store = try Store(directory: directory, options: options, create: true)
+        try store.createVolume(name: "v", size: UInt64(Self.volumeBytes))
+        let dev = try store.device(named: "v")
+        var model = Model()
+        try dev.write(block(seed: 700), at: 0); model.write(block(seed: 700), at: 0)
+        try dev.flush()
+        // Something for the next flush to cover, so that it writes a marker.
+        try dev.write(block(seed: 701), at: 2 * 4096); model.write(block(seed: 701), at: 2 * 4096)
+        // Acknowledged between the flush's journal write and its marker (to a block that was
+        // unmapped, so it frees nothing).
+        duringDataSync = { try! dev.write(block(seed: 702), at: 4096) }
+        try dev.flush()
+        #expect(duringDataSync == nil, "the flush synced no data")
+        model.write(block(seed: 702), at: 4096)
+        // The write above returned before this flush was called: the flush makes it durable.
+        try dev.flush()
+        store.abandonWithoutFlush()
+        disk.powerLoss()
+        disk.reboot()
+        let after = try simulatedStore(disk)
+        #expect(try contents(after) == model.bytes, "a write acknowledged before a flush was lost by a power cut after it")
+        #expect(after.fsck().isClean)
+        try after.close()
+    }
+
+    /// A failed fdatasync of the data file may have dropped the dirty pages of writes acknowledged
+    /// before it (Linux marks them clean after a writeback error), and the store says to reopen.
+    /// The reopen, in the same boot, must not trust the journal frames of those writes: their
+    /// chunks' bytes are gone, so a block would map to bytes that fail their hash. Each such
+    /// write reads as before it or as written, and fsck finds nothing.
+    @Test func aReopenAfterAFailedDataSyncDoesNotTrustFramesWhoseDataItDropped() throws {
+        let disk = SimulatedDisk(seed: 16)
+        var model = Model()
+        let store = try simulatedStore(disk, create: true)
+        try store.createVolume(name: "v", size: UInt64(Self.volumeBytes))
+        let dev = try store.device(named: "v")
+        try dev.write(block(seed: 800), at: 0); model.write(block(seed: 800), at: 0)
+        try dev.flush()
+        // Journaled (unsynced) before it is acknowledged; its chunk is in the page cache only.
+        try dev.write(block(seed: 801), at: 4096)
+        disk.inject(.io("injected EIO"), on: .sync, filePrefix: "data", dropsUnsyncedWrites: true)
+        #expect(throws: (any Error).self) { try dev.flush() }
+        _ = try? store.close()   // poisoned: closes without a checkpoint
+        let reopened = try simulatedStore(disk)
+        #expect(try reopened.device(named: "v").read(4096, at: 0) == Array(model.bytes[0..<4096]))
+        // Not fixed yet (review of the kill-safe journal): the reopen trusts the frame, and the
+        // block maps to bytes the failed sync dropped. Remove the wrapper with the fix.
+        withKnownIssue("a reopen in the same boot after a failed data sync trusts frames whose data was dropped") {
+            let written = try? reopened.device(named: "v").read(4096, at: 4096)
+            #expect(written == block(seed: 801) || written == [UInt8](repeating: 0, count: 4096),
+                    "a block maps to a chunk whose bytes the failed sync dropped")
+            #expect(reopened.fsck().isClean)
+        }
+        try? reopened.close()
+    }
+
+    /// A failed fdatasync of the journal may drop its unsynced frames and poisons the store. A
+    /// change that still reached the journal after that (a trim, which did not check the poison)
+    /// would land past the dropped frames, behind a gap; within the boot a valid frame after a
+    /// bad one is corruption, so the reopen the store asks for would refuse to open it.
+    @Test func aChangeAfterAFailedJournalSyncDoesNotMakeTheReopenRefuse() throws {
+        let disk = SimulatedDisk(seed: 17)
+        let store = try simulatedStore(disk, create: true)
+        try store.createVolume(name: "v", size: UInt64(Self.volumeBytes))
+        let dev = try store.device(named: "v")
+        try dev.write(block(seed: 900), at: 0)
+        try dev.flush()
+        try dev.write(block(seed: 901), at: 4096)
+        disk.inject(.io("injected EIO"), on: .sync, filePrefix: "journal-", dropsUnsyncedWrites: true)
+        #expect(throws: (any Error).self) { try dev.flush() }
+        _ = try? dev.trim(offset: 2 * 4096, length: 4096, fua: false)
+        _ = try? store.close()   // poisoned: closes without a checkpoint
+        let reopened = try simulatedStore(disk)
+        #expect(try reopened.device(named: "v").read(4096, at: 0) == block(seed: 900))
+        #expect(reopened.fsck().isClean)
+        try? reopened.close()
+    }
+
     /// Where unsynced writes die with the process (RADOS), writes are not journaled at once
     /// (records wait for the flush's frame, as before), and a kill keeps what was flushed.
     @Test func whereUnsyncedWritesDieWithTheProcessRecordsWaitForTheFlush() throws {
