@@ -47,8 +47,9 @@ import VBDCache
 //                      took, the journal file (a checkpoint switches it), gc's truncation.
 //   2a. journalMutex   (StoreMutex) one append to the journal at a time, so frames land in the
 //                      order their records were queued: `recordBytesJournaled`; changes of
-//                      `journalSequence` and `journalEnd` (made with `mutex` held too). Held for
-//                      one unsynced write; syncs run without it.
+//                      `journalSequence` and `journalEnd` (made with `mutex` held too). A writer
+//                      holds it for one unsynced write; a control operation (`commitDurably`)
+//                      and a commit's preparation hold it across their syncs.
 //   3. mutex           (StoreMutex) all metadata: `pager` (its cache and page table), images
 //                      and their maps, `chunks` (entries, free numbers, generations), `index`,
 //                      `sectorMap`, `space` (including pages reserved while being punched),
