@@ -359,12 +359,35 @@ extension Store {
             // durable: no later flush may succeed. A failed write changed nothing durable.
             if step != "journal write" {
                 mutex.withLock { if failure == nil { failure = "\(step) failed (\(e))" } }
+                if step == "fdatasync of the data file" { distrustUncoveredFrames() }
                 throw StoreError.io("flush failed: \(step): \(e); the store refuses writes until it is reopened")
             }
             throw e == .noSpace ? StoreError.noSpace : StoreError.io("flush failed: \(step): \(e)")
         }
         // 4. The frees in this batch are durable: the space may be reused and given back.
         try releaseFrees(frees)
+    }
+
+    /// After a failed fdatasync of `data`, with the store poisoned: a synced marker in no epoch,
+    /// so that a reopen in this boot trusts only the frames an earlier marker covered, as after a
+    /// power cut. The failed sync may have dropped the data the uncovered frames name, and a
+    /// retried sync would report success (Linux reports a writeback error once). Best effort: if
+    /// the journal cannot take it either, the reopen trusts the frames as before.
+    func distrustUncoveredFrames() {
+        guard journalsWrites else { return }
+        try? journalMutex.withLock { () throws(StorageError) in
+            let (file, gen, seq, at) = mutex.withLock { (journalFile, generation, journalSequence, journalEnd) }
+            var payload = BinaryWriter(capacity: 32)
+            // durableBelow 0: recovery takes the largest coverage of all markers.
+            JournalRecord.marker(JournalMarker(durableBelow: 0, voided: 0..<0, epoch: "")).encode(into: &payload)
+            let frame = JournalFrame.encode(generation: gen, sequence: seq, payload: payload.bytes)
+            try writeUsingSpaceReserve(frame, to: file, at: at)
+            mutex.withLock {
+                journalSequence = seq + 1
+                journalEnd = at + UInt64(frame.count)
+            }
+            try file.sync()
+        }
     }
 
     /// Puts an unwritten batch back in front of the records queued since. Takes `mutex`.

@@ -256,14 +256,10 @@ import VBDSimulation
         _ = try? store.close()   // poisoned: closes without a checkpoint
         let reopened = try simulatedStore(disk)
         #expect(try reopened.device(named: "v").read(4096, at: 0) == Array(model.bytes[0..<4096]))
-        // Not fixed yet (review of the kill-safe journal): the reopen trusts the frame, and the
-        // block maps to bytes the failed sync dropped. Remove the wrapper with the fix.
-        withKnownIssue("a reopen in the same boot after a failed data sync trusts frames whose data was dropped") {
-            let written = try? reopened.device(named: "v").read(4096, at: 4096)
-            #expect(written == block(seed: 801) || written == [UInt8](repeating: 0, count: 4096),
-                    "a block maps to a chunk whose bytes the failed sync dropped")
-            #expect(reopened.fsck().isClean)
-        }
+        let written = try? reopened.device(named: "v").read(4096, at: 4096)
+        #expect(written == block(seed: 801) || written == [UInt8](repeating: 0, count: 4096),
+                "a block maps to a chunk whose bytes the failed sync dropped")
+        #expect(reopened.fsck().isClean)
         try? reopened.close()
     }
 
