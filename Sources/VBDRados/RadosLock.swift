@@ -2,6 +2,7 @@ import CRados
 import Dispatch
 import Logging
 import Synchronization
+import VBDCore
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -344,9 +345,7 @@ public final class RadosLockKeeper: @unchecked Sendable {
     }
 
     static func format(_ seconds: Double) -> String {
-        let milliseconds = Int((seconds * 1000).rounded())
-        let fraction = String(milliseconds % 1000)
-        return "\(milliseconds / 1000)." + String(repeating: "0", count: 3 - fraction.count) + fraction
+        fixedPointText(UInt64(max(0, (seconds * 1000).rounded())), decimals: 3)
     }
 
     private func markLost(_ reason: String) {

@@ -107,13 +107,11 @@ final class StoreMutex: @unchecked Sendable {
     /// The wall clock as seconds since 1970 with three decimals, so that a trace line can be set
     /// beside a client's own latency log.
     static func wallClockSeconds() -> String {
-        let millis = nanos(CLOCK_REALTIME) / 1_000_000
-        let fraction = String(millis % 1000)
-        return "\(millis / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)"
+        fixedPointText(nanos(CLOCK_REALTIME) / 1_000_000, decimals: 3)
     }
 
     /// The process's resident memory now and what malloc holds, for the commit trace: what the
-    /// program uses (`in use`), what malloc keeps free for reuse, and what it maps directly.
+    /// program uses (`in use`, heap and mapped) and what malloc keeps free in its heap for reuse.
     static func memoryFigures() -> String {
         var rss = "?"
         let fd = open("/proc/self/statm", O_RDONLY)
@@ -134,9 +132,7 @@ final class StoreMutex: @unchecked Sendable {
 
     /// Milliseconds with two decimals (no Foundation formatting here).
     static func milliseconds(_ nanos: UInt64) -> String {
-        let hundredths = nanos / 10_000
-        let fraction = hundredths % 100
-        return "\(hundredths / 100).\(fraction < 10 ? "0" : "")\(fraction)"
+        fixedPointText(nanos / 10_000, decimals: 2)
     }
     /// Where and when the holder took the lock, when tracing. Written only by the holder.
     private var tracedSite: (file: StaticString, line: UInt, since: UInt64, cpuSince: UInt64) = ("", 0, 0, 0)

@@ -11,6 +11,13 @@ import Testing
         #expect(a != c)
     }
 
+    @Test func fixedPointTextPadsTheFraction() {
+        #expect(fixedPointText(1234, decimals: 3) == "1.234")
+        #expect(fixedPointText(1_796_637_157_005, decimals: 3) == "1796637157.005")
+        #expect(fixedPointText(5, decimals: 2) == "0.05")
+        #expect(fixedPointText(0, decimals: 2) == "0.00")
+    }
+
     @Test func weakHashKeepsOnlyTheRequestedBits() {
         for i in 0..<100 {
             let bytes = [UInt8](repeating: UInt8(i), count: 512)
