@@ -172,8 +172,10 @@ extension Store {
 
     /// A marker written now: frames below `durableBelow` name durable data, and the frames after
     /// it are written in this epoch.
-    func markerRecord(durableBelow: UInt64, voided: Range<UInt64> = 0..<0) -> JournalRecord {
-        .marker(JournalMarker(durableBelow: durableBelow, voided: voided, epoch: unsyncedWritesEpoch ?? ""))
+    /// A marker in this store's epoch, or in `epoch` when given ("" is no epoch: a reopen trusts
+    /// only covered frames).
+    func markerRecord(durableBelow: UInt64, voided: Range<UInt64> = 0..<0, epoch: String? = nil) -> JournalRecord {
+        .marker(JournalMarker(durableBelow: durableBelow, voided: voided, epoch: epoch ?? unsyncedWritesEpoch ?? ""))
     }
 
     /// Frame 0 of a new journal: a marker that covers nothing and names the epoch.
@@ -247,13 +249,13 @@ extension Store {
     /// the frame itself when it carries records, else the frames below `durableBelow`. Returns
     /// the marker's coverage and the journal's end after it, or nil for the end when writers
     /// journaled frames since `durableBelow` was taken: the marker does not cover those.
-    func writeMarkerLocked(carrying carried: [UInt8], durableBelow: UInt64) throws(StorageError) -> (durableBelow: UInt64, end: UInt64?) {
+    func writeMarkerLocked(carrying carried: [UInt8], durableBelow: UInt64, epoch: String? = nil) throws(StorageError) -> (durableBelow: UInt64, end: UInt64?) {
         journalMutex.assertOwned("writeMarkerLocked")
         let (file, gen, seq, at) = mutex.withLock { (journalFile, generation, journalSequence, journalEnd) }
         var payload = BinaryWriter(capacity: carried.count + 64)
         payload.raw(carried)
         let covered = carried.isEmpty ? durableBelow : seq + 1
-        markerRecord(durableBelow: covered).encode(into: &payload)
+        markerRecord(durableBelow: covered, epoch: epoch).encode(into: &payload)
         let frame = JournalFrame.encode(generation: gen, sequence: seq, payload: payload.bytes)
         try writeUsingSpaceReserve(frame, to: file, at: at)
         let end = at + UInt64(frame.count)
@@ -376,17 +378,9 @@ extension Store {
     func distrustUncoveredFrames() {
         guard journalsWrites else { return }
         try? journalMutex.withLock { () throws(StorageError) in
-            let (file, gen, seq, at) = mutex.withLock { (journalFile, generation, journalSequence, journalEnd) }
-            var payload = BinaryWriter(capacity: 32)
             // durableBelow 0: recovery takes the largest coverage of all markers.
-            JournalRecord.marker(JournalMarker(durableBelow: 0, voided: 0..<0, epoch: "")).encode(into: &payload)
-            let frame = JournalFrame.encode(generation: gen, sequence: seq, payload: payload.bytes)
-            try writeUsingSpaceReserve(frame, to: file, at: at)
-            mutex.withLock {
-                journalSequence = seq + 1
-                journalEnd = at + UInt64(frame.count)
-            }
-            try file.sync()
+            _ = try writeMarkerLocked(carrying: [], durableBelow: 0, epoch: "")
+            try mutex.withLock { journalFile }.sync()
         }
     }
 
