@@ -16,6 +16,13 @@ import VBDSimulation
         mutating func zero(_ offset: Int, _ length: Int) { write([UInt8](repeating: 0, count: length), at: offset) }
     }
 
+    /// A new store on `disk` with the empty volume "v" every test writes to.
+    func newStoreWithVolume(_ disk: SimulatedDisk) throws -> (Store, VolumeDevice) {
+        let store = try simulatedStore(disk, create: true)
+        try store.createVolume(name: "v", size: UInt64(Self.volumeBytes))
+        return (store, try store.device(named: "v"))
+    }
+
     func contents(_ store: Store) throws -> [UInt8] {
         try store.device(named: "v").read(Self.volumeBytes, at: 0)
     }
@@ -42,9 +49,7 @@ import VBDSimulation
         let disk = SimulatedDisk(seed: 11)
         var model = Model()
         do {
-            let store = try simulatedStore(disk, create: true)
-            try store.createVolume(name: "v", size: UInt64(Self.volumeBytes))
-            let dev = try store.device(named: "v")
+            let (store, dev) = try newStoreWithVolume(disk)
             let flushed = block(seed: 1)
             try dev.write(flushed, at: 0); model.write(flushed, at: 0)
             try dev.flush()
@@ -76,9 +81,7 @@ import VBDSimulation
             let disk = SimulatedDisk(seed: seed * 31 + UInt64(cutAfterCalls))
             var model = Model()
             do {
-                let store = try simulatedStore(disk, create: true)
-                try store.createVolume(name: "v", size: UInt64(Self.volumeBytes))
-                let dev = try store.device(named: "v")
+                let (store, dev) = try newStoreWithVolume(disk)
                 try dev.write(block(seed: 1), at: 0); model.write(block(seed: 1), at: 0)
                 try dev.flush()
                 try unflushedWrites(dev, &model, seed: 200)
@@ -123,9 +126,7 @@ import VBDSimulation
         let disk = SimulatedDisk(seed: 12)
         var model = Model()
         do {
-            let store = try simulatedStore(disk, create: true)
-            try store.createVolume(name: "v", size: UInt64(Self.volumeBytes))
-            let dev = try store.device(named: "v")
+            let (store, dev) = try newStoreWithVolume(disk)
             try dev.flush()
             for k in 0..<3 {
                 try dev.write(block(seed: 300 + UInt64(k)), at: UInt64(k) * 4096)
@@ -163,9 +164,7 @@ import VBDSimulation
         let journal: String
         let firstUnflushed: Int
         do {
-            let store = try simulatedStore(disk, create: true)
-            try store.createVolume(name: "v", size: UInt64(Self.volumeBytes))
-            let dev = try store.device(named: "v")
+            let (store, dev) = try newStoreWithVolume(disk)
             try dev.write(block(seed: 500), at: 0); model.write(block(seed: 500), at: 0)
             try dev.flush()
             journal = currentJournal(disk)
@@ -244,9 +243,7 @@ import VBDSimulation
     @Test func aReopenAfterAFailedDataSyncDoesNotTrustFramesWhoseDataItDropped() throws {
         let disk = SimulatedDisk(seed: 16)
         var model = Model()
-        let store = try simulatedStore(disk, create: true)
-        try store.createVolume(name: "v", size: UInt64(Self.volumeBytes))
-        let dev = try store.device(named: "v")
+        let (store, dev) = try newStoreWithVolume(disk)
         try dev.write(block(seed: 800), at: 0); model.write(block(seed: 800), at: 0)
         try dev.flush()
         // Journaled (unsynced) before it is acknowledged; its chunk is in the page cache only.
@@ -269,9 +266,7 @@ import VBDSimulation
     /// bad one is corruption, so the reopen the store asks for would refuse to open it.
     @Test func aChangeAfterAFailedJournalSyncDoesNotMakeTheReopenRefuse() throws {
         let disk = SimulatedDisk(seed: 17)
-        let store = try simulatedStore(disk, create: true)
-        try store.createVolume(name: "v", size: UInt64(Self.volumeBytes))
-        let dev = try store.device(named: "v")
+        let (store, dev) = try newStoreWithVolume(disk)
         try dev.write(block(seed: 900), at: 0)
         try dev.flush()
         try dev.write(block(seed: 901), at: 4096)
@@ -291,9 +286,7 @@ import VBDSimulation
         let disk = SimulatedDisk(seed: 14, unsyncedWritesSurviveProcess: false)
         var model = Model()
         do {
-            let store = try simulatedStore(disk, create: true)
-            try store.createVolume(name: "v", size: UInt64(Self.volumeBytes))
-            let dev = try store.device(named: "v")
+            let (store, dev) = try newStoreWithVolume(disk)
             try dev.write(block(seed: 600), at: 0); model.write(block(seed: 600), at: 0)
             try dev.flush()
             let journal = currentJournal(disk)
