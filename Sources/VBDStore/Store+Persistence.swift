@@ -162,7 +162,6 @@ extension Store {
         journalEnd += UInt64(frame.count)
         journalSequence += 1
         if marked && sync {
-            journalDurableBelow = journalSequence
             journalCoveredEnd = journalEnd
         }
         pending = BinaryWriter()
@@ -345,7 +344,6 @@ extension Store {
                 step = "fdatasync of journal-\(gen)"
                 try journalFile.sync()
                 mutex.withLock {
-                    journalDurableBelow = max(journalDurableBelow, marker.durableBelow)
                     // Frames journaled between the queue's write and the marker stay uncovered:
                     // the next flush (or control operation) must sync the data and cover them.
                     journalCoveredEnd = max(journalCoveredEnd, marker.end ?? queuedEnd)
@@ -718,7 +716,6 @@ extension Store {
             let first = UInt64(firstMarkerFrame(generation: newGeneration).count)
             journalSequence = 1
             journalEnd = first
-            journalDurableBelow = 1
             journalCoveredEnd = first
             return PreparedCommit(generation: newGeneration, batch: batch,
                                   superblock: encodeSuperblock(generation: newGeneration, pageTable: batch.root),
@@ -1067,8 +1064,6 @@ extension Store {
         var replayedUncovered = false
         /// The last marker names the current epoch: frames appended now need no new marker.
         var markedInThisEpoch = false
-        /// The largest `durableBelow` of its markers.
-        var coveredSequence: UInt64 = 0
     }
 
     /// Replays the valid frames of one generation's journal that may be trusted: all of them when
@@ -1117,7 +1112,7 @@ extension Store {
         }
         let trustedBelow = sameEpoch || formatTwo ? UInt64(payloads.count) : covered
         var result = ReplayedJournal(frames: payloads.count, validBytes: valid, fileBytes: journalBytes.count,
-                                     markedInThisEpoch: sameEpoch, coveredSequence: covered)
+                                     markedInThisEpoch: sameEpoch)
         for k in payloads.indices where holdsRecords[k] {
             let sequence = UInt64(k)
             guard !voided.contains(where: { $0.contains(sequence) }) else { continue }
@@ -1169,7 +1164,6 @@ extension Store {
         if !replayed.replayedUncovered && replayed.droppedFrom == nil && replayed.markedInThisEpoch
             && replayed.fileBytes == replayed.validBytes {
             try journalFile.sync()
-            journalDurableBelow = replayed.coveredSequence
             journalCoveredEnd = journalEnd
             return
         }
@@ -1184,7 +1178,6 @@ extension Store {
         // operator agreed to drop) lies past the marker: cut it.
         if try journalFile.size() > journalEnd { try journalFile.truncate(to: journalEnd) }
         try journalFile.sync()
-        journalDurableBelow = sequence
         journalCoveredEnd = journalEnd
         if let dropped = replayed.droppedFrom {
             recoveryWarnings.append("journal-\(generation): frames \(dropped)..<\(sequence) were written but not flushed before " +

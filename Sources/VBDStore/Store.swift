@@ -149,9 +149,7 @@ public final class Store: @unchecked Sendable {
     /// Bytes of records queued since the store opened: a writer's ticket, whose records are in
     /// the journal once `recordBytesJournaled` (guarded by `journalMutex`) reaches it.
     var recordBytesQueued: UInt64 = 0
-    /// Record frames of the current journal below this sequence number are covered by a durable
-    /// marker; the journal's end just after that marker.
-    var journalDurableBelow: UInt64 = 0
+    /// The current journal's end just after the last durable marker: frames below it are covered.
     var journalCoveredEnd: UInt64 = 0
     /// The generation whose journal is current (frames are appended to `journal-<generation>`).
     var generation: UInt64 = 0
