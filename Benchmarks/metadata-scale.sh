@@ -33,6 +33,7 @@ stall_seconds=${STALL_SECONDS:-20}
 rates_seconds=${RATES_SECONDS:-15}
 compress=${COMPRESS:-50}
 gc_count=${STALL_GC_COUNT:-3}
+"$(dirname "$0")/warm-guest-memory.sh"   # once per boot (WARM_MEMORY=0 skips it)
 work=$(mktemp -d "${TMPDIR:-/tmp}/vbd-scale.XXXXXX")
 # STORE=DIR keeps the store in DIR after the run, and a later run with the same DIR (and CHUNKS)
 # skips the fill: a 32 M-chunk fill can run while the machine is busy and the measurements later.

@@ -63,6 +63,7 @@ SIZE_BYTES=$(stat -c %s "$DATASET")
 SIZE_G="$((SIZE_BYTES >> 30))G"
 [ $((SIZE_BYTES % (1 << 30))) -eq 0 ] || { echo "nbd-compare: $DATASET is not a whole number of GiB" >&2; exit 1; }
 
+"$here/warm-guest-memory.sh"   # once per boot (WARM_MEMORY=0 skips it)
 work="$(mktemp -d /tmp/vbd-nbd-compare.XXXXXX)"
 mkdir -p "$OUT"
 server_pid=""

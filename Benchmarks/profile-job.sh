@@ -20,6 +20,7 @@ port=${PORT:-10870}
 dataset=${DATASET:-$repo/fixtures/large/dataset.img}
 for tool in fio nbdcopy perf; do command -v "$tool" >/dev/null || { echo "$0: $tool missing" >&2; exit 1; }; done
 [ -f "$here/fio/$job.fio" ] || { echo "$0: no job $here/fio/$job.fio" >&2; exit 2; }
+"$here/warm-guest-memory.sh"   # once per boot (WARM_MEMORY=0 skips it)
 work=$(mktemp -d /tmp/vbd-profile.XXXXXX)
 server=""
 cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null; rm -rf "$work"; }

@@ -31,6 +31,7 @@ image=${DISK_GUEST_DIR:-$root/.build/disk-guest-fio}
 bash "$root/scripts/disk-guest-image.sh" "$image" --fio >/dev/null 2>&1
 OUT=${OUT:-$(mktemp -d /tmp/vbd-vhost-bench.XXXXXX)}
 mkdir -p "$OUT"
+"$here/warm-guest-memory.sh"   # once per boot (WARM_MEMORY=0 skips it)
 work=$(mktemp -d /tmp/vbd-vhost-work.XXXXXX)
 server_pid=""
 cleanup() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }

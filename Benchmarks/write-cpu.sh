@@ -23,6 +23,7 @@ REQUESTS="${REQUESTS:-16}"
 for tool in nbdcopy; do command -v "$tool" >/dev/null || { echo "SKIP: $tool missing"; exit 77; }; done
 [ -x "$VBDTOOL" ] || { echo "SKIP: $VBDTOOL not built (swift build -c release --product vbdtool)"; exit 77; }
 
+"$here/warm-guest-memory.sh"   # once per boot (WARM_MEMORY=0 skips it)
 work="$(mktemp -d /tmp/vbd-write-cpu.XXXXXX)"
 server_pid=""
 stop_server() { if [ -n "$server_pid" ]; then kill -INT "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; server_pid=""; fi; }
