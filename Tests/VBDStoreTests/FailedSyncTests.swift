@@ -141,13 +141,15 @@ import VBDSimulation
     /// A writer checked the poison and is about to write its frame when a flush's journal sync
     /// fails. The flush may not poison the store (and report its failure) while the frame is
     /// being written, or the frame lands after the poison, behind what the failed sync dropped,
-    /// and its write is acknowledged after the store refused everything. The flush thread is
-    /// given a second to poison while the writer holds the journal's lock; it must wait.
+    /// and its write is acknowledged after the store refused everything. The writer holds the
+    /// journal's lock and lets the flush go on until it returns or waits for that lock.
     @Test func noFrameIsWrittenAfterAFailedJournalSyncPoisonedTheStore() throws {
         let disk = SimulatedDisk(seed: 28)
         let events = Events()
+        let hook = BeforeLockHook()
         let flushInSync = DispatchSemaphore(value: 0), syncMayFail = DispatchSemaphore(value: 0)
-        let flushReturned = DispatchSemaphore(value: 0)
+        let flushReturnedOrWaits = DispatchSemaphore(value: 0)
+        var journalLock: ObjectIdentifier?
         let directory = HookedDirectory(disk.directory()) { file, operation in
             guard file.hasPrefix("journal-") else { return }
             if operation == .sync, events.take(\.pauseJournalSync) {
@@ -155,12 +157,15 @@ import VBDSimulation
                 _ = syncMayFail.wait(timeout: .now() + 10)
             } else if operation == .write, events.take(\.holdFrameWrite) {
                 // The writer holds `journalMutex` and has checked the poison: the sync fails now.
+                // Only the flusher can take `journalMutex` next, and that means waiting for it.
+                hook.arm(journalLock!) { flushReturnedOrWaits.signal() }
                 syncMayFail.signal()
-                _ = flushReturned.wait(timeout: .now() + 1)
+                _ = flushReturnedOrWaits.wait(timeout: .now() + 10)
                 events.set(\.frameWrittenAfterTheFlushFailed, events.get(\.flushFailed))
             }
         }
-        let store = try Store(directory: directory, options: options(), create: true)
+        let store = try Store(directory: directory, options: options(hook), create: true)
+        journalLock = ObjectIdentifier(store.journalMutex)
         try store.createVolume(name: "v", size: Self.volumeBytes)
         let dev = try store.device(named: "v")
         try dev.write(block(seed: 1600), at: 0)
@@ -171,7 +176,7 @@ import VBDSimulation
         let flusher = Thread {
             let failed = (try? store.flush()) == nil
             events.set(\.flushFailed, failed)
-            flushReturned.signal()
+            flushReturnedOrWaits.signal()
             events.set(\.flushDone, true)
         }
         flusher.start()
