@@ -208,16 +208,14 @@ extension Store {
         // `journalEnd` says, so a frame would follow a gap) and also when another thread's frame
         // carried these records: the sync that poisoned the store may have dropped that frame or
         // the data it names, so the write must not be acknowledged. A failed sync poisons inside
-        // a hold of `journalMutex` (`poisonAfterFailedSync`): it cannot come between this check
-        // and the frame's write.
+        // a hold of `journalMutex` (`poisonAfterFailedSync`, `commitDurably`), so it cannot come
+        // between this check and the end of this hold: the frame is written before the poison
+        // and the write is answered as if before it, or neither happens.
         if let poison = mutex.withLock({ poisoned }) { throw .io("store is read-only after an earlier failure: \(poison)") }
         guard recordBytesJournaled < ticket else { return }
         do throws(StorageError) { _ = try writeQueuedRecordsLocked(takingFrees: false) } catch {
             throw error == .noSpace ? .noSpace : .io("journal write: \(error)")
         }
-        // A failure that poisons outside `journalMutex` (a change applied only in part by another
-        // writer) may have come while the frame was written: not acknowledged after it either.
-        if let poison = mutex.withLock({ poisoned }) { throw .io("store is read-only after an earlier failure: \(poison)") }
     }
 
     /// With `journalMutex` held and `mutex` not: writes the records queued so far as one frame at

@@ -51,9 +51,9 @@ import VBDCache
 //                      holds it for one unsynced write; a control operation (`commitDurably`)
 //                      and a commit's preparation hold it across their syncs. A failed sync
 //                      poisons the store inside a hold of it (`poisonAfterFailedSync`), and a
-//                      writer checks the poison inside its hold, after its frame is written
-//                      or found written, before it acknowledges: no frame is written after the
-//                      poison, and no write is acknowledged after it.
+//                      writer checks the poison at the start of its hold, also when another
+//                      frame carried its records: no frame is written after the poison, and
+//                      no write is acknowledged after it.
 //   3. mutex           (StoreMutex) all metadata: `pager` (its cache and page table), images
 //                      and their maps, `chunks` (entries, free numbers, generations), `index`,
 //                      `sectorMap`, `space` (including pages reserved while being punched),
