@@ -188,6 +188,14 @@ import VBDSimulation
         #expect(!events.get(\.frameWrittenAfterTheFlushFailed),
                 "a frame was written after a failed journal sync poisoned the store (the write was \(acknowledged ? "" : "not ")acknowledged)")
         _ = try? store.close()
+        // Not prevented (docs/INVARIANTS.md 1): the writer's frame, written while the sync ran,
+        // lies past the frames that sync dropped; within the boot a valid frame after a bad one
+        // is corruption. Holding `journalMutex` across the flush's journal sync would prevent it.
+        withKnownIssue("a frame appended while a journal sync fails lies past what the sync dropped: the reopen refuses") {
+            let reopened = try simulatedStore(disk)
+            #expect(try reopened.device(named: "v").read(4096, at: 0) == block(seed: 1600))
+            try? reopened.close()
+        }
     }
 
     /// A flush refills the space reserve (`flushMutex`) while a writer's journal frame gets
