@@ -21,7 +21,10 @@ import VBDCache
 // writes one before anything else unless the last one already names this epoch and covers all. Recovery trusts every valid frame when the last marker's epoch is the current one (the
 // process died, the machine did not), and only covered frames otherwise; a recovery that drops
 // uncovered frames writes a marker that voids them, since a frame in the middle of a journal
-// cannot be cut out. Where unsynced writes die with the process (RADOS), records wait in memory
+// cannot be cut out. A failed sync of the data file may have dropped the data of frames no
+// marker covers: the store then writes a synced marker in no epoch (`distrustUncoveredFramesLocked`,
+// or into the journal a commit sealed), so that even a reopen in the same boot replays only
+// covered frames. Where unsynced writes die with the process (RADOS), records wait in memory
 // and a flush writes them after the data sync in one frame whose marker covers the frame itself.
 // A bad frame followed by valid frames is corruption (``JournalDamage``) when the valid frames
 // prove the bad one was synced: within the epoch, any later frame; after a power cut, two later

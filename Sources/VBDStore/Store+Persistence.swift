@@ -121,7 +121,10 @@ extension Store {
             } catch {
                 let e: StorageError = error
                 if step != "journal write" {
+                    // Both locks are held already: poisoned inside this hold of `journalMutex`,
+                    // as `poisonAfterFailedSync` does for the paths that hold neither.
                     if failure == nil { failure = "\(step) failed (\(e))" }
+                    if step == "fdatasync of the data file" { distrustUncoveredFramesLocked() }
                     throw StoreError.io("\(step) failed: \(e); the store refuses writes until it is reopened")
                 }
                 throw e == .noSpace ? StoreError.noSpace : StoreError.io("\(step) failed: \(e)")
@@ -201,10 +204,15 @@ extension Store {
         let ticket = mutex.withLock { recordBytesQueued }
         journalMutex.lock()
         defer { journalMutex.unlock() }
-        guard recordBytesJournaled < ticket else { return }
-        // After a failed sync the journal may hold less than `journalEnd` says (Linux may have
-        // dropped its unsynced frames): a frame written there would follow a gap.
+        // Checked before anything is written (after a failed sync the journal may hold less than
+        // `journalEnd` says, so a frame would follow a gap) and also when another thread's frame
+        // carried these records: the sync that poisoned the store may have dropped that frame or
+        // the data it names, so the write must not be acknowledged. A failed sync poisons inside
+        // a hold of `journalMutex` (`poisonAfterFailedSync`, `commitDurably`), so it cannot come
+        // between this check and the end of this hold: the frame is written before the poison
+        // and the write is answered as if before it, or neither happens.
         if let poison = mutex.withLock({ poisoned }) { throw .io("store is read-only after an earlier failure: \(poison)") }
+        guard recordBytesJournaled < ticket else { return }
         do throws(StorageError) { _ = try writeQueuedRecordsLocked(takingFrees: false) } catch {
             throw error == .noSpace ? .noSpace : .io("journal write: \(error)")
         }
@@ -358,8 +366,7 @@ extension Store {
             // A failed sync may have dropped dirty pages that a retried sync would then call
             // durable: no later flush may succeed. A failed write changed nothing durable.
             if step != "journal write" {
-                mutex.withLock { if failure == nil { failure = "\(step) failed (\(e))" } }
-                if step == "fdatasync of the data file" { distrustUncoveredFrames() }
+                poisonAfterFailedSync("\(step) failed (\(e))", dataMayBeLost: step == "fdatasync of the data file")
                 throw StoreError.io("flush failed: \(step): \(e); the store refuses writes until it is reopened")
             }
             throw e == .noSpace ? StoreError.noSpace : StoreError.io("flush failed: \(step): \(e)")
@@ -368,18 +375,40 @@ extension Store {
         try releaseFrees(frees)
     }
 
-    /// After a failed fdatasync of `data`, with the store poisoned: a synced marker in no epoch,
-    /// so that a reopen in this boot trusts only the frames an earlier marker covered, as after a
-    /// power cut. The failed sync may have dropped the data the uncovered frames name, and a
-    /// retried sync would report success (Linux reports a writeback error once). Best effort: if
-    /// the journal cannot take it either, the reopen trusts the frames as before.
-    func distrustUncoveredFrames() {
-        guard journalsWrites else { return }
-        try? journalMutex.withLock { () throws(StorageError) in
-            // durableBelow 0: recovery takes the largest coverage of all markers.
-            _ = try writeMarkerLocked(carrying: [], durableBelow: 0, epoch: "")
-            try mutex.withLock { journalFile }.sync()
+    /// After a failed sync, holding neither `journalMutex` nor `mutex` (`flushMutex` may be
+    /// held): poisons the store inside one hold of both, so that every frame is written either
+    /// before the poison or not at all, and no writer acknowledges after it
+    /// (`journalQueuedRecords` checks inside its hold). `dataMayBeLost`: it was the data file's
+    /// sync, so the same hold also writes the marker of `distrustUncoveredFramesLocked`.
+    func poisonAfterFailedSync(_ reason: String, dataMayBeLost: Bool) {
+        journalMutex.withLock {
+            mutex.withLock {
+                if failure == nil { failure = reason }
+                if dataMayBeLost { distrustUncoveredFramesLocked() }
+            }
         }
+    }
+
+    /// With `journalMutex` and `mutex` held, after a failed fdatasync of `data` and with the store
+    /// poisoned: a synced marker in no epoch, so that a reopen in this boot trusts only the
+    /// frames an earlier marker covered, as after a power cut. The failed sync may have dropped
+    /// the data the uncovered frames name, and a retried sync would report success (Linux
+    /// reports a writeback error once). Best effort: if the journal cannot take it either, the
+    /// reopen trusts the frames as before. Its I/O runs under `mutex`: the store is poisoned,
+    /// and a caller may hold `mutex` already (`commitDurably`).
+    func distrustUncoveredFramesLocked() {
+        journalMutex.assertOwned("distrustUncoveredFramesLocked")
+        mutex.assertOwned("distrustUncoveredFramesLocked")
+        guard journalsWrites else { return }
+        // durableBelow 0: recovery takes the largest coverage of all markers.
+        let frame = JournalFrame.encode(generation: generation, sequence: journalSequence,
+                                        payload: encoded(markerRecord(durableBelow: 0, epoch: "")))
+        do throws(StorageError) {
+            try writeUsingSpaceReserve(frame, to: journalFile, at: journalEnd)
+            journalSequence += 1
+            journalEnd += UInt64(frame.count)
+            try journalFile.sync()
+        } catch {}
     }
 
     /// Puts an unwritten batch back in front of the records queued since. Takes `mutex`.
@@ -446,13 +475,17 @@ extension Store {
     }
 
     /// Empties the reserve file; false if it held nothing. New block data is refused from now
-    /// on, so the freed space goes to metadata. Callers hold `flushMutex` (or are in init).
+    /// on, so the freed space goes to metadata. Takes `spaceReserveMutex` (a leaf): callers
+    /// hold `journalMutex` (a writer's frame), `flushMutex` or `mutex`, or are in init, and a
+    /// refill may run meanwhile under `flushMutex` alone.
     func releaseSpaceReserve() -> Bool {
-        guard let reserveFile, (try? reserveFile.size()) ?? 0 > 0 else { return false }
-        reserveRefusals.store(0, ordering: .relaxed)
-        spaceReserveInUse.store(true, ordering: .relaxed)
-        do { try reserveFile.truncate(to: 0) } catch { return false }
-        return true
+        spaceReserveMutex.withLock {
+            guard let reserveFile, (try? reserveFile.size()) ?? 0 > 0 else { return false }
+            reserveRefusals.store(0, ordering: .relaxed)
+            spaceReserveInUse.store(true, ordering: .relaxed)
+            do { try reserveFile.truncate(to: 0) } catch { return false }
+            return true
+        }
     }
 
     /// With `mutex` held: whether new block data must be refused because the reserve is out.
@@ -469,10 +502,15 @@ extension Store {
     }
 
     /// Fills the reserve file up to `spaceReserveBytes`; on ENOSPC empties it again and leaves
-    /// the reserve in use (writes of new data keep getting ENOSPC). `flushMutex` held or init.
+    /// the reserve in use (writes of new data keep getting ENOSPC). `flushMutex` held (one refill
+    /// at a time) or init; takes `spaceReserveMutex`, so a journal append that gives the reserve
+    /// back meanwhile waits and then finds the file it must empty, never a half-filled one that
+    /// this refill then calls whole.
     func refillSpaceReserve() {
         let want = options.spaceReserveBytes
         guard want > 0 else { return }
+        spaceReserveMutex.lock()
+        defer { spaceReserveMutex.unlock() }
         do {
             if reserveFile == nil { reserveFile = try directory.openFile(Store.spaceReserveFile, create: true) }
             guard let file = reserveFile else { return }
@@ -512,6 +550,9 @@ struct PreparedCommit {
     var sealedJournal: any StorageFile
     var sealMarker: [UInt8]
     var sealMarkerOffset: UInt64
+    /// What goes at `sealMarkerOffset` instead when the data file's sync fails: a marker in no
+    /// epoch (`distrustUncoveredFramesLocked`).
+    var sealDistrustMarker: [UInt8]
 }
 
 extension Store {
@@ -535,7 +576,7 @@ extension Store {
             // Most of the data file's dirty pages are synced before the lock is taken: the sync
             // under it then waits only for what was written in between.
             if !options.readOnly { do { try dataFile.sync() } catch {
-                mutex.withLock { if failure == nil { failure = "fdatasync of the data file failed (\(error))" } }
+                poisonAfterFailedSync("fdatasync of the data file failed (\(error))", dataMayBeLost: true)
                 throw StoreError.io("checkpoint failed: fdatasync of the data file: \(error); the store refuses writes until it is reopened")
             } }
             // `meta` grows before the lock is taken (only commits write it, and they hold
@@ -576,8 +617,12 @@ extension Store {
                         space.restoreDeferred(prepared.frees)
                     } else {
                         pager.abandonCommit(prepared.batch)
-                        if failure == nil { failure = "checkpoint failed at \(failed.step) (\(failed.error))" }
                     }
+                }
+                // A failed data sync distrusted the sealed journal's frames already
+                // (`writePreparedCommit`); the chain to the current journal goes through its seal.
+                if !failed.wroteNothingDurable {
+                    poisonAfterFailedSync("checkpoint failed at \(failed.step) (\(failed.error))", dataMayBeLost: false)
                 }
                 if failed.wroteNothingDurable {
                     if failed.error == .noSpace { throw StoreError.noSpace }
@@ -709,6 +754,8 @@ extension Store {
             // and only then may a marker say so (`writePreparedCommit`).
             let sealMarker = JournalFrame.encode(generation: generation, sequence: journalSequence,
                                                  payload: encoded(markerRecord(durableBelow: journalSequence)))
+            let sealDistrustMarker = JournalFrame.encode(generation: generation, sequence: journalSequence,
+                                                         payload: encoded(markerRecord(durableBelow: 0, epoch: "")))
             let sealMarkerOffset = journalEnd
             let sealed = journalFile
             journalFile = journal
@@ -720,7 +767,8 @@ extension Store {
             return PreparedCommit(generation: newGeneration, batch: batch,
                                   superblock: encodeSuperblock(generation: newGeneration, pageTable: batch.root),
                                   keepFrom: keepFrom, frees: frees, sealedJournal: sealed,
-                                  sealMarker: sealMarker, sealMarkerOffset: sealMarkerOffset)
+                                  sealMarker: sealMarker, sealMarkerOffset: sealMarkerOffset,
+                                  sealDistrustMarker: sealDistrustMarker)
         } catch {
             let e: StorageError = error
             space.restoreDeferred(frees)
@@ -750,6 +798,16 @@ extension Store {
         defer { prepared.sealedJournal.close() }
         // The chunks the sealed records name, then the seal frame: both before any page.
         do { try dataFile.sync() } catch {
+            // The failed sync may have dropped the data of the sealed journal's uncovered frames
+            // (the seal's too): a marker in no epoch where the seal's marker would have gone, so
+            // that a reopen in this boot replays only covered frames, stops before the seal and
+            // never reaches the current journal. No lock: nothing else appends to a sealed journal.
+            if journalsWrites {
+                if (try? writeUsingSpaceReserve(prepared.sealDistrustMarker, to: prepared.sealedJournal,
+                                                at: prepared.sealMarkerOffset)) != nil {
+                    try? prepared.sealedJournal.sync()
+                }
+            }
             throw FailedCommit(step: "fdatasync of the data file", error: error, wroteNothingDurable: false)
         }
         // Without the marker a recovery after a power cut would not apply the seal, and would lose

@@ -49,7 +49,11 @@ import VBDCache
 //                      order their records were queued: `recordBytesJournaled`; changes of
 //                      `journalSequence` and `journalEnd` (made with `mutex` held too). A writer
 //                      holds it for one unsynced write; a control operation (`commitDurably`)
-//                      and a commit's preparation hold it across their syncs.
+//                      and a commit's preparation hold it across their syncs. A failed sync
+//                      poisons the store inside a hold of it (`poisonAfterFailedSync`), and a
+//                      writer checks the poison at the start of its hold, also when another
+//                      frame carried its records: no frame is written after the poison, and
+//                      no write is acknowledged after it.
 //   3. mutex           (StoreMutex) all metadata: `pager` (its cache and page table), images
 //                      and their maps, `chunks` (entries, free numbers, generations), `index`,
 //                      `sectorMap`, `space` (including pages reserved while being punched),
@@ -58,7 +62,11 @@ import VBDCache
 //                      debug builds (`StoreMutex.assertOwned`). Hashing, compression, data-file
 //                      I/O and cache copies run outside it; reads take it only to copy out chunk
 //                      entries (and once more to confirm bytes that came from the disk).
-//   4. cache shard locks (BlockCache, CleanPageCache: Synchronization.Mutex) are leaves: taken
+//   4. spaceReserveMutex (StoreMutex) a leaf: `reserveFile`, the reserve file's size and the
+//                      changes of `spaceReserveInUse`. Taken under any of the above (a journal
+//                      append that gets ENOSPC gives the reserve back holding `journalMutex`, a
+//                      control operation's holding `mutex` too); takes nothing under it.
+//   5. cache shard locks (BlockCache, CleanPageCache: Synchronization.Mutex) are leaves: taken
 //                      under `mutex` or alone, and never call back into the store.
 // File I/O under `mutex`: metadata pages read on a cache miss, the commit's seal frame, gc and a
 // read's last attempt. A commit writes its pages with `mutex` released (MetadataPager.swift).
@@ -186,9 +194,14 @@ public final class Store: @unchecked Sendable {
         return options.readOnly ? "it was opened read-only" : nil
     }
     /// The reserve was given up to metadata on a full disk: new block data gets ENOSPC until
-    /// it is refilled (see ``Options/spaceReserveBytes``). Written with `flushMutex` held.
+    /// it is refilled (see ``Options/spaceReserveBytes``). Changed with `spaceReserveMutex` held
+    /// (together with the reserve file's size), read without it.
     let spaceReserveInUse = Atomic<Bool>(false)
+    /// Guarded by `spaceReserveMutex`.
     var reserveFile: (any StorageFile)?
+    /// The space reserve: taken by a journal append that got ENOSPC (`journalMutex` held, not
+    /// `flushMutex`) and by a refill (`flushMutex` held), so neither of those guards it.
+    let spaceReserveMutex: StoreMutex
     /// Writes refused since the reserve went out: paces refill attempts.
     let reserveRefusals = Atomic<Int>(0)
     /// What recovery had to do that an operator should know (a fallback to an older checkpoint).
@@ -230,6 +243,7 @@ public final class Store: @unchecked Sendable {
         mutex = StoreMutex(scheduler: options.interleaving, traced: true)
         flushMutex = StoreMutex(scheduler: options.interleaving)
         journalMutex = StoreMutex(scheduler: options.interleaving)
+        spaceReserveMutex = StoreMutex(scheduler: options.interleaving)
         unsyncedWritesEpoch = directory.unsyncedWritesEpoch
         journalsWrites = unsyncedWritesEpoch != nil && !options.readOnly
         stripeLocks = (0..<Store.stripeCount).map { _ in StoreMutex(scheduler: options.interleaving) }
@@ -314,7 +328,8 @@ public final class Store: @unchecked Sendable {
         if alreadyClosed { return }
         defer {
             mutex.withLock { closed = true }
-            dataFile.close(); journalFile.close(); superblockFile.close(); metaFile.close(); reserveFile?.close()
+            dataFile.close(); journalFile.close(); superblockFile.close(); metaFile.close()
+            spaceReserveMutex.withLock { reserveFile?.close() }
             directory.unlock()
         }
         if mutex.withLock({ poisoned }) == nil {
