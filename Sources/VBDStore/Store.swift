@@ -195,6 +195,8 @@ public final class Store: @unchecked Sendable {
     public internal(set) var recoveryWarnings: [String] = []
 
     var dataFile: any StorageFile
+    /// Where chunk bytes are written and read (ChunkStorage.swift): the data file.
+    let chunkStorage: any ChunkStorage
     var journalFile: any StorageFile
     var superblockFile: any StorageFile
     var metaFile: any StorageFile
@@ -243,6 +245,7 @@ public final class Store: @unchecked Sendable {
                 secret = options.secretForNewStore ?? Store.randomSeed()
                 superblockFile = try directory.openFile("superblock", create: true)
                 dataFile = try directory.openFile("data", create: true)
+                chunkStorage = DataFileChunkStorage(file: dataFile)
                 metaFile = try directory.openFile("meta", create: true)
                 // Generation 0 exists only until the first checkpoint below replaces it.
                 journalFile = try directory.openFile("journal-0", create: true)
@@ -251,6 +254,7 @@ public final class Store: @unchecked Sendable {
                 guard directory.fileExists("superblock") else { throw StorageError.notFound("superblock") }
                 superblockFile = try directory.openFile("superblock", create: false)
                 dataFile = try directory.openFile("data", create: false)
+                chunkStorage = DataFileChunkStorage(file: dataFile)
                 // `recover` opens `meta` (after the superblock says which format this is) and picks
                 // the generation; until then the journal and meta handles point at the superblock
                 // file, which nothing writes through them, and the pager is empty.
