@@ -23,6 +23,9 @@ import VBDStore
 /// Thread safety: any number of threads (the pool is thread-safe; the object sets are created
 /// once per group under `objectSets`' mutex).
 public final class RadosChunkStorage: ChunkStorage {
+    /// The pool namespace that holds the chunk objects (and the sharing domains' secrets) of
+    /// every family in the pool.
+    public static let chunkNamespace = "vbd-chunks"
     public static let serialBits = 44
     public static let serialMax: UInt64 = (1 << 44) - 1
 

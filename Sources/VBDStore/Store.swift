@@ -344,6 +344,12 @@ public final class Store: @unchecked Sendable {
         return z ^ (z >> 31)
     }
 
+    /// Whether the store hashes with `candidate` as its secret (a store of a RADOS sharing domain
+    /// must hash with the domain's, docs/RADOS.md); the secret itself is not handed out.
+    public func hashesWithSecret(_ candidate: UInt64) -> Bool {
+        mutex.withLock { secret == candidate }
+    }
+
     func contentHash(_ bytes: UnsafeRawBufferPointer, group: SharingGroupID) -> ContentHash {
         options.hashFunction.hash(bytes, seed: seed(group: group))
     }
