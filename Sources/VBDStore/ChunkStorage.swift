@@ -40,9 +40,6 @@ public struct StoredChunkPlace: Sendable, Equatable {
         self.isCompressed = isCompressed
         self.rawBytes = rawBytes
     }
-
-    /// Largest `place`: the location's bits 0-47.
-    public static let placeMax: UInt64 = (1 << 48) - 1
 }
 
 /// A new chunk for ``ChunkStorage/writeNew(_:)``: its place as reserved, and its stored bytes.
