@@ -31,6 +31,8 @@ public final class RadosChunkStorage: ChunkStorage {
 
     public let pool: RadosPool
     public let domain: String
+    /// The family's name in its references' tags: the namespace of its store (its directory), which
+    /// is what ``sweep(owner:claimed:)`` and ``RadosChunkObjects/sweep(family:isClaimed:)`` judge by.
     public let family: String
     public let hashFunction: HashFunction
     /// The hash seed of a sharing group: every family of the DOMAIN must hash alike, or they never
@@ -161,6 +163,47 @@ public final class RadosChunkStorage: ChunkStorage {
                 throw .io("releasing chunk \(chunk.number) of family \(family): \(error)")
             }
         }
+    }
+}
+
+extension RadosChunkStorage {
+    /// What a family's committed metadata claims: this reference on this object.
+    private struct Claim: Hashable {
+        var object: ChunkObjectName
+        var reference: ChunkReference
+    }
+
+    /// The leak sweep of this family, run by its owner (docs/RADOS.md, step 6): releases every
+    /// reference of the family, on objects of any group of the DOMAIN, that `claimed` does not
+    /// account for. `claimed` is every installed chunk of the family's committed metadata (after
+    /// its journal replay), as places: a tag `family:chunk:serial` on object O is claimed only by a
+    /// place with that number and serial whose record names O (group, hash, collision index).
+    /// `owner` is the family's directory, which must hold its exclusive lock (its namespace is
+    /// the family's name); releases go through its data client (``RadosChunkObjects/sweep(family:isClaimed:)``).
+    /// Other families' tags are left to their owners. Lists the whole chunk namespace once per
+    /// group: a maintenance pass.
+    @discardableResult
+    public func sweep(owner: RadosDirectory, claimed: [StoredChunkPlace]) throws -> [(ChunkObjectName, ChunkReference)] {
+        guard owner.pool.namespace == family else {
+            throw RadosChunkError.notOwner(family: family, detail: "the directory given is family \(owner.pool.namespace)'s")
+        }
+        let claims = Set(claimed.map { Claim(object: objectName(of: $0), reference: reference(of: $0)) })
+        let prefix = domain + "-"
+        var groups: Set<UInt16> = []
+        do {
+            for name in try pool.objectNames() {
+                guard let chunk = ChunkObjectName(objectName: name), chunk.group.hasPrefix(prefix),
+                      let group = UInt16(chunk.group.dropFirst(prefix.count)), radosGroup(group) == chunk.group else { continue }
+                groups.insert(group)
+            }
+        } catch { throw RadosChunkError.rados(error) }
+        var released: [(ChunkObjectName, ChunkReference)] = []
+        for group in groups.sorted() {
+            released += try objects(group: group).sweep(family: owner) { object, reference in
+                claims.contains(Claim(object: object, reference: reference))
+            }
+        }
+        return released
     }
 }
 

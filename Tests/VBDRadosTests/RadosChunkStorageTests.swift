@@ -188,4 +188,41 @@ import VBDStore
         try pool.writeFull(name, object)
         #expect(throws: StorageError.self) { _ = try readStored(storage, place) }
     }
+
+    /// The owner's sweep keeps exactly the references its records claim (number, serial and
+    /// object), releases the rest in every group of the domain, and leaves another family's alone.
+    @Test func sweepKeepsWhatTheFamilysRecordsClaim() throws {
+        let hostA = try cluster.connect(), hostB = try cluster.connect()
+        let directoryA = RadosDirectory(pool: try cluster.freshPool(hostA, prefix: "famA"))
+        try directoryA.lockExclusive()
+        defer { directoryA.unlock() }
+        let chunkNamespace = try cluster.freshPool(hostA, prefix: "chunks").namespace
+        let familyA = try RadosChunkStorage(pool: try hostA.openPool("vbd", namespace: chunkNamespace), domain: "d1",
+                                            family: directoryA.pool.namespace, seedForGroup: Self.seed)
+        let familyB = try RadosChunkStorage(pool: try hostB.openPool("vbd", namespace: chunkNamespace), domain: "d1",
+                                            family: "famB", seedForGroup: Self.seed)
+        let chunks = try (0..<5).map { try Chunk(raw: pattern(seed: 300 + UInt64($0)), compress: false, group: $0 == 3 ? 2 : 1) }
+        let placesA = try write(familyA, chunks, firstNumber: 1, firstSerial: 1)
+        let placeB = try write(familyB, [chunks[1]], firstNumber: 7, firstSerial: 50)[0]
+
+        // A's records: chunks 0 and 2 as written; chunk 3's number with another serial (its tag is
+        // an older use of the number); chunk 4 under another collision index (another object);
+        // chunk 1 not at all (its record never became durable).
+        var reused = placesA[3]
+        reused.place = RadosChunkStorage.place(serial: 99, collisionIndex: 0)
+        var otherObject = placesA[4]
+        otherObject.place = RadosChunkStorage.place(serial: RadosChunkStorage.serial(of: otherObject.place), collisionIndex: 1)
+        let released = try familyA.sweep(owner: directoryA, claimed: [placesA[0], placesA[2], reused, otherObject])
+        #expect(Set(released.map(\.1)) == Set([1, 3, 4].map { familyA.reference(of: placesA[$0]) }))
+        for i in [0, 2] {
+            #expect(try familyA.objects(group: 1).referenceTags(familyA.objectName(of: placesA[i])) == [familyA.reference(of: placesA[i]).tag])
+        }
+        // Chunk 1's object stays for B; the objects of chunks 3 (group 2) and 4 went with A's last reference.
+        #expect(try familyB.objects(group: 1).referenceTags(familyB.objectName(of: placeB)) == [familyB.reference(of: placeB).tag])
+        let left = Set(try familyA.pool.objectNames())
+        #expect(left == Set([placesA[0], placesA[1], placesA[2]].map { familyA.objectName(of: $0).objectName }))
+        // A second sweep finds nothing; another family's directory is refused.
+        #expect(try familyA.sweep(owner: directoryA, claimed: [placesA[0], placesA[2]]).isEmpty)
+        #expect(throws: RadosChunkError.self) { try familyB.sweep(owner: directoryA, claimed: []) }
+    }
 }
