@@ -121,6 +121,9 @@ public enum RadosStore {
             if create, let sharingDomain {
                 // After the store: a create that failed (the store existed) must not change its record.
                 try directory.pool.writeFull(sharingDomainObject, Array(sharingDomain.utf8))
+            } else if create, recorded != nil {
+                // Left by a store that was deleted from this namespace: not this store's domain.
+                try directory.pool.remove(sharingDomainObject)
             } else if let recorded, !store.hashesWithSecret(try domainSecret(recorded, beside: directory.pool)) {
                 throw StoreError.io("the store \(location) records sharing domain \(recorded) but does not hash with its secret: "
                                     + "its chunks would never be shared and its hashes not be comparable with the domain's")

@@ -94,5 +94,11 @@ import VBDStore
         // The refused opens left the lock free: the store opens once the record is gone.
         try storeD.remove(RadosStore.sharingDomainObject)
         #expect(refusal("fd", sharingDomain: nil) == "opened")
+        // A record left in a namespace without a store is not the domain of a store created there.
+        let storeE = try connection.openPool("vbd", namespace: location("fe").namespace)
+        try storeE.writeFull(RadosStore.sharingDomainObject, Array(domain.utf8))
+        try RadosStore.open(location("fe"), options: options, create: true).store.close()
+        #expect(try RadosStore.recordedSharingDomain(storeE) == nil)
+        #expect(refusal("fe", sharingDomain: nil) == "opened")
     }
 }
