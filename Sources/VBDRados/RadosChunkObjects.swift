@@ -316,6 +316,31 @@ public final class RadosChunkObjects: Sendable {
         return raw
     }
 
+    /// The stored bytes of a chunk that its holder's record says are in `form` and decode to
+    /// `rawLength` bytes: the object's header must say the same and the object must hold exactly
+    /// `buffer.count` stored bytes. Not verified against the name's hash: the caller (the store)
+    /// decodes and rehashes every chunk it reads (one object read, whatever the form).
+    public func readStored(_ name: ChunkObjectName, form: ChunkForm, rawLength: Int,
+                           into buffer: UnsafeMutableRawBufferPointer) throws(RadosChunkError) {
+        let object = name.objectName
+        let expected = Self.headerBytes + buffer.count
+        // One byte more than expected, so that a longer object is seen in the same round trip.
+        var bytes = [UInt8](repeating: 0, count: expected + 1)
+        var failure: RadosError?
+        let n = bytes.withUnsafeMutableBytes { b -> Int in
+            do throws(RadosError) { return try pool.read(object, into: b, at: 0) } catch { failure = error; return 0 }
+        }
+        if let failure { throw .rados(failure) }
+        func corrupt(_ detail: String) -> RadosChunkError { .corrupt(object: pool.describe(object), detail: detail) }
+        guard n == expected else { throw corrupt("it holds \(n - min(n, Self.headerBytes)) stored bytes\(n > expected ? " or more" : ""), its holder's record \(buffer.count)") }
+        guard Array(bytes[0..<2]) == Self.magic, bytes[3] == 0 else { throw corrupt("its bytes do not start with a chunk header") }
+        let storedRawLength = bytes.withUnsafeBytes { Int(UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 4, as: UInt32.self))) }
+        guard bytes[2] == form.rawValue, storedRawLength == rawLength else {
+            throw corrupt("its header says form \(bytes[2]) of \(storedRawLength) raw bytes, its holder's record form \(form.rawValue) of \(rawLength)")
+        }
+        bytes.withUnsafeBytes { b in buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: b[Self.headerBytes..<expected])) }
+    }
+
     /// The raw chunk an object's bytes hold; `.corrupt` when the header or the stored bytes are damaged.
     private func decode(_ bytes: [UInt8], object: String) throws(RadosChunkError) -> [UInt8] {
         func corrupt(_ detail: String) -> RadosChunkError { .corrupt(object: pool.describe(object), detail: detail) }

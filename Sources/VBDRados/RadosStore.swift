@@ -81,7 +81,14 @@ public enum RadosStore {
     /// Opens the store at `location` (creates it with `create`). The `Store` owns the directory:
     /// closing the store releases the lock (unless it was lost), and the connection goes with the
     /// last reference to the store.
+    ///
+    /// `sharingDomain`: a store created with one hashes with the domain's secret, kept in the
+    /// pool's chunk namespace (``RadosSharingDomain``), so that every family of the domain derives
+    /// the same hash seeds, and records the domain in the object `sharing-domain` of its namespace.
+    /// Every open of a store that records a domain checks that the store hashes with that domain's
+    /// secret; an open that names a domain refuses a store of another domain or of none.
     public static func open(_ location: RadosStoreLocation, options: Store.Options, create: Bool,
+                            sharingDomain: String? = nil,
                             ownership: RadosOwnership = .acquire, lockDurationSeconds: Int = 30,
                             logger: Logger = Logger(label: "vbd.rados"),
                             onLockLost: @escaping @Sendable (String) -> Void = { _ in },
@@ -90,10 +97,65 @@ public enum RadosStore {
         let (directory, fenced) = try openDirectory(location, ownership: ownership, readOnly: options.readOnly,
                                                     lockDurationSeconds: lockDurationSeconds, logger: logger, onLockLost: onLockLost,
                                                     whileWaiting: whileWaiting)
+        var options = options
+        let recorded: String?
         do {
-            return (try Store(directory: directory, options: options, create: create), fenced)
+            recorded = try recordedSharingDomain(directory.pool)
+            if create, let sharingDomain {
+                options.secretForNewStore = try domainSecret(sharingDomain, beside: directory.pool)
+            } else if !create, let sharingDomain, recorded != sharingDomain {
+                throw StoreError.io("the store \(location) is not in sharing domain \(sharingDomain): "
+                                    + (recorded.map { "it is in \($0)" } ?? "it was created in none"))
+            }
+        } catch {
+            directory.unlock()
+            throw error
+        }
+        let store: Store
+        do {
+            store = try Store(directory: directory, options: options, create: create)
         } catch StoreError.notInitialized {
             throw StoreError.notInitialized(path: location.description)
         }
+        do {
+            if create, let sharingDomain {
+                // After the store: a create that failed (the store existed) must not change its record.
+                try directory.pool.writeFull(sharingDomainObject, Array(sharingDomain.utf8))
+            } else if create, recorded != nil {
+                // Left by a store that was deleted from this namespace: not this store's domain.
+                try directory.pool.remove(sharingDomainObject)
+            } else if let recorded, !store.hashesWithSecret(try domainSecret(recorded, beside: directory.pool)) {
+                throw StoreError.io("the store \(location) records sharing domain \(recorded) but does not hash with its secret: "
+                                    + "its chunks would never be shared and its hashes not be comparable with the domain's")
+            }
+        } catch {
+            try? store.close()
+            throw error
+        }
+        return (store, fenced)
+    }
+
+    /// The object in a store's namespace that names the sharing domain it was created in.
+    public static let sharingDomainObject = "sharing-domain"
+
+    /// The sharing domain a store's namespace records; nil for a store created in none.
+    public static func recordedSharingDomain(_ pool: RadosPool) throws -> String? {
+        do {
+            let bytes = try pool.readAll(sharingDomainObject)
+            let name = String(decoding: bytes, as: UTF8.self)
+            guard RadosChunkObjects.isValidIdentifier(name) else {
+                throw RadosChunkError.corrupt(object: pool.describe(sharingDomainObject), detail: "not a sharing domain's name")
+            }
+            return name
+        } catch let error as RadosError where error.code == ENOENT {
+            return nil
+        }
+    }
+
+    /// A domain's secret, kept in the chunk namespace of the pool that `storePool` is in.
+    static func domainSecret(_ domain: String, beside storePool: RadosPool) throws -> UInt64 {
+        let chunks = try storePool.connection.openPool(storePool.pool, namespace: RadosChunkStorage.chunkNamespace)
+        defer { chunks.close() }
+        return try RadosSharingDomain.secret(pool: chunks, domain: domain)
     }
 }

@@ -95,7 +95,7 @@ extension Store {
         withUnsafeTemporaryAllocation(byteCount: max(stored, 1), alignment: 16) { raw in
             let slice = UnsafeMutableRawBufferPointer(rebasing: raw[0..<stored])
             do {
-                try dataFile.readExactly(into: slice, at: entry.sector * UInt64(Limits.sectorBytes))
+                try chunkStorage.readStored(entry.storedPlace(number: chunk), into: slice)
             } catch {
                 failure = LoadedChunkFailure(detail: "data file read failed: \(error)")
                 return
@@ -589,7 +589,7 @@ extension Store {
             // E: write the chunk bytes, one write per run of adjacent sectors (a sequential write
             // of many blocks usually lands in one run).
             do {
-                try writeChunkRuns(blocks.filter { $0.isNew })
+                try writeNewChunks(&blocks, group: view.group)
             } catch {
                 mutex.withLock { releaseReservationsLocked(blocks) }
                 throw error == .noSpace ? .noSpace : .io("writing block data: \(error)")
@@ -656,35 +656,19 @@ extension Store {
         }
     }
 
-    /// Phase E: writes new chunks, one gathered write per run of adjacent sectors, each chunk
-    /// followed by zeroes to its sector boundary (no staging copy).
-    private func writeChunkRuns(_ fresh: [PendingBlock]) throws(StorageError) {
-        let sorted = fresh.sorted { $0.sector < $1.sector }
-        let zeros = Self.sectorOfZeros
-        var parts: [UnsafeRawBufferPointer] = []
-        parts.reserveCapacity(2 * sorted.count)
-        var i = 0
-        while i < sorted.count {
-            parts.removeAll(keepingCapacity: true)
-            var j = i
-            repeat {
-                let stored = sorted[j].stored
-                parts.append(stored)
-                let padding = sorted[j].sectorCount * Limits.sectorBytes - stored.count
-                if padding > 0 { parts.append(UnsafeRawBufferPointer(rebasing: zeros[0..<padding])) }
-                j += 1
-            } while j < sorted.count && sorted[j].sector == sorted[j - 1].sector + UInt64(sorted[j - 1].sectorCount)
-            try dataFile.write(gathering: parts, at: sorted[i].sector * UInt64(Limits.sectorBytes))
-            i = j
+    /// Phase E: hands the new chunks to the chunk storage (ChunkStorage.swift) and takes back the
+    /// places it stored them at.
+    private func writeNewChunks(_ blocks: inout [PendingBlock], group: SharingGroupID) throws(StorageError) {
+        let fresh = blocks.indices.filter { blocks[$0].isNew }
+        var chunks = fresh.map { i in
+            NewStoredChunk(place: StoredChunkPlace(number: blocks[i].chunk, place: blocks[i].sector, group: group,
+                                                   hash: blocks[i].hash, storedBytes: blocks[i].stored.count,
+                                                   isCompressed: blocks[i].isCompressed, rawBytes: blocks[i].bytes.count),
+                           stored: blocks[i].stored)
         }
+        try chunkStorage.writeNew(&chunks)
+        for (i, c) in zip(fresh, chunks) { blocks[i].sector = c.place.place }
     }
-
-    /// Padding for the tail of a chunk's last sector; never written to.
-    nonisolated(unsafe) private static let sectorOfZeros: UnsafeRawBufferPointer = {
-        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: Limits.sectorBytes, alignment: 16)
-        zeros.initializeMemory(as: UInt8.self, repeating: 0)
-        return UnsafeRawBufferPointer(zeros)
-    }()
 
     /// With `mutex` held: undo phase B/D for blocks not yet published. `phaseBReferencesNoted`:
     /// the dedup references are still counted in `writeReferences` (false once phase F began).

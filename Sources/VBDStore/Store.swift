@@ -208,6 +208,8 @@ public final class Store: @unchecked Sendable {
     public internal(set) var recoveryWarnings: [String] = []
 
     var dataFile: any StorageFile
+    /// Where chunk bytes are written and read (ChunkStorage.swift): the data file.
+    let chunkStorage: any ChunkStorage
     var journalFile: any StorageFile
     var superblockFile: any StorageFile
     var metaFile: any StorageFile
@@ -257,6 +259,7 @@ public final class Store: @unchecked Sendable {
                 secret = options.secretForNewStore ?? Store.randomSeed()
                 superblockFile = try directory.openFile("superblock", create: true)
                 dataFile = try directory.openFile("data", create: true)
+                chunkStorage = DataFileChunkStorage(file: dataFile)
                 metaFile = try directory.openFile("meta", create: true)
                 // Generation 0 exists only until the first checkpoint below replaces it.
                 journalFile = try directory.openFile("journal-0", create: true)
@@ -265,6 +268,7 @@ public final class Store: @unchecked Sendable {
                 guard directory.fileExists("superblock") else { throw StorageError.notFound("superblock") }
                 superblockFile = try directory.openFile("superblock", create: false)
                 dataFile = try directory.openFile("data", create: false)
+                chunkStorage = DataFileChunkStorage(file: dataFile)
                 // `recover` opens `meta` (after the superblock says which format this is) and picks
                 // the generation; until then the journal and meta handles point at the superblock
                 // file, which nothing writes through them, and the pager is empty.
@@ -353,6 +357,12 @@ public final class Store: @unchecked Sendable {
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
         return z ^ (z >> 31)
+    }
+
+    /// Whether the store hashes with `candidate` as its secret (a store of a RADOS sharing domain
+    /// must hash with the domain's, docs/RADOS.md); the secret itself is not handed out.
+    public func hashesWithSecret(_ candidate: UInt64) -> Bool {
+        mutex.withLock { secret == candidate }
     }
 
     func contentHash(_ bytes: UnsafeRawBufferPointer, group: SharingGroupID) -> ContentHash {

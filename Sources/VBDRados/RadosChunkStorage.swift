@@ -1,0 +1,227 @@
+import Dispatch
+import Synchronization
+import VBDCore
+import VBDStore
+
+/// A store's chunks as shared, content-addressed RADOS objects: the RADOS side of the store's
+/// ``ChunkStorage`` seam (docs/RADOS.md, "Chunks as shared objects inside the store", step 5).
+///
+/// Every family (a store in a namespace of its own) of one sharing DOMAIN keeps its chunks in the
+/// pool's chunk namespace, its sharing group g as the RADOS group `DOMAIN-g`, so two families of a
+/// DOMAIN that store the same bytes in the same group share one object (``RadosChunkObjects``:
+/// created with its first reference in one compound write, or shared after the OSD compared
+/// every byte, in one compound write too). Each family holds one `refcount` reference per chunk
+/// number and reference serial, tagged `family:chunk:serial`.
+///
+/// A chunk's place (bits 0-47 of its record's location) is the object's collision index (bits
+/// 44-47) and the reference serial (bits 0-43). The store reserves the serial (phase D) and
+/// `writeNew` fills in the collision index it found.
+///
+/// Not wired into `Store` yet: the store still reserves data-file sectors and has no serial
+/// counter (docs/RADOS.md, steps 3-4).
+///
+/// Thread safety: any number of threads (the pool is thread-safe; the object sets are created
+/// once per group under `objectSets`' mutex).
+public final class RadosChunkStorage: ChunkStorage {
+    /// The pool namespace that holds the chunk objects (and the sharing domains' secrets) of
+    /// every family in the pool.
+    public static let chunkNamespace = "vbd-chunks"
+    public static let serialBits = 44
+    public static let serialMax: UInt64 = (1 << 44) - 1
+
+    public let pool: RadosPool
+    public let domain: String
+    /// The family's name in its references' tags: the namespace of its store (its directory), which
+    /// is what ``sweep(owner:claimed:)`` and ``RadosChunkObjects/sweep(family:isClaimed:)`` judge by.
+    public let family: String
+    public let hashFunction: HashFunction
+    /// The hash seed of a sharing group: every family of the DOMAIN must hash alike, or they never
+    /// share (a wrong hash cannot make anyone share wrong bytes: the OSD compares them).
+    let seedForGroup: @Sendable (UInt16) -> UInt64
+    /// Compound writes one `writeNew` keeps in flight at most.
+    public let parallelWritesMax: Int
+    /// The object set of each sharing group used so far.
+    private let objectSets = Mutex<[UInt16: RadosChunkObjects]>([:])
+
+    public init(pool: RadosPool, domain: String, family: String, hashFunction: HashFunction = .xxh3,
+                seedForGroup: @escaping @Sendable (UInt16) -> UInt64, parallelWritesMax: Int = 16) throws(RadosChunkError) {
+        // The group name `DOMAIN-65535` must still be an identifier of at most 64 bytes.
+        guard domain.utf8.count <= 58, RadosChunkObjects.isValidIdentifier(domain) else { throw .invalidIdentifier(domain) }
+        guard RadosChunkObjects.isValidIdentifier(family) else { throw .invalidIdentifier(family) }
+        precondition(parallelWritesMax >= 1)
+        self.pool = pool
+        self.domain = domain
+        self.family = family
+        self.hashFunction = hashFunction
+        self.seedForGroup = seedForGroup
+        self.parallelWritesMax = parallelWritesMax
+    }
+
+    // MARK: Places and names
+
+    public static func place(serial: UInt64, collisionIndex: Int) -> UInt64 {
+        precondition(serial <= serialMax && collisionIndex >= 0 && collisionIndex <= RadosChunkObjects.collisionNamesMax)
+        return UInt64(collisionIndex) << UInt64(serialBits) | serial
+    }
+
+    public static func serial(of place: UInt64) -> UInt64 { place & serialMax }
+    public static func collisionIndex(of place: UInt64) -> Int { Int((place >> UInt64(serialBits)) & 0xF) }
+
+    /// The RADOS group of a store's sharing group.
+    public func radosGroup(_ group: UInt16) -> String { "\(domain)-\(group)" }
+
+    public func objects(group: UInt16) -> RadosChunkObjects {
+        objectSets.withLock { sets in
+            if let set = sets[group] { return set }
+            // Cannot throw: the domain was checked in init and a group number is digits.
+            let set = try! RadosChunkObjects(pool: pool, group: radosGroup(group), hashFunction: hashFunction,
+                                             hashSeed: seedForGroup(group))
+            sets[group] = set
+            return set
+        }
+    }
+
+    /// The object a chunk's record names.
+    public func objectName(of chunk: StoredChunkPlace) -> ChunkObjectName {
+        ChunkObjectName(group: radosGroup(chunk.group.rawValue), hash: chunk.hash,
+                        collisionIndex: Self.collisionIndex(of: chunk.place))
+    }
+
+    /// This family's reference for a chunk: its number and its serial.
+    public func reference(of chunk: StoredChunkPlace) -> ChunkReference {
+        // Cannot throw: the family was checked in init.
+        try! ChunkReference(family: family, chunk: chunk.number, generation: Self.serial(of: chunk.place))
+    }
+
+    // MARK: ChunkStorage
+
+    /// Stores every chunk under this family's reference (one compound write each, up to
+    /// `parallelWritesMax` in flight) and records the collision index in its place. The OSDs
+    /// acknowledge each write durable. On a failure the references taken are released again
+    /// (what a release cannot undo is a leaked reference, for the sweep) and nothing is changed.
+    public func writeNew(_ chunks: inout [NewStoredChunk]) throws(StorageError) {
+        guard !chunks.isEmpty else { return }
+        let batch = WriteBatch(chunks)
+        let workers = min(parallelWritesMax, chunks.count)
+        if workers == 1 {
+            storeAll(batch)
+        } else {
+            let group = DispatchGroup()
+            let queue = DispatchQueue(label: "vbd.rados.chunk-writes", attributes: .concurrent)
+            for _ in 0..<workers { queue.async(group: group) { self.storeAll(batch) } }
+            group.wait()
+        }
+        let outcomes = batch.outcomes.withLock { $0 }
+        if let failure = outcomes.lazy.compactMap({ (outcome) -> RadosChunkError? in
+            if case .failure(let e) = outcome { return e } else { return nil } }).first {
+            for (i, outcome) in outcomes.enumerated() {
+                guard case .success(let stored)? = outcome else { continue }
+                try? objects(group: chunks[i].place.group.rawValue).release(stored.name, reference: reference(of: chunks[i].place))
+            }
+            throw .io("storing \(chunks.count) chunk objects of family \(family): \(failure)")
+        }
+        for i in chunks.indices {
+            guard case .success(let stored)? = outcomes[i] else { preconditionFailure("a chunk of the batch was not stored") }
+            chunks[i].place.place = Self.place(serial: Self.serial(of: chunks[i].place.place), collisionIndex: stored.name.collisionIndex)
+        }
+    }
+
+    /// One worker of `writeNew`: stores the batch's chunks by taking the next index until none is left.
+    private func storeAll(_ batch: WriteBatch) {
+        while let i = batch.next() {
+            let chunk = batch.chunks[i]
+            let outcome: Result<ChunkStoreOutcome, RadosChunkError>
+            do throws(RadosChunkError) {
+                outcome = .success(try objects(group: chunk.place.group.rawValue).store(
+                    stored: chunk.stored, form: chunk.place.isCompressed ? .lz4 : .raw, rawLength: chunk.place.rawBytes,
+                    contentHash: chunk.place.hash, reference: reference(of: chunk.place)))
+            } catch {
+                outcome = .failure(error)
+            }
+            batch.outcomes.withLock { $0[i] = outcome }
+        }
+    }
+
+    public func readStored(_ chunk: StoredChunkPlace, into buffer: UnsafeMutableRawBufferPointer) throws(StorageError) {
+        do throws(RadosChunkError) {
+            try objects(group: chunk.group.rawValue).readStored(objectName(of: chunk), form: chunk.isCompressed ? .lz4 : .raw,
+                                                                rawLength: chunk.rawBytes, into: buffer)
+        } catch {
+            throw .io("reading chunk \(chunk.number) of family \(family): \(error)")
+        }
+    }
+
+    /// Drops this family's references of freed chunks (the last one removes the object in the
+    /// OSD). Only after the record freeing each chunk is durable: before that a crash brings back
+    /// metadata that still maps it. Idempotent; stops at the first failure (what is left is a
+    /// leaked reference, for the sweep).
+    public func release(_ chunks: [StoredChunkPlace]) throws(StorageError) {
+        for chunk in chunks {
+            do throws(RadosChunkError) {
+                try objects(group: chunk.group.rawValue).release(objectName(of: chunk), reference: reference(of: chunk))
+            } catch {
+                throw .io("releasing chunk \(chunk.number) of family \(family): \(error)")
+            }
+        }
+    }
+}
+
+extension RadosChunkStorage {
+    /// What a family's committed metadata claims: this reference on this object.
+    private struct Claim: Hashable {
+        var object: ChunkObjectName
+        var reference: ChunkReference
+    }
+
+    /// The leak sweep of this family, run by its owner (docs/RADOS.md, step 6): releases every
+    /// reference of the family, on objects of any group of the DOMAIN, that `claimed` does not
+    /// account for. `claimed` is every installed chunk of the family's committed metadata (after
+    /// its journal replay), as places: a tag `family:chunk:serial` on object O is claimed only by a
+    /// place with that number and serial whose record names O (group, hash, collision index).
+    /// `owner` is the family's directory, which must hold its exclusive lock (its namespace is
+    /// the family's name); releases go through its data client (``RadosChunkObjects/sweep(family:isClaimed:)``).
+    /// Other families' tags are left to their owners. Lists the whole chunk namespace once per
+    /// group: a maintenance pass.
+    @discardableResult
+    public func sweep(owner: RadosDirectory, claimed: [StoredChunkPlace]) throws -> [(ChunkObjectName, ChunkReference)] {
+        guard owner.pool.namespace == family else {
+            throw RadosChunkError.notOwner(family: family, detail: "the directory given is family \(owner.pool.namespace)'s")
+        }
+        let claims = Set(claimed.map { Claim(object: objectName(of: $0), reference: reference(of: $0)) })
+        let prefix = domain + "-"
+        var groups: Set<UInt16> = []
+        do {
+            for name in try pool.objectNames() {
+                guard let chunk = ChunkObjectName(objectName: name), chunk.group.hasPrefix(prefix),
+                      let group = UInt16(chunk.group.dropFirst(prefix.count)), radosGroup(group) == chunk.group else { continue }
+                groups.insert(group)
+            }
+        } catch { throw RadosChunkError.rados(error) }
+        var released: [(ChunkObjectName, ChunkReference)] = []
+        for group in groups.sorted() {
+            released += try objects(group: group).sweep(family: owner) { object, reference in
+                claims.contains(Claim(object: object, reference: reference))
+            }
+        }
+        return released
+    }
+}
+
+/// The chunks of one `writeNew` and what became of each, shared by its workers.
+private final class WriteBatch: @unchecked Sendable {
+    // @unchecked: `chunks` (and the bytes its pointers name) is read-only while the workers run,
+    // and `writeNew` waits for them before it returns; the rest is behind mutexes.
+    let chunks: [NewStoredChunk]
+    let outcomes: Mutex<[Result<ChunkStoreOutcome, RadosChunkError>?]>
+    private let nextIndex = Atomic<Int>(0)
+
+    init(_ chunks: [NewStoredChunk]) {
+        self.chunks = chunks
+        outcomes = Mutex(Array(repeating: nil, count: chunks.count))
+    }
+
+    func next() -> Int? {
+        let i = nextIndex.wrappingAdd(1, ordering: .relaxed).oldValue
+        return i < chunks.count ? i : nil
+    }
+}

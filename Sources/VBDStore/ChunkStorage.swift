@@ -1,0 +1,123 @@
+import VBDCache
+import VBDCore
+
+// MARK: - Notes on the design
+//
+// The seam between the store's metadata and the place its chunks' stored bytes live
+// (docs/RADOS.md, "Chunks as shared objects inside the store", step 3). The store keeps
+// everything that decides WHAT a chunk is (its number, hash, shape, reference count, dedup) and
+// verifies every read itself (decompress + rehash against the record's hash, docs/INVARIANTS.md 3);
+// a `ChunkStorage` only puts stored bytes somewhere and gives them back.
+//
+// Built so far: writing new chunks (phase E) and reading a chunk's stored bytes. The data file
+// (`DataFileChunkStorage`) is the one implementation the store uses. Still in the store, not yet
+// behind the seam: reserving a place (phase D: `space.allocate`), giving back an unused
+// reservation, syncing before a flush's marker, and releasing a freed chunk's place once the
+// record freeing it is durable (`releaseFrees`).
+
+/// Where one chunk's stored bytes are, as its chunk record says.
+public struct StoredChunkPlace: Sendable, Equatable {
+    /// The chunk's number in the chunk table.
+    public var number: UInt64
+    /// Bits 0-47 of the record's location: the data file's first sector; in a store whose chunks
+    /// are shared objects, the object's collision index and the reference serial (docs/RADOS.md).
+    public var place: UInt64
+    public var group: SharingGroupID
+    /// The content hash of the raw chunk.
+    public var hash: ContentHash
+    public var storedBytes: Int
+    /// The stored bytes are the raw chunk LZ4-compressed; else they are the raw chunk.
+    public var isCompressed: Bool
+    public var rawBytes: Int
+
+    public init(number: UInt64, place: UInt64, group: SharingGroupID, hash: ContentHash, storedBytes: Int,
+                isCompressed: Bool, rawBytes: Int) {
+        self.number = number
+        self.place = place
+        self.group = group
+        self.hash = hash
+        self.storedBytes = storedBytes
+        self.isCompressed = isCompressed
+        self.rawBytes = rawBytes
+    }
+}
+
+/// A new chunk for ``ChunkStorage/writeNew(_:)``: its place as reserved, and its stored bytes.
+public struct NewStoredChunk {
+    public var place: StoredChunkPlace
+    public var stored: UnsafeRawBufferPointer
+
+    public init(place: StoredChunkPlace, stored: UnsafeRawBufferPointer) {
+        precondition(stored.count == place.storedBytes)
+        self.place = place
+        self.stored = stored
+    }
+}
+
+/// Where the store's chunk bytes live. Called without the store's `mutex` held; any number of
+/// threads at once.
+public protocol ChunkStorage: AnyObject, Sendable {
+    /// Stores new chunks whose places were reserved (phase E of a write). Returns once a later
+    /// `readStored` sees them; durability is the flush's business. May change a chunk's
+    /// `place.place` (the place a record then names); the store records what it finds there after
+    /// the call. On a failure none of the chunks is named by a record.
+    func writeNew(_ chunks: inout [NewStoredChunk]) throws(StorageError)
+    /// Fills `buffer` (exactly `chunk.storedBytes`) with the chunk's stored bytes. The caller
+    /// verifies them; a chunk that is missing is an error, never zeroes.
+    func readStored(_ chunk: StoredChunkPlace, into buffer: UnsafeMutableRawBufferPointer) throws(StorageError)
+}
+
+/// The store's chunks in its data file: each at its first sector, padded with zeroes to a sector
+/// boundary (SpaceAllocator.swift hands out the sectors).
+final class DataFileChunkStorage: ChunkStorage, @unchecked Sendable {
+    // @unchecked: `file` is a StorageFile, whose implementations serialize what needs it.
+    let file: any StorageFile
+
+    init(file: any StorageFile) {
+        self.file = file
+    }
+
+    /// One gathered write per run of adjacent sectors (a sequential write of many blocks usually
+    /// lands in one run), each chunk followed by zeroes to its sector boundary (no staging copy).
+    func writeNew(_ chunks: inout [NewStoredChunk]) throws(StorageError) {
+        let sorted = chunks.sorted { $0.place.place < $1.place.place }
+        let zeros = Self.sectorOfZeros
+        var parts: [UnsafeRawBufferPointer] = []
+        parts.reserveCapacity(2 * sorted.count)
+        func sectorCount(_ c: NewStoredChunk) -> Int { (c.stored.count + Limits.sectorBytes - 1) / Limits.sectorBytes }
+        var i = 0
+        while i < sorted.count {
+            parts.removeAll(keepingCapacity: true)
+            var j = i
+            repeat {
+                let stored = sorted[j].stored
+                parts.append(stored)
+                let padding = sectorCount(sorted[j]) * Limits.sectorBytes - stored.count
+                if padding > 0 { parts.append(UnsafeRawBufferPointer(rebasing: zeros[0..<padding])) }
+                j += 1
+            } while j < sorted.count && sorted[j].place.place == sorted[j - 1].place.place + UInt64(sectorCount(sorted[j - 1]))
+            try file.write(gathering: parts, at: sorted[i].place.place * UInt64(Limits.sectorBytes))
+            i = j
+        }
+    }
+
+    func readStored(_ chunk: StoredChunkPlace, into buffer: UnsafeMutableRawBufferPointer) throws(StorageError) {
+        precondition(buffer.count == chunk.storedBytes)
+        try file.readExactly(into: buffer, at: chunk.place * UInt64(Limits.sectorBytes))
+    }
+
+    /// Padding for the tail of a chunk's last sector; never written to.
+    nonisolated(unsafe) private static let sectorOfZeros: UnsafeRawBufferPointer = {
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: Limits.sectorBytes, alignment: 16)
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        return UnsafeRawBufferPointer(zeros)
+    }()
+}
+
+extension ChunkEntry {
+    /// The entry's chunk as its storage sees it.
+    func storedPlace(number: UInt64) -> StoredChunkPlace {
+        StoredChunkPlace(number: number, place: sector, group: group, hash: hash, storedBytes: storedBytes,
+                         isCompressed: isCompressed, rawBytes: rawBytes)
+    }
+}
