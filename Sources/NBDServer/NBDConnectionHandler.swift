@@ -51,9 +51,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         var observer: NBDRequestObserver?
         /// The request layer (admission, leases, scheduling, charges); nil without tenancy.
         var pipeline: RequestPipeline?
-        /// Writes of one connection kept on the write pool before the event loop does small ones
-        /// itself (``NBDServer/Configuration/poolWritesPerConnection``).
-        var poolWritesPerConnection = 0
     }
 
     private enum Phase {
@@ -75,8 +72,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// sent is still handled and answered (see `finishEndedInput`).
     private var inputEnded = false
     private var inFlightBytes = 0
-    /// Writes of this connection on the write pool now (see ``Environment/poolWritesPerConnection``).
-    private var writesOnPool = 0
     /// True while `processInbound` runs: replies completed synchronously meanwhile (cache hits on
     /// the fast path, refusals) are written without a flush, and one flush at the end sends them
     /// together; re-entrant calls (a reply finishing inside the loop) return at once, the running
@@ -802,22 +797,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     deviceTime: .zero))
             }
         }
-        var onPool = false
         if !scheduled {
-            let isWrite: Bool
-            if case .write = operation { isWrite = true } else { isWrite = false }
-            // Only with more input waiting: a write alone (queue depth 1) is done here, hop-free.
-            let moreInputWaiting = (inbound?.readableBytes ?? 0) > 0
-            if isWrite && moreInputWaiting && writesOnPool < environment.poolWritesPerConnection {
-                onPool = true
-            } else if let answered = withoutBlocking() {
+            if let answered = withoutBlocking() {
                 promise.succeed(answered)
             } else {
-                onPool = isWrite
-                if !isWrite { pool.runIfActive(eventLoop: eventLoop, run).cascade(to: promise) }
-            }
-            if onPool {
-                writesOnPool += 1
                 pool.runIfActive(eventLoop: eventLoop, run).cascade(to: promise)
             }
         }
@@ -826,7 +809,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let exportName = machine.export.export.name
         let observer = environment.observer
         future.assumeIsolated().whenComplete { result in
-            if onPool { self.writesOnPool -= 1 }
             let context = loopBoundContext.value
             let outcome: NBDOperationJob.Outcome
             var deviceTime = Duration.zero

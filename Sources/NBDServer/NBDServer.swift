@@ -146,7 +146,7 @@ public final class NBDServer: Sendable {
             exports: configuration.exports, limits: configuration.limits, tlsPolicy: tlsPolicy,
             sslContext: sslContext, verifiesClientCertificates: configuration.tls.caPath != nil,
             readPool: readPool, writePool: writePool, observer: configuration.observer,
-            pipeline: configuration.tenancy?.pipeline, poolWritesPerConnection: configuration.poolWritesPerConnection)
+            pipeline: configuration.tenancy?.pipeline)
 
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)

@@ -108,13 +108,6 @@ extension NBDServer {
         public var ioThreadsPerPool: Int
         /// Event-loop threads.
         public var eventLoopThreads: Int
-        /// An unscheduled write with more input waiting behind it runs on the write pool while
-        /// fewer than this many of the connection's writes are there; otherwise the event loop does
-        /// a small write itself when the store can take it without blocking
-        /// (`BlockDevice.writeWithoutBlocking`). The hop costs CPU, but at queue depth the pool's
-        /// threads use the cores one event loop cannot (Benchmarks/README.md, "Issue 14, fifth
-        /// round"). 0: the event loop does every small write it can.
-        public var poolWritesPerConnection: Int
         public var observer: NBDRequestObserver?
         /// Accounting, scheduling and leases; nil serves every client alike, uncharged and unscheduled.
         public var tenancy: Tenancy?
@@ -122,7 +115,6 @@ extension NBDServer {
         public init(exports: any ExportProvider, tcp: (host: String, port: Int)? = nil, unixSocketPath: String? = nil,
                     tls: TLSMode = .off, logger: Logger = Logger(label: "vbd.nbd"), limits: ServerLimits = .init(),
                     ioThreadsPerPool: Int = 8, eventLoopThreads: Int = System.coreCount,
-                    poolWritesPerConnection: Int = Limits.nbdPoolWritesPerConnection,
                     observer: NBDRequestObserver? = nil, tenancy: Tenancy? = nil) {
             self.exports = exports
             self.tcp = tcp
@@ -132,7 +124,6 @@ extension NBDServer {
             self.limits = limits
             self.ioThreadsPerPool = ioThreadsPerPool
             self.eventLoopThreads = eventLoopThreads
-            self.poolWritesPerConnection = max(0, poolWritesPerConnection)
             self.observer = observer
             self.tenancy = tenancy
         }

@@ -53,8 +53,6 @@ public enum Limits {
     /// one peer cannot take them all while a hypervisor host, whose guests all connect from one
     /// address or one uid, still gets 128 disks; `vbdtool serve --connections-per-peer` changes it.
     public static let nbdConnectionsPerPeerMax = 128
-    /// Unscheduled writes of one NBD connection kept on the write pool at once (`serve --pool-writes`).
-    public static let nbdPoolWritesPerConnection = 2
     /// Options accepted during one handshake (nbdkit allows 32).
     public static let nbdHandshakeOptionsMax = 32
     /// Largest option payload: export names are at most 4 KiB by spec, and no option needs more.

@@ -68,8 +68,6 @@ struct ServeCommand: AsyncParsableCommand {
     var idleTimeout: Int?
     @Option(help: ArgumentHelp("Connections one peer (IP address, or uid on the unix socket) may hold at once.", valueName: "n"))
     var connectionsPerPeer: Int = Limits.nbdConnectionsPerPeerMax
-    @Option(help: ArgumentHelp("Writes of one NBD connection run on the I/O threads at once; beyond them the connection's event loop does small writes itself (0: the event loop does every small write it can). More use more cores at queue depth, at some CPU per write.", valueName: "n"))
-    var poolWrites: Int = Limits.nbdPoolWritesPerConnection
     @Option(help: ArgumentHelp("On SIGINT/SIGTERM, seconds to let requests in flight finish (all connections together) before closing them.", valueName: "seconds"))
     var shutdownGrace: Int = 10
     @Option(name: .customLong("vhost-user-blk"),
@@ -169,7 +167,6 @@ struct ServeCommand: AsyncParsableCommand {
         _ = try Self.parseVhostUserBlk(vhostUserBlk)
         guard (1...64).contains(vhostUserQueues) else { throw ValidationError("--vhost-user-queues: expected 1...64, got \(vhostUserQueues)") }
         guard (0...600).contains(shutdownGrace) else { throw ValidationError("--shutdown-grace: expected 0...600 seconds, got \(shutdownGrace)") }
-        guard (0...64).contains(poolWrites) else { throw ValidationError("--pool-writes: expected 0...64, got \(poolWrites)") }
         guard (1...Limits.nbdConnectionsMax).contains(connectionsPerPeer) else {
             throw ValidationError("--connections-per-peer: expected 1...\(Limits.nbdConnectionsMax), got \(connectionsPerPeer)")
         }
@@ -303,7 +300,6 @@ struct ServeCommand: AsyncParsableCommand {
         }
         let nbd = NBDServer(configuration: .init(exports: store, tcp: tcp, unixSocketPath: unix.map(absolutePath), tls: tls,
                                                  logger: Logger(label: "vbd.nbd"), limits: serverLimits,
-                                                 poolWritesPerConnection: poolWrites,
                                                  tenancy: .init(service: tenancy, scheduling: schedule, deviceSlots: deviceSlots,
                                                                 reservedSlots: reservedSlots)))
         do { try await nbd.start() } catch {

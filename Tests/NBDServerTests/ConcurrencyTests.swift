@@ -1,7 +1,6 @@
 import Foundation
 import NBDProtocol
 import NBDServer
-import NIOCore
 import Synchronization
 import Testing
 import VBDAccounting
@@ -18,10 +17,7 @@ final class WriteHoldingDevice: BlockDevice, @unchecked Sendable {
     /// The block there must hold data: a structured read of a hole is answered from the extents
     /// without a read call.
     let releasingReadOffset: UInt64?
-    /// Takes writes without blocking (as the store does when it can), never holding them.
-    let takesWritesWithoutBlocking: Bool
     private let condition = NSCondition()
-    private var writtenWithoutBlocking = 0
     private var permits = 0
     private var released = false
     private var arrived = 0
@@ -29,10 +25,9 @@ final class WriteHoldingDevice: BlockDevice, @unchecked Sendable {
     private var activeMax = 0
     private var arrivalWaiters: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
 
-    init(_ inner: VolumeDevice, releasingReadOffset: UInt64? = nil, takesWritesWithoutBlocking: Bool = false) {
+    init(_ inner: VolumeDevice, releasingReadOffset: UInt64? = nil) {
         self.inner = inner
         self.releasingReadOffset = releasingReadOffset
-        self.takesWritesWithoutBlocking = takesWritesWithoutBlocking
     }
 
     var name: String { inner.name }
@@ -50,35 +45,6 @@ final class WriteHoldingDevice: BlockDevice, @unchecked Sendable {
     /// The most writes that were inside the device at once.
     var mostWritesAtOnce: Int { locked { activeMax } }
     var writesArrived: Int { locked { arrived } }
-    /// Writes taken by ``writeWithoutBlocking(offset:data:)`` (not counted in `writesArrived`).
-    var writesTakenWithoutBlocking: Int { locked { writtenWithoutBlocking } }
-
-    /// While closed, a write taken without blocking waits (and the event loop with it).
-    private var inlineGateClosed = false
-    private var inlineWriteAtGate = false
-
-    func closeInlineGate() { locked { inlineGateClosed = true } }
-
-    func openInlineGate() {
-        locked { inlineGateClosed = false }
-        condition.broadcast()
-    }
-
-    var inlineWriteWaitsAtGate: Bool { locked { inlineWriteAtGate } }
-
-    func writeWithoutBlocking(offset: UInt64, data: UnsafeRawBufferPointer) throws(BlockDeviceError) -> Bool {
-        guard takesWritesWithoutBlocking else { return false }
-        condition.lock()
-        while inlineGateClosed {
-            inlineWriteAtGate = true
-            condition.wait()
-        }
-        inlineWriteAtGate = false
-        condition.unlock()
-        try inner.write(offset: offset, data: data, fua: false)
-        locked { writtenWithoutBlocking += 1 }
-        return true
-    }
 
     /// Lets `count` held writes (present or future) go on.
     func release(_ count: Int) {
@@ -167,17 +133,14 @@ extension RealServerTests {
         /// Runs `body` with the standard store plus a volume `slow` (16 MiB) served through a
         /// ``WriteHoldingDevice``.
         func withHeldWrites(limits: NBDServer.ServerLimits = .init(), releasingReadOffset: UInt64? = nil,
-                            takesWritesWithoutBlocking: Bool = false,
-                            poolWritesPerConnection: Int = Limits.nbdPoolWritesPerConnection,
                             _ body: (ServerFixture, WriteHoldingDevice) async throws -> Void) async throws {
-            try await withServer(limits: limits, poolWritesPerConnection: poolWritesPerConnection, exports: { store in
+            try await withServer(limits: limits, exports: { store in
                 try store.createVolume(name: "slow", size: 16 << 20)
                 if let releasingReadOffset {
                     try store.device(named: "slow").writeArray([UInt8](repeating: 0x52, count: 4096), offset: releasingReadOffset)
                 }
                 return HoldingExports(store: store, held: WriteHoldingDevice(try store.device(named: "slow"),
-                                                                             releasingReadOffset: releasingReadOffset,
-                                                                             takesWritesWithoutBlocking: takesWritesWithoutBlocking))
+                                                                             releasingReadOffset: releasingReadOffset))
             }) { fixture in
                 let held = try #require((fixture.server.configuration.exports as? HoldingExports)?.held)
                 // Whatever the test did, nothing stays held: the server's stop waits for its requests.
@@ -238,86 +201,6 @@ extension RealServerTests {
                 #expect(handles == Set(0..<8))
                 #expect(held.mostWritesAtOnce == 2)
                 #expect(try fixture.read("slow", offset: 7 * 4096, count: 4096) == [UInt8](repeating: 7, count: 4096))
-            }
-        }
-
-        /// A burst of eight 4 KiB writes queued behind a write the event loop is doing: the writes
-        /// that find more input behind them go to the write pool while fewer than
-        /// `poolWritesPerConnection` are there (held in the device), and the event loop does the
-        /// others meanwhile and answers them while the held ones still wait. The burst is sent
-        /// while the event loop waits inside the first write, so its first write always finds input
-        /// behind it. A write with nothing behind it stays on the event loop
-        /// (`aLoneWriteStaysOnTheEventLoop`).
-        @Test(arguments: [0, 2, 3])
-        func writesBeyondThePoolsShareAreDoneOnTheEventLoop(poolWrites: Int) async throws {
-            try await withHeldWrites(takesWritesWithoutBlocking: true, poolWritesPerConnection: poolWrites) { fixture, held in
-                let client = try RawClient(socketPath: fixture.socketPath)
-                #expect(client.enterTransmission(export: "slow") != nil)
-                held.closeInlineGate()
-                client.sendRequest(NBDCommand.write.rawValue, handle: 100, offset: 8 * 4096, length: 4096,
-                                   payload: [UInt8](repeating: 9, count: 4096))
-                try await waitUntil("the first write waiting on the event loop") { held.inlineWriteWaitsAtGate }
-                var burst = ByteBuffer()
-                for handle in 0..<8 {
-                    NBDClientEncoder.writeRequest(type: NBDCommand.write.rawValue, flags: [], handle: UInt64(handle),
-                                                  offset: UInt64(handle) * 4096, length: 4096, into: &burst)
-                    burst.writeBytes([UInt8](repeating: UInt8(handle + 1), count: 4096))
-                }
-                client.send(burst)
-                held.openInlineGate()
-                try await waitUntil("all nine writes taken or held") {
-                    held.writesTakenWithoutBlocking + held.writesArrived == 9
-                }
-                let onPool = held.writesArrived
-                if poolWrites == 0 {
-                    #expect(onPool == 0)
-                } else {
-                    #expect((1...poolWrites).contains(onPool), "\(onPool) writes on the pool")
-                }
-                var answered: Set<UInt64> = []
-                for _ in 0..<(9 - onPool) {
-                    let reply = try #require(client.receiveSimpleReply())
-                    #expect(reply.error == 0)
-                    answered.insert(reply.handle)
-                }
-                #expect(answered.contains(100) && answered.count == 9 - onPool)
-                held.releaseAll()
-                for _ in 0..<onPool {
-                    let reply = try #require(client.receiveSimpleReply())
-                    #expect(reply.error == 0 && !answered.contains(reply.handle))
-                    answered.insert(reply.handle)
-                }
-                #expect(answered == Set(0..<8).union([100]))
-                for handle in 0..<8 {
-                    #expect(try fixture.read("slow", offset: UInt64(handle) * 4096, count: 4096)
-                            == [UInt8](repeating: UInt8(handle + 1), count: 4096))
-                }
-            }
-        }
-
-        /// Polls `condition` every 10 ms for up to 30 s; fails the test when it never holds.
-        func waitUntil(_ description: String, _ condition: () -> Bool) async throws {
-            for _ in 0..<3000 {
-                if condition() { return }
-                try await Task.sleep(for: .milliseconds(10))
-            }
-            Issue.record("\(description) did not happen within 30 s")
-        }
-
-        /// Queue depth 1: each write is answered before the next is sent, so none finds input behind
-        /// it and none pays the hop to the pool.
-        @Test func aLoneWriteStaysOnTheEventLoop() async throws {
-            try await withHeldWrites(takesWritesWithoutBlocking: true) { fixture, held in
-                let client = try RawClient(socketPath: fixture.socketPath)
-                #expect(client.enterTransmission(export: "slow") != nil)
-                for handle in 0..<4 {
-                    client.sendRequest(NBDCommand.write.rawValue, handle: UInt64(handle), offset: UInt64(handle) * 4096,
-                                       length: 4096, payload: [UInt8](repeating: 3, count: 4096))
-                    let reply = try #require(client.receiveSimpleReply())
-                    #expect(reply.error == 0 && reply.handle == UInt64(handle))
-                }
-                #expect(held.writesArrived == 0)
-                #expect(held.writesTakenWithoutBlocking == 4)
             }
         }
 

@@ -132,7 +132,6 @@ final class ServerFixture: @unchecked Sendable {
 
     static func start(layout: Layout = .standard, tls: NBDServer.TLSMode = .off, tcp: Bool = false,
                       limits: NBDServer.ServerLimits = .init(),
-                      poolWritesPerConnection: Int = Limits.nbdPoolWritesPerConnection,
                       exports: ((Store) throws -> any ExportProvider)? = nil) async throws -> ServerFixture {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vbd-nbd-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
@@ -154,8 +153,7 @@ final class ServerFixture: @unchecked Sendable {
             directory: directory, storePath: storePath, socketPath: socketPath, store: store, events: events,
             configuration: .init(exports: try exports?(store) ?? store, tcp: tcp ? ("127.0.0.1", 0) : nil,
                                  unixSocketPath: socketPath, tls: tls, logger: events.logger(label: "vbd.nbd.test"),
-                                 limits: limits, ioThreadsPerPool: 4, eventLoopThreads: 2,
-                                 poolWritesPerConnection: poolWritesPerConnection, observer: nil))
+                                 limits: limits, ioThreadsPerPool: 4, eventLoopThreads: 2, observer: nil))
         try await fixture.server.start()
         return fixture
     }
@@ -320,11 +318,9 @@ final class RecordSink: Sendable {
 /// Runs `body` with a fresh server on a fresh store and always stops both.
 func withServer<T>(layout: ServerFixture.Layout = .standard, tls: NBDServer.TLSMode = .off, tcp: Bool = false,
                    limits: NBDServer.ServerLimits = .init(),
-                   poolWritesPerConnection: Int = Limits.nbdPoolWritesPerConnection,
                    exports: ((Store) throws -> any ExportProvider)? = nil,
                    _ body: (ServerFixture) async throws -> T) async throws -> T {
-    let fixture = try await ServerFixture.start(layout: layout, tls: tls, tcp: tcp, limits: limits,
-                                                poolWritesPerConnection: poolWritesPerConnection, exports: exports)
+    let fixture = try await ServerFixture.start(layout: layout, tls: tls, tcp: tcp, limits: limits, exports: exports)
     do {
         let result = try await body(fixture)
         await fixture.stop()
