@@ -188,6 +188,7 @@ extension Store {
                 // Its free tail was punched above, so the truncate has little left to free.
                 try dataFile.truncate(to: end)
                 space.trimEnd()
+                spaceSummary.endSector = min(spaceSummary.endSector, space.endSector)
                 return true
             }
             if truncated { try dataFile.sync() }
@@ -200,19 +201,4 @@ extension Store {
     /// Data-file pages `gc` examines per hold of the store lock (1 GiB of file, well under a
     /// millisecond of bitmap scanning).
     static let gcPagesPerHold: UInt64 = 1 << 18
-}
-
-extension SpaceAllocator {
-    /// One past the last used sector.
-    var endSectorInUse: UInt64 {
-        var w = bitmap.count
-        while w > 0 && bitmap[w - 1] == 0 { w -= 1 }
-        guard w > 0 else { return 0 }
-        return UInt64(w - 1) * 64 + UInt64(64 - bitmap[w - 1].leadingZeroBitCount)
-    }
-
-    mutating func trimEnd() {
-        let end = endSectorInUse
-        setEndSector(end)
-    }
 }

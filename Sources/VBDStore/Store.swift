@@ -133,8 +133,12 @@ public final class Store: @unchecked Sendable {
     var index = PagedDedupIndex()
     /// Sectors of the data file held by installed chunks, 1 bit per sector: changed only by the
     /// records (`apply`), so it is exactly what the committed chunk table holds. `space` (the
-    /// allocator, with its deferred frees and reservations) is rebuilt from it at open.
+    /// allocator) reads it through the pager and keeps only what it does not hold (allocations
+    /// in flight, frees not yet durable, punch reservations) in memory.
     var sectorMap = PagedArray<UInt64>()
+    /// The sector map's counts, committed in the superblock with it, so that an open needs no
+    /// pass over the map (see `SpaceSummary`).
+    var spaceSummary = SpaceSummary()
     /// The encoded image table (images, their map roots, group names) as bytes in 8-byte words.
     var imageTable = PagedArray<UInt64>()
     var space = SpaceAllocator()
@@ -273,6 +277,7 @@ public final class Store: @unchecked Sendable {
             // need it assert it" true for recovery and the first checkpoint too.
             try mutex.withLock { () throws in
                 if create {
+                    try attachSpace()
                     try commitHoldingLock()
                     // Every page of a new store is in memory: nothing to probe for until one is evicted.
                     pageProbeWanted.store(false, ordering: .relaxed)
@@ -345,6 +350,18 @@ public final class Store: @unchecked Sendable {
     }
 }
 
+/// The free-space summary: the sector map's counts, committed in the superblock with the pages
+/// (format 4), so that an open learns what the allocator needs from the superblock alone and the
+/// map's pages are read on demand. Changed by the records only (`Store.setSectors`), so replay
+/// keeps it exact; fsck recounts it.
+struct SpaceSummary: Equatable {
+    /// Sectors the sector map holds (its set bits).
+    var usedSectors: UInt64 = 0
+    /// No sector at or past this is in the sector map: the highest end of a chunk installed,
+    /// lowered only by gc once it has trimmed the data file.
+    var endSector: UInt64 = 0
+}
+
 /// A block that reads as zeroes but is allocated (WRITE_ZEROES with NO_HOLE): reported as data,
 /// not a hole, and holds no chunk.
 let zeroAllocatedChunk: UInt64 = 1 << 63
@@ -378,7 +395,8 @@ extension Store: ChunkReferenceCounter {
         try chunks.releaseNumber(chunk, pager: pager)
     }
 
-    /// Marks a chunk's sectors in the persistent sector map (records only: see `sectorMap`).
+    /// Marks a chunk's sectors in the persistent sector map and its summary (records only: see
+    /// `sectorMap`); live, an installed chunk's sectors leave the allocator's overlay.
     func setSectors(_ sector: UInt64, count: Int, inUse: Bool) throws {
         var s = sector
         let end = sector + UInt64(count)
@@ -395,6 +413,13 @@ extension Store: ChunkReferenceCounter {
                 s += 1
             }
             leaf.elements[i] = bits
+        }
+        if inUse {
+            spaceSummary.usedSectors += UInt64(count)
+            spaceSummary.endSector = max(spaceSummary.endSector, end)
+            if !replaying { space.noteInstalled(sector, count: count) }
+        } else {
+            spaceSummary.usedSectors -= UInt64(count)
         }
     }
 
