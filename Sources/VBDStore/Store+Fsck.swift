@@ -172,16 +172,16 @@ extension Store {
 
 extension Store {
     /// The free-space summary and the allocator against `counted` (the sector map recounted): the
-    /// summary must equal the count and bound the map, and the allocator must hold exactly the
-    /// map's sectors plus its overlay. With `mutex` held.
+    /// summary must equal the count, and the allocator must hold exactly the map's sectors plus
+    /// its overlay. With `mutex` held.
     func problems(ofSpaceSummaryAgainst counted: SpaceSummary) -> [String] {
         mutex.assertOwned("problems(ofSpaceSummaryAgainst:)")
         var found: [String] = []
         if spaceSummary.usedSectors != counted.usedSectors {
             found.append("free-space summary: \(spaceSummary.usedSectors) sectors in use, the sector map holds \(counted.usedSectors)")
         }
-        if spaceSummary.endSector < counted.endSector {
-            found.append("free-space summary: ends at sector \(spaceSummary.endSector), the sector map uses sectors up to \(counted.endSector)")
+        if spaceSummary.endSector != counted.endSector {
+            found.append("free-space summary: ends at sector \(spaceSummary.endSector), the sector map at \(counted.endSector)")
         }
         if space.usedSectors != counted.usedSectors + space.overlaySectors {
             found.append("space allocator: \(space.usedSectors) sectors in use, but the sector map holds \(counted.usedSectors) " +

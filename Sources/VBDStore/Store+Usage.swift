@@ -188,7 +188,6 @@ extension Store {
                 // Its free tail was punched above, so the truncate has little left to free.
                 try dataFile.truncate(to: end)
                 space.trimEnd()
-                spaceSummary.endSector = min(spaceSummary.endSector, space.endSector)
                 return true
             }
             if truncated { try dataFile.sync() }

@@ -357,8 +357,7 @@ public final class Store: @unchecked Sendable {
 struct SpaceSummary: Equatable {
     /// Sectors the sector map holds (its set bits).
     var usedSectors: UInt64 = 0
-    /// No sector at or past this is in the sector map: the highest end of a chunk installed,
-    /// lowered only by gc once it has trimmed the data file.
+    /// One past the highest sector in the sector map (0 when empty).
     var endSector: UInt64 = 0
 }
 
@@ -420,7 +419,28 @@ extension Store: ChunkReferenceCounter {
             if !replaying { space.noteInstalled(sector, count: count) }
         } else {
             spaceSummary.usedSectors -= UInt64(count)
+            // The last chunk went: the end moves back to the next one below (pages read backwards
+            // from here, the ones just changed first; each later scan starts lower).
+            if end == spaceSummary.endSector { spaceSummary.endSector = try sectorMapEnd(below: sector) }
         }
+    }
+
+    /// One past the highest sector the sector map holds below `limit` (0 if none).
+    func sectorMapEnd(below limit: UInt64) throws -> UInt64 {
+        let perLeaf = SpaceAllocator.wordsPerLeaf
+        var w = Int((limit + 63) >> 6) - 1
+        while w >= 0 {
+            let k = w / perLeaf
+            let words = try sectorMap.leafElements(UInt64(k), pager: pager)
+            var i = words.isEmpty ? -1 : w - k * perLeaf
+            while i >= 0 {
+                let bits = words[i] & (k * perLeaf + i == Int(limit >> 6) ? (UInt64(1) << (limit & 63)) &- 1 : ~0)
+                if bits != 0 { return UInt64(k * perLeaf + i) * 64 + UInt64(64 - bits.leadingZeroBitCount) }
+                i -= 1
+            }
+            w = k * perLeaf - 1
+        }
+        return 0
     }
 
     /// With `mutex` held: the cache key of `chunk` as it is now, (generation << 48 | number).
