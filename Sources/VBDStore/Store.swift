@@ -52,7 +52,7 @@ import VBDCache
 //                      and a commit's preparation hold it across their syncs.
 //   3. mutex           (StoreMutex) all metadata: `pager` (its cache and page table), images
 //                      and their maps, `chunks` (entries, free numbers, generations), `index`,
-//                      `sectorMap`, `space` (including pages reserved while being punched),
+//                      `sectorMap`, `spaceSummary`, `space` (including pages reserved while being punched),
 //                      `pending`, generation/journal counters, `closed`, `poisoned`. Functions named *Locked, `cacheKey`, `retainChunk`,
 //                      `releaseChunk` and `loadChunk(lockHeld: true)` need it and assert it in
 //                      debug builds (`StoreMutex.assertOwned`). Hashing, compression, data-file
