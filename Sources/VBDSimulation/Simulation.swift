@@ -186,7 +186,7 @@ public final class Simulation {
             step += 1
             summary.steps += 1
             try oneStep()
-            if step % 16 == 0 || trace { try checkExact() }
+            if step % 16 == 0 || trace { try checkExact(); try checkSpaceSummary() }
             if corruptionRng.below(100) < flipPercent { try flipByteAtRest() }
         }
         disk.crashCountdown = nil
@@ -594,6 +594,15 @@ public final class Simulation {
         }
         let names = Set(store!.list().map { $0.name })
         if names != Set(model.keys) { throw fail("images \(names.sorted()) but model has \(model.keys.sorted())") }
+    }
+
+    /// The free-space summary and the allocator against a recount of the sector map (fsck checks
+    /// them too; this runs between fscks, where crashes and commits happen).
+    func checkSpaceSummary() throws {
+        guard let store else { return }
+        let problems: [String]
+        do { problems = try store.spaceSummaryProblems() } catch { throw fail("the sector map cannot be read: \(error)") }
+        if !problems.isEmpty { throw fail(problems.prefix(3).joined(separator: "; ")) }
     }
 
     func checkFsck() throws {

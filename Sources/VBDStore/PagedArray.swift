@@ -133,6 +133,26 @@ struct PagedArray<Element: PagedArrayElement>: Equatable {
         return .zero
     }
 
+    /// The elements of leaf `k` (indices `k * Leaf.capacity ..<`), as they are now; empty when
+    /// the leaf is absent (all zero). For scans that go a leaf at a time (the space allocator).
+    func leafElements(_ k: UInt64, pager: MetadataPager) throws -> [Element] {
+        let (index, overflow) = k.multipliedReportingOverflow(by: UInt64(Leaf.capacity))
+        guard !overflow else { return [] }
+        if let leaf = lastWritable?.holds(index, in: pager) { return leaf.elements }
+        guard index < Self.capacity(levels: levels) else { return [] }
+        var page = root
+        var level = levels
+        var i = index
+        while page != .none {
+            if level == 1 { return try pager.read(page, as: Leaf.self).elements }
+            let span = Self.capacity(levels: level - 1)
+            page = try pager.read(page, as: ArrayInteriorPage.self).children[Int(i / span)]
+            i %= span
+            level -= 1
+        }
+        return []
+    }
+
     /// The leaf holding `index`, for changing it in place (created if absent), and the position in it.
     mutating func writableLeaf(_ index: UInt64, pager: MetadataPager) throws -> (Leaf, Int) {
         if let leaf = lastWritable?.holds(index, in: pager) { return (leaf, Int(index % UInt64(Leaf.capacity))) }

@@ -30,9 +30,27 @@ import VBDCore
 // The punch runs outside the store lock, so the pages being punched stay marked in use until it
 // has finished (`releaseReservingPunches`, `finishPunches`): otherwise a writer could take those
 // sectors and write a chunk that the punch then erases after the write was acknowledged.
+//
+// The allocator keeps no bitmap of its own. What is in use is the union of the store's sector map
+// (paged, committed with the metadata, read on demand through the pager under its budget: the
+// sectors of installed chunks) and a small in-memory `overlay` of sectors in use that the sector
+// map does not hold: allocations whose chunk record is not applied yet, frees not yet durable,
+// pages reserved while being punched. All three are bounded by the work in flight and between
+// flushes, so the allocator's RAM does not grow with the data file. The store's free-space
+// summary (`SpaceSummary`, in the superblock) gives the counts an open needs without reading the
+// sector map. A sector-map page that cannot be read counts as in use (never allocated, never
+// punched), so a failed read costs only an append.
 
 struct SpaceAllocator {
-    private(set) var bitmap: [UInt64] = []
+    /// The words of sector-map leaf `k` (sectors `k * sectorsPerLeaf ..<`): empty when the leaf is
+    /// absent (all free), nil when it cannot be read (then its sectors count as in use).
+    typealias InstalledLeaf = (UInt64) -> [UInt64]?
+
+    /// The store's sector map; a standalone allocator (tests, fsck) has none installed.
+    private let installedLeaf: InstalledLeaf
+    /// Sectors in use that the sector map does not hold (see the notes), by word: bit `s % 64` of
+    /// `overlay[s / 64]`. Words that become zero are removed.
+    private var overlay: [Int: UInt64] = [:]
     /// Sectors in the file (allocated or not).
     private(set) var endSector: UInt64 = 0
     private(set) var usedSectors: UInt64 = 0
@@ -54,34 +72,74 @@ struct SpaceAllocator {
     /// writes". What a release keeps unpunched for reuse.
     private(set) var recentlyAllocatedSectors: UInt64 = 0
 
-    init() {}
+    /// Words of one sector-map leaf.
+    static let wordsPerLeaf = ArrayLeafPage<UInt64>.capacity
 
-    /// An allocator whose sectors in use are the set bits of `words` (an open restores it from
-    /// the store's sector map).
-    init(bitmapWords words: [UInt64]) {
-        var n = words.count
-        while n > 0 && words[n - 1] == 0 { n -= 1 }
-        bitmap = Array(words[0..<n])
-        usedSectors = bitmap.reduce(0) { $0 + UInt64($1.nonzeroBitCount) }
-        if let last = bitmap.last {
-            endSector = UInt64(bitmap.count - 1) * 64 + UInt64(64 - last.leadingZeroBitCount)
-        }
+    /// An allocator with nothing installed (tests, fsck's own count).
+    init() { installedLeaf = { _ in [] } }
+
+    /// The allocator of a store whose sector map (read through `installedLeaf`) holds
+    /// `usedSectors` sectors, none at or past `endSector`: what the free-space summary says.
+    init(endSector: UInt64, usedSectors: UInt64, installedLeaf: @escaping InstalledLeaf) {
+        self.installedLeaf = installedLeaf
+        self.endSector = endSector
+        self.usedSectors = usedSectors
     }
 
     /// Bitmap words scanned before appending instead: bounds allocation time.
     static let scanWordsMax = 2048
 
+    /// The sector-map leaf last read by one operation: operations walk words in order, and the
+    /// pages do not change while the caller holds the store lock.
+    private struct LeafCursor {
+        var index: UInt64 = .max
+        var words: [UInt64]? = []
+    }
+
+    private var wordCount: Int { Int((endSector + 63) >> 6) }
+
+    /// Sectors of word `w` in use: installed or in the overlay (all, if its page is unreadable).
+    private func word(_ w: Int, _ leaf: inout LeafCursor) -> UInt64 {
+        let k = UInt64(w / Self.wordsPerLeaf)
+        if k != leaf.index { leaf = LeafCursor(index: k, words: installedLeaf(k)) }
+        guard let words = leaf.words else { return ~0 }
+        let i = w % Self.wordsPerLeaf
+        return (i < words.count ? words[i] : 0) | (overlay[w] ?? 0)
+    }
+
+    private mutating func setOverlay(_ w: Int, _ bits: UInt64) {
+        if bits == 0 { overlay[w] = nil } else { overlay[w] = bits }
+    }
+
     mutating func markUsed(_ sector: UInt64, count: Int) {
         let end = sector + UInt64(count)
-        ensure(end)
-        for s in sector..<end {
-            let w = Int(s >> 6), b = s & 63
-            precondition(bitmap[w] & (1 << b) == 0, "sector \(s) allocated twice")
-            bitmap[w] |= 1 << b
+        var leaf = LeafCursor()
+        var s = sector
+        while s < end {
+            let w = Int(s >> 6)
+            let used = word(w, &leaf)
+            var bits = overlay[w] ?? 0
+            while s < end && Int(s >> 6) == w {
+                precondition(used & (1 << (s & 63)) == 0, "sector \(s) allocated twice")
+                bits |= 1 << (s & 63)
+                s += 1
+            }
+            setOverlay(w, bits)
         }
         usedSectors += UInt64(count)
         if end > endSector { endSector = end }
         if punchedFreeSectors > 0 { unmarkPunched(firstPage: sector >> 3, lastPage: (end - 1) >> 3) }
+    }
+
+    /// The store applied the record installing a chunk at these sectors: the sector map holds
+    /// them now, so the overlay no longer does (sectors no allocation took become used).
+    mutating func noteInstalled(_ sector: UInt64, count: Int) {
+        for s in sector..<sector + UInt64(count) {
+            let w = Int(s >> 6), bit = UInt64(1) << (s & 63)
+            let bits = overlay[w] ?? 0
+            if bits & bit != 0 { setOverlay(w, bits & ~bit) } else { usedSectors += 1 }
+        }
+        endSector = max(endSector, sector + UInt64(count))
     }
 
     /// Pages about to hold data again are no longer punched (the write gives them a block).
@@ -105,17 +163,6 @@ struct SpaceAllocator {
         }
     }
 
-    private mutating func ensure(_ sectors: UInt64) {
-        let words = Int((sectors + 63) >> 6)
-        if bitmap.count < words { bitmap.append(contentsOf: repeatElement(0, count: words - bitmap.count)) }
-    }
-
-    @inline(__always)
-    private func isFree(_ s: UInt64) -> Bool {
-        let w = Int(s >> 6)
-        return w >= bitmap.count || bitmap[w] & (1 << (s & 63)) == 0
-    }
-
     /// Sectors freed since the last scan that found nothing: scanning again before enough space
     /// came free would fail the same way, so allocation appends instead (bounded work per write).
     private var freedSinceFailedScan: UInt64 = .max
@@ -126,14 +173,16 @@ struct SpaceAllocator {
         precondition(count > 0)
         allocatedSinceTake += UInt64(count)
         let freeInside = endSector - usedSectors
+        let words = wordCount
         // Reuse holes only when there is a fair amount of free space, so small holes in a full
         // file do not make every allocation scan; runs longer than a word are always appended.
-        if count <= 32 && freeInside >= UInt64(count) * 4 && !bitmap.isEmpty
+        if count <= 32 && freeInside >= UInt64(count) * 4 && words > 0
             && freedSinceFailedScan >= UInt64(count) * 64 {
-            let limit = min(bitmap.count, SpaceAllocator.scanWordsMax)
-            var w = cursor < bitmap.count ? cursor : 0
+            let limit = min(words, SpaceAllocator.scanWordsMax)
+            var w = cursor < words ? cursor : 0
+            var leaf = LeafCursor()
             for _ in 0..<limit {
-                let word = bitmap[w]
+                let word = word(w, &leaf)
                 if word != ~0 {
                     // Bit p of `starts` is set when sectors p..<p+count of this word are all free
                     // (the shifts bring in zeros, so runs never cross the word's end).
@@ -151,7 +200,7 @@ struct SpaceAllocator {
                     }
                 }
                 w += 1
-                if w == bitmap.count { w = 0 }
+                if w == words { w = 0 }
             }
             cursor = w
             freedSinceFailedScan = 0
@@ -161,9 +210,14 @@ struct SpaceAllocator {
         return s
     }
 
-    /// Frees sectors once the free is durable (see the notes).
+    /// Frees sectors once the free is durable (see the notes). The store has just taken them out
+    /// of the sector map, so they move to the overlay until then (a standalone allocator's
+    /// sectors are there already).
     mutating func deferFree(_ sector: UInt64, count: Int) {
         deferred.append((sector, count))
+        for s in sector..<sector + UInt64(count) {
+            overlay[Int(s >> 6), default: 0] |= 1 << (s & 63)
+        }
     }
 
     /// Takes the deferred frees recorded so far; the caller releases them after its flush.
@@ -191,9 +245,10 @@ struct SpaceAllocator {
         for (sector, count) in frees {
             lowestWord = min(lowestWord, Int(sector >> 6))
             for s in sector..<sector + UInt64(count) {
-                let w = Int(s >> 6), b = s & 63
-                precondition(bitmap[w] & (1 << b) != 0, "sector \(s) freed twice")
-                bitmap[w] &= ~(1 << b)
+                let w = Int(s >> 6), bit = UInt64(1) << (s & 63)
+                let bits = overlay[w] ?? 0
+                precondition(bits & bit != 0, "sector \(s) freed twice")
+                setOverlay(w, bits & ~bit)
             }
             usedSectors -= UInt64(count)
             if freedSinceFailedScan != .max { freedSinceFailedScan += UInt64(count) }
@@ -203,13 +258,14 @@ struct SpaceAllocator {
         // The next allocations look here first: the space just freed, whose pages the file (and
         // likely the page cache) still holds. A cursor left where a scan last failed would make
         // every write until the next flush append, and the freed space pile up until punched.
-        if lowestWord < bitmap.count { cursor = lowestWord }
+        if lowestWord < wordCount { cursor = lowestWord }
         var punch: [(offset: UInt64, length: UInt64)] = []
+        var leaf = LeafCursor()
         for p in pages.sorted() {
             // 8 sectors per 4 KiB page: all free (one byte of the bitmap), and inside the file's
             // allocated end (an append may take the sectors past it at any time).
             let w = Int((p * 8) >> 6), shift = (p * 8) & 63
-            if w < bitmap.count && (bitmap[w] >> shift) & 0xFF == 0 && p * 8 + 8 <= endSector {
+            if p * 8 + 8 <= endSector && (word(w, &leaf) >> shift) & 0xFF == 0 {
                 if let last = punch.last, last.offset + last.length == p * 4096 {
                     punch[punch.count - 1].length += 4096
                 } else {
@@ -249,21 +305,23 @@ struct SpaceAllocator {
         }
         let pages = endSector / 8
         let stop = pageCount >= pages ? pages : min(pages, firstPage + pageCount)
+        var leaf = LeafCursor()
         var p = firstPage
         while p < stop {
             let w = Int((p * 8) >> 6), shift = (p * 8) & 63
-            if w < bitmap.count && bitmap[w] == ~0 && shift == 0 {
+            let used = word(w, &leaf)
+            if used == ~0 && shift == 0 {
                 p += 8   // a whole word in use: nothing to punch
                 continue
             }
             // Pages already punched have no file blocks left to give back.
             let punchedByte = Int(p >> 6) < punchedPages.count ? (punchedPages[Int(p >> 6)] >> (p & 63)) & 0xFF : 0
-            if w < bitmap.count && bitmap[w] == 0 && shift == 0 && p + 8 <= stop && punchedByte == 0 {
+            if used == 0 && shift == 0 && p + 8 <= stop && punchedByte == 0 {
                 take(p, 8)   // a whole bitmap word (8 pages) free: take it at once
                 p += 8
                 continue
             }
-            if (w >= bitmap.count || (bitmap[w] >> shift) & 0xFF == 0) && !isPunched(p) { take(p, 1) }
+            if (used >> shift) & 0xFF == 0 && !isPunched(p) { take(p, 1) }
             p += 1
         }
         for r in punch { setPageBits(r, inUse: true) }
@@ -293,12 +351,16 @@ struct SpaceAllocator {
         }
     }
 
+    /// Reserves (or gives back) the sectors of free pages being punched: they are never in the
+    /// sector map meanwhile, so the overlay alone holds them.
     private mutating func setPageBits(_ range: (offset: UInt64, length: UInt64), inUse: Bool) {
         let sectorBytes = UInt64(Limits.sectorBytes)
+        var leaf = LeafCursor()
         for s in range.offset / sectorBytes..<(range.offset + range.length) / sectorBytes {
-            let w = Int(s >> 6), b = s & 63
-            precondition((bitmap[w] & (1 << b) != 0) != inUse, "punch reservation of sector \(s) out of step")
-            if inUse { bitmap[w] |= 1 << b } else { bitmap[w] &= ~(1 << b) }
+            let w = Int(s >> 6), bit = UInt64(1) << (s & 63)
+            precondition((word(w, &leaf) & bit != 0) != inUse, "punch reservation of sector \(s) out of step")
+            let bits = overlay[w] ?? 0
+            setOverlay(w, inUse ? bits | bit : bits & ~bit)
         }
     }
 
@@ -307,14 +369,58 @@ struct SpaceAllocator {
         _ = release([(sector, count)])
     }
 
-    var bitmapBytes: Int { bitmap.capacity * 8 }
+    /// RAM the allocator holds (the sector map's pages are the pager's): the overlay and the
+    /// punched-page bits. Named for the whole bitmap it held before issue 15's fifth round.
+    var bitmapBytes: Int { overlay.capacity * (MemoryLayout<Int>.stride + MemoryLayout<UInt64>.stride + 1) + punchedPages.capacity * 8 }
+
+    /// Sectors in the overlay (in use but not in the sector map); `usedSectors` minus these is
+    /// what the sector map holds.
+    var overlaySectors: UInt64 { overlay.values.reduce(0) { $0 + UInt64($1.nonzeroBitCount) } }
+
+    func isFreeSector(_ s: UInt64) -> Bool {
+        var leaf = LeafCursor()
+        return s >= endSector || word(Int(s >> 6), &leaf) & (1 << (s & 63)) == 0
+    }
+
+    func isUsedRange(_ sector: UInt64, count: Int) -> Bool {
+        (sector..<sector + UInt64(count)).allSatisfy { !isFreeSector($0) }
+    }
+
+    /// One past the last used sector: the sector map's leaves from the end back to the first
+    /// that holds a used sector, and the overlay.
+    var endSectorInUse: UInt64 {
+        var last: UInt64 = 0
+        for (w, bits) in overlay where bits != 0 {
+            last = max(last, UInt64(w) * 64 + UInt64(64 - bits.leadingZeroBitCount))
+        }
+        let words = wordCount
+        guard words > 0 else { return last }
+        var k = (words - 1) / Self.wordsPerLeaf
+        while true {
+            let first = k * Self.wordsPerLeaf
+            guard let installed = installedLeaf(UInt64(k)) else {
+                // Unreadable: keep everything up to this leaf's end.
+                return max(last, min(endSector, UInt64(first + Self.wordsPerLeaf) * 64))
+            }
+            if let i = installed.indices.last(where: { installed[$0] != 0 && first + $0 < words }) {
+                return max(last, UInt64(first + i) * 64 + UInt64(64 - installed[i].leadingZeroBitCount))
+            }
+            if k == 0 || UInt64(first) * 64 <= last { return last }
+            k -= 1
+        }
+    }
+
+    mutating func trimEnd() {
+        setEndSector(endSectorInUse)
+    }
 
     /// After truncating the file: nothing past `end` is in use (checked by the caller).
     mutating func setEndSector(_ end: UInt64) {
         precondition(end <= endSector)
+        precondition(!overlay.contains { UInt64($0.key) * 64 + UInt64(64 - $0.value.leadingZeroBitCount) > end },
+                     "sectors past the new end are in use")
         endSector = end
-        bitmap.removeLast(bitmap.count - Int((end + 63) >> 6))
-        if cursor >= bitmap.count { cursor = 0 }
+        if cursor >= wordCount { cursor = 0 }
         // Pages past the new end are gone from the file; count only those before it.
         let pages = (end + 7) >> 3
         if punchedPages.count > Int((pages + 63) >> 6) { punchedPages.removeLast(punchedPages.count - Int((pages + 63) >> 6)) }

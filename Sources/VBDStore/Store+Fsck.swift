@@ -105,7 +105,8 @@ extension Store {
         try index.forEach(pager: pager) { chunk, fingerprint in
             if indexMembers.updateValue(fingerprint, forKey: chunk) != nil { problem("dedup index lists chunk \(chunk) twice") }
         }
-        var sectors = SpaceAllocator()
+        // Sectors of the chunks seen so far, 1 bit per sector, to find chunks that overlap.
+        var sectors: [UInt64] = []
         var live: [(UInt64, ChunkEntry)] = []
         var liveSectors: UInt64 = 0
         try chunks.records.forEachLeaf(pager: pager) { first, leaf in
@@ -120,11 +121,17 @@ extension Store {
                 if e.refcount != counted { problem("chunk \(n): refcount \(e.refcount) but \(counted) references") }
                 if indexMembers[n] != PagedDedupIndex.fingerprint(e.hash) { problem("chunk \(n): missing from the dedup index") }
                 if e.storedBytes == 0 || e.storedBytes > e.rawBytes + 64 { problem("chunk \(n): implausible stored length \(e.storedBytes)") }
-                for s in e.sector..<(e.sector + UInt64(e.sectorCount)) where !sectors.isFreeSector(s) {
-                    problem("chunk \(n): sector \(s) also used by another chunk")
-                    break
+                let chunkEnd = e.sector + UInt64(e.sectorCount)
+                if sectors.count < Int((chunkEnd + 63) >> 6) { sectors.append(contentsOf: repeatElement(0, count: Int((chunkEnd + 63) >> 6) - sectors.count)) }
+                var overlapReported = false
+                for s in e.sector..<chunkEnd {
+                    let w = Int(s >> 6), bit = UInt64(1) << (s & 63)
+                    if sectors[w] & bit != 0 && !overlapReported {
+                        problem("chunk \(n): sector \(s) also used by another chunk")
+                        overlapReported = true
+                    }
+                    sectors[w] |= bit
                 }
-                sectors.markUsedUnchecked(e.sector, count: e.sectorCount)
                 liveSectors += UInt64(e.sectorCount)
                 if !space.isUsedRange(e.sector, count: e.sectorCount) { problem("chunk \(n): its sectors are marked free") }
                 var s = e.sector
@@ -137,11 +144,9 @@ extension Store {
                 }
             }
         }
-        var mapped: UInt64 = 0
-        try sectorMap.forEachLeaf(pager: pager) { _, leaf in
-            for w in leaf.elements { mapped += UInt64(w.nonzeroBitCount) }
-        }
-        if mapped != liveSectors { problem("the sector map holds \(mapped) sectors, the chunks \(liveSectors)") }
+        let mapped = try countSectorMap()
+        if mapped.usedSectors != liveSectors { problem("the sector map holds \(mapped.usedSectors) sectors, the chunks \(liveSectors)") }
+        self.problems(ofSpaceSummaryAgainst: mapped).forEach(problem)
         for (m, _) in indexMembers where try !chunks.contains(m, pager: pager) { problem("dedup index lists free chunk \(m)") }
         if index.count != UInt64(live.count) { problem("dedup index has \(index.count) members for \(live.count) chunks") }
         if chunks.liveCount != UInt64(live.count) { problem("the chunk table counts \(chunks.liveCount) chunks, holds \(live.count)") }
@@ -165,18 +170,35 @@ extension Store {
     }
 }
 
-extension SpaceAllocator {
-    func isFreeSector(_ s: UInt64) -> Bool {
-        let w = Int(s >> 6)
-        return w >= bitmap.count || bitmap[w] & (1 << (s & 63)) == 0
+extension Store {
+    /// The free-space summary and the allocator against `counted` (the sector map recounted): the
+    /// summary must equal the count, and the allocator must hold exactly the map's sectors plus
+    /// its overlay. With `mutex` held.
+    func problems(ofSpaceSummaryAgainst counted: SpaceSummary) -> [String] {
+        mutex.assertOwned("problems(ofSpaceSummaryAgainst:)")
+        var found: [String] = []
+        if spaceSummary.usedSectors != counted.usedSectors {
+            found.append("free-space summary: \(spaceSummary.usedSectors) sectors in use, the sector map holds \(counted.usedSectors)")
+        }
+        if spaceSummary.endSector != counted.endSector {
+            found.append("free-space summary: ends at sector \(spaceSummary.endSector), the sector map at \(counted.endSector)")
+        }
+        if space.usedSectors != counted.usedSectors + space.overlaySectors {
+            found.append("space allocator: \(space.usedSectors) sectors in use, but the sector map holds \(counted.usedSectors) " +
+                         "and the allocator's own \(space.overlaySectors)")
+        }
+        if space.endSector < counted.endSector {
+            found.append("space allocator: ends at sector \(space.endSector), the sector map uses sectors up to \(counted.endSector)")
+        }
+        return found
     }
 
-    func isUsedRange(_ sector: UInt64, count: Int) -> Bool {
-        (sector..<sector + UInt64(count)).allSatisfy { !isFreeSector($0) }
-    }
-
-    mutating func markUsedUnchecked(_ sector: UInt64, count: Int) {
-        for s in sector..<sector + UInt64(count) where isFreeSector(s) { markUsed(s, count: 1) }
+    /// `problems(ofSpaceSummaryAgainst:)` after a full recount, for tests and the simulator.
+    public func spaceSummaryProblems() throws -> [String] {
+        try mutex.withLock { () throws -> [String] in
+            defer { pager.trim() }
+            return problems(ofSpaceSummaryAgainst: try countSectorMap())
+        }
     }
 }
 

@@ -563,8 +563,10 @@ extension Store {
     static let imageTableMagic: UInt32 = 0x5449_4256                // "VBIT"
     /// 3: journals hold markers (docs/FORMAT.md). A version-2 store is read: its journals have
     /// no marker, and each of their frames was synced after its data (see `replayJournal`).
-    static let formatVersion: UInt32 = 3
-    static let formatVersionsRead: ClosedRange<UInt32> = 2...3
+    /// 4: the superblock holds the free-space summary (`SpaceSummary`); a store of an older
+    /// version gets it from one pass over its sector map at open, and its next commit writes 4.
+    static let formatVersion: UInt32 = 4
+    static let formatVersionsRead: ClosedRange<UInt32> = 2...4
 
     /// Commits the metadata pages changed since the last commit and switches the superblock to
     /// them; the journal starts empty afterwards. The pages are written without the store lock:
@@ -921,6 +923,7 @@ extension Store {
     //   dedup buckets: u64 root | u8 levels; u8 level; u64 split; u64 count
     //   sector map: u64 root | u8 levels
     //   image table: u64 root | u8 levels | u64 bytes | u64 checksum
+    //   (format 4) free-space summary: u64 sectors in the sector map | u64 its end sector
     //   u64 XXH3-64 of everything before it
     func encodeSuperblock(generation: UInt64, pageTable root: PageTableRoot) -> [UInt8] {
         var w = BinaryWriter(capacity: Store.superblockSlotBytes)
@@ -934,6 +937,7 @@ extension Store {
         w.u64(sectorMap.root.rawValue); w.u8(UInt8(sectorMap.levels))
         w.u64(imageTable.root.rawValue); w.u8(UInt8(imageTable.levels))
         w.u64(UInt64(committedImageTable.count)); w.u64(metadataChecksum(committedImageTable))
+        w.u64(spaceSummary.usedSectors); w.u64(spaceSummary.endSector)
         w.u64(metadataChecksum(w.bytes))
         w.raw([UInt8](repeating: 0, count: Store.superblockSlotBytes - w.bytes.count))
         return w.bytes
@@ -949,9 +953,13 @@ extension Store {
         var imageTable: PagedArray<UInt64>
         var imageTableBytes: UInt64
         var imageTableChecksum: UInt64
+        /// Nil in a slot of format 2 or 3, which has none.
+        var spaceSummary: SpaceSummary?
     }
 
-    static let superblockBytesUsed = 8 + 4 + 8 + 8 + (8 + 8 + 1 + 8) + (9 + 9 + 8 + 8 + 8) + (9 + 1 + 8 + 8) + 9 + (9 + 8 + 8) + 8
+    /// Bytes of a format-2/3 slot, and of a format-4 slot (the free-space summary added).
+    static let superblockBytesUsedFormat3 = 8 + 4 + 8 + 8 + (8 + 8 + 1 + 8) + (9 + 9 + 8 + 8 + 8) + (9 + 1 + 8 + 8) + 9 + (9 + 8 + 8) + 8
+    static let superblockBytesUsed = superblockBytesUsedFormat3 + 16
 
     /// The valid slots, newest first, the numbers of slots that were written but fail their
     /// checks (a slot of zeroes was never written), and whether a format-1 slot was seen.
@@ -960,9 +968,14 @@ extension Store {
         var slots: [SuperblockSlot] = []
         var damaged: [Int] = []
         var format1 = false
-        let n = Store.superblockBytesUsed
         for k in 0..<2 {
             let at = k * Store.superblockSlotBytes
+            // The version (bytes 8..<12) says how long the slot is.
+            var n = Store.superblockBytesUsedFormat3
+            if bytes.count >= at + 12 {
+                let version = UInt32(bytes[at + 8]) | UInt32(bytes[at + 9]) << 8 | UInt32(bytes[at + 10]) << 16 | UInt32(bytes[at + 11]) << 24
+                if version >= 4 { n = Store.superblockBytesUsed }
+            }
             guard bytes.count >= at + n else {
                 if bytes.count > at && bytes[at...].contains(where: { $0 != 0 }) { damaged.append(k) }
                 continue
@@ -975,7 +988,8 @@ extension Store {
             do {
                 let magic = try r.u64()
                 if magic == Store.superblockMagicFormat1 { format1 = true; continue }
-                guard magic == Store.superblockMagic, Store.formatVersionsRead.contains(try r.u32()) else { throw BinaryReader.Malformed(position: 0) }
+                let version = try r.u32()
+                guard magic == Store.superblockMagic, Store.formatVersionsRead.contains(version) else { throw BinaryReader.Malformed(position: 0) }
                 let gen = try r.u64(), sec = try r.u64()
                 let pt = PageTableRoot(page: PageNumber(try r.u64()), version: PageVersion(packed: try r.u64()),
                                        levels: try level(try r.u8()), pageCount: try r.u64())
@@ -989,13 +1003,15 @@ extension Store {
                 let sm = PagedArray<UInt64>(root: PageNumber(try r.u64()), levels: try level(try r.u8()))
                 let it = PagedArray<UInt64>(root: PageNumber(try r.u64()), levels: try level(try r.u8()))
                 let itBytes = try r.u64(), itSum = try r.u64()
+                let summary = version >= 4 ? SpaceSummary(usedSectors: try r.u64(), endSector: try r.u64()) : nil
                 let check = try r.u64()
                 guard check == metadataChecksum(Array(bytes[at..<at + n - 8])), d.level < 64,
                       d.split < UInt64(1) << UInt64(d.level) || (d.level == 0 && d.split == 0), c.end >= 1 else {
                     throw BinaryReader.Malformed(position: 0)
                 }
                 slots.append(SuperblockSlot(generation: gen, secret: sec, pageTable: pt, chunks: c, index: d, sectorMap: sm,
-                                            imageTable: it, imageTableBytes: itBytes, imageTableChecksum: itSum))
+                                            imageTable: it, imageTableBytes: itBytes, imageTableChecksum: itSum,
+                                            spaceSummary: summary))
             } catch {
                 if bytes[at..<at + n].contains(where: { $0 != 0 }) { damaged.append(k) }
             }
@@ -1039,6 +1055,16 @@ extension Store {
             throw StoreError.corrupted("no usable commit: " + damage.joined(separator: "; "))
         }
         generation = slot.generation
+        if let summary = slot.spaceSummary {
+            spaceSummary = summary
+        } else {
+            // A store of format 2 or 3 has no summary: one pass over the sector map, before the
+            // replay updates it; the next commit writes it (format 4).
+            let readsBefore = pager.reads
+            spaceSummary = try countSectorMap()
+            recoveryWarnings.append("the superblock (format 3 or older) has no free-space summary: built it from the sector map " +
+                                    "(\(pager.reads - readsBefore) metadata pages read); the next commit stores it (format 4)")
+        }
         // Replay the journal's valid prefix.
         let journalName = "journal-\(generation)"
         if options.readOnly {
@@ -1088,7 +1114,7 @@ extension Store {
                                     (chain.count > 1 ? ", so nothing flushed was lost" :
                                         "; if that was not the newest generation, changes made after it are lost (run fsck)"))
         }
-        try rebuildSpace()
+        try attachSpace()
         guard !options.readOnly else { return }
         // Files outside the generations the slots and the chain name are leftovers of an
         // interrupted commit. (Everything from the older valid slot on may be a way back.)
@@ -1243,19 +1269,28 @@ extension Store {
         }
     }
 
-    /// The allocator follows from the sector map: everything else in the data file is free.
-    func rebuildSpace() throws {
-        var words: [UInt64] = []
+    /// The allocator of the sector map as the free-space summary describes it (no pass over the
+    /// map); what the file holds past the summary's end the crash left unreferenced, and goes.
+    func attachSpace() throws {
+        space = SpaceAllocator(endSector: spaceSummary.endSector, usedSectors: spaceSummary.usedSectors) { [unowned self] leaf in
+            try? self.sectorMap.leafElements(leaf, pager: self.pager)
+        }
+        let end = spaceSummary.endSector * UInt64(Limits.sectorBytes)
+        if !options.readOnly, try dataFile.size() > end {
+            try dataFile.truncate(to: end)
+        }
+    }
+
+    /// The summary recounted from the sector map's pages (all of them): for a store of format 3,
+    /// and for fsck.
+    func countSectorMap() throws -> SpaceSummary {
+        var summary = SpaceSummary()
         try sectorMap.forEachLeaf(pager: pager) { first, leaf in
-            let at = Int(first)
-            if words.count < at + leaf.elements.count { words.append(contentsOf: repeatElement(0, count: at + leaf.elements.count - words.count)) }
-            for (k, w) in leaf.elements.enumerated() { words[at + k] = w }
+            for (k, w) in leaf.elements.enumerated() where w != 0 {
+                summary.usedSectors += UInt64(w.nonzeroBitCount)
+                summary.endSector = (first + UInt64(k)) * 64 + UInt64(64 - w.leadingZeroBitCount)
+            }
         }
-        space = SpaceAllocator(bitmapWords: words)
-        // Give back what the crash left allocated but unreferenced past the last live chunk.
-        let used = space.endSector * UInt64(Limits.sectorBytes)
-        if try dataFile.size() > used && !options.readOnly {
-            try dataFile.truncate(to: used)
-        }
+        return summary
     }
 }

@@ -27,3 +27,17 @@ extension Store {
     /// caller; this is what the allocator believes is in use.
     public var storedBytes: UInt64 { mutex.withLock { space.usedSectors * UInt64(Limits.sectorBytes) } }
 }
+
+extension Store {
+    /// Holds `count` sectors of the data file in use without a chunk, as a write in flight does
+    /// (until the store closes), so that the next chunks land past them: how a test spreads a few
+    /// chunks over many sector-map pages without writing gigabytes.
+    public func testingHoldDataSectors(_ count: Int) {
+        mutex.withLock { _ = space.allocate(count) }
+    }
+
+    /// The free-space summary as the store holds it now: sectors in the sector map, its end.
+    public var spaceSummaryFigures: (usedSectors: UInt64, endSector: UInt64) {
+        mutex.withLock { (spaceSummary.usedSectors, spaceSummary.endSector) }
+    }
+}

@@ -201,18 +201,3 @@ extension Store {
     /// millisecond of bitmap scanning).
     static let gcPagesPerHold: UInt64 = 1 << 18
 }
-
-extension SpaceAllocator {
-    /// One past the last used sector.
-    var endSectorInUse: UInt64 {
-        var w = bitmap.count
-        while w > 0 && bitmap[w - 1] == 0 { w -= 1 }
-        guard w > 0 else { return 0 }
-        return UInt64(w - 1) * 64 + UInt64(64 - bitmap[w - 1].leadingZeroBitCount)
-    }
-
-    mutating func trimEnd() {
-        let end = endSectorInUse
-        setEndSector(end)
-    }
-}

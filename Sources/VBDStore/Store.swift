@@ -56,7 +56,7 @@ import VBDCache
 //                      no write is acknowledged after it.
 //   3. mutex           (StoreMutex) all metadata: `pager` (its cache and page table), images
 //                      and their maps, `chunks` (entries, free numbers, generations), `index`,
-//                      `sectorMap`, `space` (including pages reserved while being punched),
+//                      `sectorMap`, `spaceSummary`, `space` (including pages reserved while being punched),
 //                      `pending`, generation/journal counters, `closed`, `poisoned`. Functions named *Locked, `cacheKey`, `retainChunk`,
 //                      `releaseChunk` and `loadChunk(lockHeld: true)` need it and assert it in
 //                      debug builds (`StoreMutex.assertOwned`). Hashing, compression, data-file
@@ -141,8 +141,12 @@ public final class Store: @unchecked Sendable {
     var index = PagedDedupIndex()
     /// Sectors of the data file held by installed chunks, 1 bit per sector: changed only by the
     /// records (`apply`), so it is exactly what the committed chunk table holds. `space` (the
-    /// allocator, with its deferred frees and reservations) is rebuilt from it at open.
+    /// allocator) reads it through the pager and keeps only what it does not hold (allocations
+    /// in flight, frees not yet durable, punch reservations) in memory.
     var sectorMap = PagedArray<UInt64>()
+    /// The sector map's counts, committed in the superblock with it, so that an open needs no
+    /// pass over the map (see `SpaceSummary`).
+    var spaceSummary = SpaceSummary()
     /// The encoded image table (images, their map roots, group names) as bytes in 8-byte words.
     var imageTable = PagedArray<UInt64>()
     var space = SpaceAllocator()
@@ -291,6 +295,7 @@ public final class Store: @unchecked Sendable {
             // need it assert it" true for recovery and the first checkpoint too.
             try mutex.withLock { () throws in
                 if create {
+                    try attachSpace()
                     try commitHoldingLock()
                     // Every page of a new store is in memory: nothing to probe for until one is evicted.
                     pageProbeWanted.store(false, ordering: .relaxed)
@@ -370,6 +375,17 @@ public final class Store: @unchecked Sendable {
     }
 }
 
+/// The free-space summary: the sector map's counts, committed in the superblock with the pages
+/// (format 4), so that an open learns what the allocator needs from the superblock alone and the
+/// map's pages are read on demand. Changed by the records only (`Store.setSectors`), so replay
+/// keeps it exact; fsck recounts it.
+struct SpaceSummary: Equatable {
+    /// Sectors the sector map holds (its set bits).
+    var usedSectors: UInt64 = 0
+    /// One past the highest sector in the sector map (0 when empty).
+    var endSector: UInt64 = 0
+}
+
 /// A block that reads as zeroes but is allocated (WRITE_ZEROES with NO_HOLE): reported as data,
 /// not a hole, and holds no chunk.
 let zeroAllocatedChunk: UInt64 = 1 << 63
@@ -403,7 +419,8 @@ extension Store: ChunkReferenceCounter {
         try chunks.releaseNumber(chunk, pager: pager)
     }
 
-    /// Marks a chunk's sectors in the persistent sector map (records only: see `sectorMap`).
+    /// Marks a chunk's sectors in the persistent sector map and its summary (records only: see
+    /// `sectorMap`); live, an installed chunk's sectors leave the allocator's overlay.
     func setSectors(_ sector: UInt64, count: Int, inUse: Bool) throws {
         var s = sector
         let end = sector + UInt64(count)
@@ -421,6 +438,34 @@ extension Store: ChunkReferenceCounter {
             }
             leaf.elements[i] = bits
         }
+        if inUse {
+            spaceSummary.usedSectors += UInt64(count)
+            spaceSummary.endSector = max(spaceSummary.endSector, end)
+            if !replaying { space.noteInstalled(sector, count: count) }
+        } else {
+            spaceSummary.usedSectors -= UInt64(count)
+            // The last chunk went: the end moves back to the next one below (pages read backwards
+            // from here, the ones just changed first; each later scan starts lower).
+            if end == spaceSummary.endSector { spaceSummary.endSector = try sectorMapEnd(below: sector) }
+        }
+    }
+
+    /// One past the highest sector the sector map holds below `limit` (0 if none).
+    func sectorMapEnd(below limit: UInt64) throws -> UInt64 {
+        let perLeaf = SpaceAllocator.wordsPerLeaf
+        var w = Int((limit + 63) >> 6) - 1
+        while w >= 0 {
+            let k = w / perLeaf
+            let words = try sectorMap.leafElements(UInt64(k), pager: pager)
+            var i = words.isEmpty ? -1 : w - k * perLeaf
+            while i >= 0 {
+                let bits = words[i] & (k * perLeaf + i == Int(limit >> 6) ? (UInt64(1) << (limit & 63)) &- 1 : ~0)
+                if bits != 0 { return UInt64(k * perLeaf + i) * 64 + UInt64(64 - bits.leadingZeroBitCount) }
+                i -= 1
+            }
+            w = k * perLeaf - 1
+        }
+        return 0
     }
 
     /// With `mutex` held: the cache key of `chunk` as it is now, (generation << 48 | number).
