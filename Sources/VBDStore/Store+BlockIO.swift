@@ -233,7 +233,14 @@ extension Store {
         var blockShift: UInt8 = 0
         var refs: [(key: UInt64, group: SharingGroupID, hash: ContentHash)] = []
         do {
-            defer { mutex.unlock() }
+            // A metadata page not in the cache is not read here (under the store lock, on an event
+            // loop): the lookup throws and the ordinary read loads it without the lock.
+            pager.missesThrow = true
+            defer {
+                pager.missesThrow = false
+                _ = pager.takeMisses()
+                mutex.unlock()
+            }
             // The record directly, not viewLocked: no name string to build on the fast path.
             guard !closed, let image = images[id] else { return nil }
             let (end, overflow) = offset.addingReportingOverflow(length)

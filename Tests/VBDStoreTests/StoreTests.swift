@@ -525,6 +525,53 @@ import VBDCache
     }
 }
 
+extension StoreTests {
+    /// The event-loop fast path reads no content page of the metadata (map leaves, chunk records):
+    /// with them out of the cache it declines, and the ordinary read that follows loads them
+    /// without the lock. Page-table pages are still read in place (a few, then kept cached).
+    @Test func cachedReadFastPathReadsNoMetadataPage() throws {
+        let dir = TemporaryStoreDirectory()
+        var options = Store.Options()
+        options.metadataCacheBytes = 256 << 10
+        options.commitDirtyPagesMax = 64
+        let count = 16_384
+        do {
+            let store = try Store.initialize(path: dir.path, options: options)
+            try store.createVolume(name: "v", size: UInt64(count) * 4096)
+            let v = try store.device(named: "v")
+            for n in stride(from: 0, to: count, by: 64) {
+                var buf = [UInt8](repeating: 0, count: 4096 * 64)
+                for k in 0..<64 { withUnsafeBytes(of: UInt64(n + k + 1)) { buf.replaceSubrange(k * 4096..<k * 4096 + 8, with: $0) } }
+                try v.write(buf, at: UInt64(n) * 4096)
+            }
+            try store.close()
+        }
+        options.cache = BlockCache(configuration: .init(capacityBytes: 64 << 20))
+        let store = try Store.open(path: dir.path, options: options)
+        let id = try store.info("v").id
+        let v = try store.device(named: "v")
+        var g = SplitMix64(seed: 5)
+        var served = 0
+        var fastPathPageReads = 0
+        for _ in 0..<300 {
+            let i = Int(g.next() % UInt64(count))
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            let before = store.metadataPageReads.all
+            let fast = buffer.withUnsafeMutableBytes { store.readIfCached(image: id, offset: UInt64(i) * 4096, into: $0) }
+            fastPathPageReads += store.metadataPageReads.all - before
+            if fast != nil {
+                served += 1
+                #expect(buffer.withUnsafeBytes { $0.load(as: UInt64.self) } == UInt64(i + 1))
+            }
+            #expect(try v.read(4096, at: UInt64(i) * 4096).withUnsafeBytes { $0.load(as: UInt64.self) } == UInt64(i + 1))
+        }
+        #expect(store.metadataPageReads.all > 100, "the pages were not cached")
+        #expect(fastPathPageReads <= 4, "the fast path read \(fastPathPageReads) metadata pages")
+        print("fast path served \(served) of 300, read \(fastPathPageReads) pages")
+        try store.close()
+    }
+}
+
 @Suite struct UsageTests {
     @Test func sharesUseAlmostNoNewSpaceAndFairSharesAddUp() throws {
         let dir = TemporaryStoreDirectory()
