@@ -479,26 +479,31 @@ import VBDCache
 }
 
 @Suite struct PageMissTests {
+    /// Writes and closes a store with volume "v" of `count` blocks, block i starting with i + 1,
+    /// whose metadata is many times the 256 KiB cache of the options returned (for reopening it).
+    static func storeOfNumberedBlocks(_ dir: TemporaryStoreDirectory, count: Int) throws -> Store.Options {
+        var options = Store.Options()
+        options.metadataCacheBytes = 256 << 10
+        options.commitDirtyPagesMax = 64
+        let store = try Store.initialize(path: dir.path, options: options)
+        try store.createVolume(name: "v", size: UInt64(count) * 4096)
+        let v = try store.device(named: "v")
+        for n in stride(from: 0, to: count, by: 64) {
+            var buf = [UInt8](repeating: 0, count: 4096 * 64)
+            for k in 0..<64 { withUnsafeBytes(of: UInt64(n + k + 1)) { buf.replaceSubrange(k * 4096..<k * 4096 + 8, with: $0) } }
+            try v.write(buf, at: UInt64(n) * 4096)
+        }
+        try store.close()
+        return options
+    }
+
     /// A store whose metadata is many times its cache: reads and writes of blocks whose pages are
     /// not cached read those pages after letting go of the store lock (a probe finds them first),
     /// not while holding it; the data is right either way.
     @Test func uncachedMetadataIsReadWithoutTheStoreLock() throws {
         let dir = TemporaryStoreDirectory()
-        var options = Store.Options()
-        options.metadataCacheBytes = 256 << 10
-        options.commitDirtyPagesMax = 64
         let count = 32_768
-        do {
-            let store = try Store.initialize(path: dir.path, options: options)
-            try store.createVolume(name: "v", size: UInt64(count) * 4096)
-            let v = try store.device(named: "v")
-            for n in stride(from: 0, to: count, by: 64) {
-                var buf = [UInt8](repeating: 0, count: 4096 * 64)
-                for k in 0..<64 { withUnsafeBytes(of: UInt64(n + k + 1)) { buf.replaceSubrange(k * 4096..<k * 4096 + 8, with: $0) } }
-                try v.write(buf, at: UInt64(n) * 4096)
-            }
-            try store.close()
-        }
+        let options = try Self.storeOfNumberedBlocks(dir, count: count)
         let store = try Store.open(path: dir.path, options: options)
         let v = try store.device(named: "v")
         var g = SplitMix64(seed: 3)
@@ -523,29 +528,14 @@ import VBDCache
         #expect(store.fsck().isClean)
         try store.close()
     }
-}
 
-extension StoreTests {
     /// The event-loop fast path reads no content page of the metadata (map leaves, chunk records):
     /// with them out of the cache it declines, and the ordinary read that follows loads them
     /// without the lock. Page-table pages are still read in place (a few, then kept cached).
     @Test func cachedReadFastPathReadsNoMetadataPage() throws {
         let dir = TemporaryStoreDirectory()
-        var options = Store.Options()
-        options.metadataCacheBytes = 256 << 10
-        options.commitDirtyPagesMax = 64
         let count = 16_384
-        do {
-            let store = try Store.initialize(path: dir.path, options: options)
-            try store.createVolume(name: "v", size: UInt64(count) * 4096)
-            let v = try store.device(named: "v")
-            for n in stride(from: 0, to: count, by: 64) {
-                var buf = [UInt8](repeating: 0, count: 4096 * 64)
-                for k in 0..<64 { withUnsafeBytes(of: UInt64(n + k + 1)) { buf.replaceSubrange(k * 4096..<k * 4096 + 8, with: $0) } }
-                try v.write(buf, at: UInt64(n) * 4096)
-            }
-            try store.close()
-        }
+        var options = try Self.storeOfNumberedBlocks(dir, count: count)
         options.cache = BlockCache(configuration: .init(capacityBytes: 64 << 20))
         let store = try Store.open(path: dir.path, options: options)
         let id = try store.info("v").id
