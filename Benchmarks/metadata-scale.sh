@@ -20,6 +20,8 @@
 # 4. sizes: the data file, meta, and the server's peak RSS (VmHWM) against the metadata cache;
 # 5. rates (RATES_SECONDS, default 15; 0 skips): 4 KiB random reads and writes at QD16 with a
 #    metadata cache of a tenth of the metadata, then with one that holds all of it, and the ratio.
+# READER_SIZE=N confines the stall runs' reader to the volume's first N bytes, read once before
+# them (see below).
 # COMPRESS (default 50) is fio's buffer_compress_percentage: 95 keeps a 32 M-chunk store's data
 # file within a small disk (every block is still unique).
 # Everything runs in a temporary directory (TMPDIR) that is removed at the end, except the store
@@ -101,8 +103,17 @@ fi
 : >"$work/server.err"   # the lock summary below covers the stall runs, not the fill
 [ -z "${FILL_ONLY:-}" ] || exit 0   # FILL_ONLY=1 (with STORE): fill and stop
 
+# READER_SIZE=N (bytes, fio's suffixes): the reader reads only the volume's first N bytes, read once
+# before the runs, so that its reads find their data in the page cache and what it waits for is
+# the commits, not a disk holding a data file larger than the page cache (unset: the whole volume).
+reader_span=()
+if [ -n "${READER_SIZE:-}" ]; then
+    reader_span=(--size="$READER_SIZE")
+    s=$(now); fio_job warm --rw=read --bs=1M --iodepth=8 --size="$READER_SIZE" >/dev/null; e=$(now)
+    printf 'reader: the first %s of the volume, read once beforehand in %.1f s\n' "$READER_SIZE" "$(echo "$e - $s" | bc)"
+fi
 reader() {  # prints max and p99.9 latency in ms of a QD1 4k random reader; every I/O in $work/$1_lat.1.log
-    fio_job reader --rw=randread --bs=4k --iodepth=1 --time_based=1 --runtime="$stall_seconds" \
+    fio_job reader --rw=randread --bs=4k --iodepth=1 --time_based=1 --runtime="$stall_seconds" "${reader_span[@]}" \
         --write_lat_log="$work/$1" --log_avg_msec=0 --log_unix_epoch=1 --lat_percentiles=1 --clat_percentiles=0 --percentile_list=99.9 >"$work/$1.json" 2>"$work/$1.err" || { cat "$work/$1.err" >&2; exit 1; }
     /usr/bin/python3 -c '
 import json, sys

@@ -506,7 +506,7 @@ final class MetadataPager {
 
     /// While true, a content page that is not cached is not read: it is noted in `misses` and
     /// `PageMiss` is thrown, so that a probe under the store lock learns which pages an operation
-    /// needs, and the store reads them after letting go of the lock (`Store.loadPagesOutsideLock`).
+    /// needs, and the store reads them after letting go of the lock (Store+PageMisses.swift).
     /// Page-table pages are still read in place: few, and mostly cached.
     var missesThrow = false
     /// Called when a page is read in place or evicted: the store probes again (`Store.pageProbeWanted`).

@@ -327,15 +327,9 @@ extension Store {
             }
             return (v, refs)
         }
-        if !holdingLock {
-            loadPagesOutsideLock {
-                guard let (v, image) = try? self.viewLocked(id), (try? self.checkRange(v, offset: offset, length: length)) != nil else { return }
-                self.probeRead(image, blocks: (offset >> UInt64(v.blockShift))...((offset + length - 1) >> UInt64(v.blockShift)))
-            }
-        }
         if holdingLock { mutex.lock() }
         defer { if holdingLock { mutex.unlock() } }
-        let (view, refs) = holdingLock ? try copyRefs() : try mutex.withLock(copyRefs)
+        let (view, refs) = holdingLock ? try copyRefs() : try withLockReadingPagesOutside(copyRefs)
         let bs = UInt64(view.blockSize)
         let first = offset / bs
         var fromDisk: [(block: Int, bytes: Range<Int>)] = []
@@ -532,8 +526,7 @@ extension Store {
             }
         }
         // B: dedup against stored chunks, byte-verified; what is new is claimed until phase F.
-        loadPagesOutsideLock { probeDedup(blocks.lazy.filter { !$0.isZero }.map(\.hash)) }
-        try mutex.withLock { () throws(BlockDeviceError) in
+        try withLockAfterLoadingPages(probe: { probeDedup(blocks.lazy.filter { !$0.isZero }.map(\.hash)) }) { () throws(BlockDeviceError) in
             for i in blocks.indices where !blocks[i].isZero {
                 if let c = try findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, group: view.group, volume: view.id) {
                     do throws(BlockDeviceError) { try metadata { try retainChunk(c) } } catch {
@@ -611,11 +604,10 @@ extension Store {
                 }
             }
         }
-        loadPagesOutsideLock {
+        try withLockAfterLoadingPages(probe: {
             guard let image = images[view.id] else { return }
             probeWrite(image, blocks: blocks.map { ($0.block, $0.chunk, $0.isNew ? $0.hash : nil) })
-        }
-        try mutex.withLock { () throws(BlockDeviceError) in
+        }) { () throws(BlockDeviceError) in
             // From here to the end of this hold the phase-B references become map references.
             for b in blocks where !b.isZero && !b.isNew && b.chunk != 0 { noteWriteReferenceLocked(b.chunk, taken: false) }
             guard images[view.id] != nil else {

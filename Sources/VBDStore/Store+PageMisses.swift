@@ -6,53 +6,113 @@ import VBDCore
 // paths need pages while holding the store lock. At 32 M chunks with a 256 MiB metadata cache
 // most dedup buckets and map leaves are not cached, and a read from a disk busy writing back the
 // data file took up to 388 ms with the lock held (1.3 ms of it on the CPU): every other request
-// of every volume waited. So before its locked step, an operation runs a probe under the lock
-// that walks the same pages read-only with `MetadataPager.missesThrow` set, the pages it missed
-// are read after the lock is released, and they join the cache under the lock again. The probe
-// repeats (a page read can lead to deeper pages) a bounded number of rounds; what it did not
-// foresee, or what was evicted meanwhile, is still read under the lock, as before.
+// of every volume waited. So a read's locked step runs with `MetadataPager.missesThrow` set and is
+// abandoned at its first uncached page; the pages it missed are read after the lock is released,
+// they join the cache under the lock again, and the step runs again. A write's locked steps change
+// state as they go and cannot be abandoned, so a probe walks the same pages read-only first, in
+// the same hold. Either repeats (a page read can lead to deeper pages) a bounded number of rounds;
+// what a probe did not foresee, or what was evicted meanwhile, is still read under the lock.
+
+/// What one locked round of `Store.withLockAfterLoadingPages` or `withLockReadingPagesOutside` came to.
+enum PageLoadingOutcome<T> {
+    case done(T)
+    /// Pages to read without the lock before the next round.
+    case missed([PageMiss])
+}
 
 extension Store {
     /// Probe rounds per operation: a map path, a chunk record and a dedup bucket chain are each a
     /// few pages deep.
     static let pageProbeRoundsMax = 4
+    /// Probes in a row that must find every page cached, with no page ever evicted, before the
+    /// write paths stop probing. One clean probe is not enough: while the cache still fills
+    /// after an open, a probe that happens to touch only loaded pages would turn probing off,
+    /// and the next operation to need a page not yet loaded would read it from the disk under
+    /// the lock (a 68 ms hold at 2 M chunks with the page cache cold).
+    static let pageProbeCleanRunMin = 1024
 
-    /// Runs `probe` under the store lock with misses noted instead of read, reads the missed
-    /// pages without the lock, adds them to the cache, and repeats until the probe misses
-    /// nothing or after `pageProbeRoundsMax` rounds. `probe` must only read metadata; it is told
-    /// to carry on past a `PageMiss` (each item in its own `try?`) so that one round finds the
-    /// misses of all its items. Skipped (without taking the lock) once a probe found everything
-    /// cached and the cache never evicted a page, until a page is read in place or evicted: then
-    /// the working set is cached, and the probe would only cost CPU and a lock hold.
-    func loadPagesOutsideLock(_ probe: () -> Void) {
-        guard pageProbeWanted.load(ordering: .relaxed) else { return }
+    /// Runs `step` under the store lock once the pages it needs are cached. Before it, in the same
+    /// hold, `probe` walks those pages read-only with `MetadataPager.missesThrow` set; when it
+    /// misses pages, the lock is let go, they are read, and the next round adopts them under the
+    /// lock and probes again, for at most `pageProbeRoundsMax` rounds. What the probe did not
+    /// foresee, or what was evicted meanwhile, is still read in place by `step`. `probe` must only
+    /// read metadata and carry on past a `PageMiss` (each item in its own `try?`) so that one
+    /// round finds the misses of all its items. The probe is skipped (see `pageProbeWanted`)
+    /// after `pageProbeCleanRunMin` clean probes with nothing ever evicted, until a page is read
+    /// in place or evicted: then the working set is cached, and the probe would only cost CPU.
+    func withLockAfterLoadingPages<T, E: Error>(file: StaticString = #fileID, line: UInt = #line,
+                                                probe: () -> Void,
+                                                _ step: () throws(E) -> T) throws(E) -> T {
         var loaded: [(PageMiss, any MetadataPageObject)] = []
         for round in 0...Self.pageProbeRoundsMax {
-            let misses: [PageMiss] = mutex.withLock {
+            let outcome = try mutex.withLock(file: file, line: line) { () throws(E) -> PageLoadingOutcome<T> in
                 for (miss, object) in loaded { pager.adopt(miss, object) }
-                guard round < Self.pageProbeRoundsMax else { return [] }
+                if round < Self.pageProbeRoundsMax, pageProbeWanted.load(ordering: .relaxed) {
+                    pager.missesThrow = true
+                    probe()
+                    pager.missesThrow = false
+                    let misses = pager.takeMisses()
+                    if !misses.isEmpty || pager.evictions != 0 {
+                        pageProbeCleanRun = 0
+                    } else {
+                        pageProbeCleanRun += 1
+                        if pageProbeCleanRun >= Self.pageProbeCleanRunMin { pageProbeWanted.store(false, ordering: .relaxed) }
+                    }
+                    if !misses.isEmpty { return .missed(misses) }
+                }
+                // Everything the probe foresaw is cached: the step runs in the same hold, and
+                // reads in place only what the probe did not foresee.
+                return .done(try step())
+            }
+            switch outcome {
+            case .done(let result): return result
+            case .missed(let misses): loaded = Self.readOutsideLock(misses, from: pager.file)
+            }
+        }
+        preconditionFailure("the last round runs the step")
+    }
+
+    /// Runs the read-only `step` under the store lock with misses noted instead of read: when it
+    /// needs a page that is not cached, it is abandoned, the lock let go, the missed pages read,
+    /// and `step` runs again with them adopted, so a read never waits for the disk while holding
+    /// the lock and needs no separate probe. After `pageProbeRoundsMax` rounds it runs once more
+    /// reading in place what it still misses. `step` must change nothing before its last page lookup.
+    func withLockReadingPagesOutside<T>(file: StaticString = #fileID, line: UInt = #line,
+                                        _ step: () throws(BlockDeviceError) -> T) throws(BlockDeviceError) -> T {
+        var loaded: [(PageMiss, any MetadataPageObject)] = []
+        for _ in 0..<Self.pageProbeRoundsMax {
+            let outcome = try mutex.withLock(file: file, line: line) { () throws(BlockDeviceError) -> PageLoadingOutcome<T> in
+                for (miss, object) in loaded { pager.adopt(miss, object) }
                 pager.missesThrow = true
-                probe()
-                pager.missesThrow = false
-                let misses = pager.takeMisses()
-                if misses.isEmpty && pager.evictions == 0 { pageProbeWanted.store(false, ordering: .relaxed) }
-                return misses
+                defer { pager.missesThrow = false }
+                do throws(BlockDeviceError) {
+                    let result = try step()
+                    let misses = pager.takeMisses()
+                    return misses.isEmpty ? .done(result) : .missed(misses)
+                } catch {
+                    let misses = pager.takeMisses()
+                    if misses.isEmpty { throw error }
+                    return .missed(misses)
+                }
             }
-            guard !misses.isEmpty else { return }
-            loaded = []
-            for miss in misses {
-                // A page that cannot be read is left to the locked step, which reports it.
-                if let object = try? miss.read(from: pager.file) { loaded.append((miss, object)) }
+            switch outcome {
+            case .done(let result): return result
+            case .missed(let misses): loaded = Self.readOutsideLock(misses, from: pager.file)
             }
+        }
+        return try mutex.withLock(file: file, line: line) { () throws(BlockDeviceError) -> T in
+            for (miss, object) in loaded { pager.adopt(miss, object) }
+            return try step()
         }
     }
 
-    /// The pages a read of blocks `first...last` of `image` needs: its map path and chunk records.
-    func probeRead(_ image: Image, blocks: ClosedRange<UInt64>) {
-        for b in blocks {
-            guard let c = try? image.root.lookup(b, pager: pager), c != 0, c < zeroAllocatedChunk else { continue }
-            _ = try? chunks.entry(c, pager: pager)
+    /// Reads missed pages; a page that cannot be read is left to the locked step, which reports it.
+    private static func readOutsideLock(_ misses: [PageMiss], from file: any StorageFile) -> [(PageMiss, any MetadataPageObject)] {
+        var loaded: [(PageMiss, any MetadataPageObject)] = []
+        for miss in misses {
+            if let object = try? miss.read(from: file) { loaded.append((miss, object)) }
         }
+        return loaded
     }
 
     /// The pages phase F of a write needs, read-only: each block's map path, the record of the

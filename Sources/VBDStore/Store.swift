@@ -186,10 +186,13 @@ public final class Store: @unchecked Sendable {
     /// New contents (by hash) that writes in flight found unstored in phase B and have not yet
     /// published (phase F): one entry per content, so bounded by the blocks of requests in flight.
     var newContentInFlight: [ContentHash: NewContentClaim] = [:]
-    /// Whether the block I/O paths probe for uncached metadata pages before their locked steps
-    /// (Store+PageMisses.swift): off once a probe found everything cached with nothing ever
-    /// evicted, on again when a page is read in place or evicted.
+    /// Whether the write paths probe for uncached metadata pages before their locked steps
+    /// (Store+PageMisses.swift): off once `pageProbeCleanRunMin` probes in a row found everything
+    /// cached with nothing ever evicted, on again when a page is read in place or evicted.
     let pageProbeWanted = Atomic<Bool>(true)
+    /// Probes in a row that found every page cached with nothing evicted (see `pageProbeCleanRunMin`).
+    /// Guarded by `mutex` (the pager's callback runs under it too).
+    var pageProbeCleanRun = 0
     /// Incomplete volumes (see `createIncompleteVolume`) whose filler is running in this process.
     var incompleteInUse: Set<String> = []
     /// Why writes are refused: an earlier failure, or a read-only open.
@@ -302,7 +305,10 @@ public final class Store: @unchecked Sendable {
                 } else {
                     try recover()
                 }
-                pager.onPageReadOrEvicted = { [weak self] in self?.pageProbeWanted.store(true, ordering: .relaxed) }
+                pager.onPageReadOrEvicted = { [weak self] in
+                    self?.pageProbeWanted.store(true, ordering: .relaxed)
+                    self?.pageProbeCleanRun = 0
+                }
             }
             if !options.readOnly { refillSpaceReserve() }
         } catch {

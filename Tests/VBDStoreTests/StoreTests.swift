@@ -529,6 +529,45 @@ import VBDCache
         try store.close()
     }
 
+    /// A store reopened with a cache that holds all its metadata starts cold: no page is ever
+    /// evicted, so a few probes that find their pages cached must not stop the loading outside
+    /// the lock while most pages are still on the disk. Reads and writes that alternate between
+    /// blocks already touched and blocks not touched yet read their pages without the lock.
+    @Test func readsNeverReadAPageUnderTheLockWhileTheCacheFills() throws {
+        let dir = TemporaryStoreDirectory()
+        let count = 32_768
+        var options = try Self.storeOfNumberedBlocks(dir, count: count)
+        options.metadataCacheBytes = 256 << 20
+        let store = try Store.open(path: dir.path, options: options)
+        let v = try store.device(named: "v")
+        var g = SplitMix64(seed: 11)
+        let before = store.metadataPageReads
+        var rewritten = Set<Int>()
+        for round in 0..<300 {
+            let i = Int(g.next() % UInt64(count))
+            for _ in 0..<2 {
+                let got = try v.read(4096, at: UInt64(i) * 4096)
+                if rewritten.contains(i) {
+                    #expect(got == block(seed: UInt64(2 * count + i)))
+                } else {
+                    #expect(got.withUnsafeBytes { $0.load(as: UInt64.self) } == UInt64(i + 1))
+                }
+            }
+            if round % 3 == 0 {
+                try v.write(block(seed: UInt64(count + i)), at: UInt64(i) * 4096)
+                try v.write(block(seed: UInt64(2 * count + i)), at: UInt64(i) * 4096)
+                rewritten.insert(i)
+            }
+        }
+        let after = store.metadataPageReads
+        let all = after.all - before.all, outside = after.outsideLock - before.outsideLock
+        print("metadata pages read: \(all), of them without the store lock: \(outside)")
+        #expect(all > 300, "the pages were not cold")
+        #expect(outside * 100 >= all * 95, "\(all - outside) of \(all) pages read under the lock")
+        #expect(store.fsck().isClean)
+        try store.close()
+    }
+
     /// The event-loop fast path reads no content page of the metadata (map leaves, chunk records):
     /// with them out of the cache it declines, and the ordinary read that follows loads them
     /// without the lock. Page-table pages are still read in place (a few, then kept cached).
