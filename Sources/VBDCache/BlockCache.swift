@@ -99,17 +99,17 @@ public final class BlockCache: Sendable {
         shard(for: key).state.withLock { $0.removalEpoch }
     }
 
-    /// Inserts only if nothing was removed from `key`'s shard since `token` was taken: a key freed
-    /// (and perhaps reused for other contents) meanwhile is never cached with the old bytes. This
-    /// lets the store insert without holding its own lock; a removal of another key in the same
-    /// shard only costs a skipped insert.
+    /// Inserts only if `key` was not removed since `token` was taken: a key freed (and perhaps
+    /// reused for other contents) meanwhile is never cached with the old bytes. This lets the store
+    /// insert without holding its own lock. Removals of other keys do not matter unless more than
+    /// `BlockCacheShard.removalLogLength` of them ran in the shard meanwhile (then it skips).
     public func insert(_ key: UInt64, bytes: UnsafeRawBufferPointer, owner: CacheOwner, ifUnremovedSince token: UInt64?) {
         precondition(bytes.count > 0 && bytes.count <= Limits.blockBytesMax, "block size out of range")
         let block = BlockCacheShard.CachedBlock(bytes: [UInt8](bytes), owner: owner)   // copy outside the lock
         let box = shard(for: key)
         var evicted: [(UInt64, BlockCacheShard.CachedBlock)] = []
         let epoch = box.state.withLock { shard in
-            if let token, shard.removalEpoch != token { return shard.removalEpoch }
+            if let token, shard.removed(key, since: token) { return shard.removalEpoch }
             shard.insert(key, block: block, evicted: &evicted)
             return shard.removalEpoch
         }

@@ -1,5 +1,6 @@
 import Testing
 @testable import VBDCache
+import VBDCore
 
 /// Invariants of one shard that the public API cannot reach deterministically (they guard races).
 @Suite struct BlockCacheShardTests {
@@ -45,5 +46,42 @@ import Testing
         shard.admitToLastChance(stored, evictedAtEpoch: epoch)
         #expect(shard.main.contains(0))
         #expect(!(shard.lastChance?.contains(0) ?? true))
+    }
+
+    /// A removal of another key in the shard does not cancel an admission: only the key's own does.
+    @Test func admissionOvertakenOnlyByAnotherKeysRemoveIsKept() {
+        var (shard, evicted, epoch) = shardEvictingKeyZero()
+        shard.remove(1)
+        shard.remove(99)
+        let stored = evicted.map { ($0.0, BlockCache.compress($0.1.bytes, owner: $0.1.owner)) }
+        shard.admitToLastChance(stored, evictedAtEpoch: epoch)
+        #expect(shard.lastChance?.contains(0) == true)
+    }
+
+    /// `removed(_:since:)` against a model that remembers every removal: exact while a token spans
+    /// at most `removalLogLength` removals (through several turns of the log), "removed" beyond.
+    @Test func removedSinceMatchesEveryRemovalWithinTheLog() {
+        var shard = BlockCacheShard(capacityBytes: 1 << 20, lastChanceCapacityBytes: 0, ownersMax: 8)
+        var generator = SplitMix64(seed: 41)
+        var history: [UInt64] = []            // history[e - 1]: the key of removal e
+        var tokens: [UInt64] = [0]
+        let length = UInt64(BlockCacheShard.removalLogLength)
+        for step in 0..<6000 {
+            // Few keys, so keys come back often; some steps remove many in a row.
+            let burst = generator.next() % 8 == 0 ? Int(generator.next() % 300) : 1
+            for _ in 0..<burst {
+                let key = generator.next() % 64
+                shard.remove(key)
+                history.append(key)
+            }
+            if step % 7 == 0 { tokens.append(shard.removalEpoch) }
+            for token in tokens.suffix(12) + [tokens[Int(generator.next() % UInt64(tokens.count))]] {
+                let key = generator.next() % 64
+                let since = history[Int(token)...]
+                let expected = shard.removalEpoch - token > length || since.contains(key)
+                #expect(shard.removed(key, since: token) == expected, "key \(key) since \(token) at \(shard.removalEpoch)")
+            }
+        }
+        #expect(history.count > 3 * BlockCacheShard.removalLogLength)
     }
 }

@@ -5,6 +5,26 @@ import VBDCache
 import VBDCore
 
 @Suite struct BlockCacheTests {
+    /// An insert with a token skips only when its own key was removed since: writers and readers
+    /// insert outside the store lock while other chunks are freed all the time, and a shard-wide
+    /// check dropped almost every insert under overwrites.
+    @Test func insertWithATokenSkipsOnlyWhenItsOwnKeyWasRemoved() {
+        let cache = BlockCache(configuration: .init(capacityBytes: 64 << 20, lastChanceCapacityBytes: 0, shardCount: 1))
+        let owner = CacheOwner(volume: 1, group: 1)
+        let bytes = blockBytes(for: 5)
+        let token = cache.removalToken(for: 5)
+        for other in 100..<200 as Range<UInt64> { cache.remove(other) }
+        bytes.withUnsafeBytes { cache.insert(5, bytes: $0, owner: owner, ifUnremovedSince: token) }
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        #expect(buffer.withUnsafeMutableBytes { cache.read(5, into: $0, owner: owner) })
+        #expect(buffer == bytes)
+
+        let stale = cache.removalToken(for: 6)
+        cache.remove(6)
+        blockBytes(for: 6).withUnsafeBytes { cache.insert(6, bytes: $0, owner: owner, ifUnremovedSince: stale) }
+        #expect(!buffer.withUnsafeMutableBytes { cache.read(6, into: $0, owner: owner) })
+    }
+
     let alice = CacheOwner(volume: 1, group: 10)
     let aliceClone = CacheOwner(volume: 2, group: 10)
     let mallory = CacheOwner(volume: 3, group: 66)
