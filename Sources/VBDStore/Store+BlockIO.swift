@@ -329,7 +329,10 @@ extension Store {
         }
         if holdingLock { mutex.lock() }
         defer { if holdingLock { mutex.unlock() } }
-        let (view, refs) = holdingLock ? try copyRefs() : try withLockReadingPagesOutside(copyRefs)
+        let (view, refs) = holdingLock ? try copyRefs() : try withLockReadingPagesOutside(probe: {
+            guard let (v, image) = try? self.viewLocked(id), (try? self.checkRange(v, offset: offset, length: length)) != nil else { return }
+            self.probeRead(image, blocks: (offset >> UInt64(v.blockShift))...((offset + length - 1) >> UInt64(v.blockShift)))
+        }, copyRefs)
         let bs = UInt64(view.blockSize)
         let first = offset / bs
         var fromDisk: [(block: Int, bytes: Range<Int>)] = []

@@ -73,11 +73,12 @@ extension Store {
     }
 
     /// Runs the read-only `step` under the store lock with misses noted instead of read: when it
-    /// needs a page that is not cached, it is abandoned, the lock let go, the missed pages read,
-    /// and `step` runs again with them adopted, so a read never waits for the disk while holding
-    /// the lock and needs no separate probe. After `pageProbeRoundsMax` rounds it runs once more
+    /// needs a page that is not cached, it is abandoned, `probe` (as for
+    /// `withLockAfterLoadingPages`) notes every page missing at that depth, the lock is let go,
+    /// the missed pages are read, and `step` runs again with them adopted, so a read does not wait
+    /// for the disk while holding the lock and probes only when it misses. After `pageProbeRoundsMax` rounds it runs once more
     /// reading in place what it still misses. `step` must change nothing before its last page lookup.
-    func withLockReadingPagesOutside<T>(file: StaticString = #fileID, line: UInt = #line,
+    func withLockReadingPagesOutside<T>(file: StaticString = #fileID, line: UInt = #line, probe: () -> Void,
                                         _ step: () throws(BlockDeviceError) -> T) throws(BlockDeviceError) -> T {
         var loaded: [(PageMiss, any MetadataPageObject)] = []
         for _ in 0..<Self.pageProbeRoundsMax {
@@ -90,9 +91,11 @@ extension Store {
                     let misses = pager.takeMisses()
                     return misses.isEmpty ? .done(result) : .missed(misses)
                 } catch {
-                    let misses = pager.takeMisses()
-                    if misses.isEmpty { throw error }
-                    return .missed(misses)
+                    guard !pager.takeMisses().isEmpty else { throw error }
+                    // The step stopped at its first miss; the probe carries on past each one, so
+                    // a read of many blocks learns all the pages of this level in one round.
+                    probe()
+                    return .missed(pager.takeMisses())
                 }
             }
             switch outcome {
@@ -113,6 +116,14 @@ extension Store {
             if let object = try? miss.read(from: file) { loaded.append((miss, object)) }
         }
         return loaded
+    }
+
+    /// The pages a read of blocks `first...last` of `image` needs: its map path and chunk records.
+    func probeRead(_ image: Image, blocks: ClosedRange<UInt64>) {
+        for b in blocks {
+            guard let c = try? image.root.lookup(b, pager: pager), c != 0, c < zeroAllocatedChunk else { continue }
+            _ = try? chunks.entry(c, pager: pager)
+        }
     }
 
     /// The pages phase F of a write needs, read-only: each block's map path, the record of the

@@ -532,7 +532,8 @@ import VBDCache
     /// A store reopened with a cache that holds all its metadata starts cold: no page is ever
     /// evicted, so a few probes that find their pages cached must not stop the loading outside
     /// the lock while most pages are still on the disk. Reads and writes that alternate between
-    /// blocks already touched and blocks not touched yet read their pages without the lock.
+    /// blocks already touched and blocks not touched yet, and reads of 256 blocks, read their
+    /// pages without the lock.
     @Test func readsNeverReadAPageUnderTheLockWhileTheCacheFills() throws {
         let dir = TemporaryStoreDirectory()
         let count = 32_768
@@ -557,6 +558,14 @@ import VBDCache
                 try v.write(block(seed: UInt64(count + i)), at: UInt64(i) * 4096)
                 try v.write(block(seed: UInt64(2 * count + i)), at: UInt64(i) * 4096)
                 rewritten.insert(i)
+            }
+        }
+        // Reads of many blocks: one round must learn the missing pages of all of them.
+        for _ in 0..<24 {
+            let first = Int(g.next() % UInt64(count / 256)) * 256
+            let got = try v.read(256 * 4096, at: UInt64(first) * 4096)
+            for k in 0..<256 where !rewritten.contains(first + k) {
+                #expect(got.withUnsafeBytes { $0.load(fromByteOffset: k * 4096, as: UInt64.self) } == UInt64(first + k + 1))
             }
         }
         let after = store.metadataPageReads
