@@ -12,18 +12,22 @@ import Glibc
 /// ran at -15, and waited behind other processes' work on a busy machine (Benchmarks/README.md,
 /// "Issue 16: the QD1 path").
 enum ServingPriority {
+    /// Linux keeps nice values per thread: PRIO_PROCESS with a thread id (0: the calling thread)
+    /// reads or sets that thread's alone.
+    private static let thread = __priority_which_t(PRIO_PROCESS.rawValue)
+
     /// The nice value of the process's main thread (its thread id is the process id), or nil when
     /// it cannot be read.
     static func processNice() -> Int32? {
         errno = 0
-        let nice = getpriority(PRIO_PROCESS, id_t(getpid()))
+        let nice = getpriority(thread, id_t(getpid()))
         return errno == 0 ? nice : nil
     }
 
     /// The calling thread's nice value, or nil when it cannot be read.
     static func currentNice() -> Int32? {
         errno = 0
-        let nice = getpriority(PRIO_PROCESS, id_t(gettid()))
+        let nice = getpriority(thread, 0)
         return errno == 0 ? nice : nil
     }
 
@@ -31,7 +35,7 @@ enum ServingPriority {
     /// CAP_SYS_NICE or room under RLIMIT_NICE, and without them the thread keeps its own.
     static func adoptProcessNice() {
         guard let nice = processNice(), currentNice() != nice else { return }
-        _ = setpriority(PRIO_PROCESS, id_t(gettid()), nice)
+        _ = setpriority(thread, 0, nice)
     }
 
     /// The nice value each thread last adopted, plus one (0: none yet), for threads that are not
@@ -48,12 +52,7 @@ enum ServingPriority {
         guard let nice = processNice() else { return }
         let marker = Int(nice) + 100   // never 0 (nice is -20...19)
         if Int(bitPattern: pthread_getspecific(adoptedKey)) == marker { return }
-        if currentNice() != nice { _ = setpriority(PRIO_PROCESS, id_t(gettid()), nice) }
+        if currentNice() != nice { _ = setpriority(thread, 0, nice) }
         _ = pthread_setspecific(adoptedKey, UnsafeRawPointer(bitPattern: marker))
-    }
-
-    /// Names the calling thread as `ps`, `top` and perf show it (at most 15 bytes are kept).
-    static func nameCurrentThread(_ name: String) {
-        _ = pthread_setname_np(pthread_self(), String(name.utf8.prefix(15))!)
     }
 }

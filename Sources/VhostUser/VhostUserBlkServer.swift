@@ -101,7 +101,7 @@ public final class VhostUserBlkServer: @unchecked Sendable {
         }
         state.withLock { $0.listenFD = fd }
         let thread = Thread { [self] in
-            ServingPriority.nameCurrentThread("vhost-blk srv")
+            Thread.current.name = "vhost-blk srv"
             ServingPriority.adoptProcessNice()
             self.acceptLoop(listenFD: fd)
             self.finished.signal()
