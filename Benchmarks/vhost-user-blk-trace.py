@@ -12,6 +12,8 @@ QEMU thread) it measures, in microseconds:
                and the share of those a poll of the ring for 20, 50, 100 us after the call would catch
   hops         wake-ups between the server's own threads inside one request
   preempted    requests during which a server thread was switched out while runnable
+  runqueue     every wait of a server thread for a CPU (from its wake-up, or from being switched
+               out while runnable, until it runs): per request, and the waits of 1 ms or more
 and the priority the server's threads ran at. Only meaningful at queue depth 1 (one request at a time)."""
 import re
 import statistics
@@ -51,10 +53,15 @@ def main():
     qemu_tids = {t for t, p in tid_pid.items() if p in qemu}
     kick_run, run_call, call_qemu, call_kick, hops, prios = [], [], [], [], [], {}
     preempted = 0
+    ready_since, runqueue = {}, []
     state = None   # per request: dict
     last_call = None
     pending_qemu = None
     for t, pid, tid, event, rest in events:
+        if event == "sched:sched_wakeup":
+            target = int(re.search(r" pid=(\d+)", rest).group(1))
+            if target in server_tids:
+                ready_since.setdefault(target, t)
         if event == "sched:sched_waking":
             target = int(re.search(r" pid=(\d+)", rest).group(1))
             if tid in qemu_tids and target in server_tids and state is None:
@@ -76,6 +83,10 @@ def main():
             prev_state = re.search(r"prev_state=(\S+)", rest).group(1)
             if nxt in server_tids:
                 prios[prio] = prios.get(prio, 0) + 1
+                if nxt in ready_since:
+                    runqueue.append(t - ready_since.pop(nxt))
+            if tid in server_tids and prev_state.startswith("R"):
+                ready_since[tid] = t
             if state is not None and nxt == state["target"] and state["run"] is None:
                 state["run"] = t
                 kick_run.append(t - state["kick"])
@@ -94,6 +105,10 @@ def main():
         print(f"next kick within (what polling the ring that long after a call would catch): {caught}")
     print(f"hops        {percentiles(hops)}")
     print(f"preempted   {preempted} of {len(run_call)} requests")
+    if run_call:
+        print(f"runqueue    {sum(runqueue) / len(run_call):.1f} us per request waiting for a CPU; "
+              f"{sum(w >= 1000 for w in runqueue)} waits >= 1 ms, {sum(w for w in runqueue if w >= 1000) / 1000:.1f} ms in them; "
+              f"{percentiles(runqueue)}")
 
 
 if __name__ == "__main__":

@@ -474,9 +474,9 @@ extension VhostUserBlkServerTests {
     @Test func servingThreadsRunAtTheProcessNiceValue() throws {
         let main = try #require(ServingPriority.processNice())
         let target = min(19, main + 5)   // raising a nice value needs no privilege
-        try #require(setpriority(PRIO_PROCESS, id_t(getpid()), target) == 0)
+        try #require(setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(getpid()), target) == 0)
         // Lowering it again needs CAP_SYS_NICE (root has it); without, the main thread stays nicer.
-        defer { _ = setpriority(PRIO_PROCESS, id_t(getpid()), main) }
+        defer { _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(getpid()), main) }
         try #require(ServingPriority.currentNice() != target, "the test runs on the main thread: nothing would tell")
         let scratch = try ScratchStore()
         let path = scratch.directory.appendingPathComponent("nice.sock").path
