@@ -99,7 +99,7 @@ public struct VirtioBlkRequestHandler: Sendable {
     private let identifier: [UInt8]
     /// The device's capacity in sectors as last read: volumes only grow, so a request inside it is
     /// inside the device, and only one beyond it reads the size again (reading it costs a store
-    /// lookup by name, ~5 % of a cached 4 KiB read's CPU when done per request).
+    /// lookup by name: 4.5 % of the server's samples at QD1 4 KiB reads when done per request).
     private let knownCapacity: KnownCapacity
 
     public init(device: any BlockDevice, session: RequestSession? = nil,
