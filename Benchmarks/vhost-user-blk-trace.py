@@ -14,7 +14,11 @@ QEMU thread) it measures, in microseconds:
   preempted    requests during which a server thread was switched out while runnable
   runqueue     every wait of a server thread for a CPU (from its wake-up, or from being switched
                out while runnable, until it runs): per request, and the waits of 1 ms or more
-and the priority the server's threads ran at. Only meaningful at queue depth 1 (one request at a time)."""
+and the priority the server's threads ran at. Only meaningful at queue depth 1 (one request at a time).
+A request the guest did not kick for (the server was still awake and took it from the ring) or
+that was completed without a call (the guest did not want an interrupt) merges with its neighbour:
+n counts kick-to-call cycles, and the tails (max) of run->call and call->kick may span several
+requests; the medians are the figures to read."""
 import re
 import statistics
 import subprocess
