@@ -13,6 +13,10 @@
 #   RUNTIME=10 SERVERS="vbd-vhost qsd-vhost" Benchmarks/vhost-user-blk.sh
 #   PROFILE="randread-4k-qd1 randwrite-4k-qd32" Benchmarks/vhost-user-blk.sh
 #       # perf record -g of each server during those jobs: $OUT/perf-SERVER-JOB.data
+#   TRACE="randread-4k-qd1" TRACE_SECONDS=3 Benchmarks/vhost-user-blk.sh
+#       # the whole machine's scheduler events and read/write/poll system calls for TRACE_SECONDS
+#       # from each such job's start: $OUT/trace-SERVER-JOB.data (perf sched timehist -i ...,
+#       # Benchmarks/vhost-user-blk-trace.py: kick -> pickup -> completion -> call per request)
 # OUT (default a new /tmp/vbd-vhost-bench.*) keeps the fio JSON reports, the server logs and the
 # profiles. TCG emulates the guest's CPU, so absolute rates are far below KVM's and the guest's
 # CPU may be what limits a job; the CPU per request on the server side does not depend on that.
@@ -24,6 +28,8 @@ RUNTIME=${RUNTIME:-20}
 SPAN_MIB=${SPAN_MIB:-128}
 SERVERS=${SERVERS:-"qsd-vhost vbd-vhost vbd-nbd"}
 PROFILE=${PROFILE:-}
+TRACE=${TRACE:-}
+TRACE_SECONDS=${TRACE_SECONDS:-3}
 # JOBS: a subset of the four jobs (for A/B runs of one of them); the tables need all four.
 JOBS=${JOBS:-}
 [ -x "$VBDTOOL" ] || { echo "vhost-user-blk.sh: no $VBDTOOL (swift build -c release)" >&2; exit 1; }
@@ -62,6 +68,16 @@ guest() {
                 if [[ " $PROFILE " == *" $job "* ]]; then
                     perf record -q -g -p "$server_pid" -o "$OUT/perf-$name-$job.data" >/dev/null 2>&1 &
                     perf_pid=$!
+                fi
+                if [[ " $TRACE " == *" $job "* ]]; then
+                    # Bounded by TRACE_SECONDS (sleep), started after the job began.
+                    perf record -q -a -o "$OUT/trace-$name-$job.data" \
+                        -e sched:sched_switch,sched:sched_wakeup,sched:sched_waking,sched:sched_migrate_task \
+                        -e syscalls:sys_enter_write,syscalls:sys_exit_write,syscalls:sys_enter_read,syscalls:sys_exit_read \
+                        -e syscalls:sys_enter_ppoll,syscalls:sys_exit_ppoll,syscalls:sys_enter_poll,syscalls:sys_exit_poll \
+                        -e syscalls:sys_enter_pread64,syscalls:sys_enter_preadv,syscalls:sys_enter_pwritev,syscalls:sys_enter_pwrite64 \
+                        -e syscalls:sys_enter_futex,syscalls:sys_exit_futex,syscalls:sys_enter_io_uring_enter \
+                        -- sleep "$TRACE_SECONDS" >/dev/null 2>&1 &
                 fi
                 echo "$job start $(cpu_ticks "$server_pid")" >> "$OUT/$name.cpu" ;;
             "disk-guest: job "*" end")
@@ -102,6 +118,7 @@ run() {
         *) echo "vhost-user-blk.sh: unknown server $name" >&2; exit 1 ;;
     esac
     cut -d' ' -f1-3 /proc/loadavg > "$OUT/$name.load"
+    echo "$server_pid" > "$OUT/$name.pid"
     if [ "$name" = vbd-nbd ]; then
         guest "$name" -blockdev "driver=nbd,node-name=d,server.type=unix,server.path=$work/nbd.sock,export=vol" \
                       -device virtio-blk-pci,drive=d

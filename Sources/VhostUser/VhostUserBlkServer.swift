@@ -101,6 +101,8 @@ public final class VhostUserBlkServer: @unchecked Sendable {
         }
         state.withLock { $0.listenFD = fd }
         let thread = Thread { [self] in
+            Thread.current.name = "vhost-blk srv"
+            ServingPriority.adoptProcessNice()
             self.acceptLoop(listenFD: fd)
             self.finished.signal()
         }

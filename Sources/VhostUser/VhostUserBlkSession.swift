@@ -349,7 +349,8 @@ final class QueueSignals: Sendable {
 /// switch fewer per request.
 /// Requests complete in any order (the split ring allows it; VIRTIO_F_IN_ORDER is not offered),
 /// each returned to the used ring under one lock, signalling the call eventfd when the guest wants
-/// an interrupt.
+/// an interrupt. The queue's thread and the I/O threads run at the process's nice value
+/// (``ServingPriority``).
 final class QueueWorker: @unchecked Sendable {
     /// Requests of one queue served at once: bounds the threads one queue can occupy.
     static let inFlightMax = 16
@@ -391,6 +392,8 @@ final class QueueWorker: @unchecked Sendable {
         self.logger = logger
         precondition(stopFD >= 0, "eventfd: \(String(cString: strerror(errno)))")
         let thread = Thread { [self] in
+            Thread.current.name = "vhost-blk q\(index)"   // as ps and perf show it (15 bytes kept)
+            ServingPriority.adoptProcessNice()
             self.run()
             self.finished.signal()
         }
@@ -472,7 +475,10 @@ final class QueueWorker: @unchecked Sendable {
             if alone && handler.isQuick(chain) {
                 serve(head: head, chain: chain, takingNext: false)
             } else {
-                Self.io.async { [self] in serve(head: head, chain: chain, takingNext: true) }
+                Self.io.async { [self] in
+                    ServingPriority.adoptProcessNiceOnBorrowedThread()
+                    serve(head: head, chain: chain, takingNext: true)
+                }
             }
         }
     }

@@ -1,3 +1,4 @@
+import Synchronization
 import VBDAccounting
 import VBDCore
 
@@ -96,6 +97,10 @@ public struct VirtioBlkRequestHandler: Sendable {
     /// after it, by the code NBD requests go through.
     public let session: RequestSession?
     private let identifier: [UInt8]
+    /// The device's capacity in sectors as last read: volumes only grow, so a request inside it is
+    /// inside the device, and only one beyond it reads the size again (reading it costs a store
+    /// lookup by name: 4.5 % of the server's samples at QD1 4 KiB reads when done per request).
+    private let knownCapacity: KnownCapacity
 
     public init(device: any BlockDevice, session: RequestSession? = nil,
                 segmentsMax: UInt32 = 126, rangeSegmentsMax: UInt32 = 32, rangeSectorsMax: UInt32 = 1 << 22) {
@@ -105,9 +110,15 @@ public struct VirtioBlkRequestHandler: Sendable {
         self.rangeSegmentsMax = rangeSegmentsMax
         self.rangeSectorsMax = rangeSectorsMax
         self.identifier = Array(device.name.utf8.prefix(VirtioBlk.idBytes))
+        self.knownCapacity = KnownCapacity(sectors: device.size / VirtioBlk.sectorBytes)
     }
 
-    public var capacitySectors: UInt64 { device.size / VirtioBlk.sectorBytes }
+    /// The device's capacity now (read from the device; the config space reports it).
+    public var capacitySectors: UInt64 {
+        let sectors = device.size / VirtioBlk.sectorBytes
+        knownCapacity.sectors.store(sectors, ordering: .relaxed)
+        return sectors
+    }
 
     /// The logical block size the guest sees: the volume's block size up to a page (Linux refuses
     /// larger logical blocks); a larger volume block is announced as the physical block.
@@ -197,7 +208,9 @@ public struct VirtioBlkRequestHandler: Sendable {
     /// Waits for the scheduler's device slot for a request of `kind` moving `bytes`; returns the
     /// call that frees it, or nil when the domain's queue is full (the request fails).
     private func acquireSlot(_ kind: IOKind, usage: inout Usage) -> (@Sendable () -> Void)? {
-        guard let session else { return {} }
+        // Nothing scheduled (no scheduler attached): no slot to wait for, and none of the
+        // hand-over objects `waitForSlot` allocates per request.
+        guard let session, session.pipeline.schedules else { return {} }
         do {
             let release = try session.waitForSlot(kind, bytes: usage.bytes)
             usage.granted = ContinuousClock.now
@@ -329,11 +342,19 @@ public struct VirtioBlkRequestHandler: Sendable {
     /// The byte offset of `sector` when `[sector, +bytes)` is whole sectors inside the device.
     func range(sector: UInt64, bytes: UInt64) -> UInt64? {
         guard bytes % VirtioBlk.sectorBytes == 0 else { return nil }
-        let capacity = capacitySectors
         let sectors = bytes / VirtioBlk.sectorBytes
-        guard sector <= capacity, sectors <= capacity - sector else { return nil }
+        func inside(_ capacity: UInt64) -> Bool { sector <= capacity && sectors <= capacity - sector }
+        // Beyond the capacity last read: the volume may have grown since, so read it again.
+        guard inside(knownCapacity.sectors.load(ordering: .relaxed)) || inside(capacitySectors) else { return nil }
         return sector * VirtioBlk.sectorBytes
     }
+}
+
+/// A handler's last reading of its device's capacity, shared by the copies of the handler that
+/// the queues hold.
+final class KnownCapacity: Sendable {
+    let sectors: Atomic<UInt64>
+    init(sectors: UInt64) { self.sectors = Atomic(sectors) }
 }
 
 /// Copies `count` bytes starting `skip` bytes into the concatenation of `buffers` (the caller has

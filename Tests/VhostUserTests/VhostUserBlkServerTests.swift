@@ -466,6 +466,64 @@ func kickAndWait(kick: Int32, call: Int32, guest: GuestRing, used: UInt16) throw
     }
 }
 
+extension VhostUserBlkServerTests {
+    /// The threads serving a guest run at the process's nice value (its main thread's), not at the
+    /// nice value of the thread that happened to start them (a GCD thread runs at its QoS's, nice
+    /// 0, whatever the process's): a read alone on the ring (served on the queue's thread) and a
+    /// flush (served on an I/O thread) both see the main thread's value.
+    @Test func servingThreadsRunAtTheProcessNiceValue() throws {
+        let main = try #require(ServingPriority.processNice())
+        let target = min(19, main + 5)   // raising a nice value needs no privilege
+        try #require(setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(getpid()), target) == 0)
+        // Lowering it again needs CAP_SYS_NICE (root has it); without, the main thread stays nicer.
+        defer { _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(getpid()), main) }
+        try #require(ServingPriority.currentNice() != target, "the test runs on the main thread: nothing would tell")
+        let scratch = try ScratchStore()
+        let path = scratch.directory.appendingPathComponent("nice.sock").path
+        let device = NiceRecordingDevice(try scratch.store.openExport(named: "vol"))
+        let server = VhostUserBlkServer(socketPath: path, exportName: "vol", queueCountMax: 1, logger: Logger(label: "test")) { device }
+        try server.start()
+        defer { server.stop() }
+        let front = try FrontEnd(path: path)
+        let guest = GuestRing(shared: true)
+        let kick = eventfd(), call = eventfd()
+        defer { close(kick); close(call) }
+        try front.setUp(guest: guest, kick: kick, call: call)
+        guest.blockRequest(type: 0, sector: 0, readLength: 4096, firstDescriptor: 0)
+        try kickAndWait(kick: kick, call: call, guest: guest, used: 1)
+        guest.blockRequest(type: 4, sector: 0, firstDescriptor: 3)
+        try kickAndWait(kick: kick, call: call, guest: guest, used: 2)
+        #expect(device.seen == ["read": target, "flush": target])
+    }
+}
+
+/// The store's device, recording the nice value of the thread each read and flush ran on.
+final class NiceRecordingDevice: ForwardingBlockDevice, @unchecked Sendable {
+    let inner: any BlockDevice
+    private let recorded = Mutex([String: Int32]())
+    var seen: [String: Int32] { recorded.withLock { $0 } }
+
+    init(_ inner: any BlockDevice) { self.inner = inner }
+
+    private func record(_ what: String) {
+        let nice = ServingPriority.currentNice() ?? Int32.min
+        recorded.withLock { $0[what] = nice }
+    }
+
+    func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(BlockDeviceError) {
+        record("read")
+        try inner.read(offset: offset, into: buffer)
+    }
+    func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
+        try inner.write(offset: offset, data: data, fua: fua)
+    }
+    func flush() throws(BlockDeviceError) {
+        record("flush")
+        try inner.flush()
+    }
+}
+
+
 /// The store's device, with reads held until `expected` of them are in progress at once (at most
 /// 20 s): shows that a queue's requests run concurrently.
 final class ConcurrentReadsDevice: ForwardingBlockDevice, @unchecked Sendable {

@@ -2,6 +2,7 @@ import CVBDSys
 import Foundation
 import Synchronization
 import Testing
+import VBDAccounting
 import VBDCore
 import VBDStore
 @testable import VhostUser
@@ -247,6 +248,90 @@ final class WritePointerRecordingDevice: ForwardingBlockDevice, @unchecked Senda
     }
     func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
         recorded.withLock { $0.append(UInt(bitPattern: data.baseAddress)) }
+        try inner.write(offset: offset, data: data, fua: fua)
+    }
+}
+
+extension VirtioBlkTests {
+    /// The capacity is read from the device once, not per request (a store lookup by name), and
+    /// again only for a request beyond it: a volume that grew while served is served up to its
+    /// new end, and a request past that still fails.
+    @Test func theCapacityIsReadAgainOnlyBeyondWhatWasKnown() throws {
+        let scratch = try ScratchStore()   // 1 MiB: 2048 sectors
+        let device = SizeCountingDevice(try scratch.store.openExport(named: "vol"))
+        let handler = VirtioBlkRequestHandler(device: device)
+        let readsAtStart = device.sizeReads
+        let guest = GuestRing()
+        for i in 0..<8 {
+            let read = guest.blockRequest(type: 0, sector: UInt64(i) * 8, readLength: 4096)
+            _ = try serve(guest, handler)
+            #expect(guest.bytes(at: read.status, count: 1) == [0])
+        }
+        #expect(device.sizeReads == readsAtStart)
+        try scratch.store.resize(volume: "vol", size: 2 << 20)
+        let grown = guest.blockRequest(type: 0, sector: 2048, readLength: 4096)
+        _ = try serve(guest, handler)
+        #expect(guest.bytes(at: grown.status, count: 1) == [0])
+        let past = guest.blockRequest(type: 0, sector: 4096, readLength: 512)
+        _ = try serve(guest, handler)
+        #expect(guest.bytes(at: past.status, count: 1) == [1])
+    }
+
+    /// With a scheduler attached to the request layer every read and write waits for its device
+    /// slot there (the door skips the wait only when nothing is scheduled).
+    @Test func requestsWaitForTheSchedulersSlotWhenOneIsAttached() throws {
+        let scratch = try ScratchStore()
+        let device = try scratch.store.openExport(named: "vol")
+        let pipeline = RequestPipeline(tenancy: try TenancyService(configuration: .init()))
+        guard case .success(let session) = pipeline.admit(device: device, identity: .unauthenticated, door: .vhostUserBlk) else {
+            Issue.record("not admitted"); return
+        }
+        let handler = VirtioBlkRequestHandler(device: device, session: session)
+        let guest = GuestRing()
+        let unscheduled = guest.blockRequest(type: 0, sector: 0, readLength: 4096)
+        _ = try serve(guest, handler)
+        #expect(guest.bytes(at: unscheduled.status, count: 1) == [0])
+        let scheduler = CountingSlotScheduler()
+        pipeline.attachScheduler(scheduler)
+        let write = guest.blockRequest(type: 1, sector: 8, data: [UInt8](repeating: 7, count: 4096))
+        _ = try serve(guest, handler)
+        let read = guest.blockRequest(type: 0, sector: 8, readLength: 4096)
+        _ = try serve(guest, handler)
+        #expect(guest.bytes(at: write.status, count: 1) == [0] && guest.bytes(at: read.status, count: 1) == [0])
+        #expect(guest.bytes(at: read.data, count: 4096) == [UInt8](repeating: 7, count: 4096))
+        #expect(scheduler.submitted == 2 && scheduler.running == 0)
+    }
+}
+
+/// A scheduler that grants every request its slot at once and counts them.
+final class CountingSlotScheduler: DeviceSlotScheduler, @unchecked Sendable {
+    private let counts = Mutex((submitted: 0, running: 0))
+    var submitted: Int { counts.withLock { $0.submitted } }
+    var running: Int { counts.withLock { $0.running } }
+
+    func submit(domain: DomainID, cost: Double, pieces: Int,
+                start: @escaping @Sendable (_ piece: Int, _ finished: @escaping @Sendable () -> Void) -> Void) throws(SchedulerError) {
+        counts.withLock { $0.submitted += 1; $0.running += 1 }
+        start(0) { [self] in counts.withLock { $0.running -= 1 } }
+    }
+}
+
+/// The store's device, counting how often its size is read.
+final class SizeCountingDevice: ForwardingBlockDevice, @unchecked Sendable {
+    let inner: any BlockDevice
+    private let reads = Mutex(0)
+    var sizeReads: Int { reads.withLock { $0 } }
+
+    init(_ inner: any BlockDevice) { self.inner = inner }
+
+    var size: UInt64 {
+        reads.withLock { $0 += 1 }
+        return inner.size
+    }
+    func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(BlockDeviceError) {
+        try inner.read(offset: offset, into: buffer)
+    }
+    func write(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) throws(BlockDeviceError) {
         try inner.write(offset: offset, data: data, fua: fua)
     }
 }
