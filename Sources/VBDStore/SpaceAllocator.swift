@@ -40,6 +40,14 @@ import VBDCore
 // summary (`SpaceSummary`, in the superblock) gives the counts an open needs without reading the
 // sector map. A sector-map page that cannot be read counts as in use (never allocated, never
 // punched), so a failed read costs only an append.
+//
+// The allocator keeps the words of the sector-map leaf it read last (`memoWords`: one leaf, 4 KiB):
+// consecutive allocations fall in the same leaf (next-fit), and going through the pager for each
+// one cost more than the rest of the allocation (Benchmarks/README.md, "Issue 14, sixth round").
+// The memo is kept exact rather than invalidated: the store reports every word of the sector map
+// it changes (`sectorMapWordChanged`, from `Store.setSectors`, the map's only writer), and the
+// memo takes the new value. A memo missing a sector the map gained would hand that sector out
+// again while a chunk lives in it.
 
 struct SpaceAllocator {
     /// The words of sector-map leaf `k` (sectors `k * sectorsPerLeaf ..<`): empty when the leaf is
@@ -89,42 +97,93 @@ struct SpaceAllocator {
     /// Bitmap words scanned before appending instead: bounds allocation time.
     static let scanWordsMax = 2048
 
-    /// The sector-map leaf last read by one operation: operations walk words in order, and the
-    /// pages do not change while the caller holds the store lock.
-    private struct LeafCursor {
-        var index: UInt64 = .max
-        var words: [UInt64]? = []
-    }
+    /// The sector-map leaf read last (`memoLeaf`) and its words as the map holds them now (empty:
+    /// the leaf is absent, all free), kept across operations and updated by `sectorMapWordChanged`
+    /// (see the notes). An unreadable leaf is read again by the next operation
+    /// (`forgetUnreadableLeaf`).
+    private var memoLeaf: UInt64 = .max
+    private var memoWords: [UInt64] = []
+    private var memoUnreadable = false
 
     private var wordCount: Int { Int((endSector + 63) >> 6) }
 
-    /// Sectors of word `w` in use: installed or in the overlay (all, if its page is unreadable).
-    private func word(_ w: Int, _ leaf: inout LeafCursor) -> UInt64 {
+    /// Sectors of word `w` that the sector map holds (all, if its page is unreadable).
+    private mutating func installedWord(_ w: Int) -> UInt64 {
         let k = UInt64(w / Self.wordsPerLeaf)
-        if k != leaf.index { leaf = LeafCursor(index: k, words: installedLeaf(k)) }
-        guard let words = leaf.words else { return ~0 }
+        if k != memoLeaf {
+            memoLeaf = k
+            let words = installedLeaf(k)
+            memoWords = words ?? []
+            memoUnreadable = words == nil
+        }
+        if memoUnreadable { return ~0 }
         let i = w % Self.wordsPerLeaf
-        return (i < words.count ? words[i] : 0) | (overlay[w] ?? 0)
+        return i < memoWords.count ? memoWords[i] : 0
     }
 
-    private mutating func setOverlay(_ w: Int, _ bits: UInt64) {
-        if bits == 0 { overlay[w] = nil } else { overlay[w] = bits }
+    /// Sectors of word `w` in use: installed or in the overlay (all, if its page is unreadable).
+    private mutating func word(_ w: Int) -> UInt64 {
+        let installed = installedWord(w)
+        return installed == ~0 ? installed : installed | (overlay[w] ?? 0)
+    }
+
+    /// An operation starts: a leaf that could not be read is tried again (its read may succeed
+    /// now); within one operation it stays unread.
+    private mutating func forgetUnreadableLeaf() {
+        if memoUnreadable { memoLeaf = .max; memoWords = []; memoUnreadable = false }
+    }
+
+    /// The store set word `w` of the sector map to `bits` (a record applied, live or replayed):
+    /// the memo, if it holds that leaf, takes the new value.
+    mutating func sectorMapWordChanged(_ w: UInt64, to bits: UInt64) {
+        guard w / UInt64(Self.wordsPerLeaf) == memoLeaf, !memoUnreadable else { return }
+        let i = Int(w % UInt64(Self.wordsPerLeaf))
+        if memoWords.isEmpty {   // the leaf was absent (all free); the store just created it
+            if bits == 0 { return }
+            memoWords = Array(repeating: 0, count: Self.wordsPerLeaf)
+        }
+        memoWords[i] = bits
+    }
+
+    /// The sectors `sector..<end` that lie in word `sector / 64`, as a mask of that word.
+    @inline(__always)
+    private static func wordMask(_ sector: UInt64, _ end: UInt64) -> (word: Int, mask: UInt64, next: UInt64) {
+        let w = sector >> 6
+        let next = min(end, (w + 1) << 6)
+        let n = next - sector
+        let mask = (n == 64 ? ~0 : (UInt64(1) << n) - 1) << (sector & 63)
+        return (Int(w), mask, next)
+    }
+
+    /// Sets `mask` in the overlay's word `w`.
+    @inline(__always)
+    private mutating func overlayInsert(_ w: Int, _ mask: UInt64) {
+        overlay[w, default: 0] |= mask
+    }
+
+    /// Clears `mask` in the overlay's word `w` (removing the word when it becomes zero); returns
+    /// the bits of `mask` that were set.
+    @inline(__always)
+    private mutating func overlayRemove(_ w: Int, _ mask: UInt64) -> UInt64 {
+        guard let i = overlay.index(forKey: w) else { return 0 }
+        let bits = overlay.values[i]
+        if bits & ~mask == 0 {
+            overlay.remove(at: i)
+        } else {
+            overlay.values[i] = bits & ~mask
+        }
+        return bits & mask
     }
 
     mutating func markUsed(_ sector: UInt64, count: Int) {
         let end = sector + UInt64(count)
-        var leaf = LeafCursor()
         var s = sector
         while s < end {
-            let w = Int(s >> 6)
-            let used = word(w, &leaf)
-            var bits = overlay[w] ?? 0
-            while s < end && Int(s >> 6) == w {
-                precondition(used & (1 << (s & 63)) == 0, "sector \(s) allocated twice")
-                bits |= 1 << (s & 63)
-                s += 1
-            }
-            setOverlay(w, bits)
+            let (w, mask, next) = Self.wordMask(s, end)
+            let taken = word(w) & mask
+            precondition(taken == 0, "sector \(UInt64(w) << 6 + UInt64(taken.trailingZeroBitCount)) allocated twice")
+            overlayInsert(w, mask)
+            s = next
         }
         usedSectors += UInt64(count)
         if end > endSector { endSector = end }
@@ -134,12 +193,15 @@ struct SpaceAllocator {
     /// The store applied the record installing a chunk at these sectors: the sector map holds
     /// them now, so the overlay no longer does (sectors no allocation took become used).
     mutating func noteInstalled(_ sector: UInt64, count: Int) {
-        for s in sector..<sector + UInt64(count) {
-            let w = Int(s >> 6), bit = UInt64(1) << (s & 63)
-            let bits = overlay[w] ?? 0
-            if bits & bit != 0 { setOverlay(w, bits & ~bit) } else { usedSectors += 1 }
+        let end = sector + UInt64(count)
+        var s = sector
+        while s < end {
+            let (w, mask, next) = Self.wordMask(s, end)
+            let fromOverlay = overlayRemove(w, mask)
+            usedSectors += UInt64((mask & ~fromOverlay).nonzeroBitCount)
+            s = next
         }
-        endSector = max(endSector, sector + UInt64(count))
+        endSector = max(endSector, end)
     }
 
     /// Pages about to hold data again are no longer punched (the write gives them a block).
@@ -167,10 +229,21 @@ struct SpaceAllocator {
     /// came free would fail the same way, so allocation appends instead (bounded work per write).
     private var freedSinceFailedScan: UInt64 = .max
 
+    /// Bit p is set when sectors p..<p+count of a word whose free sectors are `free` are all free
+    /// (the shifts bring in zeros, so runs never cross the word's end).
+    @inline(__always)
+    private static func runStarts(free: UInt64, _ count: Int) -> UInt64 {
+        var starts = free
+        var k = 1
+        while k < count && starts != 0 { starts &= free >> UInt64(k); k += 1 }
+        return starts
+    }
+
     /// Finds `count` consecutive free sectors, preferring holes inside the file. A hole is looked
     /// for a word (64 sectors) at a time with bit operations, for at most `scanWordsMax` words.
     mutating func allocate(_ count: Int) -> UInt64 {
         precondition(count > 0)
+        forgetUnreadableLeaf()
         allocatedSinceTake += UInt64(count)
         let freeInside = endSector - usedSectors
         let words = wordCount
@@ -180,16 +253,12 @@ struct SpaceAllocator {
             && freedSinceFailedScan >= UInt64(count) * 64 {
             let limit = min(words, SpaceAllocator.scanWordsMax)
             var w = cursor < words ? cursor : 0
-            var leaf = LeafCursor()
             for _ in 0..<limit {
-                let word = word(w, &leaf)
-                if word != ~0 {
-                    // Bit p of `starts` is set when sectors p..<p+count of this word are all free
-                    // (the shifts bring in zeros, so runs never cross the word's end).
-                    let free = ~word
-                    var starts = free
-                    var k = 1
-                    while k < count && starts != 0 { starts &= free >> UInt64(k); k += 1 }
+                // The overlay only adds sectors in use, so a word whose installed sectors leave
+                // no run long enough is passed without looking the overlay up.
+                let installed = installedWord(w)
+                if Self.runStarts(free: ~installed, count) != 0 {
+                    let starts = Self.runStarts(free: ~(installed | (overlay[w] ?? 0)), count)
                     if starts != 0 {
                         let s = UInt64(w) << 6 + UInt64(starts.trailingZeroBitCount)
                         if s + UInt64(count) <= endSector {
@@ -215,8 +284,12 @@ struct SpaceAllocator {
     /// sectors are there already).
     mutating func deferFree(_ sector: UInt64, count: Int) {
         deferred.append((sector, count))
-        for s in sector..<sector + UInt64(count) {
-            overlay[Int(s >> 6), default: 0] |= 1 << (s & 63)
+        let end = sector + UInt64(count)
+        var s = sector
+        while s < end {
+            let (w, mask, next) = Self.wordMask(s, end)
+            overlayInsert(w, mask)
+            s = next
         }
     }
 
@@ -240,32 +313,38 @@ struct SpaceAllocator {
     /// `unpunchedFreeBytesMax`; the rest stay for reuse (see the notes).
     mutating func release(_ frees: [(sector: UInt64, count: Int)], punchRunBytesMin: UInt64 = 4096,
                           unpunchedFreeBytesMax: UInt64 = 0) -> [(offset: UInt64, length: UInt64)] {
-        var pages = Set<UInt64>()
+        forgetUnreadableLeaf()
+        var pages: [UInt64] = []
+        pages.reserveCapacity(frees.count * 2)
         var lowestWord = Int.max
         for (sector, count) in frees {
             lowestWord = min(lowestWord, Int(sector >> 6))
-            for s in sector..<sector + UInt64(count) {
-                let w = Int(s >> 6), bit = UInt64(1) << (s & 63)
-                let bits = overlay[w] ?? 0
-                precondition(bits & bit != 0, "sector \(s) freed twice")
-                setOverlay(w, bits & ~bit)
+            let end = sector + UInt64(count)
+            var s = sector
+            while s < end {
+                let (w, mask, next) = Self.wordMask(s, end)
+                let was = overlayRemove(w, mask)
+                precondition(was == mask, "sector \(UInt64(w) << 6 + UInt64((mask & ~was).trailingZeroBitCount)) freed twice")
+                s = next
             }
             usedSectors -= UInt64(count)
             if freedSinceFailedScan != .max { freedSinceFailedScan += UInt64(count) }
-            let first = sector >> 3, last = (sector + UInt64(count) - 1) >> 3
-            for p in first...last { pages.insert(p) }
+            let first = sector >> 3, last = (end - 1) >> 3
+            for p in first...last { pages.append(p) }
         }
+        pages.sort()
         // The next allocations look here first: the space just freed, whose pages the file (and
         // likely the page cache) still holds. A cursor left where a scan last failed would make
         // every write until the next flush append, and the freed space pile up until punched.
         if lowestWord < wordCount { cursor = lowestWord }
         var punch: [(offset: UInt64, length: UInt64)] = []
-        var leaf = LeafCursor()
-        for p in pages.sorted() {
+        var previous = UInt64.max
+        for p in pages where p != previous {
+            previous = p
             // 8 sectors per 4 KiB page: all free (one byte of the bitmap), and inside the file's
             // allocated end (an append may take the sectors past it at any time).
             let w = Int((p * 8) >> 6), shift = (p * 8) & 63
-            if p * 8 + 8 <= endSector && (word(w, &leaf) >> shift) & 0xFF == 0 {
+            if p * 8 + 8 <= endSector && (word(w) >> shift) & 0xFF == 0 {
                 if let last = punch.last, last.offset + last.length == p * 4096 {
                     punch[punch.count - 1].length += 4096
                 } else {
@@ -305,11 +384,11 @@ struct SpaceAllocator {
         }
         let pages = endSector / 8
         let stop = pageCount >= pages ? pages : min(pages, firstPage + pageCount)
-        var leaf = LeafCursor()
+        forgetUnreadableLeaf()
         var p = firstPage
         while p < stop {
             let w = Int((p * 8) >> 6), shift = (p * 8) & 63
-            let used = word(w, &leaf)
+            let used = word(w)
             if used == ~0 && shift == 0 {
                 p += 8   // a whole word in use: nothing to punch
                 continue
@@ -345,6 +424,7 @@ struct SpaceAllocator {
     /// The punches from `releaseReservingPunches` are done: their pages are free and, unless
     /// `punched` is false (the punch failed), hold no file blocks.
     mutating func finishPunches(_ punches: [(offset: UInt64, length: UInt64)], punched: Bool = true) {
+        forgetUnreadableLeaf()
         for p in punches {
             setPageBits(p, inUse: false)
             if punched { markPunched(p) }
@@ -355,12 +435,14 @@ struct SpaceAllocator {
     /// sector map meanwhile, so the overlay alone holds them.
     private mutating func setPageBits(_ range: (offset: UInt64, length: UInt64), inUse: Bool) {
         let sectorBytes = UInt64(Limits.sectorBytes)
-        var leaf = LeafCursor()
-        for s in range.offset / sectorBytes..<(range.offset + range.length) / sectorBytes {
-            let w = Int(s >> 6), bit = UInt64(1) << (s & 63)
-            precondition((word(w, &leaf) & bit != 0) != inUse, "punch reservation of sector \(s) out of step")
-            let bits = overlay[w] ?? 0
-            setOverlay(w, inUse ? bits | bit : bits & ~bit)
+        let end = (range.offset + range.length) / sectorBytes
+        var s = range.offset / sectorBytes
+        while s < end {
+            let (w, mask, next) = Self.wordMask(s, end)
+            let used = word(w) & mask
+            precondition(used == (inUse ? 0 : mask), "punch reservation of sector \(s) out of step")
+            if inUse { overlayInsert(w, mask) } else { _ = overlayRemove(w, mask) }
+            s = next
         }
     }
 
@@ -369,17 +451,24 @@ struct SpaceAllocator {
         _ = release([(sector, count)])
     }
 
-    /// RAM the allocator holds (the sector map's pages are the pager's): the overlay and the
-    /// punched-page bits. Named for the whole bitmap it held before issue 15's fifth round.
-    var bitmapBytes: Int { overlay.capacity * (MemoryLayout<Int>.stride + MemoryLayout<UInt64>.stride + 1) + punchedPages.capacity * 8 }
+    /// RAM the allocator holds (the sector map's pages are the pager's): the overlay, the
+    /// punched-page bits and the remembered leaf (counted although it often shares the page's
+    /// buffer). Named for the whole bitmap it held before issue 15's fifth round.
+    var bitmapBytes: Int {
+        overlay.capacity * (MemoryLayout<Int>.stride + MemoryLayout<UInt64>.stride + 1) + punchedPages.capacity * 8
+            + memoWords.capacity * 8
+    }
 
     /// Sectors in the overlay (in use but not in the sector map); `usedSectors` minus these is
     /// what the sector map holds.
     var overlaySectors: UInt64 { overlay.values.reduce(0) { $0 + UInt64($1.nonzeroBitCount) } }
 
     func isFreeSector(_ s: UInt64) -> Bool {
-        var leaf = LeafCursor()
-        return s >= endSector || word(Int(s >> 6), &leaf) & (1 << (s & 63)) == 0
+        guard s < endSector else { return true }
+        let w = Int(s >> 6), k = UInt64(w / Self.wordsPerLeaf), i = w % Self.wordsPerLeaf
+        guard let words = k == memoLeaf && !memoUnreadable ? memoWords : installedLeaf(k) else { return false }
+        let installed = i < words.count ? words[i] : 0
+        return (installed | (overlay[w] ?? 0)) & (1 << (s & 63)) == 0
     }
 
     func isUsedRange(_ sector: UInt64, count: Int) -> Bool {

@@ -426,7 +426,8 @@ extension Store: ChunkReferenceCounter {
     }
 
     /// Marks a chunk's sectors in the persistent sector map and its summary (records only: see
-    /// `sectorMap`); live, an installed chunk's sectors leave the allocator's overlay.
+    /// `sectorMap`); live, an installed chunk's sectors leave the allocator's overlay. The only
+    /// writer of the sector map: each word it changes is reported to the allocator.
     func setSectors(_ sector: UInt64, count: Int, inUse: Bool) throws {
         var s = sector
         let end = sector + UInt64(count)
@@ -443,6 +444,8 @@ extension Store: ChunkReferenceCounter {
                 s += 1
             }
             leaf.elements[i] = bits
+            // The allocator keeps the leaf it read last: it must see every change (SpaceAllocator.swift).
+            space.sectorMapWordChanged(word, to: bits)
         }
         if inUse {
             spaceSummary.usedSectors += UInt64(count)

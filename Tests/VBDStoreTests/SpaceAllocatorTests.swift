@@ -171,4 +171,72 @@ import Testing
         fresh.finishPunches(firstGC)
         #expect(fresh.reserveFreePagesForPunching().punches.isEmpty)
     }
+
+    /// The allocator keeps the sector-map leaf it read last. A store-like driver installs the
+    /// allocated chunks in a sector map of its own (through `sectorMapWordChanged`, as
+    /// `Store.setSectors` does), frees chunks (map bits cleared, then `deferFree`), flushes
+    /// (`takeDeferred` + `release`), and leaves some allocations uninstalled for a while; a
+    /// model of every sector held (live chunks, installs pending, frees not yet released) checks
+    /// that no allocation takes a held sector. A remembered leaf that missed a change would
+    /// hand out the sectors of a chunk installed after it was read.
+    @Test func theRememberedSectorMapLeafFollowsEveryChangeSoNoSectorIsHandedOutTwice() {
+        final class SectorMap {
+            var leaves: [UInt64: [UInt64]] = [:]
+        }
+        let map = SectorMap()
+        let perLeaf = SpaceAllocator.wordsPerLeaf
+        var space = SpaceAllocator(endSector: 0, usedSectors: 0) { k in map.leaves[k] ?? [] }
+        func setSectors(_ sector: UInt64, _ count: Int, inUse: Bool) {
+            var s = sector
+            while s < sector + UInt64(count) {
+                let w = s >> 6, k = w / UInt64(perLeaf), i = Int(w % UInt64(perLeaf))
+                if map.leaves[k] == nil { map.leaves[k] = Array(repeating: 0, count: perLeaf) }
+                let bit = UInt64(1) << (s & 63)
+                precondition((map.leaves[k]![i] & bit != 0) != inUse, "the driver's map is out of step")
+                map.leaves[k]![i] ^= bit
+                space.sectorMapWordChanged(w, to: map.leaves[k]![i])
+                s += 1
+            }
+        }
+        var g = SplitMix64(seed: 1415)
+        var held = Set<UInt64>()
+        var installed: [(sector: UInt64, count: Int)] = []
+        var pending: [(sector: UInt64, count: Int)] = []
+        var freedByFlush: [(sector: UInt64, count: Int)] = []
+        var reused = 0, handedOutTwice = 0
+        for _ in 0..<60_000 {
+            switch g.next() % 100 {
+            case 0..<50:
+                let count = Int(g.next() % 12) + 1
+                let s = space.allocate(count)
+                if s + UInt64(count) < space.endSector { reused += 1 }
+                for k in s..<s + UInt64(count) where !held.insert(k).inserted { handedOutTwice += 1 }
+                pending.append((s, count))
+            case 50..<75:
+                // Records applied, in a random order of the allocations in flight.
+                while !pending.isEmpty && g.next() % 4 != 0 {
+                    let c = pending.remove(at: Int(g.next() % UInt64(pending.count)))
+                    setSectors(c.sector, c.count, inUse: true)
+                    space.noteInstalled(c.sector, count: c.count)
+                    installed.append(c)
+                }
+            case 75..<98:
+                guard !installed.isEmpty else { continue }
+                let c = installed.remove(at: Int(g.next() % UInt64(installed.count)))
+                setSectors(c.sector, c.count, inUse: false)
+                space.deferFree(c.sector, count: c.count)
+            default:
+                let frees = space.takeDeferred()
+                _ = space.release(frees, punchRunBytesMin: 1 << 30)
+                for f in frees { for k in f.sector..<f.sector + UInt64(f.count) { held.remove(k) } }
+                freedByFlush += frees
+            }
+            if handedOutTwice > 0 { break }
+        }
+        #expect(handedOutTwice == 0, "an allocation took sectors still held")
+        #expect(reused > 1000, "allocations reused freed space (\(reused))")
+        #expect(map.leaves.count >= 2, "the sectors span several sector-map leaves")
+        #expect(space.usedSectors == UInt64(held.count))
+        #expect(!freedByFlush.isEmpty)
+    }
 }
