@@ -141,6 +141,16 @@ public enum RadosStore {
                 throw StoreError.io("the store \(location) records sharing domain \(recorded) but does not hash with its secret: "
                                     + "its chunks would never be shared and its hashes not be comparable with the domain's")
             }
+            // A previous owner that did not hand over (killed, hung) may have left references
+            // no durable record claims: chunks of writes it never flushed, puts it never ran.
+            // Released before the store serves anything, so no write of ours is in flight.
+            if !fenced.isEmpty, !options.readOnly, let chunks = options.chunkStorage as? RadosChunkStorage {
+                let released = try chunks.sweep(owner: directory, claimed: store.installedChunkPlaces())
+                if !released.isEmpty {
+                    logger.notice("released \(released.count) chunk references the previous owner left unclaimed",
+                                  metadata: ["store": "\(location)"])
+                }
+            }
         } catch {
             try? store.close()
             throw error

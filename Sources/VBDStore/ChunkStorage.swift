@@ -150,3 +150,21 @@ extension ChunkEntry {
                          isCompressed: isCompressed, rawBytes: rawBytes)
     }
 }
+
+extension Store {
+    /// The places of every installed chunk: what the store's records claim in its chunk storage
+    /// (the claim list of a RADOS family's leak sweep, docs/RADOS.md step 6). Walks the whole
+    /// chunk table holding `mutex`: for a maintenance pass before the store serves anything (no
+    /// write in flight can then have stored a chunk its records do not list yet).
+    public func installedChunkPlaces() throws -> [StoredChunkPlace] {
+        try mutex.withLock {
+            var places: [StoredChunkPlace] = []
+            try chunks.records.forEachLeaf(pager: pager) { first, leaf in
+                for (k, r) in leaf.elements.enumerated() where r.entry.isInstalled {
+                    places.append(r.entry.storedPlace(number: first + UInt64(k)))
+                }
+            }
+            return places
+        }
+    }
+}

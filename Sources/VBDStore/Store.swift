@@ -56,7 +56,7 @@ import VBDCache
 //                      no write is acknowledged after it.
 //   3. mutex           (StoreMutex) all metadata: `pager` (its cache and page table), images
 //                      and their maps, `chunks` (entries, free numbers, generations), `index`,
-//                      `sectorMap`, `spaceSummary`, `space` (including pages reserved while being punched),
+//                      `sectorMap`, `spaceSummary`, `space` (including pages reserved while being punched), `chunkFreesDeferred`,
 //                      `pending`, generation/journal counters, `closed`, `poisoned`. Functions named *Locked, `cacheKey`, `retainChunk`,
 //                      `releaseChunk` and `loadChunk(lockHeld: true)` need it and assert it in
 //                      debug builds (`StoreMutex.assertOwned`). Hashing, compression, data-file

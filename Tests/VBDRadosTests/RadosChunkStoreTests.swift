@@ -117,6 +117,61 @@ import VBDStore
         hostB.close()
     }
 
+    /// Host A dies with writes it never flushed: their chunk objects exist (stored in phase E)
+    /// but no durable record claims them. Host B takes the family over (fencing A) and its open
+    /// sweeps the family's unclaimed references: those objects go, the flushed ones stay and read.
+    @Test func aTakeoverReleasesTheReferencesOfWritesTheDeadOwnerNeverFlushed() throws {
+        let domain = "d" + UUID().uuidString.prefix(8).lowercased()
+        let hostB = try cluster.connect()
+        let family = location("fk")
+        let flushed = (0..<8).map { pattern(seed: 8000 + UInt64($0)) }
+        let a = try RadosStore.open(family, options: options(), create: true, sharingDomain: domain).store
+        try a.createVolume(name: "vm", size: 1 << 20, group: "pool")
+        for (i, bytes) in flushed.enumerated() { try write(a, "vm", block: i, bytes) }
+        try a.flush()
+        for i in 0..<5 { try write(a, "vm", block: 20 + i, pattern(seed: 8100 + UInt64(i))) }
+        #expect(try chunkObjects(domain, hostB).count == 13)
+
+        let (b, fenced) = try RadosStore.open(family, options: options(), create: false,
+                                              ownership: .takeOver(waitingUpTo: 0, force: true))
+        #expect(!fenced.isEmpty)
+        let objects = try chunkObjects(domain, hostB)
+        #expect(objects.count == 8, "the unflushed writes' objects were released")
+        for (i, bytes) in flushed.enumerated() { #expect(try read(b, "vm", block: i) == bytes) }
+        #expect(try read(b, "vm", block: 20) == [UInt8](repeating: 0, count: 4096))
+        #expect(b.fsck().isClean)
+        try b.close()
+        a.abandonWithoutFlush()
+        hostB.close()
+    }
+
+    /// A read through the store verifies the object's bytes against the record's hash: one flipped
+    /// byte in an object is an I/O error naming the chunk, never data.
+    @Test func aDamagedObjectIsAReadErrorNotData() throws {
+        let domain = "d" + UUID().uuidString.prefix(8).lowercased()
+        let host = try cluster.connect()
+        let family = location("fd")
+        let bytes = pattern(seed: 8300)
+        do {
+            let store = try RadosStore.open(family, options: options(), create: true, sharingDomain: domain).store
+            try store.createVolume(name: "vm", size: 1 << 20, group: "pool")
+            try write(store, "vm", block: 2, bytes)
+            try store.close()
+        }
+        let names = Array(try chunkObjects(domain, host).keys)
+        #expect(names.count == 1)
+        let chunks = try host.openPool("vbd", namespace: RadosChunkStorage.chunkNamespace)
+        var damaged = try chunks.readAll(names[0])
+        damaged[damaged.count - 1] ^= 0x01   // the last payload byte; the header stays right
+        try chunks.writeFull(names[0], damaged)
+        chunks.close()
+        let store = try RadosStore.open(family, options: options(), create: false).store
+        #expect(throws: (any Error).self) { _ = try read(store, "vm", block: 2) }
+        #expect(!store.fsck().isClean)
+        try store.close()
+        host.close()
+    }
+
     /// Serials are never handed out twice, also after a crash: a new process starts above the
     /// reservation the last one recorded.
     @Test func serialsResumeAboveTheReservationAfterACrash() throws {
