@@ -145,6 +145,28 @@ import VBDStore
         hostB.close()
     }
 
+    /// A crash after an overwrite that was never flushed brings back the old block: its object
+    /// must still be there, because a freed chunk's reference goes only after the free is durable.
+    @Test func aCrashBeforeTheFreeIsDurableKeepsTheOldChunkReadable() throws {
+        let domain = "d" + UUID().uuidString.prefix(8).lowercased()
+        let host = try cluster.connect()
+        let family = location("fc")
+        let old = pattern(seed: 8400), new = pattern(seed: 8401)
+        let a = try RadosStore.open(family, options: options(), create: true, sharingDomain: domain).store
+        try a.createVolume(name: "vm", size: 1 << 20, group: "pool")
+        try write(a, "vm", block: 0, old)
+        try a.flush()
+        try write(a, "vm", block: 0, new)
+        #expect(try chunkObjects(domain, host).count == 2)
+        a.abandonWithoutFlush()   // the overwrite and the free it made were never durable
+
+        let reopened = try RadosStore.open(family, options: options(), create: false).store
+        #expect(try read(reopened, "vm", block: 0) == old)
+        #expect(reopened.fsck().isClean)
+        try reopened.close()
+        host.close()
+    }
+
     /// A read through the store verifies the object's bytes against the record's hash: one flipped
     /// byte in an object is an I/O error naming the chunk, never data.
     @Test func aDamagedObjectIsAReadErrorNotData() throws {
