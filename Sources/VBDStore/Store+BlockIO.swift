@@ -97,7 +97,7 @@ extension Store {
             do {
                 try chunkStorage.readStored(entry.storedPlace(number: chunk), into: slice)
             } catch {
-                failure = LoadedChunkFailure(detail: "data file read failed: \(error)")
+                failure = LoadedChunkFailure(detail: chunksInDataFile ? "data file read failed: \(error)" : "chunk storage read failed: \(error)")
                 return
             }
             if entry.isCompressed {
