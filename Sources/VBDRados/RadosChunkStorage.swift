@@ -2,6 +2,9 @@ import Dispatch
 import Synchronization
 import VBDCore
 import VBDStore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A store's chunks as shared, content-addressed RADOS objects: the RADOS side of the store's
 /// ``ChunkStorage`` seam (docs/RADOS.md, "Chunks as shared objects inside the store", step 5).
@@ -14,11 +17,13 @@ import VBDStore
 /// number and reference serial, tagged `family:chunk:serial`.
 ///
 /// A chunk's place (bits 0-47 of its record's location) is the object's collision index (bits
-/// 44-47) and the reference serial (bits 0-43). The store reserves the serial (phase D) and
-/// `writeNew` fills in the collision index it found.
+/// 44-47) and the reference serial (bits 0-43). `writeNew` takes a fresh serial from the family's
+/// ``RadosChunkSerials`` for a place that has none (0) and fills in the collision index it found.
 ///
-/// Not wired into `Store` yet: the store still reserves data-file sectors and has no serial
-/// counter (docs/RADOS.md, steps 3-4).
+/// A `Store` uses it through `Store.Options.chunkStorage` (``RadosStore/open(_:options:create:sharingDomain:ownership:lockDurationSeconds:logger:onLockLost:whileWaiting:)``
+/// does so for a store of a sharing domain): the store then keeps no sector map, `sync` has
+/// nothing to wait for (the OSDs acknowledged every compound write durable), and the store calls
+/// `release` once the records freeing chunks are durable.
 ///
 /// Thread safety: any number of threads (the pool is thread-safe; the object sets are created
 /// once per group under `objectSets`' mutex).
@@ -42,9 +47,12 @@ public final class RadosChunkStorage: ChunkStorage {
     public let parallelWritesMax: Int
     /// The object set of each sharing group used so far.
     private let objectSets = Mutex<[UInt16: RadosChunkObjects]>([:])
+    /// Where fresh serials come from; nil: every place given to `writeNew` carries its serial.
+    public let serials: RadosChunkSerials?
 
     public init(pool: RadosPool, domain: String, family: String, hashFunction: HashFunction = .xxh3,
-                seedForGroup: @escaping @Sendable (UInt16) -> UInt64, parallelWritesMax: Int = 16) throws(RadosChunkError) {
+                seedForGroup: @escaping @Sendable (UInt16) -> UInt64, parallelWritesMax: Int = 16,
+                serials: RadosChunkSerials? = nil) throws(RadosChunkError) {
         // The group name `DOMAIN-65535` must still be an identifier of at most 64 bytes.
         guard domain.utf8.count <= 58, RadosChunkObjects.isValidIdentifier(domain) else { throw .invalidIdentifier(domain) }
         guard RadosChunkObjects.isValidIdentifier(family) else { throw .invalidIdentifier(family) }
@@ -55,6 +63,7 @@ public final class RadosChunkStorage: ChunkStorage {
         self.hashFunction = hashFunction
         self.seedForGroup = seedForGroup
         self.parallelWritesMax = parallelWritesMax
+        self.serials = serials
     }
 
     // MARK: Places and names
@@ -95,12 +104,26 @@ public final class RadosChunkStorage: ChunkStorage {
 
     // MARK: ChunkStorage
 
+    public var placesAreDataFileSectors: Bool { false }
+
+    /// Nothing to wait for: `writeNew` returns only once the OSDs acknowledged every chunk durable.
+    public func sync() throws(StorageError) {}
+
     /// Stores every chunk under this family's reference (one compound write each, up to
     /// `parallelWritesMax` in flight) and records the collision index in its place. The OSDs
     /// acknowledge each write durable. On a failure the references taken are released again
     /// (what a release cannot undo is a leaked reference, for the sweep) and nothing is changed.
     public func writeNew(_ chunks: inout [NewStoredChunk]) throws(StorageError) {
         guard !chunks.isEmpty else { return }
+        let unnamed = chunks.indices.filter { Self.serial(of: chunks[$0].place.place) == 0 }
+        if !unnamed.isEmpty {
+            guard let serials else { preconditionFailure("a chunk without a serial and no serial counter") }
+            var serial = try serials.take(unnamed.count)
+            for i in unnamed {
+                chunks[i].place.place = Self.place(serial: serial, collisionIndex: 0)
+                serial += 1
+            }
+        }
         let batch = WriteBatch(chunks)
         let workers = min(parallelWritesMax, chunks.count)
         if workers == 1 {
@@ -224,4 +247,60 @@ private final class WriteBatch: @unchecked Sendable {
         let i = nextIndex.wrappingAdd(1, ordering: .relaxed).oldValue
         return i < chunks.count ? i : nil
     }
+}
+
+/// The reference serials of one family (docs/RADOS.md, "References"): every serial is used at
+/// most once, across crashes too, because `refcount` retires a tag once it is put and a later
+/// `get` under it would count nothing. The object `chunk-serials` in the family's namespace holds
+/// (8 bytes, little-endian) the first serial not yet reserved; serials below it may have been used.
+/// A batch is reserved by writing the next bound (acknowledged durable) before its first serial
+/// is handed out, so after a crash counting resumes above everything that was handed out.
+/// Written through the family's own data client (its directory's pool), so a fenced owner cannot
+/// reserve any more. Thread safety: one mutex; the reservation's round trip happens under it,
+/// once per `batch` serials.
+public final class RadosChunkSerials: Sendable {
+    public static let object = "chunk-serials"
+    public let pool: RadosPool
+    public let batch: UInt64
+    /// (next serial to hand out, first serial not reserved)
+    private let state: Mutex<(next: UInt64, reservedBelow: UInt64)>
+
+    /// Reads the family's reservation; a family without one starts at serial 1 (0 means "none").
+    public init(pool: RadosPool, batch: UInt64 = 65_536) throws(RadosError) {
+        precondition(batch >= 1)
+        self.pool = pool
+        self.batch = batch
+        var bound: UInt64 = 1
+        do throws(RadosError) {
+            let bytes = try pool.readAll(Self.object)
+            guard bytes.count == 8 else {
+                throw RadosError("read \(pool.describe(Self.object)): \(bytes.count) bytes, not 8", code: EIO)
+            }
+            bound = bytes.enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+        } catch where error.code == ENOENT {}
+        state = Mutex((max(bound, 1), max(bound, 1)))
+    }
+
+    /// The first of `count` consecutive serials, each used by no earlier call (nor by an earlier
+    /// process of the family).
+    public func take(_ count: Int) throws(StorageError) -> UInt64 {
+        try state.withLock { (s) throws(StorageError) -> UInt64 in
+            let first = s.next
+            let end = first + UInt64(count)
+            guard end <= RadosChunkStorage.serialMax else { throw .io("the family's reference serials are used up") }
+            if end > s.reservedBelow {
+                let bound = min(end + batch, RadosChunkStorage.serialMax + 1)
+                let bytes = (0..<8).map { UInt8(truncatingIfNeeded: bound >> (8 * UInt64($0))) }
+                do throws(RadosError) { try pool.writeFull(Self.object, bytes) } catch {
+                    throw .io("reserving reference serials: \(error)")
+                }
+                s.reservedBelow = bound
+            }
+            s.next = end
+            return first
+        }
+    }
+
+    /// The first serial not yet reserved (tests).
+    public var reservedBelow: UInt64 { state.withLock { $0.reservedBelow } }
 }

@@ -87,6 +87,13 @@ public enum RadosStore {
     /// the same hash seeds, and records the domain in the object `sharing-domain` of its namespace.
     /// Every open of a store that records a domain checks that the store hashes with that domain's
     /// secret; an open that names a domain refuses a store of another domain or of none.
+    ///
+    /// The chunks of a store of a sharing domain are shared objects in the pool's chunk namespace
+    /// (``RadosChunkStorage``, family = the store's namespace, its serials in the object
+    /// `chunk-serials` of that namespace), reached through the store's own client so that
+    /// fencing the owner fences its chunk writes and releases too; the metadata (superblock,
+    /// `meta`, journals) stays in the store's namespace. A store of no domain keeps its chunks in
+    /// its striped data file there, as before.
     public static func open(_ location: RadosStoreLocation, options: Store.Options, create: Bool,
                             sharingDomain: String? = nil,
                             ownership: RadosOwnership = .acquire, lockDurationSeconds: Int = 30,
@@ -102,10 +109,16 @@ public enum RadosStore {
         do {
             recorded = try recordedSharingDomain(directory.pool)
             if create, let sharingDomain {
-                options.secretForNewStore = try domainSecret(sharingDomain, beside: directory.pool)
+                let secret = try domainSecret(sharingDomain, beside: directory.pool)
+                options.secretForNewStore = secret
+                options.chunkStorage = try chunkStorage(domain: sharingDomain, secret: secret, family: directory.pool)
             } else if !create, let sharingDomain, recorded != sharingDomain {
                 throw StoreError.io("the store \(location) is not in sharing domain \(sharingDomain): "
                                     + (recorded.map { "it is in \($0)" } ?? "it was created in none"))
+            } else if !create, let recorded {
+                // Checked against the store's own secret below, once it is open.
+                options.chunkStorage = try chunkStorage(domain: recorded, secret: try domainSecret(recorded, beside: directory.pool),
+                                                        family: directory.pool)
             }
         } catch {
             directory.unlock()
@@ -127,6 +140,16 @@ public enum RadosStore {
             } else if let recorded, !store.hashesWithSecret(try domainSecret(recorded, beside: directory.pool)) {
                 throw StoreError.io("the store \(location) records sharing domain \(recorded) but does not hash with its secret: "
                                     + "its chunks would never be shared and its hashes not be comparable with the domain's")
+            }
+            // A previous owner that did not hand over (killed, hung) may have left references
+            // no durable record claims: chunks of writes it never flushed, puts it never ran.
+            // Released before the store serves anything, so no write of ours is in flight.
+            if !fenced.isEmpty, !options.readOnly, let chunks = options.chunkStorage as? RadosChunkStorage {
+                let released = try chunks.sweep(owner: directory, claimed: store.installedChunkPlaces())
+                if !released.isEmpty {
+                    logger.notice("released \(released.count) chunk references the previous owner left unclaimed",
+                                  metadata: ["store": "\(location)"])
+                }
             }
         } catch {
             try? store.close()
@@ -150,6 +173,15 @@ public enum RadosStore {
         } catch let error as RadosError where error.code == ENOENT {
             return nil
         }
+    }
+
+    /// The chunk storage of the family whose namespace `family` is, in `domain`: the chunk
+    /// namespace through the family's own client, its serials in the family's namespace.
+    static func chunkStorage(domain: String, secret: UInt64, family: RadosPool) throws -> RadosChunkStorage {
+        let chunks = try family.connection.openPool(family.pool, namespace: RadosChunkStorage.chunkNamespace)
+        return try RadosChunkStorage(pool: chunks, domain: domain, family: family.namespace,
+                                     seedForGroup: { Store.hashSeed(secret: secret, group: $0) },
+                                     serials: try RadosChunkSerials(pool: family))
     }
 
     /// A domain's secret, kept in the chunk namespace of the pool that `storePool` is in.

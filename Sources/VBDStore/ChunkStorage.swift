@@ -9,11 +9,12 @@ import VBDCore
 // verifies every read itself (decompress + rehash against the record's hash, docs/INVARIANTS.md 3);
 // a `ChunkStorage` only puts stored bytes somewhere and gives them back.
 //
-// Built so far: writing new chunks (phase E) and reading a chunk's stored bytes. The data file
-// (`DataFileChunkStorage`) is the one implementation the store uses. Still in the store, not yet
-// behind the seam: reserving a place (phase D: `space.allocate`), giving back an unused
-// reservation, syncing before a flush's marker, and releasing a freed chunk's place once the
-// record freeing it is durable (`releaseFrees`).
+// Two kinds of place. The data file's (`placesAreDataFileSectors`): sectors the store reserves
+// with its space allocator (phase D), records in its sector map and reuses once the record freeing
+// them is durable (`releaseFrees`); the store keeps that bookkeeping, the storage only writes,
+// reads and syncs. Any other storage (RADOS objects, `RadosChunkStorage`) hands out its own
+// places in `writeNew` and gets freed chunks back through `release`, once durable; the store then
+// keeps no sector map and no data file content.
 
 /// Where one chunk's stored bytes are, as its chunk record says.
 public struct StoredChunkPlace: Sendable, Equatable {
@@ -57,6 +58,9 @@ public struct NewStoredChunk {
 /// Where the store's chunk bytes live. Called without the store's `mutex` held; any number of
 /// threads at once.
 public protocol ChunkStorage: AnyObject, Sendable {
+    /// Places are sectors of the store's data file, handed out and freed by the store's space
+    /// allocator. Otherwise `writeNew` fills in each place and freed chunks go to `release`.
+    var placesAreDataFileSectors: Bool { get }
     /// Stores new chunks whose places were reserved (phase E of a write). Returns once a later
     /// `readStored` sees them; durability is the flush's business. May change a chunk's
     /// `place.place` (the place a record then names); the store records what it finds there after
@@ -65,6 +69,13 @@ public protocol ChunkStorage: AnyObject, Sendable {
     /// Fills `buffer` (exactly `chunk.storedBytes`) with the chunk's stored bytes. The caller
     /// verifies them; a chunk that is missing is an error, never zeroes.
     func readStored(_ chunk: StoredChunkPlace, into buffer: UnsafeMutableRawBufferPointer) throws(StorageError)
+    /// Makes every chunk an earlier `writeNew` returned durable (a flush calls it before its
+    /// marker says the records naming them are).
+    func sync() throws(StorageError)
+    /// Gives back chunks no durable record names any more: freed chunks once the record freeing
+    /// them is durable, and chunks `writeNew` stored that no record ever named. Idempotent (a
+    /// crash may repeat it). Never called when `placesAreDataFileSectors`.
+    func release(_ chunks: [StoredChunkPlace]) throws(StorageError)
 }
 
 /// The store's chunks in its data file: each at its first sector, padded with zeroes to a sector
@@ -75,6 +86,14 @@ final class DataFileChunkStorage: ChunkStorage, @unchecked Sendable {
 
     init(file: any StorageFile) {
         self.file = file
+    }
+
+    var placesAreDataFileSectors: Bool { true }
+
+    func sync() throws(StorageError) { try file.sync() }
+
+    func release(_ chunks: [StoredChunkPlace]) throws(StorageError) {
+        preconditionFailure("the data file's sectors are freed by the store's space allocator")
     }
 
     /// One gathered write per run of adjacent sectors (a sequential write of many blocks usually
@@ -114,10 +133,38 @@ final class DataFileChunkStorage: ChunkStorage, @unchecked Sendable {
     }()
 }
 
+/// Frees waiting for the records that made them to be durable: the data file's sectors (the space
+/// allocator's) and, where the chunk storage keeps its own places, the chunks to `release`.
+struct DeferredFrees {
+    var sectors: [(sector: UInt64, count: Int)] = []
+    var chunks: [StoredChunkPlace] = []
+
+    var isEmpty: Bool { sectors.isEmpty && chunks.isEmpty }
+    var count: Int { sectors.count + chunks.count }
+}
+
 extension ChunkEntry {
     /// The entry's chunk as its storage sees it.
     func storedPlace(number: UInt64) -> StoredChunkPlace {
         StoredChunkPlace(number: number, place: sector, group: group, hash: hash, storedBytes: storedBytes,
                          isCompressed: isCompressed, rawBytes: rawBytes)
+    }
+}
+
+extension Store {
+    /// The places of every installed chunk: what the store's records claim in its chunk storage
+    /// (the claim list of a RADOS family's leak sweep, docs/RADOS.md step 6). Walks the whole
+    /// chunk table holding `mutex`: for a maintenance pass before the store serves anything (no
+    /// write in flight can then have stored a chunk its records do not list yet).
+    public func installedChunkPlaces() throws -> [StoredChunkPlace] {
+        try mutex.withLock {
+            var places: [StoredChunkPlace] = []
+            try chunks.records.forEachLeaf(pager: pager) { first, leaf in
+                for (k, r) in leaf.elements.enumerated() where r.entry.isInstalled {
+                    places.append(r.entry.storedPlace(number: first + UInt64(k)))
+                }
+            }
+            return places
+        }
     }
 }

@@ -97,7 +97,7 @@ extension Store {
             do {
                 try chunkStorage.readStored(entry.storedPlace(number: chunk), into: slice)
             } catch {
-                failure = LoadedChunkFailure(detail: "data file read failed: \(error)")
+                failure = LoadedChunkFailure(detail: chunksInDataFile ? "data file read failed: \(error)" : "chunk storage read failed: \(error)")
                 return
             }
             if entry.isCompressed {
@@ -533,7 +533,7 @@ extension Store {
             for i in blocks.indices where !blocks[i].isZero {
                 if let c = try findDuplicateLocked(blocks[i].bytes, hash: blocks[i].hash, group: view.group, volume: view.id) {
                     do throws(BlockDeviceError) { try metadata { try retainChunk(c) } } catch {
-                        releaseReservationsLocked(blocks)
+                        releaseReservationsLocked(blocks, group: view.group)
                         throw error
                     }
                     noteWriteReferenceLocked(c, taken: true)
@@ -571,21 +571,22 @@ extension Store {
                 for i in blocks.indices where !blocks[i].isZero && blocks[i].chunk == 0 {
                     let sectors = blocks[i].sectorCount
                     if spaceReserveRefusesNewDataLocked() { ok = false; break }   // the disk is full
-                    if options.dataBytesMax > 0 &&
+                    if chunksInDataFile && options.dataBytesMax > 0 &&
                         (space.usedSectors + UInt64(sectors)) * UInt64(Limits.sectorBytes) > options.dataBytesMax {
                         ok = false; break
                     }
                     let number: UInt64?
                     do throws(BlockDeviceError) { number = try metadata { try chunks.allocateNumber(pager: pager) } } catch {
-                        releaseReservationsLocked(blocks)
+                        releaseReservationsLocked(blocks, group: view.group)
                         throw error
                     }
                     guard let n = number else { ok = false; break }
                     blocks[i].chunk = n
                     blocks[i].isNew = true
-                    blocks[i].sector = space.allocate(sectors)
+                    // Elsewhere than the data file the storage picks the place in phase E.
+                    if chunksInDataFile { blocks[i].sector = space.allocate(sectors) }
                 }
-                if !ok { releaseReservationsLocked(blocks) }
+                if !ok { releaseReservationsLocked(blocks, group: view.group) }
                 return ok
             }
             if !reserved { throw .noSpace }
@@ -594,7 +595,7 @@ extension Store {
             do {
                 try writeNewChunks(&blocks, group: view.group)
             } catch {
-                mutex.withLock { releaseReservationsLocked(blocks) }
+                mutex.withLock { releaseReservationsLocked(blocks, group: view.group) }
                 throw error == .noSpace ? .noSpace : .io("writing block data: \(error)")
             }
         }
@@ -614,7 +615,7 @@ extension Store {
             // From here to the end of this hold the phase-B references become map references.
             for b in blocks where !b.isZero && !b.isNew && b.chunk != 0 { noteWriteReferenceLocked(b.chunk, taken: false) }
             guard images[view.id] != nil else {
-                releaseReservationsLocked(blocks, phaseBReferencesNoted: false)
+                releaseReservationsLocked(blocks, group: view.group, phaseBReferencesNoted: false)
                 throw .gone("\(view.name) was deleted during the write")
             }
             do {
@@ -629,7 +630,7 @@ extension Store {
                             // Someone stored the same bytes meanwhile: use theirs, drop ours.
                             try retainChunk(c)
                             try chunks.returnNumber(blocks[i].chunk, pager: pager)
-                            space.releaseNow(blocks[i].sector, count: blocks[i].sectorCount)
+                            giveBackPlaceLocked(blocks[i], group: view.group)
                             blocks[i].isNew = false
                             blocks[i].chunk = c
                             chunk = c
@@ -674,20 +675,33 @@ extension Store {
 
     /// With `mutex` held: undo phase B/D for blocks not yet published. `phaseBReferencesNoted`:
     /// the dedup references are still counted in `writeReferences` (false once phase F began).
-    private func releaseReservationsLocked(_ blocks: [PendingBlock], phaseBReferencesNoted: Bool = true) {
+    private func releaseReservationsLocked(_ blocks: [PendingBlock], group: SharingGroupID, phaseBReferencesNoted: Bool = true) {
         mutex.assertOwned("releaseReservationsLocked")
         for b in blocks where !b.isZero && b.chunk != 0 {
             if b.isNew {
                 // A number that cannot go back on the free stack (a metadata page failed) is
                 // only skipped; its sectors were never named by a record.
                 try? chunks.returnNumber(b.chunk, pager: pager)
-                space.releaseNow(b.sector, count: b.sectorCount)
+                giveBackPlaceLocked(b, group: group)
             } else {
                 if phaseBReferencesNoted { noteWriteReferenceLocked(b.chunk, taken: false) }
                 // The count stays one too high if the page cannot be changed: a leak, never a free
                 // of a chunk in use (fsck reports it).
                 try? releaseChunk(b.chunk)
             }
+        }
+    }
+
+    /// With `mutex` held: the place of a new chunk that no record names. The data file's sectors
+    /// are free again at once; a chunk another storage stored in phase E (its place is set) is
+    /// released with the next flush's frees, outside the lock.
+    private func giveBackPlaceLocked(_ b: PendingBlock, group: SharingGroupID) {
+        if chunksInDataFile {
+            space.releaseNow(b.sector, count: b.sectorCount)
+        } else if b.sector != 0 {
+            chunkFreesDeferred.append(StoredChunkPlace(number: b.chunk, place: b.sector, group: group, hash: b.hash,
+                                                       storedBytes: b.stored.count, isCompressed: b.isCompressed,
+                                                       rawBytes: b.bytes.count))
         }
     }
 

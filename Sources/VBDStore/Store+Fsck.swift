@@ -121,6 +121,8 @@ extension Store {
                 if e.refcount != counted { problem("chunk \(n): refcount \(e.refcount) but \(counted) references") }
                 if indexMembers[n] != PagedDedupIndex.fingerprint(e.hash) { problem("chunk \(n): missing from the dedup index") }
                 if e.storedBytes == 0 || e.storedBytes > e.rawBytes + 64 { problem("chunk \(n): implausible stored length \(e.storedBytes)") }
+                // Elsewhere than the data file a place is the storage's: no sector to check.
+                guard chunksInDataFile else { continue }
                 let chunkEnd = e.sector + UInt64(e.sectorCount)
                 if sectors.count < Int((chunkEnd + 63) >> 6) { sectors.append(contentsOf: repeatElement(0, count: Int((chunkEnd + 63) >> 6) - sectors.count)) }
                 var overlapReported = false
@@ -161,7 +163,10 @@ extension Store {
                     do throws(LoadedChunkFailure) { try loadChunk(n, e, cacheKey: key, into: tmp, volume: 0, lockHeld: true) } catch { return error.detail }
                     return nil
                 }
-                if let ok { problem("chunk \(n) at byte \(e.sector * UInt64(Limits.sectorBytes)) of the data file: \(ok)") }
+                if let ok {
+                    problem(chunksInDataFile ? "chunk \(n) at byte \(e.sector * UInt64(Limits.sectorBytes)) of the data file: \(ok)"
+                                             : "chunk \(n) (place \(e.sector) of the chunk storage): \(ok)")
+                }
                 report.chunkBytesVerified += UInt64(e.storedBytes)
                 if k % 4096 == 0 { progress?(k, live.count); pager.trim() }
             }

@@ -18,7 +18,7 @@ extension Store {
             let entry = ChunkEntry(hash: hash, location: location, shape: shape, refcount: 0)
             try chunks.install(entry, at: number, pager: pager)
             try index.insert(number, hash: hash, pager: pager)
-            try setSectors(entry.sector, count: entry.sectorCount, inUse: true)
+            if chunksInDataFile { try setSectors(entry.sector, count: entry.sectorCount, inUse: true) }
         case let .map(imageID, block, chunk):
             guard let image = images[imageID], block < image.record.blockCount else {
                 throw StoreError.corrupted("journal maps block \(block) of unknown image \(imageID)")
@@ -116,7 +116,7 @@ extension Store {
             var step = "fdatasync of the data file"
             do throws(StorageError) {
                 // Writes queued or journaled since the flush above name chunks not synced yet.
-                if !pending.bytes.isEmpty || journalEnd > journalCoveredEnd { try dataFile.sync() }
+                if !pending.bytes.isEmpty || journalEnd > journalCoveredEnd { try chunkStorage.sync() }
                 try appendFrameLocked(records, step: &step, marked: true)
             } catch {
                 let e: StorageError = error
@@ -223,14 +223,14 @@ extension Store {
     /// gets (every record queued before the call is in a frame below it) and, with `takingFrees`,
     /// the frees those records deferred, taken in the same hold of `mutex` so that none of a
     /// later record is among them. A failed write puts the records and frees back.
-    func writeQueuedRecordsLocked(takingFrees: Bool) throws(StorageError) -> (nextSequence: UInt64, frees: [(sector: UInt64, count: Int)]) {
+    func writeQueuedRecordsLocked(takingFrees: Bool) throws(StorageError) -> (nextSequence: UInt64, frees: DeferredFrees) {
         journalMutex.assertOwned("writeQueuedRecordsLocked")
         let (payload, queued, file, gen, seq, at, frees) = mutex.withLock {
             let payload = pending.bytes
             pending = BinaryWriter()
             pendingRecordCount = 0
             return (payload, recordBytesQueued, journalFile, generation, journalSequence, journalEnd,
-                    takingFrees ? space.takeDeferred() : [])
+                    takingFrees ? takeDeferredFreesLocked() : DeferredFrees())
         }
         guard !payload.isEmpty else {
             recordBytesJournaled = queued
@@ -307,7 +307,7 @@ extension Store {
     /// the journal synced; (4) the frees are released.
     func flushLocked() throws {
         var carried: [UInt8] = []
-        var frees: [(sector: UInt64, count: Int)] = []
+        var frees = DeferredFrees()
         var coveredBelow: UInt64 = 0
         var poison: String?
         var nothingNew = false
@@ -324,7 +324,7 @@ extension Store {
                         carried = pending.bytes
                         pending = BinaryWriter()
                         pendingRecordCount = 0
-                        frees = space.takeDeferred()
+                        frees = takeDeferredFreesLocked()
                     }
                     nothingNew = carried.isEmpty && frees.isEmpty && journalEnd <= journalCoveredEnd
                     queuedEnd = journalEnd
@@ -341,7 +341,7 @@ extension Store {
         var step = "fdatasync of the data file"
         do throws(StorageError) {
             // 2. The chunks the records name are durable before any marker says so.
-            try dataFile.sync()
+            try chunkStorage.sync()
             if !nothingNew {
                 // 3. Replay applies a covered frame whole; an uncovered one only within its epoch.
                 step = "journal write"
@@ -412,17 +412,45 @@ extension Store {
     }
 
     /// Puts an unwritten batch back in front of the records queued since. Takes `mutex`.
-    func restorePending(_ batch: [UInt8], _ frees: [(sector: UInt64, count: Int)]) {
+    func restorePending(_ batch: [UInt8], _ frees: DeferredFrees) {
         mutex.withLock {
             var restored = BinaryWriter(capacity: batch.count + pending.bytes.count)
             restored.raw(batch)
             restored.raw(pending.bytes)
             pending = restored
-            space.restoreDeferred(frees)
+            restoreDeferredFreesLocked(frees)
         }
     }
 
-    func releaseFrees(_ frees: [(sector: UInt64, count: Int)]) throws {
+    /// With `mutex` held: the frees deferred so far (the records that made them are queued or
+    /// journaled), for the flush or commit that makes those records durable.
+    func takeDeferredFreesLocked() -> DeferredFrees {
+        mutex.assertOwned("takeDeferredFreesLocked")
+        var taken = DeferredFrees(sectors: space.takeDeferred())
+        if !chunkFreesDeferred.isEmpty { swap(&taken.chunks, &chunkFreesDeferred) }
+        return taken
+    }
+
+    /// With `mutex` held: puts frees whose records did not become durable back in front.
+    func restoreDeferredFreesLocked(_ frees: DeferredFrees) {
+        mutex.assertOwned("restoreDeferredFreesLocked")
+        space.restoreDeferred(frees.sectors)
+        if !frees.chunks.isEmpty { chunkFreesDeferred.insert(contentsOf: frees.chunks, at: 0) }
+    }
+
+    /// Without `mutex`: gives freed chunks back to a storage that keeps its own places, once
+    /// the records freeing them are durable. What cannot be released now waits for the next
+    /// flush (a release is idempotent); what a crash leaves is the leak sweep's (docs/RADOS.md).
+    func releaseStoredChunks(_ freed: [StoredChunkPlace]) {
+        guard !freed.isEmpty else { return }
+        do throws(StorageError) { try chunkStorage.release(freed) } catch {
+            mutex.withLock { chunkFreesDeferred.append(contentsOf: freed) }
+        }
+    }
+
+    func releaseFrees(_ frees: DeferredFrees) throws {
+        releaseStoredChunks(frees.chunks)
+        let frees = frees.sectors
         guard !frees.isEmpty else { return }
         // The pages to punch stay reserved until punched: a writer taking them in between would
         // have its acknowledged chunk erased by the punch (see SpaceAllocator.swift).
@@ -543,7 +571,7 @@ struct PreparedCommit {
     var superblock: [UInt8]
     /// The generation the other superblock slot names once this one is durable.
     var keepFrom: UInt64
-    var frees: [(sector: UInt64, count: Int)]
+    var frees: DeferredFrees
     /// The journal that got the seal frame, written but not yet synced: `writePreparedCommit`
     /// syncs the data file, writes `sealMarker` after the seal frame (at `sealMarkerOffset`) and
     /// syncs the journal, before any page.
@@ -577,7 +605,7 @@ extension Store {
             let tracedStart = StoreMutex.traceThresholdNanos != nil ? StoreMutex.wallClockSeconds() : ""
             // Most of the data file's dirty pages are synced before the lock is taken: the sync
             // under it then waits only for what was written in between.
-            if !options.readOnly { do { try dataFile.sync() } catch {
+            if !options.readOnly { do { try chunkStorage.sync() } catch {
                 poisonAfterFailedSync("fdatasync of the data file failed (\(error))", dataMayBeLost: true)
                 throw StoreError.io("checkpoint failed: fdatasync of the data file: \(error); the store refuses writes until it is reopened")
             } }
@@ -616,7 +644,7 @@ extension Store {
                         // commit keep clear of the superblock slot that still names the last one.
                         pager.abandonCommit(prepared.batch, revert: true)
                         fallbackRoot = fallbackRoot ?? prepared.keepFrom
-                        space.restoreDeferred(prepared.frees)
+                        restoreDeferredFreesLocked(prepared.frees)
                     } else {
                         pager.abandonCommit(prepared.batch)
                     }
@@ -656,6 +684,7 @@ extension Store {
     /// store lock is held only in bounded steps.
     func finishCommitUnlocked(_ prepared: PreparedCommit, punches: [(offset: UInt64, length: UInt64)]) {
         punchReserved(punches)
+        releaseStoredChunks(prepared.frees.chunks)
         // Generations before the one the other slot names are named by no slot and no chain now.
         removeGenerationFiles { $0 < prepared.keepFrom }
         // The commit made its pages clean: the cache may now be far over budget.
@@ -675,6 +704,7 @@ extension Store {
         let punches = completeCommitLocked(prepared)
         for p in punches { try? dataFile.punchHole(offset: p.offset, length: p.length) }
         space.finishPunches(punches)
+        if !prepared.frees.chunks.isEmpty { try? chunkStorage.release(prepared.frees.chunks) }
         removeGenerationFiles { $0 < prepared.keepFrom }
         pager.trim()
     }
@@ -735,7 +765,7 @@ extension Store {
         try storeImageTableLocked()
         mutex.traceStep("image-table")
         var step = "growing meta"
-        let frees = space.takeDeferred()
+        let frees = takeDeferredFreesLocked()
         do throws(StorageError) {
             // Every slot the commit may write exists (written as zeroes, not a hole), so running out of
             // space cannot happen halfway through the commit's pages.
@@ -773,7 +803,7 @@ extension Store {
                                   sealDistrustMarker: sealDistrustMarker)
         } catch {
             let e: StorageError = error
-            space.restoreDeferred(frees)
+            restoreDeferredFreesLocked(frees)
             if e == .noSpace { throw StoreError.noSpace }
             throw StoreError.io("checkpoint failed at \(step): \(e)")
         }
@@ -799,7 +829,7 @@ extension Store {
     func writePreparedCommit(_ prepared: PreparedCommit) throws(FailedCommit) {
         defer { prepared.sealedJournal.close() }
         // The chunks the sealed records name, then the seal frame: both before any page.
-        do { try dataFile.sync() } catch {
+        do { try chunkStorage.sync() } catch {
             // The failed sync may have dropped the data of the sealed journal's uncovered frames
             // (the seal's too): a marker in no epoch where the seal's marker would have gone, so
             // that a reopen in this boot replays only covered frames, stops before the seal and
@@ -847,7 +877,7 @@ extension Store {
         mutex.traceStep("finish-commit")
         fallbackRoot = nil
         defer { mutex.traceStep("release-frees") }
-        return space.releaseReservingPunches(prepared.frees, punchRunBytesMin: options.holePunchRunBytesMin,
+        return space.releaseReservingPunches(prepared.frees.sectors, punchRunBytesMin: options.holePunchRunBytesMin,
                                              unpunchedFreeBytesMax: options.unpunchedFreeBytesMax)
     }
 
@@ -1224,7 +1254,7 @@ extension Store {
                                current replayed: ReplayedJournal) throws {
         if replayed.replayedUncovered || earlier.contains(where: \.replayed.replayedUncovered) {
             // The killed process acknowledged these writes; from here they survive a power cut too.
-            do { try dataFile.sync() } catch {
+            do { try chunkStorage.sync() } catch {
                 throw StoreError.io("recovery: fdatasync of the data file failed (\(error)): the writes the killed process " +
                                     "acknowledged cannot be made durable; the store was not changed")
             }

@@ -56,7 +56,7 @@ import VBDCache
 //                      no write is acknowledged after it.
 //   3. mutex           (StoreMutex) all metadata: `pager` (its cache and page table), images
 //                      and their maps, `chunks` (entries, free numbers, generations), `index`,
-//                      `sectorMap`, `spaceSummary`, `space` (including pages reserved while being punched),
+//                      `sectorMap`, `spaceSummary`, `space` (including pages reserved while being punched), `chunkFreesDeferred`,
 //                      `pending`, generation/journal counters, `closed`, `poisoned`. Functions named *Locked, `cacheKey`, `retainChunk`,
 //                      `releaseChunk` and `loadChunk(lockHeld: true)` need it and assert it in
 //                      debug builds (`StoreMutex.assertOwned`). Hashing, compression, data-file
@@ -104,6 +104,11 @@ public final class Store: @unchecked Sendable {
         public var secretForNewStore: UInt64?
         /// Refuse new chunks once the data file would exceed this (0 = no limit but the disk's).
         public var dataBytesMax: UInt64 = 0
+        /// Where the chunks' stored bytes live; nil = the store's data file. A store must be
+        /// opened with the same kind of storage it was created with (its records' places mean
+        /// sectors of the data file, or whatever the storage put there): RadosStore decides that
+        /// from what the store's namespace records.
+        public var chunkStorage: (any ChunkStorage)?
         /// The simulator's controlled scheduler: every lock operation becomes a point where it may
         /// switch threads (see InterleavingScheduler.swift). nil in production.
         public var interleaving: (any InterleavingScheduler)?
@@ -150,6 +155,10 @@ public final class Store: @unchecked Sendable {
     /// The encoded image table (images, their map roots, group names) as bytes in 8-byte words.
     var imageTable = PagedArray<UInt64>()
     var space = SpaceAllocator()
+    /// Where the storage keeps its own places (`!chunksInDataFile`): chunks freed, or stored and
+    /// never named by a record, waiting for the records freeing them to be durable, as `space`
+    /// keeps the data file's sectors. Taken and given back with those (`takeDeferredFreesLocked`).
+    var chunkFreesDeferred: [StoredChunkPlace] = []
     /// The encoded image table as last committed, and the pages holding it.
     var committedImageTable: [UInt8] = []
     var imageTablePages: [PageNumber] = []
@@ -215,8 +224,11 @@ public final class Store: @unchecked Sendable {
     public internal(set) var recoveryWarnings: [String] = []
 
     var dataFile: any StorageFile
-    /// Where chunk bytes are written and read (ChunkStorage.swift): the data file.
+    /// Where chunk bytes are written and read (ChunkStorage.swift): the data file, or
+    /// `Options.chunkStorage`.
     let chunkStorage: any ChunkStorage
+    /// `chunkStorage.placesAreDataFileSectors`: the space allocator and the sector map are used.
+    let chunksInDataFile: Bool
     var journalFile: any StorageFile
     var superblockFile: any StorageFile
     var metaFile: any StorageFile
@@ -254,6 +266,7 @@ public final class Store: @unchecked Sendable {
         journalMutex = StoreMutex(scheduler: options.interleaving)
         spaceReserveMutex = StoreMutex(scheduler: options.interleaving)
         unsyncedWritesEpoch = directory.unsyncedWritesEpoch
+        chunksInDataFile = options.chunkStorage?.placesAreDataFileSectors ?? true
         journalsWrites = unsyncedWritesEpoch != nil && !options.readOnly
         stripeLocks = (0..<Store.stripeCount).map { _ in StoreMutex(scheduler: options.interleaving) }
         do {
@@ -266,7 +279,7 @@ public final class Store: @unchecked Sendable {
                 secret = options.secretForNewStore ?? Store.randomSeed()
                 superblockFile = try directory.openFile("superblock", create: true)
                 dataFile = try directory.openFile("data", create: true)
-                chunkStorage = DataFileChunkStorage(file: dataFile)
+                chunkStorage = options.chunkStorage ?? DataFileChunkStorage(file: dataFile)
                 metaFile = try directory.openFile("meta", create: true)
                 // Generation 0 exists only until the first checkpoint below replaces it.
                 journalFile = try directory.openFile("journal-0", create: true)
@@ -275,7 +288,7 @@ public final class Store: @unchecked Sendable {
                 guard directory.fileExists("superblock") else { throw StorageError.notFound("superblock") }
                 superblockFile = try directory.openFile("superblock", create: false)
                 dataFile = try directory.openFile("data", create: false)
-                chunkStorage = DataFileChunkStorage(file: dataFile)
+                chunkStorage = options.chunkStorage ?? DataFileChunkStorage(file: dataFile)
                 // `recover` opens `meta` (after the superblock says which format this is) and picks
                 // the generation; until then the journal and meta handles point at the superblock
                 // file, which nothing writes through them, and the pager is empty.
@@ -363,8 +376,12 @@ public final class Store: @unchecked Sendable {
 
     /// The hash seed of a sharing group: identical blocks of two groups get unrelated hashes,
     /// so neither dedup nor the cache can connect them.
-    func seed(group: SharingGroupID) -> UInt64 {
-        var z = secret ^ (UInt64(group.rawValue) &* 0x9E37_79B9_7F4A_7C15)
+    func seed(group: SharingGroupID) -> UInt64 { Store.hashSeed(secret: secret, group: group.rawValue) }
+
+    /// The hash seed of `group` in a store whose secret is `secret` (docs/FORMAT.md, "data"):
+    /// stores that share chunks (docs/RADOS.md) have one secret and so derive the same seeds.
+    public static func hashSeed(secret: UInt64, group: UInt16) -> UInt64 {
+        var z = secret ^ (UInt64(group) &* 0x9E37_79B9_7F4A_7C15)
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
         return z ^ (z >> 31)
@@ -419,9 +436,14 @@ extension Store: ChunkReferenceCounter {
         // its number gets a new generation, so no entry of this generation survives); its sectors
         // are reusable once this is durable.
         try index.remove(chunk, hash: e.hash, pager: pager)
-        try setSectors(e.sector, count: e.sectorCount, inUse: false)
+        if chunksInDataFile { try setSectors(e.sector, count: e.sectorCount, inUse: false) }
         options.cache?.remove(try cacheKey(chunk))
-        if !replaying { space.deferFree(e.sector, count: e.sectorCount) }
+        if !chunksInDataFile {
+            // Also at replay: the put of a free the crash interrupted runs again (idempotent).
+            chunkFreesDeferred.append(e.storedPlace(number: chunk))
+        } else if !replaying {
+            space.deferFree(e.sector, count: e.sectorCount)
+        }
         try chunks.releaseNumber(chunk, pager: pager)
     }
 

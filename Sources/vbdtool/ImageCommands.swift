@@ -9,16 +9,24 @@ struct InitCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "init", abstract: "Create an empty store.")
     @OptionGroup var store: StoreOptions
     @OptionGroup var output: OutputOptions
+    @Option(name: .customLong("share-chunks-as"), help: ArgumentHelp("With --rados: keep the store's chunks as objects shared by every store of this sharing domain in the pool (namespace vbd-chunks), so that stores of other namespaces and hosts deduplicate with it; fixed for the store's life.", valueName: "domain"))
+    var shareChunksAs: String?
+
+    func validate() throws {
+        if shareChunksAs != nil && store.rados.location == nil { throw ValidationError("--share-chunks-as needs --rados POOL") }
+    }
 
     func run() throws {
         if let location = store.rados.location {
             do {
-                let created = try openRadosStore(location, options: Store.Options(), create: true).store
+                let created = try openRadosStore(location, options: Store.Options(), create: true, sharingDomain: shareChunksAs).store
                 try created.close()
             } catch {
                 fail(ControlFailure(error), json: output.json)
             }
-            if output.json { JSON.print(["store": location.description]) } else { print("initialised an empty store at \(location)") }
+            if output.json { JSON.print(["store": location.description]) } else {
+                print("initialised an empty store at \(location)" + (shareChunksAs.map { ", its chunks shared in domain \($0)" } ?? ""))
+            }
             return
         }
         let path = store.path

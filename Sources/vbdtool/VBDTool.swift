@@ -94,13 +94,13 @@ struct RadosOptions: ParsableArguments {
 
 /// Opens the RADOS store at `location` (for `init`, `serve`, and the commands that find no server);
 /// errors become failures that name the store and say what to do.
-func openRadosStore(_ location: RadosStoreLocation, options: Store.Options, create: Bool,
+func openRadosStore(_ location: RadosStoreLocation, options: Store.Options, create: Bool, sharingDomain: String? = nil,
                     ownership: RadosOwnership = .acquire, lockDurationSeconds: Int = 30,
                     logger: Logger = Logger(label: "vbd.rados"),
                     onLockLost: @escaping @Sendable (String) -> Void = { _ in },
                     whileWaiting: ([RadosLockHolder]) -> Void = { _ in }) throws(ControlFailure) -> (store: Store, fenced: [String]) {
     do {
-        return try RadosStore.open(location, options: options, create: create, ownership: ownership,
+        return try RadosStore.open(location, options: options, create: create, sharingDomain: sharingDomain, ownership: ownership,
                                    lockDurationSeconds: lockDurationSeconds, logger: logger, onLockLost: onLockLost,
                                    whileWaiting: whileWaiting)
     } catch StoreError.notInitialized {
