@@ -40,14 +40,15 @@ extension Store {
     /// round finds the misses of all its items. The probe is skipped (see `pageProbeWanted`)
     /// after `pageProbeCleanRunMin` clean probes with nothing ever evicted, until a page is read
     /// in place or evicted: then the working set is cached, and the probe would only cost CPU.
+    /// `probingAlways`: for steps that touch pages outside the block I/O paths' working set.
     func withLockAfterLoadingPages<T, E: Error>(file: StaticString = #fileID, line: UInt = #line,
-                                                probe: () -> Void,
+                                                probingAlways: Bool = false, probe: () -> Void,
                                                 _ step: () throws(E) -> T) throws(E) -> T {
         var loaded: [(PageMiss, any MetadataPageObject)] = []
         for round in 0...Self.pageProbeRoundsMax {
             let outcome = try mutex.withLock(file: file, line: line) { () throws(E) -> PageLoadingOutcome<T> in
                 for (miss, object) in loaded { pager.adopt(miss, object) }
-                if round < Self.pageProbeRoundsMax, pageProbeWanted.load(ordering: .relaxed) {
+                if round < Self.pageProbeRoundsMax, probingAlways || pageProbeWanted.load(ordering: .relaxed) {
                     pager.missesThrow = true
                     probe()
                     pager.missesThrow = false
@@ -123,6 +124,18 @@ extension Store {
         for b in blocks {
             guard let c = try? image.root.lookup(b, pager: pager), c != 0, c < zeroAllocatedChunk else { continue }
             _ = try? chunks.entry(c, pager: pager)
+        }
+    }
+
+    /// The sector-map leaves that cover data-file pages `firstPage ..< firstPage + pageCount`:
+    /// what gc's punch scan of that slice reads (at 32 M chunks, cold, 120 ms per slice under the lock).
+    func probeSectorMap(fromPage firstPage: UInt64, pageCount: UInt64) {
+        let sectorsPerLeaf = UInt64(SpaceAllocator.wordsPerLeaf) * 64
+        let (last, overflow) = firstPage.addingReportingOverflow(pageCount)
+        let firstSector = firstPage * 8, endSector = min(space.endSector, overflow ? .max : last * 8)
+        guard firstSector < endSector else { return }
+        for leaf in (firstSector / sectorsPerLeaf)...((endSector - 1) / sectorsPerLeaf) {
+            _ = try? sectorMap.leafElements(leaf, pager: pager)
         }
     }
 

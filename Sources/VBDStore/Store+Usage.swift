@@ -178,7 +178,10 @@ extension Store {
             // slice of the file per hold of the store lock.
             var next: UInt64? = 0
             while let from = next {
-                let slice = mutex.withLock { space.reserveFreePagesForPunching(fromPage: from, pageCount: Store.gcPagesPerHold) }
+                // The slice's sector-map leaves are read before the lock is held for it.
+                let slice = withLockAfterLoadingPages(probingAlways: true, probe: {
+                    probeSectorMap(fromPage: from, pageCount: Store.gcPagesPerHold)
+                }) { space.reserveFreePagesForPunching(fromPage: from, pageCount: Store.gcPagesPerHold) }
                 punchReserved(slice.punches)
                 next = slice.nextPage
             }
