@@ -482,11 +482,7 @@ import VBDCache
     /// Writes and closes a store with volume "v" of `count` blocks, block i starting with i + 1,
     /// whose metadata is many times the 256 KiB cache of the options returned (for reopening it).
     static func storeOfNumberedBlocks(_ dir: TemporaryStoreDirectory, count: Int) throws -> Store.Options {
-        var options = Store.Options()
-        options.metadataCacheBytes = 256 << 10
-        options.commitDirtyPagesMax = 64
-        let store = try Store.initialize(path: dir.path, options: options)
-        try store.createVolume(name: "v", size: UInt64(count) * 4096)
+        let (store, options) = try smallCacheStore(dir, volumeBytes: UInt64(count) * 4096)
         let v = try store.device(named: "v")
         for n in stride(from: 0, to: count, by: 64) {
             var buf = [UInt8](repeating: 0, count: 4096 * 64)
@@ -582,11 +578,7 @@ import VBDCache
     /// held the lock for 120 ms).
     @Test func gcReadsTheSectorMapWithoutTheStoreLock() throws {
         let dir = TemporaryStoreDirectory()
-        var options = Store.Options()
-        options.metadataCacheBytes = 256 << 10
-        options.commitDirtyPagesMax = 64
-        let store = try Store.initialize(path: dir.path, options: options)
-        try store.createVolume(name: "v", size: 64 << 20)
+        let (store, options) = try Self.smallCacheStore(dir, volumeBytes: 64 << 20)
         let v = try store.device(named: "v")
         // Incompressible blocks, so the data file spans several sector-map leaves.
         var g = SplitMix64(seed: 17)
@@ -611,6 +603,16 @@ import VBDCache
         for n in stride(from: 0, to: 16_384, by: 97) { #expect(try w.read(4096, at: UInt64(n) * 4096) == block(seed: UInt64(n))) }
         #expect(reopened.fsck().isClean)
         try reopened.close()
+    }
+
+    /// A new store whose metadata cache is 256 KiB, with an empty volume "v"; and its options.
+    static func smallCacheStore(_ dir: TemporaryStoreDirectory, volumeBytes: UInt64) throws -> (Store, Store.Options) {
+        var options = Store.Options()
+        options.metadataCacheBytes = 256 << 10
+        options.commitDirtyPagesMax = 64
+        let store = try Store.initialize(path: dir.path, options: options)
+        try store.createVolume(name: "v", size: volumeBytes)
+        return (store, options)
     }
 
     /// The event-loop fast path reads no content page of the metadata (map leaves, chunk records):
