@@ -7,8 +7,11 @@ set -u
 store=${1:?usage: metadata-rates-ab.sh STORE SMALL_BYTES LARGE_BYTES [SECONDS]}; small=$2; large=$3; secs=${4:-10}
 vbdtool=${VBDTOOL:-$(cd "$(dirname "$0")/.." && pwd)/.build/release/vbdtool}
 sock=$(mktemp -u "${TMPDIR:-/tmp}/vbd-rates.XXXXXX.sock")
+# ABBA: round 1 runs the small cache first, round 2 the large one, so that the page cache warming
+# up over the run (meta and the data file read from the disk) favours neither.
 for round in 1 2; do
-  for size in $small $large; do
+  order="$small $large"; [ $round = 2 ] && order="$large $small"
+  for size in $order; do
     "$vbdtool" serve --store $store --unix $sock --metadata-cache $size --cache-size 64M --last-chance-size 0 --log-level warning 2>/dev/null &
     pid=$!
     for _ in $(seq 1 200); do [ -S $sock ] && nbdinfo --size "nbd+unix:///vol?socket=$sock" >/dev/null 2>&1 && break; sleep 0.05; done
