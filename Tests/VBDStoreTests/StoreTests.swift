@@ -516,9 +516,7 @@ import VBDCache
             try v.write(block(seed: UInt64(count + i)), at: UInt64(i) * 4096)
             #expect(try v.read(4096, at: UInt64(i) * 4096) == block(seed: UInt64(count + i)))
         }
-        let after = store.metadataPageReads
-        let all = after.all - before.all, outside = after.outsideLock - before.outsideLock
-        print("metadata pages read: \(all), of them without the store lock: \(outside)")
+        let (all, outside) = Self.pagesRead(store, since: before)
         #expect(all > 400, "the pages were not cached")
         #expect(outside * 10 >= all * 8, "\(outside) of \(all) pages read without the lock")
         #expect(store.fsck().isClean)
@@ -564,9 +562,7 @@ import VBDCache
                 #expect(got.withUnsafeBytes { $0.load(fromByteOffset: k * 4096, as: UInt64.self) } == UInt64(first + k + 1))
             }
         }
-        let after = store.metadataPageReads
-        let all = after.all - before.all, outside = after.outsideLock - before.outsideLock
-        print("metadata pages read: \(all), of them without the store lock: \(outside)")
+        let (all, outside) = Self.pagesRead(store, since: before)
         #expect(all > 300, "the pages were not cold")
         #expect(outside * 100 >= all * 95, "\(all - outside) of \(all) pages read under the lock")
         #expect(store.fsck().isClean)
@@ -595,14 +591,22 @@ import VBDCache
         try w.flush()
         let before = reopened.metadataPageReads
         try reopened.gc()
-        let after = reopened.metadataPageReads
-        let all = after.all - before.all, underLock = all - (after.outsideLock - before.outsideLock)
-        print("gc read \(all) metadata pages, \(underLock) of them under the store lock")
+        let (all, outside) = Self.pagesRead(reopened, since: before)
+        let underLock = all - outside
         #expect(all >= 2, "the sector map was cached")
         #expect(underLock <= 1, "\(underLock) pages read under the lock")
         for n in stride(from: 0, to: 16_384, by: 97) { #expect(try w.read(4096, at: UInt64(n) * 4096) == block(seed: UInt64(n))) }
         #expect(reopened.fsck().isClean)
         try reopened.close()
+    }
+
+    /// Metadata pages `store` read since `before` (its `metadataPageReads` then), and how many of
+    /// them without the store lock; printed for the test's log.
+    static func pagesRead(_ store: Store, since before: (all: Int, outsideLock: Int)) -> (all: Int, outside: Int) {
+        let after = store.metadataPageReads
+        let all = after.all - before.all, outside = after.outsideLock - before.outsideLock
+        print("metadata pages read: \(all), of them without the store lock: \(outside)")
+        return (all, outside)
     }
 
     /// A new store whose metadata cache is 256 KiB, with an empty volume "v"; and its options.
