@@ -33,6 +33,19 @@ make_store() {
     "$VBDTOOL" create vol --size "$1" --store "$STORE" >/dev/null
 }
 
+# start_micro_cluster: a Ceph micro cluster (scripts/ceph-micro-cluster.sh) in a new $TMPDIR_TEST,
+# stopped on exit (and by its watchdog should the script die without its cleanup); sets CONF to
+# its ceph.conf.
+start_micro_cluster() {
+    TMPDIR_TEST=$(mktemp -d)
+    cleanup_fn "rm -rf '$TMPDIR_TEST'"
+    local script
+    script="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/scripts/ceph-micro-cluster.sh"
+    VBD_CEPH_OWNER_PID=$$ bash "$script" start "$TMPDIR_TEST/ceph" >/dev/null || fail "cannot start the micro cluster"
+    cleanup_fn "bash '$script' stop '$TMPDIR_TEST/ceph' >/dev/null"
+    CONF="$TMPDIR_TEST/ceph/ceph.conf"
+}
+
 # launch_server LOG serve-options...: vbdtool serve on $STORE in the background, its output in
 # LOG; returns once the server logs "serving" (every listener is up, and the lines before it are
 # in LOG), fails if it exits first. SERVER_PID is vbdtool's.

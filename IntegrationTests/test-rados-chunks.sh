@@ -15,14 +15,8 @@
 source "$(dirname "$0")/nbd-functions.sh"
 requires nbdsh nbdcopy rados cmp
 requires_vbdtool_serve
-here=$(cd "$(dirname "$0")" && pwd)
 
-TMPDIR_TEST=$(mktemp -d)
-cleanup_fn "rm -rf '$TMPDIR_TEST'"
-CLUSTER="$TMPDIR_TEST/ceph"
-VBD_CEPH_OWNER_PID=$$ bash "$here/../scripts/ceph-micro-cluster.sh" start "$CLUSTER" >/dev/null || fail "cannot start the micro cluster"
-cleanup_fn "bash '$here/../scripts/ceph-micro-cluster.sh' stop '$CLUSTER' >/dev/null"
-CONF="$CLUSTER/ceph.conf"
+start_micro_cluster
 DOMAIN=dom1
 
 chunk_objects() { rados -c "$CONF" -p vbd -N vbd-chunks ls 2>/dev/null | grep -c "^chunk\.$DOMAIN-" || true; }

@@ -11,13 +11,7 @@ source "$(dirname "$0")/nbd-functions.sh"
 requires_vbdtool_serve
 here=$(cd "$(dirname "$0")" && pwd)
 
-TMPDIR_TEST=$(mktemp -d)
-cleanup_fn "rm -rf '$TMPDIR_TEST'"
-CLUSTER="$TMPDIR_TEST/ceph"
-# The watchdog stops the cluster should this script die without running its cleanup.
-VBD_CEPH_OWNER_PID=$$ bash "$here/../scripts/ceph-micro-cluster.sh" start "$CLUSTER" >/dev/null || fail "cannot start the micro cluster"
-cleanup_fn "bash '$here/../scripts/ceph-micro-cluster.sh' stop '$CLUSTER' >/dev/null"
-CONF="$CLUSTER/ceph.conf"
+start_micro_cluster
 
 # Store commands without a server: each opens the store on RADOS itself.
 cli="$TMPDIR_TEST/host-cli"
