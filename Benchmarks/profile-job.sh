@@ -11,7 +11,8 @@
 # (user + system over the job, ramp included). With FOLDED, writes the profile as folded stacks
 # (Benchmarks/perf-fold.py). Needs perf (Debian's linux-perf), fio and nbdcopy; nothing in the
 # build or the tests needs perf. Stops its server on exit. PROFILE=0 runs the job without perf
-# (the rates and CPU per I/O alone); SERVE_ARGS adds options to `vbdtool serve`.
+# (the rates and CPU per I/O alone); SERVE_ARGS adds options to `vbdtool serve`; PERF_DATA=FILE
+# keeps perf's raw data (for `perf annotate -i FILE`).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
@@ -66,3 +67,4 @@ if [ -n "$folded" ] && [ "$profile" = 1 ]; then
     perf script -i "$work/perf.data" 2>/dev/null | /usr/bin/python3 "$here/perf-fold.py" >"$folded"
     echo "folded stacks: $folded"
 fi
+if [ -n "${PERF_DATA:-}" ] && [ "$profile" = 1 ]; then cp "$work/perf.data" "$PERF_DATA"; echo "perf data: $PERF_DATA"; fi

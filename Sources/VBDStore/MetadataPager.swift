@@ -534,12 +534,18 @@ final class MetadataPager {
 
     /// The cached object of `page`, or the one loaded at `version` (known by the caller).
     private func object<T: MetadataPageObject>(_ page: PageNumber, version: () throws -> PageVersion, as type: T.Type) throws -> T {
+        try frame(page, version: version, as: type).object
+    }
+
+    /// `object`, with the frame that holds it (one lookup for a writer as for a reader).
+    private func frame<T: MetadataPageObject>(_ page: PageNumber, version: () throws -> PageVersion,
+                                              as type: T.Type) throws -> (frame: Frame, object: T) {
         if let frame = frames[page] {
             frame.referenced = true
             guard let object = frame.object as? T else {
                 throw StoreError.corrupted("\(page) is a \(frame.kind), not a \(T.kind)")
             }
-            return object
+            return (frame, object)
         }
         let version = try version()
         if missesThrow && !T.kind.isStructural {
@@ -547,13 +553,13 @@ final class MetadataPager {
             throw misses.last!
         }
         let object = try load(page, version: version, as: type)
-        insertFrame(page, Frame(object: object, kind: T.kind, dirty: false))
-        return object
+        let frame = Frame(object: object, kind: T.kind, dirty: false)
+        insertFrame(page, frame)
+        return (frame, object)
     }
 
-    /// Marks the cached `page` dirty, swapping in a copy if a commit is writing the object.
-    private func makeWritable<T: MetadataPageObject>(_ page: PageNumber, as: T.Type) -> T {
-        let frame = frames[page]!
+    /// Marks `page`, cached in `frame`, dirty, swapping in a copy if a commit is writing the object.
+    private func makeWritable<T: MetadataPageObject>(_ page: PageNumber, _ frame: Frame, as: T.Type) -> T {
         if frame.frozen {
             frame.object = (frame.object as! T).copy()
             frame.frozen = false
@@ -566,7 +572,16 @@ final class MetadataPager {
 
     /// A content page, for reading. The object must not be changed (use `writable`).
     func read<T: MetadataPageObject>(_ page: PageNumber, as type: T.Type) throws -> T {
-        try object(page, version: {
+        try contentFrame(page, as: type).object
+    }
+
+    /// A content page, for changing: marked dirty (a copy if a commit is writing the cached object).
+    func writable<T: MetadataPageObject>(_ page: PageNumber, as type: T.Type) throws -> T {
+        makeWritable(page, try contentFrame(page, as: type).frame, as: type)
+    }
+
+    private func contentFrame<T: MetadataPageObject>(_ page: PageNumber, as type: T.Type) throws -> (frame: Frame, object: T) {
+        try frame(page, version: {
             let e = try entry(page)
             guard !e.isFree, !e.isStructural, e.kind == T.kind.rawValue else {
                 throw StoreError.corrupted("\(page) is referenced as a \(T.kind) but the page table has it " +
@@ -574,12 +589,6 @@ final class MetadataPager {
             }
             return e.version
         }, as: type)
-    }
-
-    /// A content page, for changing: marked dirty (a copy if a commit is writing the cached object).
-    func writable<T: MetadataPageObject>(_ page: PageNumber, as type: T.Type) throws -> T {
-        _ = try read(page, as: type)
-        return makeWritable(page, as: type)
     }
 
     /// Frames one `trim` visits at most: it runs under the store lock, and after a large commit
@@ -670,8 +679,8 @@ final class MetadataPager {
         var index = page.rawValue
         while level > 1 {
             let v = version
-            var directory = try object(current, version: { v }, as: PageDirectoryPage.self)
-            if writable { directory = makeWritable(current, as: PageDirectoryPage.self) }
+            let cached = try frame(current, version: { v }, as: PageDirectoryPage.self)
+            let directory = writable ? makeWritable(current, cached.frame, as: PageDirectoryPage.self) : cached.object
             let span = PageTable.capacity(levels: level - 1)
             let slot = Int(index / span)
             index %= span
@@ -685,8 +694,8 @@ final class MetadataPager {
             level -= 1
         }
         let v = version
-        var table = try object(current, version: { v }, as: PageTablePage.self)
-        if writable { table = makeWritable(current, as: PageTablePage.self) }
+        let cached = try frame(current, version: { v }, as: PageTablePage.self)
+        let table = writable ? makeWritable(current, cached.frame, as: PageTablePage.self) : cached.object
         return (table, Int(index))
     }
 

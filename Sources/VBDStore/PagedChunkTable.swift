@@ -153,22 +153,30 @@ struct PagedChunkTable: Equatable {
 
 /// Entries of one bucket: u16 count | u16 zero | u32 zero | u64 overflow page | count x (u64
 /// fingerprint, u64 chunk).
+///
+/// In memory the entries are kept in fingerprint order, so a lookup touches a cache line or two
+/// of the page instead of scanning all of it: fingerprints are uniform (they come from the keyed
+/// content hash), so an entry's place is guessed from its value and found from there. Pages are
+/// written in that order; a page in any other order (as older stores wrote them) is sorted when read.
 final class DedupBucketPage: MetadataPageObject {
+    struct Entry: Equatable {
+        var fingerprint: UInt64
+        var chunk: UInt64
+    }
+
     static let kind = PageKind.dedupBucket
     static let capacity = (MetadataPageFile.payloadBytes - 16) / 16   // 253
-    var fingerprints: [UInt64]
-    var chunks: [UInt64]
+    /// Sorted by fingerprint (equal fingerprints in any order).
+    private(set) var entries: [Entry]
     var overflow: PageNumber
 
     init() {
-        fingerprints = []
-        chunks = []
+        entries = []
         overflow = .none
     }
 
-    private init(fingerprints: [UInt64], chunks: [UInt64], overflow: PageNumber) {
-        self.fingerprints = fingerprints
-        self.chunks = chunks
+    private init(entries: [Entry], overflow: PageNumber) {
+        self.entries = entries
         self.overflow = overflow
     }
 
@@ -176,29 +184,97 @@ final class DedupBucketPage: MetadataPageObject {
         let n = Int(UInt16(littleEndian: payload.loadUnaligned(fromByteOffset: 0, as: UInt16.self)))
         guard n <= DedupBucketPage.capacity else { throw PageDecodingError("dedup bucket holds \(n) entries") }
         overflow = PageNumber(UInt64(littleEndian: payload.loadUnaligned(fromByteOffset: 8, as: UInt64.self)))
-        fingerprints = []
-        chunks = []
-        fingerprints.reserveCapacity(n)
-        chunks.reserveCapacity(n)
+        entries = []
+        entries.reserveCapacity(n)
+        var sorted = true
         for k in 0..<n {
-            fingerprints.append(UInt64(littleEndian: payload.loadUnaligned(fromByteOffset: 16 + k * 16, as: UInt64.self)))
+            let fingerprint = UInt64(littleEndian: payload.loadUnaligned(fromByteOffset: 16 + k * 16, as: UInt64.self))
             let c = UInt64(littleEndian: payload.loadUnaligned(fromByteOffset: 24 + k * 16, as: UInt64.self))
             guard c != 0 else { throw PageDecodingError("dedup bucket entry \(k) names chunk 0") }
-            chunks.append(c)
+            if let last = entries.last, last.fingerprint > fingerprint { sorted = false }
+            entries.append(Entry(fingerprint: fingerprint, chunk: c))
         }
+        if !sorted { entries.sort { $0.fingerprint < $1.fingerprint } }
     }
 
     func encode(into payload: UnsafeMutableRawBufferPointer) {
-        payload.storeBytes(of: UInt16(chunks.count).littleEndian, toByteOffset: 0, as: UInt16.self)
+        payload.storeBytes(of: UInt16(entries.count).littleEndian, toByteOffset: 0, as: UInt16.self)
         payload.storeBytes(of: overflow.rawValue.littleEndian, toByteOffset: 8, as: UInt64.self)
-        for k in 0..<chunks.count {
-            payload.storeBytes(of: fingerprints[k].littleEndian, toByteOffset: 16 + k * 16, as: UInt64.self)
-            payload.storeBytes(of: chunks[k].littleEndian, toByteOffset: 24 + k * 16, as: UInt64.self)
+        for (k, e) in entries.enumerated() {
+            payload.storeBytes(of: e.fingerprint.littleEndian, toByteOffset: 16 + k * 16, as: UInt64.self)
+            payload.storeBytes(of: e.chunk.littleEndian, toByteOffset: 24 + k * 16, as: UInt64.self)
         }
     }
 
-    func copy() -> DedupBucketPage { DedupBucketPage(fingerprints: fingerprints, chunks: chunks, overflow: overflow) }
-    var residentBytes: Int { 96 + chunks.capacity * 16 }
+    func copy() -> DedupBucketPage { DedupBucketPage(entries: entries, overflow: overflow) }
+    var residentBytes: Int { 96 + entries.capacity * 16 }
+    var count: Int { entries.count }
+    var isFull: Bool { entries.count >= Self.capacity }
+
+    /// The index of the first entry whose fingerprint is not below `fingerprint`: a guess from
+    /// the value, then steps that double until the place is bracketed, then a binary search
+    /// (O(1) expected for uniform fingerprints, O(log n) at worst).
+    func lowerBound(_ fingerprint: UInt64) -> Int {
+        entries.withUnsafeBufferPointer { e in
+            let n = e.count
+            if n == 0 { return 0 }
+            let guess = Int(truncatingIfNeeded: fingerprint.multipliedFullWidth(by: UInt64(n)).high)
+            // The answer lies in low...high; e[high] is not below the fingerprint, or high == n.
+            var low = 0, high = n
+            var bound = guess, step = 1
+            if e[guess].fingerprint < fingerprint {
+                while true {
+                    let next = bound + step
+                    if next >= n { low = bound + 1; high = n; break }
+                    if e[next].fingerprint >= fingerprint { low = bound + 1; high = next; break }
+                    bound = next
+                    step &*= 2
+                }
+            } else {
+                while true {
+                    let next = bound - step
+                    if next < 0 { low = 0; high = bound; break }
+                    if e[next].fingerprint < fingerprint { low = next + 1; high = bound; break }
+                    bound = next
+                    step &*= 2
+                }
+            }
+            while low < high {
+                let mid = (low + high) / 2
+                if e[mid].fingerprint < fingerprint { low = mid + 1 } else { high = mid }
+            }
+            return low
+        }
+    }
+
+    /// Calls `body` with each chunk stored under `fingerprint` until it returns true.
+    func firstChunk(withFingerprint fingerprint: UInt64, _ body: (UInt64) throws -> Bool) rethrows -> UInt64? {
+        var k = lowerBound(fingerprint)
+        while k < entries.count && entries[k].fingerprint == fingerprint {
+            if try body(entries[k].chunk) { return entries[k].chunk }
+            k += 1
+        }
+        return nil
+    }
+
+    /// Adds an entry in order; the page must not be full.
+    func insert(_ entry: Entry) {
+        precondition(!isFull, "dedup bucket page is full")
+        entries.insert(entry, at: lowerBound(entry.fingerprint))
+    }
+
+    /// Removes the entry, if the page holds it.
+    func remove(_ entry: Entry) -> Bool {
+        var k = lowerBound(entry.fingerprint)
+        while k < entries.count && entries[k].fingerprint == entry.fingerprint {
+            if entries[k].chunk == entry.chunk {
+                entries.remove(at: k)
+                return true
+            }
+            k += 1
+        }
+        return false
+    }
 }
 
 /// Content hash -> candidate chunk numbers, in pages (linear hashing). Kept in the superblock.
@@ -243,10 +319,7 @@ struct PagedDedupIndex: Equatable {
         var page = PageNumber(try buckets.get(bucket(of: fp), pager: pager))
         while page != .none {
             let b = try pager.read(page, as: DedupBucketPage.self)
-            for k in 0..<b.chunks.count where b.fingerprints[k] == fp {
-                let c = b.chunks[k]
-                if try hashOf(c) == hash, try body(c) { return c }
-            }
+            if let c = try b.firstChunk(withFingerprint: fp, { c in try hashOf(c) == hash && body(c) }) { return c }
             page = b.overflow
         }
         return nil
@@ -264,10 +337,8 @@ struct PagedDedupIndex: Equatable {
         var page = try headPage(bucket, pager: pager)
         while true {
             let b = try pager.read(page, as: DedupBucketPage.self)
-            if b.chunks.count < DedupBucketPage.capacity {
-                let w = try pager.writable(page, as: DedupBucketPage.self)
-                w.fingerprints.append(fingerprint)
-                w.chunks.append(chunk)
+            if !b.isFull {
+                try pager.writable(page, as: DedupBucketPage.self).insert(.init(fingerprint: fingerprint, chunk: chunk))
                 return
             }
             if b.overflow == .none {
@@ -287,7 +358,7 @@ struct PagedDedupIndex: Equatable {
         var page = PageNumber(try buckets.get(old, pager: pager))
         while page != .none {
             let b = try pager.read(page, as: DedupBucketPage.self)
-            for k in 0..<b.chunks.count { entries.append((b.fingerprints[k], b.chunks[k])) }
+            for e in b.entries { entries.append((e.fingerprint, e.chunk)) }
             let next = b.overflow
             try pager.release(page)
             page = next
@@ -313,12 +384,12 @@ struct PagedDedupIndex: Equatable {
         var page = PageNumber(try buckets.get(bucket, pager: pager))
         while page != .none {
             let b = try pager.read(page, as: DedupBucketPage.self)
-            if let k = (0..<b.chunks.count).first(where: { b.chunks[$0] == chunk && b.fingerprints[$0] == fp }) {
+            let entry = DedupBucketPage.Entry(fingerprint: fp, chunk: chunk)
+            if b.firstChunk(withFingerprint: fp, { $0 == chunk }) != nil {
                 let w = try pager.writable(page, as: DedupBucketPage.self)
-                w.chunks.swapAt(k, w.chunks.count - 1); w.chunks.removeLast()
-                w.fingerprints.swapAt(k, w.fingerprints.count - 1); w.fingerprints.removeLast()
+                _ = w.remove(entry)
                 // An emptied overflow page leaves the chain.
-                if w.chunks.isEmpty && previous != .none {
+                if w.count == 0 && previous != .none {
                     try pager.writable(previous, as: DedupBucketPage.self).overflow = w.overflow
                     try pager.release(page)
                 }
@@ -337,7 +408,7 @@ struct PagedDedupIndex: Equatable {
             var page = PageNumber(try buckets.get(bucket, pager: pager))
             while page != .none {
                 let b = try pager.read(page, as: DedupBucketPage.self)
-                for k in 0..<b.chunks.count { try body(b.chunks[k], b.fingerprints[k]) }
+                for e in b.entries { try body(e.chunk, e.fingerprint) }
                 page = b.overflow
             }
         }

@@ -119,3 +119,75 @@ private func entry(_ k: UInt64) -> ChunkEntry {
         #expect(Set(seen) == Set(stride(from: 1, through: 700, by: 2)))
     }
 }
+
+@Suite struct DedupBucketPageTests {
+    /// The first index whose fingerprint is not below `fingerprint`, by a plain scan.
+    private func linearLowerBound(_ entries: [DedupBucketPage.Entry], _ fingerprint: UInt64) -> Int {
+        entries.firstIndex { $0.fingerprint >= fingerprint } ?? entries.count
+    }
+
+    /// Inserts and removes against a model in four fingerprint distributions (uniform, one value,
+    /// a narrow cluster, the extremes), checking the order and every lookup after each step.
+    @Test(arguments: ["uniform", "one value", "cluster", "extremes"])
+    func lookupsAgreeWithAScanWhateverTheFingerprints(distribution: String) {
+        var rng = SplitMix64(seed: 77)
+        func fingerprint() -> UInt64 {
+            switch distribution {
+            case "one value": return 0x8000_0000_0000_0000
+            case "cluster": return 0x1234_0000_0000_0000 &+ rng.next() % 64
+            case "extremes": return [0, 1, UInt64.max, UInt64.max - 1][Int(rng.next() % 4)]
+            default: return rng.next()
+            }
+        }
+        let page = DedupBucketPage()
+        var model: [DedupBucketPage.Entry] = []
+        var nextChunk: UInt64 = 1
+        for step in 0..<3000 {
+            if !page.isFull && (model.isEmpty || rng.next() % 3 != 0) {
+                let e = DedupBucketPage.Entry(fingerprint: fingerprint(), chunk: nextChunk)
+                nextChunk += 1
+                page.insert(e)
+                model.append(e)
+            } else {
+                let victim = model.remove(at: Int(rng.next() % UInt64(model.count)))
+                #expect(page.remove(victim), "step \(step)")
+                #expect(!page.remove(victim), "removed twice at step \(step)")
+            }
+            #expect(zip(page.entries, page.entries.dropFirst()).allSatisfy { $0.fingerprint <= $1.fingerprint })
+            #expect(Set(page.entries.map(\.chunk)) == Set(model.map(\.chunk)))
+            for probe in [fingerprint(), rng.next(), 0, UInt64.max] + model.prefix(3).map(\.fingerprint) {
+                #expect(page.lowerBound(probe) == linearLowerBound(page.entries, probe), "step \(step), fingerprint \(probe)")
+            }
+            if let e = model.last {
+                #expect(page.firstChunk(withFingerprint: e.fingerprint) { $0 == e.chunk } == e.chunk)
+            }
+        }
+    }
+
+    /// A page written in insertion order (as stores before the sorted buckets wrote them) is
+    /// sorted when read, and written back sorted.
+    @Test func aPageInAnyOrderIsSortedWhenRead() throws {
+        var rng = SplitMix64(seed: 5)
+        let n = DedupBucketPage.capacity
+        var payload = [UInt8](repeating: 0, count: MetadataPageFile.payloadBytes)
+        var written: [DedupBucketPage.Entry] = []
+        payload.withUnsafeMutableBytes { b in
+            b.storeBytes(of: UInt16(n).littleEndian, toByteOffset: 0, as: UInt16.self)
+            b.storeBytes(of: UInt64(99).littleEndian, toByteOffset: 8, as: UInt64.self)
+            for k in 0..<n {
+                let e = DedupBucketPage.Entry(fingerprint: rng.next(), chunk: UInt64(k + 1))
+                written.append(e)
+                b.storeBytes(of: e.fingerprint.littleEndian, toByteOffset: 16 + k * 16, as: UInt64.self)
+                b.storeBytes(of: e.chunk.littleEndian, toByteOffset: 24 + k * 16, as: UInt64.self)
+            }
+        }
+        let page = try payload.withUnsafeBytes { try DedupBucketPage(decoding: $0) }
+        #expect(page.overflow == PageNumber(99))
+        #expect(page.entries == written.sorted { $0.fingerprint < $1.fingerprint })
+        for e in written { #expect(page.firstChunk(withFingerprint: e.fingerprint) { $0 == e.chunk } == e.chunk) }
+        var again = [UInt8](repeating: 0, count: MetadataPageFile.payloadBytes)
+        again.withUnsafeMutableBytes { page.encode(into: $0) }
+        let reread = try again.withUnsafeBytes { try DedupBucketPage(decoding: $0) }
+        #expect(reread.entries == page.entries)
+    }
+}

@@ -38,3 +38,31 @@ import VBDCore
         #expect(try file.size() == start + UInt64(expected.count))
     }
 }
+
+extension PosixStorageTests {
+    /// A punch longer than `punchSliceBytes`, starting and ending off the slice boundaries, zeroes
+    /// exactly its range and gives its blocks back, as one `fallocate` would.
+    @Test func aLongPunchInSlicesZeroesExactlyItsRange() throws {
+        let dir = TemporaryStoreDirectory()
+        let directory = try PosixDirectory(path: dir.path, create: true)
+        let file = try directory.openFile("data", create: true)
+        defer { file.close() }
+        let slice = PosixFile.punchSliceBytes
+        let total = Int(3 * slice)
+        let bytes = [UInt8](repeating: 0xA5, count: total)
+        try file.write(gathering: bytes.withUnsafeBytes { [$0] }, at: 0)
+        try file.sync()
+        let start = slice / 2 + 4096, length = slice * 2 - 3 * 4096
+        var before = stat(); stat(dir.path + "/data", &before)
+        try file.punchHole(offset: start, length: length)
+        var after = stat(); stat(dir.path + "/data", &after)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: total, alignment: 4096)
+        defer { buffer.deallocate() }
+        try file.readExactly(into: buffer, at: 0)
+        let zeroed = Int(start)..<Int(start + length)
+        #expect(buffer.indices.allSatisfy { zeroed.contains($0) ? buffer[$0] == 0 : buffer[$0] == 0xA5 })
+        #expect(try file.size() == UInt64(total))
+        // st_blocks counts 512-byte units; the file system may keep a block or two of slack.
+        #expect(Int64(before.st_blocks - after.st_blocks) * 512 >= Int64(length) - 2 * 4096)
+    }
+}
