@@ -23,7 +23,9 @@
 # (qemu-nbd's --cache, default writeback: librbd's cache on),
 # OUT (results dir, default Benchmarks/results/rados-compare-<UTC time>), KEEP=1 keeps the work dir,
 # VBD_SERVE_OPTIONS (more options for vbd's serve, e.g. "--lock-duration 120": on a machine at load
-# 10 a 2 GiB fill starved the lock's renewal for 30 s, docs/RADOS.md "Known limits").
+# 10 a 2 GiB fill starved the lock's renewal for 30 s, docs/RADOS.md "Known limits"),
+# VBD_INIT_OPTIONS (more options for vbd's init, e.g. "--share-chunks-as bench": chunks as shared
+# objects in namespace vbd-chunks of the same pool, counted in the space figure too).
 # Output: a table on stdout and in $OUT/table.md; raw fio JSON in $OUT.
 # Memory: memstore keeps everything in RAM: about SIZE for each image, plus RBD's copied-up objects
 # (4 MiB for every object a clone writes into; with the defaults about 1.7 GiB).
@@ -118,7 +120,9 @@ EOF
 echo "rados-compare: SIZE=$SIZE CLONES=$CLONES CLONE_WRITES=$CLONE_WRITES FIO_RUNTIME=$FIO_RUNTIME; $(fio --version); $(qemu-nbd --version | head -1); ceph $(ceph --version | awk '{print $3}')" | tee "$OUT/setup.txt"
 
 # --- vbd on RADOS, over NBD ---
-"$VBDTOOL" init "${R[@]}" >/dev/null
+# shellcheck disable=SC2086 # VBD_INIT_OPTIONS is a list of options
+"$VBDTOOL" init "${R[@]}" ${VBD_INIT_OPTIONS:-} >/dev/null
+echo "rados-compare: vbd init options: ${VBD_INIT_OPTIONS:-(none)}" | tee -a "$OUT/setup.txt"
 "$VBDTOOL" create bench --size "$SIZE" "${R[@]}" >/dev/null
 # shellcheck disable=SC2086 # VBD_SERVE_OPTIONS is a list of options
 "$VBDTOOL" serve "${R[@]}" --listen "127.0.0.1:$PORT" ${VBD_SERVE_OPTIONS:-} >"$OUT/vbd-serve.log" 2>&1 &
