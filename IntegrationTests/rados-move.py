@@ -12,8 +12,9 @@ serves), moving to a host where no server runs, and a second move while one runs
 the vol1 client loses its connection, reconnects where the command said, reads back every write
 A acknowledged before writing anything new, and writes on; the vol2 and vol3 clients never see an
 error. The vol1 client's longest stall is printed, not asserted. Afterwards the family moves back
-by a volume's name (vol1) and A reads what the client wrote on B. Both servers stop cleanly and
-fence nobody.
+by a volume's name (vol1) and A reads what the client wrote on B. Last, a third server C takes
+fam2 from A by force (fencing A's fam2 client): A loses only fam2 and keeps serving fam1. Every
+server stops cleanly; A and B fence nobody.
 
 Exit status 0 when every check passed, 1 otherwise (the reasons are printed).
 """
@@ -240,9 +241,11 @@ def main():
     parser.add_argument("--blocks", type=int, default=16384, help="blocks a writer cycles through (the volume's size)")
     args = parser.parse_args()
 
-    a = Server("a", args, ["--namespace", "fam1", "--namespace", "fam2", "--move-delay", "2"])
+    # A short lock for A, so that it notices the forced takeover of fam2 soon (it renews every 2 s).
+    a = Server("a", args, ["--namespace", "fam1", "--namespace", "fam2", "--move-delay", "2", "--lock-duration", "6"])
     b = Server("b", args, ["--namespace", "fam3"])
     writers = []
+    c = None
     try:
         if not (check(a.wait_for("serving", 90), "A did not start serving")
                 and check(b.wait_for("serving", 90), "B did not start serving")):
@@ -326,16 +329,35 @@ def main():
         check(families_of(args, a) == ["fam2", "fam1"], f"A serves {families_of(args, a)} after the move back")
         status, out, _ = vbdtool(args, "fsck", "--store", a.host, "--rados", args.pool, "--namespace", "fam1", "--no-data")
         check(status == 0 and "clean" in out, f"fsck of fam1 through A: {out}")
+
+        # A lost lock stops only that family: C takes fam2 by force, A keeps serving fam1.
+        c = Server("c", args, ["--namespace", "fam2", "--take-over", "--force"])
+        check(c.wait_for("serving", 90), "C did not take fam2 over")
+        check(a.wait_for("lost the ownership of the family", 30), "A did not notice that it lost fam2")
+        check(wait_until(lambda: families_of(args, a) == ["fam1"], 30), f"A serves {families_of(args, a)} after losing fam2")
+        check(a.process.poll() is None, "A stopped although it still owns fam1")
+        reader = connect(lambda: [c.uri("vol2")], 30)
+        bad = [i for i in range(fam2.acknowledged) if reader.pread(BLOCK, i * BLOCK) != pattern(i, fam2.generation)]
+        disconnect(reader)
+        check(not bad, f"C reads {len(bad)} blocks of vol2 other than A acknowledged, e.g. {bad[:8]}")
+        reader = connect(lambda: [a.uri("vol1")], 30)
+        check(reader.pread(BLOCK, 0) == pattern(0, moved.generation), "A no longer reads vol1 after losing fam2")
+        disconnect(reader)
+        print("lost lock: C took fam2 from A by force; A stopped serving fam2 only and still serves fam1", flush=True)
     finally:
         for writer in writers:
             writer.stop.set()
         if failures:
-            a.dump()
-            b.dump()
-        a.stop()
-        b.stop()
+            for server in (a, b, c):
+                if server:
+                    server.dump()
+        for server in (a, b, c):
+            if server:
+                server.stop()
         a.check_stopped_cleanly()
         b.check_stopped_cleanly()
+        if c:
+            check(c.process.returncode == 0 and c.logged("stopped cleanly"), f"C did not stop cleanly (status {c.process.returncode})")
     if failures:
         print(f"{len(failures)} check(s) failed")
 

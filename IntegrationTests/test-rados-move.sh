@@ -3,7 +3,8 @@
 # hosts) on a micro Ceph cluster of its own, while NBD clients write to it and to the families
 # that stay (rados-move.py: no acknowledged write lost, the other clients see no error, the moved
 # client's longest stall printed, not asserted; refusals: a family the server does not own, a
-# host where no server runs, a second move while one runs). Before that: a server refuses two
+# host where no server runs, a second move while one runs; a forced takeover of one of A's families
+# by a third server stops only that family on A). Before that: a server refuses two
 # families that hold the same export name, and the commands that work on one store refuse
 # --namespace given twice.
 # Without Ceph this fails (the cluster script names the missing binary): it never skips.

@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import Logging
 import NBDServer
+import Synchronization
 import VBDAccounting
 import VBDCache
 import VBDControl
@@ -257,10 +258,16 @@ struct ServeCommand: AsyncParsableCommand {
         var localStore: Store?
         var radosFamilies: [(name: String, location: RadosStoreLocation, store: Store)] = []
         var servedStore = storePath
+        // A family's lost lock stops only that family while others are served (set once they are).
+        let servedFamilies = Mutex<ServedFamilies?>(nil)
         let opening = ServedFamilies.Opening(
             base: self.store.rados.location ?? RadosStoreLocation(configurationFile: "", pool: "", namespace: ""),
             options: options, lockDurationSeconds: lockDuration,
-            onLockLost: { family, reason in stopEvents.post(.lockLost("family \(family): \(reason)")) })
+            onLockLost: { family, reason in
+                if servedFamilies.withLock({ $0 })?.lockLost(family, reason: reason) != true {
+                    stopEvents.post(.lockLost(reason))
+                }
+            })
         if self.store.rados.location != nil {
             let locations = self.store.rados.locations
             servedStore = locations.map(\.description).joined(separator: ", ")
@@ -328,6 +335,7 @@ struct ServeCommand: AsyncParsableCommand {
             let served = radosFamilies.map { ServedFamilies.family($0.store, at: $0.location, cache: cache, tenancy: tenancy) }
             families = ServedFamilies(families: served, opening: opening, hostPath: storePath, cache: cache, tenancy: tenancy,
                                       pinnedExports: pinned, moveDelaySeconds: moveDelay, logger: logger)
+            servedFamilies.withLock { $0 = families }
         }
         let exports: any ExportProvider = families ?? localStore!
         let nbd = NBDServer(configuration: .init(exports: exports, tcp: tcp, unixSocketPath: unix.map(absolutePath), tls: tls,

@@ -360,6 +360,31 @@ final class ServedFamilies: ExportProvider, ControlRequestHandler, Sendable {
         return result.withLock { $0! }
     }
 
+    // MARK: A lost lock
+
+    /// The lock of the family `name` was lost (taken over, broken, blocklisted, expired): its store
+    /// already refuses every change. When other families are served, only this one stops: its
+    /// connections are closed and its store closed without committing, and true is returned.
+    /// False when it is the only family (or not served, as at start): the server stops, as a
+    /// server of one store does.
+    func lockLost(_ name: String, reason: String) -> Bool {
+        let (family, nbd) = state.withLock { state -> (Family?, NBDServer?) in
+            guard state.families.count > 1, let index = state.families.firstIndex(where: { $0.name == name }) else { return (nil, nil) }
+            return (state.families.remove(at: index), state.nbd)
+        }
+        guard let family else { return false }
+        logger.critical("lost the ownership of the family: refusing its writes, closing its NBD connections; the other families keep serving",
+                        metadata: ["family": "\(name)", "reason": "\(reason)"])
+        let exports = Set(family.store.list().map { $0.name })
+        let logger = self.logger
+        Task {
+            await nbd?.closeConnections(servingAnyOf: exports)
+            _ = try? family.store.close()   // commits nothing: the store refuses every change
+            logger.error("stopped serving the family without committing: this server no longer owns it", metadata: ["family": "\(name)"])
+        }
+        return true
+    }
+
     // MARK: Stopping
 
     /// Commits and closes every family (releasing their locks: the handover of `serve`'s SIGTERM).
