@@ -311,6 +311,8 @@ def main():
             check(writer.outcome is None, f"{writer.name_}: {writer.outcome}")
             check(not writer.lost, f"{writer.name_}: {len(writer.lost)} acknowledged blocks lost, e.g. {writer.lost[:8]}")
         check(moved.reconnects == 1, f"the vol1 client reconnected {moved.reconnects} times (expected once): {moved.errors}")
+        # The move ends the connection; a request the store refused (EIO) would reach a guest as a disk error.
+        check(not [e for e in moved.errors if "EIO" in e], f"the vol1 client got an I/O error, not a closed connection: {moved.errors}")
         for writer in (fam2, fam3):
             check(not writer.errors, f"{writer.name_}'s client saw errors during the move: {writer.errors}")
         print(f"moved client: {at_move} blocks acknowledged when the move was asked for, "
