@@ -330,11 +330,11 @@ struct ServeCommand: AsyncParsableCommand {
         let vhostDoors = try Self.parseVhostUserBlk(vhostUserBlk)
         var families: ServedFamilies?
         if localStore == nil {
-            var pinned = Set(vhostDoors.map(\.export))
-            if metrics != nil, let first = radosFamilies.first { pinned.formUnion(first.store.list().map(\.name)) }
             let served = radosFamilies.map { ServedFamilies.family($0.store, at: $0.location, cache: cache, tenancy: tenancy) }
             families = ServedFamilies(families: served, opening: opening, hostPath: storePath, cache: cache, tenancy: tenancy,
-                                      pinnedExports: pinned, moveDelaySeconds: moveDelay, logger: logger)
+                                      pinnedExports: Set(vhostDoors.map(\.export)),
+                                      pinnedFamily: metrics == nil ? nil : radosFamilies.first?.name,
+                                      moveDelaySeconds: moveDelay, logger: logger)
             servedFamilies.withLock { $0 = families }
         }
         let exports: any ExportProvider = families ?? localStore!

@@ -63,20 +63,23 @@ final class ServedFamilies: ExportProvider, ControlRequestHandler, Sendable {
     let hostPath: String
     let cache: BlockCache
     let tenancy: TenancyService
-    /// Exports that must stay here (vhost-user-blk doors, metrics): their families are not moved.
+    /// Exports served through vhost-user-blk doors and the family `--metrics` reports: set up
+    /// once at start, so their families are not moved.
     let pinnedExports: Set<String>
+    let pinnedFamily: String?
     /// Tests: seconds a move waits after its checks, before it withdraws the family.
     let moveDelaySeconds: Double
     let logger: Logger
 
     init(families: [Family], opening: Opening, hostPath: String, cache: BlockCache, tenancy: TenancyService,
-         pinnedExports: Set<String> = [], moveDelaySeconds: Double = 0, logger: Logger) {
+         pinnedExports: Set<String> = [], pinnedFamily: String? = nil, moveDelaySeconds: Double = 0, logger: Logger) {
         state.withLock { $0.families = families }
         self.opening = opening
         self.hostPath = hostPath
         self.cache = cache
         self.tenancy = tenancy
         self.pinnedExports = pinnedExports
+        self.pinnedFamily = pinnedFamily
         self.moveDelaySeconds = moveDelaySeconds
         self.logger = logger
     }
@@ -243,7 +246,10 @@ final class ServedFamilies: ExportProvider, ControlRequestHandler, Sendable {
         let pinned = pinnedExports.intersection(exports)
         if !pinned.isEmpty {
             throw ControlFailure(code: "busy", message: "the family \(family.name) holds \(pinned.sorted().joined(separator: ", ")), " +
-                                 "served here through --vhost-user-blk or --metrics: it stays")
+                                 "served here through --vhost-user-blk: it stays")
+        }
+        if family.name == pinnedFamily {
+            throw ControlFailure(code: "busy", message: "the family \(family.name) is the one --metrics reports: it stays")
         }
         // The target must be a live server of families before anything changes here.
         let answer: ControlResult?
