@@ -1,10 +1,10 @@
 #!/usr/bin/python3
 """Moves one RADOS family between two live `vbdtool serve` processes (hosts A and B) with
 `vbdtool volume move` while NBD clients write; run by test-rados-move.sh, which starts the micro
-cluster and creates the families fam1 (volume vol1 and snapshot vol1@before), fam2 (vol2) and
-fam3 (vol3).
+cluster and creates the families fam1 (volume vol1 and snapshot vol1@before), fam2 (vol2), fam3
+(vol3) and clash (another vol2).
 
-A serves fam1 and fam2, B serves fam3. Three clients write 4 KiB blocks of a known pattern with a
+A serves fam1 and fam2, B serves fam3 and clash. Three clients write 4 KiB blocks of a known pattern with a
 FLUSH after every 8: one on vol1 (fam1) at A, one on vol2 (fam2) at A, one on vol3 (fam3) at B.
 Refused first, while the clients write: moving a family A does not own (fam3, and a name nobody
 serves), moving to a host where no server runs, and a second move while one runs (A waits
@@ -12,7 +12,8 @@ serves), moving to a host where no server runs, and a second move while one runs
 the vol1 client loses its connection, reconnects where the command said, reads back every write
 A acknowledged before writing anything new, and writes on; the vol2 and vol3 clients never see an
 error. The vol1 client's longest stall is printed, not asserted. Afterwards the family moves back
-by a volume's name (vol1) and A reads what the client wrote on B. Last, a third server C takes
+by a volume's name (vol1) and A reads what the client wrote on B. A move of fam2 to B fails (B
+serves another vol2) and leaves fam2 served by A again. Last, a third server C takes
 fam2 from A by force (fencing A's fam2 client): A loses only fam2 and keeps serving fam1. Every
 server stops cleanly; A and B fence nobody.
 
@@ -243,7 +244,7 @@ def main():
 
     # A short lock for A, so that it notices the forced takeover of fam2 soon (it renews every 2 s).
     a = Server("a", args, ["--namespace", "fam1", "--namespace", "fam2", "--move-delay", "2", "--lock-duration", "6"])
-    b = Server("b", args, ["--namespace", "fam3"])
+    b = Server("b", args, ["--namespace", "fam3", "--namespace", "clash"])
     writers = []
     c = None
     try:
@@ -300,7 +301,7 @@ def main():
         check(wait_until(lambda: moved.reconnects >= 1 and moved.acknowledged >= at_move + 512 or moved.outcome, 120),
               "the vol1 client did not go on writing on B")
         check(families_of(args, a) == ["fam2"], f"A serves {families_of(args, a)} after the move, expected fam2")
-        check(families_of(args, b) == ["fam3", "fam1"], f"B serves {families_of(args, b)} after the move, expected fam3 and fam1")
+        check(families_of(args, b) == ["fam3", "clash", "fam1"], f"B serves {families_of(args, b)} after the move, expected fam3, clash and fam1")
         status, out, _ = vbdtool(args, "list", "--store", b.host)
         check(status == 0 and "vol1@before" in out, f"B's list after the move: {out}")
         for writer in writers:
@@ -331,6 +332,17 @@ def main():
         check(families_of(args, a) == ["fam2", "fam1"], f"A serves {families_of(args, a)} after the move back")
         status, out, _ = vbdtool(args, "fsck", "--store", a.host, "--rados", args.pool, "--namespace", "fam1", "--no-data")
         check(status == 0 and "clean" in out, f"fsck of fam1 through A: {out}")
+
+        # A target that refuses the family (B serves another vol2): A serves it again.
+        status, out, err = vbdtool(args, "volume", "move", "fam2", "--to", b.host, "--store", a.host)
+        check(status == 1 and "both hold vol2" in err and "it is served here again" in err,
+              f"moving fam2 to a server holding another vol2: status {status}, {out} {err!r}")
+        check(families_of(args, a) == ["fam1", "fam2"], f"A serves {families_of(args, a)} after the refused move, expected fam1 and fam2")
+        check(families_of(args, b) == ["fam3", "clash"], f"B serves {families_of(args, b)} after the refused move")
+        reader = connect(lambda: [a.uri("vol2")], 30)
+        bad = [i for i in range(fam2.acknowledged) if reader.pread(BLOCK, i * BLOCK) != pattern(i, fam2.generation)]
+        disconnect(reader)
+        check(not bad, f"after the refused move A reads {len(bad)} blocks of vol2 other than written, e.g. {bad[:8]}")
 
         # A lost lock stops only that family: C takes fam2 by force, A keeps serving fam1.
         c = Server("c", args, ["--namespace", "fam2", "--take-over", "--force"])

@@ -4,7 +4,8 @@
 # that stay (rados-move.py: no acknowledged write lost, the other clients see no error, the moved
 # client's longest stall printed, not asserted; refusals: a family the server does not own, a
 # host where no server runs, a second move while one runs; a forced takeover of one of A's families
-# by a third server stops only that family on A). Before that: a server refuses two
+# by a third server stops only that family on A; a target that refuses the family leaves it served
+# by the source again). Before that: a server refuses two
 # families that hold the same export name, and the commands that work on one store refuse
 # --namespace given twice.
 # Without Ceph this fails (the cluster script names the missing binary): it never skips.
