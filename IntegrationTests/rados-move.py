@@ -254,6 +254,21 @@ def main():
         check(families_of(args, a) == ["fam1", "fam2"], f"A serves {families_of(args, a)}, expected fam1 and fam2")
         status, out, err = vbdtool(args, "list", "--store", a.host)
         check(status == 0 and all(name in out for name in ("vol1", "vol1@before", "vol2")), f"A's list: {out} {err}")
+        # Requests go to the family they concern: by --namespace, by the image they name, or refused.
+        status, out, err = vbdtool(args, "stats", "--store", a.host)
+        check(status == 1 and "name one with --namespace" in err, f"stats on a server of two families: {status} {err!r}")
+        status, out, err = vbdtool(args, "stats", "--store", a.host, "--rados", args.pool, "--namespace", "fam2")
+        check(status == 0 and "vol2" in out and "vol1" not in out, f"stats of fam2 through A: {status} {out} {err}")
+        status, out, err = vbdtool(args, "info", "vol1@before", "--store", a.host)
+        check(status == 0 and "vol1@before" in out, f"info of fam1's snapshot through A: {status} {out} {err}")
+        status, out, err = vbdtool(args, "create", "vol3", "--size", "1M", "--store", a.host, "--rados", args.pool, "--namespace", "fam1")
+        check(status == 0, f"create vol3 in fam1 (vol3 exists only in fam3, on B): {status} {err}")
+        status, out, err = vbdtool(args, "create", "vol2", "--size", "1M", "--store", a.host, "--rados", args.pool, "--namespace", "fam1")
+        check(status == 1 and "exists in the family fam2" in err, f"create vol2 in fam1 while A serves fam2's vol2: {status} {err!r}")
+        status, out, err = vbdtool(args, "rm", "vol3", "--store", a.host)
+        check(status == 0, f"rm vol3 through A: {status} {err}")
+        status, out, err = vbdtool(args, "lease", "list", "--store", a.host)
+        check(status == 0, f"lease list on a server of two families: {status} {err}")
 
         # Where vol1's client connects: A until the move says otherwise.
         vol1_uris = [a.uri("vol1")]

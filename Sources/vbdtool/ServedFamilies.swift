@@ -168,6 +168,15 @@ final class ServedFamilies: ExportProvider, ControlRequestHandler, Sendable {
                 images += some
             }
             return .images(images)
+        case .tenancy where envelope.family == nil && Self.imageNamed(by: request) == nil:
+            // Leases, domains and the audit log are the host's, shared by every family.
+            guard let first = families.first else { throw ControlFailure(code: "not-found", message: "this server serves no family now") }
+            return try service(first).execute(request, actor: actor, progress: progress)
+        case .cleanPageAttach, .cleanPageInvalidate(_, nil, nil):
+            // A hypervisor domain is attached to (or detached from) every family's clean pages.
+            var result = ControlResult.done
+            for family in families { result = try service(family).execute(request, actor: actor, progress: progress) }
+            return result
         case let .create(name, _, _, _), let .share(_, name), let .importImage(_, name, _, _, _):
             let family = try route(envelope)
             return try naming.withLock { _ throws(ControlFailure) -> ControlResult in
@@ -271,9 +280,13 @@ final class ServedFamilies: ExportProvider, ControlRequestHandler, Sendable {
         let started = ContinuousClock.now
         // No new connection opens its exports from here on; the open ones answer what they
         // were sent, then close. The commit below includes every write they acknowledged.
-        let nbd = state.withLock { state -> NBDServer? in
-            state.families.removeAll { $0.name == family.name }
-            return state.nbd
+        let (withdrawn, nbd) = state.withLock { state -> (Bool, NBDServer?) in
+            guard let index = state.families.firstIndex(where: { $0.name == family.name }) else { return (false, nil) }
+            state.families.remove(at: index)
+            return (true, state.nbd)
+        }
+        guard withdrawn else {
+            throw ControlFailure(code: "not-owned", message: "this server lost the family \(family.name) while the move began (see its log)")
         }
         var closed = 0
         if let nbd {
