@@ -31,6 +31,10 @@ enum NBDConnectionEvent: Sendable {
     case shutdown
     /// A lease ended: connections of that domain to that volume finish in-flight requests and close.
     case leaseEnded(volume: String, domain: DomainID)
+    /// These exports are no longer served here (their store is handed to another server): a
+    /// connection to one of them (or opening one) finishes its in-flight requests and closes; it
+    /// answers `isServing` with whether it did.
+    case exportsWithdrawn(Set<String>, isServing: EventLoopPromise<Bool>)
 }
 
 final class NBDConnectionHandler: ChannelDuplexHandler {
@@ -66,6 +70,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var inbound: ByteBuffer?
     /// A handshake lookup or TLS upgrade is running; no option is parsed meanwhile.
     private var awaitingHandshakeResult = false
+    /// The export a handshake lookup in flight opens (for `exportsWithdrawn`).
+    private var exportBeingOpened: String?
     /// `read` was requested while the handler could not take more input.
     private var readDeferred = false
     /// The client closed its sending side (a half-close): nothing more will arrive, but what it
@@ -217,6 +223,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     logger.info("lease of \(domain) on \(volume) ended: closing after in-flight requests")
                     beginShutdown(context: context)
                 }
+            case .exportsWithdrawn(let names, let isServing):
+                let export: String?
+                switch phase {
+                case .transmission(let machine, _): export = machine.export.export.name
+                case .handshake: export = awaitingHandshakeResult ? exportBeingOpened : nil
+                case .closed: export = nil
+                }
+                guard let export, names.contains(export) else {
+                    isServing.succeed(false)
+                    return
+                }
+                logger.info("export \(export) withdrawn from this server: closing after in-flight requests")
+                beginShutdown(context: context)
+                isServing.succeed(true)
             }
             return
         }
@@ -493,6 +513,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
         case .openExport(let name):
             awaitingHandshakeResult = true
+            exportBeingOpened = name
             let exports = environment.exports
             let future = environment.readPool.runIfActive(eventLoop: context.eventLoop) {
                 () -> Result<DeviceBox, BlockDeviceError> in
@@ -506,6 +527,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             future.assumeIsolated().whenComplete { result in
                 let context = loopBoundContext.value
                 self.awaitingHandshakeResult = false
+                self.exportBeingOpened = nil
                 guard case .handshake(var machine) = self.phase else { return }
                 let lookup: Result<NBDExportDescription, NBDExportLookupError>
                 var device: (any BlockDevice)?

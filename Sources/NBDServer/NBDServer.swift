@@ -300,6 +300,30 @@ public final class NBDServer: Sendable {
         configuration.logger.info("NBD server stopped")
     }
 
+    /// Ends the connections to any of `exports` (and handshakes opening one): each finishes its
+    /// requests in flight, answering them, then closes (forced after the shutdown grace period).
+    /// Other connections are untouched. The caller stops offering those exports first, so that no
+    /// new connection opens one. Returns how many connections were closed.
+    @discardableResult
+    public func closeConnections(servingAnyOf exports: Set<String>) async -> Int {
+        let connections = state.withLock { Array($0.connections.values) }
+        var closing: [Channel] = []
+        for connection in connections {
+            let isServing = connection.eventLoop.makePromise(of: Bool.self)
+            connection.pipeline.fireUserInboundEventTriggered(NBDConnectionEvent.exportsWithdrawn(exports, isServing: isServing))
+            // A connection that closed meanwhile never sees the event: its promise would leak.
+            connection.closeFuture.whenComplete { _ in isServing.succeed(false) }
+            if (try? await isServing.futureResult.get()) == true { closing.append(connection) }
+        }
+        let grace = TimeAmount(configuration.limits.shutdownGracePeriod)
+        let deadlines = closing.map { connection in
+            connection.eventLoop.scheduleTask(in: grace) { connection.close(promise: nil) }
+        }
+        for connection in closing { try? await connection.closeFuture.get() }
+        for deadline in deadlines { deadline.cancel() }
+        return closing.count
+    }
+
     private func initialize(_ channel: Channel, environment: NBDConnectionHandler.Environment) -> EventLoopFuture<Void> {
         let credentials = Self.peerCredentials(channel)
         let peer = Self.peerKey(channel, credentials: credentials)

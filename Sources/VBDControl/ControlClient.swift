@@ -21,11 +21,12 @@ public enum ControlClient {
     }
 
     /// Sends `request` to the server of `storePath` if one is running; nil when none is.
-    public static func sendIfServed(_ request: ControlRequest, storePath: String,
+    /// `family` names the RADOS family the request is for (see ``ControlEnvelope/family``).
+    public static func sendIfServed(_ request: ControlRequest, family: String? = nil, storePath: String,
                                     progress: ProgressSink) throws(ControlFailure) -> ControlResult? {
         guard case let .connected(fd) = try UnixSocket.connect(socketPath(forStore: storePath)) else { return nil }
         defer { close(fd) }
-        try ControlFraming.send(ControlEnvelope(request: request), on: fd, bytesMax: ControlLimits.requestBytesMax)
+        try ControlFraming.send(ControlEnvelope(request: request, family: family), on: fd, bytesMax: ControlLimits.requestBytesMax)
         while true {
             guard let reply = try ControlFraming.receive(ControlReply.self, from: fd, bytesMax: ControlLimits.replyBytesMax) else {
                 throw ControlFailure(code: "io", message: "the server closed the control connection without an answer (did it stop?)")
@@ -43,11 +44,11 @@ public enum ControlClient {
     /// journal callback there). Recovery warnings go to stderr. `openStore` opens a store that
     /// does not live in the files at `storePath` (a RADOS store); `storePath` is then only where
     /// the control socket and the tenancy state are.
-    public static func run(_ request: ControlRequest, storePath: String, options: Store.Options = Store.Options(),
+    public static func run(_ request: ControlRequest, family: String? = nil, storePath: String, options: Store.Options = Store.Options(),
                            openStore: ((Store.Options) throws -> Store)? = nil,
                            progress: @escaping ProgressSink) throws(ControlFailure) -> ControlResult {
-        if let result = try sendIfServed(request, storePath: storePath, progress: progress) { return result }
-        if request == .ping {
+        if let result = try sendIfServed(request, family: family, storePath: storePath, progress: progress) { return result }
+        if request.needsServer {
             throw ControlFailure(code: "no-server", message: "no server is running for the store at \(storePath)")
         }
         var options = options

@@ -61,12 +61,28 @@ public enum ControlRequest: Codable, Sendable, Equatable {
     /// Who held `volume` between two times (nanoseconds since 1970) and what changed, from the
     /// audit log and the snapshot diff.
     case forensics(volume: String, fromNanoseconds: Int64, toNanoseconds: Int64)
+    /// `vbdtool volume move`: the server stops serving the RADOS family `family` (a family's name,
+    /// or a volume, snapshot or share in it), commits it, releases its lock and has the server
+    /// whose control socket is `toHost`/control.sock take it over (docs/RADOS.md, "Moving a
+    /// volume between hosts"). Only a server runs it.
+    case moveFamily(family: String, toHost: String)
+    /// Sent by a server moving a family here: take the family (namespace `namespace` of `pool`)
+    /// over, replay its journal and serve its exports. Only a server serving RADOS families runs it.
+    case adoptFamily(pool: String, namespace: String)
 
     /// Whether the request only reads the store: run without a server, it opens the store
     /// read-only (a shared lock, no checkpoint, no recovery that writes) and leaves every file as it was.
     public var onlyReadsStore: Bool {
         switch self {
         case .list, .info, .diff, .stats, .fsck, .exportImage: return true
+        default: return false
+        }
+    }
+
+    /// Whether only a running server can do it (no store is opened for it without one).
+    public var needsServer: Bool {
+        switch self {
+        case .ping, .moveFamily, .adoptFamily: return true
         default: return false
         }
     }
@@ -84,9 +100,14 @@ public enum ControlRequest: Codable, Sendable, Equatable {
 public struct ControlEnvelope: Codable, Sendable, Equatable {
     public var version: Int
     public var request: ControlRequest
-    public init(version: Int = controlProtocolVersion, request: ControlRequest) {
+    /// The RADOS family (namespace) the request is for, when the client named one (`--namespace`):
+    /// a server serving several families needs it for requests that name no existing image
+    /// (create, import, stats, gc, fsck). Absent in older clients' requests.
+    public var family: String?
+    public init(version: Int = controlProtocolVersion, request: ControlRequest, family: String? = nil) {
         self.version = version
         self.request = request
+        self.family = family
     }
 }
 
@@ -146,6 +167,46 @@ public enum ControlResult: Codable, Sendable, Equatable {
     case page(Data?)
     case tenancy(TenancyResponse)
     case forensics(ForensicsReport)
+    case moved(MoveReport)
+    case adopted(AdoptionReport)
+}
+
+/// What `vbdtool volume move` did.
+public struct MoveReport: Codable, Sendable, Equatable {
+    /// The family (RADOS namespace) moved, and the exports (volumes, snapshots, shares) it holds.
+    public var family: String
+    public var exports: [String]
+    /// The target's host directory, and where its NBD clients connect now.
+    public var toHost: String
+    public var nbdAddresses: [String]
+    /// NBD connections of the family's exports that the source closed (after answering their
+    /// requests in flight).
+    public var connectionsClosed: Int
+    /// From the family's exports being withdrawn here to the target serving them.
+    public var seconds: Double
+    public init(family: String, exports: [String], toHost: String, nbdAddresses: [String], connectionsClosed: Int, seconds: Double) {
+        self.family = family
+        self.exports = exports
+        self.toHost = toHost
+        self.nbdAddresses = nbdAddresses
+        self.connectionsClosed = connectionsClosed
+        self.seconds = seconds
+    }
+}
+
+/// The answer of a server that took a family over (`adoptFamily`).
+public struct AdoptionReport: Codable, Sendable, Equatable {
+    public var family: String
+    public var exports: [String]
+    public var nbdAddresses: [String]
+    /// Owners blocklisted because they held the lock without handing it over (empty after a move).
+    public var fenced: [String]
+    public init(family: String, exports: [String], nbdAddresses: [String], fenced: [String]) {
+        self.family = family
+        self.exports = exports
+        self.nbdAddresses = nbdAddresses
+        self.fenced = fenced
+    }
 }
 
 /// Who answered on the control socket.
@@ -154,10 +215,13 @@ public struct ServerStatus: Codable, Sendable, Equatable {
     public var storePath: String
     /// Where NBD clients connect, e.g. `127.0.0.1:10809`, `unix:/run/vbd.sock`.
     public var nbdAddresses: [String]
-    public init(pid: Int32, storePath: String, nbdAddresses: [String]) {
+    /// The RADOS families (namespaces) served, for a `serve --rados` server; nil otherwise.
+    public var families: [String]?
+    public init(pid: Int32, storePath: String, nbdAddresses: [String], families: [String]? = nil) {
         self.pid = pid
         self.storePath = storePath
         self.nbdAddresses = nbdAddresses
+        self.families = families
     }
 }
 

@@ -6,6 +6,22 @@ import Synchronization
 import Glibc
 #endif
 
+/// Runs the requests a ``ControlServer`` receives: a ``ControlService`` (one store), or a server's
+/// router over several RADOS families.
+public protocol ControlRequestHandler: Sendable {
+    func execute(_ envelope: ControlEnvelope, actor: String, progress: @escaping ProgressSink) throws(ControlFailure) -> ControlResult
+}
+
+extension ControlService: ControlRequestHandler {
+    /// One store: a request naming a RADOS family is refused (it is meant for a server of families).
+    public func execute(_ envelope: ControlEnvelope, actor: String, progress: @escaping ProgressSink) throws(ControlFailure) -> ControlResult {
+        if let family = envelope.family {
+            throw ControlFailure(code: "not-found", message: "the server of \(storePath) serves one store, not the RADOS family '\(family)'")
+        }
+        return try execute(envelope.request, actor: actor, progress: progress)
+    }
+}
+
 /// Serves the control protocol (see ControlMessages.swift) on a unix socket, running each request
 /// through a ``ControlService``.
 ///
@@ -20,7 +36,7 @@ import Glibc
 /// does not stop the request (a snapshot or import completes; only the reply is lost).
 public final class ControlServer: Sendable {
     public let socketPath: String
-    let service: ControlService
+    let service: any ControlRequestHandler
     let logger: Logger
 
     private struct State {
@@ -31,7 +47,7 @@ public final class ControlServer: Sendable {
     private let state = Mutex(State())
     private let acceptLoopDone = DispatchSemaphore(value: 0)
 
-    public init(socketPath: String, service: ControlService, logger: Logger) {
+    public init(socketPath: String, service: any ControlRequestHandler, logger: Logger) {
         self.socketPath = socketPath
         self.service = service
         self.logger = logger
@@ -123,7 +139,7 @@ public final class ControlServer: Sendable {
             // The request may run long (fsck, import): no receive timeout while it does.
             UnixSocket.setTimeouts(fd, receiveSeconds: 0, sendSeconds: 30)
             logger.info("control request", metadata: ["request": "\(envelope.request)"])
-            let result = try service.execute(envelope.request, actor: "uid:\(peer.uid) pid:\(peer.pid) (control socket)") { report in
+            let result = try service.execute(envelope, actor: "uid:\(peer.uid) pid:\(peer.pid) (control socket)") { report in
                 // Progress is best effort: a client that went away does not stop the work.
                 try? ControlFraming.send(ControlReply.progress(report), on: fd, bytesMax: ControlLimits.replyBytesMax)
             }

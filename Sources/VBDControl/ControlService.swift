@@ -261,6 +261,9 @@ public final class ControlService: Sendable {
             case (nil, _?): throw ControlFailure(code: "invalid-argument", message: "an offset needs a volume")
             }
             return .done
+        case .moveFamily, .adoptFamily:
+            throw ControlFailure(code: "not-supported",
+                                 message: "only a server serving RADOS families (`vbdtool serve --rados`) moves or takes over a family")
         case let .fsck(verifyData):
             let report = store.fsck(verifyData: verifyData) { done, total in
                 progress(ProgressReport(phase: "fsck", done: UInt64(done), total: UInt64(total), unit: "chunks"))

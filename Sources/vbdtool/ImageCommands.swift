@@ -14,6 +14,7 @@ struct InitCommand: ParsableCommand {
 
     func validate() throws {
         if shareChunksAs != nil && store.rados.location == nil { throw ValidationError("--share-chunks-as needs --rados POOL") }
+        if store.rados.namespaces.count > 1 { throw ValidationError("--namespace: init creates one store; give it once") }
     }
 
     func run() throws {

@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import Logging
 import NBDServer
+import Synchronization
 import VBDAccounting
 import VBDCache
 import VBDControl
@@ -27,6 +28,9 @@ struct ServeCommand: AsyncParsableCommand {
             after the clean stop the lock is free for `serve --take-over` on another host, which fences nobody. \
             A server whose lock is lost (taken over, blocklisted, or not renewed in time) refuses every write \
             from then on, closes its NBD connections and exits with status 1.
+            With --rados and --namespace given several times, one server serves several families (one store and one \
+            lock each; an export name must be unique among them), and `vbdtool volume move` hands one family to \
+            another server while the others keep serving.
             """)
     @Option(help: ArgumentHelp("TCP address to listen on (default 127.0.0.1:10809 unless --unix is given).", valueName: "host:port"))
     var listen: String?
@@ -85,6 +89,10 @@ struct ServeCommand: AsyncParsableCommand {
     // Hidden: for tests. How long the RADOS lock lasts without a renewal (renewed every third of it).
     @Option(help: ArgumentHelp("With --rados: seconds the store's lock lasts unless renewed (default 30).", visibility: .hidden))
     var lockDuration: Int = 30
+    // Hidden: for tests. A `volume move` waits this long after its checks, before it withdraws
+    // the family, so that a test can start a second move while the first runs.
+    @Option(help: ArgumentHelp("With --rados: seconds a move waits before it withdraws the family.", visibility: .hidden))
+    var moveDelay: Double = 0
     @OptionGroup var store: StoreOptions
 
     /// --vhost-user-blk SOCKET=EXPORT, split at the last '=' (export names never hold one).
@@ -109,6 +117,7 @@ struct ServeCommand: AsyncParsableCommand {
     func validate() throws {
         if (takeOver || force) && store.rados.pool == nil { throw ValidationError("--take-over and --force need --rados POOL") }
         if force && !takeOver { throw ValidationError("--force goes with --take-over") }
+        guard (0...600).contains(moveDelay) else { throw ValidationError("--move-delay: expected 0...600 seconds, got \(moveDelay)") }
         guard (0...3600).contains(takeOverWait) else { throw ValidationError("--take-over-wait: expected 0...3600 seconds, got \(takeOverWait)") }
         guard (2...600).contains(lockDuration) else { throw ValidationError("--lock-duration: expected 2...600 seconds, got \(lockDuration)") }
         if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("--tls-cert and --tls-key go together") }
@@ -245,39 +254,58 @@ struct ServeCommand: AsyncParsableCommand {
             options.checkpointJournalBytes = try parseSize(checkpointJournalBytes, option: "--checkpoint-journal-bytes")
         }
         if let metadataCache { options.metadataCacheBytes = Int(try parseSize(metadataCache, option: "--metadata-cache")) }
-        let opened: Store
+        // A local store, or the RADOS families (one store and one lock each).
+        var localStore: Store?
+        var radosFamilies: [(name: String, location: RadosStoreLocation, store: Store)] = []
         var servedStore = storePath
-        if let location = self.store.rados.location {
-            servedStore = location.description
+        // A family's lost lock stops only that family while others are served (set once they are).
+        let servedFamilies = Mutex<ServedFamilies?>(nil)
+        let opening = ServedFamilies.Opening(
+            base: self.store.rados.location ?? RadosStoreLocation(configurationFile: "", pool: "", namespace: ""),
+            options: options, lockDurationSeconds: lockDuration,
+            onLockLost: { family, reason in
+                if servedFamilies.withLock({ $0 })?.lockLost(family, reason: reason) != true {
+                    stopEvents.post(.lockLost(reason))
+                }
+            })
+        if self.store.rados.location != nil {
+            let locations = self.store.rados.locations
+            servedStore = locations.map(\.description).joined(separator: ", ")
             do {
                 try ensureHostDirectory(storePath)
                 let ownership: RadosOwnership = takeOver ? .takeOver(waitingUpTo: Double(takeOverWait), force: force) : .acquire
-                if takeOver {
-                    logger.notice("taking the store over", metadata: ["store": "\(location)", "force": "\(force)", "wait": "\(takeOverWait) s"])
+                for location in locations {
+                    if takeOver {
+                        logger.notice("taking the store over", metadata: ["store": "\(location)", "force": "\(force)", "wait": "\(takeOverWait) s"])
+                    }
+                    let result = try ServedFamilies.open(location.namespace, opening: opening,
+                                                         ownership: ownership, logger: logger, whileWaiting: { holders in
+                        logger.notice("waiting for the owner to hand the store over", metadata: [
+                            "store": "\(location)", "owner": "\(holders.map { "\($0.client) at \($0.address)" }.joined(separator: ", "))"])
+                    })
+                    radosFamilies.append((location.namespace, location, result.store))
+                    try ServedFamilies.checkNamesUnique(location.namespace, result.store, against: radosFamilies.map { ($0.name, $0.store) })
+                    if !result.fenced.isEmpty {
+                        logger.warning("fenced the previous owner (blocklisted in the cluster): it did not hand the store over",
+                                       metadata: ["store": "\(location)", "blocklisted": "\(result.fenced.joined(separator: ", "))"])
+                    }
+                    logger.notice("owning the store", metadata: ["store": "\(location)", "lock": "\(RadosDirectory.lockObject)",
+                                                                "lock-duration": "\(lockDuration) s"])
+                    for warning in result.store.recoveryWarnings { logger.warning("\(warning)", metadata: ["store": "\(location)"]) }
                 }
-                let result = try openRadosStore(location, options: options, create: false, ownership: ownership,
-                                                lockDurationSeconds: lockDuration, logger: logger,
-                                                onLockLost: { reason in stopEvents.post(.lockLost(reason)) },
-                                                whileWaiting: { holders in
-                    logger.notice("waiting for the owner to hand the store over", metadata: [
-                        "store": "\(location)", "owner": "\(holders.map { "\($0.client) at \($0.address)" }.joined(separator: ", "))"])
-                })
-                opened = result.store
-                let fenced = result.fenced
-                if !fenced.isEmpty {
-                    logger.warning("fenced the previous owner (blocklisted in the cluster): it did not hand the store over",
-                                   metadata: ["store": "\(location)", "blocklisted": "\(fenced.joined(separator: ", "))"])
-                }
-                logger.notice("owning the store", metadata: ["store": "\(location)", "lock": "\(RadosDirectory.lockObject)",
-                                                            "lock-duration": "\(lockDuration) s"])
             } catch {
+                for family in radosFamilies { try? family.store.close() }
                 fail(ControlFailure(error), json: false)
             }
         } else {
-            do { opened = try Store.open(path: storePath, options: options) } catch { fail(ControlFailure(error), json: false) }
+            do { localStore = try Store.open(path: storePath, options: options) } catch { fail(ControlFailure(error), json: false) }
+            for warning in localStore!.recoveryWarnings { logger.warning("\(warning)") }
         }
-        let store = opened
-        for warning in store.recoveryWarnings { logger.warning("\(warning)") }
+        // Closes what was opened when the server cannot start.
+        let closeStores = {
+            try? localStore?.close()
+            for family in radosFamilies { try? family.store.close() }
+        }
 
         var tcp: (host: String, port: Int)?
         if let listen { tcp = try Self.parseListen(listen) } else if unix == nil { tcp = ("127.0.0.1", 10809) }
@@ -295,46 +323,65 @@ struct ServeCommand: AsyncParsableCommand {
             tenancy = try ControlService.openTenancy(storePath: storePath, leasesEnforced: enforceLeases,
                                                      resolver: try identityResolver())
         } catch {
-            try? store.close()
+            closeStores()
             fail(ControlFailure(code: "tenancy", message: "\(error)"), json: false)
         }
-        let nbd = NBDServer(configuration: .init(exports: store, tcp: tcp, unixSocketPath: unix.map(absolutePath), tls: tls,
+        // vhost-user-blk doors and metrics are set up once: their exports' families stay here.
+        let vhostDoors = try Self.parseVhostUserBlk(vhostUserBlk)
+        var families: ServedFamilies?
+        if localStore == nil {
+            let served = radosFamilies.map { ServedFamilies.family($0.store, at: $0.location, cache: cache, tenancy: tenancy) }
+            families = ServedFamilies(families: served, opening: opening, hostPath: storePath, cache: cache, tenancy: tenancy,
+                                      pinnedExports: Set(vhostDoors.map(\.export)),
+                                      pinnedFamily: metrics == nil ? nil : radosFamilies.first?.name,
+                                      moveDelaySeconds: moveDelay, logger: logger)
+            servedFamilies.withLock { $0 = families }
+        }
+        let exports: any ExportProvider = families ?? localStore!
+        let nbd = NBDServer(configuration: .init(exports: exports, tcp: tcp, unixSocketPath: unix.map(absolutePath), tls: tls,
                                                  logger: Logger(label: "vbd.nbd"), limits: serverLimits,
                                                  tenancy: .init(service: tenancy, scheduling: schedule, deviceSlots: deviceSlots,
                                                                 reservedSlots: reservedSlots)))
         do { try await nbd.start() } catch {
-            try? store.close()
+            closeStores()
             fail(ControlFailure(code: "io", message: "cannot start the NBD server: \(error)"), json: false)
         }
         var addresses: [String] = []
         if let tcp { addresses.append("\(tcp.host):\(nbd.tcpPort ?? tcp.port)") }
         if let unix { addresses.append("unix:\(absolutePath(unix))") }
         let status = ServerStatus(pid: getpid(), storePath: servedStore, nbdAddresses: addresses)
-        let cleanPageInterface = ControlService.cleanPageInterface(cache: cache, store: store, tenancy: tenancy)
-        let control = ControlServer(socketPath: ControlClient.socketPath(forStore: storePath),
-                                    service: ControlService(store: store, storePath: storePath, cache: cache, status: status,
-                                                            cleanPages: cleanPageInterface.cleanPages,
-                                                            hypervisorDomains: cleanPageInterface.hypervisorDomains,
-                                                            tenancy: tenancy),
+        let handler: any ControlRequestHandler
+        if let families {
+            families.attach(nbd: nbd, status: status)
+            handler = families
+        } else {
+            let store = localStore!
+            let cleanPageInterface = ControlService.cleanPageInterface(cache: cache, store: store, tenancy: tenancy)
+            handler = ControlService(store: store, storePath: storePath, cache: cache, status: status,
+                                     cleanPages: cleanPageInterface.cleanPages,
+                                     hypervisorDomains: cleanPageInterface.hypervisorDomains,
+                                     tenancy: tenancy)
+        }
+        let control = ControlServer(socketPath: ControlClient.socketPath(forStore: storePath), service: handler,
                                     logger: Logger(label: "vbd.control"))
         do { try control.start() } catch {
             await nbd.stop()
-            try? store.close()
+            closeStores()
             fail(error, json: false)
         }
         // vhost-user-blk doors: each export must exist now (a typo fails at once); the device is
         // opened anew for every front-end connection, as an NBD connection opens its export.
         var vhostServers: [VhostUserBlkServer] = []
-        for (socketPath, export) in try Self.parseVhostUserBlk(vhostUserBlk) {
+        for (socketPath, export) in vhostDoors {
             let failure: ControlFailure?
             do {
-                _ = try store.openExport(named: export)
+                _ = try exports.openExport(named: export)
                 let server = VhostUserBlkServer(socketPath: socketPath, exportName: export, queueCountMax: vhostUserQueues,
                                                 // The NBD clients' request layer: one admission, lease check,
                                                 // scheduler (--schedule) and ledger for both doors.
                                                 pipeline: nbd.requestPipeline,
                                                 logger: Logger(label: "vbd.vhost-user-blk")) { () throws(BlockDeviceError) in
-                    try store.openExport(named: export)
+                    try exports.openExport(named: export)
                 }
                 try server.start()
                 vhostServers.append(server)
@@ -346,7 +393,7 @@ struct ServeCommand: AsyncParsableCommand {
                 for server in vhostServers { server.stop() }
                 control.stop()
                 await nbd.stop()
-                try? store.close()
+                closeStores()
                 fail(failure, json: false)
             }
             logger.notice("vhost-user-blk", metadata: ["socket": "\(socketPath)", "export": "\(export)"])
@@ -354,7 +401,8 @@ struct ServeCommand: AsyncParsableCommand {
         var metricsServer: MetricsHTTPServer?
         if let metrics {
             let (host, port) = try Self.parseListen(metrics)
-            let storeMetrics = StoreMetrics(store: store, cache: cache)
+            // A server of families reports the first one's store (which therefore stays here).
+            let storeMetrics = StoreMetrics(store: localStore ?? radosFamilies[0].store, cache: cache)
             storeMetrics.addSource { sink in
                 // Per-domain accounting, credit and storage charge (issue 6).
                 let stats = tenancy.statistics(storage: tenancy.storageShares(usage: storeMetrics.usage()))
@@ -371,14 +419,14 @@ struct ServeCommand: AsyncParsableCommand {
                 for server in vhostServers { server.stop() }
                 control.stop()
                 await nbd.stop()
-                try? store.close()
+                closeStores()
                 fail(ControlFailure(code: "io", message: "cannot serve metrics on \(metrics): \(error)"), json: false)
             }
             metricsServer = server
             logger.notice("metrics", metadata: ["url": "http://\(host):\(server.port ?? port)/metrics"])
         }
         logger.notice("serving", metadata: ["store": "\(servedStore)", "nbd": "\(addresses.joined(separator: ", "))",
-                                            "volumes": "\(store.list().count)"])
+                                            "volumes": "\(exports.exportList().count)"])
 
         let stopReason = await stopEvents.first()
         switch stopReason {
@@ -397,16 +445,27 @@ struct ServeCommand: AsyncParsableCommand {
         control.stop()
         do { try tenancy.persist() } catch { logger.error("saving accounting state failed: \(error)") }
         if case .lockLost = stopReason {
-            // Nothing is committed; the lock, no longer ours, is not released.
-            _ = try? store.close()
+            // Nothing is committed; the lock, no longer ours, is not released. (The other
+            // families' stores are closed too, and their locks released.)
+            _ = try? localStore?.close()
+            _ = families?.closeAll()
             logger.error("stopped without committing: this server no longer owns the store", metadata: ["store": "\(servedStore)"])
             throw ExitCode(1)
         }
-        do {
-            try store.close()   // flushes, checkpoints and (on RADOS) releases the lock: the handover
-        } catch {
-            logger.error("closing the store failed: \(error)")
-            throw ExitCode(1)
+        if let families {
+            // Flushes, checkpoints and releases each family's lock: the handover.
+            let failures = families.closeAll()
+            if !failures.isEmpty {
+                logger.error("closing the store failed: \(failures.joined(separator: "; "))")
+                throw ExitCode(1)
+            }
+        } else {
+            do {
+                try localStore!.close()   // flushes and checkpoints
+            } catch {
+                logger.error("closing the store failed: \(error)")
+                throw ExitCode(1)
+            }
         }
         logger.notice("stopped cleanly")
     }

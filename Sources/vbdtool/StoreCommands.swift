@@ -158,5 +158,6 @@ struct StatusCommand: ParsableCommand {
         guard case let .pong(s) = try perform(.ping, store: store, output: output) else { return }
         if output.json { JSON.print(s); return }
         print("serving \(s.storePath) (pid \(s.pid)); NBD: \(s.nbdAddresses.joined(separator: ", "))")
+        if let families = s.families { print("families: \(families.isEmpty ? "none" : families.joined(separator: ", "))") }
     }
 }

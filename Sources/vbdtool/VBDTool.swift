@@ -29,7 +29,7 @@ struct VBDTool: AsyncParsableCommand {
             InitCommand.self, CreateCommand.self, ListCommand.self, InfoCommand.self, SnapshotCommand.self,
             ShareCommand.self, RemoveCommand.self, ResizeCommand.self, DiffCommand.self, ImportCommand.self,
             ExportCommand.self, ServeCommand.self, StatusCommand.self, StatsCommand.self, GCCommand.self, FsckCommand.self,
-            LeaseCommand.self, AuditCommand.self, DomainCommand.self,
+            LeaseCommand.self, AuditCommand.self, DomainCommand.self, VolumeCommand.self,
         ]
     )
 }
@@ -65,8 +65,11 @@ struct RadosOptions: ParsableArguments {
     var configurationFile: String?
     @Option(name: .customLong("ceph-user"), help: ArgumentHelp("With --rados: the cephx user, without 'client.' (default admin).", valueName: "name"))
     var user: String?
-    @Option(name: .customLong("namespace"), help: ArgumentHelp("With --rados: the pool namespace that holds the store (default '\(RadosOptions.defaultNamespace)').", valueName: "ns"))
-    var namespace: String?
+    @Option(name: .customLong("namespace"), help: ArgumentHelp("With --rados: the pool namespace that holds the store (default '\(RadosOptions.defaultNamespace)'); `serve` takes it once per family it serves.", valueName: "ns"))
+    var namespaces: [String] = []
+
+    /// The one namespace a command other than `serve` works on (nil: the default).
+    var namespace: String? { namespaces.first }
 
     static let defaultNamespace = "default"
 
@@ -78,6 +81,8 @@ struct RadosOptions: ParsableArguments {
             return
         }
         if pool!.isEmpty { throw ValidationError("--rados: the pool name is empty") }
+        if namespaces.contains(where: \.isEmpty) { throw ValidationError("--namespace: the name is empty") }
+        if Set(namespaces).count != namespaces.count { throw ValidationError("--namespace: a family is given twice") }
         if let configurationFile, access(configurationFile, R_OK) != 0 {
             throw ValidationError("--ceph-conf: cannot read '\(configurationFile)': \(String(cString: strerror(errno)))")
         }
@@ -89,6 +94,23 @@ struct RadosOptions: ParsableArguments {
         let environment = ProcessInfo.processInfo.environment["CEPH_CONF"].flatMap { $0.isEmpty ? nil : $0 }
         return RadosStoreLocation(configurationFile: absolutePath(configurationFile ?? environment ?? "/etc/ceph/ceph.conf"),
                                   user: user ?? "admin", pool: pool, namespace: namespace ?? Self.defaultNamespace)
+    }
+
+    /// Every family `serve` serves (one per --namespace, else the default one).
+    var locations: [RadosStoreLocation] {
+        guard let base = location else { return [] }
+        return (namespaces.isEmpty ? [Self.defaultNamespace] : namespaces).map { namespace in
+            var location = base
+            location.namespace = namespace
+            return location
+        }
+    }
+
+    /// Refuses several --namespace for the commands that work on one store.
+    func requireOneNamespace() throws(ControlFailure) {
+        if namespaces.count > 1 {
+            throw ControlFailure(code: "invalid-argument", message: "--namespace is given \(namespaces.count) times: only `serve` serves several families")
+        }
     }
 }
 
@@ -153,11 +175,14 @@ func perform(_ request: ControlRequest, store: StoreOptions, output: OutputOptio
              options: Store.Options = Store.Options()) throws -> ControlResult {
     let renderer = ProgressRenderer(enabled: !output.json && isatty(STDOUT_FILENO) == 1 && isatty(STDERR_FILENO) == 1)
     do {
+        try store.rados.requireOneNamespace()
         if store.rados.location != nil { try ensureHostDirectory(store.path) }
         let opener: ((Store.Options) throws -> Store)? = store.rados.location.map { location in
             { options in try openRadosStore(location, options: options, create: false).store }
         }
-        let result = try ControlClient.run(request, storePath: store.path, options: options, openStore: opener) { renderer.update($0) }
+        // A server of several families needs to know which one a request is for.
+        let family = store.rados.pool == nil ? nil : store.rados.namespace
+        let result = try ControlClient.run(request, family: family, storePath: store.path, options: options, openStore: opener) { renderer.update($0) }
         renderer.finish()
         return result
     } catch {

@@ -204,6 +204,39 @@ extension RealServerTests {
             }
         }
 
+        /// `closeConnections(servingAnyOf:)` (a RADOS family moving to another server): the
+        /// connection to a withdrawn export answers the write it has in flight, then closes; a
+        /// connection to another export goes on as if nothing happened.
+        @Test func withdrawingExportsFinishesTheirRequestsAndLeavesOtherConnections() async throws {
+            try await withHeldWrites { fixture, held in
+                let moving = try RawClient(socketPath: fixture.socketPath)
+                #expect(moving.enterTransmission(export: "slow") != nil)
+                let staying = try RawClient(socketPath: fixture.socketPath)
+                #expect(staying.enterTransmission(export: "small") != nil)
+                moving.sendRequest(NBDCommand.write.rawValue, handle: 1, offset: 0, length: 4096,
+                                   payload: [UInt8](repeating: 7, count: 4096))
+                await awaitEvent("the write arriving") { await held.waitForArrivals(1) }
+                let withdrawing = Task { await fixture.server.closeConnections(servingAnyOf: ["slow", "slow@snap"]) }
+                await awaitEvent("the withdrawal reaching the connection") {
+                    await fixture.events.waitForLine(containing: "export slow withdrawn")
+                }
+                held.release(1)
+                #expect(await withdrawing.value == 1)
+                // The write in flight was completed and answered before the connection closed.
+                let reply = moving.receiveSimpleReply()
+                #expect(reply?.handle == 1 && reply?.error == 0)
+                #expect(moving.waitForClose())
+                #expect(try fixture.read("slow", offset: 0, count: 4) == [7, 7, 7, 7])
+                // The other connection still writes and reads.
+                staying.sendRequest(NBDCommand.write.rawValue, handle: 2, offset: 4096, length: 4096,
+                                    payload: [UInt8](repeating: 3, count: 4096))
+                let written = staying.receiveSimpleReply()
+                #expect(written?.handle == 2 && written?.error == 0)
+                #expect(try fixture.read("small", offset: 4096, count: 4) == [3, 3, 3, 3])
+                #expect(fixture.server.connectionCount == 1)
+            }
+        }
+
         @Test func stopFinishesRequestsInFlightBeforeClosing() async throws {
             try await withHeldWrites { fixture, held in
                 let client = try RawClient(socketPath: fixture.socketPath)
