@@ -748,9 +748,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .write, .flush, .trim, .writeZeroes: pool = environment.writePool
         }
         let promise = context.eventLoop.makePromise(of: MeasuredOutcome.self)
-        let readPool = pool === environment.readPool
         let run: @Sendable () -> MeasuredOutcome = {
-            if readPool { IOThreadSlices.requestOnThisThread() }
             let started = ContinuousClock.now
             let outcome = job.run()
             return MeasuredOutcome(outcome: outcome, deviceTime: ContinuousClock.now - started)

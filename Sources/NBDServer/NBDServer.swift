@@ -91,26 +91,6 @@ public final class NBDServer: Sendable {
         state.withLock { $0.connections.count }
     }
 
-    /// Gives every thread that serves requests the process's nice value (`ServingPriority`): NIO
-    /// starts them from whichever thread creates the group, here one of GCD's at nice 0. An event
-    /// loop runs one task; a pool runs one task per thread, each waiting until all have started,
-    /// so that every thread takes one.
-    static func adoptProcessNice(eventLoops: MultiThreadedEventLoopGroup, pools: [(NIOThreadPool, Int)]) {
-        for loop in eventLoops.makeIterator() { loop.execute { ServingPriority.adoptProcessNice() } }
-        for (pool, threads) in pools {
-            let started = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
-            for _ in 0..<threads {
-                pool.submit { _ in
-                    ServingPriority.adoptProcessNice()
-                    started.signal()
-                    _ = release.wait(timeout: .now() + 5)
-                }
-            }
-            for _ in 0..<threads { _ = started.wait(timeout: .now() + 5) }
-            for _ in 0..<threads { release.signal() }
-        }
-    }
-
     /// Binds the configured addresses and starts accepting clients.
     public func start() async throws {
         guard configuration.tcp != nil || configuration.unixSocketPath != nil else { throw ServerError.noListenAddress }
@@ -120,15 +100,15 @@ public final class NBDServer: Sendable {
         let writePool = NIOThreadPool(numberOfThreads: max(1, configuration.ioThreadsPerPool))
         readPool.start()
         writePool.start()
-        IOThreadSlices.request(eventLoops: group)
-        Self.adoptProcessNice(eventLoops: group, pools: [(readPool, max(1, configuration.ioThreadsPerPool)),
-                                                         (writePool, max(1, configuration.ioThreadsPerPool))])
+        ServingThreads.prepare(eventLoops: group, shortSlices: true)
+        ServingThreads.prepare(pool: readPool, threads: max(1, configuration.ioThreadsPerPool), shortSlices: true)
+        ServingThreads.prepare(pool: writePool, threads: max(1, configuration.ioThreadsPerPool), shortSlices: false)
         // Timers get a thread of their own rather than a connection's event loop: a limited
         // domain's requests are released by timer (thousands a second under a flood), and the
         // periodic persistence writes and syncs a file; neither should hold up the requests of
         // whichever connections share that loop. Registered with the rest, so stop() releases it.
         let tenancyGroup = configuration.tenancy.map { _ in MultiThreadedEventLoopGroup(numberOfThreads: 1) }
-        if let tenancyGroup { Self.adoptProcessNice(eventLoops: tenancyGroup, pools: []) }
+        if let tenancyGroup { ServingThreads.prepare(eventLoops: tenancyGroup, shortSlices: false) }
         let alreadyStarted = state.withLock { state -> Bool in
             if state.running != nil || state.stopped { return true }
             state.running = Running(group: group, readPool: readPool, writePool: writePool, listeners: [],
