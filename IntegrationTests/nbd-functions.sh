@@ -44,7 +44,13 @@ start_micro_cluster() {
     VBD_CEPH_OWNER_PID=$$ bash "$script" start "$TMPDIR_TEST/ceph" >/dev/null || fail "cannot start the micro cluster"
     cleanup_fn "bash '$script' stop '$TMPDIR_TEST/ceph' >/dev/null"
     CONF="$TMPDIR_TEST/ceph/ceph.conf"
+    # The store options of a command run without a server, from host directory host-cli.
+    R=(--rados vbd --ceph-conf "$CONF" --store "$TMPDIR_TEST/host-cli")
 }
+
+# refused ARGS...: vbdtool's output for a command that must fail (the caller checks the message);
+# "(exit status 0)" is appended when it did not fail.
+refused() { "$VBDTOOL" "$@" 2>&1 && echo "(exit status 0)"; true; }
 
 # launch_server LOG serve-options...: vbdtool serve on $STORE in the background, its output in
 # LOG; returns once the server logs "serving" (every listener is up, and the lines before it are

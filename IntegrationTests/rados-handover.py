@@ -17,127 +17,20 @@ Exit status 0 when every check passed, 1 otherwise (the reasons are printed).
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 
 import nbd
 
-BLOCK = 4096
-failures = []
+from served_hosts import BLOCK, ServerProcess, check, connect, disconnect, failures, pattern
 
 
-def check(condition, message):
-    if not condition:
-        failures.append(message)
-        print(f"FAIL: {message}", flush=True)
-    return condition
-
-
-def pattern(index, generation):
-    """A block that names its index and the round that wrote it."""
-    return (index.to_bytes(8, "little") + generation.to_bytes(8, "little")) * (BLOCK // 16)
-
-
-class Server:
-    """One `vbdtool serve` (a host): its output goes to LOG and is watched for lines."""
+class Server(ServerProcess):
+    """A host serving the scenario's store."""
 
     def __init__(self, name, args, tmp, store_args, extra=()):
-        self.name = name
-        self.sock = os.path.join(tmp, f"{name}.sock")
-        self.log_path = os.path.join(tmp, f"{name}.log")
-        self.lines = []
-        self.changed = threading.Condition()
-        command = [args.vbdtool, "serve", "--store", os.path.join(tmp, f"host-{name}"), "--unix", self.sock,
-                   *store_args, *extra]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        with open(self.log_path, "a") as log:
-            for line in self.process.stdout:
-                log.write(line)
-                log.flush()
-                with self.changed:
-                    self.lines.append(line.rstrip("\n"))
-                    self.changed.notify_all()
-        with self.changed:
-            self.lines.append(None)   # end of output
-            self.changed.notify_all()
-
-    def wait_for(self, text, timeout):
-        """True once a line containing `text` was printed; False if the output ends or time runs out first."""
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                if any(line is not None and text in line for line in self.lines):
-                    return True
-                if None in self.lines:
-                    return False
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.changed.wait(left)
-
-    def logged(self, text):
-        with self.changed:
-            return any(line is not None and text in line for line in self.lines)
-
-    def uri(self, volume="vol"):
-        return f"nbd+unix:///{volume}?socket={self.sock}"
-
-    def exit_status(self, timeout):
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            if self.exit_status(30) is None:
-                self.process.kill()
-                self.process.wait()
-        self.reader.join(10)
-
-    def check_no_crash(self):
-        with self.changed:
-            crashed = [line for line in self.lines if line and ("Fatal error" in line or "Program crashed" in line)]
-        check(not crashed, f"{self.name} crashed: {crashed[:2]}")
-
-    def dump(self):
-        print(f"--- {self.name}'s log ---")
-        with self.changed:
-            for line in self.lines[-25:]:
-                if line is not None:
-                    print(line)
-
-
-def disconnect(handle):
-    """Ends a connection (libnbd closes the handle when the last reference goes)."""
-    try:
-        handle.shutdown()
-    except nbd.Error:
-        pass   # the server is already gone
-
-
-def connect(uris, timeout):
-    """Connects to the first of `uris` that answers, trying them in turn until `timeout`."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        for uri in uris:
-            handle = nbd.NBD()
-            try:
-                handle.connect_uri(uri)
-                return handle
-            except nbd.Error as error:
-                last = error
-        time.sleep(0.05)
-    raise RuntimeError(f"could not connect to any of {uris} in {timeout} s: {last}")
+        super().__init__(name, args.vbdtool, tmp, [*store_args, *extra])
 
 
 class Writer(threading.Thread):
@@ -182,7 +75,7 @@ class Writer(threading.Thread):
         return last_ok
 
     def _run(self):
-        handle = connect(self.uris, 30)
+        handle = connect(lambda: self.uris, 30)
         last_ok = time.monotonic()
         index, resumed_at = 0, None
         while index < self.blocks:
@@ -205,7 +98,7 @@ class Writer(threading.Thread):
                     return f"gave up after {self.reconnects} reconnects: {self.errors}"
                 self.reconnects += 1
                 disconnect(handle)
-                handle = connect(self.uris, 90)
+                handle = connect(lambda: self.uris, 90)
                 must_keep = self.flushed if self.keep == "flushed" else self.acknowledged
                 # Checked before anything new is written: the new server has them from the start.
                 last_ok = self._verify(handle, must_keep, 1, last_ok)
@@ -306,7 +199,7 @@ def scenario_fenced(args, store_args):
     try:
         if not check(a.wait_for("serving", 60), "A did not start serving"):
             return
-        client = connect([a.uri()], 30)
+        client = connect(lambda: [a.uri()], 30)
         client.pwrite(pattern(0, 1), 0)
         client.flush()
         a.process.send_signal(signal.SIGSTOP)
@@ -327,7 +220,7 @@ def scenario_fenced(args, store_args):
         check(status == 1, f"A did not exit with status 1 after losing the store (status {status})")
         check(a.logged("lost the ownership of the store"), "A did not log the lost lock")
         check(a.logged("stopped without committing"), "A did not log that it stopped without committing")
-        reader = connect([b.uri()], 30)
+        reader = connect(lambda: [b.uri()], 30)
         check(reader.pread(BLOCK, 0) == pattern(0, 1), "A's late write reached the store B owns")
         disconnect(reader)
     finally:

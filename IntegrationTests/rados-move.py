@@ -22,7 +22,6 @@ Exit status 0 when every check passed, 1 otherwise (the reasons are printed).
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -30,123 +29,29 @@ import time
 
 import nbd
 
-BLOCK = 4096
-failures = []
+from served_hosts import BLOCK, ServerProcess, check, connect, disconnect, failures, pattern
 
 
-def check(condition, message):
-    if not condition:
-        failures.append(message)
-        print(f"FAIL: {message}", flush=True)
-    return condition
-
-
-def pattern(index, generation):
-    """A block that names its index and the round that wrote it."""
-    return (index.to_bytes(8, "little") + generation.to_bytes(8, "little")) * (BLOCK // 16)
-
-
-class Server:
-    """One `vbdtool serve` (a host); its output goes to LOG and is watched for lines."""
+class Server(ServerProcess):
+    """A host serving RADOS families of the pool."""
 
     def __init__(self, name, args, extra):
-        self.name = name
-        self.host = os.path.join(args.tmp, f"host-{name}")
-        self.sock = os.path.join(args.tmp, f"{name}.sock")
-        self.log_path = os.path.join(args.tmp, f"{name}.log")
-        self.lines = []
-        self.changed = threading.Condition()
-        command = [args.vbdtool, "serve", "--store", self.host, "--unix", self.sock,
-                   "--rados", args.pool, "--ceph-conf", args.ceph_conf, *extra]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        with open(self.log_path, "a") as log:
-            for line in self.process.stdout:
-                log.write(line)
-                log.flush()
-                with self.changed:
-                    self.lines.append(line.rstrip("\n"))
-                    self.changed.notify_all()
-        with self.changed:
-            self.lines.append(None)
-            self.changed.notify_all()
-
-    def wait_for(self, text, timeout):
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                if any(line is not None and text in line for line in self.lines):
-                    return True
-                if None in self.lines:
-                    return False
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.changed.wait(left)
-
-    def logged(self, text):
-        with self.changed:
-            return any(line is not None and text in line for line in self.lines)
-
-    def uri(self, export):
-        return f"nbd+unix:///{export}?socket={self.sock}"
+        super().__init__(name, args.vbdtool, args.tmp, ["--rados", args.pool, "--ceph-conf", args.ceph_conf, *extra])
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.reader.join(10)
+        super().stop(timeout=60)
 
     def check_stopped_cleanly(self):
-        with self.changed:
-            crashed = [line for line in self.lines if line and ("Fatal error" in line or "Program crashed" in line)]
-        check(not crashed, f"{self.name} crashed: {crashed[:2]}")
+        self.check_no_crash()
         check(self.process.returncode == 0 and self.logged("stopped cleanly"),
               f"{self.name} did not stop cleanly (status {self.process.returncode})")
         check(not self.logged("fenced the previous owner"), f"{self.name} fenced somebody, though every family was handed over")
-
-    def dump(self):
-        print(f"--- {self.name}'s log ---")
-        with self.changed:
-            for line in self.lines[-30:]:
-                if line is not None:
-                    print(line)
 
 
 def vbdtool(args, *words):
     """Runs a vbdtool command; returns (exit status, stdout, stderr)."""
     done = subprocess.run([args.vbdtool, *words], capture_output=True, text=True, timeout=120)
     return done.returncode, done.stdout, done.stderr
-
-
-def disconnect(handle):
-    try:
-        handle.shutdown()
-    except nbd.Error:
-        pass
-
-
-def connect(uris, timeout):
-    """Connects to the first of `uris()` that answers, asking again until `timeout`."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        for uri in uris():
-            handle = nbd.NBD()
-            try:
-                handle.connect_uri(uri)
-                return handle
-            except nbd.Error as error:
-                last = error
-        time.sleep(0.02)
-    raise RuntimeError(f"could not connect to any of {uris()} in {timeout} s: {last}")
 
 
 class Writer(threading.Thread):

@@ -15,9 +15,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 start_micro_cluster
 
-cli="$TMPDIR_TEST/host-cli"
-R=(--rados vbd --ceph-conf "$CONF" --store "$cli")
-refused() { "$VBDTOOL" "$@" 2>&1 && echo "(exit status 0)"; true; }
 for family in fam1 fam2 fam3 clash; do
     "$VBDTOOL" init "${R[@]}" --namespace "$family" >/dev/null || fail "init $family"
 done
