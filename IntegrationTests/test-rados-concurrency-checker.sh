@@ -6,7 +6,7 @@
 # NBD clients on volumes, snapshots and shares with snapshot/share/rm/resize/gc/fsck beside them;
 # every block of every read is checked, then a SIGTERM handover to a restarted server (which
 # takes the lock over cleanly), everything read again, fsck clean. Short load (CHECKER_SECONDS,
-# 15 s by default, per form; volumes of 4 MiB, grown up to 6) to keep the suite's time; any option
+# 20 s by default, per form; volumes of 4 MiB, grown up to 6) to keep the suite's time; any option
 # after these goes to the checker (e.g. --seed N, --duration S). Without Ceph this fails (the cluster script names the missing
 # binary): it never skips for it.
 source "$(dirname "$0")/nbd-functions.sh"
@@ -15,7 +15,7 @@ requires_vbdtool_serve
 here=$(cd "$(dirname "$0")" && pwd)
 
 start_micro_cluster
-seconds="${CHECKER_SECONDS:-15}"
+seconds="${CHECKER_SECONDS:-20}"
 status=0
 for form in data-file chunk-objects; do
     store_args="--rados vbd --ceph-conf $CONF --namespace cc-$form"
