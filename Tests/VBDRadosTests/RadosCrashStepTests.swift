@@ -293,4 +293,89 @@ final class CrashingChunkStorage: ChunkStorage {
         }
         print("RadosCrashStepTests \(form.rawValue): \(crashes) crashes after \(steps.count) steps: \(steps.joined(separator: "; "))")
     }
+
+    /// The takeover itself crashes: a store that crashed at step `k` of the sequence is taken
+    /// over by force as `RadosStore.open` does it (journal replay, then the leak sweep), but with
+    /// the crash switch between, and that owner writes block 0 and flushes; it crashes at each
+    /// step of that in turn (the sweep counts as one step, before it runs). A third client then
+    /// takes over and checks as above. First crashes: right after the first and the last marker
+    /// of a flush (its releases not yet run) and after the whole sequence (an unflushed write).
+    @Test(arguments: RadosChunkForm.allCases)
+    func aCrashDuringTheTakeoverIsTakenOverAgain(_ form: RadosChunkForm) throws {
+        let host = try cluster.connect()
+        defer { host.close() }
+        let counting = RadosTestFamily(cluster, form: form, prefix: "recount")
+        let (first, firstCrash, _) = try runSequence(counting, crashAt: nil)
+        let steps = firstCrash.steps
+        firstCrash.crashNow()
+        first.abandonWithoutFlush()
+        // Right after the first and the last sync of the journal (a flush's marker: its frees'
+        // releases still to run), and after the whole sequence (an unflushed write to replay).
+        let afterMarkers = steps.indices.filter { steps[$0].hasPrefix("sync journal") }.map { $0 + 2 }.filter { $0 <= steps.count }
+        let firstCrashes = [afterMarkers.first!, afterMarkers.last!, steps.count + 1]
+        var runs = 0, recoverySteps: [String] = []
+        for k in firstCrashes {
+            var j = 1
+            while true {
+                let family = RadosTestFamily(cluster, form: form, prefix: "recrash\(k)-\(j)")
+                let (store, crash, model) = try runSequence(family, crashAt: k <= steps.count ? k : nil)
+                crash.crashNow()
+                // The second owner, crashing at its step j.
+                let second = CrashSwitch()
+                let (directory, fenced) = try RadosStore.openDirectory(family.location, ownership: .takeOver(waitingUpTo: 0, force: true), readOnly: false)
+                #expect(!fenced.isEmpty)
+                store.abandonWithoutFlush()
+                second.arm(crashAt: j)
+                var options = options()
+                var chunks: RadosChunkStorage?
+                if form == .chunkObjects {
+                    let domain = try #require(try RadosStore.recordedSharingDomain(directory.pool))
+                    chunks = try RadosStore.chunkStorage(domain: domain, secret: try RadosStore.domainSecret(domain, beside: directory.pool),
+                                                         family: directory.pool)
+                    options.chunkStorage = CrashingChunkStorage(chunks!, second)
+                }
+                var model2 = model
+                var recovered: Store?
+                do {
+                    let store2 = try Store(directory: CrashingDirectory(directory, second), options: options, create: false)
+                    recovered = store2
+                    // What the replay brought back is this owner's starting point: each block one
+                    // of its allowed contents, and durable (the first owner's unflushed writes
+                    // that did not come back are gone for good).
+                    for b in 0..<Self.blocks {
+                        let got = try store2.readBlock("vm", b)
+                        let allowed = model.since[b].union([model.durable[b]])
+                        guard let id = allowed.first(where: { modelBlock($0) == got }) else {
+                            Issue.record("first crash at step \(k), second owner: block \(b) holds none of contents \(allowed.sorted())")
+                            continue
+                        }
+                        model2.current[b] = id
+                    }
+                    model2.flushed()
+                    if let chunks {
+                        try second.step("sweep")
+                        try chunks.sweep(owner: directory, claimed: store2.installedChunkPlaces())
+                    }
+                    model2.willWrite(0, [2200])
+                    try store2.writeBlocks("vm", at: 0, [2200])
+                    model2.wrote(0, [2200])
+                    try store2.flush()
+                    model2.flushed()
+                } catch {
+                    guard second.crashed else { throw error }
+                }
+                let finished = !second.crashed
+                if finished { recoverySteps = second.steps }
+                second.crashNow()
+                try takeOverAndCheck(family, model2, host, "first crash at step \(k) of \(steps.count), second at step \(j) of the takeover")
+                recovered?.abandonWithoutFlush()
+                withExtendedLifetime(directory) {}
+                runs += 1
+                if finished { break }
+                j += 1
+            }
+        }
+        #expect(recoverySteps.count >= 3)
+        print("RadosCrashStepTests \(form.rawValue): \(runs) takeovers crashed; first crashes at \(firstCrashes), takeover steps: \(recoverySteps.joined(separator: "; "))")
+    }
 }
