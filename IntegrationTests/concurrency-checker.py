@@ -262,14 +262,14 @@ class Checker:
     # -- the server and the CLI --------------------------------------------------------------
 
     def vbdtool(self, *argv):
-        cmd = [self.args.vbdtool, *argv, "--store", self.args.store]
+        cmd = [self.args.vbdtool, *argv, "--store", self.args.store, *self.args.store_args.split()]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
     def start_server(self):
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         log = open(os.path.join(self.args.workdir, "serve.log"), "a")
-        cmd = [self.args.vbdtool, "serve", "--store", self.args.store, "--unix", self.sock,
+        cmd = [self.args.vbdtool, "serve", "--store", self.args.store, *self.args.store_args.split(), "--unix", self.sock,
                "--cache-size", self.args.cache_size, "--log-level", "warning"]
         if self.args.checkpoint_journal_bytes:
             cmd += ["--checkpoint-journal-bytes", self.args.checkpoint_journal_bytes]
@@ -307,13 +307,31 @@ class Checker:
         """The newest committed generation: the higher generation of the superblock's two slots
         (u64 at byte 12 of each 4096-byte slot; docs/FORMAT.md). Each commit, from gc, a flush
         past --checkpoint-journal-bytes, a full metadata cache or a clean stop, adds at least one."""
-        try:
-            with open(os.path.join(self.args.store, "superblock"), "rb") as f:
-                data = f.read(8192)
-        except OSError:
+        data = self.read_superblock()
+        if data is None:
             return 0
         generations = [int.from_bytes(data[at + 12:at + 20], "little") for at in (0, 4096) if len(data) >= at + 20]
         return max(generations, default=0)
+
+    def read_superblock(self):
+        """The superblock's first 8192 bytes: the file in the store directory, or with --store-args
+        naming --rados, the first stripe of the RADOS directory's `superblock` file (docs/RADOS.md)."""
+        argv = self.args.store_args.split()
+        if "--rados" in argv:
+            def option(name, default):
+                return argv[argv.index(name) + 1] if name in argv else default
+            cmd = ["rados", "-c", option("--ceph-conf", os.environ.get("CEPH_CONF", "/etc/ceph/ceph.conf")),
+                   "-p", option("--rados", ""), "-N", option("--namespace", "default"), "get", "stripe.superblock.00000000", "-"]
+            try:
+                r = subprocess.run(cmd, capture_output=True, timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                return None
+            return r.stdout[:8192] if r.returncode == 0 else None
+        try:
+            with open(os.path.join(self.args.store, "superblock"), "rb") as f:
+                return f.read(8192)
+        except OSError:
+            return None
 
     def images_live(self, kind=None):
         return [i for i in self.images.values() if i.deleted_at is None and (kind is None or i.kind == kind)]
@@ -1048,7 +1066,8 @@ def self_test():
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vbdtool", required=True)
-    p.add_argument("--store", required=True, help="an initialized, empty store")
+    p.add_argument("--store", required=True, help="an initialized, empty store (with --store-args naming --rados: this host's directory)")
+    p.add_argument("--store-args", default="", help="store location options for every vbdtool command, e.g. '--rados vbd --ceph-conf F --namespace NS'")
     p.add_argument("--workdir", required=True, help="for the sockets and the server log")
     p.add_argument("--duration", type=float, default=40, help="seconds of concurrent load")
     p.add_argument("--seed", type=int, default=None)
