@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// Where the tenancy state (balances, charges, leases, policies, bindings) is persisted.
 /// `replace` must be atomic: after a crash the old or the new contents are there, never a mix.
@@ -23,9 +24,12 @@ public final class MemoryStateStorage: StateStorage, @unchecked Sendable {
     }
 }
 
-/// A file replaced by write-to-temporary, fsync, rename, fsync of the directory.
+/// A file replaced by write-to-temporary, fsync, rename, fsync of the directory. One replace at a
+/// time (`replacing`): two at once shared the temporary file, so one renamed it away under the
+/// other (whose rename then failed) or renamed the other's half-written bytes into place.
 public final class FileStateStorage: StateStorage, Sendable {
     public let path: String
+    private let replacing = Mutex(())
 
     public struct FileError: Error, CustomStringConvertible {
         public var description: String
@@ -42,6 +46,10 @@ public final class FileStateStorage: StateStorage, Sendable {
     }
 
     public func replace(with bytes: [UInt8]) throws {
+        try replacing.withLock { _ in try replaceAlone(with: bytes) }
+    }
+
+    private func replaceAlone(with bytes: [UInt8]) throws {
         let temporary = path + ".tmp"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o640)
         guard fd >= 0 else { throw FileError(description: "cannot create \(temporary): \(String(cString: strerror(errno)))") }

@@ -77,6 +77,8 @@ public final class TenancyService: Sendable {
     /// Separate from `state` so that appending (an fsync) never blocks request accounting.
     private let audit: Mutex<AuditLog?>
     private let stateStorage: (any StateStorage)?
+    /// Held by `persist` from its snapshot of `state` to the stored file (lock order: `persisting`, then `state`).
+    private let persisting = Mutex(())
     private let clock: @Sendable () -> WallTime
     private let monotonic: @Sendable () -> Duration
     public let leasesEnforced: Bool
@@ -389,13 +391,17 @@ public final class TenancyService: Sendable {
 
     public func persist() throws {
         guard let stateStorage else { return }
-        let saved = state.withLock { state in
-            PersistentState(bindings: state.resolver.bindings, policies: state.policies, credits: state.credits,
-                            leases: state.leases, ledger: state.ledger)
+        // The periodic persist and a control change's may run at once: the snapshot is taken
+        // inside `persisting`, so the state written last is the newest.
+        try persisting.withLock { _ in
+            let saved = state.withLock { state in
+                PersistentState(bindings: state.resolver.bindings, policies: state.policies, credits: state.credits,
+                                leases: state.leases, ledger: state.ledger)
+            }
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+            try stateStorage.replace(with: Array(try encoder.encode(saved)))
         }
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
-        try stateStorage.replace(with: Array(try encoder.encode(saved)))
     }
 
     // MARK: Private
