@@ -18,7 +18,6 @@ public final class VhostUserBlkServer: @unchecked Sendable {
     public let exportName: String
     private let openDevice: @Sendable () throws(BlockDeviceError) -> any BlockDevice
     private let queueCountMax: Int
-    private let callCoalescingWindow: Duration
     private let pipeline: RequestPipeline?
     private let logger: Logger
     private let state = Mutex(State())
@@ -36,13 +35,9 @@ public final class VhostUserBlkServer: @unchecked Sendable {
     /// With `pipeline` (the request layer the NBD server's connections go through), a front end is
     /// admitted by what its unix credentials prove (SO_PEERCRED: `--peer-domain`), as an NBD client
     /// on the unix socket is; its requests are lease-checked, scheduled and charged by that layer.
-    /// `callCoalescingWindow`: how long a completion may leave the check for the guest's interrupt
-    /// to a later completion of its queue (``CallCoalescing``; zero checks at every completion).
-    public init(socketPath: String, exportName: String, queueCountMax: Int = 4, callCoalescingWindow: Duration = CallCoalescing.defaultWindow,
-                pipeline: RequestPipeline? = nil,
+    public init(socketPath: String, exportName: String, queueCountMax: Int = 4, pipeline: RequestPipeline? = nil,
                 logger: Logger, openDevice: @escaping @Sendable () throws(BlockDeviceError) -> any BlockDevice) {
         self.socketPath = socketPath
-        self.callCoalescingWindow = callCoalescingWindow
         self.pipeline = pipeline
         self.exportName = exportName
         self.queueCountMax = queueCountMax
@@ -189,7 +184,7 @@ public final class VhostUserBlkServer: @unchecked Sendable {
         logger.notice("vhost-user-blk: front end connected",
                       metadata: ["export": "\(exportName)", "socket": "\(socketPath)", "domain": "\(requestSession?.domain.name ?? "-")"])
         let session = VhostUserBlkSession(handler: VirtioBlkRequestHandler(device: device, session: requestSession),
-                                          queueCountMax: queueCountMax, callCoalescingWindow: callCoalescingWindow, logger: logger)
+                                          queueCountMax: queueCountMax, logger: logger)
         defer {
             let counters = session.close()
             func perQueue(_ value: (QueueCounters) -> UInt64) -> Logger.MetadataValue {

@@ -43,8 +43,6 @@ public final class VhostUserBlkSession: @unchecked Sendable {
     public let handler: VirtioBlkRequestHandler
     public let queueCountMax: Int
     private let logger: Logger
-    /// How long a completion's check of the guest's wishes may wait for a later one (``CallCoalescing``).
-    private let callCoalescingWindow: Duration
     private var ackedFeatures: UInt64 = 0
     private var ackedProtocolFeatures: UInt64 = 0
     private var memory: MappedGuestMemory?
@@ -60,11 +58,9 @@ public final class VhostUserBlkSession: @unchecked Sendable {
     public static let offeredProtocolFeatures = VhostUserProtocolFeature.multiQueue | VhostUserProtocolFeature.replyAck
         | VhostUserProtocolFeature.config | VhostUserProtocolFeature.inflightSharedMemory
 
-    public init(handler: VirtioBlkRequestHandler, queueCountMax: Int, callCoalescingWindow: Duration = CallCoalescing.defaultWindow,
-                logger: Logger) {
+    public init(handler: VirtioBlkRequestHandler, queueCountMax: Int, logger: Logger) {
         precondition((1...64).contains(queueCountMax))
         self.handler = handler
-        self.callCoalescingWindow = callCoalescingWindow
         self.queueCountMax = queueCountMax
         self.logger = logger
         self.queues = (0..<queueCountMax).map { QueueState(index: $0) }
@@ -252,8 +248,7 @@ public final class VhostUserBlkSession: @unchecked Sendable {
         if ring.resubmitting > 0 {
             logger.notice("vhost-user-blk: queue \(q.index): serving again \(ring.resubmitting) requests a previous back end left in flight")
         }
-        q.startWorker(ring: ring, memory: memory, inflight: inflight, handler: handler,
-                      coalescing: CallCoalescing(window: callCoalescingWindow), logger: logger)
+        q.startWorker(ring: ring, memory: memory, inflight: inflight, handler: handler, logger: logger)
     }
 }
 
@@ -281,10 +276,9 @@ final class QueueState: @unchecked Sendable {
 
     init(index: Int) { self.index = index }
 
-    func startWorker(ring: SplitVirtqueue, memory: MappedGuestMemory, inflight: InflightMemory?, handler: VirtioBlkRequestHandler,
-                     coalescing: CallCoalescing, logger: Logger) {
+    func startWorker(ring: SplitVirtqueue, memory: MappedGuestMemory, inflight: InflightMemory?, handler: VirtioBlkRequestHandler, logger: Logger) {
         worker = QueueWorker(index: index, ring: ring, memory: memory, inflight: inflight, kickFD: kickFD, signals: signals,
-                             handler: handler, coalescing: coalescing, logger: logger)
+                             handler: handler, logger: logger)
     }
 
     /// Stops the worker, if one runs; returns whether one did. The ring position is kept in `base`.
@@ -379,8 +373,7 @@ final class QueueSignals: Sendable {
 /// switch fewer per request.
 /// Requests complete in any order (the split ring allows it; VIRTIO_F_IN_ORDER is not offered),
 /// each returned to the used ring under one lock, signalling the call eventfd when the guest wants
-/// an interrupt; while other small requests of the queue are in flight a completion may leave that
-/// check to a later one, for a bounded time (``CallCoalescing``). The queue's thread and the I/O threads run at the process's nice value
+/// an interrupt. The queue's thread and the I/O threads run at the process's nice value
 /// (``ServingPriority``).
 final class QueueWorker: @unchecked Sendable {
     /// Requests of one queue served at once: bounds the threads one queue can occupy.
@@ -389,10 +382,8 @@ final class QueueWorker: @unchecked Sendable {
     private static let io = DispatchQueue(label: "vhost-user-blk.io", attributes: .concurrent)
 
     private let ring: SplitVirtqueue
-    /// Every access to the ring and to `coalescing`: the worker takes chains while I/O threads
-    /// complete others.
+    /// Every access to the ring: the worker takes chains while I/O threads complete others.
     private let ringLock = Mutex(())
-    private var coalescing: CallCoalescing
     private let memory: MappedGuestMemory   // kept mapped while the worker may touch it
     private let inflight: InflightMemory?   // likewise
     private let kickFD: Int32
@@ -417,10 +408,9 @@ final class QueueWorker: @unchecked Sendable {
     private let broken = Atomic<Bool>(false)
 
     init(index: Int, ring: SplitVirtqueue, memory: MappedGuestMemory, inflight: InflightMemory?, kickFD: Int32, signals: QueueSignals,
-         handler: VirtioBlkRequestHandler, coalescing: CallCoalescing, logger: Logger) {
+         handler: VirtioBlkRequestHandler, logger: Logger) {
         self.index = index
         self.ring = ring
-        self.coalescing = coalescing
         self.memory = memory
         self.inflight = inflight
         self.kickFD = kickFD
@@ -486,21 +476,11 @@ final class QueueWorker: @unchecked Sendable {
         signals.signal(.err)
     }
 
-    /// The next available chain (under `ringLock`), or nil when there is none or the queue stops;
-    /// `quick` is ``VirtioBlkRequestHandler/isQuick(_:)``.
-    private func takeNext() throws(VirtqueueError) -> Request? {
+    /// The next available chain (under `ringLock`), or nil when there is none or the queue stops.
+    private func takeNext() throws(VirtqueueError) -> (head: UInt16, chain: DescriptorChain)? {
         guard !stopRequested.load(ordering: .acquiring), !broken.load(ordering: .acquiring),
               let head = try ring.nextAvailable() else { return nil }
-        let chain = try ring.chain(head: head)
-        let quick = handler.isQuick(chain)
-        coalescing.taken(quick: quick)
-        return Request(head: head, chain: chain, quick: quick)
-    }
-
-    private struct Request {
-        var head: UInt16
-        var chain: DescriptorChain
-        var quick: Bool
+        return (head, try ring.chain(head: head))
     }
 
     /// Takes every available chain (waiting for a free slot when `inFlightMax` run) and starts it:
@@ -508,25 +488,25 @@ final class QueueWorker: @unchecked Sendable {
     private func drain() throws(VirtqueueError) {
         while !stopRequested.load(ordering: .acquiring) && !broken.load(ordering: .acquiring) {
             slots.wait()
-            let next: (request: Request, last: Bool)?
+            let next: (head: UInt16, chain: DescriptorChain, last: Bool)?
             do {
-                next = try ringLock.withLock { _ throws(VirtqueueError) -> (Request, Bool)? in
-                    guard let request = try takeNext() else { return nil }
-                    return (request, !ring.hasAvailable)
+                next = try ringLock.withLock { _ throws(VirtqueueError) -> (UInt16, DescriptorChain, Bool)? in
+                    guard let (head, chain) = try takeNext() else { return nil }
+                    return (head, chain, !ring.hasAvailable)
                 }
             } catch {
                 slots.signal()
                 throw error
             }
-            guard let (request, last) = next else { slots.signal(); return }
+            guard let (head, chain, last) = next else { slots.signal(); return }
             inFlight.enter()
             let alone = running.wrappingAdd(1, ordering: .relaxed).oldValue == 0 && last
-            if alone && request.quick {
-                serve(request, takingNext: false)
+            if alone && handler.isQuick(chain) {
+                serve(head: head, chain: chain, takingNext: false)
             } else {
                 Self.io.async { [self] in
                     ServingPriority.adoptProcessNiceOnBorrowedThread()
-                    serve(request, takingNext: true)
+                    serve(head: head, chain: chain, takingNext: true)
                 }
             }
         }
@@ -534,25 +514,18 @@ final class QueueWorker: @unchecked Sendable {
 
     /// Serves the request and completes it; with `takingNext` (on an I/O thread) then takes the
     /// next available chain under the same lock and serves it too, until the ring is empty.
-    private func serve(_ first: Request, takingNext: Bool) {
-        var request = first
+    private func serve(head: UInt16, chain: DescriptorChain, takingNext: Bool) {
+        var request = (head: head, chain: chain)
         while true {
             let written = handler.handle(request.chain)
             if written == nil { logger.warning("vhost-user-blk: queue \(index): a request without a status byte") }
-            let (notify, next) = ringLock.withLock { _ -> (Bool, Result<Request?, VirtqueueError>) in
+            let (notify, next) = ringLock.withLock { _ -> (Bool, Result<(head: UInt16, chain: DescriptorChain)?, VirtqueueError>) in
                 ring.complete(head: request.head, writtenBytes: written ?? 0)
                 completed += 1
-                // The next chain is taken before deciding: this thread serves it right away, so a
-                // quick one is a completion about to come that may check for this one too.
-                var next: Result<Request?, VirtqueueError> = .success(nil)
-                if takingNext {
-                    do throws(VirtqueueError) { next = .success(try takeNext()) } catch { next = .failure(error) }
-                }
-                // shouldNotify only when this completion checks: it moves the index checked up to.
-                let notify = coalescing.completed(quick: request.quick, now: DispatchTime.now().uptimeNanoseconds)
-                    && ring.shouldNotify()
+                let notify = ring.shouldNotify()
                 if notify { calls += 1 }
-                return (notify, next)
+                guard takingNext else { return (notify, .success(nil)) }
+                do throws(VirtqueueError) { return (notify, .success(try takeNext())) } catch { return (notify, .failure(error)) }
             }
             if notify { signals.signal(.call) }
             guard case .success(let taken?) = next else {
