@@ -3,9 +3,12 @@
 vbd-vhost/qsd-vhost and vbd-vhost/vbd-nbd, the server's CPU time per request and the guest's CPU use.
     vhost-user-blk-report.py OUT_DIR CLK_TCK SERVER... [--jobs JOB...]
 OUT_DIR holds SERVER.JOB.json (fio's report), SERVER.cpu (server CPU ticks at each job's start and
-end) and SERVER.load (/proc/loadavg before and after the guest)."""
+end), SERVER.irq (the disk's interrupts in the guest per job), SERVER.load (/proc/loadavg before
+and after the guest) and SERVER.log (the server's log: vbd's door logs its kicks, calls and
+completions per queue when the front end disconnects)."""
 import json
 import os
+import re
 import sys
 
 JOBS = ["randread-4k-qd1", "randread-4k-qd32", "randwrite-4k-qd1", "randwrite-4k-qd32"]
@@ -30,11 +33,45 @@ def load(out, ticks, server):
             "cpu_us_per_request": seconds * 1e6 / ios if ios else float("nan"),
             "server_cpu_s": seconds,
             "guest_cpu": report["usr_cpu"] + report["sys_cpu"],
+            # fio's own CPU (usr + sys) over the job's run time, per request: what the guest's
+            # submitting and reaping cost (interrupts taken while fio sleeps are not in it).
+            "guest_cpu_us_per_request": (report["usr_cpu"] + report["sys_cpu"]) / 100 * report["job_runtime"] * 1000 / ios
+            if ios else float("nan"),
             "lat_us": (report["read"]["clat_ns"]["mean"] if report["read"]["total_ios"] else report["write"]["clat_ns"]["mean"]) / 1000,
         }
+    interrupts = {}
+    irq_path = os.path.join(out, f"{server}.irq")
+    if os.path.exists(irq_path):
+        with open(irq_path) as f:
+            for line in f:
+                job, count = line.split()
+                interrupts[job] = int(count)
+    for job in JOBS:
+        count = interrupts.get(job)
+        ios = results[job]["ios"]
+        results[job]["interrupts"] = count
+        results[job]["irq_per_request"] = count / ios if count is not None and ios else float("nan")
     with open(os.path.join(out, f"{server}.load")) as f:
         loads = [line.strip() for line in f]
     return results, loads
+
+
+def door_counters(out, server):
+    """The vhost-user door's counts for the whole session (the fill and every job), summed over
+    queues, from its "front end disconnected" log line; None for other servers or older builds."""
+    path = os.path.join(out, f"{server}.log")
+    if not os.path.exists(path):
+        return None
+    counts = {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            if "front end disconnected" not in line:
+                continue
+            for key in ("requests", "calls", "kicks"):
+                m = re.search(key + r" per queue=([0-9,]+)", line)
+                if m:
+                    counts[key] = counts.get(key, 0) + sum(int(x) for x in m.group(1).split(","))
+    return counts if "calls" in counts else None
 
 
 def ratio(a, b):
@@ -76,6 +113,28 @@ def main():
         cells = [f"{data[s][0][job]['cpu_us_per_request']:.1f} ({data[s][0][job]['ios']})" for s in servers]
         cells += [f"{data[s][0][job]['guest_cpu']:.0f}%" for s in servers]
         print(f"| {job} | " + " | ".join(cells) + " |")
+    print()
+    print("per request: the disk's interrupts in the guest (its /proc/interrupts over the job; interrupts taken),")
+    print("fio's CPU in the guest (us) and the server's CPU (us):")
+    print()
+    print("| job | " + " | ".join(f"{s} irq/req" for s in servers) + " | " + " | ".join(f"{s} guest us/req" for s in servers)
+          + " | " + " | ".join(f"{s} server us/req" for s in servers) + " |")
+    print("|---|" + "---:|" * (3 * len(servers)))
+    for job in JOBS:
+        cells = []
+        for s in servers:
+            r = data[s][0][job]
+            cells.append("-" if r["interrupts"] is None else f"{r['irq_per_request']:.3f} ({r['interrupts']})")
+        cells += [f"{data[s][0][job]['guest_cpu_us_per_request']:.1f}" for s in servers]
+        cells += [f"{data[s][0][job]['cpu_us_per_request']:.1f}" for s in servers]
+        print(f"| {job} | " + " | ".join(cells) + " |")
+    for s in servers:
+        counts = door_counters(out, s)
+        if counts:
+            requests = counts.get("requests", 0)
+            per = lambda n: f"{n / requests:.3f}" if requests else "-"
+            print(f"\n{s} door, whole session (fill included): {requests} requests, {counts['calls']} call signals "
+                  f"({per(counts['calls'])} per request), {counts.get('kicks', 0)} kicks read ({per(counts.get('kicks', 0))} per request)")
     print()
     print("mean completion latency (us, fio clat):")
     print()

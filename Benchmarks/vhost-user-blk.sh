@@ -8,7 +8,9 @@
 # Per job and back end it reports the guest's IOPS, the ratios vbd-vhost/qsd-vhost and
 # vbd-vhost/vbd-nbd, the server's CPU time per request (utime + stime of the server process from
 # /proc/PID/stat, sampled when the guest prints the job's start and end, over fio's completed
-# requests) and the guest's own CPU use as fio saw it; the load average beside each back end.
+# requests), the guest's own CPU use as fio saw it and the interrupts the guest took from the disk
+# per request (its request queues' lines in the guest's /proc/interrupts, read before and after each
+# job); the load average beside each back end.
 #   Benchmarks/vhost-user-blk.sh                      # VBDTOOL defaults to .build/release/vbdtool
 #   RUNTIME=10 SERVERS="vbd-vhost qsd-vhost" Benchmarks/vhost-user-blk.sh
 #   PROFILE="randread-4k-qd1 randwrite-4k-qd32" Benchmarks/vhost-user-blk.sh
@@ -57,7 +59,7 @@ wait_for_socket() {
 guest() {
     local name=$1; shift
     local perf_pid="" line job result=FAIL
-    : > "$OUT/$name.cpu"; : > "$OUT/$name.console"
+    : > "$OUT/$name.cpu"; : > "$OUT/$name.console"; : > "$OUT/$name.irq"
     while IFS= read -r line; do
         line=${line%$'\r'}
         echo "$line" >> "$OUT/$name.console"
@@ -84,6 +86,7 @@ guest() {
                 echo "$job end $(cpu_ticks "$server_pid")" >> "$OUT/$name.cpu"
                 if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; perf_pid=""; fi ;;
             "disk-guest: json "*) echo "${line#disk-guest: json }" >> "$OUT/$name.$job.json" ;;
+            "disk-guest: interrupts "*) echo "${line#disk-guest: interrupts }" >> "$OUT/$name.irq" ;;
             "disk-guest: PASS fio") result=PASS ;;
             "disk-guest: "*) echo "$name: ${line#disk-guest: }" >&2 ;;
         esac

@@ -16,7 +16,9 @@
 #                     O_DIRECT), each for vbd_runtime seconds over that span (vbd_jobs=a,b: only those,
 #                     named RW-4k-qdN). Around each job it
 #                     prints "disk-guest: job NAME start" and "... end" (the host samples the server's
-#                     CPU time there), then fio's JSON report, each line prefixed "disk-guest: json "
+#                     CPU time there), "disk-guest: interrupts NAME N" (the disk's request-queue
+#                     interrupts the guest took during the job, from /proc/interrupts), then fio's
+#                     JSON report, each line prefixed "disk-guest: json "
 #   vbd_files=N       files of 1 MiB to write (write and live modes; default 16)
 # Prints "disk-guest: PASS <mode>" or "disk-guest: FAIL <reason>" on the console, then powers off.
 /bin/busybox --install -s /bin
@@ -104,15 +106,25 @@ case "${vbd_mode:-}" in
         span=${vbd_span:-128}M
         runtime=${vbd_runtime:-20}
         mkdir -p /tmp/fio
+        # The disk's virtio device (virtioN); its request queues' MSI-X vectors are named
+        # virtioN-req.Q in /proc/interrupts (virtioN alone when it shares a legacy INTx line).
+        disk_device=$(basename "$(readlink -f /sys/block/vda/device)")
+        disk_interrupts() {
+            awk -v dev="$disk_device" '$NF == dev || index($NF, dev "-req.") == 1 {
+                for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i } END { print n + 0 }' /proc/interrupts
+        }
+        say "disk $disk_device, its interrupt lines: $(awk -v dev="$disk_device" 'index($NF, dev) == 1 { printf "%s ", $NF }' /proc/interrupts)"
         # Every job reads or writes the span the fill wrote, so reads find data on every back end
         # (not holes), and fio's default scramble_buffers keeps written blocks distinct (vbd
         # deduplicates identical blocks).
         run_job() {
             name=$1; shift
+            irq_before=$(disk_interrupts)
             say "job $name start"
             /sbin/fio --name="$name" --filename=/dev/vda --direct=1 --size="$span" --output-format=json \
                 --output="/tmp/fio/$name.json" "$@" >/tmp/fio/$name.log 2>&1 || { cat /tmp/fio/$name.log; fail "fio $name"; }
             say "job $name end"
+            say "interrupts $name $(($(disk_interrupts) - irq_before))"
             sed 's/^/disk-guest: json /' "/tmp/fio/$name.json"
         }
         run_job fill --rw=write --bs=1M --ioengine=libaio --iodepth=4

@@ -186,9 +186,14 @@ public final class VhostUserBlkServer: @unchecked Sendable {
         let session = VhostUserBlkSession(handler: VirtioBlkRequestHandler(device: device, session: requestSession),
                                           queueCountMax: queueCountMax, logger: logger)
         defer {
-            let completed = session.close()
+            let counters = session.close()
+            func perQueue(_ value: (QueueCounters) -> UInt64) -> Logger.MetadataValue {
+                "\(counters.map { String(value($0)) }.joined(separator: ","))"
+            }
             logger.notice("vhost-user-blk: front end disconnected",
-                          metadata: ["export": "\(exportName)", "requests per queue": "\(completed.map(String.init).joined(separator: ","))"])
+                          metadata: ["export": "\(exportName)", "requests per queue": perQueue(\.completed),
+                                     "calls per queue": perQueue(\.calls), "kicks per queue": perQueue(\.kicks),
+                                     "kick wake-ups per queue": perQueue(\.kickWakeups)])
         }
         var connection = VhostUserConnection(fd: fd)
         while true {

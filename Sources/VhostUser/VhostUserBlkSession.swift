@@ -205,14 +205,16 @@ public final class VhostUserBlkSession: @unchecked Sendable {
     }
 
     /// Requests completed per queue so far (running queues count once they stop).
-    public var completedPerQueue: [UInt64] { queues.map(\.completed) }
+    public var completedPerQueue: [UInt64] { queues.map(\.counters.completed) }
+    /// Each queue's requests, call signals and kicks so far (running queues count once they stop).
+    public var countersPerQueue: [QueueCounters] { queues.map(\.counters) }
 
-    /// Ends the session: workers stop, memory is unmapped, every fd closes. Returns the requests
-    /// each queue completed.
+    /// Ends the session: workers stop, memory is unmapped, every fd closes. Returns what each
+    /// queue counted.
     @discardableResult
-    public func close() -> [UInt64] {
+    public func close() -> [QueueCounters] {
         stopAll()
-        let completed = completedPerQueue
+        let completed = countersPerQueue
         for q in queues { q.reset() }
         memory = nil
         inflight = nil
@@ -267,8 +269,8 @@ final class QueueState: @unchecked Sendable {
     var base: UInt16 = 0
     var kickFD: Int32 = -1
     var enabled = false
-    /// Requests this queue completed during the session (for the disconnect log line).
-    private(set) var completed: UInt64 = 0
+    /// What this queue's workers counted during the session (for the disconnect log line).
+    private(set) var counters = QueueCounters()
     private(set) var worker: QueueWorker?
     let signals = QueueSignals()
 
@@ -285,7 +287,7 @@ final class QueueState: @unchecked Sendable {
         guard let worker else { return false }
         let stopped = worker.stop()
         base = stopped.base
-        completed += stopped.completed
+        counters.add(stopped.counters)
         self.worker = nil
         return true
     }
@@ -307,6 +309,28 @@ final class QueueState: @unchecked Sendable {
         addresses = nil
         base = 0
         enabled = false
+    }
+}
+
+/// What a queue's worker did: requests completed, call eventfd signals (interrupts asked of the
+/// front end), the guest's kicks (the kick eventfd's counter summed over its reads) and the
+/// queue thread's wake-ups by a kick (reads of that counter).
+public struct QueueCounters: Sendable, Equatable {
+    public var completed: UInt64 = 0
+    public var calls: UInt64 = 0
+    public var kicks: UInt64 = 0
+    public var kickWakeups: UInt64 = 0
+    public init(completed: UInt64 = 0, calls: UInt64 = 0, kicks: UInt64 = 0, kickWakeups: UInt64 = 0) {
+        self.completed = completed
+        self.calls = calls
+        self.kicks = kicks
+        self.kickWakeups = kickWakeups
+    }
+    mutating func add(_ other: QueueCounters) {
+        completed += other.completed
+        calls += other.calls
+        kicks += other.kicks
+        kickWakeups += other.kickWakeups
     }
 }
 
@@ -374,8 +398,12 @@ final class QueueWorker: @unchecked Sendable {
     private let inFlight = DispatchGroup()
     /// Requests started and not yet completed (what `inFlight` counts, readable).
     private let running = Atomic<Int>(0)
-    /// Requests completed (under `ringLock`).
+    /// Requests completed and call signals decided (under `ringLock`).
     private var completed: UInt64 = 0
+    private var calls: UInt64 = 0
+    /// The guest's kicks and the reads that took them (the queue thread's alone).
+    private var kicks: UInt64 = 0
+    private var kickWakeups: UInt64 = 0
     /// The guest broke the ring: nothing more is taken from it until the front end sets it up again.
     private let broken = Atomic<Bool>(false)
 
@@ -402,15 +430,15 @@ final class QueueWorker: @unchecked Sendable {
     }
 
     /// Stops taking requests, waits for those in flight to complete, and returns the next
-    /// available index to process and the number of requests completed.
-    func stop() -> (base: UInt16, completed: UInt64) {
+    /// available index to process and what the worker counted.
+    func stop() -> (base: UInt16, counters: QueueCounters) {
         stopRequested.store(true, ordering: .releasing)
         var one: UInt64 = 1
         _ = write(stopFD, &one, 8)
         finished.wait()
         inFlight.wait()
         close(stopFD)
-        return ringLock.withLock { _ in (ring.lastAvailableIndex, completed) }
+        return ringLock.withLock { _ in (ring.lastAvailableIndex, QueueCounters(completed: completed, calls: calls, kicks: kicks, kickWakeups: kickWakeups)) }
     }
 
     private func run() {
@@ -433,6 +461,7 @@ final class QueueWorker: @unchecked Sendable {
                 // 0: end of file, not an eventfd (a file or a closed socket would poll ready
                 // forever); EAGAIN: someone else drained it first, wait again.
                 if n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR) { break }
+                if n == 8 { kicks &+= count; kickWakeups += 1 }
             } else if fds[0].revents != 0 {
                 break   // the kick fd was closed or broke: nothing more will wake this queue
             }
@@ -494,6 +523,7 @@ final class QueueWorker: @unchecked Sendable {
                 ring.complete(head: request.head, writtenBytes: written ?? 0)
                 completed += 1
                 let notify = ring.shouldNotify()
+                if notify { calls += 1 }
                 guard takingNext else { return (notify, .success(nil)) }
                 do throws(VirtqueueError) { return (notify, .success(try takeNext())) } catch { return (notify, .failure(error)) }
             }
