@@ -6,16 +6,30 @@ public enum BlockCompression {
     @inlinable
     public static func bound(_ count: Int) -> Int { Int(LZ4_compressBound(Int32(count))) }
 
-    /// LZ4's acceleration factor for stored blocks. 4 takes about 40 % off 2's compression time and
-    /// stores the 1 GiB data set in 0.365 of its size, against 2's 0.346 (the target is 0.40):
-    /// Benchmarks/README.md, "Issue 14, eighth round". Decompression does not depend on it.
+    /// LZ4's acceleration factor for stored blocks: 4 takes about 40 % off 2's compression time
+    /// (Benchmarks/README.md, "Issue 14, eighth round"). Decompression does not depend on it.
     public static let acceleration: Int32 = 4
+    /// A block that the fast pass shrinks by less than this fraction of its size (an eighth: not
+    /// one 512-byte sector of a 4 KiB block) is compressed again at acceleration 1: blocks of
+    /// short runs that acceleration 4 skips past are then still stored compressed. Blocks that do
+    /// not compress at all (about 5 % of the data set's) pay for both passes.
+    public static let secondPassBelowSavedFraction = 8
 
     /// Compresses `source` into `destination`. Returns the compressed length, or nil when the result
     /// would not fit in `destination` (the caller then stores the block raw).
     @inlinable
     public static func compress(_ source: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer) -> Int? {
         guard source.count > 0 else { return 0 }
+        let fast = compress(source, into: destination, acceleration: acceleration)
+        if let fast, fast <= source.count - source.count / secondPassBelowSavedFraction { return fast }
+        let thorough = compress(source, into: destination, acceleration: 1)
+        if let thorough, thorough <= fast ?? Int.max { return thorough }
+        // Rare: the thorough pass did no better; the destination holds its output, so redo the fast one.
+        return compress(source, into: destination, acceleration: acceleration)
+    }
+
+    @inlinable
+    static func compress(_ source: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer, acceleration: Int32) -> Int? {
         let n = vbd_lz4_compress(
             source.baseAddress!.assumingMemoryBound(to: CChar.self),
             destination.baseAddress!.assumingMemoryBound(to: CChar.self),
