@@ -1,4 +1,5 @@
 import CLZ4
+import Synchronization
 
 /// LZ4 block compression, the only place that calls liblz4.
 public enum BlockCompression {
@@ -10,10 +11,45 @@ public enum BlockCompression {
     /// (Benchmarks/README.md, "Issue 14, eighth round"). Decompression does not depend on it.
     public static let acceleration: Int32 = 4
     /// A block that the fast pass shrinks by less than this fraction of its size (an eighth: not
-    /// one 512-byte sector of a 4 KiB block) is compressed again at acceleration 1: blocks of
-    /// short runs that acceleration 4 skips past are then still stored compressed. Blocks that do
-    /// not compress at all (about 5 % of the data set's) pay for both passes.
+    /// one 512-byte sector of a 4 KiB block) may be compressed again at acceleration 1: blocks of
+    /// short runs that acceleration 4 skips past are then still stored compressed.
     public static let secondPassBelowSavedFraction = 8
+    /// Whether second passes pay is measured, not assumed: on the data set most of them save
+    /// nothing (and cost as much as the first). A second pass runs while at least a quarter of
+    /// the recent ones made the block worth storing compressed, and otherwise every 16th time,
+    /// to notice when the data changes. Counts over the process, halved every 1024 passes.
+    public static let secondPasses = SecondPassRecord()
+
+    public final class SecondPassRecord: Sendable {
+        /// Low 32 bits: passes tried; high 32 bits: passes that paid.
+        private let counts = Atomic<UInt64>(0)
+        private let skipped = Atomic<UInt64>(0)
+
+        public init() {}
+
+        public var tried: Int { Int(counts.load(ordering: .relaxed) & 0xFFFF_FFFF) }
+        public var paid: Int { Int(counts.load(ordering: .relaxed) >> 32) }
+
+        @usableFromInline
+        package func shouldTry() -> Bool {
+            let c = counts.load(ordering: .relaxed)
+            let tried = c & 0xFFFF_FFFF, paid = c >> 32
+            if tried < 16 || paid * 4 >= tried { return true }
+            return skipped.wrappingAdd(1, ordering: .relaxed).newValue % 16 == 0
+        }
+
+        @usableFromInline
+        package func record(paid: Bool) {
+            var c = counts.load(ordering: .relaxed)
+            while true {
+                var tried = (c & 0xFFFF_FFFF) + 1, won = (c >> 32) + (paid ? 1 : 0)
+                if tried >= 1024 { tried /= 2; won /= 2 }
+                let (exchanged, original) = counts.compareExchange(expected: c, desired: won << 32 | tried, ordering: .relaxed)
+                if exchanged { return }
+                c = original
+            }
+        }
+    }
 
     /// Compresses `source` into `destination`. Returns the compressed length, or nil when the result
     /// would not fit in `destination` (the caller then stores the block raw).
@@ -21,8 +57,11 @@ public enum BlockCompression {
     public static func compress(_ source: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer) -> Int? {
         guard source.count > 0 else { return 0 }
         let fast = compress(source, into: destination, acceleration: acceleration)
-        if let fast, fast <= source.count - source.count / secondPassBelowSavedFraction { return fast }
+        let worthStoring = source.count - source.count / secondPassBelowSavedFraction
+        if let fast, fast <= worthStoring { return fast }
+        guard secondPasses.shouldTry() else { return fast }
         let thorough = compress(source, into: destination, acceleration: 1)
+        secondPasses.record(paid: thorough.map { $0 <= worthStoring } ?? false)
         if let thorough, thorough <= fast ?? Int.max { return thorough }
         // Rare: the thorough pass did no better; the destination holds its output, so redo the fast one.
         return compress(source, into: destination, acceleration: acceleration)

@@ -61,3 +61,44 @@ import Testing
         #expect(BlockDeviceError.invalid("x").errnoValue == 22)
     }
 }
+
+@Suite struct SecondPassRecordTests {
+    /// Second passes that never pay are tried about one time in 16 once 16 were tried; once they
+    /// pay again (a quarter of the recent ones), every block gets one.
+    @Test func secondPassesFollowWhatTheyPaid() {
+        let record = BlockCompression.SecondPassRecord()
+        var tried = 0
+        for _ in 0..<1000 where record.shouldTry() {
+            tried += 1
+            record.record(paid: false)
+        }
+        #expect(tried >= 16 && tried <= 16 + 1000 / 16 + 1, "tried \(tried) of 1000")
+        #expect(record.paid == 0)
+        // Probes that pay bring the rate back: within 1000 blocks every block gets one again.
+        var triedLast200 = 0
+        for n in 0..<1000 where record.shouldTry() {
+            if n >= 800 { triedLast200 += 1 }
+            record.record(paid: true)
+        }
+        #expect(triedLast200 == 200, "tried \(triedLast200) of the last 200 once they paid")
+        #expect(record.tried < 1024, "the counts are halved")
+    }
+
+    /// Blocks of short runs (1 to 8 equal bytes) are stored compressed: acceleration 4 alone
+    /// leaves them within an eighth of their size, the second pass does not.
+    @Test func blocksOfShortRunsCompressByMoreThanAnEighth() {
+        var g = SplitMix64(seed: 42)
+        var block = [UInt8](repeating: 0, count: 4096)
+        var i = 0
+        while i < block.count {
+            let v = g.next()
+            let run = Int(v & 7) + 1
+            for k in 0..<run where i + k < block.count { block[i + k] = UInt8(truncatingIfNeeded: v >> 8) }
+            i += run
+            if i < block.count { block[i] = UInt8(truncatingIfNeeded: v >> 16); i += 1 }
+        }
+        var out = [UInt8](repeating: 0, count: BlockCompression.bound(4096))
+        let n = block.withUnsafeBytes { source in out.withUnsafeMutableBytes { BlockCompression.compress(source, into: $0) } }
+        #expect(n != nil && n! <= 4096 - 512, "compressed to \(n.map(String.init) ?? "nothing")")
+    }
+}
