@@ -14,12 +14,11 @@ public enum BlockCompression {
     /// one 512-byte sector of a 4 KiB block) may be compressed again at acceleration 1: blocks of
     /// short runs that acceleration 4 skips past are then still stored compressed.
     public static let secondPassBelowSavedFraction = 8
-    /// Whether second passes pay is measured, not assumed: on the data set most of them save
-    /// nothing (and cost as much as the first). A second pass runs while at least a quarter of
-    /// the recent ones made the block worth storing compressed, and otherwise every 16th time,
-    /// to notice when the data changes. Counts over the process, halved every 1024 passes.
-    public static let secondPasses = SecondPassRecord()
-
+    /// Whether second passes pay is measured, not assumed: where blocks do not compress at all
+    /// they save nothing and cost as much as the first. A second pass runs while at least a
+    /// quarter of the recent ones made the block worth storing compressed, and otherwise every
+    /// 16th time, to notice when the data changes. Each store keeps its own record (one store's
+    /// data does not decide for another's); the counts are halved every 1024 passes.
     public final class SecondPassRecord: Sendable {
         /// Low 32 bits: passes tried; high 32 bits: passes that paid.
         private let counts = Atomic<UInt64>(0)
@@ -52,14 +51,16 @@ public enum BlockCompression {
     }
 
     /// Compresses `source` into `destination`. Returns the compressed length, or nil when the result
-    /// would not fit in `destination` (the caller then stores the block raw).
+    /// would not fit in `destination` (the caller then stores the block raw). With `secondPasses`,
+    /// a block the fast pass hardly shrinks may get a second, thorough pass (see above).
     @inlinable
-    public static func compress(_ source: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer) -> Int? {
+    public static func compress(_ source: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer,
+                                secondPasses: SecondPassRecord? = nil) -> Int? {
         guard source.count > 0 else { return 0 }
         let fast = compress(source, into: destination, acceleration: acceleration)
         let worthStoring = source.count - source.count / secondPassBelowSavedFraction
         if let fast, fast <= worthStoring { return fast }
-        guard secondPasses.shouldTry() else { return fast }
+        guard let secondPasses, secondPasses.shouldTry() else { return fast }
         let thorough = compress(source, into: destination, acceleration: 1)
         secondPasses.record(paid: thorough.map { $0 <= worthStoring } ?? false)
         if let thorough, thorough <= fast ?? Int.max { return thorough }

@@ -556,7 +556,7 @@ extension Store {
             let raw = blocks[i].bytes
             let out = UnsafeMutableRawBufferPointer(rebasing: scratch[used..<used + BlockCompression.bound(raw.count)])
             let sectors = { (b: Int) in (b + Limits.sectorBytes - 1) / Limits.sectorBytes }
-            if let n = BlockCompression.compress(raw, into: out), sectors(n) < sectors(raw.count) {
+            if let n = BlockCompression.compress(raw, into: out, secondPasses: compressionSecondPasses), sectors(n) < sectors(raw.count) {
                 blocks[i].stored = UnsafeRawBufferPointer(rebasing: out[0..<n])
                 blocks[i].isCompressed = true
                 used += n

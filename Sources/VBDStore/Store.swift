@@ -129,6 +129,9 @@ public final class Store: @unchecked Sendable {
 
     let directory: any StorageDirectory
     let options: Options
+    /// Whether this store's blocks repay LZ4's second pass (`BlockCompression.SecondPassRecord`;
+    /// atomic counts, no lock).
+    let compressionSecondPasses = BlockCompression.SecondPassRecord()
     let mutex: StoreMutex
     let flushMutex: StoreMutex
     let journalMutex: StoreMutex

@@ -85,7 +85,7 @@ import Testing
     }
 
     /// Blocks of short runs (1 to 8 equal bytes) are stored compressed: acceleration 4 alone
-    /// leaves them within an eighth of their size, the second pass does not.
+    /// leaves them within an eighth of their size, the second pass (with a store's fresh record) does not.
     @Test func blocksOfShortRunsCompressByMoreThanAnEighth() {
         var g = SplitMix64(seed: 42)
         var block = [UInt8](repeating: 0, count: 4096)
@@ -98,7 +98,13 @@ import Testing
             if i < block.count { block[i] = UInt8(truncatingIfNeeded: v >> 16); i += 1 }
         }
         var out = [UInt8](repeating: 0, count: BlockCompression.bound(4096))
-        let n = block.withUnsafeBytes { source in out.withUnsafeMutableBytes { BlockCompression.compress(source, into: $0) } }
+        let record = BlockCompression.SecondPassRecord()
+        let n = block.withUnsafeBytes { source in
+            out.withUnsafeMutableBytes { BlockCompression.compress(source, into: $0, secondPasses: record) }
+        }
         #expect(n != nil && n! <= 4096 - 512, "compressed to \(n.map(String.init) ?? "nothing")")
+        #expect(record.tried == 1 && record.paid == 1)
+        let single = block.withUnsafeBytes { source in out.withUnsafeMutableBytes { BlockCompression.compress(source, into: $0) } }
+        #expect(single.map { $0 > 4096 - 512 } ?? true, "acceleration 4 alone already compresses this block: the test shows nothing")
     }
 }
