@@ -67,7 +67,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-VBD_CEPH_OWNER_PID=$$ bash "$repo/scripts/ceph-micro-cluster.sh" start "$work/ceph" >/dev/null
+# memstore's OSD reports 1 GiB by default and the cluster stops taking writes when it is 95 % full
+# (a 2 GiB fill as chunk objects got there at about 1.8 GB): 16 GiB of room, RAM used as written.
+VBD_CEPH_MEMSTORE_BYTES=${VBD_CEPH_MEMSTORE_BYTES:-17179869184} VBD_CEPH_OWNER_PID=$$ \
+    bash "$repo/scripts/ceph-micro-cluster.sh" start "$work/ceph" >/dev/null
 conf="$work/ceph/ceph.conf"
 export CEPH_CONF="$conf"   # fio's rbd engine and the rbd CLI read it
 ceph -c "$conf" osd pool create rbd 8 8 replicated >/dev/null 2>&1

@@ -114,6 +114,9 @@ crash dir = $dir/crash
 mon data = $dir/mon/ceph-\$id
 osd data = $dir/osd/ceph-\$id
 osd objectstore = memstore
+# The size the OSD reports (Ceph's default 1 GiB): at the full ratio the cluster blocks writes, a
+# lock's renewal among them. VBD_CEPH_MEMSTORE_BYTES raises it for benchmarks (RAM is not reserved).
+memstore device bytes = ${VBD_CEPH_MEMSTORE_BYTES:-1073741824}
 osd crush chooseleaf type = 0
 
 [mon]
