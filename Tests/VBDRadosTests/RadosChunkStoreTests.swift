@@ -12,11 +12,7 @@ import VBDStore
     let cluster: MicroCluster
     init() throws { cluster = try MicroCluster.get() }
 
-    func options() -> Store.Options {
-        var options = Store.Options()
-        options.spaceReserveBytes = 256 << 10
-        return options
-    }
+    func options() -> Store.Options { .onMicroCluster }
 
     func location(_ prefix: String) -> RadosStoreLocation {
         RadosStoreLocation(configurationFile: cluster.configurationFile, pool: "vbd",

@@ -142,11 +142,7 @@ final class CrashingChunkStorage: ChunkStorage {
     let cluster: MicroCluster
     init() throws { cluster = try MicroCluster.get() }
 
-    func options() -> Store.Options {
-        var options = Store.Options()
-        options.spaceReserveBytes = 256 << 10
-        return options
-    }
+    func options() -> Store.Options { .onMicroCluster }
 
     static let blocks = 8
 

@@ -79,6 +79,16 @@ func modelBlock(_ id: UInt64) -> [UInt8] {
     return pattern(seed: id)
 }
 
+extension Store.Options {
+    /// The options of a store on the micro cluster: a space reserve of 256 KiB instead of the
+    /// default, written as RADOS objects at every open.
+    static var onMicroCluster: Store.Options {
+        var options = Store.Options()
+        options.spaceReserveBytes = 256 << 10
+        return options
+    }
+}
+
 extension Store {
     func readBlock(_ image: String, _ block: Int) throws -> [UInt8] {
         var out = [UInt8](repeating: 0xEE, count: 4096)

@@ -17,8 +17,7 @@ import VBDStore
     init() throws { cluster = try MicroCluster.get() }
 
     func options() -> Store.Options {
-        var options = Store.Options()
-        options.spaceReserveBytes = 256 << 10
+        var options = Store.Options.onMicroCluster
         options.metadataCacheBytes = 64 << 10
         options.commitDirtyPagesMax = 16
         options.checkpointJournalBytes = 64 << 10

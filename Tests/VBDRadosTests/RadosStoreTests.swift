@@ -11,11 +11,7 @@ import VBDStore
     let cluster: MicroCluster
     init() throws { cluster = try MicroCluster.get() }
 
-    func options() -> Store.Options {
-        var options = Store.Options()
-        options.spaceReserveBytes = 256 << 10
-        return options
-    }
+    func options() -> Store.Options { .onMicroCluster }
 
     @Test func volumeSnapshotReopenOnAnotherHost() throws {
         let hostA = try cluster.connect()
