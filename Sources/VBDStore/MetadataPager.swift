@@ -532,12 +532,8 @@ final class MetadataPager {
         insertFrame(miss.page, Frame(object: object, kind: miss.kind, dirty: false))
     }
 
-    /// The cached object of `page`, or the one loaded at `version` (known by the caller).
-    private func object<T: MetadataPageObject>(_ page: PageNumber, version: () throws -> PageVersion, as type: T.Type) throws -> T {
-        try frame(page, version: version, as: type).object
-    }
-
-    /// `object`, with the frame that holds it (one lookup for a writer as for a reader).
+    /// The cached object of `page`, or the one loaded at `version` (known by the caller), with the
+    /// frame that holds it (one lookup for a writer as for a reader).
     private func frame<T: MetadataPageObject>(_ page: PageNumber, version: () throws -> PageVersion,
                                               as type: T.Type) throws -> (frame: Frame, object: T) {
         if let frame = frames[page] {

@@ -263,17 +263,23 @@ final class DedupBucketPage: MetadataPageObject {
         entries.insert(entry, at: lowerBound(entry.fingerprint))
     }
 
-    /// Removes the entry, if the page holds it.
-    func remove(_ entry: Entry) -> Bool {
+    /// Where the page holds `entry`, if it does.
+    func index(of entry: Entry) -> Int? {
         var k = lowerBound(entry.fingerprint)
         while k < entries.count && entries[k].fingerprint == entry.fingerprint {
-            if entries[k].chunk == entry.chunk {
-                entries.remove(at: k)
-                return true
-            }
+            if entries[k].chunk == entry.chunk { return k }
             k += 1
         }
-        return false
+        return nil
+    }
+
+    func remove(at index: Int) { entries.remove(at: index) }
+
+    /// Removes the entry, if the page holds it.
+    func remove(_ entry: Entry) -> Bool {
+        guard let k = index(of: entry) else { return false }
+        remove(at: k)
+        return true
     }
 }
 
@@ -384,10 +390,11 @@ struct PagedDedupIndex: Equatable {
         var page = PageNumber(try buckets.get(bucket, pager: pager))
         while page != .none {
             let b = try pager.read(page, as: DedupBucketPage.self)
-            let entry = DedupBucketPage.Entry(fingerprint: fp, chunk: chunk)
-            if b.firstChunk(withFingerprint: fp, { $0 == chunk }) != nil {
+            // Found in the page as read, removed from the writable one (a copy while a commit
+            // writes it): the same entries, so the same index.
+            if let k = b.index(of: DedupBucketPage.Entry(fingerprint: fp, chunk: chunk)) {
                 let w = try pager.writable(page, as: DedupBucketPage.self)
-                _ = w.remove(entry)
+                w.remove(at: k)
                 // An emptied overflow page leaves the chain.
                 if w.count == 0 && previous != .none {
                     try pager.writable(previous, as: DedupBucketPage.self).overflow = w.overflow
