@@ -14,7 +14,6 @@ stores. Every scenario checks the data the client was promised:
 
 Exit status 0 when every check passed, 1 otherwise (the reasons are printed).
 """
-import argparse
 import os
 import signal
 import sys
@@ -23,7 +22,7 @@ import time
 
 import nbd
 
-from served_hosts import BLOCK, ServerProcess, check, connect, disconnect, failures, pattern
+from served_hosts import BLOCK, ServerProcess, check, client_arguments, connect, disconnect, failures, pattern
 
 
 class Server(ServerProcess):
@@ -236,12 +235,7 @@ def scenario_fenced(args, store_args):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--vbdtool", required=True)
-    parser.add_argument("--ceph-conf", required=True)
-    parser.add_argument("--pool", default="vbd")
-    parser.add_argument("--tmp", required=True)
-    parser.add_argument("--blocks", type=int, default=16384, help="most blocks a writer writes (the volume's size)")
+    parser = client_arguments("most blocks a writer writes (the volume's size)")
     parser.add_argument("scenario", nargs="+", choices=["killed", "orderly", "fenced"])
     parser.add_argument("--namespace-prefix", default="handover")
     args = parser.parse_args()

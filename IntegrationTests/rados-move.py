@@ -19,7 +19,6 @@ server stops cleanly; A and B fence nobody.
 
 Exit status 0 when every check passed, 1 otherwise (the reasons are printed).
 """
-import argparse
 import json
 import os
 import subprocess
@@ -29,7 +28,7 @@ import time
 
 import nbd
 
-from served_hosts import BLOCK, ServerProcess, check, connect, disconnect, failures, pattern
+from served_hosts import BLOCK, ServerProcess, check, client_arguments, connect, disconnect, failures, pattern
 
 
 class Server(ServerProcess):
@@ -139,12 +138,7 @@ def families_of(args, server):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--vbdtool", required=True)
-    parser.add_argument("--ceph-conf", required=True)
-    parser.add_argument("--pool", default="vbd")
-    parser.add_argument("--tmp", required=True)
-    parser.add_argument("--blocks", type=int, default=16384, help="blocks a writer cycles through (the volume's size)")
+    parser = client_arguments("blocks a writer cycles through (the volume's size)")
     args = parser.parse_args()
 
     # A short lock for A, so that it notices the forced takeover of fam2 soon (it renews every 2 s).

@@ -1,6 +1,7 @@
 """What the RADOS integration clients share (rados-handover.py, rados-move.py): the checks and
 their failures, the block pattern, a `vbdtool serve` process whose output is watched, and NBD
 connections that retry."""
+import argparse
 import os
 import signal
 import subprocess
@@ -11,6 +12,17 @@ import nbd
 
 BLOCK = 4096
 failures = []
+
+
+def client_arguments(blocks_help):
+    """The options every RADOS client takes from its test script; the caller adds its own."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--vbdtool", required=True)
+    parser.add_argument("--ceph-conf", required=True)
+    parser.add_argument("--pool", default="vbd")
+    parser.add_argument("--tmp", required=True)
+    parser.add_argument("--blocks", type=int, default=16384, help=blocks_help)
+    return parser
 
 
 def check(condition, message):
