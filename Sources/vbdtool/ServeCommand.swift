@@ -285,13 +285,8 @@ struct ServeCommand: AsyncParsableCommand {
                     })
                     radosFamilies.append((location.namespace, location, result.store))
                     try ServedFamilies.checkNamesUnique(location.namespace, result.store, against: radosFamilies.map { ($0.name, $0.store) })
-                    if !result.fenced.isEmpty {
-                        logger.warning("fenced the previous owner (blocklisted in the cluster): it did not hand the store over",
-                                       metadata: ["store": "\(location)", "blocklisted": "\(result.fenced.joined(separator: ", "))"])
-                    }
                     logger.notice("owning the store", metadata: ["store": "\(location)", "lock": "\(RadosDirectory.lockObject)",
                                                                 "lock-duration": "\(lockDuration) s"])
-                    for warning in result.store.recoveryWarnings { logger.warning("\(warning)", metadata: ["store": "\(location)"]) }
                 }
             } catch {
                 for family in radosFamilies { try? family.store.close() }

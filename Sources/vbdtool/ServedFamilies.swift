@@ -84,7 +84,8 @@ final class ServedFamilies: ExportProvider, ControlRequestHandler, Sendable {
         self.logger = logger
     }
 
-    /// Opens the family `namespace` (taking its lock as `ownership` says). Errors name the family.
+    /// Opens the family `namespace` (taking its lock as `ownership` says) and logs what the open
+    /// did beside it: a previous owner it fenced, the journal replay's warnings. Errors name the family.
     static func open(_ namespace: String, opening: Opening, ownership: RadosOwnership, logger: Logger,
                      whileWaiting: ([RadosLockHolder]) -> Void = { _ in })
         throws(ControlFailure) -> (store: Store, location: RadosStoreLocation, fenced: [String]) {
@@ -94,6 +95,11 @@ final class ServedFamilies: ExportProvider, ControlRequestHandler, Sendable {
         let result = try openRadosStore(location, options: opening.options, create: false, ownership: ownership,
                                         lockDurationSeconds: opening.lockDurationSeconds, logger: logger,
                                         onLockLost: { reason in onLockLost(namespace, reason) }, whileWaiting: whileWaiting)
+        if !result.fenced.isEmpty {
+            logger.warning("fenced the previous owner (blocklisted in the cluster): it did not hand the family over",
+                           metadata: ["store": "\(location)", "blocklisted": "\(result.fenced.joined(separator: ", "))"])
+        }
+        for warning in result.store.recoveryWarnings { logger.warning("\(warning)", metadata: ["store": "\(location)"]) }
         return (result.store, location, result.fenced)
     }
 
@@ -349,16 +355,11 @@ final class ServedFamilies: ExportProvider, ControlRequestHandler, Sendable {
                 try? family.store.close()   // hands the lock back
                 throw error
             }
-            for warning in family.store.recoveryWarnings { logger.warning("\(warning)", metadata: ["family": "\(namespace)"]) }
             let addresses = state.withLock { state -> [String] in
                 state.families.append(family)
                 return state.status?.nbdAddresses ?? []
             }
             return (family, fenced, addresses)
-        }
-        if !fenced.isEmpty {
-            logger.warning("fenced the previous owner of the family (blocklisted in the cluster): it did not hand it over",
-                           metadata: ["family": "\(namespace)", "blocklisted": "\(fenced.joined(separator: ", "))"])
         }
         let exports = family.store.list().map { $0.name }
         logger.notice("took the family over", metadata: ["family": "\(namespace)", "exports": "\(exports.joined(separator: ", "))",
