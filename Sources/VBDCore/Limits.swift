@@ -23,10 +23,14 @@ public enum Limits {
     public static let journalBytesCheckpoint: UInt64 = 256 << 20
     /// Default byte budget of the metadata page cache (`serve --metadata-cache`).
     public static let metadataCacheBytesDefault = 256 << 20
-    /// Changed metadata pages that start a commit whatever the cache's size: the part of a
-    /// commit done under the store lock visits each changed page, so this bounds the stall a
-    /// commit causes (Benchmarks/README.md, "Issue 15").
+    /// Changed metadata pages that start a commit whatever the cache's size: a commit's freeze
+    /// visits each changed page, and changes wait for all of it (readers only for one step of
+    /// `commitFreezeStepPages`), so this bounds what a commit costs writers (Benchmarks/README.md,
+    /// "Issue 15").
     public static let commitDirtyPagesMax = 4096
+    /// Changed pages a commit freezes per hold of the store lock: about 0.5 ms here at 32 M
+    /// chunks (Benchmarks/README.md, issue 15, eighth round).
+    public static let commitFreezeStepPages = 512
     /// Shortest run of freed data-file pages a flush hole-punches. Scattered frees (overwrites)
     /// stay allocated: a new chunk written there lands on a page the page cache still holds,
     /// where a punched page costs a fresh, zeroed page and a block allocation on the next write

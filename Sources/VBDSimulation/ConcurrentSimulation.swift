@@ -85,6 +85,9 @@ public final class ConcurrentSimulation: @unchecked Sendable {
         // Writers start commits once this many pages changed; from the seed, not the generator,
         // so that the seeds recorded before this option keep their interleavings.
         options.commitDirtyPagesMax = 8 << Int(seed % 7)
+        // Commits freeze a few pages per hold of the store lock, so that readers (and changes
+        // that must wait) come between the steps.
+        options.commitFreezeStepPages = 1 + Int(seed / 7 % 8)
         // Every freed page is punched at once: the punch and its races stay in every run.
         options.holePunchRunBytesMin = 4096
         options.unpunchedFreeBytesMax = 0

@@ -154,6 +154,9 @@ public final class Simulation {
         options.checkpointJournalBytes = UInt64(1024 << rng.below(7))
         // Writers start commits once this many pages changed (from the seed: see ConcurrentSimulation).
         options.commitDirtyPagesMax = 8 << Int(seed % 7)
+        // Commits freeze a few pages per hold of the store lock, so that readers (and changes
+        // that must wait) come between the steps.
+        options.commitFreezeStepPages = 1 + Int(seed / 7 % 8)
         // Every freed page is punched at once: the punch and its races stay in every run.
         options.holePunchRunBytesMin = 4096
         options.unpunchedFreeBytesMax = 0

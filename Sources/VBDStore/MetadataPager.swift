@@ -29,9 +29,11 @@ import VBDCore
 // committed state still points at it. Page-table and directory pages are `structural`: never
 // counted, never freed.
 //
-// Commits. `beginCommit` (store lock held) gives every dirty page its new version, freezes the
-// page objects (an object being written is never modified: a writer asking for it gets a copy)
-// and returns the batch; `writeCommit` encodes and writes the batch without the lock; the caller
+// Commits. `startCommit` and then `continueFreeze` (store lock held, in steps the store may let
+// go of the lock between: readers run meanwhile, changes wait) give every dirty page its new
+// version, freeze the page objects (an object being written is never modified: a writer asking
+// for it gets a copy) and return the batch; `writeCommit` encodes and writes the batch without
+// the lock; the caller
 // syncs `meta` and writes the superblock; `finishCommit` (lock held) thaws the objects and makes
 // the pages freed before the commit reusable. Readers and writers of other pages run while a
 // commit writes.
@@ -324,7 +326,7 @@ struct CommitPage {
     var previousVersion: PageVersion
 }
 
-/// What `beginCommit` hands to `writeCommit` and `finishCommit`.
+/// What `continueFreeze` (or `beginCommit`) hands to `writeCommit` and `finishCommit`.
 struct CommitBatch {
     var generation: UInt64
     /// In no particular order (`writeCommit` sorts them, outside the store lock).
@@ -369,7 +371,7 @@ final class MetadataPager {
     private var clock: [PageNumber] = []
     private var clockHand = 0
     private(set) var residentBytes = 0
-    /// Pages whose count reached 0 since the last `beginCommit`: free once the next commit is durable.
+    /// Pages whose count reached 0 since the last commit began: free once the next commit is durable.
     private var pendingFree: [PageNumber] = []
     /// Pages freed before the commit in progress: free once it is durable.
     private var freeingWithCommit: [PageNumber] = []
@@ -431,7 +433,7 @@ final class MetadataPager {
         if let frame = frames.removeValue(forKey: page) {
             residentBytes -= frame.chargedBytes
             if frame.dirty { dirtyFrames -= 1 }
-            frame.dirty = false   // gone: `beginCommit` skips its `dirtiedPages` entry
+            frame.dirty = false   // gone: the freeze skips its `dirtiedPages` entry
         }
     }
 
@@ -449,7 +451,7 @@ final class MetadataPager {
     private(set) var dirtyFrames = 0
     /// Every page that became dirty since the last commit began, so that a commit visits only
     /// those (never the whole cache) under the store lock. May hold pages since dropped or
-    /// cleaned, and a page more than once: `beginCommit` checks each against its frame.
+    /// cleaned, and a page more than once: the freeze checks each against its frame.
     private var dirtiedPages: [(page: PageNumber, frame: Frame)] = []
     private var trimFloor = 0
     /// Frames `trim` has visited since it last evicted one (across calls).
@@ -573,7 +575,8 @@ final class MetadataPager {
 
     /// A content page, for changing: marked dirty (a copy if a commit is writing the cached object).
     func writable<T: MetadataPageObject>(_ page: PageNumber, as type: T.Type) throws -> T {
-        makeWritable(page, try contentFrame(page, as: type).frame, as: type)
+        assertNotFreezing("a change")
+        return makeWritable(page, try contentFrame(page, as: type).frame, as: type)
     }
 
     private func contentFrame<T: MetadataPageObject>(_ page: PageNumber, as type: T.Type) throws -> (frame: Frame, object: T) {
@@ -709,6 +712,7 @@ final class MetadataPager {
 
     /// Sets a page's count directly: only tests of saturation use it.
     func overrideRefcount(_ page: PageNumber, _ count: UInt32) throws {
+        assertNotFreezing("a count override")
         try updateEntry(page) { $0.refcount = count }
     }
 
@@ -716,6 +720,7 @@ final class MetadataPager {
 
     /// A new page holding `object`, with reference count 1, dirty.
     func allocate<T: MetadataPageObject>(_ object: T) throws -> PageNumber {
+        assertNotFreezing("an allocation")
         let page = try takeFreePage()
         precondition(frames[page] == nil, "free \(page) is still cached")
         try updateEntry(page) { e in
@@ -727,6 +732,7 @@ final class MetadataPager {
     }
 
     func retain(_ page: PageNumber) throws {
+        assertNotFreezing("a retain")
         try updateEntry(page) { e in
             guard !e.isFree, !e.isStructural else {
                 throw StoreError.corrupted("retain of \(e.isFree ? "free" : "structural") \(page)")
@@ -741,6 +747,7 @@ final class MetadataPager {
     /// commit is durable, and its cached object is gone.
     @discardableResult
     func release(_ page: PageNumber) throws -> Bool {
+        assertNotFreezing("a release")
         var freed = false
         try updateEntry(page) { e in
             guard !e.isFree, !e.isStructural else {
@@ -834,74 +841,172 @@ final class MetadataPager {
 
     // MARK: Commits
 
-    /// With the store lock held: gives every changed page its new version (the slot that does
-    /// not hold its committed one), freezes the objects and returns what to write. Nothing may
-    /// change a frozen object; `writable` hands out copies until `finishCommit`.
+    /// A commit's freeze, taken in steps (`continueFreeze`) so that the store can let go of its
+    /// lock between them and readers are not held for the whole of it. Nothing may change a page
+    /// until the batch is whole: the store makes changes wait (`freezing`), and the mutators
+    /// (`writable`, `allocate`, `retain`, `release`) refuse to run meanwhile.
+    private struct Freeze {
+        var generation: UInt64
+        var previousRootVersion: PageVersion
+        /// The pages dirtied since the last commit began, in the order they became dirty.
+        var listed: [(page: PageNumber, frame: Frame)]
+        /// The next entry of `listed` to take.
+        var nextListed = 0
+        var pages: [CommitPage]
+        /// Page-table pages made writable so far, by their first page: one lookup per page
+        /// instead of a walk from the root.
+        var tables: [UInt64: PageTablePage] = [:]
+        /// The structural pages' walk, bottom-up from the root: the dirty directories being
+        /// visited (deepest last), each with the next child to look at.
+        var walk: [(page: PageNumber, level: Int, nextChild: Int)] = []
+        var walkStarted = false
+    }
+    private var freeze: Freeze?
+
+    /// True from `startCommit` until `continueFreeze` returns the batch.
+    var freezing: Bool { freeze != nil }
+
+    private func assertNotFreezing(_ what: StaticString) {
+        precondition(freeze == nil, "\(what) of a metadata page while a commit freezes its pages")
+    }
+
+    /// With the store lock held: the whole freeze in one hold (a new store's first commit, tests).
     func beginCommit(generation: UInt64? = nil) throws -> CommitBatch {
+        startCommit(generation: generation)
+        while true {
+            if let batch = try continueFreeze(stepsMax: .max) { return batch }
+        }
+    }
+
+    /// With the store lock held: starts a commit of every page changed since the last one began.
+    /// Takes no time per page; `continueFreeze` does that work. Until it returns the batch, no
+    /// page may change (readers may run between its steps).
+    func startCommit(generation: UInt64? = nil) {
         precondition(!commitInProgress, "one commit at a time")
         let generation = max(generation ?? nextGeneration, nextGeneration)
-        let previousRootVersion = root.version
-        // Everything here runs under the store lock and visits each changed page: no sorting,
-        // hashing or lookups per page that can wait for `writeCommit` (outside the lock).
         var pages: [CommitPage] = []
         pages.reserveCapacity(dirtyFrames + 16)
-        // Content pages first: their new versions go into page-table entries, which dirties
-        // page-table pages; then the structural pages, bottom-up from the root. A frame is listed
-        // once per turn from clean to dirty, and one taken (or dropped) is no longer dirty, so
-        // each is taken once.
-        let fanout = UInt64(PageTable.fanout)
-        // Page-table pages made writable so far, by their first page: one lookup per page here
-        // instead of a walk from the root.
-        var tables: [UInt64: PageTablePage] = [:]
-        let listed = dirtiedPages
-        dirtiedPages = []   // what the loop dirties (page-table pages) is found by the walk below
-        for (page, frame) in listed where frame.dirty && !frame.kind.isStructural {
-            let first = page.rawValue / fanout * fanout
-            let entries: PageTablePage
-            if let known = tables[first] {
-                entries = known
-            } else {
-                do { entries = try tableLocation(page, writable: true).0 } catch {
-                    dirtiedPages = listed + dirtiedPages   // a damaged page table: keep every change listed
-                    throw error
-                }
-                tables[first] = entries
-            }
-            let i = Int(page.rawValue - first)
-            let previous = entries.entries[i].version
-            let version = previous.next(generation: generation)
-            entries.entries[i].version = version
-            pages.append(CommitPage(page: page, kind: frame.kind, version: version, object: frame.object,
-                                    frame: frame, previousVersion: previous))
-            frame.dirty = false
-            frame.frozen = true
-            recharge(frame)   // its final size: changes since it was charged are in it now
+        freeze = Freeze(generation: generation, previousRootVersion: root.version, listed: dirtiedPages, pages: pages)
+        // What the freeze itself dirties (page-table pages) is found by the structural walk.
+        dirtiedPages = []
+        commitInProgress = true
+        // Leaves `PagedArray` kept writable belong to the old generation from here on.
+        nextGeneration = generation + 1
+    }
+
+    /// With the store lock held: gives up to about `stepsMax` changed pages their new version
+    /// (the slot that does not hold the committed one) and freezes their objects (an object being
+    /// written is never modified: `writable` hands out copies until `finishCommit`). Returns the
+    /// batch to write once every changed page is in it, nil while there is more to do. On a
+    /// failure (a damaged page table) the commit is undone and every change stays listed.
+    func continueFreeze(stepsMax: Int) throws -> CommitBatch? {
+        guard var f = freeze else { preconditionFailure("continueFreeze without startCommit") }
+        freeze = nil
+        do {
+            let done = try freezeSteps(&f, stepsMax: stepsMax)
+            guard done else { freeze = f; return nil }
+        } catch {
+            abandonFreeze(f)
+            throw error
         }
-        func commitStructural(_ page: PageNumber, version: PageVersion, level: Int) -> PageVersion {
-            guard let frame = frames[page], frame.dirty else { return version }
-            if level > 1 {
-                let directory = frame.object as! PageDirectoryPage
-                for i in 0..<directory.children.count where directory.children[i].page != .none {
-                    let c = directory.children[i]
-                    directory.children[i].version = commitStructural(c.page, version: c.version, level: level - 1)
-                }
-            }
-            let next = version.next(generation: generation)
-            pages.append(CommitPage(page: page, kind: frame.kind, version: next, object: frame.object,
-                                    frame: frame, previousVersion: version))
-            frame.dirty = false
-            frame.frozen = true
-            recharge(frame)
-            return next
-        }
-        root.version = commitStructural(root.page, version: root.version, level: root.levels)
         dirtyFrames = 0
         dirtiedPages = []
         freeingWithCommit = pendingFree
         pendingFree = []
-        commitInProgress = true
-        nextGeneration = generation + 1
-        return CommitBatch(generation: generation, pages: pages, root: root, previousRootVersion: previousRootVersion)
+        return CommitBatch(generation: f.generation, pages: f.pages, root: root, previousRootVersion: f.previousRootVersion)
+    }
+
+    /// Freezes `frame`, listed in the batch as `page` at `version`.
+    private func take(_ page: PageNumber, _ frame: Frame, version: PageVersion, previous: PageVersion, into f: inout Freeze) {
+        f.pages.append(CommitPage(page: page, kind: frame.kind, version: version, object: frame.object,
+                                  frame: frame, previousVersion: previous))
+        frame.dirty = false
+        dirtyFrames -= 1
+        frame.frozen = true
+        recharge(frame)   // its final size: changes since it was charged are in it now
+    }
+
+    /// Content pages first: their new versions go into page-table entries, which dirties
+    /// page-table pages; then the structural pages, bottom-up from the root. A frame is listed
+    /// once per turn from clean to dirty, and one taken (or dropped) is no longer dirty, so each
+    /// is taken once. True when the batch is whole.
+    private func freezeSteps(_ f: inout Freeze, stepsMax: Int) throws -> Bool {
+        var steps = 0
+        let fanout = UInt64(PageTable.fanout)
+        while f.nextListed < f.listed.count {
+            if steps >= stepsMax { return false }
+            let (page, frame) = f.listed[f.nextListed]
+            f.nextListed += 1
+            guard frame.dirty && !frame.kind.isStructural else { continue }
+            steps += 1
+            let first = page.rawValue / fanout * fanout
+            let entries: PageTablePage
+            if let known = f.tables[first] {
+                entries = known
+            } else {
+                entries = try tableLocation(page, writable: true).0
+                f.tables[first] = entries
+            }
+            let i = Int(page.rawValue - first)
+            let previous = entries.entries[i].version
+            let version = previous.next(generation: f.generation)
+            entries.entries[i].version = version
+            take(page, frame, version: version, previous: previous, into: &f)
+        }
+        if !f.walkStarted {
+            f.walkStarted = true
+            f.tables = [:]
+            guard let frame = frames[root.page], frame.dirty else { return true }
+            if root.levels == 1 {
+                let next = root.version.next(generation: f.generation)
+                take(root.page, frame, version: next, previous: root.version, into: &f)
+                root.version = next
+                return true
+            }
+            f.walk = [(root.page, root.levels, 0)]
+        }
+        // A directory is taken after its dirty children, whose new versions it records.
+        while let (page, level, nextChild) = f.walk.last {
+            if steps >= stepsMax { return false }
+            steps += 1
+            let directory = frames[page]!.object as! PageDirectoryPage
+            if nextChild < directory.children.count {
+                f.walk[f.walk.count - 1].nextChild += 1
+                let child = directory.children[nextChild]
+                guard child.page != .none, let childFrame = frames[child.page], childFrame.dirty else { continue }
+                if level - 1 > 1 {
+                    f.walk.append((child.page, level - 1, 0))
+                } else {
+                    let next = child.version.next(generation: f.generation)
+                    take(child.page, childFrame, version: next, previous: child.version, into: &f)
+                    directory.children[nextChild].version = next
+                }
+                continue
+            }
+            f.walk.removeLast()
+            let previous: PageVersion
+            if let parent = f.walk.last {
+                previous = (frames[parent.page]!.object as! PageDirectoryPage).children[parent.nextChild - 1].version
+            } else {
+                previous = root.version
+            }
+            let next = previous.next(generation: f.generation)
+            take(page, frames[page]!, version: next, previous: previous, into: &f)
+            if let parent = f.walk.last {
+                (frames[parent.page]!.object as! PageDirectoryPage).children[parent.nextChild - 1].version = next
+            } else {
+                root.version = next
+            }
+        }
+        return true
+    }
+
+    /// Undoes a freeze that failed part of the way: the pages it took get their versions back
+    /// and are dirty again, and the ones it had not reached yet stay listed.
+    private func abandonFreeze(_ f: Freeze) {
+        abandonCommit(CommitBatch(generation: f.generation, pages: f.pages, root: root,
+                                  previousRootVersion: f.previousRootVersion), revert: true)
+        for entry in f.listed[f.nextListed...] where entry.frame.dirty { dirtiedPages.append(entry) }
     }
 
     /// Without the store lock: encodes and writes the batch's pages into their slots. The caller

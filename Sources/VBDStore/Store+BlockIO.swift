@@ -473,12 +473,12 @@ extension Store {
     /// the write is not block-aligned (a read-modify-write may read the disk) or larger than
     /// ``writeWithoutBlockingBytesMax``, or the request is invalid (the ordinary write then reports
     /// the error). Saves an event loop the hop to an I/O thread and back, which cost more CPU than
-    /// the write itself (Benchmarks/README.md). Three waits remain possible: the page-cache writes
+    /// the write itself (Benchmarks/README.md). Four waits remain possible: the page-cache writes
     /// (of the data and of the journal frame) on the kernel's dirty-page throttling, which every
     /// writer of the file shares; `journalMutex`, held by another writer appending (its frame may
     /// carry this write's records too), a flush writing its marker or a commit writing its seal;
-    /// and the read of a dedup candidate that is not in the cache (verified byte for byte under
-    /// the lock, like any write).
+    /// a commit freezing its changed pages (`lockForChange`); and the read of a dedup candidate
+    /// that is not in the cache (verified byte for byte under the lock, like any write).
     func writeWithoutBlocking(image id: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws(BlockDeviceError) -> Bool {
         let length = UInt64(data.count)
         guard length > 0, data.count <= Self.writeWithoutBlockingBytesMax,
@@ -566,7 +566,7 @@ extension Store {
         }
         // D: reserve numbers and sectors.
         if misses > 0 {
-            let reserved: Bool = try mutex.withLock { () throws(BlockDeviceError) -> Bool in
+            let reserved: Bool = try withLockForChange { () throws(BlockDeviceError) -> Bool in
                 var ok = true
                 for i in blocks.indices where !blocks[i].isZero && blocks[i].chunk == 0 {
                     let sectors = blocks[i].sectorCount
@@ -595,7 +595,7 @@ extension Store {
             do {
                 try writeNewChunks(&blocks, group: view.group)
             } catch {
-                mutex.withLock { releaseReservationsLocked(blocks, group: view.group) }
+                withLockForChange { releaseReservationsLocked(blocks, group: view.group) }
                 throw error == .noSpace ? .noSpace : .io("writing block data: \(error)")
             }
         }
@@ -832,7 +832,7 @@ extension Store {
             let endWhole = alignedEnd / bs
             while batchStart < endWhole {
                 let batchEnd = min(endWhole, batchStart + Self.blocksPerLockHold)
-                try mutex.withLock { () throws(BlockDeviceError) in
+                try withLockForChange { () throws(BlockDeviceError) in
                     guard images[id] != nil else { throw .gone("\(view.name) was deleted") }
                     do {
                         if punch {

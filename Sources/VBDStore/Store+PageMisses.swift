@@ -21,6 +21,29 @@ enum PageLoadingOutcome<T> {
 }
 
 extension Store {
+    /// Takes `mutex` for a change of metadata. While a commit freezes its pages in steps
+    /// (`pager.freezing`, see `checkpoint`) nothing may change them: the change lets go of the
+    /// lock and waits for `commitGate`, which the commit holds until the freeze is whole. The
+    /// caller must hold none of `flushMutex`, `journalMutex` and `commitGate`, or know that no
+    /// freeze can be under way (one holding them excludes the commit).
+    func lockForChange(file: StaticString = #fileID, line: UInt = #line) {
+        while true {
+            mutex.lock(file: file, line: line)
+            if !pager.freezing { return }
+            mutex.unlock()
+            commitGate.lock()
+            commitGate.unlock()
+        }
+    }
+
+    /// `body` under `mutex`, taken by `lockForChange`.
+    func withLockForChange<T, E: Error>(file: StaticString = #fileID, line: UInt = #line,
+                                        _ body: () throws(E) -> T) throws(E) -> T {
+        lockForChange(file: file, line: line)
+        defer { mutex.unlock() }
+        return try body()
+    }
+
     /// Probe rounds per operation: a map path, a chunk record and a dedup bucket chain are each a
     /// few pages deep.
     static let pageProbeRoundsMax = 4
@@ -46,7 +69,7 @@ extension Store {
                                                 _ step: () throws(E) -> T) throws(E) -> T {
         var loaded: [(PageMiss, any MetadataPageObject)] = []
         for round in 0...Self.pageProbeRoundsMax {
-            let outcome = try mutex.withLock(file: file, line: line) { () throws(E) -> PageLoadingOutcome<T> in
+            let outcome = try withLockForChange(file: file, line: line) { () throws(E) -> PageLoadingOutcome<T> in
                 for (miss, object) in loaded { pager.adopt(miss, object) }
                 if round < Self.pageProbeRoundsMax, probingAlways || pageProbeWanted.load(ordering: .relaxed) {
                     pager.missesThrow = true

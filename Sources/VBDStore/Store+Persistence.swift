@@ -624,10 +624,21 @@ extension Store {
             let prepared: PreparedCommit
             do {
                 // The seal frame and the switch of journals are appends: `journalMutex` first.
+                // The changed pages are frozen in steps of the store lock, with `commitGate`
+                // held throughout: readers run between the steps, changes wait for the last.
                 prepared = try journalMutex.withLock {
-                    try mutex.withLock {
-                        if let poisoned { throw StoreError.io("store is read-only: \(poisoned)") }
-                        return try prepareCommitLocked(journal: journal, generation: newGeneration)
+                    try commitGate.withLock { () throws -> PreparedCommit in
+                        let started = try mutex.withLock { () throws -> StartedCommit in
+                            if let poisoned { throw StoreError.io("store is read-only: \(poisoned)") }
+                            return try startCommitLocked(generation: newGeneration)
+                        }
+                        while true {
+                            let prepared = try mutex.withLock { () throws -> PreparedCommit? in
+                                guard let batch = try continueFreezeLocked(started, stepsMax: options.commitFreezeStepPages) else { return nil }
+                                return finishPreparingCommitLocked(started, batch: batch, journal: journal)
+                            }
+                            if let prepared { return prepared }
+                        }
                     }
                 }
             } catch {
@@ -717,8 +728,6 @@ extension Store {
         var wroteNothingDurable: Bool
     }
 
-    /// With `mutex` (and `flushMutex`) held: seals the journal, opens the next one and freezes
-    /// the changed pages. A failure leaves the store as it was (and writable, unless a sync failed).
     /// The generation the next commit writes. Normally the next number, whose superblock slot is
     /// the previous generation's. After a fallback, or a crash in the middle of a commit, the slot
     /// of the generation recovery started from is the only way back until this commit is durable:
@@ -754,11 +763,28 @@ extension Store {
         }
     }
 
-    /// With `mutex` (and `flushMutex`) held: seals the journal (a write; `writePreparedCommit`
-    /// syncs it), switches to `journal`, and freezes the changed pages. A failure leaves the store
-    /// as it was and writable.
+    /// What the first step of a commit took, for the steps that follow it.
+    struct StartedCommit {
+        var generation: UInt64
+        var keepFrom: UInt64
+        var frees: DeferredFrees
+    }
+
+    /// The whole preparation of a commit in one hold of `mutex` (a new store's first commit).
     func prepareCommitLocked(journal: any StorageFile, generation newGeneration: UInt64) throws -> PreparedCommit {
-        mutex.assertOwned("prepareCommitLocked")
+        let started = try startCommitLocked(generation: newGeneration)
+        guard let batch = try continueFreezeLocked(started, stepsMax: .max) else {
+            preconditionFailure("a freeze without a bound on its step ends in one")
+        }
+        return finishPreparingCommitLocked(started, batch: batch, journal: journal)
+    }
+
+    /// With `mutex` (and `flushMutex`, `journalMutex`) held: stores the image table, takes the
+    /// deferred frees, appends the seal frame (a write; `writePreparedCommit` syncs it) and
+    /// starts the freeze of the changed pages (`MetadataPager.startCommit`, no work per page). A
+    /// failure leaves the store as it was and writable.
+    func startCommitLocked(generation newGeneration: UInt64) throws -> StartedCommit {
+        mutex.assertOwned("startCommitLocked")
         if options.readOnly { throw StoreError.io("the store was opened read-only") }
         precondition(newGeneration == nextCommitGeneration, "the commit's generation changed under flushMutex")
         let keepFrom = fallbackRoot ?? generation
@@ -777,36 +803,53 @@ extension Store {
             // name and the frame itself are synced after the lock is released, before any page.
             try appendFrameLocked([.sealed(nextGeneration: newGeneration)], step: &step, sync: false, marked: false)
             mutex.traceStep("seal-frame")
-            let batch: CommitBatch
-            do { batch = try pager.beginCommit(generation: newGeneration) } catch {
-                throw StorageError.io("\(error)")
-            }
-            mutex.traceStep("begin-commit")
-            // The seal frame is not covered yet: its chunks are synced after the lock is released,
-            // and only then may a marker say so (`writePreparedCommit`).
-            let sealMarker = JournalFrame.encode(generation: generation, sequence: journalSequence,
-                                                 payload: encoded(markerRecord(durableBelow: journalSequence)))
-            let sealDistrustMarker = JournalFrame.encode(generation: generation, sequence: journalSequence,
-                                                         payload: encoded(markerRecord(durableBelow: 0, epoch: "")))
-            let sealMarkerOffset = journalEnd
-            let sealed = journalFile
-            journalFile = journal
-            generation = newGeneration
-            let first = UInt64(firstMarkerFrame(generation: newGeneration).count)
-            journalSequence = 1
-            journalEnd = first
-            journalCoveredEnd = first
-            return PreparedCommit(generation: newGeneration, batch: batch,
-                                  superblock: encodeSuperblock(generation: newGeneration, pageTable: batch.root),
-                                  keepFrom: keepFrom, frees: frees, sealedJournal: sealed,
-                                  sealMarker: sealMarker, sealMarkerOffset: sealMarkerOffset,
-                                  sealDistrustMarker: sealDistrustMarker)
         } catch {
             let e: StorageError = error
             restoreDeferredFreesLocked(frees)
             if e == .noSpace { throw StoreError.noSpace }
             throw StoreError.io("checkpoint failed at \(step): \(e)")
         }
+        pager.startCommit(generation: newGeneration)
+        return StartedCommit(generation: newGeneration, keepFrom: keepFrom, frees: frees)
+    }
+
+    /// With `mutex` held: one step of the freeze (`MetadataPager.continueFreeze`); the batch once
+    /// it is whole. A failure undoes the freeze and puts the frees back.
+    func continueFreezeLocked(_ started: StartedCommit, stepsMax: Int) throws -> CommitBatch? {
+        mutex.assertOwned("continueFreezeLocked")
+        do {
+            let batch = try pager.continueFreeze(stepsMax: stepsMax)
+            mutex.traceStep("freeze-step")
+            return batch
+        } catch {
+            restoreDeferredFreesLocked(started.frees)
+            throw StoreError.io("checkpoint failed freezing the changed pages: \(error)")
+        }
+    }
+
+    /// With `mutex` held, once the freeze is whole: switches to `journal` and encodes the
+    /// superblock that will name the batch's root.
+    func finishPreparingCommitLocked(_ started: StartedCommit, batch: CommitBatch, journal: any StorageFile) -> PreparedCommit {
+        mutex.assertOwned("finishPreparingCommitLocked")
+        // The seal frame is not covered yet: its chunks are synced after the lock is released,
+        // and only then may a marker say so (`writePreparedCommit`).
+        let sealMarker = JournalFrame.encode(generation: generation, sequence: journalSequence,
+                                             payload: encoded(markerRecord(durableBelow: journalSequence)))
+        let sealDistrustMarker = JournalFrame.encode(generation: generation, sequence: journalSequence,
+                                                     payload: encoded(markerRecord(durableBelow: 0, epoch: "")))
+        let sealMarkerOffset = journalEnd
+        let sealed = journalFile
+        journalFile = journal
+        generation = started.generation
+        let first = UInt64(firstMarkerFrame(generation: started.generation).count)
+        journalSequence = 1
+        journalEnd = first
+        journalCoveredEnd = first
+        return PreparedCommit(generation: started.generation, batch: batch,
+                              superblock: encodeSuperblock(generation: started.generation, pageTable: batch.root),
+                              keepFrom: started.keepFrom, frees: started.frees, sealedJournal: sealed,
+                              sealMarker: sealMarker, sealMarkerOffset: sealMarkerOffset,
+                              sealDistrustMarker: sealDistrustMarker)
     }
 
     /// Extends `meta` with zeroes (not a hole) to hold both slots of `pages` pages, by at least an

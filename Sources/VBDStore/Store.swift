@@ -54,6 +54,13 @@ import VBDCache
 //                      writer checks the poison at the start of its hold, also when another
 //                      frame carried its records: no frame is written after the poison, and
 //                      no write is acknowledged after it.
+//   2b. commitGate     (StoreMutex) held by a commit (with `flushMutex` and `journalMutex`) from
+//                      the start of its freeze to its end, which takes `mutex` in steps so that
+//                      readers run in between. Nothing may change metadata meanwhile: a change
+//                      takes `mutex` through `lockForChange`, which, finding the freeze under way
+//                      (`pager.freezing`), lets go and waits here. Only a thread holding none of
+//                      the locks above waits here (`pager.freezing` is false while another holds
+//                      `flushMutex`, `journalMutex` or the gate itself).
 //   3. mutex           (StoreMutex) all metadata: `pager` (its cache and page table), images
 //                      and their maps, `chunks` (entries, free numbers, generations), `index`,
 //                      `sectorMap`, `spaceSummary`, `space` (including pages reserved while being punched), `chunkFreesDeferred`,
@@ -88,6 +95,9 @@ public final class Store: @unchecked Sendable {
         public var metadataCacheBytes: Int = Limits.metadataCacheBytesDefault
         /// Changed metadata pages that start a commit even when the cache has room for more.
         public var commitDirtyPagesMax: Int = Limits.commitDirtyPagesMax
+        /// Pages a commit freezes per hold of the store lock (`MetadataPager.continueFreeze`):
+        /// what a reader may wait for behind a commit, whatever the commit's size.
+        public var commitFreezeStepPages: Int = Limits.commitFreezeStepPages
         /// Journal bytes no flush covers yet (queued, or journaled but not synced) that trigger an
         /// implicit flush.
         public var pendingJournalBytesMax: Int = Limits.pendingJournalBytesMax
@@ -135,6 +145,9 @@ public final class Store: @unchecked Sendable {
     let mutex: StoreMutex
     let flushMutex: StoreMutex
     let journalMutex: StoreMutex
+    /// Held by a commit while it freezes its changed pages in steps (`checkpoint`); a change
+    /// that finds the freeze under way waits for it here (`lockForChange`).
+    let commitGate: StoreMutex
     /// Records are written to the journal before a write is acknowledged (Journal.swift): where
     /// unsynced writes outlive the process, and the store is writable.
     let journalsWrites: Bool
@@ -267,6 +280,7 @@ public final class Store: @unchecked Sendable {
         mutex = StoreMutex(scheduler: options.interleaving, traced: true)
         flushMutex = StoreMutex(scheduler: options.interleaving)
         journalMutex = StoreMutex(scheduler: options.interleaving)
+        commitGate = StoreMutex(scheduler: options.interleaving)
         spaceReserveMutex = StoreMutex(scheduler: options.interleaving)
         unsyncedWritesEpoch = directory.unsyncedWritesEpoch
         chunksInDataFile = options.chunkStorage?.placesAreDataFileSectors ?? true

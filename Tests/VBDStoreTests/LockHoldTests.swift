@@ -59,4 +59,26 @@ final class LockHoldCounter: InterleavingScheduler, @unchecked Sendable {
         ]
         #expect(extents == expected)
     }
+
+    /// Issue 15: a commit freezes its changed pages `commitFreezeStepPages` at a time and lets go
+    /// of the store lock between the steps, so a reader waits for one step, not the whole commit.
+    @Test func aCommitFreezesItsChangedPagesInManyHoldsOfTheLock() throws {
+        let counter = LockHoldCounter()
+        var options = Store.Options()
+        options.interleaving = counter
+        options.pendingJournalBytesMax = 64 << 20
+        options.commitDirtyPagesMax = 1 << 20   // no commit before the one measured
+        options.commitFreezeStepPages = 4
+        let store = try Store(directory: SimulatedDisk(seed: 5).directory(), options: options, create: true)
+        _ = try store.createVolume(name: "v", size: 64 << 20, blockSize: 4096)
+        let v = try store.device(named: "v")
+        var g = SplitMix64(seed: 5)
+        for k: UInt64 in 0..<3000 { try v.write(block(seed: k), at: g.next() % 16_384 * 4096) }
+        let dirty = store.mutex.withLock { store.pager.dirtyFrames }
+        #expect(dirty >= 64)
+        counter.reset()
+        try store.checkpoint()
+        #expect(counter.holds >= dirty / 4, "\(counter.holds) lock holds for \(dirty) changed pages")
+        #expect(store.mutex.withLock { store.pager.dirtyFrames } == 0)
+    }
 }

@@ -117,6 +117,94 @@ private func blob(_ seed: UInt64, _ n: Int = 100) -> [UInt8] {
         }
     }
 
+    /// A commit frozen a few pages per step, with reads between the steps (pages evicted and read
+    /// back from their slots), gives every page the version one hold would, and what it writes
+    /// reads back after a reopen.
+    @Test(arguments: [1, 3, 40])
+    func aFreezeInStepsWithReadsBetweenThemCommitsWhatOneHoldWould(stepsMax: Int) throws {
+        for seed in 0..<4 as Range<UInt64> {
+            // A small cache: reads between the steps load clean pages from their slots.
+            let oneHold = try PagerHarness(seed: seed, budget: 96 << 10)
+            let inSteps = try PagerHarness(seed: seed, budget: 96 << 10)
+            var expected: [PageNumber: [UInt8]] = [:]
+            func change(_ h: PagerHarness, record: Bool) throws {
+                var g = SplitMix64(seed: seed &* 31 &+ 7)
+                var pages: [PageNumber] = []
+                for k in 0..<600 as Range<UInt64> {
+                    let bytes = blob(seed &* 1000 &+ k)
+                    let page = try h.pager.allocate(BlobPage(bytes: bytes))
+                    pages.append(page)
+                    if record { expected[page] = bytes }
+                }
+                try h.commit()
+                for page in pages where g.next() % 3 == 0 {
+                    let bytes = blob(g.next(), 200)
+                    try h.pager.writable(page, as: BlobPage.self).bytes = bytes
+                    if record { expected[page] = bytes }
+                }
+                for page in pages where g.next() % 7 == 0 {
+                    try h.pager.release(page)
+                    if record { expected[page] = nil }
+                }
+                for k in 0..<300 as Range<UInt64> {
+                    let bytes = blob(k &+ 5000)
+                    let page = try h.pager.allocate(BlobPage(bytes: bytes))
+                    if record { expected[page] = bytes }
+                }
+                h.pager.trim()
+            }
+            try change(oneHold, record: true)
+            try change(inSteps, record: false)
+            #expect(oneHold.pager.root.levels == 2)
+            let whole = try oneHold.pager.beginCommit()
+            inSteps.pager.startCommit()
+            var g = SplitMix64(seed: seed)
+            let live = Array(expected.keys)
+            var steps = 0
+            var stepped: CommitBatch?
+            while stepped == nil {
+                stepped = try inSteps.pager.continueFreeze(stepsMax: stepsMax)
+                steps += 1
+                #expect(inSteps.pager.freezing == (stepped == nil))
+                for _ in 0..<3 {
+                    let page = live[Int(g.next() % UInt64(live.count))]
+                    #expect(try inSteps.pager.read(page, as: BlobPage.self).bytes == expected[page], "seed \(seed) \(page)")
+                }
+                inSteps.pager.trim()
+            }
+            let batch = try #require(stepped)
+            #expect(steps > whole.pages.count / (stepsMax * 2), "\(steps) steps for \(whole.pages.count) pages")
+            #expect(batch.root == whole.root)
+            let versions = { (b: CommitBatch) in Dictionary(uniqueKeysWithValues: b.pages.map { ($0.page, $0.version) }) }
+            #expect(versions(batch) == versions(whole))
+            for h in [oneHold, inSteps] {
+                let b = h === oneHold ? whole : batch
+                try MetadataPager.writeCommit(b, to: h.file)
+                try h.file.sync()
+                h.committedRoot = b.root
+                h.committedGeneration = b.generation
+                h.pager.finishCommit(b)
+                try h.crashAndReopen()
+                for (page, bytes) in expected {
+                    #expect(try h.pager.read(page, as: BlobPage.self).bytes == bytes, "seed \(seed) \(page)")
+                }
+            }
+        }
+    }
+
+    /// Nothing may change a page while a commit freezes: a change would land in the commit or
+    /// not depending on whether its page was reached yet.
+    @Test func aChangeWhileACommitFreezesTraps() async {
+        await #expect(processExitsWith: .failure) {
+            let h = try PagerHarness(seed: 9)
+            let page = try h.pager.allocate(BlobPage(bytes: blob(1)))
+            _ = try h.pager.allocate(BlobPage(bytes: blob(2)))
+            h.pager.startCommit()
+            _ = try h.pager.continueFreeze(stepsMax: 1)
+            _ = try h.pager.writable(page, as: BlobPage.self)
+        }
+    }
+
     @Test func rotInTheCommittedSlotIsReportedNeverReadAsTheOlderVersion() throws {
         let h = try PagerHarness(seed: 3)
         let page = try h.pager.allocate(BlobPage(bytes: blob(1)))
