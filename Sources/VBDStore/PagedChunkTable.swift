@@ -111,6 +111,16 @@ struct PagedChunkTable: Equatable {
         return end - 1
     }
 
+    /// Reads, changing nothing, the pages the next `count` calls of `allocateNumber` would read
+    /// (the free stack's top entries and their records), for a probe: carries on past a miss.
+    func probeAllocation(_ count: Int, pager: MetadataPager) {
+        var k = freeCount
+        for _ in 0..<count where k > 0 {
+            k -= 1
+            if let n = try? freeNumbers.get(k, pager: pager) { _ = try? records.get(n, pager: pager) }
+        }
+    }
+
     /// Installs an entry at a number from `allocateNumber`, or (replay) at any free number; the
     /// numbers skipped past `end` go on the free stack.
     mutating func install(_ entry: ChunkEntry, at chunk: UInt64, pager: MetadataPager) throws {

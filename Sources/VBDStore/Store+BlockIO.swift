@@ -564,9 +564,10 @@ extension Store {
                 blocks[i].stored = raw
             }
         }
-        // D: reserve numbers and sectors.
+        // D: reserve numbers and sectors. A number off the free stack needs its record, a page
+        // that at 32 M chunks is seldom cached: read before the hold, not under it.
         if misses > 0 {
-            let reserved: Bool = try withLockForChange { () throws(BlockDeviceError) -> Bool in
+            let reserved: Bool = try withLockAfterLoadingPages(probe: { chunks.probeAllocation(misses, pager: pager) }) { () throws(BlockDeviceError) -> Bool in
                 var ok = true
                 for i in blocks.indices where !blocks[i].isZero && blocks[i].chunk == 0 {
                     let sectors = blocks[i].sectorCount
