@@ -936,17 +936,18 @@ final class MetadataPager {
         while f.nextListed < f.listed.count {
             if steps >= stepsMax { return false }
             let (page, frame) = f.listed[f.nextListed]
-            f.nextListed += 1
-            guard frame.dirty && !frame.kind.isStructural else { continue }
+            guard frame.dirty && !frame.kind.isStructural else { f.nextListed += 1; continue }
             steps += 1
             let first = page.rawValue / fanout * fanout
             let entries: PageTablePage
             if let known = f.tables[first] {
                 entries = known
             } else {
+                // On a failure this entry is still the next one: `abandonFreeze` lists it again.
                 entries = try tableLocation(page, writable: true).0
                 f.tables[first] = entries
             }
+            f.nextListed += 1
             let i = Int(page.rawValue - first)
             let previous = entries.entries[i].version
             let version = previous.next(generation: f.generation)

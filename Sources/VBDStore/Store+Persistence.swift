@@ -632,12 +632,14 @@ extension Store {
                             if let poisoned { throw StoreError.io("store is read-only: \(poisoned)") }
                             return try startCommitLocked(generation: newGeneration)
                         }
+                        let stepPages = max(1, options.commitFreezeStepPages)
                         while true {
                             let prepared = try mutex.withLock { () throws -> PreparedCommit? in
-                                guard let batch = try continueFreezeLocked(started, stepsMax: options.commitFreezeStepPages) else { return nil }
+                                guard let batch = try continueFreezeLocked(started, stepsMax: stepPages) else { return nil }
                                 return finishPreparingCommitLocked(started, batch: batch, journal: journal)
                             }
                             if let prepared { return prepared }
+                            mutex.yieldToWaiters(for: .microseconds(200))
                         }
                     }
                 }

@@ -182,9 +182,27 @@ final class StoreMutex: @unchecked Sendable {
 
     @inline(__always) func lock(file: StaticString = #fileID, line: UInt = #line) {
         scheduler?.acquire(ObjectIdentifier(self))
-        pthread_mutex_lock(m)
+        if pthread_mutex_trylock(m) != 0 {
+            waiting.add(1, ordering: .relaxed)
+            pthread_mutex_lock(m)
+            waiting.subtract(1, ordering: .relaxed)
+        }
         didAcquire()
         traceAcquired(file, line)
+    }
+
+    /// Threads blocked in `lock`, or spinning in `tryLock(spinningFor:)`, right now.
+    private let waiting = Atomic<Int>(0)
+    var waitingCount: Int { waiting.load(ordering: .relaxed) }
+
+    /// Without the lock: lets the threads that were waiting for it when it was let go take it
+    /// first, waiting until none is left or `limit` has passed. For a holder that takes it again
+    /// at once, in steps (a commit's freeze): pthread mutexes do not hand over, and a waiter the
+    /// unlock woke would find the lock taken again and sleep on. Not under a scheduler.
+    func yieldToWaiters(for limit: Duration) {
+        guard scheduler == nil, waiting.load(ordering: .relaxed) > 0 else { return }
+        let deadline = ContinuousClock.now + limit
+        while waiting.load(ordering: .relaxed) > 0 && ContinuousClock.now < deadline { sched_yield() }
     }
 
     @inline(__always) func unlock() {
@@ -217,6 +235,8 @@ final class StoreMutex: @unchecked Sendable {
     func tryLock(spinningFor wait: Duration, file: StaticString = #fileID, line: UInt = #line) -> Bool {
         if tryLock(file: file, line: line) { return true }
         if scheduler != nil { return false }
+        waiting.add(1, ordering: .relaxed)
+        defer { waiting.subtract(1, ordering: .relaxed) }
         let deadline = ContinuousClock.now + wait
         while ContinuousClock.now < deadline {
             sched_yield()

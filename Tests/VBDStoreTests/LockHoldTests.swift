@@ -1,3 +1,5 @@
+import Foundation
+import Synchronization
 import Testing
 import VBDCore
 import VBDSimulation
@@ -80,5 +82,33 @@ final class LockHoldCounter: InterleavingScheduler, @unchecked Sendable {
         try store.checkpoint()
         #expect(counter.holds >= dirty / 4, "\(counter.holds) lock holds for \(dirty) changed pages")
         #expect(store.mutex.withLock { store.pager.dirtyFrames } == 0)
+    }
+
+    /// A holder that takes the lock again at once, in steps, lets a thread that was blocked in
+    /// `lock` in first (pthread mutexes do not hand over: the woken waiter would find the lock
+    /// taken again): a reader behind a commit's freeze waits for one step, not for all of them.
+    @Test func aThreadBlockedOnTheLockGetsItBetweenTheHoldersSteps() throws {
+        let mutex = StoreMutex()
+        let stepWhenTaken = Atomic<Int>(-1)
+        let step = Atomic<Int>(0)
+        mutex.lock()
+        let waiter = Thread {
+            mutex.lock()
+            stepWhenTaken.store(step.load(ordering: .relaxed), ordering: .relaxed)
+            mutex.unlock()
+        }
+        waiter.start()
+        let deadline = ContinuousClock.now + .seconds(10)
+        while mutex.waitingCount == 0 && ContinuousClock.now < deadline { sched_yield() }
+        #expect(mutex.waitingCount == 1)
+        for k in 1...50 {
+            step.store(k, ordering: .relaxed)
+            mutex.unlock()
+            mutex.yieldToWaiters(for: .seconds(5))
+            mutex.lock()
+        }
+        mutex.unlock()
+        while stepWhenTaken.load(ordering: .relaxed) < 0 && ContinuousClock.now < deadline { sched_yield() }
+        #expect(stepWhenTaken.load(ordering: .relaxed) == 1)
     }
 }
