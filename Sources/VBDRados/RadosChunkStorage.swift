@@ -47,6 +47,9 @@ public final class RadosChunkStorage: ChunkStorage {
     public let parallelWritesMax: Int
     /// Reference releases (`refcount.put`) one `release` keeps in flight at most.
     public let releasesInFlightMax: Int
+    /// The most puts the last `release` had in flight at once (tests).
+    public var lastReleasePeakInFlight: Int { releasePeak.load(ordering: .relaxed) }
+    private let releasePeak = Atomic<Int>(0)
     /// The object set of each sharing group used so far.
     private let objectSets = Mutex<[UInt16: RadosChunkObjects]>([:])
     /// Where fresh serials come from; nil: every place given to `writeNew` carries its serial.
@@ -195,7 +198,9 @@ public final class RadosChunkStorage: ChunkStorage {
                 op.call(RefcountClass.name, "put", input: RefcountClass.put(tag: tag))
             }
         }
-        if let failure = puts.waitAll() {
+        let failure = puts.waitAll()
+        releasePeak.store(puts.peakInFlight, ordering: .relaxed)
+        if let failure {
             throw .io("releasing \(chunks.count) chunks of family \(family): \(failure)")
         }
     }

@@ -440,6 +440,8 @@ final class AsyncOperations: @unchecked Sendable {
     let budget: InFlightBudget?
     private var pending: [(completion: rados_completion_t, what: String, missingOK: Bool)] = []
     private var firstError: RadosError?
+    /// The most operations that were in flight at once (tests).
+    private(set) var peakInFlight = 0
 
     init(pool: RadosPool, limit: Int, budget: InFlightBudget? = nil) {
         self.pool = pool
@@ -467,6 +469,7 @@ final class AsyncOperations: @unchecked Sendable {
             return
         }
         pending.append((completion, what, missingOK))
+        peakInFlight = max(peakInFlight, pending.count)
         if pending.count >= limit { waitOldest(pending.count / 2) }
     }
 
@@ -619,6 +622,9 @@ final class RadosFile: StorageFile, @unchecked Sendable {
     private let state: Mutex<State>
     /// The file's write bytes in flight, across the batch being written and those a `sync` waits for.
     let budget: InFlightBudget
+    /// Write operations sent so far, combined or not (tests).
+    var writeOperationsSent: Int { writesSent.load(ordering: .relaxed) }
+    private let writesSent = Atomic<Int>(0)
 
     init(directory: RadosDirectory, name: String, durableSize: UInt64, stripeBound: UInt64) {
         let budget = InFlightBudget(bytesMax: directory.inFlightBytesMax)
@@ -717,6 +723,7 @@ final class RadosFile: StorageFile, @unchecked Sendable {
         guard let stripe = s.unsent.removeValue(forKey: index) else { return }
         s.unsentBytes -= stripe.byteCount
         s.operations.submitWrites(RadosDirectory.stripeObject(name, index), stripe.extents)
+        writesSent.add(1, ordering: .relaxed)
     }
 
     private func sendAllUnsent(_ s: inout State) {
@@ -763,6 +770,7 @@ final class RadosFile: StorageFile, @unchecked Sendable {
                 } else {
                     sendUnsent(&s, stripe: index)
                     s.operations.submitWrite(RadosDirectory.stripeObject(name, index), part, at: within)
+                    writesSent.add(1, ordering: .relaxed)
                 }
                 done += n
             }
