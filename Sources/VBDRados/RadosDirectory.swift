@@ -470,7 +470,7 @@ final class AsyncOperations: @unchecked Sendable {
         }
         pending.append((completion, what, missingOK))
         peakInFlight = max(peakInFlight, pending.count)
-        if pending.count >= limit { waitOldest(pending.count / 2) }
+        if pending.count >= limit { waitOldest(max(1, pending.count / 2)) }
     }
 
     func submitWrite(_ object: String, _ bytes: UnsafeRawBufferPointer, at offset: UInt64) {
