@@ -70,7 +70,8 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
     /// listing is a scan of every object in the pool at the OSDs (all namespaces: the chunk
     /// objects of every family too), and the store lists at every commit (docs/RADOS.md, "Random
     /// writes"). `changes` counts creations and removals: a listing that ran beside one is not
-    /// kept. Valid only for the lock it was listed under (`lock`).
+    /// kept. Valid only for the lock it was listed under (`lock`). Its mutex may be held while
+    /// `lockState`'s is taken, never the other way round.
     private struct NameCache {
         var names: Set<String>?
         var lock: ObjectIdentifier?
