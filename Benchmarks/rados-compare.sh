@@ -25,7 +25,8 @@
 # VBD_SERVE_OPTIONS (more options for vbd's serve, e.g. "--lock-duration 120": on a machine at load
 # 10 a 2 GiB fill starved the lock's renewal for 30 s, docs/RADOS.md "Known limits"),
 # VBD_INIT_OPTIONS (more options for vbd's init, e.g. "--share-chunks-as bench": chunks as shared
-# objects in namespace vbd-chunks of the same pool, counted in the space figure too).
+# objects in namespace vbd-chunks of the same pool, counted in the space figure too), SPACE=0 (skip
+# the space part: snapshot, clones and the object sizes, which stat every object of the pools).
 # Output: a table on stdout and in $OUT/table.md; raw fio JSON in $OUT.
 # Memory: memstore keeps everything in RAM: about SIZE for each image, plus RBD's copied-up objects
 # (4 MiB for every object a clone writes into; with the defaults about 1.7 GiB).
@@ -148,6 +149,18 @@ fio_run fio-rbd-randread-4k-qd32 "${rbd_engine[@]}" --rw=randread --bs=4k --iode
 fio_run fio-rbd-randwrite-4k-qd32 "${rbd_engine[@]}" --rw=randwrite --bs=4k --iodepth=32 $(timed)
 
 # --- space: CLONES clones with CLONE_WRITES new 4 KiB blocks each ---
+if [ "${SPACE:-1}" = 0 ]; then
+    kill "$vbd_pid"; wait "$vbd_pid" || { echo "rados-compare: vbd's server did not stop cleanly" >&2; tail "$OUT/vbd-serve.log" >&2; exit 1; }
+    {
+        echo "| measure | vbd on RADOS (NBD) | RBD via qemu-nbd | RBD via fio rbd engine | vbd / qemu-nbd | vbd / fio rbd |"
+        echo "|---|---|---|---|---|---|"
+        for job in randread-4k-qd32 randwrite-4k-qd32; do
+            v=$(iops "vbd-$job"); q=$(iops "qemu-nbd-rbd-$job"); f=$(iops "fio-rbd-$job")
+            echo "| $job IOPS | $v | $q | $f | $(awk -v a="$v" -v b="$q" 'BEGIN { printf "%.2f", a / b }') | $(awk -v a="$v" -v b="$f" 'BEGIN { printf "%.2f", a / b }') |"
+        done
+    } | tee "$OUT/table.md"
+    exit 0
+fi
 "$VBDTOOL" snapshot bench@base "${R[@]}" >/dev/null
 rbd -c "$conf" snap create rbd/bench@base 2>>"$OUT/rbd.log"
 rbd -c "$conf" snap protect rbd/bench@base 2>>"$OUT/rbd.log"

@@ -45,6 +45,11 @@ public final class RadosChunkStorage: ChunkStorage {
     let seedForGroup: @Sendable (UInt16) -> UInt64
     /// Compound writes one `writeNew` keeps in flight at most.
     public let parallelWritesMax: Int
+    /// Reference releases (`refcount.put`) one `release` keeps in flight at most.
+    public let releasesInFlightMax: Int
+    /// The most puts the last `release` had in flight at once (tests).
+    public var lastReleasePeakInFlight: Int { releasePeak.load(ordering: .relaxed) }
+    private let releasePeak = Atomic<Int>(0)
     /// The object set of each sharing group used so far.
     private let objectSets = Mutex<[UInt16: RadosChunkObjects]>([:])
     /// Where fresh serials come from; nil: every place given to `writeNew` carries its serial.
@@ -52,11 +57,12 @@ public final class RadosChunkStorage: ChunkStorage {
 
     public init(pool: RadosPool, domain: String, family: String, hashFunction: HashFunction = .xxh3,
                 seedForGroup: @escaping @Sendable (UInt16) -> UInt64, parallelWritesMax: Int = 16,
-                serials: RadosChunkSerials? = nil) throws(RadosChunkError) {
+                releasesInFlightMax: Int = 64, serials: RadosChunkSerials? = nil) throws(RadosChunkError) {
         // The group name `DOMAIN-65535` must still be an identifier of at most 64 bytes.
         guard domain.utf8.count <= 58, RadosChunkObjects.isValidIdentifier(domain) else { throw .invalidIdentifier(domain) }
         guard RadosChunkObjects.isValidIdentifier(family) else { throw .invalidIdentifier(family) }
-        precondition(parallelWritesMax >= 1)
+        precondition(parallelWritesMax >= 1 && releasesInFlightMax >= 1)
+        self.releasesInFlightMax = releasesInFlightMax
         self.pool = pool
         self.domain = domain
         self.family = family
@@ -176,15 +182,26 @@ public final class RadosChunkStorage: ChunkStorage {
 
     /// Drops this family's references of freed chunks (the last one removes the object in the
     /// OSD). Only after the record freeing each chunk is durable: before that a crash brings back
-    /// metadata that still maps it. Idempotent; stops at the first failure (what is left is a
-    /// leaked reference, for the sweep).
+    /// metadata that still maps it. The puts (one `refcount.put` per chunk; a put of a reference
+    /// not held, or on an object that is gone, does nothing) go out as asynchronous operations, up
+    /// to `releasesInFlightMax` at a time, and all are answered before this returns: a flush frees
+    /// as many chunks as its writes overwrote, and one round trip after the other kept it waiting
+    /// for thousands of them (docs/RADOS.md, "Random writes"). Idempotent; on a failure the
+    /// others are still sent and the first failure is thrown (the store hands the whole list
+    /// back to the next flush; what a crash leaves is a leaked reference, for the sweep).
     public func release(_ chunks: [StoredChunkPlace]) throws(StorageError) {
+        guard !chunks.isEmpty else { return }
+        let puts = AsyncOperations(pool: pool, limit: releasesInFlightMax)
         for chunk in chunks {
-            do throws(RadosChunkError) {
-                try objects(group: chunk.group.rawValue).release(objectName(of: chunk), reference: reference(of: chunk))
-            } catch {
-                throw .io("releasing chunk \(chunk.number) of family \(family): \(error)")
+            let tag = reference(of: chunk).tag
+            puts.submit(objectName(of: chunk).objectName, missingOK: true) { op in
+                op.call(RefcountClass.name, "put", input: RefcountClass.put(tag: tag))
             }
+        }
+        let failure = puts.waitAll()
+        releasePeak.store(puts.peakInFlight, ordering: .relaxed)
+        if let failure {
+            throw .io("releasing \(chunks.count) chunks of family \(family): \(failure)")
         }
     }
 }

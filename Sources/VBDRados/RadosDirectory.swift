@@ -13,9 +13,13 @@ import Glibc
 /// `stripeBytes` each (a missing stripe, or the part past a stripe object's end, reads as zeroes).
 /// How the contract of StorageIO.swift is met:
 /// 1. `write` sends the stripe writes asynchronously and returns; a later read of the same
-///    object from this client is ordered after them by the OSD, so it sees the bytes.
+///    object from this client is ordered after them by the OSD, so it sees the bytes. Small
+///    writes are held back and combined per stripe object into one compound operation, sent
+///    before anything else touches that stripe or the file (a read, a larger write, a truncate,
+///    a punch, a sync): the order of the changes to each object is the order they were made in.
 /// 2. `sync` waits for every write, truncate and punch sent before it, then writes the size.
-/// 3. A crash may leave any subset of the unsynced stripe writes (each one whole).
+/// 3. A crash may leave any subset of the unsynced stripe writes (each one whole: a combined
+///    operation applies all of its writes or none).
 /// 4. Creating and removing a file are synchronous object operations, durable when they return.
 ///    `syncDirectory` only checks that the lock is still held.
 /// Bytes past the durable size that unsynced writes left behind are cleared by the first change
@@ -41,6 +45,16 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
     /// below librados' in-flight throttle (`objecter_inflight_op_bytes`, 100 MiB by default), so
     /// that the client's other operations are not held in it behind one file's writes.
     public let inFlightBytesMax: Int
+    /// A write's part in one stripe shorter than this is not sent at once: it waits, with the
+    /// file's other unsent small writes into the same stripe object, to go out in one compound
+    /// operation (a commit's metadata pages land all over the metadata file, one page each;
+    /// docs/RADOS.md, "Combining small writes"). 0: every write is sent at once.
+    public let combineWritesBelowBytes: Int
+    /// A stripe's unsent writes go out once they are this many (the operation's steps).
+    public let combinedExtentsMax: Int
+    /// ... or hold this many bytes; and a file's unsent writes all go out above `unsentBytesMax`.
+    public let combinedBytesMax: Int
+    public let unsentBytesMax: Int
     public static let lockObject = "directory.lock"
     let logger: Logger
 
@@ -50,13 +64,37 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
     }
     private let lockState = Mutex(LockState())
 
+    /// The files' names, known without listing while this directory holds its exclusive lock:
+    /// then nobody else creates or removes files here (a takeover fences the holder first), so
+    /// after one listing this directory's own creations and removals keep the set exact. A
+    /// listing is a scan of every object in the pool at the OSDs (all namespaces: the chunk
+    /// objects of every family too), and the store lists at every commit (docs/RADOS.md, "Random
+    /// writes"). `changes` counts creations and removals: a listing that ran beside one is not
+    /// kept. Valid only for the lock it was listed under (`lock`). Its mutex may be held while
+    /// `lockState`'s is taken, never the other way round.
+    private struct NameCache {
+        var names: Set<String>?
+        var lock: ObjectIdentifier?
+        var changes: UInt64 = 0
+    }
+    private let nameCache = Mutex(NameCache())
+    /// Listings of the pool this directory made (tests).
+    public var listings: Int { listingCount.load(ordering: .relaxed) }
+    private let listingCount = Atomic<Int>(0)
+
     /// Called once when the directory's lock is lost, with the reason (from the renewal thread).
     public let onLockLost: @Sendable (String) -> Void
 
     public init(pool: RadosPool, stripeBytes: UInt64 = 4 << 20, lockDurationSeconds: Int = 30, inFlightMax: Int = 64,
-                inFlightBytesMax: Int = 16 << 20, logger: Logger = Logger(label: "vbd.rados"),
+                inFlightBytesMax: Int = 16 << 20, combineWritesBelowBytes: Int = 64 << 10, combinedExtentsMax: Int = 128,
+                combinedBytesMax: Int = 1 << 20, unsentBytesMax: Int = 8 << 20, logger: Logger = Logger(label: "vbd.rados"),
                 onLockLost: @escaping @Sendable (String) -> Void = { _ in }) {
         precondition(stripeBytes > 0 && stripeBytes % 4096 == 0 && inFlightMax > 0 && inFlightBytesMax > 0)
+        precondition(combineWritesBelowBytes >= 0 && combinedExtentsMax >= 1 && combinedBytesMax >= 1 && unsentBytesMax >= 1)
+        self.combineWritesBelowBytes = combineWritesBelowBytes
+        self.combinedExtentsMax = combinedExtentsMax
+        self.combinedBytesMax = combinedBytesMax
+        self.unsentBytesMax = unsentBytesMax
         self.onLockLost = onLockLost
         self.pool = pool
         self.stripeBytes = stripeBytes
@@ -100,9 +138,12 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
                     op.setAttribute(Self.sizeAttribute, Array("0".utf8))
                     op.setAttribute(Self.stripeBoundAttribute, Array("0".utf8))
                 }
+                noteNames { $0.insert(name) }
             } catch where error.code == EEXIST {
                 // It exists: open it as it is.
+                noteNames { $0.insert(name) }
             } catch {
+                noteNames(nil)
                 throw Self.storageError(error)
             }
         }
@@ -137,17 +178,56 @@ public final class RadosDirectory: StorageDirectory, @unchecked Sendable {
         do {
             size = try readNumber(head, Self.sizeAttribute, name: name)
             bound = try readNumber(head, Self.stripeBoundAttribute, name: name)
-        } catch .notFound { return }
+        } catch .notFound {
+            noteNames { $0.remove(name) }
+            return
+        }
         let stripes = max(bound, (size + stripeBytes - 1) / stripeBytes)
         let batch = AsyncOperations(pool: pool, limit: inFlightMax)
         for index in 0..<stripes {
             batch.submitRemove(Self.stripeObject(name, index))
         }
+        // The head goes last: until then the file exists (and stays in the names).
         if let error = batch.waitAll() { throw Self.storageError(error) }
-        do { try pool.remove(head) } catch { throw Self.storageError(error) }
+        do { try pool.remove(head) } catch {
+            noteNames(nil)
+            throw Self.storageError(error)
+        }
+        noteNames { $0.remove(name) }
+    }
+
+    /// A file was created or removed (`update`), or may have been (nil: the names are unknown).
+    private func noteNames(_ update: ((inout Set<String>) -> Void)?) {
+        nameCache.withLock { c in
+            c.changes &+= 1
+            if let update, c.names != nil { update(&c.names!) } else { c.names = nil }
+        }
+    }
+
+    /// The exclusive lock this directory holds now, if any.
+    private var heldExclusiveLock: ObjectIdentifier? {
+        let held = lockState.withLock { $0 }
+        guard let lock = held.lock, lock.exclusive, let keeper = held.keeper, keeper.isHeld else { return nil }
+        return ObjectIdentifier(lock)
     }
 
     public func fileNames() throws(StorageError) -> [String] {
+        let lock = heldExclusiveLock
+        let (cached, changesBefore) = nameCache.withLock { c in (lock != nil && c.lock == lock ? c.names : nil, c.changes) }
+        if let cached { return cached.sorted() }
+        let names = try listFileNames()
+        if lock != nil {
+            nameCache.withLock { c in
+                guard c.changes == changesBefore, heldExclusiveLock == lock else { return }
+                c.names = Set(names)
+                c.lock = lock
+            }
+        }
+        return names
+    }
+
+    private func listFileNames() throws(StorageError) -> [String] {
+        listingCount.add(1, ordering: .relaxed)
         do {
             return try pool.objectNames().compactMap { $0.hasPrefix("file.") ? String($0.dropFirst(5)) : nil }
         } catch { throw Self.storageError(error) }
@@ -361,6 +441,8 @@ final class AsyncOperations: @unchecked Sendable {
     let budget: InFlightBudget?
     private var pending: [(completion: rados_completion_t, what: String, missingOK: Bool)] = []
     private var firstError: RadosError?
+    /// The most operations that were in flight at once (tests).
+    private(set) var peakInFlight = 0
 
     init(pool: RadosPool, limit: Int, budget: InFlightBudget? = nil) {
         self.pool = pool
@@ -388,17 +470,45 @@ final class AsyncOperations: @unchecked Sendable {
             return
         }
         pending.append((completion, what, missingOK))
-        if pending.count >= limit { waitOldest(pending.count / 2) }
+        peakInFlight = max(peakInFlight, pending.count)
+        if pending.count >= limit { waitOldest(max(1, pending.count / 2)) }
     }
 
     func submitWrite(_ object: String, _ bytes: UnsafeRawBufferPointer, at offset: UInt64) {
-        guard let ioctx = try? pool.handle("write") else { return record(RadosError("write \(pool.describe(object))", code: EBADF)) }
+        submitHoldingBudget(object, "write", byteCount: bytes.count) { ioctx, completion in
+            // librados copies the bytes before it returns.
+            rados_aio_write(ioctx, object, completion, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count, offset)
+        }
+    }
+
+    /// Several writes into one object as ONE compound operation, applied in their order (a later
+    /// extent overwrites an earlier one where they overlap) and atomically: all or none land.
+    func submitWrites(_ object: String, _ extents: [(offset: UInt64, bytes: [UInt8])]) {
+        let byteCount = extents.reduce(0) { $0 + $1.bytes.count }
+        submitHoldingBudget(object, "write(\(extents.count) extents)", byteCount: byteCount) { ioctx, completion in
+            let op = rados_create_write_op()!
+            defer { rados_release_write_op(op) }
+            // Each step copies its bytes when it is added.
+            for extent in extents {
+                extent.bytes.withUnsafeBytes { b in
+                    rados_write_op_write(op, b.baseAddress?.assumingMemoryBound(to: CChar.self), b.count, extent.offset)
+                }
+            }
+            return rados_aio_write_op_operate(op, ioctx, completion, object, nil, 0)
+        }
+    }
+
+    /// Sends a write whose `byteCount` bytes are held in `budget` (when there is one) until its
+    /// completion's callback gives them back.
+    private func submitHoldingBudget(_ object: String, _ summary: String, byteCount: Int,
+                                     _ send: (rados_ioctx_t, rados_completion_t) -> Int32) {
+        guard let ioctx = try? pool.handle(summary) else { return record(RadosError("\(summary) \(pool.describe(object))", code: EBADF)) }
         var completion: rados_completion_t?
         var refund: Unmanaged<BudgetRefund>?
         let rc: Int32
         if let budget {
-            budget.take(bytes.count)
-            refund = Unmanaged.passRetained(BudgetRefund(budget: budget, bytes: bytes.count))
+            budget.take(byteCount)
+            refund = Unmanaged.passRetained(BudgetRefund(budget: budget, bytes: byteCount))
             rc = rados_aio_create_completion2(refund!.toOpaque(), { _, argument in
                 let refund = Unmanaged<BudgetRefund>.fromOpaque(argument!).takeRetainedValue()
                 refund.budget.give(refund.bytes)
@@ -407,14 +517,25 @@ final class AsyncOperations: @unchecked Sendable {
             rc = rados_aio_create_completion2(nil, nil, &completion)
         }
         guard rc == 0, let completion else {
-            if let refund { refund.takeRetainedValue().budget.give(bytes.count) }
+            if let refund { refund.takeRetainedValue().budget.give(byteCount) }
             return record(RadosError("create completion", code: rc))
         }
-        // librados copies the bytes before it returns.
-        let submitRC = rados_aio_write(ioctx, object, completion, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count, offset)
+        let submitRC = send(ioctx, completion)
         // Not sent: the callback will never run.
-        if submitRC != 0, let refund { refund.takeRetainedValue().budget.give(bytes.count) }
-        submitted(submitRC, completion, "write \(pool.describe(object))", missingOK: false)
+        if submitRC != 0, let refund { refund.takeRetainedValue().budget.give(byteCount) }
+        submitted(submitRC, completion, "\(summary) \(pool.describe(object))", missingOK: false)
+    }
+
+    /// A compound write built by `build`; ENOENT counts as done when `missingOK`.
+    func submit(_ object: String, missingOK: Bool, _ build: (RadosWriteOperation) -> Void) {
+        let op = RadosWriteOperation()
+        defer { op.release() }
+        build(op)
+        guard let ioctx = try? pool.handle(op.summary), let completion = makeCompletion() else {
+            return record(RadosError("\(op.summary) \(pool.describe(object))", code: EBADF))
+        }
+        let rc = rados_aio_write_op_operate(op.handle, ioctx, completion, object, nil, 0)
+        submitted(rc, completion, "\(op.summary) \(pool.describe(object))", missingOK: missingOK)
     }
 
     func submitRemove(_ object: String) {
@@ -478,10 +599,33 @@ final class RadosFile: StorageFile, @unchecked Sendable {
         var cleaned = false
         var closed = false
         var operations: AsyncOperations
+        /// Small writes not sent yet, by stripe: each stripe's go out as one compound operation,
+        /// before anything else touches that stripe (a read, a larger write) or the file (a
+        /// truncate, a punch, a sync, the close), so the order of changes to an object is kept.
+        var unsent: [UInt64: UnsentWrites] = [:]
+        var unsentBytes = 0
+    }
+
+    /// One stripe's unsent writes, in their order; a write that continues the last one is joined to it.
+    struct UnsentWrites {
+        var extents: [(offset: UInt64, bytes: [UInt8])] = []
+        var byteCount = 0
+
+        mutating func append(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) {
+            if let last = extents.indices.last, extents[last].offset + UInt64(extents[last].bytes.count) == offset {
+                extents[last].bytes.append(contentsOf: bytes)
+            } else {
+                extents.append((offset, Array(bytes)))
+            }
+            byteCount += bytes.count
+        }
     }
     private let state: Mutex<State>
     /// The file's write bytes in flight, across the batch being written and those a `sync` waits for.
     let budget: InFlightBudget
+    /// Write operations sent so far, combined or not (tests).
+    var writeOperationsSent: Int { writesSent.load(ordering: .relaxed) }
+    private let writesSent = Atomic<Int>(0)
 
     init(directory: RadosDirectory, name: String, durableSize: UInt64, stripeBound: UInt64) {
         let budget = InFlightBudget(bytesMax: directory.inFlightBytesMax)
@@ -504,7 +648,14 @@ final class RadosFile: StorageFile, @unchecked Sendable {
     // MARK: Reads
 
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) -> Int {
-        let size = state.withLock { $0.size }
+        let size = state.withLock { s in
+            // Unsent writes into the stripes read go out first: RADOS orders the read after them.
+            if !s.unsent.isEmpty, offset < s.size, buffer.count > 0 {
+                let end = offset + min(UInt64(buffer.count), s.size - offset)
+                for index in offset / stripeBytes...(end - 1) / stripeBytes { sendUnsent(&s, stripe: index) }
+            }
+            return s.size
+        }
         guard offset < size, buffer.count > 0 else { return 0 }
         let count = Int(min(UInt64(buffer.count), size - offset))
         var done = 0
@@ -568,6 +719,21 @@ final class RadosFile: StorageFile, @unchecked Sendable {
         }
     }
 
+    /// Sends one stripe's unsent writes as one compound operation (under the state mutex).
+    private func sendUnsent(_ s: inout State, stripe index: UInt64) {
+        guard let stripe = s.unsent.removeValue(forKey: index) else { return }
+        s.unsentBytes -= stripe.byteCount
+        s.operations.submitWrites(RadosDirectory.stripeObject(name, index), stripe.extents)
+        writesSent.add(1, ordering: .relaxed)
+    }
+
+    private func sendAllUnsent(_ s: inout State) {
+        for index in s.unsent.keys.sorted() { sendUnsent(&s, stripe: index) }
+    }
+
+    /// Writes waiting to be combined, and stripes they touch (tests).
+    var unsentWrites: (bytes: Int, stripes: Int) { state.withLock { ($0.unsentBytes, $0.unsent.count) } }
+
     /// Makes the stripe bound cover `index` durably before anything is written to that stripe.
     private func raiseStripeBound(_ s: inout State, toCover index: UInt64) throws(StorageError) {
         guard index >= s.stripeBound else { return }
@@ -591,12 +757,25 @@ final class RadosFile: StorageFile, @unchecked Sendable {
             var done = 0
             while done < bytes.count {
                 let at = offset + UInt64(done)
+                let index = at / stripeBytes
                 let within = at % stripeBytes
                 let n = min(bytes.count - done, Int(stripeBytes - within))
-                s.operations.submitWrite(RadosDirectory.stripeObject(name, at / stripeBytes),
-                                         UnsafeRawBufferPointer(rebasing: bytes[done..<done + n]), at: within)
+                let part = UnsafeRawBufferPointer(rebasing: bytes[done..<done + n])
+                if n < directory.combineWritesBelowBytes {
+                    s.unsent[index, default: UnsentWrites()].append(part, at: within)
+                    s.unsentBytes += n
+                    if let stripe = s.unsent[index], stripe.extents.count >= directory.combinedExtentsMax
+                        || stripe.byteCount >= directory.combinedBytesMax {
+                        sendUnsent(&s, stripe: index)
+                    }
+                } else {
+                    sendUnsent(&s, stripe: index)
+                    s.operations.submitWrite(RadosDirectory.stripeObject(name, index), part, at: within)
+                    writesSent.add(1, ordering: .relaxed)
+                }
                 done += n
             }
+            if s.unsentBytes >= directory.unsentBytesMax { sendAllUnsent(&s) }
             s.size = max(s.size, end)
         }
     }
@@ -618,6 +797,7 @@ final class RadosFile: StorageFile, @unchecked Sendable {
 
     func truncate(to newSize: UInt64) throws(StorageError) {
         try change { s throws(StorageError) in
+            sendAllUnsent(&s)
             if newSize < s.size {
                 let firstGone = stripes(covering: newSize)
                 let last = max(stripes(covering: s.size), s.stripeBound)
@@ -640,6 +820,7 @@ final class RadosFile: StorageFile, @unchecked Sendable {
     func punchHole(offset: UInt64, length: UInt64) throws(StorageError) {
         guard length > 0 else { return }
         try change { s throws(StorageError) in
+            sendAllUnsent(&s)
             let end = min(offset + length, max(s.size, stripes(covering: s.size) * stripeBytes))
             var at = offset
             while at < end {
@@ -662,6 +843,7 @@ final class RadosFile: StorageFile, @unchecked Sendable {
         // Wait outside the mutex, so reads and new writes go on meanwhile.
         let waiting = AsyncOperations(pool: pool, limit: Int.max)
         let (size, bound, durableSize, durableBound) = state.withLock { s in
+            sendAllUnsent(&s)
             s.operations.moveAll(to: waiting)
             return (s.size, s.stripeBound, s.durableSize, s.durableStripeBound)
         }
@@ -691,6 +873,7 @@ final class RadosFile: StorageFile, @unchecked Sendable {
     func close() {
         let waiting = AsyncOperations(pool: directory.pool, limit: Int.max)
         state.withLock { s in
+            if !s.closed { sendAllUnsent(&s) }
             s.closed = true
             s.operations.moveAll(to: waiting)
         }

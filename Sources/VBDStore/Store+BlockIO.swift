@@ -478,10 +478,13 @@ extension Store {
     /// writer of the file shares; `journalMutex`, held by another writer appending (its frame may
     /// carry this write's records too), a flush writing its marker or a commit writing its seal;
     /// a commit freezing its changed pages (`lockForChange`); and the read of a dedup candidate
-    /// that is not in the cache (verified byte for byte under the lock, like any write).
+    /// that is not in the cache (verified byte for byte under the lock, like any write). Never
+    /// where chunks are not in the data file (RADOS objects): there storing a new chunk is a round
+    /// trip to the cluster, and an event loop waiting for it serves its connection one write at a
+    /// time (docs/RADOS.md, "Random writes").
     func writeWithoutBlocking(image id: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws(BlockDeviceError) -> Bool {
         let length = UInt64(data.count)
-        guard length > 0, data.count <= Self.writeWithoutBlockingBytesMax,
+        guard chunksInDataFile, length > 0, data.count <= Self.writeWithoutBlockingBytesMax,
               mutex.tryLock(spinningFor: Self.cachedReadLockWait) else { return false }
         let view: ImageView
         do {

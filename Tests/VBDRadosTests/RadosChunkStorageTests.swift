@@ -121,6 +121,35 @@ import VBDStore
         #expect(throws: StorageError.self) { try readStored(familyB, placesB[1]) }
     }
 
+    /// A release of many chunks (a flush frees one per overwritten block) sends its puts
+    /// concurrently, never more than `releasesInFlightMax` at once, and drops every reference:
+    /// objects only this family held are gone, objects another family shares keep exactly that
+    /// family's reference, and releasing again (a crash repeats releases) changes nothing.
+    @Test func releaseSendsItsPutsConcurrentlyAndDropsEveryReference() throws {
+        let hostA = try cluster.connect(), hostB = try cluster.connect()
+        let poolA = try cluster.freshPool(hostA, prefix: "release")
+        let poolB = try hostB.openPool("vbd", namespace: poolA.namespace)
+        let familyA = try RadosChunkStorage(pool: poolA, domain: "d1", family: "famA", seedForGroup: Self.seed, releasesInFlightMax: 8)
+        let familyB = try RadosChunkStorage(pool: poolB, domain: "d1", family: "famB", seedForGroup: Self.seed)
+        let chunks = try (0..<200).map { try Chunk(raw: pattern(seed: 30_000 + UInt64($0)), compress: false, group: 1) }
+        let placesA = try write(familyA, chunks, firstNumber: 1, firstSerial: 1)
+        let placesB = try write(familyB, Array(chunks[0..<50]), firstNumber: 1, firstSerial: 1)
+        #expect(try poolA.objectNames().count == 200)
+
+        try familyA.release(placesA + placesA[0..<10])
+        #expect(familyA.lastReleasePeakInFlight > 1, "the puts went one after the other")
+        #expect(familyA.lastReleasePeakInFlight <= 8)
+        let left = try poolA.objectNames()
+        #expect(Set(left) == Set(placesB.map { familyB.objectName(of: $0).objectName }))
+        for b in placesB {
+            #expect(try familyB.objects(group: 1).referenceTags(familyB.objectName(of: b)) == [familyB.reference(of: b).tag])
+        }
+        try familyA.release(placesA)
+        #expect(try poolA.objectNames().count == 50)
+        try familyB.release(placesB)
+        #expect(try poolA.objectNames().isEmpty)
+    }
+
     /// A chunk whose plain name holds other bytes goes under the next collision name, and the place
     /// given back names it, so a read through the place gets the right object. A batch in which
     /// one chunk cannot be stored fails whole and leaves none of its references behind.

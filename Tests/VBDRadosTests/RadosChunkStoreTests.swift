@@ -113,6 +113,27 @@ import VBDStore
         hostB.close()
     }
 
+    /// Where chunks are objects, storing a new one is a round trip to the cluster: the store
+    /// refuses to take a small write on the caller's thread (an NBD event loop would then serve
+    /// its connection one write at a time) and the write goes the ordinary way; a store whose
+    /// chunks are in its data file still takes it at once.
+    @Test func smallWritesAreNotTakenOnTheCallersThreadWhenChunksAreObjects() throws {
+        for form in RadosChunkForm.allCases {
+            let family = RadosTestFamily(cluster, form: form, prefix: "nonblocking")
+            let store = try family.open(options(), create: true).store
+            try store.createVolume(name: "vm", size: 1 << 20, group: "pool")
+            let device = try store.device(named: "vm")
+            let bytes = pattern(seed: 4242)
+            let taken = try bytes.withUnsafeBytes { try device.writeWithoutBlocking(offset: 8192, data: $0) }
+            #expect(taken == (form == .dataFile), "\(form)")
+            if !taken { try write(store, "vm", block: 2, bytes) }
+            #expect(try read(store, "vm", block: 2) == bytes)
+            try store.flush()
+            #expect(store.fsck().isClean)
+            try store.close()
+        }
+    }
+
     /// Host A dies with writes it never flushed: their chunk objects exist (stored in phase E)
     /// but no durable record claims them. Host B takes the family over (fencing A) and its open
     /// sweeps the family's unclaimed references: those objects go, the flushed ones stay and read.

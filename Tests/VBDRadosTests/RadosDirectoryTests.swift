@@ -107,6 +107,111 @@ extension StorageFile {
         #expect(try fresh.read(10_000, at: 0) == [UInt8](repeating: 0, count: 10_000))
     }
 
+    /// Small writes scattered over a file (a commit's metadata pages: one 4 KiB slot each, all
+    /// over the file) go out as one compound operation per stripe object, not one each; reads
+    /// see them before they are sent; a larger write, a truncate and the sync send what waits
+    /// first, so every object gets its changes in the order they were made; another client sees
+    /// exactly the synced file.
+    @Test func smallWritesGoOutCombinedPerStripeObject() throws {
+        let connection = try cluster.connect()
+        let pool = try cluster.freshPool(connection, prefix: "combine")
+        let stripe: UInt64 = 64 << 10
+        let directory = RadosDirectory(pool: pool, stripeBytes: stripe)
+        let file = try #require(try directory.openFile("meta", create: true) as? RadosFile)
+        var model = [UInt8](repeating: 0, count: Int(4 * stripe))
+        try file.truncate(to: 4 * stripe)
+        try file.sync()
+        let sentBefore = file.writeOperationsSent
+        var rng = SplitMix64(seed: 21)
+        // 120 page writes over the 4 stripes, slots written more than once among them.
+        for k in 0..<120 {
+            let slot = Int(rng.next() % 64)
+            let bytes = pattern(seed: 5000 + UInt64(k))
+            try file.write(bytes, at: UInt64(slot * 4096))
+            model.replaceSubrange(slot * 4096..<(slot + 1) * 4096, with: bytes)
+        }
+        #expect(file.writeOperationsSent == sentBefore, "nothing sent before something needs it")
+        #expect(file.unsentWrites.stripes == 4)
+        // A read of one stripe sends that stripe's writes and sees them.
+        #expect(try file.read(Int(stripe), at: stripe) == Array(model[Int(stripe)..<Int(2 * stripe)]))
+        #expect(file.writeOperationsSent == sentBefore + 1 && file.unsentWrites.stripes == 3)
+        // A write of 64 KiB or more goes out at once, after what waits for its stripe.
+        let big = pattern(seed: 77, count: Int(stripe))
+        try file.write(big, at: 2 * stripe)
+        model.replaceSubrange(Int(2 * stripe)..<Int(3 * stripe), with: big)
+        #expect(file.writeOperationsSent == sentBefore + 3 && file.unsentWrites.stripes == 2)
+        for k in 0..<8 {
+            let bytes = pattern(seed: 6000 + UInt64(k))
+            try file.write(bytes, at: UInt64(k * 8192 + 100))
+            model.replaceSubrange(k * 8192 + 100..<k * 8192 + 4196, with: bytes)
+        }
+        try file.sync()
+        #expect(file.unsentWrites.bytes == 0)
+        #expect(file.writeOperationsSent <= sentBefore + 5, "one operation per stripe object, not \(file.writeOperationsSent - sentBefore)")
+        #expect(try file.read(model.count, at: 0) == model)
+        // A truncate sends the writes waiting first: the stripe ends where the truncate says.
+        let tail = pattern(seed: 88)
+        try file.write(tail, at: 3 * stripe + 8192)
+        try file.truncate(to: 3 * stripe + 10_000)
+        model.replaceSubrange(Int(3 * stripe) + 8192..<Int(3 * stripe) + 12288, with: tail)
+        model.removeLast(model.count - Int(3 * stripe + 10_000))
+        try file.sync()
+
+        let other = try cluster.connect()
+        let reopened = try RadosDirectory(pool: try other.openPool("vbd", namespace: pool.namespace), stripeBytes: stripe)
+            .openFile("meta", create: false)
+        #expect(try reopened.size() == UInt64(model.count))
+        #expect(try reopened.read(model.count + 10, at: 0) == model)
+        reopened.close()
+        file.close()
+    }
+
+    /// While the directory holds its exclusive lock the file names come from what it created
+    /// and removed, not from a listing (which scans every object of the pool, chunk objects
+    /// included, at the OSDs): one listing, then none. Without the lock every call lists, and a
+    /// new tenure of the lock lists once again.
+    @Test func fileNamesAreKnownWithoutListingWhileTheExclusiveLockIsHeld() throws {
+        let connection = try cluster.connect()
+        let pool = try cluster.freshPool(connection, prefix: "names")
+        let directory = RadosDirectory(pool: pool, stripeBytes: 4096)
+        _ = try directory.openFile("superblock", create: true)
+        #expect(try directory.fileNames() == ["superblock"])
+        #expect(try directory.fileNames() == ["superblock"])
+        #expect(directory.listings == 2, "no lock: every call lists")
+
+        try directory.lockExclusive()
+        #expect(Set(try directory.fileNames()) == ["superblock"])
+        #expect(directory.listings == 3)
+        for g in 1...5 { try directory.openFile("journal-\(g)", create: true).close() }
+        try directory.removeFile("journal-2")
+        try directory.removeFile("journal-4")
+        try directory.removeFile("never-was")
+        _ = try directory.openFile("superblock", create: true)  // exists already
+        let expected: Set<String> = ["superblock", "journal-1", "journal-3", "journal-5"]
+        for _ in 0..<4 { #expect(Set(try directory.fileNames()) == expected) }
+        #expect(directory.listings == 3, "the names came from the directory's own changes")
+        // What the pool holds agrees.
+        #expect(Set(try pool.objectNames().filter { $0.hasPrefix("file.") }.map { String($0.dropFirst(5)) }) == expected)
+
+        // Between two tenures of the lock another holder changes the files: the names kept
+        // under the first tenure are not trusted under the second (it lists once again).
+        directory.unlock()
+        let other = RadosDirectory(pool: try cluster.connect().openPool("vbd", namespace: pool.namespace), stripeBytes: 4096)
+        try other.lockExclusive()
+        try other.removeFile("journal-1")
+        other.unlock()
+        let left: Set<String> = ["superblock", "journal-3", "journal-5"]
+        #expect(Set(try directory.fileNames()) == left)
+        #expect(directory.listings == 4)
+        try directory.lockExclusive()
+        #expect(Set(try directory.fileNames()) == left)
+        #expect(directory.listings == 5)
+        try directory.openFile("journal-6", create: true).close()
+        #expect(Set(try directory.fileNames()) == left.union(["journal-6"]))
+        #expect(directory.listings == 5)
+        directory.unlock()
+    }
+
     /// Writes that were never synced may land in the stripes while the durable size stays short;
     /// when the file is reopened and grows again, the range they covered reads as zeroes.
     @Test func unsyncedBytesPastTheDurableSizeDoNotReappear() throws {
