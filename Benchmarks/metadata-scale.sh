@@ -153,14 +153,23 @@ echo "  with $gc_count gc: $withgc   (gc took ${gcs[*]} s)"
 # apart from the stalls the writer and the machine cause at other times.
 /usr/bin/python3 - "$work/server.err" "$work/base_lat.1.log" "$work/gc_lat.1.log" <<'PY'
 import bisect, re, sys
-commits = sorted((float(a), float(b)) for a, b in
-                 re.findall(r"vbd commit trace: .* from ([0-9.]+) to ([0-9.]+)", open(sys.argv[1], errors="replace").read()))
+trace = open(sys.argv[1], errors="replace").read()
+commits = sorted((float(a), float(b)) for a, b in re.findall(r"vbd commit trace: .* from ([0-9.]+) to ([0-9.]+)", trace))
 starts = [c[0] for c in commits]
+# Each commit's phases, as (name, start, end): the name is the step that ends at `end`.
+phases = {}
+for a, b, listed in re.findall(r"vbd commit trace: .* from ([0-9.]+) to ([0-9.]+), phases ended:((?: \S+ [0-9.]+)*) finished", trace):
+    steps, since = [], float(a)
+    for name, t in re.findall(r"(\S+) ([0-9.]+)", listed):
+        steps.append((name, since, float(t))); since = float(t)
+    steps.append(("finished", since, float(b)))
+    phases[float(a)] = steps
 holds = [(float(r) - float(h) / 1000, float(r), float(h)) for h, r in
          re.findall(r"vbd lock trace: held ([0-9.]+) ms .*?, released at ([0-9.]+),", open(sys.argv[1], errors="replace").read())]
 for name, path in (("without gc", sys.argv[2]), ("with gc", sys.argv[3])):
     during, outside, seen = [], [], set()
     worst = (0, 0.0, 0.0)
+    worst_during = (0, 0.0, 0.0, None)
     for line in open(path):
         fields = line.split(",")
         end, latency = int(fields[0]) / 1000.0, int(fields[1])
@@ -170,10 +179,17 @@ for name, path in (("without gc", sys.argv[2]), ("with gc", sys.argv[3])):
         i = bisect.bisect_right(starts, end + 0.001)
         hit = next((k for k in range(i - 1, max(-1, i - 4), -1) if commits[k][1] >= start - 0.001), None)
         if hit is None: outside.append(latency)
-        else: during.append(latency); seen.add(hit)
+        else:
+            during.append(latency); seen.add(hit)
+            worst_during = max(worst_during, (latency, start, end, hit), key=lambda w: w[0])
     top = lambda xs: "%.1f ms" % (max(xs) / 1e6) if xs else "-"
     print("  %-10s reader I/Os during the %d commits they overlapped: %d, max %s; at other times: %d, max %s"
           % (name, len(seen), len(during), top(during), len(outside), top(outside)))
+    if worst_during[3] is not None:
+        steps = phases.get(commits[worst_during[3]][0], [])
+        overlapped = [n for n, a, b in steps if b >= worst_during[1] - 0.001 and a <= worst_during[2] + 0.001]
+        print("  %-10s the slowest read during a commit overlapped its phases: %s (prepared: the first sync and the freeze;"
+              " finished: punches, releases, old journals, trim)" % ("", " ".join(overlapped) or "?"))
     overlapping = [h for h in holds if h[1] >= worst[1] - 0.001 and h[0] <= worst[2] + 0.001]
     print("  %-10s the slowest read overlapped %d store-lock holds of 1 ms or more, the longest %.1f ms"
           % ("", len(overlapping), max((h[2] for h in overlapping), default=0)))

@@ -28,8 +28,8 @@ public enum Limits {
     /// `commitFreezeStepPages`), so this bounds what a commit costs writers (Benchmarks/README.md,
     /// "Issue 15").
     public static let commitDirtyPagesMax = 4096
-    /// Changed pages a commit freezes per hold of the store lock: about 0.5 ms here at 32 M
-    /// chunks (Benchmarks/README.md, issue 15, eighth round).
+    /// Changed pages a commit freezes per hold of the store lock: 1.1 ms at most measured here at
+    /// 32 M chunks (Benchmarks/README.md, issue 15, eighth round).
     public static let commitFreezeStepPages = 512
     /// Shortest run of freed data-file pages a flush hole-punches. Scattered frees (overwrites)
     /// stay allocated: a new chunk written there lands on a page the page cache still holds,

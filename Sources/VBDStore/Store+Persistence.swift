@@ -602,7 +602,12 @@ extension Store {
     /// bookkeeping of its changed pages, not their I/O.
     public func checkpoint() throws {
         try flushMutex.withLock {
-            let tracedStart = StoreMutex.traceThresholdNanos != nil ? StoreMutex.wallClockSeconds() : ""
+            let tracing = StoreMutex.traceThresholdNanos != nil
+            let tracedStart = tracing ? StoreMutex.wallClockSeconds() : ""
+            // When tracing, the wall-clock end of each phase, so that a reader's slow I/O can be set
+            // beside the phase it overlapped (Benchmarks/metadata-scale.sh).
+            var phases = ""
+            func traceClock() -> String { tracing ? StoreMutex.wallClockSeconds() : "" }
             // Most of the data file's dirty pages are synced before the lock is taken: the sync
             // under it then waits only for what was written in between.
             if !options.readOnly { do { try chunkStorage.sync() } catch {
@@ -649,7 +654,8 @@ extension Store {
                 throw error
             }
             do {
-                try writePreparedCommit(prepared)
+                phases += " prepared \(traceClock())"
+                try writePreparedCommit(prepared) { phases += " \($0) \(traceClock())" }
             } catch let failed as FailedCommit {
                 mutex.withLock {
                     if failed.wroteNothingDurable {
@@ -678,6 +684,7 @@ extension Store {
                 if spaceReserveInUse.load(ordering: .relaxed) { refillSpaceReserve() }
                 return punches
             }
+            phases += " completed \(traceClock())"
             finishCommitUnlocked(prepared, punches: punches)
             if StoreMutex.traceThresholdNanos != nil {
                 let figures = mutex.withLock {
@@ -687,7 +694,7 @@ extension Store {
                 var usage = rusage()
                 getrusage(RUSAGE_SELF.rawValue, &usage)
                 StoreMutex.writeToStandardError("vbd commit trace: generation \(prepared.generation): \(figures), \(StoreMutex.memoryFigures()), process peak RSS \(usage.ru_maxrss >> 10) MiB, " +
-                                                "from \(tracedStart) to \(StoreMutex.wallClockSeconds())\n")
+                                                "from \(tracedStart) to \(StoreMutex.wallClockSeconds()), phases ended:\(phases) finished\n")
             }
         }
     }
@@ -871,7 +878,8 @@ extension Store {
     }
 
     /// Without `mutex`: the commit's pages, then the superblock that names them.
-    func writePreparedCommit(_ prepared: PreparedCommit) throws(FailedCommit) {
+    /// `ended` is told the name of each step as it ends (the commit trace).
+    func writePreparedCommit(_ prepared: PreparedCommit, ended: (StaticString) -> Void = { _ in }) throws(FailedCommit) {
         defer { prepared.sealedJournal.close() }
         // The chunks the sealed records name, then the seal frame: both before any page.
         do { try chunkStorage.sync() } catch {
@@ -887,6 +895,7 @@ extension Store {
             }
             throw FailedCommit(step: "fdatasync of the data file", error: error, wroteNothingDurable: false)
         }
+        ended("data-synced")
         // Without the marker a recovery after a power cut would not apply the seal, and would lose
         // the next journal's flushed frames: a failure here poisons, like a failed sync.
         do {
@@ -897,15 +906,18 @@ extension Store {
         do { try prepared.sealedJournal.sync() } catch {
             throw FailedCommit(step: "fdatasync of the sealed journal", error: error, wroteNothingDurable: false)
         }
+        ended("seal-synced")
         do { try MetadataPager.writeCommit(prepared.batch, to: metaFile) } catch {
             throw FailedCommit(step: "writing metadata pages", error: error, wroteNothingDurable: true)
         }
+        ended("pages-written")
         // A failed sync may have dropped written pages that a retried sync would call durable,
         // and a failed superblock write leaves unknown which slot a crash finds: only a reopen
         // can tell.
         do { try metaFile.sync() } catch {
             throw FailedCommit(step: "fdatasync of meta", error: error, wroteNothingDurable: false)
         }
+        ended("meta-synced")
         let slot = UInt64(prepared.generation % 2) * UInt64(Store.superblockSlotBytes)
         do {
             try Store.write(prepared.superblock, to: superblockFile, at: slot)
@@ -913,6 +925,7 @@ extension Store {
         } catch {
             throw FailedCommit(step: "superblock write", error: error, wroteNothingDurable: false)
         }
+        ended("superblock-synced")
     }
 
     /// With `mutex` held, once the superblock is durable. Returns the freed runs to punch, which
