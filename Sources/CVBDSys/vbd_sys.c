@@ -12,6 +12,12 @@ int vbd_punch_hole(int fd, long long offset, long long length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
 }
 
+int vbd_write_back(int fd, long long offset, long long length, int wait) {
+    unsigned int flags = SYNC_FILE_RANGE_WRITE;
+    if (wait) flags |= SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WAIT_AFTER;
+    return sync_file_range(fd, (off_t)offset, (off_t)length, flags);
+}
+
 #include <malloc.h>
 
 void vbd_tune_allocator(int mmap_threshold, int trim_threshold, int arena_max) {

@@ -1019,6 +1019,8 @@ final class MetadataPager {
         var batch = batch
         batch.pages.sort { $0.page < $1.page }
         var buffer = [UInt8](repeating: 0, count: bytes * runPagesMax)
+        var inFlight: [(offset: UInt64, length: UInt64)] = []
+        var inFlightBytes: UInt64 = 0
         var k = 0
         while k < batch.pages.count {
             var n = 0
@@ -1040,8 +1042,24 @@ final class MetadataPager {
             }
             if let failure { throw failure }
             k += n
+            // At most `writeBackRunsMax` runs and `writeBackBytesMax` of the commit in the device's queue at once: the sync
+            // that follows finds little left, and a read of another page waits behind a slice.
+            let length = UInt64(n * bytes)
+            file.writeBack(offset: start, length: length, waiting: false)
+            inFlight.append((start, length))
+            inFlightBytes += length
+            while inFlightBytes > writeBackBytesMax || inFlight.count > writeBackRunsMax, let (offset, length) = inFlight.first {
+                file.writeBack(offset: offset, length: length, waiting: true)
+                inFlight.removeFirst()
+                inFlightBytes -= length
+            }
         }
     }
+
+    /// What a commit's page writes may have in the device's queue at once (`writeCommit`): a
+    /// commit's pages are mostly runs of one page, and the block layer queues 256 requests.
+    static let writeBackBytesMax: UInt64 = 4 << 20
+    static let writeBackRunsMax = 32
 
     /// With the store lock held, once the superblock naming `batch.root` is durable: the batch's
     /// objects may change again, and the pages freed before the commit may be reused.

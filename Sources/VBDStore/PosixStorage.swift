@@ -232,6 +232,11 @@ final class PosixFile: StorageFile {
         }
     }
 
+    func writeBack(offset: UInt64, length: UInt64, waiting: Bool) {
+        // A hint: where it fails (not supported), `sync` does all the work as before.
+        _ = vbd_write_back(descriptor, Int64(offset), Int64(length), waiting ? 1 : 0)
+    }
+
     func close() {
         if descriptor >= 0 {
             Glibc.close(descriptor)

@@ -25,7 +25,16 @@ public protocol StorageFile: AnyObject {
     func truncate(to size: UInt64) throws(StorageError)
     /// Frees the storage of a range; it then reads as zeroes.
     func punchHole(offset: UInt64, length: UInt64) throws(StorageError)
+    /// Starts writing a range back to the device, and with `waiting` waits until it is written;
+    /// durable only after `sync`. For pacing a large write so that the device's queue holds a
+    /// bounded amount of it: a read queued behind it waits for a slice, not for all of it.
+    func writeBack(offset: UInt64, length: UInt64, waiting: Bool)
     func close()
+}
+
+extension StorageFile {
+    /// Storage whose `sync` is the only way to the device: nothing to pace.
+    public func writeBack(offset: UInt64, length: UInt64, waiting: Bool) {}
 }
 
 public protocol StorageDirectory: AnyObject {

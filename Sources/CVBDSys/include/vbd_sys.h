@@ -4,6 +4,10 @@
 #include <stdint.h>
 /* Linux calls that glibc only declares under _GNU_SOURCE, which Swift's Glibc module does not set. */
 int vbd_punch_hole(int fd, long long offset, long long length);
+/* Starts the write-back of a range of dirty pages (sync_file_range); with `wait`, first waits for
+   what is already being written back there and then for the range's own write-back. Makes nothing
+   durable by itself (no metadata, no disk cache flush). 0 or -1 with errno. */
+int vbd_write_back(int fd, long long offset, long long length, int wait);
 /* malloc tuning (malloc.h is not part of Swift's Glibc module): large allocations up to
    mmap_threshold bytes come from the heap, which is trimmed only past trim_threshold free bytes. */
 void vbd_tune_allocator(int mmap_threshold, int trim_threshold, int arena_max);
