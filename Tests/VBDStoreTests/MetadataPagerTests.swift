@@ -262,6 +262,28 @@ private func blob(_ seed: UInt64, _ n: Int = 100) -> [UInt8] {
         }
     }
 
+    /// A commit starts the write-back of every run it writes and waits for the oldest once more
+    /// than `writeBackRunsMax` runs or `writeBackBytesMax` bytes are in flight, so that the sync
+    /// after it finds little left and a read waits behind a slice of the commit.
+    @Test func aCommitPacesTheWriteBackOfItsPages() throws {
+        let h = try PagerHarness(seed: 12)
+        var pages: [PageNumber] = []
+        for k in 0..<2000 as Range<UInt64> { pages.append(try h.pager.allocate(BlobPage(bytes: blob(k)))) }
+        try h.commit()
+        // Every third page: runs of one page, as random changes make.
+        for page in pages.enumerated().filter({ $0.offset % 3 == 0 }).map(\.element) {
+            try h.pager.writable(page, as: BlobPage.self).bytes = blob(7)
+        }
+        let recorder = WriteBackRecorder(h.file)
+        let batch = try h.pager.beginCommit()
+        try MetadataPager.writeCommit(batch, to: recorder)
+        #expect(recorder.started >= 600, "\(recorder.started) write-backs started")
+        #expect(recorder.unstartedWrites == 0)
+        #expect(recorder.mostInFlight.runs <= MetadataPager.writeBackRunsMax + 1)
+        #expect(recorder.mostInFlight.bytes <= MetadataPager.writeBackBytesMax + (1 << 20))
+        #expect(recorder.waited > 0)
+    }
+
     @Test func aWriterDuringACommitGetsACopyAndTheCommitWritesTheFrozenBytes() throws {
         let h = try PagerHarness(seed: 5)
         let page = try h.pager.allocate(BlobPage(bytes: blob(1)))
@@ -468,4 +490,48 @@ private func blob(_ seed: UInt64, _ n: Int = 100) -> [UInt8] {
         #expect(throws: StoreError.self) { _ = try h.pager.read(p, as: PageTablePage.self) }
         #expect(throws: StoreError.self) { _ = try h.pager.read(PageNumber(1_000_000), as: BlobPage.self) }
     }
+}
+
+/// A file that passes everything through and records the write-backs `writeCommit` asks for.
+private final class WriteBackRecorder: StorageFile {
+    let file: any StorageFile
+    private var inFlight: [(offset: UInt64, length: UInt64)] = []
+    private(set) var started = 0
+    private(set) var waited = 0
+    private(set) var mostInFlight = (runs: 0, bytes: UInt64(0))
+    /// Writes whose range no write-back has started (yet).
+    private(set) var unstartedWrites = 0
+    private var written: [(offset: UInt64, length: UInt64)] = []
+    init(_ file: any StorageFile) { self.file = file }
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) -> Int {
+        try file.read(into: buffer, at: offset)
+    }
+    func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
+        try file.write(bytes, at: offset)
+        written.append((offset, UInt64(bytes.count)))
+        unstartedWrites += 1
+    }
+    func write(gathering parts: [UnsafeRawBufferPointer], at offset: UInt64) throws(StorageError) {
+        try file.write(gathering: parts, at: offset)
+    }
+    func sync() throws(StorageError) { try file.sync() }
+    func size() throws(StorageError) -> UInt64 { try file.size() }
+    func truncate(to size: UInt64) throws(StorageError) { try file.truncate(to: size) }
+    func punchHole(offset: UInt64, length: UInt64) throws(StorageError) { try file.punchHole(offset: offset, length: length) }
+    func writeBack(offset: UInt64, length: UInt64, waiting: Bool) {
+        if waiting {
+            inFlight.removeAll { $0.offset == offset && $0.length == length }
+            waited += 1
+            return
+        }
+        if let i = written.firstIndex(where: { $0.offset == offset && $0.length == length }) {
+            written.remove(at: i)
+            unstartedWrites -= 1
+        }
+        started += 1
+        inFlight.append((offset, length))
+        let bytes = inFlight.reduce(0) { $0 + $1.length }
+        mostInFlight = (max(mostInFlight.runs, inFlight.count), max(mostInFlight.bytes, bytes))
+    }
+    func close() { file.close() }
 }
