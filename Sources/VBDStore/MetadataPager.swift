@@ -33,8 +33,7 @@ import VBDCore
 // go of the lock between: readers run meanwhile, changes wait) give every dirty page its new
 // version, freeze the page objects (an object being written is never modified: a writer asking
 // for it gets a copy) and return the batch; `writeCommit` encodes and writes the batch without
-// the lock; the caller
-// syncs `meta` and writes the superblock; `finishCommit` (lock held) thaws the objects and makes
+// the lock; the caller syncs `meta` and writes the superblock; `finishCommit` (lock held) thaws the objects and makes
 // the pages freed before the commit reusable. Readers and writers of other pages run while a
 // commit writes.
 //
@@ -985,19 +984,12 @@ final class MetadataPager {
                 continue
             }
             f.walk.removeLast()
-            let previous: PageVersion
-            if let parent = f.walk.last {
-                previous = (frames[parent.page]!.object as! PageDirectoryPage).children[parent.nextChild - 1].version
-            } else {
-                previous = root.version
-            }
+            // Its pointer: the parent's slot it was reached by, or the root.
+            let parent = f.walk.last.map { (frames[$0.page]!.object as! PageDirectoryPage, $0.nextChild - 1) }
+            let previous = parent.map { $0.0.children[$0.1].version } ?? root.version
             let next = previous.next(generation: f.generation)
             take(page, frames[page]!, version: next, previous: previous, into: &f)
-            if let parent = f.walk.last {
-                (frames[parent.page]!.object as! PageDirectoryPage).children[parent.nextChild - 1].version = next
-            } else {
-                root.version = next
-            }
+            if let (directory, slot) = parent { directory.children[slot].version = next } else { root.version = next }
         }
         return true
     }
@@ -1042,8 +1034,9 @@ final class MetadataPager {
             }
             if let failure { throw failure }
             k += n
-            // At most `writeBackRunsMax` runs and `writeBackBytesMax` of the commit in the device's queue at once: the sync
-            // that follows finds little left, and a read of another page waits behind a slice.
+            // At most `writeBackRunsMax` runs and `writeBackBytesMax` bytes of the commit in the
+            // device's queue at once: the sync that follows finds little left, and a read of
+            // another page waits behind a slice.
             let length = UInt64(n * bytes)
             file.writeBack(offset: start, length: length, waiting: false)
             inFlight.append((start, length))

@@ -607,7 +607,7 @@ extension Store {
             // When tracing, the wall-clock end of each phase, so that a reader's slow I/O can be set
             // beside the phase it overlapped (Benchmarks/metadata-scale.sh).
             var phases = ""
-            func traceClock() -> String { tracing ? StoreMutex.wallClockSeconds() : "" }
+            func phaseEnded(_ name: StaticString) { if tracing { phases += " \(name) \(StoreMutex.wallClockSeconds())" } }
             // Most of the data file's dirty pages are synced before the lock is taken: the sync
             // under it then waits only for what was written in between.
             if !options.readOnly { do { try chunkStorage.sync() } catch {
@@ -654,8 +654,8 @@ extension Store {
                 throw error
             }
             do {
-                phases += " prepared \(traceClock())"
-                try writePreparedCommit(prepared) { phases += " \($0) \(traceClock())" }
+                phaseEnded("prepared")
+                try writePreparedCommit(prepared, ended: phaseEnded)
             } catch let failed as FailedCommit {
                 mutex.withLock {
                     if failed.wroteNothingDurable {
@@ -684,9 +684,9 @@ extension Store {
                 if spaceReserveInUse.load(ordering: .relaxed) { refillSpaceReserve() }
                 return punches
             }
-            phases += " completed \(traceClock())"
+            phaseEnded("completed")
             finishCommitUnlocked(prepared, punches: punches)
-            if StoreMutex.traceThresholdNanos != nil {
+            if tracing {
                 let figures = mutex.withLock {
                     "pages \(prepared.batch.pages.count), frees \(prepared.frees.count), punches \(punches.count), " +
                     "cache \(pager.residentBytes >> 10) KiB in \(pager.cachedPageCount) pages, bitmap \(space.bitmapBytes >> 20) MiB"
