@@ -24,6 +24,7 @@
 # them (see below).
 # COMPRESS (default 50) is fio's buffer_compress_percentage: 95 keeps a 32 M-chunk store's data
 # file within a small disk (every block is still unique).
+# SERVE_ARGS adds flags to every serve (an A/B of a serve option, e.g. "--data-write-back 0").
 # Everything runs in a temporary directory (TMPDIR) that is removed at the end, except the store
 # when STORE=DIR names where it lives: then it is kept (DIR.filled records the chunks), a later run
 # with the same DIR measures it without filling again, and FILL_ONLY=1 stops after the fill.
@@ -53,7 +54,7 @@ serve() {  # [METADATA_CACHE]
     # A small block cache, so that the peak RSS is mostly metadata.
     # The lock trace (1 ms and longer) shows what each long hold of the store lock was doing.
     VBD_LOCK_TRACE_MS=${VBD_LOCK_TRACE_MS:-1} "$vbdtool" serve --store "$store" --unix "$sock" --metadata-cache "${1:-$cache}" \
-        --cache-size 64M --last-chance-size 0 --log-level warning 2>>"$work/server.err" &
+        --cache-size 64M --last-chance-size 0 --log-level warning ${SERVE_ARGS:-} 2>>"$work/server.err" &
     server=$!
     for _ in $(seq 1 600); do
         [ -S "$sock" ] && nbdinfo --size "nbd+unix:///vol?socket=$sock" >/dev/null 2>&1 && return 0

@@ -2,7 +2,7 @@ import VBDStore
 
 /// A file operation about to run through a ``HookedDirectory``.
 public enum FileOperation: Sendable, Equatable {
-    case open, remove, read, write, sync, size, truncate, punchHole, syncDirectory
+    case open, remove, read, write, sync, size, truncate, punchHole, writeBack, syncDirectory
 }
 
 /// A `StorageDirectory` that calls `before` ahead of every operation on it or its files, then
@@ -61,6 +61,10 @@ final class HookedFile: StorageFile {
     func punchHole(offset: UInt64, length: UInt64) throws(StorageError) {
         before(name, .punchHole)
         try base.punchHole(offset: offset, length: length)
+    }
+    func writeBack(offset: UInt64, length: UInt64, waiting: Bool) {
+        before(name, .writeBack)
+        base.writeBack(offset: offset, length: length, waiting: waiting)
     }
     func close() { base.close() }
 }

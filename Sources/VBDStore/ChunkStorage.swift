@@ -1,3 +1,4 @@
+import Synchronization
 import VBDCache
 import VBDCore
 
@@ -83,9 +84,15 @@ public protocol ChunkStorage: AnyObject, Sendable {
 final class DataFileChunkStorage: ChunkStorage, @unchecked Sendable {
     // @unchecked: `file` is a StorageFile, whose implementations serialize what needs it.
     let file: any StorageFile
+    /// Bytes written after which their write-back is started (0: never; the syncs do it all).
+    let writeBackBytes: UInt64
+    /// What was written since the write-back was last started: its bytes and the span of the
+    /// file it lies in. Guarded by its own mutex, a leaf taken by writers of new chunks.
+    private let unstartedWrites = Mutex<(bytes: UInt64, start: UInt64, end: UInt64)>((0, .max, 0))
 
-    init(file: any StorageFile) {
+    init(file: any StorageFile, writeBackBytes: UInt64 = 0) {
         self.file = file
+        self.writeBackBytes = writeBackBytes
     }
 
     var placesAreDataFileSectors: Bool { true }
@@ -115,9 +122,27 @@ final class DataFileChunkStorage: ChunkStorage, @unchecked Sendable {
                 if padding > 0 { parts.append(UnsafeRawBufferPointer(rebasing: zeros[0..<padding])) }
                 j += 1
             } while j < sorted.count && sorted[j].place.place == sorted[j - 1].place.place + UInt64(sectorCount(sorted[j - 1]))
-            try file.write(gathering: parts, at: sorted[i].place.place * UInt64(Limits.sectorBytes))
+            let offset = sorted[i].place.place * UInt64(Limits.sectorBytes)
+            try file.write(gathering: parts, at: offset)
+            noteWritten(offset: offset, length: parts.reduce(0) { $0 + UInt64($1.count) })
             i = j
         }
+    }
+
+    /// Starts the write-back of the span written since the last start once `writeBackBytes`
+    /// were written into it (RocksDB's bytes_per_sync): what a sync then finds dirty, and what a
+    /// read of the disk may queue behind, is about that much rather than all since the last sync.
+    private func noteWritten(offset: UInt64, length: UInt64) {
+        guard writeBackBytes > 0 else { return }
+        let span: (start: UInt64, end: UInt64)? = unstartedWrites.withLock { w in
+            w.bytes += length
+            w.start = min(w.start, offset)
+            w.end = max(w.end, offset + length)
+            guard w.bytes >= writeBackBytes else { return nil }
+            defer { w = (0, .max, 0) }
+            return (w.start, w.end)
+        }
+        if let span { file.writeBack(offset: span.start, length: span.end - span.start, waiting: false) }
     }
 
     func readStored(_ chunk: StoredChunkPlace, into buffer: UnsafeMutableRawBufferPointer) throws(StorageError) {

@@ -98,6 +98,9 @@ public final class Store: @unchecked Sendable {
         /// Pages a commit freezes per hold of the store lock (`MetadataPager.continueFreeze`):
         /// what a reader may wait for behind a commit, whatever the commit's size.
         public var commitFreezeStepPages: Int = Limits.commitFreezeStepPages
+        /// Bytes of new chunks after which the data file's write-back is started; 0 leaves it
+        /// all to the syncs.
+        public var dataWriteBackBytes: UInt64 = Limits.dataWriteBackBytes
         /// Journal bytes no flush covers yet (queued, or journaled but not synced) that trigger an
         /// implicit flush.
         public var pendingJournalBytesMax: Int = Limits.pendingJournalBytesMax
@@ -296,7 +299,7 @@ public final class Store: @unchecked Sendable {
                 secret = options.secretForNewStore ?? Store.randomSeed()
                 superblockFile = try directory.openFile("superblock", create: true)
                 dataFile = try directory.openFile("data", create: true)
-                chunkStorage = options.chunkStorage ?? DataFileChunkStorage(file: dataFile)
+                chunkStorage = options.chunkStorage ?? DataFileChunkStorage(file: dataFile, writeBackBytes: options.dataWriteBackBytes)
                 metaFile = try directory.openFile("meta", create: true)
                 // Generation 0 exists only until the first checkpoint below replaces it.
                 journalFile = try directory.openFile("journal-0", create: true)
@@ -305,7 +308,7 @@ public final class Store: @unchecked Sendable {
                 guard directory.fileExists("superblock") else { throw StorageError.notFound("superblock") }
                 superblockFile = try directory.openFile("superblock", create: false)
                 dataFile = try directory.openFile("data", create: false)
-                chunkStorage = options.chunkStorage ?? DataFileChunkStorage(file: dataFile)
+                chunkStorage = options.chunkStorage ?? DataFileChunkStorage(file: dataFile, writeBackBytes: options.dataWriteBackBytes)
                 // `recover` opens `meta` (after the superblock says which format this is) and picks
                 // the generation; until then the journal and meta handles point at the superblock
                 // file, which nothing writes through them, and the pager is empty.

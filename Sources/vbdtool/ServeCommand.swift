@@ -50,6 +50,8 @@ struct ServeCommand: AsyncParsableCommand {
     var checkpointJournalBytes: String?
     @Option(help: "Memory for metadata pages (maps, chunk table, dedup index), e.g. 512M (default 256M, at least 1M); pages are read from the store on demand.")
     var metadataCache: String?
+    @Option(help: "Start the disk write of new chunks once this many bytes of them are written, e.g. 4M (the default), so that a flush's sync finds little left; 0 leaves it all to the syncs.")
+    var dataWriteBack: String?
     @Option(help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics (cache tiers, per-volume cache counters, space and sharing).", valueName: "host:port"))
     var metrics: String?
     @Flag(help: "Schedule I/O per domain (mClock: reservation, limit, weight; see docs/ACCOUNTING.md).") var schedule = false
@@ -164,6 +166,7 @@ struct ServeCommand: AsyncParsableCommand {
                 throw ValidationError("--metadata-cache: expected at least 1M, got '\(metadataCache)'")
             }
         }
+        if let dataWriteBack { _ = try parseSize(dataWriteBack, option: "--data-write-back") }
         if let deviceSlots, !(1...1024).contains(deviceSlots) { throw ValidationError("--device-slots: expected 1...1024, got \(deviceSlots)") }
         if reservedSlots < 0 || reservedSlots >= (deviceSlots ?? TenancyService.defaultDeviceParallelism) {
             throw ValidationError("--reserved-slots must be at least 0 and below the device slots (\(deviceSlots ?? TenancyService.defaultDeviceParallelism))")
@@ -254,6 +257,7 @@ struct ServeCommand: AsyncParsableCommand {
             options.checkpointJournalBytes = try parseSize(checkpointJournalBytes, option: "--checkpoint-journal-bytes")
         }
         if let metadataCache { options.metadataCacheBytes = Int(try parseSize(metadataCache, option: "--metadata-cache")) }
+        if let dataWriteBack { options.dataWriteBackBytes = try parseSize(dataWriteBack, option: "--data-write-back") }
         // A local store, or the RADOS families (one store and one lock each).
         var localStore: Store?
         var radosFamilies: [(name: String, location: RadosStoreLocation, store: Store)] = []
