@@ -159,6 +159,33 @@ import VBDCore
         host.close()
     }
 
+    /// A chunk freed by an overwrite not yet flushed is not installed, but a crash brings it back:
+    /// the sweep (gc's last step, run here alone, without gc's own flush before it) makes the
+    /// frees it judges durable before it releases anything, so after a crash right after it the
+    /// overwrite is durable and every block reads.
+    @Test func theSweepMakesTheFreesItJudgesDurableFirst() throws {
+        let domain = "d" + UUID().uuidString.prefix(8).lowercased()
+        let host = try cluster.connect()
+        let family = location("gf")
+        let store = try RadosStore.open(family, options: .onMicroCluster, create: true, sharingDomain: domain).store
+        try store.createVolume(name: "vm", size: 1 << 20, group: "pool")
+        let old = pattern(seed: 9350), new = pattern(seed: 9351)
+        try write(store, "vm", block: 0, old)
+        try store.flush()
+        try write(store, "vm", block: 0, new)
+        let chunks = try #require(store.chunkStorage as? RadosChunkStorage)
+        // The flush inside puts the freed chunk's reference itself; a sweep judging the free
+        // before it is durable would release it, and the crash below bring the chunk back.
+        #expect(try chunks.releaseUnclaimed(claimedBy: store).swept)
+        store.abandonWithoutFlush()
+        let reopened = try RadosStore.open(family, options: .onMicroCluster, create: false).store
+        #expect(try reopened.readBlock("vm", 0) == new)
+        #expect(reopened.fsck().isClean)
+        try expectEveryChunkReferenced(reopened, family: family.namespace, domain: domain, host)
+        try reopened.close()
+        host.close()
+    }
+
     /// Writers overwrite blocks with new, repeated and shared contents while `gc` runs again and
     /// again, after a crash left leaked references: the leaks go, no reference a block needs does
     /// (every block reads back its last write, also after a reopen; fsck verifies every object).
