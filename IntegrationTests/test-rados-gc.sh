@@ -88,7 +88,9 @@ d = open(sys.argv[1], "rb").read(1 << 20)
 print(len({d[i:i + 4096] for i in range(0, len(d), 4096)} - {bytes(4096)}))' "$TMPDIR_TEST/b.img")
 OUT=$(refused sweep-deleted-family "${B[@]}")
 echo "$OUT" | grep -q "still holds a store" || fail "sweep-deleted-family of a live store: $OUT"
-for object in $(rados -c "$CONF" -p vbd -N fam-b ls); do rados -c "$CONF" -p vbd -N fam-b rm "$object" || fail "rm $object"; done
+# shellcheck disable=SC2046
+rados -c "$CONF" -p vbd -N fam-b rm $(rados -c "$CONF" -p vbd -N fam-b ls) 2>/dev/null || fail "removing the second family's objects"
+[ -z "$(rados -c "$CONF" -p vbd -N fam-b ls)" ] || fail "objects left in the second family's namespace"
 "$VBDTOOL" gc "${A[@]}" --store "$STORE" | grep -q "^unclaimed chunk references released: 0 " || fail "the first family's gc released the deleted family's references"
 [ "$(chunk_objects)" = "$WITH_B" ] || fail "objects went before the deleted family's sweep"
 OUT=$("$VBDTOOL" sweep-deleted-family "${B[@]}") || fail "sweep-deleted-family: $OUT"

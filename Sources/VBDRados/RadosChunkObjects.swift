@@ -426,6 +426,7 @@ public final class RadosChunkObjects: Sendable {
                 guard try !isClaimed(object, reference) else { continue }
                 try checkOwned()
                 if bytes == nil {
+                    // Only for the report: a size that cannot be read counts as 0, and the put decides.
                     do { bytes = try releaser.pool.size(of: object.objectName) } catch { bytes = 0 }
                 }
                 try releaser.release(object, reference: reference)
