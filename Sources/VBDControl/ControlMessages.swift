@@ -343,6 +343,12 @@ public struct GCReport: Codable, Sendable, Equatable {
     public var dataFileBytesOnDiskAfter: UInt64
     public var metadataBytesOnDiskBefore: UInt64
     public var metadataBytesOnDiskAfter: UInt64
+    /// A store whose chunks are shared RADOS objects: what the leak sweep released that no record
+    /// of the store claimed (references, and the objects that went with their last one). Nil for
+    /// a store whose chunks are in its data file.
+    public var unclaimedChunkReferencesReleased: Int? = nil
+    public var unclaimedChunkObjectsRemoved: Int? = nil
+    public var unclaimedChunkBytesRemoved: UInt64? = nil
 }
 
 /// What `fsck` found.

@@ -300,12 +300,19 @@ public final class ControlService: Sendable {
         let dataBefore = StoreFiles.dataBytesOnDisk(storePath)
         let metaBefore = StoreFiles.metadataBytesOnDisk(storePath)
         progress(ProgressReport(phase: "gc", done: 0, total: 1, unit: "steps"))
-        let sizes = try store.gc()
+        let collected = try store.collectGarbage()
         progress(ProgressReport(phase: "gc", done: 1, total: 1, unit: "steps"))
-        return GCReport(storedBytesBefore: storedBefore, storedBytesAfter: store.storedBytes,
-                        dataFileBytesBefore: sizes.before, dataFileBytesAfter: sizes.after,
-                        dataFileBytesOnDiskBefore: dataBefore, dataFileBytesOnDiskAfter: StoreFiles.dataBytesOnDisk(storePath),
-                        metadataBytesOnDiskBefore: metaBefore, metadataBytesOnDiskAfter: StoreFiles.metadataBytesOnDisk(storePath))
+        var report = GCReport(storedBytesBefore: storedBefore, storedBytesAfter: store.storedBytes,
+                              dataFileBytesBefore: collected.dataFileBytesBefore, dataFileBytesAfter: collected.dataFileBytesAfter,
+                              dataFileBytesOnDiskBefore: dataBefore, dataFileBytesOnDiskAfter: StoreFiles.dataBytesOnDisk(storePath),
+                              metadataBytesOnDiskBefore: metaBefore, metadataBytesOnDiskAfter: StoreFiles.metadataBytesOnDisk(storePath))
+        let unclaimed = collected.unclaimedChunks
+        if unclaimed.swept {
+            report.unclaimedChunkReferencesReleased = unclaimed.references
+            report.unclaimedChunkObjectsRemoved = unclaimed.objectsRemoved
+            report.unclaimedChunkBytesRemoved = unclaimed.bytesRemoved
+        }
+        return report
     }
 }
 

@@ -395,8 +395,11 @@ public final class RadosChunkObjects: Sendable {
     /// `family` must hold its exclusive lock, checked before each release; the releases go through
     /// the family's own data client, so that a takeover which fences the family's owner also stops
     /// its sweep (the OSDs refuse the late puts), exactly as it stops the owner's writes.
+    ///
+    /// `onRemoved` is told of each object whose last reference this sweep released, with its size.
     @discardableResult
-    public func sweep(family: RadosDirectory, isClaimed: (ChunkObjectName, ChunkReference) throws -> Bool) throws -> [(ChunkObjectName, ChunkReference)] {
+    public func sweep(family: RadosDirectory, onRemoved: (ChunkObjectName, UInt64) -> Void = { _, _ in },
+                      isClaimed: (ChunkObjectName, ChunkReference) throws -> Bool) throws -> [(ChunkObjectName, ChunkReference)] {
         let name = family.pool.namespace
         guard Self.isValidIdentifier(name) else { throw RadosChunkError.invalidIdentifier(name) }
         func checkOwned() throws(RadosChunkError) {
@@ -418,11 +421,21 @@ public final class RadosChunkObjects: Sendable {
                 if case .rados(let failure) = error, failure.code == ENOENT { continue }
                 throw error
             }
+            var bytes: UInt64?
             for reference in tags.compactMap(ChunkReference.init(tag:)) where reference.family == name {
                 guard try !isClaimed(object, reference) else { continue }
                 try checkOwned()
+                if bytes == nil {
+                    // Only for the report: a size that cannot be read counts as 0, and the put decides.
+                    do { bytes = try releaser.pool.size(of: object.objectName) } catch { bytes = 0 }
+                }
                 try releaser.release(object, reference: reference)
                 released.append((object, reference))
+            }
+            if let bytes {
+                do {
+                    if try !releaser.pool.exists(object.objectName) { onRemoved(object, bytes) }
+                } catch { throw RadosChunkError.rados(error) }
             }
         }
         return released

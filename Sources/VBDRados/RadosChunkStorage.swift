@@ -54,10 +54,15 @@ public final class RadosChunkStorage: ChunkStorage {
     private let objectSets = Mutex<[UInt16: RadosChunkObjects]>([:])
     /// Where fresh serials come from; nil: every place given to `writeNew` carries its serial.
     public let serials: RadosChunkSerials?
+    /// The family's directory, holding its lock, when a `Store` uses this storage
+    /// (``RadosStore``): what `gc`'s leak sweep judges and releases through. Nil: no sweep in `gc`.
+    public let owner: RadosDirectory?
 
     public init(pool: RadosPool, domain: String, family: String, hashFunction: HashFunction = .xxh3,
                 seedForGroup: @escaping @Sendable (UInt16) -> UInt64, parallelWritesMax: Int = 16,
-                releasesInFlightMax: Int = 64, serials: RadosChunkSerials? = nil) throws(RadosChunkError) {
+                releasesInFlightMax: Int = 64, serials: RadosChunkSerials? = nil,
+                owner: RadosDirectory? = nil) throws(RadosChunkError) {
+        self.owner = owner
         // The group name `DOMAIN-65535` must still be an identifier of at most 64 bytes.
         guard domain.utf8.count <= 58, RadosChunkObjects.isValidIdentifier(domain) else { throw .invalidIdentifier(domain) }
         guard RadosChunkObjects.isValidIdentifier(family) else { throw .invalidIdentifier(family) }
@@ -222,8 +227,16 @@ extension RadosChunkStorage {
     /// the family's name); releases go through its data client (``RadosChunkObjects/sweep(family:isClaimed:)``).
     /// Other families' tags are left to their owners. Lists the whole chunk namespace once per
     /// group: a maintenance pass.
+    ///
+    /// A sweep while the family's store serves writes (`gc`) must also spare what those writes
+    /// still need: `hashesInFlight` (objects of contents whose write holds its claim, between its
+    /// chunk stored and its record installed) and every serial from `serialsFrom` on (references
+    /// taken after the claims were read). The takeover's sweep runs before the store serves
+    /// anything and needs neither.
     @discardableResult
-    public func sweep(owner: RadosDirectory, claimed: [StoredChunkPlace]) throws -> [(ChunkObjectName, ChunkReference)] {
+    public func sweep(owner: RadosDirectory, claimed: [StoredChunkPlace], hashesInFlight: Set<ContentHash> = [],
+                      serialsFrom: UInt64 = .max,
+                      onRemoved: (ChunkObjectName, UInt64) -> Void = { _, _ in }) throws -> [(ChunkObjectName, ChunkReference)] {
         guard owner.pool.namespace == family else {
             throw RadosChunkError.notOwner(family: family, detail: "the directory given is family \(owner.pool.namespace)'s")
         }
@@ -239,11 +252,72 @@ extension RadosChunkStorage {
         } catch { throw RadosChunkError.rados(error) }
         var released: [(ChunkObjectName, ChunkReference)] = []
         for group in groups.sorted() {
-            released += try objects(group: group).sweep(family: owner) { object, reference in
-                claims.contains(Claim(object: object, reference: reference))
+            released += try objects(group: group).sweep(family: owner, onRemoved: onRemoved) { object, reference in
+                reference.generation >= serialsFrom || hashesInFlight.contains(object.hash)
+                    || claims.contains(Claim(object: object, reference: reference))
             }
         }
         return released
+    }
+
+    /// The leak sweep in `gc` (docs/RADOS.md, "The sweep in gc"), while the store serves writes:
+    ///  1. read the serial counter: every reference taken later has a serial at or above it;
+    ///  2. the store's claims in one hold of its lock (``Store/chunkClaimsForSweep()``): the
+    ///     installed chunks, and the contents of writes in flight (a write between its chunk
+    ///     stored and its record installed is one of them; a write that reserves its chunk after
+    ///     this hold takes its serial after step 1);
+    ///  3. flush the store: every record written before step 2 is durable, so a chunk found
+    ///     freed (not installed) in step 2 stays freed across a crash and its reference may go;
+    ///  4. list and release what none of that claims, through the owner's client.
+    /// A reference the store still needs is therefore never released; one leaked while this ran
+    /// (or spared by steps 1-2) goes at the next sweep.
+    public func releaseUnclaimed(claimedBy store: Store) throws -> UnclaimedChunkRelease {
+        // A reader (shared lock) judges nothing: the family's owner may be between a chunk stored
+        // and its record (the doc's rule). A lock lost during the sweep stops it before a release.
+        guard let owner, let serials, owner.ownsExclusively else { return UnclaimedChunkRelease() }
+        let serialsFrom = serials.nextUnused
+        let claims = try store.chunkClaimsForSweep()
+        try store.flush()
+        var result = UnclaimedChunkRelease(swept: true)
+        let released = try sweep(owner: owner, claimed: claims.installed, hashesInFlight: claims.hashesInFlight,
+                                 serialsFrom: serialsFrom) { _, bytes in
+            result.objectsRemoved += 1
+            result.bytesRemoved += bytes
+        }
+        result.references = released.count
+        return result
+    }
+
+    /// Releases every reference of a family that was deleted as a whole (docs/RADOS.md, "What a
+    /// crash leaves"): no store in its namespace, so no record claims any of its tags, on the
+    /// objects of any group and domain in `chunks` (the pool's chunk namespace). `family` is the
+    /// deleted family's directory holding its exclusive lock (so no store can be created in it
+    /// meanwhile); the puts go through its client. Refused while any file of a store is left there.
+    public static func releaseDeletedFamily(_ family: RadosDirectory, chunks: RadosPool) throws -> UnclaimedChunkRelease {
+        let name = family.pool.namespace
+        guard family.ownsExclusively else {
+            throw RadosChunkError.notOwner(family: name, detail: family.lockLostReason ?? "its directory does not hold its exclusive lock")
+        }
+        let files = try family.fileNames()
+        guard files.isEmpty else {
+            throw RadosChunkError.notOwner(family: name, detail: "its namespace still holds a store (\(files.sorted().joined(separator: ", ")))")
+        }
+        var groups: Set<String> = []
+        do {
+            for object in try chunks.objectNames() {
+                if let chunk = ChunkObjectName(objectName: object) { groups.insert(chunk.group) }
+            }
+        } catch { throw RadosChunkError.rados(error) }
+        var result = UnclaimedChunkRelease(swept: true)
+        for group in groups.sorted() {
+            // The seed only matters for hashing new chunks, which a sweep never does.
+            let objects = try RadosChunkObjects(pool: chunks, group: group, hashSeed: 0)
+            result.references += try objects.sweep(family: family, onRemoved: { _, bytes in
+                result.objectsRemoved += 1
+                result.bytesRemoved += bytes
+            }) { _, _ in false }.count
+        }
+        return result
     }
 }
 
@@ -320,4 +394,7 @@ public final class RadosChunkSerials: Sendable {
 
     /// The first serial not yet reserved (tests).
     public var reservedBelow: UInt64 { state.withLock { $0.reservedBelow } }
+
+    /// The next serial `take` hands out: every serial taken later is at or above it.
+    public var nextUnused: UInt64 { state.withLock { $0.next } }
 }

@@ -111,14 +111,14 @@ public enum RadosStore {
             if create, let sharingDomain {
                 let secret = try domainSecret(sharingDomain, beside: directory.pool)
                 options.secretForNewStore = secret
-                options.chunkStorage = try chunkStorage(domain: sharingDomain, secret: secret, family: directory.pool)
+                options.chunkStorage = try chunkStorage(domain: sharingDomain, secret: secret, family: directory)
             } else if !create, let sharingDomain, recorded != sharingDomain {
                 throw StoreError.io("the store \(location) is not in sharing domain \(sharingDomain): "
                                     + (recorded.map { "it is in \($0)" } ?? "it was created in none"))
             } else if !create, let recorded {
                 // Checked against the store's own secret below, once it is open.
                 options.chunkStorage = try chunkStorage(domain: recorded, secret: try domainSecret(recorded, beside: directory.pool),
-                                                        family: directory.pool)
+                                                        family: directory)
             }
         } catch {
             directory.unlock()
@@ -175,13 +175,15 @@ public enum RadosStore {
         }
     }
 
-    /// The chunk storage of the family whose namespace `family` is, in `domain`: the chunk
-    /// namespace through the family's own client, its serials in the family's namespace.
-    static func chunkStorage(domain: String, secret: UInt64, family: RadosPool) throws -> RadosChunkStorage {
-        let chunks = try family.connection.openPool(family.pool, namespace: RadosChunkStorage.chunkNamespace)
-        return try RadosChunkStorage(pool: chunks, domain: domain, family: family.namespace,
+    /// The chunk storage of the family whose directory `family` is, in `domain`: the chunk
+    /// namespace through the family's own client, its serials in the family's namespace, and the
+    /// directory as the owner `gc`'s leak sweep judges for (a read-only store's holds no lock, so
+    /// its sweep is refused).
+    static func chunkStorage(domain: String, secret: UInt64, family: RadosDirectory) throws -> RadosChunkStorage {
+        let chunks = try family.pool.connection.openPool(family.pool.pool, namespace: RadosChunkStorage.chunkNamespace)
+        return try RadosChunkStorage(pool: chunks, domain: domain, family: family.pool.namespace,
                                      seedForGroup: { Store.hashSeed(secret: secret, group: $0) },
-                                     serials: try RadosChunkSerials(pool: family))
+                                     serials: try RadosChunkSerials(pool: family.pool), owner: family)
     }
 
     /// A domain's secret, kept in the chunk namespace of the pool that `storePool` is in.

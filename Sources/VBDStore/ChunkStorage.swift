@@ -77,6 +77,45 @@ public protocol ChunkStorage: AnyObject, Sendable {
     /// them is durable, and chunks `writeNew` stored that no record ever named. Idempotent (a
     /// crash may repeat it). Never called when `placesAreDataFileSectors`.
     func release(_ chunks: [StoredChunkPlace]) throws(StorageError)
+    /// `Store.gc`'s last step: gives back what this storage holds for `store` that no record
+    /// claims (what a crash left: docs/RADOS.md, "What a crash leaves"), while the store keeps
+    /// serving writes (``Store/chunkClaimsForSweep()`` says what they may still need). Called
+    /// without any store lock held. The data file has nothing of the kind (its free sectors are
+    /// the allocator's): the default does nothing.
+    func releaseUnclaimed(claimedBy store: Store) throws -> UnclaimedChunkRelease
+}
+
+extension ChunkStorage {
+    public func releaseUnclaimed(claimedBy store: Store) throws -> UnclaimedChunkRelease { UnclaimedChunkRelease() }
+}
+
+/// What `gc` released that no record of the store claimed (``ChunkStorage/releaseUnclaimed(claimedBy:)``).
+public struct UnclaimedChunkRelease: Equatable, Sendable {
+    /// References given back (RADOS: `refcount` tags of the family no record claims).
+    public var references = 0
+    /// Objects whose last reference that was, and their bytes (the OSDs removed them).
+    public var objectsRemoved = 0
+    public var bytesRemoved: UInt64 = 0
+    /// False when the storage has no such references to look for (the data file).
+    public var swept = false
+
+    public init(references: Int = 0, objectsRemoved: Int = 0, bytesRemoved: UInt64 = 0, swept: Bool = false) {
+        self.references = references
+        self.objectsRemoved = objectsRemoved
+        self.bytesRemoved = bytesRemoved
+        self.swept = swept
+    }
+}
+
+/// What a served store's records and writes in flight claim at one instant (one hold of its
+/// `mutex`): for a leak sweep that runs while the store serves (``Store/chunkClaimsForSweep()``).
+public struct ChunkClaims: Sendable {
+    /// Every installed chunk.
+    public var installed: [StoredChunkPlace]
+    /// The hashes of the new contents writes hold claims on (phases B-F): a write between its
+    /// phase E (the chunk stored) and F (its record installed) is one of them, and its chunk is
+    /// named by nothing else yet.
+    public var hashesInFlight: Set<ContentHash>
 }
 
 /// The store's chunks in its data file: each at its first sector, padded with zeroes to a sector
@@ -190,6 +229,25 @@ extension Store {
                 }
             }
             return places
+        }
+    }
+
+    /// The claims of a leak sweep that runs while the store serves writes (`gc`): the installed
+    /// chunks and the new contents in flight, in one hold of `mutex`. A write's new chunk is
+    /// claimed (`newContentInFlight`) from phase B until the hold of phase F that installs its
+    /// record (or gives it back): at this instant every chunk a write stored is either installed or
+    /// one of `hashesInFlight`. A write whose phase D comes after this hold takes its reference
+    /// serial after it too (phase E), so a sweeper that read the serial counter before this call
+    /// knows those by their serials (docs/RADOS.md, "The sweep in gc").
+    public func chunkClaimsForSweep() throws -> ChunkClaims {
+        try mutex.withLock {
+            var places: [StoredChunkPlace] = []
+            try chunks.records.forEachLeaf(pager: pager) { first, leaf in
+                for (k, r) in leaf.elements.enumerated() where r.entry.isInstalled {
+                    places.append(r.entry.storedPlace(number: first + UInt64(k)))
+                }
+            }
+            return ChunkClaims(installed: places, hashesInFlight: Set(newContentInFlight.keys))
         }
     }
 }

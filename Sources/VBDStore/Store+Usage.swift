@@ -168,6 +168,20 @@ extension Store {
     /// file and trims free space at its end. Returns the data file's size before and after.
     @discardableResult
     public func gc() throws -> (before: UInt64, after: UInt64) {
+        let collected = try collectGarbage()
+        return (collected.dataFileBytesBefore, collected.dataFileBytesAfter)
+    }
+
+    /// `gc()`, with what the chunk storage released that no record claimed (RADOS's leak sweep;
+    /// the data file has none).
+    public func collectGarbage() throws -> GarbageCollected {
+        let sizes = try reclaimDataFileSpace()
+        // Last, outside `flushMutex`: the storage's sweep flushes (docs/RADOS.md, "The sweep in gc").
+        let unclaimed = try chunkStorage.releaseUnclaimed(claimedBy: self)
+        return GarbageCollected(dataFileBytesBefore: sizes.before, dataFileBytesAfter: sizes.after, unclaimedChunks: unclaimed)
+    }
+
+    private func reclaimDataFileSpace() throws -> (before: UInt64, after: UInt64) {
         let before = (try? dataFile.size()) ?? 0
         try flush()
         // On a full disk a new checkpoint may not fit even though the flush above freed space
@@ -197,6 +211,13 @@ extension Store {
         }
         return (before, (try? dataFile.size()) ?? 0)
     }
+}
+
+/// What `Store.collectGarbage()` did.
+public struct GarbageCollected: Equatable, Sendable {
+    public var dataFileBytesBefore: UInt64
+    public var dataFileBytesAfter: UInt64
+    public var unclaimedChunks: UnclaimedChunkRelease
 }
 
 extension Store {

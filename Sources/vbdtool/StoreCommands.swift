@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import VBDControl
 import VBDCore
+import VBDRados
 import VBDStore
 
 struct ImportCommand: ParsableCommand {
@@ -107,6 +108,11 @@ struct GCCommand: ParsableCommand {
         table.add("data file on disk", Human.size(g.dataFileBytesOnDiskBefore), Human.size(g.dataFileBytesOnDiskAfter))
         table.add("metadata on disk", Human.size(g.metadataBytesOnDiskBefore), Human.size(g.metadataBytesOnDiskAfter))
         print(table.render())
+        if let references = g.unclaimedChunkReferencesReleased {
+            // A store of a sharing domain: the leak sweep's work (docs/RADOS.md).
+            print("unclaimed chunk references released: \(references) (\(g.unclaimedChunkObjectsRemoved ?? 0) objects, "
+                  + "\(Human.size(g.unclaimedChunkBytesRemoved ?? 0)) removed)")
+        }
     }
 }
 
@@ -159,5 +165,53 @@ struct StatusCommand: ParsableCommand {
         if output.json { JSON.print(s); return }
         print("serving \(s.storePath) (pid \(s.pid)); NBD: \(s.nbdAddresses.joined(separator: ", "))")
         if let families = s.families { print("families: \(families.isEmpty ? "none" : families.joined(separator: ", "))") }
+    }
+}
+
+/// Releases the shared chunk references of a family deleted as a whole (docs/RADOS.md, "What a
+/// crash leaves"): nothing else ever judges them, since only the owner of a family's namespace
+/// may, and a deleted family has none.
+struct SweepDeletedFamilyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sweep-deleted-family",
+        abstract: "Release every shared chunk reference of a RADOS family whose store was deleted (--rados POOL --namespace NS).",
+        discussion: """
+            Takes the namespace's lock (refused while a server owns it), refuses while any file of a store is left in \
+            the namespace, then releases every reference the family holds on the chunk objects of the pool (namespace \
+            vbd-chunks); objects whose last reference goes are removed.
+            """)
+    @OptionGroup var store: StoreOptions
+    @OptionGroup var output: OutputOptions
+
+    func run() throws {
+        guard let location = store.rados.location else { throw ValidationError("sweep-deleted-family needs --rados POOL --namespace NS") }
+        do {
+            try store.rados.requireOneNamespace()
+            let released: UnclaimedChunkRelease
+            do {
+                let (directory, _) = try RadosStore.openDirectory(location, ownership: .acquire, readOnly: false)
+                defer { directory.unlock() }
+                let chunks = try directory.pool.connection.openPool(location.pool, namespace: RadosChunkStorage.chunkNamespace)
+                defer { chunks.close() }
+                released = try RadosChunkStorage.releaseDeletedFamily(directory, chunks: chunks)
+            } catch let error as ControlFailure {
+                throw error
+            } catch let error as RadosError {
+                throw ControlFailure(code: "io", message: "\(location) (\(location.configurationFile)): \(error)")
+            } catch let error as RadosChunkError {
+                throw ControlFailure(code: "refused", message: "\(location): \(error)")
+            } catch {
+                throw ControlFailure(error)
+            }
+            if output.json {
+                JSON.print(["references": UInt64(released.references), "objectsRemoved": UInt64(released.objectsRemoved),
+                            "bytesRemoved": released.bytesRemoved])
+            } else {
+                print("released \(released.references) chunk references of \(location) (\(released.objectsRemoved) objects, "
+                      + "\(Human.size(released.bytesRemoved)) removed)")
+            }
+        } catch let error as ControlFailure {
+            fail(error, json: output.json)
+        }
     }
 }

@@ -29,7 +29,7 @@ struct VBDTool: AsyncParsableCommand {
             InitCommand.self, CreateCommand.self, ListCommand.self, InfoCommand.self, SnapshotCommand.self,
             ShareCommand.self, RemoveCommand.self, ResizeCommand.self, DiffCommand.self, ImportCommand.self,
             ExportCommand.self, ServeCommand.self, StatusCommand.self, StatsCommand.self, GCCommand.self, FsckCommand.self,
-            LeaseCommand.self, AuditCommand.self, DomainCommand.self, VolumeCommand.self,
+            LeaseCommand.self, AuditCommand.self, DomainCommand.self, VolumeCommand.self, SweepDeletedFamilyCommand.self,
         ]
     )
 }

@@ -173,7 +173,7 @@ final class CrashingChunkStorage: ChunkStorage {
             // As RadosStore.open(create: true, sharingDomain:) wires it, with the crash switch between.
             let secret = try RadosStore.domainSecret(family.domain, beside: directory.pool)
             options.secretForNewStore = secret
-            let chunks = try RadosStore.chunkStorage(domain: family.domain, secret: secret, family: directory.pool)
+            let chunks = try RadosStore.chunkStorage(domain: family.domain, secret: secret, family: directory)
             options.chunkStorage = CrashingChunkStorage(chunks, crash)
         }
         let store = try Store(directory: CrashingDirectory(directory, crash), options: options, create: true)
@@ -327,7 +327,7 @@ final class CrashingChunkStorage: ChunkStorage {
                 if form == .chunkObjects {
                     let domain = try #require(try RadosStore.recordedSharingDomain(directory.pool))
                     chunks = try RadosStore.chunkStorage(domain: domain, secret: try RadosStore.domainSecret(domain, beside: directory.pool),
-                                                         family: directory.pool)
+                                                         family: directory)
                     options.chunkStorage = CrashingChunkStorage(chunks!, second)
                 }
                 var model2 = model
