@@ -233,21 +233,46 @@ extension Store {
     }
 
     /// The claims of a leak sweep that runs while the store serves writes (`gc`): the installed
-    /// chunks and the new contents in flight, in one hold of `mutex`. A write's new chunk is
-    /// claimed (`newContentInFlight`) from phase B until the hold of phase F that installs its
-    /// record (or gives it back): at this instant every chunk a write stored is either installed or
-    /// one of `hashesInFlight`. A write whose phase D comes after this hold takes its reference
-    /// serial after it too (phase E), so a sweeper that read the serial counter before this call
-    /// knows those by their serials (docs/RADOS.md, "The sweep in gc").
+    /// chunks, walked `sweepClaimLeavesPerHold` chunk-table leaves per hold of `mutex` (read before
+    /// each hold, not under it), and the new contents in flight at any of those holds. A write's
+    /// new chunk is claimed (`newContentInFlight`) from phase B until the hold of phase F that
+    /// installs its record (or gives it back), so at the first hold every chunk a write stored is
+    /// installed or in flight; one in flight then is claimed whatever window it installs into. An
+    /// installed chunk freed before its window is walked is left out, which is right once the
+    /// sweeper's flush after this call made the free durable. A write whose phase D comes after
+    /// the first hold takes its reference serial after it too (phase E), so a sweeper that read the
+    /// serial counter before this call knows those by their serials (docs/RADOS.md, "The sweep in
+    /// gc").
     public func chunkClaimsForSweep() throws -> ChunkClaims {
-        try mutex.withLock {
-            var places: [StoredChunkPlace] = []
-            try chunks.records.forEachLeaf(pager: pager) { first, leaf in
-                for (k, r) in leaf.elements.enumerated() where r.entry.isInstalled {
-                    places.append(r.entry.storedPlace(number: first + UInt64(k)))
+        var places: [StoredChunkPlace] = []
+        var hashesInFlight = Set<ContentHash>()
+        let leafElements = UInt64(PagedArray<ChunkRecord>.Leaf.capacity)
+        let perHold = Store.sweepClaimLeavesPerHold * leafElements
+        var next: UInt64 = 0
+        while true {
+            let walked = try withLockAfterLoadingPages(probingAlways: true, probe: {
+                var n = next
+                let end = min(next + perHold, chunks.end)
+                while n < end { _ = try? chunks.entry(n, pager: pager); n += leafElements }
+            }) { () throws -> Bool in
+                hashesInFlight.formUnion(newContentInFlight.keys)
+                let end = chunks.end
+                guard next < end else { return false }
+                let upper = min(next + perHold, end)
+                try chunks.records.forEachLeaf(in: next..<upper, pager: pager) { first, leaf in
+                    for (k, r) in leaf.elements.enumerated() where r.entry.isInstalled {
+                        let number = first + UInt64(k)
+                        if number >= next && number < upper { places.append(r.entry.storedPlace(number: number)) }
+                    }
                 }
+                next = upper
+                return true
             }
-            return ChunkClaims(installed: places, hashesInFlight: Set(newContentInFlight.keys))
+            if !walked { break }
         }
+        return ChunkClaims(installed: places, hashesInFlight: hashesInFlight)
     }
+
+    /// Chunk-table leaves (253 records each) a sweep's claims walk per hold of the store lock.
+    static let sweepClaimLeavesPerHold: UInt64 = 16
 }

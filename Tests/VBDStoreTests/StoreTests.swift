@@ -635,6 +635,30 @@ import VBDCache
         try cold.close()
     }
 
+    /// A leak sweep's claims (`chunkClaimsForSweep`, run by `gc` on a store whose chunks are RADOS
+    /// objects) walk the chunk table in windows whose leaves are read before the lock is held,
+    /// and claim exactly the installed chunks.
+    @Test func aSweepsClaimsReadTheChunkTableWithoutTheStoreLock() throws {
+        let dir = TemporaryStoreDirectory()
+        let (store, options) = try Self.smallCacheStore(dir, volumeBytes: 64 << 20)
+        let v = try store.device(named: "v")
+        for n in stride(from: 0, to: 16_384, by: 64) {
+            try v.write((0..<64).flatMap { block(seed: UInt64(n + $0)) }, at: UInt64(n) * 4096)
+        }
+        try store.close()
+        let cold = try Store.open(path: dir.path, options: options)
+        let before = cold.metadataPageReads
+        let claims = try cold.chunkClaimsForSweep()
+        let (all, outside) = Self.pagesRead(cold, since: before)
+        #expect(all >= 60, "the chunk table's leaves were cached")
+        #expect(outside * 100 >= all * 95, "\(all - outside) of \(all) pages read under the lock")
+        let installed = try cold.installedChunkPlaces()
+        #expect(claims.installed.count == 16_384)
+        #expect(claims.installed == installed)
+        #expect(claims.hashesInFlight.isEmpty)
+        try cold.close()
+    }
+
     /// Metadata pages `store` read since `before` (its `metadataPageReads` then), and how many of
     /// them without the store lock; printed for the test's log.
     static func pagesRead(_ store: Store, since before: (all: Int, outsideLock: Int)) -> (all: Int, outside: Int) {
