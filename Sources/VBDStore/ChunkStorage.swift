@@ -123,11 +123,12 @@ public struct ChunkClaims: Sendable {
 final class DataFileChunkStorage: ChunkStorage, @unchecked Sendable {
     // @unchecked: `file` is a StorageFile, whose implementations serialize what needs it.
     let file: any StorageFile
-    /// Bytes written after which their write-back is started (0: never; the syncs do it all).
+    /// Bytes written one after another in the file after which their write-back is started (0:
+    /// never; the syncs do it all).
     let writeBackBytes: UInt64
-    /// What was written since the write-back was last started: its bytes and the span of the
-    /// file it lies in. Guarded by its own mutex, a leaf taken by writers of new chunks.
-    private let unstartedWrites = Mutex<(bytes: UInt64, start: UInt64, end: UInt64)>((0, .max, 0))
+    /// The run of the file written one write after another since the write-back was last
+    /// started. Guarded by its own mutex, a leaf taken by writers of new chunks.
+    private let sequentialRun = Mutex(SequentialRun())
 
     init(file: any StorageFile, writeBackBytes: UInt64 = 0) {
         self.file = file
@@ -168,20 +169,22 @@ final class DataFileChunkStorage: ChunkStorage, @unchecked Sendable {
         }
     }
 
-    /// Starts the write-back of the span written since the last start once `writeBackBytes`
-    /// were written into it (RocksDB's bytes_per_sync): what a sync then finds dirty, and what a
-    /// read of the disk may queue behind, is about that much rather than all since the last sync.
+    /// Starts the write-back of a run written in order (each write where the last ended) once it
+    /// reaches `writeBackBytes`, as RocksDB's bytes_per_sync does for its sequential files: what a
+    /// sync then finds dirty of a streaming writer, and what a read of the disk may queue behind,
+    /// is a slice of it. Scattered writes (new chunks in freed sectors all over the file) are left
+    /// to the sync, which sorts and merges them; started one by one they would reach the disk as
+    /// scattered small writes among the readers' reads.
     private func noteWritten(offset: UInt64, length: UInt64) {
         guard writeBackBytes > 0 else { return }
-        let span: (start: UInt64, end: UInt64)? = unstartedWrites.withLock { w in
-            w.bytes += length
-            w.start = min(w.start, offset)
-            w.end = max(w.end, offset + length)
-            guard w.bytes >= writeBackBytes else { return nil }
-            defer { w = (0, .max, 0) }
-            return (w.start, w.end)
+        let end = offset + length
+        let step = writeBackBytes
+        // The run's start when it is long enough to start (the run then begins anew at `end`).
+        let start = sequentialRun.withLock { (run: inout SequentialRun) -> UInt64 in
+            run.extend(offset: offset, end: end)
+            return run.takeIfLonger(than: step)
         }
-        if let span { file.writeBack(offset: span.start, length: span.end - span.start, waiting: false) }
+        if start != .max { file.writeBack(offset: start, length: end - start, waiting: false) }
     }
 
     func readStored(_ chunk: StoredChunkPlace, into buffer: UnsafeMutableRawBufferPointer) throws(StorageError) {
@@ -195,6 +198,25 @@ final class DataFileChunkStorage: ChunkStorage, @unchecked Sendable {
         zeros.initializeMemory(as: UInt8.self, repeating: 0)
         return UnsafeRawBufferPointer(zeros)
     }()
+}
+
+/// A run of a file written one write after another (`DataFileChunkStorage.noteWritten`).
+struct SequentialRun {
+    var start: UInt64 = 0
+    var end: UInt64 = 0
+
+    /// A write at `offset` where the run ends extends it; anywhere else it begins a new run.
+    mutating func extend(offset: UInt64, end newEnd: UInt64) {
+        if offset != end { start = offset }
+        end = newEnd
+    }
+
+    /// The run's start if it reached `bytes` (the run then begins again at its end), else `.max`.
+    mutating func takeIfLonger(than bytes: UInt64) -> UInt64 {
+        guard end - start >= bytes else { return .max }
+        defer { start = end }
+        return start
+    }
 }
 
 /// Frees waiting for the records that made them to be durable: the data file's sectors (the space

@@ -98,8 +98,8 @@ public final class Store: @unchecked Sendable {
         /// Pages a commit freezes per hold of the store lock (`MetadataPager.continueFreeze`):
         /// what a reader may wait for behind a commit, whatever the commit's size.
         public var commitFreezeStepPages: Int = Limits.commitFreezeStepPages
-        /// Bytes of new chunks after which the data file's write-back is started; 0 leaves it
-        /// all to the syncs.
+        /// Bytes of new chunks written one after another in the data file after which their
+        /// write-back is started; 0 leaves it all to the syncs.
         public var dataWriteBackBytes: UInt64 = Limits.dataWriteBackBytes
         /// Journal bytes no flush covers yet (queued, or journaled but not synced) that trigger an
         /// implicit flush.

@@ -6,50 +6,59 @@ import VBDCore
 import VBDSimulation
 @testable import VBDStore
 
-/// New chunks' write-back is started as they are written (`Store.Options.dataWriteBackBytes`), so
-/// that a flush's or commit's sync of the data file finds little dirty and a read of the disk
-/// queues behind a slice of writes rather than all since the last sync.
+/// New chunks written one after another in the data file have their write-back started as they
+/// are written (`Store.Options.dataWriteBackBytes`), so that a flush's or commit's sync finds
+/// little of a streaming writer dirty; scattered writes are left to the syncs, which sort them.
 @Suite struct DataWriteBackTests {
-    /// Every write is inside a span whose write-back started after it, except the last
-    /// `writeBackBytes` or less; and the spans start about once per `writeBackBytes`.
-    @Test func everyWriteIsInASpanWhoseWriteBackStartedAfterIt() throws {
+    /// Chunks in batches of 1-16, each batch where the last ended: every write is inside a run
+    /// whose write-back started after it, except the last `writeBackBytes` or less, and the runs
+    /// start about once per `writeBackBytes`. Batches at random places start nothing.
+    @Test func aSequentialRunHasItsWriteBackStartedAndScatteredWritesDoNot() throws {
         let dir = TemporaryStoreDirectory()
         let directory = try PosixDirectory(path: dir.path, create: true)
-        let recorder = SpanRecorder(try directory.openFile("data", create: true))
-        defer { recorder.close() }
         let step: UInt64 = 256 << 10
-        let storage = DataFileChunkStorage(file: recorder, writeBackBytes: step)
-        var g = SplitMix64(seed: 3)
-        let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 16)
-        defer { bytes.deallocate() }
-        bytes.initializeMemory(as: UInt8.self, repeating: 0x5a)
-        var written: UInt64 = 0
-        for batch in 0..<200 as Range<UInt64> {
-            // Batches of 1-16 chunks of 100-4096 bytes at random places, some adjacent.
-            var chunks: [NewStoredChunk] = []
-            var sector = (g.next() % 100_000) * 8
-            for k in 0..<(1 + g.next() % 16) {
-                let size = 100 + Int(g.next() % 3997)
-                let sectors = UInt64((size + Limits.sectorBytes - 1) / Limits.sectorBytes)
-                defer { sector += sectors + (g.next() % 2 == 0 ? 0 : 8) }
-                written += sectors * UInt64(Limits.sectorBytes)
-                let place = StoredChunkPlace(number: batch * 16 + k, place: sector, group: SharingGroupID(0),
-                                             hash: ContentHash(high: batch, low: k), storedBytes: size,
-                                             isCompressed: false, rawBytes: size)
-                chunks.append(NewStoredChunk(place: place, stored: UnsafeRawBufferPointer(rebasing: bytes[0..<size])))
+        for sequential in [true, false] {
+            let recorder = SpanRecorder(try directory.openFile(sequential ? "sequential" : "scattered", create: true))
+            defer { recorder.close() }
+            let storage = DataFileChunkStorage(file: recorder, writeBackBytes: step)
+            var g = SplitMix64(seed: 3)
+            let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 16)
+            defer { bytes.deallocate() }
+            bytes.initializeMemory(as: UInt8.self, repeating: 0x5a)
+            var written: UInt64 = 0
+            var sector: UInt64 = 8
+            for batch in 0..<200 as Range<UInt64> {
+                var chunks: [NewStoredChunk] = []
+                // Scattered: each batch far from the last one's end.
+                if !sequential { sector = (1 + g.next() % 100_000) * 64 }
+                for k in 0..<(1 + g.next() % 16) {
+                    let size = 100 + Int(g.next() % 3997)
+                    let sectors = UInt64((size + Limits.sectorBytes - 1) / Limits.sectorBytes)
+                    defer { sector += sectors }
+                    written += sectors * UInt64(Limits.sectorBytes)
+                    let place = StoredChunkPlace(number: batch * 16 + k, place: sector, group: SharingGroupID(0),
+                                                 hash: ContentHash(high: batch, low: k), storedBytes: size,
+                                                 isCompressed: false, rawBytes: size)
+                    chunks.append(NewStoredChunk(place: place, stored: UnsafeRawBufferPointer(rebasing: bytes[0..<size])))
+                }
+                try storage.writeNew(&chunks)
             }
-            try storage.writeNew(&chunks)
+            if sequential {
+                let uncovered = recorder.writes.filter { w in
+                    !recorder.starts.contains { $0.after > w.index && $0.offset <= w.offset && w.offset + w.length <= $0.offset + $0.length }
+                }
+                #expect(uncovered.reduce(0) { $0 + $1.length } < step, "\(uncovered.count) writes never had their write-back started")
+                #expect(recorder.starts.count >= Int(written / step) - 1 && recorder.starts.count <= Int(written / step) + 1,
+                        "\(recorder.starts.count) write-backs started for \(written) bytes")
+            } else {
+                #expect(recorder.starts.isEmpty, "\(recorder.starts.count) write-backs started for scattered writes")
+            }
         }
-        let uncovered = recorder.writes.filter { w in
-            !recorder.starts.contains { $0.after > w.index && $0.offset <= w.offset && w.offset + w.length <= $0.offset + $0.length }
-        }
-        #expect(uncovered.reduce(0) { $0 + $1.length } < step, "\(uncovered.count) writes never had their write-back started")
-        #expect(recorder.starts.count >= Int(written / step) - 1 && recorder.starts.count <= Int(written / step) + 1,
-                "\(recorder.starts.count) write-backs started for \(written) bytes")
     }
 
-    /// Through the store: writing 16 MiB starts the data file's write-back more than a dozen times
-    /// at a 1 MiB step, and never with the step at 0; the blocks read back either way.
+    /// Through the store: writing 16 MiB in order into a new store (its chunks land one after
+    /// another in the data file) starts the data file's write-back more than a dozen times at a
+    /// 1 MiB step, and never with the step at 0; the blocks read back either way.
     @Test func aStoreStartsTheDataFilesWriteBackAsItWrites() throws {
         for step: UInt64 in [1 << 20, 0] {
             let dir = TemporaryStoreDirectory()
