@@ -22,20 +22,28 @@ import Glibc
         var depth: Int
         var queues: Int
         var requestsPerQueue: Int
+        /// The front end sends a new memory table (every queue stops, waiting for its requests, and
+        /// starts again) or a new call fd every few milliseconds while requests run.
+        var restarts = false
         var description: String {
             "\(eventIndex ? "EVENT_IDX" : "no EVENT_IDX"), \(queues) queue(s) of \(queueSize), depth \(depth), \(requestsPerQueue) requests each"
+                + (restarts ? ", restarted meanwhile" : "")
         }
     }
 
+    /// About 600,000 requests in all: some 10-15 s in a debug build on two cores.
     static let configurations: [Configuration] = [
-        .init(eventIndex: true, queueSize: 128, depth: 32, queues: 2, requestsPerQueue: 30_000),
-        .init(eventIndex: true, queueSize: 256, depth: 128, queues: 1, requestsPerQueue: 30_000),
-        .init(eventIndex: true, queueSize: 128, depth: 1, queues: 2, requestsPerQueue: 8_000),
-        .init(eventIndex: true, queueSize: 128, depth: 2, queues: 1, requestsPerQueue: 10_000),
-        .init(eventIndex: true, queueSize: 256, depth: 7, queues: 3, requestsPerQueue: 10_000),
-        .init(eventIndex: false, queueSize: 128, depth: 32, queues: 2, requestsPerQueue: 20_000),
-        .init(eventIndex: false, queueSize: 128, depth: 1, queues: 1, requestsPerQueue: 8_000),
-        .init(eventIndex: false, queueSize: 256, depth: 128, queues: 1, requestsPerQueue: 20_000),
+        .init(eventIndex: true, queueSize: 128, depth: 32, queues: 2, requestsPerQueue: 60_000),
+        .init(eventIndex: true, queueSize: 256, depth: 128, queues: 1, requestsPerQueue: 60_000),
+        .init(eventIndex: true, queueSize: 128, depth: 1, queues: 2, requestsPerQueue: 30_000),
+        .init(eventIndex: true, queueSize: 128, depth: 2, queues: 1, requestsPerQueue: 40_000),
+        .init(eventIndex: true, queueSize: 256, depth: 7, queues: 3, requestsPerQueue: 30_000),
+        .init(eventIndex: true, queueSize: 128, depth: 16, queues: 4, requestsPerQueue: 20_000),
+        .init(eventIndex: true, queueSize: 128, depth: 32, queues: 2, requestsPerQueue: 20_000, restarts: true),
+        .init(eventIndex: false, queueSize: 128, depth: 32, queues: 2, requestsPerQueue: 40_000),
+        .init(eventIndex: false, queueSize: 128, depth: 1, queues: 1, requestsPerQueue: 20_000),
+        .init(eventIndex: false, queueSize: 256, depth: 128, queues: 1, requestsPerQueue: 40_000),
+        .init(eventIndex: false, queueSize: 128, depth: 7, queues: 2, requestsPerQueue: 20_000, restarts: true),
     ]
 
     @Test(arguments: configurations)
@@ -186,15 +194,30 @@ final class NotificationStress: @unchecked Sendable {
             try send(.setVringEnable, vhostUserVringState(index: q, num: 1))
         }
         let done = DispatchGroup()
+        // The session's messages and the drivers' look at its queues (for a stall report) take turns.
+        let frontEnd = Mutex(())
         for driver in drivers {
             done.enter()
             let thread = Thread { [session] in
-                driver.run { session.queueDiagnostics[driver.queue] }
+                driver.run { frontEnd.withLock { _ in session.queueDiagnostics[driver.queue] } }
                 done.leave()
             }
             thread.start()
         }
-        done.wait()   // each driver gives up after `stallSeconds` without progress
+        var restarts = 0
+        // Each driver gives up after `stallSeconds` without progress.
+        while done.wait(timeout: .now() + .milliseconds(2 + random.below(20))) == .timedOut {
+            guard configuration.restarts else { continue }
+            try frontEnd.withLock { _ in
+                if random.below(2) == 0 {
+                    try send(.setMemTable, table.bytes, fds: [memfd])
+                } else {
+                    let driver = drivers[random.below(drivers.count)]
+                    try send(.setVringCall, vhostUserU64(UInt64(driver.queue)), fds: [driver.call])
+                }
+            }
+            restarts += 1
+        }
         // Stopping waits for the requests in flight; a device stuck for good would hang here, so
         // it is bounded too (the queue threads are then left behind, the failure already reported).
         let closed = DispatchSemaphore(value: 0)
@@ -204,7 +227,8 @@ final class NotificationStress: @unchecked Sendable {
             failures.append("the session did not stop within 20 s: \(session.queueDiagnostics)")
         }
         // What the run exercised (the driver's side), one line per configuration.
-        print("notification stress, \(configuration): " + drivers.map(\.summary).joined(separator: "; "))
+        print("notification stress, \(configuration): " + drivers.map(\.summary).joined(separator: "; ")
+              + (configuration.restarts ? "; \(restarts) memory tables or call fds sent" : ""))
         return Outcome(completed: drivers.reduce(0) { $0 + $1.completed }, failures: failures)
     }
 }
