@@ -128,7 +128,7 @@ final class NotificationStress: @unchecked Sendable {
     static let guestPhysicalBase: UInt64 = 0x100_0000
     static let userBase: UInt64 = 0x7f34_0000_0000
     /// How long requests may be in flight with nothing completing before the driver reports a stall.
-    static let stallSeconds = 3.0
+    static let stallSeconds = 5.0
 
     let configuration: NotificationStressTests.Configuration
     let memfd: Int32
