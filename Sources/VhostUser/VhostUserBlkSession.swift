@@ -210,7 +210,8 @@ public final class VhostUserBlkSession: @unchecked Sendable {
     public var countersPerQueue: [QueueCounters] { queues.map(\.counters) }
 
     /// Each running queue's state in one line (ring indexes, requests running, what its thread is
-    /// doing), for a test or a watcher that finds a queue silent; read without stopping the queue.
+    /// doing), for a test or a watcher that finds a queue silent; read without stopping the queue,
+    /// but not while ``handle(header:payload:fileDescriptors:)`` runs (it may replace the workers).
     public var queueDiagnostics: [String] { queues.map { q in q.worker.map { "queue \(q.index): \($0.diagnostics)" } ?? "queue \(q.index): not running" } }
 
     /// Ends the session: workers stop, memory is unmapped, every fd closes. Returns what each
