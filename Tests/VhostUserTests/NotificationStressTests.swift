@@ -515,11 +515,16 @@ final class LinuxSplitRingDriver: @unchecked Sendable {
         let used = deviceUsedIndex
         let availableEvent = availableEventNow, usedEvent = usedEventNow
         let flags = UInt16(littleEndian: vbd_load_acquire_u16(availableFlags))
+        // Whether the driver asked for an interrupt for the entries the device used beyond its own.
+        let interruptWanted = eventIndex ? Self.needEvent(usedEvent, new: used, old: lastUsedIndex) : flags & Self.noInterrupt == 0
+        let untaken = "if the device's `taken` is behind avail idx \(availableIndexShadow), a kick was lost (avail_event \(availableEvent)) or its queue thread is stuck; if not, requests are stuck in the device"
         let diagnosis: String
-        if used != lastUsedIndex {
+        if used != lastUsedIndex && interruptWanted {
             diagnosis = "LOST INTERRUPT: the device used \(used &- lastUsedIndex) entries past the driver's \(lastUsedIndex), but no call came (used_event \(usedEvent), avail flags \(flags))"
+        } else if used != lastUsedIndex {
+            diagnosis = "the device used \(used &- lastUsedIndex) entries, short of the interrupt the driver asked for (used_event \(usedEvent)); \(untaken)"
         } else {
-            diagnosis = "nothing used: if the device's `taken` is behind avail idx \(availableIndexShadow), a kick was lost (avail_event \(availableEvent)) or its queue thread is stuck; if not, requests are stuck in the device"
+            diagnosis = "nothing used: \(untaken)"
         }
         return """
             queue \(queue): no completion for \(NotificationStress.stallSeconds) s with \(Int(size) - free.count) requests in flight: \(diagnosis)
