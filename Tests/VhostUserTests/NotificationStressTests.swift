@@ -473,6 +473,7 @@ final class LinuxSplitRingDriver: @unchecked Sendable {
                     jitter(random, oneIn: 32)
                     if batch == 0 || free.count == Int(size) - depth || submitted == requests {
                         if kickPrepare() {
+                            jitter(random, oneIn: 8)   // the notify comes after the queue's lock, a vCPU exit later
                             var one: UInt64 = 1
                             _ = write(kick, &one, 8)
                             kicksSent += 1
