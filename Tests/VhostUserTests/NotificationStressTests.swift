@@ -25,9 +25,12 @@ import Glibc
         /// The front end sends a new memory table (every queue stops, waiting for its requests, and
         /// starts again) or a new call fd every few milliseconds while requests run.
         var restarts = false
+        /// The guest submits on one thread and takes interrupts on another (two vCPUs), the
+        /// queue's state under one lock as virtio_blk's queue lock, the kick's notify outside it.
+        var twoThreads = false
         var description: String {
             "\(eventIndex ? "EVENT_IDX" : "no EVENT_IDX"), \(queues) queue(s) of \(queueSize), depth \(depth), \(requestsPerQueue) requests each"
-                + (restarts ? ", restarted meanwhile" : "")
+                + (restarts ? ", restarted meanwhile" : "") + (twoThreads ? ", submitting and interrupted on two threads" : "")
         }
     }
 
@@ -44,6 +47,9 @@ import Glibc
         .init(eventIndex: false, queueSize: 128, depth: 1, queues: 1, requestsPerQueue: 20_000),
         .init(eventIndex: false, queueSize: 256, depth: 128, queues: 1, requestsPerQueue: 40_000),
         .init(eventIndex: false, queueSize: 128, depth: 7, queues: 2, requestsPerQueue: 20_000, restarts: true),
+        .init(eventIndex: true, queueSize: 128, depth: 32, queues: 2, requestsPerQueue: 30_000, twoThreads: true),
+        .init(eventIndex: true, queueSize: 128, depth: 3, queues: 1, requestsPerQueue: 30_000, twoThreads: true),
+        .init(eventIndex: false, queueSize: 128, depth: 7, queues: 1, requestsPerQueue: 20_000, twoThreads: true),
     ]
 
     @Test(arguments: configurations)
@@ -196,10 +202,12 @@ final class NotificationStress: @unchecked Sendable {
         let done = DispatchGroup()
         // The session's messages and the drivers' look at its queues (for a stall report) take turns.
         let frontEnd = Mutex(())
+        let twoThreads = configuration.twoThreads
         for driver in drivers {
             done.enter()
             let thread = Thread { [session] in
-                driver.run { frontEnd.withLock { _ in session.queueDiagnostics[driver.queue] } }
+                let deviceState = { frontEnd.withLock { _ in session.queueDiagnostics[driver.queue] } }
+                if twoThreads { driver.runOnTwoThreads(deviceState: deviceState) } else { driver.run(deviceState: deviceState) }
                 done.leave()
             }
             thread.start()
@@ -472,16 +480,7 @@ final class LinuxSplitRingDriver: @unchecked Sendable {
                     batch -= 1
                     jitter(random, oneIn: 32)
                     if batch == 0 || free.count == Int(size) - depth || submitted == requests {
-                        if kickPrepare() {
-                            jitter(random, oneIn: 8)   // the notify comes after the queue's lock, a vCPU exit later
-                            var one: UInt64 = 1
-                            _ = write(kick, &one, 8)
-                            kicksSent += 1
-                            lastAction = "kicked at avail idx \(availableIndexShadow)"
-                        } else {
-                            kicksSkipped += 1
-                            lastAction = "no kick at avail idx \(availableIndexShadow) (avail_event \(availableEventNow))"
-                        }
+                        if kickPrepareAndRecord() { notify() }
                         batch = random.below(4) + 1
                     }
                 }
@@ -502,6 +501,95 @@ final class LinuxSplitRingDriver: @unchecked Sendable {
             }
         } catch {
             failure = "queue \(queue): \(error.description)"
+        }
+    }
+
+    /// kickPrepare, counting what it decided.
+    private func kickPrepareAndRecord() -> Bool {
+        if kickPrepare() {
+            kicksSent += 1
+            lastAction = "kicked at avail idx \(availableIndexShadow)"
+            return true
+        }
+        kicksSkipped += 1
+        lastAction = "no kick at avail idx \(availableIndexShadow) (avail_event \(availableEventNow))"
+        return false
+    }
+
+    /// virtqueue_notify: after the queue's lock, a vCPU exit later.
+    private func notify() {
+        jitter(random, oneIn: 8)
+        var one: UInt64 = 1
+        _ = write(kick, &one, 8)
+    }
+
+    /// As ``run(deviceState:)``, but a second thread submits (taking a free slot, adding and
+    /// deciding the kick under `queueLock`, notifying outside it; kicking what it added before it
+    /// waits for a slot, as blk-mq's commit_rqs does) while this one takes the interrupts.
+    func runOnTwoThreads(deviceState: () -> String) {
+        let queueLock = NSLock()
+        // Signalled up to the depth rather than created with it: libdispatch traps when a semaphore
+        // goes away holding less than its initial value.
+        let freeSlots = DispatchSemaphore(value: 0)
+        for _ in 0..<depth { freeSlots.signal() }
+        let stopSubmitting = Atomic<Bool>(false)
+        let submitterDone = DispatchSemaphore(value: 0)
+        Thread { [self] in
+            defer { submitterDone.signal() }
+            var batch = random.below(4) + 1
+            while !stopSubmitting.load(ordering: .relaxed) {
+                if freeSlots.wait(timeout: .now()) == .timedOut {
+                    queueLock.lock()
+                    let kickNow = added > 0 && kickPrepareAndRecord()
+                    queueLock.unlock()
+                    if kickNow { notify() }
+                    while freeSlots.wait(timeout: .now() + .milliseconds(50)) == .timedOut {
+                        if stopSubmitting.load(ordering: .relaxed) { return }
+                    }
+                }
+                queueLock.lock()
+                guard submitted < requests else { queueLock.unlock(); return }
+                add()
+                batch -= 1
+                let last = batch == 0 || submitted == requests
+                let kickNow = last && kickPrepareAndRecord()
+                if last { batch = random.below(4) + 1 }
+                queueLock.unlock()
+                if kickNow { notify() }
+                jitter(random, oneIn: 32)
+            }
+        }.start()
+        defer {
+            stopSubmitting.store(true, ordering: .relaxed)
+            submitterDone.wait()
+        }
+        var lastProgress = ContinuousClock.now
+        var lastCompleted = 0
+        while true {
+            var p = pollfd(fd: call, events: Int16(POLLIN), revents: 0)
+            let interrupted = Glibc.poll(&p, 1, 50) == 1
+            if interrupted {
+                var count: UInt64 = 0
+                _ = read(call, &count, 8)
+            }
+            queueLock.lock()
+            defer { queueLock.unlock() }
+            let before = completed
+            if interrupted {
+                do throws(DriverError) { try interrupt() } catch {
+                    failure = "queue \(queue): \(error.description)"
+                    return
+                }
+            }
+            for _ in before..<completed { freeSlots.signal() }
+            if completed == requests { return }
+            if completed != lastCompleted {
+                lastCompleted = completed
+                lastProgress = .now
+            } else if ContinuousClock.now - lastProgress > .seconds(NotificationStress.stallSeconds) {
+                failure = stallReport(deviceState())
+                return
+            }
         }
     }
 
