@@ -34,7 +34,7 @@ import Glibc
         }
     }
 
-    /// About 670,000 requests in all: some 9-13 s in a debug build on two cores.
+    /// About 780,000 requests in all: some 10-17 s in a debug build on two cores.
     static let configurations: [Configuration] = [
         .init(eventIndex: true, queueSize: 128, depth: 32, queues: 2, requestsPerQueue: 60_000),
         .init(eventIndex: true, queueSize: 256, depth: 128, queues: 1, requestsPerQueue: 60_000),
