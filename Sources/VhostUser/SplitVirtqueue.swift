@@ -94,6 +94,9 @@ public final class SplitVirtqueue: @unchecked Sendable {
         }
     }
 
+    /// The used index at the last notification decision (diagnostics).
+    var lastNotificationUsedIndex: UInt16? { signalledUsedIndex }
+
     /// Heads still to be served again from a previous back end's inflight region.
     public var resubmitting: Int { resubmit.count }
 

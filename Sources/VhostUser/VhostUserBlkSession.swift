@@ -209,6 +209,11 @@ public final class VhostUserBlkSession: @unchecked Sendable {
     /// Each queue's requests, call signals and kicks so far (running queues count once they stop).
     public var countersPerQueue: [QueueCounters] { queues.map(\.counters) }
 
+    /// Each running queue's state in one line (ring indexes, requests running, what its thread is
+    /// doing), for a test or a watcher that finds a queue silent; read without stopping the queue,
+    /// but not while ``handle(header:payload:fileDescriptors:)`` runs (it may replace the workers).
+    public var queueDiagnostics: [String] { queues.map { q in q.worker.map { "queue \(q.index): \($0.diagnostics)" } ?? "queue \(q.index): not running" } }
+
     /// Ends the session: workers stop, memory is unmapped, every fd closes. Returns what each
     /// queue counted.
     @discardableResult
@@ -406,6 +411,9 @@ final class QueueWorker: @unchecked Sendable {
     private var kickWakeups: UInt64 = 0
     /// The guest broke the ring: nothing more is taken from it until the front end sets it up again.
     private let broken = Atomic<Bool>(false)
+    /// What the queue thread does now (a ``Phase`` raw value), for ``diagnostics``.
+    private let phase = Atomic<Int>(Phase.draining.rawValue)
+    enum Phase: Int { case draining, waitingForSlot, servingAlone, sleepingOnKick, stopped }
 
     init(index: Int, ring: SplitVirtqueue, memory: MappedGuestMemory, inflight: InflightMemory?, kickFD: Int32, signals: QueueSignals,
          handler: VirtioBlkRequestHandler, logger: Logger) {
@@ -441,7 +449,18 @@ final class QueueWorker: @unchecked Sendable {
         return ringLock.withLock { _ in (ring.lastAvailableIndex, QueueCounters(completed: completed, calls: calls, kicks: kicks, kickWakeups: kickWakeups)) }
     }
 
+    /// The ring's indexes, requests running and the queue thread's phase; the ring's part only when
+    /// its lock is free (a thread stuck holding it shows as "ring busy").
+    var diagnostics: String {
+        let ringState = ringLock.withLockIfAvailable { _ in
+            "taken \(ring.lastAvailableIndex), used \(ring.usedIndex), last notification decided at used \(ring.lastNotificationUsedIndex.map { "\($0)" } ?? "-"), completed \(completed), calls \(calls)"
+        } ?? "ring busy"
+        let phaseName = Phase(rawValue: phase.load(ordering: .relaxed)).map { "\($0)" } ?? "?"
+        return "\(ringState), running \(running.load(ordering: .relaxed)), queue thread \(phaseName)"
+    }
+
     private func run() {
+        defer { phase.store(Phase.stopped.rawValue, ordering: .relaxed) }
         while !stopRequested.load(ordering: .acquiring) {
             if !broken.load(ordering: .acquiring) {
                 do {
@@ -452,7 +471,9 @@ final class QueueWorker: @unchecked Sendable {
                 if !broken.load(ordering: .acquiring) && !ringLock.withLock({ _ in ring.armKickAndCheckEmpty() }) { continue }
             }
             var fds = [pollfd(fd: kickFD, events: Int16(POLLIN), revents: 0), pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0)]
+            phase.store(Phase.sleepingOnKick.rawValue, ordering: .relaxed)
             let ready = poll(&fds, 2, -1)
+            phase.store(Phase.draining.rawValue, ordering: .relaxed)
             if ready < 0 { if errno == EINTR { continue }; break }
             if fds[1].revents != 0 { break }
             if fds[0].revents & Int16(POLLIN) != 0 {
@@ -487,7 +508,9 @@ final class QueueWorker: @unchecked Sendable {
     /// on an I/O thread, or here when it is alone and quick (see the type's comment).
     private func drain() throws(VirtqueueError) {
         while !stopRequested.load(ordering: .acquiring) && !broken.load(ordering: .acquiring) {
+            phase.store(Phase.waitingForSlot.rawValue, ordering: .relaxed)
             slots.wait()
+            phase.store(Phase.draining.rawValue, ordering: .relaxed)
             let next: (head: UInt16, chain: DescriptorChain, last: Bool)?
             do {
                 next = try ringLock.withLock { _ throws(VirtqueueError) -> (UInt16, DescriptorChain, Bool)? in
@@ -502,7 +525,9 @@ final class QueueWorker: @unchecked Sendable {
             inFlight.enter()
             let alone = running.wrappingAdd(1, ordering: .relaxed).oldValue == 0 && last
             if alone && handler.isQuick(chain) {
+                phase.store(Phase.servingAlone.rawValue, ordering: .relaxed)
                 serve(head: head, chain: chain, takingNext: false)
+                phase.store(Phase.draining.rawValue, ordering: .relaxed)
             } else {
                 Self.io.async { [self] in
                     ServingPriority.adoptProcessNiceOnBorrowedThread()
