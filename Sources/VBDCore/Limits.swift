@@ -33,8 +33,9 @@ public enum Limits {
     public static let commitFreezeStepPages = 512
     /// Bytes of new chunks written to the data file one after another (a sequential run) after
     /// which their write-back is started (`sync_file_range`), so that a flush's or commit's sync
-    /// finds little of a streaming writer dirty (RocksDB's bytes_per_sync).
-    public static let dataWriteBackBytes: UInt64 = 1 << 20
+    /// finds little of a streaming writer dirty (RocksDB's bytes_per_sync); the step chosen in
+    /// Benchmarks/README.md (issue 15, ninth round).
+    public static let dataWriteBackBytes: UInt64 = 4 << 20
     /// Shortest run of freed data-file pages a flush hole-punches. Scattered frees (overwrites)
     /// stay allocated: a new chunk written there lands on a page the page cache still holds,
     /// where a punched page costs a fresh, zeroed page and a block allocation on the next write

@@ -50,7 +50,7 @@ struct ServeCommand: AsyncParsableCommand {
     var checkpointJournalBytes: String?
     @Option(help: "Memory for metadata pages (maps, chunk table, dedup index), e.g. 512M (default 256M, at least 1M); pages are read from the store on demand.")
     var metadataCache: String?
-    @Option(help: "Start the disk write of new chunks once this many bytes of them are written one after another in the data file, e.g. 1M (the default), so that a flush's sync finds little left; 0 leaves it all to the syncs.")
+    @Option(help: "Start the disk write of new chunks once this many bytes of them are written one after another in the data file, e.g. 4M (the default), so that a flush's sync finds little left; 0 leaves it all to the syncs.")
     var dataWriteBack: String?
     @Option(help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics (cache tiers, per-volume cache counters, space and sharing).", valueName: "host:port"))
     var metrics: String?
