@@ -157,3 +157,30 @@ private func atexit_b(_ handler: @escaping @Sendable () -> Void) {
         }
     }
 }
+
+extension MicroCluster {
+    /// A store location of its own in the pool "vbd": `prefix` and a random suffix.
+    func location(_ prefix: String) -> RadosStoreLocation {
+        RadosStoreLocation(configurationFile: configurationFile, pool: "vbd",
+                           namespace: prefix + "-" + UUID().uuidString.prefix(8).lowercased())
+    }
+
+    /// The sharing domain's chunk objects (every group) and the tags each holds. With
+    /// `skippingVanished` (a sweep running beside the listing), an object whose tags cannot be
+    /// read is left out (its last reference went since the listing); else that is an error.
+    func chunkObjects(_ domain: String, _ connection: RadosConnection, skippingVanished: Bool = false) throws -> [String: [String]] {
+        let pool = try connection.openPool("vbd", namespace: RadosChunkStorage.chunkNamespace)
+        defer { pool.close() }
+        var found: [String: [String]] = [:]
+        for name in try pool.objectNames() {
+            guard let object = ChunkObjectName(objectName: name), object.group.hasPrefix(domain + "-") else { continue }
+            let objects = try RadosChunkObjects(pool: pool, group: object.group, hashSeed: 0)
+            if skippingVanished {
+                if let tags = try? objects.referenceTags(object) { found[name] = tags }
+            } else {
+                found[name] = try objects.referenceTags(object)
+            }
+        }
+        return found
+    }
+}

@@ -14,22 +14,10 @@ import VBDStore
 
     func options() -> Store.Options { .onMicroCluster }
 
-    func location(_ prefix: String) -> RadosStoreLocation {
-        RadosStoreLocation(configurationFile: cluster.configurationFile, pool: "vbd",
-                           namespace: prefix + "-" + UUID().uuidString.prefix(8).lowercased())
-    }
+    func location(_ prefix: String) -> RadosStoreLocation { cluster.location(prefix) }
 
-    /// The domain's chunk objects (every group) and the tags each holds.
     func chunkObjects(_ domain: String, _ connection: RadosConnection) throws -> [String: [String]] {
-        let pool = try connection.openPool("vbd", namespace: RadosChunkStorage.chunkNamespace)
-        defer { pool.close() }
-        var found: [String: [String]] = [:]
-        for name in try pool.objectNames() {
-            guard let object = ChunkObjectName(objectName: name), object.group.hasPrefix(domain + "-") else { continue }
-            let objects = try RadosChunkObjects(pool: pool, group: object.group, hashSeed: 0)
-            found[name] = try objects.referenceTags(object)
-        }
-        return found
+        try cluster.chunkObjects(domain, connection)
     }
 
     func read(_ store: Store, _ volume: String, block: Int) throws -> [UInt8] {

@@ -13,23 +13,10 @@ import VBDCore
     let cluster: MicroCluster
     init() throws { cluster = try MicroCluster.get() }
 
-    func location(_ prefix: String) -> RadosStoreLocation {
-        RadosStoreLocation(configurationFile: cluster.configurationFile, pool: "vbd",
-                           namespace: prefix + "-" + UUID().uuidString.prefix(8).lowercased())
-    }
+    func location(_ prefix: String) -> RadosStoreLocation { cluster.location(prefix) }
 
-    /// The domain's chunk objects (every group) and the tags each holds.
     func chunkObjects(_ domain: String, _ connection: RadosConnection) throws -> [String: [String]] {
-        let pool = try connection.openPool("vbd", namespace: RadosChunkStorage.chunkNamespace)
-        defer { pool.close() }
-        var found: [String: [String]] = [:]
-        for name in try pool.objectNames() {
-            guard let object = ChunkObjectName(objectName: name), object.group.hasPrefix(domain + "-") else { continue }
-            let objects = try RadosChunkObjects(pool: pool, group: object.group, hashSeed: 0)
-            // An object whose last reference went since the listing is gone: not counted.
-            if let tags = try? objects.referenceTags(object) { found[name] = tags }
-        }
-        return found
+        try cluster.chunkObjects(domain, connection, skippingVanished: true)
     }
 
     func write(_ store: Store, _ volume: String, block: Int, _ bytes: [UInt8]) throws {
