@@ -470,8 +470,7 @@ final class LinuxSplitRingDriver: @unchecked Sendable {
     /// Submits (in batches, kicking as blk-mq does at the batch's last request) and completes on
     /// interrupts until every request completed, or reports a stall.
     func run(deviceState: () -> String) {
-        var lastProgress = ContinuousClock.now
-        var lastCompleted = 0
+        var watch = ProgressWatch()
         do throws(DriverError) {
             while completed < requests {
                 var batch = random.below(4) + 1
@@ -491,10 +490,7 @@ final class LinuxSplitRingDriver: @unchecked Sendable {
                     _ = read(call, &count, 8)
                     try interrupt()
                 }
-                if completed != lastCompleted {
-                    lastCompleted = completed
-                    lastProgress = .now
-                } else if ContinuousClock.now - lastProgress > .seconds(NotificationStress.stallSeconds) {
+                if watch.stalled(completed: completed) {
                     failure = stallReport(deviceState())
                     return
                 }
@@ -563,8 +559,7 @@ final class LinuxSplitRingDriver: @unchecked Sendable {
             stopSubmitting.store(true, ordering: .relaxed)
             submitterDone.wait()
         }
-        var lastProgress = ContinuousClock.now
-        var lastCompleted = 0
+        var watch = ProgressWatch()
         while true {
             var p = pollfd(fd: call, events: Int16(POLLIN), revents: 0)
             let interrupted = Glibc.poll(&p, 1, 50) == 1
@@ -583,10 +578,7 @@ final class LinuxSplitRingDriver: @unchecked Sendable {
             }
             for _ in before..<completed { freeSlots.signal() }
             if completed == requests { return }
-            if completed != lastCompleted {
-                lastCompleted = completed
-                lastProgress = .now
-            } else if ContinuousClock.now - lastProgress > .seconds(NotificationStress.stallSeconds) {
+            if watch.stalled(completed: completed) {
                 failure = stallReport(deviceState())
                 return
             }
@@ -623,5 +615,21 @@ final class LinuxSplitRingDriver: @unchecked Sendable {
             \(rechecksFound) re-checks found more; last: \(lastAction)
               device: \(device)
             """
+    }
+}
+
+/// A queue's progress as the driver sees it: stalled once its completed count has not moved for
+/// `NotificationStress.stallSeconds`.
+private struct ProgressWatch {
+    private var lastCompleted = 0
+    private var lastProgress = ContinuousClock.now
+
+    mutating func stalled(completed: Int) -> Bool {
+        if completed != lastCompleted {
+            lastCompleted = completed
+            lastProgress = .now
+            return false
+        }
+        return ContinuousClock.now - lastProgress > .seconds(NotificationStress.stallSeconds)
     }
 }
