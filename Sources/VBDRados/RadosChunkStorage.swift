@@ -262,10 +262,10 @@ extension RadosChunkStorage {
 
     /// The leak sweep in `gc` (docs/RADOS.md, "The sweep in gc"), while the store serves writes:
     ///  1. read the serial counter: every reference taken later has a serial at or above it;
-    ///  2. the store's claims in one hold of its lock (``Store/chunkClaimsForSweep()``): the
-    ///     installed chunks, and the contents of writes in flight (a write between its chunk
-    ///     stored and its record installed is one of them; a write that reserves its chunk after
-    ///     this hold takes its serial after step 1);
+    ///  2. the store's claims (``Store/chunkClaimsForSweep()``, a window of the chunk table per
+    ///     hold of its lock): the installed chunks, and the contents of writes in flight at any of
+    ///     those holds (a write between its chunk stored and its record installed is one of them;
+    ///     a write that reserves its chunk after the first hold takes its serial after step 1);
     ///  3. flush the store: every record written before step 2 is durable, so a chunk found
     ///     freed (not installed) in step 2 stays freed across a crash and its reference may go;
     ///  4. list and release what none of that claims, through the owner's client.

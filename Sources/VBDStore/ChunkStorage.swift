@@ -107,8 +107,9 @@ public struct UnclaimedChunkRelease: Equatable, Sendable {
     }
 }
 
-/// What a served store's records and writes in flight claim at one instant (one hold of its
-/// `mutex`): for a leak sweep that runs while the store serves (``Store/chunkClaimsForSweep()``).
+/// What a served store's records and writes in flight claim, read a window of the chunk table
+/// per hold of its `mutex`: for a leak sweep that runs while the store serves
+/// (``Store/chunkClaimsForSweep()`` says why that is enough).
 public struct ChunkClaims: Sendable {
     /// Every installed chunk.
     public var installed: [StoredChunkPlace]
